@@ -1,0 +1,185 @@
+//! portcullis configuration: reads the root YAML file and its app bundles, expands
+//! `${env:NAME}` and `${file:PATH}` references, and validates everything, so that the rest of
+//! portcullis only ever sees a consistent [`Config`]. Every problem is reported as
+//! `file:line:col: message`, and all semantic problems are reported at once.
+//!
+//! This crate depends on no other portcullis crate.
+
+pub mod model;
+pub mod spans;
+pub mod units;
+mod validate;
+
+pub use model::*;
+pub use units::{Dur, Rate, Size};
+
+use spans::SpanIndex;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// One problem, located in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// The error of this crate: every problem found in the config.
+#[derive(Debug, thiserror::Error)]
+pub struct Error(pub Vec<Diagnostic>);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A backend, with its app and fully qualified id (`app/name`).
+#[derive(Debug, Clone)]
+pub struct BackendDef {
+    pub id: String,
+    pub app: String,
+    pub spec: Backend,
+    /// Server names, parallel to `spec.servers`, unique within the backend.
+    pub server_names: Vec<String>,
+}
+
+/// A route, with its app, qualified id and the qualified id of its backend.
+#[derive(Debug, Clone)]
+pub struct RouteDef {
+    pub id: String,
+    pub app: String,
+    pub spec: Route,
+    pub backend_id: String,
+    /// Position in the config, used as the final tie-breaker between equally specific routes.
+    pub order: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminDef {
+    pub bind: String,
+    /// Expanded bearer tokens. Never log these.
+    pub tokens: Vec<String>,
+}
+
+/// A validated configuration. Paths are absolute; secrets are expanded.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub root: PathBuf,
+    /// Every file read, to be watched for changes.
+    pub files: Vec<PathBuf>,
+    /// Directories whose new files may change the config (include globs).
+    pub watch_dirs: Vec<PathBuf>,
+    /// A short fingerprint of all files' content.
+    pub version: String,
+    pub workers: usize,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<AdminDef>,
+    pub access_log: AccessLog,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub shutdown_grace: std::time::Duration,
+    pub backends: Vec<BackendDef>,
+    pub routes: Vec<RouteDef>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads and validates the config rooted at `path`.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    validate::load(path)
+}
+
+/// A parsed file with its span index, for locating semantic errors.
+pub(crate) struct Source {
+    pub path: PathBuf,
+    pub spans: SpanIndex,
+}
+
+impl Source {
+    pub fn diag(&self, at: &str, message: impl Into<String>) -> Diagnostic {
+        let p = self.spans.pos(at);
+        Diagnostic {
+            file: self.path.clone(),
+            line: p.line,
+            col: p.col,
+            message: message.into(),
+        }
+    }
+}
+
+/// Expands `${env:NAME}` and `${file:PATH}` in `s`. File paths are relative to `base`, and a
+/// file's trailing newline is removed.
+pub fn expand(s: &str, base: &Path) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{s}`: write `${{env:NAME}}` or `${{file:PATH}}`"))?;
+        let inner = &after[..end];
+        match inner.split_once(':') {
+            Some(("env", name)) => {
+                let v = std::env::var(name).map_err(|_| {
+                    format!("environment variable `{name}` is not set: export it before starting portcullis")
+                })?;
+                out.push_str(&v);
+            }
+            Some(("file", p)) => {
+                let full = base.join(p);
+                let v = std::fs::read_to_string(&full)
+                    .map_err(|e| format!("cannot read `{}`: {e}", full.display()))?;
+                out.push_str(v.trim_end_matches(['\n', '\r']));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown reference `${{{inner}}}`: write `${{env:NAME}}` or `${{file:PATH}}`"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_env_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "s3cret\n").unwrap();
+        std::env::set_var("PORTCULLIS_TEST_X", "abc");
+        assert_eq!(
+            expand("a-${env:PORTCULLIS_TEST_X}-${file:tok}", dir.path()).unwrap(),
+            "a-abc-s3cret"
+        );
+        assert!(expand("${env:PORTCULLIS_NOPE_NOPE}", dir.path())
+            .unwrap_err()
+            .contains("not set"));
+        assert!(expand("${vault:x}", dir.path()).is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! Where each value sits in a YAML file. serde tells us the location of syntax and type
+//! errors, but semantic checks (an unknown backend, a duplicate name) happen after
+//! deserialization. This index maps a path such as `routes[2].backend` to its line and
+//! column so those errors can name file:line:col too. yaml-rust2's marked event stream is
+//! used because serde_yaml_ng does not expose node positions.
+
+use std::collections::HashMap;
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// Line and column, both starting at 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SpanIndex {
+    map: HashMap<String, Pos>,
+}
+
+impl SpanIndex {
+    pub fn build(text: &str) -> SpanIndex {
+        let mut b = Builder::default();
+        let mut parser = Parser::new_from_str(text);
+        // A syntax error is reported by serde with its own location; the index is best effort.
+        let _ = parser.load(&mut b, false);
+        SpanIndex { map: b.map }
+    }
+
+    /// The position of `path`, or of its nearest ancestor that has one.
+    pub fn pos(&self, path: &str) -> Pos {
+        let mut p = path.to_string();
+        loop {
+            if let Some(pos) = self.map.get(&p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None => return self.map.get("").copied().unwrap_or(Pos { line: 1, col: 1 }),
+            }
+        }
+    }
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, idx: usize },
+}
+
+#[derive(Default)]
+struct Builder {
+    map: HashMap<String, Pos>,
+    stack: Vec<Frame>,
+}
+
+impl Builder {
+    fn child_path(&self) -> String {
+        match self.stack.last() {
+            Some(Frame::Map { path, key: Some(k) }) if path.is_empty() => k.clone(),
+            Some(Frame::Map { path, key: Some(k) }) => format!("{path}.{k}"),
+            Some(Frame::Map { path, key: None }) => path.clone(),
+            Some(Frame::Seq { path, idx }) => format!("{path}[{idx}]"),
+            None => String::new(),
+        }
+    }
+
+    fn advance(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key, .. }) => *key = None,
+            Some(Frame::Seq { idx, .. }) => *idx += 1,
+            None => {}
+        }
+    }
+
+    fn record(&mut self, path: String, m: Marker) {
+        self.map.insert(
+            path,
+            Pos {
+                line: m.line(),
+                col: m.col() + 1,
+            },
+        );
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::Scalar(v, ..) => {
+                if let Some(Frame::Map { key: k @ None, .. }) = self.stack.last_mut() {
+                    *k = Some(v);
+                    let p = self.child_path();
+                    self.record(p, mark);
+                } else {
+                    let p = self.child_path();
+                    self.record(p, mark);
+                    self.advance();
+                }
+            }
+            Event::Alias(_) => {
+                let p = self.child_path();
+                self.record(p, mark);
+                self.advance();
+            }
+            Event::MappingStart(..) => {
+                let p = self.child_path();
+                self.record(p.clone(), mark);
+                self.stack.push(Frame::Map { path: p, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let p = self.child_path();
+                self.record(p.clone(), mark);
+                self.stack.push(Frame::Seq { path: p, idx: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.advance();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_have_positions() {
+        let y = "a: 1\nroutes:\n  - name: x\n    backend: nope\n  - { name: y, backend: b }\n";
+        let idx = SpanIndex::build(y);
+        assert_eq!(idx.pos("a"), Pos { line: 1, col: 4 });
+        assert_eq!(idx.pos("routes[0].backend"), Pos { line: 4, col: 14 });
+        assert_eq!(idx.pos("routes[1].backend").line, 5);
+        // Unknown paths fall back to the nearest ancestor.
+        assert_eq!(idx.pos("routes[0].missing.deep").line, 3);
+    }
+}

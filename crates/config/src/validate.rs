@@ -1,0 +1,629 @@
+//! Loading and validation: parse each file (syntax and type errors carry serde's location),
+//! resolve includes, expand secrets, then check every cross-reference and collect all
+//! problems with their file:line:col.
+
+use crate::model::*;
+use crate::spans::SpanIndex;
+use crate::{expand, AdminDef, BackendDef, Config, Diagnostic, Error, RouteDef, Source};
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Error(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read config file: {e}"),
+        }])
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, Diagnostic> {
+    serde_yaml_ng::from_str::<T>(text).map_err(|e| {
+        let (line, col) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
+        let mut message = e.to_string();
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        Diagnostic {
+            file: path.to_path_buf(),
+            line,
+            col,
+            message: suggest(message),
+        }
+    })
+}
+
+/// Adds "did you mean" to serde's unknown-field message when a known key is close.
+fn suggest(message: String) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message;
+    };
+    let Some((bad, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (levenshtein(bad, cand), cand))
+        .min();
+    match best {
+        Some((d, cand)) if d <= 2 || cand.starts_with(bad) => {
+            format!("{message} (did you mean `{cand}`?)")
+        }
+        _ => message,
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+struct AppSrc {
+    name: String,
+    src: Source,
+    backends: Vec<Backend>,
+    routes: Vec<Route>,
+}
+
+pub(crate) fn load(path: &Path) -> Result<Config, Error> {
+    let root_path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = root_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let text = read(&root_path)?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    let root: RootFile = parse(&root_path, &text).map_err(|d| Error(vec![d]))?;
+    let root_src = Source {
+        path: root_path.clone(),
+        spans: SpanIndex::build(&text),
+    };
+
+    let mut diags = Vec::new();
+    let mut files = vec![root_path.clone()];
+    let mut watch_dirs = Vec::new();
+
+    // App bundles.
+    let mut apps = vec![AppSrc {
+        name: "default".into(),
+        src: Source {
+            path: root_path.clone(),
+            spans: root_src.spans.clone(),
+        },
+        backends: root.backends.clone(),
+        routes: root.routes.clone(),
+    }];
+    if let Some(inc) = &root.apps {
+        for (i, pattern) in inc.include.iter().enumerate() {
+            let at = format!("apps.include[{i}]");
+            let full = base.join(pattern);
+            if let Some(dir) = full.parent() {
+                watch_dirs.push(dir.to_path_buf());
+            }
+            let entries = match glob::glob(&full.to_string_lossy()) {
+                Ok(e) => e,
+                Err(e) => {
+                    diags.push(root_src.diag(&at, format!("invalid include pattern `{pattern}`: {e}")));
+                    continue;
+                }
+            };
+            let mut matched: Vec<PathBuf> = entries.filter_map(Result::ok).collect();
+            matched.sort();
+            for file in matched {
+                let t = match read(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        diags.extend(e.0);
+                        continue;
+                    }
+                };
+                t.hash(&mut hasher);
+                files.push(file.clone());
+                match parse::<AppFile>(&file, &t) {
+                    Ok(app) => apps.push(AppSrc {
+                        name: app.name,
+                        src: Source {
+                            path: file.clone(),
+                            spans: SpanIndex::build(&t),
+                        },
+                        backends: app.backends,
+                        routes: app.routes,
+                    }),
+                    Err(d) => diags.push(d),
+                }
+            }
+        }
+    }
+
+    // Listeners.
+    let mut listeners = root.listeners.clone();
+    let mut binds: HashMap<SocketAddr, String> = HashMap::new();
+    let mut listener_names = HashSet::new();
+    for (i, l) in listeners.iter_mut().enumerate() {
+        let at = format!("listeners[{i}]");
+        if !valid_name(&l.name) {
+            diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
+        }
+        if !listener_names.insert(l.name.clone()) {
+            diags.push(root_src.diag(
+                &format!("{at}.name"),
+                format!("duplicate listener name `{}`: listener names must be unique", l.name),
+            ));
+        }
+        match expand(&l.bind, &base) {
+            Ok(b) => l.bind = b,
+            Err(e) => diags.push(root_src.diag(&format!("{at}.bind"), e)),
+        }
+        check_bind(&root_src, &format!("{at}.bind"), &l.bind, &l.name, &mut binds, &mut diags);
+        if l.protocols.is_empty() {
+            diags.push(root_src.diag(
+                &format!("{at}.protocols"),
+                "protocols is empty: list `http1`, `http2` or both",
+            ));
+        }
+        if let Some(tls) = &mut l.tls {
+            if tls.certificates.is_empty() {
+                diags.push(root_src.diag(
+                    &format!("{at}.tls.certificates"),
+                    "a TLS listener needs at least one certificate: add `{ cert: FILE, key: FILE }`",
+                ));
+            }
+            for (j, c) in tls.certificates.iter_mut().enumerate() {
+                let cat = format!("{at}.tls.certificates[{j}]");
+                resolve_file(&root_src, &format!("{cat}.cert"), &mut c.cert, &base, &mut diags);
+                resolve_file(&root_src, &format!("{cat}.key"), &mut c.key, &base, &mut diags);
+            }
+            if let Some(ca) = &mut tls.client_auth {
+                resolve_file(&root_src, &format!("{at}.tls.client_auth.ca"), &mut ca.ca, &base, &mut diags);
+            }
+        }
+    }
+
+    let admin = root.admin.as_ref().map(|a| {
+        let mut bind = a.bind.clone();
+        match expand(&bind, &base) {
+            Ok(b) => bind = b,
+            Err(e) => diags.push(root_src.diag("admin.bind", e)),
+        }
+        check_bind(&root_src, "admin.bind", &bind, "admin", &mut binds, &mut diags);
+        let mut tokens = Vec::new();
+        for (i, t) in a.tokens.iter().enumerate() {
+            match expand(t, &base) {
+                Ok(t) if t.len() >= 16 => tokens.push(t),
+                Ok(_) => diags.push(root_src.diag(
+                    &format!("admin.tokens[{i}]"),
+                    "admin token is shorter than 16 characters: use a long random value, e.g. `openssl rand -hex 32`",
+                )),
+                Err(e) => diags.push(root_src.diag(&format!("admin.tokens[{i}]"), e)),
+            }
+        }
+        AdminDef { bind, tokens }
+    });
+
+    if root.workers == Some(0) {
+        diags.push(root_src.diag("workers", "workers must be at least 1"));
+    }
+
+    // Backends of every app.
+    let mut app_names = HashSet::new();
+    let mut backends = Vec::new();
+    let mut backend_ids = HashSet::new();
+    for app in &mut apps {
+        if app.name != "default" || app_names.contains("default") {
+            if !valid_name(&app.name) {
+                diags.push(app.src.diag("name", name_msg("app", &app.name)));
+            }
+            if !app_names.insert(app.name.clone()) {
+                diags.push(app.src.diag(
+                    "name",
+                    format!("duplicate app name `{}`: each app bundle needs its own name (`default` is the root file's)", app.name),
+                ));
+            }
+        } else {
+            app_names.insert("default".to_string());
+        }
+        let abase = app.src.path.parent().map(Path::to_path_buf).unwrap_or_else(|| base.clone());
+        for (i, b) in app.backends.iter_mut().enumerate() {
+            let at = format!("backends[{i}]");
+            let id = format!("{}/{}", app.name, b.name);
+            if !valid_name(&b.name) {
+                diags.push(app.src.diag(&format!("{at}.name"), name_msg("backend", &b.name)));
+            }
+            if !backend_ids.insert(id.clone()) {
+                diags.push(app.src.diag(
+                    &format!("{at}.name"),
+                    format!("duplicate backend `{}` in app `{}`: backend names must be unique in an app", b.name, app.name),
+                ));
+            }
+            let server_names = check_backend(&app.src, &at, b, &abase, &mut diags);
+            backends.push(BackendDef {
+                id,
+                app: app.name.clone(),
+                spec: b.clone(),
+                server_names,
+            });
+        }
+    }
+
+    // Routes of every app.
+    let mut routes = Vec::new();
+    let mut route_ids = HashSet::new();
+    let mut order = 0;
+    for app in &apps {
+        for (i, r) in app.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let id = format!("{}/{}", app.name, r.name);
+            if !valid_name(&r.name) {
+                diags.push(app.src.diag(&format!("{at}.name"), name_msg("route", &r.name)));
+            }
+            if !route_ids.insert(id.clone()) {
+                diags.push(app.src.diag(
+                    &format!("{at}.name"),
+                    format!("duplicate route `{}` in app `{}`: route names must be unique in an app", r.name, app.name),
+                ));
+            }
+            let backend_id = if r.backend.contains('/') {
+                r.backend.clone()
+            } else {
+                format!("{}/{}", app.name, r.backend)
+            };
+            if !backend_ids.contains(&backend_id) {
+                let known: Vec<&str> = backends
+                    .iter()
+                    .filter(|b| b.app == app.name)
+                    .map(|b| b.spec.name.as_str())
+                    .collect();
+                diags.push(app.src.diag(
+                    &format!("{at}.backend"),
+                    format!(
+                        "route `{}` names backend `{}`, which does not exist in app `{}`: define it under `backends:` or use one of [{}] (another app's backend is written `app/name`)",
+                        r.name, r.backend, app.name, known.join(", ")
+                    ),
+                ));
+            }
+            if let Some(ls) = &r.listeners {
+                for (j, l) in ls.iter().enumerate() {
+                    if !listener_names.contains(l) {
+                        diags.push(app.src.diag(
+                            &format!("{at}.listeners[{j}]"),
+                            format!("route `{}` names listener `{l}`, which does not exist: define it under `listeners:` in the root file", r.name),
+                        ));
+                    }
+                }
+            }
+            check_match(&app.src, &format!("{at}.match"), &r.matcher, &mut diags);
+            routes.push(RouteDef {
+                id,
+                app: app.name.clone(),
+                spec: r.clone(),
+                backend_id,
+                order,
+            });
+            order += 1;
+        }
+    }
+
+    let mut access_log = root.access_log.clone();
+    if access_log.path != "stdout" && access_log.path != "off" {
+        access_log.path = base.join(&access_log.path).to_string_lossy().into_owned();
+    }
+
+    if !diags.is_empty() {
+        return Err(Error(diags));
+    }
+    let workers = root.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    Ok(Config {
+        root: root_path,
+        files,
+        watch_dirs,
+        version: format!("{:016x}", hasher.finish()),
+        workers,
+        listeners,
+        admin,
+        access_log,
+        trusted_proxies: root.trusted_proxies.clone(),
+        shutdown_grace: root.shutdown_grace.0,
+        backends,
+        routes,
+        warnings: Vec::new(),
+    })
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+fn name_msg(kind: &str, n: &str) -> String {
+    format!("invalid {kind} name `{n}`: use 1 to 64 letters, digits, `-`, `_` or `.`")
+}
+
+fn check_bind(
+    src: &Source,
+    at: &str,
+    bind: &str,
+    owner: &str,
+    binds: &mut HashMap<SocketAddr, String>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    match bind.parse::<SocketAddr>() {
+        Ok(addr) => {
+            let clash = binds.iter().find(|(a, _)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip() || a.ip().is_unspecified() || addr.ip().is_unspecified())
+            });
+            if let Some((a, other)) = clash {
+                diags.push(src.diag(
+                    at,
+                    format!("`{bind}` is already bound by `{other}` ({a}): give each listener its own port"),
+                ));
+            } else {
+                binds.insert(addr, owner.to_string());
+            }
+        }
+        Err(_) => diags.push(src.diag(
+            at,
+            format!("invalid bind address `{bind}`: write IP:PORT, like `0.0.0.0:8080` or `[::]:8443`"),
+        )),
+    }
+}
+
+fn resolve_file(src: &Source, at: &str, value: &mut String, base: &Path, diags: &mut Vec<Diagnostic>) {
+    let expanded = match expand(value, base) {
+        Ok(v) => v,
+        Err(e) => {
+            diags.push(src.diag(at, e));
+            return;
+        }
+    };
+    let full = base.join(&expanded);
+    if !full.is_file() {
+        diags.push(src.diag(
+            at,
+            format!("file `{}` does not exist or is not a file", full.display()),
+        ));
+    }
+    *value = full.to_string_lossy().into_owned();
+}
+
+fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &mut Vec<Diagnostic>) -> Vec<String> {
+    if b.servers.is_empty() {
+        diags.push(src.diag(
+            &format!("{at}.servers"),
+            format!("backend `{}` has no servers: add at least one `{{ address: HOST:PORT }}`", b.name),
+        ));
+    }
+    let mut names = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, s) in b.servers.iter_mut().enumerate() {
+        let sat = format!("{at}.servers[{j}]");
+        match expand(&s.address, base) {
+            Ok(a) => s.address = a,
+            Err(e) => diags.push(src.diag(&format!("{sat}.address"), e)),
+        }
+        if s.address != "builtin:echo" {
+            let ok = s
+                .address
+                .rsplit_once(':')
+                .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                .unwrap_or(false);
+            if !ok {
+                diags.push(src.diag(
+                    &format!("{sat}.address"),
+                    format!("invalid server address `{}`: write HOST:PORT, like `10.0.0.11:8080`, or `builtin:echo`", s.address),
+                ));
+            }
+        }
+        if s.weight == 0 || s.weight > 1000 {
+            diags.push(src.diag(
+                &format!("{sat}.weight"),
+                "weight must be between 1 and 1000 (use the admin API's `maint` state to take a server out)",
+            ));
+        }
+        if s.max_connections == Some(0) {
+            diags.push(src.diag(&format!("{sat}.max_connections"), "max_connections must be at least 1"));
+        }
+        let name = s.name.clone().unwrap_or_else(|| s.address.clone());
+        if !seen.insert(name.clone()) {
+            diags.push(src.diag(
+                &sat,
+                format!("duplicate server `{name}` in backend `{}`: give each server a distinct `name`", b.name),
+            ));
+        }
+        names.push(name);
+    }
+    if let Some(h) = &b.health_check {
+        if h.http.is_some() && h.tcp {
+            diags.push(src.diag(
+                &format!("{at}.health_check"),
+                "health_check has both `http` and `tcp`: choose one",
+            ));
+        }
+        if h.rise == 0 || h.fall == 0 {
+            diags.push(src.diag(&format!("{at}.health_check"), "rise and fall must be at least 1"));
+        }
+        if let Some(http) = &h.http {
+            if !http.path.starts_with('/') {
+                diags.push(src.diag(&format!("{at}.health_check.http.path"), "health check path must start with `/`"));
+            }
+        }
+    }
+    if let Some(o) = &b.outlier {
+        if o.max_ejected_percent > 100 {
+            diags.push(src.diag(&format!("{at}.outlier.max_ejected_percent"), "max_ejected_percent must be between 0 and 100"));
+        }
+    }
+    if b.retries.budget_percent > 100 {
+        diags.push(src.diag(&format!("{at}.retries.budget_percent"), "budget_percent must be between 0 and 100"));
+    }
+    if let Some(t) = &mut b.tls {
+        if t.client_cert.is_some() != t.client_key.is_some() {
+            diags.push(src.diag(
+                &format!("{at}.tls"),
+                "upstream mTLS needs both `client_cert` and `client_key`",
+            ));
+        }
+        for (field, v) in [("ca", &mut t.ca), ("client_cert", &mut t.client_cert), ("client_key", &mut t.client_key)] {
+            if let Some(v) = v {
+                resolve_file(src, &format!("{at}.tls.{field}"), v, base, diags);
+            }
+        }
+    }
+    names
+}
+
+fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
+    let n = [m.path.is_some(), m.path_prefix.is_some(), m.path_regex.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if n > 1 {
+        diags.push(src.diag(at, "use only one of `path`, `path_prefix` and `path_regex` in a match"));
+    }
+    for (k, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(v) = v {
+            if !v.starts_with('/') {
+                diags.push(src.diag(&format!("{at}.{k}"), format!("`{v}` must start with `/`")));
+            }
+        }
+    }
+    if let Some(r) = &m.path_regex {
+        if let Err(e) = regex::Regex::new(r) {
+            diags.push(src.diag(&format!("{at}.path_regex"), format!("invalid regex: {e}")));
+        }
+    }
+    if let Some(h) = &m.host {
+        let body = h.strip_prefix("*.").unwrap_or(h);
+        if body.is_empty() || body.contains('*') || body.contains('/') || h.chars().any(char::is_whitespace) {
+            diags.push(src.diag(
+                &format!("{at}.host"),
+                format!("invalid host `{h}`: write an exact name like `api.example.com` or a wildcard like `*.example.com`"),
+            ));
+        }
+    }
+    if let Some(ms) = &m.methods {
+        for (i, meth) in ms.iter().enumerate() {
+            if meth.is_empty() || !meth.bytes().all(|b| b.is_ascii_uppercase()) {
+                diags.push(src.diag(
+                    &format!("{at}.methods[{i}]"),
+                    format!("invalid method `{meth}`: write it in upper case, like `GET`"),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - { name: all, match: { path_prefix: / }, backend: echo }
+apps:
+  include: [\"apps/*.yaml\"]
+";
+
+    #[test]
+    fn loads_root_and_apps() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", GOOD);
+        write(
+            d.path(),
+            "apps/billing.yaml",
+            "name: billing\nbackends:\n  - name: v2\n    balance: { hash: header:x-tenant }\n    servers: [{ address: \"127.0.0.1:9\" }]\nroutes:\n  - { name: api, match: { host: billing.example.com }, backend: v2 }\n",
+        );
+        let c = crate::load(&root).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[1].id, "billing/api");
+        assert_eq!(c.routes[1].backend_id, "billing/v2");
+        assert_eq!(c.backends[1].spec.balance, Balance::Hash(HashOn::Header("x-tenant".into())));
+        assert_eq!(c.files.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_located_with_a_suggestion() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", &GOOD.replace("backend: echo }", "bakend: echo }"));
+        let e = crate::load(&root).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("p.yaml:7:"), "{s}");
+        assert!(s.contains("did you mean `backend`"), "{s}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_positions() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+  - { name: web, bind: \"127.0.0.1:18080\" }
+backends:
+  - name: echo
+    servers: [{ address: nope }]
+routes:
+  - name: all
+    backend: missing
+    listeners: [ghost]
+";
+        let root = write(d.path(), "p.yaml", text);
+        let e = crate::load(&root).unwrap_err();
+        let lines: Vec<String> = e.0.iter().map(|d| format!("{}:{}", d.line, d.col)).collect();
+        let s = e.to_string();
+        assert!(s.contains("duplicate listener name `web`"), "{s}");
+        assert!(s.contains("already bound"), "{s}");
+        assert!(s.contains("invalid server address `nope`"), "{s}");
+        assert!(s.contains("backend `missing`, which does not exist"), "{s}");
+        assert!(s.contains("listener `ghost`"), "{s}");
+        assert!(lines.contains(&"9:14".to_string()), "{lines:?}");
+        assert!(lines.contains(&"3:13".to_string()), "{lines:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", &GOOD.replace("servers: [{ address: builtin:echo }]", "servers: [{ address: builtin:echo }]\n    timeouts: { connect: 10 }"));
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(s.contains("has no unit"), "{s}");
+        assert!(s.contains("p.yaml:6:"), "{s}");
+    }
+}
