@@ -1,1 +1,280 @@
-pub fn placeholder() {}
+//! portcullis data plane. The pipeline stages each have a module:
+//!
+//! ```text
+//! listen ─▶ route ─▶ balance ─▶ forward ──▶ origin
+//!    └─────────┴──────────┴──────────┴── record (metrics, access log)
+//! ```
+//!
+//! [`Runtime`] ties them together: it holds the current [`snapshot::Snapshot`] behind an
+//! `ArcSwap`, the long-lived server state, the listeners, health checks and the admin API,
+//! and performs hot reloads.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod echo;
+pub mod forward;
+pub mod health;
+pub mod listen;
+pub mod pool;
+pub mod record;
+pub mod route;
+pub mod snapshot;
+pub mod state;
+pub mod tls;
+
+use arc_swap::ArcSwap;
+use portcullis_config::Config;
+use snapshot::Snapshot;
+use state::StateRegistry;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The error of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] portcullis_config::Error),
+    #[error("{0}")]
+    Build(#[from] snapshot::BuildError),
+    #[error("{0}")]
+    Listen(#[from] listen::ListenError),
+    #[error("admin listener {bind}: {source}")]
+    Admin { bind: String, source: std::io::Error },
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
+}
+
+/// What the request path needs, shared by every connection.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub registry: StateRegistry,
+    pub metrics: Arc<record::Metrics>,
+    pub access: record::AccessLog,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReloadStatus {
+    pub version: String,
+    pub loaded_at: SystemTime,
+    pub last_error: Option<String>,
+    pub last_attempt: Option<SystemTime>,
+    pub ok: u64,
+    pub failed: u64,
+}
+
+pub struct Runtime {
+    pub shared: Arc<Shared>,
+    pub config_path: PathBuf,
+    listeners: listen::Listeners,
+    health: health::HealthChecks,
+    reload_lock: tokio::sync::Mutex<()>,
+    pub status: parking_lot::RwLock<ReloadStatus>,
+    pub ready: AtomicBool,
+    /// The admin address actually bound (useful when configured with port 0).
+    pub admin_addr: parking_lot::Mutex<Option<std::net::SocketAddr>>,
+}
+
+impl Runtime {
+    /// Builds the first snapshot, binds every listener and the admin API, and starts health
+    /// checks. Must run inside a Tokio runtime.
+    pub async fn start(config: Config) -> Result<Arc<Runtime>, Error> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let metrics = Arc::new(record::Metrics::default());
+        let access = record::AccessLog::start(&config.access_log.path).map_err(Error::AccessLog)?;
+        let registry = StateRegistry::default();
+        let config = Arc::new(config);
+        let snap = Snapshot::build(config.clone(), &registry, &metrics)?;
+        let listeners = listen::Listeners::default();
+        let prepared = listeners.prepare(&config.listeners)?;
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snap),
+            registry,
+            metrics,
+            access,
+        });
+        let rt = Arc::new(Runtime {
+            config_path: config.root.clone(),
+            listeners,
+            health: health::HealthChecks::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            status: parking_lot::RwLock::new(ReloadStatus {
+                version: config.version.clone(),
+                loaded_at: SystemTime::now(),
+                last_error: None,
+                last_attempt: None,
+                ok: 0,
+                failed: 0,
+            }),
+            ready: AtomicBool::new(false),
+            admin_addr: parking_lot::Mutex::new(None),
+            shared,
+        });
+        if let Some(admin) = &config.admin {
+            let l = tokio::net::TcpListener::bind(&admin.bind).await.map_err(|source| Error::Admin {
+                bind: admin.bind.clone(),
+                source,
+            })?;
+            *rt.admin_addr.lock() = l.local_addr().ok();
+            let app = admin::router(rt.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+            tracing::info!(bind = %admin.bind, "admin API listening");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            });
+        }
+        rt.listeners.commit(prepared, &rt.shared, config.shutdown_grace);
+        rt.health.reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
+        rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(rt)
+    }
+
+    /// Loads, validates and swaps in the config from disk. On any error the running config
+    /// keeps serving and the error is returned, logged and recorded for the admin API.
+    pub async fn reload(&self, trigger: &str) -> Result<String, String> {
+        let _g = self.reload_lock.lock().await;
+        let path = self.config_path.clone();
+        let result = self.try_reload(&path).await;
+        let mut st = self.status.write();
+        st.last_attempt = Some(SystemTime::now());
+        let label = |r: &str| vec![("result", r.to_string())];
+        match result {
+            Ok(Some(version)) => {
+                st.version = version.clone();
+                st.loaded_at = SystemTime::now();
+                st.last_error = None;
+                st.ok += 1;
+                self.shared.metrics.reloads.get_or_create(&label("ok")).inc();
+                tracing::info!(%trigger, %version, "config reloaded");
+                Ok(version)
+            }
+            Ok(None) => {
+                st.last_error = None;
+                Ok(st.version.clone())
+            }
+            Err(e) => {
+                st.last_error = Some(e.clone());
+                st.failed += 1;
+                self.shared.metrics.reloads.get_or_create(&label("error")).inc();
+                tracing::error!(%trigger, error = %e, "config reload rejected; the previous config keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns the new version, or None when nothing changed.
+    async fn try_reload(&self, path: &std::path::Path) -> Result<Option<String>, String> {
+        let p = path.to_path_buf();
+        let config = tokio::task::spawn_blocking(move || portcullis_config::load(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let current = self.shared.snapshot.load_full();
+        if config.version == current.version {
+            // Cert files may have changed even when the YAML did not.
+            self.listeners.refresh_certs();
+            return Ok(None);
+        }
+        if config.workers != current.config.workers {
+            tracing::warn!("`workers` changed; it takes effect at the next restart");
+        }
+        let config = Arc::new(config);
+        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics).map_err(|e| e.to_string())?;
+        let prepared = self.listeners.prepare(&config.listeners).map_err(|e| e.to_string())?;
+        let version = snap.version.clone();
+        let keep: std::collections::HashSet<String> = snap
+            .backends
+            .iter()
+            .flat_map(|b| b.slots.iter().map(|s| s.state.key.clone()))
+            .collect();
+        self.shared.snapshot.store(Arc::new(snap));
+        self.listeners.commit(prepared, &self.shared, config.shutdown_grace);
+        self.shared.registry.retain(&keep);
+        self.health.reconcile(&self.shared.snapshot.load(), &self.shared.metrics);
+        Ok(Some(version))
+    }
+
+    /// Reloads on SIGHUP and on (debounced) changes to any config file or include
+    /// directory, and re-reads changed TLS certificate files every second.
+    pub fn spawn_watchers(self: &Arc<Self>) {
+        let rt = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let _ = rt.reload("SIGHUP").await;
+            }
+        });
+        let rt = self.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                t.tick().await;
+                rt.listeners.refresh_certs();
+            }
+        });
+        self.spawn_file_watcher();
+    }
+
+    fn spawn_file_watcher(self: &Arc<Self>) {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if !ev.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP or the admin API");
+                return;
+            }
+        };
+        let watch_all = |w: &mut notify::RecommendedWatcher, cfg: &Config| {
+            // Watch directories, so editors that replace files (rename over) are seen too.
+            let mut dirs: Vec<PathBuf> = cfg.files.iter().filter_map(|f| f.parent().map(|p| p.to_path_buf())).collect();
+            dirs.extend(cfg.watch_dirs.iter().cloned());
+            dirs.sort();
+            dirs.dedup();
+            for d in dirs {
+                let _ = w.watch(&d, RecursiveMode::NonRecursive);
+            }
+        };
+        watch_all(&mut watcher, &self.shared.snapshot.load().config);
+        let rt = self.clone();
+        tokio::spawn(async move {
+            let mut watcher = watcher;
+            while rx.recv().await.is_some() {
+                // Debounce: wait for the burst of events from one save to settle.
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                let before = rt.shared.snapshot.load().version.clone();
+                if rt.reload("file change").await.is_ok() && rt.shared.snapshot.load().version != before {
+                    watch_all(&mut watcher, &rt.shared.snapshot.load().config);
+                }
+            }
+        });
+    }
+
+    /// Stops accepting, drains in-flight requests for up to the grace period, and stops
+    /// health checks.
+    pub async fn shutdown(&self) {
+        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        let grace = self.shared.snapshot.load().config.shutdown_grace;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining in-flight requests");
+        let _ = tokio::time::timeout(grace + Duration::from_millis(500), self.listeners.shutdown()).await;
+        self.health.stop_all();
+    }
+}

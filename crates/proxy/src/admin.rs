@@ -1,0 +1,266 @@
+//! The admin listener: health and readiness, Prometheus metrics, and the runtime API (server
+//! state and weight, reload, config status). Everything but `/healthz` and `/readyz` needs a
+//! bearer token from `admin.tokens`, compared in constant time; with no tokens configured the
+//! API refuses every call. Every action is logged with who did it.
+
+use crate::state::AdminState;
+use crate::Runtime;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Who made an admin call, for the log. Tokens are never logged; their position is.
+#[derive(Clone, Debug)]
+pub struct Actor(pub String);
+
+pub fn router(rt: Arc<Runtime>) -> Router {
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/backends", get(backends))
+        .route("/api/v1/backends/{backend}/servers/{server}/state", post(set_state))
+        .route("/api/v1/backends/{backend}/servers/{server}/weight", put(set_weight))
+        .route("/api/v1/reload", post(reload))
+        .route("/api/v1/config", get(config))
+        .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .with_state(rt)
+}
+
+/// Checks the bearer token against every configured token in constant time.
+fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
+    let p = Sha256::digest(presented);
+    let mut found = None;
+    for (i, t) in tokens.iter().enumerate() {
+        let t = Sha256::digest(t.as_bytes());
+        if bool::from(p.ct_eq(&t)) && found.is_none() {
+            found = Some(i);
+        }
+    }
+    found
+}
+
+async fn auth(State(rt): State<Arc<Runtime>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, mut req: Request, next: Next) -> Response {
+    let snap = rt.shared.snapshot.load();
+    let tokens = snap.config.admin.as_ref().map(|a| a.tokens.as_slice()).unwrap_or(&[]);
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().as_bytes().to_vec());
+    let unauthorized = |msg: &'static str| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-admin\"")],
+            msg,
+        )
+            .into_response()
+    };
+    if tokens.is_empty() {
+        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: no admin.tokens configured");
+        return (StatusCode::FORBIDDEN, "admin API disabled: configure admin.tokens\n").into_response();
+    }
+    let Some(p) = presented else {
+        return unauthorized("missing bearer token\n");
+    };
+    match check_token(&p, tokens) {
+        Some(i) => {
+            req.extensions_mut().insert(Actor(format!("admin-token[{i}]@{peer}")));
+            next.run(req).await
+        }
+        None => {
+            tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: invalid token");
+            unauthorized("invalid token\n")
+        }
+    }
+}
+
+async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {
+    if rt.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
+    let snap = rt.shared.snapshot.load();
+    let m = &rt.shared.metrics;
+    for b in &snap.backends {
+        for (srv, slot) in b.servers.iter().zip(&b.slots) {
+            let labels = vec![("backend", b.id.clone()), ("server", srv.name.clone())];
+            m.server_up.get_or_create(&labels).set(slot.state.available() as i64);
+            m.server_active
+                .get_or_create(&labels)
+                .set(slot.state.active.load(Ordering::Relaxed) as i64);
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        m.encode(),
+    )
+        .into_response()
+}
+
+async fn backends(State(rt): State<Arc<Runtime>>) -> Response {
+    let snap = rt.shared.snapshot.load();
+    let list: Vec<_> = snap
+        .backends
+        .iter()
+        .map(|b| {
+            let servers: Vec<_> = b
+                .servers
+                .iter()
+                .zip(&b.slots)
+                .map(|(srv, slot)| {
+                    let st = &slot.state;
+                    json!({
+                        "name": srv.name,
+                        "address": srv.address,
+                        "state": st.admin_state(),
+                        "health": if st.healthy() { "up" } else { "down" },
+                        "ejected": st.ejected(),
+                        "ejections": st.ejection_count(),
+                        "available": st.available(),
+                        "weight": st.weight_override().unwrap_or(slot.weight),
+                        "config_weight": slot.weight,
+                        "active": st.active.load(Ordering::Relaxed),
+                        "queued": st.queued.load(Ordering::Relaxed),
+                        "max_connections": srv.max_connections,
+                        "total_requests": st.total.load(Ordering::Relaxed),
+                        "idle_connections": st.pool.idle_count(),
+                    })
+                })
+                .collect();
+            json!({ "name": b.id, "servers": servers, "in_flight": b.in_flight.load(Ordering::Relaxed) })
+        })
+        .collect();
+    Json(json!({ "backends": list })).into_response()
+}
+
+/// Finds a backend by full id (`app/name`, URL-encoded) or by a name unique across apps.
+fn find_backend<'a>(snap: &'a crate::snapshot::Snapshot, name: &str) -> Result<&'a Arc<crate::snapshot::BackendRt>, Response> {
+    if let Some(b) = snap.backend(name) {
+        return Ok(b);
+    }
+    let matches: Vec<_> = snap
+        .backends
+        .iter()
+        .filter(|b| b.id.rsplit_once('/').is_some_and(|(_, n)| n == name))
+        .collect();
+    match matches.as_slice() {
+        [b] => Ok(b),
+        [] => Err((StatusCode::NOT_FOUND, format!("no backend `{name}`\n")).into_response()),
+        _ => Err((StatusCode::CONFLICT, format!("backend name `{name}` is ambiguous: use `app%2F{name}`\n")).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: AdminState,
+}
+
+async fn set_state(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path((backend, server)): Path<(String, String)>,
+    body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return (StatusCode::BAD_REQUEST, "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n").into_response();
+    };
+    let snap = rt.shared.snapshot.load();
+    let b = match find_backend(&snap, &backend) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(i) = b.servers.iter().position(|s| s.name == server) else {
+        return (StatusCode::NOT_FOUND, format!("no server `{server}` in backend `{}`\n", b.id)).into_response();
+    };
+    b.slots[i].state.set_admin_state(body.state);
+    tracing::info!(actor = %actor.0, backend = %b.id, server = %server, state = ?body.state, "admin: server state changed");
+    Json(json!({ "backend": b.id, "server": server, "state": body.state })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: u32,
+}
+
+async fn set_weight(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path((backend, server)): Path<(String, String)>,
+    body: Result<Json<WeightBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(WeightBody { weight })) = body else {
+        return (StatusCode::BAD_REQUEST, "body must be {\"weight\": 1..1000}\n").into_response();
+    };
+    if !(1..=1000).contains(&weight) {
+        return (StatusCode::BAD_REQUEST, "weight must be between 1 and 1000; use state `drain` or `maint` to stop traffic\n").into_response();
+    }
+    let snap = rt.shared.snapshot.load();
+    let b = match find_backend(&snap, &backend) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(i) = b.servers.iter().position(|s| s.name == server) else {
+        return (StatusCode::NOT_FOUND, format!("no server `{server}` in backend `{}`\n", b.id)).into_response();
+    };
+    b.slots[i].state.set_weight_override(weight);
+    tracing::info!(actor = %actor.0, backend = %b.id, server = %server, weight, "admin: server weight changed");
+    Json(json!({ "backend": b.id, "server": server, "weight": weight })).into_response()
+}
+
+async fn reload(State(rt): State<Arc<Runtime>>, axum::Extension(actor): axum::Extension<Actor>) -> Response {
+    tracing::info!(actor = %actor.0, "admin: reload requested");
+    match rt.reload(&format!("admin API ({})", actor.0)).await {
+        Ok(v) => Json(json!({ "result": "ok", "version": v })).into_response(),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "result": "rejected", "error": e, "serving_version": rt.shared.snapshot.load().version })),
+        )
+            .into_response(),
+    }
+}
+
+async fn config(State(rt): State<Arc<Runtime>>) -> Response {
+    let st = rt.status.read().clone();
+    Json(json!({
+        "version": st.version,
+        "loaded_at": httpdate::fmt_http_date(st.loaded_at),
+        "last_reload_error": st.last_error,
+        "last_reload_attempt": st.last_attempt.map(httpdate::fmt_http_date),
+        "reloads_ok": st.ok,
+        "reloads_failed": st.failed,
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_exactly() {
+        let tokens = vec!["0123456789abcdef".to_string(), "fedcba9876543210".to_string()];
+        assert_eq!(check_token(b"fedcba9876543210", &tokens), Some(1));
+        assert_eq!(check_token(b"fedcba987654321", &tokens), None);
+        assert_eq!(check_token(b"", &tokens), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! Body types that stream: the request body passed upstream (with a size limit and a byte
+//! count), and the response body passed back (with a byte count and a completion hook that
+//! releases the server slot, returns the connection to the pool and writes the access log).
+//! Nothing here buffers a whole body.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body sent upstream.
+pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body sent to clients.
+pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(b: impl Into<Bytes>) -> RespBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn empty() -> RespBody {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A request body grew past the route's `max_body_size`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {0} bytes")]
+pub struct TooLarge(pub u64);
+
+/// Passes a request body through, counting bytes and failing once it exceeds `limit`.
+pub struct Limited<B> {
+    inner: B,
+    limit: Option<u64>,
+    pub seen: Arc<AtomicU64>,
+}
+
+impl<B> Limited<B> {
+    pub fn new(inner: B, limit: Option<u64>, seen: Arc<AtomicU64>) -> Self {
+        Limited { inner, limit, seen }
+    }
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let n = this.seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if let Some(l) = this.limit {
+                        if n > l {
+                            return Poll::Ready(Some(Err(Box::new(TooLarge(l)))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs when a response body is finished or abandoned. `complete` says whether the whole
+/// body was delivered.
+pub trait OnDone: Send + 'static {
+    fn done(self: Box<Self>, complete: bool, bytes: u64);
+}
+
+/// Passes a response body through, counting bytes, and calls `on_done` exactly once.
+pub struct Tracked<B> {
+    inner: B,
+    bytes: u64,
+    /// The body had nothing to send, so being dropped unpolled still means complete.
+    empty: bool,
+    on_done: Option<Box<dyn OnDone>>,
+}
+
+impl<B: Body> Tracked<B> {
+    pub fn new(inner: B, on_done: Box<dyn OnDone>) -> Self {
+        Tracked {
+            empty: inner.is_end_stream(),
+            inner,
+            bytes: 0,
+            on_done: Some(on_done),
+        }
+    }
+}
+
+impl<B> Tracked<B> {
+    fn finish(&mut self, complete: bool) {
+        if let Some(d) = self.on_done.take() {
+            d.done(complete, self.bytes);
+        }
+    }
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.finish(self.empty);
+    }
+}

@@ -1,0 +1,721 @@
+//! The request path: check the request, route it, pick a server, forward it over a pooled
+//! connection with retries and timeouts, and stream the response back. Every failure becomes
+//! a short, clear response (400, 404, 413, 502, 503, 504); nothing on this path panics on
+//! client input.
+
+use crate::body::{empty, full, Limited, OnDone, ReqBody, RespBody, TooLarge, Tracked};
+use crate::pool::{ConnectError, Sender};
+use crate::record::{status_class, AccessRecord};
+use crate::snapshot::{BackendRt, RouteRt, Snapshot};
+use crate::state::ServerState;
+use crate::Shared;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// What is known about the client connection a request arrived on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub listener: Arc<str>,
+    pub tls: bool,
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    let te_trailers = keep_te_trailers
+        && h.get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn local(status: StatusCode, msg: &'static str, rid: &str) -> Response<RespBody> {
+    let mut r = Response::new(full(Bytes::from_static(msg.as_bytes())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        h.insert(X_REQUEST_ID.clone(), v);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// A path with `.` or `..` segments could route one way and be served another: refuse it.
+fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|seg| seg == "." || seg == ".." || seg.eq_ignore_ascii_case("%2e") || seg.eq_ignore_ascii_case("%2e%2e") || seg.eq_ignore_ascii_case(".%2e") || seg.eq_ignore_ascii_case("%2e."))
+}
+
+/// Lower-cases the host and removes the port. Returns None for a malformed host.
+fn normalize_host(raw: &str) -> Option<String> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        let end = rest.find(']')?;
+        &raw[..end + 2]
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { raw })
+    };
+    if host.is_empty() || host.len() > 253 || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b)) {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+struct Ctx {
+    start: Instant,
+    rid: String,
+    record: AccessRecord,
+}
+
+/// The entry point for every proxied request.
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<RespBody> {
+    let snap = shared.snapshot.load_full();
+    let start = Instant::now();
+    let trusted = !snap.trusted.is_empty() && snap.trusted.iter().any(|n| n.contains(&conn.peer.ip()));
+    let rid = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) if trusted && valid_request_id(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        _ => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let mut ctx = Ctx {
+        start,
+        record: AccessRecord {
+            request_id: rid.clone(),
+            listener: conn.listener.to_string(),
+            client: conn.peer.ip().to_string(),
+            method: req.method().as_str().to_string(),
+            path: req.uri().path().to_string(),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            ..Default::default()
+        },
+        rid,
+    };
+    let resp = proxy(&shared, &snap, &conn, trusted, req, &mut ctx).await;
+    match resp {
+        Ok(r) => r,
+        Err((status, msg, route)) => {
+            let r = local(status, msg, &ctx.rid);
+            if let Some(route) = route {
+                route.by_class[status_class(status.as_u16())].inc();
+            }
+            finish_log(&shared, ctx.record, ctx.start, status.as_u16(), 0, Some(msg.trim_end().to_string()));
+            r
+        }
+    }
+}
+
+fn finish_log(shared: &Shared, mut rec: AccessRecord, start: Instant, status: u16, bytes_out: u64, error: Option<String>) {
+    if !shared.access.enabled() {
+        return;
+    }
+    rec.status = status;
+    rec.bytes_out = bytes_out;
+    rec.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    rec.time = httpdate::fmt_http_date(std::time::SystemTime::now());
+    rec.error = error;
+    shared.access.log(rec, &shared.metrics.access_log_dropped);
+}
+
+type Fail<'a> = (StatusCode, &'static str, Option<&'a RouteRt>);
+
+async fn proxy<'a>(
+    shared: &Arc<Shared>,
+    snap: &'a Arc<Snapshot>,
+    conn: &ConnInfo,
+    trusted: bool,
+    req: Request<Incoming>,
+    ctx: &mut Ctx,
+) -> Result<Response<RespBody>, Fail<'a>> {
+    let (mut parts, body) = req.into_parts();
+
+    // Request smuggling guard: hyper accepts both headers (and uses chunked); we refuse.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
+        return Err((StatusCode::BAD_REQUEST, "conflicting Content-Length and Transfer-Encoding\n", None));
+    }
+    let raw_host = match parts.uri.authority() {
+        Some(a) if parts.version == Version::HTTP_2 => a.as_str().to_string(),
+        _ => match parts.headers.get(header::HOST).map(|h| h.to_str()) {
+            Some(Ok(h)) => h.to_string(),
+            Some(Err(_)) => return Err((StatusCode::BAD_REQUEST, "invalid Host header\n", None)),
+            None if parts.version == Version::HTTP_11 => {
+                return Err((StatusCode::BAD_REQUEST, "missing Host header\n", None))
+            }
+            None => String::new(),
+        },
+    };
+    if parts.headers.get_all(header::HOST).iter().count() > 1 {
+        return Err((StatusCode::BAD_REQUEST, "more than one Host header\n", None));
+    }
+    let host = if raw_host.is_empty() {
+        String::new()
+    } else {
+        normalize_host(&raw_host).ok_or((StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
+    };
+    ctx.record.host = host.clone();
+    let path = parts.uri.path();
+    if !path.starts_with('/') {
+        return Err((StatusCode::BAD_REQUEST, "request target must be an absolute path\n", None));
+    }
+    if has_dot_segments(path) {
+        return Err((StatusCode::BAD_REQUEST, "path has dot segments\n", None));
+    }
+
+    let Some(idx) = snap.router.route(&host, path, &parts.method, &parts.headers, &conn.listener) else {
+        return Err((StatusCode::NOT_FOUND, "no route\n", None));
+    };
+    let route = &snap.routes[idx];
+    let backend = &route.backend;
+    ctx.record.route = route.id.to_string();
+    ctx.record.backend = backend.id.clone();
+
+    if let Some(limit) = route.max_body {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", Some(route)));
+        }
+    }
+
+    // WebSocket and other HTTP/1.1 upgrades.
+    let upgrade = parts.version == Version::HTTP_11
+        && parts
+            .headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        && parts.headers.contains_key(header::UPGRADE);
+    let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
+    let client_upgrade = if upgrade { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+
+    // Build the upstream request head.
+    let h2_up = backend.connector.protocol == portcullis_config::Protocol::Http2;
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers, h2_up);
+    headers.remove(header::EXPECT);
+    if let Some(u) = &upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, u.clone());
+    }
+    let peer_ip = conn.peer.ip().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted => format!("{prev}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        if let Ok(v) = HeaderValue::from_str(&raw_host) {
+            headers.insert(X_FORWARDED_HOST.clone(), v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&ctx.rid) {
+        headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    let authority = match &backend.host {
+        Some(h) => h.clone(),
+        None => HeaderValue::from_str(&raw_host).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+    };
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let uri: Uri = if h2_up {
+        headers.remove(header::HOST);
+        let scheme = if backend.connector.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{pq}", authority.to_str().unwrap_or("localhost"))
+            .parse()
+            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid request target\n", Some(route)))?
+    } else {
+        headers.insert(header::HOST, authority);
+        pq.parse()
+            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid request target\n", Some(route)))?
+    };
+
+    let method = parts.method.clone();
+    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    let body_empty = body.is_end_stream();
+    let replayable = body_empty && (idempotent || route.retry_non_idempotent);
+    let seen = Arc::new(AtomicU64::new(0));
+    let mut body: Option<ReqBody> = Some(Limited::new(body, route.max_body, seen.clone()).boxed_unsync());
+
+    // Hash key and sticky server.
+    let key = backend.balancer.hash_on().map(|on| hash_key(on, &headers, &uri, conn, &pq));
+    let sticky = backend.sticky_cookie.as_ref().and_then(|name| {
+        let id = cookie(&headers, name)?;
+        backend.servers.iter().position(|s| s.sticky_id == id)
+    });
+
+    backend.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _inflight = Decr(backend.in_flight.clone());
+    let deadline = route.timeout.map(|t| ctx.start + t);
+    let per_try = backend
+        .retries
+        .per_try_timeout
+        .map_or(backend.response_timeout, |p| p.0.min(backend.response_timeout));
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempts = 0u32;
+    let mut connect_ms = 0.0;
+    loop {
+        attempts += 1;
+        ctx.record.attempts = attempts;
+        let pick = match sticky {
+            Some(i) if attempts == 1 && backend.slots[i].state.available_sticky() => Some(i),
+            _ => backend.balancer.pick(&backend.slots, key, &tried),
+        };
+        let Some(si) = pick else {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "no server available\n", Some(route)));
+        };
+        tried.push(si);
+        let server = &backend.servers[si];
+        let state = &backend.slots[si].state;
+        ctx.record.server = server.name.clone();
+
+        // HAProxy's maxconn: wait in the queue for a slot, up to queue_timeout.
+        let permit = match state.gate_for(server.max_connections) {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    state.queued.fetch_add(1, Ordering::Relaxed);
+                    let r = tokio::time::timeout(backend.queue_timeout, sem.acquire_owned()).await;
+                    state.queued.fetch_sub(1, Ordering::Relaxed);
+                    match r {
+                        Ok(Ok(p)) => Some(p),
+                        _ => return Err((StatusCode::SERVICE_UNAVAILABLE, "queue timeout\n", Some(route))),
+                    }
+                }
+            },
+        };
+        state.active.fetch_add(1, Ordering::Relaxed);
+        state.total.fetch_add(1, Ordering::Relaxed);
+        let active = ActiveGuard {
+            state: state.clone(),
+            permit,
+        };
+
+        let mut req = Request::new(match (replayable, attempts) {
+            (true, n) if n > 1 => empty_req_body(),
+            _ => match body.take() {
+                Some(b) => b,
+                None => empty_req_body(),
+            },
+        });
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        *req.version_mut() = if h2_up { Version::HTTP_2 } else { Version::HTTP_11 };
+
+        if server.echo {
+            let resp = crate::echo::respond(req, &ctx.rid).await;
+            return Ok(respond(shared, route, backend, si, None, resp, active, ctx, connect_ms, false));
+        }
+
+        // Connect (nothing has been sent yet, so a failure here is always safe to retry).
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let checkout = match state.pool.checkout(&server.address, &backend.connector).await {
+            Ok(c) => c,
+            Err(e) => {
+                drop(active);
+                let timeout = matches!(e, ConnectError::Timeout);
+                tracing::debug!(server = %server.address, error = %e, "upstream connect failed");
+                note_outcome(backend, si, false, true);
+                if !replayable {
+                    // The body was never sent: hand it back for the next attempt.
+                    body = Some(req.into_body());
+                }
+                if backend.retry_connect && may_retry(backend, attempts, deadline).await {
+                    continue;
+                }
+                return Err(if timeout {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream connect timeout\n", Some(route))
+                } else {
+                    (StatusCode::BAD_GATEWAY, "upstream connect failed\n", Some(route))
+                });
+            }
+        };
+        if !checkout.reused {
+            backend.connect_hist.observe(checkout.connect_time.as_secs_f64());
+            connect_ms = checkout.connect_time.as_secs_f64() * 1000.0;
+        }
+        ctx.record.connect_ms = connect_ms;
+
+        let try_timeout = remaining.map_or(per_try, |r| r.min(per_try));
+        let (result, h1_sender) = match checkout.sender {
+            Sender::H1(mut s) => {
+                let f = s.try_send_request(req);
+                (tokio::time::timeout(try_timeout, f).await, Some(s))
+            }
+            Sender::H2(mut s) => {
+                let f = s.try_send_request(req);
+                (tokio::time::timeout(try_timeout, f).await, None)
+            }
+        };
+        match result {
+            Err(_elapsed) => {
+                drop(active);
+                note_outcome(backend, si, true, false);
+                if replayable && backend.retry_status.contains(&504) && may_retry(backend, attempts, deadline).await {
+                    continue;
+                }
+                return Err((StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n", Some(route)));
+            }
+            Ok(Err(mut e)) => {
+                drop(active);
+                if let Some(r) = e.take_message() {
+                    // Not sent (a stale pooled connection): as safe to retry as a connect failure.
+                    if h1_sender.is_none() {
+                        state.pool.drop_h2();
+                    }
+                    if !replayable {
+                        body = Some(r.into_body());
+                    }
+                    if may_retry(backend, attempts, deadline).await {
+                        continue;
+                    }
+                    return Err((StatusCode::BAD_GATEWAY, "upstream connection failed\n", Some(route)));
+                }
+                let err = e.into_error();
+                if is_too_large(&err) {
+                    return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", Some(route)));
+                }
+                if h1_sender.is_none() {
+                    state.pool.drop_h2();
+                }
+                note_outcome(backend, si, true, false);
+                tracing::debug!(server = %server.address, error = %err, "upstream request failed");
+                if replayable && backend.retry_status.contains(&502) && may_retry(backend, attempts, deadline).await {
+                    continue;
+                }
+                return Err((StatusCode::BAD_GATEWAY, "upstream request failed\n", Some(route)));
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                note_outcome(backend, si, status >= 500, false);
+                if replayable
+                    && backend.retry_status.contains(&status)
+                    && may_retry(backend, attempts, deadline).await
+                {
+                    drop(resp);
+                    drop(active);
+                    continue;
+                }
+                if status == 101 {
+                    if let Some(client_up) = client_upgrade {
+                        return Ok(tunnel(shared, route, resp, client_up, active, ctx));
+                    }
+                }
+                let resp = resp.map(|b| b.boxed_unsync().map_err(Into::into).boxed_unsync());
+                ctx.record.bytes_in = seen.load(Ordering::Relaxed);
+                return Ok(respond(shared, route, backend, si, h1_sender, resp, active, ctx, connect_ms, sticky != Some(si)));
+            }
+        }
+    }
+}
+
+fn empty_req_body() -> ReqBody {
+    http_body_util::Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+fn is_too_large(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<TooLarge>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+struct Decr(Arc<std::sync::atomic::AtomicUsize>);
+impl Drop for Decr {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds a server's in-flight count (and its max_connections slot) until the response ends.
+struct ActiveGuard {
+    state: Arc<ServerState>,
+    #[allow(dead_code)]
+    permit: Option<OwnedSemaphorePermit>,
+}
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Passive outlier detection: eject after consecutive failures, within the backend's cap.
+fn note_outcome(backend: &BackendRt, si: usize, failed_5xx: bool, connect_failure: bool) {
+    let Some(o) = &backend.outlier else { return };
+    let state = &backend.slots[si].state;
+    if state.record_outcome(failed_5xx, connect_failure, o.consecutive_5xx, o.consecutive_connect_failures) {
+        let n = backend.slots.len();
+        let cap = ((n as u32 * o.max_ejected_percent) / 100).max(1) as usize;
+        let ejected = backend.slots.iter().filter(|s| s.state.ejected()).count();
+        if ejected < cap && !state.ejected() {
+            let d = state.eject(o.eject_for.0);
+            backend.ejection_counter.inc();
+            tracing::warn!(backend = %backend.id, server = %backend.servers[si].name, eject_for_ms = d.as_millis() as u64, "server ejected after consecutive failures");
+        }
+    }
+}
+
+/// Decides whether another attempt is allowed (attempt count, deadline, retry budget), and
+/// sleeps the backoff if so.
+async fn may_retry(backend: &BackendRt, attempts: u32, deadline: Option<Instant>) -> bool {
+    let r = &backend.retries;
+    if attempts > r.attempts {
+        return false;
+    }
+    let in_flight = backend.in_flight.load(Ordering::Relaxed);
+    let budget = ((in_flight as u64 * r.budget_percent as u64) / 100).max(r.min_retries_in_flight as u64);
+    let current = backend.retries_in_flight.fetch_add(1, Ordering::Relaxed) as u64;
+    let _g = Decr(backend.retries_in_flight.clone());
+    if current >= budget {
+        tracing::debug!(backend = %backend.id, "retry budget exhausted");
+        return false;
+    }
+    let cap = r.backoff_base.0.saturating_mul(1 << (attempts - 1).min(16)).min(r.backoff_max.0);
+    let sleep = Duration::from_micros(rand::rng().random_range(0..=cap.as_micros() as u64));
+    if let Some(d) = deadline {
+        if Instant::now() + sleep >= d {
+            return false;
+        }
+    }
+    backend.retry_counter.inc();
+    tokio::time::sleep(sleep).await;
+    true
+}
+
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+fn hash_key(on: &portcullis_config::HashOn, headers: &HeaderMap, _uri: &Uri, conn: &ConnInfo, pq: &str) -> u64 {
+    use crate::balance::hash64;
+    use portcullis_config::HashOn;
+    match on {
+        HashOn::Header(h) => hash64(headers.get(h.as_str()).map(|v| v.as_bytes()).unwrap_or_default()),
+        HashOn::Cookie(c) => hash64(cookie(headers, c).unwrap_or_default().as_bytes()),
+        HashOn::ClientIp => hash64(conn.peer.ip().to_string().as_bytes()),
+        HashOn::Path => hash64(pq.split('?').next().unwrap_or("/").as_bytes()),
+    }
+}
+
+/// Finishes a proxied response: strips hop-by-hop headers, sets the sticky cookie, and wraps
+/// the body so the slot, the pooled connection and the access log are handled when it ends.
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    shared: &Arc<Shared>,
+    route: &RouteRt,
+    backend: &BackendRt,
+    si: usize,
+    sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+    resp: Response<RespBody>,
+    active: ActiveGuard,
+    ctx: &mut Ctx,
+    connect_ms: f64,
+    set_sticky: bool,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    if let Ok(v) = HeaderValue::from_str(&ctx.rid) {
+        parts.headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    if let (Some(name), true) = (&backend.sticky_cookie, set_sticky) {
+        let c = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax", backend.servers[si].sticky_id);
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            parts.headers.append(header::SET_COOKIE, v);
+        }
+    }
+    let status = parts.status.as_u16();
+    let elapsed = ctx.start.elapsed();
+    route.by_class[status_class(status)].inc();
+    route.duration.observe(elapsed.as_secs_f64());
+    let mut record = std::mem::take(&mut ctx.record);
+    record.first_byte_ms = elapsed.as_secs_f64() * 1000.0;
+    record.connect_ms = connect_ms;
+    record.status = status;
+    let done = Done {
+        shared: shared.clone(),
+        state: backend.slots[si].state.clone(),
+        sender,
+        _active: active,
+        record,
+        start: ctx.start,
+    };
+    Response::from_parts(parts, Tracked::new(body, Box::new(done)).boxed_unsync())
+}
+
+struct Done {
+    shared: Arc<Shared>,
+    state: Arc<ServerState>,
+    sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+    _active: ActiveGuard,
+    record: AccessRecord,
+    start: Instant,
+}
+
+impl OnDone for Done {
+    fn done(self: Box<Self>, complete: bool, bytes: u64) {
+        let this = *self;
+        if complete {
+            if let Some(s) = this.sender {
+                this.state.pool.put_back(s);
+            }
+        }
+        let status = this.record.status;
+        let err = (!complete).then(|| "response aborted".to_string());
+        finish_log(&this.shared, this.record, this.start, status, bytes, err);
+    }
+}
+
+/// Joins the client's and the origin's upgraded connections (WebSocket and the like).
+fn tunnel(
+    shared: &Arc<Shared>,
+    route: &RouteRt,
+    mut resp: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    active: ActiveGuard,
+    ctx: &mut Ctx,
+) -> Response<RespBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    route.by_class[status_class(101)].inc();
+    let record = std::mem::take(&mut ctx.record);
+    let shared2 = shared.clone();
+    let start = ctx.start;
+    tokio::spawn(async move {
+        let _active = active;
+        let (c, u) = match tokio::try_join!(client, upstream) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut c = hyper_util::rt::TokioIo::new(c);
+        let mut u = hyper_util::rt::TokioIo::new(u);
+        let res = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        let bytes = res.as_ref().map(|(_, down)| *down).unwrap_or(0);
+        finish_log(&shared2, record, start, 101, bytes, res.err().map(|e| e.to_string()));
+    });
+    let (mut parts, _) = resp.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(u) = upgrade {
+        parts.headers.insert(header::UPGRADE, u);
+    }
+    Response::from_parts(parts, empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Example.COM:8080").as_deref(), Some("example.com"));
+        assert_eq!(normalize_host("[::1]:443").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_host("a b"), None);
+        assert_eq!(normalize_host("evil/..").as_deref(), None);
+    }
+
+    #[test]
+    fn dot_segments_are_detected() {
+        assert!(has_dot_segments("/a/../admin"));
+        assert!(has_dot_segments("/a/%2e%2E/admin"));
+        assert!(has_dot_segments("/./x"));
+        assert!(!has_dot_segments("/a/..b/c.d"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("x-secret-hop").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn cookies_are_found() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; srv=abc; b=2".parse().unwrap());
+        assert_eq!(cookie(&h, "srv"), Some("abc"));
+        assert_eq!(cookie(&h, "zz"), None);
+    }
+}

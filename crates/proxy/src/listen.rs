@@ -1,0 +1,405 @@
+//! Listeners: accept TCP (and TLS, with ALPN choosing h2 or http/1.1), serve HTTP/1.1 and h2
+//! with hyper, enforce client-side limits and timeouts, and shut down gracefully. On reload a
+//! listener whose bind address is unchanged keeps its socket and picks up new settings; added
+//! listeners are bound and removed ones closed, without touching the others.
+
+use crate::forward::{self, ConnInfo};
+use crate::Shared;
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use parking_lot::Mutex;
+use portcullis_config::{Listener as ListenerCfg, Protocol};
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("listener `{name}`: cannot bind {bind}: {source}")]
+    Bind {
+        name: String,
+        bind: String,
+        source: io::Error,
+    },
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        name: String,
+        source: crate::tls::TlsError,
+    },
+}
+
+/// Settings a running listener reads for each new connection.
+pub struct Settings {
+    pub cfg: ListenerCfg,
+    pub tls: Option<(tokio_rustls::TlsAcceptor, Arc<crate::tls::SniResolver>)>,
+}
+
+struct Running {
+    bind: String,
+    settings: Arc<ArcSwap<Settings>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct Listeners {
+    running: Mutex<HashMap<String, Running>>,
+}
+
+/// A bound but not yet serving listener, so a reload can fail before anything changes.
+pub struct Prepared {
+    name: String,
+    listener: Option<TcpListener>,
+    settings: Settings,
+}
+
+pub fn settings(cfg: &ListenerCfg) -> Result<Settings, ListenError> {
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let (sc, resolver) = crate::tls::server_config(t, &cfg.protocols).map_err(|source| ListenError::Tls {
+                name: cfg.name.clone(),
+                source,
+            })?;
+            Some((tokio_rustls::TlsAcceptor::from(sc), resolver))
+        }
+        None => None,
+    };
+    Ok(Settings { cfg: cfg.clone(), tls })
+}
+
+fn bind(cfg: &ListenerCfg) -> Result<TcpListener, ListenError> {
+    let err = |source| ListenError::Bind {
+        name: cfg.name.clone(),
+        bind: cfg.bind.clone(),
+        source,
+    };
+    let addr: SocketAddr = cfg
+        .bind
+        .parse()
+        .map_err(|_| err(io::Error::new(io::ErrorKind::InvalidInput, "invalid address")))?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(4096).map_err(err)?;
+    TcpListener::from_std(sock.into()).map_err(err)
+}
+
+impl Listeners {
+    /// Binds what the new config adds or moves, and prepares settings for the rest.
+    pub fn prepare(&self, cfgs: &[ListenerCfg]) -> Result<Vec<Prepared>, ListenError> {
+        let running = self.running.lock();
+        let mut out = Vec::new();
+        for cfg in cfgs {
+            let settings = settings(cfg)?;
+            let listener = match running.get(&cfg.name) {
+                Some(r) if r.bind == cfg.bind => None,
+                _ => Some(bind(cfg)?),
+            };
+            out.push(Prepared {
+                name: cfg.name.clone(),
+                listener,
+                settings,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Starts prepared listeners, updates kept ones, and stops the ones no longer configured.
+    pub fn commit(&self, prepared: Vec<Prepared>, shared: &Arc<Shared>, grace: Duration) {
+        let mut running = self.running.lock();
+        let mut keep = std::collections::HashSet::new();
+        for p in prepared {
+            keep.insert(p.name.clone());
+            match p.listener {
+                None => {
+                    if let Some(r) = running.get(&p.name) {
+                        r.settings.store(Arc::new(p.settings));
+                    }
+                }
+                Some(l) => {
+                    if let Some(old) = running.remove(&p.name) {
+                        let _ = old.stop.send(true);
+                    }
+                    let bind = p.settings.cfg.bind.clone();
+                    let settings = Arc::new(ArcSwap::from_pointee(p.settings));
+                    let (stop, rx) = watch::channel(false);
+                    let task = tokio::spawn(accept_loop(l, p.name.clone(), settings.clone(), shared.clone(), rx, grace));
+                    tracing::info!(listener = %p.name, %bind, "listening");
+                    running.insert(p.name, Running { bind, settings, stop, task });
+                }
+            }
+        }
+        running.retain(|name, r| {
+            let k = keep.contains(name);
+            if !k {
+                tracing::info!(listener = %name, "listener removed; draining");
+                let _ = r.stop.send(true);
+            }
+            k
+        });
+    }
+
+    /// Stops accepting everywhere and waits for in-flight connections to drain.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut running = self.running.lock();
+            running
+                .drain()
+                .map(|(_, r)| {
+                    let _ = r.stop.send(true);
+                    r.task
+                })
+                .collect()
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Re-reads changed certificate files of every TLS listener.
+    pub fn refresh_certs(&self) {
+        for (name, r) in self.running.lock().iter() {
+            if let Some((_, resolver)) = &r.settings.load().tls {
+                match resolver.refresh() {
+                    Ok(true) => tracing::info!(listener = %name, "certificates reloaded from disk"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(listener = %name, error = %e, "certificate reload failed; keeping the previous certificates"),
+                }
+            }
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.running.lock().keys().cloned().collect()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    settings: Arc<ArcSwap<Settings>>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let name: Arc<str> = Arc::from(name.as_str());
+    let gauge = shared
+        .metrics
+        .active_connections
+        .get_or_create(&vec![("listener", name.to_string())])
+        .clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let s = settings.load_full();
+        let shared = shared.clone();
+        let name = name.clone();
+        let watcher = graceful.watcher();
+        let gauge = gauge.clone();
+        tokio::spawn(async move {
+            gauge.inc();
+            let _g = GaugeGuard(gauge);
+            serve(tcp, peer, name, s, shared, watcher).await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(listener = %name, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+struct GaugeGuard(Gauge);
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    s: Arc<Settings>,
+    shared: Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let cfg = &s.cfg;
+    let idle = cfg.timeouts.idle.0;
+    match &s.tls {
+        None => {
+            let conn = Arc::new(ConnInfo { peer, listener, tls: false });
+            run_http(IdleIo::new(tcp, idle), conn, &s, shared, watcher).await
+        }
+        Some((acceptor, _)) => {
+            let hs = tokio::time::timeout(cfg.timeouts.client_header.0, acceptor.accept(tcp)).await;
+            let tls = match hs {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = Arc::new(ConnInfo { peer, listener, tls: true });
+            run_http(IdleIo::new(tls, idle), conn, &s, shared, watcher).await
+        }
+    }
+}
+
+async fn run_http<IO>(io: IO, conn: Arc<ConnInfo>, s: &Settings, shared: Arc<Shared>, watcher: hyper_util::server::graceful::Watcher)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &s.cfg;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.client_header.0)
+        .max_buf_size((cfg.max_header_size.0 as usize).max(8192))
+        .max_headers(cfg.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.max_header_size.0.min(u32::MAX as u64) as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let h1 = cfg.protocols.contains(&Protocol::Http1);
+    let h2 = cfg.protocols.contains(&Protocol::Http2);
+    if h1 && !h2 {
+        b = b.http1_only();
+    } else if h2 && !h1 {
+        b = b.http2_only();
+    }
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(forward::handle(shared, conn, req).await) }
+    });
+    let c = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    if let Err(e) = watcher.watch(c.into_owned()).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Closes a client connection when nothing has been read or written for `idle`, like
+/// HAProxy's `timeout client`. The deadline is only checked when a read would block, so
+/// busy connections pay one clock read per I/O call.
+struct IdleIo<T> {
+    inner: T,
+    idle: Duration,
+    deadline: Instant,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> IdleIo<T> {
+    fn new(inner: T, idle: Duration) -> Self {
+        let deadline = Instant::now() + idle;
+        IdleIo {
+            inner,
+            idle,
+            deadline,
+            sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+        }
+    }
+
+    fn touch(&mut self) {
+        self.deadline = Instant::now() + self.idle;
+    }
+
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= self.deadline {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client idle timeout")));
+            }
+            let d = self.deadline;
+            self.sleep.as_mut().reset(d.into());
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_idle(cx),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.touch();
+            }
+        }
+        r
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.touch();
+            }
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

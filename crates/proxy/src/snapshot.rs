@@ -1,0 +1,195 @@
+//! A snapshot is one immutable, validated, compiled config: the route table, backends with
+//! their balancers and connectors, and pre-resolved metric handles. A request loads the
+//! current snapshot once and uses it to the end; a reload builds a new one off the request
+//! path and swaps it in atomically.
+
+use crate::balance::{Balancer, Slot};
+use crate::pool::Connector;
+use crate::record::{Metrics, CLASSES};
+use crate::route::Router;
+use crate::state::StateRegistry;
+use http::HeaderValue;
+use portcullis_config::{Config, HealthCheck, Outlier, Retries, RetryOn};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("backend `{backend}`: {source}")]
+    Tls {
+        backend: String,
+        source: crate::tls::TlsError,
+    },
+}
+
+pub struct ServerRt {
+    pub name: String,
+    pub address: String,
+    pub echo: bool,
+    pub max_connections: Option<usize>,
+    /// The opaque value of the stickiness cookie for this server.
+    pub sticky_id: String,
+}
+
+pub struct BackendRt {
+    pub id: String,
+    pub servers: Vec<ServerRt>,
+    pub slots: Vec<Slot>,
+    pub balancer: Balancer,
+    pub connector: Connector,
+    pub host: Option<HeaderValue>,
+    pub retries: Retries,
+    pub retry_connect: bool,
+    pub retry_status: Vec<u16>,
+    pub outlier: Option<Outlier>,
+    pub health: Option<HealthCheck>,
+    pub response_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub sticky_cookie: Option<String>,
+    pub in_flight: Arc<AtomicUsize>,
+    pub retries_in_flight: Arc<AtomicUsize>,
+    pub retry_counter: Counter,
+    pub ejection_counter: Counter,
+    pub connect_hist: Histogram,
+}
+
+pub struct RouteRt {
+    pub id: Arc<str>,
+    pub app: String,
+    pub backend: Arc<BackendRt>,
+    pub max_body: Option<u64>,
+    pub timeout: Option<Duration>,
+    pub retry_non_idempotent: bool,
+    pub by_class: [Counter; 5],
+    pub duration: Histogram,
+}
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub version: String,
+    pub loaded_at: SystemTime,
+    pub router: Router,
+    pub routes: Vec<RouteRt>,
+    pub backends: Vec<Arc<BackendRt>>,
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+impl Snapshot {
+    pub fn build(config: Arc<Config>, registry: &StateRegistry, metrics: &Metrics) -> Result<Snapshot, BuildError> {
+        let mut backends = Vec::new();
+        let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
+        for b in &config.backends {
+            let spec = &b.spec;
+            let tls = match &spec.tls {
+                Some(t) => Some((
+                    crate::tls::client_config(t, spec.protocol).map_err(|source| BuildError::Tls {
+                        backend: b.id.clone(),
+                        source,
+                    })?,
+                    t.sni.clone(),
+                )),
+                None => None,
+            };
+            let mut servers = Vec::new();
+            let mut slots = Vec::new();
+            for (s, name) in spec.servers.iter().zip(&b.server_names) {
+                let key = format!("{}/{}", b.id, name);
+                let state = registry.server(&key, &s.address);
+                state.gate_for(s.max_connections);
+                servers.push(ServerRt {
+                    name: name.clone(),
+                    address: s.address.clone(),
+                    echo: s.address == "builtin:echo",
+                    max_connections: s.max_connections,
+                    sticky_id: format!("{:016x}", crate::balance::hash64(key.as_bytes())),
+                });
+                slots.push(Slot {
+                    name: name.clone(),
+                    weight: s.weight,
+                    state,
+                });
+            }
+            let label = vec![("backend", b.id.clone())];
+            let rt = Arc::new(BackendRt {
+                id: b.id.clone(),
+                balancer: Balancer::new(spec.balance.clone(), &slots),
+                servers,
+                slots,
+                connector: Connector {
+                    protocol: spec.protocol,
+                    tls,
+                    connect_timeout: spec.timeouts.connect.0,
+                    idle_timeout: spec.timeouts.idle.0,
+                },
+                host: spec.host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                retry_connect: spec.retries.on.contains(&RetryOn::ConnectFailure),
+                retry_status: spec
+                    .retries
+                    .on
+                    .iter()
+                    .filter_map(|r| match r {
+                        RetryOn::Status(s) => Some(*s),
+                        _ => None,
+                    })
+                    .collect(),
+                retries: spec.retries.clone(),
+                outlier: spec.outlier.clone(),
+                health: spec.health_check.clone(),
+                response_timeout: spec.timeouts.response.0,
+                queue_timeout: spec.queue_timeout.0,
+                sticky_cookie: spec.sticky.as_ref().map(|s| s.cookie.clone()),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                retries_in_flight: Arc::new(AtomicUsize::new(0)),
+                retry_counter: metrics.retries.get_or_create(&label).clone(),
+                ejection_counter: metrics.ejections.get_or_create(&label).clone(),
+                connect_hist: metrics.connect.get_or_create(&label).clone(),
+            });
+            by_id.insert(&b.id, rt.clone());
+            backends.push(rt);
+        }
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            // Validation guarantees the backend exists.
+            let Some(backend) = by_id.get(r.backend_id.as_str()).cloned() else {
+                continue;
+            };
+            let by_class = CLASSES.map(|c| {
+                metrics
+                    .requests
+                    .get_or_create(&vec![
+                        ("route", r.id.clone()),
+                        ("backend", r.backend_id.clone()),
+                        ("code", c.to_string()),
+                    ])
+                    .clone()
+            });
+            routes.push(RouteRt {
+                id: Arc::from(r.id.as_str()),
+                app: r.app.clone(),
+                backend,
+                max_body: r.spec.max_body_size.map(|s| s.0),
+                timeout: r.spec.timeout.map(|d| d.0),
+                retry_non_idempotent: r.spec.retry_non_idempotent,
+                by_class,
+                duration: metrics.duration.get_or_create(&vec![("route", r.id.clone())]).clone(),
+            });
+        }
+        Ok(Snapshot {
+            router: Router::build(&config.routes),
+            version: config.version.clone(),
+            trusted: config.trusted_proxies.clone(),
+            loaded_at: SystemTime::now(),
+            routes,
+            backends,
+            config,
+        })
+    }
+
+    pub fn backend(&self, id: &str) -> Option<&Arc<BackendRt>> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+}

@@ -1,0 +1,232 @@
+//! Long-lived per-server state that outlives config snapshots: health, passive ejection,
+//! admin overrides (state and weight), in-flight counters, the max-connections gate and the
+//! connection pool. It is keyed by `backend-id/server-name`, so a reload keeps it for every
+//! server that still exists.
+
+use crate::pool::Pool;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// The operator's intent for a server, with HAProxy's meanings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes traffic.
+    Ready,
+    /// Takes no new traffic except requests stuck to it by cookie; health checks continue.
+    Drain,
+    /// Takes no traffic at all; health checks stop.
+    Maint,
+}
+
+impl AdminState {
+    fn to_u32(self) -> u32 {
+        match self {
+            AdminState::Ready => 0,
+            AdminState::Drain => 1,
+            AdminState::Maint => 2,
+        }
+    }
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+}
+
+/// Process-wide monotonic origin so instants fit in an atomic.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+pub struct ServerState {
+    pub key: String,
+    pub address: String,
+    /// Result of active health checks; true when no check is configured.
+    healthy: AtomicBool,
+    /// Consecutive check results in the current direction, for rise/fall.
+    pub check_streak: AtomicU32,
+    admin: AtomicU32,
+    /// Weight set through the admin API; 0 means "use the config weight".
+    weight_override: AtomicU32,
+    /// Requests currently being handled by this server (including response streaming).
+    pub active: AtomicUsize,
+    /// Requests waiting for a slot under `max_connections`.
+    pub queued: AtomicUsize,
+    pub total: AtomicU64,
+    consecutive_5xx: AtomicU32,
+    consecutive_connect: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    /// Max-connections gate; `None` means unlimited.
+    pub gate: Mutex<Option<(usize, Arc<Semaphore>)>>,
+    pub pool: Pool,
+}
+
+impl ServerState {
+    fn new(key: String, address: String) -> Self {
+        ServerState {
+            key,
+            address,
+            healthy: AtomicBool::new(true),
+            check_streak: AtomicU32::new(0),
+            admin: AtomicU32::new(0),
+            weight_override: AtomicU32::new(0),
+            active: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_connect: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            gate: Mutex::new(None),
+            pool: Pool::default(),
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, v: bool) {
+        self.healthy.store(v, Ordering::Relaxed)
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::from_u32(self.admin.load(Ordering::Relaxed))
+    }
+
+    pub fn set_admin_state(&self, s: AdminState) {
+        self.admin.store(s.to_u32(), Ordering::Relaxed)
+    }
+
+    pub fn weight_override(&self) -> Option<u32> {
+        match self.weight_override.load(Ordering::Relaxed) {
+            0 => None,
+            w => Some(w),
+        }
+    }
+
+    pub fn set_weight_override(&self, w: u32) {
+        self.weight_override.store(w, Ordering::Relaxed)
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// May new (non-sticky) requests go here?
+    pub fn available(&self) -> bool {
+        self.admin_state() == AdminState::Ready && self.healthy() && !self.ejected()
+    }
+
+    /// May a request stuck to this server by cookie go here? (Drain still serves them.)
+    pub fn available_sticky(&self) -> bool {
+        self.admin_state() != AdminState::Maint && self.healthy() && !self.ejected()
+    }
+
+    pub fn ejection_count(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Records an upstream outcome for passive outlier detection. Returns true when this
+    /// outcome crossed a threshold and the server should be considered for ejection.
+    pub fn record_outcome(&self, status_5xx: bool, connect_failure: bool, limit_5xx: u32, limit_connect: u32) -> bool {
+        if connect_failure {
+            let n = self.consecutive_connect.fetch_add(1, Ordering::Relaxed) + 1;
+            return limit_connect > 0 && n >= limit_connect;
+        }
+        self.consecutive_connect.store(0, Ordering::Relaxed);
+        if status_5xx {
+            let n = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+            limit_5xx > 0 && n >= limit_5xx
+        } else {
+            self.consecutive_5xx.store(0, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Ejects the server for `base × n`, where n counts its ejections so far.
+    pub fn eject(&self, base: Duration) -> Duration {
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let d = base.saturating_mul(n.min(64));
+        self.ejected_until_ms
+            .store(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_connect.store(0, Ordering::Relaxed);
+        d
+    }
+
+    /// Returns the semaphore for `max` concurrent requests, creating or resizing it.
+    pub fn gate_for(&self, max: Option<usize>) -> Option<Arc<Semaphore>> {
+        let mut g = self.gate.lock();
+        match (max, g.as_ref()) {
+            (None, _) => {
+                *g = None;
+                None
+            }
+            (Some(m), Some((cur, s))) if *cur == m => Some(s.clone()),
+            (Some(m), _) => {
+                let s = Arc::new(Semaphore::new(m));
+                *g = Some((m, s.clone()));
+                Some(s)
+            }
+        }
+    }
+}
+
+/// All servers' state, by key. Entries for servers that left the config are pruned on reload.
+#[derive(Default)]
+pub struct StateRegistry {
+    servers: Mutex<HashMap<String, Arc<ServerState>>>,
+}
+
+impl StateRegistry {
+    pub fn server(&self, key: &str, address: &str) -> Arc<ServerState> {
+        let mut m = self.servers.lock();
+        if let Some(s) = m.get(key) {
+            if s.address == address {
+                return s.clone();
+            }
+        }
+        // A new server, or the same name at a new address: fresh state.
+        let s = Arc::new(ServerState::new(key.to_string(), address.to_string()));
+        m.insert(key.to_string(), s.clone());
+        s
+    }
+
+    pub fn retain(&self, keep: &std::collections::HashSet<String>) {
+        self.servers.lock().retain(|k, _| keep.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_lookup_by_key_and_resets_on_new_address() {
+        let r = StateRegistry::default();
+        let a = r.server("b/s1", "127.0.0.1:1");
+        a.set_admin_state(AdminState::Drain);
+        assert_eq!(r.server("b/s1", "127.0.0.1:1").admin_state(), AdminState::Drain);
+        assert_eq!(r.server("b/s1", "127.0.0.1:2").admin_state(), AdminState::Ready);
+    }
+
+    #[test]
+    fn ejection_grows_with_each_ejection() {
+        let s = ServerState::new("k".into(), "a".into());
+        assert!(!s.record_outcome(true, false, 2, 2));
+        assert!(s.record_outcome(true, false, 2, 2));
+        assert_eq!(s.eject(Duration::from_millis(100)), Duration::from_millis(100));
+        assert!(s.ejected() && !s.available());
+        assert_eq!(s.eject(Duration::from_millis(100)), Duration::from_millis(200));
+    }
+}
