@@ -135,9 +135,9 @@ pub fn expand(s: &str, base: &Path) -> Result<String, String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{s}`: write `${{env:NAME}}` or `${{file:PATH}}`"))?;
+        let end = after.find('}').ok_or_else(|| {
+            format!("unclosed `${{` in `{s}`: write `${{env:NAME}}` or `${{file:PATH}}`")
+        })?;
         let inner = &after[..end];
         match inner.split_once(':') {
             Some(("env", name)) => {

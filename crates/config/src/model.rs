@@ -207,7 +207,11 @@ impl<'de> Deserialize<'de> for Balance {
                     Some(("cookie", c)) if !c.is_empty() => HashOn::Cookie(c.to_string()),
                     None if hash == "client_ip" => HashOn::ClientIp,
                     None if hash == "path" => HashOn::Path,
-                    _ => return Err(de::Error::custom(format!("unknown hash key `{hash}`: {msg}"))),
+                    _ => {
+                        return Err(de::Error::custom(format!(
+                            "unknown hash key `{hash}`: {msg}"
+                        )))
+                    }
                 };
                 Ok(Balance::Hash(on))
             }

@@ -28,9 +28,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`: write a number and a unit, like `250ms`, `1s`, `2m` or `1h`"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        format!(
+            "invalid duration `{s}`: write a number and a unit, like `250ms`, `1s`, `2m` or `1h`"
+        )
+    })?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
@@ -48,7 +50,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration `{s}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -78,14 +80,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let v = n * mult;
-    if !v.is_finite() || v < 0.0 || v > 1e18 {
+    if !v.is_finite() || !(0.0..=1e18).contains(&v) {
         return Err(format!("size `{s}` is out of range"));
     }
     Ok(v as u64)
 }
 
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
-    let err = || format!("invalid rate `{s}`: write a count per unit, like `100/s`, `600/m` or `5000/h`");
+    let err =
+        || format!("invalid rate `{s}`: write a count per unit, like `100/s`, `600/m` or `5000/h`");
     let (count, unit) = s.trim().split_once('/').ok_or_else(err)?;
     let count: u64 = count.trim().parse().map_err(|_| err())?;
     let per = match unit.trim() {
@@ -154,7 +157,9 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown duration unit"));
+        assert!(parse_duration("3 weeks")
+            .unwrap_err()
+            .contains("unknown duration unit"));
     }
 
     #[test]

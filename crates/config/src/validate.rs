@@ -122,7 +122,9 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             let entries = match glob::glob(&full.to_string_lossy()) {
                 Ok(e) => e,
                 Err(e) => {
-                    diags.push(root_src.diag(&at, format!("invalid include pattern `{pattern}`: {e}")));
+                    diags.push(
+                        root_src.diag(&at, format!("invalid include pattern `{pattern}`: {e}")),
+                    );
                     continue;
                 }
             };
@@ -166,14 +168,24 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         if !listener_names.insert(l.name.clone()) {
             diags.push(root_src.diag(
                 &format!("{at}.name"),
-                format!("duplicate listener name `{}`: listener names must be unique", l.name),
+                format!(
+                    "duplicate listener name `{}`: listener names must be unique",
+                    l.name
+                ),
             ));
         }
         match expand(&l.bind, &base) {
             Ok(b) => l.bind = b,
             Err(e) => diags.push(root_src.diag(&format!("{at}.bind"), e)),
         }
-        check_bind(&root_src, &format!("{at}.bind"), &l.bind, &l.name, &mut binds, &mut diags);
+        check_bind(
+            &root_src,
+            &format!("{at}.bind"),
+            &l.bind,
+            &l.name,
+            &mut binds,
+            &mut diags,
+        );
         if l.protocols.is_empty() {
             diags.push(root_src.diag(
                 &format!("{at}.protocols"),
@@ -189,11 +201,29 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
             for (j, c) in tls.certificates.iter_mut().enumerate() {
                 let cat = format!("{at}.tls.certificates[{j}]");
-                resolve_file(&root_src, &format!("{cat}.cert"), &mut c.cert, &base, &mut diags);
-                resolve_file(&root_src, &format!("{cat}.key"), &mut c.key, &base, &mut diags);
+                resolve_file(
+                    &root_src,
+                    &format!("{cat}.cert"),
+                    &mut c.cert,
+                    &base,
+                    &mut diags,
+                );
+                resolve_file(
+                    &root_src,
+                    &format!("{cat}.key"),
+                    &mut c.key,
+                    &base,
+                    &mut diags,
+                );
             }
             if let Some(ca) = &mut tls.client_auth {
-                resolve_file(&root_src, &format!("{at}.tls.client_auth.ca"), &mut ca.ca, &base, &mut diags);
+                resolve_file(
+                    &root_src,
+                    &format!("{at}.tls.client_auth.ca"),
+                    &mut ca.ca,
+                    &base,
+                    &mut diags,
+                );
             }
         }
     }
@@ -241,12 +271,20 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         } else {
             app_names.insert("default".to_string());
         }
-        let abase = app.src.path.parent().map(Path::to_path_buf).unwrap_or_else(|| base.clone());
+        let abase = app
+            .src
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| base.clone());
         for (i, b) in app.backends.iter_mut().enumerate() {
             let at = format!("backends[{i}]");
             let id = format!("{}/{}", app.name, b.name);
             if !valid_name(&b.name) {
-                diags.push(app.src.diag(&format!("{at}.name"), name_msg("backend", &b.name)));
+                diags.push(
+                    app.src
+                        .diag(&format!("{at}.name"), name_msg("backend", &b.name)),
+                );
             }
             if !backend_ids.insert(id.clone()) {
                 diags.push(app.src.diag(
@@ -273,12 +311,18 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             let at = format!("routes[{i}]");
             let id = format!("{}/{}", app.name, r.name);
             if !valid_name(&r.name) {
-                diags.push(app.src.diag(&format!("{at}.name"), name_msg("route", &r.name)));
+                diags.push(
+                    app.src
+                        .diag(&format!("{at}.name"), name_msg("route", &r.name)),
+                );
             }
             if !route_ids.insert(id.clone()) {
                 diags.push(app.src.diag(
                     &format!("{at}.name"),
-                    format!("duplicate route `{}` in app `{}`: route names must be unique in an app", r.name, app.name),
+                    format!(
+                        "duplicate route `{}` in app `{}`: route names must be unique in an app",
+                        r.name, app.name
+                    ),
                 ));
             }
             let backend_id = if r.backend.contains('/') {
@@ -375,7 +419,9 @@ fn check_bind(
         Ok(addr) => {
             let clash = binds.iter().find(|(a, _)| {
                 a.port() == addr.port()
-                    && (a.ip() == addr.ip() || a.ip().is_unspecified() || addr.ip().is_unspecified())
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
             });
             if let Some((a, other)) = clash {
                 diags.push(src.diag(
@@ -388,12 +434,20 @@ fn check_bind(
         }
         Err(_) => diags.push(src.diag(
             at,
-            format!("invalid bind address `{bind}`: write IP:PORT, like `0.0.0.0:8080` or `[::]:8443`"),
+            format!(
+                "invalid bind address `{bind}`: write IP:PORT, like `0.0.0.0:8080` or `[::]:8443`"
+            ),
         )),
     }
 }
 
-fn resolve_file(src: &Source, at: &str, value: &mut String, base: &Path, diags: &mut Vec<Diagnostic>) {
+fn resolve_file(
+    src: &Source,
+    at: &str,
+    value: &mut String,
+    base: &Path,
+    diags: &mut Vec<Diagnostic>,
+) {
     let expanded = match expand(value, base) {
         Ok(v) => v,
         Err(e) => {
@@ -411,11 +465,20 @@ fn resolve_file(src: &Source, at: &str, value: &mut String, base: &Path, diags: 
     *value = full.to_string_lossy().into_owned();
 }
 
-fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &mut Vec<Diagnostic>) -> Vec<String> {
+fn check_backend(
+    src: &Source,
+    at: &str,
+    b: &mut Backend,
+    base: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<String> {
     if b.servers.is_empty() {
         diags.push(src.diag(
             &format!("{at}.servers"),
-            format!("backend `{}` has no servers: add at least one `{{ address: HOST:PORT }}`", b.name),
+            format!(
+                "backend `{}` has no servers: add at least one `{{ address: HOST:PORT }}`",
+                b.name
+            ),
         ));
     }
     let mut names = Vec::new();
@@ -446,13 +509,19 @@ fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &m
             ));
         }
         if s.max_connections == Some(0) {
-            diags.push(src.diag(&format!("{sat}.max_connections"), "max_connections must be at least 1"));
+            diags.push(src.diag(
+                &format!("{sat}.max_connections"),
+                "max_connections must be at least 1",
+            ));
         }
         let name = s.name.clone().unwrap_or_else(|| s.address.clone());
         if !seen.insert(name.clone()) {
             diags.push(src.diag(
                 &sat,
-                format!("duplicate server `{name}` in backend `{}`: give each server a distinct `name`", b.name),
+                format!(
+                    "duplicate server `{name}` in backend `{}`: give each server a distinct `name`",
+                    b.name
+                ),
             ));
         }
         names.push(name);
@@ -465,21 +534,33 @@ fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &m
             ));
         }
         if h.rise == 0 || h.fall == 0 {
-            diags.push(src.diag(&format!("{at}.health_check"), "rise and fall must be at least 1"));
+            diags.push(src.diag(
+                &format!("{at}.health_check"),
+                "rise and fall must be at least 1",
+            ));
         }
         if let Some(http) = &h.http {
             if !http.path.starts_with('/') {
-                diags.push(src.diag(&format!("{at}.health_check.http.path"), "health check path must start with `/`"));
+                diags.push(src.diag(
+                    &format!("{at}.health_check.http.path"),
+                    "health check path must start with `/`",
+                ));
             }
         }
     }
     if let Some(o) = &b.outlier {
         if o.max_ejected_percent > 100 {
-            diags.push(src.diag(&format!("{at}.outlier.max_ejected_percent"), "max_ejected_percent must be between 0 and 100"));
+            diags.push(src.diag(
+                &format!("{at}.outlier.max_ejected_percent"),
+                "max_ejected_percent must be between 0 and 100",
+            ));
         }
     }
     if b.retries.budget_percent > 100 {
-        diags.push(src.diag(&format!("{at}.retries.budget_percent"), "budget_percent must be between 0 and 100"));
+        diags.push(src.diag(
+            &format!("{at}.retries.budget_percent"),
+            "budget_percent must be between 0 and 100",
+        ));
     }
     if let Some(t) = &mut b.tls {
         if t.client_cert.is_some() != t.client_key.is_some() {
@@ -488,7 +569,11 @@ fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &m
                 "upstream mTLS needs both `client_cert` and `client_key`",
             ));
         }
-        for (field, v) in [("ca", &mut t.ca), ("client_cert", &mut t.client_cert), ("client_key", &mut t.client_key)] {
+        for (field, v) in [
+            ("ca", &mut t.ca),
+            ("client_cert", &mut t.client_cert),
+            ("client_key", &mut t.client_key),
+        ] {
             if let Some(v) = v {
                 resolve_file(src, &format!("{at}.tls.{field}"), v, base, diags);
             }
@@ -498,12 +583,19 @@ fn check_backend(src: &Source, at: &str, b: &mut Backend, base: &Path, diags: &m
 }
 
 fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
-    let n = [m.path.is_some(), m.path_prefix.is_some(), m.path_regex.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let n = [
+        m.path.is_some(),
+        m.path_prefix.is_some(),
+        m.path_regex.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if n > 1 {
-        diags.push(src.diag(at, "use only one of `path`, `path_prefix` and `path_regex` in a match"));
+        diags.push(src.diag(
+            at,
+            "use only one of `path`, `path_prefix` and `path_regex` in a match",
+        ));
     }
     for (k, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
         if let Some(v) = v {
@@ -519,7 +611,11 @@ fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
     }
     if let Some(h) = &m.host {
         let body = h.strip_prefix("*.").unwrap_or(h);
-        if body.is_empty() || body.contains('*') || body.contains('/') || h.chars().any(char::is_whitespace) {
+        if body.is_empty()
+            || body.contains('*')
+            || body.contains('/')
+            || h.chars().any(char::is_whitespace)
+        {
             diags.push(src.diag(
                 &format!("{at}.host"),
                 format!("invalid host `{h}`: write an exact name like `api.example.com` or a wildcard like `*.example.com`"),
@@ -576,14 +672,21 @@ apps:
         assert_eq!(c.routes.len(), 2);
         assert_eq!(c.routes[1].id, "billing/api");
         assert_eq!(c.routes[1].backend_id, "billing/v2");
-        assert_eq!(c.backends[1].spec.balance, Balance::Hash(HashOn::Header("x-tenant".into())));
+        assert_eq!(
+            c.backends[1].spec.balance,
+            Balance::Hash(HashOn::Header("x-tenant".into()))
+        );
         assert_eq!(c.files.len(), 2);
     }
 
     #[test]
     fn unknown_key_is_located_with_a_suggestion() {
         let d = tempfile::tempdir().unwrap();
-        let root = write(d.path(), "p.yaml", &GOOD.replace("backend: echo }", "bakend: echo }"));
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &GOOD.replace("backend: echo }", "bakend: echo }"),
+        );
         let e = crate::load(&root).unwrap_err();
         let s = e.to_string();
         assert!(s.contains("p.yaml:7:"), "{s}");
@@ -607,7 +710,10 @@ routes:
 ";
         let root = write(d.path(), "p.yaml", text);
         let e = crate::load(&root).unwrap_err();
-        let lines: Vec<String> = e.0.iter().map(|d| format!("{}:{}", d.line, d.col)).collect();
+        let lines: Vec<String> =
+            e.0.iter()
+                .map(|d| format!("{}:{}", d.line, d.col))
+                .collect();
         let s = e.to_string();
         assert!(s.contains("duplicate listener name `web`"), "{s}");
         assert!(s.contains("already bound"), "{s}");
@@ -621,7 +727,14 @@ routes:
     #[test]
     fn bad_duration_names_the_fix() {
         let d = tempfile::tempdir().unwrap();
-        let root = write(d.path(), "p.yaml", &GOOD.replace("servers: [{ address: builtin:echo }]", "servers: [{ address: builtin:echo }]\n    timeouts: { connect: 10 }"));
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &GOOD.replace(
+                "servers: [{ address: builtin:echo }]",
+                "servers: [{ address: builtin:echo }]\n    timeouts: { connect: 10 }",
+            ),
+        );
         let s = crate::load(&root).unwrap_err().to_string();
         assert!(s.contains("has no unit"), "{s}");
         assert!(s.contains("p.yaml:6:"), "{s}");

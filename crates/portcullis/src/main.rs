@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "An identity-aware proxy and load balancer")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An identity-aware proxy and load balancer"
+)]
 struct Cli {
     /// Log format for the process log (stderr).
     #[arg(long, global = true, default_value = "json", value_parser = ["json", "text"])]
@@ -112,7 +116,10 @@ async fn run(cfg: portcullis_config::Config) -> ExitCode {
     };
     runtime.spawn_watchers();
     tracing::info!(version = %runtime.status.read().version, "portcullis started");
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("cannot install signal handlers");
         return ExitCode::from(1);
     };

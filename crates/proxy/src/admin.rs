@@ -27,8 +27,14 @@ pub fn router(rt: Arc<Runtime>) -> Router {
     let api = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/v1/backends", get(backends))
-        .route("/api/v1/backends/{backend}/servers/{server}/state", post(set_state))
-        .route("/api/v1/backends/{backend}/servers/{server}/weight", put(set_weight))
+        .route(
+            "/api/v1/backends/{backend}/servers/{server}/state",
+            post(set_state),
+        )
+        .route(
+            "/api/v1/backends/{backend}/servers/{server}/weight",
+            put(set_weight),
+        )
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/config", get(config))
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
@@ -52,9 +58,19 @@ fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
     found
 }
 
-async fn auth(State(rt): State<Arc<Runtime>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, mut req: Request, next: Next) -> Response {
+async fn auth(
+    State(rt): State<Arc<Runtime>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let snap = rt.shared.snapshot.load();
-    let tokens = snap.config.admin.as_ref().map(|a| a.tokens.as_slice()).unwrap_or(&[]);
+    let tokens = snap
+        .config
+        .admin
+        .as_ref()
+        .map(|a| a.tokens.as_slice())
+        .unwrap_or(&[]);
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -64,21 +80,29 @@ async fn auth(State(rt): State<Arc<Runtime>>, ConnectInfo(peer): ConnectInfo<Soc
     let unauthorized = |msg: &'static str| {
         (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-admin\"")],
+            [(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"portcullis-admin\"",
+            )],
             msg,
         )
             .into_response()
     };
     if tokens.is_empty() {
         tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: no admin.tokens configured");
-        return (StatusCode::FORBIDDEN, "admin API disabled: configure admin.tokens\n").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "admin API disabled: configure admin.tokens\n",
+        )
+            .into_response();
     }
     let Some(p) = presented else {
         return unauthorized("missing bearer token\n");
     };
     match check_token(&p, tokens) {
         Some(i) => {
-            req.extensions_mut().insert(Actor(format!("admin-token[{i}]@{peer}")));
+            req.extensions_mut()
+                .insert(Actor(format!("admin-token[{i}]@{peer}")));
             next.run(req).await
         }
         None => {
@@ -102,14 +126,19 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
     for b in &snap.backends {
         for (srv, slot) in b.servers.iter().zip(&b.slots) {
             let labels = vec![("backend", b.id.clone()), ("server", srv.name.clone())];
-            m.server_up.get_or_create(&labels).set(slot.state.available() as i64);
+            m.server_up
+                .get_or_create(&labels)
+                .set(slot.state.available() as i64);
             m.server_active
                 .get_or_create(&labels)
                 .set(slot.state.active.load(Ordering::Relaxed) as i64);
         }
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         m.encode(),
     )
         .into_response()
@@ -152,7 +181,10 @@ async fn backends(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 /// Finds a backend by full id (`app/name`, URL-encoded) or by a name unique across apps.
-fn find_backend<'a>(snap: &'a crate::snapshot::Snapshot, name: &str) -> Result<&'a Arc<crate::snapshot::BackendRt>, Response> {
+fn find_backend<'a>(
+    snap: &'a crate::snapshot::Snapshot,
+    name: &str,
+) -> Result<&'a Arc<crate::snapshot::BackendRt>, (StatusCode, String)> {
     if let Some(b) = snap.backend(name) {
         return Ok(b);
     }
@@ -163,8 +195,11 @@ fn find_backend<'a>(snap: &'a crate::snapshot::Snapshot, name: &str) -> Result<&
         .collect();
     match matches.as_slice() {
         [b] => Ok(b),
-        [] => Err((StatusCode::NOT_FOUND, format!("no backend `{name}`\n")).into_response()),
-        _ => Err((StatusCode::CONFLICT, format!("backend name `{name}` is ambiguous: use `app%2F{name}`\n")).into_response()),
+        [] => Err((StatusCode::NOT_FOUND, format!("no backend `{name}`\n"))),
+        _ => Err((
+            StatusCode::CONFLICT,
+            format!("backend name `{name}` is ambiguous: use `app%2F{name}`\n"),
+        )),
     }
 }
 
@@ -181,15 +216,23 @@ async fn set_state(
     body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(body)) = body else {
-        return (StatusCode::BAD_REQUEST, "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n",
+        )
+            .into_response();
     };
     let snap = rt.shared.snapshot.load();
     let b = match find_backend(&snap, &backend) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Some(i) = b.servers.iter().position(|s| s.name == server) else {
-        return (StatusCode::NOT_FOUND, format!("no server `{server}` in backend `{}`\n", b.id)).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no server `{server}` in backend `{}`\n", b.id),
+        )
+            .into_response();
     };
     b.slots[i].state.set_admin_state(body.state);
     tracing::info!(actor = %actor.0, backend = %b.id, server = %server, state = ?body.state, "admin: server state changed");
@@ -209,25 +252,40 @@ async fn set_weight(
     body: Result<Json<WeightBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(WeightBody { weight })) = body else {
-        return (StatusCode::BAD_REQUEST, "body must be {\"weight\": 1..1000}\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "body must be {\"weight\": 1..1000}\n",
+        )
+            .into_response();
     };
     if !(1..=1000).contains(&weight) {
-        return (StatusCode::BAD_REQUEST, "weight must be between 1 and 1000; use state `drain` or `maint` to stop traffic\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "weight must be between 1 and 1000; use state `drain` or `maint` to stop traffic\n",
+        )
+            .into_response();
     }
     let snap = rt.shared.snapshot.load();
     let b = match find_backend(&snap, &backend) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Some(i) = b.servers.iter().position(|s| s.name == server) else {
-        return (StatusCode::NOT_FOUND, format!("no server `{server}` in backend `{}`\n", b.id)).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no server `{server}` in backend `{}`\n", b.id),
+        )
+            .into_response();
     };
     b.slots[i].state.set_weight_override(weight);
     tracing::info!(actor = %actor.0, backend = %b.id, server = %server, weight, "admin: server weight changed");
     Json(json!({ "backend": b.id, "server": server, "weight": weight })).into_response()
 }
 
-async fn reload(State(rt): State<Arc<Runtime>>, axum::Extension(actor): axum::Extension<Actor>) -> Response {
+async fn reload(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+) -> Response {
     tracing::info!(actor = %actor.0, "admin: reload requested");
     match rt.reload(&format!("admin API ({})", actor.0)).await {
         Ok(v) => Json(json!({ "result": "ok", "version": v })).into_response(),
@@ -258,7 +316,10 @@ mod tests {
 
     #[test]
     fn tokens_match_exactly() {
-        let tokens = vec!["0123456789abcdef".to_string(), "fedcba9876543210".to_string()];
+        let tokens = vec![
+            "0123456789abcdef".to_string(),
+            "fedcba9876543210".to_string(),
+        ];
         assert_eq!(check_token(b"fedcba9876543210", &tokens), Some(1));
         assert_eq!(check_token(b"fedcba987654321", &tokens), None);
         assert_eq!(check_token(b"", &tokens), None);

@@ -73,7 +73,12 @@ impl Balancer {
         self.pick_where(slots, key, &eligible)
     }
 
-    fn pick_where(&self, slots: &[Slot], key: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick_where(
+        &self,
+        slots: &[Slot],
+        key: Option<u64>,
+        ok: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
         match &self.algo {
             Balance::RoundRobin => self.smooth_wrr(slots, ok),
             Balance::LeastConn => self.least_conn(slots, ok),
@@ -131,7 +136,10 @@ impl Balancer {
 
     /// Two weighted random choices; the less loaded one wins.
     fn p2c(&self, slots: &[Slot], ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let total: u64 = (0..slots.len()).filter(|&i| ok(i)).map(|i| slots[i].weight()).sum();
+        let total: u64 = (0..slots.len())
+            .filter(|&i| ok(i))
+            .map(|i| slots[i].weight())
+            .sum();
         if total == 0 {
             return None;
         }

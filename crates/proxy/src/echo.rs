@@ -37,9 +37,14 @@ pub async fn respond(req: Request<ReqBody>, request_id: &str) -> Response<RespBo
         }
     }
     if let Some(e) = body_error {
-        let status = if e.contains("exceeds the limit") { 413 } else { 400 };
+        let status = if e.contains("exceeds the limit") {
+            413
+        } else {
+            400
+        };
         let mut r = Response::new(full(format!("{e}\n")));
-        *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+        *r.status_mut() =
+            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
         return r;
     }
     let doc = json!({
@@ -51,7 +56,9 @@ pub async fn respond(req: Request<ReqBody>, request_id: &str) -> Response<RespBo
         "request_id": request_id,
     });
     let mut r = Response::new(full(serde_json::to_vec_pretty(&doc).unwrap_or_default()));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -74,7 +74,10 @@ fn local(status: StatusCode, msg: &'static str, rid: &str) -> Response<RespBody>
     let mut r = Response::new(full(Bytes::from_static(msg.as_bytes())));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if let Ok(v) = HeaderValue::from_str(rid) {
         h.insert(X_REQUEST_ID.clone(), v);
     }
@@ -91,7 +94,14 @@ fn valid_request_id(v: &HeaderValue) -> bool {
 
 /// A path with `.` or `..` segments could route one way and be served another: refuse it.
 fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|seg| seg == "." || seg == ".." || seg.eq_ignore_ascii_case("%2e") || seg.eq_ignore_ascii_case("%2e%2e") || seg.eq_ignore_ascii_case(".%2e") || seg.eq_ignore_ascii_case("%2e."))
+    path.split('/').any(|seg| {
+        seg == "."
+            || seg == ".."
+            || seg.eq_ignore_ascii_case("%2e")
+            || seg.eq_ignore_ascii_case("%2e%2e")
+            || seg.eq_ignore_ascii_case(".%2e")
+            || seg.eq_ignore_ascii_case("%2e.")
+    })
 }
 
 /// Lower-cases the host and removes the port. Returns None for a malformed host.
@@ -100,9 +110,20 @@ fn normalize_host(raw: &str) -> Option<String> {
         let end = rest.find(']')?;
         &raw[..end + 2]
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { raw })
+        raw.rsplit_once(':').map_or(raw, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                raw
+            }
+        })
     };
-    if host.is_empty() || host.len() > 253 || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b)) {
+    if host.is_empty()
+        || host.len() > 253
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+    {
         return None;
     }
     Some(host.to_ascii_lowercase())
@@ -115,12 +136,19 @@ struct Ctx {
 }
 
 /// The entry point for every proxied request.
-pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
     let snap = shared.snapshot.load_full();
     let start = Instant::now();
-    let trusted = !snap.trusted.is_empty() && snap.trusted.iter().any(|n| n.contains(&conn.peer.ip()));
+    let trusted =
+        !snap.trusted.is_empty() && snap.trusted.iter().any(|n| n.contains(&conn.peer.ip()));
     let rid = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) if trusted && valid_request_id(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        Some(v) if trusted && valid_request_id(v) => {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        }
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
     let mut ctx = Ctx {
@@ -148,13 +176,27 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incom
             if let Some(route) = route {
                 route.by_class[status_class(status.as_u16())].inc();
             }
-            finish_log(&shared, ctx.record, ctx.start, status.as_u16(), 0, Some(msg.trim_end().to_string()));
+            finish_log(
+                &shared,
+                ctx.record,
+                ctx.start,
+                status.as_u16(),
+                0,
+                Some(msg.trim_end().to_string()),
+            );
             r
         }
     }
 }
 
-fn finish_log(shared: &Shared, mut rec: AccessRecord, start: Instant, status: u16, bytes_out: u64, error: Option<String>) {
+fn finish_log(
+    shared: &Shared,
+    mut rec: AccessRecord,
+    start: Instant,
+    status: u16,
+    bytes_out: u64,
+    error: Option<String>,
+) {
     if !shared.access.enabled() {
         return;
     }
@@ -179,8 +221,14 @@ async fn proxy<'a>(
     let (mut parts, body) = req.into_parts();
 
     // Request smuggling guard: hyper accepts both headers (and uses chunked); we refuse.
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
-        return Err((StatusCode::BAD_REQUEST, "conflicting Content-Length and Transfer-Encoding\n", None));
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "conflicting Content-Length and Transfer-Encoding\n",
+            None,
+        ));
     }
     let raw_host = match parts.uri.authority() {
         Some(a) if parts.version == Version::HTTP_2 => a.as_str().to_string(),
@@ -204,13 +252,20 @@ async fn proxy<'a>(
     ctx.record.host = host.clone();
     let path = parts.uri.path();
     if !path.starts_with('/') {
-        return Err((StatusCode::BAD_REQUEST, "request target must be an absolute path\n", None));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "request target must be an absolute path\n",
+            None,
+        ));
     }
     if has_dot_segments(path) {
         return Err((StatusCode::BAD_REQUEST, "path has dot segments\n", None));
     }
 
-    let Some(idx) = snap.router.route(&host, path, &parts.method, &parts.headers, &conn.listener) else {
+    let Some(idx) = snap
+        .router
+        .route(&host, path, &parts.method, &parts.headers, &conn.listener)
+    else {
         return Err((StatusCode::NOT_FOUND, "no route\n", None));
     };
     let route = &snap.routes[idx];
@@ -225,7 +280,11 @@ async fn proxy<'a>(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", Some(route)));
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+                Some(route),
+            ));
         }
     }
 
@@ -235,10 +294,21 @@ async fn proxy<'a>(
             .headers
             .get(header::CONNECTION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
         && parts.headers.contains_key(header::UPGRADE);
-    let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
-    let client_upgrade = if upgrade { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+    let upgrade_value = if upgrade {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
 
     // Build the upstream request head.
     let h2_up = backend.connector.protocol == portcullis_config::Protocol::Http2;
@@ -273,30 +343,61 @@ async fn proxy<'a>(
     }
     let authority = match &backend.host {
         Some(h) => h.clone(),
-        None => HeaderValue::from_str(&raw_host).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+        None => HeaderValue::from_str(&raw_host)
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
     };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let uri: Uri = if h2_up {
         headers.remove(header::HOST);
-        let scheme = if backend.connector.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}{pq}", authority.to_str().unwrap_or("localhost"))
-            .parse()
-            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid request target\n", Some(route)))?
+        let scheme = if backend.connector.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!(
+            "{scheme}://{}{pq}",
+            authority.to_str().unwrap_or("localhost")
+        )
+        .parse()
+        .map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "invalid request target\n",
+                Some(route),
+            )
+        })?
     } else {
         headers.insert(header::HOST, authority);
-        pq.parse()
-            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid request target\n", Some(route)))?
+        pq.parse().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "invalid request target\n",
+                Some(route),
+            )
+        })?
     };
 
     let method = parts.method.clone();
-    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    let idempotent = matches!(
+        method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
     let body_empty = body.is_end_stream();
     let replayable = body_empty && (idempotent || route.retry_non_idempotent);
     let seen = Arc::new(AtomicU64::new(0));
-    let mut body: Option<ReqBody> = Some(Limited::new(body, route.max_body, seen.clone()).boxed_unsync());
+    let mut body: Option<ReqBody> =
+        Some(Limited::new(body, route.max_body, seen.clone()).boxed_unsync());
 
     // Hash key and sticky server.
-    let key = backend.balancer.hash_on().map(|on| hash_key(on, &headers, &uri, conn, &pq));
+    let key = backend
+        .balancer
+        .hash_on()
+        .map(|on| hash_key(on, &headers, &uri, conn, &pq));
     let sticky = backend.sticky_cookie.as_ref().and_then(|name| {
         let id = cookie(&headers, name)?;
         backend.servers.iter().position(|s| s.sticky_id == id)
@@ -308,7 +409,9 @@ async fn proxy<'a>(
     let per_try = backend
         .retries
         .per_try_timeout
-        .map_or(backend.response_timeout, |p| p.0.min(backend.response_timeout));
+        .map_or(backend.response_timeout, |p| {
+            p.0.min(backend.response_timeout)
+        });
 
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
@@ -321,7 +424,11 @@ async fn proxy<'a>(
             _ => backend.balancer.pick(&backend.slots, key, &tried),
         };
         let Some(si) = pick else {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "no server available\n", Some(route)));
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no server available\n",
+                Some(route),
+            ));
         };
         tried.push(si);
         let server = &backend.servers[si];
@@ -339,7 +446,13 @@ async fn proxy<'a>(
                     state.queued.fetch_sub(1, Ordering::Relaxed);
                     match r {
                         Ok(Ok(p)) => Some(p),
-                        _ => return Err((StatusCode::SERVICE_UNAVAILABLE, "queue timeout\n", Some(route))),
+                        _ => {
+                            return Err((
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "queue timeout\n",
+                                Some(route),
+                            ))
+                        }
                     }
                 }
             },
@@ -361,16 +474,26 @@ async fn proxy<'a>(
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
         *req.headers_mut() = headers.clone();
-        *req.version_mut() = if h2_up { Version::HTTP_2 } else { Version::HTTP_11 };
+        *req.version_mut() = if h2_up {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
 
         if server.echo {
             let resp = crate::echo::respond(req, &ctx.rid).await;
-            return Ok(respond(shared, route, backend, si, None, resp, active, ctx, connect_ms, false));
+            return Ok(respond(
+                shared, route, backend, si, None, resp, active, ctx, connect_ms, false,
+            ));
         }
 
         // Connect (nothing has been sent yet, so a failure here is always safe to retry).
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let checkout = match state.pool.checkout(&server.address, &backend.connector).await {
+        let checkout = match state
+            .pool
+            .checkout(&server.address, &backend.connector)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 drop(active);
@@ -385,14 +508,24 @@ async fn proxy<'a>(
                     continue;
                 }
                 return Err(if timeout {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream connect timeout\n", Some(route))
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream connect timeout\n",
+                        Some(route),
+                    )
                 } else {
-                    (StatusCode::BAD_GATEWAY, "upstream connect failed\n", Some(route))
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream connect failed\n",
+                        Some(route),
+                    )
                 });
             }
         };
         if !checkout.reused {
-            backend.connect_hist.observe(checkout.connect_time.as_secs_f64());
+            backend
+                .connect_hist
+                .observe(checkout.connect_time.as_secs_f64());
             connect_ms = checkout.connect_time.as_secs_f64() * 1000.0;
         }
         ctx.record.connect_ms = connect_ms;
@@ -412,10 +545,17 @@ async fn proxy<'a>(
             Err(_elapsed) => {
                 drop(active);
                 note_outcome(backend, si, true, false);
-                if replayable && backend.retry_status.contains(&504) && may_retry(backend, attempts, deadline).await {
+                if replayable
+                    && backend.retry_status.contains(&504)
+                    && may_retry(backend, attempts, deadline).await
+                {
                     continue;
                 }
-                return Err((StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n", Some(route)));
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream timeout\n",
+                    Some(route),
+                ));
             }
             Ok(Err(mut e)) => {
                 drop(active);
@@ -430,21 +570,36 @@ async fn proxy<'a>(
                     if may_retry(backend, attempts, deadline).await {
                         continue;
                     }
-                    return Err((StatusCode::BAD_GATEWAY, "upstream connection failed\n", Some(route)));
+                    return Err((
+                        StatusCode::BAD_GATEWAY,
+                        "upstream connection failed\n",
+                        Some(route),
+                    ));
                 }
                 let err = e.into_error();
                 if is_too_large(&err) {
-                    return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", Some(route)));
+                    return Err((
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                        Some(route),
+                    ));
                 }
                 if h1_sender.is_none() {
                     state.pool.drop_h2();
                 }
                 note_outcome(backend, si, true, false);
                 tracing::debug!(server = %server.address, error = %err, "upstream request failed");
-                if replayable && backend.retry_status.contains(&502) && may_retry(backend, attempts, deadline).await {
+                if replayable
+                    && backend.retry_status.contains(&502)
+                    && may_retry(backend, attempts, deadline).await
+                {
                     continue;
                 }
-                return Err((StatusCode::BAD_GATEWAY, "upstream request failed\n", Some(route)));
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "upstream request failed\n",
+                    Some(route),
+                ));
             }
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
@@ -464,14 +619,27 @@ async fn proxy<'a>(
                 }
                 let resp = resp.map(|b| b.boxed_unsync().map_err(Into::into).boxed_unsync());
                 ctx.record.bytes_in = seen.load(Ordering::Relaxed);
-                return Ok(respond(shared, route, backend, si, h1_sender, resp, active, ctx, connect_ms, sticky != Some(si)));
+                return Ok(respond(
+                    shared,
+                    route,
+                    backend,
+                    si,
+                    h1_sender,
+                    resp,
+                    active,
+                    ctx,
+                    connect_ms,
+                    sticky != Some(si),
+                ));
             }
         }
     }
 }
 
 fn empty_req_body() -> ReqBody {
-    http_body_util::Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|e| match e {})
+        .boxed_unsync()
 }
 
 fn is_too_large(e: &hyper::Error) -> bool {
@@ -508,7 +676,12 @@ impl Drop for ActiveGuard {
 fn note_outcome(backend: &BackendRt, si: usize, failed_5xx: bool, connect_failure: bool) {
     let Some(o) = &backend.outlier else { return };
     let state = &backend.slots[si].state;
-    if state.record_outcome(failed_5xx, connect_failure, o.consecutive_5xx, o.consecutive_connect_failures) {
+    if state.record_outcome(
+        failed_5xx,
+        connect_failure,
+        o.consecutive_5xx,
+        o.consecutive_connect_failures,
+    ) {
         let n = backend.slots.len();
         let cap = ((n as u32 * o.max_ejected_percent) / 100).max(1) as usize;
         let ejected = backend.slots.iter().filter(|s| s.state.ejected()).count();
@@ -528,14 +701,19 @@ async fn may_retry(backend: &BackendRt, attempts: u32, deadline: Option<Instant>
         return false;
     }
     let in_flight = backend.in_flight.load(Ordering::Relaxed);
-    let budget = ((in_flight as u64 * r.budget_percent as u64) / 100).max(r.min_retries_in_flight as u64);
+    let budget =
+        ((in_flight as u64 * r.budget_percent as u64) / 100).max(r.min_retries_in_flight as u64);
     let current = backend.retries_in_flight.fetch_add(1, Ordering::Relaxed) as u64;
     let _g = Decr(backend.retries_in_flight.clone());
     if current >= budget {
         tracing::debug!(backend = %backend.id, "retry budget exhausted");
         return false;
     }
-    let cap = r.backoff_base.0.saturating_mul(1 << (attempts - 1).min(16)).min(r.backoff_max.0);
+    let cap = r
+        .backoff_base
+        .0
+        .saturating_mul(1 << (attempts - 1).min(16))
+        .min(r.backoff_max.0);
     let sleep = Duration::from_micros(rand::rng().random_range(0..=cap.as_micros() as u64));
     if let Some(d) = deadline {
         if Instant::now() + sleep >= d {
@@ -559,11 +737,22 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         })
 }
 
-fn hash_key(on: &portcullis_config::HashOn, headers: &HeaderMap, _uri: &Uri, conn: &ConnInfo, pq: &str) -> u64 {
+fn hash_key(
+    on: &portcullis_config::HashOn,
+    headers: &HeaderMap,
+    _uri: &Uri,
+    conn: &ConnInfo,
+    pq: &str,
+) -> u64 {
     use crate::balance::hash64;
     use portcullis_config::HashOn;
     match on {
-        HashOn::Header(h) => hash64(headers.get(h.as_str()).map(|v| v.as_bytes()).unwrap_or_default()),
+        HashOn::Header(h) => hash64(
+            headers
+                .get(h.as_str())
+                .map(|v| v.as_bytes())
+                .unwrap_or_default(),
+        ),
         HashOn::Cookie(c) => hash64(cookie(headers, c).unwrap_or_default().as_bytes()),
         HashOn::ClientIp => hash64(conn.peer.ip().to_string().as_bytes()),
         HashOn::Path => hash64(pq.split('?').next().unwrap_or("/").as_bytes()),
@@ -591,7 +780,10 @@ fn respond(
         parts.headers.insert(X_REQUEST_ID.clone(), v);
     }
     if let (Some(name), true) = (&backend.sticky_cookie, set_sticky) {
-        let c = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax", backend.servers[si].sticky_id);
+        let c = format!(
+            "{name}={}; Path=/; HttpOnly; SameSite=Lax",
+            backend.servers[si].sticky_id
+        );
         if let Ok(v) = HeaderValue::from_str(&c) {
             parts.headers.append(header::SET_COOKIE, v);
         }
@@ -665,12 +857,21 @@ fn tunnel(
         let mut u = hyper_util::rt::TokioIo::new(u);
         let res = tokio::io::copy_bidirectional(&mut c, &mut u).await;
         let bytes = res.as_ref().map(|(_, down)| *down).unwrap_or(0);
-        finish_log(&shared2, record, start, 101, bytes, res.err().map(|e| e.to_string()));
+        finish_log(
+            &shared2,
+            record,
+            start,
+            101,
+            bytes,
+            res.err().map(|e| e.to_string()),
+        );
     });
     let (mut parts, _) = resp.into_parts();
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers, false);
-    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     if let Some(u) = upgrade {
         parts.headers.insert(header::UPGRADE, u);
     }
@@ -683,7 +884,10 @@ mod tests {
 
     #[test]
     fn hosts_are_normalized() {
-        assert_eq!(normalize_host("Example.COM:8080").as_deref(), Some("example.com"));
+        assert_eq!(
+            normalize_host("Example.COM:8080").as_deref(),
+            Some("example.com")
+        );
         assert_eq!(normalize_host("[::1]:443").as_deref(), Some("[::1]"));
         assert_eq!(normalize_host("a b"), None);
         assert_eq!(normalize_host("evil/..").as_deref(), None);

@@ -41,7 +41,16 @@ impl HealthChecks {
                     continue;
                 }
                 let fp = format!("{:?}|{}|{}", hc, srv.address, b.connector.tls.is_some());
-                wanted.insert(slot.state.key.clone(), (fp, slot.state.clone(), hc.clone(), b.id.clone(), b.connector.tls.clone()));
+                wanted.insert(
+                    slot.state.key.clone(),
+                    (
+                        fp,
+                        slot.state.clone(),
+                        hc.clone(),
+                        b.id.clone(),
+                        b.connector.tls.clone(),
+                    ),
+                );
             }
         }
         tasks.retain(|key, (fp, handle)| {
@@ -85,7 +94,10 @@ async fn run(
             let result = if ok { "success" } else { "failure" };
             metrics
                 .health_checks
-                .get_or_create(&vec![("backend", backend.clone()), ("result", result.to_string())])
+                .get_or_create(&vec![
+                    ("backend", backend.clone()),
+                    ("result", result.to_string()),
+                ])
                 .inc();
             apply(&state, ok, hc.rise, hc.fall, &backend);
         }
@@ -116,7 +128,11 @@ pub fn apply(state: &ServerState, ok: bool, rise: u32, fall: u32, backend: &str)
     }
 }
 
-async fn probe(addr: &str, hc: &HealthCheck, tls: &Option<(Arc<rustls::ClientConfig>, Option<String>)>) -> bool {
+async fn probe(
+    addr: &str,
+    hc: &HealthCheck,
+    tls: &Option<(Arc<rustls::ClientConfig>, Option<String>)>,
+) -> bool {
     let timeout = hc.timeout.0;
     let fut = async {
         let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -132,9 +148,14 @@ async fn probe(addr: &str, hc: &HealthCheck, tls: &Option<(Arc<rustls::ClientCon
         let status = match tls {
             None => send(stream, req).await?,
             Some((cfg, sni)) => {
-                let name = sni.clone().unwrap_or_else(|| addr.rsplit_once(':').map_or(addr, |x| x.0).to_string());
+                let name = sni
+                    .clone()
+                    .unwrap_or_else(|| addr.rsplit_once(':').map_or(addr, |x| x.0).to_string());
                 let name = rustls_pki_types::ServerName::try_from(name).ok()?;
-                let s = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, stream).await.ok()?;
+                let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, stream)
+                    .await
+                    .ok()?;
                 send(s, req).await?
             }
         };
@@ -147,7 +168,9 @@ async fn send<T>(io: T, req: http::Request<Empty<Bytes>>) -> Option<u16>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.ok()?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .ok()?;
     let c = tokio::spawn(conn);
     let r = s.send_request(req).await.ok()?;
     c.abort();

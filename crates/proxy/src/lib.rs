@@ -42,7 +42,10 @@ pub enum Error {
     #[error("{0}")]
     Listen(#[from] listen::ListenError),
     #[error("admin listener {bind}: {source}")]
-    Admin { bind: String, source: std::io::Error },
+    Admin {
+        bind: String,
+        source: std::io::Error,
+    },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
 }
@@ -113,12 +116,15 @@ impl Runtime {
             shared,
         });
         if let Some(admin) = &config.admin {
-            let l = tokio::net::TcpListener::bind(&admin.bind).await.map_err(|source| Error::Admin {
-                bind: admin.bind.clone(),
-                source,
-            })?;
+            let l = tokio::net::TcpListener::bind(&admin.bind)
+                .await
+                .map_err(|source| Error::Admin {
+                    bind: admin.bind.clone(),
+                    source,
+                })?;
             *rt.admin_addr.lock() = l.local_addr().ok();
-            let app = admin::router(rt.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let app = admin::router(rt.clone())
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
             tracing::info!(bind = %admin.bind, "admin API listening");
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).await {
@@ -126,8 +132,10 @@ impl Runtime {
                 }
             });
         }
-        rt.listeners.commit(prepared, &rt.shared, config.shutdown_grace);
-        rt.health.reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
+        rt.listeners
+            .commit(prepared, &rt.shared, config.shutdown_grace);
+        rt.health
+            .reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
         rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(rt)
     }
@@ -147,7 +155,11 @@ impl Runtime {
                 st.loaded_at = SystemTime::now();
                 st.last_error = None;
                 st.ok += 1;
-                self.shared.metrics.reloads.get_or_create(&label("ok")).inc();
+                self.shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&label("ok"))
+                    .inc();
                 tracing::info!(%trigger, %version, "config reloaded");
                 Ok(version)
             }
@@ -158,7 +170,11 @@ impl Runtime {
             Err(e) => {
                 st.last_error = Some(e.clone());
                 st.failed += 1;
-                self.shared.metrics.reloads.get_or_create(&label("error")).inc();
+                self.shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&label("error"))
+                    .inc();
                 tracing::error!(%trigger, error = %e, "config reload rejected; the previous config keeps serving");
                 Err(e)
             }
@@ -182,8 +198,12 @@ impl Runtime {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
         let config = Arc::new(config);
-        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics).map_err(|e| e.to_string())?;
-        let prepared = self.listeners.prepare(&config.listeners).map_err(|e| e.to_string())?;
+        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics)
+            .map_err(|e| e.to_string())?;
+        let prepared = self
+            .listeners
+            .prepare(&config.listeners)
+            .map_err(|e| e.to_string())?;
         let version = snap.version.clone();
         let keep: std::collections::HashSet<String> = snap
             .backends
@@ -191,9 +211,11 @@ impl Runtime {
             .flat_map(|b| b.slots.iter().map(|s| s.state.key.clone()))
             .collect();
         self.shared.snapshot.store(Arc::new(snap));
-        self.listeners.commit(prepared, &self.shared, config.shutdown_grace);
+        self.listeners
+            .commit(prepared, &self.shared, config.shutdown_grace);
         self.shared.registry.retain(&keep);
-        self.health.reconcile(&self.shared.snapshot.load(), &self.shared.metrics);
+        self.health
+            .reconcile(&self.shared.snapshot.load(), &self.shared.metrics);
         Ok(Some(version))
     }
 
@@ -202,7 +224,9 @@ impl Runtime {
     pub fn spawn_watchers(self: &Arc<Self>) {
         let rt = self.clone();
         tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
                 return;
             };
             while hup.recv().await.is_some() {
@@ -239,7 +263,11 @@ impl Runtime {
         };
         let watch_all = |w: &mut notify::RecommendedWatcher, cfg: &Config| {
             // Watch directories, so editors that replace files (rename over) are seen too.
-            let mut dirs: Vec<PathBuf> = cfg.files.iter().filter_map(|f| f.parent().map(|p| p.to_path_buf())).collect();
+            let mut dirs: Vec<PathBuf> = cfg
+                .files
+                .iter()
+                .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
+                .collect();
             dirs.extend(cfg.watch_dirs.iter().cloned());
             dirs.sort();
             dirs.dedup();
@@ -261,7 +289,9 @@ impl Runtime {
                     }
                 }
                 let before = rt.shared.snapshot.load().version.clone();
-                if rt.reload("file change").await.is_ok() && rt.shared.snapshot.load().version != before {
+                if rt.reload("file change").await.is_ok()
+                    && rt.shared.snapshot.load().version != before
+                {
                     watch_all(&mut watcher, &rt.shared.snapshot.load().config);
                 }
             }
@@ -271,10 +301,18 @@ impl Runtime {
     /// Stops accepting, drains in-flight requests for up to the grace period, and stops
     /// health checks.
     pub async fn shutdown(&self) {
-        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let grace = self.shared.snapshot.load().config.shutdown_grace;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining in-flight requests");
-        let _ = tokio::time::timeout(grace + Duration::from_millis(500), self.listeners.shutdown()).await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining in-flight requests"
+        );
+        let _ = tokio::time::timeout(
+            grace + Duration::from_millis(500),
+            self.listeners.shutdown(),
+        )
+        .await;
         self.health.stop_all();
     }
 }

@@ -15,9 +15,9 @@ use portcullis_config::{Listener as ListenerCfg, Protocol};
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -70,15 +70,21 @@ pub struct Prepared {
 pub fn settings(cfg: &ListenerCfg) -> Result<Settings, ListenError> {
     let tls = match &cfg.tls {
         Some(t) => {
-            let (sc, resolver) = crate::tls::server_config(t, &cfg.protocols).map_err(|source| ListenError::Tls {
-                name: cfg.name.clone(),
-                source,
-            })?;
+            let (sc, resolver) =
+                crate::tls::server_config(t, &cfg.protocols).map_err(|source| {
+                    ListenError::Tls {
+                        name: cfg.name.clone(),
+                        source,
+                    }
+                })?;
             Some((tokio_rustls::TlsAcceptor::from(sc), resolver))
         }
         None => None,
     };
-    Ok(Settings { cfg: cfg.clone(), tls })
+    Ok(Settings {
+        cfg: cfg.clone(),
+        tls,
+    })
 }
 
 fn bind(cfg: &ListenerCfg) -> Result<TcpListener, ListenError> {
@@ -87,10 +93,12 @@ fn bind(cfg: &ListenerCfg) -> Result<TcpListener, ListenError> {
         bind: cfg.bind.clone(),
         source,
     };
-    let addr: SocketAddr = cfg
-        .bind
-        .parse()
-        .map_err(|_| err(io::Error::new(io::ErrorKind::InvalidInput, "invalid address")))?;
+    let addr: SocketAddr = cfg.bind.parse().map_err(|_| {
+        err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "invalid address",
+        ))
+    })?;
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -143,9 +151,24 @@ impl Listeners {
                     let bind = p.settings.cfg.bind.clone();
                     let settings = Arc::new(ArcSwap::from_pointee(p.settings));
                     let (stop, rx) = watch::channel(false);
-                    let task = tokio::spawn(accept_loop(l, p.name.clone(), settings.clone(), shared.clone(), rx, grace));
+                    let task = tokio::spawn(accept_loop(
+                        l,
+                        p.name.clone(),
+                        settings.clone(),
+                        shared.clone(),
+                        rx,
+                        grace,
+                    ));
                     tracing::info!(listener = %p.name, %bind, "listening");
-                    running.insert(p.name, Running { bind, settings, stop, task });
+                    running.insert(
+                        p.name,
+                        Running {
+                            bind,
+                            settings,
+                            stop,
+                            task,
+                        },
+                    );
                 }
             }
         }
@@ -183,7 +206,9 @@ impl Listeners {
                 match resolver.refresh() {
                     Ok(true) => tracing::info!(listener = %name, "certificates reloaded from disk"),
                     Ok(false) => {}
-                    Err(e) => tracing::error!(listener = %name, error = %e, "certificate reload failed; keeping the previous certificates"),
+                    Err(e) => {
+                        tracing::error!(listener = %name, error = %e, "certificate reload failed; keeping the previous certificates")
+                    }
                 }
             }
         }
@@ -263,7 +288,11 @@ async fn serve(
     let idle = cfg.timeouts.idle.0;
     match &s.tls {
         None => {
-            let conn = Arc::new(ConnInfo { peer, listener, tls: false });
+            let conn = Arc::new(ConnInfo {
+                peer,
+                listener,
+                tls: false,
+            });
             run_http(IdleIo::new(tcp, idle), conn, &s, shared, watcher).await
         }
         Some((acceptor, _)) => {
@@ -279,14 +308,23 @@ async fn serve(
                     return;
                 }
             };
-            let conn = Arc::new(ConnInfo { peer, listener, tls: true });
+            let conn = Arc::new(ConnInfo {
+                peer,
+                listener,
+                tls: true,
+            });
             run_http(IdleIo::new(tls, idle), conn, &s, shared, watcher).await
         }
     }
 }
 
-async fn run_http<IO>(io: IO, conn: Arc<ConnInfo>, s: &Settings, shared: Arc<Shared>, watcher: hyper_util::server::graceful::Watcher)
-where
+async fn run_http<IO>(
+    io: IO,
+    conn: Arc<ConnInfo>,
+    s: &Settings,
+    shared: Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &s.cfg;
@@ -351,7 +389,10 @@ impl<T> IdleIo<T> {
                 return Poll::Pending;
             }
             if Instant::now() >= self.deadline {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client idle timeout")));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client idle timeout",
+                )));
             }
             let d = self.deadline;
             self.sleep.as_mut().reset(d.into());
@@ -360,7 +401,11 @@ impl<T> IdleIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -375,7 +420,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
@@ -384,7 +433,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         }
         r
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {

@@ -143,12 +143,14 @@ fn server_name(addr: &str, sni: &Option<String>) -> Result<ServerName<'static>, 
             h.trim_start_matches('[').trim_end_matches(']').to_string()
         }
     };
-    ServerName::try_from(host).map_err(|e| {
-        ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-    })
+    ServerName::try_from(host)
+        .map_err(|e| ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))
 }
 
-async fn connect_h1(addr: &str, c: &Connector) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
+async fn connect_h1(
+    addr: &str,
+    c: &Connector,
+) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
     let stream = tcp(addr, c).await?;
     match &c.tls {
         None => handshake_h1(stream).await,
@@ -181,7 +183,10 @@ where
     Ok(sender)
 }
 
-async fn connect_h2(addr: &str, c: &Connector) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
+async fn connect_h2(
+    addr: &str,
+    c: &Connector,
+) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
     let stream = tcp(addr, c).await?;
     match &c.tls {
         None => handshake_h2(stream).await,

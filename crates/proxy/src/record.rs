@@ -51,17 +51,57 @@ impl Default for Metrics {
             access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests by route, backend and status class", m.requests.clone());
-        registry.register("request_duration_seconds", "Time from request to response headers, by route", m.duration.clone());
-        registry.register("upstream_connect_duration_seconds", "Time to open an upstream connection, by backend", m.connect.clone());
-        registry.register("server_up", "1 when the server may take traffic (healthy, not ejected, not in maintenance)", m.server_up.clone());
-        registry.register("server_active_requests", "Requests in flight to a server", m.server_active.clone());
-        registry.register("active_connections", "Open client connections by listener", m.active_connections.clone());
+        registry.register(
+            "requests",
+            "Requests by route, backend and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route",
+            m.duration.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Time to open an upstream connection, by backend",
+            m.connect.clone(),
+        );
+        registry.register(
+            "server_up",
+            "1 when the server may take traffic (healthy, not ejected, not in maintenance)",
+            m.server_up.clone(),
+        );
+        registry.register(
+            "server_active_requests",
+            "Requests in flight to a server",
+            m.server_active.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Open client connections by listener",
+            m.active_connections.clone(),
+        );
         registry.register("retries", "Upstream retries by backend", m.retries.clone());
-        registry.register("ejections", "Outlier ejections by backend", m.ejections.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
-        registry.register("health_checks", "Active health checks by backend and result", m.health_checks.clone());
-        registry.register("access_log_dropped", "Access log lines dropped because the writer fell behind", m.access_log_dropped.clone());
+        registry.register(
+            "ejections",
+            "Outlier ejections by backend",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health checks by backend and result",
+            m.health_checks.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -125,7 +165,12 @@ impl AccessLog {
         let mut out: Box<dyn Write + Send> = if path == "stdout" {
             Box::new(std::io::stdout())
         } else {
-            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )
         };
         let (tx, mut rx) = mpsc::channel::<AccessRecord>(65_536);
         std::thread::Builder::new()
@@ -171,7 +216,11 @@ mod tests {
     fn metrics_are_named_the_prometheus_way() {
         let m = Metrics::default();
         m.requests
-            .get_or_create(&vec![("route", "default/a".into()), ("backend", "default/b".into()), ("code", "2xx".into())])
+            .get_or_create(&vec![
+                ("route", "default/a".into()),
+                ("backend", "default/b".into()),
+                ("code", "2xx".into()),
+            ])
             .inc();
         let s = m.encode();
         assert!(s.contains("portcullis_requests_total{route=\"default/a\",backend=\"default/b\",code=\"2xx\"} 1"), "{s}");

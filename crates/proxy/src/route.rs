@@ -79,7 +79,12 @@ impl Bucket {
     }
 
     fn finish(&mut self) {
-        let by_weight = |a: &Cond, b: &Cond| b.weight.0.cmp(&a.weight.0).then(a.weight.1.cmp(&b.weight.1));
+        let by_weight = |a: &Cond, b: &Cond| {
+            b.weight
+                .0
+                .cmp(&a.weight.0)
+                .then(a.weight.1.cmp(&b.weight.1))
+        };
         for v in self.exact.values_mut().chain(self.prefix.values_mut()) {
             v.sort_by(by_weight);
         }
@@ -98,8 +103,18 @@ impl Bucket {
         }
     }
 
-    fn lookup(&self, path: &str, method: &Method, headers: &HeaderMap, listener: &str) -> Option<usize> {
-        let first = |v: &[Cond]| v.iter().find(|c| c.matches(method, headers, listener)).map(|c| c.idx);
+    fn lookup(
+        &self,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+        listener: &str,
+    ) -> Option<usize> {
+        let first = |v: &[Cond]| {
+            v.iter()
+                .find(|c| c.matches(method, headers, listener))
+                .map(|c| c.idx)
+        };
         if let Some(v) = self.exact.get(path) {
             if let Some(i) = first(v) {
                 return Some(i);
@@ -149,14 +164,17 @@ impl Router {
                 .headers
                 .iter()
                 .filter_map(|(k, v)| {
-                    let name = http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok()?;
+                    let name =
+                        http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok()?;
                     Some((name, (v != "*").then(|| v.clone())))
                 })
                 .collect();
             let cond = Cond {
                 idx,
                 weight: (
-                    methods.is_some() as usize + headers.len() + def.spec.listeners.is_some() as usize,
+                    methods.is_some() as usize
+                        + headers.len()
+                        + def.spec.listeners.is_some() as usize,
                     def.order,
                 ),
                 methods,
@@ -185,7 +203,14 @@ impl Router {
     }
 
     /// Finds the route for a request. `host` must be lower-case and without a port.
-    pub fn route(&self, host: &str, path: &str, method: &Method, headers: &HeaderMap, listener: &str) -> Option<usize> {
+    pub fn route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+        listener: &str,
+    ) -> Option<usize> {
         if let Some(b) = self.exact.get(host) {
             if let Some(i) = b.lookup(path, method, headers, listener) {
                 return Some(i);
@@ -239,7 +264,12 @@ mod tests {
         }
     }
 
-    fn m(host: Option<&str>, exact: Option<&str>, prefix: Option<&str>, regex: Option<&str>) -> Match {
+    fn m(
+        host: Option<&str>,
+        exact: Option<&str>,
+        prefix: Option<&str>,
+        regex: Option<&str>,
+    ) -> Match {
         Match {
             host: host.map(String::from),
             path: exact.map(String::from),
@@ -249,7 +279,13 @@ mod tests {
         }
     }
 
-    fn find(r: &Router, routes: &[RouteDef], host: &str, path: &str, method: Method) -> Option<String> {
+    fn find(
+        r: &Router,
+        routes: &[RouteDef],
+        host: &str,
+        path: &str,
+        method: Method,
+    ) -> Option<String> {
         r.route(host, path, &method, &HeaderMap::new(), "web")
             .map(|i| routes[i].spec.name.clone())
     }
@@ -262,8 +298,16 @@ mod tests {
             def("api-v2", m(None, None, Some("/api/v2/"), None), 2),
             def("login", m(None, Some("/api/login"), None, None), 3),
             def("wild", m(Some("*.example.com"), None, None, None), 4),
-            def("deep-wild", m(Some("*.eu.example.com"), None, None, None), 5),
-            def("exact-host", m(Some("app.example.com"), None, Some("/"), None), 6),
+            def(
+                "deep-wild",
+                m(Some("*.eu.example.com"), None, None, None),
+                5,
+            ),
+            def(
+                "exact-host",
+                m(Some("app.example.com"), None, Some("/"), None),
+                6,
+            ),
             def("re", m(None, None, None, Some("^/u/[0-9]+$")), 7),
         ];
         let r = Router::build(&routes);
@@ -288,7 +332,10 @@ mod tests {
         canary.headers.insert("X-Canary".into(), "1".into());
         let routes = vec![def("post", post, 0), def("canary", canary, 1)];
         let r = Router::build(&routes);
-        assert_eq!(find(&r, &routes, "h", "/x", Method::POST).as_deref(), Some("post"));
+        assert_eq!(
+            find(&r, &routes, "h", "/x", Method::POST).as_deref(),
+            Some("post")
+        );
         assert_eq!(find(&r, &routes, "h", "/x", Method::GET), None);
         let mut h = HeaderMap::new();
         h.insert("x-canary", "1".parse().unwrap());
@@ -298,10 +345,27 @@ mod tests {
     #[test]
     fn thousands_of_routes_resolve() {
         let routes: Vec<RouteDef> = (0..5000)
-            .map(|i| def(&format!("r{i}"), m(Some(&format!("h{i}.example.com")), None, Some(&format!("/svc{i}/")), None), i))
+            .map(|i| {
+                def(
+                    &format!("r{i}"),
+                    m(
+                        Some(&format!("h{i}.example.com")),
+                        None,
+                        Some(&format!("/svc{i}/")),
+                        None,
+                    ),
+                    i,
+                )
+            })
             .collect();
         let r = Router::build(&routes);
-        assert_eq!(find(&r, &routes, "h4321.example.com", "/svc4321/a", Method::GET).as_deref(), Some("r4321"));
-        assert_eq!(find(&r, &routes, "h4321.example.com", "/svc1/a", Method::GET), None);
+        assert_eq!(
+            find(&r, &routes, "h4321.example.com", "/svc4321/a", Method::GET).as_deref(),
+            Some("r4321")
+        );
+        assert_eq!(
+            find(&r, &routes, "h4321.example.com", "/svc1/a", Method::GET),
+            None
+        );
     }
 }

@@ -79,16 +79,22 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: Arc<Config>, registry: &StateRegistry, metrics: &Metrics) -> Result<Snapshot, BuildError> {
+    pub fn build(
+        config: Arc<Config>,
+        registry: &StateRegistry,
+        metrics: &Metrics,
+    ) -> Result<Snapshot, BuildError> {
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
         for b in &config.backends {
             let spec = &b.spec;
             let tls = match &spec.tls {
                 Some(t) => Some((
-                    crate::tls::client_config(t, spec.protocol).map_err(|source| BuildError::Tls {
-                        backend: b.id.clone(),
-                        source,
+                    crate::tls::client_config(t, spec.protocol).map_err(|source| {
+                        BuildError::Tls {
+                            backend: b.id.clone(),
+                            source,
+                        }
                     })?,
                     t.sni.clone(),
                 )),
@@ -125,7 +131,10 @@ impl Snapshot {
                     connect_timeout: spec.timeouts.connect.0,
                     idle_timeout: spec.timeouts.idle.0,
                 },
-                host: spec.host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                host: spec
+                    .host
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok()),
                 retry_connect: spec.retries.on.contains(&RetryOn::ConnectFailure),
                 retry_status: spec
                     .retries
@@ -175,7 +184,10 @@ impl Snapshot {
                 timeout: r.spec.timeout.map(|d| d.0),
                 retry_non_idempotent: r.spec.retry_non_idempotent,
                 by_class,
-                duration: metrics.duration.get_or_create(&vec![("route", r.id.clone())]).clone(),
+                duration: metrics
+                    .duration
+                    .get_or_create(&vec![("route", r.id.clone())])
+                    .clone(),
             });
         }
         Ok(Snapshot {

@@ -138,7 +138,13 @@ impl ServerState {
 
     /// Records an upstream outcome for passive outlier detection. Returns true when this
     /// outcome crossed a threshold and the server should be considered for ejection.
-    pub fn record_outcome(&self, status_5xx: bool, connect_failure: bool, limit_5xx: u32, limit_connect: u32) -> bool {
+    pub fn record_outcome(
+        &self,
+        status_5xx: bool,
+        connect_failure: bool,
+        limit_5xx: u32,
+        limit_connect: u32,
+    ) -> bool {
         if connect_failure {
             let n = self.consecutive_connect.fetch_add(1, Ordering::Relaxed) + 1;
             return limit_connect > 0 && n >= limit_connect;
@@ -216,8 +222,14 @@ mod tests {
         let r = StateRegistry::default();
         let a = r.server("b/s1", "127.0.0.1:1");
         a.set_admin_state(AdminState::Drain);
-        assert_eq!(r.server("b/s1", "127.0.0.1:1").admin_state(), AdminState::Drain);
-        assert_eq!(r.server("b/s1", "127.0.0.1:2").admin_state(), AdminState::Ready);
+        assert_eq!(
+            r.server("b/s1", "127.0.0.1:1").admin_state(),
+            AdminState::Drain
+        );
+        assert_eq!(
+            r.server("b/s1", "127.0.0.1:2").admin_state(),
+            AdminState::Ready
+        );
     }
 
     #[test]
@@ -225,8 +237,14 @@ mod tests {
         let s = ServerState::new("k".into(), "a".into());
         assert!(!s.record_outcome(true, false, 2, 2));
         assert!(s.record_outcome(true, false, 2, 2));
-        assert_eq!(s.eject(Duration::from_millis(100)), Duration::from_millis(100));
+        assert_eq!(
+            s.eject(Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
         assert!(s.ejected() && !s.available());
-        assert_eq!(s.eject(Duration::from_millis(100)), Duration::from_millis(200));
+        assert_eq!(
+            s.eject(Duration::from_millis(100)),
+            Duration::from_millis(200)
+        );
     }
 }

@@ -45,10 +45,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("cannot read a PEM private key: {e}")))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| file_err(path, format!("cannot read a PEM private key: {e}")))
 }
 
-fn certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
     let signing = provider
@@ -71,7 +76,10 @@ pub struct SniResolver {
 }
 
 impl SniResolver {
-    fn load_all(files: &[(PathBuf, PathBuf)], p: &CryptoProvider) -> Result<Vec<Arc<CertifiedKey>>, TlsError> {
+    fn load_all(
+        files: &[(PathBuf, PathBuf)],
+        p: &CryptoProvider,
+    ) -> Result<Vec<Arc<CertifiedKey>>, TlsError> {
         files
             .iter()
             .map(|(c, k)| certified_key(c, k, p).map(Arc::new))
@@ -121,7 +129,10 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// Builds a listener's server config. The resolver is returned so the caller can refresh it.
-pub fn server_config(tls: &ListenerTls, protocols: &[Protocol]) -> Result<(Arc<rustls::ServerConfig>, Arc<SniResolver>), TlsError> {
+pub fn server_config(
+    tls: &ListenerTls,
+    protocols: &[Protocol],
+) -> Result<(Arc<rustls::ServerConfig>, Arc<SniResolver>), TlsError> {
     let provider = provider();
     let files: Vec<(PathBuf, PathBuf)> = tls
         .certificates
@@ -135,18 +146,24 @@ pub fn server_config(tls: &ListenerTls, protocols: &[Protocol]) -> Result<(Arc<r
         files,
         provider: provider.clone(),
     });
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let builder = match &tls.client_auth {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in load_certs(Path::new(&ca.ca))? {
-                roots
-                    .add(c)
-                    .map_err(|e| file_err(Path::new(&ca.ca), format!("invalid CA certificate: {e}")))?;
+                roots.add(c).map_err(|e| {
+                    file_err(Path::new(&ca.ca), format!("invalid CA certificate: {e}"))
+                })?;
             }
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-            let v = if ca.required { v } else { v.allow_unauthenticated() };
-            builder.with_client_cert_verifier(v.build().map_err(|e| file_err(Path::new(&ca.ca), e))?)
+            let v = if ca.required {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder
+                .with_client_cert_verifier(v.build().map_err(|e| file_err(Path::new(&ca.ca), e))?)
         }
         None => builder.with_no_client_auth(),
     };
@@ -200,9 +217,13 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 /// Builds the client config for a backend's upstream TLS.
-pub fn client_config(tls: &UpstreamTls, protocol: Protocol) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config(
+    tls: &UpstreamTls,
+    protocol: Protocol,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let builder = if !tls.verify {
         builder
             .dangerous()
@@ -212,9 +233,9 @@ pub fn client_config(tls: &UpstreamTls, protocol: Protocol) -> Result<Arc<rustls
         match &tls.ca {
             Some(ca) => {
                 for c in load_certs(Path::new(ca))? {
-                    roots
-                        .add(c)
-                        .map_err(|e| file_err(Path::new(ca), format!("invalid CA certificate: {e}")))?;
+                    roots.add(c).map_err(|e| {
+                        file_err(Path::new(ca), format!("invalid CA certificate: {e}"))
+                    })?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
