@@ -101,6 +101,10 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     pub backends: Vec<BackendDef>,
     pub routes: Vec<RouteDef>,
+    /// Identity providers with secrets expanded and paths made absolute.
+    pub identity: Identity,
+    /// Decoded session keys; the first encrypts, all decrypt.
+    pub session_keys: Vec<[u8; 32]>,
     pub warnings: Vec<String>,
 }
 

@@ -26,10 +26,161 @@ pub struct RootFile {
     #[serde(default = "d30s")]
     pub shutdown_grace: Dur,
     #[serde(default)]
+    pub identity: Identity,
+    #[serde(default)]
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub routes: Vec<Route>,
     pub apps: Option<Apps>,
+}
+
+/// Identity providers and browser sessions.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    #[serde(default)]
+    pub providers: Vec<Provider>,
+    #[serde(default)]
+    pub session: Session,
+    /// Signing of the assertion JWT sent to origins (`headers.assertion`).
+    #[serde(default)]
+    pub assertion: AssertionCfg,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Oidc,
+    Jwt,
+    ApiKey,
+    Mtls,
+    DevIssuer,
+}
+
+/// Which parts of a claim set make up the identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimMap {
+    #[serde(default = "claim_user")]
+    pub user: String,
+    #[serde(default = "claim_email")]
+    pub email: String,
+    /// Dotted path, e.g. `realm_access.roles`; an array or a space-separated string.
+    #[serde(default = "claim_groups")]
+    pub groups: String,
+}
+
+impl Default for ClaimMap {
+    fn default() -> Self {
+        ClaimMap {
+            user: claim_user(),
+            email: claim_email(),
+            groups: claim_groups(),
+        }
+    }
+}
+
+/// One identity provider. Which keys apply depends on `kind`; validation says which are
+/// missing or out of place.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// `oidc`, `jwt`, `dev_issuer`: the exact `iss` expected.
+    pub issuer: Option<String>,
+    /// `oidc`, `jwt`, `dev_issuer`: `aud` must contain one of these.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted JWS algorithms; default: the asymmetric ones the issuer advertises
+    /// (RS256, ES256 and friends for `jwt`).
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// Shared secret enabling HS256/384/512 for this provider only.
+    pub hs_secret: Option<String>,
+    #[serde(default = "d60s")]
+    pub clock_skew: Dur,
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+    #[serde(default = "d16k")]
+    pub max_token_size: Size,
+    /// `jwt`: where the keys come from (exactly one of these three).
+    pub jwks_uri: Option<String>,
+    pub jwks_file: Option<String>,
+    pub keys: Option<Vec<serde_json::Value>>,
+    /// Fallback JWKS refresh period when the IdP sends no Cache-Control.
+    #[serde(default = "d1h")]
+    pub jwks_refresh: Dur,
+    #[serde(default)]
+    pub claims: ClaimMap,
+    /// Verified tokens cached at most this long (and never past `exp`).
+    #[serde(default = "d5m")]
+    pub cache_ttl: Dur,
+    #[serde(default = "d10000")]
+    pub cache_size: usize,
+    /// `oidc`: browser login client.
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// `oidc`: fixed callback URL; default `https://<request host>/.portcullis/callback`.
+    pub redirect_url: Option<String>,
+    /// `api_key`: YAML file of hashed keys, re-read when it changes.
+    pub keys_file: Option<String>,
+    /// `mtls`: where the identity comes from, in order: `uri` (SPIFFE), `dns`, `cn`.
+    #[serde(default = "default_mtls_from")]
+    pub identity_from: Vec<String>,
+    /// `dev_issuer`: PKCS#8 PEM ES256 key, created if missing.
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    #[serde(default = "session_cookie")]
+    pub cookie: String,
+    /// Base64 (standard or URL-safe) 32-byte keys; the first encrypts, all decrypt.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default = "d12h")]
+    pub ttl: Dur,
+    /// Set the cookie's `Secure` attribute. Only turn off for plain-HTTP local testing.
+    #[serde(default = "yes")]
+    pub secure: bool,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            cookie: session_cookie(),
+            keys: Vec::new(),
+            ttl: d12h(),
+            secure: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionCfg {
+    /// Issuer (`iss`) of assertions.
+    #[serde(default = "assertion_issuer")]
+    pub issuer: String,
+    #[serde(default = "d60s")]
+    pub ttl: Dur,
+    /// How often the signing key rotates; the previous key stays published for one period.
+    #[serde(default = "d12h")]
+    pub rotate_every: Dur,
+}
+
+impl Default for AssertionCfg {
+    fn default() -> Self {
+        AssertionCfg {
+            issuer: assertion_issuer(),
+            ttl: d60s(),
+            rotate_every: d12h(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -416,7 +567,7 @@ pub struct UpstreamTls {
     pub sni: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
@@ -432,6 +583,57 @@ pub struct Route {
     /// Allow status-based retries of non-idempotent methods (POST, PATCH).
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Identity providers accepted on this route (any of them).
+    #[serde(default)]
+    pub auth: Vec<String>,
+    /// No identity needed. A route must say `public: true` or list `auth` providers.
+    #[serde(default)]
+    pub public: bool,
+    /// Who may use the route; any rule that matches allows. No rule means any identity.
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// For `mtls` providers: is a client certificate `required` or `optional`?
+    pub client_cert: Option<CertMode>,
+    #[serde(default)]
+    pub headers: RouteHeaders,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CertMode {
+    Required,
+    Optional,
+}
+
+/// A shorthand allow rule: every listed condition must hold.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub emails: Vec<String>,
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteHeaders {
+    /// Header name → template with `{identity.user}`, `{identity.email}`,
+    /// `{identity.groups}`, `{identity.provider}` and `{claims.<path>}`.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, String>,
+    /// Send a signed, short-lived assertion JWT as `X-Portcullis-Assertion`.
+    #[serde(default)]
+    pub assertion: bool,
+    /// Pass the caller's bearer token upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub pass_token: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -448,6 +650,42 @@ pub struct Match {
     pub headers: BTreeMap<String, String>,
 }
 
+fn d1h() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+fn d12h() -> Dur {
+    Dur(Duration::from_secs(12 * 3600))
+}
+fn d5m() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn d16k() -> Size {
+    Size(16 * 1024)
+}
+fn d10000() -> usize {
+    10_000
+}
+fn claim_user() -> String {
+    "sub".into()
+}
+fn claim_email() -> String {
+    "email".into()
+}
+fn claim_groups() -> String {
+    "groups".into()
+}
+fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+fn default_mtls_from() -> Vec<String> {
+    vec!["uri".into(), "dns".into(), "cn".into()]
+}
+fn session_cookie() -> String {
+    "portcullis_session".into()
+}
+fn assertion_issuer() -> String {
+    "portcullis".into()
+}
 fn d30s() -> Dur {
     Dur(Duration::from_secs(30))
 }

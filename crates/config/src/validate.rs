@@ -249,6 +249,14 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         AdminDef { bind, tokens }
     });
 
+    let mut identity = root.identity.clone();
+    let session_keys = check_identity(&root_src, &mut identity, &base, &mut diags);
+    let provider_kinds: HashMap<String, ProviderKind> = identity
+        .providers
+        .iter()
+        .map(|p| (p.name.clone(), p.kind))
+        .collect();
+
     if root.workers == Some(0) {
         diags.push(root_src.diag("workers", "workers must be at least 1"));
     }
@@ -355,6 +363,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 }
             }
             check_match(&app.src, &format!("{at}.match"), &r.matcher, &mut diags);
+            check_route_identity(&app.src, &at, r, &provider_kinds, &mut diags);
             routes.push(RouteDef {
                 id,
                 app: app.name.clone(),
@@ -374,6 +383,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     if !diags.is_empty() {
         return Err(Error(diags));
     }
+    let warnings = dev_warnings(&listeners, &routes, &provider_kinds);
     let workers = root.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -390,10 +400,333 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         access_log,
         trusted_proxies: root.trusted_proxies.clone(),
         shutdown_grace: root.shutdown_grace.0,
+        warnings,
         backends,
         routes,
-        warnings: Vec::new(),
+        identity,
+        session_keys,
     })
+}
+
+const ALGORITHMS: [&str; 12] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
+    "HS384", "HS512",
+];
+
+fn check_identity(
+    src: &Source,
+    id: &mut Identity,
+    base: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<[u8; 32]> {
+    use base64::Engine;
+    let mut names = HashSet::new();
+    let mut login = false;
+    for (i, p) in id.providers.iter_mut().enumerate() {
+        let at = format!("identity.providers[{i}]");
+        if !valid_name(&p.name) {
+            diags.push(src.diag(&format!("{at}.name"), name_msg("provider", &p.name)));
+        }
+        if !names.insert(p.name.clone()) {
+            diags.push(src.diag(
+                &format!("{at}.name"),
+                format!(
+                    "duplicate provider name `{}`: provider names must be unique",
+                    p.name
+                ),
+            ));
+        }
+        let is_token = matches!(
+            p.kind,
+            ProviderKind::Oidc | ProviderKind::Jwt | ProviderKind::DevIssuer
+        );
+        let misplaced = |field: &str, present: bool, diags: &mut Vec<Diagnostic>| {
+            if present {
+                diags.push(src.diag(
+                    &format!("{at}.{field}"),
+                    format!(
+                        "`{field}` does not apply to a provider of kind `{}`: remove it",
+                        kind_name(p.kind)
+                    ),
+                ));
+            }
+        };
+        for (j, a) in p.algorithms.iter().enumerate() {
+            if a.eq_ignore_ascii_case("none") {
+                diags.push(src.diag(
+                    &format!("{at}.algorithms[{j}]"),
+                    "algorithm `none` is never accepted: remove it",
+                ));
+            } else if !ALGORITHMS.contains(&a.as_str()) {
+                diags.push(src.diag(
+                    &format!("{at}.algorithms[{j}]"),
+                    format!(
+                        "unknown algorithm `{a}`: use one of {}",
+                        ALGORITHMS.join(", ")
+                    ),
+                ));
+            } else if a.starts_with("HS") && p.hs_secret.is_none() {
+                diags.push(src.diag(
+                    &format!("{at}.algorithms[{j}]"),
+                    format!("`{a}` needs a shared secret: set `hs_secret` on this provider, or use an asymmetric algorithm"),
+                ));
+            }
+        }
+        for (field, v) in [
+            ("hs_secret", &mut p.hs_secret),
+            ("client_secret", &mut p.client_secret),
+        ] {
+            if let Some(v) = v {
+                match expand(v, base) {
+                    Ok(x) => *v = x,
+                    Err(e) => diags.push(src.diag(&format!("{at}.{field}"), e)),
+                }
+            }
+        }
+        if let Some(secret) = &p.hs_secret {
+            if secret.len() < 32 {
+                diags.push(src.diag(
+                    &format!("{at}.hs_secret"),
+                    "hs_secret must be at least 32 bytes long",
+                ));
+            }
+        }
+        match p.kind {
+            ProviderKind::Oidc => {
+                if p.issuer.is_none() {
+                    diags.push(src.diag(&at, format!("oidc provider `{}` needs `issuer` (the URL before /.well-known/openid-configuration)", p.name)));
+                }
+                if p.client_id.is_some() != p.client_secret.is_some() {
+                    diags.push(src.diag(&at, format!("oidc provider `{}`: browser login needs both `client_id` and `client_secret`", p.name)));
+                }
+                if p.audiences.is_empty() {
+                    match &p.client_id {
+                        Some(c) => p.audiences.push(c.clone()),
+                        None => diags.push(src.diag(&at, format!("oidc provider `{}` needs `audiences` (or a `client_id`, used as the audience)", p.name))),
+                    }
+                }
+                login |= p.client_id.is_some();
+                misplaced("jwks_file", p.jwks_file.is_some(), diags);
+                misplaced("keys", p.keys.is_some(), diags);
+            }
+            ProviderKind::Jwt => {
+                if p.issuer.is_none() {
+                    diags.push(src.diag(&at, format!("jwt provider `{}` needs `issuer`: the exact `iss` of its tokens", p.name)));
+                }
+                if p.audiences.is_empty() {
+                    diags.push(src.diag(&at, format!("jwt provider `{}` needs `audiences`", p.name)));
+                }
+                let sources = [p.jwks_uri.is_some(), p.jwks_file.is_some(), p.keys.is_some()]
+                    .iter()
+                    .filter(|x| **x)
+                    .count();
+                if sources > 1 || (sources == 0 && p.hs_secret.is_none()) {
+                    diags.push(src.diag(&at, format!("jwt provider `{}` needs exactly one of `jwks_uri`, `jwks_file` or `keys`", p.name)));
+                }
+                if let Some(f) = &mut p.jwks_file {
+                    resolve_file(src, &format!("{at}.jwks_file"), f, base, diags);
+                }
+                misplaced("client_id", p.client_id.is_some(), diags);
+            }
+            ProviderKind::DevIssuer => {
+                if p.issuer.is_none() {
+                    p.issuer = Some("https://dev.portcullis.invalid".into());
+                }
+                if p.audiences.is_empty() {
+                    p.audiences.push("portcullis".into());
+                }
+                let f = p.key_file.clone().unwrap_or_else(|| format!(".portcullis/{}-issuer.pem", p.name));
+                p.key_file = Some(base.join(f).to_string_lossy().into_owned());
+            }
+            ProviderKind::ApiKey => match &mut p.keys_file {
+                Some(f) => resolve_file(src, &format!("{at}.keys_file"), f, base, diags),
+                None => diags.push(src.diag(&at, format!("api_key provider `{}` needs `keys_file`: create one with `portcullis apikey new`", p.name))),
+            },
+            ProviderKind::Mtls => {
+                for (j, f) in p.identity_from.iter().enumerate() {
+                    if !["uri", "dns", "cn"].contains(&f.as_str()) {
+                        diags.push(src.diag(&format!("{at}.identity_from[{j}]"), "identity_from entries are `uri`, `dns` or `cn`"));
+                    }
+                }
+            }
+        }
+        if !is_token {
+            misplaced("issuer", p.issuer.is_some(), diags);
+            misplaced("jwks_uri", p.jwks_uri.is_some(), diags);
+        }
+    }
+    let mut keys = Vec::new();
+    for (i, k) in id.session.keys.iter().enumerate() {
+        let at = format!("identity.session.keys[{i}]");
+        let k = match expand(k, base) {
+            Ok(k) => k,
+            Err(e) => {
+                diags.push(src.diag(&at, e));
+                continue;
+            }
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(k.trim())
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(k.trim()));
+        match raw.ok().and_then(|r| <[u8; 32]>::try_from(r.as_slice()).ok()) {
+            Some(b) => keys.push(b),
+            None => diags.push(src.diag(&at, "a session key must be 32 random bytes in base64: generate one with `openssl rand -base64 32`")),
+        }
+    }
+    if login && keys.is_empty() && id.session.keys.is_empty() {
+        diags.push(src.diag(
+            "identity",
+            "browser login needs `identity.session.keys`: add `session: { keys: [\"${file:secrets/session.key}\"] }` with a key from `openssl rand -base64 32`",
+        ));
+    }
+    keys
+}
+
+fn kind_name(k: ProviderKind) -> &'static str {
+    match k {
+        ProviderKind::Oidc => "oidc",
+        ProviderKind::Jwt => "jwt",
+        ProviderKind::ApiKey => "api_key",
+        ProviderKind::Mtls => "mtls",
+        ProviderKind::DevIssuer => "dev_issuer",
+    }
+}
+
+fn check_route_identity(
+    src: &Source,
+    at: &str,
+    r: &Route,
+    kinds: &HashMap<String, ProviderKind>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if r.public && !r.auth.is_empty() {
+        diags.push(src.diag(
+            &format!("{at}.public"),
+            format!(
+                "route `{}` is `public: true` and lists `auth`: choose one",
+                r.name
+            ),
+        ));
+    }
+    for (j, a) in r.auth.iter().enumerate() {
+        if !kinds.contains_key(a) {
+            let known: Vec<&str> = kinds.keys().map(String::as_str).collect();
+            diags.push(src.diag(
+                &format!("{at}.auth[{j}]"),
+                format!("route `{}` names provider `{a}`, which does not exist: define it under `identity.providers` ([{}])", r.name, known.join(", ")),
+            ));
+        }
+    }
+    if r.auth.is_empty() && !r.allow.is_empty() {
+        diags.push(src.diag(
+            &format!("{at}.allow"),
+            format!(
+                "route `{}` has `allow` rules but no `auth`: rules need an identity",
+                r.name
+            ),
+        ));
+    }
+    if r.client_cert.is_some()
+        && !r
+            .auth
+            .iter()
+            .any(|a| kinds.get(a) == Some(&ProviderKind::Mtls))
+    {
+        diags.push(src.diag(
+            &format!("{at}.client_cert"),
+            "`client_cert` applies only to routes with an `mtls` provider in `auth`",
+        ));
+    }
+    for (name, t) in &r.headers.upstream {
+        if let Err(e) = check_template(t) {
+            diags.push(src.diag(&format!("{at}.headers.upstream.{name}"), e));
+        }
+        if http_header_name_invalid(name) {
+            diags.push(src.diag(
+                &format!("{at}.headers.upstream.{name}"),
+                format!("`{name}` is not a valid header name"),
+            ));
+        }
+    }
+    if r.auth.is_empty()
+        && (!r.headers.upstream.is_empty() || r.headers.assertion || r.headers.pass_token)
+    {
+        diags.push(src.diag(
+            &format!("{at}.headers"),
+            format!(
+                "route `{}` sends identity headers but has no `auth`: add providers",
+                r.name
+            ),
+        ));
+    }
+}
+
+fn http_header_name_invalid(n: &str) -> bool {
+    n.is_empty()
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Checks `{identity.user}`-style placeholders.
+pub fn check_template(t: &str) -> Result<(), String> {
+    let mut rest = t;
+    while let Some(i) = rest.find('{') {
+        let after = &rest[i + 1..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `{{` in template `{t}`"))?;
+        let var = &after[..end];
+        let ok = matches!(
+            var,
+            "identity.user"
+                | "identity.email"
+                | "identity.groups"
+                | "identity.provider"
+                | "identity.subject"
+        ) || var.strip_prefix("claims.").is_some_and(|p| !p.is_empty());
+        if !ok {
+            return Err(format!(
+                "unknown placeholder `{{{var}}}`: use {{identity.user}}, {{identity.email}}, {{identity.groups}}, {{identity.provider}}, {{identity.subject}} or {{claims.<path>}}"
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// The dev issuer signs any token asked of it: warn when it guards a non-loopback listener.
+fn dev_warnings(
+    listeners: &[Listener],
+    routes: &[RouteDef],
+    kinds: &HashMap<String, ProviderKind>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in routes {
+        for a in &r.spec.auth {
+            if kinds.get(a) != Some(&ProviderKind::DevIssuer) {
+                continue;
+            }
+            for l in listeners {
+                let on = r
+                    .spec
+                    .listeners
+                    .as_ref()
+                    .is_none_or(|ls| ls.contains(&l.name));
+                let loopback = l
+                    .bind
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_loopback());
+                if on && !loopback {
+                    out.push(format!(
+                        "route `{}` accepts the dev_issuer provider `{a}` on listener `{}` ({}), which is not loopback: anyone with the dev key can mint tokens; use it only for local testing",
+                        r.id, l.name, l.bind
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn valid_name(n: &str) -> bool {

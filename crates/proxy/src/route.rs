@@ -257,9 +257,7 @@ mod tests {
                 matcher: m,
                 listeners: None,
                 backend: "b".into(),
-                max_body_size: None,
-                timeout: None,
-                retry_non_idempotent: false,
+                ..Default::default()
             },
         }
     }

@@ -1,0 +1,130 @@
+//! The verified-token cache: exact token bytes → identity, valid until the earlier of the
+//! token's `exp` and a TTL, bounded in size. A hit costs one hash lookup and a comparison of
+//! the stored token, not a signature check. Entries whose signing key has left the key set
+//! are dropped on lookup.
+
+use crate::Identity;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+struct Entry {
+    identity: Arc<Identity>,
+    expires_at: u64,
+    kid: Option<String>,
+}
+
+pub struct TokenCache {
+    map: RwLock<HashMap<Box<[u8]>, Entry>>,
+    capacity: usize,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        TokenCache {
+            map: RwLock::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// Returns the cached identity if the token is known, unexpired, and its key (checked
+    /// by `key_alive`) still exists.
+    pub fn get(
+        &self,
+        token: &[u8],
+        now: u64,
+        key_alive: impl Fn(&str) -> bool,
+    ) -> Option<Arc<Identity>> {
+        let stale = {
+            let map = self.map.read();
+            let e = map.get(token)?;
+            let alive = e.kid.as_deref().is_none_or(&key_alive);
+            if e.expires_at > now && alive {
+                return Some(e.identity.clone());
+            }
+            true
+        };
+        if stale {
+            self.map.write().remove(token);
+        }
+        None
+    }
+
+    pub fn insert(
+        &self,
+        token: &[u8],
+        identity: Arc<Identity>,
+        expires_at: u64,
+        kid: Option<String>,
+        now: u64,
+    ) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut map = self.map.write();
+        if map.len() >= self.capacity {
+            map.retain(|_, e| e.expires_at > now);
+            if map.len() >= self.capacity {
+                // Still full of live entries: drop an arbitrary tenth.
+                let drop: Vec<Box<[u8]>> =
+                    map.keys().take(self.capacity / 10 + 1).cloned().collect();
+                for k in drop {
+                    map.remove(&k);
+                }
+            }
+        }
+        map.insert(
+            token.into(),
+            Entry {
+                identity,
+                expires_at,
+                kid,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AuthMethod;
+
+    fn id() -> Arc<Identity> {
+        Arc::new(Identity {
+            provider: "p".into(),
+            method: AuthMethod::Jwt,
+            subject: "s".into(),
+            user: "u".into(),
+            email: None,
+            groups: vec![],
+            claims: serde_json::Value::Null,
+            expires_at: None,
+        })
+    }
+
+    #[test]
+    fn expiry_key_loss_and_bound() {
+        let c = TokenCache::new(10);
+        c.insert(b"t1", id(), 100, Some("k1".into()), 0);
+        assert!(c.get(b"t1", 50, |_| true).is_some());
+        assert!(
+            c.get(b"t1", 50, |k| k != "k1").is_none(),
+            "key gone: dropped"
+        );
+        assert!(c.get(b"t1", 50, |_| true).is_none());
+        c.insert(b"t2", id(), 100, None, 0);
+        assert!(c.get(b"t2", 100, |_| true).is_none(), "expired");
+        for i in 0..50u32 {
+            c.insert(&i.to_be_bytes(), id(), 1000, None, 0);
+        }
+        assert!(c.len() <= 10);
+    }
+}

@@ -1,0 +1,417 @@
+//! The identity engine of one config: every provider ready to verify credentials, the
+//! session sealer and store, and the assertion signer. Providers whose config is unchanged
+//! are carried over on reload, so their key caches, token caches and refresh tasks survive.
+
+use crate::apikey::KeyStore;
+use crate::assertion::Signer;
+use crate::cache::TokenCache;
+use crate::jwks::{KeySet, KeySource, Source};
+use crate::jwt::{peek, Validator};
+use crate::oidc::OidcClient;
+use crate::session::{Sealer, Session, Store};
+use crate::{AuthError, AuthMethod, Error, Identity};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use portcullis_config::{Config, Provider, ProviderKind};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Aborts a background task when the provider that owns it is dropped.
+pub struct TaskGuard(tokio::task::JoinHandle<()>);
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub enum Verifier {
+    Token {
+        validator: Arc<Validator>,
+        login: Option<Arc<OidcClient>>,
+    },
+    ApiKey(Arc<KeyStore>),
+    Mtls(Vec<String>),
+}
+
+pub struct ProviderRt {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub issuer: Option<String>,
+    fingerprint: String,
+    pub verifier: Verifier,
+    _tasks: Vec<TaskGuard>,
+}
+
+impl ProviderRt {
+    pub fn login(&self) -> Option<&Arc<OidcClient>> {
+        match &self.verifier {
+            Verifier::Token { login, .. } => login.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn key_source(&self) -> Option<&Arc<KeySource>> {
+        match &self.verifier {
+            Verifier::Token { validator, .. } => Some(&validator.keys),
+            _ => None,
+        }
+    }
+}
+
+/// The credentials found on a request.
+#[derive(Default)]
+pub struct Credentials<'a> {
+    pub bearer: Option<&'a str>,
+    pub api_key: Option<&'a str>,
+    pub session_cookie: Option<&'a str>,
+    pub client_cert: Option<&'a [u8]>,
+}
+
+pub enum Outcome {
+    /// Authenticated. `set_session` is a refreshed session cookie value to send back.
+    Ok {
+        identity: Arc<Identity>,
+        set_session: Option<String>,
+    },
+    /// No credential this route accepts was presented.
+    Missing,
+    /// A session existed but has ended (expired, refresh failed): clear it and log in again.
+    SessionEnded,
+    Rejected(AuthError),
+}
+
+pub struct Engine {
+    providers: HashMap<String, Arc<ProviderRt>>,
+    pub sealer: Option<Sealer>,
+    pub store: Arc<Store>,
+    pub session: portcullis_config::Session,
+    pub signer: Arc<Signer>,
+    _signer_task: Arc<TaskGuard>,
+    session_fp: String,
+}
+
+fn algorithms(p: &Provider) -> Vec<Algorithm> {
+    p.algorithms
+        .iter()
+        .filter_map(|a| Algorithm::from_str(a).ok())
+        .collect()
+}
+
+fn perr(p: &Provider, message: impl Into<String>) -> Error {
+    Error::Provider {
+        provider: p.name.clone(),
+        message: message.into(),
+    }
+}
+
+fn token_validator(
+    p: &Provider,
+    keys: Arc<KeySource>,
+    audiences: Vec<String>,
+    method: AuthMethod,
+) -> Validator {
+    Validator {
+        provider: p.name.clone(),
+        issuer: p.issuer.clone().unwrap_or_default(),
+        audiences,
+        algorithms: algorithms(p),
+        hs_key: p
+            .hs_secret
+            .as_ref()
+            .map(|s| DecodingKey::from_secret(s.as_bytes())),
+        skew: p.clock_skew.0.as_secs(),
+        require_exp: p.require_exp,
+        max_size: p.max_token_size.0 as usize,
+        claims: p.claims.clone(),
+        keys,
+        cache: TokenCache::new(p.cache_size),
+        cache_ttl: p.cache_ttl.0,
+        method,
+    }
+}
+
+fn build_provider(p: &Provider, session_ttl: Duration) -> Result<ProviderRt, Error> {
+    let mut tasks = Vec::new();
+    let verifier = match p.kind {
+        ProviderKind::Oidc | ProviderKind::Jwt | ProviderKind::DevIssuer => {
+            let (source, inline) = match p.kind {
+                ProviderKind::Oidc => (
+                    Source::Discovery(p.issuer.clone().unwrap_or_default()),
+                    None,
+                ),
+                ProviderKind::DevIssuer => {
+                    let path = p.key_file.clone().unwrap_or_default();
+                    let key = crate::dev::load_or_create(std::path::Path::new(&path))
+                        .map_err(|e| perr(p, e))?;
+                    (Source::Inline, Some(key.key_set()))
+                }
+                _ => match (&p.jwks_uri, &p.jwks_file, &p.keys) {
+                    (Some(u), _, _) => (Source::Uri(u.clone()), None),
+                    (_, Some(f), _) => (Source::File(f.into()), None),
+                    (_, _, Some(k)) => (
+                        Source::Inline,
+                        Some(KeySet::from_values(k).map_err(|e| perr(p, e))?),
+                    ),
+                    _ => (Source::Inline, Some(KeySet::default())),
+                },
+            };
+            let keys = Arc::new(KeySource::new(&p.name, source, inline, p.jwks_refresh.0));
+            tasks.push(TaskGuard(keys.spawn_refresher()));
+            let validator = Arc::new(token_validator(
+                p,
+                keys.clone(),
+                p.audiences.clone(),
+                AuthMethod::Jwt,
+            ));
+            let login = match (&p.client_id, &p.client_secret) {
+                (Some(id), Some(secret)) if p.kind == ProviderKind::Oidc => {
+                    let idv = Arc::new(token_validator(
+                        p,
+                        keys,
+                        vec![id.clone()],
+                        AuthMethod::Session,
+                    ));
+                    Some(Arc::new(OidcClient::new(
+                        &p.name,
+                        id.clone(),
+                        secret.clone(),
+                        p.scopes.clone(),
+                        p.redirect_url.clone(),
+                        idv,
+                        session_ttl,
+                    )))
+                }
+                _ => None,
+            };
+            Verifier::Token { validator, login }
+        }
+        ProviderKind::ApiKey => {
+            let path = p.keys_file.clone().unwrap_or_default();
+            Verifier::ApiKey(Arc::new(
+                KeyStore::open(&p.name, path.into()).map_err(|e| perr(p, e))?,
+            ))
+        }
+        ProviderKind::Mtls => Verifier::Mtls(p.identity_from.clone()),
+    };
+    Ok(ProviderRt {
+        name: p.name.clone(),
+        kind: p.kind,
+        issuer: p.issuer.clone(),
+        fingerprint: String::new(),
+        verifier,
+        _tasks: tasks,
+    })
+}
+
+impl Engine {
+    /// Builds the engine for `cfg`, reusing unchanged providers from `prev`. Must run inside
+    /// a Tokio runtime (key refresh tasks are spawned).
+    pub fn build(cfg: &Config, prev: Option<&Engine>) -> Result<Engine, Error> {
+        let id = &cfg.identity;
+        let session_fp = format!("{:?}|{:?}", id.session, cfg.session_keys);
+        let mut providers = HashMap::new();
+        for p in &id.providers {
+            let fp = format!("{p:?}|{:?}", id.session.ttl);
+            if let Some(old) = prev.and_then(|e| e.providers.get(&p.name)) {
+                if old.fingerprint == fp {
+                    providers.insert(p.name.clone(), old.clone());
+                    continue;
+                }
+            }
+            let mut rt = build_provider(p, id.session.ttl.0)?;
+            rt.fingerprint = fp;
+            providers.insert(p.name.clone(), Arc::new(rt));
+        }
+        let (signer, task) = match prev {
+            Some(e) if format!("{:?}", id.assertion) == format!("{:?}", cfg.identity.assertion) => {
+                (e.signer.clone(), e._signer_task.clone())
+            }
+            _ => {
+                let s = Arc::new(
+                    Signer::new(
+                        id.assertion.issuer.clone(),
+                        id.assertion.ttl.0,
+                        id.assertion.rotate_every.0,
+                    )
+                    .map_err(Error::Session)?,
+                );
+                let t = Arc::new(TaskGuard(s.spawn_rotation()));
+                (s, t)
+            }
+        };
+        let store = match prev {
+            Some(e) if e.session_fp == session_fp => e.store.clone(),
+            _ => Arc::new(Store::default()),
+        };
+        Ok(Engine {
+            providers,
+            sealer: Sealer::new(&cfg.session_keys),
+            store,
+            session: id.session.clone(),
+            signer,
+            _signer_task: task,
+            session_fp,
+        })
+    }
+
+    /// Waits (up to `limit`) for every provider's first key fetch, so the first requests
+    /// after start do not all race to fetch keys. Failures are logged; refresh continues.
+    pub async fn warm_up(&self, limit: Duration) {
+        let futs = self.providers.values().filter_map(|p| p.key_source().cloned()).map(|k| async move {
+            if k.keys().is_empty() || k.discovery.load().is_none() {
+                if let Ok(Err(e)) = tokio::time::timeout(limit, k.refresh()).await {
+                    tracing::warn!(provider = %k.provider, error = %e, "initial key fetch failed");
+                }
+            }
+        });
+        for f in futs {
+            f.await;
+        }
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRt>> {
+        self.providers.get(name)
+    }
+
+    /// The first provider of `allowed` that can run a browser login.
+    pub fn login_provider(&self, allowed: &[String]) -> Option<&Arc<OidcClient>> {
+        allowed.iter().find_map(|n| self.providers.get(n)?.login())
+    }
+
+    /// Authenticates a request against the providers a route accepts.
+    pub async fn authenticate(&self, allowed: &[String], c: &Credentials<'_>) -> Outcome {
+        if let Some(token) = c.bearer {
+            return self.bearer(allowed, token).await;
+        }
+        if let Some(key) = c.api_key {
+            let mut any = false;
+            for n in allowed {
+                if let Some(ProviderRt {
+                    verifier: crate::engine::Verifier::ApiKey(store),
+                    ..
+                }) = self.providers.get(n).map(|p| &**p)
+                {
+                    any = true;
+                    if let Ok(id) = store.verify(key) {
+                        return Outcome::Ok {
+                            identity: Arc::new(id),
+                            set_session: None,
+                        };
+                    }
+                }
+            }
+            return Outcome::Rejected(AuthError::new(if any {
+                "unknown, revoked or expired API key"
+            } else {
+                "API keys are not accepted on this route"
+            }));
+        }
+        if let (Some(cookie), Some(sealer)) = (c.session_cookie, &self.sealer) {
+            if let Some(s) = self.store.decode(sealer, cookie) {
+                return self.session(allowed, s, sealer, cookie).await;
+            }
+            // An unreadable or expired session: treat as no session.
+            return Outcome::SessionEnded;
+        }
+        if let Some(der) = c.client_cert {
+            for n in allowed {
+                if let Some(p) = self.providers.get(n) {
+                    if let Verifier::Mtls(from) = &p.verifier {
+                        return match crate::mtls::identity(&p.name, from, der) {
+                            Ok(id) => Outcome::Ok {
+                                identity: Arc::new(id),
+                                set_session: None,
+                            },
+                            Err(e) => Outcome::Rejected(e),
+                        };
+                    }
+                }
+            }
+        }
+        Outcome::Missing
+    }
+
+    async fn bearer(&self, allowed: &[String], token: &str) -> Outcome {
+        let iss = match peek(token) {
+            Ok(p) => p
+                .payload
+                .get("iss")
+                .and_then(|v| v.as_str())
+                .map(String::from),
+            Err(e) => return Outcome::Rejected(e),
+        };
+        let Some(iss) = iss else {
+            return Outcome::Rejected(AuthError::new("token has no `iss` claim"));
+        };
+        for n in allowed {
+            let Some(p) = self.providers.get(n) else {
+                continue;
+            };
+            if let Verifier::Token { validator, .. } = &p.verifier {
+                if p.issuer.as_deref().map(|i| i.trim_end_matches('/'))
+                    == Some(iss.trim_end_matches('/'))
+                {
+                    return match validator.validate(token).await {
+                        Ok(identity) => Outcome::Ok {
+                            identity,
+                            set_session: None,
+                        },
+                        Err(e) => Outcome::Rejected(e),
+                    };
+                }
+            }
+        }
+        let known = self
+            .providers
+            .values()
+            .any(|p| p.issuer.as_deref() == Some(iss.as_str()));
+        Outcome::Rejected(AuthError::new(if known {
+            "token issuer is not accepted on this route"
+        } else {
+            "token from an unknown issuer"
+        }))
+    }
+
+    async fn session(
+        &self,
+        allowed: &[String],
+        s: Session,
+        sealer: &Sealer,
+        cookie: &str,
+    ) -> Outcome {
+        if !allowed.iter().any(|a| a == &s.identity.provider) {
+            return Outcome::Rejected(AuthError::new(
+                "session is from a provider this route does not accept",
+            ));
+        }
+        let Some(login) = self
+            .providers
+            .get(&s.identity.provider)
+            .and_then(|p| p.login())
+        else {
+            return Outcome::SessionEnded;
+        };
+        if !login.needs_refresh(&s) {
+            return Outcome::Ok {
+                identity: Arc::new(s.identity),
+                set_session: None,
+            };
+        }
+        match login.refresh(&s).await {
+            Ok(fresh) => {
+                self.store.forget(sealer, cookie);
+                let set_session = self.store.encode(sealer, &fresh);
+                Outcome::Ok {
+                    identity: Arc::new(fresh.identity),
+                    set_session,
+                }
+            }
+            Err(e) => {
+                tracing::info!(provider = %s.identity.provider, reason = %e, "session refresh failed; login required");
+                self.store.forget(sealer, cookie);
+                Outcome::SessionEnded
+            }
+        }
+    }
+}

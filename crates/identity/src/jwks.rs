@@ -1,0 +1,402 @@
+//! Signing keys of a token issuer: from a JWKS URL (possibly found by OIDC discovery), a file
+//! or inline JWKs. Keys are fetched at start and refreshed periodically (honouring
+//! `Cache-Control: max-age`); an unknown `kid` triggers one rate-limited refetch with a
+//! negative cache; when the issuer is unreachable the last good keys stay in use.
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The kind of key, which decides which algorithms it may verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl KeyType {
+    /// Does this key type go with this algorithm? (Prevents key-confusion attacks.)
+    pub fn fits(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        matches!(
+            (self, alg),
+            (KeyType::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
+                | (KeyType::P256, ES256)
+                | (KeyType::P384, ES384)
+                | (KeyType::Ed25519, EdDSA)
+        )
+    }
+}
+
+pub struct Key {
+    pub kid: Option<String>,
+    pub kty: KeyType,
+    pub alg: Option<Algorithm>,
+    pub decoding: DecodingKey,
+}
+
+#[derive(Default)]
+pub struct KeySet {
+    by_kid: HashMap<String, Arc<Key>>,
+    no_kid: Vec<Arc<Key>>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document, keeping the signature keys we can use and skipping the rest.
+    pub fn parse(doc: &serde_json::Value) -> Result<KeySet, String> {
+        let keys = doc
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or("JWKS has no `keys` array")?;
+        Self::from_values(keys)
+    }
+
+    pub fn from_values(keys: &[serde_json::Value]) -> Result<KeySet, String> {
+        let mut set = KeySet::default();
+        for v in keys {
+            let Ok(jwk) = serde_json::from_value::<Jwk>(v.clone()) else {
+                continue;
+            };
+            if let Some(u) = &jwk.common.public_key_use {
+                if !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature) {
+                    continue;
+                }
+            }
+            let kty = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => KeyType::Rsa,
+                AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                    EllipticCurve::P256 => KeyType::P256,
+                    EllipticCurve::P384 => KeyType::P384,
+                    _ => continue,
+                },
+                AlgorithmParameters::OctetKeyPair(okp) => match okp.curve {
+                    EllipticCurve::Ed25519 => KeyType::Ed25519,
+                    _ => continue,
+                },
+                // Symmetric keys are never taken from a JWKS: HS* needs a configured secret.
+                AlgorithmParameters::OctetKey(_) => continue,
+            };
+            let alg = jwk.common.key_algorithm.and_then(key_alg);
+            let Ok(decoding) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            let key = Arc::new(Key {
+                kid: jwk.common.key_id.clone(),
+                kty,
+                alg,
+                decoding,
+            });
+            match &key.kid {
+                Some(k) => {
+                    set.by_kid.insert(k.clone(), key);
+                }
+                None => set.no_kid.push(key),
+            }
+        }
+        if set.by_kid.is_empty() && set.no_kid.is_empty() {
+            return Err("JWKS has no usable signature keys".into());
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Key>> {
+        match kid {
+            Some(k) => self.by_kid.get(k).cloned(),
+            // Without a kid, only an unambiguous key of the right type is used.
+            None => {
+                let mut fitting = self
+                    .no_kid
+                    .iter()
+                    .chain(self.by_kid.values())
+                    .filter(|k| k.kty.fits(alg));
+                match (fitting.next(), fitting.next()) {
+                    (Some(k), None) => Some(k.clone()),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    pub fn contains_kid(&self, kid: &str) -> bool {
+        self.by_kid.contains_key(kid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_kid.len() + self.no_kid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn key_alg(a: KeyAlgorithm) -> Option<Algorithm> {
+    use KeyAlgorithm as K;
+    Some(match a {
+        K::RS256 => Algorithm::RS256,
+        K::RS384 => Algorithm::RS384,
+        K::RS512 => Algorithm::RS512,
+        K::PS256 => Algorithm::PS256,
+        K::PS384 => Algorithm::PS384,
+        K::PS512 => Algorithm::PS512,
+        K::ES256 => Algorithm::ES256,
+        K::ES384 => Algorithm::ES384,
+        K::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// The parts of an OpenID Provider's discovery document portcullis uses.
+#[derive(Clone, Debug, Deserialize, Default)]
+pub struct Discovery {
+    pub issuer: String,
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub end_session_endpoint: Option<String>,
+    #[serde(default)]
+    pub id_token_signing_alg_values_supported: Vec<String>,
+}
+
+pub enum Source {
+    Uri(String),
+    File(PathBuf),
+    Inline,
+    /// OIDC discovery at `issuer/.well-known/openid-configuration`.
+    Discovery(String),
+}
+
+/// Shortest and longest time between two scheduled refreshes.
+const MIN_REFRESH: Duration = Duration::from_secs(30);
+const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// At most one refetch for unknown key ids per this period.
+const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(2);
+/// An unknown kid is not looked up again for this long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+pub struct KeySource {
+    pub provider: String,
+    source: Source,
+    keys: ArcSwap<KeySet>,
+    pub discovery: ArcSwap<Option<Discovery>>,
+    generation: AtomicU64,
+    last_fetch: Mutex<Option<Instant>>,
+    negative: Mutex<HashMap<String, Instant>>,
+    fallback_refresh: Duration,
+    fetch_lock: tokio::sync::Mutex<()>,
+    http: reqwest::Client,
+    file_stamp: Mutex<Option<SystemTime>>,
+}
+
+impl KeySource {
+    pub fn new(
+        provider: &str,
+        source: Source,
+        inline: Option<KeySet>,
+        fallback_refresh: Duration,
+    ) -> KeySource {
+        KeySource {
+            provider: provider.to_string(),
+            source,
+            keys: ArcSwap::from_pointee(inline.unwrap_or_default()),
+            discovery: ArcSwap::from_pointee(None),
+            generation: AtomicU64::new(0),
+            last_fetch: Mutex::new(None),
+            negative: Mutex::new(HashMap::new()),
+            fallback_refresh,
+            fetch_lock: tokio::sync::Mutex::new(()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .build()
+                .unwrap_or_default(),
+            file_stamp: Mutex::new(None),
+        }
+    }
+
+    pub fn keys(&self) -> arc_swap::Guard<Arc<KeySet>> {
+        self.keys.load()
+    }
+
+    /// Changes whenever a new key set is stored.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    fn store(&self, set: KeySet) {
+        self.keys.store(Arc::new(set));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.negative.lock().clear();
+    }
+
+    /// Fetches the keys now. Returns when to refresh next. On failure the old keys stay.
+    pub async fn refresh(&self) -> Result<Duration, String> {
+        let _g = self.fetch_lock.lock().await;
+        *self.last_fetch.lock() = Some(Instant::now());
+        match &self.source {
+            Source::Inline => Ok(MAX_REFRESH),
+            Source::File(p) => {
+                let stamp = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                if stamp.is_some()
+                    && *self.file_stamp.lock() == stamp
+                    && !self.keys.load().is_empty()
+                {
+                    return Ok(Duration::from_secs(2));
+                }
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let doc: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: invalid JSON: {e}", p.display()))?;
+                self.store(KeySet::parse(&doc)?);
+                *self.file_stamp.lock() = stamp;
+                Ok(Duration::from_secs(2))
+            }
+            Source::Uri(u) => self.fetch_jwks(u).await,
+            Source::Discovery(issuer) => {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    issuer.trim_end_matches('/')
+                );
+                let doc: Discovery = self
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .map_err(|e| format!("discovery at {url} failed: {e}"))?
+                    .json()
+                    .await
+                    .map_err(|e| format!("discovery at {url}: invalid document: {e}"))?;
+                if doc.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+                    return Err(format!(
+                        "discovery at {url} names issuer `{}`, expected `{issuer}`",
+                        doc.issuer
+                    ));
+                }
+                let jwks = doc.jwks_uri.clone();
+                self.discovery.store(Arc::new(Some(doc)));
+                self.fetch_jwks(&jwks).await
+            }
+        }
+    }
+
+    async fn fetch_jwks(&self, url: &str) -> Result<Duration, String> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("JWKS fetch from {url} failed: {e}"))?;
+        let max_age = resp
+            .headers()
+            .get(http::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_max_age);
+        let doc: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("JWKS from {url}: invalid JSON: {e}"))?;
+        self.store(KeySet::parse(&doc)?);
+        Ok(max_age
+            .unwrap_or(self.fallback_refresh)
+            .clamp(MIN_REFRESH, MAX_REFRESH))
+    }
+
+    /// Looks a key up, refetching once (rate-limited) when the kid is unknown.
+    pub async fn find(&self, kid: Option<&str>, alg: jsonwebtoken::Algorithm) -> Option<Arc<Key>> {
+        if let Some(k) = self.keys.load().get(kid, alg) {
+            return Some(k);
+        }
+        let kid_s = kid.unwrap_or("").to_string();
+        {
+            let neg = self.negative.lock();
+            if neg.get(&kid_s).is_some_and(|t| t.elapsed() < NEGATIVE_TTL) {
+                return None;
+            }
+        }
+        let recent = self
+            .last_fetch
+            .lock()
+            .is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL);
+        if !recent && !matches!(self.source, Source::Inline) {
+            tracing::info!(provider = %self.provider, kid = %kid_s.escape_debug(), "unknown key id: refetching keys");
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(provider = %self.provider, error = %e, "key refetch failed; keeping the last good keys");
+            }
+            if let Some(k) = self.keys.load().get(kid, alg) {
+                return Some(k);
+            }
+        }
+        let mut neg = self.negative.lock();
+        if neg.len() > 1024 {
+            neg.clear();
+        }
+        neg.insert(kid_s, Instant::now());
+        None
+    }
+
+    /// Keeps the keys fresh until the task is dropped.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = match me.refresh().await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(provider = %me.provider, error = %e, "key refresh failed; keeping the last good keys");
+                        Duration::from_secs(10)
+                    }
+                };
+                tokio::time::sleep(next).await;
+            }
+        })
+    }
+}
+
+fn parse_max_age(v: &str) -> Option<Duration> {
+    if v.split(',').any(|d| {
+        d.trim().eq_ignore_ascii_case("no-store") || d.trim().eq_ignore_ascii_case("no-cache")
+    }) {
+        return Some(MIN_REFRESH);
+    }
+    v.split(',')
+        .filter_map(|d| d.trim().strip_prefix("max-age="))
+        .find_map(|n| n.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_age() {
+        assert_eq!(
+            parse_max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(parse_max_age("no-store"), Some(MIN_REFRESH));
+        assert_eq!(parse_max_age("public"), None);
+    }
+
+    #[test]
+    fn key_types_fit_algorithms() {
+        assert!(KeyType::Rsa.fits(Algorithm::RS256));
+        assert!(!KeyType::Rsa.fits(Algorithm::HS256));
+        assert!(!KeyType::P256.fits(Algorithm::ES384));
+        assert!(KeyType::Ed25519.fits(Algorithm::EdDSA));
+    }
+}

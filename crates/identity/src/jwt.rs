@@ -1,0 +1,251 @@
+//! Bearer JWT validation for `oidc`, `jwt` and `dev_issuer` providers. Checks, in order: size,
+//! the header (`alg` on the allow-list and never `none`; no `crit`; key-bearing headers
+//! `jku`/`x5u`/`jwk`/`x5c` refused outright, never fetched), the key (by `kid`, with its type
+//! matching the algorithm; HS* only with the provider's own secret), the signature, then the
+//! claims (`iss` exact, `aud` contains a configured audience, `exp` required unless disabled,
+//! `nbf` and `iat` with clock skew). Verified tokens are cached by their exact bytes.
+
+use crate::cache::TokenCache;
+use crate::jwks::KeySource;
+use crate::{claims, now_secs, AuthError, AuthMethod, Identity};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use portcullis_config::ClaimMap;
+use serde_json::Value;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Validator {
+    pub provider: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Explicitly configured algorithms; empty means "what the issuer advertises, else the
+    /// common asymmetric ones".
+    pub algorithms: Vec<Algorithm>,
+    pub hs_key: Option<DecodingKey>,
+    pub skew: u64,
+    pub require_exp: bool,
+    pub max_size: usize,
+    pub claims: ClaimMap,
+    pub keys: Arc<KeySource>,
+    pub cache: TokenCache,
+    pub cache_ttl: Duration,
+    pub method: AuthMethod,
+}
+
+const DEFAULT_ASYMMETRIC: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::PS256,
+];
+
+fn reject(r: impl Into<String>) -> AuthError {
+    AuthError::new(r)
+}
+
+/// The unverified header and payload, decoded just enough to choose a key and a provider.
+pub struct Peek {
+    pub header: Value,
+    pub payload: Value,
+}
+
+/// Decodes the header and payload without verifying anything. Only for choosing which
+/// provider should verify a token; never trust the result.
+pub fn peek(token: &str) -> Result<Peek, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(_s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(reject("malformed token: not a compact JWS"));
+    };
+    let dec = |s: &str| -> Result<Value, AuthError> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(s.trim_end_matches('='))
+            .map_err(|_| reject("malformed token: bad base64url"))?;
+        serde_json::from_slice(&raw).map_err(|_| reject("malformed token: bad JSON"))
+    };
+    Ok(Peek {
+        header: dec(h)?,
+        payload: dec(p)?,
+    })
+}
+
+impl Validator {
+    fn allowed(&self) -> Vec<Algorithm> {
+        if !self.algorithms.is_empty() {
+            return self.algorithms.clone();
+        }
+        let mut out: Vec<Algorithm> = match &**self.keys.discovery.load() {
+            Some(d) if !d.id_token_signing_alg_values_supported.is_empty() => d
+                .id_token_signing_alg_values_supported
+                .iter()
+                .filter_map(|a| Algorithm::from_str(a).ok())
+                .filter(|a| !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+                .collect(),
+            _ => DEFAULT_ASYMMETRIC.to_vec(),
+        };
+        out.push(Algorithm::EdDSA);
+        out
+    }
+
+    /// Validates a bearer token and returns the identity it carries.
+    pub async fn validate(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
+        if token.len() > self.max_size {
+            return Err(reject(format!("token larger than {} bytes", self.max_size)));
+        }
+        let now = now_secs();
+        let keys = self.keys.keys();
+        if let Some(id) = self
+            .cache
+            .get(token.as_bytes(), now, |kid| keys.contains_kid(kid))
+        {
+            return Ok(id);
+        }
+        drop(keys);
+        let peek = peek(token)?;
+        let h = &peek.header;
+        for bad in ["jku", "x5u", "jwk", "x5c"] {
+            if h.get(bad).is_some() {
+                return Err(reject(format!(
+                    "token header carries `{bad}`: key-bearing headers are not accepted"
+                )));
+            }
+        }
+        if h.get("crit").is_some() {
+            return Err(reject(
+                "token header has `crit`: critical extensions are not supported",
+            ));
+        }
+        let alg_s = h
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject("token header has no `alg`"))?;
+        if alg_s.eq_ignore_ascii_case("none") {
+            return Err(reject("token algorithm `none` is never accepted"));
+        }
+        let alg = Algorithm::from_str(alg_s).map_err(|_| {
+            reject(format!(
+                "unsupported token algorithm `{}`",
+                alg_s.escape_debug()
+            ))
+        })?;
+        let kid = match h.get("kid") {
+            None => None,
+            Some(Value::String(k)) if k.len() <= 256 && k.chars().all(|c| !c.is_control()) => {
+                Some(k.as_str())
+            }
+            Some(_) => return Err(reject("token `kid` is not a reasonable key id")),
+        };
+        let is_hs = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let key_holder;
+        let key: &DecodingKey = if is_hs {
+            if !self.algorithms.contains(&alg) {
+                return Err(reject(format!(
+                    "token algorithm `{alg_s}` is not allowed for provider `{}`",
+                    self.provider
+                )));
+            }
+            self.hs_key.as_ref().ok_or_else(|| {
+                reject(format!(
+                    "token algorithm `{alg_s}` needs a shared secret, and provider `{}` has none",
+                    self.provider
+                ))
+            })?
+        } else {
+            if !self.allowed().contains(&alg) {
+                return Err(reject(format!(
+                    "token algorithm `{alg_s}` is not allowed for provider `{}`",
+                    self.provider
+                )));
+            }
+            key_holder = self.keys.find(kid, alg).await.ok_or_else(|| {
+                reject(format!(
+                    "no key `{}` for provider `{}`",
+                    kid.unwrap_or("").escape_debug(),
+                    self.provider
+                ))
+            })?;
+            if !key_holder.kty.fits(alg) || key_holder.alg.is_some_and(|a| a != alg) {
+                return Err(reject(format!(
+                    "key `{}` does not fit algorithm `{alg_s}`",
+                    kid.unwrap_or("")
+                )));
+            }
+            &key_holder.decoding
+        };
+        let mut v = Validation::new(alg);
+        v.leeway = self.skew;
+        v.validate_exp = self.require_exp;
+        v.validate_nbf = true;
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&self.audiences);
+        let mut required = vec!["iss", "aud"];
+        if self.require_exp {
+            required.push("exp");
+        }
+        v.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            reject(match e.kind() {
+                K::ExpiredSignature => "token expired".to_string(),
+                K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
+                K::InvalidIssuer => "token issuer does not match".to_string(),
+                K::InvalidAudience => "token audience does not match".to_string(),
+                K::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
+                K::InvalidSignature => "token signature is invalid".to_string(),
+                K::InvalidAlgorithm => "token algorithm does not match the key".to_string(),
+                other => format!("token rejected: {other:?}"),
+            })
+        })?;
+        let c = data.claims;
+        if let Some(iat) = c.get("iat").and_then(Value::as_u64) {
+            if iat > now + self.skew {
+                return Err(reject("token issued in the future (iat)"));
+            }
+        }
+        let identity = Arc::new(identity_from_claims(
+            &self.provider,
+            self.method,
+            &self.claims,
+            c,
+        )?);
+        let exp = identity.expires_at.unwrap_or(u64::MAX);
+        let until = exp.min(now + self.cache_ttl.as_secs());
+        self.cache.insert(
+            token.as_bytes(),
+            identity.clone(),
+            until,
+            kid.map(String::from),
+            now,
+        );
+        Ok(identity)
+    }
+}
+
+/// Builds an identity from verified claims.
+pub fn identity_from_claims(
+    provider: &str,
+    method: AuthMethod,
+    map: &ClaimMap,
+    c: Value,
+) -> Result<Identity, AuthError> {
+    let subject = claims::string(&c, "sub")
+        .or_else(|| claims::string(&c, &map.user))
+        .ok_or_else(|| reject("token has no `sub` claim"))?;
+    let user = claims::string(&c, &map.user).unwrap_or_else(|| subject.clone());
+    Ok(Identity {
+        provider: provider.to_string(),
+        method,
+        email: claims::string(&c, &map.email),
+        groups: claims::groups(&c, &map.groups),
+        expires_at: c.get("exp").and_then(Value::as_u64),
+        subject,
+        user,
+        claims: c,
+    })
+}
