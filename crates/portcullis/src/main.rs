@@ -30,8 +30,48 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Print a token from a `dev_issuer` provider (for the quickstart and tests).
+    Token {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The dev_issuer provider's name.
+        #[arg(long, default_value = "dev")]
+        provider: String,
+        #[arg(long)]
+        user: String,
+        /// Comma-separated groups.
+        #[arg(long, default_value = "", value_delimiter = ',')]
+        groups: Vec<String>,
+        #[arg(long)]
+        email: Option<String>,
+        /// Lifetime, like `1h` or `15m`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Audience; default the provider's first.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+    /// API key tools.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Make a new key: prints the key once, and the entry to add to the keys file.
+    New {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "", value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Key id; default `<user>-<random>`.
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 fn init_logging(format: &str) {
@@ -52,6 +92,33 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Token {
+            config,
+            provider,
+            user,
+            groups,
+            email,
+            ttl,
+            audience,
+        } => token(
+            &config,
+            &provider,
+            &user,
+            &groups,
+            email.as_deref(),
+            &ttl,
+            audience.as_deref(),
+        ),
+        Command::Apikey {
+            command: ApikeyCommand::New { user, groups, id },
+        } => {
+            let groups: Vec<String> = groups.into_iter().filter(|g| !g.is_empty()).collect();
+            let id = id.unwrap_or_else(|| format!("{user}-{}", &uuid_like()[..8]));
+            let (key, entry) = portcullis_identity::apikey::new_key(&id, &user, &groups);
+            println!("API key (shown once, store it now):\n\n  {key}\n");
+            println!("Add this entry under `keys:` in the provider's keys_file:\n\n{entry}");
             ExitCode::SUCCESS
         }
         Command::Check { config } => match portcullis_config::load(&config) {
@@ -100,6 +167,82 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(run(cfg))
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+fn token(
+    config: &std::path::Path,
+    provider: &str,
+    user: &str,
+    groups: &[String],
+    email: Option<&str>,
+    ttl: &str,
+    audience: Option<&str>,
+) -> ExitCode {
+    let cfg = match portcullis_config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            for d in &e.0 {
+                eprintln!("{d}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let Some(p) = cfg.identity.providers.iter().find(|p| p.name == provider) else {
+        eprintln!("error: no provider `{provider}` in {}", config.display());
+        return ExitCode::from(1);
+    };
+    if p.kind != portcullis_config::ProviderKind::DevIssuer {
+        eprintln!("error: provider `{provider}` is not a dev_issuer; only dev_issuer providers can mint tokens");
+        return ExitCode::from(1);
+    }
+    let ttl = match portcullis_config::units::parse_duration(ttl) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --ttl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let key_file = p.key_file.clone().unwrap_or_default();
+    let key = match portcullis_identity::dev::load_or_create(std::path::Path::new(&key_file)) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let groups: Vec<String> = groups.iter().filter(|g| !g.is_empty()).cloned().collect();
+    let aud = audience
+        .or(p.audiences.first().map(String::as_str))
+        .unwrap_or("portcullis");
+    match key.mint(
+        p.issuer.as_deref().unwrap_or_default(),
+        aud,
+        user,
+        &groups,
+        email,
+        ttl.as_secs(),
+    ) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
         }
     }
 }

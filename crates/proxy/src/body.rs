@@ -31,6 +31,12 @@ pub fn empty() -> RespBody {
 #[error("request body exceeds the limit of {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// The client's request body failed (malformed chunked framing, a reset): the client's
+/// fault, answered with 400 and not held against the server.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBody(#[source] pub BoxError);
+
 /// Passes a request body through, counting bytes and failing once it exceeds `limit`.
 pub struct Limited<B> {
     inner: B,
@@ -69,7 +75,7 @@ where
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBody(e.into()))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -81,6 +87,59 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body whose first frame was already read (to check it before a server is picked),
+/// followed by the rest.
+pub struct Prepend<B> {
+    first: Option<Frame<Bytes>>,
+    inner: B,
+}
+
+impl<B> Prepend<B> {
+    pub fn new(first: Frame<Bytes>, inner: B) -> Self {
+        Prepend {
+            first: Some(first),
+            inner,
+        }
+    }
+}
+
+impl<B> Body for Prepend<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut h = SizeHint::new();
+        h.set_lower(inner.lower() + first);
+        if let Some(u) = inner.upper() {
+            h.set_upper(u + first);
+        }
+        h
     }
 }
 

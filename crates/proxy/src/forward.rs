@@ -3,7 +3,9 @@
 //! a short, clear response (400, 404, 413, 502, 503, 504); nothing on this path panics on
 //! client input.
 
-use crate::body::{empty, full, Limited, OnDone, ReqBody, RespBody, TooLarge, Tracked};
+use crate::body::{
+    empty, full, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
+};
 use crate::pool::{ConnectError, Sender};
 use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt, Snapshot};
@@ -27,6 +29,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
+    /// The verified client certificate (DER), when the listener asked for one.
+    pub client_cert: Option<Arc<Vec<u8>>>,
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -106,24 +110,38 @@ fn has_dot_segments(path: &str) -> bool {
 
 /// Lower-cases the host and removes the port. Returns None for a malformed host.
 fn normalize_host(raw: &str) -> Option<String> {
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        let end = rest.find(']')?;
-        &raw[..end + 2]
+    // Split off the port: after `]` for an IPv6 literal, else after the last `:`.
+    let (host, port) = if raw.starts_with('[') {
+        let end = raw.find(']')?;
+        (&raw[..=end], &raw[end + 1..])
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, p)| {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                raw
-            }
-        })
+        match raw.rfind(':') {
+            Some(i) => (&raw[..i], &raw[i..]),
+            None => (raw, ""),
+        }
     };
-    if host.is_empty()
-        || host.len() > 253
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
-    {
+    let port_ok = match port.strip_prefix(':') {
+        // `host:` is allowed (RFC 3986 §3.2.3); otherwise a decimal port up to 65535.
+        Some(p) => {
+            p.is_empty() || (p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok())
+        }
+        None => port.is_empty(),
+    };
+    let name_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            !v6.is_empty()
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
+        }
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        }
+    };
+    if !port_ok || !name_ok || host.len() > 253 {
         return None;
     }
     Some(host.to_ascii_lowercase())
@@ -133,6 +151,8 @@ struct Ctx {
     start: Instant,
     rid: String,
     record: AccessRecord,
+    /// A refreshed session cookie to set on the response.
+    set_cookie: Option<HeaderValue>,
 }
 
 /// The entry point for every proxied request.
@@ -167,6 +187,7 @@ pub async fn handle(
             ..Default::default()
         },
         rid,
+        set_cookie: None,
     };
     let resp = proxy(&shared, &snap, &conn, trusted, req, &mut ctx).await;
     match resp {
@@ -230,8 +251,15 @@ async fn proxy<'a>(
             None,
         ));
     }
+    // HTTP/2's :authority, and the authority of an HTTP/1 absolute-form target, win over the
+    // Host header (RFC 9112 §3.2.2), so routing and forwarding agree on one host. HTTP/1.1
+    // still requires a Host header.
     let raw_host = match parts.uri.authority() {
-        Some(a) if parts.version == Version::HTTP_2 => a.as_str().to_string(),
+        Some(a)
+            if parts.version != Version::HTTP_11 || parts.headers.contains_key(header::HOST) =>
+        {
+            a.as_str().to_string()
+        }
         _ => match parts.headers.get(header::HOST).map(|h| h.to_str()) {
             Some(Ok(h)) => h.to_string(),
             Some(Err(_)) => return Err((StatusCode::BAD_REQUEST, "invalid Host header\n", None)),
@@ -262,6 +290,15 @@ async fn proxy<'a>(
         return Err((StatusCode::BAD_REQUEST, "path has dot segments\n", None));
     }
 
+    if path.starts_with("/.portcullis/") || path == "/.well-known/portcullis/jwks.json" {
+        let query = parts.uri.query().unwrap_or("");
+        if let Some(r) =
+            crate::identify::endpoints(snap, conn, &parts.headers, path, query, &raw_host).await
+        {
+            finish_log(shared, std::mem::take(&mut ctx.record), ctx.start, r.status().as_u16(), 0, None);
+            return Ok(r);
+        }
+    }
     let Some(idx) = snap
         .router
         .route(&host, path, &parts.method, &parts.headers, &conn.listener)
@@ -272,6 +309,44 @@ async fn proxy<'a>(
     let backend = &route.backend;
     ctx.record.route = route.id.to_string();
     ctx.record.backend = backend.id.clone();
+
+    // Identify (and apply the route's allow rules) before anything reaches an origin.
+    let login_target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    match crate::identify::identify(
+        snap,
+        route,
+        conn,
+        &mut parts.headers,
+        &parts.method,
+        &raw_host,
+        &login_target,
+        &ctx.rid,
+    )
+    .await
+    {
+        crate::identify::Step::Continue {
+            identity,
+            set_cookie,
+        } => {
+            if let Some(id) = &identity {
+                ctx.record.user = id.user.clone();
+                ctx.record.provider = id.provider.clone();
+            }
+            ctx.set_cookie = set_cookie;
+        }
+        crate::identify::Step::Respond(r, reason) => {
+            let status = r.status().as_u16();
+            tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, status, %reason, "request refused by identity");
+            route.by_class[status_class(status)].inc();
+            finish_log(shared, std::mem::take(&mut ctx.record), ctx.start, status, 0, Some(reason));
+            return Ok(r);
+        }
+    }
 
     if let Some(limit) = route.max_body {
         let declared = parts
@@ -388,10 +463,37 @@ async fn proxy<'a>(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let body_empty = body.is_end_stream();
+    let chunked =
+        !body_empty && parts.version != Version::HTTP_2 && body.size_hint().exact().is_none();
     let replayable = body_empty && (idempotent || route.retry_non_idempotent);
     let seen = Arc::new(AtomicU64::new(0));
     let mut body: Option<ReqBody> =
         Some(Limited::new(body, route.max_body, seen.clone()).boxed_unsync());
+    // A chunked HTTP/1 body is checked before a server is picked: a malformed (or oversized)
+    // first chunk gets 400 (or 413) here, and never reaches an origin.
+    if chunked {
+        if let Some(mut b) = body.take() {
+            body = Some(match b.frame().await {
+                None => empty_req_body(),
+                Some(Ok(f)) => Prepend::new(f, b).boxed_unsync(),
+                Some(Err(e)) if e.is::<TooLarge>() => {
+                    return Err((
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                        Some(route),
+                    ));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "invalid request body");
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        "invalid request body\n",
+                        Some(route),
+                    ));
+                }
+            });
+        }
+    }
 
     // Hash key and sticky server.
     let key = backend
@@ -415,6 +517,8 @@ async fn proxy<'a>(
 
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
+    // This request's place in the retry budget while a retry of it is outstanding.
+    let mut retry_slot: Option<Decr> = None;
     let mut connect_ms = 0.0;
     loop {
         attempts += 1;
@@ -504,7 +608,9 @@ async fn proxy<'a>(
                     // The body was never sent: hand it back for the next attempt.
                     body = Some(req.into_body());
                 }
-                if backend.retry_connect && may_retry(backend, attempts, deadline).await {
+                if backend.retry_connect
+                    && may_retry(backend, attempts, deadline, &mut retry_slot).await
+                {
                     continue;
                 }
                 return Err(if timeout {
@@ -547,7 +653,7 @@ async fn proxy<'a>(
                 note_outcome(backend, si, true, false);
                 if replayable
                     && backend.retry_status.contains(&504)
-                    && may_retry(backend, attempts, deadline).await
+                    && may_retry(backend, attempts, deadline, &mut retry_slot).await
                 {
                     continue;
                 }
@@ -567,7 +673,7 @@ async fn proxy<'a>(
                     if !replayable {
                         body = Some(r.into_body());
                     }
-                    if may_retry(backend, attempts, deadline).await {
+                    if may_retry(backend, attempts, deadline, &mut retry_slot).await {
                         continue;
                     }
                     return Err((
@@ -584,6 +690,15 @@ async fn proxy<'a>(
                         Some(route),
                     ));
                 }
+                if caused_by::<ClientBody>(&err) {
+                    // The client's body broke, not the server: no retry, no outlier penalty.
+                    tracing::debug!(error = %err, "invalid request body");
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        "invalid request body\n",
+                        Some(route),
+                    ));
+                }
                 if h1_sender.is_none() {
                     state.pool.drop_h2();
                 }
@@ -591,7 +706,7 @@ async fn proxy<'a>(
                 tracing::debug!(server = %server.address, error = %err, "upstream request failed");
                 if replayable
                     && backend.retry_status.contains(&502)
-                    && may_retry(backend, attempts, deadline).await
+                    && may_retry(backend, attempts, deadline, &mut retry_slot).await
                 {
                     continue;
                 }
@@ -606,7 +721,7 @@ async fn proxy<'a>(
                 note_outcome(backend, si, status >= 500, false);
                 if replayable
                     && backend.retry_status.contains(&status)
-                    && may_retry(backend, attempts, deadline).await
+                    && may_retry(backend, attempts, deadline, &mut retry_slot).await
                 {
                     drop(resp);
                     drop(active);
@@ -640,6 +755,17 @@ fn empty_req_body() -> ReqBody {
     http_body_util::Empty::<Bytes>::new()
         .map_err(|e| match e {})
         .boxed_unsync()
+}
+
+fn caused_by<T: std::error::Error + 'static>(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<T>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn is_too_large(e: &hyper::Error) -> bool {
@@ -694,17 +820,26 @@ fn note_outcome(backend: &BackendRt, si: usize, failed_5xx: bool, connect_failur
 }
 
 /// Decides whether another attempt is allowed (attempt count, deadline, retry budget), and
-/// sleeps the backoff if so.
-async fn may_retry(backend: &BackendRt, attempts: u32, deadline: Option<Instant>) -> bool {
+/// sleeps the backoff if so. An allowed retry keeps its place in the budget (in `slot`)
+/// until the request's next retry decision or its end, so the budget bounds the retries
+/// actually outstanding at the origin, not just those backing off.
+async fn may_retry(
+    backend: &BackendRt,
+    attempts: u32,
+    deadline: Option<Instant>,
+    slot: &mut Option<Decr>,
+) -> bool {
     let r = &backend.retries;
     if attempts > r.attempts {
         return false;
     }
+    // The previous retry of this request is over: give its place back before asking again.
+    *slot = None;
     let in_flight = backend.in_flight.load(Ordering::Relaxed);
     let budget =
         ((in_flight as u64 * r.budget_percent as u64) / 100).max(r.min_retries_in_flight as u64);
     let current = backend.retries_in_flight.fetch_add(1, Ordering::Relaxed) as u64;
-    let _g = Decr(backend.retries_in_flight.clone());
+    let g = Decr(backend.retries_in_flight.clone());
     if current >= budget {
         tracing::debug!(backend = %backend.id, "retry budget exhausted");
         return false;
@@ -722,6 +857,7 @@ async fn may_retry(backend: &BackendRt, attempts: u32, deadline: Option<Instant>
     }
     backend.retry_counter.inc();
     tokio::time::sleep(sleep).await;
+    *slot = Some(g);
     true
 }
 
@@ -778,6 +914,9 @@ fn respond(
     strip_hop_by_hop(&mut parts.headers, false);
     if let Ok(v) = HeaderValue::from_str(&ctx.rid) {
         parts.headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    if let Some(c) = ctx.set_cookie.take() {
+        parts.headers.append(header::SET_COOKIE, c);
     }
     if let (Some(name), true) = (&backend.sticky_cookie, set_sticky) {
         let c = format!(
@@ -891,6 +1030,17 @@ mod tests {
         assert_eq!(normalize_host("[::1]:443").as_deref(), Some("[::1]"));
         assert_eq!(normalize_host("a b"), None);
         assert_eq!(normalize_host("evil/..").as_deref(), None);
+        assert_eq!(
+            normalize_host("example.com:").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(normalize_host("example.com:99999"), None);
+        assert_eq!(normalize_host("example.com:+80"), None);
+        assert_eq!(normalize_host("a:b"), None);
+        assert_eq!(normalize_host("a:1:2"), None);
+        assert_eq!(normalize_host("[::1]x"), None);
+        assert_eq!(normalize_host("[]:80"), None);
+        assert_eq!(normalize_host("user@example.com"), None);
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //! and performs hot reloads.
 
 pub mod admin;
+pub mod authorize;
 pub mod balance;
 pub mod body;
 pub mod echo;
 pub mod forward;
 pub mod health;
+pub mod identify;
 pub mod listen;
 pub mod pool;
 pub mod record;
@@ -48,6 +50,8 @@ pub enum Error {
     },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("{0}")]
+    Identity(#[from] portcullis_identity::Error),
 }
 
 /// What the request path needs, shared by every connection.
@@ -89,7 +93,9 @@ impl Runtime {
         let access = record::AccessLog::start(&config.access_log.path).map_err(Error::AccessLog)?;
         let registry = StateRegistry::default();
         let config = Arc::new(config);
-        let snap = Snapshot::build(config.clone(), &registry, &metrics)?;
+        let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
+        engine.warm_up(Duration::from_secs(5)).await;
+        let snap = Snapshot::build(config.clone(), &registry, &metrics, engine)?;
         let listeners = listen::Listeners::default();
         let prepared = listeners.prepare(&config.listeners)?;
         let shared = Arc::new(Shared {
@@ -198,7 +204,12 @@ impl Runtime {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
         let config = Arc::new(config);
-        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics)
+        let engine = Arc::new(
+            portcullis_identity::Engine::build(&config, Some(&current.identity))
+                .map_err(|e| e.to_string())?,
+        );
+        engine.warm_up(Duration::from_secs(5)).await;
+        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics, engine)
             .map_err(|e| e.to_string())?;
         let prepared = self
             .listeners
@@ -246,11 +257,25 @@ impl Runtime {
 
     fn spawn_file_watcher(self: &Arc<Self>) {
         use notify::{RecursiveMode, Watcher};
+        use std::collections::HashSet;
+        // Only the config files themselves, and new files in include directories, count: a
+        // log file written next to the config must not trigger reloads, nor keep the
+        // debounce below from ever settling.
+        type Relevant = (HashSet<PathBuf>, HashSet<PathBuf>);
+        let relevant: Arc<parking_lot::RwLock<Relevant>> = Arc::default();
+        let filter = relevant.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
                 if !ev.kind.is_access() {
-                    let _ = tx.send(());
+                    let (files, dirs) = &*filter.read();
+                    let hit = ev
+                        .paths
+                        .iter()
+                        .any(|p| files.contains(p) || p.parent().is_some_and(|d| dirs.contains(d)));
+                    if hit {
+                        let _ = tx.send(());
+                    }
                 }
             }
         });
@@ -261,7 +286,7 @@ impl Runtime {
                 return;
             }
         };
-        let watch_all = |w: &mut notify::RecommendedWatcher, cfg: &Config| {
+        let watch_all = move |w: &mut notify::RecommendedWatcher, cfg: &Config| {
             // Watch directories, so editors that replace files (rename over) are seen too.
             let mut dirs: Vec<PathBuf> = cfg
                 .files
@@ -274,14 +299,20 @@ impl Runtime {
             for d in dirs {
                 let _ = w.watch(&d, RecursiveMode::NonRecursive);
             }
+            *relevant.write() = (
+                cfg.files.iter().cloned().collect(),
+                cfg.watch_dirs.iter().cloned().collect(),
+            );
         };
         watch_all(&mut watcher, &self.shared.snapshot.load().config);
         let rt = self.clone();
         tokio::spawn(async move {
             let mut watcher = watcher;
             while rx.recv().await.is_some() {
-                // Debounce: wait for the burst of events from one save to settle.
-                loop {
+                // Debounce: wait for the burst of events from one save to settle (but not
+                // forever, if something keeps writing).
+                let first = tokio::time::Instant::now();
+                while first.elapsed() < Duration::from_secs(2) {
                     match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
                         Ok(Some(())) => continue,
                         Ok(None) => return,

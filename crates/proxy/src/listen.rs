@@ -292,6 +292,7 @@ async fn serve(
                 peer,
                 listener,
                 tls: false,
+                client_cert: None,
             });
             run_http(IdleIo::new(tcp, idle), conn, &s, shared, watcher).await
         }
@@ -308,10 +309,17 @@ async fn serve(
                     return;
                 }
             };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec()));
             let conn = Arc::new(ConnInfo {
                 peer,
                 listener,
                 tls: true,
+                client_cert,
             });
             run_http(IdleIo::new(tls, idle), conn, &s, shared, watcher).await
         }

@@ -135,6 +135,10 @@ pub struct AccessRecord {
     pub route: String,
     pub backend: String,
     pub server: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
     pub attempts: u32,
     pub bytes_in: u64,
     pub bytes_out: u64,

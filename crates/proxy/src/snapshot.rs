@@ -59,6 +59,15 @@ pub struct BackendRt {
 
 pub struct RouteRt {
     pub id: Arc<str>,
+    pub public: bool,
+    pub auth: Vec<String>,
+    pub allow: Vec<portcullis_config::AllowRule>,
+    /// An `mtls` provider is among `auth`.
+    pub has_mtls: bool,
+    pub cert_required: bool,
+    pub upstream_headers: Vec<(http::HeaderName, String)>,
+    pub assertion: bool,
+    pub pass_token: bool,
     pub app: String,
     pub backend: Arc<BackendRt>,
     pub max_body: Option<u64>,
@@ -76,6 +85,10 @@ pub struct Snapshot {
     pub routes: Vec<RouteRt>,
     pub backends: Vec<Arc<BackendRt>>,
     pub trusted: Vec<ipnet::IpNet>,
+    pub identity: Arc<portcullis_identity::Engine>,
+    /// Headers no client may set on any route: every `headers.upstream` name of every route,
+    /// plus the assertion header (anything under `x-portcullis-` is also removed).
+    pub strip_headers: Vec<http::HeaderName>,
 }
 
 impl Snapshot {
@@ -83,6 +96,7 @@ impl Snapshot {
         config: Arc<Config>,
         registry: &StateRegistry,
         metrics: &Metrics,
+        identity: Arc<portcullis_identity::Engine>,
     ) -> Result<Snapshot, BuildError> {
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
@@ -176,8 +190,32 @@ impl Snapshot {
                     ])
                     .clone()
             });
+            let spec = &r.spec;
+            let has_mtls = spec.auth.iter().any(|a| {
+                identity
+                    .provider(a)
+                    .is_some_and(|p| p.kind == portcullis_config::ProviderKind::Mtls)
+            });
             routes.push(RouteRt {
                 id: Arc::from(r.id.as_str()),
+                public: spec.public,
+                auth: spec.auth.clone(),
+                allow: spec.allow.clone(),
+                has_mtls,
+                cert_required: spec.client_cert == Some(portcullis_config::CertMode::Required),
+                upstream_headers: spec
+                    .headers
+                    .upstream
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok()?,
+                            v.clone(),
+                        ))
+                    })
+                    .collect(),
+                assertion: spec.headers.assertion,
+                pass_token: spec.headers.pass_token,
                 app: r.app.clone(),
                 backend,
                 max_body: r.spec.max_body_size.map(|s| s.0),
@@ -190,7 +228,18 @@ impl Snapshot {
                     .clone(),
             });
         }
+        let mut strip_headers: Vec<http::HeaderName> = config
+            .routes
+            .iter()
+            .flat_map(|r| r.spec.headers.upstream.keys())
+            .filter_map(|k| http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        strip_headers.push(crate::identify::ASSERTION_HEADER.clone());
+        strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        strip_headers.dedup();
         Ok(Snapshot {
+            identity,
+            strip_headers,
             router: Router::build(&config.routes),
             version: config.version.clone(),
             trusted: config.trusted_proxies.clone(),

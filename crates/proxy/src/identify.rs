@@ -1,0 +1,483 @@
+//! The identify stage: strip every client-supplied identity header, find the caller's
+//! credential (bearer token, API key, session cookie, client certificate), turn it into an
+//! [`Identity`] through the route's providers, apply the route's `allow` rules, and attach
+//! the identity for the origin (header templates, the signed assertion, an optional bearer
+//! token). It also serves the login endpoints under `/.portcullis/` and the assertion JWKS.
+//!
+//! Requests without credentials get 401 with an RFC 6750 `WWW-Authenticate` header, or a
+//! 302 to the IdP when they come from a browser and the route has a login provider.
+
+use crate::body::{full, RespBody};
+use crate::forward::ConnInfo;
+use crate::snapshot::{RouteRt, Snapshot};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use portcullis_identity::engine::{Credentials, Outcome};
+use portcullis_identity::oidc::safe_return_to;
+use portcullis_identity::session::PreAuth;
+use portcullis_identity::{template, Identity};
+use std::sync::Arc;
+
+pub static ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-portcullis-assertion");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const PREAUTH_COOKIE: &str = "portcullis_auth";
+
+/// The result of identifying a request.
+pub enum Step {
+    /// Go on to the backend, with the caller's identity (None on public routes) and
+    /// possibly a refreshed session cookie to set on the response.
+    Continue {
+        identity: Option<Arc<Identity>>,
+        set_cookie: Option<HeaderValue>,
+    },
+    /// Answer now (401, 403 or a login redirect). The string is the reason, for the log.
+    Respond(Response<RespBody>, String),
+}
+
+/// Removes identity headers a client might try to set, on every route.
+pub fn strip_identity_headers(snap: &Snapshot, h: &mut HeaderMap) {
+    for n in &snap.strip_headers {
+        h.remove(n);
+    }
+    let prefixed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-portcullis-"))
+        .cloned()
+        .collect();
+    for n in prefixed {
+        h.remove(n);
+    }
+}
+
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Removes one cookie from the Cookie header(s), keeping the others for the origin.
+fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != name))
+        .map(String::from)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+fn quote_safe(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .take(200)
+        .collect()
+}
+
+fn unauthorized(rid: &str, error: Option<&str>) -> Response<RespBody> {
+    let challenge = match error {
+        Some(e) => format!(
+            "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+            quote_safe(e)
+        ),
+        None => "Bearer realm=\"portcullis\"".to_string(),
+    };
+    let mut r = Response::new(full(Bytes::from_static(b"authentication required\n")));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        h.insert(header::WWW_AUTHENTICATE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        h.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    r
+}
+
+pub fn forbidden(rid: &str) -> Response<RespBody> {
+    let mut r = Response::new(full(format!("forbidden (request id {rid})\n")));
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn redirect(location: &str, cookies: &[String]) -> Response<RespBody> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    r
+}
+
+fn cookie_attrs(secure: bool, path: &str, max_age: Option<u64>) -> String {
+    let mut s = format!("; Path={path}; HttpOnly; SameSite=Lax");
+    if secure {
+        s.push_str("; Secure");
+    }
+    if let Some(m) = max_age {
+        s.push_str(&format!("; Max-Age={m}"));
+    }
+    s
+}
+
+fn session_cookie(snap: &Snapshot, value: &str) -> String {
+    let s = &snap.identity.session;
+    format!(
+        "{}={value}{}",
+        s.cookie,
+        cookie_attrs(s.secure, "/", Some(s.ttl.0.as_secs()))
+    )
+}
+
+fn clear_cookie(name: &str, secure: bool, path: &str) -> String {
+    format!("{name}={}", cookie_attrs(secure, path, Some(0)))
+}
+
+fn wants_html(h: &HeaderMap) -> bool {
+    h.get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// `scheme://host` of the request, for building callback URLs.
+fn origin(conn: &ConnInfo, host: &str) -> String {
+    format!("{}://{host}", if conn.tls { "https" } else { "http" })
+}
+
+/// Identifies the caller of `route`. `parts` is modified: identity headers are stripped, the
+/// credential removed (unless passed on), and the identity headers for the origin added.
+pub async fn identify(
+    snap: &Snapshot,
+    route: &RouteRt,
+    conn: &ConnInfo,
+    headers: &mut HeaderMap,
+    method: &http::Method,
+    raw_host: &str,
+    path_and_query: &str,
+    rid: &str,
+) -> Step {
+    strip_identity_headers(snap, headers);
+    if route.public {
+        return Step::Continue {
+            identity: None,
+            set_cookie: None,
+        };
+    }
+    let engine = &snap.identity;
+    let authz = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (bearer, mut api_key) = match authz.as_deref().map(|a| a.split_once(' ')) {
+        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => {
+            (Some(v.trim().to_string()), None)
+        }
+        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("apikey") => {
+            (None, Some(v.trim().to_string()))
+        }
+        _ => (None, None),
+    };
+    if api_key.is_none() {
+        api_key = headers
+            .get(&X_API_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string());
+    }
+    let session_name = engine.session.cookie.clone();
+    let session = cookie(headers, &session_name).map(str::to_string);
+    let creds = Credentials {
+        bearer: bearer.as_deref(),
+        api_key: api_key.as_deref(),
+        session_cookie: session.as_deref(),
+        client_cert: if route.has_mtls {
+            conn.client_cert.as_deref().map(|v| v.as_slice())
+        } else {
+            None
+        },
+    };
+    let outcome = engine.authenticate(&route.auth, &creds).await;
+    let (identity, set_cookie) = match outcome {
+        Outcome::Ok {
+            identity,
+            set_session,
+        } => (identity, set_session.map(|v| session_cookie(snap, &v))),
+        Outcome::Rejected(e) => {
+            return Step::Respond(unauthorized(rid, Some(&e.reason)), e.reason);
+        }
+        ended @ (Outcome::Missing | Outcome::SessionEnded) => {
+            let ended = matches!(ended, Outcome::SessionEnded);
+            let mut clear = Vec::new();
+            if ended {
+                clear.push(clear_cookie(&session_name, engine.session.secure, "/"));
+            }
+            if wants_html(headers) && *method == http::Method::GET {
+                if let (Some(login), Some(sealer)) =
+                    (engine.login_provider(&route.auth), &engine.sealer)
+                {
+                    let redirect_uri = login.redirect_url.clone().unwrap_or_else(|| {
+                        format!("{}/.portcullis/callback", origin(conn, raw_host))
+                    });
+                    match login.start_login(&redirect_uri, path_and_query) {
+                        Ok((url, pre)) => {
+                            if let Some(sealed) = sealer.seal("preauth", &pre) {
+                                clear.push(format!(
+                                    "{PREAUTH_COOKIE}={sealed}{}",
+                                    cookie_attrs(engine.session.secure, "/.portcullis/", Some(600))
+                                ));
+                                return Step::Respond(
+                                    redirect(&url, &clear),
+                                    "login required".into(),
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
+                        }
+                    }
+                }
+            }
+            let reason = if ended {
+                "session ended"
+            } else {
+                "no credentials"
+            };
+            let mut r = unauthorized(rid, ended.then_some("session expired"));
+            for c in clear {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    r.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+            return Step::Respond(r, reason.into());
+        }
+    };
+    if !crate::authorize::allowed(route, &identity, method) {
+        return Step::Respond(
+            forbidden(rid),
+            format!("denied by route rules for {}", identity.user),
+        );
+    }
+
+    // The credential stays at the edge unless the route passes it on.
+    headers.remove(&X_API_KEY);
+    if session.is_some() {
+        remove_cookie(headers, &session_name);
+    }
+    headers.remove(header::AUTHORIZATION);
+    if route.pass_token {
+        if let Some(b) = &bearer {
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {b}")) {
+                headers.insert(header::AUTHORIZATION, v);
+            }
+        }
+    }
+    for (name, t) in &route.upstream_headers {
+        if let Ok(v) = HeaderValue::from_str(&template::render(t, &identity)) {
+            headers.insert(name.clone(), v);
+        }
+    }
+    if route.assertion {
+        match engine.signer.sign(&identity, &route.id) {
+            Ok(jwt) => {
+                if let Ok(v) = HeaderValue::from_str(&jwt) {
+                    headers.insert(ASSERTION_HEADER.clone(), v);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign assertion"),
+        }
+    }
+    Step::Continue {
+        identity: Some(identity),
+        set_cookie: set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()),
+    }
+}
+
+fn query_param(q: &str, name: &str) -> Option<String> {
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves `/.portcullis/*` and `/.well-known/portcullis/jwks.json`. Returns None for any other path.
+pub async fn endpoints(
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+    path: &str,
+    query: &str,
+    raw_host: &str,
+) -> Option<Response<RespBody>> {
+    let engine = &snap.identity;
+    match path {
+        "/.well-known/portcullis/jwks.json" => {
+            let mut r = Response::new(full(engine.signer.jwks().to_string()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            );
+            Some(r)
+        }
+        "/.portcullis/callback" => Some(callback(snap, headers, query).await),
+        "/.portcullis/logout" => {
+            let secure = engine.session.secure;
+            let mut cookies = vec![clear_cookie(&engine.session.cookie, secure, "/")];
+            let mut session = None;
+            if let (Some(c), Some(sealer)) =
+                (cookie(headers, &engine.session.cookie), &engine.sealer)
+            {
+                session = engine.store.decode(sealer, c);
+                engine.store.forget(sealer, c);
+            }
+            cookies.push(clear_cookie(PREAUTH_COOKIE, secure, "/.portcullis/"));
+            let back = format!(
+                "{}{}",
+                origin(conn, raw_host),
+                safe_return_to(&query_param(query, "rd").unwrap_or_else(|| "/".into()))
+            );
+            let idp = session.as_ref().and_then(|s| {
+                engine
+                    .provider(&s.identity.provider)
+                    .and_then(|p| p.login())
+                    .and_then(|l| l.logout_url(Some(s), &back))
+            });
+            Some(redirect(idp.as_deref().unwrap_or(&back), &cookies))
+        }
+        _ if path.starts_with("/.portcullis/") => {
+            let mut r = Response::new(full(Bytes::from_static(b"not found\n")));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            Some(r)
+        }
+        _ => None,
+    }
+}
+
+async fn callback(snap: &Snapshot, headers: &HeaderMap, query: &str) -> Response<RespBody> {
+    let engine = &snap.identity;
+    let fail = |reason: &str| {
+        tracing::info!(target: "portcullis::auth", reason, "login callback refused");
+        let mut r = Response::new(full(format!("login failed: {}\n", quote_safe(reason))));
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    };
+    let Some(sealer) = &engine.sealer else {
+        return fail("browser login is not configured");
+    };
+    if let Some(err) = query_param(query, "error") {
+        return fail(&format!("the identity provider returned `{err}`"));
+    }
+    let Some(pre) =
+        cookie(headers, PREAUTH_COOKIE).and_then(|c| sealer.open::<PreAuth>("preauth", c))
+    else {
+        return fail("no login in progress (missing or invalid login cookie)");
+    };
+    let (Some(code), Some(state)) = (query_param(query, "code"), query_param(query, "state"))
+    else {
+        return fail("callback without code and state");
+    };
+    let Some(login) = engine.provider(&pre.provider).and_then(|p| p.login()) else {
+        return fail("the login's provider is no longer configured");
+    };
+    match login.finish_login(&pre, &code, &state).await {
+        Ok(session) => {
+            let Some(value) = engine.store.encode(sealer, &session) else {
+                return fail("cannot seal the session");
+            };
+            tracing::info!(target: "portcullis::auth", provider = %pre.provider, user = %session.identity.user, "login succeeded");
+            let cookies = [
+                session_cookie(snap, &value),
+                clear_cookie(PREAUTH_COOKIE, engine.session.secure, "/.portcullis/"),
+            ];
+            redirect(&safe_return_to(&pre.return_to), &cookies)
+        }
+        Err(e) => fail(&e.reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_removed_individually() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "a=1; portcullis_session=xyz; b=2".parse().unwrap(),
+        );
+        remove_cookie(&mut h, "portcullis_session");
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(percent_decode("a%2Fb+c%zz"), "a/b c%zz");
+        assert_eq!(
+            query_param("x=1&rd=%2Fapp%3Fq", "rd").as_deref(),
+            Some("/app?q")
+        );
+    }
+}
