@@ -384,6 +384,28 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         return Err(Error(diags));
     }
     let warnings = dev_warnings(&listeners, &routes, &provider_kinds);
+    // The version covers what the YAML points at too: expanded secrets and the TLS files
+    // that are read once, so rotating a `${file:}` secret or a CA file and reloading
+    // actually takes effect.
+    if let Some(a) = &admin {
+        a.tokens.hash(&mut hasher);
+    }
+    format!("{identity:?}").hash(&mut hasher);
+    session_keys.hash(&mut hasher);
+    let mut referenced: Vec<&str> = Vec::new();
+    for l in &listeners {
+        if let Some(t) = &l.tls {
+            referenced.extend(t.client_auth.iter().map(|c| c.ca.as_str()));
+        }
+    }
+    for b in &backends {
+        if let Some(t) = &b.spec.tls {
+            referenced.extend([&t.ca, &t.client_cert, &t.client_key].into_iter().flatten().map(String::as_str));
+        }
+    }
+    for f in referenced {
+        std::fs::read(f).unwrap_or_default().hash(&mut hasher);
+    }
     let workers = root.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

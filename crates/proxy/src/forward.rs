@@ -31,6 +31,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The verified client certificate (DER), when the listener asked for one.
     pub client_cert: Option<Arc<Vec<u8>>>,
+    /// What the request-smuggling guard saw on this connection.
+    pub smuggle: Arc<crate::smuggle::Flags>,
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -241,9 +243,12 @@ async fn proxy<'a>(
 ) -> Result<Response<RespBody>, Fail<'a>> {
     let (mut parts, body) = req.into_parts();
 
-    // Request smuggling guard: hyper accepts both headers (and uses chunked); we refuse.
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    // Request smuggling guard: hyper accepts both headers (dropping Content-Length and
+    // using chunked); we refuse. See `smuggle` for how the dropped header is noticed.
+    let conflict = conn.smuggle.next_request_conflicts();
+    if conflict
+        || (parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.contains_key(header::CONTENT_LENGTH))
     {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -295,7 +300,14 @@ async fn proxy<'a>(
         if let Some(r) =
             crate::identify::endpoints(snap, conn, &parts.headers, path, query, &raw_host).await
         {
-            finish_log(shared, std::mem::take(&mut ctx.record), ctx.start, r.status().as_u16(), 0, None);
+            finish_log(
+                shared,
+                std::mem::take(&mut ctx.record),
+                ctx.start,
+                r.status().as_u16(),
+                0,
+                None,
+            );
             return Ok(r);
         }
     }
@@ -343,7 +355,14 @@ async fn proxy<'a>(
             let status = r.status().as_u16();
             tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, status, %reason, "request refused by identity");
             route.by_class[status_class(status)].inc();
-            finish_log(shared, std::mem::take(&mut ctx.record), ctx.start, status, 0, Some(reason));
+            finish_log(
+                shared,
+                std::mem::take(&mut ctx.record),
+                ctx.start,
+                status,
+                0,
+                Some(reason),
+            );
             return Ok(r);
         }
     }
@@ -393,6 +412,11 @@ async fn proxy<'a>(
     if let Some(u) = &upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, u.clone());
+    }
+    if !trusted {
+        // Other ways of claiming a client address are only believed from trusted proxies.
+        headers.remove(header::FORWARDED);
+        headers.remove(HeaderName::from_static("x-real-ip"));
     }
     let peer_ip = conn.peer.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {

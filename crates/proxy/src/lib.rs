@@ -21,6 +21,7 @@ pub mod listen;
 pub mod pool;
 pub mod record;
 pub mod route;
+pub mod smuggle;
 pub mod snapshot;
 pub mod state;
 pub mod tls;

@@ -286,6 +286,7 @@ async fn serve(
 ) {
     let cfg = &s.cfg;
     let idle = cfg.timeouts.idle.0;
+    let smuggle = Arc::new(crate::smuggle::Flags::default());
     match &s.tls {
         None => {
             let conn = Arc::new(ConnInfo {
@@ -293,8 +294,10 @@ async fn serve(
                 listener,
                 tls: false,
                 client_cert: None,
+                smuggle: smuggle.clone(),
             });
-            run_http(IdleIo::new(tcp, idle), conn, &s, shared, watcher).await
+            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle);
+            run_http(io, conn, &s, shared, watcher).await
         }
         Some((acceptor, _)) => {
             let hs = tokio::time::timeout(cfg.timeouts.client_header.0, acceptor.accept(tcp)).await;
@@ -320,8 +323,10 @@ async fn serve(
                 listener,
                 tls: true,
                 client_cert,
+                smuggle: smuggle.clone(),
             });
-            run_http(IdleIo::new(tls, idle), conn, &s, shared, watcher).await
+            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle);
+            run_http(io, conn, &s, shared, watcher).await
         }
     }
 }

@@ -1,0 +1,293 @@
+//! A request-smuggling guard for HTTP/1.1 client connections. hyper resolves a request that
+//! carries both `Content-Length` and `Transfer-Encoding` by dropping `Content-Length` (and
+//! closing the connection afterwards), so the handler cannot see the conflict. This wrapper
+//! watches the bytes the client sends, follows message boundaries (heads, fixed-length and
+//! chunked bodies), and records which request on the connection had both headers, so the
+//! handler can answer 400 and never forward it.
+//!
+//! It only reads what passes through; hyper still does the real parsing. On anything it does
+//! not understand (an h2 preface, an upgrade, a malformed head) it stops watching, since
+//! hyper then either rejects the request itself or leaves HTTP/1.1.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Shared between the wrapper and the request handler of one connection.
+#[derive(Default, Debug)]
+pub struct Flags {
+    /// 1-based index of the first request that had both headers; 0 if none.
+    pub conflict_at: AtomicU64,
+    /// Requests the handler has seen on this connection.
+    pub handled: AtomicU64,
+}
+
+impl Flags {
+    /// Called once per request by the handler: is this the conflicting request?
+    pub fn next_request_conflicts(&self) -> bool {
+        let n = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
+        self.conflict_at.load(Ordering::Relaxed) == n
+    }
+}
+
+enum State {
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd(u8),
+    Trailers,
+    Done,
+}
+
+/// Heads larger than this are hyper's problem (it answers 431); stop watching.
+const MAX_HEAD: usize = 256 * 1024;
+
+pub struct Guard<T> {
+    inner: T,
+    state: State,
+    head: Vec<u8>,
+    line: Vec<u8>,
+    seen: u64,
+    flags: Arc<Flags>,
+}
+
+impl<T> Guard<T> {
+    pub fn new(inner: T, flags: Arc<Flags>) -> Self {
+        Guard {
+            inner,
+            state: State::Head,
+            head: Vec::new(),
+            line: Vec::new(),
+            seen: 0,
+            flags,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Done => return,
+                State::Head => {
+                    // Skip blank lines between messages (RFC 9112 §2.2).
+                    if self.head.is_empty() {
+                        let skip = data
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let before = self.head.len();
+                    self.head.extend_from_slice(data);
+                    match self.parse_head() {
+                        Some(Some(used)) => {
+                            let consumed = used - before;
+                            data = &data[consumed..];
+                            self.head.clear();
+                        }
+                        Some(None) => {
+                            if self.head.len() > MAX_HEAD {
+                                self.state = State::Done;
+                            }
+                            return;
+                        }
+                        None => {
+                            self.state = State::Done;
+                            return;
+                        }
+                    }
+                }
+                State::Body(n) => {
+                    let take = (*n).min(data.len() as u64);
+                    *n -= take;
+                    data = &data[take as usize..];
+                    if *n == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::ChunkSize | State::Trailers => {
+                    let Some(i) = data.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(data);
+                        if self.line.len() > 4096 {
+                            self.state = State::Done;
+                        }
+                        return;
+                    };
+                    self.line.extend_from_slice(&data[..i]);
+                    data = &data[i + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                    if matches!(self.state, State::Trailers) {
+                        if line.is_empty() {
+                            self.state = State::Head;
+                        }
+                        continue;
+                    }
+                    let hex: Vec<u8> = line
+                        .iter()
+                        .take_while(|b| b.is_ascii_hexdigit())
+                        .copied()
+                        .collect();
+                    match std::str::from_utf8(&hex)
+                        .ok()
+                        .and_then(|h| u64::from_str_radix(h, 16).ok())
+                    {
+                        Some(0) => self.state = State::Trailers,
+                        Some(n) => self.state = State::ChunkData(n),
+                        None => self.state = State::Done,
+                    }
+                }
+                State::ChunkData(n) => {
+                    let take = (*n).min(data.len() as u64);
+                    *n -= take;
+                    data = &data[take as usize..];
+                    if *n == 0 {
+                        self.state = State::ChunkDataEnd(2);
+                    }
+                }
+                State::ChunkDataEnd(k) => {
+                    // The CRLF after chunk data.
+                    let take = (*k as usize).min(data.len());
+                    data = &data[take..];
+                    *k -= take as u8;
+                    if *k == 0 {
+                        self.state = State::ChunkSize;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Some(Some(len)) = complete head of `len` bytes; Some(None) = need more; None = stop.
+    fn parse_head(&mut self) -> Option<Option<usize>> {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(&self.head) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Some(None),
+            Err(_) => return None,
+        };
+        self.seen += 1;
+        let mut cl: Option<u64> = None;
+        let mut te = false;
+        let mut chunked = false;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                cl = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .or(Some(0));
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h.value.to_ascii_lowercase().ends_with(b"chunked");
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if te && cl.is_some() {
+            let _ = self.flags.conflict_at.compare_exchange(
+                0,
+                self.seen,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            // hyper closes the connection after this request: nothing more to follow.
+            self.state = State::Done;
+            return Some(Some(len));
+        }
+        self.state = if upgrade || req.method == Some("CONNECT") {
+            State::Done
+        } else if chunked {
+            State::ChunkSize
+        } else if te {
+            State::Done
+        } else {
+            match cl {
+                Some(0) | None => State::Head,
+                Some(n) => State::Body(n),
+            }
+        };
+        Some(Some(len))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            if !matches!(this.state, State::Done) {
+                this.feed(&buf.filled()[before..]);
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(chunks: &[&[u8]]) -> u64 {
+        let flags = Arc::new(Flags::default());
+        let mut g = Guard::new((), flags.clone());
+        for c in chunks {
+            g.feed(c);
+        }
+        flags.conflict_at.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn finds_the_conflicting_request_across_pipelined_messages() {
+        let a = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let b = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let c = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
+        let all = [&a[..], &b[..], &c[..]].concat();
+        assert_eq!(run(&[&all]), 3);
+        // Byte by byte, the same answer.
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(run(&bytes), 3);
+        assert_eq!(run(&[&a[..], &b[..]]), 0);
+        // A body that merely contains header-like text is not a head.
+        let d = b"POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 49\r\n\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(run(&[&d[..]]), 0);
+    }
+}
