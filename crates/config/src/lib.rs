@@ -74,6 +74,8 @@ pub struct RouteDef {
     pub backend_id: String,
     /// Position in the config, used as the final tie-breaker between equally specific routes.
     pub order: usize,
+    /// Cedar policy files of the route's app and of the route itself (absolute paths).
+    pub policy_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +107,12 @@ pub struct Config {
     pub identity: Identity,
     /// Decoded session keys; the first encrypts, all decrypt.
     pub session_keys: Vec<[u8; 32]>,
+    /// Global Cedar policy files (absolute paths).
+    pub global_policies: Vec<PathBuf>,
+    pub policy: PolicySettings,
+    pub authorizers: Vec<AuthorizerCfg>,
+    /// The audit settings, with `dir` made absolute.
+    pub audit: AuditCfg,
     pub warnings: Vec<String>,
 }
 

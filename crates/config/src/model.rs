@@ -27,6 +27,16 @@ pub struct RootFile {
     pub shutdown_grace: Dur,
     #[serde(default)]
     pub identity: Identity,
+    /// Global Cedar policy files (globs), applied to every route that requires identity.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub policy: PolicySettings,
+    /// External decision functions, used by routes with `authorize_with`.
+    #[serde(default)]
+    pub authorizers: Vec<AuthorizerCfg>,
+    #[serde(default)]
+    pub audit: AuditCfg,
     #[serde(default)]
     pub backends: Vec<Backend>,
     #[serde(default)]
@@ -195,6 +205,9 @@ pub struct Apps {
 #[serde(deny_unknown_fields)]
 pub struct AppFile {
     pub name: String,
+    /// Cedar policy files (globs) applied to every route of this app.
+    #[serde(default)]
+    pub policies: Vec<String>,
     #[serde(default)]
     pub backends: Vec<Backend>,
     #[serde(default)]
@@ -589,9 +602,23 @@ pub struct Route {
     /// No identity needed. A route must say `public: true` or list `auth` providers.
     #[serde(default)]
     pub public: bool,
-    /// Who may use the route; any rule that matches allows. No rule means any identity.
+    /// Who may use the route: shorthand rules compiled to Cedar `permit` policies. Deny
+    /// wins, and with no rule and no policy nobody is allowed.
     #[serde(default)]
     pub allow: Vec<AllowRule>,
+    /// Shorthand rules compiled to Cedar `forbid` policies.
+    #[serde(default)]
+    pub deny: Vec<AllowRule>,
+    /// Cedar policy files (globs) for this route only.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// `false` is shadow mode: decisions are evaluated and recorded (`would_deny`) but not
+    /// enforced.
+    #[serde(default = "yes")]
+    pub enforce: bool,
+    /// External decision functions to ask after the policies allow; all must allow.
+    #[serde(default)]
+    pub authorize_with: Vec<String>,
     /// For `mtls` providers: is a client certificate `required` or `optional`?
     pub client_cert: Option<CertMode>,
     #[serde(default)]
@@ -609,6 +636,7 @@ pub enum CertMode {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AllowRule {
+    /// The caller is in any of these groups.
     #[serde(default)]
     pub groups: Vec<String>,
     #[serde(default)]
@@ -619,6 +647,146 @@ pub struct AllowRule {
     pub providers: Vec<String>,
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Path globs (`*` within a segment, `**` across segments).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Client address ranges.
+    #[serde(default)]
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Claim name to the exact (string) value it must have.
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Request headers (lower-cased) exposed to policies as `context.headers.<name>`.
+    #[serde(default)]
+    pub context_headers: Vec<String>,
+    /// Claims exposed to policies as principal tags (`principal.getTag("dept")`); string values.
+    #[serde(default)]
+    pub claims: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// An external decision function (the "Lambda authorizer" pattern).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizerCfg {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "d200ms")]
+    pub timeout: Dur,
+    /// Request headers sent along (lower-cased names).
+    #[serde(default)]
+    pub send: Vec<String>,
+    #[serde(default)]
+    pub cache: AuthorizerCache,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizerCache {
+    #[serde(default = "d30s")]
+    pub allow_ttl: Dur,
+    #[serde(default = "d5s")]
+    pub deny_ttl: Dur,
+    #[serde(default = "d10000")]
+    pub max_entries: usize,
+    /// Extra attributes in the cache key: `header:NAME`, `query:NAME` or `claim:PATH`.
+    #[serde(default)]
+    pub key: Vec<String>,
+}
+
+impl Default for AuthorizerCache {
+    fn default() -> Self {
+        AuthorizerCache {
+            allow_ttl: d30s(),
+            deny_ttl: d5s(),
+            max_entries: d10000(),
+            key: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    EveryRecord,
+    #[default]
+    Interval,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Overload {
+    /// The request waits for room in the queue.
+    #[default]
+    Wait,
+    /// The request is refused (503) rather than go unrecorded.
+    FailClosed,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditSink {
+    #[default]
+    File,
+    Stdout,
+    Off,
+}
+
+/// The tamper-evident audit trail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditCfg {
+    #[serde(default)]
+    pub sink: AuditSink,
+    /// Directory of the audit files (`audit-<n>.jsonl`).
+    #[serde(default = "audit_dir")]
+    pub dir: String,
+    #[serde(default)]
+    pub fsync: Fsync,
+    #[serde(default = "d100ms")]
+    pub fsync_interval: Dur,
+    #[serde(default = "d100mib")]
+    pub rotate_size: Size,
+    #[serde(default = "d24h")]
+    pub rotate_age: Dur,
+    #[serde(default = "d10000")]
+    pub queue: usize,
+    #[serde(default)]
+    pub on_overload: Overload,
+    /// Record allowed decisions too (denials, failures, admin actions and reloads are always
+    /// recorded).
+    #[serde(default = "yes")]
+    pub record_allows: bool,
+}
+
+impl Default for AuditCfg {
+    fn default() -> Self {
+        AuditCfg {
+            sink: AuditSink::File,
+            dir: audit_dir(),
+            fsync: Fsync::Interval,
+            fsync_interval: d100ms(),
+            rotate_size: d100mib(),
+            rotate_age: d24h(),
+            queue: d10000(),
+            on_overload: Overload::Wait,
+            record_allows: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -650,6 +818,21 @@ pub struct Match {
     pub headers: BTreeMap<String, String>,
 }
 
+fn d200ms() -> Dur {
+    Dur(Duration::from_millis(200))
+}
+fn d100ms() -> Dur {
+    Dur(Duration::from_millis(100))
+}
+fn d24h() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn d100mib() -> Size {
+    Size(100 * 1024 * 1024)
+}
+fn audit_dir() -> String {
+    "audit".into()
+}
 fn d1h() -> Dur {
     Dur(Duration::from_secs(3600))
 }

@@ -78,6 +78,7 @@ fn levenshtein(a: &str, b: &str) -> usize {
 
 struct AppSrc {
     name: String,
+    policies: Vec<PathBuf>,
     src: Source,
     backends: Vec<Backend>,
     routes: Vec<Route>,
@@ -103,8 +104,10 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut watch_dirs = Vec::new();
 
     // App bundles.
+    let global_policies = expand_globs(&root_src, "policies", &root.policies, &base, &mut diags);
     let mut apps = vec![AppSrc {
         name: "default".into(),
+        policies: Vec::new(),
         src: Source {
             path: root_path.clone(),
             spans: root_src.spans.clone(),
@@ -142,6 +145,17 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 files.push(file.clone());
                 match parse::<AppFile>(&file, &t) {
                     Ok(app) => apps.push(AppSrc {
+                        policies: {
+                            let asrc = Source {
+                                path: file.clone(),
+                                spans: SpanIndex::build(&t),
+                            };
+                            let abase = file
+                                .parent()
+                                .map(Path::to_path_buf)
+                                .unwrap_or_else(|| base.clone());
+                            expand_globs(&asrc, "policies", &app.policies, &abase, &mut diags)
+                        },
                         name: app.name,
                         src: Source {
                             path: file.clone(),
@@ -249,6 +263,44 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         AdminDef { bind, tokens }
     });
 
+    let mut authorizer_names = HashSet::new();
+    for (i, a) in root.authorizers.iter().enumerate() {
+        let at = format!("authorizers[{i}]");
+        if !valid_name(&a.name) {
+            diags.push(root_src.diag(&format!("{at}.name"), name_msg("authorizer", &a.name)));
+        }
+        if !authorizer_names.insert(a.name.clone()) {
+            diags.push(root_src.diag(
+                &format!("{at}.name"),
+                format!("duplicate authorizer name `{}`", a.name),
+            ));
+        }
+        if !(a.url.starts_with("http://") || a.url.starts_with("https://")) {
+            diags.push(root_src.diag(
+                &format!("{at}.url"),
+                format!(
+                    "authorizer url `{}` must start with http:// or https://",
+                    a.url
+                ),
+            ));
+        }
+        for (j, k) in a.cache.key.iter().enumerate() {
+            let ok = ["header:", "query:", "claim:"]
+                .iter()
+                .any(|p| k.strip_prefix(p).is_some_and(|r| !r.is_empty()));
+            if !ok {
+                diags.push(root_src.diag(
+                    &format!("{at}.cache.key[{j}]"),
+                    format!("cache key `{k}` must be `header:NAME`, `query:NAME` or `claim:PATH`"),
+                ));
+            }
+        }
+    }
+    let mut audit = root.audit.clone();
+    audit.dir = base.join(&audit.dir).to_string_lossy().into_owned();
+    if audit.queue == 0 {
+        diags.push(root_src.diag("audit.queue", "audit.queue must be at least 1"));
+    }
     let mut identity = root.identity.clone();
     let session_keys = check_identity(&root_src, &mut identity, &base, &mut diags);
     let provider_kinds: HashMap<String, ProviderKind> = identity
@@ -364,12 +416,70 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
             check_match(&app.src, &format!("{at}.match"), &r.matcher, &mut diags);
             check_route_identity(&app.src, &at, r, &provider_kinds, &mut diags);
+            for (j, a) in r.authorize_with.iter().enumerate() {
+                if !root.authorizers.iter().any(|x| &x.name == a) {
+                    diags.push(app.src.diag(
+                        &format!("{at}.authorize_with[{j}]"),
+                        format!("route `{}` names authorizer `{a}`, which does not exist: define it under `authorizers:`", r.name),
+                    ));
+                }
+            }
+            if r.public
+                && (!r.authorize_with.is_empty() || !r.policies.is_empty() || !r.deny.is_empty())
+            {
+                diags.push(app.src.diag(&at, format!("route `{}` is public: `policies`, `deny` and `authorize_with` need an identity", r.name)));
+            }
+            for (kind, rules) in [("allow", &r.allow), ("deny", &r.deny)] {
+                for (j, rule) in rules.iter().enumerate() {
+                    for (k, p) in rule.paths.iter().enumerate() {
+                        if !p.starts_with('/') {
+                            diags.push(app.src.diag(
+                                &format!("{at}.{kind}[{j}].paths[{k}]"),
+                                format!("path glob `{p}` must start with `/`"),
+                            ));
+                        }
+                    }
+                    for (k, m) in rule.methods.iter().enumerate() {
+                        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                            diags.push(app.src.diag(
+                                &format!("{at}.{kind}[{j}].methods[{k}]"),
+                                format!("invalid method `{m}`: write it in upper case, like `GET`"),
+                            ));
+                        }
+                    }
+                    for (p, k) in [(&rule.providers, "providers")] {
+                        for (q, name) in p.iter().enumerate() {
+                            if !provider_kinds.contains_key(name) {
+                                diags.push(app.src.diag(
+                                    &format!("{at}.{kind}[{j}].{k}[{q}]"),
+                                    format!("unknown provider `{name}`"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            let rbase = app
+                .src
+                .path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| base.clone());
+            let mut policy_files = app.policies.clone();
+            policy_files.extend(expand_globs(
+                &app.src,
+                &format!("{at}.policies"),
+                &r.policies,
+                &rbase,
+                &mut diags,
+            ));
             routes.push(RouteDef {
                 id,
                 app: app.name.clone(),
                 spec: r.clone(),
                 backend_id,
                 order,
+                policy_files,
             });
             order += 1;
         }
@@ -400,7 +510,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     }
     for b in &backends {
         if let Some(t) = &b.spec.tls {
-            referenced.extend([&t.ca, &t.client_cert, &t.client_key].into_iter().flatten().map(String::as_str));
+            referenced.extend(
+                [&t.ca, &t.client_cert, &t.client_key]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            );
         }
     }
     for f in referenced {
@@ -427,7 +542,47 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         routes,
         identity,
         session_keys,
+        global_policies,
+        policy: root.policy.clone(),
+        authorizers: root.authorizers.clone(),
+        audit,
     })
+}
+
+/// Expands policy file globs relative to `base`. A pattern that matches nothing is an error,
+/// so a typo cannot silently drop policies.
+fn expand_globs(
+    src: &Source,
+    at: &str,
+    patterns: &[String],
+    base: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (i, pat) in patterns.iter().enumerate() {
+        let full = base.join(pat);
+        match glob::glob(&full.to_string_lossy()) {
+            Ok(entries) => {
+                let mut found: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .filter(|p| p.is_file())
+                    .collect();
+                if found.is_empty() {
+                    diags.push(src.diag(
+                        &format!("{at}[{i}]"),
+                        format!("`{pat}` matches no file (looked in {})", base.display()),
+                    ));
+                }
+                found.sort();
+                out.extend(found);
+            }
+            Err(e) => diags.push(src.diag(
+                &format!("{at}[{i}]"),
+                format!("invalid pattern `{pat}`: {e}"),
+            )),
+        }
+    }
+    out
 }
 
 const ALGORITHMS: [&str; 12] = [
