@@ -776,6 +776,12 @@ fn check_route_identity(
     kinds: &HashMap<String, ProviderKind>,
     diags: &mut Vec<Diagnostic>,
 ) {
+    if !r.public && r.auth.is_empty() {
+        diags.push(src.diag(
+            at,
+            format!("route `{}` has no `auth` and is not `public: true`: routes are closed by default, so list the identity providers that may call it (`auth: [name]`) or mark it `public: true`", r.name),
+        ));
+    }
     if r.public && !r.auth.is_empty() {
         diags.push(src.diag(
             &format!("{at}.public"),
@@ -1164,7 +1170,7 @@ backends:
   - name: echo
     servers: [{ address: builtin:echo }]
 routes:
-  - { name: all, match: { path_prefix: / }, backend: echo }
+  - { name: all, match: { path_prefix: / }, backend: echo, public: true }
 apps:
   include: [\"apps/*.yaml\"]
 ";
@@ -1176,7 +1182,7 @@ apps:
         write(
             d.path(),
             "apps/billing.yaml",
-            "name: billing\nbackends:\n  - name: v2\n    balance: { hash: header:x-tenant }\n    servers: [{ address: \"127.0.0.1:9\" }]\nroutes:\n  - { name: api, match: { host: billing.example.com }, backend: v2 }\n",
+            "name: billing\nbackends:\n  - name: v2\n    balance: { hash: header:x-tenant }\n    servers: [{ address: \"127.0.0.1:9\" }]\nroutes:\n  - { name: api, match: { host: billing.example.com }, backend: v2, public: true }\n",
         );
         let c = crate::load(&root).unwrap();
         assert_eq!(c.routes.len(), 2);
@@ -1195,7 +1201,7 @@ apps:
         let root = write(
             d.path(),
             "p.yaml",
-            &GOOD.replace("backend: echo }", "bakend: echo }"),
+            &GOOD.replace("backend: echo,", "bakend: echo,"),
         );
         let e = crate::load(&root).unwrap_err();
         let s = e.to_string();

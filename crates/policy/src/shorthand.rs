@@ -1,0 +1,140 @@
+//! Shorthand rules (`allow:` and `deny:` on a route) compiled to Cedar. Each rule becomes one
+//! policy, a `permit` for `allow` and a `forbid` for `deny`, scoped to the route, with an id
+//! that names where it came from: `app/route/allow[1]` (1-based). Within a rule every listed
+//! condition must hold; a list matches if any of its entries does.
+
+use portcullis_config::AllowRule;
+
+/// A Cedar string literal.
+pub fn lit(s: &str) -> String {
+    format!("\"{}\"", s.escape_default())
+}
+
+fn any(conds: Vec<String>) -> Option<String> {
+    match conds.len() {
+        0 => None,
+        1 => conds.into_iter().next(),
+        _ => Some(format!("({})", conds.join(" || "))),
+    }
+}
+
+/// Cedar `like` patterns use `*` for any characters; `**` is the same here.
+fn like_pattern(glob: &str) -> String {
+    let g = glob.replace("**", "*");
+    let escaped: String = g
+        .chars()
+        .map(|c| match c {
+            '"' => "\\\"".to_string(),
+            '\\' => "\\\\".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    format!("\"{escaped}\"")
+}
+
+/// The Cedar text of one rule.
+pub fn compile(rule: &AllowRule, effect: &str, route_id: &str) -> String {
+    let mut conds = Vec::new();
+    conds.extend(any(rule
+        .groups
+        .iter()
+        .map(|g| format!("principal in Portcullis::Group::{}", lit(g)))
+        .collect()));
+    conds.extend(any(rule
+        .users
+        .iter()
+        .map(|u| {
+            format!(
+                "(principal.user == {0} || principal.subject == {0})",
+                lit(u)
+            )
+        })
+        .collect()));
+    conds.extend(any(rule
+        .emails
+        .iter()
+        .map(|e| {
+            format!(
+                "(principal has email && principal.email == {})",
+                lit(&e.to_ascii_lowercase())
+            )
+        })
+        .collect()));
+    conds.extend(any(rule
+        .providers
+        .iter()
+        .map(|p| format!("principal.provider == {}", lit(p)))
+        .collect()));
+    conds.extend(any(rule
+        .methods
+        .iter()
+        .map(|m| {
+            format!(
+                "action == Portcullis::Action::{}",
+                lit(crate::schema::action_for(m))
+            )
+        })
+        .collect()));
+    conds.extend(any(rule
+        .paths
+        .iter()
+        .map(|p| format!("context.path like {}", like_pattern(p)))
+        .collect()));
+    conds.extend(any(rule
+        .cidrs
+        .iter()
+        .map(|c| format!("context.ip.isInRange(ip({}))", lit(&c.to_string())))
+        .collect()));
+    for (k, v) in &rule.claims {
+        conds.push(format!(
+            "(principal.hasTag({0}) && principal.getTag({0}) == {1})",
+            lit(k),
+            lit(v)
+        ));
+    }
+    let head = format!(
+        "{effect}(principal, action, resource == Portcullis::Route::{})",
+        lit(route_id)
+    );
+    if conds.is_empty() {
+        format!("{head};")
+    } else {
+        format!("{head} when {{ {} }};", conds.join(" && "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_compile_to_cedar() {
+        let r = AllowRule {
+            groups: vec!["eng".into(), "ops".into()],
+            methods: vec!["GET".into()],
+            paths: vec!["/api/**".into()],
+            cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
+        let t = compile(&r, "permit", "billing/api");
+        assert_eq!(
+            t,
+            "permit(principal, action, resource == Portcullis::Route::\"billing/api\") when { (principal in Portcullis::Group::\"eng\" || principal in Portcullis::Group::\"ops\") && action == Portcullis::Action::\"GET\" && context.path like \"/api/*\" && context.ip.isInRange(ip(\"10.0.0.0/8\")) };"
+        );
+        cedar_policy::Policy::parse(None, &t).unwrap();
+        let empty = compile(&AllowRule::default(), "forbid", "a/b");
+        assert_eq!(
+            empty,
+            "forbid(principal, action, resource == Portcullis::Route::\"a/b\");"
+        );
+        let quote = compile(
+            &AllowRule {
+                users: vec!["x\"y".into()],
+                ..Default::default()
+            },
+            "permit",
+            "a/b",
+        );
+        cedar_policy::Policy::parse(None, &quote).unwrap();
+    }
+}
