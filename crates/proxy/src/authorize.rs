@@ -1,24 +1,117 @@
-//! The authorize stage, shorthand form: a route's `allow` rules (groups, users, emails,
-//! providers, methods). Any rule that matches allows; within a rule every listed condition
-//! must hold; a route with no rules allows any authenticated identity. A pure function of
-//! the route and the identity.
+//! The authorize stage: the route's Cedar policies (global, app, route files and the
+//! shorthand `allow`/`deny` rules) decide first; then the route's external authorizers, which
+//! must all allow too. Deny wins, and a route that requires identity denies by default. With
+//! `enforce: false` (shadow mode) a denial is recorded as `would_deny` and the request goes
+//! through. Every outcome carries its reasons for the audit trail.
 
-use crate::snapshot::RouteRt;
+use crate::forward::ConnInfo;
+use crate::snapshot::{RouteRt, Snapshot};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use portcullis_identity::Identity;
+use std::time::{Instant, SystemTime};
 
-pub fn allowed(route: &RouteRt, id: &Identity, method: &http::Method) -> bool {
-    if route.allow.is_empty() {
-        return true;
+/// What the authorize stage decided.
+pub struct Outcome {
+    /// Let the request through (true in shadow mode even when the policies deny).
+    pub pass: bool,
+    /// `allow`, `deny` or `would_deny`.
+    pub decision: &'static str,
+    pub reasons: Vec<String>,
+    /// The last authorizer consulted: (name, allowed, cached).
+    pub authorizer: Option<(String, bool, bool)>,
+    /// Headers the authorizers asked to add upstream.
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+    pub latency_us: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn authorize(
+    snap: &Snapshot,
+    route: &RouteRt,
+    conn: &ConnInfo,
+    identity: &Identity,
+    method: &http::Method,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> Outcome {
+    let start = Instant::now();
+    let client_subject = if identity.method == portcullis_identity::AuthMethod::Mtls {
+        Some(identity.subject.as_str())
+    } else {
+        None
+    };
+    let d = snap.policy.decide(
+        &route.id,
+        &portcullis_policy::RequestInfo {
+            identity,
+            method: method.as_str(),
+            host,
+            path,
+            query,
+            headers,
+            client_ip: conn.peer.ip(),
+            tls_client_subject: client_subject,
+            tls_client_cert: conn.client_cert.is_some(),
+            request_id,
+            now: SystemTime::now(),
+        },
+    );
+    let mut reasons: Vec<String> = d.reasons.iter().map(|r| format!("policy:{r}")).collect();
+    reasons.extend(d.errors.iter().map(|e| format!("error:{e}")));
+    if d.reasons.is_empty() && !d.allowed {
+        reasons.push("default deny: no policy permits this request".into());
     }
-    route.allow.iter().any(|r| {
-        (r.groups.is_empty() || r.groups.iter().any(|g| id.groups.contains(g)))
-            && (r.users.is_empty() || r.users.iter().any(|u| u == &id.user || u == &id.subject))
-            && (r.emails.is_empty()
-                || id
-                    .email
+    let mut allowed = d.allowed;
+    let mut authorizer = None;
+    let mut add_headers = Vec::new();
+    if allowed || !route.enforce {
+        for a in &route.authorize_with {
+            let v = a
+                .check(&portcullis_authorizer::Input {
+                    identity,
+                    route: &route.id,
+                    method: method.as_str(),
+                    host,
+                    path,
+                    query,
+                    headers,
+                })
+                .await;
+            reasons.push(format!(
+                "authorizer:{}:{}{}{}",
+                a.name(),
+                if v.allowed { "allow" } else { "deny" },
+                if v.cached { ":cached" } else { "" },
+                v.error
                     .as_ref()
-                    .is_some_and(|e| r.emails.iter().any(|x| x.eq_ignore_ascii_case(e))))
-            && (r.providers.is_empty() || r.providers.contains(&id.provider))
-            && (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
-    })
+                    .map(|e| format!(":error={e}"))
+                    .unwrap_or_default()
+            ));
+            if let Some(r) = &v.reason {
+                reasons.push(format!("authorizer-reason:{r}"));
+            }
+            authorizer = Some((a.name().to_string(), v.allowed, v.cached));
+            if !v.allowed {
+                allowed = false;
+                break;
+            }
+            add_headers.extend(v.headers);
+        }
+    }
+    let (pass, decision) = match (allowed, route.enforce) {
+        (true, _) => (true, "allow"),
+        (false, true) => (false, "deny"),
+        (false, false) => (true, "would_deny"),
+    };
+    Outcome {
+        pass,
+        decision,
+        reasons,
+        authorizer,
+        add_headers,
+        latency_us: start.elapsed().as_micros() as u64,
+    }
 }

@@ -345,11 +345,51 @@ async fn proxy<'a>(
             identity,
             set_cookie,
         } => {
+            ctx.set_cookie = set_cookie;
             if let Some(id) = &identity {
                 ctx.record.user = id.user.clone();
                 ctx.record.provider = id.provider.clone();
+                let query = parts.uri.query().map(str::to_string);
+                let out = crate::authorize::authorize(
+                    snap,
+                    route,
+                    conn,
+                    id,
+                    &parts.method,
+                    &host,
+                    path,
+                    query.as_deref(),
+                    &parts.headers,
+                    &ctx.rid,
+                )
+                .await;
+                ctx.record.decision = out.decision;
+                if !out.pass {
+                    let reason = format!(
+                        "{} for {}: {}",
+                        out.decision,
+                        id.user,
+                        out.reasons.join(", ")
+                    );
+                    tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "request denied by policy");
+                    route.by_class[status_class(403)].inc();
+                    finish_log(
+                        shared,
+                        std::mem::take(&mut ctx.record),
+                        ctx.start,
+                        403,
+                        0,
+                        Some(reason),
+                    );
+                    return Ok(crate::identify::forbidden(&ctx.rid));
+                }
+                if out.decision == "would_deny" {
+                    tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "shadow mode: request would be denied");
+                }
+                for (k, v) in out.add_headers {
+                    parts.headers.insert(k, v);
+                }
             }
-            ctx.set_cookie = set_cookie;
         }
         crate::identify::Step::Respond(r, reason) => {
             let status = r.status().as_u16();
@@ -549,7 +589,27 @@ async fn proxy<'a>(
         ctx.record.attempts = attempts;
         let pick = match sticky {
             Some(i) if attempts == 1 && backend.slots[i].state.available_sticky() => Some(i),
-            _ => backend.balancer.pick(&backend.slots, key, &tried),
+            _ => {
+                // A server at max_connections is passed over while another has room: the
+                // queue is for when every server is full.
+                let full: Vec<usize> = (0..backend.servers.len())
+                    .filter(|&i| {
+                        backend.servers[i].max_connections.is_some()
+                            && backend.slots[i]
+                                .state
+                                .gate
+                                .lock()
+                                .as_ref()
+                                .is_some_and(|(_, sem)| sem.available_permits() == 0)
+                    })
+                    .collect();
+                if full.is_empty() {
+                    backend.balancer.pick(&backend.slots, key, &tried)
+                } else {
+                    let avoid: Vec<usize> = tried.iter().chain(&full).copied().collect();
+                    backend.balancer.pick(&backend.slots, key, &avoid)
+                }
+            }
         };
         let Some(si) = pick else {
             return Err((
@@ -832,6 +892,10 @@ fn note_outcome(backend: &BackendRt, si: usize, failed_5xx: bool, connect_failur
         o.consecutive_5xx,
         o.consecutive_connect_failures,
     ) {
+        // Count and eject under one lock, so concurrent failures on different servers cannot
+        // pass the cap together. Only reached past a failure threshold, so rarely contended.
+        static EJECT: parking_lot::Mutex<()> = parking_lot::const_mutex(());
+        let _g = EJECT.lock();
         let n = backend.slots.len();
         let cap = ((n as u32 * o.max_ejected_percent) / 100).max(1) as usize;
         let ejected = backend.slots.iter().filter(|s| s.state.ejected()).count();

@@ -35,14 +35,26 @@ pub enum Step {
     Respond(Response<RespBody>, String),
 }
 
-/// Removes identity headers a client might try to set, on every route.
+/// Removes identity headers a client might try to set, on every route. Names spelled with
+/// `_` for `-` go too: CGI-style origin frameworks (WSGI, Rack, PHP) read `X_User` as `X-User`.
 pub fn strip_identity_headers(snap: &Snapshot, h: &mut HeaderMap) {
     for n in &snap.strip_headers {
         h.remove(n);
     }
     let prefixed: Vec<HeaderName> = h
         .keys()
-        .filter(|k| k.as_str().starts_with("x-portcullis-"))
+        .filter(|k| {
+            let s = k.as_str();
+            if s.starts_with("x-portcullis-") {
+                return true;
+            }
+            if !s.contains('_') {
+                return false;
+            }
+            let name = s.replace('_', "-");
+            name.starts_with("x-portcullis-")
+                || snap.strip_headers.iter().any(|n| n.as_str() == name)
+        })
         .cloned()
         .collect();
     for n in prefixed {
@@ -176,6 +188,7 @@ fn origin(conn: &ConnInfo, host: &str) -> String {
 
 /// Identifies the caller of `route`. `parts` is modified: identity headers are stripped, the
 /// credential removed (unless passed on), and the identity headers for the origin added.
+#[allow(clippy::too_many_arguments)]
 pub async fn identify(
     snap: &Snapshot,
     route: &RouteRt,
@@ -192,6 +205,11 @@ pub async fn identify(
             identity: None,
             set_cookie: None,
         };
+    }
+    if route.cert_required && conn.client_cert.is_none() {
+        // `client_cert: required`: no other credential stands in for the certificate.
+        let reason = "client certificate required";
+        return Step::Respond(unauthorized(rid, None), reason.into());
     }
     let engine = &snap.identity;
     let authz = headers
@@ -280,12 +298,6 @@ pub async fn identify(
             return Step::Respond(r, reason.into());
         }
     };
-    if !crate::authorize::allowed(route, &identity, method) {
-        return Step::Respond(
-            forbidden(rid),
-            format!("denied by route rules for {}", identity.user),
-        );
-    }
 
     // The credential stays at the edge unless the route passes it on.
     headers.remove(&X_API_KEY);

@@ -53,6 +53,8 @@ pub enum Error {
     AccessLog(std::io::Error),
     #[error("{0}")]
     Identity(#[from] portcullis_identity::Error),
+    #[error("{0}")]
+    Policy(#[from] portcullis_policy::Error),
 }
 
 /// What the request path needs, shared by every connection.
@@ -96,7 +98,19 @@ impl Runtime {
         let config = Arc::new(config);
         let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
         engine.warm_up(Duration::from_secs(5)).await;
-        let snap = Snapshot::build(config.clone(), &registry, &metrics, engine)?;
+        let policy = Arc::new(portcullis_policy::Engine::build(&config)?);
+        let authorizers = Arc::new(portcullis_authorizer::Authorizers::build(
+            &config.authorizers,
+            None,
+        ));
+        let snap = Snapshot::build(
+            config.clone(),
+            &registry,
+            &metrics,
+            engine,
+            policy,
+            authorizers,
+        )?;
         let listeners = listen::Listeners::default();
         let prepared = listeners.prepare(&config.listeners)?;
         let shared = Arc::new(Shared {
@@ -210,8 +224,21 @@ impl Runtime {
                 .map_err(|e| e.to_string())?,
         );
         engine.warm_up(Duration::from_secs(5)).await;
-        let snap = Snapshot::build(config.clone(), &self.shared.registry, &self.shared.metrics, engine)
-            .map_err(|e| e.to_string())?;
+        let policy =
+            Arc::new(portcullis_policy::Engine::build(&config).map_err(|e| e.to_string())?);
+        let authorizers = Arc::new(portcullis_authorizer::Authorizers::build(
+            &config.authorizers,
+            Some(&current.authorizers),
+        ));
+        let snap = Snapshot::build(
+            config.clone(),
+            &self.shared.registry,
+            &self.shared.metrics,
+            engine,
+            policy,
+            authorizers,
+        )
+        .map_err(|e| e.to_string())?;
         let prepared = self
             .listeners
             .prepare(&config.listeners)

@@ -139,6 +139,9 @@ pub struct AccessRecord {
     pub user: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub provider: String,
+    /// `allow`, `deny` or `would_deny` on routes that require identity.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub decision: &'static str,
     pub attempts: u32,
     pub bytes_in: u64,
     pub bytes_out: u64,

@@ -68,6 +68,9 @@ pub struct RouteRt {
     pub upstream_headers: Vec<(http::HeaderName, String)>,
     pub assertion: bool,
     pub pass_token: bool,
+    /// `false`: shadow mode (decisions recorded, not enforced).
+    pub enforce: bool,
+    pub authorize_with: Vec<Arc<portcullis_authorizer::Authorizer>>,
     pub app: String,
     pub backend: Arc<BackendRt>,
     pub max_body: Option<u64>,
@@ -86,6 +89,8 @@ pub struct Snapshot {
     pub backends: Vec<Arc<BackendRt>>,
     pub trusted: Vec<ipnet::IpNet>,
     pub identity: Arc<portcullis_identity::Engine>,
+    pub policy: Arc<portcullis_policy::Engine>,
+    pub authorizers: Arc<portcullis_authorizer::Authorizers>,
     /// Headers no client may set on any route: every `headers.upstream` name of every route,
     /// plus the assertion header (anything under `x-portcullis-` is also removed).
     pub strip_headers: Vec<http::HeaderName>,
@@ -97,6 +102,8 @@ impl Snapshot {
         registry: &StateRegistry,
         metrics: &Metrics,
         identity: Arc<portcullis_identity::Engine>,
+        policy: Arc<portcullis_policy::Engine>,
+        authorizers: Arc<portcullis_authorizer::Authorizers>,
     ) -> Result<Snapshot, BuildError> {
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
@@ -216,6 +223,12 @@ impl Snapshot {
                     .collect(),
                 assertion: spec.headers.assertion,
                 pass_token: spec.headers.pass_token,
+                enforce: spec.enforce,
+                authorize_with: spec
+                    .authorize_with
+                    .iter()
+                    .filter_map(|n| authorizers.get(n).cloned())
+                    .collect(),
                 app: r.app.clone(),
                 backend,
                 max_body: r.spec.max_body_size.map(|s| s.0),
@@ -239,6 +252,8 @@ impl Snapshot {
         strip_headers.dedup();
         Ok(Snapshot {
             identity,
+            policy,
+            authorizers,
             strip_headers,
             router: Router::build(&config.routes),
             version: config.version.clone(),
