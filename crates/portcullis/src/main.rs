@@ -1,5 +1,7 @@
 //! The `portcullis` command: run the proxy, check a config, print the version.
 
+mod policy_cli;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +53,11 @@ enum Command {
         #[arg(long)]
         audience: Option<String>,
     },
+    /// Policy tooling: test cases, explanations, the schema.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// API key tools.
     Apikey {
         #[command(subcommand)]
@@ -58,6 +65,42 @@ enum Command {
     },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run decision test cases; exits 1 on any failure, with a diff.
+    Test {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// YAML file of `cases: [{ name, identity, request, expect }]`.
+        cases: PathBuf,
+    },
+    /// Explain how one request is decided, and which policies matched.
+    Explain {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "", value_delimiter = ',')]
+        groups: Vec<String>,
+        #[arg(long, default_value = "test")]
+        provider: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: String,
+        /// Extra request headers, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        method: String,
+        url: String,
+    },
+    /// Print the Cedar schema policies are validated against.
+    Schema {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +154,28 @@ fn main() -> ExitCode {
             &ttl,
             audience.as_deref(),
         ),
+        Command::Policy { command } => match command {
+            PolicyCommand::Test { config, cases } => policy_cli::test(&config, &cases),
+            PolicyCommand::Explain {
+                config,
+                user,
+                groups,
+                provider,
+                email,
+                ip,
+                headers,
+                method,
+                url,
+            } => policy_cli::explain(
+                &config,
+                policy_cli::who(user, groups, provider, email),
+                &method,
+                &url,
+                &ip,
+                &headers,
+            ),
+            PolicyCommand::Schema { config } => policy_cli::schema(&config),
+        },
         Command::Apikey {
             command: ApikeyCommand::New { user, groups, id },
         } => {
@@ -123,6 +188,15 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => match portcullis_config::load(&config) {
             Ok(c) => {
+                if let Err(portcullis_policy::Error::Invalid(problems)) =
+                    portcullis_policy::Engine::build(&c)
+                {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    eprintln!("{} error(s) found", problems.len());
+                    return ExitCode::from(1);
+                }
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }

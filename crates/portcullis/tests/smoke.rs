@@ -6,7 +6,7 @@ use common::*;
 async fn proxies_to_a_real_origin_and_404s_unrouted() {
     let o = Origin::named("hello").await;
     let p = Proxy::start(&format!(
-        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\nbackends:\n  - {{ name: b, servers: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: /app }}, backend: b }}\n",
+        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\nbackends:\n  - {{ name: b, servers: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: /app }}, backend: b, public: true }}\n",
         o.address()
     ))
     .await;

@@ -1,0 +1,357 @@
+//! `portcullis policy …`: policy tooling for CI. `test` runs decision cases from a YAML file
+//! against the config's policies and prints a readable diff for every failure; `explain`
+//! shows how one request is decided and which policies matched; `schema` prints the Cedar
+//! schema the policies are validated against.
+
+use portcullis_identity::{AuthMethod, Identity};
+use portcullis_policy::{Engine, RequestInfo};
+use serde::Deserialize;
+use std::path::Path;
+use std::process::ExitCode;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    identity: Who,
+    request: Req,
+    expect: Expect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Who {
+    user: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default = "default_provider")]
+    provider: String,
+    email: Option<String>,
+    /// jwt, session, api_key or mtls.
+    #[serde(default = "default_method")]
+    method: AuthMethod,
+    #[serde(default)]
+    claims: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_provider() -> String {
+    "test".into()
+}
+fn default_method() -> AuthMethod {
+    AuthMethod::Jwt
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Req {
+    method: String,
+    url: String,
+    #[serde(default = "default_ip")]
+    ip: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    listener: Option<String>,
+}
+
+fn default_ip() -> String {
+    "127.0.0.1".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    decision: String,
+    policies: Option<Vec<String>>,
+}
+
+fn identity(w: &Who) -> Identity {
+    let mut claims = w.claims.clone();
+    claims
+        .entry("sub")
+        .or_insert_with(|| serde_json::json!(w.user));
+    Identity {
+        provider: w.provider.clone(),
+        method: w.method,
+        subject: w.user.clone(),
+        user: w.user.clone(),
+        email: w.email.clone(),
+        groups: w.groups.clone(),
+        claims: serde_json::Value::Object(claims),
+        expires_at: None,
+    }
+}
+
+/// The decision for one request, with the route it matched.
+struct Outcome {
+    route: Option<String>,
+    decision: portcullis_policy::Decision,
+}
+
+fn decide(
+    cfg: &portcullis_config::Config,
+    engine: &Engine,
+    who: &Identity,
+    method: &str,
+    url: &str,
+    ip: &str,
+    headers: &std::collections::BTreeMap<String, String>,
+    listener: Option<&str>,
+) -> Result<Outcome, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid url `{url}`: {e}"))?;
+    let host = uri.host().unwrap_or("").to_ascii_lowercase();
+    let path = uri.path().to_string();
+    let m = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("invalid method `{method}`"))?;
+    let mut h = http::HeaderMap::new();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("invalid header `{k}`"))?;
+        h.insert(
+            name,
+            http::HeaderValue::from_str(v)
+                .map_err(|_| format!("invalid header value for `{k}`"))?,
+        );
+    }
+    let listener = listener
+        .map(String::from)
+        .or_else(|| cfg.listeners.first().map(|l| l.name.clone()))
+        .unwrap_or_default();
+    let router = portcullis_proxy::route::Router::build(&cfg.routes);
+    let Some(i) = router.route(&host, &path, &m, &h, &listener) else {
+        return Ok(Outcome {
+            route: None,
+            decision: portcullis_policy::Decision {
+                allowed: false,
+                reasons: vec![],
+                errors: vec!["no route matches (the proxy answers 404)".into()],
+            },
+        });
+    };
+    let route = &cfg.routes[i];
+    if route.spec.public {
+        return Ok(Outcome {
+            route: Some(route.id.clone()),
+            decision: portcullis_policy::Decision {
+                allowed: true,
+                reasons: vec!["route is public".into()],
+                errors: vec![],
+            },
+        });
+    }
+    let ip = ip.parse().map_err(|_| format!("invalid ip `{ip}`"))?;
+    let d = engine.decide(
+        &route.id,
+        &RequestInfo {
+            identity: who,
+            method: m.as_str(),
+            host: &host,
+            path: &path,
+            query: uri.query(),
+            headers: &h,
+            client_ip: ip,
+            tls_client_subject: None,
+            tls_client_cert: false,
+            request_id: "policy-test",
+            now: std::time::SystemTime::now(),
+        },
+    );
+    Ok(Outcome {
+        route: Some(route.id.clone()),
+        decision: d,
+    })
+}
+
+fn load(config: &Path) -> Result<(portcullis_config::Config, Engine), ExitCode> {
+    let cfg = portcullis_config::load(config).map_err(|e| {
+        for d in &e.0 {
+            eprintln!("{d}");
+        }
+        ExitCode::from(1)
+    })?;
+    let engine = Engine::build(&cfg).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(1)
+    })?;
+    Ok((cfg, engine))
+}
+
+fn describe(d: &portcullis_policy::Decision) -> String {
+    let verdict = if d.allowed { "allow" } else { "deny" };
+    if d.reasons.is_empty() {
+        format!("{verdict} (no policy matched: default deny)")
+    } else {
+        format!("{verdict} by [{}]", d.reasons.join(", "))
+    }
+}
+
+pub fn test(config: &Path, cases_file: &Path) -> ExitCode {
+    let (cfg, engine) = match load(config) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let text = match std::fs::read_to_string(cases_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", cases_file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let cases: Cases = match serde_yaml_ng::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            let loc = e
+                .location()
+                .map(|l| format!("{}:{}:", l.line(), l.column()))
+                .unwrap_or_default();
+            eprintln!("{}:{loc} {e}", cases_file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = 0;
+    for c in &cases.cases {
+        let who = identity(&c.identity);
+        let out = match decide(
+            &cfg,
+            &engine,
+            &who,
+            &c.request.method,
+            &c.request.url,
+            &c.request.ip,
+            &c.request.headers,
+            c.request.listener.as_deref(),
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                println!("FAIL {}\n  error: {e}", c.name);
+                failed += 1;
+                continue;
+            }
+        };
+        let got = if out.decision.allowed {
+            "allow"
+        } else {
+            "deny"
+        };
+        let decision_ok = got == c.expect.decision;
+        let policies_ok = c.expect.policies.as_ref().is_none_or(|p| {
+            let mut a = p.clone();
+            let mut b = out.decision.reasons.clone();
+            a.sort();
+            b.sort();
+            a == b
+        });
+        if decision_ok && policies_ok {
+            println!("ok   {}", c.name);
+        } else {
+            failed += 1;
+            let expected = match &c.expect.policies {
+                Some(p) => format!("{} by [{}]", c.expect.decision, p.join(", ")),
+                None => c.expect.decision.clone(),
+            };
+            println!("FAIL {}", c.name);
+            println!("  route:    {}", out.route.as_deref().unwrap_or("(none)"));
+            println!("  - expected: {expected}");
+            println!("  + actual:   {}", describe(&out.decision));
+            for e in &out.decision.errors {
+                println!("    error: {e}");
+            }
+        }
+    }
+    println!("{} passed, {} failed", cases.cases.len() - failed, failed);
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn explain(
+    config: &Path,
+    who: Who,
+    method: &str,
+    url: &str,
+    ip: &str,
+    headers: &[String],
+) -> ExitCode {
+    let (cfg, engine) = match load(config) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let mut h = std::collections::BTreeMap::new();
+    for kv in headers {
+        match kv.split_once(':') {
+            Some((k, v)) => {
+                h.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            None => {
+                eprintln!("error: --header takes `Name: value`");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let id = identity(&who);
+    let out = match decide(&cfg, &engine, &id, method, url, ip, &h, None) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("request:  {method} {url} from {ip}");
+    println!(
+        "identity: {} (provider {}, groups [{}])",
+        id.user,
+        id.provider,
+        id.groups.join(", ")
+    );
+    println!(
+        "route:    {}",
+        out.route.as_deref().unwrap_or("(none: 404)")
+    );
+    println!("decision: {}", describe(&out.decision));
+    for r in &out.decision.reasons {
+        println!("\nmatched policy `{r}`:");
+        if let Some(src) = engine.source(r) {
+            for line in src.lines() {
+                println!("    {line}");
+            }
+        }
+    }
+    for e in &out.decision.errors {
+        println!("\nerror: {e}");
+    }
+    if !out.decision.allowed && out.decision.reasons.is_empty() {
+        println!("\nNo permit policy matched this request, so it is denied by default.");
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn schema(config: &Path) -> ExitCode {
+    match load(config) {
+        Ok((_, e)) => {
+            print!("{}", e.schema_text);
+            ExitCode::SUCCESS
+        }
+        Err(c) => c,
+    }
+}
+
+pub fn who(user: String, groups: Vec<String>, provider: String, email: Option<String>) -> Who {
+    Who {
+        user,
+        groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
+        provider,
+        email,
+        method: AuthMethod::Jwt,
+        claims: Default::default(),
+    }
+}
