@@ -93,6 +93,7 @@ struct Outcome {
     decision: portcullis_policy::Decision,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn decide(
     cfg: &portcullis_config::Config,
     engine: &Engine,

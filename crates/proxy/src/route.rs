@@ -252,6 +252,7 @@ mod tests {
             app: "default".into(),
             backend_id: "default/b".into(),
             order,
+            policy_files: vec![],
             spec: Route {
                 name: name.into(),
                 matcher: m,

@@ -1,0 +1,270 @@
+//! The hash chain: the canonical form of a record, its hash, and how each record links to the
+//! one before it.
+//!
+//! A line in an audit file is one JSON object: the fields of a [`Record`] plus `time`, `seq`,
+//! `instance`, `prev_hash` and `hash`, followed by `\n`.
+//!
+//! **Canonical form.** UTF-8 JSON with no whitespace, object keys sorted by their UTF-8 bytes
+//! (the same as Unicode code point order) at every depth, strings escaped as serde_json does
+//! (only `"`, `\` and the control characters U+0000..U+001F are escaped: `\b \t \n \f \r`,
+//! others as `\u00xx` with lower-case hex; everything else, including `/` and non-ASCII, is
+//! written as is), integers in plain decimal, floats in their shortest round-trip form.
+//!
+//! **Hash.** `hash` = lower-case hex SHA-256 of the canonical form of the object *without* its
+//! `hash` key (and with `prev_hash`). `prev_hash` is the previous record's `hash`, or
+//! [`GENESIS`] (64 zeros) for the very first record. The line itself is the canonical form of
+//! the whole object, `hash` included, so any changed byte either changes the parsed record (the
+//! hash no longer matches) or makes the line non-canonical. `jq -cjS 'del(.hash)' | sha256sum`
+//! reproduces the hash for records without floats or U+007F.
+
+use crate::record::Record;
+use crate::Error;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::time::SystemTime;
+
+/// `prev_hash` of the very first record: 64 zeros.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The canonical serialization of `v` (see the module doc).
+pub fn canonical(v: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    canonical_into(v, &mut out);
+    out
+}
+
+fn canonical_into(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(m) => canonical_object(m, None, out),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_into(x, out);
+            }
+            out.push(b']');
+        }
+        scalar => write_scalar(scalar, out),
+    }
+}
+
+/// An object in canonical form, leaving out the key `skip`.
+fn canonical_object(m: &Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) {
+    let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
+    keys.sort_unstable();
+    out.push(b'{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, k.as_str());
+        out.push(b':');
+        canonical_into(&m[k], out);
+    }
+    out.push(b'}');
+}
+
+fn write_scalar(v: &Value, out: &mut Vec<u8>) {
+    // Writing a scalar into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// The hash of a record object: hex SHA-256 over its canonical form without the `hash` key.
+pub fn record_hash(obj: &Map<String, Value>) -> String {
+    let mut out = Vec::with_capacity(512);
+    canonical_object(obj, Some("hash"), &mut out);
+    hex(&Sha256::digest(out))
+}
+
+/// The position of the writer in the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Chain {
+    pub next_seq: u64,
+    pub prev_hash: String,
+    pub instance: String,
+}
+
+impl Chain {
+    pub fn new(instance: &str) -> Chain {
+        Chain {
+            next_seq: 1,
+            prev_hash: GENESIS.to_string(),
+            instance: instance.to_string(),
+        }
+    }
+
+    /// Adds the chain fields to `rec`, hashes it, advances the chain, and returns the seq and
+    /// the line (with its `\n`).
+    pub fn seal(&mut self, rec: &Record, now: SystemTime) -> Result<(u64, Vec<u8>), Error> {
+        let mut obj = match serde_json::to_value(rec) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(Error::Write("a record must be a JSON object".into())),
+            Err(e) => return Err(Error::Write(format!("cannot serialize the record: {e}"))),
+        };
+        let seq = self.next_seq;
+        obj.insert(
+            "time".into(),
+            Value::String(humantime::format_rfc3339_millis(now).to_string()),
+        );
+        obj.insert("seq".into(), Value::from(seq));
+        obj.insert("instance".into(), Value::String(self.instance.clone()));
+        obj.insert("prev_hash".into(), Value::String(self.prev_hash.clone()));
+        let hash = record_hash(&obj);
+        obj.insert("hash".into(), Value::String(hash.clone()));
+        let mut line = Vec::with_capacity(512);
+        canonical_object(&obj, None, &mut line);
+        line.push(b'\n');
+        self.next_seq = seq + 1;
+        self.prev_hash = hash;
+        Ok((seq, line))
+    }
+}
+
+/// The chain fields of one checked line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub seq: u64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// What is wrong with a line, and the seq it claims if it could be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BadLine {
+    pub seq: Option<u64>,
+    pub reason: String,
+}
+
+/// Parses one line (without its `\n`) and checks its own integrity: a JSON object with `seq`,
+/// `prev_hash` and `hash`, in canonical form, whose hash matches. Linking to the previous
+/// record is the caller's job.
+pub(crate) fn check_line(line: &[u8]) -> Result<(Link, Map<String, Value>), BadLine> {
+    let bad = |seq, reason: &str| BadLine {
+        seq,
+        reason: reason.to_string(),
+    };
+    let obj = match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(bad(None, "not a JSON object (record modified)")),
+        Err(_) => return Err(bad(None, "not valid JSON (record modified or corrupted)")),
+    };
+    let seq = obj.get("seq").and_then(Value::as_u64);
+    let Some(seq_v) = seq else {
+        return Err(bad(None, "no `seq` field (record modified)"));
+    };
+    let get_hex = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+    };
+    let Some(prev_hash) = get_hex("prev_hash") else {
+        return Err(bad(
+            seq,
+            "missing or malformed `prev_hash` (record modified)",
+        ));
+    };
+    let Some(hash) = get_hex("hash") else {
+        return Err(bad(seq, "missing or malformed `hash` (record modified)"));
+    };
+    if record_hash(&obj) != hash {
+        return Err(bad(seq, "hash mismatch (record modified)"));
+    }
+    let mut again = Vec::with_capacity(line.len());
+    canonical_object(&obj, None, &mut again);
+    if again != line {
+        return Err(bad(seq, "not in canonical form (record modified)"));
+    }
+    Ok((
+        Link {
+            seq: seq_v,
+            prev_hash,
+            hash,
+        },
+        obj,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Decision, Kind};
+    use serde_json::json;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn canonical_sorts_keys_at_every_depth_without_whitespace() {
+        let v = json!({"b": 1, "a": {"z": [1, {"y": "é/\n", "x": null}], "c": true}, "A": -2.5});
+        assert_eq!(
+            String::from_utf8(canonical(&v)).unwrap(),
+            r#"{"A":-2.5,"a":{"c":true,"z":[1,{"x":null,"y":"é/\n"}]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0, 0xab, 0x0f]), "00ab0f");
+        assert_eq!(GENESIS.len(), 64);
+    }
+
+    fn rec() -> Record {
+        Record {
+            kind: Kind::Decision,
+            decision: Some(Decision::Allow),
+            detail: Some(json!({"ratio": 0.1, "n": 3})),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn sealed_records_link_and_check() {
+        let mut c = Chain::new("i-1");
+        let now = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let (s1, l1) = c.seal(&rec(), now).unwrap();
+        let (s2, l2) = c.seal(&rec(), now).unwrap();
+        assert_eq!((s1, s2), (1, 2));
+        assert!(l1.ends_with(b"\n"));
+        let (a, obj) = check_line(&l1[..l1.len() - 1]).unwrap();
+        let (b, _) = check_line(&l2[..l2.len() - 1]).unwrap();
+        assert_eq!(a.prev_hash, GENESIS);
+        assert_eq!(b.prev_hash, a.hash);
+        assert_eq!(c.prev_hash, b.hash);
+        assert_eq!(obj["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(obj["instance"], "i-1");
+    }
+
+    #[test]
+    fn check_line_finds_changes() {
+        let mut c = Chain::new("i");
+        let (_, l) = c.seal(&rec(), SystemTime::now()).unwrap();
+        let line = &l[..l.len() - 1];
+        let text = String::from_utf8(line.to_vec()).unwrap();
+
+        let changed = text.replace("\"allow\"", "\"deny\"");
+        let e = check_line(changed.as_bytes()).unwrap_err();
+        assert_eq!(e.seq, Some(1));
+        assert!(e.reason.contains("hash mismatch"), "{}", e.reason);
+
+        // Same value, different bytes: an escaped letter.
+        let escaped = text.replace("\"allow\"", "\"\\u0061llow\"");
+        let e = check_line(escaped.as_bytes()).unwrap_err();
+        assert!(e.reason.contains("canonical"), "{}", e.reason);
+
+        let e = check_line(&line[..line.len() - 2]).unwrap_err();
+        assert_eq!(e.seq, None);
+    }
+}

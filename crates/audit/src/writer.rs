@@ -1,0 +1,716 @@
+//! The writer: [`Auditor`] queues records for a dedicated thread, which seals them into the
+//! hash chain, appends them to the sink, and acknowledges each one under the fsync policy.
+//!
+//! * **Group commit.** The thread takes every record waiting in the queue (up to
+//!   [`MAX_BATCH`]), writes them with one `write`, and with `fsync: every_record` syncs once
+//!   before acknowledging them all. With `fsync: interval` a record is acknowledged once it is
+//!   written to the OS, and the file is synced no later than `fsync_interval` after the first
+//!   unsynced write.
+//! * **Backpressure.** The queue holds `audit.queue` records. When it is full, `record` waits
+//!   (`on_overload: wait`) or returns [`Error::Overloaded`] at once (`fail_closed`). A record
+//!   is never dropped silently: every call gets `Ok` only once the record is acknowledged, or
+//!   an error.
+//! * **Failures.** A failed write is cut back off the file and the chain does not advance, so
+//!   the next record links to the last one really written. A failed sync reports an error to
+//!   the callers whose records it covered.
+//! * **Rotation.** Before a record would push the current file past `rotate_size`, or when the
+//!   file's first record is older than `rotate_age`, the file is synced and closed and a new
+//!   `audit-<seq>.jsonl` is started. The chain simply continues.
+
+use crate::chain::Chain;
+use crate::files::{self, Current};
+use crate::record::{Decision, Kind, Record, Stats};
+use crate::Error;
+use portcullis_config::{AuditCfg, AuditSink, Fsync, Overload};
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// The most records written and synced together.
+pub const MAX_BATCH: usize = 1024;
+
+type Ack = oneshot::Sender<Result<(), Error>>;
+
+struct Msg {
+    rec: Record,
+    ack: Ack,
+}
+
+#[derive(Default)]
+struct Counters {
+    written: AtomicU64,
+    queued: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+/// The handle to the audit trail. Cheap to clone; the writer stops (after a final sync) when
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct Auditor {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: Option<mpsc::Sender<Msg>>,
+    overload: Overload,
+    record_allows: bool,
+    stats: Arc<Counters>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    #[cfg(test)]
+    gate: Arc<test_gate::Gate>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop; wait for its final sync, so that a new
+        // writer started on the same directory never overlaps with this one.
+        self.tx.take();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("enabled", &self.inner.is_some())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Auditor {
+    /// Starts the writer (a dedicated thread). Resumes the chain from existing files in
+    /// `cfg.dir`: the next seq and prev_hash continue from the last complete record, and a
+    /// torn (partial) last line left by a crash is truncated away first (with a warning).
+    pub fn start(cfg: &AuditCfg, instance: &str) -> Result<Auditor, Error> {
+        Self::start_inner(cfg, instance, None, false)
+    }
+
+    fn start_inner(
+        cfg: &AuditCfg,
+        instance: &str,
+        stream: Option<Box<dyn Write + Send>>,
+        paused: bool,
+    ) -> Result<Auditor, Error> {
+        #[cfg(not(test))]
+        let _ = paused;
+        let mut chain = Chain::new(instance);
+        let out = match (cfg.sink, stream) {
+            (_, Some(w)) => Out::Stream(w),
+            (AuditSink::Off, None) => return Ok(Auditor { inner: None }),
+            (AuditSink::Stdout, None) => Out::Stream(Box::new(io::stdout())),
+            (AuditSink::File, None) => {
+                let dir = PathBuf::from(&cfg.dir);
+                files::create_dir(&dir)?;
+                let lock = files::lock_dir(&dir)?;
+                let resumed = files::resume(&dir)?;
+                if let Some((seq, hash)) = resumed.last {
+                    chain.next_seq = seq + 1;
+                    chain.prev_hash = hash;
+                }
+                Out::File(FileOut {
+                    dir,
+                    cur: resumed.current,
+                    rotate_size: cfg.rotate_size.0.max(1),
+                    rotate_age: cfg.rotate_age.0,
+                    _lock: lock,
+                })
+            }
+        };
+        let stats = Arc::new(Counters::default());
+        stats.last_seq.store(chain.next_seq - 1, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Write(format!("cannot start the audit writer: {e}")))?;
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        #[cfg(test)]
+        let gate = Arc::new(test_gate::Gate::new(paused));
+        let writer = Writer {
+            out,
+            chain,
+            fsync: cfg.fsync,
+            interval: cfg.fsync_interval.0,
+            dirty_since: None,
+            stats: stats.clone(),
+            #[cfg(test)]
+            gate: gate.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx, rt))
+            .map_err(|e| Error::Write(format!("cannot start the audit writer: {e}")))?;
+        Ok(Auditor {
+            inner: Some(Arc::new(Inner {
+                tx: Some(tx),
+                overload: cfg.on_overload,
+                record_allows: cfg.record_allows,
+                stats,
+                thread: Mutex::new(Some(thread)),
+                #[cfg(test)]
+                gate,
+            })),
+        })
+    }
+
+    /// Queues a record and resolves once it is acknowledged under the fsync policy (see the
+    /// module doc). With sink `off`, and for allowed decisions when `record_allows` is false,
+    /// it returns `Ok` at once without recording. If the future is dropped after the record
+    /// was queued, the record is still written.
+    pub async fn record(&self, rec: Record) -> Result<(), Error> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        if !inner.record_allows
+            && rec.kind == Kind::Decision
+            && rec.decision == Some(Decision::Allow)
+        {
+            return Ok(());
+        }
+        let Some(tx) = &inner.tx else {
+            return Err(Error::Closed);
+        };
+        let (ack, done) = oneshot::channel();
+        let msg = Msg { rec, ack };
+        inner.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = match inner.overload {
+            Overload::Wait => tx.send(msg).await.map_err(|_| Error::Closed),
+            Overload::FailClosed => tx.try_send(msg).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => Error::Closed,
+            }),
+        };
+        if let Err(e) = sent {
+            inner.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        done.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Records written, records queued, and the last seq written.
+    pub fn stats(&self) -> Stats {
+        match &self.inner {
+            None => Stats::default(),
+            Some(i) => Stats {
+                written: i.stats.written.load(Ordering::Relaxed),
+                queued: i.stats.queued.load(Ordering::Relaxed),
+                last_seq: i.stats.last_seq.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+enum Out {
+    File(FileOut),
+    /// Stdout (or, in tests, a buffer): flushed, never synced, never rotated.
+    Stream(Box<dyn Write + Send>),
+}
+
+struct FileOut {
+    dir: PathBuf,
+    cur: Option<Current>,
+    rotate_size: u64,
+    rotate_age: Duration,
+    _lock: File,
+}
+
+impl FileOut {
+    /// Whether a line of `line` bytes, after `buffered` bytes not yet written, must go to a
+    /// new file.
+    fn needs_new_file(&self, buffered: usize, line: usize) -> bool {
+        let Some(c) = &self.cur else {
+            return true;
+        };
+        let used = c.len + buffered as u64;
+        let old = SystemTime::now()
+            .duration_since(c.started)
+            .unwrap_or_default()
+            >= self.rotate_age;
+        used > 0 && (used + line as u64 > self.rotate_size || old)
+    }
+
+    fn open_new(&mut self, seq: u64) -> Result<(), Error> {
+        let (path, file) = files::create_file(&self.dir, seq)?;
+        self.cur = Some(Current {
+            path,
+            file,
+            len: 0,
+            started: SystemTime::now(),
+        });
+        Ok(())
+    }
+}
+
+/// Why a write failed, and whether the bytes reached the file anyway.
+enum Fail {
+    /// Nothing was written (a partial write was cut back off).
+    NotWritten(Error),
+    /// The bytes are in the file but the sync failed.
+    Unsynced(Error),
+}
+
+struct Writer {
+    out: Out,
+    chain: Chain,
+    fsync: Fsync,
+    interval: Duration,
+    /// When the first write not yet synced happened.
+    dirty_since: Option<Instant>,
+    stats: Arc<Counters>,
+    #[cfg(test)]
+    gate: Arc<test_gate::Gate>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>, rt: tokio::runtime::Runtime) {
+        loop {
+            #[cfg(test)]
+            self.gate.wait();
+            let due = match self.fsync {
+                Fsync::Interval => self.dirty_since.map(|t| t + self.interval),
+                Fsync::EveryRecord => None,
+            };
+            let first = match due {
+                Some(deadline) => {
+                    // The timer must be created inside the runtime.
+                    let next = rt.block_on(async {
+                        tokio::time::timeout_at(deadline.into(), rx.recv()).await
+                    });
+                    match next {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => {
+                            self.sync_logged();
+                            continue;
+                        }
+                    }
+                }
+                None => match rx.blocking_recv() {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.stats
+                .queued
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            self.handle(batch);
+            if let (Fsync::Interval, Some(t)) = (self.fsync, self.dirty_since) {
+                if t.elapsed() >= self.interval {
+                    self.sync_logged();
+                }
+            }
+        }
+        self.sync_logged();
+    }
+
+    /// Syncs outside a batch (interval timer, shutdown); a failure can only be logged, since
+    /// the records were acknowledged already.
+    fn sync_logged(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "audit: fsync failed; recent records may not survive a power cut");
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        if self.dirty_since.is_none() {
+            return Ok(());
+        }
+        if let Out::File(FileOut { cur: Some(c), .. }) = &mut self.out {
+            c.file
+                .sync_data()
+                .map_err(|e| Error::Write(format!("fsync {}: {e}", c.path.display())))?;
+        }
+        self.dirty_since = None;
+        Ok(())
+    }
+
+    /// Appends `buf` to the current file (or stream), then syncs if `sync`.
+    fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), Fail> {
+        match &mut self.out {
+            Out::Stream(w) => w
+                .write_all(buf)
+                .and_then(|_| w.flush())
+                .map_err(|e| Fail::NotWritten(Error::Write(e.to_string()))),
+            Out::File(fo) => {
+                if !buf.is_empty() {
+                    let Some(c) = fo.cur.as_mut() else {
+                        return Err(Fail::NotWritten(Error::Write("no audit file open".into())));
+                    };
+                    if let Err(e) = c.file.write_all(buf) {
+                        let msg = format!("write {}: {e}", c.path.display());
+                        if let Err(e2) = c.file.set_len(c.len) {
+                            // The file may now end with a partial line; a restart cuts it off.
+                            tracing::error!(error = %e2, "audit: cannot cut a failed write back off");
+                        }
+                        return Err(Fail::NotWritten(Error::Write(msg)));
+                    }
+                    c.len += buf.len() as u64;
+                    self.dirty_since.get_or_insert_with(Instant::now);
+                }
+                if sync {
+                    self.sync().map_err(Fail::Unsynced)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn needs_new_file(&self, buffered: usize, line: usize) -> bool {
+        match &self.out {
+            Out::File(fo) => fo.needs_new_file(buffered, line),
+            Out::Stream(_) => false,
+        }
+    }
+
+    fn open_new(&mut self, seq: u64) -> Result<(), Error> {
+        match &mut self.out {
+            Out::File(fo) => fo.open_new(seq),
+            Out::Stream(_) => Ok(()),
+        }
+    }
+
+    fn committed(&mut self, acks: &mut Vec<(u64, Ack)>, chain: &Chain, ok: &mut Vec<(u64, Ack)>) {
+        if let Some((seq, _)) = acks.last() {
+            self.stats.last_seq.store(*seq, Ordering::Relaxed);
+        }
+        self.stats
+            .written
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        self.chain = chain.clone();
+        ok.append(acks);
+    }
+
+    /// Seals, writes and acknowledges one batch.
+    fn handle(&mut self, batch: Vec<Msg>) {
+        let every_record = self.fsync == Fsync::EveryRecord;
+        let mut work = self.chain.clone();
+        let mut buf = Vec::new();
+        let mut seg: Vec<(u64, Ack)> = Vec::new();
+        let mut ok: Vec<(u64, Ack)> = Vec::new();
+        let mut failed: Vec<Ack> = Vec::new();
+        let mut failure: Option<Error> = None;
+        let mut rest = batch.into_iter();
+        for msg in rest.by_ref() {
+            let before = work.clone();
+            let (seq, line) = match work.seal(&msg.rec, SystemTime::now()) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = msg.ack.send(Err(e));
+                    continue;
+                }
+            };
+            if self.needs_new_file(buf.len(), line.len()) {
+                // Close the current file: everything in it is written and synced.
+                match self.write(&buf, true) {
+                    Ok(()) => self.committed(&mut seg, &before, &mut ok),
+                    Err(Fail::Unsynced(e)) => {
+                        let mut written = Vec::new();
+                        self.committed(&mut seg, &before, &mut written);
+                        failed.extend(written.into_iter().map(|(_, a)| a));
+                        failure = Some(e);
+                    }
+                    Err(Fail::NotWritten(e)) => failure = Some(e),
+                }
+                buf.clear();
+                if failure.is_none() {
+                    if let Err(e) = self.open_new(seq) {
+                        failure = Some(e);
+                    }
+                }
+                if failure.is_some() {
+                    failed.extend(seg.drain(..).map(|(_, a)| a));
+                    failed.push(msg.ack);
+                    break;
+                }
+            }
+            buf.extend_from_slice(&line);
+            seg.push((seq, msg.ack));
+        }
+        if failure.is_none() && !seg.is_empty() {
+            match self.write(&buf, every_record) {
+                Ok(()) => self.committed(&mut seg, &work, &mut ok),
+                Err(Fail::Unsynced(e)) => {
+                    let mut written = Vec::new();
+                    self.committed(&mut seg, &work, &mut written);
+                    failed.extend(written.into_iter().map(|(_, a)| a));
+                    failure = Some(e);
+                }
+                Err(Fail::NotWritten(e)) => {
+                    failed.extend(seg.drain(..).map(|(_, a)| a));
+                    failure = Some(e);
+                }
+            }
+        }
+        for (_, ack) in ok {
+            let _ = ack.send(Ok(()));
+        }
+        if let Some(e) = failure {
+            tracing::error!(error = %e, "audit: records not recorded");
+            let reason = e.to_string();
+            failed.extend(rest.map(|m| m.ack));
+            for ack in failed {
+                let _ = ack.send(Err(Error::Write(reason.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod test_gate {
+    //! A switch that holds the writer before it takes the next batch, so that tests can fill
+    //! the queue deterministically.
+    use std::sync::{Condvar, Mutex};
+
+    pub struct Gate {
+        paused: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl Gate {
+        pub fn new(paused: bool) -> Gate {
+            Gate {
+                paused: Mutex::new(paused),
+                cv: Condvar::new(),
+            }
+        }
+        pub fn set(&self, paused: bool) {
+            *self.paused.lock().unwrap() = paused;
+            self.cv.notify_all();
+        }
+        pub fn wait(&self) {
+            let mut p = self.paused.lock().unwrap();
+            while *p {
+                p = self.cv.wait(p).unwrap();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::check_line;
+    use portcullis_config::{Dur, Size};
+    use serde_json::Value;
+    use std::sync::Mutex as StdMutex;
+
+    impl Auditor {
+        fn start_for_test(
+            cfg: &AuditCfg,
+            stream: Option<Box<dyn Write + Send>>,
+            paused: bool,
+        ) -> Auditor {
+            Auditor::start_inner(cfg, "test", stream, paused).unwrap()
+        }
+        fn gate(&self, paused: bool) {
+            self.inner.as_ref().unwrap().gate.set(paused);
+        }
+    }
+
+    fn cfg(dir: &std::path::Path) -> AuditCfg {
+        AuditCfg {
+            dir: dir.to_string_lossy().into_owned(),
+            fsync: Fsync::EveryRecord,
+            fsync_interval: Dur(Duration::from_millis(20)),
+            rotate_size: Size(1 << 20),
+            ..AuditCfg::default()
+        }
+    }
+
+    fn rec(id: &str) -> Record {
+        Record {
+            request_id: Some(id.into()),
+            decision: Some(Decision::Deny),
+            ..Record::default()
+        }
+    }
+
+    async fn wait_queued(a: &Auditor, n: u64) {
+        for _ in 0..500 {
+            if a.stats().queued == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("queue never reached {n}: {:?}", a.stats());
+    }
+
+    #[tokio::test]
+    async fn fail_closed_refuses_when_the_queue_is_full() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.queue = 2;
+        c.on_overload = Overload::FailClosed;
+        let a = Auditor::start_for_test(&c, None, true);
+        let t1 = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("r1")).await }
+        });
+        let t2 = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("r2")).await }
+        });
+        wait_queued(&a, 2).await;
+        assert!(matches!(a.record(rec("r3")).await, Err(Error::Overloaded)));
+        assert_eq!(a.stats().queued, 2);
+        a.gate(false);
+        t1.await.unwrap().unwrap();
+        t2.await.unwrap().unwrap();
+        let s = a.stats();
+        assert_eq!((s.written, s.queued, s.last_seq), (2, 0, 2));
+        let text = std::fs::read_to_string(tmp.path().join(files::file_name(1))).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(!text.contains("r3"), "a refused record is not written");
+    }
+
+    #[tokio::test]
+    async fn wait_blocks_until_there_is_room() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.queue = 1;
+        let a = Auditor::start_for_test(&c, None, true);
+        let t1 = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("r1")).await }
+        });
+        wait_queued(&a, 1).await;
+        let mut t2 = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("r2")).await }
+        });
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut t2).await;
+        assert!(early.is_err(), "the second record waits for room");
+        a.gate(false);
+        t1.await.unwrap().unwrap();
+        t2.await.unwrap().unwrap();
+        assert_eq!(a.stats().written, 2);
+    }
+
+    /// A stream that records what it was given, and fails the writes it is told to.
+    #[derive(Clone, Default)]
+    struct Capture {
+        data: Arc<StdMutex<Vec<u8>>>,
+        fail_next: Arc<StdMutex<usize>>,
+    }
+
+    impl Write for Capture {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let mut f = self.fail_next.lock().unwrap();
+            if *f > 0 {
+                *f -= 1;
+                return Err(io::Error::other("disk full"));
+            }
+            self.data.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(c: &Capture) -> Vec<Value> {
+        let data = c.data.lock().unwrap().clone();
+        data.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| Value::Object(check_line(l).unwrap().1))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn stream_sink_writes_chained_json_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cap = Capture::default();
+        let a = Auditor::start_for_test(&cfg(tmp.path()), Some(Box::new(cap.clone())), false);
+        a.record(rec("r1")).await.unwrap();
+        a.record(rec("r2")).await.unwrap();
+        let got = lines(&cap);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0]["request_id"], "r1");
+        assert_eq!(got[1]["prev_hash"], got[0]["hash"]);
+        assert_eq!(got[1]["seq"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_and_the_chain_does_not_advance() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cap = Capture::default();
+        *cap.fail_next.lock().unwrap() = 1;
+        let a = Auditor::start_for_test(&cfg(tmp.path()), Some(Box::new(cap.clone())), false);
+        let e = a.record(rec("lost")).await.unwrap_err();
+        assert!(
+            matches!(e, Error::Write(ref m) if m.contains("disk full")),
+            "{e}"
+        );
+        a.record(rec("r2")).await.unwrap();
+        let got = lines(&cap);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["seq"], 1);
+        assert_eq!(got[0]["prev_hash"], crate::chain::GENESIS);
+        assert_eq!(a.stats().written, 1);
+    }
+
+    #[tokio::test]
+    async fn off_and_filtered_allows_return_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.sink = AuditSink::Off;
+        let a = Auditor::start(&c, "i").unwrap();
+        a.record(rec("r")).await.unwrap();
+        assert_eq!(a.stats(), Stats::default());
+        assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
+
+        let mut c = cfg(tmp.path());
+        c.record_allows = false;
+        let cap = Capture::default();
+        let a = Auditor::start_for_test(&c, Some(Box::new(cap.clone())), false);
+        let allow = Record {
+            decision: Some(Decision::Allow),
+            ..Record::default()
+        };
+        a.record(allow).await.unwrap();
+        a.record(rec("deny")).await.unwrap();
+        let got = lines(&cap);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["decision"], "deny");
+    }
+
+    #[tokio::test]
+    async fn interval_mode_acknowledges_and_stops_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.fsync = Fsync::Interval;
+        let a = Auditor::start(&c, "i").unwrap();
+        for i in 0..50 {
+            a.record(rec(&format!("r{i}"))).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(a.stats().last_seq, 50);
+        drop(a);
+        // The lock was released by the writer's exit.
+        files::lock_dir(tmp.path()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_on_the_same_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Auditor::start(&cfg(tmp.path()), "i").unwrap();
+        let b = Auditor::start(&cfg(tmp.path()), "j");
+        assert!(matches!(b, Err(Error::Locked { .. })));
+        drop(a);
+    }
+}
