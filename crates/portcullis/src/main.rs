@@ -1,5 +1,6 @@
 //! The `portcullis` command: run the proxy, check a config, print the version.
 
+mod audit_cli;
 mod policy_cli;
 
 use clap::{Parser, Subcommand};
@@ -58,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The audit trail: verify the hash chain, search records.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// API key tools.
     Apikey {
         #[command(subcommand)]
@@ -100,6 +106,39 @@ enum PolicyCommand {
     Schema {
         #[arg(short, long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: OK, or the first broken seq, file and line (exit 1).
+    Verify {
+        /// Use the config's audit.dir when no files are given.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        files: Vec<PathBuf>,
+    },
+    /// Find records.
+    Search {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        principal: Option<String>,
+        /// allow, deny or would_deny.
+        #[arg(long)]
+        decision: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// A duration back from now (`1h`, `30m`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// auth_failure, decision, admin or reload.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print whole records as JSON lines.
+        #[arg(long)]
+        json: bool,
+        files: Vec<PathBuf>,
     },
 }
 
@@ -175,6 +214,28 @@ fn main() -> ExitCode {
                 &headers,
             ),
             PolicyCommand::Schema { config } => policy_cli::schema(&config),
+        },
+        Command::Audit { command } => match command {
+            AuditCommand::Verify { config, files } => audit_cli::verify(files, config),
+            AuditCommand::Search {
+                config,
+                principal,
+                decision,
+                route,
+                since,
+                kind,
+                json,
+                files,
+            } => audit_cli::search(audit_cli::SearchArgs {
+                files,
+                config,
+                principal,
+                decision,
+                route,
+                since,
+                kind,
+                json,
+            }),
         },
         Command::Apikey {
             command: ApikeyCommand::New { user, groups, id },

@@ -64,7 +64,7 @@ async fn auth(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let snap = rt.shared.snapshot.load();
+    let snap = rt.shared.snapshot.load_full();
     let tokens = snap
         .config
         .admin
@@ -121,7 +121,7 @@ async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
-    let snap = rt.shared.snapshot.load();
+    let snap = rt.shared.snapshot.load_full();
     let m = &rt.shared.metrics;
     for b in &snap.backends {
         for (srv, slot) in b.servers.iter().zip(&b.slots) {
@@ -132,6 +132,26 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
             m.server_active
                 .get_or_create(&labels)
                 .set(slot.state.active.load(Ordering::Relaxed) as i64);
+        }
+    }
+    {
+        // The authorizers count their own cache hits and misses (the counts survive reloads);
+        // bring the exported counters up to date. One scrape at a time, so none is counted
+        // twice.
+        static SYNC: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+        let _one = SYNC.lock();
+        for a in snap.authorizers.iter() {
+            let s = a.stats();
+            for (result, n) in [("hit", s.hits), ("miss", s.misses)] {
+                let c = m.authorizer_cache.get_or_create(&vec![
+                    ("authorizer", a.name().to_string()),
+                    ("result", result.into()),
+                ]);
+                let seen = c.get();
+                if n > seen {
+                    c.inc_by(n - seen);
+                }
+            }
         }
     }
     (
@@ -145,7 +165,7 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 async fn backends(State(rt): State<Arc<Runtime>>) -> Response {
-    let snap = rt.shared.snapshot.load();
+    let snap = rt.shared.snapshot.load_full();
     let list: Vec<_> = snap
         .backends
         .iter()
@@ -222,7 +242,7 @@ async fn set_state(
         )
             .into_response();
     };
-    let snap = rt.shared.snapshot.load();
+    let snap = rt.shared.snapshot.load_full();
     let b = match find_backend(&snap, &backend) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -234,6 +254,18 @@ async fn set_state(
         )
             .into_response();
     };
+    let rec = crate::audit::admin(
+        &actor.0,
+        "set_state",
+        json!({ "backend": b.id, "server": server, "state": body.state }),
+    );
+    if !crate::audit::write(&rt.shared, rec).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit trail unavailable; nothing changed\n",
+        )
+            .into_response();
+    }
     b.slots[i].state.set_admin_state(body.state);
     tracing::info!(actor = %actor.0, backend = %b.id, server = %server, state = ?body.state, "admin: server state changed");
     Json(json!({ "backend": b.id, "server": server, "state": body.state })).into_response()
@@ -265,7 +297,7 @@ async fn set_weight(
         )
             .into_response();
     }
-    let snap = rt.shared.snapshot.load();
+    let snap = rt.shared.snapshot.load_full();
     let b = match find_backend(&snap, &backend) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -277,6 +309,18 @@ async fn set_weight(
         )
             .into_response();
     };
+    let rec = crate::audit::admin(
+        &actor.0,
+        "set_weight",
+        json!({ "backend": b.id, "server": server, "weight": weight }),
+    );
+    if !crate::audit::write(&rt.shared, rec).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit trail unavailable; nothing changed\n",
+        )
+            .into_response();
+    }
     b.slots[i].state.set_weight_override(weight);
     tracing::info!(actor = %actor.0, backend = %b.id, server = %server, weight, "admin: server weight changed");
     Json(json!({ "backend": b.id, "server": server, "weight": weight })).into_response()

@@ -364,6 +364,23 @@ async fn proxy<'a>(
                 )
                 .await;
                 ctx.record.decision = out.decision;
+                let facts = crate::audit::Facts {
+                    request_id: &ctx.rid,
+                    app: &route.app,
+                    route: &route.id,
+                    conn,
+                    method: parts.method.as_str(),
+                    host: &host,
+                    path,
+                    query: query.as_deref(),
+                };
+                if !crate::audit::write(shared, crate::audit::decision(&facts, id, &out)).await {
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "audit trail unavailable\n",
+                        Some(route),
+                    ));
+                }
                 if !out.pass {
                     let reason = format!(
                         "{} for {}: {}",
@@ -392,6 +409,17 @@ async fn proxy<'a>(
             }
         }
         crate::identify::Step::Respond(r, reason) => {
+            let facts = crate::audit::Facts {
+                request_id: &ctx.rid,
+                app: &route.app,
+                route: &route.id,
+                conn,
+                method: parts.method.as_str(),
+                host: &host,
+                path,
+                query: parts.uri.query(),
+            };
+            crate::audit::write(shared, crate::audit::auth_failure(&facts, &reason)).await;
             let status = r.status().as_u16();
             tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, status, %reason, "request refused by identity");
             route.by_class[status_class(status)].inc();

@@ -10,6 +10,7 @@
 //! and performs hot reloads.
 
 pub mod admin;
+pub mod audit;
 pub mod authorize;
 pub mod balance;
 pub mod body;
@@ -55,6 +56,8 @@ pub enum Error {
     Identity(#[from] portcullis_identity::Error),
     #[error("{0}")]
     Policy(#[from] portcullis_policy::Error),
+    #[error("audit: {0}")]
+    Audit(#[from] portcullis_audit::Error),
 }
 
 /// What the request path needs, shared by every connection.
@@ -63,6 +66,8 @@ pub struct Shared {
     pub registry: StateRegistry,
     pub metrics: Arc<record::Metrics>,
     pub access: record::AccessLog,
+    /// The audit writer; None when `audit.sink` is `off`.
+    pub audit: Option<portcullis_audit::Auditor>,
 }
 
 #[derive(Clone, Debug)]
@@ -113,11 +118,20 @@ impl Runtime {
         )?;
         let listeners = listen::Listeners::default();
         let prepared = listeners.prepare(&config.listeners)?;
+        let audit = match config.audit.sink {
+            portcullis_config::AuditSink::Off => None,
+            _ => Some(portcullis_audit::Auditor::start(
+                &config.audit,
+                &std::env::var("HOSTNAME")
+                    .unwrap_or_else(|_| format!("portcullis-{}", std::process::id())),
+            )?),
+        };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             registry,
             metrics,
             access,
+            audit,
         });
         let rt = Arc::new(Runtime {
             config_path: config.root.clone(),
@@ -167,6 +181,15 @@ impl Runtime {
         let _g = self.reload_lock.lock().await;
         let path = self.config_path.clone();
         let result = self.try_reload(&path).await;
+        match &result {
+            Ok(Some(v)) => {
+                audit::write(&self.shared, audit::reload(trigger, Ok(v))).await;
+            }
+            Err(e) => {
+                audit::write(&self.shared, audit::reload(trigger, Err(e))).await;
+            }
+            Ok(None) => {}
+        }
         let mut st = self.status.write();
         st.last_attempt = Some(SystemTime::now());
         let label = |r: &str| vec![("result", r.to_string())];

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub reloads: Family<Labels, Counter>,
     pub health_checks: Family<Labels, Counter>,
     pub access_log_dropped: Counter,
+    pub audit_failures: Counter,
+    pub authorizer_cache: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,6 +51,8 @@ impl Default for Metrics {
             reloads: Family::default(),
             health_checks: Family::default(),
             access_log_dropped: Counter::default(),
+            audit_failures: Counter::default(),
+            authorizer_cache: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -101,6 +105,16 @@ impl Default for Metrics {
             "access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written (the request was refused)",
+            m.audit_failures.clone(),
+        );
+        registry.register(
+            "authorizer_cache_lookups",
+            "External authorizer decision cache lookups by authorizer and result (hit or miss)",
+            m.authorizer_cache.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -88,7 +88,10 @@ impl Proxy {
             ));
         }
         if !text.contains("access_log:") {
-            text.push_str(&format!("\naccess_log: {{ path: \"{}\" }}\n", dir.join("access.log").display()));
+            text.push_str(&format!(
+                "\naccess_log: {{ path: \"{}\" }}\n",
+                dir.join("access.log").display()
+            ));
         }
         text
     }
@@ -146,7 +149,12 @@ impl Proxy {
     }
 
     /// An admin API request with the test token.
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, String) {
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, String) {
         let c = reqwest::Client::new();
         let mut r = c
             .request(method, self.admin_url(path))
@@ -160,13 +168,17 @@ impl Proxy {
     }
 
     pub async fn backends(&self) -> serde_json::Value {
-        let (s, b) = self.admin(reqwest::Method::GET, "/api/v1/backends", None).await;
+        let (s, b) = self
+            .admin(reqwest::Method::GET, "/api/v1/backends", None)
+            .await;
         assert_eq!(s, 200, "{b}");
         serde_json::from_str(&b).unwrap()
     }
 
     pub async fn config_status(&self) -> serde_json::Value {
-        let (s, b) = self.admin(reqwest::Method::GET, "/api/v1/config", None).await;
+        let (s, b) = self
+            .admin(reqwest::Method::GET, "/api/v1/config", None)
+            .await;
         assert_eq!(s, 200, "{b}");
         serde_json::from_str(&b).unwrap()
     }
@@ -193,7 +205,11 @@ impl Origin {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
-        Self::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), f).await
+        Self::start_on(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            f,
+        )
+        .await
     }
 
     pub async fn start_on<F, Fut>(listener: tokio::net::TcpListener, f: F) -> Origin
@@ -207,7 +223,9 @@ impl Origin {
         let h = hits.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
                 let f = f.clone();
                 let h = h.clone();
                 tokio::spawn(async move {
@@ -285,7 +303,9 @@ where
 /// Sends raw bytes on a new connection and returns what came back (until close or timeout).
 pub async fn raw(port: u16, bytes: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;

@@ -1,0 +1,275 @@
+//! The command line: `check` with located errors, `version`, graceful shutdown on SIGTERM, and
+//! every shipped example passing `check`.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .env_remove("PORTCULLIS_TEST_MISSING_VAR")
+        .output()
+        .expect("run portcullis")
+}
+
+fn check(path: &Path) -> (i32, String, String) {
+    let out = portcullis(&["check", "--config", path.to_str().unwrap()]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const VALID: &str = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - { name: all, match: { path_prefix: / }, backend: echo, public: true }
+";
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "portcullis.yaml", VALID);
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("OK"), "{out}");
+}
+
+#[test]
+fn check_lists_every_error_with_its_position() {
+    let d = tempfile::tempdir().unwrap();
+    // Three unrelated problems, on lines 7, 11 and 13.
+    let text = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+backends:
+  - name: echo
+    servers:
+      - address: builtin:echo
+      - address: not-an-address
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: missing
+    public: true
+  - { name: bad-prefix, match: { path_prefix: nope }, backend: echo, public: true }
+";
+    let p = write(d.path(), "portcullis.yaml", text);
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    let file = p.display().to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with(&file)).collect();
+    assert_eq!(lines.len(), 3, "expected three located errors:\n{err}");
+    let at = |needle: &str| -> String {
+        let l = lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no error about `{needle}`:\n{err}"));
+        let rest = &l[file.len() + 1..];
+        let mut parts = rest.splitn(3, ':');
+        format!("{}:{}", parts.next().unwrap(), parts.next().unwrap())
+    };
+    assert_eq!(at("not-an-address"), "7:18", "{err}");
+    assert_eq!(at("backend `missing`"), "11:14", "{err}");
+    assert_eq!(at("`nope` must start with `/`"), "13:47", "{err}");
+    assert!(err.contains("3 error(s)"), "{err}");
+}
+
+#[test]
+fn check_suggests_the_key_you_meant() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "portcullis.yaml",
+        &VALID.replace("backend: echo,", "bakend: echo,"),
+    );
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:7:", p.display())), "{err}");
+    assert!(err.contains("unknown field `bakend`"), "{err}");
+    assert!(err.contains("did you mean `backend`"), "{err}");
+}
+
+#[test]
+fn check_explains_a_missing_environment_variable() {
+    let d = tempfile::tempdir().unwrap();
+    let text = VALID.replace("builtin:echo", "\"${env:PORTCULLIS_TEST_MISSING_VAR}\"");
+    let p = write(d.path(), "portcullis.yaml", &text);
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:5:", p.display())), "{err}");
+    assert!(err.contains("PORTCULLIS_TEST_MISSING_VAR"), "{err}");
+    assert!(err.contains("is not set"), "{err}");
+
+    // The same file passes once the variable is set.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config", p.to_str().unwrap()])
+        .env("PORTCULLIS_TEST_MISSING_VAR", "127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_points_into_app_bundles() {
+    let d = tempfile::tempdir().unwrap();
+    let root = write(
+        d.path(),
+        "portcullis.yaml",
+        &format!("{VALID}apps:\n  include: [\"apps/*.yaml\"]\n"),
+    );
+    write(
+        d.path(),
+        "apps/billing.yaml",
+        "name: billing\nbackends:\n  - name: v2\n    servers: [{ address: \"127.0.0.1:9\" }]\nroutes:\n  - { name: api, match: { path_prefix: /billing }, backend: v2, public: true }\n",
+    );
+    let (code, out, err) = check(&root);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 routes"), "{out}");
+
+    // A semantic error in the bundle.
+    let bundle = write(
+        d.path(),
+        "apps/billing.yaml",
+        "name: billing\nbackends:\n  - name: v2\n    servers: [{ address: \"127.0.0.1:9\" }]\nroutes:\n  - { name: api, match: { path_prefix: /billing }, backend: v3, public: true }\n",
+    );
+    let (code, _, err) = check(&root);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:6:", bundle.display())), "{err}");
+    assert!(err.contains("`v3`"), "{err}");
+
+    // A syntax error (unknown key) in the bundle.
+    write(
+        d.path(),
+        "apps/billing.yaml",
+        "name: billing\nbackends:\n  - name: v2\n    servers: [{ address: \"127.0.0.1:9\" }]\n    balanse: round_robin\n",
+    );
+    let (code, _, err) = check(&root);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:5:", bundle.display())), "{err}");
+    assert!(err.contains("did you mean `balance`"), "{err}");
+}
+
+#[test]
+fn version_is_printed() {
+    let want = env!("CARGO_PKG_VERSION");
+    for args in [&["version"][..], &["--version"][..]] {
+        let out = portcullis(args);
+        assert!(out.status.success(), "{args:?}");
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.contains(want), "{args:?}: {s}");
+        assert!(s.starts_with("portcullis"), "{args:?}: {s}");
+    }
+}
+
+#[test]
+fn every_example_passes_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        let (code, out, err) = check(&path);
+        assert_eq!(code, 0, "{}:\n{out}{err}", path.display());
+        n += 1;
+    }
+    assert!(n >= 1, "no examples found in {}", dir.display());
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let slow = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow done")))
+    })
+    .await;
+    let yaml = "\
+shutdown_grace: 5s
+listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]
+backends:
+  - { name: b, servers: [{ address: \"ADDR\" }] }
+routes:
+  - { name: r, match: { path_prefix: / }, backend: b, public: true }
+"
+    .replace("ADDR", &slow.address());
+    let mut p = Proxy::start(&yaml).await;
+    let url = p.url("/slow");
+    let in_flight = tokio::spawn(async move {
+        let r = client().get(url).send().await?;
+        let status = r.status().as_u16();
+        Ok::<_, reqwest::Error>((status, r.text().await?))
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let h = slow.hits();
+            async move { h == 1 }
+        })
+        .await,
+        "the request never reached the origin"
+    );
+    let sent = Instant::now();
+    p.signal(libc::SIGTERM);
+
+    // New connections are refused while the in-flight request finishes.
+    let port = p.port;
+    let refused = eventually(Duration::from_secs(3), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(refused, "the listener still accepts after SIGTERM");
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight request ended before the listener closed"
+    );
+
+    let (status, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request failed");
+    assert_eq!((status, body.as_str()), (200, "slow done"));
+
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let code = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 8s after SIGTERM:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code.code(), Some(0), "log:\n{}", p.log_text());
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "took {:?} to stop",
+        sent.elapsed()
+    );
+    assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
+}

@@ -1,0 +1,500 @@
+//! Hostile clients, on raw TCP: request smuggling shapes, malformed requests, oversized heads
+//! and bodies, slowloris, idle connections and a flood of garbage. Each case gets the right
+//! status (or a closed connection), never reaches the origin, and never panics the proxy.
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CONFIG: &str = "\
+listeners:
+  - name: web
+    bind: \"127.0.0.1:{port}\"
+    max_header_size: 8KiB
+    max_headers: 30
+    timeouts: { client_header: CLIENT_HEADER, idle: IDLE }
+backends:
+  - { name: b, servers: [{ name: s1, address: \"ADDR\" }] }
+routes:
+  - { name: r, match: { path_prefix: /app }, backend: b, max_body_size: 1KiB, public: true }
+  - { name: only-good, match: { host: good.example, path_prefix: /good }, backend: b, public: true }
+";
+
+async fn setup_with(client_header: &str, idle: &str) -> (Origin, Proxy) {
+    // Reads the whole request body before answering, as most origins do.
+    let o = Origin::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let _ = req.into_body().collect().await;
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("origin")))
+    })
+    .await;
+    let yaml = CONFIG
+        .replace("ADDR", &o.address())
+        .replace("CLIENT_HEADER", client_header)
+        .replace("IDLE", idle);
+    let p = Proxy::start(&yaml).await;
+    (o, p)
+}
+
+async fn setup() -> (Origin, Proxy) {
+    setup_with("1s", "2s").await
+}
+
+/// The status code of a raw HTTP/1.1 response, or 0 when the connection closed without one.
+fn status_of(resp: &str) -> u16 {
+    resp.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `req` on a new connection and expects `status` without the origin being reached.
+async fn expect_refused(p: &Proxy, o: &Origin, name: &str, req: &[u8], status: u16) -> String {
+    let before = o.hits();
+    let resp = raw(p.port, req).await;
+    assert_eq!(status_of(&resp), status, "{name}: got\n{resp}");
+    assert_eq!(o.hits(), before, "{name}: the origin was reached");
+    resp
+}
+
+/// The proxy still answers a normal request, and nothing panicked.
+async fn still_healthy(p: &Proxy, o: &Origin) {
+    let before = o.hits();
+    let resp = raw(
+        p.port,
+        b"GET /app HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(resp.ends_with("origin"), "{resp}");
+    assert_eq!(o.hits(), before + 1);
+    let log = p.log_text();
+    assert!(!log.contains("panicked"), "the proxy panicked:\n{log}");
+}
+
+#[tokio::test]
+async fn framing_attacks_get_400_and_never_reach_the_origin() {
+    let (o, p) = setup().await;
+    // Sanity: the same shape of request, well-formed, reaches the origin.
+    still_healthy(&p, &o).await;
+
+    expect_refused(
+        &p,
+        &o,
+        "two different Content-Length values",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "Content-Length list",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "invalid chunk size",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "chunked not last",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    )
+    .await;
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400() {
+    let (o, p) = setup().await;
+    expect_refused(
+        &p,
+        &o,
+        "Content-Length with Transfer-Encoding",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "Transfer-Encoding with Content-Length",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    )
+    .await;
+    still_healthy(&p, &o).await;
+}
+
+/// The classic CL.TE and TE.CL shapes: the first request is refused, and the request hidden
+/// behind it is never parsed as a request of its own.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle() {
+    let (o, p) = setup().await;
+    let inner = "GET /app/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\n\r\nx=1";
+    let te_cl = format!(
+        "POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{inner}\r\n0\r\n\r\n",
+        inner.len()
+    );
+    for (name, req) in [
+        (
+            "CL.TE",
+            &b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        ),
+        ("TE.CL", te_cl.as_bytes()),
+    ] {
+        let before = o.hits();
+        let resp = raw(p.port, req).await;
+        let answers = resp.matches("HTTP/1.1 ").count();
+        assert_eq!(answers, 1, "{name}: expected exactly one response:\n{resp}");
+        assert_eq!(status_of(&resp), 400, "{name}:\n{resp}");
+        assert_eq!(o.hits(), before, "{name}: the origin was reached");
+    }
+    let log = p.access_log_text();
+    assert!(
+        !log.contains("/app/smuggled"),
+        "a smuggled request was logged:\n{log}"
+    );
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400() {
+    let (o, p) = setup().await;
+    expect_refused(&p, &o, "garbage request line", b"GARBAGE\r\n\r\n", 400).await;
+    expect_refused(
+        &p,
+        &o,
+        "binary request line",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(&p, &o, "missing Host", b"GET /app HTTP/1.1\r\n\r\n", 400).await;
+    expect_refused(
+        &p,
+        &o,
+        "two Host headers",
+        b"GET /app HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "Host with a path",
+        b"GET /app HTTP/1.1\r\nHost: a.example/evil\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "dot segments",
+        b"GET /app/../admin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "encoded dot segments",
+        b"GET /app/%2e%2E/admin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "a/../b",
+        b"GET /a/../b HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "asterisk-form GET",
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    )
+    .await;
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_routed_by_their_authority() {
+    let (o, p) = setup().await;
+    // RFC 9112 §3.2.2: the target's authority wins over the Host header.
+    expect_refused(
+        &p,
+        &o,
+        "userinfo in the authority",
+        b"GET http://user:pw@good.example/good HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "authority with a bad port",
+        b"GET http://good.example:99999999/good HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        400,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "authority for another host",
+        b"GET http://evil.example/good HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        404,
+    )
+    .await;
+    // The well-formed version reaches the origin.
+    let before = o.hits();
+    let resp = raw(
+        p.port,
+        b"GET http://good.example/good HTTP/1.1\r\nHost: good.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(o.hits(), before + 1);
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_bodies_413() {
+    let (o, p) = setup().await;
+    let mut big = b"GET /app HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 12 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    expect_refused(&p, &o, "12KiB header section", &big, 431).await;
+
+    let mut many = b"GET /app HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..60 {
+        many.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    expect_refused(&p, &o, "60 headers", &many, 431).await;
+
+    // Just under the limits still works.
+    let mut ok = b"GET /app HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for i in 0..20 {
+        ok.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    ok.extend_from_slice(b"X-Big: ");
+    ok.extend(std::iter::repeat_n(b'a', 4 * 1024));
+    ok.extend_from_slice(b"\r\n\r\n");
+    let before = o.hits();
+    let resp = raw(p.port, &ok).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(o.hits(), before + 1);
+
+    let mut body = b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n".to_vec();
+    body.extend(std::iter::repeat_n(b'b', 2048));
+    let resp = expect_refused(&p, &o, "declared body over max_body_size", &body, 413).await;
+    assert!(resp.contains("too large"), "{resp}");
+
+    // A chunked body that grows past the limit is cut off with 413 as well.
+    let mut chunked =
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend(std::iter::repeat_n(b'c', 0x200));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw(p.port, &chunked).await;
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    // The head of that request did reach the origin; let it settle before counting again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn unrouted_paths_get_a_short_404() {
+    let (o, p) = setup().await;
+    let resp = expect_refused(
+        &p,
+        &o,
+        "unrouted",
+        b"GET /nothing/here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        404,
+    )
+    .await;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(body, "no route\n", "{resp}");
+    assert!(resp.len() < 512, "{resp}");
+    // Route matching is on the host too.
+    expect_refused(
+        &p,
+        &o,
+        "wrong host",
+        b"GET /good HTTP/1.1\r\nHost: bad.example\r\nConnection: close\r\n\r\n",
+        404,
+    )
+    .await;
+    still_healthy(&p, &o).await;
+}
+
+/// Reads until the peer closes (or errors). Returns what was read and how long it took.
+async fn read_until_closed(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (String, Option<Duration>) {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), None),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (
+                    String::from_utf8_lossy(&out).into_owned(),
+                    Some(start.elapsed()),
+                )
+            }
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_after_client_header_timeout() {
+    let (o, p) = setup_with("1s", "30s").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let head = b"GET /app HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_at = None;
+    for b in head.iter() {
+        // One byte every 200ms: the head would take ~20s to arrive.
+        if s.write_all(&[*b]).await.is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(n)) if n > 0 => {
+                let r = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(
+                    r.starts_with("HTTP/1.1 408"),
+                    "unexpected answer to a slow client: {r}"
+                );
+                let (_, c) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+                assert!(c.is_some(), "408 but the connection stayed open");
+                closed_at = Some(start.elapsed());
+                break;
+            }
+            Ok(_) => {
+                closed_at = Some(start.elapsed());
+                break;
+            }
+        }
+        if start.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("a byte-by-byte client was never cut off");
+    assert!(
+        closed_at < Duration::from_millis(3000),
+        "cut off only after {closed_at:?}"
+    );
+    assert!(
+        closed_at >= Duration::from_millis(800),
+        "cut off too early: {closed_at:?}"
+    );
+    assert_eq!(o.hits(), 0);
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    let (o, p) = setup_with("10s", "1s").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
+    let closed = closed.unwrap_or_else(|| panic!("a silent connection stayed open; read {got:?}"));
+    assert!(
+        closed >= Duration::from_millis(800),
+        "closed too early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(3500),
+        "closed only after {closed:?}"
+    );
+
+    // An idle keep-alive connection after a response is closed the same way.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /app HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
+    let closed = closed.expect("an idle keep-alive connection stayed open");
+    assert!(
+        closed < Duration::from_millis(3500),
+        "closed only after {closed:?}"
+    );
+    assert_eq!(o.hits(), 1);
+    still_healthy(&p, &o).await;
+}
+
+#[tokio::test]
+async fn a_flood_of_garbage_connections_does_not_take_it_down() {
+    let (o, p) = setup().await;
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let port = p.port;
+        tasks.push(tokio::spawn(async move {
+            // xorshift, seeded per connection: reproducible garbage.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (i + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let mut bytes = Vec::with_capacity(2048);
+            let len = 64 + (i as usize * 37) % 4000;
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bytes.push(x as u8);
+            }
+            // Some of them look like the start of a request.
+            if i % 4 == 0 {
+                let mut v = b"POST /app HTTP/1.1\r\nHost: x\r\n".to_vec();
+                v.extend(bytes);
+                bytes = v;
+            }
+            let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return;
+            };
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+            let mut sink = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(o.hits(), 0, "garbage reached the origin");
+    still_healthy(&p, &o).await;
+    let (st, _) = p
+        .admin(reqwest::Method::GET, "/api/v1/backends", None)
+        .await;
+    assert_eq!(st, 200);
+}
