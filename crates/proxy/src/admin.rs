@@ -154,6 +154,19 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
             }
         }
     }
+    // Authorizer cache counters live in the authorizers; bring the exported totals up to them.
+    for a in snap.authorizers.iter() {
+        let st = a.stats();
+        for (result, total) in [("hit", st.hits), ("miss", st.misses)] {
+            let c = m
+                .authorizer_cache
+                .get_or_create(&vec![("authorizer", a.name().to_string()), ("result", result.to_string())]);
+            let cur = c.get();
+            if total > cur {
+                c.inc_by(total - cur);
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
