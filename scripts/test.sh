@@ -8,6 +8,8 @@ need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if ((${#need_apt[@]})); then
   echo "installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -17,6 +19,24 @@ fi
 
 # Integration tests open many sockets.
 ulimit -n 65536 2>/dev/null || true
+
+# The real OpenID Provider of the oidc tests (tests/idp): installed when node_modules is
+# missing or the lockfile changed since the last install.
+idp=tests/idp
+if [[ -f $idp/package.json ]]; then
+  stamp=$idp/node_modules/.installed-lock.sha256
+  want=$(sha256sum "$idp/package-lock.json" 2>/dev/null | cut -d' ' -f1 || true)
+  if [[ ! -d $idp/node_modules || ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+    echo "installing the test OpenID Provider ($idp)"
+    if [[ -f $idp/package-lock.json ]]; then
+      npm ci --prefix "$idp" --no-audit --no-fund
+    else
+      npm install --prefix "$idp" --no-audit --no-fund
+      want=$(sha256sum "$idp/package-lock.json" | cut -d' ' -f1)
+    fi
+    echo "$want" >"$stamp"
+  fi
+fi
 
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"

@@ -438,6 +438,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                                 format!("path glob `{p}` must start with `/`"),
                             ));
                         }
+                        if p.contains("**") && p.replace("**", "").contains('*') {
+                            diags.push(app.src.diag(
+                                &format!("{at}.{kind}[{j}].paths[{k}]"),
+                                format!("path glob `{p}` mixes `*` (within a segment) and `**` (across segments): use one of them, or write a Cedar policy"),
+                            ));
+                        }
                     }
                     for (k, m) in rule.methods.iter().enumerate() {
                         if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -520,6 +526,22 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     }
     for f in referenced {
         std::fs::read(f).unwrap_or_default().hash(&mut hasher);
+    }
+    // Cedar policy files are config too: editing one and reloading must take effect (and a
+    // bad one must be rejected), and the file watcher must see them. (A new file that a glob
+    // now matches changes the list hashed here, so an explicit reload picks it up.)
+    let mut policy_files: Vec<&PathBuf> = global_policies
+        .iter()
+        .chain(routes.iter().flat_map(|r| r.policy_files.iter()))
+        .collect();
+    policy_files.sort();
+    policy_files.dedup();
+    for f in policy_files {
+        f.hash(&mut hasher);
+        std::fs::read(f).unwrap_or_default().hash(&mut hasher);
+        if !files.contains(f) {
+            files.push(f.clone());
+        }
     }
     let workers = root.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()

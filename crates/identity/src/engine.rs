@@ -89,6 +89,7 @@ pub struct Engine {
     pub signer: Arc<Signer>,
     _signer_task: Arc<TaskGuard>,
     session_fp: String,
+    assertion_fp: String,
 }
 
 fn algorithms(p: &Provider) -> Vec<Algorithm> {
@@ -224,7 +225,7 @@ impl Engine {
             providers.insert(p.name.clone(), Arc::new(rt));
         }
         let (signer, task) = match prev {
-            Some(e) if format!("{:?}", id.assertion) == format!("{:?}", cfg.identity.assertion) => {
+            Some(e) if e.assertion_fp == format!("{:?}", id.assertion) => {
                 (e.signer.clone(), e._signer_task.clone())
             }
             _ => {
@@ -252,6 +253,7 @@ impl Engine {
             signer,
             _signer_task: task,
             session_fp,
+            assertion_fp: format!("{:?}", id.assertion),
         })
     }
 

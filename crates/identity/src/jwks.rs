@@ -320,6 +320,9 @@ impl KeySource {
         if let Some(k) = self.keys.load().get(kid, alg) {
             return Some(k);
         }
+        if matches!(self.source, Source::Inline) {
+            return None;
+        }
         let kid_s = kid.unwrap_or("").to_string();
         {
             let neg = self.negative.lock();
@@ -327,18 +330,30 @@ impl KeySource {
                 return None;
             }
         }
-        let recent = self
-            .last_fetch
-            .lock()
-            .is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL);
-        if !recent && !matches!(self.source, Source::Inline) {
-            tracing::info!(provider = %self.provider, kid = %kid_s.escape_debug(), "unknown key id: refetching keys");
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(provider = %self.provider, error = %e, "key refetch failed; keeping the last good keys");
+        // Check and claim the refetch slot in one step, so a burst of unknown kids makes one
+        // fetch, not one each.
+        let claimed = {
+            let mut last = self.last_fetch.lock();
+            if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL) {
+                false
+            } else {
+                *last = Some(Instant::now());
+                true
             }
-            if let Some(k) = self.keys.load().get(kid, alg) {
-                return Some(k);
-            }
+        };
+        if !claimed {
+            // Rate-limited: the kid was not looked up, so it is not negative-cached (a key
+            // rotated in right after a fetch must not be refused for NEGATIVE_TTL). A fetch
+            // may be in flight: wait for it and look again.
+            drop(self.fetch_lock.lock().await);
+            return self.keys.load().get(kid, alg);
+        }
+        tracing::info!(provider = %self.provider, kid = %kid_s.escape_debug(), "unknown key id: refetching keys");
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(provider = %self.provider, error = %e, "key refetch failed; keeping the last good keys");
+        }
+        if let Some(k) = self.keys.load().get(kid, alg) {
+            return Some(k);
         }
         let mut neg = self.negative.lock();
         if neg.len() > 1024 {

@@ -180,7 +180,8 @@ impl Validator {
         };
         let mut v = Validation::new(alg);
         v.leeway = self.skew;
-        v.validate_exp = self.require_exp;
+        // `require_exp: false` makes `exp` optional; a token that has one is still checked.
+        v.validate_exp = true;
         v.validate_nbf = true;
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&self.audiences);

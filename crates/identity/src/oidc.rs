@@ -5,6 +5,10 @@
 //! creates the session. Sessions are refreshed with the refresh token before they expire, and
 //! logout goes through the IdP's `end_session_endpoint` when it has one.
 //!
+//! A refresh is single-flight per session state (its tokens), and its result is reused for a
+//! short grace period: a browser sends several requests at once with the same cookie, and an
+//! IdP that rotates refresh tokens revokes the whole grant when a spent one is used again.
+//!
 //! Written on reqwest rather than the openidconnect crate so that ID tokens go through
 //! portcullis's own validator (algorithm allow-list, unknown-kid refetch, key cache) instead
 //! of a second, differently configured one.
@@ -14,12 +18,22 @@ use crate::session::{PreAuth, Session};
 use crate::{now_secs, AuthError, AuthMethod};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use parking_lot::Mutex;
 use rand::RngCore;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
+
+/// How long a successful refresh is handed to other requests that present the same session
+/// state (the same, now spent, tokens), such as requests already in flight with the old
+/// cookie. A refreshed session has new tokens, so it never reuses this: its own next refresh
+/// goes to the IdP and sees a revocation.
+const REFRESH_GRACE: Duration = Duration::from_secs(30);
+
+type RefreshCell = Arc<tokio::sync::OnceCell<Result<Session, AuthError>>>;
 
 pub struct OidcClient {
     pub provider: String,
@@ -31,6 +45,8 @@ pub struct OidcClient {
     pub id_tokens: Arc<Validator>,
     pub session_ttl: Duration,
     http: reqwest::Client,
+    /// Refreshes in flight or recently done, by SHA-256 of the session's tokens.
+    refreshes: Mutex<HashMap<[u8; 32], (Instant, RefreshCell)>>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +100,7 @@ impl OidcClient {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            refreshes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -233,13 +250,41 @@ impl OidcClient {
     }
 
     /// Refreshes the session's tokens. Without a refresh token an expired session ends.
+    /// Concurrent refreshes of one session state share one token request, and a success is
+    /// reused for REFRESH_GRACE; a failure is not kept.
     pub async fn refresh(&self, s: &Session) -> Result<Session, AuthError> {
         let rt = s
             .refresh_token
             .clone()
             .ok_or_else(|| AuthError::new("session expired and cannot be refreshed"))?;
+        let mut h = Sha256::new();
+        for part in [Some(&rt), s.access_token.as_ref(), s.id_token.as_ref()] {
+            h.update(part.map_or("", |p| p.as_str()).as_bytes());
+            h.update([0]);
+        }
+        h.update(s.tokens_expire_at.to_be_bytes());
+        let key: [u8; 32] = h.finalize().into();
+        let cell = {
+            let mut m = self.refreshes.lock();
+            m.retain(|_, (at, _)| at.elapsed() < REFRESH_GRACE);
+            m.entry(key)
+                .or_insert_with(|| (Instant::now(), Arc::default()))
+                .1
+                .clone()
+        };
+        let result = cell.get_or_init(|| self.refresh_now(s, &rt)).await.clone();
+        if result.is_err() {
+            let mut m = self.refreshes.lock();
+            if m.get(&key).is_some_and(|(_, c)| Arc::ptr_eq(c, &cell)) {
+                m.remove(&key);
+            }
+        }
+        result
+    }
+
+    async fn refresh_now(&self, s: &Session, rt: &str) -> Result<Session, AuthError> {
         let t = self
-            .token_request(&[("grant_type", "refresh_token"), ("refresh_token", &rt)])
+            .token_request(&[("grant_type", "refresh_token"), ("refresh_token", rt)])
             .await?;
         let identity = match &t.id_token {
             Some(id) => {

@@ -18,7 +18,7 @@ fn any(conds: Vec<String>) -> Option<String> {
     }
 }
 
-/// Cedar `like` patterns use `*` for any characters; `**` is the same here.
+/// Cedar `like` patterns use `*` for any characters, `/` included.
 fn like_pattern(glob: &str) -> String {
     let g = glob.replace("**", "*");
     let escaped: String = g
@@ -30,6 +30,19 @@ fn like_pattern(glob: &str) -> String {
         })
         .collect();
     format!("\"{escaped}\"")
+}
+
+/// A path glob as a Cedar condition: `**` matches any characters, `*` any characters but
+/// `/`. Cedar's `like` only knows "any characters", so a glob with a single `*` also pins the
+/// number of `/` in the path: its literal slashes must be all the path has, which leaves
+/// none for the `*`s to match. (Config validation rejects globs that mix `*` and `**`.)
+pub fn path_condition(glob: &str) -> String {
+    let like = format!("context.path like {}", like_pattern(glob));
+    if glob.contains("**") || !glob.contains('*') {
+        return like;
+    }
+    let more_slashes = vec!["*"; glob.matches('/').count() + 2].join("/");
+    format!("({like} && !(context.path like \"{more_slashes}\"))")
 }
 
 /// The Cedar text of one rule.
@@ -75,11 +88,7 @@ pub fn compile(rule: &AllowRule, effect: &str, route_id: &str) -> String {
             )
         })
         .collect()));
-    conds.extend(any(rule
-        .paths
-        .iter()
-        .map(|p| format!("context.path like {}", like_pattern(p)))
-        .collect()));
+    conds.extend(any(rule.paths.iter().map(|p| path_condition(p)).collect()));
     conds.extend(any(rule
         .cidrs
         .iter()
@@ -136,5 +145,20 @@ mod tests {
             "a/b",
         );
         cedar_policy::Policy::parse(None, &quote).unwrap();
+    }
+
+    #[test]
+    fn single_star_stays_within_a_segment() {
+        assert_eq!(path_condition("/api/**"), "context.path like \"/api/*\"");
+        assert_eq!(path_condition("/api/x"), "context.path like \"/api/x\"");
+        assert_eq!(
+            path_condition("/api/*"),
+            "(context.path like \"/api/*\" && !(context.path like \"*/*/*/*\"))"
+        );
+        let r = AllowRule {
+            paths: vec!["/files/*.pdf".into()],
+            ..Default::default()
+        };
+        cedar_policy::Policy::parse(None, &compile(&r, "permit", "a/b")).unwrap();
     }
 }

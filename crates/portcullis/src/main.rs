@@ -1,5 +1,10 @@
 //! The `portcullis` command: run the proxy, check a config, print the version.
 
+/// mimalloc: the proxy allocates many small, short-lived buffers per request, which glibc's
+/// allocator handles noticeably slower (measured in BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod audit_cli;
 mod policy_cli;
 
@@ -290,11 +295,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.workers)
-                .enable_all()
-                .build()
-            {
+            // One worker: a current-thread runtime, which skips the work-stealing machinery.
+            let mut builder = if cfg.workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(cfg.workers);
+                b
+            };
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

@@ -33,7 +33,15 @@ fn base(f: &Facts<'_>, kind: Kind) -> Record {
         kind,
         request_id: Some(f.request_id.to_string()),
         app: Some(f.app.to_string()),
-        route: Some(f.route.to_string()),
+        // The route's name within its app (`route.id` is `app/name`), as documented;
+        // `audit search --route` takes the name or `app/name`.
+        route: Some(
+            f.route
+                .strip_prefix(f.app)
+                .and_then(|r| r.strip_prefix('/'))
+                .unwrap_or(f.route)
+                .to_string(),
+        ),
         client_ip: Some(f.conn.peer.ip().to_string()),
         method: Some(f.method.to_string()),
         host: Some(f.host.to_string()),

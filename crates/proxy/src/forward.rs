@@ -151,6 +151,8 @@ fn normalize_host(raw: &str) -> Option<String> {
 
 struct Ctx {
     start: Instant,
+    /// Whether an access log is being written (if not, the record's strings stay empty).
+    log: bool,
     rid: String,
     record: AccessRecord,
     /// A refreshed session cookie to set on the response.
@@ -173,20 +175,27 @@ pub async fn handle(
         }
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
+    // The access record's strings are only built when there is an access log to write.
+    let log = shared.access.enabled();
     let mut ctx = Ctx {
         start,
-        record: AccessRecord {
-            request_id: rid.clone(),
-            listener: conn.listener.to_string(),
-            client: conn.peer.ip().to_string(),
-            method: req.method().as_str().to_string(),
-            path: req.uri().path().to_string(),
-            protocol: match req.version() {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            ..Default::default()
+        log,
+        record: if log {
+            AccessRecord {
+                request_id: rid.clone(),
+                listener: conn.listener.to_string(),
+                client: conn.peer.ip().to_string(),
+                method: req.method().as_str().to_string(),
+                path: req.uri().path().to_string(),
+                protocol: match req.version() {
+                    Version::HTTP_2 => "HTTP/2",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                ..Default::default()
+            }
+        } else {
+            AccessRecord::default()
         },
         rid,
         set_cookie: None,
@@ -282,7 +291,9 @@ async fn proxy<'a>(
     } else {
         normalize_host(&raw_host).ok_or((StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
     };
-    ctx.record.host = host.clone();
+    if ctx.log {
+        ctx.record.host = host.clone();
+    }
     let path = parts.uri.path();
     if !path.starts_with('/') {
         return Err((
@@ -319,8 +330,12 @@ async fn proxy<'a>(
     };
     let route = &snap.routes[idx];
     let backend = &route.backend;
-    ctx.record.route = route.id.to_string();
-    ctx.record.backend = backend.id.clone();
+    if ctx.log {
+        ctx.record.route = route.id.to_string();
+    }
+    if ctx.log {
+        ctx.record.backend = backend.id.clone();
+    }
 
     // Identify (and apply the route's allow rules) before anything reaches an origin.
     let login_target = parts
@@ -347,8 +362,12 @@ async fn proxy<'a>(
         } => {
             ctx.set_cookie = set_cookie;
             if let Some(id) = &identity {
-                ctx.record.user = id.user.clone();
-                ctx.record.provider = id.provider.clone();
+                if ctx.log {
+                    ctx.record.user = id.user.clone();
+                }
+                if ctx.log {
+                    ctx.record.provider = id.provider.clone();
+                }
                 let query = parts.uri.query().map(str::to_string);
                 let out = crate::authorize::authorize(
                     snap,
@@ -404,6 +423,15 @@ async fn proxy<'a>(
                     tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "shadow mode: request would be denied");
                 }
                 for (k, v) in out.add_headers {
+                    // An authorizer may add context, never overwrite identity or credentials.
+                    if snap.strip_headers.contains(&k)
+                        || k == header::AUTHORIZATION
+                        || k == header::COOKIE
+                        || k == X_FORWARDED_FOR
+                        || k == X_REQUEST_ID
+                    {
+                        continue;
+                    }
                     parts.headers.insert(k, v);
                 }
             }
@@ -419,7 +447,14 @@ async fn proxy<'a>(
                 path,
                 query: parts.uri.query(),
             };
-            crate::audit::write(shared, crate::audit::auth_failure(&facts, &reason)).await;
+            // Like a decision, a refusal is only answered once it is recorded.
+            if !crate::audit::write(shared, crate::audit::auth_failure(&facts, &reason)).await {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit trail unavailable\n",
+                    Some(route),
+                ));
+            }
             let status = r.status().as_u16();
             tracing::info!(target: "portcullis::auth", request_id = %ctx.rid, route = %route.id, status, %reason, "request refused by identity");
             route.by_class[status_class(status)].inc();
@@ -649,7 +684,9 @@ async fn proxy<'a>(
         tried.push(si);
         let server = &backend.servers[si];
         let state = &backend.slots[si].state;
-        ctx.record.server = server.name.clone();
+        if ctx.log {
+            ctx.record.server = server.name.clone();
+        }
 
         // HAProxy's maxconn: wait in the queue for a slot, up to queue_timeout.
         let permit = match state.gate_for(server.max_connections) {

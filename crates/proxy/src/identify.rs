@@ -132,6 +132,11 @@ pub fn forbidden(rid: &str) -> Response<RespBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // Like every other answer, so a client can match a denial to its audit record.
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        r.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
     r
 }
 

@@ -166,7 +166,7 @@ impl<T> Guard<T> {
 
     /// Some(Some(len)) = complete head of `len` bytes; Some(None) = need more; None = stop.
     fn parse_head(&mut self) -> Option<Option<usize>> {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut headers = [httparse::EMPTY_HEADER; 512];
         let mut req = httparse::Request::new(&mut headers);
         let len = match req.parse(&self.head) {
             Ok(httparse::Status::Complete(n)) => n,

@@ -1,0 +1,403 @@
+//! Client certificates as identity, against the real binary over real TLS: a listener with
+//! `client_auth: { required: false }`, an `mtls` provider taking the SPIFFE ID from the
+//! certificate's SAN URI, routes with `client_cert: required` and `optional`, and a client
+//! certificate from a CA the listener does not trust. CAs and certificates are generated
+//! with rcgen; the client is rustls (ring) under hyper.
+mod common;
+use common::*;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+const SPIFFE: &str = "spiffe://example.org/ns/prod/sa/billing";
+
+fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate and its key.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn issue(&self, p: CertificateParams) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    fn server(&self, name: &str) -> Leaf {
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(p)
+    }
+
+    /// A workload certificate: SAN URI (the SPIFFE ID), a SAN DNS name and a CN.
+    fn workload(&self, spiffe: &str) -> Leaf {
+        let mut p = CertificateParams::new(vec!["billing.internal".to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::URI(spiffe.try_into().unwrap()));
+        p.distinguished_name.push(DnType::CommonName, "billing");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(p)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut r = rustls::RootCertStore::empty();
+        r.add(self.cert.der().clone()).unwrap();
+        r
+    }
+}
+
+/// A client trusting `ca` (for the server), presenting `cert` if given.
+fn client_config(ca: &Ca, cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+    client_config_for(
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        ca,
+        cert,
+    )
+}
+
+fn client_config_for(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    ca: &Ca,
+    cert: Option<&Leaf>,
+) -> Arc<rustls::ClientConfig> {
+    init_crypto();
+    let b = rustls::ClientConfig::builder_with_protocol_versions(versions)
+        .with_root_certificates(ca.roots());
+    Arc::new(match cert {
+        Some(l) => b
+            .with_client_auth_cert(
+                vec![l.der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(l.key_der.clone())),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// A GET over TLS (HTTP/1.1) to the proxy. Any failure, including a handshake the server
+/// refuses (with TLS 1.3 the client learns on its first read), is an Err.
+async fn tls_get(
+    port: u16,
+    cfg: Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let fut = async {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut req = Request::builder().uri(path).header("host", "localhost");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = s
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .map_err(|e| format!("request: {e:?}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// An origin that answers with the headers it received, as JSON lists of values.
+async fn echo() -> Origin {
+    Origin::start(|req: Request<Incoming>| async move {
+        let mut h = serde_json::Map::new();
+        for (k, v) in req.headers() {
+            h.entry(k.as_str().to_string())
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                .unwrap()
+                .push(Value::String(
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                ));
+        }
+        Response::new(Full::new(Bytes::from(json!({ "headers": h }).to_string())))
+    })
+    .await
+}
+
+/// The values of header `name` the echo origin received.
+fn seen(body: &str, name: &str) -> Vec<String> {
+    let doc: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not echoed JSON ({e}): {body}"));
+    doc["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// An ES256 key for provider `tok` and its JWKS.
+struct TokenKey {
+    enc: EncodingKey,
+    jwks: Value,
+}
+
+impl TokenKey {
+    fn new() -> TokenKey {
+        let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        TokenKey {
+            enc: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            jwks: json!({ "keys": [{
+                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": "t1",
+                "x": B64.encode(&raw[1..33]), "y": B64.encode(&raw[33..65]),
+            }] }),
+        }
+    }
+
+    fn mint(&self, sub: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("t1".into());
+        jsonwebtoken::encode(
+            &h,
+            &json!({ "iss": "https://tok.test", "aud": "api", "sub": sub, "iat": now, "exp": now + 600 }),
+            &self.enc,
+        )
+        .unwrap()
+    }
+}
+
+struct Setup {
+    p: Proxy,
+    origin: Origin,
+    ca: Ca,
+    workload: Leaf,
+    tok: TokenKey,
+}
+
+/// A TLS listener (client certificates optional at the handshake, verified against the
+/// clients' CA when presented), providers `mesh` (mtls) and `tok` (jwt), and routes:
+/// /req/ (`mesh`, `client_cert: required`), /reqtok/ (`mesh` or `tok`, required), and
+/// /opt/ (`mesh` or `tok`, `client_cert: optional`).
+async fn setup() -> Setup {
+    let server_ca = Ca::new("server CA");
+    let clients_ca = Ca::new("clients CA");
+    let server = server_ca.server("localhost");
+    let workload = clients_ca.workload(SPIFFE);
+    let tok = TokenKey::new();
+    let origin = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "server.pem", &server.cert_pem);
+    write(dir.path(), "server.key", &server.key_pem);
+    write(dir.path(), "clients-ca.pem", &clients_ca.cert.pem());
+    write(dir.path(), "tok.json", &tok.jwks.to_string());
+    let headers = r#"headers: { upstream: { X-User: "{identity.user}", X-Spiffe: "{claims.spiffe_id}", X-Provider: "{identity.provider}" } }"#;
+    let yaml = r#"
+listeners:
+  - name: web
+    bind: "127.0.0.1:{port}"
+    tls:
+      certificates: [{ cert: "{dir}/server.pem", key: "{dir}/server.key" }]
+      client_auth: { ca: "{dir}/clients-ca.pem", required: false }
+identity:
+  providers:
+    - { name: mesh, kind: mtls }
+    - { name: tok, kind: jwt, issuer: "https://tok.test", audiences: [api], jwks_file: "{dir}/tok.json" }
+backends:
+  - { name: o, servers: [{ address: "@ORIGIN@" }] }
+routes:
+  - { name: req, match: { path_prefix: /req/ }, backend: o, auth: [mesh], client_cert: required, allow: [{}], @HEADERS@ }
+  - { name: reqtok, match: { path_prefix: /reqtok/ }, backend: o, auth: [mesh, tok], client_cert: required, allow: [{}], @HEADERS@ }
+  - { name: opt, match: { path_prefix: /opt/ }, backend: o, auth: [mesh, tok], client_cert: optional, allow: [{}], @HEADERS@ }
+"#
+    .replace("@ORIGIN@", &origin.address())
+    .replace("@HEADERS@", headers);
+    let p = Proxy::start_in(dir, &yaml).await;
+    Setup {
+        p,
+        origin,
+        ca: server_ca,
+        workload,
+        tok,
+    }
+}
+
+/// `client_cert: required`: no certificate gets 401, a certificate from the trusted CA gets
+/// 200 with its SPIFFE ID as the identity. A bearer token does not stand in for the
+/// certificate on such a route.
+#[tokio::test]
+async fn a_required_client_certificate_is_the_identity() {
+    let s = setup().await;
+    let port = s.p.port;
+    let anon = client_config(&s.ca, None);
+    let with_cert = client_config(&s.ca, Some(&s.workload));
+
+    let (status, body) = tls_get(port, anon.clone(), "/req/x", &[]).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = tls_get(port, with_cert.clone(), "/req/x", &[("x-user", "mallory")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body, "x-user"), [SPIFFE]);
+    assert_eq!(seen(&body, "x-spiffe"), [SPIFFE]);
+    assert_eq!(seen(&body, "x-provider"), ["mesh"]);
+    assert_eq!(s.origin.hits(), 1);
+
+    let auth = format!("Bearer {}", s.tok.mint("alice"));
+    let (status, body) = tls_get(port, anon, "/reqtok/x", &[("authorization", &auth)])
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 401,
+        "a bearer token replaced the required client certificate: {body}"
+    );
+    assert_eq!(s.origin.hits(), 1);
+    let logged = eventually(Duration::from_secs(5), || {
+        let text = s.p.access_log_text();
+        async move {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|r| {
+                    r["route"] == "default/reqtok"
+                        && r["status"] == 401
+                        && r["error"] == "client certificate required"
+                })
+        }
+    })
+    .await;
+    assert!(logged, "refusal not logged:\n{}", s.p.access_log_text());
+    let (status, body) = tls_get(port, with_cert, "/reqtok/x", &[]).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body, "x-user"), [SPIFFE]);
+}
+
+/// `client_cert: optional`: without a certificate there is no mtls identity (401 unless
+/// another provider of the route matches, here a bearer token); with one, the certificate is
+/// the identity.
+#[tokio::test]
+async fn an_optional_client_certificate_is_an_identity_when_presented() {
+    let s = setup().await;
+    let port = s.p.port;
+    let anon = client_config(&s.ca, None);
+    let with_cert = client_config(&s.ca, Some(&s.workload));
+
+    let (status, body) = tls_get(port, anon.clone(), "/opt/x", &[]).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(s.origin.hits(), 0);
+
+    let auth = format!("Bearer {}", s.tok.mint("alice"));
+    let (status, body) = tls_get(port, anon, "/opt/x", &[("authorization", &auth)])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body, "x-user"), ["alice"]);
+    assert_eq!(seen(&body, "x-provider"), ["tok"]);
+    assert_eq!(
+        seen(&body, "x-spiffe"),
+        [""],
+        "no certificate, no SPIFFE ID"
+    );
+
+    let (status, body) = tls_get(port, with_cert, "/opt/x", &[("x-spiffe", "spiffe://evil")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body, "x-user"), [SPIFFE]);
+    assert_eq!(seen(&body, "x-spiffe"), [SPIFFE]);
+    assert_eq!(seen(&body, "x-provider"), ["mesh"]);
+}
+
+/// A client certificate from a CA the listener does not trust fails the handshake, and
+/// nothing reaches the origin; the trusted workload still gets through afterwards.
+#[tokio::test]
+async fn a_client_certificate_from_an_untrusted_ca_fails_the_handshake() {
+    let s = setup().await;
+    let rogue = Ca::new("rogue CA").workload(SPIFFE);
+    // TLS 1.3: the client finishes its side first and learns of the refusal (a fatal alert)
+    // when it reads.
+    let cfg = client_config(&s.ca, Some(&rogue));
+    for path in ["/req/x", "/opt/x"] {
+        let r = tls_get(s.p.port, cfg.clone(), path, &[]).await;
+        let err = r.expect_err("an untrusted client certificate was accepted");
+        assert!(err.contains("UnknownCA"), "{path}: {err}");
+    }
+    // TLS 1.2: the handshake itself fails.
+    let cfg = client_config_for(&[&rustls::version::TLS12], &s.ca, Some(&rogue));
+    let r = tls_get(s.p.port, cfg, "/opt/x", &[]).await;
+    let err = r.expect_err("an untrusted client certificate was accepted over TLS 1.2");
+    assert!(err.starts_with("handshake:"), "{err}");
+    assert_eq!(s.origin.hits(), 0);
+    let (status, body) = tls_get(
+        s.p.port,
+        client_config(&s.ca, Some(&s.workload)),
+        "/req/x",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
