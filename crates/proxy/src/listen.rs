@@ -345,8 +345,12 @@ async fn run_http<IO>(
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.client_header.0)
-        .max_buf_size((cfg.max_header_size.0 as usize).max(8192))
-        .max_headers(cfg.max_headers);
+        .max_buf_size((cfg.max_header_size.0 as usize).max(8192));
+    // hyper's default is 100; setting it explicitly makes hyper fill a header array on every
+    // parse, so only set a different limit.
+    if cfg.max_headers != 100 {
+        b.http1().max_headers(cfg.max_headers);
+    }
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_size.0.min(u32::MAX as u64) as u32)
