@@ -6,6 +6,7 @@
 use crate::body::{
     empty, full, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
 };
+use crate::identify::cookie;
 use crate::pool::{ConnectError, Sender};
 use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt, Snapshot};
@@ -934,14 +935,7 @@ fn caused_by<T: std::error::Error + 'static>(e: &hyper::Error) -> bool {
 }
 
 fn is_too_large(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if s.is::<TooLarge>() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
+    caused_by::<TooLarge>(e)
 }
 
 struct Decr(Arc<std::sync::atomic::AtomicUsize>);
@@ -1030,18 +1024,6 @@ async fn may_retry(
     true
 }
 
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
-}
-
 fn hash_key(
     on: &portcullis_config::HashOn,
     headers: &HeaderMap,
@@ -1050,6 +1032,7 @@ fn hash_key(
     pq: &str,
 ) -> u64 {
     use crate::balance::hash64;
+
     use portcullis_config::HashOn;
     match on {
         HashOn::Header(h) => hash64(

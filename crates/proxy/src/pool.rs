@@ -147,24 +147,36 @@ fn server_name(addr: &str, sni: &Option<String>) -> Result<ServerName<'static>, 
         .map_err(|e| ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))
 }
 
+/// A connected upstream transport: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects, and runs the TLS handshake when the backend uses TLS, within the connect timeout.
+async fn open(addr: &str, c: &Connector) -> Result<Stream, ConnectError> {
+    let stream = tcp(addr, c).await?;
+    let Some((cfg, sni)) = &c.tls else {
+        return Ok(Stream::Plain(stream));
+    };
+    let name = server_name(addr, sni)?;
+    let tls = tokio::time::timeout(
+        c.connect_timeout,
+        tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, stream),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout)?
+    .map_err(ConnectError::Tls)?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
 async fn connect_h1(
     addr: &str,
     c: &Connector,
 ) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
-    let stream = tcp(addr, c).await?;
-    match &c.tls {
-        None => handshake_h1(stream).await,
-        Some((cfg, sni)) => {
-            let name = server_name(addr, sni)?;
-            let tls = tokio::time::timeout(
-                c.connect_timeout,
-                tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, stream),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout)?
-            .map_err(ConnectError::Tls)?;
-            handshake_h1(tls).await
-        }
+    match open(addr, c).await? {
+        Stream::Plain(s) => handshake_h1(s).await,
+        Stream::Tls(s) => handshake_h1(*s).await,
     }
 }
 
@@ -187,20 +199,9 @@ async fn connect_h2(
     addr: &str,
     c: &Connector,
 ) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
-    let stream = tcp(addr, c).await?;
-    match &c.tls {
-        None => handshake_h2(stream).await,
-        Some((cfg, sni)) => {
-            let name = server_name(addr, sni)?;
-            let tls = tokio::time::timeout(
-                c.connect_timeout,
-                tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, stream),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout)?
-            .map_err(ConnectError::Tls)?;
-            handshake_h2(tls).await
-        }
+    match open(addr, c).await? {
+        Stream::Plain(s) => handshake_h2(s).await,
+        Stream::Tls(s) => handshake_h2(*s).await,
     }
 }
 
