@@ -76,7 +76,15 @@ pub struct RequestInfo<'a> {
 struct RoutePolicies {
     set: PolicySet,
     resource: EntityUid,
-    route_attrs: Vec<(String, RestrictedExpression)>,
+    /// The route entity, built once.
+    route: Entity,
+}
+
+/// Entity type names, parsed once (parsing a name runs Cedar's parser).
+struct Types {
+    user: EntityTypeName,
+    agent: EntityTypeName,
+    group: EntityTypeName,
 }
 
 pub struct Engine {
@@ -84,17 +92,45 @@ pub struct Engine {
     context_headers: Vec<http::HeaderName>,
     claims: Vec<String>,
     authorizer: Authorizer,
-    /// The action entities (and their `read`/`write` groups) from the schema.
-    actions: Entities,
+    /// The action entity of each method (with its `read` or `write` parent), from the schema.
+    /// A request's entity store holds only its principal, its route and its action.
+    actions: HashMap<&'static str, Entity>,
+    types: Types,
     /// Every policy's source text, by id, for `explain`.
     sources: HashMap<String, String>,
     pub schema_text: String,
 }
 
-fn uid(ty: &str, id: &str) -> EntityUid {
+fn type_name(ty: &str) -> EntityTypeName {
     // The type names are ours and always valid.
-    let t = EntityTypeName::from_str(ty).unwrap_or_else(|_| unreachable!("valid type name {ty}"));
-    EntityUid::from_type_name_and_id(t, EntityId::new(id))
+    EntityTypeName::from_str(ty).unwrap_or_else(|_| unreachable!("valid type name {ty}"))
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(type_name(ty), EntityId::new(id))
+}
+
+/// `ip("…")` for a client address. Building it makes Cedar parse the extension's name, which
+/// costs more than the rest of the context; addresses repeat, so each thread keeps the last
+/// ones it built.
+fn ip_expression(ip: IpAddr) -> RestrictedExpression {
+    const KEEP: usize = 1024;
+    thread_local! {
+        static MEMO: std::cell::RefCell<HashMap<IpAddr, RestrictedExpression>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    MEMO.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(e) = m.get(&ip) {
+            return e.clone();
+        }
+        let e = RestrictedExpression::new_ip(ip.to_string());
+        if m.len() >= KEEP {
+            m.clear();
+        }
+        m.insert(ip, e.clone());
+        e
+    })
 }
 
 /// Line and column (1-based) of a byte offset.
@@ -325,25 +361,60 @@ impl Engine {
                     .or(r.spec.matcher.path_regex.clone())
                     .unwrap_or_default(),
             );
-            routes.insert(
-                r.id.clone(),
-                RoutePolicies {
-                    set,
-                    resource: uid("Portcullis::Route", &r.id),
-                    route_attrs: vec![
-                        (
-                            "name".into(),
-                            RestrictedExpression::new_string(r.spec.name.clone()),
-                        ),
-                        (
-                            "app".into(),
-                            RestrictedExpression::new_string(r.app.clone()),
-                        ),
-                        ("host".into(), RestrictedExpression::new_string(host)),
-                        ("path".into(), RestrictedExpression::new_string(path)),
-                    ],
-                },
+            let resource = uid("Portcullis::Route", &r.id);
+            let route = Entity::new(
+                resource.clone(),
+                [
+                    (
+                        "name".to_string(),
+                        RestrictedExpression::new_string(r.spec.name.clone()),
+                    ),
+                    (
+                        "app".to_string(),
+                        RestrictedExpression::new_string(r.app.clone()),
+                    ),
+                    ("host".to_string(), RestrictedExpression::new_string(host)),
+                    ("path".to_string(), RestrictedExpression::new_string(path)),
+                ]
+                .into_iter()
+                .collect(),
+                std::collections::HashSet::new(),
             );
+            match route {
+                Ok(route) => {
+                    routes.insert(
+                        r.id.clone(),
+                        RoutePolicies {
+                            set,
+                            resource,
+                            route,
+                        },
+                    );
+                }
+                Err(e) => problems.push(Problem {
+                    file: cfg.root.clone(),
+                    line: 1,
+                    col: 1,
+                    message: format!("route `{}`: {e}", r.id),
+                }),
+            }
+        }
+        let mut action_entities = HashMap::new();
+        for m in schema::READ_METHODS
+            .iter()
+            .chain(schema::WRITE_METHODS.iter())
+        {
+            match actions.get(&uid("Portcullis::Action", m)) {
+                Some(e) => {
+                    action_entities.insert(*m, e.clone());
+                }
+                None => problems.push(Problem {
+                    file: cfg.root.clone(),
+                    line: 1,
+                    col: 1,
+                    message: format!("schema: no action entity for `{m}`"),
+                }),
+            }
         }
         if !problems.is_empty() {
             return Err(Error::Invalid(problems));
@@ -360,7 +431,12 @@ impl Engine {
                 .collect(),
             claims: cfg.policy.claims.clone(),
             authorizer: Authorizer::new(),
-            actions,
+            actions: action_entities,
+            types: Types {
+                user: type_name("Portcullis::User"),
+                agent: type_name("Portcullis::Agent"),
+                group: type_name("Portcullis::Group"),
+            },
             sources,
             schema_text,
         })
@@ -397,8 +473,8 @@ impl Engine {
 
     fn principal(&self, id: &Identity) -> Result<Entity, String> {
         let ty = match id.method {
-            AuthMethod::ApiKey | AuthMethod::Mtls => "Portcullis::Agent",
-            AuthMethod::Jwt | AuthMethod::Session => "Portcullis::User",
+            AuthMethod::ApiKey | AuthMethod::Mtls => &self.types.agent,
+            AuthMethod::Jwt | AuthMethod::Session => &self.types.user,
         };
         let mut attrs = vec![
             (
@@ -435,30 +511,36 @@ impl Engine {
         let parents: Vec<EntityUid> = id
             .groups
             .iter()
-            .map(|g| uid("Portcullis::Group", g))
+            .map(|g| EntityUid::from_type_name_and_id(self.types.group.clone(), EntityId::new(g)))
             .collect();
         let tags = claim_tags(&id.claims, &self.claims);
-        Entity::new_with_tags(uid(ty, &id.user), attrs, parents, tags).map_err(|e| e.to_string())
+        let principal = EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(&id.user));
+        Entity::new_with_tags(principal, attrs, parents, tags).map_err(|e| e.to_string())
     }
 
     fn evaluate(&self, rp: &RoutePolicies, r: &RequestInfo<'_>) -> Result<Decision, String> {
         let principal = self.principal(r.identity)?;
         let principal_uid = principal.uid();
-        let route = Entity::new(
+        let action = self
+            .actions
+            .get(schema::action_for(r.method))
+            .ok_or_else(|| format!("no action entity for `{}`", r.method))?
+            .clone();
+        let action_uid = action.uid();
+        // `add_entities` repairs the transitive closure of what it adds; `from_entities`
+        // would run the general (and much slower) cycle-aware closure.
+        let entities = Entities::empty()
+            .add_entities([principal, rp.route.clone(), action], None)
+            .map_err(|e| e.to_string())?;
+        let context = self.context(r)?;
+        let req = Request::new(
+            principal_uid,
+            action_uid,
             rp.resource.clone(),
-            rp.route_attrs.iter().cloned().collect(),
-            std::collections::HashSet::new(),
+            context,
+            None,
         )
         .map_err(|e| e.to_string())?;
-        let entities = self
-            .actions
-            .clone()
-            .add_entities([principal, route], None)
-            .map_err(|e| e.to_string())?;
-        let action = uid("Portcullis::Action", schema::action_for(r.method));
-        let context = self.context(r)?;
-        let req = Request::new(principal_uid, action, rp.resource.clone(), context, None)
-            .map_err(|e| e.to_string())?;
         let resp = self.authorizer.is_authorized(&req, &rp.set, &entities);
         let allowed = resp.decision() == cedar_policy::Decision::Allow;
         Ok(Decision {
@@ -538,10 +620,7 @@ impl Engine {
                 "headers".to_string(),
                 RestrictedExpression::new_record(headers).map_err(|e| e.to_string())?,
             ),
-            (
-                "ip".to_string(),
-                RestrictedExpression::new_ip(r.client_ip.to_string()),
-            ),
+            ("ip".to_string(), ip_expression(r.client_ip)),
             ("time".to_string(), time),
             (
                 "tls".to_string(),

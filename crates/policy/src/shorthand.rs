@@ -159,6 +159,6 @@ mod tests {
             paths: vec!["/files/*.pdf".into()],
             ..Default::default()
         };
-        cedar_policy::Policy::parse(None, &compile(&r, "permit", "a/b")).unwrap();
+        cedar_policy::Policy::parse(None, compile(&r, "permit", "a/b")).unwrap();
     }
 }

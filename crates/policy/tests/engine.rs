@@ -113,17 +113,98 @@ when { context.headers has "x-tenant" && context.headers["x-tenant"] == "acme" &
     let d1 = decide(&e, r, &eng, Req::default());
     assert!(d1.allowed, "{d1:?}");
     assert_eq!(d1.reasons, vec!["eng-read"]);
-    assert!(!decide(&e, r, &eng, Req { method: "POST", ..Default::default() }).allowed, "eng cannot write");
-    assert!(decide(&e, r, &ops, Req { method: "POST", path: "/admin/x", ..Default::default() }).allowed);
-    assert!(!decide(&e, r, &ops, Req { method: "POST", path: "/other", ..Default::default() }).allowed);
-    assert!(!decide(&e, r, &ops, Req { method: "POST", path: "/admin/x", ip: "192.168.1.1", ..Default::default() }).allowed);
-    let night = decide(&e, r, &eng, Req { at: UNIX_EPOCH + Duration::from_secs(1_700_474_400 + 12 * 3600), ..Default::default() });
+    assert!(
+        !decide(
+            &e,
+            r,
+            &eng,
+            Req {
+                method: "POST",
+                ..Default::default()
+            }
+        )
+        .allowed,
+        "eng cannot write"
+    );
+    assert!(
+        decide(
+            &e,
+            r,
+            &ops,
+            Req {
+                method: "POST",
+                path: "/admin/x",
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !decide(
+            &e,
+            r,
+            &ops,
+            Req {
+                method: "POST",
+                path: "/other",
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !decide(
+            &e,
+            r,
+            &ops,
+            Req {
+                method: "POST",
+                path: "/admin/x",
+                ip: "192.168.1.1",
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    let night = decide(
+        &e,
+        r,
+        &eng,
+        Req {
+            at: UNIX_EPOCH + Duration::from_secs(1_700_474_400 + 12 * 3600),
+            ..Default::default()
+        },
+    );
     assert!(!night.allowed);
-    assert_eq!(night.reasons, vec!["business-hours"], "deny wins, and says which policy");
+    assert_eq!(
+        night.reasons,
+        vec!["business-hours"],
+        "deny wins, and says which policy"
+    );
     let mut h = http::HeaderMap::new();
     h.insert("x-tenant", "acme".parse().unwrap());
-    assert!(decide(&e, r, &who("sam", &[]), Req { method: "DELETE", headers: h, ..Default::default() }).allowed);
-    let nobody = decide(&e, r, &who("nobody", &[]), Req { method: "DELETE", ..Default::default() });
+    assert!(
+        decide(
+            &e,
+            r,
+            &who("sam", &[]),
+            Req {
+                method: "DELETE",
+                headers: h,
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    let nobody = decide(
+        &e,
+        r,
+        &who("nobody", &[]),
+        Req {
+            method: "DELETE",
+            ..Default::default()
+        },
+    );
     assert!(!nobody.allowed && nobody.reasons.is_empty(), "default deny");
 }
 
@@ -135,14 +216,25 @@ fn schema_errors_are_located_by_line_and_column() {
         "bad.cedar",
         "permit(principal, action, resource);\n\npermit(principal, action, resource)\nwhen { principal.emial == \"x\" };\n",
     );
-    let c = config(d.path(), "  - { name: api, backend: b, auth: [dev], policies: [bad.cedar] }\n");
+    let c = config(
+        d.path(),
+        "  - { name: api, backend: b, auth: [dev], policies: [bad.cedar] }\n",
+    );
     let err = Engine::build(&c).err().expect("a schema error").to_string();
     assert!(err.contains("bad.cedar:4:"), "{err}");
     assert!(err.contains("emial"), "{err}");
-    write(d.path(), "bad.cedar", "permit(principal, action, resource) when { Portcullis::Usr::\"a\" == principal };\n");
+    write(
+        d.path(),
+        "bad.cedar",
+        "permit(principal, action, resource) when { Portcullis::Usr::\"a\" == principal };\n",
+    );
     let err = Engine::build(&c).err().expect("a type error").to_string();
     assert!(err.contains("bad.cedar:1:"), "{err}");
-    write(d.path(), "bad.cedar", "permit(principal, action, resource) when { ;\n");
+    write(
+        d.path(),
+        "bad.cedar",
+        "permit(principal, action, resource) when { ;\n",
+    );
     let err = Engine::build(&c).err().expect("a syntax error").to_string();
     assert!(err.contains("bad.cedar:1:"), "{err}");
 }
@@ -159,11 +251,47 @@ fn shorthand_rules_deny_wins_and_default_deny() {
     let d1 = decide(&e, r, &who("alice", &["eng"]), Req::default());
     assert_eq!(d1.reasons, vec!["default/api/allow[1]"]);
     assert!(decide(&e, r, &who("bob", &[]), Req::default()).allowed);
-    let bp = decide(&e, r, &who("bob", &[]), Req { method: "POST", ..Default::default() });
+    let bp = decide(
+        &e,
+        r,
+        &who("bob", &[]),
+        Req {
+            method: "POST",
+            ..Default::default()
+        },
+    );
     assert!(!bp.allowed, "{bp:?}");
-    assert!(decide(&e, r, &who("sally", &[]), Req { path: "/reports/q3/x", ..Default::default() }).allowed);
-    let blocked = decide(&e, r, &who("alice", &["eng"]), Req { ip: "192.168.4.4", ..Default::default() });
+    assert!(
+        decide(
+            &e,
+            r,
+            &who("sally", &[]),
+            Req {
+                path: "/reports/q3/x",
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    let blocked = decide(
+        &e,
+        r,
+        &who("alice", &["eng"]),
+        Req {
+            ip: "192.168.4.4",
+            ..Default::default()
+        },
+    );
     assert!(!blocked.allowed);
     assert_eq!(blocked.reasons, vec!["default/api/deny[1]"]);
-    assert!(!decide(&e, "default/closed", &who("alice", &["eng"]), Req::default()).allowed, "no rule: deny");
+    assert!(
+        !decide(
+            &e,
+            "default/closed",
+            &who("alice", &["eng"]),
+            Req::default()
+        )
+        .allowed,
+        "no rule: deny"
+    );
 }

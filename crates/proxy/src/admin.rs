@@ -134,33 +134,17 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
                 .set(slot.state.active.load(Ordering::Relaxed) as i64);
         }
     }
-    {
-        // The authorizers count their own cache hits and misses (the counts survive reloads);
-        // bring the exported counters up to date. One scrape at a time, so none is counted
-        // twice.
-        static SYNC: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
-        let _one = SYNC.lock();
-        for a in snap.authorizers.iter() {
-            let s = a.stats();
-            for (result, n) in [("hit", s.hits), ("miss", s.misses)] {
-                let c = m.authorizer_cache.get_or_create(&vec![
-                    ("authorizer", a.name().to_string()),
-                    ("result", result.into()),
-                ]);
-                let seen = c.get();
-                if n > seen {
-                    c.inc_by(n - seen);
-                }
-            }
-        }
-    }
     // Authorizer cache counters live in the authorizers; bring the exported totals up to them.
+    // One scrape at a time, so two concurrent scrapes cannot both add the same difference.
+    static SYNC: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+    let _sync = SYNC.lock();
     for a in snap.authorizers.iter() {
         let st = a.stats();
         for (result, total) in [("hit", st.hits), ("miss", st.misses)] {
-            let c = m
-                .authorizer_cache
-                .get_or_create(&vec![("authorizer", a.name().to_string()), ("result", result.to_string())]);
+            let c = m.authorizer_cache.get_or_create(&vec![
+                ("authorizer", a.name().to_string()),
+                ("result", result.to_string()),
+            ]);
             let cur = c.get();
             if total > cur {
                 c.inc_by(total - cur);

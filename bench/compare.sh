@@ -1,0 +1,433 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: HAProxy (Debian) vs portcullis, both in front of the same nginx
+# origin, all on loopback, in one run.
+#
+#   bench/compare.sh                 # full run: 5 interleaved rounds of 10 s, 10,000 idle conns
+#   QUICK=1 bench/compare.sh         # smoke test: 2 rounds of 3 s, 1,000 idle conns
+#   ROUNDS=7 DURATION=20s bench/compare.sh
+#   SCENARIO=jwt bench/compare.sh    # only the JWT / policy / audit variants (+ portcullis plain)
+#
+# What it does:
+#   1. installs haproxy, nginx-light and wrk with apt-get when missing (apt-get update only
+#      when a package has no install candidate), and builds portcullis with
+#      `cargo build --release`;
+#   2. starts an nginx origin (1 worker, `return 200 "ok\n"`), HAProxy (nbthread 1, http
+#      mode, http-reuse always, no logs) and portcullis (workers: 1, access log and audit
+#      off, one `public: true` route: the plain proxy path, no identity or policy); with
+#      PIN=1 (default) both proxies run on core PROXY_CPU (0) and nginx and wrk on LOAD_CPU (1);
+#   3. warms each proxy up, then runs ROUNDS rounds of `wrk -t1 -c64 -d$DURATION --latency`
+#      in ABBA order (round 1: HAProxy then portcullis, round 2: portcullis then HAProxy, ...)
+#      so slow drift in machine load hits both alike; it also records each proxy's CPU time
+#      (utime+stime from /proc/PID/stat) per round, as CPU microseconds per request;
+#   4. restarts both proxies and measures their VmRSS with IDLE_CONNS idle keep-alive client
+#      connections open (bench/idle_conns.py);
+#   With SCENARIO=jwt or all (the default), the same rounds also run three more variants, all
+#   sending `Authorization: Bearer <ES256 token>` (made by bench/jwt_setup.py with openssl):
+#     haproxy-jwt           a second HAProxy frontend that checks the token with `jwt_verify`
+#                           (alg pinned to ES256, the public key PEM) plus iss, aud and exp
+#                           with jwt_payload_query;
+#     portcullis-jwt        a `jwt` provider with a JWKS file, and a Cedar shorthand rule
+#                           `allow: [{ groups: [bench] }]`; audit sink off (JWT + policy);
+#     portcullis-jwt-audit  the same, plus the file audit trail (fsync: interval), one
+#                           hash-chained record per request (JWT + policy + audit).
+#   Each portcullis variant is its own process (the audit sink is global), pinned like the others.
+#   5. writes bench/out/results.json and bench/out/table.md and prints the markdown table.
+#
+# Environment (defaults in brackets):
+#   SCENARIO [all]  plain = HAProxy vs portcullis, the plain proxy path (and the memory test);
+#                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit;
+#                   all = both sets, interleaved in the same rounds
+#   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  THREADS [1]  CONNS [64]  IDLE_CONNS [10000]
+#   QUICK [0]       1 = ROUNDS=2 DURATION=3s WARMUP=1s IDLE_CONNS=1000 unless set
+#   PIN [1]         pin processes with taskset; PROXY_CPU [0], LOAD_CPU [1]
+#   PARITY [1]      1 = HAProxy also adds X-Forwarded-For/-Proto/-Host and a per-request
+#                   X-Request-Id (uuid) on request and response, as portcullis always does;
+#                   0 = plain HAProxy forwarding
+#   SKIP_INSTALL [0]  SKIP_BUILD [0]  SKIP_MEMORY [0]
+#   ORIGIN_PORT [24680]  HAPROXY_PORT [24681]  PORTCULLIS_PORT [24682]
+#   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
+#   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
+#   BUILD_FROM [worktree]  `head` = build the committed HEAD from `git archive` in
+#                   $OUT/head-src (target dir $OUT/head-target), ignoring uncommitted edits
+#   PROFILE [0]     1 = after the rounds, record `perf record --call-graph dwarf` of portcullis
+#                   under one more wrk run into $OUT/perf.data (cpu-clock sampling, which
+#                   works in VMs without hardware counters), with $OUT/perf-report.txt and
+#                   a per-stage summary in $OUT/profile-summary.txt (bench/profile_summary.py)
+#
+# Everything stays on 127.0.0.1. The script only needs the network for Debian packages.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+OUT=${OUT:-$BENCH/out}
+
+QUICK=${QUICK:-0}
+SCENARIO=${SCENARIO:-all}
+if [[ $QUICK == 1 ]]; then
+    ROUNDS=${ROUNDS:-2}; DURATION=${DURATION:-3s}; WARMUP=${WARMUP:-1s}; IDLE_CONNS=${IDLE_CONNS:-1000}
+fi
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-3s}
+THREADS=${THREADS:-1}
+CONNS=${CONNS:-64}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+PIN=${PIN:-1}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+PARITY=${PARITY:-1}
+SKIP_INSTALL=${SKIP_INSTALL:-0}
+SKIP_BUILD=${SKIP_BUILD:-0}
+SKIP_MEMORY=${SKIP_MEMORY:-0}
+PROFILE=${PROFILE:-0}
+ORIGIN_PORT=${ORIGIN_PORT:-24680}
+HAPROXY_PORT=${HAPROXY_PORT:-24681}
+PORTCULLIS_PORT=${PORTCULLIS_PORT:-24682}
+HAPROXY_JWT_PORT=${HAPROXY_JWT_PORT:-24683}
+PORTCULLIS_JWT_PORT=${PORTCULLIS_JWT_PORT:-24684}
+PORTCULLIS_AUDIT_PORT=${PORTCULLIS_AUDIT_PORT:-24685}
+JWT_ISSUER=https://issuer.bench.portcullis.test
+JWT_AUDIENCE=portcullis-bench
+case $SCENARIO in
+    plain) VARIANTS=(haproxy portcullis) ;;
+    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
+    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
+    *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
+esac
+has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
+BUILD_FROM=${BUILD_FROM:-worktree}
+if [[ $BUILD_FROM == head ]]; then
+    PORTCULLIS_BIN=${PORTCULLIS_BIN:-$OUT/head-target/release/portcullis}
+else
+    PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
+fi
+NGINX_BIN=/usr/sbin/nginx
+
+log() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------
+# 1. Tools and build
+# ---------------------------------------------------------------------------------------
+install_tools() {
+    local need=()
+    command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+    [[ -x $NGINX_BIN ]] || need+=(nginx-light)
+    command -v wrk >/dev/null 2>&1 || need+=(wrk)
+    if [[ $PROFILE == 1 ]]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
+    [[ ${#need[@]} -eq 0 ]] && return 0
+    [[ $(id -u) -eq 0 ]] || die "need root to install ${need[*]}"
+    local p update=0
+    for p in "${need[@]}"; do
+        if ! apt-cache policy "$p" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then update=1; fi
+    done
+    if [[ $update == 1 ]]; then
+        log "apt-get update"
+        apt-get update -qq
+    fi
+    # Keep the packages' init scripts from starting system-wide services (nginx on :80).
+    local made_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    log "apt-get install ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+        || { [[ $made_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d; die "apt-get install failed"; }
+    [[ $made_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+[[ $SKIP_INSTALL == 1 ]] || install_tools
+for t in haproxy wrk python3 curl; do command -v "$t" >/dev/null || die "$t not found"; done
+[[ -x $NGINX_BIN ]] || die "$NGINX_BIN not found"
+if [[ $PIN == 1 ]]; then
+    command -v taskset >/dev/null || die "taskset not found (util-linux); or run with PIN=0"
+    [[ $(nproc) -ge 2 ]] || { log "one CPU only: not pinning"; PIN=0; }
+fi
+
+if [[ $SKIP_BUILD != 1 ]]; then
+    if [[ $BUILD_FROM == head ]]; then
+        # Build the committed HEAD, untouched by uncommitted edits in the work tree.
+        log "cargo build --release -p portcullis (git HEAD $(git -C "$ROOT" rev-parse --short HEAD), in $OUT/head-src)"
+        rm -rf "$OUT/head-src"
+        mkdir -p "$OUT/head-src"
+        BUILT_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD)
+        git -C "$ROOT" archive "$BUILT_COMMIT" | tar -x -C "$OUT/head-src"
+        (cd "$OUT/head-src" && CARGO_TARGET_DIR="$OUT/head-target" cargo build --release -p portcullis --quiet)
+    else
+        log "cargo build --release -p portcullis"
+        BUILT_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+        if [[ -n $(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null | head -1 || true) ]]; then
+            BUILT_COMMIT="$BUILT_COMMIT+dirty"
+        fi
+        (cd "$ROOT" && cargo build --release -p portcullis --quiet)
+    fi
+    # Remember which commit the binary was built from, for runs with SKIP_BUILD=1.
+    echo "$BUILT_COMMIT" >"$PORTCULLIS_BIN.commit"
+fi
+[[ -x $PORTCULLIS_BIN ]] || die "$PORTCULLIS_BIN not found"
+
+# ---------------------------------------------------------------------------------------
+# 2. Processes
+# ---------------------------------------------------------------------------------------
+rm -rf "$OUT/raw"
+mkdir -p "$OUT/raw" "$OUT/nginx-tmp"
+# Proxies and the idle-connection client inherit the highest open-file limit we may set.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+
+# Command prefixes (arrays, not functions, so `cmd &` leaves $! = the real process's pid:
+# taskset and env exec the program in place).
+ON_PROXY=() ON_LOAD=()
+if [[ $PIN == 1 ]]; then ON_PROXY=(taskset -c "$PROXY_CPU") ON_LOAD=(taskset -c "$LOAD_CPU"); fi
+
+render() { # template output [KEY=VALUE ...]: fills in the at-sign placeholders
+    local parity_fe="" jwt_fe=""
+    if [[ $PARITY == 1 ]]; then
+        parity_fe=$'    option forwardfor\n    http-request set-header X-Forwarded-Proto http\n    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n    unique-id-format %[uuid()]\n    unique-id-header X-Request-Id\n    http-after-response set-header X-Request-Id %[unique-id]'
+    fi
+    if has_variant haproxy-jwt; then
+        # HAProxy 2.6 `jwt_verify` checks only the signature, so iss, aud and exp are checked
+        # with jwt_payload_query, as the HAProxy docs and blog suggest. The alg is pinned to
+        # ES256 (jwt_verify would otherwise trust the token's own `alg`).
+        jwt_fe="frontend fe_jwt
+    bind 127.0.0.1:$HAPROXY_JWT_PORT
+    maxconn $((IDLE_CONNS + 1000))
+    default_backend be
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.jwt_alg) var(txn.bearer),jwt_header_query('\$.alg')
+    http-request deny status 401 unless { var(txn.jwt_alg) -m str ES256 }
+    http-request deny status 401 unless { var(txn.bearer),jwt_verify(txn.jwt_alg,\"$OUT/jwt/es256.pub.pem\") -m int 1 }
+    http-request deny status 401 unless { var(txn.bearer),jwt_payload_query('\$.iss') -m str $JWT_ISSUER }
+    http-request deny status 401 unless { var(txn.bearer),jwt_payload_query('\$.aud') -m str $JWT_AUDIENCE }
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
+    http-request set-var(txn.now) date()
+    http-request deny status 401 if { var(txn.exp),sub(txn.now) -m int lt 0 }
+    http-request deny status 403 unless { var(txn.bearer),jwt_payload_query('\$.groups[0]') -m str bench }
+$parity_fe"
+    fi
+    local maxconn=$((IDLE_CONNS + 1000))
+    env OUT="$OUT" ORIGIN_PORT="$ORIGIN_PORT" HAPROXY_PORT="$HAPROXY_PORT" PORTCULLIS_PORT="$PORTCULLIS_PORT" \
+        MAXCONN="$maxconn" PARITY_FRONTEND="$parity_fe" JWT_FRONTEND="$jwt_fe" \
+        JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" "${@:3}" \
+        python3 - "$1" "$2" <<'PY'
+import os, re, sys
+src, dst = sys.argv[1], sys.argv[2]
+t = open(src).read()
+t = re.sub(r"@([A-Z_]+)@", lambda m: os.environ.get(m.group(1), m.group(0)), t)
+open(dst, "w").write(t)
+PY
+}
+
+if has_variant haproxy-jwt || has_variant portcullis-jwt; then
+    log "ES256 key, JWKS and token in $OUT/jwt (bench/jwt_setup.py)"
+    python3 "$BENCH/jwt_setup.py" "$OUT/jwt" "$JWT_ISSUER" "$JWT_AUDIENCE" || die "jwt_setup.py failed"
+    TOKEN=$(cat "$OUT/jwt/token.txt")
+fi
+rm -rf "$OUT/audit"
+
+render "$BENCH/nginx.conf.tmpl" "$OUT/nginx.conf"
+render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
+render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
+    AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }"
+
+PIDS=()
+ORIGIN_PID="" HAPROXY_PID=""
+declare -A PID_OF=() PORT_OF=(
+    [haproxy]=$HAPROXY_PORT [portcullis]=$PORTCULLIS_PORT [haproxy-jwt]=$HAPROXY_JWT_PORT
+    [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT)
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { # port pid name
+    local i
+    for i in $(seq 1 100); do
+        port_busy "$1" && return 0
+        kill -0 "$2" 2>/dev/null || die "$3 exited; see $OUT/$3.log"
+        sleep 0.1
+    done
+    die "$3 did not listen on $1; see $OUT/$3.log"
+}
+
+for p in "$ORIGIN_PORT" "${PORT_OF[@]}"; do
+    port_busy "$p" && die "port $p is already in use (set ORIGIN_PORT/HAPROXY_PORT/PORTCULLIS_PORT)"
+done
+
+start_origin() {
+    "$NGINX_BIN" -t -q -c "$OUT/nginx.conf" -p "$OUT/" -e "$OUT/nginx-error.log" >"$OUT/nginx.log" 2>&1 \
+        || die "nginx config invalid: $(cat "$OUT/nginx.log")"
+    "${ON_LOAD[@]}" "$NGINX_BIN" -c "$OUT/nginx.conf" -p "$OUT/" -e "$OUT/nginx-error.log" >"$OUT/nginx.log" 2>&1 &
+    ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
+    wait_port "$ORIGIN_PORT" "$ORIGIN_PID" nginx
+}
+start_haproxy() {
+    haproxy -c -q -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 || die "haproxy config invalid: $(cat "$OUT/haproxy.log")"
+    "${ON_PROXY[@]}" haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID")
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+    PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID
+}
+start_portcullis() { # [variant]: portcullis, portcullis-jwt or portcullis-jwt-audit
+    local v=${1:-portcullis} pid
+    "$PORTCULLIS_BIN" check --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 \
+        || die "$v config invalid: $(cat "$OUT/$v.log")"
+    "${ON_PROXY[@]}" env PORTCULLIS_LOG=warn "$PORTCULLIS_BIN" --log-format text run --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 &
+    pid=$!; PIDS+=("$pid"); PID_OF[$v]=$pid
+    wait_port "${PORT_OF[$v]}" "$pid" "$v"
+}
+stop() { # pid
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+wait_free() { # port
+    local i
+    for i in $(seq 1 50); do port_busy "$1" || return 0; sleep 0.1; done
+    die "port $1 still in use"
+}
+
+is_jwt() { [[ $1 == *-jwt* ]]; }
+check_proxy() { # variant
+    local body port=${PORT_OF[$1]} code
+    local auth=()
+    if is_jwt "$1"; then
+        auth=(-H "Authorization: Bearer $TOKEN")
+        # Without a token, or with a token whose signature is broken, the origin must not answer.
+        code=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/check") || die "$1: request failed"
+        [[ $code == 401 ]] || die "$1: request without a token got $code, expected 401"
+        # (flip one character in the middle of the signature, not the last one: its low bits are padding)
+        local i=$((${#TOKEN} - 20)) c=A
+        [[ ${TOKEN:i:1} == A ]] && c=B
+        code=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${TOKEN:0:i}$c${TOKEN:i+1}" "http://127.0.0.1:$port/check") || die "$1: request failed"
+        [[ $code == 401 ]] || die "$1: request with a forged token got $code, expected 401"
+    fi
+    body=$(curl -sS --max-time 5 "${auth[@]}" -D "$OUT/raw/$1-headers.txt" "http://127.0.0.1:$port/check") || die "$1: request failed"
+    [[ $body == ok ]] || die "$1: unexpected body '$body' (see $OUT/raw/$1-headers.txt)"
+}
+
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; } # utime stime, in clock ticks
+
+log "SCENARIO=$SCENARIO: ${VARIANTS[*]}"
+log "starting nginx origin :$ORIGIN_PORT and $(for v in "${VARIANTS[@]}"; do printf '%s :%s, ' "$v" "${PORT_OF[$v]}"; done)PIN=$PIN"
+start_origin
+start_haproxy
+start_portcullis portcullis
+has_variant portcullis-jwt && start_portcullis portcullis-jwt
+has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
+for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------------------------------
+# 3. Throughput and latency rounds
+# ---------------------------------------------------------------------------------------
+run_wrk() { # variant port duration outfile
+    local pid=${PID_OF[$1]}
+    local t0 t1 hdr=()
+    is_jwt "$1" && hdr=(-H "Authorization: Bearer $TOKEN")
+    read -r -a t0 <<<"$(cpu_ticks "$pid")"
+    "${ON_LOAD[@]}" wrk -t"$THREADS" -c"$CONNS" -d"$3" --latency "${hdr[@]}" "http://127.0.0.1:$2/" >"$4" 2>&1 || die "wrk failed: $(cat "$4")"
+    read -r -a t1 <<<"$(cpu_ticks "$pid")"
+    echo "cpu_ticks $((t1[0] - t0[0] + t1[1] - t0[1])) user $((t1[0] - t0[0])) sys $((t1[1] - t0[1]))" >>"$4"
+    echo "loadavg $(cut -d' ' -f1 /proc/loadavg)" >>"$4"
+}
+port_of() { echo "${PORT_OF[$1]}"; }
+
+log "warm-up ($WARMUP each)"
+for p in "${VARIANTS[@]}"; do run_wrk "$p" "$(port_of "$p")" "$WARMUP" "$OUT/raw/warmup-$p.txt"; done
+if has_variant portcullis-jwt-audit; then
+    AUDIT_LINES_BEFORE=$(cat "$OUT"/audit/* 2>/dev/null | wc -l)
+    AUDIT_REQS=0
+fi
+
+for r in $(seq 1 "$ROUNDS"); do
+    # ABBA: odd rounds run the variants in order, even rounds in reverse.
+    order=("${VARIANTS[@]}")
+    if ((r % 2 == 0)); then
+        order=(); for ((i = ${#VARIANTS[@]} - 1; i >= 0; i--)); do order+=("${VARIANTS[i]}"); done
+    fi
+    for p in "${order[@]}"; do
+        f="$OUT/raw/$p-r$r.txt"
+        run_wrk "$p" "$(port_of "$p")" "$DURATION" "$f"
+        log "round $r/$ROUNDS $(printf '%-20s' "$p") $(grep -m1 'Requests/sec' "$f" | tr -s ' ')  p99 $(awk '$1=="99%"{print $2}' "$f")"
+        if [[ $p == portcullis-jwt-audit ]]; then
+            AUDIT_REQS=$((AUDIT_REQS + $(awk '/requests in/{print $1; exit}' "$f")))
+        fi
+    done
+done
+if has_variant portcullis-jwt-audit; then
+    # Every answered request must have its audit record (record_allows defaults to true).
+    sleep 0.5
+    AUDIT_RECORDS=$(( $(cat "$OUT"/audit/* 2>/dev/null | wc -l) - AUDIT_LINES_BEFORE ))
+    AUDIT_BYTES=$(du -sb "$OUT/audit" | cut -f1)
+    log "audit: $AUDIT_RECORDS records written during the rounds; wrk counted $AUDIT_REQS completed requests ($AUDIT_BYTES bytes in $OUT/audit)"
+    export AUDIT_RECORDS AUDIT_REQS AUDIT_BYTES
+fi
+
+if [[ $PROFILE == 1 ]]; then
+    command -v perf >/dev/null || die "perf not found (apt-get install linux-perf)"
+    log "profiling portcullis under wrk for $DURATION"
+    perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -p "${PID_OF[portcullis]}" -o "$OUT/perf.data" >/dev/null 2>&1 &
+    PERF_PID=$!
+    run_wrk portcullis "$PORTCULLIS_PORT" "$DURATION" "$OUT/raw/profile-portcullis.txt"
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+    perf report -i "$OUT/perf.data" --no-inline --no-children --percent-limit 0.5 --stdio >"$OUT/perf-report.txt" 2>/dev/null || true
+    perf report -i "$OUT/perf.data" --no-inline --children --percent-limit 2 --stdio -g none >"$OUT/perf-report-children.txt" 2>/dev/null || true
+    python3 "$BENCH/profile_summary.py" "$OUT/perf.data" >"$OUT/profile-summary.txt" 2>&1 || true
+    log "profile: $OUT/profile-summary.txt, $OUT/perf-report.txt"
+fi
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------------------------------
+# 4. Memory with idle keep-alive connections (fresh processes)
+# ---------------------------------------------------------------------------------------
+if [[ $SKIP_MEMORY != 1 ]] && has_variant haproxy; then
+    if ((NOFILE < IDLE_CONNS + 200)); then
+        die "open-file limit $NOFILE is too low for IDLE_CONNS=$IDLE_CONNS"
+    fi
+    stop "$HAPROXY_PID"; stop "${PID_OF[portcullis]}"
+    wait_free "$HAPROXY_PORT"; wait_free "$PORTCULLIS_PORT"
+    start_haproxy
+    start_portcullis portcullis
+    for p in haproxy portcullis; do
+        pid=${PID_OF[$p]}
+        log "memory: $IDLE_CONNS idle keep-alive connections to $p"
+        "${ON_LOAD[@]}" python3 "$BENCH/idle_conns.py" --port "$(port_of "$p")" --pid "$pid" --conns "$IDLE_CONNS" \
+            >"$OUT/raw/mem-$p.json" 2>"$OUT/raw/mem-$p.err" || log "warning: $p memory test had failures: $(cat "$OUT/raw/mem-$p.json" "$OUT/raw/mem-$p.err")"
+        if ! kill -0 "$pid" 2>/dev/null; then
+            st=0; wait "$pid" || st=$?
+            die "$p died during the memory test (exit status $st); see $OUT/$p.log"
+        fi
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# 5. Results
+# ---------------------------------------------------------------------------------------
+# (|| true: `head` closing the pipe early must not end the script under pipefail)
+HAPROXY_VERSION=$(haproxy -v 2>/dev/null | head -1 || true)
+NGINX_VERSION=$("$NGINX_BIN" -v 2>&1 | head -1 || true)
+WRK_VERSION=$(wrk -v 2>&1 | head -1 || true)
+if [[ -f $PORTCULLIS_BIN.commit ]]; then
+    COMMIT=$(cat "$PORTCULLIS_BIN.commit")
+else
+    COMMIT="unknown (prebuilt $PORTCULLIS_BIN)"
+fi
+
+export SCENARIO ROUNDS DURATION WARMUP THREADS CONNS IDLE_CONNS PIN PROXY_CPU LOAD_CPU PARITY QUICK \
+    HAPROXY_VERSION NGINX_VERSION WRK_VERSION COMMIT LOAD_START LOAD_END NOFILE
+python3 "$BENCH/analyze.py" "$OUT" | tee "$OUT/table.md"
+log "results: $OUT/results.json, $OUT/table.md"
