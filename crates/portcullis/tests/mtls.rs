@@ -4,6 +4,7 @@
 //! certificate from a CA the listener does not trust. CAs and certificates are generated
 //! with rcgen; the client is rustls (ring) under hyper.
 mod common;
+use common::pki::{init_crypto, Ca, Leaf};
 use common::*;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -14,11 +15,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,71 +25,14 @@ use tokio::net::TcpStream;
 
 const SPIFFE: &str = "spiffe://example.org/ns/prod/sa/billing";
 
-fn init_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A certificate and its key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn issue(&self, p: CertificateParams) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
-    }
-
-    fn server(&self, name: &str) -> Leaf {
-        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(p)
-    }
-
-    /// A workload certificate: SAN URI (the SPIFFE ID), a SAN DNS name and a CN.
-    fn workload(&self, spiffe: &str) -> Leaf {
-        let mut p = CertificateParams::new(vec!["billing.internal".to_string()]).unwrap();
-        p.subject_alt_names
-            .push(SanType::URI(spiffe.try_into().unwrap()));
-        p.distinguished_name.push(DnType::CommonName, "billing");
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(p)
-    }
-
-    fn roots(&self) -> rustls::RootCertStore {
-        let mut r = rustls::RootCertStore::empty();
-        r.add(self.cert.der().clone()).unwrap();
-        r
-    }
+/// A workload certificate: SAN URI (the SPIFFE ID), a SAN DNS name and a CN.
+fn workload(ca: &Ca, spiffe: &str) -> Leaf {
+    let mut p = CertificateParams::new(vec!["billing.internal".to_string()]).unwrap();
+    p.subject_alt_names
+        .push(SanType::URI(spiffe.try_into().unwrap()));
+    p.distinguished_name.push(DnType::CommonName, "billing");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    ca.sign(p)
 }
 
 /// A client trusting `ca` (for the server), presenting `cert` if given.
@@ -246,8 +187,8 @@ struct Setup {
 async fn setup() -> Setup {
     let server_ca = Ca::new("server CA");
     let clients_ca = Ca::new("clients CA");
-    let server = server_ca.server("localhost");
-    let workload = clients_ca.workload(SPIFFE);
+    let server = server_ca.server(&["localhost"]);
+    let workload = workload(&clients_ca, SPIFFE);
     let tok = TokenKey::new();
     let origin = echo().await;
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +317,7 @@ async fn an_optional_client_certificate_is_an_identity_when_presented() {
 #[tokio::test]
 async fn a_client_certificate_from_an_untrusted_ca_fails_the_handshake() {
     let s = setup().await;
-    let rogue = Ca::new("rogue CA").workload(SPIFFE);
+    let rogue = workload(&Ca::new("rogue CA"), SPIFFE);
     // TLS 1.3: the client finishes its side first and learns of the refusal (a fatal alert)
     // when it reads.
     let cfg = client_config(&s.ca, Some(&rogue));

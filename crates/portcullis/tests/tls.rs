@@ -3,6 +3,7 @@
 //! they change on disk, client certificates at the listener (mTLS), and upstream TLS with its
 //! own CA and client certificate.
 mod common;
+use common::pki::{init_crypto, Ca, Leaf};
 use common::*;
 
 use bytes::Bytes;
@@ -11,114 +12,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-
-fn init_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A certificate authority generated for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A certificate issued by a [`Ca`], with its private key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    fn roots(&self) -> rustls::RootCertStore {
-        let mut r = rustls::RootCertStore::empty();
-        r.add(self.cert.der().clone()).unwrap();
-        r
-    }
-
-    fn issue(&self, sans: &[&str], purpose: ExtendedKeyUsagePurpose) -> Leaf {
-        let mut p =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        p.distinguished_name.push(
-            DnType::CommonName,
-            sans.first().copied().unwrap_or("client"),
-        );
-        p.extended_key_usages = vec![purpose];
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
-    }
-
-    fn server(&self, sans: &[&str]) -> Leaf {
-        self.issue(sans, ExtendedKeyUsagePurpose::ServerAuth)
-    }
-
-    fn client(&self, name: &str) -> Leaf {
-        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-}
-
-impl Leaf {
-    /// Writes `<name>.pem` and `<name>.key` into `dir`, each atomically (temp file + rename),
-    /// the way certificate renewal tools replace them.
-    fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let cert = dir.join(format!("{name}.pem"));
-        let key = dir.join(format!("{name}.key"));
-        for (path, text) in [(&cert, &self.cert_pem), (&key, &self.key_pem)] {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, path).unwrap();
-        }
-        (cert, key)
-    }
-
-    fn chain(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.der.clone()]
-    }
-
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
-    }
-}
 
 fn write_pem(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -2,6 +2,8 @@
 //! (hyper servers in the test process), and gives tests an HTTP client and admin helpers.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
