@@ -121,10 +121,16 @@ pub fn reload(trigger: &str, result: Result<&str, &str>) -> Record {
 /// not be written (overload with `fail_closed`, or a write error): the caller must not
 /// answer as if it had been recorded.
 pub async fn write(shared: &crate::Shared, rec: Record) -> bool {
+    write_with(shared, || rec).await
+}
+
+/// Like [`write`], but builds the record only when there is an audit trail to write it to
+/// (with `sink: off`, requests do not pay for records nobody keeps).
+pub async fn write_with(shared: &crate::Shared, rec: impl FnOnce() -> Record) -> bool {
     let Some(a) = &shared.audit else {
         return true;
     };
-    match a.record(rec).await {
+    match a.record(rec()).await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!(error = %e, "audit record not written");

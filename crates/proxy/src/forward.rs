@@ -34,6 +34,29 @@ pub struct ConnInfo {
     pub client_cert: Option<Arc<Vec<u8>>>,
     /// What the request-smuggling guard saw on this connection.
     pub smuggle: Arc<crate::smuggle::Flags>,
+    /// The peer's address as a header value, formatted once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        listener: Arc<str>,
+        tls: bool,
+        client_cert: Option<Arc<Vec<u8>>>,
+        smuggle: Arc<crate::smuggle::Flags>,
+    ) -> Self {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            listener,
+            tls,
+            client_cert,
+            smuggle,
+            peer_ip,
+        }
+    }
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -171,6 +194,8 @@ struct Ctx {
     /// Whether an access log is being written (if not, the record's strings stay empty).
     log: bool,
     rid: String,
+    /// `rid` as a header value, made once and shared by the upstream request and the response.
+    rid_value: HeaderValue,
     record: AccessRecord,
     /// A refreshed session cookie to set on the response.
     set_cookie: Option<HeaderValue>,
@@ -192,6 +217,8 @@ pub async fn handle(
         }
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
+    let rid_value =
+        HeaderValue::from_str(&rid).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     // The access record's strings are only built when there is an access log to write.
     let log = shared.access.enabled();
     let mut ctx = Ctx {
@@ -215,6 +242,7 @@ pub async fn handle(
             AccessRecord::default()
         },
         rid,
+        rid_value,
         set_cookie: None,
     };
     let resp = proxy(&shared, &snap, &conn, trusted, req, &mut ctx).await;
@@ -355,12 +383,7 @@ async fn proxy<'a>(
     }
 
     // Identify (and apply the route's allow rules) before anything reaches an origin.
-    let login_target = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let login_target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match crate::identify::identify(
         snap,
         route,
@@ -368,7 +391,7 @@ async fn proxy<'a>(
         &mut parts.headers,
         &parts.method,
         &raw_host,
-        &login_target,
+        login_target,
         &ctx.rid,
     )
     .await
@@ -410,7 +433,9 @@ async fn proxy<'a>(
                     path,
                     query: query.as_deref(),
                 };
-                if !crate::audit::write(shared, crate::audit::decision(&facts, id, &out)).await {
+                if !crate::audit::write_with(shared, || crate::audit::decision(&facts, id, &out))
+                    .await
+                {
                     return Err((
                         StatusCode::SERVICE_UNAVAILABLE,
                         "audit trail unavailable\n",
@@ -465,7 +490,9 @@ async fn proxy<'a>(
                 query: parts.uri.query(),
             };
             // Like a decision, a refusal is only answered once it is recorded.
-            if !crate::audit::write(shared, crate::audit::auth_failure(&facts, &reason)).await {
+            if !crate::audit::write_with(shared, || crate::audit::auth_failure(&facts, &reason))
+                .await
+            {
                 return Err((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "audit trail unavailable\n",
@@ -538,12 +565,11 @@ async fn proxy<'a>(
         headers.remove(header::FORWARDED);
         headers.remove(HeaderName::from_static("x-real-ip"));
     }
-    let peer_ip = conn.peer.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trusted => format!("{prev}, {peer_ip}"),
-        _ => peer_ip,
+        Some(prev) if trusted => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+        _ => Some(conn.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -557,20 +583,13 @@ async fn proxy<'a>(
             headers.insert(X_FORWARDED_HOST.clone(), v);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&ctx.rid) {
-        headers.insert(X_REQUEST_ID.clone(), v);
-    }
+    headers.insert(X_REQUEST_ID.clone(), ctx.rid_value.clone());
     let authority = match &backend.host {
         Some(h) => h.clone(),
         None => HeaderValue::from_str(&raw_host)
             .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
     };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri: Uri = if h2_up {
         headers.remove(header::HOST);
         let scheme = if backend.connector.tls.is_some() {
@@ -590,6 +609,10 @@ async fn proxy<'a>(
                 Some(route),
             )
         })?
+    } else if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+        // Origin form already: share the parsed target instead of re-parsing it.
+        headers.insert(header::HOST, authority);
+        parts.uri.clone()
     } else {
         headers.insert(header::HOST, authority);
         pq.parse().map_err(|_| {
@@ -643,7 +666,7 @@ async fn proxy<'a>(
     let key = backend
         .balancer
         .hash_on()
-        .map(|on| hash_key(on, &headers, &uri, conn, &pq));
+        .map(|on| hash_key(on, &headers, &uri, conn, pq));
     let sticky = backend.sticky_cookie.as_ref().and_then(|name| {
         let id = cookie(&headers, name)?;
         backend.servers.iter().position(|s| s.sticky_id == id)
@@ -753,7 +776,7 @@ async fn proxy<'a>(
         if server.echo {
             let resp = crate::echo::respond(req, &ctx.rid).await;
             return Ok(respond(
-                shared, route, backend, si, None, resp, active, ctx, connect_ms, false,
+                shared, route, backend, si, resp, active, ctx, connect_ms, false,
             ));
         }
 
@@ -805,8 +828,8 @@ async fn proxy<'a>(
         let try_timeout = remaining.map_or(per_try, |r| r.min(per_try));
         let (result, h1_sender) = match checkout.sender {
             Sender::H1(mut s) => {
-                let f = s.try_send_request(req);
-                (tokio::time::timeout(try_timeout, f).await, Some(s))
+                let r = tokio::time::timeout(try_timeout, s.send(req)).await;
+                (r, Some(s))
             }
             Sender::H2(mut s) => {
                 let f = s.try_send_request(req);
@@ -895,23 +918,28 @@ async fn proxy<'a>(
                 }
                 if status == 101 {
                     if let Some(client_up) = client_upgrade {
+                        // The upgraded connection is handed over when the connection future
+                        // completes, so it needs a task of its own from here on.
+                        if let Some(link) = h1_sender {
+                            link.background();
+                        }
                         return Ok(tunnel(shared, route, resp, client_up, active, ctx));
                     }
                 }
-                let resp = resp.map(|b| b.boxed_unsync().map_err(Into::into).boxed_unsync());
                 ctx.record.bytes_in = seen.load(Ordering::Relaxed);
-                return Ok(respond(
-                    shared,
-                    route,
-                    backend,
-                    si,
-                    h1_sender,
-                    resp,
-                    active,
-                    ctx,
-                    connect_ms,
-                    sticky != Some(si),
-                ));
+                let set_sticky = sticky != Some(si);
+                return Ok(match h1_sender {
+                    Some(link) => {
+                        let pool = state.pool.clone();
+                        let resp = resp.map(|b| crate::pool::H1Body::new(b, link, pool));
+                        respond(
+                            shared, route, backend, si, resp, active, ctx, connect_ms, set_sticky,
+                        )
+                    }
+                    None => respond(
+                        shared, route, backend, si, resp, active, ctx, connect_ms, set_sticky,
+                    ),
+                });
             }
         }
     }
@@ -1050,23 +1078,26 @@ fn hash_key(
 /// Finishes a proxied response: strips hop-by-hop headers, sets the sticky cookie, and wraps
 /// the body so the slot, the pooled connection and the access log are handled when it ends.
 #[allow(clippy::too_many_arguments)]
-fn respond(
+fn respond<B>(
     shared: &Arc<Shared>,
     route: &RouteRt,
     backend: &BackendRt,
     si: usize,
-    sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
-    resp: Response<RespBody>,
+    resp: Response<B>,
     active: ActiveGuard,
     ctx: &mut Ctx,
     connect_ms: f64,
     set_sticky: bool,
-) -> Response<RespBody> {
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    if let Ok(v) = HeaderValue::from_str(&ctx.rid) {
-        parts.headers.insert(X_REQUEST_ID.clone(), v);
-    }
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), ctx.rid_value.clone());
     if let Some(c) = ctx.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, c);
     }
@@ -1089,8 +1120,6 @@ fn respond(
     record.status = status;
     let done = Done {
         shared: shared.clone(),
-        state: backend.slots[si].state.clone(),
-        sender,
         _active: active,
         record,
         start: ctx.start,
@@ -1098,10 +1127,10 @@ fn respond(
     Response::from_parts(parts, Tracked::new(body, Box::new(done)).boxed_unsync())
 }
 
+/// Finishes the access record when the response body ends (the pooled connection, if any,
+/// goes back to the pool from `pool::H1Body`).
 struct Done {
     shared: Arc<Shared>,
-    state: Arc<ServerState>,
-    sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
     _active: ActiveGuard,
     record: AccessRecord,
     start: Instant,
@@ -1110,11 +1139,6 @@ struct Done {
 impl OnDone for Done {
     fn done(self: Box<Self>, complete: bool, bytes: u64) {
         let this = *self;
-        if complete {
-            if let Some(s) = this.sender {
-                this.state.pool.put_back(s);
-            }
-        }
         let status = this.record.status;
         let err = (!complete).then(|| "response aborted".to_string());
         finish_log(&this.shared, this.record, this.start, status, bytes, err);

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -289,13 +289,7 @@ async fn serve(
     let smuggle = Arc::new(crate::smuggle::Flags::default());
     match &s.tls {
         None => {
-            let conn = Arc::new(ConnInfo {
-                peer,
-                listener,
-                tls: false,
-                client_cert: None,
-                smuggle: smuggle.clone(),
-            });
+            let conn = Arc::new(ConnInfo::new(peer, listener, false, None, smuggle.clone()));
             let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle);
             run_http(io, conn, &s, shared, watcher).await
         }
@@ -318,13 +312,13 @@ async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
-            let conn = Arc::new(ConnInfo {
+            let conn = Arc::new(ConnInfo::new(
                 peer,
                 listener,
-                tls: true,
+                true,
                 client_cert,
-                smuggle: smuggle.clone(),
-            });
+                smuggle.clone(),
+            ));
             let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle);
             run_http(io, conn, &s, shared, watcher).await
         }
@@ -376,28 +370,34 @@ async fn run_http<IO>(
 }
 
 /// Closes a client connection when nothing has been read or written for `idle`, like
-/// HAProxy's `timeout client`. The deadline is only checked when a read would block, so
-/// busy connections pay one clock read per I/O call.
+/// HAProxy's `timeout client`. I/O only sets a flag (no clock read per call); a timer that
+/// fires every `idle / QUIET_TICKS` clears it, and the connection is closed after
+/// `QUIET_TICKS` ticks in a row without activity, i.e. between `idle` and `idle × 9/8`
+/// after the last byte.
 struct IdleIo<T> {
     inner: T,
-    idle: Duration,
-    deadline: Instant,
+    tick: Duration,
+    active: bool,
+    quiet: u32,
     sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
+const QUIET_TICKS: u32 = 8;
+
 impl<T> IdleIo<T> {
     fn new(inner: T, idle: Duration) -> Self {
-        let deadline = Instant::now() + idle;
+        let tick = (idle / QUIET_TICKS).max(Duration::from_millis(1));
         IdleIo {
             inner,
-            idle,
-            deadline,
-            sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+            tick,
+            active: false,
+            quiet: 0,
+            sleep: Box::pin(tokio::time::sleep(tick)),
         }
     }
 
     fn touch(&mut self) {
-        self.deadline = Instant::now() + self.idle;
+        self.active = true;
     }
 
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -405,14 +405,19 @@ impl<T> IdleIo<T> {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if Instant::now() >= self.deadline {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client idle timeout",
-                )));
+            if std::mem::take(&mut self.active) {
+                self.quiet = 0;
+            } else {
+                self.quiet += 1;
+                if self.quiet >= QUIET_TICKS {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client idle timeout",
+                    )));
+                }
             }
-            let d = self.deadline;
-            self.sleep.as_mut().reset(d.into());
+            let next = tokio::time::Instant::now() + self.tick;
+            self.sleep.as_mut().reset(next);
         }
     }
 }

@@ -83,9 +83,27 @@ impl<T> Guard<T> {
                             return;
                         }
                     }
+                    // Fast path: the whole head arrived in this read (the usual case), so
+                    // parse it in place instead of copying it into `head` first.
+                    if self.head.is_empty() {
+                        match self.parse_head(data) {
+                            Some(Some(used)) => {
+                                data = &data[used..];
+                                continue;
+                            }
+                            Some(None) => {}
+                            None => {
+                                self.state = State::Done;
+                                return;
+                            }
+                        }
+                    }
                     let before = self.head.len();
                     self.head.extend_from_slice(data);
-                    match self.parse_head() {
+                    let head = std::mem::take(&mut self.head);
+                    let parsed = self.parse_head(&head);
+                    self.head = head;
+                    match parsed {
                         Some(Some(used)) => {
                             let consumed = used - before;
                             data = &data[consumed..];
@@ -165,10 +183,11 @@ impl<T> Guard<T> {
     }
 
     /// Some(Some(len)) = complete head of `len` bytes; Some(None) = need more; None = stop.
-    fn parse_head(&mut self) -> Option<Option<usize>> {
-        let mut headers = [httparse::EMPTY_HEADER; 512];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(&self.head) {
+    fn parse_head(&mut self, buf: &[u8]) -> Option<Option<usize>> {
+        // Uninitialised header slots: zeroing 512 of them would cost more than the parse.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 512];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Some(None),
             Err(_) => return None,

@@ -67,7 +67,7 @@ pub struct ServerState {
     ejections: AtomicU32,
     /// Max-connections gate; `None` means unlimited.
     pub gate: Mutex<Option<(usize, Arc<Semaphore>)>>,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
 }
 
 impl ServerState {
@@ -87,7 +87,7 @@ impl ServerState {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             gate: Mutex::new(None),
-            pool: Pool::default(),
+            pool: Arc::new(Pool::default()),
         }
     }
 
