@@ -49,6 +49,9 @@ struct Entry {
 struct Key {
     entry: Entry,
     expires_at: Option<u64>,
+    /// The identity a match yields, built once per load and shared by every request that
+    /// presents the key (so per-identity caches downstream see one identity, not copies).
+    identity: Arc<Identity>,
 }
 
 #[derive(Default)]
@@ -67,7 +70,7 @@ pub struct KeyStore {
     argon_hits: Mutex<HashMap<[u8; 32], (String, u64)>>,
 }
 
-fn parse(text: &str) -> Result<Parsed, String> {
+fn parse(provider: &str, text: &str) -> Result<Parsed, String> {
     let f: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     let mut p = Parsed::default();
     for e in f.keys {
@@ -90,9 +93,20 @@ fn parse(text: &str) -> Result<Parsed, String> {
             None => None,
         };
         let hash = e.hash.clone();
+        let identity = Arc::new(Identity {
+            provider: provider.to_string(),
+            method: AuthMethod::ApiKey,
+            subject: e.id.clone(),
+            user: e.user.clone(),
+            email: e.email.clone(),
+            groups: e.groups.clone(),
+            claims: serde_json::json!({ "key_id": e.id, "sub": e.user, "groups": e.groups }),
+            expires_at,
+        });
         let key = Arc::new(Key {
             entry: e,
             expires_at,
+            identity,
         });
         if let Some(hex) = hash.strip_prefix("sha256:") {
             let bytes = decode_hex(hex).ok_or_else(|| {
@@ -131,7 +145,7 @@ impl KeyStore {
     pub fn open(provider: &str, path: PathBuf) -> Result<KeyStore, String> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let parsed = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed = parse(provider, &text).map_err(|e| format!("{}: {e}", path.display()))?;
         let stamp = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         Ok(KeyStore {
             provider: provider.to_string(),
@@ -160,7 +174,7 @@ impl KeyStore {
         drop(st);
         match std::fs::read_to_string(&self.path)
             .map_err(|e| e.to_string())
-            .and_then(|t| parse(&t))
+            .and_then(|t| parse(&self.provider, &t))
         {
             Ok(p) => {
                 self.parsed.store(Arc::new(p));
@@ -173,7 +187,7 @@ impl KeyStore {
         }
     }
 
-    pub fn verify(&self, presented: &str) -> Result<Identity, AuthError> {
+    pub fn verify(&self, presented: &str) -> Result<Arc<Identity>, AuthError> {
         self.maybe_reload();
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let parsed = self.parsed.load();
@@ -209,17 +223,7 @@ impl KeyStore {
                 key.entry.id
             )));
         }
-        let e = &key.entry;
-        Ok(Identity {
-            provider: self.provider.clone(),
-            method: AuthMethod::ApiKey,
-            subject: e.id.clone(),
-            user: e.user.clone(),
-            email: e.email.clone(),
-            groups: e.groups.clone(),
-            claims: serde_json::json!({ "key_id": e.id, "sub": e.user, "groups": e.groups }),
-            expires_at: key.expires_at,
-        })
+        Ok(key.identity.clone())
     }
 }
 

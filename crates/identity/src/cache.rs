@@ -14,15 +14,19 @@ struct Entry {
     kid: Option<String>,
 }
 
+/// Tokens are long (often 1 KiB) and only verified ones are inserted, so a fast seeded
+/// hash is safe here and costs a fraction of SipHash.
+type Map = HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>;
+
 pub struct TokenCache {
-    map: RwLock<HashMap<Box<[u8]>, Entry>>,
+    map: RwLock<Map>,
     capacity: usize,
 }
 
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
         TokenCache {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Map::default()),
             capacity,
         }
     }

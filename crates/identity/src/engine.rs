@@ -295,9 +295,9 @@ impl Engine {
                 }) = self.providers.get(n).map(|p| &**p)
                 {
                     any = true;
-                    if let Ok(id) = store.verify(key) {
+                    if let Ok(identity) = store.verify(key) {
                         return Outcome::Ok {
-                            identity: Arc::new(id),
+                            identity,
                             set_session: None,
                         };
                     }
