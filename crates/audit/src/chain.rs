@@ -52,19 +52,31 @@ fn canonical_into(v: &Value, out: &mut Vec<u8>) {
 
 /// An object in canonical form, leaving out the key `skip`.
 fn canonical_object(m: &Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) {
+    canonical_object_at(m, skip, out);
+}
+
+/// Like `canonical_object`, and returns the offset in `out` where the key `skip` would go
+/// (the start of the first key that sorts after it, or the closing brace).
+fn canonical_object_at(m: &Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) -> usize {
     let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
     keys.sort_unstable();
     out.push(b'{');
+    let mut at = None;
     for (i, k) in keys.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
+        }
+        if at.is_none() && skip.is_some_and(|s| k.as_str() > s) {
+            at = Some(out.len());
         }
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, k.as_str());
         out.push(b':');
         canonical_into(&m[k], out);
     }
+    let at = at.unwrap_or(out.len());
     out.push(b'}');
+    at
 }
 
 fn write_scalar(v: &Value, out: &mut Vec<u8>) {
@@ -123,10 +135,24 @@ impl Chain {
         obj.insert("seq".into(), Value::from(seq));
         obj.insert("instance".into(), Value::String(self.instance.clone()));
         obj.insert("prev_hash".into(), Value::String(self.prev_hash.clone()));
-        let hash = record_hash(&obj);
-        obj.insert("hash".into(), Value::String(hash.clone()));
-        let mut line = Vec::with_capacity(512);
-        canonical_object(&obj, None, &mut line);
+        // One canonical pass: hash the form without `hash`, then splice `"hash":"…"` in at
+        // its sorted place to get the line (the same bytes as serializing the whole object).
+        let mut bare = Vec::with_capacity(768);
+        let at = canonical_object_at(&obj, Some("hash"), &mut bare);
+        let hash = hex(&Sha256::digest(&bare));
+        let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
+        line.extend_from_slice(&bare[..at]);
+        let before_close = at == bare.len() - 1;
+        if before_close && at > 1 {
+            line.push(b',');
+        }
+        line.extend_from_slice(b"\"hash\":\"");
+        line.extend_from_slice(hash.as_bytes());
+        line.push(b'"');
+        if !before_close {
+            line.push(b',');
+        }
+        line.extend_from_slice(&bare[at..]);
         line.push(b'\n');
         self.next_seq = seq + 1;
         self.prev_hash = hash;
@@ -213,6 +239,39 @@ mod tests {
             String::from_utf8(canonical(&v)).unwrap(),
             r#"{"A":-2.5,"a":{"c":true,"z":[1,{"x":null,"y":"é/\n"}]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn spliced_hash_matches_the_canonical_form_of_the_whole_record() {
+        let mut c = Chain::new("i");
+        let (_, line) = c.seal(&rec(), UNIX_EPOCH + Duration::from_secs(7)).unwrap();
+        let v: Value = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
+        let mut whole = canonical(&v);
+        whole.push(b'\n');
+        assert_eq!(line, whole);
+        // `hash` first, last and alone among the keys.
+        for m in [json!({"z": 1}), json!({"a": 1}), json!({})] {
+            let m = m.as_object().unwrap().clone();
+            let mut bare = Vec::new();
+            let at = canonical_object_at(&m, Some("hash"), &mut bare);
+            let mut with = m.clone();
+            with.insert("hash".into(), json!("h"));
+            let expect = canonical(&Value::Object(with));
+            let mut got = bare[..at].to_vec();
+            let before_close = at == bare.len() - 1;
+            if before_close && at > 1 {
+                got.push(b',');
+            }
+            got.extend_from_slice(br#""hash":"h""#);
+            if !before_close {
+                got.push(b',');
+            }
+            got.extend_from_slice(&bare[at..]);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(expect).unwrap()
+            );
+        }
     }
 
     #[test]
