@@ -2,22 +2,38 @@
 //! rules, validated against the generated schema at load time, pre-selected per route so the
 //! cost of a decision does not grow with the number of routes. `decide` is a pure function of
 //! the loaded policies and the request: data in, decision (with its reasons) out.
+//!
+//! A decision builds only the context attributes the route's policies read (see `context`),
+//! and the engine caches, per engine (so a reload starts afresh), the principal entity of
+//! each identity and each decision by (route, identity, the values the context is built
+//! from); see `cache`. `decide_uncached` bypasses both caches.
 
+mod cache;
+mod context;
 pub mod schema;
 pub mod shorthand;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
+    Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use portcullis_config::Config;
 use portcullis_identity::{AuthMethod, Identity};
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+/// Built principals kept (identities in use at once; each holds its identity alive). An
+/// identity's principal, and a decision, are kept from the second time they are needed on.
+const PRINCIPALS: usize = 4096;
+/// Decisions kept.
+const DECISIONS: usize = 32768;
+/// Entity stores kept per principal, one per (route, action) it was used with.
+const STORES_PER_PRINCIPAL: usize = 32;
 
 /// A problem in a policy file, located by file, line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +68,7 @@ pub enum Error {
 pub struct Decision {
     pub allowed: bool,
     /// The policies that decided: the satisfied `forbid`s on a deny, the satisfied `permit`s
-    /// on an allow. Empty on a default deny.
+    /// on an allow, sorted by id. Empty on a default deny.
     pub reasons: Vec<String>,
     /// Policies that failed to evaluate (they are skipped, which can only deny).
     pub errors: Vec<String>,
@@ -60,7 +76,10 @@ pub struct Decision {
 
 /// What a policy may look at in a request.
 pub struct RequestInfo<'a> {
-    pub identity: &'a Identity,
+    /// Shared, as the identity layer hands it out: the engine's caches recognise an identity
+    /// by this allocation (and keep it alive while they refer to it), so the same `Arc` on
+    /// the next request finds its principal and decisions ready.
+    pub identity: &'a Arc<Identity>,
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
@@ -74,10 +93,32 @@ pub struct RequestInfo<'a> {
 }
 
 struct RoutePolicies {
+    /// A number of its own, for cache keys.
+    idx: u32,
     set: PolicySet,
     resource: EntityUid,
-    /// The route entity, built once.
-    route: Entity,
+    /// The route entity, built once; `None` when no policy of the route needs it in the
+    /// entity store (no condition mentions `resource`).
+    route: Option<Entity>,
+    /// Which context attributes its policies read: what to build, what to key the cache on.
+    plan: context::Plan,
+}
+
+/// A principal built for one identity (the `Arc` it came in, held so that its address, the
+/// cache key, cannot be reused while the entry lives), with the entity stores built for it.
+struct Principal {
+    identity: Arc<Identity>,
+    entity: Entity,
+    /// By (route, action), or (`u32::MAX`, action) for the routes that need no route entity:
+    /// principal, action (and route) entities, closure computed.
+    stores: parking_lot::Mutex<HashMap<(u32, u8), Arc<Entities>>>,
+}
+
+/// A cached decision, holding the identity whose address is in its key.
+#[derive(Clone)]
+struct Cached {
+    _identity: Arc<Identity>,
+    decision: Arc<Decision>,
 }
 
 /// Entity type names, parsed once (parsing a name runs Cedar's parser).
@@ -92,9 +133,19 @@ pub struct Engine {
     context_headers: Vec<http::HeaderName>,
     claims: Vec<String>,
     authorizer: Authorizer,
-    /// The action entity of each method (with its `read` or `write` parent), from the schema.
+    /// The action entity of each method (with its `read` or `write` parent), from the schema,
+    /// in the order of `schema::READ_METHODS` then `schema::WRITE_METHODS`.
     /// A request's entity store holds only its principal, its route and its action.
-    actions: HashMap<&'static str, Entity>,
+    actions: Vec<(&'static str, Entity)>,
+    /// Principals by the address of their identity's `Arc`.
+    principals: cache::Sharded<usize, Arc<Principal>>,
+    /// Decisions by route, identity address and the context values the route reads.
+    decisions: cache::Sharded<Arc<[u8]>, Cached>,
+    /// Decision keys (by hash) seen once: cached when seen again.
+    seen: cache::Doorkeeper,
+    /// Identities (the `Arc`s) seen once: their principal is cached when seen again.
+    identities: cache::SeenArcs<Identity>,
+    hasher: std::collections::hash_map::RandomState,
     types: Types,
     /// Every policy's source text, by id, for `explain`.
     sources: HashMap<String, String>,
@@ -108,29 +159,6 @@ fn type_name(ty: &str) -> EntityTypeName {
 
 fn uid(ty: &str, id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(type_name(ty), EntityId::new(id))
-}
-
-/// `ip("…")` for a client address. Building it makes Cedar parse the extension's name, which
-/// costs more than the rest of the context; addresses repeat, so each thread keeps the last
-/// ones it built.
-fn ip_expression(ip: IpAddr) -> RestrictedExpression {
-    const KEEP: usize = 1024;
-    thread_local! {
-        static MEMO: std::cell::RefCell<HashMap<IpAddr, RestrictedExpression>> =
-            std::cell::RefCell::new(HashMap::new());
-    }
-    MEMO.with(|m| {
-        let mut m = m.borrow_mut();
-        if let Some(e) = m.get(&ip) {
-            return e.clone();
-        }
-        let e = RestrictedExpression::new_ip(ip.to_string());
-        if m.len() >= KEEP {
-            m.clear();
-        }
-        m.insert(ip, e.clone());
-        e
-    })
 }
 
 /// Line and column (1-based) of a byte offset.
@@ -297,6 +325,24 @@ impl Engine {
                 });
             }
         }
+        let context_headers: Vec<http::HeaderName> = cfg
+            .policy
+            .context_headers
+            .iter()
+            .filter_map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        // What each file's policies read of the context, merged per file (files are shared
+        // by many routes).
+        let file_uses: HashMap<&PathBuf, context::Use> = files
+            .iter()
+            .map(|(f, policies)| {
+                let mut u = context::Use::default();
+                for (p, _) in policies {
+                    u.merge(&context::Use::of_policy(p));
+                }
+                (f, u)
+            })
+            .collect();
         // Per-route policy sets: global + app + route files + the route's shorthand rules.
         let mut routes = HashMap::new();
         let mut sources = HashMap::new();
@@ -308,9 +354,13 @@ impl Engine {
                 continue;
             }
             let mut set = PolicySet::new();
+            let mut uses = context::Use::default();
             for f in cfg.global_policies.iter().chain(r.policy_files.iter()) {
                 for (p, _) in files.get(f).into_iter().flatten() {
                     let _ = set.add(p.clone());
+                }
+                if let Some(u) = file_uses.get(f) {
+                    uses.merge(u);
                 }
             }
             let mut short = PolicySet::new();
@@ -324,6 +374,7 @@ impl Engine {
                     match Policy::parse(Some(PolicyId::new(&id)), &text) {
                         Ok(p) => {
                             sources.insert(id.clone(), text);
+                            uses.merge(&context::Use::of_policy(&p));
                             let _ = short.add(p.clone());
                             let _ = set.add(p);
                         }
@@ -382,12 +433,15 @@ impl Engine {
             );
             match route {
                 Ok(route) => {
+                    let idx = routes.len() as u32;
                     routes.insert(
                         r.id.clone(),
                         RoutePolicies {
+                            idx,
                             set,
                             resource,
-                            route,
+                            route: uses.resource.then_some(route),
+                            plan: context::Plan::new(&uses, &context_headers),
                         },
                     );
                 }
@@ -399,14 +453,14 @@ impl Engine {
                 }),
             }
         }
-        let mut action_entities = HashMap::new();
+        let mut action_entities = Vec::new();
         for m in schema::READ_METHODS
             .iter()
             .chain(schema::WRITE_METHODS.iter())
         {
             match actions.get(&uid("Portcullis::Action", m)) {
                 Some(e) => {
-                    action_entities.insert(*m, e.clone());
+                    action_entities.push((*m, e.clone()));
                 }
                 None => problems.push(Problem {
                     file: cfg.root.clone(),
@@ -421,17 +475,15 @@ impl Engine {
         }
         Ok(Engine {
             routes,
-            context_headers: cfg
-                .policy
-                .context_headers
-                .iter()
-                .filter_map(|h| {
-                    http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
-                })
-                .collect(),
+            context_headers,
             claims: cfg.policy.claims.clone(),
             authorizer: Authorizer::new(),
             actions: action_entities,
+            principals: cache::Sharded::new(PRINCIPALS),
+            decisions: cache::Sharded::new(DECISIONS),
+            seen: cache::Doorkeeper::new(2 * DECISIONS),
+            identities: cache::SeenArcs::new(2 * PRINCIPALS),
+            hasher: std::collections::hash_map::RandomState::new(),
             types: Types {
                 user: type_name("Portcullis::User"),
                 agent: type_name("Portcullis::Agent"),
@@ -453,22 +505,58 @@ impl Engine {
 
     /// Decides whether the identity may make this request on `route`. Deny wins; with no
     /// satisfied `permit`, the answer is deny.
-    pub fn decide(&self, route: &str, r: &RequestInfo<'_>) -> Decision {
+    ///
+    /// Repeated decisions are served from the engine's cache: the key is the route, the
+    /// identity (by its `Arc`), the method and every context value the route's policies
+    /// read, so a hit is the decision the policies would make again. Routes whose policies
+    /// read `context.request_id` (or use `context` whole) are never cached, nor are
+    /// decisions with errors.
+    pub fn decide(&self, route: &str, r: &RequestInfo<'_>) -> Arc<Decision> {
         let Some(rp) = self.routes.get(route) else {
-            return Decision {
-                allowed: false,
-                reasons: vec![],
-                errors: vec![format!("no policies loaded for route `{route}`")],
-            };
+            return Arc::new(no_route(route));
         };
-        match self.evaluate(rp, r) {
-            Ok(d) => d,
-            Err(e) => Decision {
-                allowed: false,
-                reasons: vec![],
-                errors: vec![e],
-            },
+        if !rp.plan.cacheable {
+            return Arc::new(self.evaluate(rp, r, true).0);
         }
+        let addr = Arc::as_ptr(r.identity) as usize;
+        let mut key = Vec::with_capacity(64 + r.path.len());
+        key.extend_from_slice(&rp.idx.to_le_bytes());
+        key.extend_from_slice(&addr.to_le_bytes());
+        rp.plan.write_key(r, &self.context_headers, &mut key);
+        let shard = cache::shard_of(addr, rp.idx);
+        if let Some(c) = self.decisions.get(shard, key.as_slice()) {
+            return c.decision;
+        }
+        let (d, principal_kept) = self.evaluate(rp, r, true);
+        let d = Arc::new(d);
+        // Kept if its identity's principal is (the identity came back), it has no errors,
+        // and this request was seen before.
+        let again = self.seen.seen(self.hasher.hash_one(key.as_slice()));
+        if again && principal_kept && d.errors.is_empty() {
+            self.decisions.insert(
+                shard,
+                Arc::from(key),
+                Cached {
+                    _identity: r.identity.clone(),
+                    decision: d.clone(),
+                },
+            );
+        }
+        d
+    }
+
+    /// `decide` without the caches: every entity and the context built afresh, nothing
+    /// read from or written to the caches. Same answer; for measuring and checking.
+    pub fn decide_uncached(&self, route: &str, r: &RequestInfo<'_>) -> Decision {
+        match self.routes.get(route) {
+            Some(rp) => self.evaluate(rp, r, false).0,
+            None => no_route(route),
+        }
+    }
+
+    /// Entries in the (principal, decision) caches.
+    pub fn cached(&self) -> (usize, usize) {
+        (self.principals.len(), self.decisions.len())
     }
 
     fn principal(&self, id: &Identity) -> Result<Entity, String> {
@@ -518,24 +606,106 @@ impl Engine {
         Entity::new_with_tags(principal, attrs, parents, tags).map_err(|e| e.to_string())
     }
 
-    fn evaluate(&self, rp: &RoutePolicies, r: &RequestInfo<'_>) -> Result<Decision, String> {
-        let principal = self.principal(r.identity)?;
-        let principal_uid = principal.uid();
-        let action = self
-            .actions
-            .get(schema::action_for(r.method))
-            .ok_or_else(|| format!("no action entity for `{}`", r.method))?
-            .clone();
-        let action_uid = action.uid();
+    /// The principal of this identity: from the cache, or built (and cached if this `Arc`
+    /// was seen before). The flag says whether it is in the cache.
+    fn cached_principal(&self, id: &Arc<Identity>) -> Result<(Arc<Principal>, bool), String> {
+        let addr = Arc::as_ptr(id) as usize;
+        let shard = cache::shard_of(addr, 0);
+        if let Some(p) = self.principals.get(shard, &addr) {
+            // The entry holds the `Arc`, so the address is still that identity's.
+            debug_assert!(Arc::ptr_eq(&p.identity, id));
+            return Ok((p, true));
+        }
+        let p = Arc::new(Principal {
+            identity: id.clone(),
+            entity: self.principal(id)?,
+            stores: parking_lot::Mutex::new(HashMap::new()),
+        });
+        let again = self.identities.seen(id);
+        if again {
+            self.principals.insert(shard, addr, p.clone());
+        }
+        Ok((p, again))
+    }
+
+    /// The entity store of a request: its principal, its route and its action.
+    fn store(
+        &self,
+        principal: Entity,
+        route: &RoutePolicies,
+        action: &Entity,
+    ) -> Result<Entities, String> {
         // `add_entities` repairs the transitive closure of what it adds; `from_entities`
         // would run the general (and much slower) cycle-aware closure.
-        let entities = Entities::empty()
-            .add_entities([principal, rp.route.clone(), action], None)
-            .map_err(|e| e.to_string())?;
-        let context = self.context(r)?;
+        let mut entities = vec![principal, action.clone()];
+        entities.extend(route.route.clone());
+        Entities::empty()
+            .add_entities(entities, None)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The decision, and whether the principal is in the cache.
+    fn evaluate(&self, rp: &RoutePolicies, r: &RequestInfo<'_>, cached: bool) -> (Decision, bool) {
+        match self.try_evaluate(rp, r, cached) {
+            Ok(d) => d,
+            Err(e) => (
+                Decision {
+                    allowed: false,
+                    reasons: vec![],
+                    errors: vec![e],
+                },
+                false,
+            ),
+        }
+    }
+
+    fn try_evaluate(
+        &self,
+        rp: &RoutePolicies,
+        r: &RequestInfo<'_>,
+        cached: bool,
+    ) -> Result<(Decision, bool), String> {
+        let method = schema::action_for(r.method);
+        let (action_idx, (_, action)) = self
+            .actions
+            .iter()
+            .enumerate()
+            .find(|(_, (m, _))| *m == method)
+            .ok_or_else(|| format!("no action entity for `{}`", r.method))?;
+        let mut principal_kept = false;
+        let (principal_uid, entities) = if cached {
+            let (p, kept) = self.cached_principal(r.identity)?;
+            principal_kept = kept;
+            // The store holds the route only if its policies need it.
+            let at = (
+                if rp.route.is_some() { rp.idx } else { u32::MAX },
+                action_idx as u8,
+            );
+            let found = p.stores.lock().get(&at).cloned();
+            let entities = match found {
+                Some(e) => e,
+                None => {
+                    let e = Arc::new(self.store(p.entity.clone(), rp, action)?);
+                    let mut stores = p.stores.lock();
+                    if stores.len() >= STORES_PER_PRINCIPAL {
+                        stores.clear();
+                    }
+                    stores.insert(at, e.clone());
+                    e
+                }
+            };
+            (p.entity.uid(), entities)
+        } else {
+            let principal = self.principal(r.identity)?;
+            (
+                principal.uid(),
+                Arc::new(self.store(principal, rp, action)?),
+            )
+        };
+        let context = rp.plan.build(r, &self.context_headers)?;
         let req = Request::new(
             principal_uid,
-            action_uid,
+            action.uid(),
             rp.resource.clone(),
             context,
             None,
@@ -543,95 +713,23 @@ impl Engine {
         .map_err(|e| e.to_string())?;
         let resp = self.authorizer.is_authorized(&req, &rp.set, &entities);
         let allowed = resp.decision() == cedar_policy::Decision::Allow;
-        Ok(Decision {
+        let mut reasons: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
+        // Cedar gives them as a set; sorted, the same decision always reads the same.
+        reasons.sort_unstable();
+        let d = Decision {
             allowed,
-            reasons: resp.diagnostics().reason().map(|p| p.to_string()).collect(),
+            reasons,
             errors: resp.diagnostics().errors().map(|e| e.to_string()).collect(),
-        })
+        };
+        Ok((d, principal_kept))
     }
+}
 
-    fn context(&self, r: &RequestInfo<'_>) -> Result<Context, String> {
-        let (query, query_keys): (Vec<_>, Vec<_>) = r
-            .query
-            .unwrap_or("")
-            .split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let k = kv.split('=').next().unwrap_or("");
-                (
-                    RestrictedExpression::new_string(kv.to_string()),
-                    RestrictedExpression::new_string(k.to_string()),
-                )
-            })
-            .unzip();
-        let headers = self.context_headers.iter().filter_map(|h| {
-            let v = r.headers.get(h)?.to_str().ok()?;
-            Some((
-                h.as_str().to_string(),
-                RestrictedExpression::new_string(v.to_string()),
-            ))
-        });
-        let secs = r
-            .now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        const DAYS: [&str; 7] = ["thu", "fri", "sat", "sun", "mon", "tue", "wed"];
-        let time = RestrictedExpression::new_record([
-            (
-                "timestamp".to_string(),
-                RestrictedExpression::new_long(secs as i64),
-            ),
-            (
-                "hour".to_string(),
-                RestrictedExpression::new_long(((secs / 3600) % 24) as i64),
-            ),
-            (
-                "weekday".to_string(),
-                RestrictedExpression::new_string(DAYS[((secs / 86400) % 7) as usize].to_string()),
-            ),
-        ])
-        .map_err(|e| e.to_string())?;
-        let mut tls = vec![(
-            "client_cert".to_string(),
-            RestrictedExpression::new_bool(r.tls_client_cert),
-        )];
-        if let Some(s) = r.tls_client_subject {
-            tls.push((
-                "client_subject".into(),
-                RestrictedExpression::new_string(s.to_string()),
-            ));
-        }
-        let pairs = vec![
-            (
-                "path".to_string(),
-                RestrictedExpression::new_string(r.path.to_string()),
-            ),
-            (
-                "method".to_string(),
-                RestrictedExpression::new_string(r.method.to_string()),
-            ),
-            ("query".to_string(), RestrictedExpression::new_set(query)),
-            (
-                "query_keys".to_string(),
-                RestrictedExpression::new_set(query_keys),
-            ),
-            (
-                "headers".to_string(),
-                RestrictedExpression::new_record(headers).map_err(|e| e.to_string())?,
-            ),
-            ("ip".to_string(), ip_expression(r.client_ip)),
-            ("time".to_string(), time),
-            (
-                "tls".to_string(),
-                RestrictedExpression::new_record(tls).map_err(|e| e.to_string())?,
-            ),
-            (
-                "request_id".to_string(),
-                RestrictedExpression::new_string(r.request_id.to_string()),
-            ),
-        ];
-        Context::from_pairs(pairs).map_err(|e| e.to_string())
+fn no_route(route: &str) -> Decision {
+    Decision {
+        allowed: false,
+        reasons: vec![],
+        errors: vec![format!("no policies loaded for route `{route}`")],
     }
 }
 

@@ -3,9 +3,10 @@
 //! beating allow; default deny.
 
 use portcullis_identity::{AuthMethod, Identity};
-use portcullis_policy::{Engine, RequestInfo};
+use portcullis_policy::{Decision, Engine, RequestInfo};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -25,8 +26,8 @@ fn config(dir: &Path, routes: &str) -> portcullis_config::Config {
     portcullis_config::load(&dir.join("p.yaml")).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn who(user: &str, groups: &[&str]) -> Identity {
-    Identity {
+fn who(user: &str, groups: &[&str]) -> Arc<Identity> {
+    Arc::new(Identity {
         provider: "dev".into(),
         method: AuthMethod::Jwt,
         subject: user.into(),
@@ -35,7 +36,7 @@ fn who(user: &str, groups: &[&str]) -> Identity {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         claims: serde_json::json!({ "dept": "sales", "level": 3 }),
         expires_at: None,
-    }
+    })
 }
 
 struct Req<'a> {
@@ -59,7 +60,7 @@ impl Default for Req<'_> {
     }
 }
 
-fn decide(e: &Engine, route: &str, id: &Identity, r: Req<'_>) -> portcullis_policy::Decision {
+fn decide(e: &Engine, route: &str, id: &Arc<Identity>, r: Req<'_>) -> Arc<Decision> {
     let ip: IpAddr = r.ip.parse().unwrap();
     e.decide(
         route,
@@ -294,4 +295,433 @@ fn shorthand_rules_deny_wins_and_default_deny() {
         .allowed,
         "no rule: deny"
     );
+}
+
+/// A request with every field settable, for the cache tests.
+struct Full<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    ip: &'a str,
+    at: SystemTime,
+    tenant: Option<&'a str>,
+    request_id: &'a str,
+}
+
+impl Default for Full<'_> {
+    fn default() -> Self {
+        Full {
+            method: "GET",
+            path: "/",
+            query: None,
+            ip: "10.1.2.3",
+            at: UNIX_EPOCH + Duration::from_secs(1_700_474_400),
+            tenant: None,
+            request_id: "rid",
+        }
+    }
+}
+
+/// `decide` twice (the second may come from the cache) and `decide_uncached`: all three
+/// must agree. Returns the decision.
+fn checked(e: &Engine, route: &str, id: &Arc<Identity>, r: &Full<'_>) -> Decision {
+    let mut headers = http::HeaderMap::new();
+    if let Some(t) = r.tenant {
+        headers.insert("x-tenant", t.parse().unwrap());
+    }
+    let info = RequestInfo {
+        identity: id,
+        method: r.method,
+        host: "h",
+        path: r.path,
+        query: r.query,
+        headers: &headers,
+        client_ip: r.ip.parse().unwrap(),
+        tls_client_subject: None,
+        tls_client_cert: false,
+        request_id: r.request_id,
+        now: r.at,
+    };
+    let fresh = e.decide_uncached(route, &info);
+    let first = e.decide(route, &info);
+    let second = e.decide(route, &info);
+    assert_eq!(*first, fresh, "{route} {}", r.path);
+    assert_eq!(*second, fresh, "{route} {} (cached)", r.path);
+    fresh
+}
+
+const CACHE_POLICIES: &str = r#"
+@id("eng-reports")
+permit(principal in Portcullis::Group::"eng", action in Portcullis::Action::"read", resource)
+when { context.path like "/reports/*" };
+
+@id("ops-anything")
+permit(principal in Portcullis::Group::"ops", action, resource);
+
+@id("blocked-tenant")
+forbid(principal, action, resource)
+when { context.headers has "x-tenant" && context.headers["x-tenant"] == "blocked" };
+
+@id("outside")
+forbid(principal, action in Portcullis::Action::"write", resource)
+when { !context.ip.isInRange(ip("10.0.0.0/8")) };
+
+@id("night")
+forbid(principal, action, resource)
+when { context.time.hour < 7 || context.time.hour > 19 };
+
+@id("debug-query")
+forbid(principal, action, resource) when { context.query.contains("debug=1") };
+"#;
+
+fn cache_engine(d: &Path) -> Engine {
+    write(d, "policies/api.cedar", CACHE_POLICIES);
+    write(
+        d,
+        "policies/rid.cedar",
+        r#"
+@id("rid-ok")
+permit(principal, action, resource == Portcullis::Route::"default/rid") when { context.request_id != "bad" };
+"#,
+    );
+    write(
+        d,
+        "policies/stamp.cedar",
+        r#"
+@id("stamp")
+permit(principal, action, resource == Portcullis::Route::"default/stamp") when { context.time.timestamp == 1700474400 };
+"#,
+    );
+    let c = config(
+        d,
+        "  - { name: api, match: { path_prefix: / }, backend: b, auth: [dev], policies: [policies/api.cedar] }\n\
+         \x20 - { name: rid, match: { path_prefix: /rid }, backend: b, auth: [dev], policies: [policies/rid.cedar] }\n\
+         \x20 - { name: stamp, match: { path_prefix: /stamp }, backend: b, auth: [dev], policies: [policies/stamp.cedar] }\n",
+    );
+    Engine::build(&c).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn cache_same_identity_different_path() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let r = "default/api";
+    let alice = who("alice", &["eng"]);
+    let ok = Full {
+        path: "/reports/q3",
+        ..Default::default()
+    };
+    assert!(checked(&e, r, &alice, &ok).allowed);
+    let other = Full {
+        path: "/admin",
+        ..Default::default()
+    };
+    let d2 = checked(&e, r, &alice, &other);
+    assert!(!d2.allowed && d2.reasons.is_empty(), "{d2:?}");
+    // Method: a write is not a read, with the same path.
+    assert!(
+        !checked(
+            &e,
+            r,
+            &alice,
+            &Full {
+                method: "POST",
+                ..ok
+            }
+        )
+        .allowed
+    );
+    // The query is part of the key when a policy reads it.
+    let dq = checked(
+        &e,
+        r,
+        &alice,
+        &Full {
+            query: Some("debug=1"),
+            ..ok
+        },
+    );
+    assert_eq!(dq.reasons, vec!["debug-query"]);
+    assert!(
+        checked(
+            &e,
+            r,
+            &alice,
+            &Full {
+                query: Some("debug=0"),
+                ..ok
+            }
+        )
+        .allowed
+    );
+    assert!(
+        checked(&e, r, &alice, &ok).allowed,
+        "still allowed after the others"
+    );
+}
+
+#[test]
+fn cache_two_identities() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let r = "default/api";
+    let req = Full {
+        path: "/admin",
+        method: "DELETE",
+        ..Default::default()
+    };
+    let olga = who("olga", &["ops"]);
+    let eve = who("eve", &["eng"]);
+    assert!(checked(&e, r, &olga, &req).allowed);
+    assert!(
+        !checked(&e, r, &eve, &req).allowed,
+        "olga's allow is not eve's"
+    );
+    // The same user name in a new identity with other groups (a new token): decided anew.
+    let olga2 = who("olga", &["eng"]);
+    assert!(!checked(&e, r, &olga2, &req).allowed);
+    assert!(checked(&e, r, &olga, &req).allowed);
+    // Identities come and go: an address freed and reused by a new identity must not find
+    // the old one's decisions (the cache holds the old one alive, so it cannot be reused).
+    for i in 0..200 {
+        let groups: &[&str] = if i % 2 == 0 { &["ops"] } else { &["eng"] };
+        let id = who("u", groups);
+        assert_eq!(checked(&e, r, &id, &req).allowed, i % 2 == 0, "{i}");
+    }
+    let (principals, decisions) = e.cached();
+    assert!(principals > 0 && decisions > 0);
+}
+
+#[test]
+fn cache_forbids_on_context_attributes() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let r = "default/api";
+    let olga = who("olga", &["ops"]);
+    let post = Full {
+        method: "POST",
+        path: "/x",
+        ..Default::default()
+    };
+    assert!(checked(&e, r, &olga, &post).allowed);
+    // Header.
+    let blocked = checked(
+        &e,
+        r,
+        &olga,
+        &Full {
+            tenant: Some("blocked"),
+            ..post
+        },
+    );
+    assert_eq!(blocked.reasons, vec!["blocked-tenant"]);
+    assert!(
+        checked(
+            &e,
+            r,
+            &olga,
+            &Full {
+                tenant: Some("acme"),
+                ..post
+            }
+        )
+        .allowed
+    );
+    // Address.
+    let outside = checked(
+        &e,
+        r,
+        &olga,
+        &Full {
+            ip: "192.168.1.1",
+            ..post
+        },
+    );
+    assert_eq!(outside.reasons, vec!["outside"]);
+    assert!(
+        checked(
+            &e,
+            r,
+            &olga,
+            &Full {
+                ip: "10.9.9.9",
+                ..post
+            }
+        )
+        .allowed
+    );
+    // Time: the key holds the hour (only hour is read), so 10:00 and 10:59 share an entry,
+    // and 19:59 and 20:00 do not.
+    let at = |h: u64, m: u64| UNIX_EPOCH + Duration::from_secs(1_700_438_400 + h * 3600 + m * 60);
+    assert!(
+        checked(
+            &e,
+            r,
+            &olga,
+            &Full {
+                at: at(10, 0),
+                ..post
+            }
+        )
+        .allowed
+    );
+    assert!(
+        checked(
+            &e,
+            r,
+            &olga,
+            &Full {
+                at: at(10, 59),
+                ..post
+            }
+        )
+        .allowed
+    );
+    assert!(
+        checked(
+            &e,
+            r,
+            &olga,
+            &Full {
+                at: at(19, 59),
+                ..post
+            }
+        )
+        .allowed
+    );
+    let late = checked(
+        &e,
+        r,
+        &olga,
+        &Full {
+            at: at(20, 0),
+            ..post
+        },
+    );
+    assert_eq!(late.reasons, vec!["night"]);
+    // A route reading the timestamp is keyed by the second.
+    let s = "default/stamp";
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_700_474_400);
+    assert!(checked(&e, s, &olga, &Full { at: t0, ..post }).allowed);
+    assert!(
+        !checked(
+            &e,
+            s,
+            &olga,
+            &Full {
+                at: t0 + Duration::from_secs(1),
+                ..post
+            }
+        )
+        .allowed
+    );
+    assert!(
+        checked(&e, s, &olga, &Full { at: t0, ..post }).allowed,
+        "again"
+    );
+}
+
+#[test]
+fn cache_skips_routes_reading_request_id() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let r = "default/rid";
+    let alice = who("alice", &[]);
+    let before = e.cached().1;
+    assert!(checked(&e, r, &alice, &Full::default()).allowed);
+    let bad = Full {
+        request_id: "bad",
+        ..Default::default()
+    };
+    assert!(!checked(&e, r, &alice, &bad).allowed);
+    assert!(
+        checked(
+            &e,
+            r,
+            &alice,
+            &Full {
+                request_id: "r2",
+                ..Default::default()
+            }
+        )
+        .allowed
+    );
+    assert_eq!(e.cached().1, before, "no decision of this route is cached");
+}
+
+#[test]
+fn cache_dies_with_the_engine() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let r = "default/api";
+    let olga = who("olga", &["ops"]);
+    let req = Full {
+        path: "/x",
+        ..Default::default()
+    };
+    assert!(checked(&e, r, &olga, &req).allowed);
+    // Reload: the ops permit is gone.
+    write(
+        d.path(),
+        "policies/api.cedar",
+        &CACHE_POLICIES.replace(
+            "@id(\"ops-anything\")\npermit",
+            "@id(\"ops-anything\")\nforbid",
+        ),
+    );
+    let c = config(
+        d.path(),
+        "  - { name: api, match: { path_prefix: / }, backend: b, auth: [dev], policies: [policies/api.cedar] }\n",
+    );
+    let reloaded = Engine::build(&c).unwrap();
+    assert_eq!(reloaded.cached(), (0, 0));
+    let d2 = checked(&reloaded, r, &olga, &req);
+    assert_eq!(
+        (d2.allowed, d2.reasons.clone()),
+        (false, vec!["ops-anything".to_string()])
+    );
+    assert!(
+        checked(&e, r, &olga, &req).allowed,
+        "the old engine is unchanged"
+    );
+}
+
+#[test]
+fn cached_decisions_match_uncached_over_many_requests() {
+    let d = tempfile::tempdir().unwrap();
+    let e = cache_engine(d.path());
+    let ids = [
+        who("alice", &["eng"]),
+        who("olga", &["ops"]),
+        who("sam", &[]),
+        who("alice", &["eng", "ops"]),
+    ];
+    let mut n = 0;
+    for round in 0..2 {
+        for id in &ids {
+            for method in ["GET", "POST", "PROPFIND"] {
+                for path in ["/", "/reports/a", "/reports", "/admin/x"] {
+                    for ip in ["10.1.2.3", "192.168.0.1", "::1"] {
+                        for tenant in [None, Some("blocked"), Some("acme")] {
+                            for hour in [3u64, 12] {
+                                let r = Full {
+                                    method,
+                                    path,
+                                    ip,
+                                    tenant,
+                                    at: UNIX_EPOCH
+                                        + Duration::from_secs(1_700_438_400 + hour * 3600),
+                                    query: if round == 0 { None } else { Some("a=1") },
+                                    ..Default::default()
+                                };
+                                checked(&e, "default/api", id, &r);
+                                n += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(n, 2 * 4 * 3 * 4 * 3 * 3 * 2);
 }

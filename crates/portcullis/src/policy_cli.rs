@@ -148,10 +148,11 @@ fn decide(
         });
     }
     let ip = ip.parse().map_err(|_| format!("invalid ip `{ip}`"))?;
-    let d = engine.decide(
+    let who = std::sync::Arc::new(who.clone());
+    let d = engine.decide_uncached(
         &route.id,
         &RequestInfo {
-            identity: who,
+            identity: &who,
             method: m.as_str(),
             host: &host,
             path: &path,

@@ -8,6 +8,7 @@ use crate::forward::ConnInfo;
 use crate::snapshot::{RouteRt, Snapshot};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use portcullis_identity::Identity;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// What the authorize stage decided.
@@ -29,7 +30,7 @@ pub async fn authorize(
     snap: &Snapshot,
     route: &RouteRt,
     conn: &ConnInfo,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     method: &http::Method,
     host: &str,
     path: &str,
