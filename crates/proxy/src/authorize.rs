@@ -17,6 +17,8 @@ pub struct Outcome {
     pub pass: bool,
     /// `allow`, `deny` or `would_deny`.
     pub decision: &'static str,
+    /// Why. Left empty for an allowed request when nobody will read it (no audit trail):
+    /// formatting them costs more than a cached decision.
     pub reasons: Vec<String>,
     /// The last authorizer consulted: (name, allowed, cached).
     pub authorizer: Option<(String, bool, bool)>,
@@ -37,6 +39,7 @@ pub async fn authorize(
     query: Option<&str>,
     headers: &HeaderMap,
     request_id: &str,
+    want_reasons: bool,
 ) -> Outcome {
     let start = Instant::now();
     let client_subject = if identity.method == portcullis_identity::AuthMethod::Mtls {
@@ -60,11 +63,7 @@ pub async fn authorize(
             now: SystemTime::now(),
         },
     );
-    let mut reasons: Vec<String> = d.reasons.iter().map(|r| format!("policy:{r}")).collect();
-    reasons.extend(d.errors.iter().map(|e| format!("error:{e}")));
-    if d.reasons.is_empty() && !d.allowed {
-        reasons.push("default deny: no policy permits this request".into());
-    }
+    let mut reasons = Vec::new();
     let mut allowed = d.allowed;
     let mut authorizer = None;
     let mut add_headers = Vec::new();
@@ -101,6 +100,17 @@ pub async fn authorize(
             }
             add_headers.extend(v.headers);
         }
+    }
+    if want_reasons || !allowed {
+        let mut all: Vec<String> = d.reasons.iter().map(|r| format!("policy:{r}")).collect();
+        all.extend(d.errors.iter().map(|e| format!("error:{e}")));
+        if d.reasons.is_empty() && !d.allowed {
+            all.push("default deny: no policy permits this request".into());
+        }
+        all.append(&mut reasons);
+        reasons = all;
+    } else {
+        reasons.clear();
     }
     let (pass, decision) = match (allowed, route.enforce) {
         (true, _) => (true, "allow"),

@@ -408,7 +408,7 @@ async fn proxy<'a>(
                 if ctx.log {
                     ctx.record.provider = id.provider.clone();
                 }
-                let query = parts.uri.query().map(str::to_string);
+                let query = parts.uri.query();
                 let out = crate::authorize::authorize(
                     snap,
                     route,
@@ -417,9 +417,10 @@ async fn proxy<'a>(
                     &parts.method,
                     &host,
                     path,
-                    query.as_deref(),
+                    query,
                     &parts.headers,
                     &ctx.rid,
+                    shared.audit.is_some(),
                 )
                 .await;
                 ctx.record.decision = out.decision;
@@ -431,7 +432,7 @@ async fn proxy<'a>(
                     method: parts.method.as_str(),
                     host: &host,
                     path,
-                    query: query.as_deref(),
+                    query,
                 };
                 if !crate::audit::write_with(shared, || crate::audit::decision(&facts, id, &out))
                     .await
