@@ -13,10 +13,13 @@
 //! * **Failures.** A failed write is cut back off the file and the chain does not advance, so
 //!   the next record links to the last one really written. A failed sync reports an error to
 //!   the callers whose records it covered.
-//! * **Acknowledgements.** Waking a task from another thread costs a system call and a
-//!   context switch. When the auditor is started inside a tokio runtime, the thread hands
-//!   each batch's acknowledgements to one task on that runtime, which wakes the waiting
-//!   requests from there: one cross-thread wake per batch instead of one per record.
+//! * **Batching across threads.** Waking another thread costs a system call and usually a
+//!   context switch, and on a busy core the woken thread runs at once, so waking the writer
+//!   for every record made batches of one. When the auditor is started inside a tokio
+//!   runtime, records go first to a task on that runtime, which hands everything that
+//!   arrived since it last ran to the thread as one batch; the thread hands each batch's
+//!   acknowledgements back to another task there, which wakes the waiting requests
+//!   locally. Two cross-thread wakes per batch instead of two per record.
 //! * **Rotation.** Before a record would push the current file past `rotate_size`, or when the
 //!   file's first record is older than `rotate_age`, the file is synced and closed and a new
 //!   `audit-<seq>.jsonl` is started. The chain simply continues.
@@ -79,7 +82,13 @@ pub struct Auditor {
 }
 
 struct Inner {
-    tx: Option<mpsc::Sender<Msg>>,
+    /// Batches to the writer thread.
+    tx: Option<mpsc::UnboundedSender<Vec<Msg>>>,
+    /// Records to the runtime's batching task, when there is one.
+    fanin: Option<mpsc::UnboundedSender<Msg>>,
+    /// Room in the queue: one permit per record, taken by `record`, given back when the
+    /// writer takes the record.
+    room: Arc<tokio::sync::Semaphore>,
     overload: Overload,
     record_allows: bool,
     stats: Arc<Counters>,
@@ -92,6 +101,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer's loop; wait for its final sync, so that a new
         // writer started on the same directory never overlaps with this one.
+        self.fanin.take();
         self.tx.take();
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(h) = handle {
@@ -154,7 +164,8 @@ impl Auditor {
             .enable_time()
             .build()
             .map_err(|e| Error::Write(format!("cannot start the audit writer: {e}")))?;
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<Msg>>();
+        let room = Arc::new(tokio::sync::Semaphore::new(cfg.queue.max(1)));
         #[cfg(test)]
         let gate = Arc::new(test_gate::Gate::new(paused));
         let writer = Writer {
@@ -165,6 +176,7 @@ impl Auditor {
             dirty_since: None,
             stats: stats.clone(),
             fanout: None,
+            room: Arc::new(tokio::sync::Semaphore::new(0)),
             #[cfg(test)]
             gate: gate.clone(),
         };
@@ -179,7 +191,32 @@ impl Auditor {
             });
             tx
         });
-        let writer = Writer { fanout, ..writer };
+        // The batching task holds only a weak sender, so dropping the auditor (possibly on
+        // this very runtime's thread, where the task cannot run) still closes the queue.
+        let fanin = tokio::runtime::Handle::try_current().ok().map(|h| {
+            let (fanin, mut recs) = mpsc::unbounded_channel::<Msg>();
+            let to_writer = tx.downgrade();
+            h.spawn(async move {
+                while let Some(first) = recs.recv().await {
+                    let mut batch = vec![first];
+                    while let Ok(m) = recs.try_recv() {
+                        batch.push(m);
+                    }
+                    let Some(tx) = to_writer.upgrade() else {
+                        break;
+                    };
+                    if tx.send(batch).is_err() {
+                        break;
+                    }
+                }
+            });
+            fanin
+        });
+        let writer = Writer {
+            fanout,
+            room: room.clone(),
+            ..writer
+        };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx, rt))
@@ -187,6 +224,8 @@ impl Auditor {
         Ok(Auditor {
             inner: Some(Arc::new(Inner {
                 tx: Some(tx),
+                fanin,
+                room,
                 overload: cfg.on_overload,
                 record_allows: cfg.record_allows,
                 stats,
@@ -214,20 +253,26 @@ impl Auditor {
         let Some(tx) = &inner.tx else {
             return Err(Error::Closed);
         };
+        let permit = match inner.overload {
+            Overload::Wait => inner.room.acquire().await.map_err(|_| Error::Closed)?,
+            Overload::FailClosed => inner.room.try_acquire().map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => Error::Overloaded,
+                tokio::sync::TryAcquireError::Closed => Error::Closed,
+            })?,
+        };
         let (ack, done) = oneshot::channel();
         let msg = Msg { rec, ack };
         inner.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = match inner.overload {
-            Overload::Wait => tx.send(msg).await.map_err(|_| Error::Closed),
-            Overload::FailClosed => tx.try_send(msg).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Error::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => Error::Closed,
-            }),
+        let sent = match &inner.fanin {
+            Some(f) => f.send(msg).map_err(drop),
+            None => tx.send(vec![msg]).map_err(drop),
         };
-        if let Err(e) = sent {
+        if sent.is_err() {
             inner.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(e);
+            return Err(Error::Closed);
         }
+        // The writer gives the room back when it takes the record.
+        permit.forget();
         done.await.map_err(|_| Error::Closed)?
     }
 
@@ -302,12 +347,13 @@ struct Writer {
     dirty_since: Option<Instant>,
     stats: Arc<Counters>,
     fanout: Option<tokio::sync::mpsc::UnboundedSender<Acks>>,
+    room: Arc<tokio::sync::Semaphore>,
     #[cfg(test)]
     gate: Arc<test_gate::Gate>,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Msg>, rt: tokio::runtime::Runtime) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Msg>>, rt: tokio::runtime::Runtime) {
         loop {
             #[cfg(test)]
             self.gate.wait();
@@ -335,13 +381,14 @@ impl Writer {
                     None => break,
                 },
             };
-            let mut batch = vec![first];
+            let mut batch = first;
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(m),
+                    Ok(mut m) => batch.append(&mut m),
                     Err(_) => break,
                 }
             }
+            self.room.add_permits(batch.len());
             self.stats
                 .queued
                 .fetch_sub(batch.len() as u64, Ordering::Relaxed);
