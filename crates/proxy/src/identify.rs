@@ -216,8 +216,10 @@ pub async fn identify(
         return Step::Respond(unauthorized(rid, None), reason.into());
     }
     let engine = &snap.identity;
-    // A clone of the header value shares its bytes: the credential is not copied.
-    let authz = headers.get(header::AUTHORIZATION).cloned();
+    // Credentials stay at the edge (unless the route passes the token on, below): take them
+    // out of the request now, one lookup each.
+    let authz = headers.remove(header::AUTHORIZATION);
+    let key_header = headers.remove(&X_API_KEY);
     let (bearer, mut api_key) = match authz
         .as_ref()
         .and_then(|v| v.to_str().ok())
@@ -230,13 +232,18 @@ pub async fn identify(
         _ => (None, None),
     };
     if api_key.is_none() {
-        api_key = headers
-            .get(&X_API_KEY)
+        api_key = key_header
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim().to_string());
     }
-    let session_name = engine.session.cookie.clone();
-    let session = cookie(headers, &session_name).map(str::to_string);
+    let session_name = &engine.session.cookie;
+    // Without a sealer there are no sessions, so no cookie to look for.
+    let session = if engine.sealer.is_some() {
+        cookie(headers, session_name).map(str::to_string)
+    } else {
+        None
+    };
     let creds = Credentials {
         bearer,
         api_key: api_key.as_deref(),
@@ -260,7 +267,7 @@ pub async fn identify(
             let ended = matches!(ended, Outcome::SessionEnded);
             let mut clear = Vec::new();
             if ended {
-                clear.push(clear_cookie(&session_name, engine.session.secure, "/"));
+                clear.push(clear_cookie(session_name, engine.session.secure, "/"));
             }
             if wants_html(headers) && *method == http::Method::GET {
                 if let (Some(login), Some(sealer)) =
@@ -304,11 +311,9 @@ pub async fn identify(
     };
 
     // The credential stays at the edge unless the route passes it on.
-    headers.remove(&X_API_KEY);
     if session.is_some() {
-        remove_cookie(headers, &session_name);
+        remove_cookie(headers, session_name);
     }
-    headers.remove(header::AUTHORIZATION);
     if route.pass_token {
         if let Some(b) = &bearer {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {b}")) {
