@@ -17,8 +17,9 @@
 //! hash no longer matches) or makes the line non-canonical. `jq -cjS 'del(.hash)' | sha256sum`
 //! reproduces the hash for records without floats or U+007F.
 
-use crate::record::Record;
+use crate::record::{AuthorizerNote, Decision, Kind, Principal, Record};
 use crate::Error;
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::time::SystemTime;
@@ -122,6 +123,63 @@ impl Chain {
     /// Adds the chain fields to `rec`, hashes it, advances the chain, and returns the seq and
     /// the line (with its `\n`).
     pub fn seal(&mut self, rec: &Record, now: SystemTime) -> Result<(u64, Vec<u8>), Error> {
+        if rec.detail.is_none() {
+            return Ok(self.seal_direct(rec, now));
+        }
+        self.seal_general(rec, now)
+    }
+
+    /// The fast path for records without free-form `detail` (every request's record): the
+    /// fields are serialized straight from a struct whose fields are declared in sorted key
+    /// order, which is the canonical form, without building a JSON tree first. A test checks
+    /// it gives the same bytes as `seal_general`.
+    fn seal_direct(&mut self, rec: &Record, now: SystemTime) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let mut view = Sorted {
+            app: rec.app.as_deref(),
+            authorizer: rec.authorizer.as_ref().map(|a| SortedAuthorizer {
+                cached: a.cached,
+                name: &a.name,
+                result: &a.result,
+            }),
+            client_ip: rec.client_ip.as_deref(),
+            decision: rec.decision,
+            hash: None,
+            host: rec.host.as_deref(),
+            instance: &self.instance,
+            kind: rec.kind,
+            latency_us: rec.latency_us,
+            method: rec.method.as_deref(),
+            path: rec.path.as_deref(),
+            prev_hash: &self.prev_hash,
+            principal: rec.principal.as_ref().map(|p| SortedPrincipal {
+                groups: &p.groups,
+                provider: &p.provider,
+                subject: &p.subject,
+                user: &p.user,
+            }),
+            query_keys: &rec.query_keys,
+            reasons: &rec.reasons,
+            request_id: rec.request_id.as_deref(),
+            route: rec.route.as_deref(),
+            seq,
+            time: &time,
+        };
+        let mut bare = Vec::with_capacity(768);
+        // Serializing plain data into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut bare, &view);
+        let hash = hex(&Sha256::digest(&bare));
+        view.hash = Some(&hash);
+        let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
+        let _ = serde_json::to_writer(&mut line, &view);
+        line.push(b'\n');
+        self.next_seq = seq + 1;
+        self.prev_hash = hash;
+        (seq, line)
+    }
+
+    fn seal_general(&mut self, rec: &Record, now: SystemTime) -> Result<(u64, Vec<u8>), Error> {
         let mut obj = match serde_json::to_value(rec) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(Error::Write("a record must be a JSON object".into())),
@@ -158,6 +216,94 @@ impl Chain {
         self.prev_hash = hash;
         Ok((seq, line))
     }
+}
+
+/// A record and its chain fields with the fields declared in sorted key order (see
+/// `Chain::seal_direct`). Keep it in step with `Record`, `Principal` and `AuthorizerNote`.
+#[derive(Serialize)]
+struct Sorted<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorizer: Option<SortedAuthorizer<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_ip: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    instance: &'a str,
+    kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    prev_hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    principal: Option<SortedPrincipal<'a>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    query_keys: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    reasons: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+    seq: u64,
+    time: &'a str,
+}
+
+#[derive(Serialize)]
+struct SortedPrincipal<'a> {
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    groups: &'a [String],
+    provider: &'a str,
+    subject: &'a str,
+    user: &'a str,
+}
+
+#[derive(Serialize)]
+struct SortedAuthorizer<'a> {
+    cached: bool,
+    name: &'a str,
+    result: &'a str,
+}
+
+// The sorted views must cover every field; these fail to compile when a field is added.
+#[allow(dead_code)]
+fn _views_cover_every_field(r: Record, p: Principal, a: AuthorizerNote) {
+    let Record {
+        kind: _,
+        request_id: _,
+        app: _,
+        route: _,
+        principal: _,
+        client_ip: _,
+        method: _,
+        host: _,
+        path: _,
+        query_keys: _,
+        decision: _,
+        reasons: _,
+        authorizer: _,
+        latency_us: _,
+        detail: _,
+    } = r;
+    let Principal {
+        user: _,
+        provider: _,
+        groups: _,
+        subject: _,
+    } = p;
+    let AuthorizerNote {
+        name: _,
+        result: _,
+        cached: _,
+    } = a;
 }
 
 /// The chain fields of one checked line.
@@ -271,6 +417,62 @@ mod tests {
                 String::from_utf8(got).unwrap(),
                 String::from_utf8(expect).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn direct_and_general_seals_write_the_same_bytes() {
+        let full = Record {
+            kind: Kind::Decision,
+            request_id: Some("r\"1\\\u{1}é/".into()),
+            app: Some("app".into()),
+            route: Some("route".into()),
+            principal: Some(Principal {
+                user: "alice".into(),
+                provider: "corp".into(),
+                groups: vec!["eng".into(), "ops\n".into()],
+                subject: "s".into(),
+            }),
+            client_ip: Some("::1".into()),
+            method: Some("GET".into()),
+            host: Some("h".into()),
+            path: Some("/p?\u{7f}".into()),
+            query_keys: vec!["a".into(), "b".into()],
+            decision: Some(Decision::WouldDeny),
+            reasons: vec!["policy:x".into()],
+            authorizer: Some(AuthorizerNote {
+                name: "authz".into(),
+                result: "allow".into(),
+                cached: true,
+            }),
+            latency_us: Some(u64::MAX),
+            detail: None,
+        };
+        let no_groups = Record {
+            principal: Some(Principal {
+                groups: vec![],
+                ..full.principal.clone().unwrap()
+            }),
+            ..full.clone()
+        };
+        let plain = Record {
+            detail: None,
+            ..rec()
+        };
+        for r in [full, no_groups, plain, Record::default()] {
+            let now = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+            let mut a = Chain::new("inst\"x");
+            let mut b = a.clone();
+            for _ in 0..2 {
+                let (sa, la) = a.seal_direct(&r, now);
+                let (sb, lb) = b.seal_general(&r, now).unwrap();
+                assert_eq!(sa, sb);
+                assert_eq!(
+                    String::from_utf8(la).unwrap(),
+                    String::from_utf8(lb).unwrap()
+                );
+                assert_eq!(a, b);
+            }
         }
     }
 
