@@ -420,6 +420,52 @@ async fn slowloris_is_cut_off_after_client_header_timeout() {
 }
 
 #[tokio::test]
+async fn keep_alive_waits_are_not_cut_by_the_header_timeout_but_slow_heads_are() {
+    let (o, p) = setup_with("1s", "10s").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    // Twice: a request, then 2.5 s of silence (longer than client_header, shorter than idle).
+    for _ in 0..2 {
+        s.write_all(b"GET /app HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    assert_eq!(o.hits(), 2);
+    // A third head sent one byte every 200 ms is cut off about 1 s after its first byte.
+    let start = Instant::now();
+    let mut closed_at = None;
+    for b in b"GET /app HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+        if s.write_all(&[*b]).await.is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(_) => {
+                closed_at = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let closed_at = closed_at.expect("a slow second head was never cut off");
+    assert!(
+        closed_at >= Duration::from_millis(800) && closed_at < Duration::from_millis(3000),
+        "cut off after {closed_at:?}"
+    );
+    assert_eq!(o.hits(), 2);
+}
+
+#[tokio::test]
 async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     let (o, p) = setup_with("10s", "1s").await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))

@@ -286,11 +286,12 @@ async fn serve(
 ) {
     let cfg = &s.cfg;
     let idle = cfg.timeouts.idle.0;
+    let header_timeout = cfg.timeouts.client_header.0;
     let smuggle = Arc::new(crate::smuggle::Flags::default());
     match &s.tls {
         None => {
             let conn = Arc::new(ConnInfo::new(peer, listener, false, None, smuggle.clone()));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle);
+            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout);
             run_http(io, conn, &s, shared, watcher).await
         }
         Some((acceptor, _)) => {
@@ -319,7 +320,7 @@ async fn serve(
                 client_cert,
                 smuggle.clone(),
             ));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle);
+            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout);
             run_http(io, conn, &s, shared, watcher).await
         }
     }
@@ -338,7 +339,10 @@ async fn run_http<IO>(
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.client_header.0)
+        // The header timeout is enforced by `smuggle::Guard`, which knows when a head starts:
+        // hyper's also runs while a keep-alive connection waits for its next request, and
+        // allocates a timer per request.
+        .header_read_timeout(None)
         .max_buf_size((cfg.max_header_size.0 as usize).max(8192));
     // hyper's default is 100; setting it explicitly makes hyper fill a header array on every
     // parse, so only set a different limit.

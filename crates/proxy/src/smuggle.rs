@@ -8,12 +8,19 @@
 //! It only reads what passes through; hyper still does the real parsing. On anything it does
 //! not understand (an h2 preface, an upgrade, a malformed head) it stops watching, since
 //! hyper then either rejects the request itself or leaves HTTP/1.1.
+//!
+//! Because it knows where heads start and end, it also enforces `timeouts.client_header`
+//! (the slowloris guard): from accept until the first head is complete, and from the first
+//! byte of each later head until that head is complete. An idle keep-alive connection
+//! waiting for its next request is therefore governed by `timeouts.idle` alone, and a head
+//! that arrives in one read (the usual case) arms no timer at all.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Shared between the wrapper and the request handler of one connection.
@@ -53,10 +60,13 @@ pub struct Guard<T> {
     line: Vec<u8>,
     seen: u64,
     flags: Arc<Flags>,
+    header_timeout: Duration,
+    /// Running while a head is awaited (see the module doc).
+    header_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Guard<T> {
-    pub fn new(inner: T, flags: Arc<Flags>) -> Self {
+    pub fn new(inner: T, flags: Arc<Flags>, header_timeout: Duration) -> Self {
         Guard {
             inner,
             state: State::Head,
@@ -64,7 +74,27 @@ impl<T> Guard<T> {
             line: Vec::new(),
             seen: 0,
             flags,
+            header_timeout,
+            header_timer: None,
         }
+    }
+
+    /// Whether a head is being awaited: the first one (nothing complete yet) or one whose
+    /// first bytes have arrived.
+    fn awaiting_head(&self) -> bool {
+        matches!(self.state, State::Head) && (self.seen == 0 || !self.head.is_empty())
+    }
+
+    /// Arms or disarms the header timer after a read; true if it has expired.
+    fn poll_header_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.awaiting_head() {
+            self.header_timer = None;
+            return false;
+        }
+        let t = self
+            .header_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(self.header_timeout)));
+        std::future::Future::poll(t.as_mut(), cx).is_ready()
     }
 
     fn feed(&mut self, mut data: &[u8]) {
@@ -246,12 +276,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
         let this = &mut *self;
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            if !matches!(this.state, State::Done) {
-                this.feed(&buf.filled()[before..]);
-            }
+        if matches!(this.state, State::Done) {
+            this.header_timer = None;
+            return r;
         }
-        r
+        match r {
+            Poll::Ready(Ok(())) => {
+                this.feed(&buf.filled()[before..]);
+                if !this.awaiting_head() {
+                    this.header_timer = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.poll_header_timer(cx) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client header timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
     }
 }
 
@@ -287,7 +334,7 @@ mod tests {
 
     fn run(chunks: &[&[u8]]) -> u64 {
         let flags = Arc::new(Flags::default());
-        let mut g = Guard::new((), flags.clone());
+        let mut g = Guard::new((), flags.clone(), Duration::from_secs(1));
         for c in chunks {
             g.feed(c);
         }
