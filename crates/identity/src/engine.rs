@@ -82,7 +82,9 @@ pub enum Outcome {
 }
 
 pub struct Engine {
-    providers: HashMap<String, Arc<ProviderRt>>,
+    /// By name; looked up on every request, and the names come from the config, so a fast
+    /// hash is safe.
+    providers: HashMap<String, Arc<ProviderRt>, foldhash::fast::RandomState>,
     pub sealer: Option<Sealer>,
     pub store: Arc<Store>,
     pub session: portcullis_config::Session,
@@ -211,7 +213,7 @@ impl Engine {
     pub fn build(cfg: &Config, prev: Option<&Engine>) -> Result<Engine, Error> {
         let id = &cfg.identity;
         let session_fp = format!("{:?}|{:?}", id.session, cfg.session_keys);
-        let mut providers = HashMap::new();
+        let mut providers = HashMap::default();
         for p in &id.providers {
             let fp = format!("{p:?}|{:?}", id.session.ttl);
             if let Some(old) = prev.and_then(|e| e.providers.get(&p.name)) {

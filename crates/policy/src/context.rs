@@ -17,6 +17,7 @@ use cedar_policy::{Context, RestrictedExpression};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 /// Top-level context attributes, one bit each.
 const PATH: u16 = 1 << 0;
@@ -252,6 +253,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether the built context holds `time` (so the decision needs the current time).
+    pub fn reads_time(&self) -> bool {
+        self.attrs & TIME != 0
+    }
+
     pub fn new(u: &Use, context_headers: &[http::HeaderName]) -> Plan {
         let attrs = if u.whole { ALL } else { u.attrs };
         let headers = match (&u.headers, u.whole) {
@@ -433,7 +439,10 @@ impl Plan {
 }
 
 fn seconds(r: &RequestInfo<'_>) -> u64 {
+    // `decide` fills `now` in before the key and the context are built, so both see the
+    // same second; the fallback only serves direct callers of this module.
     r.now
+        .unwrap_or_else(SystemTime::now)
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)

@@ -89,7 +89,25 @@ pub struct RequestInfo<'a> {
     pub tls_client_subject: Option<&'a str>,
     pub tls_client_cert: bool,
     pub request_id: &'a str,
-    pub now: SystemTime,
+    /// The time of the request; `None` means now, read only when a policy of the route
+    /// reads `context.time`.
+    pub now: Option<SystemTime>,
+}
+
+/// `r` with `now` filled in when the route reads the time, so the cache key and the context
+/// see the same second.
+fn with_time<'r, 'a>(
+    r: &'r RequestInfo<'a>,
+    reads_time: bool,
+    slot: &'r mut Option<RequestInfo<'a>>,
+) -> &'r RequestInfo<'a> {
+    if r.now.is_some() || !reads_time {
+        return r;
+    }
+    slot.insert(RequestInfo {
+        now: Some(SystemTime::now()),
+        ..*r
+    })
 }
 
 struct RoutePolicies {
@@ -129,7 +147,8 @@ struct Types {
 }
 
 pub struct Engine {
-    routes: HashMap<String, RoutePolicies>,
+    /// By route id (looked up per request; config-defined keys, so a fast hash is safe).
+    routes: HashMap<String, RoutePolicies, foldhash::fast::RandomState>,
     context_headers: Vec<http::HeaderName>,
     claims: Vec<String>,
     authorizer: Authorizer,
@@ -344,7 +363,7 @@ impl Engine {
             })
             .collect();
         // Per-route policy sets: global + app + route files + the route's shorthand rules.
-        let mut routes = HashMap::new();
+        let mut routes = HashMap::default();
         let mut sources = HashMap::new();
         for (p, src) in files.values().flatten() {
             sources.insert(p.id().to_string(), src.clone());
@@ -515,6 +534,8 @@ impl Engine {
         let Some(rp) = self.routes.get(route) else {
             return Arc::new(no_route(route));
         };
+        let mut slot = None;
+        let r = with_time(r, rp.plan.reads_time(), &mut slot);
         if !rp.plan.cacheable {
             return Arc::new(self.evaluate(rp, r, true).0);
         }
@@ -549,7 +570,11 @@ impl Engine {
     /// read from or written to the caches. Same answer; for measuring and checking.
     pub fn decide_uncached(&self, route: &str, r: &RequestInfo<'_>) -> Decision {
         match self.routes.get(route) {
-            Some(rp) => self.evaluate(rp, r, false).0,
+            Some(rp) => {
+                let mut slot = None;
+                let r = with_time(r, rp.plan.reads_time(), &mut slot);
+                self.evaluate(rp, r, false).0
+            }
             None => no_route(route),
         }
     }

@@ -75,7 +75,7 @@ fn decide(e: &Engine, route: &str, id: &Arc<Identity>, r: Req<'_>) -> Arc<Decisi
             tls_client_subject: None,
             tls_client_cert: false,
             request_id: "rid",
-            now: r.at,
+            now: Some(r.at),
         },
     )
 }
@@ -340,7 +340,7 @@ fn checked(e: &Engine, route: &str, id: &Arc<Identity>, r: &Full<'_>) -> Decisio
         tls_client_subject: None,
         tls_client_cert: false,
         request_id: r.request_id,
-        now: r.at,
+        now: Some(r.at),
     };
     let fresh = e.decide_uncached(route, &info);
     let first = e.decide(route, &info);

@@ -162,7 +162,7 @@ fn decide(
             tls_client_subject: None,
             tls_client_cert: false,
             request_id: "policy-test",
-            now: std::time::SystemTime::now(),
+            now: None,
         },
     );
     Ok(Outcome {
