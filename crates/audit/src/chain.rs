@@ -96,6 +96,25 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// `bare` (a canonical object without `hash`) with `"hash":"<hash>"` inserted at `at`, the
+/// offset `canonical_object_at` gave for that key: the canonical form of the whole object.
+fn splice_hash(bare: &[u8], at: usize, hash: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
+    line.extend_from_slice(&bare[..at]);
+    let before_close = at == bare.len() - 1;
+    if before_close && at > 1 {
+        line.push(b',');
+    }
+    line.extend_from_slice(b"\"hash\":\"");
+    line.extend_from_slice(hash.as_bytes());
+    line.push(b'"');
+    if !before_close {
+        line.push(b',');
+    }
+    line.extend_from_slice(&bare[at..]);
+    line
+}
+
 /// The hash of a record object: hex SHA-256 over its canonical form without the `hash` key.
 pub fn record_hash(obj: &Map<String, Value>) -> String {
     let mut out = Vec::with_capacity(512);
@@ -198,19 +217,7 @@ impl Chain {
         let mut bare = Vec::with_capacity(768);
         let at = canonical_object_at(&obj, Some("hash"), &mut bare);
         let hash = hex(&Sha256::digest(&bare));
-        let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
-        line.extend_from_slice(&bare[..at]);
-        let before_close = at == bare.len() - 1;
-        if before_close && at > 1 {
-            line.push(b',');
-        }
-        line.extend_from_slice(b"\"hash\":\"");
-        line.extend_from_slice(hash.as_bytes());
-        line.push(b'"');
-        if !before_close {
-            line.push(b',');
-        }
-        line.extend_from_slice(&bare[at..]);
+        let mut line = splice_hash(&bare, at, &hash);
         line.push(b'\n');
         self.next_seq = seq + 1;
         self.prev_hash = hash;
@@ -403,16 +410,7 @@ mod tests {
             let mut with = m.clone();
             with.insert("hash".into(), json!("h"));
             let expect = canonical(&Value::Object(with));
-            let mut got = bare[..at].to_vec();
-            let before_close = at == bare.len() - 1;
-            if before_close && at > 1 {
-                got.push(b',');
-            }
-            got.extend_from_slice(br#""hash":"h""#);
-            if !before_close {
-                got.push(b',');
-            }
-            got.extend_from_slice(&bare[at..]);
+            let got = splice_hash(&bare, at, "h");
             assert_eq!(
                 String::from_utf8(got).unwrap(),
                 String::from_utf8(expect).unwrap()

@@ -168,18 +168,6 @@ impl Auditor {
         let room = Arc::new(tokio::sync::Semaphore::new(cfg.queue.max(1)));
         #[cfg(test)]
         let gate = Arc::new(test_gate::Gate::new(paused));
-        let writer = Writer {
-            out,
-            chain,
-            fsync: cfg.fsync,
-            interval: cfg.fsync_interval.0,
-            dirty_since: None,
-            stats: stats.clone(),
-            fanout: None,
-            room: Arc::new(tokio::sync::Semaphore::new(0)),
-            #[cfg(test)]
-            gate: gate.clone(),
-        };
         let fanout = tokio::runtime::Handle::try_current().ok().map(|h| {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Acks>();
             h.spawn(async move {
@@ -213,9 +201,16 @@ impl Auditor {
             fanin
         });
         let writer = Writer {
+            out,
+            chain,
+            fsync: cfg.fsync,
+            interval: cfg.fsync_interval.0,
+            dirty_since: None,
+            stats: stats.clone(),
             fanout,
             room: room.clone(),
-            ..writer
+            #[cfg(test)]
+            gate: gate.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
