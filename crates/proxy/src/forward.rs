@@ -591,14 +591,15 @@ async fn proxy<'a>(
             .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
     };
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = if h2_up {
+    // HTTP/1.1 upstreams get the origin-form target (`pq`) written as is; h2 needs a URI.
+    let h2_uri: Option<Uri> = if h2_up {
         headers.remove(header::HOST);
         let scheme = if backend.connector.tls.is_some() {
             "https"
         } else {
             "http"
         };
-        format!(
+        let uri = format!(
             "{scheme}://{}{pq}",
             authority.to_str().unwrap_or("localhost")
         )
@@ -609,20 +610,11 @@ async fn proxy<'a>(
                 "invalid request target\n",
                 Some(route),
             )
-        })?
-    } else if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
-        // Origin form already: share the parsed target instead of re-parsing it.
-        headers.insert(header::HOST, authority);
-        parts.uri.clone()
+        })?;
+        Some(uri)
     } else {
         headers.insert(header::HOST, authority);
-        pq.parse().map_err(|_| {
-            (
-                StatusCode::BAD_REQUEST,
-                "invalid request target\n",
-                Some(route),
-            )
-        })?
+        None
     };
 
     let method = parts.method.clone();
@@ -667,7 +659,7 @@ async fn proxy<'a>(
     let key = backend
         .balancer
         .hash_on()
-        .map(|on| hash_key(on, &headers, &uri, conn, pq));
+        .map(|on| hash_key(on, &headers, conn, pq));
     let sticky = backend.sticky_cookie.as_ref().and_then(|name| {
         let id = cookie(&headers, name)?;
         backend.servers.iter().position(|s| s.sticky_id == id)
@@ -758,23 +750,14 @@ async fn proxy<'a>(
             permit,
         };
 
-        let mut req = Request::new(match (replayable, attempts) {
-            (true, n) if n > 1 => empty_req_body(),
-            _ => match body.take() {
-                Some(b) => b,
-                None => empty_req_body(),
-            },
-        });
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
-        *req.version_mut() = if h2_up {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-
         if server.echo {
+            let mut req = Request::new(attempt_body(&mut body, replayable, attempts));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = match &h2_uri {
+                Some(u) => u.clone(),
+                None => pq.parse().unwrap_or_default(),
+            };
+            *req.headers_mut() = headers.clone();
             let resp = crate::echo::respond(req, &ctx.rid).await;
             return Ok(respond(
                 shared, route, backend, si, resp, active, ctx, connect_ms, false,
@@ -794,10 +777,6 @@ async fn proxy<'a>(
                 let timeout = matches!(e, ConnectError::Timeout);
                 tracing::debug!(server = %server.address, error = %e, "upstream connect failed");
                 note_outcome(backend, si, false, true);
-                if !replayable {
-                    // The body was never sent: hand it back for the next attempt.
-                    body = Some(req.into_body());
-                }
                 if backend.retry_connect
                     && may_retry(backend, attempts, deadline, &mut retry_slot).await
                 {
@@ -827,14 +806,24 @@ async fn proxy<'a>(
         ctx.record.connect_ms = connect_ms;
 
         let try_timeout = remaining.map_or(per_try, |r| r.min(per_try));
-        let (result, h1_sender) = match checkout.sender {
-            Sender::H1(mut s) => {
-                let r = tokio::time::timeout(try_timeout, s.send(req)).await;
-                (r, Some(s))
+        let req_body = attempt_body(&mut body, replayable, attempts);
+        let result = match checkout.sender {
+            Sender::H1(c) => {
+                let f = c.send(&method, pq, &headers, req_body, state.pool.clone());
+                tokio::time::timeout(try_timeout, f)
+                    .await
+                    .map(|r| r.map(Up::H1).map_err(Failed::from_h1))
             }
             Sender::H2(mut s) => {
+                let mut req = Request::new(req_body);
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = h2_uri.clone().unwrap_or_default();
+                *req.headers_mut() = headers.clone();
+                *req.version_mut() = Version::HTTP_2;
                 let f = s.try_send_request(req);
-                (tokio::time::timeout(try_timeout, f).await, None)
+                tokio::time::timeout(try_timeout, f)
+                    .await
+                    .map(|r| r.map(Up::H2).map_err(|e| Failed::from_h2(e, state)))
             }
         };
         match result {
@@ -853,45 +842,39 @@ async fn proxy<'a>(
                     Some(route),
                 ));
             }
-            Ok(Err(mut e)) => {
+            Ok(Err(Failed::NotSent(b))) => {
+                // Not sent (a stale pooled connection): as safe to retry as a connect failure.
                 drop(active);
-                if let Some(r) = e.take_message() {
-                    // Not sent (a stale pooled connection): as safe to retry as a connect failure.
-                    if h1_sender.is_none() {
-                        state.pool.drop_h2();
-                    }
-                    if !replayable {
-                        body = Some(r.into_body());
-                    }
-                    if may_retry(backend, attempts, deadline, &mut retry_slot).await {
-                        continue;
-                    }
-                    return Err((
-                        StatusCode::BAD_GATEWAY,
-                        "upstream connection failed\n",
-                        Some(route),
-                    ));
+                if !replayable {
+                    body = Some(b);
                 }
-                let err = e.into_error();
-                if is_too_large(&err) {
-                    return Err((
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large\n",
-                        Some(route),
-                    ));
+                if may_retry(backend, attempts, deadline, &mut retry_slot).await {
+                    continue;
                 }
-                if caused_by::<ClientBody>(&err) {
-                    // The client's body broke, not the server: no retry, no outlier penalty.
-                    tracing::debug!(error = %err, "invalid request body");
-                    return Err((
-                        StatusCode::BAD_REQUEST,
-                        "invalid request body\n",
-                        Some(route),
-                    ));
-                }
-                if h1_sender.is_none() {
-                    state.pool.drop_h2();
-                }
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "upstream connection failed\n",
+                    Some(route),
+                ));
+            }
+            Ok(Err(Failed::TooLarge)) => {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large\n",
+                    Some(route),
+                ));
+            }
+            Ok(Err(Failed::ClientBody(err))) => {
+                // The client's body broke, not the server: no retry, no outlier penalty.
+                tracing::debug!(error = %err, "invalid request body");
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "invalid request body\n",
+                    Some(route),
+                ));
+            }
+            Ok(Err(Failed::Upstream(err))) => {
+                drop(active);
                 note_outcome(backend, si, true, false);
                 tracing::debug!(server = %server.address, error = %err, "upstream request failed");
                 if replayable
@@ -906,42 +889,100 @@ async fn proxy<'a>(
                     Some(route),
                 ));
             }
-            Ok(Ok(resp)) => {
-                let status = resp.status().as_u16();
+            Ok(Ok(up)) => {
+                let status = up.status();
                 note_outcome(backend, si, status >= 500, false);
                 if replayable
                     && backend.retry_status.contains(&status)
                     && may_retry(backend, attempts, deadline, &mut retry_slot).await
                 {
-                    drop(resp);
+                    drop(up);
                     drop(active);
                     continue;
                 }
-                if status == 101 {
-                    if let Some(client_up) = client_upgrade {
-                        // The upgraded connection is handed over when the connection future
-                        // completes, so it needs a task of its own from here on.
-                        if let Some(link) = h1_sender {
-                            link.background();
-                        }
-                        return Ok(tunnel(shared, route, resp, client_up, active, ctx));
-                    }
-                }
                 ctx.record.bytes_in = seen.load(Ordering::Relaxed);
                 let set_sticky = sticky != Some(si);
-                return Ok(match h1_sender {
-                    Some(link) => {
-                        let pool = state.pool.clone();
-                        let resp = resp.map(|b| crate::pool::H1Body::new(b, link, pool));
+                return Ok(match up {
+                    Up::H1(mut resp) => {
+                        if status == 101 {
+                            if let (Some(client_up), Some(io)) =
+                                (client_upgrade, resp.body_mut().take_upgraded())
+                            {
+                                return Ok(tunnel(shared, route, resp, client_up, io, active, ctx));
+                            }
+                        }
                         respond(
                             shared, route, backend, si, resp, active, ctx, connect_ms, set_sticky,
                         )
                     }
-                    None => respond(
+                    Up::H2(resp) => respond(
                         shared, route, backend, si, resp, active, ctx, connect_ms, set_sticky,
                     ),
                 });
             }
+        }
+    }
+}
+
+/// The request body for one attempt: a replayed attempt (only body-less requests are
+/// replayed) sends none.
+fn attempt_body(body: &mut Option<ReqBody>, replayable: bool, attempts: u32) -> ReqBody {
+    match (replayable, attempts) {
+        (true, n) if n > 1 => empty_req_body(),
+        _ => body.take().unwrap_or_else(empty_req_body),
+    }
+}
+
+/// An origin's response, from an HTTP/1.1 or an h2 connection.
+enum Up {
+    H1(Response<crate::h1::UpBody>),
+    H2(Response<Incoming>),
+}
+
+impl Up {
+    fn status(&self) -> u16 {
+        match self {
+            Up::H1(r) => r.status().as_u16(),
+            Up::H2(r) => r.status().as_u16(),
+        }
+    }
+}
+
+/// Why an attempt failed, whichever protocol it used.
+enum Failed {
+    /// Nothing reached the origin; the body is handed back.
+    NotSent(ReqBody),
+    TooLarge,
+    ClientBody(String),
+    Upstream(String),
+}
+
+impl Failed {
+    fn from_h1(e: crate::h1::SendError) -> Self {
+        use crate::h1::SendError;
+        match e {
+            SendError::NotSent(b) => Failed::NotSent(b),
+            SendError::Body(e) if e.is::<TooLarge>() => Failed::TooLarge,
+            SendError::Body(e) => Failed::ClientBody(e.to_string()),
+            SendError::Upstream(e) => Failed::Upstream(e),
+        }
+    }
+
+    fn from_h2(
+        mut e: hyper::client::conn::TrySendError<Request<ReqBody>>,
+        state: &ServerState,
+    ) -> Self {
+        state.pool.drop_h2();
+        if let Some(r) = e.take_message() {
+            return Failed::NotSent(r.into_body());
+        }
+        let err = e.into_error();
+        if is_too_large(&err) {
+            Failed::TooLarge
+        } else if caused_by::<ClientBody>(&err) {
+            Failed::ClientBody(err.to_string())
+        } else {
+            Failed::Upstream(err.to_string())
         }
     }
 }
@@ -1053,13 +1094,7 @@ async fn may_retry(
     true
 }
 
-fn hash_key(
-    on: &portcullis_config::HashOn,
-    headers: &HeaderMap,
-    _uri: &Uri,
-    conn: &ConnInfo,
-    pq: &str,
-) -> u64 {
+fn hash_key(on: &portcullis_config::HashOn, headers: &HeaderMap, conn: &ConnInfo, pq: &str) -> u64 {
     use crate::balance::hash64;
 
     use portcullis_config::HashOn;
@@ -1150,29 +1185,33 @@ impl OnDone for Done {
 fn tunnel(
     shared: &Arc<Shared>,
     route: &RouteRt,
-    mut resp: Response<Incoming>,
+    resp: Response<crate::h1::UpBody>,
     client: hyper::upgrade::OnUpgrade,
+    (mut origin, early): (crate::pool::Stream, Bytes),
     active: ActiveGuard,
     ctx: &mut Ctx,
 ) -> Response<RespBody> {
-    let upstream = hyper::upgrade::on(&mut resp);
+    use tokio::io::AsyncWriteExt;
     route.by_class[status_class(101)].inc();
     let record = std::mem::take(&mut ctx.record);
     let shared2 = shared.clone();
     let start = ctx.start;
     tokio::spawn(async move {
         let _active = active;
-        let (c, u) = match tokio::try_join!(client, upstream) {
-            Ok(x) => x,
+        let c = match client.await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
         let mut c = hyper_util::rt::TokioIo::new(c);
-        let mut u = hyper_util::rt::TokioIo::new(u);
-        let res = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-        let bytes = res.as_ref().map(|(_, down)| *down).unwrap_or(0);
+        // Bytes the origin sent right behind its 101 go first.
+        let res = match c.write_all(&early).await {
+            Ok(()) => tokio::io::copy_bidirectional(&mut c, &mut origin).await,
+            Err(e) => Err(e),
+        };
+        let bytes = res.as_ref().map(|(_, down)| *down).unwrap_or(0) + early.len() as u64;
         finish_log(
             &shared2,
             record,

@@ -16,6 +16,7 @@ pub mod balance;
 pub mod body;
 pub mod echo;
 pub mod forward;
+pub mod h1;
 pub mod health;
 pub mod identify;
 pub mod listen;

@@ -5,29 +5,25 @@
 //!
 //! hyper-util's pooled `Client` hides the connect step and the connection it used, which we
 //! need for connect-failure retries, connect-time metrics and per-server limits, so the pool
-//! is written here on top of hyper's connection API.
+//! is written here.
 //!
-//! An HTTP/1.1 connection has no task of its own: its connection future ([`H1Link`]) is
-//! polled by the task of the request using it, while the request is sent and while the
-//! response body streams ([`H1Body`]). Request, response and body then never cross tasks,
-//! which saves several wake-ups per request. An idle pooled connection is polled once when
-//! it is put back and once when it is taken, which notices a connection the server closed.
+//! An HTTP/1.1 connection ([`Conn`], see `h1`) has no task of its own: the request using it
+//! writes and reads it, and the response body returns it here once the exchange has ended
+//! cleanly. A connection taken from the pool is first checked (without a system call) for a
+//! close or stray bytes from the server. h2 connections use hyper's client, in a task each.
 
-use crate::body::{BoxError, ReqBody};
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use crate::body::ReqBody;
+pub use crate::h1::Conn;
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use portcullis_config::Protocol;
 use rustls_pki_types::ServerName;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How to reach the servers of one backend.
@@ -52,135 +48,8 @@ pub enum ConnectError {
 }
 
 pub enum Sender {
-    H1(H1Link),
+    H1(Conn),
     H2(http2::SendRequest<ReqBody>),
-}
-
-type ConnFuture = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-
-/// One HTTP/1.1 upstream connection: the request sender and the connection future that
-/// reads and writes the socket. Whoever holds the link polls the future (see the module
-/// doc); `H1Link::background` hands it to a task of its own (for upgrades).
-pub struct H1Link {
-    sender: http1::SendRequest<ReqBody>,
-    conn: ConnFuture,
-    ended: bool,
-}
-
-impl H1Link {
-    /// Runs the connection's I/O as far as it can go; false once the connection has ended.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.ended {
-            return false;
-        }
-        match self.conn.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection closed");
-                }
-                self.ended = true;
-                false
-            }
-        }
-    }
-
-    /// Polls an idle connection without a task to wake (nothing is waiting on it): lets it
-    /// finish the previous exchange, and notices a close by the server.
-    fn drive_idle(&mut self) -> bool {
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        self.drive(&mut cx)
-    }
-
-    /// Sends a request and waits for the response head, driving the connection meanwhile.
-    pub async fn send(
-        &mut self,
-        req: http::Request<ReqBody>,
-    ) -> Result<http::Response<Incoming>, hyper::client::conn::TrySendError<http::Request<ReqBody>>>
-    {
-        let fut = self.sender.try_send_request(req);
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            self.drive(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Lets a task of its own run the connection from now on (an upgraded connection is
-    /// handed over when the connection future completes).
-    pub fn background(self) {
-        if !self.ended {
-            tokio::spawn(async move {
-                if let Err(e) = self.conn.await {
-                    tracing::debug!(error = %e, "upstream connection closed");
-                }
-            });
-        }
-    }
-}
-
-/// The response body of an HTTP/1.1 upstream connection. Polling it drives the connection;
-/// once the body has been read to its end, dropping it returns the connection to the pool.
-pub struct H1Body {
-    inner: Incoming,
-    link: Option<H1Link>,
-    ended: bool,
-    pool: Arc<Pool>,
-}
-
-impl H1Body {
-    pub fn new(inner: Incoming, link: H1Link, pool: Arc<Pool>) -> Self {
-        H1Body {
-            inner,
-            link: Some(link),
-            ended: false,
-            pool,
-        }
-    }
-}
-
-impl Body for H1Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if let Some(link) = &mut this.link {
-            if !link.drive(cx) {
-                this.link = None;
-            }
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for H1Body {
-    fn drop(&mut self) {
-        if self.ended || self.inner.is_end_stream() {
-            if let Some(link) = self.link.take() {
-                self.pool.put_back(link);
-            }
-        }
-    }
 }
 
 /// A connection ready for one request.
@@ -195,7 +64,7 @@ const MAX_IDLE: usize = 256;
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<Vec<(H1Link, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
 }
 
@@ -204,20 +73,19 @@ impl Pool {
         match c.protocol {
             Protocol::Http1 => {
                 loop {
-                    let Some((mut link, at)) = self.idle.lock().pop() else {
+                    let Some((mut conn, at)) = self.idle.lock().pop() else {
                         break;
                     };
-                    if at.elapsed() < c.idle_timeout && link.drive_idle() && link.sender.is_ready()
-                    {
+                    if at.elapsed() < c.idle_timeout && conn.is_usable() {
                         return Ok(Checkout {
-                            sender: Sender::H1(link),
+                            sender: Sender::H1(conn),
                             reused: true,
                             connect_time: Duration::ZERO,
                         });
                     }
                 }
                 let start = Instant::now();
-                let s = connect_h1(addr, c).await?;
+                let s = Conn::new(open(addr, c).await?);
                 Ok(Checkout {
                     sender: Sender::H1(s),
                     reused: false,
@@ -247,10 +115,7 @@ impl Pool {
     }
 
     /// Returns a finished HTTP/1.1 connection for reuse.
-    pub fn put_back(&self, mut s: H1Link) {
-        if !s.drive_idle() || s.sender.is_closed() {
-            return;
-        }
+    pub fn put_back(&self, s: Conn) {
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
             idle.push((s, Instant::now()));
@@ -288,9 +153,63 @@ fn server_name(addr: &str, sni: &Option<String>) -> Result<ServerName<'static>, 
 }
 
 /// A connected upstream transport: plain TCP, or TLS over it.
-enum Stream {
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Connects, and runs the TLS handshake when the backend uses TLS, within the connect timeout.
@@ -308,27 +227,6 @@ async fn open(addr: &str, c: &Connector) -> Result<Stream, ConnectError> {
     .map_err(|_| ConnectError::Timeout)?
     .map_err(ConnectError::Tls)?;
     Ok(Stream::Tls(Box::new(tls)))
-}
-
-async fn connect_h1(addr: &str, c: &Connector) -> Result<H1Link, ConnectError> {
-    match open(addr, c).await? {
-        Stream::Plain(s) => handshake_h1(s).await,
-        Stream::Tls(s) => handshake_h1(*s).await,
-    }
-}
-
-async fn handshake_h1<T>(io: T) -> Result<H1Link, ConnectError>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake::<_, ReqBody>(TokioIo::new(io))
-        .await?;
-    Ok(H1Link {
-        sender,
-        conn: Box::pin(conn.with_upgrades()),
-        ended: false,
-    })
 }
 
 async fn connect_h2(

@@ -1,0 +1,340 @@
+//! The HTTP/1.1 client to origins, against origins on real TCP sockets that answer with
+//! hand-picked bytes (a well-behaved HTTP library cannot send the malformed or unusual
+//! framings these tests need): chunked bodies with trailers, bodies delimited by close,
+//! HTTP/1.0, interim 1xx responses, connection reuse, origins that close idle connections,
+//! and responses whose framing is ambiguous.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What a scripted origin does with one request.
+struct Reply {
+    bytes: Vec<u8>,
+    /// Close the connection right after the reply.
+    close: bool,
+    /// Close the connection this long after the reply, if no request came meanwhile.
+    close_idle_after: Option<Duration>,
+}
+
+fn reply(bytes: &str) -> Reply {
+    Reply {
+        bytes: bytes.as_bytes().to_vec(),
+        close: false,
+        close_idle_after: None,
+    }
+}
+
+/// A TCP origin that reads request heads (and Content-Length bodies) and answers each with
+/// `script(path, body)`. Counts the connections it accepted.
+struct RawOrigin {
+    addr: String,
+    conns: Arc<AtomicUsize>,
+}
+
+impl RawOrigin {
+    async fn start(script: fn(&str, &[u8]) -> Reply) -> RawOrigin {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut idle_limit: Option<Duration> = None;
+                    loop {
+                        // Read one request head and its body.
+                        let (path, body_start, length) = loop {
+                            let mut headers = [httparse::EMPTY_HEADER; 64];
+                            let mut req = httparse::Request::new(&mut headers);
+                            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                                let len = req
+                                    .headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                    .unwrap_or(0usize);
+                                break (req.path.unwrap_or("/").to_string(), n, len);
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let read = match idle_limit {
+                                Some(d) => {
+                                    match tokio::time::timeout(d, s.read(&mut chunk)).await {
+                                        Ok(r) => r,
+                                        Err(_) => return, // idle: close
+                                    }
+                                }
+                                None => s.read(&mut chunk).await,
+                            };
+                            match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        while buf.len() < body_start + length {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body = buf[body_start..body_start + length].to_vec();
+                        buf.drain(..body_start + length);
+                        let r = script(&path, &body);
+                        if s.write_all(&r.bytes).await.is_err() || r.close {
+                            return;
+                        }
+                        idle_limit = r.close_idle_after;
+                    }
+                });
+            }
+        });
+        RawOrigin { addr, conns }
+    }
+}
+
+async fn proxy_to(origin: &RawOrigin) -> Proxy {
+    Proxy::start(&format!(
+        r#"
+listeners:
+  - name: web
+    bind: "127.0.0.1:{{port}}"
+backends:
+  - name: raw
+    servers:
+      - {{ name: r1, address: "{}" }}
+    retries: {{ attempts: 0 }}
+routes:
+  - name: all
+    match: {{ path_prefix: / }}
+    backend: raw
+    public: true
+"#,
+        origin.addr
+    ))
+    .await
+}
+
+fn framings(path: &str, body: &[u8]) -> Reply {
+    match path {
+        "/chunked" => reply(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+             5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 42\r\n\r\n",
+        ),
+        "/close" => Reply {
+            close: true,
+            ..reply("HTTP/1.1 200 OK\r\nX-Kind: close\r\n\r\nuntil the end")
+        },
+        "/http10" => Reply {
+            close: true,
+            ..reply("HTTP/1.0 200 OK\r\n\r\nold style")
+        },
+        "/interim" => reply(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+        ),
+        "/hop" => reply(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\n\
+             X-Hop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        ),
+        "/no-content" => reply("HTTP/1.1 204 No Content\r\n\r\n"),
+        "/echo-body" => Reply {
+            bytes: [
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                body,
+            ]
+            .concat(),
+            close: false,
+            close_idle_after: None,
+        },
+        _ => reply("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"),
+    }
+}
+
+#[tokio::test]
+async fn origin_framings_reach_the_client_intact() {
+    let origin = RawOrigin::start(framings).await;
+    let p = proxy_to(&origin).await;
+    let c = client();
+
+    let r = c.get(p.url("/chunked")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-kind"], "chunked");
+    assert_eq!(r.text().await.unwrap(), "hello world");
+
+    let r = c.get(p.url("/close")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "until the end");
+    let r = c.get(p.url("/http10")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "old style");
+
+    // Interim responses are skipped; the final one is passed on.
+    let r = c.get(p.url("/interim")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "final");
+
+    // Hop-by-hop fields, and those the Connection header names, stay at the proxy.
+    let r = c.get(p.url("/hop")).send().await.unwrap();
+    assert!(r.headers().get("x-hop").is_none(), "{:?}", r.headers());
+    assert!(r.headers().get("keep-alive").is_none(), "{:?}", r.headers());
+    assert_eq!(r.headers()["x-kept"], "yes");
+
+    let r = c.get(p.url("/no-content")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+
+    // A HEAD response announces a length but carries no body.
+    let r = c.head(p.url("/plain")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "5");
+
+    // A request body with a length reaches the origin as sent.
+    let r = c
+        .post(p.url("/echo-body"))
+        .body("sized body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "sized body");
+}
+
+#[tokio::test]
+async fn chunked_uploads_are_framed_for_the_origin() {
+    // An origin that decodes a chunked request body and answers with what it got.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"0\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let answer = if text.contains("transfer-encoding: chunked\r\n")
+            && !text.contains("content-length")
+            && text.contains("9\r\nstreamed \r\n4\r\nbody\r\n0\r\n\r\n")
+        {
+            "framed"
+        } else {
+            "wrong"
+        };
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+    });
+    let origin = RawOrigin {
+        addr,
+        conns: Arc::new(AtomicUsize::new(0)),
+    };
+    let p = proxy_to(&origin).await;
+    let stream = futures_util::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"streamed ")),
+        Ok(bytes::Bytes::from_static(b"body")),
+    ]);
+    let r = client()
+        .post(p.url("/upload"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "framed");
+}
+
+#[tokio::test]
+async fn connections_are_reused_and_closed_ones_are_not() {
+    let origin = RawOrigin::start(framings).await;
+    let p = proxy_to(&origin).await;
+    let c = client();
+    for _ in 0..20 {
+        let r = c.get(p.url("/plain")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "plain");
+    }
+    assert_eq!(
+        origin.conns.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
+    // A response delimited by close cannot leave its connection for reuse: the first takes
+    // the pooled connection, and each one after it needs a new one.
+    for _ in 0..3 {
+        let r = c.get(p.url("/close")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "until the end");
+    }
+    assert_eq!(origin.conns.load(Ordering::SeqCst), 3);
+
+    // An origin that closes idle keep-alive connections after 50 ms: the pooled connection
+    // is found closed when it is taken, and the next request opens a new one.
+    fn closes_idle(_: &str, _: &[u8]) -> Reply {
+        Reply {
+            close_idle_after: Some(Duration::from_millis(50)),
+            ..reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        }
+    }
+    let origin = RawOrigin::start(closes_idle).await;
+    let p = proxy_to(&origin).await;
+    for _ in 0..3 {
+        let r = c.get(p.url("/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(origin.conns.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn ambiguous_or_malformed_origin_responses_fail_closed() {
+    fn bad(path: &str, _: &[u8]) -> Reply {
+        match path {
+            "/both" => reply(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            "/two-lengths" => {
+                reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc")
+            }
+            "/bad-head" => reply("HTTP/1.1 2000 Weird\r\n\r\n"),
+            "/bad-chunk" => reply(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            ),
+            "/short" => Reply {
+                close: true,
+                ..reply("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            },
+            _ => reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    }
+    let origin = RawOrigin::start(bad).await;
+    let p = proxy_to(&origin).await;
+    let c = client();
+    for path in ["/both", "/two-lengths", "/bad-head"] {
+        let r = c.get(p.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+    }
+    // A broken body aborts the response (before or after its head reached the client).
+    for path in ["/bad-chunk", "/short"] {
+        let complete = match c.get(p.url(path)).send().await {
+            Ok(r) => r.text().await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!complete, "{path} must not look complete");
+    }
+    // Every failure closed its connection; the origin is still served cleanly.
+    let before = origin.conns.load(Ordering::SeqCst);
+    let r = c.get(p.url("/fine")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(origin.conns.load(Ordering::SeqCst), before + 1);
+}
