@@ -145,21 +145,21 @@ where
 
 /// Runs when a response body is finished or abandoned. `complete` says whether the whole
 /// body was delivered.
-pub trait OnDone: Send + 'static {
-    fn done(self: Box<Self>, complete: bool, bytes: u64);
+pub trait OnDone: Send + Unpin + 'static {
+    fn done(self, complete: bool, bytes: u64);
 }
 
 /// Passes a response body through, counting bytes, and calls `on_done` exactly once.
-pub struct Tracked<B> {
+pub struct Tracked<B, D: OnDone> {
     inner: B,
     bytes: u64,
     /// The body had nothing to send, so being dropped unpolled still means complete.
     empty: bool,
-    on_done: Option<Box<dyn OnDone>>,
+    on_done: Option<D>,
 }
 
-impl<B: Body> Tracked<B> {
-    pub fn new(inner: B, on_done: Box<dyn OnDone>) -> Self {
+impl<B: Body, D: OnDone> Tracked<B, D> {
+    pub fn new(inner: B, on_done: D) -> Self {
         Tracked {
             empty: inner.is_end_stream(),
             inner,
@@ -169,7 +169,7 @@ impl<B: Body> Tracked<B> {
     }
 }
 
-impl<B> Tracked<B> {
+impl<B, D: OnDone> Tracked<B, D> {
     fn finish(&mut self, complete: bool) {
         if let Some(d) = self.on_done.take() {
             d.done(complete, self.bytes);
@@ -177,7 +177,7 @@ impl<B> Tracked<B> {
     }
 }
 
-impl<B> Body for Tracked<B>
+impl<B, D: OnDone> Body for Tracked<B, D>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -221,7 +221,7 @@ where
     }
 }
 
-impl<B> Drop for Tracked<B> {
+impl<B, D: OnDone> Drop for Tracked<B, D> {
     fn drop(&mut self) {
         self.finish(self.empty);
     }

@@ -151,7 +151,7 @@ fn has_dot_segments(path: &str) -> bool {
 }
 
 /// Lower-cases the host and removes the port. Returns None for a malformed host.
-fn normalize_host(raw: &str) -> Option<String> {
+fn normalize_host(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
     // Split off the port: after `]` for an IPv6 literal, else after the last `:`.
     let (host, port) = if raw.starts_with('[') {
         let end = raw.find(']')?;
@@ -186,16 +186,43 @@ fn normalize_host(raw: &str) -> Option<String> {
     if !port_ok || !name_ok || host.len() > 253 {
         return None;
     }
-    Some(host.to_ascii_lowercase())
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    })
+}
+
+/// A request id, kept as the header value sent upstream and to the client; read as text
+/// where it is logged or written into a record.
+struct Rid(HeaderValue);
+
+impl std::ops::Deref for Rid {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only ASCII is ever stored (a UUID, or a checked propagated id).
+        std::str::from_utf8(self.0.as_bytes()).unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for Rid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+/// A new request id: a random UUID, formatted without an intermediate string.
+fn new_rid() -> Rid {
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    let s = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    Rid(HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
 }
 
 struct Ctx {
     start: Instant,
     /// Whether an access log is being written (if not, the record's strings stay empty).
     log: bool,
-    rid: String,
-    /// `rid` as a header value, made once and shared by the upstream request and the response.
-    rid_value: HeaderValue,
+    rid: Rid,
     record: AccessRecord,
     /// A refreshed session cookie to set on the response.
     set_cookie: Option<HeaderValue>,
@@ -212,13 +239,9 @@ pub async fn handle(
     let trusted =
         !snap.trusted.is_empty() && snap.trusted.iter().any(|n| n.contains(&conn.peer.ip()));
     let rid = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) if trusted && valid_request_id(v) => {
-            String::from_utf8_lossy(v.as_bytes()).into_owned()
-        }
-        _ => uuid::Uuid::new_v4().simple().to_string(),
+        Some(v) if trusted && valid_request_id(v) => Rid(v.clone()),
+        _ => new_rid(),
     };
-    let rid_value =
-        HeaderValue::from_str(&rid).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     // The access record's strings are only built when there is an access log to write.
     let log = shared.access.enabled();
     let mut ctx = Ctx {
@@ -226,7 +249,7 @@ pub async fn handle(
         log,
         record: if log {
             AccessRecord {
-                request_id: rid.clone(),
+                request_id: rid.to_string(),
                 listener: conn.listener.to_string(),
                 client: conn.peer.ip().to_string(),
                 method: req.method().as_str().to_string(),
@@ -242,7 +265,6 @@ pub async fn handle(
             AccessRecord::default()
         },
         rid,
-        rid_value,
         set_cookie: None,
     };
     let resp = proxy(&shared, &snap, &conn, trusted, req, &mut ctx).await;
@@ -313,31 +335,36 @@ async fn proxy<'a>(
     // HTTP/2's :authority, and the authority of an HTTP/1 absolute-form target, win over the
     // Host header (RFC 9112 §3.2.2), so routing and forwarding agree on one host. HTTP/1.1
     // still requires a Host header.
-    let raw_host = match parts.uri.authority() {
+    // Kept as a header value: the Host header's own bytes are shared, not copied, by
+    // X-Forwarded-Host and the upstream Host.
+    let raw_host_value = match parts.uri.authority() {
         Some(a)
             if parts.version != Version::HTTP_11 || parts.headers.contains_key(header::HOST) =>
         {
-            a.as_str().to_string()
+            HeaderValue::from_str(a.as_str())
+                .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
         }
-        _ => match parts.headers.get(header::HOST).map(|h| h.to_str()) {
-            Some(Ok(h)) => h.to_string(),
-            Some(Err(_)) => return Err((StatusCode::BAD_REQUEST, "invalid Host header\n", None)),
+        _ => match parts.headers.get(header::HOST) {
+            Some(h) => h.clone(),
             None if parts.version == Version::HTTP_11 => {
                 return Err((StatusCode::BAD_REQUEST, "missing Host header\n", None))
             }
-            None => String::new(),
+            None => HeaderValue::from_static(""),
         },
     };
-    if parts.headers.get_all(header::HOST).iter().count() > 1 {
+    let raw_host: &str = raw_host_value
+        .to_str()
+        .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header\n", None))?;
+    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
         return Err((StatusCode::BAD_REQUEST, "more than one Host header\n", None));
     }
-    let host = if raw_host.is_empty() {
-        String::new()
+    let host: std::borrow::Cow<'_, str> = if raw_host.is_empty() {
+        std::borrow::Cow::Borrowed("")
     } else {
-        normalize_host(&raw_host).ok_or((StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
+        normalize_host(raw_host).ok_or((StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
     };
     if ctx.log {
-        ctx.record.host = host.clone();
+        ctx.record.host = host.to_string();
     }
     let path = parts.uri.path();
     if !path.starts_with('/') {
@@ -354,7 +381,7 @@ async fn proxy<'a>(
     if path.starts_with("/.portcullis/") || path == "/.well-known/portcullis/jwks.json" {
         let query = parts.uri.query().unwrap_or("");
         if let Some(r) =
-            crate::identify::endpoints(snap, conn, &parts.headers, path, query, &raw_host).await
+            crate::identify::endpoints(snap, conn, &parts.headers, path, query, raw_host).await
         {
             finish_log(
                 shared,
@@ -390,7 +417,7 @@ async fn proxy<'a>(
         conn,
         &mut parts.headers,
         &parts.method,
-        &raw_host,
+        raw_host,
         login_target,
         &ctx.rid,
     )
@@ -579,16 +606,15 @@ async fn proxy<'a>(
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
     }
-    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        if let Ok(v) = HeaderValue::from_str(&raw_host) {
-            headers.insert(X_FORWARDED_HOST.clone(), v);
-        }
+    let keep_forwarded_host = trusted && headers.contains_key(&X_FORWARDED_HOST);
+    if !raw_host.is_empty() && !keep_forwarded_host {
+        headers.insert(X_FORWARDED_HOST.clone(), raw_host_value.clone());
     }
-    headers.insert(X_REQUEST_ID.clone(), ctx.rid_value.clone());
+    headers.insert(X_REQUEST_ID.clone(), ctx.rid.0.clone());
     let authority = match &backend.host {
         Some(h) => h.clone(),
-        None => HeaderValue::from_str(&raw_host)
-            .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+        None if !raw_host.is_empty() => raw_host_value.clone(),
+        None => HeaderValue::from_static("localhost"),
     };
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // HTTP/1.1 upstreams get the origin-form target (`pq`) written as is; h2 needs a URI.
@@ -626,9 +652,12 @@ async fn proxy<'a>(
     let chunked =
         !body_empty && parts.version != Version::HTTP_2 && body.size_hint().exact().is_none();
     let replayable = body_empty && (idempotent || route.retry_non_idempotent);
-    let seen = Arc::new(AtomicU64::new(0));
-    let mut body: Option<ReqBody> =
-        Some(Limited::new(body, route.max_body, seen.clone()).boxed_unsync());
+    // A request without a body (most GETs) skips the limit and byte count.
+    let seen = (!body_empty).then(|| Arc::new(AtomicU64::new(0)));
+    let mut body: Option<ReqBody> = Some(match &seen {
+        Some(seen) => Limited::new(body, route.max_body, seen.clone()).boxed_unsync(),
+        None => empty_req_body(),
+    });
     // A chunked HTTP/1 body is checked before a server is picked: a malformed (or oversized)
     // first chunk gets 400 (or 413) here, and never reaches an origin.
     if chunked {
@@ -675,7 +704,7 @@ async fn proxy<'a>(
             p.0.min(backend.response_timeout)
         });
 
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     let mut attempts = 0u32;
     // This request's place in the retry budget while a retry of it is outstanding.
     let mut retry_slot: Option<Decr> = None;
@@ -900,7 +929,7 @@ async fn proxy<'a>(
                     drop(active);
                     continue;
                 }
-                ctx.record.bytes_in = seen.load(Ordering::Relaxed);
+                ctx.record.bytes_in = seen.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
                 let set_sticky = sticky != Some(si);
                 return Ok(match up {
                     Up::H1(mut resp) => {
@@ -1133,7 +1162,7 @@ where
     strip_hop_by_hop(&mut parts.headers, false);
     parts
         .headers
-        .insert(X_REQUEST_ID.clone(), ctx.rid_value.clone());
+        .insert(X_REQUEST_ID.clone(), ctx.rid.0.clone());
     if let Some(c) = ctx.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, c);
     }
@@ -1160,7 +1189,7 @@ where
         record,
         start: ctx.start,
     };
-    Response::from_parts(parts, Tracked::new(body, Box::new(done)).boxed_unsync())
+    Response::from_parts(parts, Tracked::new(body, done).boxed_unsync())
 }
 
 /// Finishes the access record when the response body ends (the pooled connection, if any,
@@ -1173,8 +1202,8 @@ struct Done {
 }
 
 impl OnDone for Done {
-    fn done(self: Box<Self>, complete: bool, bytes: u64) {
-        let this = *self;
+    fn done(self, complete: bool, bytes: u64) {
+        let this = self;
         let status = this.record.status;
         let err = (!complete).then(|| "response aborted".to_string());
         finish_log(&this.shared, this.record, this.start, status, bytes, err);
