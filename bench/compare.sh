@@ -44,6 +44,9 @@
 #                   X-Request-Id (uuid) on request and response, as portcullis always does;
 #                   0 = plain HAProxy forwarding
 #   SKIP_INSTALL [0]  SKIP_BUILD [0]  SKIP_MEMORY [0]
+#   KEEP_AUDIT [0]  1 = keep the audit trail the audit variant wrote in $OUT/audit (about
+#                   600 bytes a request: a 5-round run writes over a gigabyte); by default
+#                   it is counted, then deleted
 #   ORIGIN_PORT [24680]  HAPROXY_PORT [24681]  PORTCULLIS_PORT [24682]
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
@@ -374,6 +377,10 @@ if has_variant portcullis-jwt-audit; then
     AUDIT_BYTES=$(du -sb "$OUT/audit" | cut -f1)
     log "audit: $AUDIT_RECORDS records written during the rounds; wrk counted $AUDIT_REQS completed requests ($AUDIT_BYTES bytes in $OUT/audit)"
     export AUDIT_RECORDS AUDIT_REQS AUDIT_BYTES
+    if [[ ${KEEP_AUDIT:-0} != 1 ]]; then
+        rm -rf "$OUT/audit"
+        log "audit: trail deleted (KEEP_AUDIT=1 keeps it)"
+    fi
 fi
 
 if [[ $PROFILE == 1 ]]; then
