@@ -114,6 +114,10 @@ struct RoutePolicies {
     /// A number of its own, for cache keys.
     idx: u32,
     set: PolicySet,
+    /// The policies that can apply to each action (indexed like `Engine::actions`), picked
+    /// from `set` by their action scope on the route's first request with that action. Cedar
+    /// then evaluates only those: a `GET` never pays for the route's `write` policies.
+    by_action: Box<[std::sync::OnceLock<PolicySet>]>,
     resource: EntityUid,
     /// The route entity, built once; `None` when no policy of the route needs it in the
     /// entity store (no condition mentions `resource`).
@@ -458,6 +462,10 @@ impl Engine {
                         RoutePolicies {
                             idx,
                             set,
+                            by_action: (0..schema::READ_METHODS.len()
+                                + schema::WRITE_METHODS.len())
+                                .map(|_| std::sync::OnceLock::new())
+                                .collect(),
                             resource,
                             route: uses.resource.then_some(route),
                             plan: context::Plan::new(&uses, &context_headers),
@@ -736,7 +744,11 @@ impl Engine {
             None,
         )
         .map_err(|e| e.to_string())?;
-        let resp = self.authorizer.is_authorized(&req, &rp.set, &entities);
+        let set = match rp.by_action.get(action_idx) {
+            Some(slot) => slot.get_or_init(|| for_action(&rp.set, method, &action.uid())),
+            None => &rp.set,
+        };
+        let resp = self.authorizer.is_authorized(&req, set, &entities);
         let allowed = resp.decision() == cedar_policy::Decision::Allow;
         let mut reasons: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
         // Cedar gives them as a set; sorted, the same decision always reads the same.
@@ -748,6 +760,36 @@ impl Engine {
         };
         Ok((d, principal_kept))
     }
+}
+
+/// The policies of `set` whose action scope admits `action` (the HTTP method's action entity,
+/// a member of the `read` or `write` group). The others cannot be satisfied by a request
+/// with that action, so leaving them out changes no decision, reason or error.
+fn for_action(set: &PolicySet, method: &str, action: &EntityUid) -> PolicySet {
+    let group = if schema::READ_METHODS.contains(&method) {
+        "read"
+    } else {
+        "write"
+    };
+    let group = EntityUid::from_type_name_and_id(
+        action.type_name().clone(),
+        cedar_policy::EntityId::new(group),
+    );
+    let mut out = PolicySet::new();
+    for p in set.policies() {
+        let applies = match p.action_constraint() {
+            cedar_policy::ActionConstraint::Any => true,
+            cedar_policy::ActionConstraint::Eq(a) => &a == action,
+            cedar_policy::ActionConstraint::In(list) => {
+                list.iter().any(|a| a == action || *a == group)
+            }
+        };
+        if applies {
+            // Ids are unique in `set`, so adding cannot fail.
+            let _ = out.add(p.clone());
+        }
+    }
+    out
 }
 
 fn no_route(route: &str) -> Decision {
@@ -784,3 +826,36 @@ fn claim_tags(claims: &serde_json::Value, extra: &[String]) -> Vec<(String, Rest
 }
 
 pub type SharedEngine = Arc<Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_are_picked_by_action_scope() {
+        let set = PolicySet::from_str(
+            r#"
+            @id("any") permit(principal, action, resource);
+            @id("read") permit(principal, action in Portcullis::Action::"read", resource);
+            @id("write") forbid(principal, action in Portcullis::Action::"write", resource);
+            @id("get") permit(principal, action == Portcullis::Action::"GET", resource);
+            @id("list") permit(principal, action in [Portcullis::Action::"DELETE", Portcullis::Action::"HEAD"], resource);
+            "#,
+        )
+        .unwrap();
+        let ids = |method: &str| {
+            let uid = EntityUid::from_str(&format!("Portcullis::Action::\"{method}\"")).unwrap();
+            let mut v: Vec<String> = for_action(&set, method, &uid)
+                .policies()
+                .map(|p| p.annotation("id").unwrap().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids("GET"), ["any", "get", "read"]);
+        assert_eq!(ids("HEAD"), ["any", "list", "read"]);
+        assert_eq!(ids("POST"), ["any", "write"]);
+        assert_eq!(ids("DELETE"), ["any", "list", "write"]);
+        assert_eq!(ids("OTHER"), ["any", "write"]);
+    }
+}
