@@ -157,15 +157,8 @@ impl Conn {
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (k, v) in headers {
-            if has_body && k == header::CONTENT_LENGTH {
-                continue;
-            }
-            out.extend_from_slice(k.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        // With a body, its length line is written below, from what was checked above.
+        put_fields(out, headers, has_body);
         match (has_body, length) {
             (false, _) => {}
             (true, Some(n)) => {
@@ -216,12 +209,7 @@ impl Conn {
                 Err(frame) => {
                     if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                         let mut t = b"0\r\n".to_vec();
-                        for (k, v) in &trailers {
-                            t.extend_from_slice(k.as_str().as_bytes());
-                            t.extend_from_slice(b": ");
-                            t.extend_from_slice(v.as_bytes());
-                            t.extend_from_slice(b"\r\n");
-                        }
+                        put_fields(&mut t, &trailers, true);
                         t.extend_from_slice(b"\r\n");
                         self.io.write_all(&t).await.map_err(upstream)?;
                         return Ok(());
@@ -295,6 +283,19 @@ impl Conn {
             resp.body_mut().finish_if_ended();
             return Ok(resp);
         }
+    }
+}
+
+/// Writes header fields as `name: value` lines; `Content-Length` is left out if `skip_length`.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap, skip_length: bool) {
+    for (k, v) in fields {
+        if skip_length && k == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 }
 
