@@ -338,3 +338,43 @@ async fn ambiguous_or_malformed_origin_responses_fail_closed() {
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(origin.conns.load(Ordering::SeqCst), before + 1);
 }
+
+#[tokio::test]
+async fn request_trailers_follow_a_chunked_upload() {
+    // An origin that reads a chunked request to its end and answers with the raw bytes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"\r\n\r\n") || !got.windows(3).any(|w| w == b"0\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    });
+    let origin = RawOrigin {
+        addr,
+        conns: Arc::new(AtomicUsize::new(0)),
+    };
+    let p = proxy_to(&origin).await;
+    let resp = raw(
+        p.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 7\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = rx.await.unwrap();
+    assert!(seen.contains("transfer-encoding: chunked\r\n"), "{seen}");
+    assert!(
+        seen.ends_with("5\r\nhello\r\n0\r\nx-checksum: 7\r\n\r\n"),
+        "the trailer section must reach the origin: {seen:?}"
+    );
+}
