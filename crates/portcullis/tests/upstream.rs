@@ -202,44 +202,37 @@ async fn origin_framings_reach_the_client_intact() {
     assert_eq!(r.text().await.unwrap(), "sized body");
 }
 
-#[tokio::test]
-async fn chunked_uploads_are_framed_for_the_origin() {
-    // An origin that decodes a chunked request body and answers with what it got.
+/// An origin for one chunked upload: reads until the request's last chunk and its trailer
+/// section have arrived, hands the raw bytes to the test, and answers 200 `ok`.
+async fn capture_chunked_upload() -> (RawOrigin, tokio::sync::oneshot::Receiver<String>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
         let mut got = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !got.ends_with(b"0\r\n\r\n") {
+        while !(got.ends_with(b"\r\n\r\n") && got.windows(3).any(|w| w == b"0\r\n")) {
             match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => got.extend_from_slice(&chunk[..n]),
             }
         }
-        let text = String::from_utf8_lossy(&got).into_owned();
-        let answer = if text.contains("transfer-encoding: chunked\r\n")
-            && !text.contains("content-length")
-            && text.contains("9\r\nstreamed \r\n4\r\nbody\r\n0\r\n\r\n")
-        {
-            "framed"
-        } else {
-            "wrong"
-        };
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
         let _ = s
-            .write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
-                    answer.len()
-                )
-                .as_bytes(),
-            )
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             .await;
     });
     let origin = RawOrigin {
         addr,
         conns: Arc::new(AtomicUsize::new(0)),
     };
+    (origin, rx)
+}
+
+#[tokio::test]
+async fn chunked_uploads_are_framed_for_the_origin() {
+    let (origin, seen) = capture_chunked_upload().await;
     let p = proxy_to(&origin).await;
     let stream = futures_util::stream::iter(vec![
         Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"streamed ")),
@@ -252,7 +245,32 @@ async fn chunked_uploads_are_framed_for_the_origin() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.text().await.unwrap(), "framed");
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let seen = seen.await.unwrap();
+    assert!(seen.contains("transfer-encoding: chunked\r\n"), "{seen}");
+    assert!(!seen.contains("content-length"), "{seen}");
+    assert!(
+        seen.ends_with("\r\n\r\n9\r\nstreamed \r\n4\r\nbody\r\n0\r\n\r\n"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_trailers_follow_a_chunked_upload() {
+    let (origin, seen) = capture_chunked_upload().await;
+    let p = proxy_to(&origin).await;
+    let resp = raw(
+        p.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 7\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = seen.await.unwrap();
+    assert!(seen.contains("transfer-encoding: chunked\r\n"), "{seen}");
+    assert!(
+        seen.ends_with("5\r\nhello\r\n0\r\nx-checksum: 7\r\n\r\n"),
+        "the trailer section must reach the origin: {seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -337,44 +355,4 @@ async fn ambiguous_or_malformed_origin_responses_fail_closed() {
     let r = c.get(p.url("/fine")).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(origin.conns.load(Ordering::SeqCst), before + 1);
-}
-
-#[tokio::test]
-async fn request_trailers_follow_a_chunked_upload() {
-    // An origin that reads a chunked request to its end and answers with the raw bytes.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !got.ends_with(b"\r\n\r\n") || !got.windows(3).any(|w| w == b"0\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await;
-    });
-    let origin = RawOrigin {
-        addr,
-        conns: Arc::new(AtomicUsize::new(0)),
-    };
-    let p = proxy_to(&origin).await;
-    let resp = raw(
-        p.port,
-        b"POST /upload HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 7\r\n\r\n",
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let seen = rx.await.unwrap();
-    assert!(seen.contains("transfer-encoding: chunked\r\n"), "{seen}");
-    assert!(
-        seen.ends_with("5\r\nhello\r\n0\r\nx-checksum: 7\r\n\r\n"),
-        "the trailer section must reach the origin: {seen:?}"
-    );
 }
