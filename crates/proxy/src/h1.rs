@@ -346,15 +346,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let mut named: Vec<HeaderName> = Vec::new();
     // Where each field's name and value are in `buf`, to share its bytes after the split.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // (Inline for the usual head, so nothing is zeroed or allocated per response.)
+    let mut spans: smallvec::SmallVec<[(u32, u32, u32, u32); 32]> = smallvec::SmallVec::new();
     let count = r.headers.len();
-    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
-        *span = (
+    for h in r.headers.iter() {
+        spans.push((
             (h.name.as_ptr() as usize - base) as u32,
             h.name.len() as u32,
             (h.value.as_ptr() as usize - base) as u32,
             h.value.len() as u32,
-        );
+        ));
         if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
@@ -406,7 +407,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     // Second pass: the header map, sharing the head's bytes.
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(ns, nl, vs, vl) in &spans[..count] {
+    for &(ns, nl, vs, vl) in &spans {
         let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[ns..ns + nl])
             .map_err(|_| upstream("invalid header name in response"))?;
