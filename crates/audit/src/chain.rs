@@ -22,6 +22,8 @@ use crate::Error;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
+#[cfg(test)]
 use std::time::SystemTime;
 
 /// `prev_hash` of the very first record: 64 zeros.
@@ -87,7 +89,6 @@ fn write_scalar(v: &Value, out: &mut Vec<u8>) {
 
 /// Lower-case hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         s.push(HEX[(b >> 4) as usize] as char);
@@ -96,10 +97,22 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of a SHA-256 digest, without allocating.
+fn hex32(bytes: &[u8]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    for (i, b) in bytes.iter().take(32).enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+    out
+}
+
 /// `bare` (a canonical object without `hash`) with `"hash":"<hash>"` inserted at `at`, the
 /// offset `canonical_object_at` gave for that key: the canonical form of the whole object.
-fn splice_hash(bare: &[u8], at: usize, hash: &str) -> Vec<u8> {
-    let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
+fn splice_hash(bare: &[u8], at: usize, hash: &str, line: &mut Vec<u8>) {
+    line.reserve(bare.len() + hash.len() + 12);
     line.extend_from_slice(&bare[..at]);
     let before_close = at == bare.len() - 1;
     if before_close && at > 1 {
@@ -112,7 +125,6 @@ fn splice_hash(bare: &[u8], at: usize, hash: &str) -> Vec<u8> {
         line.push(b',');
     }
     line.extend_from_slice(&bare[at..]);
-    line
 }
 
 /// The hash of a record object: hex SHA-256 over its canonical form without the `hash` key.
@@ -122,40 +134,69 @@ pub fn record_hash(obj: &Map<String, Value>) -> String {
     hex(&Sha256::digest(out))
 }
 
-/// The position of the writer in the chain.
+/// The position of the writer in the chain. Cheap to clone (the writer keeps a copy to roll
+/// back to when a write fails): the hash is inline and the instance name shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Chain {
     pub next_seq: u64,
-    pub prev_hash: String,
-    pub instance: String,
+    /// The lower-case hex `hash` of the last record (ASCII, so always valid UTF-8).
+    prev_hash: [u8; 64],
+    instance: Arc<str>,
 }
 
 impl Chain {
     pub fn new(instance: &str) -> Chain {
+        let mut prev_hash = [0u8; 64];
+        prev_hash.copy_from_slice(GENESIS.as_bytes());
         Chain {
             next_seq: 1,
-            prev_hash: GENESIS.to_string(),
-            instance: instance.to_string(),
+            prev_hash,
+            instance: instance.into(),
+        }
+    }
+
+    /// The `hash` of the last record sealed ([`GENESIS`] before the first one).
+    pub fn prev_hash(&self) -> &str {
+        // Only ever filled from `GENESIS`, `hex32` or a checked 64-digit hex string.
+        std::str::from_utf8(&self.prev_hash).unwrap_or(GENESIS)
+    }
+
+    /// Continues the chain after a record whose hash is `hash` (64 hex digits, as
+    /// `check_line` accepts them).
+    pub fn set_prev_hash(&mut self, hash: &str) {
+        if hash.len() == 64 && hash.is_ascii() {
+            self.prev_hash.copy_from_slice(hash.as_bytes());
         }
     }
 
     /// Adds the chain fields to `rec`, hashes it, advances the chain, and returns the seq and
     /// the line (with its `\n`).
+    #[cfg(test)]
     pub fn seal(&mut self, rec: &Record, now: SystemTime) -> Result<(u64, Vec<u8>), Error> {
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let mut line = Vec::new();
+        let seq = self.seal_into(rec, &time, &mut line)?;
+        Ok((seq, line))
+    }
+
+    /// Adds the chain fields to `rec` (`time` is the seal time, RFC 3339 with milliseconds),
+    /// hashes it, advances the chain, and appends the line (with its `\n`) to `out`. Returns
+    /// the record's seq. On an error nothing is appended and the chain does not move.
+    pub fn seal_into(&mut self, rec: &Record, time: &str, out: &mut Vec<u8>) -> Result<u64, Error> {
         if rec.detail.is_none() {
-            return Ok(self.seal_direct(rec, now));
+            return Ok(self.seal_direct(rec, time, out));
         }
-        self.seal_general(rec, now)
+        self.seal_general(rec, time, out)
     }
 
     /// The fast path for records without free-form `detail` (every request's record): the
-    /// fields are serialized straight from a struct whose fields are declared in sorted key
-    /// order, which is the canonical form, without building a JSON tree first. A test checks
+    /// fields are serialized straight from two structs whose fields are declared in sorted
+    /// key order, the keys before `hash` and the keys after it, which gives the canonical
+    /// form without building a JSON tree first, and serializes each field once. A test checks
     /// it gives the same bytes as `seal_general`.
-    fn seal_direct(&mut self, rec: &Record, now: SystemTime) -> (u64, Vec<u8>) {
+    fn seal_direct(&mut self, rec: &Record, time: &str, out: &mut Vec<u8>) -> u64 {
         let seq = self.next_seq;
-        let time = humantime::format_rfc3339_millis(now).to_string();
-        let mut view = Sorted {
+        let head = Head {
             app: rec.app.as_deref(),
             authorizer: rec.authorizer.as_ref().map(|a| SortedAuthorizer {
                 cached: a.cached,
@@ -164,14 +205,15 @@ impl Chain {
             }),
             client_ip: rec.client_ip.as_deref(),
             decision: rec.decision,
-            hash: None,
+        };
+        let tail = Tail {
             host: rec.host.as_deref(),
             instance: &self.instance,
             kind: rec.kind,
             latency_us: rec.latency_us,
             method: rec.method.as_deref(),
             path: rec.path.as_deref(),
-            prev_hash: &self.prev_hash,
+            prev_hash: self.prev_hash(),
             principal: rec.principal.as_ref().map(|p| SortedPrincipal {
                 groups: &p.groups,
                 provider: &p.provider,
@@ -183,52 +225,71 @@ impl Chain {
             request_id: rec.request_id.as_deref(),
             route: rec.route.as_deref(),
             seq,
-            time: &time,
+            time,
         };
-        let mut bare = Vec::with_capacity(768);
+        let start = out.len();
         // Serializing plain data into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut bare, &view);
-        let hash = hex(&Sha256::digest(&bare));
-        view.hash = Some(&hash);
-        let mut line = Vec::with_capacity(bare.len() + hash.len() + 12);
-        let _ = serde_json::to_writer(&mut line, &view);
-        line.push(b'\n');
+        let _ = serde_json::to_writer(&mut *out, &head);
+        out.pop(); // the head's `}`
+        if out.len() > start + 1 {
+            out.push(b',');
+        }
+        // `{` + the head's fields and a comma if any; the tail's `{` is where `hash` goes.
+        let tail_at = out.len();
+        let _ = serde_json::to_writer(&mut *out, &tail);
+        let mut h = Sha256::new();
+        h.update(&out[start..tail_at]);
+        h.update(&out[tail_at + 1..]);
+        let hash = hex32(&h.finalize());
+        let mut field = [0u8; 64 + 10];
+        field[..8].copy_from_slice(b"\"hash\":\"");
+        field[8..72].copy_from_slice(&hash);
+        field[72..].copy_from_slice(b"\",");
+        out.splice(tail_at..tail_at + 1, field);
+        out.push(b'\n');
         self.next_seq = seq + 1;
         self.prev_hash = hash;
-        (seq, line)
+        seq
     }
 
-    fn seal_general(&mut self, rec: &Record, now: SystemTime) -> Result<(u64, Vec<u8>), Error> {
+    fn seal_general(&mut self, rec: &Record, time: &str, out: &mut Vec<u8>) -> Result<u64, Error> {
         let mut obj = match serde_json::to_value(rec) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(Error::Write("a record must be a JSON object".into())),
             Err(e) => return Err(Error::Write(format!("cannot serialize the record: {e}"))),
         };
         let seq = self.next_seq;
-        obj.insert(
-            "time".into(),
-            Value::String(humantime::format_rfc3339_millis(now).to_string()),
-        );
+        obj.insert("time".into(), Value::String(time.to_string()));
         obj.insert("seq".into(), Value::from(seq));
-        obj.insert("instance".into(), Value::String(self.instance.clone()));
-        obj.insert("prev_hash".into(), Value::String(self.prev_hash.clone()));
+        obj.insert("instance".into(), Value::String(self.instance.to_string()));
+        obj.insert(
+            "prev_hash".into(),
+            Value::String(self.prev_hash().to_string()),
+        );
         // One canonical pass: hash the form without `hash`, then splice `"hash":"…"` in at
         // its sorted place to get the line (the same bytes as serializing the whole object).
         let mut bare = Vec::with_capacity(768);
         let at = canonical_object_at(&obj, Some("hash"), &mut bare);
-        let hash = hex(&Sha256::digest(&bare));
-        let mut line = splice_hash(&bare, at, &hash);
-        line.push(b'\n');
+        let hash = hex32(&Sha256::digest(&bare));
+        // ASCII hex digits.
+        splice_hash(
+            &bare,
+            at,
+            std::str::from_utf8(&hash).unwrap_or(GENESIS),
+            out,
+        );
+        out.push(b'\n');
         self.next_seq = seq + 1;
         self.prev_hash = hash;
-        Ok((seq, line))
+        Ok(seq)
     }
 }
 
-/// A record and its chain fields with the fields declared in sorted key order (see
-/// `Chain::seal_direct`). Keep it in step with `Record`, `Principal` and `AuthorizerNote`.
+/// The keys of a record that sort before `hash`, declared in sorted order (see
+/// `Chain::seal_direct`). With [`Tail`], keep it in step with `Record`, `Principal` and
+/// `AuthorizerNote`.
 #[derive(Serialize)]
-struct Sorted<'a> {
+struct Head<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     app: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -237,8 +298,11 @@ struct Sorted<'a> {
     client_ip: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     decision: Option<Decision>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hash: Option<&'a str>,
+}
+
+/// The keys of a record (and its chain fields) that sort after `hash`, in sorted order.
+#[derive(Serialize)]
+struct Tail<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<&'a str>,
     instance: &'a str,
@@ -410,7 +474,8 @@ mod tests {
             let mut with = m.clone();
             with.insert("hash".into(), json!("h"));
             let expect = canonical(&Value::Object(with));
-            let got = splice_hash(&bare, at, "h");
+            let mut got = Vec::new();
+            splice_hash(&bare, at, "h", &mut got);
             assert_eq!(
                 String::from_utf8(got).unwrap(),
                 String::from_utf8(expect).unwrap()
@@ -462,8 +527,10 @@ mod tests {
             let mut a = Chain::new("inst\"x");
             let mut b = a.clone();
             for _ in 0..2 {
-                let (sa, la) = a.seal_direct(&r, now);
-                let (sb, lb) = b.seal_general(&r, now).unwrap();
+                let time = humantime::format_rfc3339_millis(now).to_string();
+                let (mut la, mut lb) = (b"x".to_vec(), b"x".to_vec());
+                let sa = a.seal_direct(&r, &time, &mut la);
+                let sb = b.seal_general(&r, &time, &mut lb).unwrap();
                 assert_eq!(sa, sb);
                 assert_eq!(
                     String::from_utf8(la).unwrap(),
@@ -501,7 +568,7 @@ mod tests {
         let (b, _) = check_line(&l2[..l2.len() - 1]).unwrap();
         assert_eq!(a.prev_hash, GENESIS);
         assert_eq!(b.prev_hash, a.hash);
-        assert_eq!(c.prev_hash, b.hash);
+        assert_eq!(c.prev_hash(), b.hash);
         assert_eq!(obj["time"], "2023-11-14T22:13:20.123Z");
         assert_eq!(obj["instance"], "i-1");
     }

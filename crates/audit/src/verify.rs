@@ -317,7 +317,7 @@ mod tests {
     fn seq_one_must_link_to_zeros() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = Chain::new("t");
-        c.prev_hash = "ab".repeat(32);
+        c.set_prev_hash(&"ab".repeat(32));
         let (_, line) = c.seal(&Record::default(), SystemTime::now()).unwrap();
         let p = tmp.path().join(files::file_name(1));
         fs::write(&p, line).unwrap();
