@@ -39,6 +39,26 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// Where a config item sits: its file and position, for problems found after loading
+/// (`portcullis check` builds TLS settings and identity providers, which read files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loc {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl Loc {
+    pub fn diag(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: self.file.clone(),
+            line: self.line,
+            col: self.col,
+            message: message.into(),
+        }
+    }
+}
+
 /// The error of this crate: every problem found in the config.
 #[derive(Debug, thiserror::Error)]
 pub struct Error(pub Vec<Diagnostic>);
@@ -63,6 +83,8 @@ pub struct BackendDef {
     pub spec: Backend,
     /// Server names, parallel to `spec.servers`, unique within the backend.
     pub server_names: Vec<String>,
+    /// Where the backend is defined.
+    pub loc: Loc,
 }
 
 /// A route, with its app, qualified id and the qualified id of its backend.
@@ -89,6 +111,8 @@ pub struct AdminDef {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub root: PathBuf,
+    /// Positions of the root file's keys (`listeners[0].tls`, `identity.providers[1]`).
+    pub root_spans: SpanIndex,
     /// Every file read, to be watched for changes.
     pub files: Vec<PathBuf>,
     /// Directories whose new files may change the config (include globs).
@@ -119,6 +143,18 @@ pub struct Config {
 /// Reads and validates the config rooted at `path`.
 pub fn load(path: &Path) -> Result<Config, Error> {
     validate::load(path)
+}
+
+impl Config {
+    /// Locates `at`, a path of keys in the root file such as `listeners[0].tls`.
+    pub fn root_loc(&self, at: &str) -> Loc {
+        let p = self.root_spans.pos(at);
+        Loc {
+            file: self.root.clone(),
+            line: p.line,
+            col: p.col,
+        }
+    }
 }
 
 /// A parsed file with its span index, for locating semantic errors.

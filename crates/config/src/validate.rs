@@ -4,7 +4,7 @@
 
 use crate::model::*;
 use crate::spans::SpanIndex;
-use crate::{expand, AdminDef, BackendDef, Config, Diagnostic, Error, RouteDef, Source};
+use crate::{expand, AdminDef, BackendDef, Config, Diagnostic, Error, Loc, RouteDef, Source};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -353,11 +353,17 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 ));
             }
             let server_names = check_backend(&app.src, &at, b, &abase, &mut diags);
+            let pos = app.src.spans.pos(&at);
             backends.push(BackendDef {
                 id,
                 app: app.name.clone(),
                 spec: b.clone(),
                 server_names,
+                loc: Loc {
+                    file: app.src.path.clone(),
+                    line: pos.line,
+                    col: pos.col,
+                },
             });
         }
     }
@@ -550,6 +556,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     });
     Ok(Config {
         root: root_path,
+        root_spans: root_src.spans,
         files,
         watch_dirs,
         version: format!("{:016x}", hasher.finish()),

@@ -254,9 +254,18 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => match portcullis_config::load(&config) {
             Ok(c) => {
-                if let Err(portcullis_policy::Error::Invalid(problems)) =
+                // What the proxy would refuse (or start without) beyond the YAML itself:
+                // TLS files, identity providers' key files, and the policies.
+                let mut problems: Vec<String> = portcullis_proxy::check(&c)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                if let Err(portcullis_policy::Error::Invalid(p)) =
                     portcullis_policy::Engine::build(&c)
                 {
+                    problems.extend(p.iter().map(ToString::to_string));
+                }
+                if !problems.is_empty() {
                     for p in &problems {
                         eprintln!("{p}");
                     }

@@ -90,6 +90,67 @@ routes:
 }
 
 #[test]
+fn check_reads_the_files_the_proxy_needs() {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["bad.pem", "bad-ca.pem", "dev.pem"] {
+        write(d.path(), f, "not a PEM file\n");
+    }
+    write(d.path(), "keys/partner.json", "{\"keys\": [");
+    write(d.path(), "api-keys.yaml", "keys: [ { id: k1 ");
+    let text = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18443\", tls: { certificates: [{ cert: bad.pem, key: bad.pem }] } }
+identity:
+  providers:
+    - { name: partner, kind: jwt, issuer: \"https://partner.example\", audiences: [api], jwks_file: keys/partner.json }
+    - { name: agents, kind: api_key, keys_file: api-keys.yaml }
+    - { name: dev, kind: dev_issuer, key_file: dev.pem }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - { name: all, match: { path_prefix: / }, backend: echo, public: true }
+apps:
+  include: [\"apps/*.yaml\"]
+";
+    let root = write(d.path(), "portcullis.yaml", text);
+    let bundle = write(
+        d.path(),
+        "apps/billing.yaml",
+        "name: billing\nbackends:\n  - { name: v2, servers: [{ address: \"127.0.0.1:9\" }], tls: { ca: ../bad-ca.pem } }\n",
+    );
+    let (code, out, err) = check(&root);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    // Each problem names its file and the line of the item it belongs to.
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    for (file, line, what) in [
+        (&root, line_of("name: web"), "listener `web`"),
+        (&root, line_of("name: partner"), "partner.json"),
+        (&root, line_of("name: agents"), "api-keys.yaml"),
+        (&root, line_of("name: dev"), "dev.pem"),
+        (&bundle, 3, "backend `billing/v2`"),
+    ] {
+        let prefix = format!("{}:{line}:", file.display());
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(what)),
+            "no error about {what} at {prefix}\n{err}"
+        );
+    }
+    assert!(err.contains("5 error(s)"), "{err}");
+
+    // A missing dev issuer key is fine (the proxy generates it), and `check` does not
+    // create it.
+    let fresh = d.path().join("fresh/dev.pem");
+    let ok = VALID.to_string()
+        + "identity:\n  providers:\n    - { name: dev, kind: dev_issuer, key_file: fresh/dev.pem }\n";
+    let p = write(d.path(), "ok.yaml", &ok);
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(!fresh.exists(), "check created {}", fresh.display());
+}
+
+#[test]
 fn check_suggests_the_key_you_meant() {
     let d = tempfile::tempdir().unwrap();
     let p = write(

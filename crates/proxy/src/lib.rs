@@ -93,6 +93,39 @@ pub struct Runtime {
     pub admin_addr: parking_lot::Mutex<Option<std::net::SocketAddr>>,
 }
 
+/// What [`Runtime::start`] would refuse, short of binding ports and fetching keys, for
+/// `portcullis check`: each listener's and backend's TLS settings (certificate, key and CA
+/// files), and each identity provider's local files (see
+/// [`portcullis_identity::engine::check`]). Every problem is located in the config. The
+/// policies are checked by `portcullis_policy::Engine::build`.
+pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut out = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let Some(t) = &l.tls {
+            if let Err(e) = tls::server_config(t, &l.protocols) {
+                let loc = config.root_loc(&format!("listeners[{i}].tls"));
+                out.push(loc.diag(format!("listener `{}`: {e}", l.name)));
+            }
+        }
+    }
+    for b in &config.backends {
+        if let Some(t) = &b.spec.tls {
+            if let Err(e) = tls::client_config(t, b.spec.protocol) {
+                out.push(b.loc.diag(format!("backend `{}`: {e}", b.id)));
+            }
+        }
+    }
+    for (i, e) in portcullis_identity::engine::check(config) {
+        let at = match i {
+            Some(i) => format!("identity.providers[{i}]"),
+            None => "identity.assertion".to_string(),
+        };
+        out.push(config.root_loc(&at).diag(e.to_string()));
+    }
+    out
+}
+
 impl Runtime {
     /// Builds the first snapshot, binds every listener and the admin API, and starts health
     /// checks. Must run inside a Tokio runtime.
