@@ -87,6 +87,11 @@ impl TokenCache {
         );
     }
 
+    /// Drops the entry for `token`, if any.
+    pub fn remove(&self, token: &[u8]) {
+        self.map.write().remove(token);
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().len()
     }

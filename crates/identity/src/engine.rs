@@ -364,6 +364,23 @@ impl Engine {
             }));
         }
         if let (Some(cookie), Some(sealer)) = (c.session_cookie, &self.sealer) {
+            // A session opened recently: its identity, unless this route does not accept its
+            // provider (the full path below says so).
+            if let Some(identity) = self.store.cached(cookie) {
+                let provider = &identity.provider;
+                if allowed.iter().any(|a| a == provider)
+                    && self
+                        .providers
+                        .get(provider)
+                        .and_then(|p| p.login())
+                        .is_some()
+                {
+                    return Outcome::Ok {
+                        identity,
+                        set_session: None,
+                    };
+                }
+            }
             if let Some(s) = self.store.decode(sealer, cookie) {
                 return self.session(allowed, s, sealer, cookie).await;
             }
@@ -462,8 +479,11 @@ impl Engine {
             return Outcome::SessionEnded;
         };
         if !login.needs_refresh(&s) {
+            let until = s.expires_at.min(login.refresh_due(&s));
+            let identity = Arc::new(s.identity);
+            self.store.remember(cookie, identity.clone(), until);
             return Outcome::Ok {
-                identity: Arc::new(s.identity),
+                identity,
                 set_session: None,
             };
         }

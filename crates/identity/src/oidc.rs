@@ -33,6 +33,9 @@ use subtle::ConstantTimeEq;
 /// goes to the IdP and sees a revocation.
 const REFRESH_GRACE: Duration = Duration::from_secs(30);
 
+/// A session is refreshed when its tokens expire within this many seconds.
+const REFRESH_AHEAD: u64 = 60;
+
 type RefreshCell = Arc<tokio::sync::OnceCell<Result<Session, AuthError>>>;
 
 pub struct OidcClient {
@@ -246,7 +249,12 @@ impl OidcClient {
 
     /// Does this session need its tokens refreshed now?
     pub fn needs_refresh(&self, s: &Session) -> bool {
-        s.tokens_expire_at <= now_secs() + 60
+        s.tokens_expire_at <= now_secs() + REFRESH_AHEAD
+    }
+
+    /// When `needs_refresh` becomes true for `s` (seconds since the epoch).
+    pub fn refresh_due(&self, s: &Session) -> u64 {
+        s.tokens_expire_at.saturating_sub(REFRESH_AHEAD)
     }
 
     /// Refreshes the session's tokens. Without a refresh token an expired session ends.

@@ -2,7 +2,10 @@
 //! sealed with AES-256-GCM (authenticated encryption: a changed byte fails to open). Keys
 //! rotate: the first configured key seals, every configured key opens. A session too large
 //! for one cookie is kept server-side (in memory) and the cookie holds only its sealed id.
+//! The identities of recently opened session cookies are cached by the exact cookie bytes
+//! (see [`Store::cached`]).
 
+use crate::cache::TokenCache;
 use crate::Identity;
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -12,6 +15,7 @@ use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub struct Sealer {
     ciphers: Vec<Aes256Gcm>,
@@ -107,12 +111,48 @@ enum CookieBody {
 /// Cookies larger than this are kept server-side.
 const MAX_COOKIE: usize = 3800;
 
-#[derive(Default)]
+/// Session cookies whose identity is cached at most.
+const CACHE_SIZE: usize = 4096;
+/// The longest an opened session's identity is served from the cache.
+const CACHE_TTL: u64 = 300;
+
 pub struct Store {
     server_side: Mutex<HashMap<String, Session>>,
+    /// Identities of sessions opened recently, by the exact cookie bytes: a browser's next
+    /// requests cost a hash lookup instead of a decryption and a JSON parse, and they share
+    /// one `Arc<Identity>`, which the policy decision cache is keyed by. Only cookies that
+    /// opened (authenticated decryption) and had not expired are cached.
+    cache: TokenCache,
+}
+
+impl Default for Store {
+    fn default() -> Store {
+        Store {
+            server_side: Mutex::default(),
+            cache: TokenCache::new(CACHE_SIZE),
+        }
+    }
 }
 
 impl Store {
+    /// The identity of a session cookie opened recently, while its session needs no refresh.
+    pub fn cached(&self, cookie: &str) -> Option<Arc<Identity>> {
+        self.cache
+            .get(cookie.as_bytes(), crate::now_secs(), |_| true)
+    }
+
+    /// Caches the identity of an opened session cookie until `until` (seconds since the
+    /// epoch: the session's expiry, or when its tokens need a refresh), and for at most
+    /// CACHE_TTL.
+    pub fn remember(&self, cookie: &str, identity: Arc<Identity>, until: u64) {
+        let now = crate::now_secs();
+        let until = until.min(now + CACHE_TTL);
+        if until > now {
+            self.cache
+                .insert(cookie.as_bytes(), identity, until, None, now);
+        }
+    }
+
     pub fn encode(&self, sealer: &Sealer, s: &Session) -> Option<String> {
         let inline = sealer.seal("session", &CookieBody::Inline(Box::new(s.clone())))?;
         if inline.len() <= MAX_COOKIE {
@@ -136,7 +176,9 @@ impl Store {
         (s.expires_at > crate::now_secs()).then_some(s)
     }
 
+    /// Ends the session of `cookie`: its cached identity, and its server-side state.
     pub fn forget(&self, sealer: &Sealer, cookie: &str) {
+        self.cache.remove(cookie.as_bytes());
         if let Some(CookieBody::Ref { r#ref }) = sealer.open::<CookieBody>("session", cookie) {
             self.server_side.lock().remove(&r#ref);
         }
@@ -165,6 +207,32 @@ mod tests {
             id_token: None,
             access_token: None,
             tokens_expire_at: 0,
+        }
+    }
+
+    #[test]
+    fn opened_sessions_are_cached_until_due_and_forgotten_at_logout() {
+        let sealer = Sealer::new(&[[3; 32]]).unwrap();
+        let store = Store::default();
+        // A session too large for a cookie (kept server-side) and an inline one.
+        let big = session(serde_json::json!({ "pad": "x".repeat(5000) }));
+        for s in [session(serde_json::json!({})), big] {
+            let c = store.encode(&sealer, &s).unwrap();
+            assert!(
+                store.cached(&c).is_none(),
+                "nothing cached before it is opened"
+            );
+            let now = crate::now_secs();
+            let id = Arc::new(store.decode(&sealer, &c).unwrap().identity);
+            store.remember(&c, id.clone(), now + 100);
+            let hit = store.cached(&c).expect("cached");
+            assert!(Arc::ptr_eq(&hit, &id), "one shared identity");
+            assert!(store.cached(&format!("{c}A")).is_none(), "exact bytes only");
+            store.forget(&sealer, &c);
+            assert!(store.cached(&c).is_none(), "logout drops it");
+            // Due for a refresh (or expired) now: not served from the cache.
+            store.remember(&c, id, now);
+            assert!(store.cached(&c).is_none());
         }
     }
 

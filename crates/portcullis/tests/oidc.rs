@@ -15,7 +15,7 @@ mod common;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::*;
-use reqwest::header::{HeaderMap, ACCEPT, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{HeaderMap, ACCEPT, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use reqwest::Url;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -595,10 +595,16 @@ identity:
       client_secret: {CLIENT_SECRET}
       scopes: [openid, email, groups]
       claims: {{ user: sub, email: email, groups: groups }}
+    - {{ name: dev, kind: dev_issuer }}
   session: {{ keys: [{keys}], secure: false }}
 backends:
   - {{ name: echo, servers: [{{ address: builtin:echo }}] }}
 routes:
+  - name: dev-only
+    match: {{ path_prefix: /dev-only }}
+    backend: echo
+    auth: [dev]
+    allow: [{{ providers: [dev] }}]
   - name: eng-only
     match: {{ path_prefix: /eng }}
     backend: echo
@@ -639,8 +645,12 @@ async fn bearer(p: &Proxy, path: &str, token: &str) -> Resp {
 
 /// A non-browser request carrying only the session cookie `cookie`.
 async fn replay(p: &Proxy, cookie: &str) -> (u16, HeaderMap) {
+    replay_at(p, "/app", cookie).await
+}
+
+async fn replay_at(p: &Proxy, path: &str, cookie: &str) -> (u16, HeaderMap) {
     let r = client()
-        .get(p.url("/app"))
+        .get(p.url(path))
         .header(COOKIE, format!("portcullis_session={cookie}"))
         .send()
         .await
@@ -882,6 +892,25 @@ async fn sessions_refresh_transparently_and_logout_ends_them() {
         "{}",
         p.log_text()
     );
+}
+
+#[tokio::test]
+async fn a_session_opens_only_the_routes_that_accept_its_provider() {
+    let (idp, p) = setup(Ttls::default()).await;
+    let mut b = Browser::new();
+    let r = b.login(&p, &idp, "/app", "alice").await;
+    assert_eq!(r.status, 200);
+    let cookie = b.cookie("portcullis_session").unwrap();
+    // Opened (and from then on served from the session cache) where `corp` is accepted...
+    for _ in 0..3 {
+        assert_eq!(replay(&p, &cookie).await.0, 200);
+    }
+    // ...and refused, cached or not, where only another provider is.
+    let (status, h) = replay_at(&p, "/dev-only/x", &cookie).await;
+    assert_eq!(status, 401, "{}", p.log_text());
+    let challenge = h.get(WWW_AUTHENTICATE).unwrap().to_str().unwrap();
+    assert!(challenge.contains("does not accept"), "{challenge}");
+    assert_eq!(replay(&p, &cookie).await.0, 200);
 }
 
 #[tokio::test]
