@@ -100,6 +100,10 @@ impl RawOrigin {
 }
 
 async fn proxy_to(origin: &RawOrigin) -> Proxy {
+    proxy_to_addr(&origin.addr).await
+}
+
+async fn proxy_to_addr(addr: &str) -> Proxy {
     Proxy::start(&format!(
         r#"
 listeners:
@@ -116,7 +120,7 @@ routes:
     backend: raw
     public: true
 "#,
-        origin.addr
+        addr
     ))
     .await
 }
@@ -271,6 +275,141 @@ async fn request_trailers_follow_a_chunked_upload() {
         seen.ends_with("5\r\nhello\r\n0\r\nx-checksum: 7\r\n\r\n"),
         "the trailer section must reach the origin: {seen:?}"
     );
+}
+
+/// An origin that reads each request head, then runs `answer` on the socket.
+async fn head_origin<F, Fut>(answer: F) -> String
+where
+    F: Fn(tokio::net::TcpStream, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let n = loop {
+                    let mut headers = [httparse::EMPTY_HEADER; 64];
+                    if let Ok(httparse::Status::Complete(n)) =
+                        httparse::Request::new(&mut headers).parse(&buf)
+                    {
+                        break n;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                answer(s, buf[n..].to_vec()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `POST /up` with a `len`-byte body, written in the background, and returns what the
+/// proxy answers within `limit` (the first 4 KiB), or None.
+async fn upload(p: &Proxy, len: usize, limit: Duration) -> Option<String> {
+    let s = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", p.port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let head = format!("POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: {len}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if wr.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        // Keep the write side open until the answer is read.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        // The rest of a short body.
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(300), rd.read(&mut chunk)).await
+        {
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    writer.abort();
+    read.ok()?;
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn an_origin_that_refuses_an_upload_is_answered_at_once() {
+    // The origin refuses the body without reading it, and keeps the connection open: the
+    // upload can go no further than the socket buffers (a few MiB of the 64 MiB).
+    let addr = head_origin(|mut s, _| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\nX-From: origin\r\nContent-Length: 9\r\n\r\ntoo large")
+            .await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let p = proxy_to_addr(&addr).await;
+    let answer = upload(&p, 64 << 20, Duration::from_secs(10))
+        .await
+        .expect("the origin's refusal reaches the client while the upload is stuck");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("x-from: origin"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("too large"), "{answer}");
+}
+
+#[tokio::test]
+async fn interim_responses_do_not_stop_an_upload() {
+    // `100 Continue` at once, then the whole body is read and counted.
+    let addr = head_origin(|mut s, early| async move {
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        let mut n = early.len();
+        let mut chunk = vec![0u8; 64 * 1024];
+        while n < 8 << 20 {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => n += k,
+            }
+        }
+        let body = n.to_string();
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+    })
+    .await;
+    let p = proxy_to_addr(&addr).await;
+    let answer = upload(&p, 8 << 20, Duration::from_secs(20))
+        .await
+        .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(&(8 << 20).to_string()), "{answer}");
 }
 
 #[tokio::test]

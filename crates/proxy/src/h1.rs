@@ -26,7 +26,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Largest response head accepted from an origin.
 const MAX_HEAD: usize = 64 * 1024;
@@ -182,45 +182,33 @@ impl Conn {
 
         let mut sent_all = !has_body;
         if has_body {
-            match self.send_body(&mut body, length.is_none()).await {
-                Ok(()) => sent_all = true,
-                Err(SendError::Upstream(e)) => {
+            // The body goes out while the origin is watched: an origin that refuses the
+            // request (4xx/5xx) before reading all of it, such as a 413 for an upload over
+            // its limit, is answered at once instead of when the upload stalls. Its
+            // connection is then closed, not reused. An early 1xx or 2xx/3xx does not stop
+            // the upload.
+            let Conn { io, buf, .. } = &mut self;
+            let (mut rd, mut wr) = tokio::io::split(io);
+            let upload = send_body(&mut wr, &mut body, length.is_none());
+            let watch = early_answer(&mut rd, buf);
+            tokio::pin!(upload, watch);
+            let result = tokio::select! {
+                biased;
+                r = &mut upload => Some(r),
+                refused = &mut watch => if refused { None } else { Some(upload.await) },
+            };
+            match result {
+                Some(Ok(())) => sent_all = true,
+                Some(Err(SendError::Upstream(e))) => {
                     // The origin may have answered early and closed: use its answer if it
                     // is already here.
                     tracing::debug!(error = %e, "upstream stopped reading the request body");
                 }
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
+                None => tracing::debug!("upstream refused the request before its body was sent"),
             }
         }
         self.read_response(method, sent_all, pool).await
-    }
-
-    async fn send_body(&mut self, body: &mut ReqBody, chunked: bool) -> Result<(), SendError> {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(SendError::Body)?;
-            match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) if chunked => {
-                    let size = format!("{:x}\r\n", data.len());
-                    let mut b = size.as_bytes().chain(data).chain(&b"\r\n"[..]);
-                    self.io.write_all_buf(&mut b).await.map_err(upstream)?;
-                }
-                Ok(mut data) => self.io.write_all_buf(&mut data).await.map_err(upstream)?,
-                Err(frame) => {
-                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                        let mut t = b"0\r\n".to_vec();
-                        put_fields(&mut t, &trailers, true);
-                        t.extend_from_slice(b"\r\n");
-                        self.io.write_all(&t).await.map_err(upstream)?;
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        if chunked {
-            self.io.write_all(b"0\r\n\r\n").await.map_err(upstream)?;
-        }
-        Ok(())
     }
 
     /// Reads the response head (skipping interim 1xx responses other than 101) and works out
@@ -282,6 +270,72 @@ impl Conn {
             *resp.headers_mut() = headers;
             resp.body_mut().finish_if_ended();
             return Ok(resp);
+        }
+    }
+}
+
+/// Streams a request body to the origin, chunked (with trailers) or as is.
+async fn send_body<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    body: &mut ReqBody,
+    chunked: bool,
+) -> Result<(), SendError> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(SendError::Body)?;
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) if chunked => {
+                let size = format!("{:x}\r\n", data.len());
+                let mut b = size.as_bytes().chain(data).chain(&b"\r\n"[..]);
+                w.write_all_buf(&mut b).await.map_err(upstream)?;
+            }
+            Ok(mut data) => w.write_all_buf(&mut data).await.map_err(upstream)?,
+            Err(frame) => {
+                if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                    let mut t = b"0\r\n".to_vec();
+                    put_fields(&mut t, &trailers, true);
+                    t.extend_from_slice(b"\r\n");
+                    w.write_all(&t).await.map_err(upstream)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if chunked {
+        w.write_all(b"0\r\n\r\n").await.map_err(upstream)?;
+    }
+    Ok(())
+}
+
+/// Reads what the origin sends while the request body is still going out, into `buf` (where
+/// `read_response` finds it). Resolves with `true` once the origin has refused the request:
+/// a final response head with a 4xx or 5xx status, a malformed head, or a closed or failed
+/// connection; with `false` once a final head with another status has arrived; and never
+/// while only interim (1xx) responses have come. Cancel-safe: a read either completes into
+/// `buf` or reads nothing.
+async fn early_answer<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> bool {
+    loop {
+        let mut at = 0;
+        while at < buf.len() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&buf[at..]) {
+                Ok(httparse::Status::Complete(n)) => match resp.code {
+                    Some(c) if (100..200).contains(&c) && c != 101 => at += n,
+                    Some(c) => return c >= 400,
+                    None => return true,
+                },
+                Ok(httparse::Status::Partial) => break,
+                Err(_) => return true,
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return true;
+        }
+        buf.reserve(READ_MIN);
+        match tokio::io::AsyncReadExt::read_buf(r, buf).await {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => {}
         }
     }
 }
