@@ -47,9 +47,12 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_BATCH: usize = 1024;
 
 /// How many extra turns of the runtime the batching task waits for more records, as long
-/// as each turn brings some, and the batch size after which it stops waiting.
+/// as each turn brings some, the batch size after which it stops waiting...
 const GATHER_TURNS: usize = 16;
 const GATHER_MAX: usize = 1024;
+/// ... and the longest it waits, so that a runtime whose turns are long (thousands of busy
+/// connections) does not hold records back for long.
+const GATHER_FOR: Duration = Duration::from_millis(1);
 
 /// The largest batch buffer the writer keeps between batches.
 const KEEP_BUF: usize = 1 << 20;
@@ -206,12 +209,16 @@ impl Auditor {
                     // Gather for a few more turns of the runtime while records keep coming:
                     // each hand-off to the thread costs two cross-thread wakes and a
                     // context switch or two, whatever the size of the batch.
+                    let since = Instant::now();
                     for _ in 0..GATHER_TURNS {
                         let before = batch.len();
                         while let Ok(m) = recs.try_recv() {
                             batch.push(m);
                         }
-                        if batch.len() == before || batch.len() >= GATHER_MAX {
+                        if batch.len() == before
+                            || batch.len() >= GATHER_MAX
+                            || since.elapsed() >= GATHER_FOR
+                        {
                             break;
                         }
                         tokio::task::yield_now().await;
@@ -715,7 +722,10 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         let inner = a.inner.as_ref().unwrap();
-        assert_eq!(inner.stats.handoffs.load(Ordering::Relaxed), 1);
+        // One hand-off, or two if this thread was descheduled for over GATHER_FOR (a busy
+        // CI machine); without gathering, one per wave.
+        let handoffs = inner.stats.handoffs.load(Ordering::Relaxed);
+        assert!(handoffs <= 2, "{handoffs} hand-offs for 4 waves");
         let s = a.stats();
         assert_eq!((s.written, s.last_seq), (200, 200));
         drop(a);
