@@ -42,11 +42,22 @@ pub fn generate() -> Result<(String, DevKey), String> {
     Ok((pem, k))
 }
 
+/// Loads the key at `path`; `None` when there is no such file.
+pub fn load(path: &Path) -> Result<Option<DevKey>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => from_pem(&pem)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// Loads the key at `path`, creating it (and its directory) when missing.
 pub fn load_or_create(path: &Path) -> Result<DevKey, String> {
-    match std::fs::read_to_string(path) {
-        Ok(pem) => from_pem(&pem).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match load(path)? {
+        Some(key) => Ok(key),
+        None => {
             let (pem, key) = generate()?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -56,7 +67,6 @@ pub fn load_or_create(path: &Path) -> Result<DevKey, String> {
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Ok(key)
         }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 

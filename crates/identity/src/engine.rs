@@ -207,16 +207,13 @@ fn build_provider(p: &Provider, session_ttl: Duration) -> Result<ProviderRt, Err
     })
 }
 
-/// A problem `check` found, and the index of the provider it belongs to (`None`: the
-/// `identity.assertion` settings).
-pub type Problem = (Option<usize>, Error);
-
 /// Checks what can be checked offline about each provider, for `portcullis check`: an API
-/// key file, a JWKS file, inline keys, an existing dev issuer key file, and the assertion
-/// signer. It has no side effects: nothing is fetched (issuer discovery and `jwks_uri` are
-/// tried when the proxy starts, which keeps running with the last good keys) and no file is
-/// created (a missing dev issuer key is generated at start). Returns every problem.
-pub fn check(cfg: &Config) -> Vec<Problem> {
+/// key file, a JWKS file, inline keys, and an existing dev issuer key file. It has no side
+/// effects: nothing is fetched (issuer discovery and `jwks_uri` are tried when the proxy
+/// starts, which keeps running with the last good keys) and no file is created (a missing
+/// dev issuer key is generated at start). Returns every problem, with the index of the
+/// provider it belongs to.
+pub fn check(cfg: &Config) -> Vec<(usize, Error)> {
     let mut out = Vec::new();
     for (i, p) in cfg.identity.providers.iter().enumerate() {
         let r = match p.kind {
@@ -225,36 +222,19 @@ pub fn check(cfg: &Config) -> Vec<Problem> {
                 KeyStore::open(&p.name, path.into()).map(drop)
             }
             ProviderKind::DevIssuer => {
-                let path = std::path::PathBuf::from(p.key_file.clone().unwrap_or_default());
-                match std::fs::read_to_string(&path) {
-                    Ok(pem) => crate::dev::from_pem(&pem)
-                        .map(drop)
-                        .map_err(|e| format!("{}: {e}", path.display())),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-                }
+                let path = p.key_file.clone().unwrap_or_default();
+                crate::dev::load(std::path::Path::new(&path)).map(drop)
             }
             ProviderKind::Jwt | ProviderKind::Oidc => match (&p.jwks_uri, &p.jwks_file, &p.keys) {
-                (None, Some(f), _) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("cannot read {f}: {e}"))
-                    .and_then(|t| {
-                        serde_json::from_str::<serde_json::Value>(&t)
-                            .map_err(|e| format!("{f}: invalid JSON: {e}"))
-                    })
-                    .and_then(|doc| KeySet::parse(&doc).map_err(|e| format!("{f}: {e}")))
-                    .map(drop),
+                (None, Some(f), _) => KeySet::read_file(std::path::Path::new(f)).map(drop),
                 (None, None, Some(k)) => KeySet::from_values(k).map(drop),
                 _ => Ok(()),
             },
             ProviderKind::Mtls => Ok(()),
         };
         if let Err(e) = r {
-            out.push((Some(i), perr(p, e)));
+            out.push((i, perr(p, e)));
         }
-    }
-    let a = &cfg.identity.assertion;
-    if let Err(e) = Signer::new(a.issuer.clone(), a.ttl.0, a.rotate_every.0) {
-        out.push((None, Error::Session(e)));
     }
     out
 }

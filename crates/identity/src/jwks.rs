@@ -60,6 +60,15 @@ impl KeySet {
         Self::from_values(keys)
     }
 
+    /// Reads and parses a JWKS file.
+    pub fn read_file(p: &std::path::Path) -> Result<KeySet, String> {
+        let text =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: invalid JSON: {e}", p.display()))?;
+        KeySet::parse(&doc).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
     pub fn from_values(keys: &[serde_json::Value]) -> Result<KeySet, String> {
         let mut set = KeySet::default();
         for v in keys {
@@ -255,11 +264,7 @@ impl KeySource {
                 {
                     return Ok(Duration::from_secs(2));
                 }
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                let doc: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| format!("{}: invalid JSON: {e}", p.display()))?;
-                self.store(KeySet::parse(&doc)?);
+                self.store(KeySet::read_file(p)?);
                 *self.file_stamp.lock() = stamp;
                 Ok(Duration::from_secs(2))
             }

@@ -117,11 +117,8 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
         }
     }
     for (i, e) in portcullis_identity::engine::check(config) {
-        let at = match i {
-            Some(i) => format!("identity.providers[{i}]"),
-            None => "identity.assertion".to_string(),
-        };
-        out.push(config.root_loc(&at).diag(e.to_string()));
+        let loc = config.root_loc(&format!("identity.providers[{i}]"));
+        out.push(loc.diag(e.to_string()));
     }
     out
 }
