@@ -61,6 +61,20 @@ pub fn strip_identity_headers(snap: &Snapshot, h: &mut HeaderMap) {
     }
 }
 
+/// A credential header's value as text, or None if it is not ASCII. `HeaderValue::to_str`
+/// checks byte by byte, and a bearer token is often a kilobyte; this checks a word at a time.
+/// Unlike `to_str` it lets control characters through, but request header values never
+/// carry them (hyper's HTTP/1 and HTTP/2 parsers refuse them, tab aside), and a credential
+/// with one would match no token, key or hash anyway.
+fn credential_text(v: &HeaderValue) -> Option<&str> {
+    let b = v.as_bytes();
+    if b.is_ascii() {
+        std::str::from_utf8(b).ok()
+    } else {
+        None
+    }
+}
+
 pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
@@ -222,7 +236,7 @@ pub async fn identify(
     let key_header = headers.remove(&X_API_KEY);
     let (bearer, mut api_key) = match authz
         .as_ref()
-        .and_then(|v| v.to_str().ok())
+        .and_then(credential_text)
         .map(|a| a.split_once(' '))
     {
         Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => (Some(v.trim()), None),
@@ -234,7 +248,7 @@ pub async fn identify(
     if api_key.is_none() {
         api_key = key_header
             .as_ref()
-            .and_then(|v| v.to_str().ok())
+            .and_then(credential_text)
             .map(|s| s.trim().to_string());
     }
     let session_name = &engine.session.cookie;
@@ -485,6 +499,18 @@ async fn callback(snap: &Snapshot, headers: &HeaderMap, query: &str) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_read_as_ascii_only() {
+        let token = "Bearer eyJhbGciOiJFUzI1NiJ9.e30.sig".repeat(20);
+        let v = HeaderValue::from_str(&token).unwrap();
+        assert_eq!(credential_text(&v), Some(token.as_str()));
+        assert_eq!(credential_text(&v), v.to_str().ok());
+        // obs-text (bytes 0x80 and up) is a valid header value, but no credential.
+        let v = HeaderValue::from_bytes(b"Bearer caf\xc3\xa9").unwrap();
+        assert_eq!(credential_text(&v), None);
+        assert!(v.to_str().is_err());
+    }
 
     #[test]
     fn cookies_are_removed_individually() {
