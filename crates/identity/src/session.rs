@@ -111,6 +111,12 @@ enum CookieBody {
 /// Cookies larger than this are kept server-side.
 const MAX_COOKIE: usize = 3800;
 
+/// The key a cookie is revoked under.
+fn digest(cookie: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(cookie.trim().as_bytes()).into()
+}
+
 /// Session cookies whose identity is cached at most.
 const CACHE_SIZE: usize = 4096;
 /// The longest an opened session's identity is served from the cache.
@@ -123,6 +129,10 @@ pub struct Store {
     /// one `Arc<Identity>`, which the policy decision cache is keyed by. Only cookies that
     /// opened (authenticated decryption) and had not expired are cached.
     cache: TokenCache,
+    /// Sessions ended by logout, by the SHA-256 of their cookie, with the time they would
+    /// have expired: a copy of a logged-out cookie no longer opens. In memory, like
+    /// server-side sessions: a restart, or another instance, does not know them.
+    revoked: Mutex<HashMap<[u8; 32], u64>>,
 }
 
 impl Default for Store {
@@ -130,6 +140,7 @@ impl Default for Store {
         Store {
             server_side: Mutex::default(),
             cache: TokenCache::new(CACHE_SIZE),
+            revoked: Mutex::default(),
         }
     }
 }
@@ -147,7 +158,10 @@ impl Store {
     pub fn remember(&self, cookie: &str, identity: Arc<Identity>, until: u64) {
         let now = crate::now_secs();
         let until = until.min(now + CACHE_TTL);
-        if until > now {
+        // Under the lock `end` takes, so that a request that opened the cookie just before
+        // its logout cannot put it back in the cache just after.
+        let revoked = self.revoked.lock();
+        if until > now && (revoked.is_empty() || !revoked.contains_key(&digest(cookie))) {
             self.cache
                 .insert(cookie.as_bytes(), identity, until, None, now);
         }
@@ -173,7 +187,29 @@ impl Store {
             CookieBody::Inline(s) => *s,
             CookieBody::Ref { r#ref } => self.server_side.lock().get(&r#ref)?.clone(),
         };
-        (s.expires_at > crate::now_secs()).then_some(s)
+        if s.expires_at <= crate::now_secs() {
+            return None;
+        }
+        let revoked = self.revoked.lock();
+        if !revoked.is_empty() && revoked.contains_key(&digest(cookie)) {
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Ends the session of `cookie` at logout: forgets it, and refuses the cookie from now
+    /// until `expires_at`, the session's expiry, so that a copy of it no longer opens.
+    pub fn end(&self, sealer: &Sealer, cookie: &str, expires_at: u64) {
+        let now = crate::now_secs();
+        {
+            let mut revoked = self.revoked.lock();
+            revoked.retain(|_, until| *until > now);
+            if expires_at > now {
+                revoked.insert(digest(cookie), expires_at);
+            }
+            self.cache.remove(cookie.as_bytes());
+        }
+        self.forget(sealer, cookie);
     }
 
     /// Ends the session of `cookie`: its cached identity, and its server-side state.
@@ -234,6 +270,29 @@ mod tests {
             store.remember(&c, id, now);
             assert!(store.cached(&c).is_none());
         }
+    }
+
+    #[test]
+    fn a_logged_out_cookie_no_longer_opens() {
+        let sealer = Sealer::new(&[[4; 32]]).unwrap();
+        let store = Store::default();
+        let mut s = session(serde_json::json!({}));
+        s.expires_at = crate::now_secs() + 3600;
+        let ended = store.encode(&sealer, &s).unwrap();
+        let other = store.encode(&sealer, &s).unwrap();
+        assert_ne!(ended, other, "a fresh nonce per cookie");
+        store.remember(&ended, Arc::new(s.identity.clone()), s.expires_at);
+        store.end(&sealer, &ended, s.expires_at);
+        assert!(store.decode(&sealer, &ended).is_none(), "revoked");
+        assert!(store.cached(&ended).is_none(), "and out of the cache");
+        // A request that opened it just before the logout cannot cache it again.
+        store.remember(&ended, Arc::new(s.identity.clone()), s.expires_at);
+        assert!(store.cached(&ended).is_none());
+        assert!(store.decode(&sealer, &format!(" {ended} ")).is_none());
+        assert!(
+            store.decode(&sealer, &other).is_some(),
+            "other sessions still open"
+        );
     }
 
     #[test]

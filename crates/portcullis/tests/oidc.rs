@@ -863,35 +863,15 @@ async fn sessions_refresh_transparently_and_logout_ends_them() {
     assert_eq!(r.status, 302);
     assert!(r.location().starts_with(&idp.issuer));
 
-    // A copy of the old cookie: a server-side session is forgotten at once. An inline
-    // (stateless) one still opens until its tokens are due for refresh; then the refresh
-    // fails, because the OP revoked the grant at logout, and the session ends.
-    let server_side = refreshed.len() < 400;
-    let (status, _) = replay(&p, &refreshed).await;
-    if server_side {
-        assert_eq!(status, 401, "a server-side session is gone after logout");
-    }
-    let ended = eventually(Duration::from_secs(10), || {
-        let (p, c) = (&p, &refreshed);
-        async move { replay(p, c).await.0 == 401 }
-    })
-    .await;
-    assert!(
-        ended,
-        "the old session outlived the OP's logout:\n{}",
-        p.log_text()
-    );
-    let (_, h) = replay(&p, &refreshed).await;
+    // A copy of the logged-out cookie (inline or server-side, cached or not) no longer
+    // opens, and is cleared.
+    let (status, h) = replay(&p, &refreshed).await;
+    assert_eq!(status, 401, "a logged-out session still opens");
     let clears = h
         .get_all(SET_COOKIE)
         .iter()
         .any(|v| v.to_str().unwrap().starts_with("portcullis_session=;"));
     assert!(clears, "an ended session is cleared: {h:?}");
-    assert!(
-        p.log_text().contains("session refresh failed") || server_side,
-        "{}",
-        p.log_text()
-    );
 }
 
 #[tokio::test]

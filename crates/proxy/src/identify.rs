@@ -427,7 +427,10 @@ pub async fn endpoints(
                 (cookie(headers, &engine.session.cookie), &engine.sealer)
             {
                 session = engine.store.decode(sealer, c);
-                engine.store.forget(sealer, c);
+                match &session {
+                    Some(s) => engine.store.end(sealer, c, s.expires_at),
+                    None => engine.store.forget(sealer, c),
+                }
             }
             cookies.push(clear_cookie(PREAUTH_COOKIE, secure, "/.portcullis/"));
             let back = format!(
