@@ -428,7 +428,10 @@ fi
 HAPROXY_VERSION=$(haproxy -v 2>/dev/null | head -1 || true)
 NGINX_VERSION=$("$NGINX_BIN" -v 2>&1 | head -1 || true)
 WRK_VERSION=$(wrk -v 2>&1 | head -1 || true)
-if [[ -f $PORTCULLIS_BIN.commit ]]; then
+if [[ -f $PORTCULLIS_BIN.commit && $PORTCULLIS_BIN -nt $PORTCULLIS_BIN.commit ]]; then
+    # Rebuilt by hand after this script last built it (SKIP_BUILD=1): the stamp is stale.
+    COMMIT="unknown (built after $(cat "$PORTCULLIS_BIN.commit"); the work tree was at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+elif [[ -f $PORTCULLIS_BIN.commit ]]; then
     COMMIT=$(cat "$PORTCULLIS_BIN.commit")
 else
     COMMIT="unknown (prebuilt $PORTCULLIS_BIN)"
