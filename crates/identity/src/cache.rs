@@ -39,12 +39,22 @@ impl TokenCache {
         now: u64,
         key_alive: impl Fn(&str) -> bool,
     ) -> Option<Arc<Identity>> {
+        self.get_until(token, now, key_alive).map(|(id, _)| id)
+    }
+
+    /// Like `get`, with the time (seconds since the epoch) at which the entry expires.
+    pub fn get_until(
+        &self,
+        token: &[u8],
+        now: u64,
+        key_alive: impl Fn(&str) -> bool,
+    ) -> Option<(Arc<Identity>, u64)> {
         let stale = {
             let map = self.map.read();
             let e = map.get(token)?;
             let alive = e.kid.as_deref().is_none_or(&key_alive);
             if e.expires_at > now && alive {
-                return Some(e.identity.clone());
+                return Some((e.identity.clone(), e.expires_at));
             }
             true
         };

@@ -385,6 +385,22 @@ impl Engine {
         Outcome::Missing
     }
 
+    /// The identity of a bearer token that one of `allowed` has verified before, with the
+    /// [`Proof`](crate::jwt::Proof) that lets the caller trust it again without a lookup.
+    /// `None` if no provider has it cached; `authenticate` then does the full check.
+    pub fn bearer_cached(
+        &self,
+        allowed: &[String],
+        token: &str,
+    ) -> Option<(Arc<Identity>, crate::jwt::Proof)> {
+        allowed
+            .iter()
+            .find_map(|n| match self.providers.get(n).map(|p| &p.verifier) {
+                Some(Verifier::Token { validator, .. }) => validator.cached_with_proof(token),
+                _ => None,
+            })
+    }
+
     async fn bearer(&self, allowed: &[String], token: &str) -> Outcome {
         // A token verified before costs one lookup in its provider's cache.
         for n in allowed {

@@ -239,14 +239,15 @@ impl KeySource {
         self.keys.load()
     }
 
-    /// Changes whenever a new key set is stored.
+    /// Changes whenever a new key set is stored. Acquire pairs with the Release in `store`:
+    /// whoever reads a generation and then the keys sees keys at least that new.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.generation.load(Ordering::Acquire)
     }
 
     fn store(&self, set: KeySet) {
         self.keys.store(Arc::new(set));
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
         self.negative.lock().clear();
     }
 

@@ -48,6 +48,26 @@ fn reject(r: impl Into<String>) -> AuthError {
     AuthError::new(r)
 }
 
+/// Why a verified-token cache hit could be trusted: the entry had not expired, and the key
+/// that signed the token was still in the provider's key set. Whoever keeps the token (the
+/// proxy remembers the last one per client connection) can trust it again while
+/// [`Proof::holds`]: the entry would still be unexpired, and the key set has not changed
+/// since (any change, a rotation or a refetch, ends the proof, and the next request goes
+/// through the cache again, where a removed key drops the entry).
+pub struct Proof {
+    keys: Arc<KeySource>,
+    generation: u64,
+    expires_at: u64,
+}
+
+impl Proof {
+    /// Whether the cache would still return the same identity at `now` (seconds since the
+    /// epoch), for as long as nothing evicted the entry to make room.
+    pub fn holds(&self, now: u64) -> bool {
+        self.expires_at > now && self.keys.generation() == self.generation
+    }
+}
+
 /// The unverified header and payload, decoded just enough to choose a key and a provider.
 pub struct Peek {
     pub header: Value,
@@ -96,12 +116,30 @@ impl Validator {
     /// The identity of a token this validator has already verified, if still valid: a hash
     /// lookup, no decoding and no signature check.
     pub fn cached(&self, token: &str) -> Option<Arc<Identity>> {
+        self.cached_with_proof(token).map(|(id, _)| id)
+    }
+
+    /// `cached`, with a [`Proof`] that lets the caller trust the same token again without
+    /// the lookup for as long as the proof holds.
+    pub fn cached_with_proof(&self, token: &str) -> Option<(Arc<Identity>, Proof)> {
         if token.len() > self.max_size {
             return None;
         }
+        // The generation is read before the keys: if the keys change after this, the
+        // generation does too, and the proof stops holding.
+        let generation = self.keys.generation();
         let keys = self.keys.keys();
-        self.cache
-            .get(token.as_bytes(), now_secs(), |kid| keys.contains_kid(kid))
+        let (identity, expires_at) = self
+            .cache
+            .get_until(token.as_bytes(), now_secs(), |kid| keys.contains_kid(kid))?;
+        Some((
+            identity,
+            Proof {
+                keys: self.keys.clone(),
+                generation,
+                expires_at,
+            },
+        ))
     }
 
     /// Validates a bearer token and returns the identity it carries.

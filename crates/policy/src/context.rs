@@ -258,6 +258,12 @@ impl Plan {
         self.attrs & TIME != 0
     }
 
+    /// Whether a decision depends on nothing in the request but the method: the context
+    /// holds at most `method`, so the principal, the action and the route decide it.
+    pub fn method_only(&self) -> bool {
+        self.cacheable && self.attrs & !METHOD == 0
+    }
+
     pub fn new(u: &Use, context_headers: &[http::HeaderName]) -> Plan {
         let attrs = if u.whole { ALL } else { u.attrs };
         let headers = match (&u.headers, u.whole) {
@@ -540,7 +546,35 @@ mod tests {
         u.merge(&use_of(r#"permit(principal, action, resource) when { context.time.timestamp > 0 && context.request_id == "x" };"#));
         let p = Plan::new(&u, &h);
         assert!(!p.time_by_hour && !p.cacheable);
+        assert!(!p.method_only());
         let p = Plan::new(&Use::everything(), &h);
         assert_eq!((p.attrs, p.headers.len(), p.cacheable), (ALL, 2, false));
+        assert!(!p.method_only());
+    }
+
+    #[test]
+    fn method_only_plans_read_nothing_else() {
+        let h = [http::HeaderName::from_static("x-a")];
+        let plan = |src: &str| Plan::new(&use_of(src), &h);
+        assert!(
+            plan(r#"permit(principal in Portcullis::Group::"eng", action, resource);"#)
+                .method_only()
+        );
+        assert!(
+            plan(r#"permit(principal, action, resource) when { context.method == "GET" };"#)
+                .method_only()
+        );
+        for reads in [
+            "context.path == \"/\"",
+            "context.query_keys.contains(\"a\")",
+            "context.headers has \"x-a\"",
+            "context.ip.isLoopback()",
+            "context.time.hour == 1",
+            "context has tls",
+            "context.request_id == \"r\"",
+        ] {
+            let src = format!("permit(principal, action, resource) when {{ {reads} }};");
+            assert!(!plan(&src).method_only(), "{reads}");
+        }
     }
 }

@@ -574,6 +574,16 @@ impl Engine {
         d
     }
 
+    /// Whether `route`'s decisions depend only on the identity and the method (its policies
+    /// read no other context), so that, for one engine, the same identity `Arc` and method
+    /// always get the same decision. A caller may then keep a decision without errors and
+    /// reuse it for that identity and method, as the proxy does per client connection.
+    pub fn decided_by_identity_and_method(&self, route: &str) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|rp| rp.plan.method_only())
+    }
+
     /// `decide` without the caches: every entity and the context built afresh, nothing
     /// read from or written to the caches. Same answer; for measuring and checking.
     pub fn decide_uncached(&self, route: &str, r: &RequestInfo<'_>) -> Decision {

@@ -942,6 +942,148 @@ routes:
     );
 }
 
+/// One client connection, kept open: every request goes over the same TCP connection, as a
+/// service or an agent with a pooled HTTP client sends them.
+struct KeptAlive(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
+
+impl KeptAlive {
+    async fn open(p: &Proxy) -> KeptAlive {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        KeptAlive(send)
+    }
+
+    /// The status of a GET with this bearer token, on this connection (which must stay open).
+    async fn status(&mut self, path: &str, token: &str) -> u16 {
+        self.send("GET", path, token).await
+    }
+
+    async fn send(&mut self, method: &str, path: &str, token: &str) -> u16 {
+        self.0
+            .ready()
+            .await
+            .expect("the proxy closed a kept-alive connection");
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "kept.test")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.0.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        status
+    }
+
+    /// Repeats the request on this connection until the status is `want`.
+    async fn until(&mut self, path: &str, token: &str, want: u16, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.status(path, token).await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+/// The proxy remembers the last bearer token of each client connection, with its identity
+/// and policy decision, so that the next request with it skips the shared caches. A token
+/// on a kept-alive connection must get no more than it would on a new connection: it stops
+/// at its `exp`, when its signing key leaves the key set, and when a reload changes the
+/// policy.
+#[tokio::test]
+async fn a_kept_alive_connection_gets_no_more_from_its_token_than_a_new_one() {
+    let k1 = Key::ec("k1");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    write_atomic(&file, &jwks(&[&k1]).to_string());
+    let origin = echo().await;
+    let config = |group: &str| {
+        LISTENER.to_string()
+            + &r#"
+identity:
+  providers:
+    - { name: f, kind: jwt, issuer: "https://f.test", audiences: [api], jwks_file: "{dir}/keys.json", clock_skew: 0s }
+backends:
+  - { name: o, servers: [{ address: "@ORIGIN@" }] }
+routes:
+  - { name: api, match: { path_prefix: /api/ }, backend: o, auth: [f], allow: [{ groups: [@GROUP@] }] }
+  - { name: ro, match: { path_prefix: /ro/ }, backend: o, auth: [f], allow: [{ groups: [eng], methods: [GET] }] }
+  - { name: ops, match: { path_prefix: /ops/ }, backend: o, auth: [f], allow: [{ groups: [ops] }] }
+"#
+            .replace("@ORIGIN@", &origin.address())
+            .replace("@GROUP@", group)
+    };
+    let p = Proxy::start_in(dir, &config("eng")).await;
+    let eng = |exp: u64| {
+        let mut c = claims("https://f.test", "alice");
+        c["groups"] = json!(["eng"]);
+        c["exp"] = json!(exp);
+        k1.mint(&c)
+    };
+    let long = eng(now() + 600);
+    let mut conn = KeptAlive::open(&p).await;
+    for i in 0..3 {
+        assert_eq!(conn.status("/api/x", &long).await, 200, "request {i}");
+    }
+    // What was decided for one method and route is not reused for another.
+    for _ in 0..2 {
+        assert_eq!(conn.send("GET", "/ro/x", &long).await, 200);
+        assert_eq!(conn.send("GET", "/ro/x", &long).await, 200);
+        assert_eq!(conn.send("POST", "/ro/x", &long).await, 403);
+        assert_eq!(conn.send("DELETE", "/ro/x", &long).await, 403);
+        assert_eq!(conn.status("/api/x", &long).await, 200);
+        assert_eq!(conn.status("/ops/x", &long).await, 403);
+    }
+
+    // Expiry: a token that expires in two seconds, repeated on the connection.
+    let short = eng(now() + 2);
+    assert_eq!(conn.status("/api/x", &short).await, 200);
+    assert_eq!(conn.status("/api/x", &short).await, 200);
+    let expired = conn
+        .until("/api/x", &short, 401, Duration::from_secs(6))
+        .await;
+    assert!(expired, "an expired token kept working on its connection");
+    assert_eq!(conn.status("/api/x", &long).await, 200);
+    assert_eq!(conn.status("/api/x", &long).await, 200);
+
+    // A reload that stops allowing `eng`: the remembered decision goes with the old config.
+    p.write_config(&config("ops"));
+    p.sighup();
+    let denied = conn
+        .until("/api/x", &long, 403, Duration::from_secs(10))
+        .await;
+    assert!(denied, "a decision outlived the policy that made it");
+    p.write_config(&config("eng"));
+    p.sighup();
+    assert!(
+        conn.until("/api/x", &long, 200, Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(conn.status("/api/x", &long).await, 200);
+
+    // The signing key leaves the key set.
+    write_atomic(&file, &jwks(&[&Key::ec("k2")]).to_string());
+    let revoked = conn
+        .until("/api/x", &long, 401, Duration::from_secs(10))
+        .await;
+    assert!(
+        revoked,
+        "a token outlived the removal of its signing key on its connection"
+    );
+    assert_eq!(conn.status("/api/x", &long).await, 401);
+}
+
 // ---------------------------------------------------------------------------------------
 // Spoofing and propagation
 // ---------------------------------------------------------------------------------------

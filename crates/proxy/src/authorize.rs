@@ -30,7 +30,7 @@ pub struct Outcome {
 
 #[allow(clippy::too_many_arguments)]
 pub async fn authorize(
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     route: &RouteRt,
     conn: &ConnInfo,
     identity: &Arc<Identity>,
@@ -44,27 +44,34 @@ pub async fn authorize(
 ) -> Outcome {
     // The latency is only reported in the audit record.
     let start = want_reasons.then(Instant::now);
-    let client_subject = if identity.method == portcullis_identity::AuthMethod::Mtls {
-        Some(identity.subject.as_str())
-    } else {
-        None
+    // The connection's memo answers for the token it presented last (see `memo`).
+    let memo = &conn.memo;
+    let d = match memo.decision(snap, route, identity, method) {
+        Some(d) => d,
+        None => {
+            let d = snap.policy.decide(
+                &route.id,
+                &portcullis_policy::RequestInfo {
+                    identity,
+                    method: method.as_str(),
+                    host,
+                    path,
+                    query,
+                    headers,
+                    client_ip: conn.peer.ip(),
+                    tls_client_subject: (identity.method == portcullis_identity::AuthMethod::Mtls)
+                        .then_some(identity.subject.as_str()),
+                    tls_client_cert: conn.client_cert.is_some(),
+                    request_id,
+                    now: None,
+                },
+            );
+            if snap.policy.decided_by_identity_and_method(&route.id) {
+                memo.remember_decision(snap, route, identity, method, &d);
+            }
+            d
+        }
     };
-    let d = snap.policy.decide(
-        &route.id,
-        &portcullis_policy::RequestInfo {
-            identity,
-            method: method.as_str(),
-            host,
-            path,
-            query,
-            headers,
-            client_ip: conn.peer.ip(),
-            tls_client_subject: client_subject,
-            tls_client_cert: conn.client_cert.is_some(),
-            request_id,
-            now: None,
-        },
-    );
     let mut reasons = Vec::new();
     let mut allowed = d.allowed;
     let mut authorizer = None;

@@ -36,6 +36,8 @@ pub struct ConnInfo {
     pub smuggle: Arc<crate::smuggle::Flags>,
     /// The peer's address as a header value, formatted once per connection.
     pub peer_ip: HeaderValue,
+    /// The last bearer token on this connection and what it was found to be.
+    pub memo: crate::memo::Memo,
 }
 
 impl ConnInfo {
@@ -55,6 +57,7 @@ impl ConnInfo {
             client_cert,
             smuggle,
             peer_ip,
+            memo: Default::default(),
         }
     }
 }

@@ -208,7 +208,7 @@ fn origin(conn: &ConnInfo, host: &str) -> String {
 /// credential removed (unless passed on), and the identity headers for the origin added.
 #[allow(clippy::too_many_arguments)]
 pub async fn identify(
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     route: &RouteRt,
     conn: &ConnInfo,
     headers: &mut HeaderMap,
@@ -268,7 +268,30 @@ pub async fn identify(
             None
         },
     };
-    let outcome = engine.authenticate(&route.auth, &creds).await;
+    let outcome = match bearer {
+        // A token this connection presented before, or one the provider's cache knows (then
+        // remembered for the next request on this connection).
+        Some(token) => match conn
+            .memo
+            .identity(snap, route, token, portcullis_identity::now_secs())
+        {
+            Some(identity) => Outcome::Ok {
+                identity,
+                set_session: None,
+            },
+            None => match engine.bearer_cached(&route.auth, token) {
+                Some((identity, proof)) => {
+                    conn.memo.remember(snap, route, token, &identity, proof);
+                    Outcome::Ok {
+                        identity,
+                        set_session: None,
+                    }
+                }
+                None => engine.authenticate(&route.auth, &creds).await,
+            },
+        },
+        None => engine.authenticate(&route.auth, &creds).await,
+    };
     let (identity, set_cookie) = match outcome {
         Outcome::Ok {
             identity,

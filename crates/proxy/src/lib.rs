@@ -20,6 +20,7 @@ pub mod h1;
 pub mod health;
 pub mod identify;
 pub mod listen;
+pub mod memo;
 pub mod pool;
 pub mod record;
 pub mod route;
