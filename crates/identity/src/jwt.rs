@@ -15,7 +15,7 @@ use portcullis_config::ClaimMap;
 use serde_json::Value;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct Validator {
     pub provider: String,
@@ -57,14 +57,16 @@ fn reject(r: impl Into<String>) -> AuthError {
 pub struct Proof {
     keys: Arc<KeySource>,
     generation: u64,
-    expires_at: u64,
+    /// When the cache entry expires, on the monotonic clock: a caller can then test it
+    /// against a time it has already read for the request.
+    until: Instant,
 }
 
 impl Proof {
-    /// Whether the cache would still return the same identity at `now` (seconds since the
-    /// epoch), for as long as nothing evicted the entry to make room.
-    pub fn holds(&self, now: u64) -> bool {
-        self.expires_at > now && self.keys.generation() == self.generation
+    /// Whether the cache would still return the same identity at `at`, for as long as
+    /// nothing evicted the entry to make room.
+    pub fn holds(&self, at: Instant) -> bool {
+        at < self.until && self.keys.generation() == self.generation
     }
 }
 
@@ -129,15 +131,22 @@ impl Validator {
         // generation does too, and the proof stops holding.
         let generation = self.keys.generation();
         let keys = self.keys.keys();
-        let (identity, expires_at) = self
-            .cache
-            .get_until(token.as_bytes(), now_secs(), |kid| keys.contains_kid(kid))?;
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let (identity, expires_at) =
+            self.cache
+                .get_until(token.as_bytes(), since_epoch.as_secs(), |kid| {
+                    keys.contains_kid(kid)
+                })?;
+        // The entry is valid while the wall clock is before `expires_at`, exactly.
+        let left = Duration::from_secs(expires_at).saturating_sub(since_epoch);
         Some((
             identity,
             Proof {
                 keys: self.keys.clone(),
                 generation,
-                expires_at,
+                until: Instant::now() + left,
             },
         ))
     }

@@ -41,12 +41,13 @@ pub async fn authorize(
     headers: &HeaderMap,
     request_id: &str,
     want_reasons: bool,
+    remembered: Option<Arc<portcullis_policy::Decision>>,
 ) -> Outcome {
     // The latency is only reported in the audit record.
     let start = want_reasons.then(Instant::now);
-    // The connection's memo answers for the token it presented last (see `memo`).
-    let memo = &conn.memo;
-    let d = match memo.decision(snap, route, identity, method) {
+    // What the connection's memo held for this identity and method (see `memo`), else the
+    // policies (and their caches).
+    let d = match remembered {
         Some(d) => d,
         None => {
             let d = snap.policy.decide(
@@ -67,7 +68,8 @@ pub async fn authorize(
                 },
             );
             if snap.policy.decided_by_identity_and_method(&route.id) {
-                memo.remember_decision(snap, route, identity, method, &d);
+                conn.memo
+                    .remember_decision(snap, route, identity, method, &d);
             }
             d
         }

@@ -423,12 +423,14 @@ async fn proxy<'a>(
         raw_host,
         login_target,
         &ctx.rid,
+        ctx.start,
     )
     .await
     {
         crate::identify::Step::Continue {
             identity,
             set_cookie,
+            remembered,
         } => {
             ctx.set_cookie = set_cookie;
             if let Some(id) = &identity {
@@ -451,6 +453,7 @@ async fn proxy<'a>(
                     &parts.headers,
                     &ctx.rid,
                     shared.audit.is_some(),
+                    remembered,
                 )
                 .await;
                 ctx.record.decision = out.decision;

@@ -30,6 +30,9 @@ pub enum Step {
     Continue {
         identity: Option<Arc<Identity>>,
         set_cookie: Option<HeaderValue>,
+        /// The policy decision this connection's memo holds for the identity and method,
+        /// handed on to the authorize stage (see `memo`).
+        remembered: Option<Arc<portcullis_policy::Decision>>,
     },
     /// Answer now (401, 403 or a login redirect). The string is the reason, for the log.
     Respond(Response<RespBody>, String),
@@ -72,6 +75,17 @@ fn credential_text(v: &HeaderValue) -> Option<&str> {
         std::str::from_utf8(b).ok()
     } else {
         None
+    }
+}
+
+/// The token of an `Authorization: Bearer` value, as bytes (the scheme in any case, the
+/// token without surrounding whitespace), for comparing with a remembered token.
+fn bearer_bytes(v: &[u8]) -> Option<&[u8]> {
+    match v.split_at_checked(7) {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            Some(token.trim_ascii())
+        }
+        _ => None,
     }
 }
 
@@ -216,12 +230,14 @@ pub async fn identify(
     raw_host: &str,
     path_and_query: &str,
     rid: &str,
+    at: std::time::Instant,
 ) -> Step {
     strip_identity_headers(snap, headers);
     if route.public {
         return Step::Continue {
             identity: None,
             set_cookie: None,
+            remembered: None,
         };
     }
     if route.cert_required && conn.client_cert.is_none() {
@@ -234,23 +250,6 @@ pub async fn identify(
     // out of the request now, one lookup each.
     let authz = headers.remove(header::AUTHORIZATION);
     let key_header = headers.remove(&X_API_KEY);
-    let (bearer, mut api_key) = match authz
-        .as_ref()
-        .and_then(credential_text)
-        .map(|a| a.split_once(' '))
-    {
-        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => (Some(v.trim()), None),
-        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("apikey") => {
-            (None, Some(v.trim().to_string()))
-        }
-        _ => (None, None),
-    };
-    if api_key.is_none() {
-        api_key = key_header
-            .as_ref()
-            .and_then(credential_text)
-            .map(|s| s.trim().to_string());
-    }
     let session_name = &engine.session.cookie;
     // Without a sealer there are no sessions, so no cookie to look for.
     let session = if engine.sealer.is_some() {
@@ -258,92 +257,130 @@ pub async fn identify(
     } else {
         None
     };
-    let creds = Credentials {
-        bearer,
-        api_key: api_key.as_deref(),
-        session_cookie: session.as_deref(),
-        client_cert: if route.has_mtls {
-            conn.client_cert.as_deref().map(|v| v.as_slice())
-        } else {
-            None
-        },
-    };
-    let outcome = match bearer {
-        // A token this connection presented before, or one the provider's cache knows (then
-        // remembered for the next request on this connection).
-        Some(token) => match conn
-            .memo
-            .identity(snap, route, token, portcullis_identity::now_secs())
-        {
-            Some(identity) => Outcome::Ok {
-                identity,
-                set_session: None,
-            },
-            None => match engine.bearer_cached(&route.auth, token) {
-                Some((identity, proof)) => {
-                    conn.memo.remember(snap, route, token, &identity, proof);
-                    Outcome::Ok {
-                        identity,
-                        set_session: None,
-                    }
-                }
-                None => engine.authenticate(&route.auth, &creds).await,
-            },
-        },
-        None => engine.authenticate(&route.auth, &creds).await,
-    };
-    let (identity, set_cookie) = match outcome {
-        Outcome::Ok {
-            identity,
-            set_session,
-        } => (identity, set_session.map(|v| session_cookie(snap, &v))),
-        Outcome::Rejected(e) => {
-            return Step::Respond(unauthorized(rid, Some(&e.reason)), e.reason);
+    // The token this connection presented last is recognised by its bytes, before any
+    // parsing (see `memo`).
+    let remembered = authz
+        .as_ref()
+        .and_then(|v| bearer_bytes(v.as_bytes()))
+        .and_then(|t| conn.memo.identity(snap, route, t, method, at));
+    let (identity, set_cookie, bearer, remembered) = match remembered {
+        Some((identity, decision)) => {
+            // Read as text only if it goes upstream.
+            let bearer = if route.pass_token {
+                authz
+                    .as_ref()
+                    .and_then(credential_text)
+                    .and_then(|a| a.split_once(' '))
+                    .map(|(_, v)| v.trim())
+            } else {
+                None
+            };
+            (identity, None, bearer, decision)
         }
-        ended @ (Outcome::Missing | Outcome::SessionEnded) => {
-            let ended = matches!(ended, Outcome::SessionEnded);
-            let mut clear = Vec::new();
-            if ended {
-                clear.push(clear_cookie(session_name, engine.session.secure, "/"));
+        None => {
+            let (bearer, mut api_key) = match authz
+                .as_ref()
+                .and_then(credential_text)
+                .map(|a| a.split_once(' '))
+            {
+                Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => {
+                    (Some(v.trim()), None)
+                }
+                Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("apikey") => {
+                    (None, Some(v.trim().to_string()))
+                }
+                _ => (None, None),
+            };
+            if api_key.is_none() {
+                api_key = key_header
+                    .as_ref()
+                    .and_then(credential_text)
+                    .map(|s| s.trim().to_string());
             }
-            if wants_html(headers) && *method == http::Method::GET {
-                if let (Some(login), Some(sealer)) =
-                    (engine.login_provider(&route.auth), &engine.sealer)
-                {
-                    let redirect_uri = login.redirect_url.clone().unwrap_or_else(|| {
-                        format!("{}/.portcullis/callback", origin(conn, raw_host))
-                    });
-                    match login.start_login(&redirect_uri, path_and_query) {
-                        Ok((url, pre)) => {
-                            if let Some(sealed) = sealer.seal("preauth", &pre) {
-                                clear.push(format!(
-                                    "{PREAUTH_COOKIE}={sealed}{}",
-                                    cookie_attrs(engine.session.secure, "/.portcullis/", Some(600))
-                                ));
-                                return Step::Respond(
-                                    redirect(&url, &clear),
-                                    "login required".into(),
-                                );
+            let creds = Credentials {
+                bearer,
+                api_key: api_key.as_deref(),
+                session_cookie: session.as_deref(),
+                client_cert: if route.has_mtls {
+                    conn.client_cert.as_deref().map(|v| v.as_slice())
+                } else {
+                    None
+                },
+            };
+            let outcome = match bearer {
+                // A token the provider's cache knows: remembered for the next request on this
+                // connection.
+                Some(token) => match engine.bearer_cached(&route.auth, token) {
+                    Some((identity, proof)) => {
+                        conn.memo.remember(snap, route, token, &identity, proof);
+                        Outcome::Ok {
+                            identity,
+                            set_session: None,
+                        }
+                    }
+                    None => engine.authenticate(&route.auth, &creds).await,
+                },
+                None => engine.authenticate(&route.auth, &creds).await,
+            };
+            let (identity, set_cookie) = match outcome {
+                Outcome::Ok {
+                    identity,
+                    set_session,
+                } => (identity, set_session.map(|v| session_cookie(snap, &v))),
+                Outcome::Rejected(e) => {
+                    return Step::Respond(unauthorized(rid, Some(&e.reason)), e.reason);
+                }
+                ended @ (Outcome::Missing | Outcome::SessionEnded) => {
+                    let ended = matches!(ended, Outcome::SessionEnded);
+                    let mut clear = Vec::new();
+                    if ended {
+                        clear.push(clear_cookie(session_name, engine.session.secure, "/"));
+                    }
+                    if wants_html(headers) && *method == http::Method::GET {
+                        if let (Some(login), Some(sealer)) =
+                            (engine.login_provider(&route.auth), &engine.sealer)
+                        {
+                            let redirect_uri = login.redirect_url.clone().unwrap_or_else(|| {
+                                format!("{}/.portcullis/callback", origin(conn, raw_host))
+                            });
+                            match login.start_login(&redirect_uri, path_and_query) {
+                                Ok((url, pre)) => {
+                                    if let Some(sealed) = sealer.seal("preauth", &pre) {
+                                        clear.push(format!(
+                                            "{PREAUTH_COOKIE}={sealed}{}",
+                                            cookie_attrs(
+                                                engine.session.secure,
+                                                "/.portcullis/",
+                                                Some(600)
+                                            )
+                                        ));
+                                        return Step::Respond(
+                                            redirect(&url, &clear),
+                                            "login required".into(),
+                                        );
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
+                                }
                             }
                         }
-                        Err(e) => {
-                            tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
+                    }
+                    let reason = if ended {
+                        "session ended"
+                    } else {
+                        "no credentials"
+                    };
+                    let mut r = unauthorized(rid, ended.then_some("session expired"));
+                    for c in clear {
+                        if let Ok(v) = HeaderValue::from_str(&c) {
+                            r.headers_mut().append(header::SET_COOKIE, v);
                         }
                     }
+                    return Step::Respond(r, reason.into());
                 }
-            }
-            let reason = if ended {
-                "session ended"
-            } else {
-                "no credentials"
             };
-            let mut r = unauthorized(rid, ended.then_some("session expired"));
-            for c in clear {
-                if let Ok(v) = HeaderValue::from_str(&c) {
-                    r.headers_mut().append(header::SET_COOKIE, v);
-                }
-            }
-            return Step::Respond(r, reason.into());
+            (identity, set_cookie, bearer, None)
         }
     };
 
@@ -376,6 +413,7 @@ pub async fn identify(
     Step::Continue {
         identity: Some(identity),
         set_cookie: set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()),
+        remembered,
     }
 }
 

@@ -24,6 +24,7 @@ use portcullis_identity::jwt::Proof;
 use portcullis_identity::Identity;
 use portcullis_policy::Decision;
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 /// Longer tokens are not remembered (the memo lives as long as its connection).
 const MAX_TOKEN: usize = 4096;
@@ -55,18 +56,26 @@ impl Entry {
 
 impl Memo {
     /// The identity `token` was verified as on this route, if it was the last token here and
-    /// its proof still holds at `now` (seconds since the epoch).
+    /// its proof still holds at `at` (the request's arrival), with the decision remembered
+    /// for that identity and `method`, if any.
     pub fn identity(
         &self,
         snap: &Arc<Snapshot>,
         route: &RouteRt,
-        token: &str,
-        now: u64,
-    ) -> Option<Arc<Identity>> {
+        token: &[u8],
+        method: &Method,
+        at: Instant,
+    ) -> Option<(Arc<Identity>, Option<Arc<Decision>>)> {
         let g = self.0.try_lock()?;
         let e = g.as_ref()?;
-        (e.is_for(snap, route) && *e.token == *token.as_bytes() && e.proof.holds(now))
-            .then(|| e.identity.clone())
+        if !(e.is_for(snap, route) && *e.token == *token && e.proof.holds(at)) {
+            return None;
+        }
+        let decision = match &e.decision {
+            Some((m, d)) if m == method => Some(d.clone()),
+            _ => None,
+        };
+        Some((e.identity.clone(), decision))
     }
 
     /// Remembers a token and what the shared cache said about it, replacing what was there.
@@ -101,25 +110,6 @@ impl Memo {
             proof,
             decision: None,
         });
-    }
-
-    /// The decision remembered for this identity (the memo's own, by address) and method.
-    pub fn decision(
-        &self,
-        snap: &Arc<Snapshot>,
-        route: &RouteRt,
-        identity: &Arc<Identity>,
-        method: &Method,
-    ) -> Option<Arc<Decision>> {
-        let g = self.0.try_lock()?;
-        let e = g.as_ref()?;
-        if !e.is_for(snap, route) || !Arc::ptr_eq(&e.identity, identity) {
-            return None;
-        }
-        match &e.decision {
-            Some((m, d)) if m == method => Some(d.clone()),
-            _ => None,
-        }
     }
 
     /// Remembers the decision for the memo's identity, if `identity` is that one and the
