@@ -34,7 +34,9 @@ pub struct Memo(Mutex<Option<Entry>>);
 
 struct Entry {
     /// The snapshot it was made under. Weak, so an idle connection does not keep an old
-    /// configuration alive; it still keeps the address from being reused.
+    /// configuration alive (only the identity, its provider's key source and the decision,
+    /// until the connection's next request or its end); it still keeps the address from
+    /// being reused.
     snap: Weak<Snapshot>,
     /// The route, by address within that snapshot (only compared).
     route: usize,
