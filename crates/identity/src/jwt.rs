@@ -308,3 +308,76 @@ pub fn identity_from_claims(
         claims: c,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwks::Source;
+
+    fn write_keys(path: &std::path::Path, jwk: &Value) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// A cache hit's proof holds until the entry's expiry, and ends with any new key set.
+    #[tokio::test]
+    async fn a_proof_ends_at_expiry_and_with_a_new_key_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        let dev = crate::dev::generate().unwrap().1;
+        write_keys(&file, &dev.jwk);
+        let keys = Arc::new(KeySource::new(
+            "p",
+            Source::File(file.clone()),
+            None,
+            Duration::from_secs(60),
+        ));
+        keys.refresh().await.unwrap();
+        let v = Validator {
+            provider: "p".into(),
+            issuer: "https://p.test".into(),
+            audiences: vec!["api".into()],
+            algorithms: vec![Algorithm::ES256],
+            hs_key: None,
+            skew: 0,
+            require_exp: true,
+            max_size: 16 * 1024,
+            claims: ClaimMap::default(),
+            keys: keys.clone(),
+            cache: TokenCache::new(16),
+            cache_ttl: Duration::from_secs(300),
+            method: AuthMethod::Jwt,
+        };
+        let token = dev
+            .mint("https://p.test", "api", "alice", &[], None, 120)
+            .unwrap();
+        assert!(v.cached_with_proof(&token).is_none(), "not verified yet");
+        let id = v.validate(&token).await.unwrap();
+        let (cached, proof) = v.cached_with_proof(&token).unwrap();
+        assert!(Arc::ptr_eq(&id, &cached));
+        let now = Instant::now();
+        assert!(proof.holds(now));
+        assert!(proof.holds(now + Duration::from_secs(100)));
+        // The token's `exp` (120 s) comes before the cache TTL (300 s).
+        assert!(!proof.holds(now + Duration::from_secs(121)));
+
+        // A new key set (the same key, rewritten): the proof ends; the cache, asked again,
+        // gives a new one.
+        std::thread::sleep(Duration::from_millis(20));
+        write_keys(&file, &dev.jwk);
+        keys.refresh().await.unwrap();
+        assert!(!proof.holds(now));
+        let (_, again) = v.cached_with_proof(&token).unwrap();
+        assert!(again.holds(now));
+
+        // The signing key leaves: no proof, and the entry is gone. (Each rewrite waits a
+        // little: the file is re-read when its modification time changes, which the kernel
+        // keeps with a coarse clock.)
+        std::thread::sleep(Duration::from_millis(20));
+        write_keys(&file, &crate::dev::generate().unwrap().1.jwk);
+        keys.refresh().await.unwrap();
+        assert!(!again.holds(now));
+        assert!(v.cached_with_proof(&token).is_none());
+    }
+}
