@@ -216,7 +216,19 @@ async fn capture_chunked_upload() -> (RawOrigin, tokio::sync::oneshot::Receiver<
         let (mut s, _) = l.accept().await.unwrap();
         let mut got = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !(got.ends_with(b"\r\n\r\n") && got.windows(3).any(|w| w == b"0\r\n")) {
+        // Done when the body after the head has had its last chunk (`0`) and the trailer
+        // section's end (the head alone can end in `0\r\n\r\n`: a request id ending in 0).
+        let done = |g: &[u8]| {
+            g.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|h| {
+                    let body = &g[h + 4..];
+                    let last_chunk =
+                        body.starts_with(b"0\r\n") || body.windows(5).any(|w| w == b"\r\n0\r\n");
+                    last_chunk && body.ends_with(b"\r\n\r\n")
+                })
+        };
+        while !done(&got) {
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => got.extend_from_slice(&chunk[..n]),
