@@ -332,52 +332,8 @@ pub async fn identify(
                 }
                 ended @ (Outcome::Missing | Outcome::SessionEnded) => {
                     let ended = matches!(ended, Outcome::SessionEnded);
-                    let mut clear = Vec::new();
-                    if ended {
-                        clear.push(clear_cookie(session_name, engine.session.secure, "/"));
-                    }
-                    if wants_html(headers) && *method == http::Method::GET {
-                        if let (Some(login), Some(sealer)) =
-                            (engine.login_provider(&route.auth), &engine.sealer)
-                        {
-                            let redirect_uri = login.redirect_url.clone().unwrap_or_else(|| {
-                                format!("{}/.portcullis/callback", origin(conn, raw_host))
-                            });
-                            match login.start_login(&redirect_uri, path_and_query) {
-                                Ok((url, pre)) => {
-                                    if let Some(sealed) = sealer.seal("preauth", &pre) {
-                                        clear.push(format!(
-                                            "{PREAUTH_COOKIE}={sealed}{}",
-                                            cookie_attrs(
-                                                engine.session.secure,
-                                                "/.portcullis/",
-                                                Some(600)
-                                            )
-                                        ));
-                                        return Step::Respond(
-                                            redirect(&url, &clear),
-                                            "login required".into(),
-                                        );
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
-                                }
-                            }
-                        }
-                    }
-                    let reason = if ended {
-                        "session ended"
-                    } else {
-                        "no credentials"
-                    };
-                    let mut r = unauthorized(rid, ended.then_some("session expired"));
-                    for c in clear {
-                        if let Ok(v) = HeaderValue::from_str(&c) {
-                            r.headers_mut().append(header::SET_COOKIE, v);
-                        }
-                    }
-                    return Step::Respond(r, reason.into());
+                    let to = (raw_host, path_and_query);
+                    return challenge(snap, route, conn, headers, method, to, rid, ended);
                 }
             };
             (identity, set_cookie, bearer, None)
@@ -415,6 +371,65 @@ pub async fn identify(
         set_cookie: set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()),
         remembered,
     }
+}
+
+/// The answer to a request without a credential the route accepts (or whose session has
+/// ended): a 302 to the login for a browser's GET when the route has a login provider, else
+/// 401 with a bearer challenge. An ended session's cookie is cleared either way.
+#[allow(clippy::too_many_arguments)]
+fn challenge(
+    snap: &Snapshot,
+    route: &RouteRt,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+    method: &http::Method,
+    (raw_host, path_and_query): (&str, &str),
+    rid: &str,
+    ended: bool,
+) -> Step {
+    let engine = &snap.identity;
+    let mut clear = Vec::new();
+    if ended {
+        clear.push(clear_cookie(
+            &engine.session.cookie,
+            engine.session.secure,
+            "/",
+        ));
+    }
+    if wants_html(headers) && *method == http::Method::GET {
+        if let (Some(login), Some(sealer)) = (engine.login_provider(&route.auth), &engine.sealer) {
+            let redirect_uri = login
+                .redirect_url
+                .clone()
+                .unwrap_or_else(|| format!("{}/.portcullis/callback", origin(conn, raw_host)));
+            match login.start_login(&redirect_uri, path_and_query) {
+                Ok((url, pre)) => {
+                    if let Some(sealed) = sealer.seal("preauth", &pre) {
+                        clear.push(format!(
+                            "{PREAUTH_COOKIE}={sealed}{}",
+                            cookie_attrs(engine.session.secure, "/.portcullis/", Some(600))
+                        ));
+                        return Step::Respond(redirect(&url, &clear), "login required".into());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
+                }
+            }
+        }
+    }
+    let reason = if ended {
+        "session ended"
+    } else {
+        "no credentials"
+    };
+    let mut r = unauthorized(rid, ended.then_some("session expired"));
+    for c in clear {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    Step::Respond(r, reason.into())
 }
 
 fn query_param(q: &str, name: &str) -> Option<String> {
