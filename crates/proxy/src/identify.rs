@@ -591,6 +591,39 @@ mod tests {
         assert!(v.to_str().is_err());
     }
 
+    /// The bytes compared with a connection's remembered token are the token the full path
+    /// reads: after a `Bearer` scheme in any case, without surrounding whitespace; anything
+    /// else is no bearer token (and goes the full path).
+    #[test]
+    fn bearer_bytes_are_the_token_the_full_path_reads() {
+        let full = |v: &[u8]| {
+            let v = HeaderValue::from_bytes(v).unwrap();
+            credential_text(&v)
+                .and_then(|a| a.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t.trim().as_bytes().to_vec())
+        };
+        for v in [
+            &b"Bearer abc.def.ghi"[..],
+            b"bearer abc",
+            b"BEARER  abc \t",
+            b"Bearer ",
+            b"Bearer\tabc",
+            b"Bearerabc",
+            b"Basic abc",
+            b"ApiKey abc",
+            b"Bear",
+            b"",
+        ] {
+            assert_eq!(
+                bearer_bytes(v).map(<[u8]>::to_vec),
+                full(v),
+                "{:?}",
+                String::from_utf8_lossy(v)
+            );
+        }
+    }
+
     #[test]
     fn cookies_are_removed_individually() {
         let mut h = HeaderMap::new();
