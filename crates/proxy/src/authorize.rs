@@ -67,7 +67,7 @@ pub async fn authorize(
                     now: None,
                 },
             );
-            if snap.policy.decided_by_identity_and_method(&route.id) {
+            if route.memo_decisions {
                 conn.memo
                     .remember_decision(snap, route, identity, method, &d);
             }

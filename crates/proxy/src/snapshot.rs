@@ -68,6 +68,9 @@ pub struct RouteRt {
     pub upstream_headers: Vec<(http::HeaderName, String)>,
     pub assertion: bool,
     pub pass_token: bool,
+    /// The route's policies read no request context but the method, so a connection may
+    /// remember a decision for its identity and method (see `memo`). Found once per build.
+    pub memo_decisions: bool,
     /// `false`: shadow mode (decisions recorded, not enforced).
     pub enforce: bool,
     pub authorize_with: Vec<Arc<portcullis_authorizer::Authorizer>>,
@@ -223,6 +226,7 @@ impl Snapshot {
                     .collect(),
                 assertion: spec.headers.assertion,
                 pass_token: spec.headers.pass_token,
+                memo_decisions: policy.decided_by_identity_and_method(&r.id),
                 enforce: spec.enforce,
                 authorize_with: spec
                     .authorize_with
