@@ -260,6 +260,63 @@ fn every_example_passes_check() {
     assert!(n >= 1, "no examples found in {}", dir.display());
 }
 
+/// An idle keep-alive connection (HTTP/1.1, served without protocol detection) and one that
+/// has sent nothing yet must not hold a shutdown for its whole grace period.
+#[tokio::test]
+async fn sigterm_closes_idle_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = Origin::start(|_req| async {
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok")))
+    })
+    .await;
+    let yaml = "\
+shutdown_grace: 60s
+listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]
+backends:
+  - { name: b, servers: [{ address: \"ADDR\" }] }
+routes:
+  - { name: r, match: { path_prefix: / }, backend: b, public: true }
+"
+    .replace("ADDR", &o.address());
+    let mut p = Proxy::start(&yaml).await;
+    let mut kept = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let sent = Instant::now();
+    p.signal(libc::SIGTERM);
+    for (name, s) in [("kept-alive", &mut kept), ("silent", &mut silent)] {
+        // Well before the 10 s header timeout that would close the silent one anyway.
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "the {name} connection was not closed: {r:?}"
+        );
+    }
+    let code = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "still running 5s after SIGTERM with only idle connections:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code.code(), Some(0), "log:\n{}", p.log_text());
+}
+
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let slow = Origin::start(|_req| async {

@@ -252,12 +252,15 @@ async fn accept_loop(
         let s = settings.load_full();
         let shared = shared.clone();
         let name = name.clone();
-        let watcher = graceful.watcher();
+        let watch = Watch {
+            watcher: graceful.watcher(),
+            stop: stop.clone(),
+        };
         let gauge = gauge.clone();
         tokio::spawn(async move {
             gauge.inc();
             let _g = GaugeGuard(gauge);
-            serve(tcp, peer, name, s, shared, watcher).await;
+            serve(tcp, peer, name, s, shared, watch).await;
         });
     }
     drop(listener);
@@ -282,17 +285,34 @@ async fn serve(
     listener: Arc<str>,
     s: Arc<Settings>,
     shared: Arc<Shared>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut watch: Watch,
 ) {
     let cfg = &s.cfg;
     let idle = cfg.timeouts.idle.0;
     let header_timeout = cfg.timeouts.client_header.0;
+    // The first request's head is due this long after accept, TLS handshake included.
+    let first_head_by = tokio::time::Instant::now() + header_timeout;
     let smuggle = Arc::new(crate::smuggle::Flags::default());
     match &s.tls {
         None => {
+            // Silence ends the connection after the header or the idle timeout, whichever
+            // comes first, as it does once hyper reads.
+            let silent_until = first_head_by.min(tokio::time::Instant::now() + idle);
+            let spoken = tokio::select! {
+                biased;
+                r = tokio::time::timeout_at(silent_until, sniff(&tcp)) => match r {
+                    Ok(Some(p)) => p,
+                    // Closed or failed before a byte arrived, or silent too long: closed
+                    // without a response, as a late head is.
+                    Ok(None) | Err(_) => return,
+                },
+                // Shutting down: nothing was asked, so nothing is owed.
+                _ = watch.stop.changed() => return,
+            };
             let conn = Arc::new(ConnInfo::new(peer, listener, false, None, smuggle.clone()));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout);
-            run_http(io, conn, &s, shared, watcher).await
+            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout)
+                .first_head_by(first_head_by);
+            run_http(io, conn, &s, spoken, shared, watch).await
         }
         Some((acceptor, _)) => {
             let hs = tokio::time::timeout(cfg.timeouts.client_header.0, acceptor.accept(tcp)).await;
@@ -307,6 +327,11 @@ async fn serve(
                     return;
                 }
             };
+            let spoken = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Spoken::H2,
+                Some(b"http/1.1") => Spoken::H1,
+                _ => Spoken::Unsure,
+            };
             let client_cert = tls
                 .get_ref()
                 .1
@@ -320,9 +345,43 @@ async fn serve(
                 client_cert,
                 smuggle.clone(),
             ));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout);
-            run_http(io, conn, &s, shared, watcher).await
+            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout)
+                .first_head_by(first_head_by);
+            run_http(io, conn, &s, spoken, shared, watch).await
         }
+    }
+}
+
+/// The protocol a client connection speaks, when known before hyper reads from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spoken {
+    H1,
+    H2,
+    /// Left to hyper's own detection (it reads up to the 24-byte h2 preface first).
+    Unsure,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells an h2 prior-knowledge connection from HTTP/1 by peeking at its first bytes, which
+/// stay in the socket. hyper-util's detection reads them into a 24-byte buffer and replays
+/// them, so hyper's first read of an HTTP/1 head returned only those 24 bytes, and hyper grew
+/// its read buffer from 8 to 16 KiB for the life of the connection (5 KiB more per idle
+/// connection, measured). `None` when the client closed without sending anything.
+async fn sniff(tcp: &tokio::net::TcpStream) -> Option<Spoken> {
+    let mut buf = [0u8; 24];
+    let n = tcp.peek(&mut buf).await.ok()?;
+    (n > 0).then(|| spoken_by(&buf[..n]))
+}
+
+fn spoken_by(first: &[u8]) -> Spoken {
+    if first.len() >= H2_PREFACE.len() && first[..H2_PREFACE.len()] == *H2_PREFACE {
+        Spoken::H2
+    } else if H2_PREFACE.starts_with(first) {
+        // A prefix of the preface so far ("PRI * HT"...): hyper reads on and decides.
+        Spoken::Unsure
+    } else {
+        Spoken::H1
     }
 }
 
@@ -330,48 +389,96 @@ async fn run_http<IO>(
     io: IO,
     conn: Arc<ConnInfo>,
     s: &Settings,
+    spoken: Spoken,
     shared: Arc<Shared>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watch: Watch,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &s.cfg;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // The header timeout is enforced by `smuggle::Guard`, which knows when a head starts:
-        // hyper's also runs while a keep-alive connection waits for its next request, and
-        // allocates a timer per request.
-        .header_read_timeout(None)
-        .max_buf_size((cfg.max_header_size.0 as usize).max(8192));
-    // hyper's default is 100; setting it explicitly makes hyper fill a header array on every
-    // parse, so only set a different limit.
-    if cfg.max_headers != 100 {
-        b.http1().max_headers(cfg.max_headers);
-    }
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_size.0.min(u32::MAX as u64) as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let h1 = cfg.protocols.contains(&Protocol::Http1);
-    let h2 = cfg.protocols.contains(&Protocol::Http2);
-    if h1 && !h2 {
-        b = b.http1_only();
-    } else if h2 && !h1 {
-        b = b.http2_only();
-    }
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(forward::handle(shared, conn, req).await) }
     });
-    let c = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    if let Err(e) = watcher.watch(c.into_owned()).await {
+    let h1 = cfg.protocols.contains(&Protocol::Http1);
+    let h2 = cfg.protocols.contains(&Protocol::Http2);
+    let ended = if h1 && (!h2 || spoken == Spoken::H1) {
+        // Known HTTP/1 goes straight to hyper's HTTP/1 server: the auto builder would read
+        // the first 24 bytes to detect the protocol, even when told it is HTTP/1.
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.apply(cfg);
+        let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        // hyper-util's graceful watcher takes no upgradeable HTTP/1 connection, so this
+        // one is told of the shutdown directly; holding the watcher until the connection
+        // ends makes the listener's shutdown wait for it all the same.
+        let Watch { watcher, mut stop } = watch;
+        let mut conn = std::pin::pin!(conn);
+        let r = tokio::select! {
+            biased;
+            r = conn.as_mut() => r,
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        drop(watcher);
+        r.map_err(Into::into)
+    } else {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1().apply(cfg);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(cfg.max_header_size.0.min(u32::MAX as u64) as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        if h2 && (!h1 || spoken == Spoken::H2) {
+            b = b.http2_only();
+        }
+        let c = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        // Boxed, so that this rarer branch's larger state does not size every connection's
+        // task (an idle HTTP/1 connection keeps its task for its whole life).
+        Box::pin(watch.watcher.watch(c.into_owned())).await
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
+
+/// What a connection needs to take part in its listener's graceful shutdown: the watcher
+/// that the shutdown waits for, and the stop signal.
+struct Watch {
+    watcher: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
+}
+
+/// The HTTP/1 settings shared by the plain and the auto-detecting paths.
+trait Http1Settings {
+    fn apply(&mut self, cfg: &ListenerCfg);
+}
+
+macro_rules! http1_settings {
+    ($t:ty) => {
+        impl Http1Settings for $t {
+            fn apply(&mut self, cfg: &ListenerCfg) {
+                self.timer(TokioTimer::new())
+                    // The header timeout is enforced by `smuggle::Guard`, which knows when a
+                    // head starts: hyper's also runs while a keep-alive connection waits for
+                    // its next request, and allocates a timer per request.
+                    .header_read_timeout(None)
+                    .max_buf_size((cfg.max_header_size.0 as usize).max(8192));
+                // hyper's default is 100; setting it explicitly makes hyper fill a header
+                // array on every parse, so only set a different limit.
+                if cfg.max_headers != 100 {
+                    self.max_headers(cfg.max_headers);
+                }
+            }
+        }
+    };
+}
+http1_settings!(hyper::server::conn::http1::Builder);
+http1_settings!(auto::Http1Builder<'_, TokioExecutor>);
 
 /// Closes a client connection when nothing has been read or written for `idle`, like
 /// HAProxy's `timeout client`. I/O only sets a flag (no clock read per call); a timer that
@@ -543,5 +650,39 @@ mod tests {
         io.shutdown().await.unwrap();
         drop(io);
         assert_eq!(reader.await.unwrap(), want);
+    }
+
+    #[test]
+    fn the_first_bytes_tell_h2_from_http1() {
+        assert_eq!(spoken_by(b"GET / HTTP/1.1\r\nHost: x\r\n"), Spoken::H1);
+        assert_eq!(spoken_by(b"G"), Spoken::H1);
+        assert_eq!(spoken_by(b"\r\n"), Spoken::H1);
+        assert_eq!(spoken_by(b"PRIX"), Spoken::H1);
+        assert_eq!(spoken_by(H2_PREFACE), Spoken::H2);
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(b"\0\0\x12\x04");
+        assert_eq!(spoken_by(&more), Spoken::H2);
+        // Every proper prefix of the preface leaves the choice to hyper.
+        for n in 1..H2_PREFACE.len() {
+            assert_eq!(spoken_by(&H2_PREFACE[..n]), Spoken::Unsure, "{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sniffing_leaves_the_bytes_for_hyper() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let req = b"GET /a-long-enough-path HTTP/1.1\r\nHost: x\r\n\r\n";
+        c.write_all(req).await.unwrap();
+        assert_eq!(sniff(&s).await, Some(Spoken::H1));
+        let mut got = vec![0u8; req.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &req[..]);
+        // A client that closes without a byte is not served at all.
+        drop(c);
+        assert_eq!(sniff(&s).await, None);
     }
 }

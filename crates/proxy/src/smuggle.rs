@@ -79,6 +79,13 @@ impl<T> Guard<T> {
         }
     }
 
+    /// Makes the first head due by `deadline` (the connection's accept time plus the header
+    /// timeout) rather than a full header timeout after the first read.
+    pub fn first_head_by(mut self, deadline: tokio::time::Instant) -> Self {
+        self.header_timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        self
+    }
+
     /// Whether a head is being awaited: the first one (nothing complete yet) or one whose
     /// first bytes have arrived.
     fn awaiting_head(&self) -> bool {
