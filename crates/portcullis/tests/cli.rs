@@ -260,6 +260,37 @@ fn every_example_passes_check() {
     assert!(n >= 1, "no examples found in {}", dir.display());
 }
 
+/// A proxy with one public route to `origin` and the given `shutdown_grace`.
+async fn public_proxy(grace: &str, origin: &Origin) -> Proxy {
+    let yaml = "\
+shutdown_grace: GRACE
+listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]
+backends:
+  - { name: b, servers: [{ address: \"ADDR\" }] }
+routes:
+  - { name: r, match: { path_prefix: / }, backend: b, public: true }
+"
+    .replace("GRACE", grace)
+    .replace("ADDR", &origin.address());
+    Proxy::start(&yaml).await
+}
+
+/// Waits for the proxy to exit, by `deadline`, with status 0.
+async fn exits_zero_by(p: &mut Proxy, deadline: Instant) {
+    let code = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after SIGTERM:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code.code(), Some(0), "log:\n{}", p.log_text());
+}
+
 /// An idle keep-alive connection (HTTP/1.1, served without protocol detection) and one that
 /// has sent nothing yet must not hold a shutdown for its whole grace period.
 #[tokio::test]
@@ -269,16 +300,7 @@ async fn sigterm_closes_idle_connections_at_once() {
         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok")))
     })
     .await;
-    let yaml = "\
-shutdown_grace: 60s
-listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]
-backends:
-  - { name: b, servers: [{ address: \"ADDR\" }] }
-routes:
-  - { name: r, match: { path_prefix: / }, backend: b, public: true }
-"
-    .replace("ADDR", &o.address());
-    let mut p = Proxy::start(&yaml).await;
+    let mut p = public_proxy("60s", &o).await;
     let mut kept = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
         .await
         .unwrap();
@@ -303,18 +325,7 @@ routes:
             "the {name} connection was not closed: {r:?}"
         );
     }
-    let code = loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(5),
-            "still running 5s after SIGTERM with only idle connections:\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(code.code(), Some(0), "log:\n{}", p.log_text());
+    exits_zero_by(&mut p, sent + Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -324,16 +335,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow done")))
     })
     .await;
-    let yaml = "\
-shutdown_grace: 5s
-listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]
-backends:
-  - { name: b, servers: [{ address: \"ADDR\" }] }
-routes:
-  - { name: r, match: { path_prefix: / }, backend: b, public: true }
-"
-    .replace("ADDR", &slow.address());
-    let mut p = Proxy::start(&yaml).await;
+    let mut p = public_proxy("5s", &slow).await;
     let url = p.url("/slow");
     let in_flight = tokio::spawn(async move {
         let r = client().get(url).send().await?;
@@ -371,19 +373,7 @@ routes:
         .expect("the in-flight request failed");
     assert_eq!((status, body.as_str()), (200, "slow done"));
 
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let code = loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 8s after SIGTERM:\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(code.code(), Some(0), "log:\n{}", p.log_text());
+    exits_zero_by(&mut p, Instant::now() + Duration::from_secs(8)).await;
     assert!(
         sent.elapsed() < Duration::from_secs(5),
         "took {:?} to stop",
