@@ -338,18 +338,7 @@ async fn metrics_cover_requests_latency_servers_and_connections() {
     }
     assert_eq!(c.get(p.url("/nowhere")).send().await.unwrap().status(), 404);
     // Keep one client connection open while scraping.
-    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
-        .await
-        .unwrap();
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        held.write_all(b"GET /app HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let n = held.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    }
+    let held = kept_alive(p.port, "/app").await;
 
     let r = reqwest::Client::new()
         .get(p.admin_url("/metrics"))

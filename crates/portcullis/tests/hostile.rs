@@ -468,15 +468,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     );
 
     // An idle keep-alive connection after a response is closed the same way.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /app HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut s = kept_alive(p.port, "/app").await;
     let (_, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
     let closed = closed.expect("an idle keep-alive connection stayed open");
     assert!(

@@ -302,6 +302,23 @@ where
     }
 }
 
+/// Opens a connection, sends one keep-alive `GET path`, checks that it got a 200, and returns
+/// the still-open connection.
+pub async fn kept_alive(port: u16, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let got = String::from_utf8_lossy(&buf[..n]);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    s
+}
+
 /// Sends raw bytes on a new connection and returns what came back (until close or timeout).
 pub async fn raw(port: u16, bytes: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
