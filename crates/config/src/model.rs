@@ -231,6 +231,71 @@ pub struct Listener {
     /// Protocols offered: `http1`, `http2`. Default both.
     #[serde(default = "both_protocols")]
     pub protocols: Vec<Protocol>,
+    /// How each request target is put into its one canonical form before routing.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// What to do with `X-HTTP-Method-Override` and its kin. Routes may override it.
+    #[serde(default)]
+    pub method_override: MethodOverride,
+    /// Upgrade protocols forwarded (`Upgrade:`); `h2c` never is. Routes may override it.
+    #[serde(default = "websocket_only")]
+    pub upgrades: Vec<String>,
+}
+
+/// A listener's canonicalization settings (docs/security.md, "Canonical requests").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalize {
+    /// Merge repeated slashes (`//admin` is `/admin`).
+    #[serde(default = "yes")]
+    pub merge_slashes: bool,
+    /// Encoded slashes and backslashes (`%2F`, `%5C`) in a path.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Normalize {
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::Reject,
+        }
+    }
+}
+
+/// What an encoded slash or backslash (`%2F`, `%5C`) in a path gets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// 400.
+    #[default]
+    Reject,
+    /// Kept encoded, as part of its segment (opaque to prefix matching).
+    Keep,
+    /// Decoded to `/` before the path is matched.
+    Decode,
+}
+
+/// What a method-override header (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+/// `X-Method-Override`) gets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodOverride {
+    /// Removed before the request is forwarded.
+    #[default]
+    Strip,
+    /// 400.
+    Reject,
+    /// Believed: policy, limits and audit see the overridden method, and the header is
+    /// forwarded.
+    Honor,
+}
+
+/// A route's canonicalization overrides.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteNormalize {
+    pub escaped_slashes: Option<EscapedSlashes>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -623,6 +688,17 @@ pub struct Route {
     pub client_cert: Option<CertMode>,
     #[serde(default)]
     pub headers: RouteHeaders,
+    /// Overrides of the listener's canonicalization (`escaped_slashes` only).
+    #[serde(default)]
+    pub normalize: RouteNormalize,
+    /// Overrides the listener's `method_override`.
+    pub method_override: Option<MethodOverride>,
+    /// Overrides the listener's `upgrades`.
+    pub upgrades: Option<Vec<String>>,
+    /// Forward the client's request trailers (gRPC requests always keep theirs). Trailers
+    /// named like identity headers are dropped either way.
+    #[serde(default)]
+    pub request_trailers: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -816,6 +892,10 @@ pub struct Match {
     /// Header name to exact value; `"*"` means present with any value.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Match `path` and `path_prefix` (and `path_regex`) with case. By default they match
+    /// case-insensitively, so a protected prefix covers its case variants.
+    #[serde(default)]
+    pub case_sensitive: bool,
 }
 
 fn d200ms() -> Dur {
@@ -934,6 +1014,9 @@ fn admin_bind() -> String {
 }
 fn http1() -> Protocol {
     Protocol::Http1
+}
+fn websocket_only() -> Vec<String> {
+    vec!["websocket".into()]
 }
 fn both_protocols() -> Vec<Protocol> {
     vec![Protocol::Http1, Protocol::Http2]

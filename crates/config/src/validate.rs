@@ -192,6 +192,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             Ok(b) => l.bind = b,
             Err(e) => diags.push(root_src.diag(&format!("{at}.bind"), e)),
         }
+        check_upgrades(
+            &root_src,
+            &format!("{at}.upgrades"),
+            &l.upgrades,
+            &mut diags,
+        );
         check_bind(
             &root_src,
             &format!("{at}.bind"),
@@ -421,6 +427,9 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 }
             }
             check_match(&app.src, &format!("{at}.match"), &r.matcher, &mut diags);
+            if let Some(u) = &r.upgrades {
+                check_upgrades(&app.src, &format!("{at}.upgrades"), u, &mut diags);
+            }
             check_route_identity(&app.src, &at, r, &provider_kinds, &mut diags);
             for (j, a) in r.authorize_with.iter().enumerate() {
                 if !root.authorizers.iter().any(|x| &x.name == a) {
@@ -505,7 +514,8 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     if !diags.is_empty() {
         return Err(Error(diags));
     }
-    let warnings = dev_warnings(&listeners, &routes, &provider_kinds);
+    let mut warnings = dev_warnings(&listeners, &routes, &provider_kinds);
+    warnings.extend(path_warnings(&routes));
     // The version covers what the YAML points at too: expanded secrets and the TLS files
     // that are read once, so rotating a `${file:}` secret or a CA file and reloading
     // actually takes effect.
@@ -907,6 +917,78 @@ pub fn check_template(t: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A route's match, reduced to what the path warnings compare: the host (lower-case, None for
+/// any) and the path (exact or prefix, None for every path).
+fn host_and_path(r: &RouteDef) -> (Option<String>, Option<(&str, bool)>) {
+    let m = &r.spec.matcher;
+    let host = m.host.as_ref().map(|h| h.to_ascii_lowercase());
+    let path = match (&m.path, &m.path_prefix) {
+        (Some(p), _) => Some((p.as_str(), true)),
+        (None, Some(p)) if p != "/" => Some((p.as_str(), false)),
+        _ => None,
+    };
+    (host, path)
+}
+
+/// Whether a route for host `outer` also receives requests for host `inner`.
+fn host_covers(outer: &Option<String>, inner: &Option<String>) -> bool {
+    match (outer, inner) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(o), Some(i)) if o == i => true,
+        (Some(o), Some(i)) => o
+            .strip_prefix('*')
+            .is_some_and(|suffix| i.ends_with(suffix) && !i.starts_with('*')),
+    }
+}
+
+/// Warnings about paths that a reader could take for separate when portcullis treats them as
+/// one (routes that differ only by case), and about protected routes that a public route's
+/// prefix covers: their protection rests on the canonical form of each request.
+fn path_warnings(routes: &[RouteDef]) -> Vec<String> {
+    let mut out = Vec::new();
+    let keys: Vec<_> = routes.iter().map(host_and_path).collect();
+    for (i, a) in routes.iter().enumerate() {
+        for (j, b) in routes.iter().enumerate().skip(i + 1) {
+            let (Some((pa, ea)), Some((pb, eb))) = (keys[i].1, keys[j].1) else {
+                continue;
+            };
+            if keys[i].0 == keys[j].0 && ea == eb && pa != pb && pa.eq_ignore_ascii_case(pb) {
+                out.push(format!(
+                    "routes `{}` (`{pa}`) and `{}` (`{pb}`) differ only by case: paths match case-insensitively unless `match.case_sensitive: true`, so both match the same requests and `{}` is never chosen for them; rename one, or set `case_sensitive: true` on both",
+                    a.id, b.id, b.id
+                ));
+            }
+        }
+    }
+    for (i, public) in routes.iter().enumerate() {
+        if !public.spec.public || public.spec.matcher.path_regex.is_some() {
+            continue;
+        }
+        let (ph, pp) = &keys[i];
+        let pp = match pp {
+            Some((_, true)) => continue,
+            Some((p, false)) => *p,
+            None => "/",
+        };
+        for (j, protected) in routes.iter().enumerate() {
+            let (qh, Some((qp, _))) = &keys[j] else {
+                continue;
+            };
+            let longer = qp.len() > pp.len()
+                && qp.as_bytes()[..pp.len()].eq_ignore_ascii_case(pp.as_bytes());
+            if protected.spec.public || !host_covers(ph, qh) || !longer {
+                continue;
+            }
+            out.push(format!(
+                "public route `{}` (prefix `{pp}`) covers protected route `{}` (`{qp}`): a request for `{qp}` is protected only because portcullis matches and forwards one canonical form of its path and host; keep the listeners' `normalize` defaults and do not route this origin's paths around portcullis (docs/security.md, \"Canonical requests\")",
+                public.id, protected.id
+            ));
+        }
+    }
+    out
+}
+
 /// The dev issuer signs any token asked of it: warn when it guards a non-loopback listener.
 fn dev_warnings(
     listeners: &[Listener],
@@ -1125,6 +1207,31 @@ fn check_backend(
         }
     }
     names
+}
+
+/// Upgrade protocols are tokens (RFC 9110 §7.8); `h2c` is never forwarded, since a tunnel
+/// carries requests that no route or policy sees (h2c smuggling).
+fn check_upgrades(src: &Source, at: &str, list: &[String], diags: &mut Vec<Diagnostic>) {
+    for (i, u) in list.iter().enumerate() {
+        let name = u.split('/').next().unwrap_or("");
+        if name.eq_ignore_ascii_case("h2c") {
+            diags.push(src.diag(
+                &format!("{at}[{i}]"),
+                "`h2c` cannot be allowed: an h2c tunnel would carry requests that no route or policy sees; remove it (clients that speak HTTP/2 use h2 on the listener instead)",
+            ));
+        } else if u.is_empty()
+            || !u
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b))
+        {
+            diags.push(src.diag(
+                &format!("{at}[{i}]"),
+                format!(
+                    "invalid upgrade protocol `{u}`: write a protocol name such as `websocket`"
+                ),
+            ));
+        }
+    }
 }
 
 fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {

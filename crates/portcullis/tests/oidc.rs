@@ -1148,13 +1148,14 @@ async fn redirects_never_leave_the_site() {
     let q = query(&r.location());
     assert_eq!(q["post_logout_redirect_uri"], home);
 
-    // A login started from `//evil.example/...` ends on `/`, not off-site.
+    // A login started from `//evil.example/...` ends on this site: the path is merged to
+    // its canonical `/evil.example/x` before anything reads it, never a scheme-relative URL.
     let mut b = Browser::new();
     let auth = b.start_login(&p, "//evil.example/x").await;
     let back = b.idp_login(&idp.issuer, &auth, "alice").await;
     let cb = b.get(&back).await;
     assert_eq!(cb.status, 302);
-    assert_eq!(cb.raw_location(), Some("/"));
+    assert_eq!(cb.raw_location(), Some("/evil.example/x"));
 
     // A forged Host makes portcullis ask for an unregistered redirect_uri: the OP refuses
     // it and redirects nowhere.

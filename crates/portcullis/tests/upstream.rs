@@ -271,6 +271,8 @@ async fn chunked_uploads_are_framed_for_the_origin() {
     );
 }
 
+/// Trailers reach the origin only on a route that asks for them (`request_trailers`), and
+/// never one named like a header that only portcullis sets.
 #[tokio::test]
 async fn request_trailers_follow_a_chunked_upload() {
     let (origin, seen) = capture_chunked_upload().await;
@@ -282,11 +284,45 @@ async fn request_trailers_follow_a_chunked_upload() {
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = seen.await.unwrap();
+    assert!(
+        seen.ends_with("5\r\nhello\r\n0\r\n\r\n"),
+        "trailers are dropped by default: {seen:?}"
+    );
+
+    let (origin, seen) = capture_chunked_upload().await;
+    let p = Proxy::start(&format!(
+        r#"
+listeners:
+  - name: web
+    bind: "127.0.0.1:{{port}}"
+backends:
+  - name: raw
+    servers:
+      - {{ name: r1, address: "{}" }}
+    retries: {{ attempts: 0 }}
+routes:
+  - name: all
+    match: {{ path_prefix: / }}
+    backend: raw
+    public: true
+    request_trailers: true
+"#,
+        origin.addr
+    ))
+    .await;
+    let resp = raw(
+        p.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 7\r\nX-Portcullis-Assertion: forged\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = seen.await.unwrap();
     assert!(seen.contains("transfer-encoding: chunked\r\n"), "{seen}");
     assert!(
         seen.ends_with("5\r\nhello\r\n0\r\nx-checksum: 7\r\n\r\n"),
         "the trailer section must reach the origin: {seen:?}"
     );
+    assert!(!seen.contains("x-portcullis-assertion"), "{seen:?}");
 }
 
 /// An origin that reads each request head, then runs `answer` on the socket.

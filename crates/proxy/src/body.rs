@@ -4,6 +4,7 @@
 //! Nothing here buffers a whole body.
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -37,16 +38,54 @@ pub struct TooLarge(pub u64);
 #[error("client request body: {0}")]
 pub struct ClientBody(#[source] pub BoxError);
 
-/// Passes a request body through, counting bytes and failing once it exceeds `limit`.
+/// What happens to a client's request trailers on their way to the origin.
+#[derive(Clone)]
+pub enum Trailers {
+    /// Dropped (the default: few origins need them, and a trailer can carry a field that
+    /// portcullis removed from the head).
+    Drop,
+    /// Forwarded, less any field named in the list or under `x-portcullis-` (the identity
+    /// headers and the assertion, which only portcullis sets).
+    Keep(Arc<[HeaderName]>),
+}
+
+impl Trailers {
+    fn filter(&self, mut t: HeaderMap) -> Option<HeaderMap> {
+        let Trailers::Keep(protected) = self else {
+            return None;
+        };
+        let doomed: Vec<HeaderName> = t
+            .keys()
+            .filter(|k| {
+                let name = k.as_str().replace('_', "-");
+                name.starts_with("x-portcullis-") || protected.iter().any(|p| p.as_str() == name)
+            })
+            .cloned()
+            .collect();
+        for n in doomed {
+            t.remove(n);
+        }
+        (!t.is_empty()).then_some(t)
+    }
+}
+
+/// Passes a request body through, counting bytes and failing once it exceeds `limit`, and
+/// applies the route's rule for trailers.
 pub struct Limited<B> {
     inner: B,
     limit: Option<u64>,
     pub seen: Arc<AtomicU64>,
+    trailers: Trailers,
 }
 
 impl<B> Limited<B> {
-    pub fn new(inner: B, limit: Option<u64>, seen: Arc<AtomicU64>) -> Self {
-        Limited { inner, limit, seen }
+    pub fn new(inner: B, limit: Option<u64>, seen: Arc<AtomicU64>, trailers: Trailers) -> Self {
+        Limited {
+            inner,
+            limit,
+            seen,
+            trailers,
+        }
     }
 }
 
@@ -64,6 +103,11 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
+                let kept = f.into_trailers().ok().and_then(|t| this.trailers.filter(t));
+                // Trailers end a body: dropping them ends it here.
+                Poll::Ready(kept.map(|t| Ok(Frame::trailers(t))))
+            }
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     let n = this.seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;

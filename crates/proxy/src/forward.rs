@@ -6,6 +6,7 @@
 use crate::body::{
     empty, full, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
 };
+use crate::canon::{target, Refusal, Target};
 use crate::identify::cookie;
 use crate::pool::{ConnectError, Sender};
 use crate::record::{status_class, AccessRecord};
@@ -18,6 +19,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use portcullis_config::EscapedSlashes;
 use rand::Rng;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +32,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
+    /// The listener's canonicalization rules.
+    pub rules: Arc<crate::canon::Rules>,
     /// The verified client certificate (DER), when the listener asked for one.
     pub client_cert: Option<Arc<Vec<u8>>>,
     /// What the request-smuggling guard saw on this connection.
@@ -45,6 +49,7 @@ impl ConnInfo {
         peer: SocketAddr,
         listener: Arc<str>,
         tls: bool,
+        rules: Arc<crate::canon::Rules>,
         client_cert: Option<Arc<Vec<u8>>>,
         smuggle: Arc<crate::smuggle::Flags>,
     ) -> Self {
@@ -54,6 +59,7 @@ impl ConnInfo {
             peer,
             listener,
             tls,
+            rules,
             client_cert,
             smuggle,
             peer_ip,
@@ -139,61 +145,6 @@ fn local(status: StatusCode, msg: &'static str, rid: &str) -> Response<RespBody>
 fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
-}
-
-/// A path with `.` or `..` segments could route one way and be served another: refuse it.
-fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        seg == "."
-            || seg == ".."
-            || seg.eq_ignore_ascii_case("%2e")
-            || seg.eq_ignore_ascii_case("%2e%2e")
-            || seg.eq_ignore_ascii_case(".%2e")
-            || seg.eq_ignore_ascii_case("%2e.")
-    })
-}
-
-/// Lower-cases the host and removes the port. Returns None for a malformed host.
-fn normalize_host(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
-    // Split off the port: after `]` for an IPv6 literal, else after the last `:`.
-    let (host, port) = if raw.starts_with('[') {
-        let end = raw.find(']')?;
-        (&raw[..=end], &raw[end + 1..])
-    } else {
-        match raw.rfind(':') {
-            Some(i) => (&raw[..i], &raw[i..]),
-            None => (raw, ""),
-        }
-    };
-    let port_ok = match port.strip_prefix(':') {
-        // `host:` is allowed (RFC 3986 §3.2.3); otherwise a decimal port up to 65535.
-        Some(p) => {
-            p.is_empty() || (p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok())
-        }
-        None => port.is_empty(),
-    };
-    let name_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => {
-            !v6.is_empty()
-                && v6
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
-        }
-        None => {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        }
-    };
-    if !port_ok || !name_ok || host.len() > 253 {
-        return None;
-    }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(host)
-    })
 }
 
 /// A request id, kept as the header value sent upstream and to the client; read as text
@@ -312,6 +263,147 @@ fn finish_log(
 
 type Fail<'a> = (StatusCode, &'static str, Option<&'a RouteRt>);
 
+/// Counts and logs a request refused at the edge for its form, and the answer it gets.
+fn refuse(shared: &Shared, conn: &ConnInfo, r: Refusal) -> Fail<'static> {
+    refuse_with(
+        shared,
+        conn,
+        r.reason(),
+        StatusCode::BAD_REQUEST,
+        r.message(),
+    )
+}
+
+fn refuse_with(
+    shared: &Shared,
+    conn: &ConnInfo,
+    reason: &'static str,
+    status: StatusCode,
+    msg: &'static str,
+) -> Fail<'static> {
+    shared
+        .metrics
+        .refuse(&conn.listener, conn.peer.ip(), reason);
+    (status, msg, None)
+}
+
+/// The host a request names. HTTP/2's `:authority`, and the authority of an HTTP/1
+/// absolute-form target, win over the `Host` header (RFC 9112 §3.2.2), so routing and
+/// forwarding agree on one host; HTTP/1.1 still requires a `Host` header. Empty when an
+/// HTTP/1.0 request names none.
+fn request_host(parts: &http::request::Parts) -> Result<HeaderValue, Fail<'static>> {
+    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err((StatusCode::BAD_REQUEST, "more than one Host header\n", None));
+    }
+    match parts.uri.authority() {
+        Some(a)
+            if parts.version != Version::HTTP_11 || parts.headers.contains_key(header::HOST) =>
+        {
+            HeaderValue::from_str(a.as_str())
+                .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header\n", None))
+        }
+        _ => match parts.headers.get(header::HOST) {
+            Some(h) => Ok(h.clone()),
+            None if parts.version == Version::HTTP_11 => {
+                Err((StatusCode::BAD_REQUEST, "missing Host header\n", None))
+            }
+            None => Ok(HeaderValue::from_static("")),
+        },
+    }
+}
+
+fn head_size(parts: &http::request::Parts) -> u64 {
+    crate::canon::head_size(&parts.method, &parts.uri, &parts.headers)
+}
+
+/// The path with its kept encoded slashes decoded, for a route that says `decode`. The
+/// decoded path must route to the same route, or an encoded slash could have steered the
+/// request past the route that the origin will serve.
+fn decode_for_route(
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    parts: &http::request::Parts,
+    host: &str,
+    path: &str,
+    idx: usize,
+) -> Result<String, Refusal> {
+    let d = crate::canon::path(path, conn.rules.merge_slashes, EscapedSlashes::Decode)?
+        .path
+        .into_owned();
+    let again = snap.router.route(
+        host,
+        &crate::canon::match_path(&d),
+        &parts.method,
+        &parts.headers,
+        &conn.listener,
+    );
+    if again != Some(idx) {
+        return Err(Refusal::EscapedSlash);
+    }
+    Ok(d)
+}
+
+/// Applies the route's (or else the listener's) method-override rule.
+fn method_override(
+    route: &RouteRt,
+    conn: &ConnInfo,
+    headers: &mut HeaderMap,
+) -> Result<Option<Method>, Refusal> {
+    let mode = route.method_override.unwrap_or(conn.rules.method_override);
+    crate::canon::method_override(headers, mode)
+}
+
+/// The upgrade a request asks for that its route (or else its listener) allows.
+fn requested_upgrade(
+    parts: &http::request::Parts,
+    route: &RouteRt,
+    conn: &ConnInfo,
+) -> Option<crate::upgrade::Upgrade> {
+    if parts.version != Version::HTTP_11 || !parts.headers.contains_key(header::UPGRADE) {
+        return None;
+    }
+    let allowed = route.upgrades.as_deref().unwrap_or(&conn.rules.upgrades);
+    crate::upgrade::requested(parts.version, &parts.headers, allowed)
+}
+
+/// A gRPC request, whose trailers are part of the protocol.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The answer to a 101 that may not open a tunnel (see `upgrade`): 502, and the client
+/// connection closes, so nothing it sends next is read as a tunnel's bytes.
+fn bad_upgrade(
+    shared: &Shared,
+    conn: &ConnInfo,
+    route: &RouteRt,
+    ctx: &mut Ctx,
+) -> Response<RespBody> {
+    shared
+        .metrics
+        .refuse(&conn.listener, conn.peer.ip(), "upgrade_response");
+    tracing::warn!(request_id = %ctx.rid, route = %route.id, "origin answered 101 with a protocol or handshake that was not asked for; refused");
+    route.by_class[status_class(502)].inc();
+    finish_log(
+        shared,
+        std::mem::take(&mut ctx.record),
+        ctx.start,
+        502,
+        0,
+        Some("invalid upgrade response".into()),
+    );
+    let mut r = local(
+        StatusCode::BAD_GATEWAY,
+        "invalid upgrade response\n",
+        &ctx.rid,
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 async fn proxy<'a>(
     shared: &Arc<Shared>,
     snap: &'a Arc<Snapshot>,
@@ -335,57 +427,39 @@ async fn proxy<'a>(
             None,
         ));
     }
-    // HTTP/2's :authority, and the authority of an HTTP/1 absolute-form target, win over the
-    // Host header (RFC 9112 §3.2.2), so routing and forwarding agree on one host. HTTP/1.1
-    // still requires a Host header.
-    // Kept as a header value: the Host header's own bytes are shared, not copied, by
-    // X-Forwarded-Host and the upstream Host.
-    let raw_host_value = match parts.uri.authority() {
-        Some(a)
-            if parts.version != Version::HTTP_11 || parts.headers.contains_key(header::HOST) =>
-        {
-            HeaderValue::from_str(a.as_str())
-                .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
-        }
-        _ => match parts.headers.get(header::HOST) {
-            Some(h) => h.clone(),
-            None if parts.version == Version::HTTP_11 => {
-                return Err((StatusCode::BAD_REQUEST, "missing Host header\n", None))
-            }
-            None => HeaderValue::from_static(""),
-        },
-    };
-    let raw_host: &str = raw_host_value
-        .to_str()
-        .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header\n", None))?;
-    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
-        return Err((StatusCode::BAD_REQUEST, "more than one Host header\n", None));
-    }
-    let host: std::borrow::Cow<'_, str> = if raw_host.is_empty() {
-        std::borrow::Cow::Borrowed("")
-    } else {
-        normalize_host(raw_host).ok_or((StatusCode::BAD_REQUEST, "invalid Host header\n", None))?
-    };
-    if ctx.log {
-        ctx.record.host = host.to_string();
-    }
-    let path = parts.uri.path();
-    if !path.starts_with('/') {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "request target must be an absolute path\n",
-            None,
+    if parts.version != Version::HTTP_2 && head_size(&parts) > conn.rules.max_header_size {
+        return Err(refuse_with(
+            shared,
+            conn,
+            "header_size",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header section too large\n",
         ));
     }
-    if has_dot_segments(path) {
-        return Err((StatusCode::BAD_REQUEST, "path has dot segments\n", None));
+    // The one canonical form of the target that everything after this sees.
+    let raw_host = request_host(&parts)?;
+    let Target { host, path, query } =
+        target(&parts.uri, &raw_host, &conn.rules).map_err(|r| refuse(shared, conn, r))?;
+    let host_name: &str = host.as_ref().map_or("", |h| &h.name);
+    if ctx.log {
+        ctx.record.host = host_name.to_string();
+        ctx.record.path = path.path.to_string();
     }
+    let path_str: &str = &path.path;
+    let authority: Option<&HeaderValue> = host.as_ref().map(|h| &h.authority);
+    let authority_str = authority.and_then(|a| a.to_str().ok()).unwrap_or("");
 
-    if path.starts_with("/.portcullis/") || path == "/.well-known/portcullis/jwks.json" {
-        let query = parts.uri.query().unwrap_or("");
-        if let Some(r) =
-            crate::identify::endpoints(snap, conn, &parts.headers, path, query, raw_host).await
-        {
+    if path_str.starts_with("/.portcullis/") || path_str == "/.well-known/portcullis/jwks.json" {
+        let r = crate::identify::endpoints(
+            snap,
+            conn,
+            &parts.headers,
+            path_str,
+            query.unwrap_or(""),
+            authority_str,
+        )
+        .await;
+        if let Some(r) = r {
             finish_log(
                 shared,
                 std::mem::take(&mut ctx.record),
@@ -397,31 +471,77 @@ async fn proxy<'a>(
             return Ok(r);
         }
     }
-    let Some(idx) = snap
-        .router
-        .route(&host, path, &parts.method, &parts.headers, &conn.listener)
-    else {
+    let matched = crate::canon::match_path(path_str);
+    let Some(idx) = snap.router.route(
+        host_name,
+        &matched,
+        &parts.method,
+        &parts.headers,
+        &conn.listener,
+    ) else {
         return Err((StatusCode::NOT_FOUND, "no route\n", None));
     };
+    // An encoded slash was kept opaque for routing; the route decides what it gets.
+    let mut decoded = None;
+    if path.escaped_slash {
+        match snap.routes[idx]
+            .escaped_slashes
+            .unwrap_or(conn.rules.escaped_slashes)
+        {
+            EscapedSlashes::Keep => {}
+            EscapedSlashes::Reject => {
+                return Err(refuse(shared, conn, Refusal::EscapedSlash));
+            }
+            EscapedSlashes::Decode => {
+                let d = decode_for_route(snap, conn, &parts, host_name, path_str, idx)
+                    .map_err(|r| refuse(shared, conn, r))?;
+                if ctx.log {
+                    ctx.record.path = d.clone();
+                }
+                decoded = Some(d);
+            }
+        }
+    }
+    let path_str: &str = decoded.as_deref().unwrap_or(path_str);
     let route = &snap.routes[idx];
     let backend = &route.backend;
     if ctx.log {
         ctx.record.route = route.id.to_string();
-    }
-    if ctx.log {
         ctx.record.backend = backend.id.clone();
     }
+    // The method that policy, audit and the log see: the request's own, or an override.
+    let overridden = method_override(route, conn, &mut parts.headers)
+        .map_err(|r| (refuse(shared, conn, r).0, r.message(), Some(route)))?;
+    let method: &Method = overridden.as_ref().unwrap_or(&parts.method);
+    if ctx.log && overridden.is_some() {
+        ctx.record.method = method.as_str().to_string();
+    }
+    // What the origin is sent as the target: the canonical path and the query as sent.
+    let pq: std::borrow::Cow<'_, str> =
+        if decoded.is_none() && matches!(path.path, std::borrow::Cow::Borrowed(_)) {
+            std::borrow::Cow::Borrowed(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+        } else {
+            std::borrow::Cow::Owned(match query {
+                Some(q) => format!("{path_str}?{q}"),
+                None => path_str.to_string(),
+            })
+        };
+    let pq: &str = &pq;
+    // Upgrades the route allows, read before hop-by-hop headers go; then they go, before
+    // anything portcullis adds, so that `Connection` cannot name a header portcullis sets.
+    let upgrade = requested_upgrade(&parts, route, conn);
+    let h2_up = backend.connector.protocol == portcullis_config::Protocol::Http2;
+    strip_hop_by_hop(&mut parts.headers, h2_up);
 
-    // Identify (and apply the route's allow rules) before anything reaches an origin.
-    let login_target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // Identify before anything reaches an origin.
     match crate::identify::identify(
         snap,
         route,
         conn,
         &mut parts.headers,
-        &parts.method,
-        raw_host,
-        login_target,
+        method,
+        authority_str,
+        pq,
         &ctx.rid,
         ctx.start,
     )
@@ -440,15 +560,14 @@ async fn proxy<'a>(
                 if ctx.log {
                     ctx.record.provider = id.provider.clone();
                 }
-                let query = parts.uri.query();
                 let out = crate::authorize::authorize(
                     snap,
                     route,
                     conn,
                     id,
-                    &parts.method,
-                    &host,
-                    path,
+                    method,
+                    host_name,
+                    path_str,
                     query,
                     &parts.headers,
                     &ctx.rid,
@@ -462,9 +581,9 @@ async fn proxy<'a>(
                     app: &route.app,
                     route: &route.id,
                     conn,
-                    method: parts.method.as_str(),
-                    host: &host,
-                    path,
+                    method: method.as_str(),
+                    host: host_name,
+                    path: path_str,
                     query,
                 };
                 if !crate::audit::write_with(shared, || crate::audit::decision(&facts, id, &out))
@@ -518,10 +637,10 @@ async fn proxy<'a>(
                 app: &route.app,
                 route: &route.id,
                 conn,
-                method: parts.method.as_str(),
-                host: &host,
-                path,
-                query: parts.uri.query(),
+                method: method.as_str(),
+                host: host_name,
+                path: path_str,
+                query,
             };
             // Like a decision, a refusal is only answered once it is recorded.
             if !crate::audit::write_with(shared, || crate::audit::auth_failure(&facts, &reason))
@@ -563,36 +682,19 @@ async fn proxy<'a>(
         }
     }
 
-    // WebSocket and other HTTP/1.1 upgrades.
-    let upgrade = parts.version == Version::HTTP_11
-        && parts
-            .headers
-            .get(header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        && parts.headers.contains_key(header::UPGRADE);
-    let upgrade_value = if upgrade {
-        parts.headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    let client_upgrade = if upgrade {
+    let client_upgrade = if upgrade.is_some() {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
         None
     };
 
-    // Build the upstream request head.
-    let h2_up = backend.connector.protocol == portcullis_config::Protocol::Http2;
+    // Build the upstream head: hop-by-hop headers went before identify added its own.
     let mut headers = std::mem::take(&mut parts.headers);
-    strip_hop_by_hop(&mut headers, h2_up);
+    crate::identify::strip_own_cookies(snap, &mut headers);
     headers.remove(header::EXPECT);
-    if let Some(u) = &upgrade_value {
+    if let Some(u) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, u.clone());
+        headers.insert(header::UPGRADE, u.protocols.clone());
     }
     if !trusted {
         // Other ways of claiming a client address are only believed from trusted proxies.
@@ -613,16 +715,15 @@ async fn proxy<'a>(
         );
     }
     let keep_forwarded_host = trusted && headers.contains_key(&X_FORWARDED_HOST);
-    if !raw_host.is_empty() && !keep_forwarded_host {
-        headers.insert(X_FORWARDED_HOST.clone(), raw_host_value.clone());
+    if let (Some(a), false) = (authority, keep_forwarded_host) {
+        headers.insert(X_FORWARDED_HOST.clone(), a.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), ctx.rid.0.clone());
-    let authority = match &backend.host {
-        Some(h) => h.clone(),
-        None if !raw_host.is_empty() => raw_host_value.clone(),
-        None => HeaderValue::from_static("localhost"),
+    let authority = match (&backend.host, authority) {
+        (Some(h), _) => h.clone(),
+        (None, Some(a)) => a.clone(),
+        (None, None) => HeaderValue::from_static("localhost"),
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // HTTP/1.1 upstreams get the origin-form target (`pq`) written as is; h2 needs a URI.
     let h2_uri: Option<Uri> = if h2_up {
         headers.remove(header::HOST);
@@ -661,7 +762,14 @@ async fn proxy<'a>(
     // A request without a body (most GETs) skips the limit and byte count.
     let seen = (!body_empty).then(|| Arc::new(AtomicU64::new(0)));
     let mut body: Option<ReqBody> = Some(match &seen {
-        Some(seen) => Limited::new(body, route.max_body, seen.clone()).boxed_unsync(),
+        Some(seen) => {
+            let trailers = if route.request_trailers || is_grpc(&headers) {
+                crate::body::Trailers::Keep(snap.strip_headers.clone())
+            } else {
+                crate::body::Trailers::Drop
+            };
+            Limited::new(body, route.max_body, seen.clone(), trailers).boxed_unsync()
+        }
         None => empty_req_body(),
     });
     // A chunked HTTP/1 body is checked before a server is picked: a malformed (or oversized)
@@ -940,11 +1048,18 @@ async fn proxy<'a>(
                 return Ok(match up {
                     Up::H1(mut resp) => {
                         if status == 101 {
-                            if let (Some(client_up), Some(io)) =
-                                (client_upgrade, resp.body_mut().take_upgraded())
-                            {
-                                return Ok(tunnel(shared, route, resp, client_up, io, active, ctx));
-                            }
+                            // A tunnel only for the protocol asked for and allowed, and for
+                            // WebSocket only with the handshake's proof: anything else would
+                            // carry requests that no route or policy sees.
+                            let io = resp.body_mut().take_upgraded();
+                            return Ok(match (client_upgrade, io, &upgrade) {
+                                (Some(client_up), Some(io), Some(asked))
+                                    if asked.accepts(resp.headers()) =>
+                                {
+                                    tunnel(shared, route, resp, client_up, io, active, ctx)
+                                }
+                                _ => bad_upgrade(shared, conn, route, ctx),
+                            });
                         }
                         respond(
                             shared, route, backend, si, resp, active, ctx, connect_ms, set_sticky,
@@ -1271,36 +1386,6 @@ fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hosts_are_normalized() {
-        assert_eq!(
-            normalize_host("Example.COM:8080").as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(normalize_host("[::1]:443").as_deref(), Some("[::1]"));
-        assert_eq!(normalize_host("a b"), None);
-        assert_eq!(normalize_host("evil/..").as_deref(), None);
-        assert_eq!(
-            normalize_host("example.com:").as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(normalize_host("example.com:99999"), None);
-        assert_eq!(normalize_host("example.com:+80"), None);
-        assert_eq!(normalize_host("a:b"), None);
-        assert_eq!(normalize_host("a:1:2"), None);
-        assert_eq!(normalize_host("[::1]x"), None);
-        assert_eq!(normalize_host("[]:80"), None);
-        assert_eq!(normalize_host("user@example.com"), None);
-    }
-
-    #[test]
-    fn dot_segments_are_detected() {
-        assert!(has_dot_segments("/a/../admin"));
-        assert!(has_dot_segments("/a/%2e%2E/admin"));
-        assert!(has_dot_segments("/./x"));
-        assert!(!has_dot_segments("/a/..b/c.d"));
-    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -101,6 +101,23 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         })
 }
 
+/// Removes portcullis's own cookies (the session and the login-in-progress cookie) from a
+/// request on its way to any origin, public routes included: a browser sends the session
+/// cookie with every path of the host, and an origin (or its logs) that held it could open
+/// protected routes as that user. Other cookies stay.
+pub fn strip_own_cookies(snap: &Snapshot, headers: &mut HeaderMap) {
+    let session = snap.identity.session.cookie.as_bytes();
+    let ours = headers.get_all(header::COOKIE).iter().any(|v| {
+        let b = v.as_bytes();
+        memchr::memmem::find(b, session).is_some()
+            || memchr::memmem::find(b, PREAUTH_COOKIE.as_bytes()).is_some()
+    });
+    if ours {
+        remove_cookie(headers, &snap.identity.session.cookie);
+        remove_cookie(headers, PREAUTH_COOKIE);
+    }
+}
+
 /// Removes one cookie from the Cookie header(s), keeping the others for the origin.
 fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     let kept: Vec<String> = headers
@@ -340,10 +357,8 @@ pub async fn identify(
         }
     };
 
-    // The credential stays at the edge unless the route passes it on.
-    if session.is_some() {
-        remove_cookie(headers, session_name);
-    }
+    // The credential stays at the edge unless the route passes it on (the session cookie
+    // goes in `strip_own_cookies`, on every route).
     if route.pass_token {
         if let Some(b) = &bearer {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {b}")) {

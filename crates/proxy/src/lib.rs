@@ -14,6 +14,7 @@ pub mod audit;
 pub mod authorize;
 pub mod balance;
 pub mod body;
+pub mod canon;
 pub mod echo;
 pub mod forward;
 pub mod h1;
@@ -28,6 +29,7 @@ pub mod smuggle;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod upgrade;
 
 use arc_swap::ArcSwap;
 use portcullis_config::Config;

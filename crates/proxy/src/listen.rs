@@ -45,6 +45,8 @@ pub enum ListenError {
 /// Settings a running listener reads for each new connection.
 pub struct Settings {
     pub cfg: ListenerCfg,
+    /// The canonicalization rules of this listener's requests.
+    pub rules: Arc<crate::canon::Rules>,
     pub tls: Option<(tokio_rustls::TlsAcceptor, Arc<crate::tls::SniResolver>)>,
 }
 
@@ -83,6 +85,7 @@ pub fn settings(cfg: &ListenerCfg) -> Result<Settings, ListenError> {
     };
     Ok(Settings {
         cfg: cfg.clone(),
+        rules: Arc::new(crate::canon::Rules::new(cfg)),
         tls,
     })
 }
@@ -309,7 +312,14 @@ async fn serve(
                 // Shutting down: nothing was asked, so nothing is owed.
                 _ = watch.stop.changed() => return,
             };
-            let conn = Arc::new(ConnInfo::new(peer, listener, false, None, smuggle.clone()));
+            let conn = Arc::new(ConnInfo::new(
+                peer,
+                listener,
+                false,
+                s.rules.clone(),
+                None,
+                smuggle.clone(),
+            ));
             let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout)
                 .first_head_by(first_head_by);
             run_http(io, conn, &s, spoken, shared, watch).await
@@ -342,6 +352,7 @@ async fn serve(
                 peer,
                 listener,
                 true,
+                s.rules.clone(),
                 client_cert,
                 smuggle.clone(),
             ));

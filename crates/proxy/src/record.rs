@@ -30,6 +30,10 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     pub audit_failures: Counter,
     pub authorizer_cache: Family<Labels, Counter>,
+    /// Requests refused at the edge for their form (canonicalization, method override,
+    /// upgrades, header size), by listener and reason.
+    pub refused: Family<Labels, Counter>,
+    refusal_log: RefusalLog,
 }
 
 fn latency_histogram() -> Histogram {
@@ -53,6 +57,8 @@ impl Default for Metrics {
             access_log_dropped: Counter::default(),
             audit_failures: Counter::default(),
             authorizer_cache: Family::default(),
+            refused: Family::default(),
+            refusal_log: RefusalLog::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,11 +122,55 @@ impl Default for Metrics {
             "External authorizer decision cache lookups by authorizer and result (hit or miss)",
             m.authorizer_cache.clone(),
         );
+        registry.register(
+            "requests_refused",
+            "Requests refused for their form before routing (canonical path and host, method override, upgrades, header size), by listener and reason",
+            m.refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
+/// Remembers when each client was last logged for a refusal, so that a refusal, which can be
+/// an attack, is logged once per client per minute and a flood of them is not. Bounded: when
+/// full, it starts afresh (a client then may be logged once more within its minute).
+#[derive(Default)]
+struct RefusalLog {
+    seen: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>,
+}
+
+const REFUSAL_LOG_CLIENTS: usize = 4096;
+
+impl RefusalLog {
+    fn due(&self, client: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let mut seen = self.seen.lock();
+        match seen.get(&client) {
+            Some(t) if now.duration_since(*t) < std::time::Duration::from_secs(60) => false,
+            _ => {
+                if seen.len() >= REFUSAL_LOG_CLIENTS {
+                    seen.clear();
+                }
+                seen.insert(client, now);
+                true
+            }
+        }
+    }
+}
+
 impl Metrics {
+    /// Counts a request refused at the edge, and logs it once per client per minute.
+    pub fn refuse(&self, listener: &str, client: std::net::IpAddr, reason: &'static str) {
+        self.refused
+            .get_or_create(&vec![
+                ("listener", listener.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+        if self.refusal_log.due(client, std::time::Instant::now()) {
+            tracing::warn!(target: "portcullis::edge", %client, listener, reason, "request refused for its form (further refusals from this client are counted, not logged, for a minute)");
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut s = String::new();
         let _ = encode(&mut s, &self.registry);

@@ -5,6 +5,10 @@
 //! wildcard, then any host; exact path, then the longest prefix, then regex, then no path;
 //! then the route with more method and header conditions; then config order.
 //!
+//! Paths match case-insensitively unless a route says `match.case_sensitive: true`: the
+//! tables are keyed by lower-case paths, and a case-sensitive route checks its own spelling
+//! against the path as sent. Hosts are canonical (lower-case) before they get here.
+//!
 //! `route` is a pure function of the compiled table and the request's parts.
 
 use http::{HeaderMap, Method};
@@ -20,10 +24,24 @@ struct Cond {
     listeners: Option<Vec<String>>,
     regex: Option<Regex>,
     weight: (usize, usize),
+    /// A case-sensitive route's exact path or prefix, as written.
+    case: Option<Box<str>>,
 }
 
 impl Cond {
-    fn matches(&self, method: &Method, headers: &HeaderMap, listener: &str) -> bool {
+    fn matches(&self, req: &Req<'_>) -> bool {
+        let Req {
+            path,
+            method,
+            headers,
+            listener,
+            ..
+        } = *req;
+        if let Some(p) = &self.case {
+            if !path.starts_with(&**p) {
+                return false;
+            }
+        }
         if let Some(ms) = &self.methods {
             if !ms.contains(method) {
                 return false;
@@ -64,12 +82,18 @@ impl Bucket {
     fn add(&mut self, r: &RouteDef, c: Cond) {
         let m = &r.spec.matcher;
         if let Some(p) = &m.path {
-            self.exact.entry(p.clone()).or_default().push(c);
+            self.exact
+                .entry(p.to_ascii_lowercase())
+                .or_default()
+                .push(c);
         } else if let Some(p) = &m.path_prefix {
             if p == "/" {
                 self.any.push(c);
             } else {
-                self.prefix.entry(p.clone()).or_default().push(c);
+                self.prefix
+                    .entry(p.to_ascii_lowercase())
+                    .or_default()
+                    .push(c);
             }
         } else if m.path_regex.is_some() {
             self.regex.push(c);
@@ -103,27 +127,24 @@ impl Bucket {
         }
     }
 
-    fn lookup(
-        &self,
-        path: &str,
-        method: &Method,
-        headers: &HeaderMap,
-        listener: &str,
-    ) -> Option<usize> {
-        let first = |v: &[Cond]| {
+    fn lookup(&self, req: &Req<'_>) -> Option<usize> {
+        let first = |v: &[Cond], exact: bool| {
             v.iter()
-                .find(|c| c.matches(method, headers, listener))
+                .find(|c| {
+                    (!exact || c.case.is_none() || req.path.len() == len_of(c)) && c.matches(req)
+                })
                 .map(|c| c.idx)
         };
-        if let Some(v) = self.exact.get(path) {
-            if let Some(i) = first(v) {
+        let (path, lower) = (req.path, req.lower);
+        if let Some(v) = self.exact.get(lower) {
+            if let Some(i) = first(v, true) {
                 return Some(i);
             }
         }
         for &len in &self.prefix_lens {
-            if let Some(p) = path.get(..len) {
+            if let Some(p) = lower.get(..len) {
                 if let Some(v) = self.prefix.get(p) {
-                    if let Some(i) = first(v) {
+                    if let Some(i) = first(v, false) {
                         return Some(i);
                     }
                 }
@@ -131,13 +152,27 @@ impl Bucket {
         }
         if let Some(set) = &self.regex_set {
             for k in set.matches(path).iter() {
-                if self.regex[k].matches(method, headers, listener) {
+                if self.regex[k].matches(req) {
                     return Some(self.regex[k].idx);
                 }
             }
         }
-        first(&self.any)
+        first(&self.any, false)
     }
+}
+
+/// The request's parts that routes match, with the path also in lower case.
+#[derive(Clone, Copy)]
+struct Req<'a> {
+    path: &'a str,
+    lower: &'a str,
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    listener: &'a str,
+}
+
+fn len_of(c: &Cond) -> usize {
+    c.case.as_ref().map_or(0, |p| p.len())
 }
 
 /// The compiled routing table of one snapshot.
@@ -180,7 +215,20 @@ impl Router {
                 methods,
                 headers,
                 listeners: def.spec.listeners.clone(),
-                regex: m.path_regex.as_ref().and_then(|p| Regex::new(p).ok()),
+                regex: m.path_regex.as_ref().and_then(|p| {
+                    let p = if m.case_sensitive {
+                        p.clone()
+                    } else {
+                        format!("(?i:{p})")
+                    };
+                    Regex::new(&p).ok()
+                }),
+                case: match (&m.path, &m.path_prefix) {
+                    (Some(p), _) | (None, Some(p)) if m.case_sensitive && p != "/" => {
+                        Some(p.as_str().into())
+                    }
+                    _ => None,
+                },
             };
             let bucket = match m.host.as_deref().map(str::to_ascii_lowercase) {
                 None => &mut r.any,
@@ -202,7 +250,8 @@ impl Router {
         r
     }
 
-    /// Finds the route for a request. `host` must be lower-case and without a port.
+    /// Finds the route for a request. `host` must be canonical (`canon::host`) and `path`
+    /// the canonical path without parameters (`canon::match_path`).
     pub fn route(
         &self,
         host: &str,
@@ -211,8 +260,20 @@ impl Router {
         headers: &HeaderMap,
         listener: &str,
     ) -> Option<usize> {
+        let lower = if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(path.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(path)
+        };
+        let req = Req {
+            path,
+            lower: &lower,
+            method,
+            headers,
+            listener,
+        };
         if let Some(b) = self.exact.get(host) {
-            if let Some(i) = b.lookup(path, method, headers, listener) {
+            if let Some(i) = b.lookup(&req) {
                 return Some(i);
             }
         }
@@ -230,14 +291,14 @@ impl Router {
                         continue;
                     }
                     if let Some(b) = self.wildcard.get(&host[pos..]) {
-                        if let Some(i) = b.lookup(path, method, headers, listener) {
+                        if let Some(i) = b.lookup(&req) {
                             return Some(i);
                         }
                     }
                 }
             }
         }
-        self.any.lookup(path, method, headers, listener)
+        self.any.lookup(&req)
     }
 }
 
@@ -366,5 +427,33 @@ mod tests {
             find(&r, &routes, "h4321.example.com", "/svc1/a", Method::GET),
             None
         );
+    }
+
+    #[test]
+    fn paths_match_without_case_unless_told() {
+        let mut cs = m(None, None, Some("/Private/"), None);
+        cs.case_sensitive = true;
+        let mut exact_cs = m(None, Some("/Exact"), None, None);
+        exact_cs.case_sensitive = true;
+        let routes = vec![
+            def("public", m(None, None, Some("/"), None), 0),
+            def("admin", m(None, None, Some("/admin"), None), 1),
+            def("login", m(None, Some("/Login"), None, None), 2),
+            def("re", m(None, None, None, Some("^/api/v[0-9]+$")), 3),
+            def("private", cs, 4),
+            def("exact", exact_cs, 5),
+        ];
+        let r = Router::build(&routes);
+        let g = |p: &str| find(&r, &routes, "h", p, Method::GET).unwrap();
+        assert_eq!(g("/ADMIN"), "admin");
+        assert_eq!(g("/Admin/x"), "admin");
+        assert_eq!(g("/login"), "login");
+        assert_eq!(g("/LOGIN"), "login");
+        assert_eq!(g("/API/V2"), "re");
+        assert_eq!(g("/Private/x"), "private");
+        assert_eq!(g("/private/x"), "public");
+        assert_eq!(g("/Exact"), "exact");
+        assert_eq!(g("/exact"), "public");
+        assert_eq!(g("/Exactly"), "public");
     }
 }

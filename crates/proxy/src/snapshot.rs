@@ -79,6 +79,13 @@ pub struct RouteRt {
     pub max_body: Option<u64>,
     pub timeout: Option<Duration>,
     pub retry_non_idempotent: bool,
+    /// The route's overrides of its listener's rules (`canon::Rules`); None: the listener's.
+    pub escaped_slashes: Option<portcullis_config::EscapedSlashes>,
+    pub method_override: Option<portcullis_config::MethodOverride>,
+    /// Upgrade protocols, lower-case, never `h2c`.
+    pub upgrades: Option<Vec<String>>,
+    /// The client's trailers go to the origin (`request_trailers: true`).
+    pub request_trailers: bool,
     pub by_class: [Counter; 5],
     pub duration: Histogram,
 }
@@ -96,7 +103,7 @@ pub struct Snapshot {
     pub authorizers: Arc<portcullis_authorizer::Authorizers>,
     /// Headers no client may set on any route: every `headers.upstream` name of every route,
     /// plus the assertion header (anything under `x-portcullis-` is also removed).
-    pub strip_headers: Vec<http::HeaderName>,
+    pub strip_headers: Arc<[http::HeaderName]>,
 }
 
 impl Snapshot {
@@ -238,6 +245,10 @@ impl Snapshot {
                 max_body: r.spec.max_body_size.map(|s| s.0),
                 timeout: r.spec.timeout.map(|d| d.0),
                 retry_non_idempotent: r.spec.retry_non_idempotent,
+                escaped_slashes: spec.normalize.escaped_slashes,
+                method_override: spec.method_override,
+                upgrades: spec.upgrades.as_deref().map(crate::canon::lower_all),
+                request_trailers: spec.request_trailers,
                 by_class,
                 duration: metrics
                     .duration
@@ -258,7 +269,7 @@ impl Snapshot {
             identity,
             policy,
             authorizers,
-            strip_headers,
+            strip_headers: strip_headers.into(),
             router: Router::build(&config.routes),
             version: config.version.clone(),
             trusted: config.trusted_proxies.clone(),
