@@ -1391,4 +1391,103 @@ routes:
         assert!(s.contains("has no unit"), "{s}");
         assert!(s.contains("p.yaml:6:"), "{s}");
     }
+
+    const CANON: &str = "\
+listeners:
+  - name: web
+    bind: \"127.0.0.1:18080\"
+    normalize: { merge_slashes: true, escaped_slashes: reject }
+    method_override: strip
+    upgrades: [websocket]
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - { name: site, match: { path_prefix: / }, backend: echo, public: true }
+  - { name: admin, match: { path_prefix: /admin }, backend: echo, auth: [dev] }
+  - name: argo
+    match: { path_prefix: /repo/, case_sensitive: true }
+    backend: echo
+    public: true
+    normalize: { escaped_slashes: keep }
+    method_override: honor
+    upgrades: []
+    request_trailers: true
+";
+
+    #[test]
+    fn canonicalization_settings_load() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", CANON);
+        let c = crate::load(&root).unwrap();
+        let l = &c.listeners[0];
+        assert!(l.normalize.merge_slashes);
+        assert_eq!(l.normalize.escaped_slashes, EscapedSlashes::Reject);
+        assert_eq!(l.upgrades, vec!["websocket".to_string()]);
+        let argo = &c.routes[2].spec;
+        assert_eq!(argo.normalize.escaped_slashes, Some(EscapedSlashes::Keep));
+        assert_eq!(argo.method_override, Some(MethodOverride::Honor));
+        assert_eq!(argo.upgrades.as_deref(), Some(&[][..]));
+        assert!(argo.request_trailers && argo.matcher.case_sensitive);
+        // The public catch-all covers the protected /admin: `check` says why that is safe.
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("public route `default/site`") && w.contains("`default/admin`")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn h2c_and_bad_upgrades_are_refused_with_their_place() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", &CANON.replace("upgrades: []", "upgrades: [h2c]"));
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(s.contains("`h2c` cannot be allowed"), "{s}");
+        assert!(s.contains("p.yaml:22:"), "{s}");
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &CANON.replace("upgrades: [websocket]", "upgrades: [\"web socket\"]"),
+        );
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(s.contains("invalid upgrade protocol"), "{s}");
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &CANON.replace("escaped_slashes: keep", "escaped_slashes: maybe"),
+        );
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(s.contains("p.yaml:20:"), "{s}");
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &CANON.replace("normalize: { escaped_slashes: keep }", "normalize: { merge_slashes: false }"),
+        );
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(s.contains("merge_slashes"), "{s}");
+    }
+
+    #[test]
+    fn routes_that_differ_only_by_case_are_warned_about() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &CANON.replace(
+                "  - name: argo\n",
+                "  - { name: admin2, match: { path_prefix: /Admin }, backend: echo, auth: [dev] }\n  - name: argo\n",
+            ),
+        );
+        let c = crate::load(&root).unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("differ only by case")),
+            "{:?}",
+            c.warnings
+        );
+    }
 }
