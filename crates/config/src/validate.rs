@@ -1445,7 +1445,11 @@ routes:
     #[test]
     fn h2c_and_bad_upgrades_are_refused_with_their_place() {
         let d = tempfile::tempdir().unwrap();
-        let root = write(d.path(), "p.yaml", &CANON.replace("upgrades: []", "upgrades: [h2c]"));
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &CANON.replace("upgrades: []", "upgrades: [h2c]"),
+        );
         let s = crate::load(&root).unwrap_err().to_string();
         assert!(s.contains("`h2c` cannot be allowed"), "{s}");
         assert!(s.contains("p.yaml:22:"), "{s}");
@@ -1466,7 +1470,10 @@ routes:
         let root = write(
             d.path(),
             "p.yaml",
-            &CANON.replace("normalize: { escaped_slashes: keep }", "normalize: { merge_slashes: false }"),
+            &CANON.replace(
+                "normalize: { escaped_slashes: keep }",
+                "normalize: { merge_slashes: false }",
+            ),
         );
         let s = crate::load(&root).unwrap_err().to_string();
         assert!(s.contains("merge_slashes"), "{s}");

@@ -1207,3 +1207,33 @@ async fn fail_closed_refuses_rather_than_answer_unrecorded() {
     );
     assert!(p.log_text().contains("audit record not written"));
 }
+
+/// The record carries the canonical path and host, the ones that were routed and authorized
+/// and that the origin received, not the spelling the client chose.
+#[tokio::test]
+async fn the_record_carries_the_canonical_target() {
+    let p = Proxy::start(&config(EVERY_RECORD)).await;
+    let alice = mint(&p, "alice", "eng");
+    let got = send(
+        &p,
+        "GET",
+        "/%61pi//it%65ms?x=%41",
+        &[
+            ("authorization", &format!("Bearer {alice}")),
+            ("host", "App.Example.COM."),
+        ],
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let echo: Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(
+        (&echo["path"], &echo["query"]),
+        (&json!("/api/items"), &json!("x=%41")),
+        "the origin got the canonical path and the query as sent: {echo}"
+    );
+    let recs = records(&audit_dir(&p));
+    let r = by_rid(&recs, &got.rid);
+    assert_eq!(r.len(), 1, "{recs:?}");
+    assert_eq!(r[0]["path"], "/api/items", "{}", r[0]);
+    assert_eq!(r[0]["host"], "app.example.com", "{}", r[0]);
+}
