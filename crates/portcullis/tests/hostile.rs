@@ -228,6 +228,22 @@ async fn malformed_requests_get_400() {
         400,
     )
     .await;
+    expect_refused(
+        &p,
+        &o,
+        "CONNECT tunnel",
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+        405,
+    )
+    .await;
+    expect_refused(
+        &p,
+        &o,
+        "authority-form GET",
+        b"GET a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+        400,
+    )
+    .await;
     still_healthy(&p, &o).await;
 }
 

@@ -453,8 +453,9 @@ pub fn target<'a>(
         Some(host(raw_host, rules.default_port).ok_or(Refusal::InvalidHost)?)
     };
     let raw_path = match uri.path() {
-        // An absolute-form target with no path (`http://a.example`) asks for `/`.
-        "" => "/",
+        // An absolute-form target with no path (`http://a.example`) asks for `/`; an
+        // authority-form one (`CONNECT a.example:443`) asks for no path at all.
+        "" if uri.scheme().is_some() => "/",
         p => p,
     };
     let slashes = match rules.escaped_slashes {
@@ -710,6 +711,11 @@ mod tests {
         assert_eq!(t.path.path, "/repo/a%2Fb");
         assert!(t.path.escaped_slash && t.host.is_none());
         assert_eq!(t.query, Some("x=%41"));
+        let uri: Uri = "b.example:443".parse().unwrap();
+        assert_eq!(
+            target(&uri, &none, &rules).unwrap_err(),
+            Refusal::NotAbsolute
+        );
         let uri: Uri = "/a?x=%4".parse().unwrap();
         assert_eq!(
             target(&uri, &none, &rules).unwrap_err(),

@@ -436,6 +436,17 @@ async fn proxy<'a>(
             "request header section too large\n",
         ));
     }
+    // portcullis is no forward proxy: a CONNECT tunnel would carry requests that no route
+    // or policy sees.
+    if parts.method == Method::CONNECT {
+        return Err(refuse_with(
+            shared,
+            conn,
+            "connect",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported\n",
+        ));
+    }
     // The one canonical form of the target that everything after this sees.
     let raw_host = request_host(&parts)?;
     let Target { host, path, query } =
