@@ -18,10 +18,12 @@ import statistics
 import sys
 
 PROXIES = ("haproxy", "portcullis")
-VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit")
+VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-base")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
-          "portcullis-jwt-audit": "portcullis JWT + policy + audit"}
+          "portcullis-jwt-audit": "portcullis JWT + policy + audit",
+          "portcullis-base": "portcullis plain, base build"}
+BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
 JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "jwt_vs_haproxy_jwt": ("portcullis-jwt", "haproxy-jwt", 5.0, "portcullis JWT + policy / HAProxy jwt_verify"),
     "jwt_vs_plain": ("portcullis-jwt", "portcullis", 0.95, "portcullis JWT + policy / portcullis plain"),
@@ -194,8 +196,30 @@ def main() -> int:
         plain_table(lines, h, c, hv, ratios, targets, ratio, rounds, fmt, ok)
     if jwt:
         jwt_table(lines, summary, jwt, rounds, ratio, ok)
+    if "portcullis-base" in summary and "portcullis" in summary:
+        base_table(lines, summary, rounds, ratio, ok, env.get("BASE_COMMIT", ""))
     print("\n".join(lines))
     return 0
+
+
+def base_table(lines, summary, rounds, ratio, ok, base_commit):
+    """This build's plain route against another build's (BASE_BIN), from the same rounds."""
+    n, b = summary["portcullis"], summary["portcullis-base"]
+    r = ratio(n["rps_median"], b["rps_median"])
+    per_round = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds["portcullis"], rounds["portcullis-base"])]
+    lines.append("")
+    lines.append(f"This build against the base build ({base_commit}), plain route, same rounds:")
+    lines.append("")
+    lines.append("| metric | base build | this build | this / base | target |")
+    lines.append("|---|---:|---:|---:|---|")
+    lines.append(f"| req/s, median (min–max) | {fmt(b['rps_median'])} ({fmt(b['rps_min'])}–{fmt(b['rps_max'])}) | "
+                 f"{fmt(n['rps_median'])} ({fmt(n['rps_min'])}–{fmt(n['rps_max'])}) | **{fmt(r, 3, '×')}** | "
+                 f"≥ {BASE_TARGET}× {ok(r is not None and r >= BASE_TARGET)} |")
+    lines.append(f"| p99 latency, median | {fmt(b['p99_ms_median'], 3, ' ms')} | {fmt(n['p99_ms_median'], 3, ' ms')} | "
+                 f"{fmt(ratio(n['p99_ms_median'], b['p99_ms_median']), 2, '×')} | |")
+    lines.append(f"| proxy CPU per request, median | {fmt(b['cpu_us_per_req_median'], 2, ' µs')} | {fmt(n['cpu_us_per_req_median'], 2, ' µs')} | "
+                 f"{fmt(ratio(n['cpu_us_per_req_median'], b['cpu_us_per_req_median']), 3, '×')} | |")
+    lines.append(f"| this / base req/s, per round | | | {', '.join(fmt(x, 3) for x in per_round)} (median {fmt(median(per_round), 3)}) | |")
 
 
 def jwt_table(lines, summary, jwt, rounds, ratio, ok):

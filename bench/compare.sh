@@ -6,6 +6,9 @@
 #   QUICK=1 bench/compare.sh         # smoke test: 2 rounds of 3 s, 1,000 idle conns
 #   ROUNDS=7 DURATION=20s bench/compare.sh
 #   SCENARIO=jwt bench/compare.sh    # only the JWT / policy / audit variants (+ portcullis plain)
+#   BASE_BIN=/path/to/old/portcullis bench/compare.sh   # also the plain route of another
+#                                    # build (variant portcullis-base), in the same rounds,
+#                                    # for "no slower than the commit before" checks
 #
 # What it does:
 #   1. installs haproxy, nginx-light and wrk with apt-get when missing (apt-get update only
@@ -50,6 +53,9 @@
 #   ORIGIN_PORT [24680]  HAPROXY_PORT [24681]  PORTCULLIS_PORT [24682]
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
+#   BASE_BIN [unset]  a second portcullis binary, run as variant portcullis-base on
+#                   PORTCULLIS_BASE_PORT [24686] with the plain config; analyze.py reports
+#                   portcullis plain / portcullis-base (target ≥ 0.98×)
 #   BUILD_FROM [worktree]  `head` = build the committed HEAD from `git archive` in
 #                   $OUT/head-src (target dir $OUT/head-target), ignoring uncommitted edits
 #   PROFILE [0]     1 = after the rounds, record `perf record --call-graph dwarf` of portcullis
@@ -97,6 +103,12 @@ case $SCENARIO in
     all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
     *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
 esac
+BASE_BIN=${BASE_BIN:-}
+PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
+if [[ -n $BASE_BIN ]]; then
+    [[ -x $BASE_BIN ]] || { echo "BASE_BIN $BASE_BIN is not an executable" >&2; exit 2; }
+    VARIANTS+=(portcullis-base)
+fi
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BUILD_FROM=${BUILD_FROM:-worktree}
 if [[ $BUILD_FROM == head ]]; then
@@ -234,6 +246,7 @@ rm -rf "$OUT/audit"
 render "$BENCH/nginx.conf.tmpl" "$OUT/nginx.conf"
 render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
+render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT="$PORTCULLIS_BASE_PORT"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
     AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }"
@@ -242,7 +255,8 @@ PIDS=()
 ORIGIN_PID="" HAPROXY_PID=""
 declare -A PID_OF=() PORT_OF=(
     [haproxy]=$HAPROXY_PORT [portcullis]=$PORTCULLIS_PORT [haproxy-jwt]=$HAPROXY_JWT_PORT
-    [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT)
+    [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
+    [portcullis-base]=$PORTCULLIS_BASE_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -280,11 +294,12 @@ start_haproxy() {
     wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
     PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID
 }
-start_portcullis() { # [variant]: portcullis, portcullis-jwt or portcullis-jwt-audit
-    local v=${1:-portcullis} pid
-    "$PORTCULLIS_BIN" check --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 \
+start_portcullis() { # [variant]: portcullis, portcullis-jwt, portcullis-jwt-audit or portcullis-base
+    local v=${1:-portcullis} pid bin=$PORTCULLIS_BIN
+    [[ $v == portcullis-base ]] && bin=$BASE_BIN
+    "$bin" check --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 \
         || die "$v config invalid: $(cat "$OUT/$v.log")"
-    "${ON_PROXY[@]}" env PORTCULLIS_LOG=warn "$PORTCULLIS_BIN" --log-format text run --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 &
+    "${ON_PROXY[@]}" env PORTCULLIS_LOG=warn "$bin" --log-format text run --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 &
     pid=$!; PIDS+=("$pid"); PID_OF[$v]=$pid
     wait_port "${PORT_OF[$v]}" "$pid" "$v"
 }
@@ -329,6 +344,7 @@ start_haproxy
 start_portcullis portcullis
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
+has_variant portcullis-base && start_portcullis portcullis-base
 for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -437,6 +453,10 @@ else
     COMMIT="unknown (prebuilt $PORTCULLIS_BIN)"
 fi
 
+BASE_COMMIT=""
+[[ -n $BASE_BIN && -f $BASE_BIN.commit ]] && BASE_COMMIT=$(cat "$BASE_BIN.commit")
+[[ -n $BASE_BIN && -z $BASE_COMMIT ]] && BASE_COMMIT="$BASE_BIN"
+export BASE_COMMIT
 export SCENARIO ROUNDS DURATION WARMUP THREADS CONNS IDLE_CONNS PIN PROXY_CPU LOAD_CPU PARITY QUICK \
     HAPROXY_VERSION NGINX_VERSION WRK_VERSION COMMIT LOAD_START LOAD_END NOFILE
 python3 "$BENCH/analyze.py" "$OUT" | tee "$OUT/table.md"

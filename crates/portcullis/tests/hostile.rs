@@ -245,6 +245,30 @@ async fn malformed_requests_get_400() {
     )
     .await;
     still_healthy(&p, &o).await;
+
+    // Each refusal is counted by reason; the log names the client once a minute, not per
+    // refusal.
+    let metrics = client()
+        .get(p.admin_url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (reason, n) in [("dot_segment", 3), ("connect", 1), ("not_absolute", 2)] {
+        let line = format!(
+            "portcullis_requests_refused_total{{listener=\"web\",reason=\"{reason}\"}} {n}"
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    let logged = p
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("request refused for its form"))
+        .count();
+    assert_eq!(logged, 1, "{}", p.log_text());
 }
 
 #[tokio::test]

@@ -304,4 +304,21 @@ mod tests {
         assert_eq!(CLASSES[status_class(503)], "5xx");
         assert_eq!(CLASSES[status_class(99)], "1xx");
     }
+
+    #[test]
+    fn refusals_are_logged_once_per_client_per_minute() {
+        let log = RefusalLog::default();
+        let t0 = std::time::Instant::now();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(log.due(a, t0));
+        assert!(!log.due(a, t0 + std::time::Duration::from_secs(59)));
+        assert!(log.due(b, t0));
+        assert!(log.due(a, t0 + std::time::Duration::from_secs(61)));
+        // Bounded: a flood of clients never grows it past its size.
+        for i in 0..(REFUSAL_LOG_CLIENTS as u32 * 2) {
+            log.due(std::net::IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert!(log.seen.lock().len() <= REFUSAL_LOG_CLIENTS);
+    }
 }
