@@ -4,7 +4,7 @@
 //! `fsync: every_record`) before it is answered, so every request that got a response has
 //! its record. Tokens, cookies, secrets and query values are never written.
 
-use crate::forward::ConnInfo;
+use crate::conn::ConnInfo;
 use portcullis_audit::{AuthorizerNote, Decision, Kind, Principal, Record};
 use portcullis_identity::Identity;
 

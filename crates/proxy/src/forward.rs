@@ -7,6 +7,7 @@ use crate::body::{
     empty, full, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
 };
 use crate::canon::{target, Refusal, Target};
+use crate::conn::ConnInfo;
 use crate::identify::cookie;
 use crate::pool::{ConnectError, Sender};
 use crate::record::{status_class, AccessRecord};
@@ -21,52 +22,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use portcullis_config::EscapedSlashes;
 use rand::Rng;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
-
-/// What is known about the client connection a request arrived on.
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub listener: Arc<str>,
-    pub tls: bool,
-    /// The listener's canonicalization rules.
-    pub rules: Arc<crate::canon::Rules>,
-    /// The verified client certificate (DER), when the listener asked for one.
-    pub client_cert: Option<Arc<Vec<u8>>>,
-    /// What the request-smuggling guard saw on this connection.
-    pub smuggle: Arc<crate::smuggle::Flags>,
-    /// The peer's address as a header value, formatted once per connection.
-    pub peer_ip: HeaderValue,
-    /// The last bearer token on this connection and what it was found to be.
-    pub memo: crate::memo::Memo,
-}
-
-impl ConnInfo {
-    pub fn new(
-        peer: SocketAddr,
-        listener: Arc<str>,
-        tls: bool,
-        rules: Arc<crate::canon::Rules>,
-        client_cert: Option<Arc<Vec<u8>>>,
-        smuggle: Arc<crate::smuggle::Flags>,
-    ) -> Self {
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnInfo {
-            peer,
-            listener,
-            tls,
-            rules,
-            client_cert,
-            smuggle,
-            peer_ip,
-            memo: Default::default(),
-        }
-    }
-}
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1348,7 +1307,7 @@ fn tunnel(
     route: &RouteRt,
     resp: Response<crate::h1::UpBody>,
     client: hyper::upgrade::OnUpgrade,
-    (mut origin, early): (crate::pool::Stream, Bytes),
+    (mut origin, early): (crate::stream::Stream, Bytes),
     active: ActiveGuard,
     ctx: &mut Ctx,
 ) -> Response<RespBody> {

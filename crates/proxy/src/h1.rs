@@ -15,7 +15,7 @@
 //! pooled connection.
 
 use crate::body::{BoxError, ReqBody};
-use crate::pool::{Pool, Stream};
+use crate::stream::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
@@ -135,7 +135,7 @@ impl Conn {
         target: &str,
         headers: &HeaderMap,
         mut body: ReqBody,
-        pool: Arc<Pool>,
+        pool: Arc<dyn Home>,
     ) -> Result<Response<UpBody>, SendError> {
         let has_body = !body.is_end_stream();
         let length = if !has_body {
@@ -217,7 +217,7 @@ impl Conn {
         mut self,
         method: &Method,
         sent_all: bool,
-        pool: Arc<Pool>,
+        pool: Arc<dyn Home>,
     ) -> Result<Response<UpBody>, SendError> {
         loop {
             let parsed = loop {
@@ -272,6 +272,12 @@ impl Conn {
             return Ok(resp);
         }
     }
+}
+
+/// Where a connection goes back once its exchange has ended cleanly: the server's pool. A
+/// trait, so that this client does not depend on the pool that depends on it.
+pub trait Home: Send + Sync {
+    fn put_back(&self, c: Conn);
 }
 
 /// Streams a request body to the origin, chunked (with trailers) or as is.
@@ -510,7 +516,7 @@ pub struct UpBody {
     conn: Option<Conn>,
     kind: Kind,
     reusable: bool,
-    pool: Arc<Pool>,
+    pool: Arc<dyn Home>,
 }
 
 impl UpBody {

@@ -1,15 +1,16 @@
 //! The identify stage: strip every client-supplied identity header, find the caller's
 //! credential (bearer token, API key, session cookie, client certificate), turn it into an
-//! [`Identity`] through the route's providers, apply the route's `allow` rules, and attach
-//! the identity for the origin (header templates, the signed assertion, an optional bearer
-//! token). It also serves the login endpoints under `/.portcullis/` and the assertion JWKS.
+//! [`Identity`] through the route's providers, and attach the identity for the origin
+//! (header templates, the signed assertion, an optional bearer token). Deciding what the
+//! identity may do is the authorize stage's job, not this one's. It also serves the login
+//! endpoints under `/.portcullis/` and the assertion JWKS.
 //!
 //! Requests without credentials get 401 with an RFC 6750 `WWW-Authenticate` header, or a
 //! 302 to the IdP when they come from a browser and the route has a login provider.
 
 use crate::body::{full, RespBody};
-use crate::forward::ConnInfo;
-use crate::snapshot::{RouteRt, Snapshot};
+use crate::conn::ConnInfo;
+use crate::snapshot::{RouteRt, Snapshot, ASSERTION_HEADER};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -19,7 +20,6 @@ use portcullis_identity::session::PreAuth;
 use portcullis_identity::{template, Identity};
 use std::sync::Arc;
 
-pub static ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const PREAUTH_COOKIE: &str = "portcullis_auth";
 

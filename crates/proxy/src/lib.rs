@@ -15,6 +15,7 @@ pub mod authorize;
 pub mod balance;
 pub mod body;
 pub mod canon;
+pub mod conn;
 pub mod echo;
 pub mod forward;
 pub mod h1;
@@ -28,6 +29,7 @@ pub mod route;
 pub mod smuggle;
 pub mod snapshot;
 pub mod state;
+pub mod stream;
 pub mod tls;
 pub mod upgrade;
 

@@ -3,7 +3,8 @@
 //! listener whose bind address is unchanged keeps its socket and picks up new settings; added
 //! listeners are bound and removed ones closed, without touching the others.
 
-use crate::forward::{self, ConnInfo};
+use crate::conn::ConnInfo;
+use crate::forward;
 use crate::Shared;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;

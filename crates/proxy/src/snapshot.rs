@@ -17,6 +17,10 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// The signed assertion for the origin (`headers.assertion`); no client may send it.
+pub static ASSERTION_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-portcullis-assertion");
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("backend `{backend}`: {source}")]
@@ -61,7 +65,6 @@ pub struct RouteRt {
     pub id: Arc<str>,
     pub public: bool,
     pub auth: Vec<String>,
-    pub allow: Vec<portcullis_config::AllowRule>,
     /// An `mtls` provider is among `auth`.
     pub has_mtls: bool,
     pub cert_required: bool,
@@ -217,7 +220,6 @@ impl Snapshot {
                 id: Arc::from(r.id.as_str()),
                 public: spec.public,
                 auth: spec.auth.clone(),
-                allow: spec.allow.clone(),
                 has_mtls,
                 cert_required: spec.client_cert == Some(portcullis_config::CertMode::Required),
                 upstream_headers: spec
@@ -262,7 +264,7 @@ impl Snapshot {
             .flat_map(|r| r.spec.headers.upstream.keys())
             .filter_map(|k| http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok())
             .collect();
-        strip_headers.push(crate::identify::ASSERTION_HEADER.clone());
+        strip_headers.push(ASSERTION_HEADER.clone());
         strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip_headers.dedup();
         Ok(Snapshot {
