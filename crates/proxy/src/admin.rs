@@ -1,8 +1,11 @@
 //! The admin listener: health and readiness, Prometheus metrics, and the runtime API (server
 //! state and weight, reload, config status). Everything but `/healthz` and `/readyz` needs a
 //! bearer token from `admin.tokens`, compared in constant time; with no tokens configured the
-//! API refuses every call. Every action is logged with who did it.
+//! API refuses every call. The token's position and the peer make the caller's
+//! [`Principal`]. The API is a thin HTTP layer over [`control`]: every change it makes is a
+//! [`Command`] that control validates, audits, applies and logs with that principal.
 
+use crate::control::{self, Command, ControlError, Principal};
 use crate::state::AdminState;
 use crate::Runtime;
 use axum::extract::{ConnectInfo, Path, Request, State};
@@ -18,10 +21,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
-
-/// Who made an admin call, for the log. Tokens are never logged; their position is.
-#[derive(Clone, Debug)]
-pub struct Actor(pub String);
 
 pub fn router(rt: Arc<Runtime>) -> Router {
     let api = Router::new()
@@ -101,8 +100,7 @@ async fn auth(
     };
     match check_token(&p, tokens) {
         Some(i) => {
-            req.extensions_mut()
-                .insert(Actor(format!("admin-token[{i}]@{peer}")));
+            req.extensions_mut().insert(Principal::token(i, peer));
             next.run(req).await
         }
         None => {
@@ -197,26 +195,30 @@ async fn backends(State(rt): State<Arc<Runtime>>) -> Response {
     Json(json!({ "backends": list })).into_response()
 }
 
-/// Finds a backend by full id (`app/name`, URL-encoded) or by a name unique across apps.
-fn find_backend<'a>(
-    snap: &'a crate::snapshot::Snapshot,
-    name: &str,
-) -> Result<&'a Arc<crate::snapshot::BackendRt>, (StatusCode, String)> {
-    if let Some(b) = snap.backend(name) {
-        return Ok(b);
+/// The admin API's answer to a command that was not applied: the message as plain text, or
+/// for a rejected reload the JSON that says which version keeps serving.
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self {
+            ControlError::ReloadRejected {
+                error,
+                serving_version,
+            } => (
+                status,
+                Json(json!({ "result": "rejected", "error": error, "serving_version": serving_version })),
+            )
+                .into_response(),
+            e => (status, format!("{e}\n")).into_response(),
+        }
     }
-    let matches: Vec<_> = snap
-        .backends
-        .iter()
-        .filter(|b| b.id.rsplit_once('/').is_some_and(|(_, n)| n == name))
-        .collect();
-    match matches.as_slice() {
-        [b] => Ok(b),
-        [] => Err((StatusCode::NOT_FOUND, format!("no backend `{name}`\n"))),
-        _ => Err((
-            StatusCode::CONFLICT,
-            format!("backend name `{name}` is ambiguous: use `app%2F{name}`\n"),
-        )),
+}
+
+/// Runs `cmd` through [`control::apply`] and answers with its result as JSON.
+async fn run(rt: &Runtime, by: &Principal, cmd: Command) -> Response {
+    match control::apply(rt, by, cmd).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -228,44 +230,23 @@ struct StateBody {
 
 async fn set_state(
     State(rt): State<Arc<Runtime>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(by): axum::Extension<Principal>,
     Path((backend, server)): Path<(String, String)>,
     body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else {
+    let Ok(Json(StateBody { state })) = body else {
         return (
             StatusCode::BAD_REQUEST,
             "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n",
         )
             .into_response();
     };
-    let snap = rt.shared.snapshot.load_full();
-    let b = match find_backend(&snap, &backend) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
+    let cmd = Command::SetServerState {
+        backend,
+        server,
+        state,
     };
-    let Some(i) = b.servers.iter().position(|s| s.name == server) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no server `{server}` in backend `{}`\n", b.id),
-        )
-            .into_response();
-    };
-    let rec = crate::audit::admin(
-        &actor.0,
-        "set_state",
-        json!({ "backend": b.id, "server": server, "state": body.state }),
-    );
-    if !crate::audit::write(&rt.shared, rec).await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit trail unavailable; nothing changed\n",
-        )
-            .into_response();
-    }
-    b.slots[i].state.set_admin_state(body.state);
-    tracing::info!(actor = %actor.0, backend = %b.id, server = %server, state = ?body.state, "admin: server state changed");
-    Json(json!({ "backend": b.id, "server": server, "state": body.state })).into_response()
+    run(&rt, &by, cmd).await
 }
 
 #[derive(Deserialize)]
@@ -276,7 +257,7 @@ struct WeightBody {
 
 async fn set_weight(
     State(rt): State<Arc<Runtime>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(by): axum::Extension<Principal>,
     Path((backend, server)): Path<(String, String)>,
     body: Result<Json<WeightBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -287,55 +268,19 @@ async fn set_weight(
         )
             .into_response();
     };
-    if !(1..=1000).contains(&weight) {
-        return (
-            StatusCode::BAD_REQUEST,
-            "weight must be between 1 and 1000; use state `drain` or `maint` to stop traffic\n",
-        )
-            .into_response();
-    }
-    let snap = rt.shared.snapshot.load_full();
-    let b = match find_backend(&snap, &backend) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
+    let cmd = Command::SetServerWeight {
+        backend,
+        server,
+        weight,
     };
-    let Some(i) = b.servers.iter().position(|s| s.name == server) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no server `{server}` in backend `{}`\n", b.id),
-        )
-            .into_response();
-    };
-    let rec = crate::audit::admin(
-        &actor.0,
-        "set_weight",
-        json!({ "backend": b.id, "server": server, "weight": weight }),
-    );
-    if !crate::audit::write(&rt.shared, rec).await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit trail unavailable; nothing changed\n",
-        )
-            .into_response();
-    }
-    b.slots[i].state.set_weight_override(weight);
-    tracing::info!(actor = %actor.0, backend = %b.id, server = %server, weight, "admin: server weight changed");
-    Json(json!({ "backend": b.id, "server": server, "weight": weight })).into_response()
+    run(&rt, &by, cmd).await
 }
 
 async fn reload(
     State(rt): State<Arc<Runtime>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(by): axum::Extension<Principal>,
 ) -> Response {
-    tracing::info!(actor = %actor.0, "admin: reload requested");
-    match rt.reload(&format!("admin API ({})", actor.0)).await {
-        Ok(v) => Json(json!({ "result": "ok", "version": v })).into_response(),
-        Err(e) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({ "result": "rejected", "error": e, "serving_version": rt.shared.snapshot.load().version })),
-        )
-            .into_response(),
-    }
+    run(&rt, &by, Command::Reload).await
 }
 
 async fn config(State(rt): State<Arc<Runtime>>) -> Response {

@@ -4,7 +4,6 @@
 //! listeners are bound and removed ones closed, without touching the others.
 
 use crate::conn::ConnInfo;
-use crate::forward;
 use crate::Shared;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -411,7 +410,7 @@ async fn run_http<IO>(
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(forward::handle(shared, conn, req).await) }
+        async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, conn, req).await) }
     });
     let h1 = cfg.protocols.contains(&Protocol::Http1);
     let h2 = cfg.protocols.contains(&Protocol::Http2);

@@ -178,6 +178,52 @@ impl Metrics {
     }
 }
 
+impl AccessRecord {
+    /// The record of a request as it arrives: its id, listener, client, method, path as sent
+    /// and protocol. Later phases fill in the rest.
+    pub fn start(
+        rid: &str,
+        listener: &str,
+        client: std::net::IpAddr,
+        parts: &http::request::Parts,
+    ) -> Self {
+        AccessRecord {
+            request_id: rid.to_string(),
+            listener: listener.to_string(),
+            client: client.to_string(),
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path().to_string(),
+            protocol: match parts.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// Finishes an access record with the answer's status, bytes and error, and hands it to the
+/// writer (when there is an access log).
+pub fn finish(
+    shared: &crate::Shared,
+    mut rec: AccessRecord,
+    start: std::time::Instant,
+    status: u16,
+    bytes_out: u64,
+    error: Option<String>,
+) {
+    if !shared.access.enabled() {
+        return;
+    }
+    rec.status = status;
+    rec.bytes_out = bytes_out;
+    rec.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    rec.time = httpdate::fmt_http_date(std::time::SystemTime::now());
+    rec.error = error;
+    shared.access.log(rec, &shared.metrics.access_log_dropped);
+}
+
 pub fn status_class(status: u16) -> usize {
     (status / 100).clamp(1, 5) as usize - 1
 }

@@ -1,0 +1,58 @@
+//! The request path, as the phases run it:
+//!
+//! ```text
+//! check → route → identify → authorize → limit → forward (balance per attempt) → record
+//! ```
+//!
+//! Each phase reads and fills one [`Exchange`]; the first that answers ends the run. `record`
+//! is not a step of its own: each answer is recorded where it is made (a streamed response
+//! when its body ends), and a short refusal here.
+
+use crate::body::RespBody;
+use crate::conn::ConnInfo;
+use crate::exchange::{local, Exchange, Flow};
+use crate::phase::{authorize, check, forward, identify, limit, route};
+use crate::Shared;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The entry point for every proxied request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let snap = shared.snapshot.load_full();
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut x = Exchange::new(&shared, &snap, &conn, parts, start);
+    let (status, msg) = match run(&mut x, body).await {
+        Flow::Respond(r) => return r,
+        Flow::Refuse(status, msg) => (status, msg),
+        // The forward phase always answers.
+        Flow::Next => (StatusCode::BAD_GATEWAY, "no response\n"),
+    };
+    let r = local(status, msg, &x.rid);
+    x.count(status.as_u16());
+    x.finish(status.as_u16(), Some(msg.trim_end().to_string()));
+    r
+}
+
+async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
+    macro_rules! phase {
+        ($e:expr) => {
+            match $e {
+                Flow::Next => {}
+                answer => return answer,
+            }
+        };
+    }
+    phase!(check::run(x));
+    phase!(route::run(x).await);
+    phase!(identify::run(x).await);
+    phase!(authorize::run(x).await);
+    phase!(limit::run(x));
+    forward::run(x, body).await
+}
