@@ -14,8 +14,10 @@ pub use model::*;
 pub use units::{Dur, Rate, Size};
 
 use spans::SpanIndex;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One problem, located in a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +140,17 @@ pub struct Config {
     /// The audit settings, with `dir` made absolute.
     pub audit: AuditCfg,
     pub warnings: Vec<String>,
+    /// Where each route is written, by route id (see [`Config::route_loc`]).
+    route_srcs: HashMap<String, RouteSrc>,
+}
+
+/// Where a route is written: its file, its position under that file's `routes:`, and the
+/// file's span index (shared by the file's routes).
+#[derive(Debug, Clone)]
+pub(crate) struct RouteSrc {
+    pub file: PathBuf,
+    pub index: usize,
+    pub spans: Arc<SpanIndex>,
 }
 
 /// Reads and validates the config rooted at `path`.
@@ -155,12 +168,33 @@ impl Config {
             col: p.col,
         }
     }
+
+    /// Locates `at`, a path of keys inside the route `route_id` such as `allow[0]` (or `""`
+    /// for the route itself), in the file that defines the route: the root file or its app
+    /// bundle. For problems found after loading, like a shorthand rule that does not compile.
+    /// An unknown route is located at the start of the root file.
+    pub fn route_loc(&self, route_id: &str, at: &str) -> Loc {
+        let Some(src) = self.route_srcs.get(route_id) else {
+            return self.root_loc("");
+        };
+        let path = if at.is_empty() {
+            format!("routes[{}]", src.index)
+        } else {
+            format!("routes[{}].{at}", src.index)
+        };
+        let p = src.spans.pos(&path);
+        Loc {
+            file: src.file.clone(),
+            line: p.line,
+            col: p.col,
+        }
+    }
 }
 
 /// A parsed file with its span index, for locating semantic errors.
 pub(crate) struct Source {
     pub path: PathBuf,
-    pub spans: SpanIndex,
+    pub spans: Arc<SpanIndex>,
 }
 
 impl Source {

@@ -45,8 +45,16 @@ impl SpanIndex {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, idx: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+        /// No key seen yet.
+        first: bool,
+    },
+    Seq {
+        path: String,
+        idx: usize,
+    },
 }
 
 #[derive(Default)]
@@ -58,9 +66,15 @@ struct Builder {
 impl Builder {
     fn child_path(&self) -> String {
         match self.stack.last() {
-            Some(Frame::Map { path, key: Some(k) }) if path.is_empty() => k.clone(),
-            Some(Frame::Map { path, key: Some(k) }) => format!("{path}.{k}"),
-            Some(Frame::Map { path, key: None }) => path.clone(),
+            Some(Frame::Map {
+                path, key: Some(k), ..
+            }) if path.is_empty() => k.clone(),
+            Some(Frame::Map {
+                path, key: Some(k), ..
+            }) => format!("{path}.{k}"),
+            Some(Frame::Map {
+                path, key: None, ..
+            }) => path.clone(),
             Some(Frame::Seq { path, idx }) => format!("{path}[{idx}]"),
             None => String::new(),
         }
@@ -89,8 +103,22 @@ impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
             Event::Scalar(v, ..) => {
-                if let Some(Frame::Map { key: k @ None, .. }) = self.stack.last_mut() {
+                if let Some(Frame::Map {
+                    path,
+                    key: k @ None,
+                    first,
+                }) = self.stack.last_mut()
+                {
                     *k = Some(v);
+                    // A block mapping's start event is marked where its first key ends (at
+                    // the `:`); the mapping starts at that key.
+                    let starts_here = std::mem::take(first).then(|| path.clone());
+                    if let Some(path) = starts_here {
+                        let at = (mark.line(), mark.col() + 1);
+                        if self.map.get(&path).is_some_and(|p| at < (p.line, p.col)) {
+                            self.record(path, mark);
+                        }
+                    }
                     let p = self.child_path();
                     self.record(p, mark);
                 } else {
@@ -107,7 +135,11 @@ impl MarkedEventReceiver for Builder {
             Event::MappingStart(..) => {
                 let p = self.child_path();
                 self.record(p.clone(), mark);
-                self.stack.push(Frame::Map { path: p, key: None });
+                self.stack.push(Frame::Map {
+                    path: p,
+                    key: None,
+                    first: true,
+                });
             }
             Event::SequenceStart(..) => {
                 let p = self.child_path();
@@ -136,5 +168,15 @@ mod tests {
         assert_eq!(idx.pos("routes[1].backend").line, 5);
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(idx.pos("routes[0].missing.deep").line, 3);
+    }
+
+    #[test]
+    fn a_mapping_starts_at_its_first_key_or_brace() {
+        let y = "name: x\nroutes:\n  - name: a\n    match:\n      host: h\n  - { name: b }\n";
+        let idx = SpanIndex::build(y);
+        assert_eq!(idx.pos(""), Pos { line: 1, col: 1 });
+        assert_eq!(idx.pos("routes[0]"), Pos { line: 3, col: 5 });
+        assert_eq!(idx.pos("routes[0].match"), Pos { line: 5, col: 7 });
+        assert_eq!(idx.pos("routes[1]"), Pos { line: 6, col: 5 });
     }
 }

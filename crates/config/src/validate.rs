@@ -4,11 +4,14 @@
 
 use crate::model::*;
 use crate::spans::SpanIndex;
-use crate::{expand, AdminDef, BackendDef, Config, Diagnostic, Error, Loc, RouteDef, Source};
+use crate::{
+    expand, AdminDef, BackendDef, Config, Diagnostic, Error, Loc, RouteDef, RouteSrc, Source,
+};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 fn read(path: &Path) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| {
@@ -96,7 +99,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let root: RootFile = parse(&root_path, &text).map_err(|d| Error(vec![d]))?;
     let root_src = Source {
         path: root_path.clone(),
-        spans: SpanIndex::build(&text),
+        spans: Arc::new(SpanIndex::build(&text)),
     };
 
     let mut diags = Vec::new();
@@ -144,26 +147,29 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 t.hash(&mut hasher);
                 files.push(file.clone());
                 match parse::<AppFile>(&file, &t) {
-                    Ok(app) => apps.push(AppSrc {
-                        policies: {
-                            let asrc = Source {
-                                path: file.clone(),
-                                spans: SpanIndex::build(&t),
-                            };
-                            let abase = file
-                                .parent()
-                                .map(Path::to_path_buf)
-                                .unwrap_or_else(|| base.clone());
-                            expand_globs(&asrc, "policies", &app.policies, &abase, &mut diags)
-                        },
-                        name: app.name,
-                        src: Source {
+                    Ok(app) => {
+                        let src = Source {
                             path: file.clone(),
-                            spans: SpanIndex::build(&t),
-                        },
-                        backends: app.backends,
-                        routes: app.routes,
-                    }),
+                            spans: Arc::new(SpanIndex::build(&t)),
+                        };
+                        let abase = file
+                            .parent()
+                            .map(Path::to_path_buf)
+                            .unwrap_or_else(|| base.clone());
+                        apps.push(AppSrc {
+                            policies: expand_globs(
+                                &src,
+                                "policies",
+                                &app.policies,
+                                &abase,
+                                &mut diags,
+                            ),
+                            name: app.name,
+                            src,
+                            backends: app.backends,
+                            routes: app.routes,
+                        })
+                    }
                     Err(d) => diags.push(d),
                 }
             }
@@ -376,6 +382,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
 
     // Routes of every app.
     let mut routes = Vec::new();
+    let mut route_srcs = HashMap::new();
     let mut route_ids = HashSet::new();
     let mut order = 0;
     for app in &apps {
@@ -494,6 +501,14 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 &rbase,
                 &mut diags,
             ));
+            route_srcs.insert(
+                id.clone(),
+                RouteSrc {
+                    file: app.src.path.clone(),
+                    index: i,
+                    spans: app.src.spans.clone(),
+                },
+            );
             routes.push(RouteDef {
                 id,
                 app: app.name.clone(),
@@ -566,7 +581,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     });
     Ok(Config {
         root: root_path,
-        root_spans: root_src.spans,
+        root_spans: (*root_src.spans).clone(),
         files,
         watch_dirs,
         version: format!("{:016x}", hasher.finish()),
@@ -585,6 +600,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         policy: root.policy.clone(),
         authorizers: root.authorizers.clone(),
         audit,
+        route_srcs,
     })
 }
 
@@ -1329,6 +1345,51 @@ apps:
             Balance::Hash(HashOn::Header("x-tenant".into()))
         );
         assert_eq!(c.files.len(), 2);
+    }
+
+    /// A route's keys are located in the file that defines it, for problems found after
+    /// loading (a shorthand rule that does not compile).
+    #[test]
+    fn route_keys_are_located_in_the_routes_own_file() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &format!("{GOOD}identity:\n  providers: [{{ name: dev, kind: dev_issuer }}]\n"),
+        );
+        let app = write(
+            d.path(),
+            "apps/billing.yaml",
+            "\
+name: billing
+backends:
+  - { name: v2, servers: [{ address: \"127.0.0.1:9\" }] }
+routes:
+  - { name: open, match: { path_prefix: /open/ }, backend: v2, public: true }
+  - name: api
+    match: { host: billing.example.com }
+    backend: v2
+    auth: [dev]
+    allow:
+      - { groups: [eng] }
+      - groups: [ops]
+        methods: [GET]
+",
+        );
+        let c = crate::load(&root).unwrap();
+        let at = |route: &str, key: &str| {
+            let l = c.route_loc(route, key);
+            (l.file, l.line, l.col)
+        };
+        assert_eq!(at("billing/api", "allow[0]"), (app.clone(), 11, 9));
+        assert_eq!(at("billing/api", "allow[1]"), (app.clone(), 12, 9));
+        assert_eq!(at("billing/api", "allow[1].methods"), (app.clone(), 13, 18));
+        assert_eq!(at("billing/api", ""), (app.clone(), 6, 5));
+        assert_eq!(at("billing/open", "allow[0]"), (app.clone(), 5, 5));
+        // The root file's routes are in the root file.
+        assert_eq!(at("default/all", ""), (c.root.clone(), 7, 5));
+        // An unknown route falls back to the root file.
+        assert_eq!(at("nope/nope", "allow[0]"), (c.root.clone(), 1, 1));
     }
 
     #[test]

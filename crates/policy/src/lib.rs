@@ -17,7 +17,7 @@ use cedar_policy::{
     Authorizer, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
     Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
-use portcullis_config::Config;
+use portcullis_config::{Config, Diagnostic};
 use portcullis_identity::{AuthMethod, Identity};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -35,32 +35,13 @@ const DECISIONS: usize = 32768;
 /// Entity stores kept per principal, one per (route, action) it was used with.
 const STORES_PER_PRINCIPAL: usize = 32;
 
-/// A problem in a policy file, located by file, line and column.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            self.message
-        )
-    }
-}
-
+/// Every problem found in the policies, each located where it is written: a Cedar policy file
+/// at the position Cedar reports, a shorthand rule at its `routes[N].allow[i]` (or `deny[i]`)
+/// in the file that defines the route.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<Problem>),
+    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
 }
 
 /// The outcome of authorizing one request.
@@ -195,6 +176,22 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// A problem in a policy file, at a byte offset of its text (the start of the file if none).
+fn at_offset(
+    path: &Path,
+    text: &str,
+    offset: Option<usize>,
+    message: impl Into<String>,
+) -> Diagnostic {
+    let (line, col) = offset.map_or((1, 1), |o| line_col(text, o));
+    Diagnostic {
+        file: path.to_path_buf(),
+        line,
+        col,
+        message: message.into(),
+    }
+}
+
 fn first_offset(d: &dyn miette::Diagnostic) -> Option<usize> {
     d.labels().and_then(|mut l| l.next()).map(|l| l.offset())
 }
@@ -209,31 +206,23 @@ fn diag_message(d: &dyn miette::Diagnostic, top: &dyn std::fmt::Display) -> Stri
 
 /// Parses one policy file. Policies get ids from an `@id("...")` annotation, else
 /// `<file name>#<n>` (0-based position in the file).
-fn parse_file(path: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<(Policy, String)> {
+fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>) -> Vec<(Policy, String)> {
     let set = match PolicySet::from_str(text) {
         Ok(s) => s,
         Err(errs) => {
             for e in errs.iter() {
-                let (line, col) = first_offset(e).map_or((1, 1), |o| line_col(text, o));
-                problems.push(Problem {
-                    file: path.to_path_buf(),
-                    line,
-                    col,
-                    message: diag_message(e, e),
-                });
+                problems.push(at_offset(path, text, first_offset(e), diag_message(e, e)));
             }
             return Vec::new();
         }
     };
     if set.templates().next().is_some() {
-        problems.push(Problem {
-            file: path.to_path_buf(),
-            line: 1,
-            col: 1,
-            message:
-                "policy templates (?principal, ?resource) are not supported: write static policies"
-                    .into(),
-        });
+        problems.push(at_offset(
+            path,
+            text,
+            None,
+            "policy templates (?principal, ?resource) are not supported: write static policies",
+        ));
     }
     let name = path
         .file_name()
@@ -265,12 +254,9 @@ impl Engine {
         let schema_text = schema::schema_text(&cfg.policy.context_headers);
         let schema = Schema::from_cedarschema_str(&schema_text)
             .map_err(|e| {
-                Error::Invalid(vec![Problem {
-                    file: cfg.root.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("policy.context_headers produce an invalid schema: {e}"),
-                }])
+                Error::Invalid(vec![cfg.root_loc("policy.context_headers").diag(format!(
+                    "policy.context_headers produce an invalid schema: {e}"
+                ))])
             })?
             .0;
         let mut problems = Vec::new();
@@ -291,22 +277,19 @@ impl Engine {
                     files.insert(f.clone(), parsed);
                     texts.insert(f.clone(), t);
                 }
-                Err(e) => problems.push(Problem {
-                    file: f.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("cannot read policy file: {e}"),
-                }),
+                Err(e) => problems.push(at_offset(
+                    f,
+                    "",
+                    None,
+                    format!("cannot read policy file: {e}"),
+                )),
             }
         }
         // Validate every file's policies (once) against the schema.
         let actions = schema.action_entities().map_err(|e| {
-            Error::Invalid(vec![Problem {
-                file: cfg.root.clone(),
-                line: 1,
-                col: 1,
-                message: format!("schema actions: {e}"),
-            }])
+            Error::Invalid(vec![cfg
+                .root_loc("policy")
+                .diag(format!("schema actions: {e}"))])
         })?;
         let validator = Validator::new(schema);
         let mut seen_ids: HashMap<String, PathBuf> = HashMap::new();
@@ -316,36 +299,30 @@ impl Engine {
                 let id = p.id().to_string();
                 if let Some(other) = seen_ids.insert(id.clone(), f.clone()) {
                     if &other != f {
-                        problems.push(Problem {
-                            file: f.clone(),
-                            line: 1,
-                            col: 1,
-                            message: format!(
+                        problems.push(at_offset(
+                            f,
+                            "",
+                            None,
+                            format!(
                                 "policy id `{id}` is also used in {}: ids must be unique",
                                 other.display()
                             ),
-                        });
+                        ));
                     }
                 }
                 if let Err(e) = set.add(p.clone()) {
-                    problems.push(Problem {
-                        file: f.clone(),
-                        line: 1,
-                        col: 1,
-                        message: e.to_string(),
-                    });
+                    problems.push(at_offset(f, "", None, e.to_string()));
                 }
             }
             let text = texts.get(f).map(String::as_str).unwrap_or("");
             let result = validator.validate(&set, ValidationMode::Strict);
             for e in result.validation_errors() {
-                let (line, col) = first_offset(e).map_or((1, 1), |o| line_col(text, o));
-                problems.push(Problem {
-                    file: f.clone(),
-                    line,
-                    col,
-                    message: format!("policy `{}`: {}", e.policy_id(), diag_message(e, e)),
-                });
+                problems.push(at_offset(
+                    f,
+                    text,
+                    first_offset(e),
+                    format!("policy `{}`: {}", e.policy_id(), diag_message(e, e)),
+                ));
             }
         }
         let context_headers: Vec<http::HeaderName> = cfg
@@ -387,12 +364,15 @@ impl Engine {
                 }
             }
             let mut short = PolicySet::new();
+            // Where each rule is written, by its policy id, for the validator's errors.
+            let mut rule_at: HashMap<String, String> = HashMap::new();
             for (effect, kind, rules) in [
                 ("permit", "allow", &r.spec.allow),
                 ("forbid", "deny", &r.spec.deny),
             ] {
                 for (i, rule) in rules.iter().enumerate() {
                     let id = format!("{}/{kind}[{}]", r.id, i + 1);
+                    let at = format!("{kind}[{i}]");
                     let text = shorthand::compile(rule, effect, &r.id);
                     match Policy::parse(Some(PolicyId::new(&id)), &text) {
                         Ok(p) => {
@@ -400,13 +380,13 @@ impl Engine {
                             uses.merge(&context::Use::of_policy(&p));
                             let _ = short.add(p.clone());
                             let _ = set.add(p);
+                            rule_at.insert(id, at);
                         }
-                        Err(e) => problems.push(Problem {
-                            file: cfg.root.clone(),
-                            line: 1,
-                            col: 1,
-                            message: format!("route `{}` {kind}[{}]: {e}", r.id, i + 1),
-                        }),
+                        Err(e) => problems.push(cfg.route_loc(&r.id, &at).diag(format!(
+                            "route `{}` {kind}[{}]: {e}",
+                            r.id,
+                            i + 1
+                        ))),
                     }
                 }
             }
@@ -414,16 +394,12 @@ impl Engine {
                 .validate(&short, ValidationMode::Strict)
                 .validation_errors()
             {
-                problems.push(Problem {
-                    file: cfg.root.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!(
-                        "route `{}`: rule `{}` does not fit the schema: {e}",
-                        r.id,
-                        e.policy_id()
-                    ),
-                });
+                let id = e.policy_id().to_string();
+                let at = rule_at.get(&id).map_or("", String::as_str);
+                problems.push(cfg.route_loc(&r.id, at).diag(format!(
+                    "route `{}`: rule `{id}` does not fit the schema: {e}",
+                    r.id
+                )));
             }
             let (host, path) = (
                 r.spec.matcher.host.clone().unwrap_or_default(),
@@ -472,12 +448,10 @@ impl Engine {
                         },
                     );
                 }
-                Err(e) => problems.push(Problem {
-                    file: cfg.root.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("route `{}`: {e}", r.id),
-                }),
+                Err(e) => problems.push(
+                    cfg.route_loc(&r.id, "")
+                        .diag(format!("route `{}`: {e}", r.id)),
+                ),
             }
         }
         let mut action_entities = Vec::new();
@@ -489,12 +463,10 @@ impl Engine {
                 Some(e) => {
                     action_entities.push((*m, e.clone()));
                 }
-                None => problems.push(Problem {
-                    file: cfg.root.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("schema: no action entity for `{m}`"),
-                }),
+                None => problems.push(
+                    cfg.root_loc("policy")
+                        .diag(format!("schema: no action entity for `{m}`")),
+                ),
             }
         }
         if !problems.is_empty() {

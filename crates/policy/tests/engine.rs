@@ -297,6 +297,64 @@ fn shorthand_rules_deny_wins_and_default_deny() {
     );
 }
 
+/// A shorthand rule that does not fit the schema is reported at the rule in the YAML file
+/// that defines its route, an app bundle included: `file:line:col` of `routes[N].allow[i]`
+/// (or `deny[i]`), with the other problems found in the same build.
+#[test]
+fn bad_shorthand_rules_are_located_in_their_own_file() {
+    let d = tempfile::tempdir().unwrap();
+    // Cedar refuses IPv6 addresses written with an embedded IPv4 address, which is how an
+    // IPv4-mapped range prints.
+    write(
+        d.path(),
+        "apps/billing.yaml",
+        "\
+name: billing
+backends:
+  - { name: v2, servers: [{ address: builtin:echo }] }
+routes:
+  - { name: open, backend: v2, public: true }
+  - name: api
+    backend: v2
+    auth: [dev]
+    allow:
+      - { groups: [eng] }
+      - groups: [ops]
+        cidrs: [\"::ffff:10.0.0.0/104\"]
+",
+    );
+    let c = config(
+        d.path(),
+        "  - name: api\n    backend: b\n    auth: [dev]\n    deny:\n      - { cidrs: [\"::ffff:192.168.0.0/112\"] }\napps: { include: [\"apps/*.yaml\"] }\n",
+    );
+    let Err(portcullis_policy::Error::Invalid(problems)) = Engine::build(&c) else {
+        panic!("the bad rules are refused");
+    };
+    let app = d.path().join("apps/billing.yaml");
+    let root = d.path().join("p.yaml");
+    let at: Vec<(&Path, usize, usize)> = problems
+        .iter()
+        .map(|p| (p.file.as_path(), p.line, p.col))
+        .collect();
+    assert_eq!(
+        at,
+        [(root.as_path(), 10, 9), (app.as_path(), 11, 9)],
+        "{problems:#?}"
+    );
+    assert!(
+        problems[0].message.contains("default/api/deny[1]"),
+        "{}",
+        problems[0]
+    );
+    let shown = problems[1].to_string();
+    assert!(
+        shown.starts_with(&format!("{}:11:9: ", app.display()))
+            && shown.contains("billing/api/allow[2]")
+            && shown.contains("::ffff:10.0.0.0/104"),
+        "{shown}"
+    );
+}
+
 /// A request with every field settable, for the cache tests.
 struct Full<'a> {
     method: &'a str,

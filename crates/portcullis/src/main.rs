@@ -256,14 +256,12 @@ fn main() -> ExitCode {
             Ok(c) => {
                 // What the proxy would refuse (or start without) beyond the YAML itself:
                 // TLS files, identity providers' key files, and the policies.
-                let mut problems: Vec<String> = portcullis_proxy::check(&c)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
+                // Each is a `Diagnostic`, located in the file that holds the problem.
+                let mut problems = portcullis_proxy::check(&c);
                 if let Err(portcullis_policy::Error::Invalid(p)) =
                     portcullis_policy::Engine::build(&c)
                 {
-                    problems.extend(p.iter().map(ToString::to_string));
+                    problems.extend(p);
                 }
                 if !problems.is_empty() {
                     for p in &problems {

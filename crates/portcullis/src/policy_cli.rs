@@ -178,8 +178,10 @@ fn load(config: &Path) -> Result<(portcullis_config::Config, Engine), ExitCode> 
         }
         ExitCode::from(1)
     })?;
-    let engine = Engine::build(&cfg).map_err(|e| {
-        eprintln!("{e}");
+    let engine = Engine::build(&cfg).map_err(|portcullis_policy::Error::Invalid(e)| {
+        for d in &e {
+            eprintln!("{d}");
+        }
         ExitCode::from(1)
     })?;
     Ok((cfg, engine))

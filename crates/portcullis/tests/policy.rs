@@ -715,6 +715,49 @@ fn check_reports_policy_errors_with_file_line_and_column() {
     );
 }
 
+/// `portcullis check` reports a shorthand rule that does not compile at the rule itself, in
+/// the app bundle that defines its route: `apps/billing.yaml:line:col`, not the root file.
+#[test]
+fn check_reports_a_bad_shorthand_rule_at_its_place_in_the_app_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tool_config(dir.path());
+    let root = std::fs::read_to_string(&config).unwrap();
+    write(
+        dir.path(),
+        "portcullis.yaml",
+        &format!("{root}apps:\n  include: [\"apps/*.yaml\"]\n"),
+    );
+    // Cedar refuses an IPv6 address written with an embedded IPv4 one, which is how an
+    // IPv4-mapped range prints.
+    write(
+        dir.path(),
+        "apps/billing.yaml",
+        r#"name: billing
+backends:
+  - { name: echo, servers: [{ address: "builtin:echo" }] }
+routes:
+  - name: api
+    match: { host: api.billing.example.com }
+    backend: echo
+    auth: [dev]
+    allow:
+      - { groups: [billing-admins] }
+      - groups: [finance]
+        cidrs: ["::ffff:10.0.0.0/104"]
+"#,
+    );
+    let out = portcullis(&["check", "--config", &config]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let want = format!("{}:11:9: ", dir.path().join("apps/billing.yaml").display());
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&want) && l.contains("billing/api/allow[2]")),
+        "expected a line starting `{want}` naming the rule in:\n{err}"
+    );
+    assert!(err.contains("1 error(s) found"), "{err}");
+}
+
 /// `portcullis policy test` passes on good cases and exits 1 with an expected/actual diff
 /// on a wrong expectation.
 #[test]
