@@ -125,7 +125,7 @@ fn decide(
         .map(String::from)
         .or_else(|| cfg.listeners.first().map(|l| l.name.clone()))
         .unwrap_or_default();
-    let router = portcullis_proxy::route::Router::build(&cfg.routes);
+    let router = portcullis_proxy::phase::route::router::Router::build(&cfg.routes);
     let Some(i) = router.route(&host, &path, &m, &h, &listener) else {
         return Ok(Outcome {
             route: None,

@@ -4,7 +4,7 @@
 //! `fsync: every_record`) before it is answered, so every request that got a response has
 //! its record. Tokens, cookies, secrets and query values are never written.
 
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use portcullis_audit::{AuthorizerNote, Decision, Kind, Principal, Record};
 use portcullis_identity::Identity;
 
@@ -68,7 +68,11 @@ pub fn auth_failure(f: &Facts<'_>, reason: &str) -> Record {
     }
 }
 
-pub fn decision(f: &Facts<'_>, id: &Identity, out: &crate::authorize::Outcome) -> Record {
+pub fn decision(
+    f: &Facts<'_>,
+    id: &Identity,
+    out: &crate::phase::authorize::decide::Outcome,
+) -> Record {
     Record {
         principal: Some(principal(id)),
         decision: Some(match out.decision {

@@ -5,10 +5,10 @@
 //! a request.
 
 use crate::audit::Facts;
-use crate::body::{full, RespBody};
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use crate::record::AccessRecord;
 use crate::snapshot::{RouteRt, Snapshot};
+use crate::upstream::body::{full, RespBody};
 use crate::Shared;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -104,7 +104,7 @@ pub struct Exchange<'s> {
     /// The overridden method, when the route honors a method override.
     pub method: Option<Method>,
     /// The upgrade asked for and allowed.
-    pub upgrade: Option<crate::upgrade::Upgrade>,
+    pub upgrade: Option<crate::upstream::upgrade::Upgrade>,
     // identify and authorize
     pub identity: Option<Arc<Identity>>,
     /// The decision this connection's memo holds for the identity and method.

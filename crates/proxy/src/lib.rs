@@ -11,31 +11,19 @@
 
 pub mod admin;
 pub mod audit;
-pub mod authorize;
-pub mod balance;
-pub mod body;
-pub mod canon;
-pub mod conn;
 pub mod control;
-pub mod echo;
+pub mod edge;
 pub mod exchange;
-pub mod h1;
-pub mod head;
 pub mod health;
-pub mod identify;
-pub mod listen;
 pub mod memo;
 pub mod phase;
 pub mod pipeline;
-pub mod pool;
 pub mod record;
-pub mod route;
-pub mod smuggle;
 pub mod snapshot;
 pub mod state;
-pub mod stream;
-pub mod tls;
-pub mod upgrade;
+pub mod upstream;
+
+use edge::{listen, tls};
 
 use arc_swap::ArcSwap;
 use portcullis_config::Config;

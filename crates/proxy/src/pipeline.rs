@@ -8,10 +8,10 @@
 //! is not a step of its own: each answer is recorded where it is made (a streamed response
 //! when its body ends), and a short refusal here.
 
-use crate::body::RespBody;
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use crate::exchange::{local, Exchange, Flow};
 use crate::phase::{authorize, check, forward, identify, limit, route};
+use crate::upstream::body::RespBody;
 use crate::Shared;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;

@@ -3,11 +3,11 @@
 //! current snapshot once and uses it to the end; a reload builds a new one off the request
 //! path and swaps it in atomically.
 
-use crate::balance::{Balancer, Slot};
-use crate::pool::Connector;
+use crate::phase::balance::balancer::{Balancer, Slot};
+use crate::phase::route::router::Router;
 use crate::record::{Metrics, CLASSES};
-use crate::route::Router;
 use crate::state::StateRegistry;
+use crate::upstream::pool::Connector;
 use http::HeaderValue;
 use portcullis_config::{Config, HealthCheck, Outlier, Retries, RetryOn};
 use prometheus_client::metrics::counter::Counter;
@@ -26,7 +26,7 @@ pub enum BuildError {
     #[error("backend `{backend}`: {source}")]
     Tls {
         backend: String,
-        source: crate::tls::TlsError,
+        source: crate::edge::tls::TlsError,
     },
 }
 
@@ -124,7 +124,7 @@ impl Snapshot {
             let spec = &b.spec;
             let tls = match &spec.tls {
                 Some(t) => Some((
-                    crate::tls::client_config(t, spec.protocol).map_err(|source| {
+                    crate::edge::tls::client_config(t, spec.protocol).map_err(|source| {
                         BuildError::Tls {
                             backend: b.id.clone(),
                             source,
@@ -145,7 +145,10 @@ impl Snapshot {
                     address: s.address.clone(),
                     echo: s.address == "builtin:echo",
                     max_connections: s.max_connections,
-                    sticky_id: format!("{:016x}", crate::balance::hash64(key.as_bytes())),
+                    sticky_id: format!(
+                        "{:016x}",
+                        crate::phase::balance::balancer::hash64(key.as_bytes())
+                    ),
                 });
                 slots.push(Slot {
                     name: name.clone(),
@@ -249,7 +252,7 @@ impl Snapshot {
                 retry_non_idempotent: r.spec.retry_non_idempotent,
                 escaped_slashes: spec.normalize.escaped_slashes,
                 method_override: spec.method_override,
-                upgrades: spec.upgrades.as_deref().map(crate::canon::lower_all),
+                upgrades: spec.upgrades.as_deref().map(crate::edge::canon::lower_all),
                 request_trailers: spec.request_trailers,
                 by_class,
                 duration: metrics

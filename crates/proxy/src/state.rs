@@ -3,7 +3,7 @@
 //! connection pool. It is keyed by `backend-id/server-name`, so a reload keeps it for every
 //! server that still exists.
 
-use crate::pool::Pool;
+use crate::upstream::pool::Pool;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

@@ -1,7 +1,9 @@
 //! The authorize phase: decide with the route's policies and external authorizers (see
-//! `crate::authorize`), write the decision's audit record before anything else happens, and
+//! `crate::phase::authorize::decide`), write the decision's audit record before anything else happens, and
 //! answer a denial with 403 itself. An allowed request may carry headers an authorizer added,
 //! never ones that say who the caller is.
+
+pub mod decide;
 
 use crate::exchange::{Exchange, Flow, X_REQUEST_ID};
 use http::header::{self, HeaderName};
@@ -15,7 +17,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         return Flow::Next;
     };
     let remembered = x.remembered.take();
-    let out = crate::authorize::authorize(
+    let out = crate::phase::authorize::decide::authorize(
         x.snap,
         route,
         x.conn,
@@ -50,7 +52,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "request denied by policy");
         x.count(403);
         x.finish(403, Some(reason));
-        return Flow::Respond(crate::identify::forbidden(&x.rid));
+        return Flow::Respond(crate::phase::identify::credentials::forbidden(&x.rid));
     }
     if out.decision == "would_deny" {
         tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "shadow mode: request would be denied");

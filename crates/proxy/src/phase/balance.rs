@@ -3,9 +3,11 @@
 //! `max_connections` while another has room, HAProxy's queue when every server is full, and
 //! the slot the attempt holds until its response ends ([`ActiveGuard`]).
 
-use crate::conn::ConnInfo;
+pub mod balancer;
+
+use crate::edge::conn::ConnInfo;
 use crate::exchange::{Exchange, Refused};
-use crate::identify::cookie;
+use crate::phase::identify::credentials::cookie;
 use crate::snapshot::BackendRt;
 use crate::state::ServerState;
 use http::header::HeaderMap;
@@ -116,7 +118,7 @@ pub async fn pick(
 }
 
 fn hash_key(on: &portcullis_config::HashOn, headers: &HeaderMap, conn: &ConnInfo, pq: &str) -> u64 {
-    use crate::balance::hash64;
+    use crate::phase::balance::balancer::hash64;
     use portcullis_config::HashOn;
     match on {
         HashOn::Header(h) => hash64(

@@ -2,7 +2,7 @@
 //! CONNECT tunnel), and put the target into its one canonical form (`canon`): the host and
 //! path that every later phase, the audit record and the origin see.
 
-use crate::canon::{self, Refusal};
+use crate::edge::canon::{self, Refusal};
 use crate::exchange::{Exchange, Flow, Host};
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Version};

@@ -4,16 +4,16 @@
 //! an allowed upgrade whose 101 proves itself (see `upgrade`). Every failure becomes a short,
 //! clear answer (413, 502, 503, 504); nothing here panics on client input.
 
-use crate::body::{
-    empty, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
-};
 use crate::exchange::{origin_target, Exchange, Flow, Refused, X_REQUEST_ID};
-use crate::head::{strip_hop_by_hop, Head};
 use crate::phase::balance::{self, ActiveGuard};
-use crate::pool::{ConnectError, Sender};
 use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt};
 use crate::state::ServerState;
+use crate::upstream::body::{
+    empty, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
+};
+use crate::upstream::head::{strip_hop_by_hop, Head};
+use crate::upstream::pool::{ConnectError, Sender};
 use crate::Shared;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -84,7 +84,7 @@ pub async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     let uri = std::mem::take(&mut x.parts.uri);
     let path = x.path.take();
     let pq = origin_target(&path, &uri);
-    let head = match crate::head::build(x, backend, &pq) {
+    let head = match crate::upstream::head::build(x, backend, &pq) {
         Ok(h) => h,
         Err((status, msg)) => return Flow::Refuse(status, msg),
     };
@@ -145,9 +145,9 @@ async fn request_body(
     };
     let chunked = x.parts.version != Version::HTTP_2 && body.size_hint().exact().is_none();
     let trailers = if route.request_trailers || is_grpc(headers) {
-        crate::body::Trailers::Keep(x.snap.strip_headers.clone())
+        crate::upstream::body::Trailers::Keep(x.snap.strip_headers.clone())
     } else {
-        crate::body::Trailers::Drop
+        crate::upstream::body::Trailers::Drop
     };
     let mut b = Limited::new(body, route.max_body, seen.clone(), trailers).boxed_unsync();
     if !chunked {
@@ -216,7 +216,7 @@ async fn echo(
         None => trip.pq.parse().unwrap_or_default(),
     };
     *req.headers_mut() = trip.head.headers.clone();
-    let resp = crate::echo::respond(req, &x.rid).await;
+    let resp = crate::upstream::echo::respond(req, &x.rid).await;
     Flow::Respond(respond(
         x,
         trip.route,
@@ -463,7 +463,7 @@ fn attempt_body(body: &mut Option<ReqBody>, replayable: bool, attempts: u32) -> 
 
 /// An origin's response, from an HTTP/1.1 or an h2 connection.
 enum Up {
-    H1(Response<crate::h1::UpBody>),
+    H1(Response<crate::upstream::h1::UpBody>),
     H2(Response<Incoming>),
 }
 
@@ -486,8 +486,8 @@ enum Failed {
 }
 
 impl Failed {
-    fn from_h1(e: crate::h1::SendError) -> Self {
-        use crate::h1::SendError;
+    fn from_h1(e: crate::upstream::h1::SendError) -> Self {
+        use crate::upstream::h1::SendError;
         match e {
             SendError::NotSent(b) => Failed::NotSent(b),
             SendError::Body(e) if e.is::<TooLarge>() => Failed::TooLarge,
@@ -624,7 +624,7 @@ fn respond<B>(
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<crate::body::BoxError>,
+    B::Error: Into<crate::upstream::body::BoxError>,
 {
     let backend = &route.backend;
     let (mut parts, body) = resp.into_parts();
@@ -680,9 +680,9 @@ impl OnDone for Done {
 /// Joins the client's and the origin's upgraded connections (WebSocket and the like).
 fn tunnel(
     x: &mut Exchange<'_>,
-    resp: Response<crate::h1::UpBody>,
+    resp: Response<crate::upstream::h1::UpBody>,
     client: hyper::upgrade::OnUpgrade,
-    (mut origin, early): (crate::stream::Stream, Bytes),
+    (mut origin, early): (crate::upstream::stream::Stream, Bytes),
     active: ActiveGuard,
 ) -> Response<RespBody> {
     use tokio::io::AsyncWriteExt;
@@ -730,7 +730,7 @@ fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identify::cookie;
+    use crate::phase::identify::credentials::cookie;
 
     #[test]
     fn cookies_are_found() {

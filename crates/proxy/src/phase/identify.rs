@@ -1,9 +1,11 @@
 //! The identify phase: turn the request's credential into the caller's identity through the
-//! route's providers (see `crate::identify`), or answer 401 or a login redirect. A refusal
+//! route's providers (see `crate::phase::identify::credentials`), or answer 401 or a login redirect. A refusal
 //! is answered only once its audit record is written.
 
+pub mod credentials;
+
 use crate::exchange::{Exchange, Flow};
-use crate::identify::Step;
+use crate::phase::identify::credentials::Step;
 use http::StatusCode;
 
 pub async fn run(x: &mut Exchange<'_>) -> Flow {
@@ -14,7 +16,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let target = crate::exchange::origin_target(&x.path, &x.parts.uri);
     let authority = x.host.as_ref().and_then(|h| h.authority.to_str().ok());
     let method = x.method.as_ref().unwrap_or(&x.parts.method);
-    let step = crate::identify::identify(
+    let step = crate::phase::identify::credentials::identify(
         x.snap,
         route,
         x.conn,

@@ -3,7 +3,9 @@
 //! slashes and method overrides, note the upgrade it allows, and remove the hop-by-hop
 //! headers before any later phase adds one of its own.
 
-use crate::canon::{self, Refusal};
+pub mod router;
+
+use crate::edge::canon::{self, Refusal};
 use crate::exchange::{Exchange, Flow};
 use crate::phase::check::refuse;
 use http::StatusCode;
@@ -14,7 +16,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let path = x.path();
     if path.starts_with("/.portcullis/") || path == "/.well-known/portcullis/jwks.json" {
         let authority = x.authority().and_then(|a| a.to_str().ok()).unwrap_or("");
-        let r = crate::identify::endpoints(
+        let r = crate::phase::identify::credentials::endpoints(
             snap,
             x.conn,
             &x.parts.headers,
@@ -71,10 +73,10 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     // anything portcullis adds, so that `Connection` cannot name a header portcullis sets.
     if x.parts.headers.contains_key(http::header::UPGRADE) {
         let allowed = route.upgrades.as_deref().unwrap_or(&x.conn.rules.upgrades);
-        x.upgrade = crate::upgrade::requested(x.parts.version, &x.parts.headers, allowed);
+        x.upgrade = crate::upstream::upgrade::requested(x.parts.version, &x.parts.headers, allowed);
     }
     let h2_up = route.backend.connector.protocol == Protocol::Http2;
-    crate::head::strip_hop_by_hop(&mut x.parts.headers, h2_up);
+    crate::upstream::head::strip_hop_by_hop(&mut x.parts.headers, h2_up);
     Flow::Next
 }
 

@@ -3,7 +3,7 @@
 //! size), which makes the quickstart and header behaviour visible without running an origin.
 //! The body is read and counted, never stored.
 
-use crate::body::{full, ReqBody, RespBody};
+use crate::upstream::body::{full, ReqBody, RespBody};
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};

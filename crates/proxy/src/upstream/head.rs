@@ -80,7 +80,7 @@ pub struct Head {
 pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head, Refused> {
     let (conn, trusted) = (x.conn, x.trusted);
     let mut headers = std::mem::take(&mut x.parts.headers);
-    crate::identify::strip_own_cookies(x.snap, &mut headers);
+    crate::phase::identify::credentials::strip_own_cookies(x.snap, &mut headers);
     headers.remove(header::EXPECT);
     if let Some(u) = &x.upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -4,7 +4,7 @@
 //! `enforce: false` (shadow mode) a denial is recorded as `would_deny` and the request goes
 //! through. Every outcome carries its reasons for the audit trail.
 
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use crate::snapshot::{RouteRt, Snapshot};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use portcullis_identity::Identity;

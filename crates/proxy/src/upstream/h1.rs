@@ -14,8 +14,8 @@
 //! request (502) and the connection is closed, so a confused origin cannot desynchronize a
 //! pooled connection.
 
-use crate::body::{BoxError, ReqBody};
-use crate::stream::Stream;
+use crate::upstream::body::{BoxError, ReqBody};
+use crate::upstream::stream::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};

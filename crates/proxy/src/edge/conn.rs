@@ -13,11 +13,11 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     pub tls: bool,
     /// The listener's canonicalization rules.
-    pub rules: Arc<crate::canon::Rules>,
+    pub rules: Arc<crate::edge::canon::Rules>,
     /// The verified client certificate (DER), when the listener asked for one.
     pub client_cert: Option<Arc<Vec<u8>>>,
     /// What the request-smuggling guard saw on this connection.
-    pub smuggle: Arc<crate::smuggle::Flags>,
+    pub smuggle: Arc<crate::edge::smuggle::Flags>,
     /// The peer's address as a header value, formatted once per connection.
     pub peer_ip: HeaderValue,
     /// The last bearer token on this connection and what it was found to be.
@@ -29,9 +29,9 @@ impl ConnInfo {
         peer: SocketAddr,
         listener: Arc<str>,
         tls: bool,
-        rules: Arc<crate::canon::Rules>,
+        rules: Arc<crate::edge::canon::Rules>,
         client_cert: Option<Arc<Vec<u8>>>,
-        smuggle: Arc<crate::smuggle::Flags>,
+        smuggle: Arc<crate::edge::smuggle::Flags>,
     ) -> Self {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));

@@ -8,9 +8,9 @@
 //! Requests without credentials get 401 with an RFC 6750 `WWW-Authenticate` header, or a
 //! 302 to the IdP when they come from a browser and the route has a login provider.
 
-use crate::body::{full, RespBody};
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use crate::snapshot::{RouteRt, Snapshot, ASSERTION_HEADER};
+use crate::upstream::body::{full, RespBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};

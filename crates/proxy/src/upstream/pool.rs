@@ -12,9 +12,9 @@
 //! cleanly. A connection taken from the pool is first checked (without a system call) for a
 //! close or stray bytes from the server. h2 connections use hyper's client, in a task each.
 
-use crate::body::ReqBody;
-pub use crate::h1::Conn;
-pub use crate::stream::Stream;
+use crate::upstream::body::ReqBody;
+pub use crate::upstream::h1::Conn;
+pub use crate::upstream::stream::Stream;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -195,7 +195,7 @@ where
     Ok(sender)
 }
 
-impl crate::h1::Home for Pool {
+impl crate::upstream::h1::Home for Pool {
     fn put_back(&self, c: Conn) {
         self.put_back_conn(c);
     }

@@ -3,7 +3,7 @@
 //! listener whose bind address is unchanged keeps its socket and picks up new settings; added
 //! listeners are bound and removed ones closed, without touching the others.
 
-use crate::conn::ConnInfo;
+use crate::edge::conn::ConnInfo;
 use crate::Shared;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -38,7 +38,7 @@ pub enum ListenError {
     #[error("listener `{name}`: {source}")]
     Tls {
         name: String,
-        source: crate::tls::TlsError,
+        source: crate::edge::tls::TlsError,
     },
 }
 
@@ -46,8 +46,11 @@ pub enum ListenError {
 pub struct Settings {
     pub cfg: ListenerCfg,
     /// The canonicalization rules of this listener's requests.
-    pub rules: Arc<crate::canon::Rules>,
-    pub tls: Option<(tokio_rustls::TlsAcceptor, Arc<crate::tls::SniResolver>)>,
+    pub rules: Arc<crate::edge::canon::Rules>,
+    pub tls: Option<(
+        tokio_rustls::TlsAcceptor,
+        Arc<crate::edge::tls::SniResolver>,
+    )>,
 }
 
 struct Running {
@@ -73,7 +76,7 @@ pub fn settings(cfg: &ListenerCfg) -> Result<Settings, ListenError> {
     let tls = match &cfg.tls {
         Some(t) => {
             let (sc, resolver) =
-                crate::tls::server_config(t, &cfg.protocols).map_err(|source| {
+                crate::edge::tls::server_config(t, &cfg.protocols).map_err(|source| {
                     ListenError::Tls {
                         name: cfg.name.clone(),
                         source,
@@ -85,7 +88,7 @@ pub fn settings(cfg: &ListenerCfg) -> Result<Settings, ListenError> {
     };
     Ok(Settings {
         cfg: cfg.clone(),
-        rules: Arc::new(crate::canon::Rules::new(cfg)),
+        rules: Arc::new(crate::edge::canon::Rules::new(cfg)),
         tls,
     })
 }
@@ -295,7 +298,7 @@ async fn serve(
     let header_timeout = cfg.timeouts.client_header.0;
     // The first request's head is due this long after accept, TLS handshake included.
     let first_head_by = tokio::time::Instant::now() + header_timeout;
-    let smuggle = Arc::new(crate::smuggle::Flags::default());
+    let smuggle = Arc::new(crate::edge::smuggle::Flags::default());
     match &s.tls {
         None => {
             // Silence ends the connection after the header or the idle timeout, whichever
@@ -320,8 +323,9 @@ async fn serve(
                 None,
                 smuggle.clone(),
             ));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout)
-                .first_head_by(first_head_by);
+            let io =
+                crate::edge::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout)
+                    .first_head_by(first_head_by);
             run_http(io, conn, &s, spoken, shared, watch).await
         }
         Some((acceptor, _)) => {
@@ -356,8 +360,9 @@ async fn serve(
                 client_cert,
                 smuggle.clone(),
             ));
-            let io = crate::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout)
-                .first_head_by(first_head_by);
+            let io =
+                crate::edge::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout)
+                    .first_head_by(first_head_by);
             run_http(io, conn, &s, spoken, shared, watch).await
         }
     }
