@@ -4,21 +4,9 @@
 //! `fsync: every_record`) before it is answered, so every request that got a response has
 //! its record. Tokens, cookies, secrets and query values are never written.
 
-use crate::edge::conn::ConnInfo;
+use crate::exchange::{Facts, Outcome};
 use portcullis_audit::{AuthorizerNote, Decision, Kind, Principal, Record};
 use portcullis_identity::Identity;
-
-/// The request facts an audit record needs.
-pub struct Facts<'a> {
-    pub request_id: &'a str,
-    pub app: &'a str,
-    pub route: &'a str,
-    pub conn: &'a ConnInfo,
-    pub method: &'a str,
-    pub host: &'a str,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-}
 
 fn query_keys(q: Option<&str>) -> Vec<String> {
     q.unwrap_or("")
@@ -68,11 +56,7 @@ pub fn auth_failure(f: &Facts<'_>, reason: &str) -> Record {
     }
 }
 
-pub fn decision(
-    f: &Facts<'_>,
-    id: &Identity,
-    out: &crate::phase::authorize::decide::Outcome,
-) -> Record {
+pub fn decision(f: &Facts<'_>, id: &Identity, out: &Outcome) -> Record {
     Record {
         principal: Some(principal(id)),
         decision: Some(match out.decision {

@@ -4,7 +4,6 @@
 //! and the audit trail read views of it ([`Exchange::facts`]); there is one description of
 //! a request.
 
-use crate::audit::Facts;
 use crate::edge::conn::ConnInfo;
 use crate::record::AccessRecord;
 use crate::snapshot::{RouteRt, Snapshot};
@@ -19,6 +18,35 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request facts an audit record needs: a view of an [`Exchange`].
+pub struct Facts<'a> {
+    pub request_id: &'a str,
+    pub app: &'a str,
+    pub route: &'a str,
+    pub conn: &'a ConnInfo,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
+/// What the authorize phase decided, for the audit record and the answer.
+pub struct Outcome {
+    /// Let the request through (true in shadow mode even when the policies deny).
+    pub pass: bool,
+    /// `allow`, `deny` or `would_deny`.
+    pub decision: &'static str,
+    /// Why. Left empty for an allowed request when nobody will read it (no audit trail):
+    /// formatting them costs more than a cached decision.
+    pub reasons: Vec<String>,
+    /// The last authorizer consulted: (name, allowed, cached).
+    pub authorizer: Option<(String, bool, bool)>,
+    /// Headers the authorizers asked to add upstream.
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Time spent deciding (0 when there is no audit trail to report it in).
+    pub latency_us: u64,
+}
 
 /// A short refusal: the status and the body of a local answer.
 pub type Refused = (StatusCode, &'static str);
@@ -107,8 +135,6 @@ pub struct Exchange<'s> {
     pub upgrade: Option<crate::upstream::upgrade::Upgrade>,
     // identify and authorize
     pub identity: Option<Arc<Identity>>,
-    /// The decision this connection's memo holds for the identity and method.
-    pub remembered: Option<Arc<portcullis_policy::Decision>>,
     /// A refreshed session cookie to set on the response.
     pub set_cookie: Option<HeaderValue>,
 }
@@ -147,7 +173,6 @@ impl<'s> Exchange<'s> {
             method: None,
             upgrade: None,
             identity: None,
-            remembered: None,
             set_cookie: None,
         }
     }

@@ -58,26 +58,38 @@ impl Entry {
 
 impl Memo {
     /// The identity `token` was verified as on this route, if it was the last token here and
-    /// its proof still holds at `at` (the request's arrival), with the decision remembered
-    /// for that identity and `method`, if any.
+    /// its proof still holds at `at` (the request's arrival). For identify.
     pub fn identity(
         &self,
         snap: &Arc<Snapshot>,
         route: &RouteRt,
         token: &[u8],
-        method: &Method,
         at: Instant,
-    ) -> Option<(Arc<Identity>, Option<Arc<Decision>>)> {
+    ) -> Option<Arc<Identity>> {
         let g = self.0.try_lock()?;
         let e = g.as_ref()?;
-        if !(e.is_for(snap, route) && *e.token == *token && e.proof.holds(at)) {
+        (e.is_for(snap, route) && *e.token == *token && e.proof.holds(at))
+            .then(|| e.identity.clone())
+    }
+
+    /// The decision remembered for `identity` (the memo's own, by address) and `method` on
+    /// this route. For authorize.
+    pub fn decision(
+        &self,
+        snap: &Arc<Snapshot>,
+        route: &RouteRt,
+        identity: &Arc<Identity>,
+        method: &Method,
+    ) -> Option<Arc<Decision>> {
+        let g = self.0.try_lock()?;
+        let e = g.as_ref()?;
+        if !(e.is_for(snap, route) && Arc::ptr_eq(&e.identity, identity)) {
             return None;
         }
-        let decision = match &e.decision {
+        match &e.decision {
             Some((m, d)) if m == method => Some(d.clone()),
             _ => None,
-        };
-        Some((e.identity.clone(), decision))
+        }
     }
 
     /// Remembers a token and what the shared cache said about it, replacing what was there.

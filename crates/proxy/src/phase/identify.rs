@@ -5,7 +5,7 @@
 pub mod credentials;
 
 use crate::exchange::{Exchange, Flow};
-use crate::phase::identify::credentials::Step;
+use credentials::Step;
 use http::StatusCode;
 
 pub async fn run(x: &mut Exchange<'_>) -> Flow {
@@ -16,14 +16,13 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let target = crate::exchange::origin_target(&x.path, &x.parts.uri);
     let authority = x.host.as_ref().and_then(|h| h.authority.to_str().ok());
     let method = x.method.as_ref().unwrap_or(&x.parts.method);
-    let step = crate::phase::identify::credentials::identify(
+    let step = credentials::identify(
         x.snap,
         route,
         x.conn,
         &mut x.parts.headers,
         method,
-        authority.unwrap_or(""),
-        &target,
+        (authority.unwrap_or(""), &target),
         &x.rid,
         x.start,
     )
@@ -32,7 +31,6 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         Step::Continue {
             identity,
             set_cookie,
-            remembered,
         } => {
             x.set_cookie = set_cookie;
             if let (Some(id), true) = (&identity, x.log) {
@@ -40,7 +38,6 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
                 x.record.provider = id.provider.clone();
             }
             x.identity = identity;
-            x.remembered = remembered;
             Flow::Next
         }
         Step::Respond(r, reason) => {
@@ -63,5 +60,124 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
             x.finish(status, Some(reason));
             Flow::Respond(r)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{describe, is_next, response, Kit};
+    use http::{header, Request};
+
+    const CONFIG: &str = r#"
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - name: app
+    match: { path_prefix: / }
+    backend: b
+    auth: [dev]
+    allow: [{ groups: [eng] }]
+    headers:
+      upstream:
+        X-User: "{identity.user}"
+        X-Groups: "{identity.groups}"
+  - { name: status, match: { path: /status }, backend: b, public: true }
+"#;
+
+    fn get(path: &str) -> http::request::Builder {
+        Request::get(path).header("host", "example.com")
+    }
+
+    #[tokio::test]
+    async fn no_credentials_get_401_with_a_challenge_once_recorded() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.routed(get("/hello")).await;
+        let r = response(run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"portcullis\""
+        );
+        assert_eq!(r.headers()["x-request-id"], &*x.rid);
+        assert!(x.identity.is_none());
+
+        // Refused, audited, logged.
+        let audit = kit.audit();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!(audit[0]["kind"], "auth_failure");
+        assert_eq!(audit[0]["decision"], "deny");
+        assert_eq!(audit[0]["route"], "app");
+        assert_eq!(audit[0]["reasons"][0], "authentication: no credentials");
+        let log = kit.access_log(1);
+        assert_eq!(log[0]["status"], 401);
+        assert_eq!(log[0]["route"], "default/app");
+        assert_eq!(log[0]["error"], "no credentials");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_token_gets_401_saying_why() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit
+            .routed(get("/hello").header("authorization", "Bearer not-a-token"))
+            .await;
+        let r = response(run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let challenge = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(
+            challenge.starts_with("Bearer realm=\"portcullis\", error=\"invalid_token\""),
+            "{challenge}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_gives_the_identity_and_its_headers() {
+        let kit = Kit::new(CONFIG).await;
+        let token = kit.token("dev", "alice", &["eng", "ops"]);
+        let mut x = kit
+            .routed(
+                get("/hello")
+                    .header("authorization", format!("Bearer {token}"))
+                    // A client cannot say who it is: this one goes.
+                    .header("x-user", "mallory"),
+            )
+            .await;
+        let f = run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        let id = x.identity.as_ref().expect("an identity");
+        assert_eq!(id.user, "alice");
+        assert_eq!(id.provider, "dev");
+        assert_eq!(id.groups, ["eng", "ops"]);
+        let h = &x.parts.headers;
+        assert_eq!(h["x-user"], "alice");
+        assert_eq!(h.get_all("x-user").iter().count(), 1);
+        assert!(h["x-groups"].to_str().unwrap().contains("eng"), "{h:?}");
+        // The credential stays at the edge.
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert_eq!(x.record.user, "alice");
+        assert_eq!(x.record.provider, "dev");
+        // Identify decides nothing and records nothing: authorize does.
+        assert!(kit.audit().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_public_route_goes_on_without_identity_and_without_forged_headers() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit
+            .routed(
+                get("/status")
+                    .header("x-user", "mallory")
+                    .header("X_User", "mallory"),
+            )
+            .await;
+        assert_eq!(x.route.map(|r| &*r.id), Some("default/status"));
+        let f = run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert!(x.identity.is_none());
+        assert!(!x.parts.headers.contains_key("x-user"));
+        assert!(!x.parts.headers.contains_key("x_user"));
     }
 }

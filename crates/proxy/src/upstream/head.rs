@@ -2,16 +2,17 @@
 //!
 //! 1. hop-by-hop headers are removed (`strip_hop_by_hop`, called by the route phase before
 //!    identify adds anything, so `Connection` can never name a header portcullis sets);
-//! 2. identify and authorize add the identity headers, the assertion and an authorizer's
-//!    context (their phases);
+//! 2. identify adds the identity headers, the assertion and a passed-on token
+//!    ([`identity`]), and authorize an authorizer's context;
 //! 3. [`build`] removes portcullis's own cookies and `Expect`, sets the allowed upgrade, the
 //!    forwarded headers (`X-Forwarded-For`/`-Proto`/`-Host`, trusted only from trusted
 //!    proxies), the request id, and the canonical `Host` (or the h2 URI).
 
 use crate::exchange::{Exchange, Refused, X_REQUEST_ID};
-use crate::snapshot::BackendRt;
+use crate::snapshot::{BackendRt, RouteRt, Snapshot, ASSERTION_HEADER};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
+use portcullis_identity::{template, Identity};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -69,6 +70,77 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// The cookie that holds a browser login in progress (sealed; its path is `/.portcullis/`).
+pub const PREAUTH_COOKIE: &str = "portcullis_auth";
+
+/// Removes portcullis's own cookies (the session and the login-in-progress cookie) from a
+/// request on its way to any origin, public routes included: a browser sends the session
+/// cookie with every path of the host, and an origin (or its logs) that held it could open
+/// protected routes as that user. Other cookies stay.
+pub fn strip_own_cookies(snap: &Snapshot, headers: &mut HeaderMap) {
+    let session = snap.identity.session.cookie.as_bytes();
+    let ours = headers.get_all(header::COOKIE).iter().any(|v| {
+        let b = v.as_bytes();
+        memchr::memmem::find(b, session).is_some()
+            || memchr::memmem::find(b, PREAUTH_COOKIE.as_bytes()).is_some()
+    });
+    if ours {
+        remove_cookie(headers, &snap.identity.session.cookie);
+        remove_cookie(headers, PREAUTH_COOKIE);
+    }
+}
+
+/// Removes one cookie from the Cookie header(s), keeping the others for the origin.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != name))
+        .map(String::from)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Adds what tells the origin who the caller is: the route's identity header templates (their
+/// values encoded losslessly, see `portcullis_identity::template`), the signed assertion, and
+/// the bearer token when the route passes it on (`pass_token`).
+pub fn identity(
+    snap: &Snapshot,
+    route: &RouteRt,
+    headers: &mut HeaderMap,
+    identity: &Identity,
+    bearer: Option<&str>,
+) {
+    if let Some(b) = bearer {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {b}")) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+    }
+    for (name, t) in &route.upstream_headers {
+        if let Ok(v) = HeaderValue::from_str(&template::render(t, identity)) {
+            headers.insert(name.clone(), v);
+        }
+    }
+    if route.assertion {
+        match snap.identity.signer.sign(identity, &route.id) {
+            Ok(jwt) => {
+                if let Ok(v) = HeaderValue::from_str(&jwt) {
+                    headers.insert(ASSERTION_HEADER.clone(), v);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign assertion"),
+        }
+    }
+}
+
 /// The head sent upstream: its headers, and for an h2 backend the request URI.
 pub struct Head {
     pub headers: HeaderMap,
@@ -80,7 +152,7 @@ pub struct Head {
 pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head, Refused> {
     let (conn, trusted) = (x.conn, x.trusted);
     let mut headers = std::mem::take(&mut x.parts.headers);
-    crate::phase::identify::credentials::strip_own_cookies(x.snap, &mut headers);
+    strip_own_cookies(x.snap, &mut headers);
     headers.remove(header::EXPECT);
     if let Some(u) = &x.upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

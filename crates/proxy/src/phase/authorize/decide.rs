@@ -4,49 +4,28 @@
 //! `enforce: false` (shadow mode) a denial is recorded as `would_deny` and the request goes
 //! through. Every outcome carries its reasons for the audit trail.
 
-use crate::edge::conn::ConnInfo;
-use crate::snapshot::{RouteRt, Snapshot};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use crate::exchange::{Exchange, Outcome};
+use crate::snapshot::RouteRt;
 use portcullis_identity::Identity;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// What the authorize stage decided.
-pub struct Outcome {
-    /// Let the request through (true in shadow mode even when the policies deny).
-    pub pass: bool,
-    /// `allow`, `deny` or `would_deny`.
-    pub decision: &'static str,
-    /// Why. Left empty for an allowed request when nobody will read it (no audit trail):
-    /// formatting them costs more than a cached decision.
-    pub reasons: Vec<String>,
-    /// The last authorizer consulted: (name, allowed, cached).
-    pub authorizer: Option<(String, bool, bool)>,
-    /// Headers the authorizers asked to add upstream.
-    pub add_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Time spent deciding (0 when there is no audit trail to report it in).
-    pub latency_us: u64,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub async fn authorize(
-    snap: &Arc<Snapshot>,
-    route: &RouteRt,
-    conn: &ConnInfo,
-    identity: &Arc<Identity>,
-    method: &http::Method,
-    host: &str,
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-    request_id: &str,
-    want_reasons: bool,
-    remembered: Option<Arc<portcullis_policy::Decision>>,
-) -> Outcome {
+/// Decides on the exchange's request for `identity`: the facts policy and the authorizers
+/// read are views of the exchange.
+pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identity>) -> Outcome {
+    let (snap, conn) = (x.snap, x.conn);
+    let (method, host, path, query) = (x.method(), x.host_name(), x.path(), x.query());
+    let headers = &x.parts.headers;
     // The latency is only reported in the audit record.
+    let want_reasons = x.shared.audit.is_some();
     let start = want_reasons.then(Instant::now);
-    // What the connection's memo held for this identity and method (see `memo`), else the
+    // What the connection's memo holds for this identity and method (see `memo`), else the
     // policies (and their caches).
+    let remembered = if route.memo_decisions {
+        conn.memo.decision(snap, route, identity, method)
+    } else {
+        None
+    };
     let d = match remembered {
         Some(d) => d,
         None => {
@@ -63,7 +42,7 @@ pub async fn authorize(
                     tls_client_subject: (identity.method == portcullis_identity::AuthMethod::Mtls)
                         .then_some(identity.subject.as_str()),
                     tls_client_cert: conn.client_cert.is_some(),
-                    request_id,
+                    request_id: &x.rid,
                     now: None,
                 },
             );

@@ -9,7 +9,7 @@
 //! 302 to the IdP when they come from a browser and the route has a login provider.
 
 use crate::edge::conn::ConnInfo;
-use crate::snapshot::{RouteRt, Snapshot, ASSERTION_HEADER};
+use crate::snapshot::{RouteRt, Snapshot};
 use crate::upstream::body::{full, RespBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,11 +17,11 @@ use http::{Response, StatusCode};
 use portcullis_identity::engine::{Credentials, Outcome};
 use portcullis_identity::oidc::safe_return_to;
 use portcullis_identity::session::PreAuth;
-use portcullis_identity::{template, Identity};
+use portcullis_identity::Identity;
 use std::sync::Arc;
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-const PREAUTH_COOKIE: &str = "portcullis_auth";
+use crate::upstream::head::PREAUTH_COOKIE;
 
 /// The result of identifying a request.
 pub enum Step {
@@ -30,9 +30,6 @@ pub enum Step {
     Continue {
         identity: Option<Arc<Identity>>,
         set_cookie: Option<HeaderValue>,
-        /// The policy decision this connection's memo holds for the identity and method,
-        /// handed on to the authorize stage (see `memo`).
-        remembered: Option<Arc<portcullis_policy::Decision>>,
     },
     /// Answer now (401, 403 or a login redirect). The string is the reason, for the log.
     Respond(Response<RespBody>, String),
@@ -99,42 +96,6 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then_some(v)
         })
-}
-
-/// Removes portcullis's own cookies (the session and the login-in-progress cookie) from a
-/// request on its way to any origin, public routes included: a browser sends the session
-/// cookie with every path of the host, and an origin (or its logs) that held it could open
-/// protected routes as that user. Other cookies stay.
-pub fn strip_own_cookies(snap: &Snapshot, headers: &mut HeaderMap) {
-    let session = snap.identity.session.cookie.as_bytes();
-    let ours = headers.get_all(header::COOKIE).iter().any(|v| {
-        let b = v.as_bytes();
-        memchr::memmem::find(b, session).is_some()
-            || memchr::memmem::find(b, PREAUTH_COOKIE.as_bytes()).is_some()
-    });
-    if ours {
-        remove_cookie(headers, &snap.identity.session.cookie);
-        remove_cookie(headers, PREAUTH_COOKIE);
-    }
-}
-
-/// Removes one cookie from the Cookie header(s), keeping the others for the origin.
-fn remove_cookie(headers: &mut HeaderMap, name: &str) {
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != name))
-        .map(String::from)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
-    }
 }
 
 fn quote_safe(s: &str) -> String {
@@ -235,8 +196,9 @@ fn origin(conn: &ConnInfo, host: &str) -> String {
     format!("{}://{host}", if conn.tls { "https" } else { "http" })
 }
 
-/// Identifies the caller of `route`. `parts` is modified: identity headers are stripped, the
-/// credential removed (unless passed on), and the identity headers for the origin added.
+/// Identifies the caller of `route`. `headers` is modified: identity headers are stripped,
+/// the credential removed (unless passed on), and the identity headers for the origin added
+/// (`head::identity`). `to` is the request's (host, target), for a login's return.
 #[allow(clippy::too_many_arguments)]
 pub async fn identify(
     snap: &Arc<Snapshot>,
@@ -244,8 +206,7 @@ pub async fn identify(
     conn: &ConnInfo,
     headers: &mut HeaderMap,
     method: &http::Method,
-    raw_host: &str,
-    path_and_query: &str,
+    to: (&str, &str),
     rid: &str,
     at: std::time::Instant,
 ) -> Step {
@@ -254,7 +215,6 @@ pub async fn identify(
         return Step::Continue {
             identity: None,
             set_cookie: None,
-            remembered: None,
         };
     }
     if route.cert_required && conn.client_cert.is_none() {
@@ -262,129 +222,118 @@ pub async fn identify(
         let reason = "client certificate required";
         return Step::Respond(unauthorized(rid, None), reason.into());
     }
-    let engine = &snap.identity;
-    // Credentials stay at the edge (unless the route passes the token on, below): take them
-    // out of the request now, one lookup each.
+    // Credentials stay at the edge (unless the route passes the token on): take them out of
+    // the request now, one lookup each.
     let authz = headers.remove(header::AUTHORIZATION);
     let key_header = headers.remove(&X_API_KEY);
-    let session_name = &engine.session.cookie;
-    // Without a sealer there are no sessions, so no cookie to look for.
-    let session = if engine.sealer.is_some() {
-        cookie(headers, session_name).map(str::to_string)
-    } else {
-        None
-    };
     // The token this connection presented last is recognised by its bytes, before any
     // parsing (see `memo`).
     let remembered = authz
         .as_ref()
         .and_then(|v| bearer_bytes(v.as_bytes()))
-        .and_then(|t| conn.memo.identity(snap, route, t, method, at));
-    let (identity, set_cookie, bearer, remembered) = match remembered {
-        Some((identity, decision)) => {
-            // Read as text only if it goes upstream.
-            let bearer = if route.pass_token {
-                authz
-                    .as_ref()
-                    .and_then(credential_text)
-                    .and_then(|a| a.split_once(' '))
-                    .map(|(_, v)| v.trim())
-            } else {
-                None
-            };
-            (identity, None, bearer, decision)
-        }
-        None => {
-            let (bearer, mut api_key) = match authz
-                .as_ref()
-                .and_then(credential_text)
-                .map(|a| a.split_once(' '))
-            {
-                Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => {
-                    (Some(v.trim()), None)
-                }
-                Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("apikey") => {
-                    (None, Some(v.trim().to_string()))
-                }
-                _ => (None, None),
-            };
-            if api_key.is_none() {
-                api_key = key_header
-                    .as_ref()
-                    .and_then(credential_text)
-                    .map(|s| s.trim().to_string());
+        .and_then(|t| conn.memo.identity(snap, route, t, at));
+    let (identity, set_cookie) = match remembered {
+        Some(identity) => (identity, None),
+        None => match verify(snap, route, conn, headers, &authz, &key_header).await {
+            Ok(v) => v,
+            Err(Unverified::Rejected(reason)) => {
+                return Step::Respond(unauthorized(rid, Some(&reason)), reason);
             }
-            let creds = Credentials {
-                bearer,
-                api_key: api_key.as_deref(),
-                session_cookie: session.as_deref(),
-                client_cert: if route.has_mtls {
-                    conn.client_cert.as_deref().map(|v| v.as_slice())
-                } else {
-                    None
-                },
-            };
-            let outcome = match bearer {
-                // A token the provider's cache knows: remembered for the next request on this
-                // connection.
-                Some(token) => match engine.bearer_cached(&route.auth, token) {
-                    Some((identity, proof)) => {
-                        conn.memo.remember(snap, route, token, &identity, proof);
-                        Outcome::Ok {
-                            identity,
-                            set_session: None,
-                        }
-                    }
-                    None => engine.authenticate(&route.auth, &creds).await,
-                },
-                None => engine.authenticate(&route.auth, &creds).await,
-            };
-            let (identity, set_cookie) = match outcome {
-                Outcome::Ok {
-                    identity,
-                    set_session,
-                } => (identity, set_session.map(|v| session_cookie(snap, &v))),
-                Outcome::Rejected(e) => {
-                    return Step::Respond(unauthorized(rid, Some(&e.reason)), e.reason);
-                }
-                ended @ (Outcome::Missing | Outcome::SessionEnded) => {
-                    let ended = matches!(ended, Outcome::SessionEnded);
-                    let to = (raw_host, path_and_query);
-                    return challenge(snap, route, conn, headers, method, to, rid, ended);
-                }
-            };
-            (identity, set_cookie, bearer, None)
-        }
+            Err(Unverified::Missing { ended }) => {
+                return challenge(snap, route, conn, headers, method, to, rid, ended);
+            }
+        },
     };
-
-    // The credential stays at the edge unless the route passes it on (the session cookie
-    // goes in `strip_own_cookies`, on every route).
-    if route.pass_token {
-        if let Some(b) = &bearer {
-            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {b}")) {
-                headers.insert(header::AUTHORIZATION, v);
-            }
-        }
-    }
-    for (name, t) in &route.upstream_headers {
-        if let Ok(v) = HeaderValue::from_str(&template::render(t, &identity)) {
-            headers.insert(name.clone(), v);
-        }
-    }
-    if route.assertion {
-        match engine.signer.sign(&identity, &route.id) {
-            Ok(jwt) => {
-                if let Ok(v) = HeaderValue::from_str(&jwt) {
-                    headers.insert(ASSERTION_HEADER.clone(), v);
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot sign assertion"),
-        }
-    }
+    // Read as text only if it goes upstream.
+    let bearer = if route.pass_token {
+        authz
+            .as_ref()
+            .and_then(credential_text)
+            .and_then(|a| a.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, v)| v.trim())
+    } else {
+        None
+    };
+    crate::upstream::head::identity(snap, route, headers, &identity, bearer);
     Step::Continue {
         identity: Some(identity),
         set_cookie: set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()),
-        remembered,
+    }
+}
+
+/// Why a request has no identity.
+enum Unverified {
+    /// A credential was refused; the reason.
+    Rejected(String),
+    /// No credential the route accepts, or a session that ended.
+    Missing { ended: bool },
+}
+
+/// The full path: the route's providers verify the request's credential (the bearer token,
+/// the API key from `Authorization: ApiKey` or `X-API-Key`, the session cookie or the client
+/// certificate). A token the provider's cache already knows is remembered for this
+/// connection's next request. Also returns a refreshed session cookie to set.
+async fn verify(
+    snap: &Arc<Snapshot>,
+    route: &RouteRt,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+    authz: &Option<HeaderValue>,
+    key_header: &Option<HeaderValue>,
+) -> Result<(Arc<Identity>, Option<String>), Unverified> {
+    let engine = &snap.identity;
+    // Without a sealer there are no sessions, so no cookie to look for.
+    let session = if engine.sealer.is_some() {
+        cookie(headers, &engine.session.cookie)
+    } else {
+        None
+    };
+    let (bearer, mut api_key) = match authz
+        .as_ref()
+        .and_then(credential_text)
+        .map(|a| a.split_once(' '))
+    {
+        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("bearer") => (Some(v.trim()), None),
+        Some(Some((scheme, v))) if scheme.eq_ignore_ascii_case("apikey") => {
+            (None, Some(v.trim().to_string()))
+        }
+        _ => (None, None),
+    };
+    if api_key.is_none() {
+        api_key = key_header
+            .as_ref()
+            .and_then(credential_text)
+            .map(|s| s.trim().to_string());
+    }
+    let creds = Credentials {
+        bearer,
+        api_key: api_key.as_deref(),
+        session_cookie: session,
+        client_cert: if route.has_mtls {
+            conn.client_cert.as_deref().map(|v| v.as_slice())
+        } else {
+            None
+        },
+    };
+    let outcome = match bearer.map(|t| (t, engine.bearer_cached(&route.auth, t))) {
+        Some((token, Some((identity, proof)))) => {
+            conn.memo.remember(snap, route, token, &identity, proof);
+            Outcome::Ok {
+                identity,
+                set_session: None,
+            }
+        }
+        _ => engine.authenticate(&route.auth, &creds).await,
+    };
+    match outcome {
+        Outcome::Ok {
+            identity,
+            set_session,
+        } => Ok((identity, set_session.map(|v| session_cookie(snap, &v)))),
+        Outcome::Rejected(e) => Err(Unverified::Rejected(e.reason)),
+        Outcome::Missing => Err(Unverified::Missing { ended: false }),
+        Outcome::SessionEnded => Err(Unverified::Missing { ended: true }),
     }
 }
 
@@ -646,7 +595,7 @@ mod tests {
             header::COOKIE,
             "a=1; portcullis_session=xyz; b=2".parse().unwrap(),
         );
-        remove_cookie(&mut h, "portcullis_session");
+        crate::upstream::head::remove_cookie(&mut h, "portcullis_session");
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
         assert_eq!(percent_decode("a%2Fb+c%zz"), "a/b c%zz");
         assert_eq!(
