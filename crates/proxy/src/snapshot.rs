@@ -121,79 +121,7 @@ impl Snapshot {
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
         for b in &config.backends {
-            let spec = &b.spec;
-            let tls = match &spec.tls {
-                Some(t) => Some((
-                    crate::edge::tls::client_config(t, spec.protocol).map_err(|source| {
-                        BuildError::Tls {
-                            backend: b.id.clone(),
-                            source,
-                        }
-                    })?,
-                    t.sni.clone(),
-                )),
-                None => None,
-            };
-            let mut servers = Vec::new();
-            let mut slots = Vec::new();
-            for (s, name) in spec.servers.iter().zip(&b.server_names) {
-                let key = format!("{}/{}", b.id, name);
-                let state = registry.server(&key, &s.address);
-                state.gate_for(s.max_connections);
-                servers.push(ServerRt {
-                    name: name.clone(),
-                    address: s.address.clone(),
-                    echo: s.address == "builtin:echo",
-                    max_connections: s.max_connections,
-                    sticky_id: format!(
-                        "{:016x}",
-                        crate::phase::balance::balancer::hash64(key.as_bytes())
-                    ),
-                });
-                slots.push(Slot {
-                    name: name.clone(),
-                    weight: s.weight,
-                    state,
-                });
-            }
-            let label = vec![("backend", b.id.clone())];
-            let rt = Arc::new(BackendRt {
-                id: b.id.clone(),
-                balancer: Balancer::new(spec.balance.clone(), &slots),
-                servers,
-                slots,
-                connector: Connector {
-                    protocol: spec.protocol,
-                    tls,
-                    connect_timeout: spec.timeouts.connect.0,
-                    idle_timeout: spec.timeouts.idle.0,
-                },
-                host: spec
-                    .host
-                    .as_deref()
-                    .and_then(|h| HeaderValue::from_str(h).ok()),
-                retry_connect: spec.retries.on.contains(&RetryOn::ConnectFailure),
-                retry_status: spec
-                    .retries
-                    .on
-                    .iter()
-                    .filter_map(|r| match r {
-                        RetryOn::Status(s) => Some(*s),
-                        _ => None,
-                    })
-                    .collect(),
-                retries: spec.retries.clone(),
-                outlier: spec.outlier.clone(),
-                health: spec.health_check.clone(),
-                response_timeout: spec.timeouts.response.0,
-                queue_timeout: spec.queue_timeout.0,
-                sticky_cookie: spec.sticky.as_ref().map(|s| s.cookie.clone()),
-                in_flight: Arc::new(AtomicUsize::new(0)),
-                retries_in_flight: Arc::new(AtomicUsize::new(0)),
-                retry_counter: metrics.retries.get_or_create(&label).clone(),
-                ejection_counter: metrics.ejections.get_or_create(&label).clone(),
-                connect_hist: metrics.connect.get_or_create(&label).clone(),
-            });
+            let rt = backend(b, registry, metrics)?;
             by_id.insert(&b.id, rt.clone());
             backends.push(rt);
         }
@@ -288,4 +216,86 @@ impl Snapshot {
     pub fn backend(&self, id: &str) -> Option<&Arc<BackendRt>> {
         self.backends.iter().find(|b| b.id == id)
     }
+}
+
+/// One backend's runtime form: its servers (with their long-lived state from the registry),
+/// balancer, connector and retry settings, and its metric handles.
+fn backend(
+    b: &portcullis_config::BackendDef,
+    registry: &StateRegistry,
+    metrics: &Metrics,
+) -> Result<Arc<BackendRt>, BuildError> {
+    let spec = &b.spec;
+    let tls = match &spec.tls {
+        Some(t) => Some((
+            crate::edge::tls::client_config(t, spec.protocol).map_err(|source| {
+                BuildError::Tls {
+                    backend: b.id.clone(),
+                    source,
+                }
+            })?,
+            t.sni.clone(),
+        )),
+        None => None,
+    };
+    let mut servers = Vec::new();
+    let mut slots = Vec::new();
+    for (s, name) in spec.servers.iter().zip(&b.server_names) {
+        let key = format!("{}/{}", b.id, name);
+        let state = registry.server(&key, &s.address);
+        state.gate_for(s.max_connections);
+        servers.push(ServerRt {
+            name: name.clone(),
+            address: s.address.clone(),
+            echo: s.address == "builtin:echo",
+            max_connections: s.max_connections,
+            sticky_id: format!(
+                "{:016x}",
+                crate::phase::balance::balancer::hash64(key.as_bytes())
+            ),
+        });
+        slots.push(Slot {
+            name: name.clone(),
+            weight: s.weight,
+            state,
+        });
+    }
+    let label = vec![("backend", b.id.clone())];
+    Ok(Arc::new(BackendRt {
+        id: b.id.clone(),
+        balancer: Balancer::new(spec.balance.clone(), &slots),
+        servers,
+        slots,
+        connector: Connector {
+            protocol: spec.protocol,
+            tls,
+            connect_timeout: spec.timeouts.connect.0,
+            idle_timeout: spec.timeouts.idle.0,
+        },
+        host: spec
+            .host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok()),
+        retry_connect: spec.retries.on.contains(&RetryOn::ConnectFailure),
+        retry_status: spec
+            .retries
+            .on
+            .iter()
+            .filter_map(|r| match r {
+                RetryOn::Status(s) => Some(*s),
+                _ => None,
+            })
+            .collect(),
+        retries: spec.retries.clone(),
+        outlier: spec.outlier.clone(),
+        health: spec.health_check.clone(),
+        response_timeout: spec.timeouts.response.0,
+        queue_timeout: spec.queue_timeout.0,
+        sticky_cookie: spec.sticky.as_ref().map(|s| s.cookie.clone()),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        retries_in_flight: Arc::new(AtomicUsize::new(0)),
+        retry_counter: metrics.retries.get_or_create(&label).clone(),
+        ejection_counter: metrics.ejections.get_or_create(&label).clone(),
+        connect_hist: metrics.connect.get_or_create(&label).clone(),
+    }))
 }
