@@ -21,6 +21,8 @@ pub mod pipeline;
 pub mod record;
 pub mod snapshot;
 pub mod state;
+#[cfg(test)]
+pub mod testkit;
 pub mod upstream;
 
 use edge::{listen, tls};

@@ -105,3 +105,114 @@ fn request_host(parts: &http::request::Parts) -> Result<HeaderValue, &'static st
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{describe, is_next, refusal, Kit};
+    use http::Request;
+
+    const CONFIG: &str = r#"
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - { name: r, match: { path_prefix: / }, backend: b, public: true }
+"#;
+
+    #[tokio::test]
+    async fn a_canonical_request_goes_on_with_its_host_and_path() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(Request::get("/hello?q=1").header("host", "Example.COM:80"));
+        let f = run(&mut x);
+        assert!(is_next(&f), "{}", describe(&f));
+        // The host is lower case, without the default port; the path was already canonical.
+        assert_eq!(x.host_name(), "example.com");
+        assert_eq!(x.path, None);
+        assert_eq!(x.path(), "/hello");
+        assert_eq!(x.query(), Some("q=1"));
+        assert_eq!(x.record.host, "example.com");
+        assert_eq!(x.record.path, "/hello");
+    }
+
+    #[tokio::test]
+    async fn an_encoded_unreserved_character_is_decoded_once_for_everyone() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(Request::get("/%61dmin").header("host", "example.com"));
+        assert!(is_next(&run(&mut x)));
+        assert_eq!(x.path(), "/admin");
+        // The origin is sent the canonical path too.
+        assert_eq!(x.origin_target(), "/admin");
+        assert_eq!(x.record.path, "/admin");
+    }
+
+    #[tokio::test]
+    async fn a_dot_segment_is_refused_and_counted() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(Request::get("/public/../admin").header("host", "example.com"));
+        assert_eq!(
+            refusal(run(&mut x)),
+            (StatusCode::BAD_REQUEST, "path has dot segments\n")
+        );
+        assert_eq!(kit.refused("dot_segment"), 1.0, "{}", kit.metrics());
+    }
+
+    #[tokio::test]
+    async fn a_connect_tunnel_is_refused_and_counted() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x =
+            kit.exchange(Request::connect("example.com:443").header("host", "example.com:443"));
+        assert_eq!(
+            refusal(run(&mut x)),
+            (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
+        );
+        assert_eq!(kit.refused("connect"), 1.0, "{}", kit.metrics());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_refused_and_counted() {
+        let kit = Kit::new(CONFIG).await;
+        // The listener's max_header_size is 64 KiB by default.
+        let big = "a".repeat(65 * 1024);
+        let mut x = kit.exchange(
+            Request::get("/")
+                .header("host", "example.com")
+                .header("x-big", big),
+        );
+        assert_eq!(
+            refusal(run(&mut x)),
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request header section too large\n"
+            )
+        );
+        assert_eq!(kit.refused("header_size"), 1.0, "{}", kit.metrics());
+    }
+
+    #[tokio::test]
+    async fn a_request_with_both_content_length_and_chunked_is_refused() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(
+            Request::post("/")
+                .header("host", "example.com")
+                .header("content-length", "5")
+                .header("transfer-encoding", "chunked"),
+        );
+        assert_eq!(
+            refusal(run(&mut x)),
+            (
+                StatusCode::BAD_REQUEST,
+                "conflicting Content-Length and Transfer-Encoding\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http11_request_must_name_its_host() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(Request::get("/"));
+        assert_eq!(
+            refusal(run(&mut x)),
+            (StatusCode::BAD_REQUEST, "missing Host header\n")
+        );
+    }
+}

@@ -104,3 +104,201 @@ fn decode(x: &Exchange<'_>, idx: usize) -> Result<String, Refusal> {
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{describe, is_next, refusal, Kit};
+    use http::{Method, Request};
+
+    const CONFIG: &str = r#"
+backends:
+  - { name: api, servers: [{ name: a1, address: "builtin:echo" }] }
+  - { name: www, servers: [{ name: w1, address: "builtin:echo" }] }
+routes:
+  - { name: api, match: { host: api.example.com, path_prefix: /v1/ }, backend: api, public: true }
+  - { name: site, match: { host: www.example.com, path_prefix: / }, backend: www, public: true }
+  # Encoded slashes: the listener rejects them; these routes keep or decode them.
+  - name: files
+    match: { host: www.example.com, path_prefix: /files/ }
+    backend: www
+    public: true
+    normalize: { escaped_slashes: keep }
+  - name: raw
+    match: { host: www.example.com, path_prefix: /raw/ }
+    backend: www
+    public: true
+    normalize: { escaped_slashes: decode }
+  # Method overrides: the listener strips them; these routes reject or honor them.
+  - { name: strict, match: { host: www.example.com, path_prefix: /strict/ }, backend: www, public: true, method_override: reject }
+  - { name: legacy, match: { host: www.example.com, path_prefix: /legacy/ }, backend: www, public: true, method_override: honor }
+  # Upgrades: the listener allows WebSocket; this route allows none.
+  - { name: plain, match: { host: www.example.com, path_prefix: /plain/ }, backend: www, public: true, upgrades: [] }
+"#;
+
+    /// An exchange for `req` that passed the check phase.
+    fn checked<'k>(kit: &'k Kit, req: http::request::Builder) -> crate::exchange::Exchange<'k> {
+        let mut x = kit.exchange(req);
+        let f = crate::phase::check::run(&mut x);
+        assert!(is_next(&f), "check: {}", describe(&f));
+        x
+    }
+
+    fn get(host: &str, path: &str) -> http::request::Builder {
+        Request::get(path).header("host", host)
+    }
+
+    #[tokio::test]
+    async fn the_route_is_found_by_host_and_path() {
+        let kit = Kit::new(CONFIG).await;
+        for (host, path, route, backend) in [
+            ("api.example.com", "/v1/users", "default/api", "default/api"),
+            (
+                "www.example.com",
+                "/v1/users",
+                "default/site",
+                "default/www",
+            ),
+            (
+                "www.example.com",
+                "/files/report.pdf",
+                "default/files",
+                "default/www",
+            ),
+            ("WWW.example.com:80", "/", "default/site", "default/www"),
+        ] {
+            let mut x = checked(&kit, get(host, path));
+            let f = run(&mut x).await;
+            assert!(is_next(&f), "{host}{path}: {}", describe(&f));
+            assert_eq!(x.route.map(|r| &*r.id), Some(route), "{host}{path}");
+            assert_eq!(x.route.unwrap().backend.id, backend);
+            // The access record names them too.
+            assert_eq!(x.record.route, route);
+            assert_eq!(x.record.backend, backend);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_no_route_matches_is_not_found() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = checked(&kit, get("other.example.com", "/v1/users"));
+        assert_eq!(
+            refusal(run(&mut x).await),
+            (StatusCode::NOT_FOUND, "no route\n")
+        );
+        assert!(x.route.is_none());
+    }
+
+    #[tokio::test]
+    async fn each_route_decides_what_an_encoded_slash_gets() {
+        let kit = Kit::new(CONFIG).await;
+        // The listener's rule (reject) on a route without its own.
+        let mut x = checked(&kit, get("www.example.com", "/docs/a%2Fb"));
+        assert_eq!(
+            refusal(run(&mut x).await),
+            (
+                StatusCode::BAD_REQUEST,
+                "encoded slash or backslash in the request path\n"
+            )
+        );
+        assert_eq!(kit.refused("escaped_slash"), 1.0, "{}", kit.metrics());
+
+        // keep: the slash stays encoded, for the origin to read.
+        let mut x = checked(&kit, get("www.example.com", "/files/a%2Fb"));
+        let f = run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert_eq!(x.route.map(|r| &*r.id), Some("default/files"));
+        assert_eq!(x.path(), "/files/a%2Fb");
+
+        // decode: the path is decoded, and must still lead to the same route.
+        let mut x = checked(&kit, get("www.example.com", "/raw/a%2Fb"));
+        let f = run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert_eq!(x.route.map(|r| &*r.id), Some("default/raw"));
+        assert_eq!(x.path(), "/raw/a/b");
+        assert_eq!(x.record.path, "/raw/a/b");
+        assert_eq!(kit.refused("escaped_slash"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_method_override_is_stripped_rejected_or_honored_as_the_route_says() {
+        let kit = Kit::new(CONFIG).await;
+        let post = |path: &str| {
+            Request::post(path)
+                .header("host", "www.example.com")
+                .header("x-http-method-override", "DELETE")
+        };
+
+        // strip (the listener's default): policy sees POST, the origin no override.
+        let mut x = checked(&kit, post("/things/1"));
+        assert!(is_next(&run(&mut x).await));
+        assert_eq!(x.method(), Method::POST);
+        assert!(!x.parts.headers.contains_key("x-http-method-override"));
+
+        // reject: 400, counted.
+        let mut x = checked(&kit, post("/strict/things/1"));
+        assert_eq!(
+            refusal(run(&mut x).await),
+            (
+                StatusCode::BAD_REQUEST,
+                "method override headers are not accepted\n"
+            )
+        );
+        assert_eq!(kit.refused("method_override"), 1.0, "{}", kit.metrics());
+
+        // honor: policy, audit and the log see DELETE; the origin gets the header.
+        let mut x = checked(&kit, post("/legacy/things/1"));
+        assert!(is_next(&run(&mut x).await));
+        assert_eq!(x.method(), Method::DELETE);
+        assert_eq!(x.parts.method, Method::POST);
+        assert_eq!(x.record.method, "DELETE");
+        assert_eq!(x.parts.headers["x-http-method-override"], "DELETE");
+    }
+
+    #[tokio::test]
+    async fn an_allowed_upgrade_is_noted_before_hop_by_hop_headers_go() {
+        let kit = Kit::new(CONFIG).await;
+        let ws = |path: &str, protocol: &str| {
+            get("www.example.com", path)
+                .header("connection", "Upgrade")
+                .header("upgrade", protocol)
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        };
+
+        let mut x = checked(&kit, ws("/chat", "websocket"));
+        assert!(is_next(&run(&mut x).await));
+        let up = x.upgrade.as_ref().expect("the upgrade is allowed");
+        assert_eq!(up.protocols, "websocket");
+        // The request's own Upgrade and Connection are gone: forward sets them from `upgrade`.
+        assert!(!x.parts.headers.contains_key("upgrade"));
+        assert!(!x.parts.headers.contains_key("connection"));
+
+        // h2c never; and a route that allows no upgrade gets an ordinary request.
+        let mut x = checked(&kit, ws("/chat", "h2c"));
+        assert!(is_next(&run(&mut x).await));
+        assert!(x.upgrade.is_none());
+        let mut x = checked(&kit, ws("/plain/chat", "websocket"));
+        assert!(is_next(&run(&mut x).await));
+        assert!(x.upgrade.is_none());
+        assert!(!x.parts.headers.contains_key("upgrade"));
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_are_removed() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = checked(
+            &kit,
+            get("www.example.com", "/")
+                .header("connection", "keep-alive, x-hop")
+                .header("x-hop", "only for the next hop")
+                .header("keep-alive", "timeout=5")
+                .header("te", "gzip")
+                .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+                .header("x-kept", "yes"),
+        );
+        assert!(is_next(&run(&mut x).await));
+        let mut names: Vec<&str> = x.parts.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-kept"]);
+    }
+}
