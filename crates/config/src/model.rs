@@ -23,7 +23,7 @@ pub struct RootFile {
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
     /// How long in-flight requests may take to finish on shutdown.
-    #[serde(default = "d30s")]
+    #[serde(default = "secs::<30>")]
     pub shutdown_grace: Dur,
     #[serde(default)]
     pub identity: Identity,
@@ -108,25 +108,25 @@ pub struct Provider {
     pub algorithms: Vec<String>,
     /// Shared secret enabling HS256/384/512 for this provider only.
     pub hs_secret: Option<String>,
-    #[serde(default = "d60s")]
+    #[serde(default = "secs::<60>")]
     pub clock_skew: Dur,
     #[serde(default = "yes")]
     pub require_exp: bool,
-    #[serde(default = "d16k")]
+    #[serde(default = "kib::<16>")]
     pub max_token_size: Size,
     /// `jwt`: where the keys come from (exactly one of these three).
     pub jwks_uri: Option<String>,
     pub jwks_file: Option<String>,
     pub keys: Option<Vec<serde_json::Value>>,
     /// Fallback JWKS refresh period when the IdP sends no Cache-Control.
-    #[serde(default = "d1h")]
+    #[serde(default = "hours::<1>")]
     pub jwks_refresh: Dur,
     #[serde(default)]
     pub claims: ClaimMap,
     /// Verified tokens cached at most this long (and never past `exp`).
-    #[serde(default = "d5m")]
+    #[serde(default = "mins::<5>")]
     pub cache_ttl: Dur,
-    #[serde(default = "d10000")]
+    #[serde(default = "count::<10_000>")]
     pub cache_size: usize,
     /// `oidc`: browser login client.
     pub client_id: Option<String>,
@@ -152,7 +152,7 @@ pub struct Session {
     /// Base64 (standard or URL-safe) 32-byte keys; the first encrypts, all decrypt.
     #[serde(default)]
     pub keys: Vec<String>,
-    #[serde(default = "d12h")]
+    #[serde(default = "hours::<12>")]
     pub ttl: Dur,
     /// Set the cookie's `Secure` attribute. Only turn off for plain-HTTP local testing.
     #[serde(default = "yes")]
@@ -164,7 +164,7 @@ impl Default for Session {
         Session {
             cookie: session_cookie(),
             keys: Vec::new(),
-            ttl: d12h(),
+            ttl: hours::<12>(),
             secure: true,
         }
     }
@@ -176,10 +176,10 @@ pub struct AssertionCfg {
     /// Issuer (`iss`) of assertions.
     #[serde(default = "assertion_issuer")]
     pub issuer: String,
-    #[serde(default = "d60s")]
+    #[serde(default = "secs::<60>")]
     pub ttl: Dur,
     /// How often the signing key rotates; the previous key stays published for one period.
-    #[serde(default = "d12h")]
+    #[serde(default = "hours::<12>")]
     pub rotate_every: Dur,
 }
 
@@ -187,8 +187,8 @@ impl Default for AssertionCfg {
     fn default() -> Self {
         AssertionCfg {
             issuer: assertion_issuer(),
-            ttl: d60s(),
-            rotate_every: d12h(),
+            ttl: secs::<60>(),
+            rotate_every: hours::<12>(),
         }
     }
 }
@@ -221,10 +221,10 @@ pub struct Listener {
     pub bind: String,
     pub tls: Option<ListenerTls>,
     /// Largest request header section; larger gets 431.
-    #[serde(default = "d64k")]
+    #[serde(default = "kib::<64>")]
     pub max_header_size: Size,
     /// Most request headers; more gets 431.
-    #[serde(default = "d100")]
+    #[serde(default = "count::<100>")]
     pub max_headers: usize,
     #[serde(default)]
     pub timeouts: ListenerTimeouts,
@@ -302,18 +302,18 @@ pub struct RouteNormalize {
 #[serde(deny_unknown_fields)]
 pub struct ListenerTimeouts {
     /// Time allowed to receive a complete request header section (slowloris guard).
-    #[serde(default = "d10s")]
+    #[serde(default = "secs::<10>")]
     pub client_header: Dur,
     /// How long an idle client keep-alive connection is kept open.
-    #[serde(default = "d60s")]
+    #[serde(default = "secs::<60>")]
     pub idle: Dur,
 }
 
 impl Default for ListenerTimeouts {
     fn default() -> Self {
         ListenerTimeouts {
-            client_header: d10s(),
-            idle: d60s(),
+            client_header: secs::<10>(),
+            idle: secs::<60>(),
         }
     }
 }
@@ -392,7 +392,7 @@ pub struct Backend {
     #[serde(default)]
     pub timeouts: BackendTimeouts,
     /// How long a request may wait for a server slot when every server is at `max_connections`.
-    #[serde(default = "d5s")]
+    #[serde(default = "secs::<5>")]
     pub queue_timeout: Dur,
     pub tls: Option<UpstreamTls>,
 }
@@ -462,7 +462,7 @@ pub struct Server {
     pub name: Option<String>,
     /// `host:port`, or `builtin:echo` for the built-in echo origin.
     pub address: String,
-    #[serde(default = "d1u32")]
+    #[serde(default = "int::<1>")]
     pub weight: u32,
     /// Most concurrent requests sent to this server; more wait in the backend queue.
     pub max_connections: Option<usize>,
@@ -474,13 +474,13 @@ pub struct HealthCheck {
     pub http: Option<HttpCheck>,
     #[serde(default)]
     pub tcp: bool,
-    #[serde(default = "d2s")]
+    #[serde(default = "secs::<2>")]
     pub interval: Dur,
-    #[serde(default = "d1s")]
+    #[serde(default = "secs::<1>")]
     pub timeout: Dur,
-    #[serde(default = "d2u32")]
+    #[serde(default = "int::<2>")]
     pub rise: u32,
-    #[serde(default = "d3u32")]
+    #[serde(default = "int::<3>")]
     pub fall: u32,
 }
 
@@ -541,13 +541,13 @@ impl<'de> Deserialize<'de> for StatusRange {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outlier {
-    #[serde(default = "d5u32")]
+    #[serde(default = "int::<5>")]
     pub consecutive_5xx: u32,
-    #[serde(default = "d5u32")]
+    #[serde(default = "int::<5>")]
     pub consecutive_connect_failures: u32,
-    #[serde(default = "d30s")]
+    #[serde(default = "secs::<30>")]
     pub eject_for: Dur,
-    #[serde(default = "d50u32")]
+    #[serde(default = "int::<50>")]
     pub max_ejected_percent: u32,
 }
 
@@ -555,20 +555,20 @@ pub struct Outlier {
 #[serde(deny_unknown_fields)]
 pub struct Retries {
     /// Extra attempts after the first.
-    #[serde(default = "d2u32")]
+    #[serde(default = "int::<2>")]
     pub attempts: u32,
     #[serde(default = "default_retry_on")]
     pub on: Vec<RetryOn>,
     /// Retries may add at most this percentage of the backend's requests in flight.
-    #[serde(default = "d20u32")]
+    #[serde(default = "int::<20>")]
     pub budget_percent: u32,
     /// Retries always allowed regardless of the budget, so a quiet backend can still retry.
-    #[serde(default = "d3u32")]
+    #[serde(default = "int::<3>")]
     pub min_retries_in_flight: u32,
     pub per_try_timeout: Option<Dur>,
-    #[serde(default = "d25ms")]
+    #[serde(default = "millis::<25>")]
     pub backoff_base: Dur,
-    #[serde(default = "d250ms")]
+    #[serde(default = "millis::<250>")]
     pub backoff_max: Dur,
 }
 
@@ -580,8 +580,8 @@ impl Default for Retries {
             budget_percent: 20,
             min_retries_in_flight: 3,
             per_try_timeout: None,
-            backoff_base: d25ms(),
-            backoff_max: d250ms(),
+            backoff_base: millis::<25>(),
+            backoff_max: millis::<250>(),
         }
     }
 }
@@ -612,22 +612,22 @@ impl<'de> Deserialize<'de> for RetryOn {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendTimeouts {
-    #[serde(default = "d1s")]
+    #[serde(default = "secs::<1>")]
     pub connect: Dur,
     /// Time from sending the request to receiving the response headers.
-    #[serde(default = "d30s")]
+    #[serde(default = "secs::<30>")]
     pub response: Dur,
     /// How long an idle pooled upstream connection is kept.
-    #[serde(default = "d60s")]
+    #[serde(default = "secs::<60>")]
     pub idle: Dur,
 }
 
 impl Default for BackendTimeouts {
     fn default() -> Self {
         BackendTimeouts {
-            connect: d1s(),
-            response: d30s(),
-            idle: d60s(),
+            connect: secs::<1>(),
+            response: secs::<30>(),
+            idle: secs::<60>(),
         }
     }
 }
@@ -759,7 +759,7 @@ pub enum OnError {
 pub struct AuthorizerCfg {
     pub name: String,
     pub url: String,
-    #[serde(default = "d200ms")]
+    #[serde(default = "millis::<200>")]
     pub timeout: Dur,
     /// Request headers sent along (lower-cased names).
     #[serde(default)]
@@ -773,11 +773,11 @@ pub struct AuthorizerCfg {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizerCache {
-    #[serde(default = "d30s")]
+    #[serde(default = "secs::<30>")]
     pub allow_ttl: Dur,
-    #[serde(default = "d5s")]
+    #[serde(default = "secs::<5>")]
     pub deny_ttl: Dur,
-    #[serde(default = "d10000")]
+    #[serde(default = "count::<10_000>")]
     pub max_entries: usize,
     /// Extra attributes in the cache key: `header:NAME`, `query:NAME` or `claim:PATH`.
     #[serde(default)]
@@ -787,9 +787,9 @@ pub struct AuthorizerCache {
 impl Default for AuthorizerCache {
     fn default() -> Self {
         AuthorizerCache {
-            allow_ttl: d30s(),
-            deny_ttl: d5s(),
-            max_entries: d10000(),
+            allow_ttl: secs::<30>(),
+            deny_ttl: secs::<5>(),
+            max_entries: count::<10_000>(),
             key: Vec::new(),
         }
     }
@@ -833,13 +833,13 @@ pub struct AuditCfg {
     pub dir: String,
     #[serde(default)]
     pub fsync: Fsync,
-    #[serde(default = "d100ms")]
+    #[serde(default = "millis::<100>")]
     pub fsync_interval: Dur,
-    #[serde(default = "d100mib")]
+    #[serde(default = "mib::<100>")]
     pub rotate_size: Size,
-    #[serde(default = "d24h")]
+    #[serde(default = "hours::<24>")]
     pub rotate_age: Dur,
-    #[serde(default = "d10000")]
+    #[serde(default = "count::<10_000>")]
     pub queue: usize,
     #[serde(default)]
     pub on_overload: Overload,
@@ -855,10 +855,10 @@ impl Default for AuditCfg {
             sink: AuditSink::File,
             dir: audit_dir(),
             fsync: Fsync::Interval,
-            fsync_interval: d100ms(),
-            rotate_size: d100mib(),
-            rotate_age: d24h(),
-            queue: d10000(),
+            fsync_interval: millis::<100>(),
+            rotate_size: mib::<100>(),
+            rotate_age: hours::<24>(),
+            queue: count::<10_000>(),
             on_overload: Overload::Wait,
             record_allows: true,
         }
@@ -898,35 +898,37 @@ pub struct Match {
     pub case_sensitive: bool,
 }
 
-fn d200ms() -> Dur {
-    Dur(Duration::from_millis(200))
+// Defaults for numbers, durations and sizes, written where they are used:
+// `#[serde(default = "secs::<30>")]`, `ttl: hours::<12>()`.
+fn millis<const N: u64>() -> Dur {
+    Dur(Duration::from_millis(N))
 }
-fn d100ms() -> Dur {
-    Dur(Duration::from_millis(100))
+fn secs<const N: u64>() -> Dur {
+    Dur(Duration::from_secs(N))
 }
-fn d24h() -> Dur {
-    Dur(Duration::from_secs(24 * 3600))
+fn mins<const N: u64>() -> Dur {
+    Dur(Duration::from_secs(N * 60))
 }
-fn d100mib() -> Size {
-    Size(100 * 1024 * 1024)
+fn hours<const N: u64>() -> Dur {
+    Dur(Duration::from_secs(N * 3600))
+}
+fn kib<const N: u64>() -> Size {
+    Size(N * 1024)
+}
+fn mib<const N: u64>() -> Size {
+    Size(N * 1024 * 1024)
+}
+fn int<const N: u32>() -> u32 {
+    N
+}
+fn count<const N: usize>() -> usize {
+    N
+}
+fn yes() -> bool {
+    true
 }
 fn audit_dir() -> String {
     "audit".into()
-}
-fn d1h() -> Dur {
-    Dur(Duration::from_secs(3600))
-}
-fn d12h() -> Dur {
-    Dur(Duration::from_secs(12 * 3600))
-}
-fn d5m() -> Dur {
-    Dur(Duration::from_secs(300))
-}
-fn d16k() -> Size {
-    Size(16 * 1024)
-}
-fn d10000() -> usize {
-    10_000
 }
 fn claim_user() -> String {
     "sub".into()
@@ -948,57 +950,6 @@ fn session_cookie() -> String {
 }
 fn assertion_issuer() -> String {
     "portcullis".into()
-}
-fn d30s() -> Dur {
-    Dur(Duration::from_secs(30))
-}
-fn d60s() -> Dur {
-    Dur(Duration::from_secs(60))
-}
-fn d10s() -> Dur {
-    Dur(Duration::from_secs(10))
-}
-fn d5s() -> Dur {
-    Dur(Duration::from_secs(5))
-}
-fn d2s() -> Dur {
-    Dur(Duration::from_secs(2))
-}
-fn d1s() -> Dur {
-    Dur(Duration::from_secs(1))
-}
-fn d25ms() -> Dur {
-    Dur(Duration::from_millis(25))
-}
-fn d250ms() -> Dur {
-    Dur(Duration::from_millis(250))
-}
-fn d64k() -> Size {
-    Size(64 * 1024)
-}
-fn d100() -> usize {
-    100
-}
-fn d1u32() -> u32 {
-    1
-}
-fn d2u32() -> u32 {
-    2
-}
-fn d3u32() -> u32 {
-    3
-}
-fn d5u32() -> u32 {
-    5
-}
-fn d20u32() -> u32 {
-    20
-}
-fn d50u32() -> u32 {
-    50
-}
-fn yes() -> bool {
-    true
 }
 fn slash() -> String {
     "/".into()

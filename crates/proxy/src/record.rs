@@ -43,91 +43,52 @@ fn latency_histogram() -> Histogram {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
-        let m = Metrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            connect: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            server_up: Family::default(),
-            server_active: Family::default(),
-            active_connections: Family::default(),
-            retries: Family::default(),
-            ejections: Family::default(),
-            reloads: Family::default(),
-            health_checks: Family::default(),
-            access_log_dropped: Counter::default(),
-            audit_failures: Counter::default(),
-            authorizer_cache: Family::default(),
-            refused: Family::default(),
-            refusal_log: RefusalLog::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "requests",
-            "Requests by route, backend and status class",
-            m.requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request to response headers, by route",
-            m.duration.clone(),
-        );
-        registry.register(
-            "upstream_connect_duration_seconds",
-            "Time to open an upstream connection, by backend",
-            m.connect.clone(),
-        );
-        registry.register(
-            "server_up",
-            "1 when the server may take traffic (healthy, not ejected, not in maintenance)",
-            m.server_up.clone(),
-        );
-        registry.register(
-            "server_active_requests",
-            "Requests in flight to a server",
-            m.server_active.clone(),
-        );
-        registry.register(
-            "active_connections",
-            "Open client connections by listener",
-            m.active_connections.clone(),
-        );
-        registry.register("retries", "Upstream retries by backend", m.retries.clone());
-        registry.register(
-            "ejections",
-            "Outlier ejections by backend",
-            m.ejections.clone(),
-        );
-        registry.register(
-            "config_reloads",
-            "Config reloads by result",
-            m.reloads.clone(),
-        );
-        registry.register(
-            "health_checks",
-            "Active health checks by backend and result",
-            m.health_checks.clone(),
-        );
-        registry.register(
-            "access_log_dropped",
-            "Access log lines dropped because the writer fell behind",
-            m.access_log_dropped.clone(),
-        );
-        registry.register(
-            "audit_write_failures",
-            "Audit records that could not be written (the request was refused)",
-            m.audit_failures.clone(),
-        );
-        registry.register(
-            "authorizer_cache_lookups",
-            "External authorizer decision cache lookups by authorizer and result (hit or miss)",
-            m.authorizer_cache.clone(),
-        );
-        registry.register(
-            "requests_refused",
-            "Requests refused for their form before routing (canonical path and host, method override, upgrades, header size), by listener and reason",
-            m.refused.clone(),
-        );
-        Metrics { registry, ..m }
+        let latency = || Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        // `field: metric, name, help;` makes each metric and registers it under its name.
+        macro_rules! metrics {
+            ($($field:ident: $metric:expr, $name:literal, $help:literal;)*) => {
+                Metrics {
+                    $($field: {
+                        let metric = $metric;
+                        registry.register($name, $help, metric.clone());
+                        metric
+                    },)*
+                    refusal_log: RefusalLog::default(),
+                    registry,
+                }
+            };
+        }
+        // In the order of the scraped output.
+        metrics! {
+            requests: Family::default(), "requests",
+                "Requests by route, backend and status class";
+            duration: latency(), "request_duration_seconds",
+                "Time from request to response headers, by route";
+            connect: latency(), "upstream_connect_duration_seconds",
+                "Time to open an upstream connection, by backend";
+            server_up: Family::default(), "server_up",
+                "1 when the server may take traffic (healthy, not ejected, not in maintenance)";
+            server_active: Family::default(), "server_active_requests",
+                "Requests in flight to a server";
+            active_connections: Family::default(), "active_connections",
+                "Open client connections by listener";
+            retries: Family::default(), "retries",
+                "Upstream retries by backend";
+            ejections: Family::default(), "ejections",
+                "Outlier ejections by backend";
+            reloads: Family::default(), "config_reloads",
+                "Config reloads by result";
+            health_checks: Family::default(), "health_checks",
+                "Active health checks by backend and result";
+            access_log_dropped: Counter::default(), "access_log_dropped",
+                "Access log lines dropped because the writer fell behind";
+            audit_failures: Counter::default(), "audit_write_failures",
+                "Audit records that could not be written (the request was refused)";
+            authorizer_cache: Family::default(), "authorizer_cache_lookups",
+                "External authorizer decision cache lookups by authorizer and result (hit or miss)";
+            refused: Family::default(), "requests_refused",
+                "Requests refused for their form before routing (canonical path and host, method override, upgrades, header size), by listener and reason";
+        }
     }
 }
 
@@ -344,6 +305,41 @@ mod tests {
         assert!(s.contains("# TYPE portcullis_request_duration_seconds histogram"));
     }
 
+    /// Every metric family registered before the registrations became a table, with its type
+    /// and in the same order: a scrape of a fresh registry still shows each of them.
+    #[test]
+    fn every_metric_family_is_still_scraped() {
+        const FAMILIES: [(&str, &str); 14] = [
+            ("requests", "counter"),
+            ("request_duration_seconds", "histogram"),
+            ("upstream_connect_duration_seconds", "histogram"),
+            ("server_up", "gauge"),
+            ("server_active_requests", "gauge"),
+            ("active_connections", "gauge"),
+            ("retries", "counter"),
+            ("ejections", "counter"),
+            ("config_reloads", "counter"),
+            ("health_checks", "counter"),
+            ("access_log_dropped", "counter"),
+            ("audit_write_failures", "counter"),
+            ("authorizer_cache_lookups", "counter"),
+            ("requests_refused", "counter"),
+        ];
+        let s = Metrics::default().encode();
+        let types: Vec<&str> = s
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE portcullis_"))
+            .collect();
+        let want: Vec<String> = FAMILIES.iter().map(|(n, t)| format!("{n} {t}")).collect();
+        assert_eq!(types, want, "{s}");
+        for (name, _) in FAMILIES {
+            assert!(
+                s.contains(&format!("# HELP portcullis_{name} ")),
+                "{name}: {s}"
+            );
+        }
+    }
+
     #[test]
     fn classes() {
         assert_eq!(CLASSES[status_class(204)], "2xx");
@@ -366,5 +362,104 @@ mod tests {
             log.due(std::net::IpAddr::from(i.to_be_bytes()), t0);
         }
         assert!(log.seen.lock().len() <= REFUSAL_LOG_CLIENTS);
+    }
+
+    mod access_log {
+        use crate::record::AccessRecord;
+        use crate::testkit::Kit;
+        use http::Request;
+
+        const CONFIG: &str = r#"
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - { name: api, match: { host: example.com, path_prefix: /api/ }, backend: b, public: true }
+"#;
+
+        #[tokio::test]
+        async fn a_finished_exchange_is_written_to_the_access_log() {
+            let kit = Kit::new(CONFIG).await;
+            let mut x = kit
+                .routed(Request::get("/%61pi/items?page=2").header("host", "Example.com"))
+                .await;
+            x.count(204);
+            x.finish(204, None);
+            let log = kit.access_log(1);
+            assert_eq!(log.len(), 1, "{log:?}");
+            let r = &log[0];
+            assert_eq!(r["request_id"], &*x.rid);
+            assert_eq!(r["listener"], "web");
+            assert_eq!(r["client"], "127.0.0.1");
+            assert_eq!(r["method"], "GET");
+            // The canonical host and path, as every phase saw them; never the query.
+            assert_eq!(r["host"], "example.com");
+            assert_eq!(r["path"], "/api/items");
+            assert_eq!(r["protocol"], "HTTP/1.1");
+            assert_eq!(r["status"], 204);
+            assert_eq!(r["route"], "default/api");
+            assert_eq!(r["backend"], "default/b");
+            assert!(
+                r["time"].as_str().is_some_and(|t| t.ends_with("GMT")),
+                "{r}"
+            );
+            // Empty facts are left out: no identity, no decision, no error.
+            for absent in ["user", "provider", "decision", "error"] {
+                assert!(r.get(absent).is_none(), "{absent}: {r}");
+            }
+            assert_eq!(
+                kit.metric("portcullis_requests_total{route=\"default/api\",backend=\"default/b\",code=\"2xx\"}"),
+                1.0
+            );
+        }
+
+        #[tokio::test]
+        async fn a_refusal_is_written_with_its_error() {
+            let kit = Kit::new(CONFIG).await;
+            let mut x = kit.exchange(Request::get("/elsewhere").header("host", "example.com"));
+            assert!(crate::testkit::is_next(&crate::phase::check::run(&mut x)));
+            let flow = crate::phase::route::run(&mut x).await;
+            let (status, msg) = crate::testkit::refusal(flow);
+            // What the pipeline does with a short refusal.
+            x.finish(status.as_u16(), Some(msg.trim_end().to_string()));
+            let log = kit.access_log(1);
+            assert_eq!(log[0]["status"], 404);
+            assert_eq!(log[0]["error"], "no route");
+            assert_eq!(log[0]["route"], "");
+            assert_eq!(log[0]["path"], "/elsewhere");
+        }
+
+        #[tokio::test]
+        async fn without_an_access_log_nothing_is_kept() {
+            let kit = Kit::from_yaml(&format!(
+                "listeners: [{{ name: web, bind: \"127.0.0.1:0\" }}]\naccess_log: {{ path: \"off\" }}\naudit: {{ sink: off }}\n{CONFIG}"
+            ))
+            .await;
+            let mut x = kit
+                .routed(Request::get("/api/items").header("host", "example.com"))
+                .await;
+            assert!(!x.log);
+            // The record's strings are never filled.
+            assert!(x.record.request_id.is_empty() && x.record.route.is_empty());
+            x.finish(200, None);
+            assert!(!kit.dir.path().join("access.log").exists());
+        }
+
+        #[test]
+        fn a_record_starts_with_what_is_known_on_arrival() {
+            let (parts, ()) = Request::post("/a/../b?x=1")
+                .version(http::Version::HTTP_2)
+                .body(())
+                .unwrap()
+                .into_parts();
+            let r = AccessRecord::start("rid-1", "web", "192.0.2.7".parse().unwrap(), &parts);
+            assert_eq!(r.request_id, "rid-1");
+            assert_eq!(r.listener, "web");
+            assert_eq!(r.client, "192.0.2.7");
+            assert_eq!(r.method, "POST");
+            // The path as sent, until check puts it into canonical form.
+            assert_eq!(r.path, "/a/../b");
+            assert_eq!(r.protocol, "HTTP/2");
+            assert_eq!(r.status, 0);
+        }
     }
 }

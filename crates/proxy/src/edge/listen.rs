@@ -4,6 +4,7 @@
 //! listeners are bound and removed ones closed, without touching the others.
 
 use crate::edge::conn::ConnInfo;
+use crate::edge::passthrough::delegate_async_write;
 use crate::Shared;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -536,6 +537,16 @@ impl<T> IdleIo<T> {
         self.active = true;
     }
 
+    /// Marks activity when a write has moved bytes, and hands its result back.
+    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.touch();
+            }
+        }
+        r
+    }
+
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
@@ -584,12 +595,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            if *n > 0 {
-                self.touch();
-            }
-        }
-        r
+        self.wrote(r)
     }
     /// hyper hands a response's head and body over as separate slices. Small ones are copied
     /// together and go out in one `send`: on Linux a `writev` on a socket costs more in the
@@ -614,22 +620,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         } else {
             Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
         };
-        if let Poll::Ready(Ok(n)) = &r {
-            if *n > 0 {
-                this.touch();
-            }
-        }
-        r
+        this.wrote(r)
     }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    delegate_async_write!(inner: is_write_vectored, poll_flush, poll_shutdown);
 }
 
 #[cfg(test)]

@@ -5,5 +5,6 @@
 pub mod canon;
 pub mod conn;
 pub mod listen;
+pub mod passthrough;
 pub mod smuggle;
 pub mod tls;

@@ -15,6 +15,7 @@
 //! waiting for its next request is therefore governed by `timeouts.idle` alone, and a head
 //! that arrives in one read (the usual case) arms no timer at all.
 
+use crate::edge::passthrough::delegate_async_write;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -352,30 +353,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
     }
 }
 
+/// Writes pass straight through; the guard only watches what the client sends.
 impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    delegate_async_write!(inner);
 }
 
 #[cfg(test)]
