@@ -18,11 +18,13 @@ import statistics
 import sys
 
 PROXIES = ("haproxy", "portcullis")
-VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-base")
+VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-base",
+            "portcullis-jwt-base")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
-          "portcullis-base": "portcullis plain, base build"}
+          "portcullis-base": "portcullis plain, base build",
+          "portcullis-jwt-base": "portcullis JWT + policy, base build"}
 BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
 JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "jwt_vs_haproxy_jwt": ("portcullis-jwt", "haproxy-jwt", 5.0, "portcullis JWT + policy / HAProxy jwt_verify"),
@@ -196,19 +198,22 @@ def main() -> int:
         plain_table(lines, h, c, hv, ratios, targets, ratio, rounds, fmt, ok)
     if jwt:
         jwt_table(lines, summary, jwt, rounds, ratio, ok)
-    if "portcullis-base" in summary and "portcullis" in summary:
-        base_table(lines, summary, rounds, ratio, ok, env.get("BASE_COMMIT", ""))
+    for this, base in (("portcullis", "portcullis-base"), ("portcullis-jwt", "portcullis-jwt-base")):
+        if this in summary and base in summary:
+            base_table(lines, summary, rounds, ratio, ok, env.get("BASE_COMMIT", ""), this, base)
     print("\n".join(lines))
     return 0
 
 
-def base_table(lines, summary, rounds, ratio, ok, base_commit):
-    """This build's plain route against another build's (BASE_BIN), from the same rounds."""
-    n, b = summary["portcullis"], summary["portcullis-base"]
+def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):
+    """A route of this build against the same route of another build (BASE_BIN), from the
+    same rounds."""
+    n, b = summary[this], summary[base]
     r = ratio(n["rps_median"], b["rps_median"])
-    per_round = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds["portcullis"], rounds["portcullis-base"])]
+    per_round = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds[this], rounds[base])]
     lines.append("")
-    lines.append(f"This build against the base build ({base_commit}), plain route, same rounds:")
+    what = "plain route" if this == "portcullis" else "JWT + policy route"
+    lines.append(f"This build against the base build ({base_commit}), {what}, same rounds:")
     lines.append("")
     lines.append("| metric | base build | this build | this / base | target |")
     lines.append("|---|---:|---:|---:|---|")

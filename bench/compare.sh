@@ -54,8 +54,9 @@
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN [unset]  a second portcullis binary, run as variant portcullis-base on
-#                   PORTCULLIS_BASE_PORT [24686] with the plain config; analyze.py reports
-#                   portcullis plain / portcullis-base (target ≥ 0.98×)
+#                   PORTCULLIS_BASE_PORT [24686] with the plain config (and, when the JWT
+#                   variants run, as portcullis-jwt-base on PORTCULLIS_JWT_BASE_PORT [24687]);
+#                   analyze.py reports this build / the base build (target ≥ 0.98×)
 #   BUILD_FROM [worktree]  `head` = build the committed HEAD from `git archive` in
 #                   $OUT/head-src (target dir $OUT/head-target), ignoring uncommitted edits
 #   PROFILE [0]     1 = after the rounds, record `perf record --call-graph dwarf` of portcullis
@@ -103,13 +104,15 @@ case $SCENARIO in
     all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
     *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
 esac
+has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BASE_BIN=${BASE_BIN:-}
 PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
+PORTCULLIS_JWT_BASE_PORT=${PORTCULLIS_JWT_BASE_PORT:-24687}
 if [[ -n $BASE_BIN ]]; then
     [[ -x $BASE_BIN ]] || { echo "BASE_BIN $BASE_BIN is not an executable" >&2; exit 2; }
     VARIANTS+=(portcullis-base)
+    has_variant portcullis-jwt && VARIANTS+=(portcullis-jwt-base)
 fi
-has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BUILD_FROM=${BUILD_FROM:-worktree}
 if [[ $BUILD_FROM == head ]]; then
     PORTCULLIS_BIN=${PORTCULLIS_BIN:-$OUT/head-target/release/portcullis}
@@ -247,6 +250,7 @@ render "$BENCH/nginx.conf.tmpl" "$OUT/nginx.conf"
 render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT="$PORTCULLIS_BASE_PORT"
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-base.yaml" PORT="$PORTCULLIS_JWT_BASE_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
     AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }"
@@ -256,7 +260,7 @@ ORIGIN_PID="" HAPROXY_PID=""
 declare -A PID_OF=() PORT_OF=(
     [haproxy]=$HAPROXY_PORT [portcullis]=$PORTCULLIS_PORT [haproxy-jwt]=$HAPROXY_JWT_PORT
     [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
-    [portcullis-base]=$PORTCULLIS_BASE_PORT)
+    [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -296,7 +300,7 @@ start_haproxy() {
 }
 start_portcullis() { # [variant]: portcullis, portcullis-jwt, portcullis-jwt-audit or portcullis-base
     local v=${1:-portcullis} pid bin=$PORTCULLIS_BIN
-    [[ $v == portcullis-base ]] && bin=$BASE_BIN
+    [[ $v == portcullis-base || $v == portcullis-jwt-base ]] && bin=$BASE_BIN
     "$bin" check --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 \
         || die "$v config invalid: $(cat "$OUT/$v.log")"
     "${ON_PROXY[@]}" env PORTCULLIS_LOG=warn "$bin" --log-format text run --config "$OUT/$v.yaml" >"$OUT/$v.log" 2>&1 &
@@ -345,6 +349,7 @@ start_portcullis portcullis
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-base && start_portcullis portcullis-base
+has_variant portcullis-jwt-base && start_portcullis portcullis-jwt-base
 for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
