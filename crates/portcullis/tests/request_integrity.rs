@@ -1169,6 +1169,31 @@ async fn method_override_headers_are_stripped_by_default() {
     }
 }
 
+/// `X-Original-URL` and `X-Rewrite-URL` make some origins (IIS, Symfony) serve another path
+/// than the request line's: they never reach the origin, so what it serves is the path that
+/// was routed and authorized.
+#[tokio::test]
+async fn path_override_headers_never_reach_the_origin() {
+    let key = Key::new("k1");
+    let origin = RawOrigin::start(On101::Echo).await;
+    let p = override_proxy(&key, &origin, free_port()).await;
+    for (i, h) in ["X-Original-URL", "X-Rewrite-URL", "x-original-url"]
+        .iter()
+        .enumerate()
+    {
+        let path = format!("/pub/path-override-{i}");
+        let s = status_of(p.port, "GET", &path, &[(h, "/admin")]).await;
+        assert_eq!(s, 200, "{h}");
+        let seen = origin.request(&path);
+        for name in ["x-original-url", "x-rewrite-url"] {
+            assert!(
+                seen.fields(name).is_empty(),
+                "`{h}` reached the origin as `{name}`: {seen}"
+            );
+        }
+    }
+}
+
 /// Under `method_override: reject` (on the listener, or on the route) a request carrying any
 /// method-override header gets 400 and never reaches the origin; without one it passes.
 #[tokio::test]

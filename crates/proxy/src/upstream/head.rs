@@ -4,7 +4,8 @@
 //!    identify adds anything, so `Connection` can never name a header portcullis sets);
 //! 2. identify adds the identity headers, the assertion and a passed-on token
 //!    ([`identity`]), and authorize an authorizer's context;
-//! 3. [`build`] removes portcullis's own cookies and `Expect`, sets the allowed upgrade, the
+//! 3. [`build`] removes portcullis's own cookies, the path-override headers
+//!    (`X-Original-URL`, `X-Rewrite-URL`) and `Expect`, sets the allowed upgrade, the
 //!    forwarded headers (`X-Forwarded-For`/`-Proto`/`-Host`, trusted only from trusted
 //!    proxies), the request id, and the canonical `Host` (or the h2 URI).
 
@@ -18,6 +19,13 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Headers with which some origins (IIS URL Rewrite, Symfony, Zend) serve another path than the
+/// request line's: `GET /` with `X-Original-URL: /admin` would be routed and authorized as `/`
+/// and served as `/admin`. No client may send them through portcullis.
+static PATH_OVERRIDES: [HeaderName; 2] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn is_hop(n: &HeaderName) -> bool {
@@ -153,6 +161,11 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     let (conn, trusted) = (x.conn, x.trusted);
     let mut headers = std::mem::take(&mut x.parts.headers);
     strip_own_cookies(x.snap, &mut headers);
+    if headers.keys().any(|k| PATH_OVERRIDES.contains(k)) {
+        for n in &PATH_OVERRIDES {
+            headers.remove(n);
+        }
+    }
     headers.remove(header::EXPECT);
     if let Some(u) = &x.upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
