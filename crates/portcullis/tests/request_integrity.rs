@@ -1194,6 +1194,38 @@ async fn path_override_headers_never_reach_the_origin() {
     }
 }
 
+/// A client that is no trusted proxy cannot name its own address to the origin in any of the
+/// headers CDNs use for it.
+#[tokio::test]
+async fn client_address_claims_from_untrusted_peers_are_removed() {
+    let key = Key::new("k1");
+    let origin = RawOrigin::start(On101::Echo).await;
+    let p = override_proxy(&key, &origin, free_port()).await;
+    let claims = [
+        "X-Real-IP",
+        "True-Client-IP",
+        "X-Client-IP",
+        "X-Cluster-Client-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "Forwarded",
+    ];
+    let headers: Vec<(&str, &str)> = claims.iter().map(|h| (*h, "10.9.8.7")).collect();
+    assert_eq!(status_of(p.port, "GET", "/pub/claims", &headers).await, 200);
+    let seen = origin.request("/pub/claims");
+    for h in claims {
+        assert!(
+            seen.fields(&h.to_ascii_lowercase()).is_empty(),
+            "`{h}` reached the origin: {seen}"
+        );
+    }
+    assert_eq!(
+        seen.fields("x-forwarded-for"),
+        vec![b"127.0.0.1".to_vec()],
+        "{seen}"
+    );
+}
+
 /// Under `method_override: reject` (on the listener, or on the route) a request carrying any
 /// method-override header gets 400 and never reaches the origin; without one it passes.
 #[tokio::test]

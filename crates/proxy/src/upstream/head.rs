@@ -19,6 +19,17 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Headers in which CDNs and load balancers tell the origin the client's address. Only a
+/// trusted proxy may send them; from anyone else they would be a client naming its own
+/// address to an origin that trusts it.
+static CLIENT_IP_CLAIMS: [HeaderName; 6] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+];
 /// Headers with which some origins (IIS URL Rewrite, Symfony, Zend) serve another path than the
 /// request line's: `GET /` with `X-Original-URL: /admin` would be routed and authorized as `/`
 /// and served as `/admin`. No client may send them through portcullis.
@@ -174,7 +185,11 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     if !trusted {
         // Other ways of claiming a client address are only believed from trusted proxies.
         headers.remove(header::FORWARDED);
-        headers.remove(HeaderName::from_static("x-real-ip"));
+        if headers.keys().any(|k| CLIENT_IP_CLAIMS.contains(k)) {
+            for n in &CLIENT_IP_CLAIMS {
+                headers.remove(n);
+            }
+        }
     }
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
