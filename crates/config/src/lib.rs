@@ -139,6 +139,12 @@ pub struct Config {
     pub authorizers: Vec<AuthorizerCfg>,
     /// The audit settings, with `dir` made absolute.
     pub audit: AuditCfg,
+    /// Where limit counters live.
+    pub limits: LimitsCfg,
+    /// Stick tables, by name (validated: unique names, known key parts).
+    pub stick_tables: Vec<StickTable>,
+    /// Usage plans, by name.
+    pub usage_plans: Vec<UsagePlan>,
     pub warnings: Vec<String>,
     /// Where each route is written, by route id (see [`Config::route_loc`]).
     route_srcs: HashMap<String, RouteSrc>,

@@ -2,7 +2,7 @@
 //! default lives here, next to the field it belongs to, so `docs/configuration.md` can be
 //! checked against one place.
 
-use crate::units::{Dur, Size};
+use crate::units::{Dur, Rate, Size};
 use ipnet::IpNet;
 use serde::{de, Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -42,6 +42,122 @@ pub struct RootFile {
     #[serde(default)]
     pub routes: Vec<Route>,
     pub apps: Option<Apps>,
+    /// Where limit counters live.
+    #[serde(default)]
+    pub limits: LimitsCfg,
+    /// Per-key counters that routes track and their rules read (HAProxy's stick tables).
+    #[serde(default)]
+    pub stick_tables: Vec<StickTable>,
+    /// Rate and burst per caller (API Gateway's usage plans).
+    #[serde(default)]
+    pub usage_plans: Vec<UsagePlan>,
+}
+
+/// Where limit counters live: `local` (in process) is the only store today.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsCfg {
+    #[serde(default)]
+    pub store: LimitStore,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitStore {
+    #[default]
+    Local,
+}
+
+/// A stick table: counters per key, bounded by `size` (least recently used entries go
+/// first) and `expire` (idle entries go).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StickTable {
+    pub name: String,
+    /// What an entry is keyed by: `src` (the client IP), `src/24` or `src/64` (its
+    /// prefix), `principal`, `api_key`, `route`, `header:<name>`, `claim:<path>`, or a list
+    /// of these (a tuple).
+    pub key: TableKey,
+    /// Most entries.
+    pub size: usize,
+    /// An entry idle this long goes.
+    #[serde(default = "mins::<10>")]
+    pub expire: Dur,
+    /// Counters: `http_req_rate(10s)`, `http_req_cnt`, `http_err_rate(1m)`, `http_err_cnt`,
+    /// `conn_cur`, `bytes_in_rate(1m)`, `bytes_out_rate(1m)`, `gpc0`.
+    pub store: Vec<String>,
+}
+
+/// A table key: one part, or a tuple of parts.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TableKey {
+    One(String),
+    Tuple(Vec<String>),
+}
+
+impl TableKey {
+    pub fn parts(&self) -> &[String] {
+        match self {
+            TableKey::One(p) => std::slice::from_ref(p),
+            TableKey::Tuple(v) => v,
+        }
+    }
+}
+
+/// A usage plan: a steady rate and a burst per caller (a token bucket).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsagePlan {
+    pub name: String,
+    /// Steady rate, like `10/s` or `600/m`.
+    pub rate: Rate,
+    /// Requests allowed at once above the steady rate; default the rate's count.
+    pub burst: Option<u32>,
+}
+
+/// What a route counts and limits.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimits {
+    /// Stick tables this route's requests are counted in.
+    #[serde(default)]
+    pub track: Vec<String>,
+    /// Rules over those tables' counters, in order; the first that matches acts.
+    #[serde(default)]
+    pub rules: Vec<LimitRule>,
+    /// The usage plan every caller of the route gets (keyed by principal, or by client IP on
+    /// a public route).
+    pub plan: Option<String>,
+}
+
+/// A rule: when `table`'s `counter` for this request's key is above `above`, act.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    pub table: String,
+    pub counter: String,
+    pub above: u64,
+    #[serde(default)]
+    pub action: LimitAction,
+    /// The status of a deny or a tarpit; default 429.
+    pub status: Option<u16>,
+    /// How long a tarpit holds the request before it answers.
+    pub delay: Option<Dur>,
+    /// The header `mark` adds to the request for the origin (value `1`).
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitAction {
+    /// Answer now (429, with `Retry-After`).
+    #[default]
+    Deny,
+    /// Hold the request for `delay`, then answer as deny does.
+    Tarpit,
+    /// Let it through with `header` set for the origin.
+    Mark,
 }
 
 /// Identity providers and browser sessions.
@@ -699,6 +815,9 @@ pub struct Route {
     /// named like identity headers are dropped either way.
     #[serde(default)]
     pub request_trailers: bool,
+    /// Counting and limiting (stick tables, rules, a usage plan).
+    #[serde(default)]
+    pub limits: RouteLimits,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

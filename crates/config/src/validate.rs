@@ -176,6 +176,8 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         }
     }
 
+    check_limits(&root_src, &root, &mut diags);
+
     // Listeners.
     let mut listeners = root.listeners.clone();
     let mut binds: HashMap<SocketAddr, String> = HashMap::new();
@@ -438,6 +440,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 check_upgrades(&app.src, &format!("{at}.upgrades"), u, &mut diags);
             }
             check_route_identity(&app.src, &at, r, &provider_kinds, &mut diags);
+            check_route_limits(&app.src, &at, r, &root, &mut diags);
             for (j, a) in r.authorize_with.iter().enumerate() {
                 if !root.authorizers.iter().any(|x| &x.name == a) {
                     diags.push(app.src.diag(
@@ -601,6 +604,9 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         authorizers: root.authorizers.clone(),
         audit,
         route_srcs,
+        limits: root.limits.clone(),
+        stick_tables: root.stick_tables.clone(),
+        usage_plans: root.usage_plans.clone(),
     })
 }
 
@@ -1223,6 +1229,189 @@ fn check_backend(
         }
     }
     names
+}
+
+/// Stick tables and usage plans: unique valid names, a size, known key parts, a rate.
+/// Counter names are checked by the limits engine (`portcullis check` runs it).
+fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
+    let mut names = HashSet::new();
+    for (i, t) in root.stick_tables.iter().enumerate() {
+        let at = format!("stick_tables[{i}]");
+        if !valid_name(&t.name) {
+            diags.push(src.diag(&format!("{at}.name"), name_msg("stick table", &t.name)));
+        } else if !names.insert(t.name.as_str()) {
+            diags.push(src.diag(
+                &format!("{at}.name"),
+                format!(
+                    "duplicate stick table `{}`: table names must be unique",
+                    t.name
+                ),
+            ));
+        }
+        if t.size == 0 {
+            diags.push(src.diag(
+                &format!("{at}.size"),
+                "a stick table needs a size of at least 1 entry, like `size: 100000`",
+            ));
+        }
+        if t.store.is_empty() {
+            diags.push(src.diag(
+                &format!("{at}.store"),
+                "a stick table stores at least one counter, like `store: [http_req_rate(10s)]`",
+            ));
+        }
+        if t.key.parts().is_empty() {
+            diags.push(src.diag(&format!("{at}.key"), "a table key needs at least one part"));
+        }
+        for p in t.key.parts() {
+            if let Err(e) = key_part(p) {
+                diags.push(src.diag(&format!("{at}.key"), e));
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, p) in root.usage_plans.iter().enumerate() {
+        let at = format!("usage_plans[{i}]");
+        if !valid_name(&p.name) {
+            diags.push(src.diag(&format!("{at}.name"), name_msg("usage plan", &p.name)));
+        } else if !names.insert(p.name.as_str()) {
+            diags.push(src.diag(
+                &format!("{at}.name"),
+                format!(
+                    "duplicate usage plan `{}`: plan names must be unique",
+                    p.name
+                ),
+            ));
+        }
+        if p.rate.count == 0 {
+            diags.push(src.diag(
+                &format!("{at}.rate"),
+                "a plan's rate must be at least 1 request, like `10/s`; to block callers, use a policy",
+            ));
+        }
+        if p.burst == Some(0) {
+            diags.push(src.diag(
+                &format!("{at}.burst"),
+                "a burst of 0 lets nothing through: write at least 1, or leave it out (the rate's count)",
+            ));
+        }
+    }
+}
+
+/// One part of a stick table key.
+fn key_part(p: &str) -> Result<(), String> {
+    let fix = "use `src`, `src/<prefix bits>`, `principal`, `api_key`, `route`, `header:<name>` or `claim:<path>`, or a list of them";
+    match p {
+        "src" | "principal" | "api_key" | "route" => Ok(()),
+        _ => {
+            if let Some(bits) = p.strip_prefix("src/") {
+                match bits.parse::<u8>() {
+                    Ok(b) if (1..=128).contains(&b) => Ok(()),
+                    _ => Err(format!(
+                        "invalid key part `{p}`: the prefix length is 1 to 32 bits for IPv4 (`src/24`) and up to 128 for IPv6 (`src/64`)"
+                    )),
+                }
+            } else if let Some(h) = p.strip_prefix("header:") {
+                if http_header_name(h) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "invalid key part `{p}`: `{h}` is not a header name"
+                    ))
+                }
+            } else if let Some(c) = p.strip_prefix("claim:") {
+                if c.is_empty() {
+                    Err(format!(
+                        "invalid key part `{p}`: name the claim, like `claim:tenant`"
+                    ))
+                } else {
+                    Ok(())
+                }
+            } else {
+                Err(format!("invalid key part `{p}`: {fix}"))
+            }
+        }
+    }
+}
+
+fn http_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A route's `limits`: tracked tables exist, each rule reads a counter its table stores,
+/// and the plan exists.
+fn check_route_limits(
+    src: &Source,
+    at: &str,
+    r: &Route,
+    root: &RootFile,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let l = &r.limits;
+    let table = |name: &str| root.stick_tables.iter().find(|t| t.name == name);
+    let known = || {
+        root.stick_tables
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (j, t) in l.track.iter().enumerate() {
+        if table(t).is_none() {
+            diags.push(src.diag(
+                &format!("{at}.limits.track[{j}]"),
+                format!("route `{}` tracks stick table `{t}`, which does not exist: define it under `stick_tables:` in the root file (known: [{}])", r.name, known()),
+            ));
+        }
+    }
+    for (j, rule) in l.rules.iter().enumerate() {
+        let rat = format!("{at}.limits.rules[{j}]");
+        if !l.track.contains(&rule.table) {
+            diags.push(src.diag(
+                &format!("{rat}.table"),
+                format!("the rule reads stick table `{}`, which the route does not track: add it to `limits.track`", rule.table),
+            ));
+        } else if let Some(t) = table(&rule.table) {
+            let norm = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+            if !t.store.iter().any(|c| norm(c) == norm(&rule.counter)) {
+                diags.push(src.diag(
+                    &format!("{rat}.counter"),
+                    format!("stick table `{}` does not store `{}`: use one of [{}], or add it to the table's `store`", t.name, rule.counter, t.store.join(", ")),
+                ));
+            }
+        }
+        if let Some(s) = rule.status {
+            if !(400..=599).contains(&s) {
+                diags.push(src.diag(
+                    &format!("{rat}.status"),
+                    format!("status {s} is no refusal: use a 4xx or 5xx status, like 429"),
+                ));
+            }
+        }
+        match rule.action {
+            LimitAction::Tarpit if rule.delay.is_none() => diags.push(src.diag(
+                &rat,
+                "a tarpit holds the request for `delay` before it answers: add `delay`, like `delay: 2s`",
+            )),
+            LimitAction::Mark if rule.header.as_deref().is_none_or(|h| !http_header_name(h)) => {
+                diags.push(src.diag(
+                    &rat,
+                    "`mark` sets a header for the origin: add `header`, like `header: X-Rate-Warn`",
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(p) = &l.plan {
+        if !root.usage_plans.iter().any(|u| &u.name == p) {
+            diags.push(src.diag(
+                &format!("{at}.limits.plan"),
+                format!("route `{}` names usage plan `{p}`, which does not exist: define it under `usage_plans:` in the root file", r.name),
+            ));
+        }
+    }
 }
 
 /// Upgrade protocols are tokens (RFC 9110 §7.8); `h2c` is never forwarded, since a tunnel
