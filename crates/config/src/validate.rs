@@ -1747,4 +1747,447 @@ routes:
             c.warnings
         );
     }
+
+    /// A root file with every limits key: two stick tables (one keyed by a tuple), two
+    /// plans, a protected route with rules of each action and a plan, and a public route
+    /// with a plan.
+    const LIMITS: &str = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+limits: { store: local }
+stick_tables:
+  - { name: per_ip, key: src, size: 100000, expire: 10m, store: [http_req_rate(10s), http_err_rate(1m), conn_cur] }
+  - name: per_caller
+    key: [principal, \"header:X-Tenant\"]
+    size: 1000
+    store: [http_req_rate(1m), http_err_cnt]
+usage_plans:
+  - { name: agents, rate: 10/s, burst: 20 }
+  - { name: trickle, rate: 600/m }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - name: api
+    match: { path_prefix: /api/ }
+    backend: echo
+    auth: [dev]
+    allow: [{}]
+    limits:
+      track: [per_ip, per_caller]
+      rules:
+        - { table: per_ip, counter: http_req_rate(10s), above: 100 }
+        - { table: per_ip, counter: http_err_rate(1m), above: 20, action: tarpit, delay: 2s, status: 503 }
+        - table: per_caller
+          counter: http_req_rate(1m)
+          above: 50
+          action: mark
+          header: X-Rate-Warn
+      plan: agents
+  - { name: site, match: { path_prefix: / }, backend: echo, public: true, limits: { track: [per_ip], plan: trickle } }
+";
+
+    /// `file:line:col` of `needle`, which must occur once inside `context`, which must
+    /// occur once in `text`.
+    fn loc_of(file: &Path, text: &str, context: &str, needle: &str) -> String {
+        assert_eq!(text.matches(context).count(), 1, "`{context}` in:\n{text}");
+        let in_ctx = context.find(needle).expect("needle inside its context");
+        let at = text.find(context).unwrap() + in_ctx;
+        let line = text[..at].matches('\n').count() + 1;
+        let col = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("{}:{line}:{col}: ", file.display())
+    }
+
+    /// Asserts that one diagnostic is at `loc` and says `msg`.
+    fn assert_reported(errors: &str, loc: &str, msg: &str) {
+        assert!(
+            errors
+                .lines()
+                .any(|l| l.starts_with(loc) && l.contains(msg)),
+            "expected `{loc}…{msg}` in:\n{errors}"
+        );
+    }
+
+    /// Loads `LIMITS` with `from` replaced by `to` and returns the error.
+    fn limits_error(dir: &Path, from: &str, to: &str) -> (PathBuf, String, String) {
+        assert_eq!(LIMITS.matches(from).count(), 1, "`{from}`");
+        let text = LIMITS.replace(from, to);
+        let root = write(dir, "p.yaml", &text);
+        let e = crate::load(&root).expect_err("the config should be refused");
+        (root, text, e.to_string())
+    }
+
+    #[test]
+    fn limits_load_with_their_values() {
+        use crate::Dur;
+        use std::time::Duration;
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", LIMITS);
+        let c = crate::load(&root).unwrap();
+        assert_eq!(c.limits.store, LimitStore::Local);
+
+        let [ip, caller] = &c.stick_tables[..] else {
+            panic!("{:?}", c.stick_tables)
+        };
+        assert_eq!(ip.name, "per_ip");
+        assert_eq!(ip.key, TableKey::One("src".into()));
+        assert_eq!(ip.key.parts(), ["src".to_string()]);
+        assert_eq!((ip.size, ip.expire.0), (100_000, Duration::from_secs(600)));
+        assert_eq!(
+            ip.store,
+            ["http_req_rate(10s)", "http_err_rate(1m)", "conn_cur"]
+        );
+        assert_eq!(
+            caller.key.parts(),
+            ["principal".to_string(), "header:X-Tenant".to_string()]
+        );
+        // `expire` defaults to 10 minutes.
+        assert_eq!(
+            (caller.size, caller.expire.0),
+            (1000, Duration::from_secs(600))
+        );
+
+        let [agents, trickle] = &c.usage_plans[..] else {
+            panic!("{:?}", c.usage_plans)
+        };
+        assert_eq!((agents.name.as_str(), agents.burst), ("agents", Some(20)));
+        assert_eq!(
+            (agents.rate.count, agents.rate.per),
+            (10, Duration::from_secs(1))
+        );
+        // No burst: the proxy uses the rate's count.
+        assert_eq!((trickle.rate.count, trickle.burst), (600, None));
+        assert_eq!(trickle.rate.per, Duration::from_secs(60));
+
+        let api = &c.routes[0].spec.limits;
+        assert_eq!(api.track, ["per_ip", "per_caller"]);
+        assert_eq!(api.plan.as_deref(), Some("agents"));
+        let [deny, tarpit, mark] = &api.rules[..] else {
+            panic!("{:?}", api.rules)
+        };
+        assert_eq!(
+            (deny.table.as_str(), deny.counter.as_str(), deny.above),
+            ("per_ip", "http_req_rate(10s)", 100)
+        );
+        // `action` defaults to deny, and the status is left to the proxy (429).
+        assert_eq!(
+            (deny.action, deny.status, deny.delay),
+            (LimitAction::Deny, None, None)
+        );
+        assert_eq!(tarpit.action, LimitAction::Tarpit);
+        assert_eq!(tarpit.delay, Some(Dur(Duration::from_secs(2))));
+        assert_eq!(tarpit.status, Some(503));
+        assert_eq!(mark.action, LimitAction::Mark);
+        assert_eq!(mark.header.as_deref(), Some("X-Rate-Warn"));
+        assert_eq!(
+            (mark.counter.as_str(), mark.above),
+            ("http_req_rate(1m)", 50)
+        );
+
+        let site = &c.routes[1].spec.limits;
+        assert_eq!(site.track, ["per_ip"]);
+        assert!(site.rules.is_empty());
+        assert_eq!(site.plan.as_deref(), Some("trickle"));
+
+        // Without any limits keys: a local store, no tables, no plans, no route limits.
+        let root = write(
+            d.path(),
+            "p.yaml",
+            GOOD.replace("apps:\n  include: [\"apps/*.yaml\"]\n", "")
+                .as_str(),
+        );
+        let c = crate::load(&root).unwrap();
+        assert_eq!(c.limits.store, LimitStore::Local);
+        assert!(c.stick_tables.is_empty() && c.usage_plans.is_empty());
+        let l = &c.routes[0].spec.limits;
+        assert!(l.track.is_empty() && l.rules.is_empty() && l.plan.is_none());
+    }
+
+    #[test]
+    fn the_loc_helper_agrees_with_a_hand_count() {
+        let p = Path::new("/x/p.yaml");
+        assert_eq!(
+            loc_of(p, LIMITS, "plan: agents", "agents"),
+            "/x/p.yaml:35:13: "
+        );
+    }
+
+    /// Each semantic limits error, at the key it is about, with what to write instead.
+    #[test]
+    fn limits_errors_are_located_with_their_fix() {
+        let d = tempfile::tempdir().unwrap();
+        // (replace, with, context of the location, the located text, the message)
+        let cases: &[(&str, &str, &str, &str, &str)] = &[
+            (
+                "track: [per_ip, per_caller]",
+                "track: [per_ip, per_caller, per_ghost]",
+                "per_caller, per_ghost]",
+                "per_ghost",
+                "route `api` tracks stick table `per_ghost`, which does not exist: define it under `stick_tables:` in the root file (known: [per_ip, per_caller])",
+            ),
+            (
+                "limits: { track: [per_ip], plan: trickle }",
+                "limits: { track: [per_ip], rules: [{ table: per_caller, counter: http_err_cnt, above: 5 }], plan: trickle }",
+                "table: per_caller, counter: http_err_cnt",
+                "per_caller",
+                "the rule reads stick table `per_caller`, which the route does not track: add it to `limits.track`",
+            ),
+            (
+                "counter: http_req_rate(10s), above: 100",
+                "counter: bytes_in_rate(10s), above: 100",
+                "bytes_in_rate(10s), above: 100",
+                "bytes_in_rate",
+                "stick table `per_ip` does not store `bytes_in_rate(10s)`: use one of [http_req_rate(10s), http_err_rate(1m), conn_cur], or add it to the table's `store`",
+            ),
+            (
+                // Another period of a stored counter is not stored either.
+                "counter: http_req_rate(1m)\n          above: 50",
+                "counter: http_req_rate(5m)\n          above: 50",
+                "http_req_rate(5m)",
+                "http_req_rate(5m)",
+                "stick table `per_caller` does not store `http_req_rate(5m)`: use one of [http_req_rate(1m), http_err_cnt]",
+            ),
+            (
+                "action: tarpit, delay: 2s,",
+                "action: tarpit,",
+                "{ table: per_ip, counter: http_err_rate(1m)",
+                "{",
+                "a tarpit holds the request for `delay` before it answers: add `delay`, like `delay: 2s`",
+            ),
+            (
+                "          header: X-Rate-Warn\n",
+                "",
+                "- table: per_caller",
+                "table",
+                "`mark` sets a header for the origin: add `header`, like `header: X-Rate-Warn`",
+            ),
+            (
+                "header: X-Rate-Warn",
+                "header: \"X Rate Warn\"",
+                "- table: per_caller",
+                "table",
+                "`mark` sets a header for the origin: add `header`",
+            ),
+            (
+                "status: 503",
+                "status: 200",
+                "status: 200",
+                "200",
+                "status 200 is no refusal: use a 4xx or 5xx status, like 429",
+            ),
+            (
+                "usage_plans:",
+                "  - { name: per_ip, key: route, size: 10, store: [conn_cur] }\nusage_plans:",
+                "name: per_ip, key: route",
+                "per_ip",
+                "duplicate stick table `per_ip`: table names must be unique",
+            ),
+            (
+                "size: 1000\n",
+                "size: 0\n",
+                "size: 0",
+                "0",
+                "a stick table needs a size of at least 1 entry, like `size: 100000`",
+            ),
+            (
+                "key: src,",
+                "key: src/200,",
+                "key: src/200",
+                "src/200",
+                "invalid key part `src/200`: the prefix length is 1 to 32 bits for IPv4 (`src/24`) and up to 128 for IPv6 (`src/64`)",
+            ),
+            (
+                "\"header:X-Tenant\"",
+                "\"header:bad name\"",
+                "key: [principal",
+                "[",
+                "invalid key part `header:bad name`: `bad name` is not a header name",
+            ),
+            (
+                "key: src,",
+                "key: \"cookie:x\",",
+                "\"cookie:x\"",
+                "\"",
+                "invalid key part `cookie:x`: use `src`, `src/<prefix bits>`, `principal`, `api_key`, `route`, `header:<name>` or `claim:<path>`, or a list of them",
+            ),
+            (
+                "plan: agents",
+                "plan: gold",
+                "plan: gold",
+                "gold",
+                "route `api` names usage plan `gold`, which does not exist: define it under `usage_plans:` in the root file",
+            ),
+        ];
+        for (from, to, context, needle, msg) in cases {
+            let (root, text, errors) = limits_error(d.path(), from, to);
+            assert_reported(&errors, &loc_of(&root, &text, context, needle), msg);
+        }
+    }
+
+    /// Semantic errors are all reported at once, each at its own place.
+    #[test]
+    fn several_limits_errors_are_reported_together() {
+        let d = tempfile::tempdir().unwrap();
+        let text = LIMITS
+            .replace("size: 1000\n", "size: 0\n")
+            .replace("status: 503", "status: 200")
+            .replace("plan: agents", "plan: gold");
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        let s = e.to_string();
+        assert_reported(
+            &s,
+            &loc_of(&root, &text, "size: 0", "0"),
+            "size of at least 1",
+        );
+        assert_reported(
+            &s,
+            &loc_of(&root, &text, "status: 200", "200"),
+            "no refusal",
+        );
+        assert_reported(
+            &s,
+            &loc_of(&root, &text, "plan: gold", "gold"),
+            "usage plan `gold`",
+        );
+    }
+
+    /// Values that cannot be read at all stop parsing with the YAML parser's location.
+    #[test]
+    fn limits_parse_errors_are_located() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: &[(&str, &str, &str, &str, &str)] = &[
+            (
+                "rate: 10/s,",
+                "rate: 10/fortnight,",
+                "10/fortnight",
+                "10",
+                "usage_plans[0].rate: invalid rate `10/fortnight`: write a count per unit, like `100/s`, `600/m` or `5000/h`",
+            ),
+            (
+                "burst: 20 }",
+                "burst: -5 }",
+                "burst: -5",
+                "-5",
+                "usage_plans[0].burst: invalid type: integer `-5`, expected u32",
+            ),
+            (
+                "    size: 1000\n",
+                "    size: 1000\n    expiry: 5m\n",
+                "expiry: 5m",
+                "expiry",
+                "stick_tables[1]: unknown field `expiry`, expected one of `name`, `key`, `size`, `expire`, `store` (did you mean `expire`?)",
+            ),
+            (
+                "above: 100 }",
+                "above: 100, limit: 5 }",
+                "limit: 5",
+                "limit",
+                "unknown field `limit`, expected one of `table`, `counter`, `above`, `action`, `status`, `delay`, `header`",
+            ),
+            (
+                "action: mark",
+                "action: flag",
+                "action: flag",
+                "flag",
+                "unknown variant `flag`, expected one of `deny`, `tarpit`, `mark`",
+            ),
+            (
+                "limits: { track: [per_ip], plan: trickle }",
+                "limits: { track: [per_ip], plans: trickle }",
+                "plans: trickle",
+                "plans",
+                "unknown field `plans`, expected one of `track`, `rules`, `plan` (did you mean `plan`?)",
+            ),
+            (
+                "limits: { store: local }",
+                "limits: { store: redis }",
+                "store: redis",
+                "redis",
+                "unknown variant `redis`, expected `local`",
+            ),
+        ];
+        for (from, to, context, needle, msg) in cases {
+            let (root, text, errors) = limits_error(d.path(), from, to);
+            assert_eq!(errors.lines().count(), 1, "{errors}");
+            assert_reported(&errors, &loc_of(&root, &text, context, needle), msg);
+        }
+    }
+
+    /// A route in an app bundle is checked against the root file's tables and plans, and
+    /// its problems are located in the bundle.
+    #[test]
+    fn limits_errors_in_an_app_bundle_are_located_in_the_bundle() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &format!("{LIMITS}apps:\n  include: [\"apps/*.yaml\"]\n"),
+        );
+        let app_text = "\
+name: agents
+backends:
+  - { name: echo, servers: [{ address: builtin:echo }] }
+routes:
+  - name: tools
+    match: { host: tools.example.com }
+    backend: echo
+    auth: [dev]
+    allow: [{}]
+    limits:
+      track: [per_caller]
+      rules:
+        - { table: per_ip, counter: conn_cur, above: 10 }
+        - { table: per_caller, counter: http_err_rate(1m), above: 10 }
+      plan: platinum
+";
+        let app = write(d.path(), "apps/agents.yaml", app_text);
+        let e = crate::load(&root).unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        assert!(e.0.iter().all(|d| d.file == app), "{e}");
+        let s = e.to_string();
+        assert_reported(
+            &s,
+            &loc_of(&app, app_text, "table: per_ip", "per_ip"),
+            "the rule reads stick table `per_ip`, which the route does not track",
+        );
+        assert_reported(
+            &s,
+            &loc_of(&app, app_text, "http_err_rate(1m)", "http_err_rate"),
+            "stick table `per_caller` does not store `http_err_rate(1m)`",
+        );
+        assert_reported(
+            &s,
+            &loc_of(&app, app_text, "plan: platinum", "platinum"),
+            "route `tools` names usage plan `platinum`, which does not exist",
+        );
+        assert!(s.contains(&format!("{}:13:20: ", app.display())), "{s}");
+
+        // An unknown key inside a bundle's rule is the parser's error, in the bundle too.
+        let bad = app_text.replace("above: 10 }", "above: 10, dealy: 1s }");
+        write(d.path(), "apps/agents.yaml", &bad);
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert_reported(
+            &s,
+            &loc_of(&app, &bad, "counter: conn_cur, above: 10, dealy", "dealy"),
+            "unknown field `dealy`",
+        );
+        // Fixed, the bundle loads and keeps its limits.
+        write(
+            d.path(),
+            "apps/agents.yaml",
+            &app_text
+                .replace("[per_caller]", "[per_ip, per_caller]")
+                .replace("http_err_rate(1m)", "http_err_cnt")
+                .replace("platinum", "agents"),
+        );
+        let c = crate::load(&root).unwrap();
+        let tools = c.routes.iter().find(|r| r.id == "agents/tools").unwrap();
+        assert_eq!(tools.spec.limits.plan.as_deref(), Some("agents"));
+        assert_eq!(tools.spec.limits.rules.len(), 2);
+    }
 }

@@ -60,6 +60,14 @@ pub struct GcraState {
     tat: u128,
 }
 
+impl GcraState {
+    /// The theoretical arrival time, in the bucket's ticks: a larger value is an emptier
+    /// bucket (for choosing what to forget).
+    pub(crate) fn tat(&self) -> u128 {
+        self.tat
+    }
+}
+
 /// The answer to one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -97,6 +105,12 @@ impl Gcra {
 
     pub fn burst(&self) -> u64 {
         self.burst
+    }
+
+    /// Whether `state`'s bucket is full at `now`: the same as a key never seen, so it can be
+    /// forgotten without changing any verdict.
+    pub fn is_full(&self, state: &GcraState, now: Moment) -> bool {
+        state.tat <= self.ticks(now)
     }
 
     fn ticks(&self, now: Moment) -> u128 {

@@ -7,6 +7,7 @@
 //!   error bound and without the fixed-window burst.
 //! * [`gcra`]: token buckets (rate plus burst) as GCRA, one timestamp per key, with the values
 //!   `Retry-After` and the IETF `RateLimit` header need.
+//! * [`buckets`]: a bounded, sharded store of GCRA states, one per key, for usage plans.
 //! * [`table`]: stick tables: per-key counters in a sharded, size-bounded LRU with idle expiry,
 //!   and the documented, measured memory per entry.
 //! * [`counter`], [`units`], [`key`]: counter names as the config writes them
@@ -31,6 +32,7 @@
 //! # Ok::<(), portcullis_limits::Error>(())
 //! ```
 
+pub mod buckets;
 pub mod clock;
 pub mod counter;
 pub mod gcra;
@@ -39,6 +41,7 @@ pub mod table;
 pub mod units;
 pub mod window;
 
+pub use buckets::Buckets;
 pub use clock::{Clock, ManualClock, Moment, MonotonicClock};
 pub use counter::{Counter, Kind};
 pub use gcra::{Bucket, Gcra, GcraState, Verdict};

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The IETF rate-limit headers (draft-ietf-httpapi-ratelimit-headers).
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The request facts an audit record needs: a view of an [`Exchange`].
 pub struct Facts<'a> {
@@ -137,6 +140,13 @@ pub struct Exchange<'s> {
     pub identity: Option<Arc<Identity>>,
     /// A refreshed session cookie to set on the response.
     pub set_cookie: Option<HeaderValue>,
+    // limit
+    /// The stick-table entries this request counts in, for the end of its response (errors,
+    /// bytes, `conn_cur`); dropping it ends `conn_cur`.
+    pub usage: Option<Box<crate::limits::Usage>>,
+    /// `RateLimit-Policy` and `RateLimit`, on a route with a usage plan: every answer carries
+    /// them.
+    pub ratelimit: Option<Box<[HeaderValue; 2]>>,
 }
 
 impl<'s> Exchange<'s> {
@@ -174,6 +184,8 @@ impl<'s> Exchange<'s> {
             upgrade: None,
             identity: None,
             set_cookie: None,
+            usage: None,
+            ratelimit: None,
         }
     }
 
@@ -233,6 +245,14 @@ impl<'s> Exchange<'s> {
     pub fn count(&self, status: u16) {
         if let Some(route) = self.route {
             route.by_class[crate::record::status_class(status)].inc();
+        }
+    }
+
+    /// Adds `RateLimit-Policy` and `RateLimit` to an answer, on a route with a usage plan.
+    pub fn rate_headers(&self, headers: &mut http::HeaderMap) {
+        if let Some(h) = &self.ratelimit {
+            headers.insert(RATELIMIT_POLICY.clone(), h[0].clone());
+            headers.insert(RATELIMIT.clone(), h[1].clone());
         }
     }
 

@@ -15,6 +15,7 @@ pub mod control;
 pub mod edge;
 pub mod exchange;
 pub mod health;
+pub mod limits;
 pub mod memo;
 pub mod phase;
 pub mod pipeline;
@@ -64,6 +65,8 @@ pub enum Error {
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: StateRegistry,
+    /// Stick tables and usage plans, kept across reloads (see `limits`).
+    pub limits: limits::Registry,
     pub metrics: Arc<record::Metrics>,
     pub access: record::AccessLog,
     /// The audit writer; None when `audit.sink` is `off`.
@@ -94,7 +97,7 @@ pub struct Runtime {
 
 /// What [`Runtime::start`] would refuse, short of binding ports and fetching keys, for
 /// `portcullis check`: each listener's and backend's TLS settings (certificate, key and CA
-/// files), and each identity provider's local files (see
+/// files), each stick table's counters (`store`), and each identity provider's local files (see
 /// [`portcullis_identity::engine::check`]). Every problem is located in the config. The
 /// policies are checked by `portcullis_policy::Engine::build`.
 pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
@@ -115,6 +118,19 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
             }
         }
     }
+    for (i, t) in config.stick_tables.iter().enumerate() {
+        let parsed = t
+            .store
+            .iter()
+            .map(|c| portcullis_limits::Counter::parse(c))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|store| portcullis_limits::TableSpec::new(t.size.max(1), t.expire.0, store));
+        if let Err(e) = parsed {
+            let at = format!("stick_tables[{i}].store");
+            let loc = config.root_loc(&at);
+            out.push(loc.diag(format!("{at}: stick table `{}`: {e}", t.name)));
+        }
+    }
     for (i, e) in portcullis_identity::engine::check(config) {
         let loc = config.root_loc(&format!("identity.providers[{i}]"));
         out.push(loc.diag(e.to_string()));
@@ -130,6 +146,7 @@ impl Runtime {
         let metrics = Arc::new(record::Metrics::default());
         let access = record::AccessLog::start(&config.access_log.path).map_err(Error::AccessLog)?;
         let registry = StateRegistry::default();
+        let limits = limits::Registry::default();
         let config = Arc::new(config);
         let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
         engine.warm_up(Duration::from_secs(5)).await;
@@ -141,6 +158,7 @@ impl Runtime {
         let snap = Snapshot::build(
             config.clone(),
             &registry,
+            &limits,
             &metrics,
             engine,
             policy,
@@ -159,6 +177,7 @@ impl Runtime {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             registry,
+            limits,
             metrics,
             access,
             audit,
@@ -286,6 +305,7 @@ impl Runtime {
         let snap = Snapshot::build(
             config.clone(),
             &self.shared.registry,
+            &self.shared.limits,
             &self.shared.metrics,
             engine,
             policy,
@@ -306,6 +326,7 @@ impl Runtime {
         self.listeners
             .commit(prepared, &self.shared, config.shutdown_grace);
         self.shared.registry.retain(&keep);
+        self.shared.limits.retain(&config);
         self.health
             .reconcile(&self.shared.snapshot.load(), &self.shared.metrics);
         Ok(Some(version))

@@ -34,7 +34,8 @@ pub async fn handle(
         // The forward phase always answers.
         Flow::Next => (StatusCode::BAD_GATEWAY, "no response\n"),
     };
-    let r = local(status, msg, &x.rid);
+    let mut r = local(status, msg, &x.rid);
+    x.rate_headers(r.headers_mut());
     x.count(status.as_u16());
     x.finish(status.as_u16(), Some(msg.trim_end().to_string()));
     r
@@ -53,6 +54,6 @@ async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     phase!(route::run(x).await);
     phase!(identify::run(x).await);
     phase!(authorize::run(x).await);
-    phase!(limit::run(x));
+    phase!(limit::run(x).await);
     forward::run(x, body).await
 }

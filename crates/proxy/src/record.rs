@@ -33,6 +33,10 @@ pub struct Metrics {
     /// Requests refused at the edge for their form (canonicalization, method override,
     /// upgrades, header size), by listener and reason.
     pub refused: Family<Labels, Counter>,
+    /// Requests refused by a limit, by route and `by` (a table name or `plan:<name>`).
+    pub limit_rejections: Family<Labels, Counter>,
+    /// Requests marked by a limit rule, by route and table.
+    pub limit_marks: Family<Labels, Counter>,
     refusal_log: RefusalLog,
 }
 
@@ -88,6 +92,10 @@ impl Default for Metrics {
                 "External authorizer decision cache lookups by authorizer and result (hit or miss)";
             refused: Family::default(), "requests_refused",
                 "Requests refused for their form before routing (canonical path and host, method override, upgrades, header size), by listener and reason";
+            limit_rejections: Family::default(), "limit_rejections",
+                "Requests refused by a limit (429 or a rule's status), by route and by (a stick table, or plan:<name>)";
+            limit_marks: Family::default(), "limit_marks",
+                "Requests marked for the origin by a limit rule, by route and table";
         }
     }
 }
@@ -221,6 +229,10 @@ pub struct AccessRecord {
     pub first_byte_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What refused the request, on a limit's refusal: a stick table's name, or
+    /// `plan:<name>`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub limit: String,
 }
 
 #[derive(Clone)]
@@ -309,7 +321,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 14] = [
+        const FAMILIES: [(&str, &str); 16] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -324,6 +336,8 @@ mod tests {
             ("audit_write_failures", "counter"),
             ("authorizer_cache_lookups", "counter"),
             ("requests_refused", "counter"),
+            ("limit_rejections", "counter"),
+            ("limit_marks", "counter"),
         ];
         let s = Metrics::default().encode();
         let types: Vec<&str> = s

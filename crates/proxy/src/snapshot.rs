@@ -28,6 +28,8 @@ pub enum BuildError {
         backend: String,
         source: crate::edge::tls::TlsError,
     },
+    #[error("{0}")]
+    Limits(String),
 }
 
 pub struct ServerRt {
@@ -91,6 +93,9 @@ pub struct RouteRt {
     pub request_trailers: bool,
     pub by_class: [Counter; 5],
     pub duration: Histogram,
+    /// Tables tracked, rules and plan; None when the route has no `limits` (the limit phase
+    /// then costs one branch).
+    pub limits: Option<Box<crate::limits::RouteLimits>>,
 }
 
 pub struct Snapshot {
@@ -113,6 +118,7 @@ impl Snapshot {
     pub fn build(
         config: Arc<Config>,
         registry: &StateRegistry,
+        limits: &crate::limits::Registry,
         metrics: &Metrics,
         identity: Arc<portcullis_identity::Engine>,
         policy: Arc<portcullis_policy::Engine>,
@@ -125,6 +131,12 @@ impl Snapshot {
             by_id.insert(&b.id, rt.clone());
             backends.push(rt);
         }
+        let tables = config
+            .stick_tables
+            .iter()
+            .map(|t| Ok((t.name.as_str(), limits.table(t)?)))
+            .collect::<Result<HashMap<_, _>, String>>()
+            .map_err(BuildError::Limits)?;
         let mut routes = Vec::new();
         for r in &config.routes {
             // Validation guarantees the backend exists.
@@ -142,6 +154,7 @@ impl Snapshot {
                     .clone()
             });
             let spec = &r.spec;
+            let route_limits = route_limits(&config, r, &tables, limits, metrics)?;
             let has_mtls = spec.auth.iter().any(|a| {
                 identity
                     .provider(a)
@@ -187,6 +200,7 @@ impl Snapshot {
                     .duration
                     .get_or_create(&vec![("route", r.id.clone())])
                     .clone(),
+                limits: route_limits,
             });
         }
         let mut strip_headers: Vec<http::HeaderName> = config
@@ -216,6 +230,96 @@ impl Snapshot {
     pub fn backend(&self, id: &str) -> Option<&Arc<BackendRt>> {
         self.backends.iter().find(|b| b.id == id)
     }
+}
+
+/// A route's `limits`, compiled: its tables (from the registry), rules with their
+/// pre-resolved counters, and its plan. None when the route counts and limits nothing.
+fn route_limits(
+    config: &Config,
+    r: &portcullis_config::RouteDef,
+    tables: &HashMap<&str, Arc<crate::limits::TableRt>>,
+    registry: &crate::limits::Registry,
+    metrics: &Metrics,
+) -> Result<Option<Box<crate::limits::RouteLimits>>, BuildError> {
+    use crate::limits::{Action, PlanUse, Rule};
+    let l = &r.spec.limits;
+    if l.track.is_empty() && l.rules.is_empty() && l.plan.is_none() {
+        return Ok(None);
+    }
+    let bad = |m: String| BuildError::Limits(format!("route `{}`: {m}", r.id));
+    let track = l
+        .track
+        .iter()
+        .map(|n| tables.get(n.as_str()).cloned())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("tracks an undefined stick table".into()))?;
+    let mut rules = Vec::new();
+    let mut marks = Vec::new();
+    for rule in &l.rules {
+        let table = l
+            .track
+            .iter()
+            .position(|t| *t == rule.table)
+            .ok_or_else(|| bad(format!("a rule reads untracked table `{}`", rule.table)))?;
+        let counter =
+            portcullis_limits::Counter::parse(&rule.counter).map_err(|e| bad(e.to_string()))?;
+        let (action, family, label) = match rule.action {
+            portcullis_config::LimitAction::Deny => (Action::Deny, &metrics.limit_rejections, "by"),
+            portcullis_config::LimitAction::Tarpit => (
+                Action::Tarpit(rule.delay.map_or(Duration::ZERO, |d| d.0)),
+                &metrics.limit_rejections,
+                "by",
+            ),
+            portcullis_config::LimitAction::Mark => {
+                let h = rule.header.as_deref().unwrap_or_default();
+                let h = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|e| bad(e.to_string()))?;
+                marks.push(h.clone());
+                (Action::Mark(h), &metrics.limit_marks, "table")
+            }
+        };
+        let retry = counter
+            .period()
+            .map_or(1, |p| crate::limits::ceil_secs(p.as_duration()).max(1));
+        rules.push(Rule {
+            table,
+            kind: counter.kind(),
+            above: rule.above,
+            action,
+            status: http::StatusCode::from_u16(rule.status.unwrap_or(429))
+                .map_err(|e| bad(e.to_string()))?,
+            retry_after: HeaderValue::from(retry),
+            counter: family
+                .get_or_create(&vec![("route", r.id.clone()), (label, rule.table.clone())])
+                .clone(),
+        });
+    }
+    let plan = match &l.plan {
+        None => None,
+        Some(name) => {
+            let def = config
+                .usage_plans
+                .iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| bad(format!("usage plan `{name}` is not defined")))?;
+            Some(PlanUse {
+                plan: registry.plan(def).map_err(bad)?,
+                rejected: metrics
+                    .limit_rejections
+                    .get_or_create(&vec![
+                        ("route", r.id.clone()),
+                        ("by", format!("plan:{name}")),
+                    ])
+                    .clone(),
+            })
+        }
+    };
+    Ok(Some(Box::new(crate::limits::RouteLimits {
+        track,
+        rules,
+        plan,
+        marks,
+    })))
 }
 
 /// One backend's runtime form: its servers (with their long-lived state from the registry),

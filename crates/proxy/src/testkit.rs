@@ -64,6 +64,7 @@ impl Kit {
         let access =
             crate::record::AccessLog::start(&config.access_log.path).expect("the access log");
         let registry = crate::state::StateRegistry::default();
+        let limits = crate::limits::Registry::default();
         let identity = Arc::new(
             portcullis_identity::Engine::build(&config, None).expect("the identity engine"),
         );
@@ -75,6 +76,7 @@ impl Kit {
         let snap = Snapshot::build(
             config.clone(),
             &registry,
+            &limits,
             &metrics,
             identity,
             policy,
@@ -90,6 +92,7 @@ impl Kit {
         let shared = Arc::new(Shared {
             snapshot: arc_swap::ArcSwap::from_pointee(snap),
             registry,
+            limits,
             metrics,
             access,
             audit,

@@ -97,6 +97,9 @@ pub async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     let replayable = body_empty && (idempotent || route.retry_non_idempotent);
     // A request without a body (most GETs) skips the limit and byte count.
     let seen = (!body_empty).then(|| Arc::new(AtomicU64::new(0)));
+    if let Some(u) = &mut x.usage {
+        u.bytes_in = seen.clone();
+    }
     let body = match request_body(x, route, &head.headers, body, seen.as_ref()).await {
         Ok(b) => b,
         Err((status, msg)) => return Flow::Refuse(status, msg),
@@ -633,6 +636,7 @@ where
     if let Some(c) = x.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, c);
     }
+    x.rate_headers(&mut parts.headers);
     if let (Some(name), true) = (&backend.sticky_cookie, set_sticky) {
         let c = format!(
             "{name}={}; Path=/; HttpOnly; SameSite=Lax",
@@ -655,6 +659,7 @@ where
         _active: active,
         record,
         start: x.start,
+        usage: x.usage.take(),
     };
     Response::from_parts(parts, Tracked::new(body, done).boxed_unsync())
 }
@@ -666,12 +671,18 @@ struct Done {
     _active: ActiveGuard,
     record: AccessRecord,
     start: Instant,
+    /// The stick-table entries the request counts in: the origin's errors and the bytes are
+    /// recorded here, and `conn_cur` ends when this drops.
+    usage: Option<Box<crate::limits::Usage>>,
 }
 
 impl OnDone for Done {
     fn done(self, complete: bool, bytes: u64) {
         let this = self;
         let status = this.record.status;
+        if let Some(u) = &this.usage {
+            u.finish(status, bytes);
+        }
         let err = (!complete).then(|| "response aborted".to_string());
         crate::record::finish(&this.shared, this.record, this.start, status, bytes, err);
     }

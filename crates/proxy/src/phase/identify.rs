@@ -55,6 +55,11 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
                 return Flow::Refuse(StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable\n");
             }
             let status = r.status().as_u16();
+            if status == 401 {
+                if let Some(limited) = crate::phase::limit::auth_failed(x, route).await {
+                    return limited;
+                }
+            }
             tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, status, %reason, "request refused by identity");
             x.count(status);
             x.finish(status, Some(reason));

@@ -1,10 +1,548 @@
-//! The limit phase: stick-table counters, rate limits and quotas, answering 429 with
-//! `Retry-After` (or queueing) when a caller is over its limits. It runs after authorize, so
-//! that it counts only callers that were let in, and sees their identity. Not built yet: every
-//! request goes on.
+//! The limit phase: stick-table counters, rules over them, and usage plans, answering 429
+//! with `Retry-After` when a caller is over its limits. It runs after authorize, so that it
+//! counts only callers that were let in, and sees their identity. A route without `limits`
+//! pays one branch here and touches no table.
+//!
+//! In order, on a route with limits:
+//!
+//! 1. **Count.** For each tracked table whose key this request has (see
+//!    `crate::limits::build_key`; a missing part skips the table and its rules), count the
+//!    request and, if the table stores `conn_cur`, hold one until the response ends.
+//! 2. **Rules**, in order, on the updated values: the first whose counter is above its
+//!    threshold acts. `deny` answers its status (429 by default) with `Retry-After` (a rate
+//!    counter's period, rounded up to seconds; 1 for other counters); `tarpit` waits `delay`
+//!    first (holding no lock); `mark` sets its header to `1` for the origin and goes on.
+//! 3. **Plan.** One GCRA bucket per caller (`provider/subject`, or the client IP on a public
+//!    route): over it, 429 with `Retry-After`. Every answer on the route carries
+//!    `RateLimit-Policy` and `RateLimit`.
+//!
+//! Errors (`http_err_*`) count only what the origin or the client's authentication caused:
+//! the origin's 4xx and 5xx (forward's `Done`), and a 401 from identify ([`auth_failed`]).
+//! Never a policy denial, never these 429s.
 
-use crate::exchange::{Exchange, Flow};
+use crate::exchange::{local, Exchange, Flow};
+use crate::limits::{build_key, ceil_secs, Action, KeyFacts, RouteLimits, Usage};
+use crate::snapshot::RouteRt;
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use portcullis_limits::{Clock, Key, MonotonicClock, Snapshot};
+use smallvec::SmallVec;
 
-pub fn run(_x: &mut Exchange<'_>) -> Flow {
+pub async fn run(x: &mut Exchange<'_>) -> Flow {
+    match x.route {
+        Some(route) => match route.limits.as_deref() {
+            None => Flow::Next,
+            Some(lim) => limit(x, route, lim).await,
+        },
+        None => Flow::Next,
+    }
+}
+
+async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    let now = MonotonicClock.now();
+    let seen = count(x, route, lim, now);
+    for h in &lim.marks {
+        x.parts.headers.remove(h);
+    }
+    let hit = lim.rules.iter().find(|r| {
+        seen.get(r.table)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.get(r.kind))
+            .is_some_and(|v| v > r.above)
+    });
+    if let Some(rule) = hit {
+        let by = &lim.track[rule.table].name;
+        match &rule.action {
+            Action::Mark(h) => {
+                x.parts
+                    .headers
+                    .insert(h.clone(), HeaderValue::from_static("1"));
+                rule.counter.inc();
+            }
+            Action::Deny | Action::Tarpit(_) => {
+                if let Action::Tarpit(d) = rule.action {
+                    tokio::time::sleep(d).await;
+                }
+                if let Some(p) = &lim.plan {
+                    // Not charged: read the caller's bucket for the headers.
+                    let v = p.plan.buckets.check(&caller(x), now, 0);
+                    x.ratelimit = Some(Box::new([p.plan.policy.clone(), p.plan.header(&v)]));
+                }
+                rule.counter.inc();
+                return refuse(x, rule.status, rule.retry_after.clone(), by);
+            }
+        }
+    }
+    if let Some(p) = &lim.plan {
+        let v = p.plan.buckets.check(&caller(x), now, 1);
+        x.ratelimit = Some(Box::new([p.plan.policy.clone(), p.plan.header(&v)]));
+        if !v.allowed {
+            p.rejected.inc();
+            let retry = HeaderValue::from(ceil_secs(v.retry_after).max(1));
+            let by = format!("plan:{}", p.plan.name);
+            return refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by);
+        }
+    }
     Flow::Next
+}
+
+/// Counts the request in each tracked table it has a key for; returns each table's values
+/// (None where a key part is missing) and keeps what the response's end needs in `x.usage`.
+fn count(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    lim: &RouteLimits,
+    now: portcullis_limits::Moment,
+) -> SmallVec<[Option<Snapshot>; 4]> {
+    let facts = KeyFacts {
+        ip: x.conn.peer.ip(),
+        identity: x.identity.as_deref(),
+        route: &route.id,
+        headers: &x.parts.headers,
+    };
+    let mut usage = Usage::default();
+    let seen = lim
+        .track
+        .iter()
+        .map(|t| {
+            let key = build_key(&t.parts, &facts)?;
+            let s = t.table.with_entry(&key, now, |e| {
+                e.add_request();
+                if t.conn {
+                    e.conn_start();
+                }
+                e.snapshot()
+            });
+            if t.conn || t.errs || t.bytes {
+                usage.entries.push((t.clone(), key));
+            }
+            Some(s)
+        })
+        .collect();
+    if !usage.entries.is_empty() {
+        x.usage = Some(Box::new(usage));
+    }
+    seen
+}
+
+/// A plan's caller: `provider/subject`, or the client IP when there is no identity.
+fn caller(x: &Exchange<'_>) -> Key {
+    match &x.identity {
+        Some(id) => {
+            let mut b = Vec::with_capacity(id.provider.len() + 1 + id.subject.len());
+            b.extend_from_slice(id.provider.as_bytes());
+            b.push(b'/');
+            b.extend_from_slice(id.subject.as_bytes());
+            Key::new(&b)
+        }
+        None => Key::from(x.conn.peer.ip()),
+    }
+}
+
+/// A limit's refusal: `status` with `Retry-After` (and the plan's headers), counted in the
+/// route's status classes and logged with what refused it.
+fn refuse(x: &mut Exchange<'_>, status: StatusCode, retry: HeaderValue, by: &str) -> Flow {
+    let msg = if status == StatusCode::TOO_MANY_REQUESTS {
+        "too many requests\n"
+    } else {
+        "request refused by a limit\n"
+    };
+    let mut r = local(status, msg, &x.rid);
+    r.headers_mut().insert(header::RETRY_AFTER, retry);
+    x.rate_headers(r.headers_mut());
+    if x.log {
+        x.record.limit = by.to_string();
+    }
+    tracing::debug!(target: "portcullis::limits", request_id = %x.rid, by, status = status.as_u16(), "request refused by a limit");
+    x.count(status.as_u16());
+    x.finish(status.as_u16(), Some(format!("limited by {by}")));
+    Flow::Respond(r)
+}
+
+/// Identify refused the request with 401: an error the client's authentication caused,
+/// counted in the route's tables that store errors and whose key needs no identity. Then the
+/// route's deny and tarpit rules on such tables apply to the refusal too: once a client is
+/// over a rule, a wrong credential gets the same answer as a right one, so the limit is no
+/// oracle for a guess. Returns that answer, when a rule acts.
+pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> {
+    let lim = route.limits.as_deref()?;
+    let now = MonotonicClock.now();
+    let facts = KeyFacts {
+        ip: x.conn.peer.ip(),
+        identity: None,
+        route: &route.id,
+        headers: &x.parts.headers,
+    };
+    let mut seen: SmallVec<[Option<Snapshot>; 4]> = SmallVec::new();
+    for t in lim.track.iter() {
+        let key = t.anonymous.then(|| build_key(&t.parts, &facts)).flatten();
+        seen.push(key.and_then(|key| {
+            if t.errs {
+                t.table.record_error(&key, now);
+            }
+            t.table.get(&key, now)
+        }));
+    }
+    let rule = lim.rules.iter().find(|r| {
+        !matches!(r.action, Action::Mark(_))
+            && seen
+                .get(r.table)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.get(r.kind))
+                .is_some_and(|v| v > r.above)
+    })?;
+    if let Action::Tarpit(d) = rule.action {
+        tokio::time::sleep(d).await;
+    }
+    rule.counter.inc();
+    let by = lim.track[rule.table].name.clone();
+    Some(refuse(x, rule.status, rule.retry_after.clone(), &by))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{KeyFacts, Part};
+    use crate::testkit::{describe, is_next, response, Kit};
+    use http::Request;
+    use portcullis_identity::{AuthMethod, Identity};
+    use std::time::{Duration, Instant};
+
+    const CONFIG: &str = r#"
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+stick_tables:
+  - { name: per_ip, key: src, size: 1000, store: ["http_req_rate(10s)", http_err_cnt, conn_cur] }
+  - { name: per_tenant, key: "header:x-tenant", size: 100, store: [http_req_cnt] }
+  - { name: per_user, key: principal, size: 100, store: [http_req_cnt, http_err_cnt] }
+  - { name: slow, key: src, size: 100, store: [http_req_cnt] }
+  - { name: warn, key: src, size: 100, store: [http_req_cnt] }
+  - { name: guesses, key: src, size: 100, store: [http_err_cnt] }
+usage_plans:
+  - { name: agents, rate: 5/s, burst: 3 }
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - name: deny
+    match: { path_prefix: /deny }
+    backend: b
+    public: true
+    limits:
+      track: [per_ip, per_tenant]
+      rules:
+        - { table: per_ip, counter: "http_req_rate(10s)", above: 2 }
+        - { table: per_tenant, counter: http_req_cnt, above: 0, status: 503 }
+  - name: tarpit
+    match: { path_prefix: /tarpit }
+    backend: b
+    public: true
+    limits:
+      track: [slow]
+      rules: [{ table: slow, counter: http_req_cnt, above: 0, action: tarpit, delay: 50ms }]
+  - name: mark
+    match: { path_prefix: /mark }
+    backend: b
+    public: true
+    limits:
+      track: [warn]
+      rules: [{ table: warn, counter: http_req_cnt, above: 1, action: mark, header: X-Rate-Warn }]
+  - name: api
+    match: { path_prefix: /api }
+    backend: b
+    auth: [dev]
+    allow: [{ groups: [eng] }]
+    limits: { track: [per_user, per_ip], plan: agents }
+  - name: login
+    match: { path_prefix: /login }
+    backend: b
+    auth: [dev]
+    allow: [{ groups: [eng] }]
+    limits:
+      track: [guesses]
+      rules: [{ table: guesses, counter: http_err_cnt, above: 2 }]
+  - { name: plain, match: { path_prefix: / }, backend: b, public: true }
+"#;
+
+    fn get(path: &str) -> http::request::Builder {
+        Request::get(path).header("host", "example.com")
+    }
+
+    /// Runs identify and authorize (both must go on), then the limit phase.
+    async fn limited<'k>(kit: &'k Kit, req: http::request::Builder) -> (Exchange<'k>, Flow) {
+        let mut x = kit.routed(req).await;
+        let f = crate::phase::identify::run(&mut x).await;
+        assert!(is_next(&f), "identify: {}", describe(&f));
+        let f = crate::phase::authorize::run(&mut x).await;
+        assert!(is_next(&f), "authorize: {}", describe(&f));
+        let f = run(&mut x).await;
+        (x, f)
+    }
+
+    fn bearer(kit: &Kit, user: &str, groups: &[&str]) -> String {
+        format!("Bearer {}", kit.token("dev", user, groups))
+    }
+
+    fn count_of(kit: &Kit, table: &str, key: &Key) -> Option<portcullis_limits::Snapshot> {
+        let t = kit.shared.limits.get(table).expect("the table");
+        t.table.get(key, MonotonicClock.now())
+    }
+
+    fn localhost() -> Key {
+        Key::from(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    #[test]
+    fn keys_are_built_from_each_part_and_tuples_join_them() {
+        let id = Identity {
+            provider: "agents".into(),
+            method: AuthMethod::ApiKey,
+            subject: "key-7".into(),
+            user: "bot".into(),
+            email: None,
+            groups: vec![],
+            claims: serde_json::json!({ "org": { "id": "acme" }, "tier": 3 }),
+            expires_at: None,
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-tenant", HeaderValue::from_static("t1"));
+        let f = KeyFacts {
+            ip: "192.0.2.77".parse().unwrap(),
+            identity: Some(&id),
+            route: "default/api",
+            headers: &headers,
+        };
+        let key = |parts: &[&str]| {
+            let parts: Vec<Part> = parts.iter().map(|p| Part::parse(p).unwrap()).collect();
+            build_key(&parts, &f).map(|k| k.as_bytes().to_vec())
+        };
+        assert_eq!(key(&["src"]).unwrap(), [192, 0, 2, 77]);
+        assert_eq!(key(&["src/24"]).unwrap(), [192, 0, 2, 0]);
+        assert_eq!(key(&["src/64"]).unwrap(), [192, 0, 2, 77], "v4 keeps /32");
+        assert_eq!(key(&["principal"]).unwrap(), b"agents/key-7");
+        assert_eq!(key(&["api_key"]).unwrap(), b"key-7");
+        assert_eq!(key(&["route"]).unwrap(), b"default/api");
+        assert_eq!(key(&["header:X-Tenant"]).unwrap(), b"t1");
+        assert_eq!(key(&["claim:org.id"]).unwrap(), b"acme");
+        assert_eq!(key(&["claim:tier"]).unwrap(), b"3");
+        assert_eq!(
+            key(&["principal", "header:x-tenant"]).unwrap(),
+            b"agents/key-7\x1ft1"
+        );
+        // Missing parts: no key, so the table is skipped.
+        assert_eq!(key(&["header:x-other"]), None);
+        assert_eq!(key(&["claim:nope"]), None);
+        let jwt = Identity {
+            method: AuthMethod::Jwt,
+            ..id.clone()
+        };
+        let f = KeyFacts {
+            identity: Some(&jwt),
+            ..f
+        };
+        let parts = [Part::ApiKey];
+        assert!(build_key(&parts, &f).is_none(), "not an API key");
+        let f = KeyFacts {
+            identity: None,
+            ..f
+        };
+        assert!(build_key(&[Part::Principal], &f).is_none());
+        assert!(build_key(&[Part::Src, Part::Principal], &f).is_none());
+        let v6 = KeyFacts {
+            ip: "2001:db8:1:2:3:4:5:6".parse().unwrap(),
+            ..f
+        };
+        let k = build_key(&[Part::SrcMask(64)], &v6).unwrap();
+        assert_eq!(k.as_bytes()[..8], [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2]);
+        assert_eq!(k.as_bytes()[8..], [0; 8]);
+    }
+
+    #[tokio::test]
+    async fn a_rule_denies_above_its_threshold_with_429_and_retry_after() {
+        let kit = Kit::new(CONFIG).await;
+        for _ in 0..2 {
+            let (_, f) = limited(&kit, get("/deny")).await;
+            assert!(is_next(&f), "{}", describe(&f));
+        }
+        let (x, f) = limited(&kit, get("/deny")).await;
+        let r = response(f);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "10");
+        assert_eq!(r.headers()["x-request-id"], &*x.rid);
+        assert!(r.headers().get("ratelimit").is_none(), "no plan here");
+        assert_eq!(
+            kit.metric("portcullis_limit_rejections_total{route=\"default/deny\",by=\"per_ip\"}"),
+            1.0
+        );
+        let log = kit.access_log(1);
+        assert_eq!(log[0]["status"], 429);
+        assert_eq!(log[0]["limit"], "per_ip");
+        // The refused request was counted too, and its conn_cur ended with the exchange.
+        drop(x);
+        let s = count_of(&kit, "per_ip", &localhost()).unwrap();
+        assert_eq!(s.http_req_rate, Some(3));
+        assert_eq!(s.conn_cur, Some(0));
+        assert_eq!(s.http_err_cnt, Some(0), "a 429 of ours is no error");
+    }
+
+    #[tokio::test]
+    async fn a_rule_on_a_header_key_answers_its_status_and_a_missing_header_skips_it() {
+        let kit = Kit::new(CONFIG).await;
+        // No X-Tenant: the table is skipped, so its rule (above 0) never applies.
+        let (_, f) = limited(&kit, get("/deny")).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert!(kit
+            .shared
+            .limits
+            .get("per_tenant")
+            .unwrap()
+            .table
+            .is_empty());
+        let (_, f) = limited(&kit, get("/deny").header("x-tenant", "t1")).await;
+        let r = response(f);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1", "not a rate: 1s");
+    }
+
+    #[tokio::test]
+    async fn a_tarpit_waits_then_denies() {
+        let kit = Kit::new(CONFIG).await;
+        let t0 = Instant::now();
+        let (_, f) = limited(&kit, get("/tarpit")).await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t0.elapsed()
+        );
+        let r = response(f);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn a_mark_sets_the_header_for_the_origin_and_goes_on() {
+        let kit = Kit::new(CONFIG).await;
+        // A client cannot mark itself, nor hide a mark.
+        let (x, f) = limited(&kit, get("/mark").header("x-rate-warn", "forged")).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert!(x.parts.headers.get("x-rate-warn").is_none());
+        // The second is above 1.
+        let (x, f) = limited(&kit, get("/mark")).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        assert_eq!(x.parts.headers["x-rate-warn"], "1");
+        assert_eq!(
+            kit.metric("portcullis_limit_marks_total{route=\"default/mark\",table=\"warn\"}"),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plan_allows_the_burst_then_429_with_the_ratelimit_headers() {
+        let kit = Kit::new(CONFIG).await;
+        let alice = bearer(&kit, "alice", &["eng"]);
+        for left in (0..3).rev() {
+            let (x, f) = limited(&kit, get("/api/x").header("authorization", &alice)).await;
+            assert!(is_next(&f), "{}", describe(&f));
+            let h = x.ratelimit.as_ref().expect("the plan's headers");
+            assert_eq!(h[0], "\"agents\";q=3;w=1");
+            let rl = h[1].to_str().unwrap();
+            assert!(rl.starts_with(&format!("\"agents\";r={left};t=")), "{rl}");
+        }
+        let (_, f) = limited(&kit, get("/api/x").header("authorization", &alice)).await;
+        let r = response(f);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"agents\";q=3;w=1");
+        assert_eq!(r.headers()["ratelimit"], "\"agents\";r=0;t=1");
+        assert_eq!(
+            kit.metric(
+                "portcullis_limit_rejections_total{route=\"default/api\",by=\"plan:agents\"}"
+            ),
+            1.0
+        );
+        // Another principal has a bucket of its own.
+        let bob = bearer(&kit, "bob", &["eng"]);
+        let (_, f) = limited(&kit, get("/api/x").header("authorization", &bob)).await;
+        assert!(is_next(&f), "{}", describe(&f));
+    }
+
+    #[tokio::test]
+    async fn a_route_without_limits_touches_no_table() {
+        let kit = Kit::new(CONFIG).await;
+        assert!(kit
+            .snap
+            .routes
+            .iter()
+            .any(|r| &*r.id == "default/plain" && r.limits.is_none()));
+        for _ in 0..5 {
+            let (x, f) = limited(&kit, get("/other").header("x-tenant", "t1")).await;
+            assert_eq!(x.route.map(|r| &*r.id), Some("default/plain"));
+            assert!(is_next(&f), "{}", describe(&f));
+            assert!(x.usage.is_none() && x.ratelimit.is_none());
+        }
+        for t in ["per_ip", "per_tenant", "per_user", "slow", "warn"] {
+            assert!(kit.shared.limits.get(t).unwrap().table.is_empty(), "{t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn origin_errors_count_and_policy_denials_do_not() {
+        let kit = Kit::new(CONFIG).await;
+        // Denied by policy: 403, never counted.
+        let mallory = bearer(&kit, "mallory", &["sales"]);
+        let mut x = kit
+            .routed(get("/api/x").header("authorization", &mallory))
+            .await;
+        assert!(is_next(&crate::phase::identify::run(&mut x).await));
+        let r = response(crate::phase::authorize::run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(count_of(&kit, "per_user", &Key::from("dev/mallory")).is_none());
+        assert!(count_of(&kit, "per_ip", &localhost()).is_none());
+
+        // A 401 counts in the tables keyed without identity.
+        let mut x = kit.routed(get("/api/x")).await;
+        let r = response(crate::phase::identify::run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let s = count_of(&kit, "per_ip", &localhost()).unwrap();
+        assert_eq!(s.http_err_cnt, Some(1));
+        assert!(kit.shared.limits.get("per_user").unwrap().table.is_empty());
+
+        // An origin's 5xx counts in every table that stores errors.
+        let alice = bearer(&kit, "alice", &["eng"]);
+        let (mut x, f) = limited(&kit, get("/api/x").header("authorization", &alice)).await;
+        assert!(is_next(&f));
+        let usage = x.usage.take().expect("usage to finish");
+        usage.finish(502, 10);
+        let s = count_of(&kit, "per_user", &Key::from("dev/alice")).unwrap();
+        assert_eq!((s.http_req_cnt, s.http_err_cnt), (Some(1), Some(1)));
+        assert_eq!(
+            count_of(&kit, "per_ip", &localhost()).unwrap().conn_cur,
+            Some(1)
+        );
+        drop(usage);
+        let s = count_of(&kit, "per_ip", &localhost()).unwrap();
+        assert_eq!((s.http_err_cnt, s.conn_cur), (Some(2), Some(0)));
+    }
+
+    /// Once a client is over a rule on failed logins, a wrong credential and a right one get
+    /// the same 429: the limit tells a guesser nothing.
+    #[tokio::test]
+    async fn over_a_login_rule_a_wrong_and_a_right_credential_get_the_same_answer() {
+        let kit = Kit::new(CONFIG).await;
+        let wrong = || get("/login/x").header("authorization", "Bearer not-a-token");
+        for _ in 0..2 {
+            let mut x = kit.routed(wrong()).await;
+            let r = response(crate::phase::identify::run(&mut x).await);
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+        // The third error puts the client over the rule (above 2): from now on it acts on
+        // every answer, this one included.
+        let mut x = kit.routed(wrong()).await;
+        let r = response(crate::phase::identify::run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        let alice = bearer(&kit, "alice", &["eng"]);
+        let (_x, f) = limited(&kit, get("/login/x").header("authorization", &alice)).await;
+        assert_eq!(response(f).status(), StatusCode::TOO_MANY_REQUESTS);
+    }
 }

@@ -1,0 +1,204 @@
+//! Limits through the real binary: a per-IP stick table with a deny rule, a usage plan with
+//! the IETF rate-limit headers, tables kept (or started afresh) across reloads, and
+//! `portcullis check` on unknown counters.
+
+mod common;
+
+use common::{client, Proxy};
+use std::time::Duration;
+
+const HEAD: &str = r#"
+listeners: [{ name: web, bind: "127.0.0.1:{port}" }]
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+backends:
+  - { name: o, servers: [{ address: "builtin:echo" }] }
+"#;
+
+/// A per-IP table and a route that denies above 3 requests in 10s; `store` is the table's
+/// rate counter, `extra` more YAML (routes).
+fn per_ip(store: &str, extra: &str) -> String {
+    format!(
+        r#"{HEAD}
+stick_tables:
+  - {{ name: per_ip, key: src, size: 1000, store: ["{store}"] }}
+routes:
+  - name: app
+    match: {{ path_prefix: /app }}
+    backend: o
+    public: true
+    limits:
+      track: [per_ip]
+      rules: [{{ table: per_ip, counter: "{store}", above: 3 }}]
+{extra}"#
+    )
+}
+
+async fn status(c: &reqwest::Client, url: &str) -> reqwest::Response {
+    c.get(url).send().await.expect("a response")
+}
+
+#[tokio::test]
+async fn a_per_ip_table_denies_above_its_threshold_with_retry_after() {
+    let p = Proxy::start(&per_ip("http_req_rate(10s)", "")).await;
+    let c = client();
+    for i in 0..3 {
+        let r = status(&c, &p.url("/app/x")).await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    for _ in 0..2 {
+        let r = status(&c, &p.url("/app/x")).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "10");
+        assert!(r.headers().get("ratelimit").is_none());
+    }
+    let (_, metrics) = p.admin(reqwest::Method::GET, "/metrics", None).await;
+    assert!(
+        metrics
+            .contains("portcullis_limit_rejections_total{route=\"default/app\",by=\"per_ip\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            p.access_log_text().contains("\"limit\":\"per_ip\"")
+        })
+        .await
+    );
+}
+
+fn mint(p: &Proxy, user: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["token", "--config"])
+        .arg(&p.config)
+        .args([
+            "--provider",
+            "dev",
+            "--user",
+            user,
+            "--groups",
+            "eng",
+            "--ttl",
+            "1h",
+        ])
+        .output()
+        .expect("run portcullis token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn a_usage_plan_allows_its_burst_per_principal_then_429_with_ratelimit_headers() {
+    let yaml = format!(
+        r#"{HEAD}
+usage_plans:
+  - {{ name: agents, rate: 5/s, burst: 5 }}
+routes:
+  - name: api
+    match: {{ path_prefix: /api }}
+    backend: o
+    auth: [dev]
+    allow: [{{ groups: [eng] }}]
+    limits: {{ plan: agents }}
+"#
+    );
+    let p = Proxy::start(&yaml).await;
+    let (alice, bob) = (mint(&p, "alice"), mint(&p, "bob"));
+    let c = client();
+    let get = |token: &str| c.get(p.url("/api/x")).bearer_auth(token).send();
+    // Warm the connection, so that the burst is not spread over a connect.
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(get(&alice).await.unwrap());
+    }
+    for (i, r) in got[..5].iter().enumerate() {
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"agents\";q=5;w=1");
+        let rl = r.headers()["ratelimit"].to_str().unwrap();
+        assert!(rl.starts_with("\"agents\";r="), "{rl}");
+    }
+    let r = &got[5];
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["ratelimit-policy"], "\"agents\";q=5;w=1");
+    assert_eq!(r.headers()["ratelimit"], "\"agents\";r=0;t=1");
+    assert_eq!(r.headers()["retry-after"], "1");
+    // Another principal has its own bucket.
+    let r = get(&bob).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["ratelimit-policy"], "\"agents\";q=5;w=1");
+}
+
+async fn reload(p: &Proxy) {
+    let (s, body) = p.admin(reqwest::Method::POST, "/api/v1/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_table_and_restarts_a_changed_one() {
+    let p = Proxy::start(&per_ip("http_req_rate(10s)", "")).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(status(&c, &p.url("/app/x")).await.status(), 200);
+    }
+    assert_eq!(status(&c, &p.url("/app/x")).await.status(), 429);
+
+    // An unrelated change: the table and its counts stay.
+    let other = "  - { name: other, match: { path_prefix: /other }, backend: o, public: true }\n";
+    p.write_config(&per_ip("http_req_rate(10s)", other));
+    reload(&p).await;
+    assert_eq!(status(&c, &p.url("/other")).await.status(), 200, "reloaded");
+    assert_eq!(
+        status(&c, &p.url("/app/x")).await.status(),
+        429,
+        "still limited"
+    );
+    assert!(!p.log_text().contains("starting it afresh"));
+
+    // A new shape: the table starts afresh, and says so.
+    p.write_config(&per_ip("http_req_rate(20s)", other));
+    reload(&p).await;
+    assert_eq!(
+        status(&c, &p.url("/app/x")).await.status(),
+        200,
+        "a fresh table"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            p.log_text()
+                .contains("stick table `per_ip` changed; starting it afresh")
+        })
+        .await
+    );
+}
+
+#[test]
+fn check_names_the_table_store_of_an_unknown_counter() {
+    for bad in ["http_req_rate(10fortnights)", "foo_cnt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.yaml");
+        let yaml = Proxy::render(&per_ip(bad, ""), 8080, 9901, dir.path());
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run portcullis check");
+        let err = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{bad}: {err}");
+        let at = format!("{}:", path.display());
+        let line = err
+            .lines()
+            .find(|l| l.contains(bad) && l.contains(&at))
+            .unwrap_or_else(|| panic!("{bad}: {err}"));
+        // file:line:col, at stick_tables[0].store.
+        let pos: Vec<&str> = line[at.len()..].splitn(3, ':').collect();
+        // Line 10 holds the table; column 50 is its `store` list.
+        assert_eq!((pos[0], pos[1]), ("10", "50"), "{line}");
+        assert!(line.contains("stick_tables[0].store"), "{line}");
+    }
+}
