@@ -18,11 +18,12 @@ import statistics
 import sys
 
 PROXIES = ("haproxy", "portcullis")
-VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-base",
-            "portcullis-jwt-base")
+VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
+            "portcullis-jwt-limits", "portcullis-base", "portcullis-jwt-base")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
+          "portcullis-jwt-limits": "portcullis JWT + policy + limits",
           "portcullis-base": "portcullis plain, base build",
           "portcullis-jwt-base": "portcullis JWT + policy, base build"}
 BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
@@ -31,6 +32,7 @@ JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "jwt_vs_plain": ("portcullis-jwt", "portcullis", 0.95, "portcullis JWT + policy / portcullis plain"),
     "audit_vs_plain": ("portcullis-jwt-audit", "portcullis", 0.95, "portcullis JWT + policy + audit / portcullis plain"),
     "audit_vs_haproxy_jwt": ("portcullis-jwt-audit", "haproxy-jwt", 5.0, "portcullis JWT + policy + audit / HAProxy jwt_verify"),
+    "limits_vs_jwt": ("portcullis-jwt-limits", "portcullis-jwt", 0.97, "portcullis JWT + policy + limits / JWT + policy"),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -163,6 +165,8 @@ def main() -> int:
     if all(v in summary for v in ("portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit")):
         jwt = {"rps_ratios": {}, "cpu_ratios": {}, "targets": {}}
         for k, (a, b, t, _) in JWT_TARGETS.items():
+            if a not in summary or b not in summary:
+                continue
             r = ratio(summary[a]["rps_median"], summary[b]["rps_median"])
             jwt["rps_ratios"][k] = r
             jwt["cpu_ratios"][k] = ratio(summary[a]["cpu_us_per_req_median"], summary[b]["cpu_us_per_req_median"])
@@ -228,7 +232,8 @@ def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):
 
 
 def jwt_table(lines, summary, jwt, rounds, ratio, ok):
-    cols = [v for v in ("haproxy-jwt", "portcullis", "portcullis-jwt", "portcullis-jwt-audit") if v in summary]
+    cols = [v for v in ("haproxy-jwt", "portcullis", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-jwt-limits")
+            if v in summary]
     if lines:
         lines.append("")
     lines.append("JWT, policy and audit (same rounds; every JWT variant sends the same ES256 bearer token):")
@@ -248,6 +253,8 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
     lines.append("| ratio | req/s | CPU per request | target (req/s) |")
     lines.append("|---|---:|---:|---|")
     for k, (a, b, t, what) in JWT_TARGETS.items():
+        if k not in jwt["rps_ratios"]:
+            continue
         lines.append(f"| {what} | **{fmt(jwt['rps_ratios'][k], 2, '×')}** | {fmt(jwt['cpu_ratios'][k], 2, '×')} | "
                      f"≥ {t:g}× {ok(jwt['targets'][k]['met'])} |")
     ac = jwt["audit_cost"]

@@ -32,7 +32,9 @@
 #     portcullis-jwt        a `jwt` provider with a JWKS file, and a Cedar shorthand rule
 #                           `allow: [{ groups: [bench] }]`; audit sink off (JWT + policy);
 #     portcullis-jwt-audit  the same, plus the file audit trail (fsync: interval), one
-#                           hash-chained record per request (JWT + policy + audit).
+#                           hash-chained record per request (JWT + policy + audit);
+#     portcullis-jwt-limits portcullis-jwt plus a per-principal stick table, a rule and a
+#                           usage plan that never trip (JWT + policy + limits).
 #   Each portcullis variant is its own process (the audit sink is global), pinned like the others.
 #   5. writes bench/out/results.json and bench/out/table.md and prints the markdown table.
 #
@@ -96,12 +98,13 @@ PORTCULLIS_PORT=${PORTCULLIS_PORT:-24682}
 HAPROXY_JWT_PORT=${HAPROXY_JWT_PORT:-24683}
 PORTCULLIS_JWT_PORT=${PORTCULLIS_JWT_PORT:-24684}
 PORTCULLIS_AUDIT_PORT=${PORTCULLIS_AUDIT_PORT:-24685}
+PORTCULLIS_LIMITS_PORT=${PORTCULLIS_LIMITS_PORT:-24688}
 JWT_ISSUER=https://issuer.bench.portcullis.test
 JWT_AUDIENCE=portcullis-bench
 case $SCENARIO in
     plain) VARIANTS=(haproxy portcullis) ;;
-    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
-    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit) ;;
+    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits) ;;
+    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits) ;;
     *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
 esac
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
@@ -251,16 +254,22 @@ render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT="$PORTCULLIS_BASE_PORT"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-base.yaml" PORT="$PORTCULLIS_JWT_BASE_PORT" AUDIT='audit: { sink: "off" }'
-render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
+NO_LIMITS=(ROOT_LIMITS='' ROUTE_LIMITS='')
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }' "${NO_LIMITS[@]}"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
-    AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }"
+    AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }" "${NO_LIMITS[@]}"
+# JWT + policy + limits: a per-principal table with a rule and a plan that never trip.
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-limits.yaml" PORT="$PORTCULLIS_LIMITS_PORT" AUDIT='audit: { sink: "off" }' \
+    ROOT_LIMITS=$'stick_tables:\n  - { name: per_principal, key: principal, size: 100000, expire: 10m, store: ["http_req_rate(10s)", "http_err_rate(1m)"] }\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }' \
+    ROUTE_LIMITS='limits: { track: [per_principal], rules: [{ table: per_principal, counter: "http_req_rate(10s)", above: 1000000000 }], plan: bench }'
 
 PIDS=()
 ORIGIN_PID="" HAPROXY_PID=""
 declare -A PID_OF=() PORT_OF=(
     [haproxy]=$HAPROXY_PORT [portcullis]=$PORTCULLIS_PORT [haproxy-jwt]=$HAPROXY_JWT_PORT
     [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
-    [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT)
+    [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT
+    [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -348,6 +357,7 @@ start_haproxy
 start_portcullis portcullis
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
+has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
 has_variant portcullis-base && start_portcullis portcullis-base
 has_variant portcullis-jwt-base && start_portcullis portcullis-jwt-base
 for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
