@@ -104,6 +104,12 @@ async fn proxy_to(origin: &RawOrigin) -> Proxy {
 }
 
 async fn proxy_to_addr(addr: &str) -> Proxy {
+    proxy_with_route_keys(addr, "").await
+}
+
+/// A proxy with one public route to `addr`, with `route_keys` (YAML lines, indented four
+/// spaces) added to the route.
+async fn proxy_with_route_keys(addr: &str, route_keys: &str) -> Proxy {
     Proxy::start(&format!(
         r#"
 listeners:
@@ -119,7 +125,7 @@ routes:
     match: {{ path_prefix: / }}
     backend: raw
     public: true
-"#,
+{route_keys}"#,
         addr
     ))
     .await
@@ -290,26 +296,7 @@ async fn request_trailers_follow_a_chunked_upload() {
     );
 
     let (origin, seen) = capture_chunked_upload().await;
-    let p = Proxy::start(&format!(
-        r#"
-listeners:
-  - name: web
-    bind: "127.0.0.1:{{port}}"
-backends:
-  - name: raw
-    servers:
-      - {{ name: r1, address: "{}" }}
-    retries: {{ attempts: 0 }}
-routes:
-  - name: all
-    match: {{ path_prefix: / }}
-    backend: raw
-    public: true
-    request_trailers: true
-"#,
-        origin.addr
-    ))
-    .await;
+    let p = proxy_with_route_keys(&origin.addr, "    request_trailers: true\n").await;
     let resp = raw(
         p.port,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 7\r\nX-Portcullis-Assertion: forged\r\n\r\n",
