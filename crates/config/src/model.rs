@@ -61,11 +61,38 @@ pub struct LimitsCfg {
     pub store: LimitStore,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, Hash)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum LimitStore {
     #[default]
     Local,
+}
+
+impl<'de> Deserialize<'de> for LimitStore {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// `local`, or anything else (such as the planned `{ redis: { url } }`), refused
+        /// where it stands.
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = LimitStore;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`local`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LimitStore, E> {
+                match v {
+                    "local" => Ok(LimitStore::Local),
+                    _ => Err(E::custom(format!(
+                        "unknown limit store `{v}`: write `local` (the default), the only store today"
+                    ))),
+                }
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<LimitStore, A::Error> {
+                Err(de::Error::custom(
+                    "a shared (Redis) limit store is planned but not built yet: write `store: local` (the default); see docs/limits.md",
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A stick table: counters per key, bounded by `size` (least recently used entries go

@@ -2108,7 +2108,14 @@ routes:
                 "limits: { store: redis }",
                 "store: redis",
                 "redis",
-                "unknown variant `redis`, expected `local`",
+                "unknown limit store `redis`: write `local` (the default), the only store today",
+            ),
+            (
+                "limits: { store: local }",
+                "limits: { store: { redis: { url: \"redis://127.0.0.1:6379\" } } }",
+                "store: { redis",
+                "{ redis",
+                "a shared (Redis) limit store is planned but not built yet",
             ),
         ];
         for (from, to, context, needle, msg) in cases {
