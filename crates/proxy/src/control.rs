@@ -306,7 +306,7 @@ async fn reload(rt: &Runtime, by: &Principal) -> Result<Value, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     const BACKEND: &str = r#"
 backends:
@@ -352,23 +352,8 @@ routes:
         (st.admin_state(), st.weight_override())
     }
 
-    /// Every record in the audit files of `dir`.
     fn records(dir: &Path) -> Vec<Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("audit"))
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        files.sort();
-        files
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .flat_map(|p| {
-                std::fs::read_to_string(p)
-                    .unwrap()
-                    .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect::<Vec<Value>>()
-            })
-            .collect()
+        crate::testkit::audit_records(dir)
     }
 
     fn admin_records(dir: &Path, action: &str) -> Vec<Value> {

@@ -200,21 +200,7 @@ impl Kit {
 
     /// Every record of the audit trail (each is written before the request is answered).
     pub fn audit(&self) -> Vec<Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("audit"))
-            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
-            .unwrap_or_default();
-        files.sort();
-        files
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .flat_map(|p| {
-                std::fs::read_to_string(p)
-                    .unwrap_or_default()
-                    .lines()
-                    .map(|l| serde_json::from_str(l).expect("a JSON audit record"))
-                    .collect::<Vec<Value>>()
-            })
-            .collect()
+        audit_records(self.dir.path())
     }
 }
 
@@ -246,4 +232,23 @@ pub fn response(f: Flow) -> Response<RespBody> {
         Flow::Respond(r) => r,
         other => panic!("expected a response, got {}", describe(&other)),
     }
+}
+
+/// Every record in the audit files under `dir/audit`, in file order.
+pub fn audit_records(dir: &std::path::Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("audit"))
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON audit record"))
+                .collect::<Vec<Value>>()
+        })
+        .collect()
 }
