@@ -139,6 +139,8 @@ pub struct Config {
     pub authorizers: Vec<AuthorizerCfg>,
     /// The audit settings, with `dir` made absolute.
     pub audit: AuditCfg,
+    /// The embedded store's directory (absolute).
+    pub state_dir: PathBuf,
     /// Where limit counters live.
     pub limits: LimitsCfg,
     /// Stick tables, by name (validated: unique names, known key parts).

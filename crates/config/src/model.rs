@@ -37,6 +37,10 @@ pub struct RootFile {
     pub authorizers: Vec<AuthorizerCfg>,
     #[serde(default)]
     pub audit: AuditCfg,
+    /// The embedded store's directory (quota use, daily usage); default `state` beside the
+    /// root file.
+    #[serde(default = "state_dir")]
+    pub state_dir: String,
     #[serde(default)]
     pub backends: Vec<Backend>,
     #[serde(default)]
@@ -53,46 +57,115 @@ pub struct RootFile {
     pub usage_plans: Vec<UsagePlan>,
 }
 
-/// Where limit counters live: `local` (in process) is the only store today.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// Where limit counters live, what a check does when the shared store fails, and how plans
+/// are assigned.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsCfg {
+    /// `local` (in process, the default) or `{ redis: { url, ... } }` (shared by a fleet).
     #[serde(default)]
     pub store: LimitStore,
+    /// What a check does when the Redis store does not answer within its timeout.
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+    /// How often quota use and daily usage are written to the embedded store (at most this
+    /// much counting is lost by a crash).
+    #[serde(default = "secs::<1>")]
+    pub sync_interval: Dur,
+    /// A claim whose string value names the caller's usage plan (like `plan` or `tier`).
+    pub plan_claim: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+impl Default for LimitsCfg {
+    fn default() -> Self {
+        LimitsCfg {
+            store: LimitStore::Local,
+            on_store_error: OnStoreError::Local,
+            sync_interval: secs::<1>(),
+            plan_claim: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum LimitStore {
     #[default]
     Local,
+    Redis(RedisStoreCfg),
+}
+
+/// A Redis server shared by every replica: counters, buckets and quotas are global.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStoreCfg {
+    /// `redis://host:port/db` (a password as `redis://:${env:REDIS_PASSWORD}@host:port`).
+    pub url: String,
+    /// The longest a check waits for Redis before `on_store_error` applies.
+    #[serde(default = "millis::<5>")]
+    pub timeout: Dur,
+    /// Connections to Redis (each multiplexes many checks).
+    #[serde(default = "count::<2>")]
+    pub connections: usize,
+    /// The prefix of every Redis key portcullis writes.
+    #[serde(default = "redis_prefix")]
+    pub prefix: String,
+    /// How often errors and bytes counted at the end of responses are sent to Redis.
+    #[serde(default = "millis::<50>")]
+    pub sync_interval: Dur,
 }
 
 impl<'de> Deserialize<'de> for LimitStore {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        /// `local`, or anything else (such as the planned `{ redis: { url } }`), refused
-        /// where it stands.
+        /// `local`, or `{ redis: { url, ... } }`.
         struct V;
         impl<'de> de::Visitor<'de> for V {
             type Value = LimitStore;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("`local`")
+                f.write_str("`local` or `{ redis: { url: redis://127.0.0.1:6379 } }`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<LimitStore, E> {
                 match v {
                     "local" => Ok(LimitStore::Local),
                     _ => Err(E::custom(format!(
-                        "unknown limit store `{v}`: write `local` (the default), the only store today"
+                        "unknown limit store `{v}`: write `local` (the default) or `{{ redis: {{ url: redis://127.0.0.1:6379 }} }}`"
                     ))),
                 }
             }
-            fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<LimitStore, A::Error> {
-                Err(de::Error::custom(
-                    "a shared (Redis) limit store is planned but not built yet: write `store: local` (the default); see docs/limits.md",
-                ))
+            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<LimitStore, A::Error> {
+                let Some(k) = m.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "an empty limit store: write `local` or `{ redis: { url: redis://127.0.0.1:6379 } }`",
+                    ));
+                };
+                if k != "redis" {
+                    return Err(de::Error::custom(format!(
+                        "unknown limit store `{k}`: write `local` (the default) or `{{ redis: {{ url: redis://127.0.0.1:6379 }} }}`"
+                    )));
+                }
+                let cfg: RedisStoreCfg = m.next_value()?;
+                if m.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom(
+                        "a limit store is one of `local` or `redis`, not both",
+                    ));
+                }
+                Ok(LimitStore::Redis(cfg))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// What a check does when the shared store fails or is slower than its timeout.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Let the request through, unlimited.
+    Allow,
+    /// Refuse the request with 503.
+    Deny,
+    /// Count in this process alone until the store answers again.
+    #[default]
+    Local,
 }
 
 /// A stick table: counters per key, bounded by `size` (least recently used entries go
@@ -132,7 +205,7 @@ impl TableKey {
     }
 }
 
-/// A usage plan: a steady rate and a burst per caller (a token bucket).
+/// A usage plan: a steady rate and a burst per caller (a token bucket), and a quota.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsagePlan {
@@ -141,6 +214,58 @@ pub struct UsagePlan {
     pub rate: Rate,
     /// Requests allowed at once above the steady rate; default the rate's count.
     pub burst: Option<u32>,
+    /// Requests per day, week or month, kept across restarts.
+    pub quota: Option<QuotaCfg>,
+    /// A different rate and burst on some routes or methods (their own buckets).
+    #[serde(default)]
+    pub overrides: Vec<PlanOverride>,
+    /// Principals and groups on this plan, whatever their route's default.
+    #[serde(default)]
+    pub assign: PlanAssign,
+}
+
+/// A quota: `limit` requests per `per`, starting again at `reset` (UTC).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaCfg {
+    pub limit: u64,
+    pub per: QuotaPer,
+    /// When a period starts: `"HH:MM UTC"`. Weeks start on Monday, months on the 1st.
+    #[serde(default = "midnight_utc")]
+    pub reset: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPer {
+    Day,
+    Week,
+    Month,
+}
+
+/// A plan's rate and burst for some routes and/or methods.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanOverride {
+    /// Route names (or ids); empty means every route.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Methods, like `[POST, DELETE]`; empty means every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub rate: Rate,
+    pub burst: Option<u32>,
+}
+
+/// Who is on a plan, besides API keys that name it and callers whose `plan_claim` names it.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanAssign {
+    /// `provider/subject`, like `agents/deploy-bot-1`.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// What a route counts and limits.
@@ -153,8 +278,8 @@ pub struct RouteLimits {
     /// Rules over those tables' counters, in order; the first that matches acts.
     #[serde(default)]
     pub rules: Vec<LimitRule>,
-    /// The usage plan every caller of the route gets (keyed by principal, or by client IP on
-    /// a public route).
+    /// The usage plan a caller of the route gets unless one is assigned to it (keyed by
+    /// principal, or by client IP on a public route).
     pub plan: Option<String>,
 }
 
@@ -173,6 +298,11 @@ pub struct LimitRule {
     pub delay: Option<Dur>,
     /// The header `mark` adds to the request for the origin (value `1`).
     pub header: Option<String>,
+    /// How long `queue` holds a request for the counter to fall back before it refuses it.
+    pub max_wait: Option<Dur>,
+    /// How many requests `queue` holds at once; more are refused at once.
+    #[serde(default = "count::<1024>")]
+    pub max_queue: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -185,6 +315,9 @@ pub enum LimitAction {
     Tarpit,
     /// Let it through with `header` set for the origin.
     Mark,
+    /// Hold the request until the counter is back at its threshold (at most `max_wait`),
+    /// then let it through, or answer as deny does.
+    Queue,
 }
 
 /// Identity providers and browser sessions.
@@ -1072,6 +1205,15 @@ fn count<const N: usize>() -> usize {
 }
 fn yes() -> bool {
     true
+}
+fn state_dir() -> String {
+    "state".into()
+}
+fn redis_prefix() -> String {
+    "portcullis".into()
+}
+fn midnight_utc() -> String {
+    "00:00 UTC".into()
 }
 fn audit_dir() -> String {
     "audit".into()

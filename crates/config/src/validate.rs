@@ -604,6 +604,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         authorizers: root.authorizers.clone(),
         audit,
         route_srcs,
+        state_dir: base.join(&root.state_dir),
         limits: root.limits.clone(),
         stick_tables: root.stick_tables.clone(),
         usage_plans: root.usage_plans.clone(),
@@ -1295,6 +1296,142 @@ fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
                 "a burst of 0 lets nothing through: write at least 1, or leave it out (the rate's count)",
             ));
         }
+        if let Some(q) = &p.quota {
+            if q.limit == 0 {
+                diags.push(src.diag(
+                    &format!("{at}.quota.limit"),
+                    "a quota of 0 lets nothing through: write at least 1, like `limit: 10000`",
+                ));
+            }
+            if let Err(e) = reset_time(&q.reset) {
+                diags.push(src.diag(&format!("{at}.quota.reset"), e));
+            }
+        }
+        check_plan_overrides(src, &at, p, root, diags);
+        for (j, who) in p.assign.principals.iter().enumerate() {
+            if !who.contains('/') {
+                diags.push(src.diag(
+                    &format!("{at}.assign.principals[{j}]"),
+                    format!("`{who}` is no principal: write `provider/subject`, like `agents/deploy-bot-1`"),
+                ));
+            }
+        }
+    }
+    check_store(src, &root.limits, diags);
+}
+
+/// A plan's overrides: each narrows by route or method, to routes that exist, with a rate.
+fn check_plan_overrides(
+    src: &Source,
+    at: &str,
+    p: &UsagePlan,
+    root: &RootFile,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for (j, o) in p.overrides.iter().enumerate() {
+        let oat = format!("{at}.overrides[{j}]");
+        if o.routes.is_empty() && o.methods.is_empty() {
+            diags.push(src.diag(
+                &oat,
+                "an override applies to some `routes` or `methods`, like `methods: [POST]`; for every request, change the plan's own rate",
+            ));
+        }
+        if o.rate.count == 0 {
+            diags.push(src.diag(
+                &format!("{oat}.rate"),
+                "an override's rate must be at least 1 request, like `1/s`",
+            ));
+        }
+        if o.burst == Some(0) {
+            diags.push(src.diag(
+                &format!("{oat}.burst"),
+                "a burst of 0 lets nothing through: write at least 1, or leave it out",
+            ));
+        }
+        for (k, m) in o.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                diags.push(src.diag(
+                    &format!("{oat}.methods[{k}]"),
+                    format!("`{m}` is no method: write it in capitals, like `POST`"),
+                ));
+            }
+        }
+        // Routes of app bundles are checked by name when the bundles are read; the root
+        // file's routes are known here.
+        let known = root.apps.is_some() || root.routes.is_empty();
+        for (k, r) in o.routes.iter().enumerate() {
+            if !known && !root.routes.iter().any(|x| &x.name == r) {
+                diags.push(src.diag(
+                    &format!("{oat}.routes[{k}]"),
+                    format!("the override names route `{r}`, which does not exist"),
+                ));
+            }
+        }
+    }
+}
+
+/// The Redis store's settings, and the sync interval.
+fn check_store(src: &Source, l: &LimitsCfg, diags: &mut Vec<Diagnostic>) {
+    if l.sync_interval.0.is_zero() || l.sync_interval.0 > std::time::Duration::from_secs(60) {
+        diags.push(src.diag(
+            "limits.sync_interval",
+            "the sync interval is between 1ms and 60s, like `1s`",
+        ));
+    }
+    if let LimitStore::Redis(r) = &l.store {
+        if !(r.url.starts_with("redis://")
+            || r.url.starts_with("redis+unix://")
+            || r.url.starts_with("unix://"))
+        {
+            diags.push(src.diag(
+                "limits.store.redis.url",
+                format!("`{}` is no Redis URL: write `redis://host:port`, like `redis://127.0.0.1:6379`", redact_url(&r.url)),
+            ));
+        }
+        if r.timeout.0.is_zero() || r.timeout.0 > std::time::Duration::from_secs(5) {
+            diags.push(src.diag(
+                "limits.store.redis.timeout",
+                "a Redis timeout is between 1ms and 5s, like `5ms`: the request waits this long at most",
+            ));
+        }
+        if r.connections == 0 || r.connections > 64 {
+            diags.push(src.diag(
+                "limits.store.redis.connections",
+                "connections are between 1 and 64, like `2`",
+            ));
+        }
+        if r.prefix.is_empty() {
+            diags.push(src.diag(
+                "limits.store.redis.prefix",
+                "the prefix names portcullis's keys in Redis: write one, like `portcullis`",
+            ));
+        }
+    }
+}
+
+/// A URL with its password, if any, replaced (diagnostics may be logged).
+fn redact_url(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
+        _ => u.to_string(),
+    }
+}
+
+/// A quota's reset time: `HH:MM`, optionally followed by ` UTC`.
+fn reset_time(t: &str) -> Result<(), String> {
+    let hm = t.trim().strip_suffix("UTC").map_or(t.trim(), str::trim_end);
+    let ok = hm.split_once(':').is_some_and(|(h, m)| {
+        h.len() == 2
+            && m.len() == 2
+            && h.parse::<u8>().is_ok_and(|h| h < 24)
+            && m.parse::<u8>().is_ok_and(|m| m < 60)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid quota reset `{t}`: write a UTC time of day, like `00:00 UTC` or `09:30 UTC`"
+        ))
     }
 }
 
@@ -1394,6 +1531,14 @@ fn check_route_limits(
             LimitAction::Tarpit if rule.delay.is_none() => diags.push(src.diag(
                 &rat,
                 "a tarpit holds the request for `delay` before it answers: add `delay`, like `delay: 2s`",
+            )),
+            LimitAction::Queue if rule.max_wait.is_none() => diags.push(src.diag(
+                &rat,
+                "`queue` holds the request at most `max_wait` before it refuses it: add `max_wait`, like `max_wait: 2s`",
+            )),
+            LimitAction::Queue if rule.max_queue == 0 => diags.push(src.diag(
+                &format!("{rat}.max_queue"),
+                "a queue holds at least 1 request: leave `max_queue` out (1024) or write more",
             )),
             LimitAction::Mark if rule.header.as_deref().is_none_or(|h| !http_header_name(h)) => {
                 diags.push(src.diag(

@@ -9,6 +9,7 @@
 //!     user: deploy-bot
 //!     groups: [ci]
 //!     expires: 2027-01-01T00:00:00Z     # optional
+//!     plan: agents-pro                  # optional: the key's usage plan (claim `plan`)
 //! ```
 
 use crate::{now_secs, AuthError, AuthMethod, Identity};
@@ -44,6 +45,8 @@ struct Entry {
     expires: Option<String>,
     #[serde(default)]
     revoked: bool,
+    /// The key's usage plan, offered to the limit phase as the claim `plan`.
+    plan: Option<String>,
 }
 
 struct Key {
@@ -100,7 +103,12 @@ fn parse(provider: &str, text: &str) -> Result<Parsed, String> {
             user: e.user.clone(),
             email: e.email.clone(),
             groups: e.groups.clone(),
-            claims: serde_json::json!({ "key_id": e.id, "sub": e.user, "groups": e.groups }),
+            claims: match &e.plan {
+                Some(plan) => {
+                    serde_json::json!({ "key_id": e.id, "sub": e.user, "groups": e.groups, "plan": plan })
+                }
+                None => serde_json::json!({ "key_id": e.id, "sub": e.user, "groups": e.groups }),
+            },
             expires_at,
         });
         let key = Arc::new(Key {

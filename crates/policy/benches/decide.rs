@@ -206,6 +206,7 @@ fn request<'a>(
         tls_client_cert: false,
         request_id: "0123456789abcdef0123456789abcdef",
         now: None,
+        limits: None,
     }
 }
 

@@ -29,7 +29,8 @@ const IP: u16 = 1 << 5;
 const TIME: u16 = 1 << 6;
 const TLS: u16 = 1 << 7;
 const REQUEST_ID: u16 = 1 << 8;
-const ALL: u16 = (1 << 9) - 1;
+const LIMITS: u16 = 1 << 9;
+const ALL: u16 = (1 << 10) - 1;
 
 fn bit(attr: &str) -> u16 {
     match attr {
@@ -42,6 +43,7 @@ fn bit(attr: &str) -> u16 {
         "time" => TIME,
         "tls" => TLS,
         "request_id" => REQUEST_ID,
+        "limits" => LIMITS,
         // Not in the schema, so no validated policy reads it; nothing to build.
         _ => 0,
     }
@@ -247,12 +249,18 @@ pub struct Plan {
     /// The policies read `time` only through `hour` and `weekday`, which change with the
     /// hour: the key holds the hour, not the second.
     time_by_hour: bool,
-    /// Decisions can be cached: `context` is never used whole and `request_id` (unique per
-    /// request) is not read.
+    /// Decisions can be cached: `context` is never used whole, and neither `request_id`
+    /// (unique per request) nor `limits` (counters that move with every request) is read.
     pub cacheable: bool,
 }
 
 impl Plan {
+    /// Whether the built context holds `limits` (so the caller must count the request in
+    /// the route's stick tables before it asks for a decision).
+    pub fn reads_limits(&self) -> bool {
+        self.attrs & LIMITS != 0
+    }
+
     /// Whether the built context holds `time` (so the decision needs the current time).
     pub fn reads_time(&self) -> bool {
         self.attrs & TIME != 0
@@ -283,7 +291,7 @@ impl Plan {
             attrs,
             headers,
             time_by_hour,
-            cacheable: !u.whole && attrs & REQUEST_ID == 0,
+            cacheable: !u.whole && attrs & (REQUEST_ID | LIMITS) == 0,
         }
     }
 
@@ -348,6 +356,7 @@ impl Plan {
         &self,
         r: &RequestInfo<'_>,
         context_headers: &[http::HeaderName],
+        tables: &[ContextTable],
     ) -> Result<Context, String> {
         let a = self.attrs;
         if a == 0 {
@@ -440,8 +449,42 @@ impl Plan {
                 RestrictedExpression::new_string(r.request_id.into()),
             ));
         }
+        if a & LIMITS != 0 {
+            pairs.push(("limits".into(), limits_record(r, tables)?));
+        }
         Context::from_pairs(pairs).map_err(|e| e.to_string())
     }
+}
+
+/// A stick table as `context.limits` shows it: its name and, per stored counter, the
+/// attribute name and the kind (`Kind::Tags` is the set of tags).
+pub type ContextTable = (String, Vec<(String, portcullis_limits::Kind)>);
+
+/// `context.limits`: every table, with this request's values, or zeros where the request
+/// was not counted (the route does not track the table, or the request lacks its key).
+fn limits_record(
+    r: &RequestInfo<'_>,
+    tables: &[ContextTable],
+) -> Result<RestrictedExpression, String> {
+    let records = tables.iter().map(|(name, attrs)| {
+        let fields = attrs.iter().map(|(attr, kind)| {
+            let v = if *kind == portcullis_limits::Kind::Tags {
+                let tags = r.limits.map(|l| l.tags(name)).unwrap_or_default();
+                RestrictedExpression::new_set(
+                    tags.into_iter().map(RestrictedExpression::new_string),
+                )
+            } else {
+                let n = r.limits.and_then(|l| l.value(name, *kind)).unwrap_or(0);
+                RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX))
+            };
+            (attr.clone(), v)
+        });
+        RestrictedExpression::new_record(fields)
+            .map(|rec| (name.clone(), rec))
+            .map_err(|e| e.to_string())
+    });
+    let records = records.collect::<Result<Vec<_>, _>>()?;
+    RestrictedExpression::new_record(records).map_err(|e| e.to_string())
 }
 
 fn seconds(r: &RequestInfo<'_>) -> u64 {

@@ -73,6 +73,18 @@ pub struct RequestInfo<'a> {
     /// The time of the request; `None` means now, read only when a policy of the route
     /// reads `context.time`.
     pub now: Option<SystemTime>,
+    /// The request's stick-table counters, for `context.limits` (see
+    /// [`Engine::reads_limits`]); `None` reads as zeros.
+    pub limits: Option<&'a dyn LimitValues>,
+}
+
+/// A request's stick-table counters, as `context.limits` reads them: the request has been
+/// counted in each table it has a key for.
+pub trait LimitValues {
+    /// `kind` in `table` for this request, or `None` when the request was not counted there.
+    fn value(&self, table: &str, kind: portcullis_limits::Kind) -> Option<u64>;
+    /// The entry's tags in `table`.
+    fn tags(&self, table: &str) -> Vec<String>;
 }
 
 /// `r` with `now` filled in when the route reads the time, so the cache key and the context
@@ -135,6 +147,8 @@ pub struct Engine {
     /// By route id (looked up per request; config-defined keys, so a fast hash is safe).
     routes: HashMap<String, RoutePolicies, foldhash::fast::RandomState>,
     context_headers: Vec<http::HeaderName>,
+    /// The stick tables `context.limits` shows, with their counters.
+    tables: Vec<context::ContextTable>,
     claims: Vec<String>,
     authorizer: Authorizer,
     /// The action entity of each method (with its `read` or `write` parent), from the schema,
@@ -248,10 +262,39 @@ fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>) -> Vec<(P
     out
 }
 
+/// The stick tables of the config as `context.limits` shows them. A counter the limits
+/// engine does not know is left out (`portcullis check` reports it).
+fn context_tables(cfg: &Config) -> Vec<context::ContextTable> {
+    cfg.stick_tables
+        .iter()
+        .map(|t| {
+            let attrs = t
+                .store
+                .iter()
+                .filter_map(|c| portcullis_limits::Counter::parse(c).ok())
+                .map(|c| {
+                    let name = if c.kind() == portcullis_limits::Kind::Tags {
+                        "tags".to_string()
+                    } else {
+                        c.context_name()
+                    };
+                    (name, c.kind())
+                })
+                .collect();
+            (t.name.clone(), attrs)
+        })
+        .collect()
+}
+
 impl Engine {
     /// Loads and validates every policy of the config. All problems are reported at once.
     pub fn build(cfg: &Config) -> Result<Engine, Error> {
-        let schema_text = schema::schema_text(&cfg.policy.context_headers);
+        let tables = context_tables(cfg);
+        let table_attrs: Vec<schema::TableAttrs> = tables
+            .iter()
+            .map(|(n, a)| (n.clone(), a.iter().map(|(x, _)| x.clone()).collect()))
+            .collect();
+        let schema_text = schema::schema_text(&cfg.policy.context_headers, &table_attrs);
         let schema = Schema::from_cedarschema_str(&schema_text)
             .map_err(|e| {
                 Error::Invalid(vec![cfg.root_loc("policy.context_headers").diag(format!(
@@ -475,6 +518,7 @@ impl Engine {
         Ok(Engine {
             routes,
             context_headers,
+            tables,
             claims: cfg.policy.claims.clone(),
             authorizer: Authorizer::new(),
             actions: action_entities,
@@ -544,6 +588,15 @@ impl Engine {
             );
         }
         d
+    }
+
+    /// Whether `route`'s policies read `context.limits`: the caller then counts the request
+    /// in the route's stick tables before it asks, and passes the values in
+    /// [`RequestInfo::limits`].
+    pub fn reads_limits(&self, route: &str) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|rp| rp.plan.reads_limits())
     }
 
     /// Whether `route`'s decisions depend only on the identity and the method (its policies
@@ -717,7 +770,7 @@ impl Engine {
                 Arc::new(self.store(principal, rp, action)?),
             )
         };
-        let context = rp.plan.build(r, &self.context_headers)?;
+        let context = rp.plan.build(r, &self.context_headers, &self.tables)?;
         let req = Request::new(
             principal_uid,
             action.uid(),

@@ -12,7 +12,10 @@
 //! - context: `path`, `query` (a set of `name=value`), `query_keys`, `headers` (the
 //!   configured `policy.context_headers`, lower-cased, each optional), `ip` (ipaddr), `time`
 //!   (`timestamp` in seconds, UTC `hour`, `weekday` like "mon"), `tls` (`client_cert`,
-//!   optional `client_subject`), `request_id`, `method`.
+//!   optional `client_subject`), `request_id`, `method`, and `limits`: one record per stick
+//!   table, with one `Long` per stored counter (named as [`portcullis_limits::Counter::context_name`]
+//!   names them, like `http_req_rate_10s`) and `tags` as a set. A table the route does not
+//!   track, or whose key the request lacks, reads as zeros.
 
 pub const READ_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "TRACE"];
 pub const WRITE_METHODS: [&str; 6] = ["POST", "PUT", "PATCH", "DELETE", "CONNECT", "OTHER"];
@@ -21,11 +24,28 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.escape_default())
 }
 
-/// The schema text for the given context headers.
-pub fn schema_text(context_headers: &[String]) -> String {
+/// A stick table as the context shows it: its name and its counters' attribute names
+/// (`tags` is a set of strings, every other counter a `Long`).
+pub type TableAttrs = (String, Vec<String>);
+
+/// The schema text for the given context headers and stick tables.
+pub fn schema_text(context_headers: &[String], tables: &[TableAttrs]) -> String {
     let headers: Vec<String> = context_headers
         .iter()
         .map(|h| format!("{}?: String", quote(&h.to_ascii_lowercase())))
+        .collect();
+    let limits: Vec<String> = tables
+        .iter()
+        .map(|(name, attrs)| {
+            let fields: Vec<String> = attrs
+                .iter()
+                .map(|a| {
+                    let ty = if a == "tags" { "Set<String>" } else { "Long" };
+                    format!("{}: {ty}", quote(a))
+                })
+                .collect();
+            format!("{}: {{ {} }}", quote(name), fields.join(", "))
+        })
         .collect();
     let principal_attrs =
         "{ user: String, subject: String, provider: String, auth_method: String, email?: String }";
@@ -48,6 +68,7 @@ pub fn schema_text(context_headers: &[String]) -> String {
     time: Time,
     tls: Tls,
     request_id: String,
+    limits: {{ {limits} }},
   }};
   action "read", "write";
   action {read} in ["read"] appliesTo {{ principal: [User, Agent], resource: [Route], context: RequestContext }};
@@ -55,6 +76,7 @@ pub fn schema_text(context_headers: &[String]) -> String {
 }}
 "#,
         headers = headers.join(", "),
+        limits = limits.join(", "),
         read = list(&READ_METHODS),
         write = list(&WRITE_METHODS),
     )
@@ -76,7 +98,13 @@ mod tests {
 
     #[test]
     fn schema_parses() {
-        let text = schema_text(&["x-tenant".into()]);
+        let text = schema_text(
+            &["x-tenant".into()],
+            &[(
+                "per-ip".into(),
+                vec!["http_req_rate_10s".into(), "tags".into()],
+            )],
+        );
         let _ = cedar_policy::Schema::from_cedarschema_str(&text).unwrap().0;
         assert_eq!(action_for("PROPFIND"), "OTHER");
     }

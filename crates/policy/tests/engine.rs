@@ -76,6 +76,7 @@ fn decide(e: &Engine, route: &str, id: &Arc<Identity>, r: Req<'_>) -> Arc<Decisi
             tls_client_cert: false,
             request_id: "rid",
             now: Some(r.at),
+            limits: None,
         },
     )
 }
@@ -399,6 +400,7 @@ fn checked(e: &Engine, route: &str, id: &Arc<Identity>, r: &Full<'_>) -> Decisio
         tls_client_cert: false,
         request_id: r.request_id,
         now: Some(r.at),
+        limits: None,
     };
     let fresh = e.decide_uncached(route, &info);
     let first = e.decide(route, &info);

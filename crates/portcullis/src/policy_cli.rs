@@ -57,6 +57,104 @@ struct Req {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     listener: Option<String>,
+    /// Stick-table counters for `context.limits`, as the request would see them.
+    #[serde(default)]
+    limits: CaseLimits,
+}
+
+/// Counters a case gives for `context.limits`: table → counter, named as the context names
+/// it (`http_req_rate_10s`, `conn_cur`, `tags`) → a number (a list of strings for `tags`).
+/// Tables and counters left out read as zeros, as for a request not counted there.
+#[derive(Deserialize, Default)]
+#[serde(transparent)]
+struct CaseLimits(
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
+);
+
+impl CaseLimits {
+    /// Every table and counter named must be one the config's stick tables store.
+    fn check(&self, cfg: &portcullis_config::Config) -> Result<(), String> {
+        for (table, values) in &self.0 {
+            let Some(t) = cfg.stick_tables.iter().find(|t| &t.name == table) else {
+                return Err(format!(
+                    "`limits.{table}`: no stick table `{table}` in the config"
+                ));
+            };
+            let names: Vec<String> = t
+                .store
+                .iter()
+                .filter_map(|c| portcullis_limits::Counter::parse(c).ok())
+                .map(context_name)
+                .collect();
+            for (name, v) in values {
+                if !names.contains(name) {
+                    return Err(format!(
+                        "`limits.{table}.{name}`: the table stores [{}]",
+                        names.join(", ")
+                    ));
+                }
+                let ok = if name == "tags" {
+                    v.as_array()
+                        .is_some_and(|a| a.iter().all(|t| t.is_string()))
+                } else {
+                    v.as_u64().is_some()
+                };
+                if !ok {
+                    return Err(format!(
+                        "`limits.{table}.{name}`: write {}",
+                        if name == "tags" {
+                            "a list of strings"
+                        } else {
+                            "a whole number ≥ 0"
+                        }
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn context_name(c: portcullis_limits::Counter) -> String {
+    if c.kind() == portcullis_limits::Kind::Tags {
+        "tags".into()
+    } else {
+        c.context_name()
+    }
+}
+
+/// A case's counters as the policy engine reads them.
+struct LimitsView<'a> {
+    cfg: &'a portcullis_config::Config,
+    given: &'a CaseLimits,
+}
+
+impl LimitsView<'_> {
+    fn get(&self, table: &str, kind: portcullis_limits::Kind) -> Option<&serde_json::Value> {
+        let t = self.cfg.stick_tables.iter().find(|t| t.name == table)?;
+        let c = t
+            .store
+            .iter()
+            .filter_map(|c| portcullis_limits::Counter::parse(c).ok())
+            .find(|c| c.kind() == kind)?;
+        self.given.0.get(table)?.get(&context_name(c))
+    }
+}
+
+impl portcullis_policy::LimitValues for LimitsView<'_> {
+    fn value(&self, table: &str, kind: portcullis_limits::Kind) -> Option<u64> {
+        self.get(table, kind)?.as_u64()
+    }
+    fn tags(&self, table: &str) -> Vec<String> {
+        self.get(table, portcullis_limits::Kind::Tags)
+            .and_then(serde_json::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 fn default_ip() -> String {
@@ -103,7 +201,10 @@ fn decide(
     ip: &str,
     headers: &std::collections::BTreeMap<String, String>,
     listener: Option<&str>,
+    limits: &CaseLimits,
 ) -> Result<Outcome, String> {
+    limits.check(cfg)?;
+    let view = LimitsView { cfg, given: limits };
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid url `{url}`: {e}"))?;
@@ -163,6 +264,7 @@ fn decide(
             tls_client_cert: false,
             request_id: "policy-test",
             now: None,
+            limits: Some(&view),
         },
     );
     Ok(Outcome {
@@ -231,6 +333,7 @@ pub fn test(config: &Path, cases_file: &Path) -> ExitCode {
             &c.request.ip,
             &c.request.headers,
             c.request.listener.as_deref(),
+            &c.request.limits,
         ) {
             Ok(o) => o,
             Err(e) => {
@@ -303,7 +406,8 @@ pub fn explain(
         }
     }
     let id = identity(&who);
-    let out = match decide(&cfg, &engine, &id, method, url, ip, &h, None) {
+    let none = CaseLimits::default();
+    let out = match decide(&cfg, &engine, &id, method, url, ip, &h, None, &none) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");

@@ -969,3 +969,95 @@ fn policy_explain_names_the_matched_policy() {
         assert!(schema.contains(want), "schema lacks `{want}`:\n{schema}");
     }
 }
+
+/// A policy that reads a stick table's counters (`context.limits`): `policy test` gives the
+/// counters per case, denies at the threshold, and refuses a counter the table does not store.
+#[test]
+fn policy_test_exercises_counters_in_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "policies/agents.cedar",
+        r#"@id("agents")
+permit(principal, action, resource);
+
+@id("too-many-errors")
+forbid(principal, action, resource)
+when { context.limits.per_key.http_err_rate_1m > 50 || context.limits.per_key.tags.contains("banned") };
+"#,
+    );
+    write(
+        dir.path(),
+        "portcullis.yaml",
+        r#"listeners:
+  - { name: web, bind: "127.0.0.1:8080" }
+identity:
+  providers: [{ name: dev, kind: dev_issuer }]
+stick_tables:
+  - { name: per_key, key: principal, size: 1000, store: ["http_req_rate(10s)", "http_err_rate(1m)", tags] }
+backends:
+  - { name: echo, servers: [{ address: "builtin:echo" }] }
+routes:
+  - name: api
+    match: { path_prefix: /api/ }
+    backend: echo
+    auth: [dev]
+    policies: [policies/agents.cedar]
+    limits: { track: [per_key] }
+"#,
+    );
+    let config = dir.path().join("portcullis.yaml");
+    let config = config.to_str().unwrap();
+    write(
+        dir.path(),
+        "cases.yaml",
+        r#"cases:
+  - name: no counts yet
+    identity: { user: bot, provider: dev }
+    request: { method: GET, url: "https://api.example.com/api/x" }
+    expect: { decision: allow, policies: [agents] }
+  - name: at the threshold
+    identity: { user: bot, provider: dev }
+    request: { method: GET, url: "https://api.example.com/api/x", limits: { per_key: { http_err_rate_1m: 50 } } }
+    expect: { decision: allow }
+  - name: over the threshold
+    identity: { user: bot, provider: dev }
+    request: { method: GET, url: "https://api.example.com/api/x", limits: { per_key: { http_err_rate_1m: 51, http_req_rate_10s: 3 } } }
+    expect: { decision: deny, policies: [too-many-errors] }
+  - name: tagged by an operator
+    identity: { user: bot, provider: dev }
+    request: { method: GET, url: "https://api.example.com/api/x", limits: { per_key: { tags: [banned] } } }
+    expect: { decision: deny, policies: [too-many-errors] }
+"#,
+    );
+    let cases = dir.path().join("cases.yaml");
+    let out = portcullis(&[
+        "policy",
+        "test",
+        "--config",
+        config,
+        cases.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+
+    write(
+        dir.path(),
+        "typo.yaml",
+        r#"cases:
+  - name: a counter the table does not store
+    identity: { user: bot, provider: dev }
+    request: { method: GET, url: "https://api.example.com/api/x", limits: { per_key: { http_err_rate_10s: 51 } } }
+    expect: { decision: deny }
+"#,
+    );
+    let typo = dir.path().join("typo.yaml");
+    let out = portcullis(&["policy", "test", "--config", config, typo.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("`limits.per_key.http_err_rate_10s`: the table stores [http_req_rate_10s, http_err_rate_1m, tags]"),
+        "{stdout}"
+    );
+}

@@ -10,6 +10,7 @@
 //! and performs hot reloads.
 
 pub mod admin;
+pub mod admin_tables;
 pub mod audit;
 pub mod control;
 pub mod edge;
@@ -19,6 +20,7 @@ pub mod limits;
 pub mod memo;
 pub mod phase;
 pub mod pipeline;
+pub mod plans;
 pub mod record;
 pub mod snapshot;
 pub mod state;

@@ -12,11 +12,12 @@
 //!
 //! This module knows nothing of the exchange or the phases: the `limit` phase reads it.
 
+pub use crate::plans::ceil_secs;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use parking_lot::Mutex;
-use portcullis_config::{StickTable, TableKey, UsagePlan};
+use portcullis_config::{StickTable, TableKey};
 use portcullis_identity::{AuthMethod, Identity};
-use portcullis_limits::{Buckets, Gcra, Key, Kind, Table, TableSpec, Verdict};
+use portcullis_limits::{Key, Kind, Table, TableSpec};
 use prometheus_client::metrics::counter::Counter;
 use smallvec::SmallVec;
 use std::collections::HashMap;
@@ -24,11 +25,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The most callers a usage plan keeps a bucket for at once (about 60 bytes each). Callers
-/// whose bucket has refilled are forgotten first, which changes no verdict; see
-/// [`portcullis_limits::buckets`].
-pub const PLAN_KEYS: usize = 1_000_000;
 
 /// The byte between the parts of a tuple key.
 pub const TUPLE_SEP: u8 = 0x1F;
@@ -160,35 +156,11 @@ pub struct TableRt {
     key: TableKey,
 }
 
-/// A usage plan as the request path uses it: one bucket per caller.
-pub struct PlanRt {
-    pub name: String,
-    pub buckets: Buckets,
-    /// `RateLimit-Policy`, fixed per plan.
-    pub policy: HeaderValue,
-    rate: (u64, Duration),
-}
-
-impl PlanRt {
-    /// The `RateLimit` header for a verdict (draft-ietf-httpapi-ratelimit-headers):
-    /// `"<plan>";r=<remaining>;t=<seconds until the bucket is full>`.
-    pub fn header(&self, v: &Verdict) -> HeaderValue {
-        let t = ceil_secs(v.reset_after);
-        HeaderValue::from_str(&format!("\"{}\";r={};t={t}", self.name, v.remaining))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
-    }
-}
-
-/// Whole seconds, rounded up.
-pub fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
 /// The long-lived limits state: tables and plans by name. See the [module docs](self).
 #[derive(Default)]
 pub struct Registry {
     tables: Mutex<HashMap<String, Arc<TableRt>>>,
-    plans: Mutex<HashMap<String, Arc<PlanRt>>>,
+    pub plans: crate::plans::PlanRegistry,
 }
 
 impl Registry {
@@ -226,49 +198,12 @@ impl Registry {
         Ok(t)
     }
 
-    /// The plan for `def`: the running one (its buckets) when its rate and burst are
-    /// unchanged, else a new one.
-    pub fn plan(&self, def: &UsagePlan) -> Result<Arc<PlanRt>, String> {
-        let burst = def.burst.map_or(def.rate.count, u64::from);
-        let rate = (def.rate.count, def.rate.per);
-        let mut plans = self.plans.lock();
-        if let Some(p) = plans.get(&def.name) {
-            if p.rate == rate && p.buckets.gcra().burst() == burst {
-                return Ok(p.clone());
-            }
-            tracing::info!(target: "portcullis::limits", plan = %def.name, "usage plan `{}` changed; starting it afresh", def.name);
-        }
-        let bad = |e: portcullis_limits::Error| format!("usage plan `{}`: {e}", def.name);
-        let gcra = Gcra::new(
-            portcullis_limits::Rate::new(def.rate.count, def.rate.per).map_err(bad)?,
-            burst,
-        )
-        .map_err(bad)?;
-        // The window the burst refills in: burst / rate.
-        let window = def.rate.per.as_nanos() * u128::from(burst) / u128::from(rate.0.max(1));
-        let w = u64::try_from(window.div_ceil(1_000_000_000))
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let policy = HeaderValue::from_str(&format!("\"{}\";q={burst};w={w}", def.name))
-            .map_err(|e| format!("usage plan `{}`: {e}", def.name))?;
-        let p = Arc::new(PlanRt {
-            name: def.name.clone(),
-            buckets: Buckets::new(gcra, PLAN_KEYS),
-            policy,
-            rate,
-        });
-        plans.insert(def.name.clone(), p.clone());
-        Ok(p)
-    }
-
     /// Forgets the tables and plans that `config` no longer defines (after a reload).
     pub fn retain(&self, config: &portcullis_config::Config) {
         self.tables
             .lock()
             .retain(|n, _| config.stick_tables.iter().any(|t| &t.name == n));
-        self.plans
-            .lock()
-            .retain(|n, _| config.usage_plans.iter().any(|p| &p.name == n));
+        self.plans.retain(config);
     }
 
     /// The running table of this name.
@@ -277,11 +212,45 @@ impl Registry {
     }
 }
 
+/// Each tracked table's counters for one request, by track index.
+pub type Seen = SmallVec<[Option<portcullis_limits::Snapshot>; 2]>;
+
+/// A request's counters as `context.limits` reads them: the route's tracked tables and
+/// what the request saw in each.
+pub struct LimitView<'a> {
+    pub track: &'a [Arc<TableRt>],
+    pub seen: &'a Seen,
+}
+
+impl LimitView<'_> {
+    fn of(&self, table: &str) -> Option<&portcullis_limits::Snapshot> {
+        let i = self.track.iter().position(|t| t.name == table)?;
+        self.seen.get(i)?.as_ref()
+    }
+}
+
+impl portcullis_policy::LimitValues for LimitView<'_> {
+    fn value(&self, table: &str, kind: Kind) -> Option<u64> {
+        self.of(table)?.get(kind)
+    }
+    fn tags(&self, table: &str) -> Vec<String> {
+        self.of(table).map(|s| s.tags.clone()).unwrap_or_default()
+    }
+}
+
 /// What a rule does when its counter is over the threshold.
 pub enum Action {
     Deny,
     Tarpit(Duration),
     Mark(HeaderName),
+    Queue(Queue),
+}
+
+/// A `queue` rule's bounds, and how many requests it holds now.
+pub struct Queue {
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    pub waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A route's rule, compiled.
@@ -298,10 +267,13 @@ pub struct Rule {
     pub counter: Counter,
 }
 
-/// A route's usage plan and its rejection counter.
+/// The usage plans of a route: which plan a caller is on, the route's default, and the
+/// route's rejection counter per plan.
 pub struct PlanUse {
-    pub plan: Arc<PlanRt>,
-    pub rejected: Counter,
+    pub assignment: Arc<crate::plans::Assignment>,
+    pub default: Option<usize>,
+    /// By plan index.
+    pub rejected: Vec<Counter>,
 }
 
 /// What a route counts and limits, compiled (None on a route without `limits`).
@@ -323,6 +295,14 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The key this request counts under in `t`, if it counts there.
+    pub fn key_of(&self, t: &Arc<TableRt>) -> Option<Key> {
+        self.entries
+            .iter()
+            .find(|(e, _)| Arc::ptr_eq(e, t))
+            .map(|(_, k)| k.clone())
+    }
+
     /// The origin answered `status` with `bytes_out` bytes. Errors count 4xx and 5xx from the
     /// origin (404 included: a scanner's misses are errors it caused); portcullis's own
     /// refusals are never counted here.

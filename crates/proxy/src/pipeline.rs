@@ -4,6 +4,10 @@
 //! check → route → identify → authorize → limit → forward (balance per attempt) → record
 //! ```
 //!
+//! The limit phase counts the request in its route's stick tables just before authorize
+//! (so that policies can read the counters in `context.limits`), and applies its rules and
+//! the caller's plan after it.
+//!
 //! Each phase reads and fills one [`Exchange`]; the first that answers ends the run. `record`
 //! is not a step of its own: each answer is recorded where it is made (a streamed response
 //! when its body ends), and a short refusal here.
@@ -53,6 +57,7 @@ async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     phase!(check::run(x));
     phase!(route::run(x).await);
     phase!(identify::run(x).await);
+    limit::count(x);
     phase!(authorize::run(x).await);
     phase!(limit::run(x).await);
     forward::run(x, body).await

@@ -76,6 +76,8 @@ pub struct RouteRt {
     /// The route's policies read no request context but the method, so a connection may
     /// remember a decision for its identity and method (see `memo`). Found once per build.
     pub memo_decisions: bool,
+    /// The route's policies read `context.limits` (its counters, counted before authorize).
+    pub reads_limits: bool,
     /// `false`: shadow mode (decisions recorded, not enforced).
     pub enforce: bool,
     pub authorize_with: Vec<Arc<portcullis_authorizer::Authorizer>>,
@@ -137,6 +139,9 @@ impl Snapshot {
             .map(|t| Ok((t.name.as_str(), limits.table(t)?)))
             .collect::<Result<HashMap<_, _>, String>>()
             .map_err(BuildError::Limits)?;
+        let plans = Arc::new(
+            crate::plans::Assignment::build(&config, &limits.plans).map_err(BuildError::Limits)?,
+        );
         let mut routes = Vec::new();
         for r in &config.routes {
             // Validation guarantees the backend exists.
@@ -154,7 +159,7 @@ impl Snapshot {
                     .clone()
             });
             let spec = &r.spec;
-            let route_limits = route_limits(&config, r, &tables, limits, metrics)?;
+            let route_limits = route_limits(r, &tables, &plans, metrics)?;
             let has_mtls = spec.auth.iter().any(|a| {
                 identity
                     .provider(a)
@@ -180,6 +185,7 @@ impl Snapshot {
                 assertion: spec.headers.assertion,
                 pass_token: spec.headers.pass_token,
                 memo_decisions: policy.decided_by_identity_and_method(&r.id),
+                reads_limits: policy.reads_limits(&r.id),
                 enforce: spec.enforce,
                 authorize_with: spec
                     .authorize_with
@@ -235,13 +241,12 @@ impl Snapshot {
 /// A route's `limits`, compiled: its tables (from the registry), rules with their
 /// pre-resolved counters, and its plan. None when the route counts and limits nothing.
 fn route_limits(
-    config: &Config,
     r: &portcullis_config::RouteDef,
     tables: &HashMap<&str, Arc<crate::limits::TableRt>>,
-    registry: &crate::limits::Registry,
+    plans: &Arc<crate::plans::Assignment>,
     metrics: &Metrics,
 ) -> Result<Option<Box<crate::limits::RouteLimits>>, BuildError> {
-    use crate::limits::{Action, PlanUse, Rule};
+    use crate::limits::{Action, PlanUse, Queue, Rule};
     let l = &r.spec.limits;
     if l.track.is_empty() && l.rules.is_empty() && l.plan.is_none() {
         return Ok(None);
@@ -270,6 +275,15 @@ fn route_limits(
                 &metrics.limit_rejections,
                 "by",
             ),
+            portcullis_config::LimitAction::Queue => (
+                Action::Queue(Queue {
+                    max_wait: rule.max_wait.map_or(Duration::ZERO, |d| d.0),
+                    max_queue: rule.max_queue,
+                    waiting: Default::default(),
+                }),
+                &metrics.limit_rejections,
+                "by",
+            ),
             portcullis_config::LimitAction::Mark => {
                 let h = rule.header.as_deref().unwrap_or_default();
                 let h = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
@@ -295,25 +309,30 @@ fn route_limits(
         });
     }
     let plan = match &l.plan {
+        Some(name) => Some(
+            plans
+                .index(name)
+                .ok_or_else(|| bad(format!("usage plan `{name}` is not defined")))?,
+        ),
         None => None,
-        Some(name) => {
-            let def = config
-                .usage_plans
-                .iter()
-                .find(|p| &p.name == name)
-                .ok_or_else(|| bad(format!("usage plan `{name}` is not defined")))?;
-            Some(PlanUse {
-                plan: registry.plan(def).map_err(bad)?,
-                rejected: metrics
+    };
+    let plan = plans.any().then(|| PlanUse {
+        assignment: plans.clone(),
+        default: plan,
+        rejected: plans
+            .plans
+            .iter()
+            .map(|p| {
+                metrics
                     .limit_rejections
                     .get_or_create(&vec![
                         ("route", r.id.clone()),
-                        ("by", format!("plan:{name}")),
+                        ("by", format!("plan:{}", p.name)),
                     ])
-                    .clone(),
+                    .clone()
             })
-        }
-    };
+            .collect(),
+    });
     Ok(Some(Box::new(crate::limits::RouteLimits {
         track,
         rules,

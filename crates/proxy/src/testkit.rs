@@ -52,8 +52,17 @@ impl Kit {
     /// A kit for a whole config, written as `portcullis.yaml` in a new temporary directory
     /// (relative paths in it are relative to that directory).
     pub async fn from_yaml(yaml: &str) -> Kit {
+        Kit::with_files(yaml, &[]).await
+    }
+
+    /// A kit for a whole config and the files it names (policies, key files), written beside
+    /// it by their relative paths.
+    pub async fn with_files(yaml: &str, files: &[(&str, &str)]) -> Kit {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("a temporary directory");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("the file is written");
+        }
         let path = dir.path().join("portcullis.yaml");
         std::fs::write(&path, yaml).expect("the config is written");
         let config = match portcullis_config::load(&path) {

@@ -21,79 +21,23 @@
 //! Never a policy denial, never these 429s.
 
 use crate::exchange::{local, Exchange, Flow};
-use crate::limits::{build_key, ceil_secs, Action, KeyFacts, RouteLimits, Usage};
+use crate::limits::{build_key, ceil_secs, Action, KeyFacts, Queue, RouteLimits, Rule, Usage};
+use crate::plans::BucketSet;
 use crate::snapshot::RouteRt;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
-use portcullis_limits::{Clock, Key, MonotonicClock, Snapshot};
-use smallvec::SmallVec;
+use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-pub async fn run(x: &mut Exchange<'_>) -> Flow {
-    match x.route {
-        Some(route) => match route.limits.as_deref() {
-            None => Flow::Next,
-            Some(lim) => limit(x, route, lim).await,
-        },
-        None => Flow::Next,
-    }
-}
-
-async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+/// Step 1, before authorize: counts the request in each tracked table it has a key for, so
+/// that `context.limits` and the rules read counters that include it.
+pub fn count(x: &mut Exchange<'_>) {
+    let Some(route) = x.route else { return };
+    let Some(lim) = route.limits.as_deref() else {
+        return;
+    };
     let now = MonotonicClock.now();
-    let seen = count(x, route, lim, now);
-    for h in &lim.marks {
-        x.parts.headers.remove(h);
-    }
-    let hit = lim.rules.iter().find(|r| {
-        seen.get(r.table)
-            .and_then(Option::as_ref)
-            .and_then(|s| s.get(r.kind))
-            .is_some_and(|v| v > r.above)
-    });
-    if let Some(rule) = hit {
-        let by = &lim.track[rule.table].name;
-        match &rule.action {
-            Action::Mark(h) => {
-                x.parts
-                    .headers
-                    .insert(h.clone(), HeaderValue::from_static("1"));
-                rule.counter.inc();
-            }
-            Action::Deny | Action::Tarpit(_) => {
-                if let Action::Tarpit(d) = rule.action {
-                    tokio::time::sleep(d).await;
-                }
-                if let Some(p) = &lim.plan {
-                    // Not charged: read the caller's bucket for the headers.
-                    let v = p.plan.buckets.check(&caller(x), now, 0);
-                    x.ratelimit = Some(Box::new([p.plan.policy.clone(), p.plan.header(&v)]));
-                }
-                rule.counter.inc();
-                return refuse(x, rule.status, rule.retry_after.clone(), by);
-            }
-        }
-    }
-    if let Some(p) = &lim.plan {
-        let v = p.plan.buckets.check(&caller(x), now, 1);
-        x.ratelimit = Some(Box::new([p.plan.policy.clone(), p.plan.header(&v)]));
-        if !v.allowed {
-            p.rejected.inc();
-            let retry = HeaderValue::from(ceil_secs(v.retry_after).max(1));
-            let by = format!("plan:{}", p.plan.name);
-            return refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by);
-        }
-    }
-    Flow::Next
-}
-
-/// Counts the request in each tracked table it has a key for; returns each table's values
-/// (None where a key part is missing) and keeps what the response's end needs in `x.usage`.
-fn count(
-    x: &mut Exchange<'_>,
-    route: &RouteRt,
-    lim: &RouteLimits,
-    now: portcullis_limits::Moment,
-) -> SmallVec<[Option<Snapshot>; 4]> {
     let facts = KeyFacts {
         ip: x.conn.peer.ip(),
         identity: x.identity.as_deref(),
@@ -101,7 +45,7 @@ fn count(
         headers: &x.parts.headers,
     };
     let mut usage = Usage::default();
-    let seen = lim
+    x.seen = lim
         .track
         .iter()
         .map(|t| {
@@ -122,7 +66,170 @@ fn count(
     if !usage.entries.is_empty() {
         x.usage = Some(Box::new(usage));
     }
-    seen
+}
+
+/// Steps 2 and 3, after authorize: the rules, then the plan.
+pub async fn run(x: &mut Exchange<'_>) -> Flow {
+    match x.route {
+        Some(route) => match route.limits.as_deref() {
+            None => Flow::Next,
+            Some(lim) => limit(x, route, lim).await,
+        },
+        None => Flow::Next,
+    }
+}
+
+async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    for h in &lim.marks {
+        x.parts.headers.remove(h);
+    }
+    let hit = lim.rules.iter().find(|r| over(x, r));
+    if let Some(rule) = hit {
+        let by = &lim.track[rule.table].name;
+        let refused = match &rule.action {
+            Action::Mark(h) => {
+                x.parts
+                    .headers
+                    .insert(h.clone(), HeaderValue::from_static("1"));
+                rule.counter.inc();
+                false
+            }
+            Action::Deny => true,
+            Action::Tarpit(d) => {
+                tokio::time::sleep(*d).await;
+                true
+            }
+            Action::Queue(q) => !queue(x, route, lim, rule, q).await,
+        };
+        if refused {
+            if let Some((set, key)) = plan_of(x, route, lim) {
+                // Not charged: read the caller's bucket for the headers.
+                let v = set.buckets.check(&key, MonotonicClock.now(), 0);
+                x.ratelimit = Some(Box::new([set.policy.clone(), set.header(&v)]));
+            }
+            rule.counter.inc();
+            return refuse(x, rule.status, rule.retry_after.clone(), by);
+        }
+    }
+    if let Some((set, key)) = plan_of(x, route, lim) {
+        let v = set.buckets.check(&key, MonotonicClock.now(), 1);
+        x.ratelimit = Some(Box::new([set.policy.clone(), set.header(&v)]));
+        if !v.allowed {
+            if let Some(p) = &lim.plan {
+                let i = plan_index(x, p);
+                if let Some(c) = i.and_then(|i| p.rejected.get(i)) {
+                    c.inc();
+                }
+            }
+            let retry = HeaderValue::from(ceil_secs(v.retry_after).max(1));
+            let by = format!("plan:{}", set.name);
+            return refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by);
+        }
+    }
+    Flow::Next
+}
+
+/// Whether the rule's counter, as this request saw it, is above the threshold.
+fn over(x: &Exchange<'_>, r: &Rule) -> bool {
+    x.seen
+        .get(r.table)
+        .and_then(Option::as_ref)
+        .and_then(|s| s.get(r.kind))
+        .is_some_and(|v| v > r.above)
+}
+
+/// The plan index of this caller: its assigned plan, else the route's default.
+fn plan_index(x: &Exchange<'_>, p: &crate::limits::PlanUse) -> Option<usize> {
+    x.identity
+        .as_deref()
+        .and_then(|id| p.assignment.assigned(id))
+        .or(p.default)
+}
+
+/// The buckets that apply to this request, and the caller's key in them.
+fn plan_of<'r>(
+    x: &Exchange<'_>,
+    route: &RouteRt,
+    lim: &'r RouteLimits,
+) -> Option<(&'r BucketSet, Key)> {
+    let p = lim.plan.as_ref()?;
+    let plan = p.assignment.plans.get(plan_index(x, p)?)?;
+    let name = route.id.rsplit('/').next().unwrap_or(&route.id);
+    let set = plan.buckets_for((name, &route.id), x.method());
+    Some((set, caller(x)))
+}
+
+/// A `queue` rule: holds the request until its counter is back at the threshold, at most
+/// `max_wait`, re-reading it every few milliseconds. A queued request does not hold a
+/// `conn_cur` slot while it waits (else the waiters alone would keep the count over), and
+/// takes one again, atomically with the check, when it goes on. Returns whether it may go.
+async fn queue(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    lim: &RouteLimits,
+    rule: &Rule,
+    q: &Queue,
+) -> bool {
+    if q.waiting.fetch_add(1, Ordering::AcqRel) >= q.max_queue {
+        q.waiting.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    let t = &lim.track[rule.table];
+    let Some(key) = x.usage.as_ref().and_then(|u| u.key_of(t)).or_else(|| {
+        let facts = KeyFacts {
+            ip: x.conn.peer.ip(),
+            identity: x.identity.as_deref(),
+            route: &route.id,
+            headers: &x.parts.headers,
+        };
+        build_key(&t.parts, &facts)
+    }) else {
+        q.waiting.fetch_sub(1, Ordering::AcqRel);
+        return true;
+    };
+    let slot = rule.kind == Kind::ConnCur && t.conn;
+    if slot {
+        t.table.conn_end(&key, MonotonicClock.now());
+    }
+    let step = (q.max_wait / 20).clamp(Duration::from_millis(1), Duration::from_millis(10));
+    let deadline = tokio::time::Instant::now() + q.max_wait;
+    let admitted = loop {
+        let now = MonotonicClock.now();
+        let ok = if slot {
+            admit_conn(t, &key, now, rule.above)
+        } else {
+            t.table
+                .get(&key, now)
+                .and_then(|s| s.get(rule.kind))
+                .is_none_or(|v| v <= rule.above)
+        };
+        if ok {
+            break true;
+        }
+        if tokio::time::Instant::now() + step > deadline {
+            break false;
+        }
+        tokio::time::sleep(step).await;
+    };
+    q.waiting.fetch_sub(1, Ordering::AcqRel);
+    if slot && !admitted {
+        // Dropping the usage ends a `conn_cur` this request no longer holds: take it back.
+        t.table.conn_start(&key, MonotonicClock.now());
+    }
+    admitted
+}
+
+/// Takes a `conn_cur` slot if one is free under `above`, in one step under the entry's lock.
+fn admit_conn(t: &crate::limits::TableRt, key: &Key, now: Moment, above: u64) -> bool {
+    t.table.with_entry(key, now, |e| {
+        let cur = e.snapshot().conn_cur.unwrap_or(0);
+        if cur < above {
+            e.conn_start();
+            true
+        } else {
+            false
+        }
+    })
 }
 
 /// A plan's caller: `provider/subject`, or the client IP when there is no identity.
@@ -173,7 +280,7 @@ pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> 
         route: &route.id,
         headers: &x.parts.headers,
     };
-    let mut seen: SmallVec<[Option<Snapshot>; 4]> = SmallVec::new();
+    let mut seen: crate::limits::Seen = Default::default();
     for t in lim.track.iter() {
         let key = t.anonymous.then(|| build_key(&t.parts, &facts)).flatten();
         seen.push(key.and_then(|key| {
@@ -184,7 +291,7 @@ pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> 
         }));
     }
     let rule = lim.rules.iter().find(|r| {
-        !matches!(r.action, Action::Mark(_))
+        matches!(r.action, Action::Deny | Action::Tarpit(_))
             && seen
                 .get(r.table)
                 .and_then(Option::as_ref)
@@ -273,6 +380,7 @@ routes:
         let mut x = kit.routed(req).await;
         let f = crate::phase::identify::run(&mut x).await;
         assert!(is_next(&f), "identify: {}", describe(&f));
+        count(&mut x);
         let f = crate::phase::authorize::run(&mut x).await;
         assert!(is_next(&f), "authorize: {}", describe(&f));
         let f = run(&mut x).await;
@@ -544,5 +652,193 @@ routes:
         let alice = bearer(&kit, "alice", &["eng"]);
         let (_x, f) = limited(&kit, get("/login/x").header("authorization", &alice)).await;
         assert_eq!(response(f).status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    const PLANS: &str = r#"
+identity:
+  providers:
+    - { name: dev, kind: dev_issuer }
+stick_tables:
+  - { name: per_user, key: principal, size: 100, store: [http_req_cnt, "http_req_rate(10s)", tags] }
+  - { name: slots, key: src, size: 100, store: [conn_cur] }
+usage_plans:
+  - name: basic
+    rate: 1/m
+    burst: 1
+  - name: gold
+    rate: 1/m
+    burst: 4
+    assign: { groups: [gold] }
+    overrides:
+      - { methods: [POST], rate: 1/m, burst: 2 }
+  - name: vip
+    rate: 1/m
+    burst: 6
+    assign: { principals: [dev/carol] }
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - name: api
+    match: { path_prefix: /api }
+    backend: b
+    auth: [dev]
+    allow: [{ groups: [eng] }]
+    limits: { plan: basic }
+  - name: watched
+    match: { path_prefix: /watched }
+    backend: b
+    auth: [dev]
+    policies: [watch.cedar]
+    limits: { track: [per_user] }
+  - name: queued
+    match: { path_prefix: /queued }
+    backend: b
+    public: true
+    limits:
+      track: [slots]
+      rules: [{ table: slots, counter: conn_cur, above: 1, action: queue, max_wait: 400ms, max_queue: 1 }]
+"#;
+
+    const WATCH: &str = r#"
+permit(principal, action, resource);
+forbid(principal, action, resource) when { context.limits.per_user.http_req_cnt > 2 };
+forbid(principal, action, resource) when { context.limits.per_user.tags.contains("blocked") };
+"#;
+
+    async fn plans_kit() -> Kit {
+        Kit::with_files(
+            &format!("{}{PLANS}", crate::testkit::HEAD),
+            &[("watch.cedar", WATCH)],
+        )
+        .await
+    }
+
+    /// Requests until the first refusal: how many got through.
+    async fn admitted(kit: &Kit, req: impl Fn() -> http::request::Builder) -> usize {
+        for n in 0..20 {
+            let (_, f) = limited(kit, req()).await;
+            if !is_next(&f) {
+                assert_eq!(response(f).status(), StatusCode::TOO_MANY_REQUESTS);
+                return n;
+            }
+        }
+        panic!("never refused");
+    }
+
+    #[tokio::test]
+    async fn a_caller_gets_its_assigned_plan_else_the_routes() {
+        let kit = plans_kit().await;
+        let alice = bearer(&kit, "alice", &["eng"]);
+        let gold = bearer(&kit, "bob", &["eng", "gold"]);
+        let carol = bearer(&kit, "carol", &["eng", "gold"]);
+        let on = |t: &str| {
+            let t = t.to_string();
+            move || get("/api/x").header("authorization", t.clone())
+        };
+        assert_eq!(
+            admitted(&kit, on(&alice)).await,
+            1,
+            "the route's default plan"
+        );
+        assert_eq!(admitted(&kit, on(&gold)).await, 4, "the plan of a group");
+        assert_eq!(
+            admitted(&kit, on(&carol)).await,
+            6,
+            "a principal's plan comes first"
+        );
+        let (x, _) = limited(&kit, get("/api/x").header("authorization", &carol)).await;
+        assert_eq!(x.ratelimit.as_ref().unwrap()[0], "\"vip\";q=6;w=360");
+    }
+
+    #[tokio::test]
+    async fn an_override_has_its_own_buckets_for_its_methods() {
+        let kit = plans_kit().await;
+        let gold = bearer(&kit, "bob", &["eng", "gold"]);
+        let post = || {
+            Request::post("/api/x")
+                .header("host", "example.com")
+                .header("authorization", gold.clone())
+        };
+        assert_eq!(admitted(&kit, post).await, 2);
+        let (x, _) = limited(&kit, post()).await;
+        assert_eq!(x.ratelimit.as_ref().unwrap()[0], "\"gold.1\";q=2;w=120");
+        // GET still has the plan's own burst.
+        let get = || get("/api/x").header("authorization", gold.clone());
+        assert_eq!(admitted(&kit, get).await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_policy_reads_the_counters_and_denies_at_the_threshold() {
+        let kit = plans_kit().await;
+        let alice = bearer(&kit, "alice", &[]);
+        let mut decisions = Vec::new();
+        for _ in 0..4 {
+            let mut x = kit
+                .routed(get("/watched").header("authorization", &alice))
+                .await;
+            assert!(is_next(&crate::phase::identify::run(&mut x).await));
+            count(&mut x);
+            let f = crate::phase::authorize::run(&mut x).await;
+            decisions.push(if is_next(&f) { "allow" } else { "deny" });
+        }
+        // Counted before the decision: the third request is the one over 2.
+        assert_eq!(decisions, ["allow", "allow", "deny", "deny"]);
+        // Another principal has counters of its own; a tag set at run time is read too.
+        let bob = bearer(&kit, "bob", &[]);
+        let key = Key::from("dev/bob");
+        let table = kit.shared.limits.get("per_user").unwrap();
+        let mut x = kit
+            .routed(get("/watched").header("authorization", &bob))
+            .await;
+        assert!(is_next(&crate::phase::identify::run(&mut x).await));
+        count(&mut x);
+        assert!(is_next(&crate::phase::authorize::run(&mut x).await));
+        table
+            .table
+            .set_tag(&key, MonotonicClock.now(), "blocked")
+            .unwrap();
+        let mut x = kit
+            .routed(get("/watched").header("authorization", &bob))
+            .await;
+        assert!(is_next(&crate::phase::identify::run(&mut x).await));
+        count(&mut x);
+        assert!(!is_next(&crate::phase::authorize::run(&mut x).await));
+    }
+
+    #[tokio::test]
+    async fn a_queue_holds_a_request_until_a_slot_frees() {
+        let kit = plans_kit().await;
+        let (first, f) = limited(&kit, get("/queued")).await;
+        assert!(is_next(&f));
+        // The second waits for the first's slot, which frees after 100 ms.
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(first);
+        };
+        let start = Instant::now();
+        let ((second, f), ()) = tokio::join!(limited(&kit, get("/queued")), release);
+        assert!(is_next(&f), "{}", describe(&f));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(90), "{waited:?}");
+        assert_eq!(
+            count_of(&kit, "slots", &localhost()).unwrap().conn_cur,
+            Some(1)
+        );
+        // The queue holds one: with one waiting, the next is refused at once; the waiter
+        // gives up after max_wait.
+        let start = Instant::now();
+        let (waiter, other) = tokio::join!(limited(&kit, get("/queued")), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            limited(&kit, get("/queued")).await
+        });
+        assert_eq!(response(other.1).status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response(waiter.1).status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(start.elapsed() >= Duration::from_millis(390));
+        drop((second, waiter.0, other.0));
+        assert_eq!(
+            count_of(&kit, "slots", &localhost()).unwrap().conn_cur,
+            Some(0),
+            "no slot leaks"
+        );
     }
 }

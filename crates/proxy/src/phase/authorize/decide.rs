@@ -26,6 +26,10 @@ pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identit
     } else {
         None
     };
+    let view = route.reads_limits.then(|| crate::limits::LimitView {
+        track: route.limits.as_deref().map_or(&[][..], |l| &l.track[..]),
+        seen: &x.seen,
+    });
     let d = match remembered {
         Some(d) => d,
         None => {
@@ -44,6 +48,9 @@ pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identit
                     tls_client_cert: conn.client_cert.is_some(),
                     request_id: &x.rid,
                     now: None,
+                    limits: view
+                        .as_ref()
+                        .map(|v| v as &dyn portcullis_policy::LimitValues),
                 },
             );
             if route.memo_decisions {
