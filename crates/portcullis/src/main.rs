@@ -7,6 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit_cli;
 mod policy_cli;
+mod table_cli;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -74,6 +75,8 @@ enum Command {
         #[command(subcommand)]
         command: ApikeyCommand,
     },
+    /// Stick tables at runtime, through the admin API: show, get, set, clear.
+    Table(table_cli::TableArgs),
     /// Print the version.
     Version,
 }
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Table(args) => table_cli::run(args),
         Command::Token {
             config,
             provider,

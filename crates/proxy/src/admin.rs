@@ -1,9 +1,10 @@
 //! The admin listener: health and readiness, Prometheus metrics, and the runtime API (server
-//! state and weight, reload, config status). Everything but `/healthz` and `/readyz` needs a
-//! bearer token from `admin.tokens`, compared in constant time; with no tokens configured the
-//! API refuses every call. The token's position and the peer make the caller's
-//! [`Principal`]. The API is a thin HTTP layer over [`control`]: every change it makes is a
-//! [`Command`] that control validates, audits, applies and logs with that principal.
+//! state and weight, reload, config status, and stick tables: see [`crate::admin_tables`]).
+//! Everything but `/healthz` and `/readyz` needs a bearer token from `admin.tokens`, compared
+//! in constant time; with no tokens configured the API refuses every call. The token's
+//! position and the peer make the caller's [`Principal`]. The API is a thin HTTP layer over
+//! [`control`]: every change it makes is a [`Command`] that control validates, audits, applies
+//! and logs with that principal.
 
 use crate::control::{self, Command, ControlError, Principal};
 use crate::state::AdminState;
@@ -36,6 +37,7 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         )
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/config", get(config))
+        .merge(crate::admin_tables::routes())
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

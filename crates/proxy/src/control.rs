@@ -10,10 +10,12 @@
 //! The pure part, [`resolve`], checks a command against a [`Snapshot`] without touching any
 //! state, so it can be tested without sockets; [`apply`] adds the audit write and the effect.
 
+use crate::limits::{Registry, TableRt};
 use crate::snapshot::{BackendRt, Snapshot};
 use crate::state::{AdminState, ServerState};
 use crate::Runtime;
 use http::StatusCode;
+use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -43,6 +45,29 @@ pub enum Command {
     },
     /// Loads, validates and swaps in the config from disk (see [`Runtime::reload`]).
     Reload,
+    /// Sets a stick-table entry's `gpc0` (creating the entry), as HAProxy's `set table`.
+    /// `key` is the key's text (see [`crate::admin_tables`]).
+    SetTableGpc {
+        table: String,
+        key: String,
+        value: u64,
+    },
+    /// Adds a tag to a stick-table entry (creating the entry).
+    SetTableTag {
+        table: String,
+        key: String,
+        tag: String,
+    },
+    /// Removes a tag from an existing stick-table entry.
+    RemoveTableTag {
+        table: String,
+        key: String,
+        tag: String,
+    },
+    /// Forgets one stick-table entry, present or not.
+    ClearTableKey { table: String, key: String },
+    /// Forgets every entry of a stick table.
+    ClearTable { table: String },
 }
 
 impl Command {
@@ -52,6 +77,11 @@ impl Command {
             Command::SetServerState { .. } => "set_state",
             Command::SetServerWeight { .. } => "set_weight",
             Command::Reload => "reload",
+            Command::SetTableGpc { .. } => "set_table_gpc",
+            Command::SetTableTag { .. } => "set_table_tag",
+            Command::RemoveTableTag { .. } => "remove_table_tag",
+            Command::ClearTableKey { .. } => "clear_table_key",
+            Command::ClearTable { .. } => "clear_table",
         }
     }
 
@@ -117,12 +147,17 @@ impl Principal {
 }
 
 /// Why a command was not applied. In every case but [`ControlError::ReloadRejected`] nothing
-/// changed and nothing was recorded; a rejected reload is recorded by the runtime.
+/// changed and nothing was recorded; a rejected reload is recorded by the runtime. (One race
+/// is the exception: a tag refused because another caller filled the entry's 16 tags between
+/// the check and the change is recorded, as an attempt, and answered as `Invalid`.)
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// No such backend or server.
+    /// No such backend, server, stick table or table entry.
     #[error("{0}")]
     NotFound(String),
+    /// The stick table does not store the counter the command sets or reads.
+    #[error("{0}")]
+    NotStored(String),
     /// A backend name that several apps use.
     #[error("{0}")]
     Ambiguous(String),
@@ -146,6 +181,7 @@ impl ControlError {
         match self {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Ambiguous(_) => StatusCode::CONFLICT,
+            ControlError::NotStored(_) => StatusCode::CONFLICT,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::ReloadRejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -155,7 +191,8 @@ impl ControlError {
 
 /// A command checked against a snapshot, ready to apply.
 pub struct Resolved {
-    /// The command with the backend written as its full id: what is audited and answered.
+    /// The command with the backend written as its full id and a table key in its canonical
+    /// text: what is audited and answered.
     pub command: Command,
     target: Target,
 }
@@ -163,6 +200,146 @@ pub struct Resolved {
 enum Target {
     Server(Arc<ServerState>),
     Config,
+    /// A stick table, and the entry's key for the commands that name one.
+    Table(Arc<TableRt>, Option<Key>),
+}
+
+/// Finds a stick table the serving config defines, running in `tables`.
+pub fn find_table(
+    snap: &Snapshot,
+    tables: &Registry,
+    name: &str,
+) -> Result<Arc<TableRt>, ControlError> {
+    let defs = &snap.config.stick_tables;
+    if let Some(t) = defs
+        .iter()
+        .any(|d| d.name == name)
+        .then(|| tables.get(name))
+        .flatten()
+    {
+        return Ok(t);
+    }
+    let known = defs
+        .iter()
+        .map(|d| format!("`{}`", d.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ControlError::NotFound(if known.is_empty() {
+        format!("no stick table `{name}`: none is defined")
+    } else {
+        format!("no stick table `{name}`; the tables are {known}")
+    }))
+}
+
+/// Checks that `t` stores `kind` (a clear 409 otherwise).
+fn require(t: &TableRt, kind: Kind) -> Result<(), ControlError> {
+    let spec = t.table.spec();
+    if spec.stores(kind) {
+        return Ok(());
+    }
+    let stored = spec
+        .store()
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ControlError::NotStored(format!(
+        "stick table `{}` does not store `{kind}` (it stores {stored}): add `{kind}` to its \
+         `store` list to set it at runtime",
+        t.name
+    )))
+}
+
+/// Checks a tag by the limits crate's own rule: a scratch one-entry table that stores tags is
+/// asked to hold it. (The crate keeps the rule private; this stays exactly in step with it.)
+fn check_tag(tag: &str) -> Result<(), ControlError> {
+    let spec = portcullis_limits::TableSpec::new(
+        1,
+        std::time::Duration::from_secs(1),
+        [portcullis_limits::Counter::Tags],
+    )
+    .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    portcullis_limits::Table::new(spec)
+        .set_tag(&Key::new(b"check"), Moment::ZERO, tag)
+        .map(drop)
+        .map_err(|e| ControlError::Invalid(e.to_string()))
+}
+
+/// Checks a table command: the table, what it stores, the tag, the key. Returns the command
+/// with the key in its canonical text, and its target.
+fn resolve_table(
+    snap: &Snapshot,
+    tables: &Registry,
+    cmd: Command,
+) -> Result<Resolved, ControlError> {
+    let now = MonotonicClock.now();
+    let key = |t: &TableRt, text: &str| -> Result<(Key, String), ControlError> {
+        let k = crate::admin_tables::table_key(t, text, now)?;
+        let text = crate::admin_tables::key_to_text(&t.parts, &k);
+        Ok((k, text))
+    };
+    let (command, table, k) = match cmd {
+        Command::SetTableGpc {
+            table,
+            key: text,
+            value,
+        } => {
+            let t = find_table(snap, tables, &table)?;
+            require(&t, Kind::Gpc0)?;
+            let (k, key) = key(&t, &text)?;
+            (Command::SetTableGpc { table, key, value }, t, Some(k))
+        }
+        Command::SetTableTag {
+            table,
+            key: text,
+            tag,
+        } => {
+            check_tag(&tag)?;
+            let t = find_table(snap, tables, &table)?;
+            require(&t, Kind::Tags)?;
+            let (k, key) = key(&t, &text)?;
+            if let Some(s) = t.table.get(&k, now) {
+                let max = portcullis_limits::table::MAX_TAGS;
+                if !s.has_tag(&tag) && s.tags.len() >= max {
+                    return Err(ControlError::Invalid(format!(
+                        "entry `{key}` of stick table `{table}` already holds {max} tags, the \
+                         most an entry holds; remove one first"
+                    )));
+                }
+            }
+            (Command::SetTableTag { table, key, tag }, t, Some(k))
+        }
+        Command::RemoveTableTag {
+            table,
+            key: text,
+            tag,
+        } => {
+            check_tag(&tag)?;
+            let t = find_table(snap, tables, &table)?;
+            require(&t, Kind::Tags)?;
+            let (k, key) = key(&t, &text)?;
+            if t.table.get(&k, now).is_none() {
+                return Err(ControlError::NotFound(format!(
+                    "no entry `{key}` in stick table `{table}`"
+                )));
+            }
+            (Command::RemoveTableTag { table, key, tag }, t, Some(k))
+        }
+        Command::ClearTableKey { table, key: text } => {
+            let t = find_table(snap, tables, &table)?;
+            let (k, key) = key(&t, &text)?;
+            (Command::ClearTableKey { table, key }, t, Some(k))
+        }
+        Command::ClearTable { table } => {
+            let t = find_table(snap, tables, &table)?;
+            (Command::ClearTable { table }, t, None)
+        }
+        other => unreachable!("not a table command: {}", other.action()),
+    };
+    Ok(Resolved {
+        command,
+        target: Target::Table(table, k),
+    })
 }
 
 /// Finds a backend by full id (`app/name`) or by a name unique across apps.
@@ -187,9 +364,10 @@ pub fn find_backend<'a>(
     }
 }
 
-/// Checks `cmd` against `snap`: the values first, then the backend and server it names. Pure:
-/// changes nothing and records nothing.
-pub fn resolve(snap: &Snapshot, cmd: Command) -> Result<Resolved, ControlError> {
+/// Checks `cmd` against `snap` (and, for a stick-table command, the running `tables`): the
+/// values first, then the backend and server, or the table and key, it names. Pure: changes
+/// nothing and records nothing.
+pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resolved, ControlError> {
     let server =
         |backend: &str, server: &str| -> Result<(String, Arc<ServerState>), ControlError> {
             let b = find_backend(snap, backend)?;
@@ -244,24 +422,31 @@ pub fn resolve(snap: &Snapshot, cmd: Command) -> Result<Resolved, ControlError> 
             command: Command::Reload,
             target: Target::Config,
         }),
+        cmd @ (Command::SetTableGpc { .. }
+        | Command::SetTableTag { .. }
+        | Command::RemoveTableTag { .. }
+        | Command::ClearTableKey { .. }
+        | Command::ClearTable { .. }) => resolve_table(snap, tables, cmd),
     }
 }
 
 /// Validates `cmd`, records it in the audit trail, applies it and logs it with `by`. Returns
-/// the result as JSON: the command's arguments (backend as full id) for a server, or
-/// `{"result": "ok", "version": ...}` for a reload.
+/// the result as JSON: the command's arguments (backend as full id) for a server;
+/// `{"result": "ok", "version": ...}` for a reload; the entry after the change for a table
+/// entry's `gpc0` or tags (see [`crate::admin_tables::entry_json`], null if it is gone);
+/// `{"table", "key", "cleared": bool}` for a cleared entry and `{"table", "removed": n}` for
+/// a cleared table.
 ///
-/// A server command is recorded before it is applied; if the record cannot be written it is
-/// not applied ([`ControlError::AuditUnavailable`]). A reload is recorded by
+/// A server or table command is recorded before it is applied; if the record cannot be
+/// written it is not applied ([`ControlError::AuditUnavailable`]). A reload is recorded by
 /// [`Runtime::reload`] itself, once, after the outcome is known (with `by` in its trigger), so
 /// no second record is written here.
 pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, ControlError> {
     let snap = rt.shared.snapshot.load_full();
-    let Resolved { command, target } = resolve(&snap, cmd)?;
-    let server = match target {
-        Target::Config => return reload(rt, by).await,
-        Target::Server(st) => st,
-    };
+    let Resolved { command, target } = resolve(&snap, &rt.shared.limits, cmd)?;
+    if let Target::Config = target {
+        return reload(rt, by).await;
+    }
     let args = command.args();
     let mut rec = crate::audit::admin(&by.who, command.action(), args.clone());
     if let Some(p) = rec.principal.as_mut() {
@@ -270,6 +455,11 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
     if !crate::audit::write(&rt.shared, rec).await {
         return Err(ControlError::AuditUnavailable);
     }
+    let server = match target {
+        Target::Server(st) => st,
+        Target::Table(t, key) => return apply_table(by, &command, &t, key),
+        Target::Config => unreachable!("a reload returned above"),
+    };
     match &command {
         Command::SetServerState {
             backend,
@@ -287,9 +477,75 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
             server.set_weight_override(*weight);
             tracing::info!(actor = %by.who, kind = ?by.kind, backend = %backend, server = %name, weight, "control: server weight changed");
         }
-        Command::Reload => unreachable!("a reload has no server"),
+        _ => unreachable!("not a server command: {}", command.action()),
     }
     Ok(args)
+}
+
+/// Applies a resolved, recorded table command, and logs it. It fails only in a race that
+/// resolving could not see (another caller filled the entry's tags meanwhile); the record of
+/// the attempt stays.
+fn apply_table(
+    by: &Principal,
+    command: &Command,
+    t: &TableRt,
+    key: Option<Key>,
+) -> Result<Value, ControlError> {
+    let now = MonotonicClock.now();
+    let entry = |k: &Key| {
+        t.table.get(k, now).map_or(Value::Null, |s| {
+            let mut e = crate::admin_tables::entry_json(t, k, &s);
+            e["table"] = json!(t.name);
+            e
+        })
+    };
+    let key = key.unwrap_or_else(|| Key::new(&[]));
+    let (out, outcome) = match command {
+        Command::SetTableGpc { value, .. } => {
+            // Resolve checked that the table stores `gpc0`; a table's spec never changes.
+            let r = t.table.set_gpc(&key, now, *value).map(drop);
+            (entry(&key), r.err().map(|e| e.to_string()))
+        }
+        Command::SetTableTag { tag, .. } => {
+            // Only a race with another caller filling the entry's tags can fail here.
+            let r = t.table.set_tag(&key, now, tag).map(drop);
+            (entry(&key), r.err().map(|e| e.to_string()))
+        }
+        Command::RemoveTableTag { tag, .. } => {
+            let r = t.table.remove_tag(&key, now, tag).map(drop);
+            (entry(&key), r.err().map(|e| e.to_string()))
+        }
+        Command::ClearTableKey { table, key: text } => {
+            let cleared = t.table.clear(&key);
+            (
+                json!({ "table": table, "key": text, "cleared": cleared }),
+                None,
+            )
+        }
+        Command::ClearTable { table } => {
+            let removed = t.table.len();
+            t.table.clear_all();
+            (json!({ "table": table, "removed": removed }), None)
+        }
+        _ => unreachable!("not a table command: {}", command.action()),
+    };
+    let key_text = match command {
+        Command::SetTableGpc { key, .. }
+        | Command::SetTableTag { key, .. }
+        | Command::RemoveTableTag { key, .. }
+        | Command::ClearTableKey { key, .. } => key.as_str(),
+        _ => "",
+    };
+    match outcome {
+        None => {
+            tracing::info!(actor = %by.who, kind = ?by.kind, table = %t.name, key = %key_text, action = command.action(), "control: stick table changed");
+            Ok(out)
+        }
+        Some(error) => {
+            tracing::warn!(actor = %by.who, kind = ?by.kind, table = %t.name, key = %key_text, action = command.action(), %error, "control: stick table change not applied");
+            Err(ControlError::Invalid(error))
+        }
+    }
 }
 
 async fn reload(rt: &Runtime, by: &Principal) -> Result<Value, ControlError> {
@@ -392,9 +648,14 @@ routes:
         let snap = rt.shared.snapshot.load_full();
 
         // By full id, and by a name only one app uses: the command names the full id.
-        let r = resolve(&snap, set_state("default/b", "s2", AdminState::Drain)).unwrap();
+        let r = resolve(
+            &snap,
+            &rt.shared.limits,
+            set_state("default/b", "s2", AdminState::Drain),
+        )
+        .unwrap();
         assert_eq!(r.command, set_state("default/b", "s2", AdminState::Drain));
-        let r = resolve(&snap, set_weight("c", "s1", 5)).unwrap();
+        let r = resolve(&snap, &rt.shared.limits, set_weight("c", "s1", 5)).unwrap();
         assert_eq!(r.command, set_weight("other/c", "s1", 5));
         assert_eq!(
             serde_json::to_value(&r.command).unwrap(),
@@ -409,11 +670,17 @@ routes:
             assert_eq!(v["action"], cmd.action(), "{v}");
         }
         assert!(matches!(
-            resolve(&snap, Command::Reload).unwrap().target,
+            resolve(&snap, &rt.shared.limits, Command::Reload)
+                .unwrap()
+                .target,
             Target::Config
         ));
 
-        let err = |cmd| resolve(&snap, cmd).err().expect("a bad command");
+        let err = |cmd| {
+            resolve(&snap, &rt.shared.limits, cmd)
+                .err()
+                .expect("a bad command")
+        };
         let e = err(set_state("b", "s1", AdminState::Maint));
         assert!(matches!(e, ControlError::Ambiguous(_)), "{e}");
         assert_eq!(e.status(), StatusCode::CONFLICT);
@@ -439,7 +706,7 @@ routes:
             }
         }
         for w in [1, 1000] {
-            assert!(resolve(&snap, set_weight("default/b", "s1", w)).is_ok());
+            assert!(resolve(&snap, &rt.shared.limits, set_weight("default/b", "s1", w)).is_ok());
         }
         // Resolving changed nothing.
         assert_eq!(state(&rt, "s2"), (AdminState::Ready, None));
@@ -550,6 +817,317 @@ routes:
         assert_eq!(reloads("rejected").len(), 1);
         // The runtime's reload records are the only ones.
         assert_eq!(records(dir.path()).len(), 2, "{:?}", records(dir.path()));
+        rt.shutdown().await;
+    }
+
+    /// Stick tables for the table commands: `per_ip` stores `gpc0` and tags, `per_net` is
+    /// keyed by a /24 prefix and stores neither, `pair` is keyed by a tuple.
+    const TABLES: &str = r#"
+stick_tables:
+  - { name: per_ip, key: src, size: 100, store: [http_req_cnt, gpc0, tags] }
+  - { name: per_net, key: src/24, size: 100, store: [http_req_cnt] }
+  - { name: pair, key: [src, "header:x-tenant"], size: 100, store: [gpc0] }
+"#;
+
+    fn set_gpc(table: &str, key: &str, value: u64) -> Command {
+        Command::SetTableGpc {
+            table: table.into(),
+            key: key.into(),
+            value,
+        }
+    }
+
+    fn tag(table: &str, key: &str, tag: &str) -> Command {
+        Command::SetTableTag {
+            table: table.into(),
+            key: key.into(),
+            tag: tag.into(),
+        }
+    }
+
+    fn untag(table: &str, key: &str, tag: &str) -> Command {
+        Command::RemoveTableTag {
+            table: table.into(),
+            key: key.into(),
+            tag: tag.into(),
+        }
+    }
+
+    fn clear_key(table: &str, key: &str) -> Command {
+        Command::ClearTableKey {
+            table: table.into(),
+            key: key.into(),
+        }
+    }
+
+    fn clear(table: &str) -> Command {
+        Command::ClearTable {
+            table: table.into(),
+        }
+    }
+
+    fn table(rt: &Runtime, name: &str) -> Arc<TableRt> {
+        rt.shared.limits.get(name).expect("a running table")
+    }
+
+    fn ip_key(ip: &str) -> Key {
+        Key::from(ip.parse::<std::net::IpAddr>().unwrap())
+    }
+
+    #[tokio::test]
+    async fn resolve_checks_table_commands_and_writes_keys_canonically() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path(), false, TABLES).await;
+        let snap = rt.shared.snapshot.load_full();
+        let ok = |cmd| resolve(&snap, &rt.shared.limits, cmd).map(|r| r.command);
+
+        // The key is audited and answered in its canonical text.
+        assert_eq!(
+            ok(set_gpc("per_ip", "192.0.2.7", 1)).unwrap(),
+            set_gpc("per_ip", "192.0.2.7", 1)
+        );
+        assert_eq!(
+            ok(clear_key("per_net", "192.0.2.77")).unwrap(),
+            clear_key("per_net", "192.0.2.0/24")
+        );
+        assert_eq!(
+            ok(set_gpc("pair", r#"[ "192.0.2.7" , "acme" ]"#, 2)).unwrap(),
+            set_gpc("pair", r#"["192.0.2.7","acme"]"#, 2)
+        );
+        assert_eq!(ok(clear("per_net")).unwrap(), clear("per_net"));
+        assert_eq!(
+            ok(tag("per_ip", "::1", "blocked")).unwrap(),
+            tag("per_ip", "::1", "blocked")
+        );
+        for cmd in [
+            set_gpc("per_ip", "192.0.2.7", 1),
+            tag("per_ip", "192.0.2.7", "x"),
+            untag("per_ip", "192.0.2.7", "x"),
+            clear_key("per_ip", "192.0.2.7"),
+            clear("per_ip"),
+        ] {
+            let v = serde_json::to_value(&cmd).unwrap();
+            assert_eq!(v["action"], cmd.action(), "{v}");
+        }
+        assert_eq!(
+            serde_json::to_value(set_gpc("per_ip", "192.0.2.7", 5)).unwrap(),
+            json!({ "action": "set_table_gpc", "args": { "table": "per_ip", "key": "192.0.2.7", "value": 5 } })
+        );
+        assert_eq!(clear("t").args(), json!({ "table": "t" }));
+
+        let err = |cmd| {
+            resolve(&snap, &rt.shared.limits, cmd)
+                .err()
+                .expect("a bad command")
+        };
+        let e = err(set_gpc("nope", "192.0.2.7", 1));
+        assert!(matches!(e, ControlError::NotFound(_)), "{e}");
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            e.to_string(),
+            "no stick table `nope`; the tables are `per_ip`, `per_net`, `pair`"
+        );
+        assert_eq!(err(clear("nope")).status(), StatusCode::NOT_FOUND);
+
+        // The table must store what is set.
+        let e = err(set_gpc("per_net", "192.0.2.0/24", 1));
+        assert!(matches!(e, ControlError::NotStored(_)), "{e}");
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            e.to_string(),
+            "stick table `per_net` does not store `gpc0` (it stores `http_req_cnt`): add `gpc0` \
+             to its `store` list to set it at runtime"
+        );
+        for cmd in [
+            tag("pair", r#"["::1","a"]"#, "x"),
+            untag("per_net", "10.0.0.0/24", "x"),
+        ] {
+            let e = err(cmd);
+            assert_eq!(e.status(), StatusCode::CONFLICT, "{e}");
+            assert!(e.to_string().contains("does not store `tags`"), "{e}");
+        }
+
+        // Tags by the limits crate's rule, checked before anything else.
+        for bad in ["", "has space", "é", &"x".repeat(65)] {
+            for cmd in [
+                tag("per_ip", "192.0.2.7", bad),
+                untag("nope", "192.0.2.7", bad),
+            ] {
+                let e = err(cmd);
+                assert!(matches!(e, ControlError::Invalid(_)), "{bad:?}: {e}");
+                assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+                assert!(e.to_string().contains("letters, digits"), "{e}");
+            }
+        }
+        assert!(ok(tag("per_ip", "192.0.2.7", &"x".repeat(64))).is_ok());
+        assert!(ok(tag("per_ip", "192.0.2.7", "agent:batch-1_v2.0")).is_ok());
+
+        // Keys.
+        for (cmd, want) in [
+            (set_gpc("per_ip", "not-an-ip", 1), "not an IP address"),
+            (clear_key("per_net", "192.0.2.0/16"), "keyed by `src/24`"),
+            (set_gpc("pair", "192.0.2.7", 1), "JSON array of 2 strings"),
+        ] {
+            let e = err(cmd);
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        // Untagging needs an entry; a hashed key must be one the table holds.
+        let e = err(untag("per_ip", "192.0.2.7", "x"));
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            e.to_string(),
+            "no entry `192.0.2.7` in stick table `per_ip`"
+        );
+        let e = err(clear_key("per_ip", &format!("sha256:{}", "ab".repeat(22))));
+        assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e}");
+
+        // Resolving changed nothing.
+        for t in ["per_ip", "per_net", "pair"] {
+            assert!(table(&rt, t).table.is_empty(), "{t}");
+        }
+        rt.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn table_commands_are_applied_and_audited_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path(), true, TABLES).await;
+        let by = token();
+        let per_ip = table(&rt, "per_ip");
+        let now = MonotonicClock.now();
+        let ip = ip_key("192.0.2.7");
+        per_ip.table.record_request(&ip, now);
+
+        let out = apply(&rt, &by, set_gpc("per_ip", "192.0.2.7", 1))
+            .await
+            .unwrap();
+        assert_eq!(out["table"], "per_ip");
+        assert_eq!(out["key"], "192.0.2.7");
+        assert_eq!(out["counters"], json!({ "http_req_cnt": 1, "gpc0": 1 }));
+        assert_eq!(out["tags"], json!([]));
+        let out = apply(&rt, &by, tag("per_ip", "192.0.2.7", "blocked"))
+            .await
+            .unwrap();
+        assert_eq!(out["tags"], json!(["blocked"]));
+        assert_eq!(out["counters"]["gpc0"], 1);
+        let s = per_ip.table.get(&ip, now).unwrap();
+        assert_eq!(
+            (s.gpc0, s.tags.clone()),
+            (Some(1), vec!["blocked".to_string()])
+        );
+
+        let out = apply(&rt, &by, untag("per_ip", "192.0.2.7", "blocked"))
+            .await
+            .unwrap();
+        assert_eq!(out["tags"], json!([]));
+        // Removing a tag the entry does not have changes nothing, and is still recorded.
+        apply(&rt, &by, untag("per_ip", "192.0.2.7", "blocked"))
+            .await
+            .unwrap();
+
+        // A new entry, by another spelling of its key.
+        let out = apply(&rt, &by, set_gpc("pair", r#"[ "192.0.2.7", "acme"]"#, 3))
+            .await
+            .unwrap();
+        assert_eq!(out["key"], r#"["192.0.2.7","acme"]"#);
+        assert_eq!(out["counters"], json!({ "gpc0": 3 }));
+        assert!(out.get("tags").is_none(), "{out}");
+
+        let out = apply(&rt, &by, clear_key("per_ip", "192.0.2.7"))
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            json!({ "table": "per_ip", "key": "192.0.2.7", "cleared": true })
+        );
+        assert!(per_ip.table.get(&ip, now).is_none());
+        let out = apply(&rt, &by, clear_key("per_ip", "192.0.2.7"))
+            .await
+            .unwrap();
+        assert_eq!(out["cleared"], false);
+
+        per_ip.table.record_request(&ip_key("192.0.2.8"), now);
+        per_ip.table.record_request(&ip_key("192.0.2.9"), now);
+        let out = apply(&rt, &by, clear("per_ip")).await.unwrap();
+        assert_eq!(out, json!({ "table": "per_ip", "removed": 2 }));
+        assert!(per_ip.table.is_empty());
+
+        let recs: Vec<Value> = records(dir.path())
+            .into_iter()
+            .filter(|r| r["kind"] == "admin")
+            .collect();
+        let got: Vec<(String, Value)> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r["detail"]["action"].as_str().unwrap().to_string(),
+                    r["detail"]["args"].clone(),
+                )
+            })
+            .collect();
+        let want = [
+            (
+                "set_table_gpc",
+                json!({ "table": "per_ip", "key": "192.0.2.7", "value": 1 }),
+            ),
+            (
+                "set_table_tag",
+                json!({ "table": "per_ip", "key": "192.0.2.7", "tag": "blocked" }),
+            ),
+            (
+                "remove_table_tag",
+                json!({ "table": "per_ip", "key": "192.0.2.7", "tag": "blocked" }),
+            ),
+            (
+                "remove_table_tag",
+                json!({ "table": "per_ip", "key": "192.0.2.7", "tag": "blocked" }),
+            ),
+            (
+                "set_table_gpc",
+                json!({ "table": "pair", "key": r#"["192.0.2.7","acme"]"#, "value": 3 }),
+            ),
+            (
+                "clear_table_key",
+                json!({ "table": "per_ip", "key": "192.0.2.7" }),
+            ),
+            (
+                "clear_table_key",
+                json!({ "table": "per_ip", "key": "192.0.2.7" }),
+            ),
+            ("clear_table", json!({ "table": "per_ip" })),
+        ]
+        .map(|(a, v)| (a.to_string(), v));
+        assert_eq!(got, want);
+        for r in &recs {
+            assert_eq!(r["principal"]["user"], "admin-token[0]@127.0.0.1:5555");
+            assert_eq!(r["principal"]["provider"], "admin");
+        }
+        assert_eq!(records(dir.path()).len(), want.len());
+        rt.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_table_command_changes_nothing_and_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path(), true, TABLES).await;
+        let by = token();
+        for (cmd, status) in [
+            (set_gpc("nope", "192.0.2.7", 1), 404),
+            (clear("nope"), 404),
+            (set_gpc("per_net", "192.0.2.7", 1), 409),
+            (tag("per_ip", "192.0.2.7", "no spaces"), 400),
+            (set_gpc("per_ip", "192.0.2", 1), 400),
+            (untag("per_ip", "192.0.2.7", "x"), 404),
+        ] {
+            let shown = format!("{cmd:?}");
+            let e = apply(&rt, &by, cmd).await.expect_err(&shown);
+            assert_eq!(e.status().as_u16(), status, "{shown}: {e}");
+        }
+        for t in ["per_ip", "per_net", "pair"] {
+            assert!(table(&rt, t).table.is_empty(), "{t}");
+        }
+        assert_eq!(records(dir.path()), Vec::<Value>::new());
         rt.shutdown().await;
     }
 }

@@ -1,0 +1,1060 @@
+//! Stick tables at runtime, HAProxy's `show table` / `set table` / `clear table`: the admin
+//! API's table endpoints, the text form of table keys, and a small HTTP client for the
+//! `portcullis table` command.
+//!
+//! Reads (`GET /api/v1/tables...`) change nothing and are not audited, but need the admin
+//! token like the rest of the API. Every change is a [`Command`] through [`control::apply`],
+//! which validates, audits, applies and logs it.
+//!
+//! # Keys as text
+//!
+//! A table's key is bytes built by [`crate::limits::build_key`] from its parts. Its text form,
+//! both in answers and in requests ([`key_to_text`], [`key_from_text`]):
+//!
+//! | key | text |
+//! |---|---|
+//! | `src` | the address: `192.0.2.7`, `2001:db8::1` |
+//! | `src/24`, `src/64` | the prefix: `192.0.2.0/24`, `2001:db8:1:2::/64`. An address is accepted too, and masked (`192.0.2.77` → `192.0.2.0/24`). An IPv4 client under a prefix longer than 32 is its address. |
+//! | `principal`, `api_key`, `route`, `header:…`, `claim:…` | the text itself: `dev/alice`, `acme` |
+//! | a tuple (`[src, "header:x-tenant"]`) | a JSON array with one string per part: `["192.0.2.7","acme"]` |
+//! | a key longer than 256 bytes (stored hashed) | `sha256:` and the hex of the stored digest |
+//! | bytes that are none of the above (a header value that is not UTF-8, a control character) | `0x` and the hex of the stored bytes |
+//!
+//! So that a text key is never mistaken for one of the other forms, a single text part that
+//! is empty or starts with `"`, `[`, `0x` or `sha256:` is written as a JSON string
+//! (`"0xcafe"`), and a JSON string is accepted for any single part. A `sha256:` key names an
+//! entry already in the table (it is found among the table's entries: a hashed key cannot be
+//! rebuilt from its digest); to create an entry for a long key, give its full text.
+
+use crate::control::{self, Command, ControlError, Principal};
+use crate::limits::{Part, TableRt, TUPLE_SEP};
+use crate::Runtime;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock, Snapshot};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Entries `GET /api/v1/tables/{name}` lists when `top` is not given.
+pub const DEFAULT_TOP: usize = 20;
+/// The most entries it lists.
+pub const MAX_TOP: usize = 1000;
+/// The most entries a table may hold for a `sha256:` key to be looked up in it (the lookup
+/// scans the whole table).
+pub const HASHED_SCAN_MAX: usize = 100_000;
+
+// ---------------------------------------------------------------------------------------------
+// Keys as text
+// ---------------------------------------------------------------------------------------------
+
+/// A key as given in text: a key, or the digest of a hashed key (see [`table_key`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyText {
+    Key(Key),
+    Hashed(Vec<u8>),
+}
+
+/// The text form of `key`, a key of a table keyed by `parts`. See the [module docs](self).
+pub fn key_to_text(parts: &[Part], key: &Key) -> String {
+    let bytes = key.as_bytes();
+    if key.is_hashed() {
+        return format!("sha256:{}", hex(bytes));
+    }
+    let mut texts = Vec::with_capacity(parts.len());
+    if !decode(parts, bytes, &mut texts) {
+        return format!("0x{}", hex(bytes));
+    }
+    match (parts, texts.as_slice()) {
+        ([Part::Src | Part::SrcMask(_)], [t]) => t.clone(),
+        ([_], [t]) if reserved(t) => Value::from(t.as_str()).to_string(),
+        ([_], [t]) => t.clone(),
+        _ => Value::from(texts).to_string(),
+    }
+}
+
+/// The key of a table keyed by `parts` that `text` names. See the [module docs](self). A
+/// `sha256:` key is an error here: look it up in its table with [`table_key`].
+pub fn key_from_text(parts: &[Part], text: &str) -> Result<Key, String> {
+    match parse_key(parts, text)? {
+        KeyText::Key(k) => Ok(k),
+        KeyText::Hashed(_) => Err(
+            "a `sha256:` key names an entry already in a table; give the key's full text to \
+             make one"
+                .into(),
+        ),
+    }
+}
+
+/// Parses `text` as a key of a table keyed by `parts`: a key, or a hashed key's digest.
+pub fn parse_key(parts: &[Part], text: &str) -> Result<KeyText, String> {
+    if let Some(h) = text.strip_prefix("sha256:") {
+        let d = unhex(h)
+            .filter(|d| d.len() == portcullis_limits::key::INLINE_LEN)
+            .ok_or_else(|| {
+                format!(
+                    "`{}` is not a hashed key: `sha256:` and {} hex digits",
+                    shorten(text),
+                    2 * portcullis_limits::key::INLINE_LEN
+                )
+            })?;
+        return Ok(KeyText::Hashed(d));
+    }
+    if let Some(h) = text.strip_prefix("0x") {
+        let b = unhex(h).ok_or_else(|| {
+            format!(
+                "`{}` is not hex bytes; to give a text starting with `0x`, quote it as a JSON \
+                 string: `\"{}\"`",
+                shorten(text),
+                shorten(text)
+            )
+        })?;
+        return Ok(KeyText::Key(Key::new(&b)));
+    }
+    let mut buf = Vec::new();
+    match parts {
+        [part] => {
+            let value = if text.starts_with('"') {
+                serde_json::from_str::<String>(text)
+                    .map_err(|e| format!("`{}` is not a JSON string: {e}", shorten(text)))?
+            } else if text.starts_with('[') {
+                match serde_json::from_str::<Vec<String>>(text) {
+                    Ok(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
+                    _ => {
+                        return Err(format!(
+                            "`{}`: this table's key has one part ({}); give its text, or a JSON \
+                             string to quote it",
+                            shorten(text),
+                            describe(parts)
+                        ))
+                    }
+                }
+            } else {
+                text.to_string()
+            };
+            encode(part, &value, false, &mut buf)?;
+        }
+        _ => {
+            let values: Vec<String> = serde_json::from_str(text)
+                .ok()
+                .filter(|v: &Vec<String>| v.len() == parts.len())
+                .ok_or_else(|| {
+                    format!(
+                        "`{}`: this table's key is a tuple ({}); give a JSON array of {} \
+                         strings, like {}",
+                        shorten(text),
+                        describe(parts),
+                        parts.len(),
+                        example(parts)
+                    )
+                })?;
+            for (i, (p, v)) in parts.iter().zip(&values).enumerate() {
+                if i > 0 {
+                    buf.push(TUPLE_SEP);
+                }
+                encode(p, v, true, &mut buf)?;
+            }
+        }
+    }
+    Ok(KeyText::Key(Key::new(&buf)))
+}
+
+/// The key `text` names in table `t`: [`parse_key`], and a `sha256:` key found among the
+/// table's live entries (a hashed key cannot be rebuilt from its digest).
+pub fn table_key(t: &TableRt, text: &str, now: Moment) -> Result<Key, ControlError> {
+    let digest = match parse_key(&t.parts, text) {
+        Ok(KeyText::Key(k)) => return Ok(k),
+        Ok(KeyText::Hashed(d)) => d,
+        Err(e) => {
+            return Err(ControlError::Invalid(format!(
+                "stick table `{}`: {e}",
+                t.name
+            )))
+        }
+    };
+    let Some(by) = numeric(t).next() else {
+        return Err(ControlError::Invalid(format!(
+            "stick table `{}` stores no counter to search its entries by; give the key's full \
+             text instead of `sha256:`",
+            t.name
+        )));
+    };
+    if t.table.len() > HASHED_SCAN_MAX {
+        return Err(ControlError::Invalid(format!(
+            "stick table `{}` holds over {HASHED_SCAN_MAX} entries, too many to search for a \
+             `sha256:` key; give the key's full text",
+            t.name
+        )));
+    }
+    let all = t
+        .table
+        .top(t.table.len(), by, now)
+        .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    all.into_iter()
+        .map(|(k, _)| k)
+        .find(|k| k.is_hashed() && k.as_bytes() == digest.as_slice())
+        .ok_or_else(|| {
+            ControlError::NotFound(format!(
+                "no entry `{}` in stick table `{}`",
+                shorten(text),
+                t.name
+            ))
+        })
+}
+
+/// Whether a single text part must be quoted to be read back as itself.
+fn reserved(t: &str) -> bool {
+    t.is_empty()
+        || t.starts_with('"')
+        || t.starts_with('[')
+        || t.starts_with("0x")
+        || t.starts_with("sha256:")
+}
+
+/// Decodes `bytes` as a key of `parts`, pushing each part's text; false when the bytes are
+/// not such a key. An address part is 4 or 16 bytes; a text part is UTF-8 without control
+/// characters (so it holds no separator). Every decoding re-encodes to the same bytes.
+fn decode(parts: &[Part], bytes: &[u8], out: &mut Vec<String>) -> bool {
+    let Some((first, rest)) = parts.split_first() else {
+        return bytes.is_empty();
+    };
+    let last = rest.is_empty();
+    match first {
+        Part::Src | Part::SrcMask(_) => {
+            for len in [16, 4] {
+                if bytes.len() < len {
+                    continue;
+                }
+                let (head, tail) = bytes.split_at(len);
+                let tail = match (last, tail.split_first()) {
+                    (true, None) => tail,
+                    (false, Some((&TUPLE_SEP, t))) => t,
+                    _ => continue,
+                };
+                if let Some(text) = ip_text(first, head) {
+                    out.push(text);
+                    if decode(rest, tail, out) {
+                        return true;
+                    }
+                    out.pop();
+                }
+            }
+            false
+        }
+        _ => {
+            let (head, tail) = if last {
+                (bytes, &[][..])
+            } else {
+                match bytes.iter().position(|b| *b == TUPLE_SEP) {
+                    Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                    None => return false,
+                }
+            };
+            let Ok(s) = std::str::from_utf8(head) else {
+                return false;
+            };
+            if s.chars().any(char::is_control) {
+                return false;
+            }
+            out.push(s.to_string());
+            if decode(rest, tail, out) {
+                return true;
+            }
+            out.pop();
+            false
+        }
+    }
+}
+
+/// An address part's text, when `b` is what `build_key` stores for it.
+fn ip_text(part: &Part, b: &[u8]) -> Option<String> {
+    let ip = match b.len() {
+        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => return None,
+    };
+    let full = full_bits(ip);
+    let bits = match part {
+        Part::SrcMask(n) => (*n).min(full),
+        _ => full,
+    };
+    if masked(ip, bits) != ip {
+        return None;
+    }
+    Some(if bits == full {
+        ip.to_string()
+    } else {
+        format!("{ip}/{bits}")
+    })
+}
+
+/// Appends the bytes of one part given as `text`.
+fn encode(part: &Part, text: &str, tuple: bool, buf: &mut Vec<u8>) -> Result<(), String> {
+    match part {
+        Part::Src | Part::SrcMask(_) => {
+            let (addr, len) = match text.split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (text, None),
+            };
+            let ip: IpAddr = addr.trim().parse().map_err(|_| {
+                format!(
+                    "`{}` is not an IP address, like `192.0.2.7` or `2001:db8::1`",
+                    shorten(text)
+                )
+            })?;
+            let full = full_bits(ip);
+            let bits = match part {
+                Part::SrcMask(n) => (*n).min(full),
+                _ => full,
+            };
+            if let Some(l) = len {
+                if l.trim().parse::<u8>().ok() != Some(bits) {
+                    let want = match part {
+                        Part::SrcMask(n) => format!("src/{n}"),
+                        _ => "src".into(),
+                    };
+                    return Err(format!(
+                        "`{}`: this table is keyed by `{want}`: give an address, or a /{bits} \
+                         prefix",
+                        shorten(text)
+                    ));
+                }
+            }
+            match masked(ip, bits) {
+                IpAddr::V4(a) => buf.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => buf.extend_from_slice(&a.octets()),
+            }
+        }
+        _ => {
+            if tuple && text.as_bytes().contains(&TUPLE_SEP) {
+                return Err("a part of a tuple key cannot hold the byte 0x1F".into());
+            }
+            buf.extend_from_slice(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn full_bits(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// `ip` with only its first `bits` bits kept (as `build_key` masks it).
+fn masked(ip: IpAddr, bits: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(bits.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(bits.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+/// A key definition as the config writes it: `src, header:x-tenant`.
+fn describe(parts: &[Part]) -> String {
+    parts.iter().map(part_name).collect::<Vec<_>>().join(", ")
+}
+
+fn part_name(p: &Part) -> String {
+    match p {
+        Part::Src => "src".into(),
+        Part::SrcMask(n) => format!("src/{n}"),
+        Part::Principal => "principal".into(),
+        Part::ApiKey => "api_key".into(),
+        Part::Route => "route".into(),
+        Part::Header(h) => format!("header:{h}"),
+        Part::Claim(c) => format!("claim:{c}"),
+    }
+}
+
+/// An example key of a tuple: `["192.0.2.7","…"]`.
+fn example(parts: &[Part]) -> String {
+    let v: Vec<&str> = parts
+        .iter()
+        .map(|p| match p {
+            Part::Src => "192.0.2.7",
+            Part::SrcMask(_) => "192.0.2.0/24",
+            Part::Principal => "dev/alice",
+            _ => "…",
+        })
+        .collect();
+    Value::from(v).to_string()
+}
+
+/// At most 80 characters of `s`, for error messages.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| match pair {
+            [h, l] => {
+                Some((char::from(*h).to_digit(16)? * 16 + char::from(*l).to_digit(16)?) as u8)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables and entries as JSON
+// ---------------------------------------------------------------------------------------------
+
+/// The numeric counters `t` stores, in its `store` order.
+fn numeric(t: &TableRt) -> impl Iterator<Item = Kind> + '_ {
+    t.table
+        .spec()
+        .store()
+        .iter()
+        .map(|c| c.kind())
+        .filter(|k| *k != Kind::Tags)
+}
+
+/// One entry: its key as text, its counters by name (those the table stores), its tags (when
+/// the table stores them) and the time until it expires unused.
+pub fn entry_json(t: &TableRt, key: &Key, s: &Snapshot) -> Value {
+    let counters: Map<String, Value> = numeric(t)
+        .filter_map(|k| Some((k.name().to_string(), Value::from(s.get(k)?))))
+        .collect();
+    let mut e = json!({
+        "key": key_to_text(&t.parts, key),
+        "counters": counters,
+    });
+    if t.table.spec().stores(Kind::Tags) {
+        e["tags"] = json!(s.tags);
+    }
+    e["expires_in_ms"] = json!(millis(s.expires_in));
+    e
+}
+
+/// What `GET /api/v1/tables` says of one table.
+fn table_json(def: &portcullis_config::StickTable, t: &TableRt) -> Value {
+    let spec = t.table.spec();
+    let key = match &def.key {
+        portcullis_config::TableKey::One(p) => json!(p),
+        portcullis_config::TableKey::Tuple(v) => json!(v),
+    };
+    json!({
+        "name": t.name,
+        "key": key,
+        "size": spec.size(),
+        "expire": duration_text(spec.expire()),
+        "expire_ms": millis(spec.expire()),
+        "store": spec.store().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "entries": t.table.len(),
+        "memory_bytes": t.table.memory().bytes,
+    })
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `10m`, `1h`, `90s`, `1500ms`: the largest unit that divides the duration.
+fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= scale && ms / scale * scale == ms {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// The table `name` as the serving config defines it, with its running state.
+fn lookup(
+    rt: &Runtime,
+    name: &str,
+) -> Result<(portcullis_config::StickTable, Arc<TableRt>), ControlError> {
+    let snap = rt.shared.snapshot.load_full();
+    let t = control::find_table(&snap, &rt.shared.limits, name)?;
+    let def = snap
+        .config
+        .stick_tables
+        .iter()
+        .find(|d| d.name == name)
+        .cloned()
+        .ok_or_else(|| ControlError::NotFound(format!("no stick table `{name}`")))?;
+    Ok((def, t))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin API's table endpoints
+// ---------------------------------------------------------------------------------------------
+
+/// The table endpoints, to merge into the admin API before its authentication layer.
+pub fn routes() -> Router<Arc<Runtime>> {
+    Router::new()
+        .route("/api/v1/tables", get(list))
+        .route("/api/v1/tables/{name}", get(show).delete(clear_table))
+        .route(
+            "/api/v1/tables/{name}/entries/{key}",
+            get(entry).post(set_entry).delete(clear_entry),
+        )
+}
+
+/// `GET /api/v1/tables`: every table of the serving config.
+async fn list(State(rt): State<Arc<Runtime>>) -> Response {
+    let snap = rt.shared.snapshot.load_full();
+    let tables: Vec<Value> = snap
+        .config
+        .stick_tables
+        .iter()
+        .filter_map(|def| Some(table_json(def, &*rt.shared.limits.get(&def.name)?)))
+        .collect();
+    Json(json!({ "tables": tables })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopQuery {
+    top: Option<usize>,
+    by: Option<String>,
+}
+
+/// The counter to sort by: `http_req_rate` or `http_req_rate(10s)`; default the table's first
+/// numeric counter.
+fn sort_kind(t: &TableRt, by: Option<&str>) -> Result<Kind, ControlError> {
+    let stored = || {
+        numeric(t)
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(by) = by else {
+        return numeric(t).next().ok_or_else(|| {
+            ControlError::NotStored(format!(
+                "stick table `{}` stores no counter to sort its entries by",
+                t.name
+            ))
+        });
+    };
+    let name = by.split_once('(').map_or(by, |(n, _)| n).trim();
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name && *k != Kind::Tags)
+        .ok_or_else(|| {
+            ControlError::Invalid(format!(
+                "`by`: `{}` is not a counter to sort by; this table stores {}",
+                shorten(by),
+                stored()
+            ))
+        })?;
+    if !t.table.spec().stores(kind) {
+        return Err(ControlError::NotStored(format!(
+            "stick table `{}` does not store `{kind}`; sort by one of {}",
+            t.name,
+            stored()
+        )));
+    }
+    Ok(kind)
+}
+
+/// `GET /api/v1/tables/{name}?top=N&by=C`: the table and its top `N` entries by `C`.
+async fn show(
+    State(rt): State<Arc<Runtime>>,
+    Path(name): Path<String>,
+    q: Result<Query<TopQuery>, QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return bad_request(format!(
+            "the query takes `top` (1..{MAX_TOP}) and `by` (a counter the table stores)"
+        ));
+    };
+    let n = q.top.unwrap_or(DEFAULT_TOP);
+    if !(1..=MAX_TOP).contains(&n) {
+        return bad_request(format!("`top` must be between 1 and {MAX_TOP}"));
+    }
+    let (def, t) = match lookup(&rt, &name) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let by = match sort_kind(&t, q.by.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let now = MonotonicClock.now();
+    let top = match t.table.top(n, by, now) {
+        Ok(v) => v,
+        Err(e) => return ControlError::NotStored(e.to_string()).into_response(),
+    };
+    let entries: Vec<Value> = top.iter().map(|(k, s)| entry_json(&t, k, s)).collect();
+    Json(json!({ "table": table_json(&def, &t), "by": by.name(), "entries": entries }))
+        .into_response()
+}
+
+/// `GET /api/v1/tables/{name}/entries/{key}`: one entry, 404 when absent.
+async fn entry(
+    State(rt): State<Arc<Runtime>>,
+    Path((name, key)): Path<(String, String)>,
+) -> Response {
+    let t = match lookup(&rt, &name) {
+        Ok((_, t)) => t,
+        Err(e) => return e.into_response(),
+    };
+    let now = MonotonicClock.now();
+    let k = match table_key(&t, &key, now) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match t.table.get(&k, now) {
+        Some(s) => {
+            let mut e = entry_json(&t, &k, &s);
+            e["table"] = json!(t.name);
+            Json(e).into_response()
+        }
+        None => ControlError::NotFound(format!(
+            "no entry `{}` in stick table `{}`",
+            key_to_text(&t.parts, &k),
+            t.name
+        ))
+        .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryBody {
+    gpc0: Option<u64>,
+    tag: Option<String>,
+    untag: Option<String>,
+}
+
+const ENTRY_BODY: &str =
+    "body must be JSON with `gpc0` (a number), `tag` and/or `untag` (a tag), like {\"gpc0\": 1}\n";
+
+/// `POST /api/v1/tables/{name}/entries/{key}`: `untag`, then `gpc0`, then `tag`, each one
+/// command. All are validated before any is applied; answers the entry after them.
+async fn set_entry(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    Path((table, key)): Path<(String, String)>,
+    body: Result<Json<EntryBody>, JsonRejection>,
+) -> Response {
+    let Ok(Json(b)) = body else {
+        return bad_request(ENTRY_BODY.trim_end().to_string());
+    };
+    let mut cmds = Vec::new();
+    if let Some(tag) = b.untag {
+        cmds.push(Command::RemoveTableTag {
+            table: table.clone(),
+            key: key.clone(),
+            tag,
+        });
+    }
+    if let Some(value) = b.gpc0 {
+        cmds.push(Command::SetTableGpc {
+            table: table.clone(),
+            key: key.clone(),
+            value,
+        });
+    }
+    if let Some(tag) = b.tag {
+        cmds.push(Command::SetTableTag {
+            table: table.clone(),
+            key: key.clone(),
+            tag,
+        });
+    }
+    if cmds.is_empty() {
+        return bad_request(ENTRY_BODY.trim_end().to_string());
+    }
+    {
+        let snap = rt.shared.snapshot.load_full();
+        for c in &cmds {
+            if let Err(e) = control::resolve(&snap, &rt.shared.limits, c.clone()) {
+                return e.into_response();
+            }
+        }
+    }
+    let mut last = Value::Null;
+    for c in cmds {
+        match control::apply(&rt, &by, c).await {
+            Ok(v) => last = v,
+            Err(e) => return e.into_response(),
+        }
+    }
+    if last.is_null() {
+        return ControlError::NotFound(format!("no entry `{key}` in stick table `{table}`"))
+            .into_response();
+    }
+    Json(last).into_response()
+}
+
+/// `DELETE /api/v1/tables/{name}/entries/{key}`: forgets the entry (204, present or not).
+async fn clear_entry(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    Path((table, key)): Path<(String, String)>,
+) -> Response {
+    no_content(control::apply(&rt, &by, Command::ClearTableKey { table, key }).await)
+}
+
+/// `DELETE /api/v1/tables/{name}`: forgets every entry (204).
+async fn clear_table(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    Path(table): Path<String>,
+) -> Response {
+    no_content(control::apply(&rt, &by, Command::ClearTable { table }).await)
+}
+
+fn no_content(r: Result<Value, ControlError>) -> Response {
+    match r {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn bad_request(msg: String) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client of the admin API, for `portcullis table`
+// ---------------------------------------------------------------------------------------------
+
+/// A plain-HTTP client of the admin API (the admin listener has no TLS): one request per
+/// connection, with the bearer token.
+pub mod client {
+    use bytes::Bytes;
+    use http::{header, Method, Request, Uri};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::time::Duration;
+
+    /// How long one call may take, connect to last byte.
+    pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Percent-encodes `s` as one path segment (everything but unreserved characters).
+    pub fn segment(s: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+
+    /// Sends `method path` (path and query, starting with `/`) to the admin API at `base`
+    /// (`http://host:port`, with an optional path prefix), with `body` as JSON. Returns the
+    /// status and the body as text.
+    pub async fn call(
+        base: &str,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), String> {
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| format!("admin URL `{base}`: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(s) => {
+                return Err(format!(
+                    "admin URL `{base}`: scheme `{s}` is not supported; the admin listener \
+                     speaks plain HTTP (`http://127.0.0.1:9901`)"
+                ))
+            }
+            None => return Err(format!("admin URL `{base}`: give it as `http://host:port`")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("admin URL `{base}` has no host"))?
+            .clone();
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let prefix = uri.path().trim_end_matches('/');
+        let target = format!("{prefix}{path}");
+        let payload = match body {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::new(),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&target)
+            .header(header::HOST, authority.as_str())
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::ACCEPT, "application/json");
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| format!("request: {e}"))?;
+        let exchange = async {
+            let stream = tokio::net::TcpStream::connect((host, port))
+                .await
+                .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("{authority}: {e}"))?;
+            let conn = tokio::spawn(conn);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("{authority}: {e}"))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{authority}: {e}"))?
+                .to_bytes();
+            conn.abort();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("{authority}: no answer within {}s", TIMEOUT.as_secs()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{build_key, KeyFacts};
+    use http::{HeaderMap, HeaderName, HeaderValue};
+    use portcullis_identity::{AuthMethod, Identity};
+
+    fn parts(ps: &[&str]) -> Vec<Part> {
+        ps.iter().map(|p| Part::parse(p).unwrap()).collect()
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            provider: "dev".into(),
+            method: AuthMethod::Jwt,
+            subject: "alice".into(),
+            user: "alice".into(),
+            email: None,
+            groups: vec![],
+            claims: json!({ "org": { "id": "acme" }, "n": 7 }),
+            expires_at: None,
+        }
+    }
+
+    /// The key `build_key` makes for a client at `ip` with header `x-tenant: tenant`.
+    fn built(ps: &[Part], ip: &str, tenant: &[u8]) -> Key {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            HeaderName::from_static("x-tenant"),
+            HeaderValue::from_bytes(tenant).unwrap(),
+        );
+        let id = alice();
+        let f = KeyFacts {
+            ip: ip.parse().unwrap(),
+            identity: Some(&id),
+            route: "default/app",
+            headers: &headers,
+        };
+        build_key(ps, &f).unwrap()
+    }
+
+    #[test]
+    fn keys_read_as_text_and_back() {
+        let cases: &[(&[&str], &str, &[u8], &str)] = &[
+            (&["src"], "192.0.2.7", b"t", "192.0.2.7"),
+            (&["src"], "2001:db8::1", b"t", "2001:db8::1"),
+            (&["src"], "::ffff:192.0.2.7", b"t", "::ffff:192.0.2.7"),
+            (&["src/24"], "192.0.2.77", b"t", "192.0.2.0/24"),
+            (
+                &["src/64"],
+                "2001:db8:1:2:3:4:5:6",
+                b"t",
+                "2001:db8:1:2::/64",
+            ),
+            // An IPv4 client keeps its 32 bits under a longer prefix.
+            (&["src/64"], "192.0.2.7", b"t", "192.0.2.7"),
+            (&["principal"], "192.0.2.7", b"t", "dev/alice"),
+            (&["route"], "192.0.2.7", b"t", "default/app"),
+            (&["claim:org.id"], "192.0.2.7", b"t", "acme"),
+            (&["claim:n"], "192.0.2.7", b"t", "7"),
+            (&["header:x-tenant"], "192.0.2.7", b"acme", "acme"),
+            (&["header:x-tenant"], "192.0.2.7", b"", "\"\""),
+            (&["header:x-tenant"], "192.0.2.7", b"0xcafe", "\"0xcafe\""),
+            (&["header:x-tenant"], "192.0.2.7", b"[x]", "\"[x]\""),
+            (
+                &["header:x-tenant"],
+                "192.0.2.7",
+                b"sha256:ab",
+                "\"sha256:ab\"",
+            ),
+            (
+                &["header:x-tenant"],
+                "192.0.2.7",
+                b"a \"b\" | c",
+                "a \"b\" | c",
+            ),
+            // Not UTF-8: the bytes.
+            (&["header:x-tenant"], "192.0.2.7", b"caf\xe9", "0x636166e9"),
+            (
+                &["src", "header:x-tenant"],
+                "192.0.2.7",
+                b"acme",
+                r#"["192.0.2.7","acme"]"#,
+            ),
+            (
+                &["src/24", "principal"],
+                "192.0.2.7",
+                b"t",
+                r#"["192.0.2.0/24","dev/alice"]"#,
+            ),
+            (
+                &["header:x-tenant", "src"],
+                "2001:db8::1f",
+                b"a,b",
+                r#"["a,b","2001:db8::1f"]"#,
+            ),
+            // An address whose octets hold the separator byte, then a text part.
+            (
+                &["src", "header:x-tenant"],
+                "31.31.31.31",
+                b"x",
+                r#"["31.31.31.31","x"]"#,
+            ),
+            (
+                &["src", "route"],
+                "2001:db8:1f1f::1f",
+                b"x",
+                r#"["2001:db8:1f1f::1f","default/app"]"#,
+            ),
+        ];
+        for (ps, ip, tenant, text) in cases {
+            let ps = parts(ps);
+            let key = built(&ps, ip, tenant);
+            assert_eq!(key_to_text(&ps, &key), *text, "{ps:?} {ip}");
+            assert_eq!(key_from_text(&ps, text).as_ref(), Ok(&key), "{text}");
+            // And the raw bytes name the same key.
+            let raw = format!("0x{}", hex(key.as_bytes()));
+            assert_eq!(key_from_text(&ps, &raw).as_ref(), Ok(&key), "{raw}");
+        }
+    }
+
+    #[test]
+    fn other_spellings_name_the_same_key() {
+        let src24 = parts(&["src/24"]);
+        let want = key_from_text(&src24, "192.0.2.0/24").unwrap();
+        for t in [
+            "192.0.2.99",
+            "192.0.2.99/24",
+            " 192.0.2.0 /24",
+            "\"192.0.2.0/24\"",
+            "[\"192.0.2.1\"]",
+        ] {
+            assert_eq!(key_from_text(&src24, t).as_ref(), Ok(&want), "{t}");
+        }
+        let src = parts(&["src"]);
+        assert_eq!(
+            key_from_text(&src, "192.0.2.7/32").unwrap(),
+            key_from_text(&src, "192.0.2.7").unwrap()
+        );
+        let tenant = parts(&["header:x-tenant"]);
+        assert_eq!(
+            key_from_text(&tenant, "\"acme\"").unwrap(),
+            Key::from("acme")
+        );
+    }
+
+    #[test]
+    fn bad_keys_say_what_to_write() {
+        let err = |ps: &[&str], t: &str| key_from_text(&parts(ps), t).unwrap_err();
+        assert!(err(&["src"], "nope").contains("not an IP address"));
+        assert!(err(&["src/24"], "192.0.2.0/16").contains("keyed by `src/24`"));
+        assert!(err(&["src"], "192.0.2.0/24").contains("keyed by `src`"));
+        let e = err(&["src", "header:x-tenant"], "192.0.2.7,acme");
+        assert!(e.contains("JSON array of 2 strings"), "{e}");
+        assert!(e.contains("src, header:x-tenant"), "{e}");
+        assert!(err(&["src", "route"], r#"["192.0.2.7"]"#).contains("JSON array of 2"));
+        assert!(err(&["principal"], "0xzz").contains("quote it as a JSON string"));
+        assert!(err(&["principal"], "sha256:00").contains("hashed key"));
+        let hashed = format!("sha256:{}", "ab".repeat(22));
+        assert!(err(&["principal"], &hashed).contains("already in a table"));
+        assert!(err(&["principal"], "\"unterminated").contains("not a JSON string"));
+    }
+
+    #[test]
+    fn long_keys_are_shown_by_their_digest() {
+        let ps = parts(&["header:x-tenant"]);
+        let long = "x".repeat(300);
+        let key = key_from_text(&ps, &long).unwrap();
+        assert!(key.is_hashed());
+        let text = key_to_text(&ps, &key);
+        assert_eq!(text, key.to_string());
+        assert!(
+            text.starts_with("sha256:") && text.len() == 7 + 44,
+            "{text}"
+        );
+        assert_eq!(
+            parse_key(&ps, &text),
+            Ok(KeyText::Hashed(key.as_bytes().to_vec()))
+        );
+    }
+
+    #[test]
+    fn a_hashed_key_is_found_in_its_table() {
+        let def: portcullis_config::StickTable = serde_json::from_value(json!({
+            "name": "t", "key": "header:x-tenant", "size": 100, "store": ["http_req_cnt"]
+        }))
+        .unwrap();
+        let reg = crate::limits::Registry::default();
+        let t = reg.table(&def).unwrap();
+        let now = Moment::ZERO;
+        let long = Key::new(&[b'y'; 400]);
+        t.table.record_request(&long, now);
+        t.table.record_request(&Key::from("short"), now);
+        let text = key_to_text(&t.parts, &long);
+        assert_eq!(table_key(&t, &text, now).unwrap(), long);
+        let other = format!("sha256:{}", "00".repeat(22));
+        let e = table_key(&t, &other, now).unwrap_err();
+        assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e}");
+        assert_eq!(table_key(&t, "short", now).unwrap(), Key::from("short"));
+    }
+
+    #[test]
+    fn durations_and_segments_are_written_plainly() {
+        assert_eq!(duration_text(Duration::from_secs(600)), "10m");
+        assert_eq!(duration_text(Duration::from_secs(90)), "90s");
+        assert_eq!(duration_text(Duration::from_secs(7200)), "2h");
+        assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(client::segment("192.0.2.0/24"), "192.0.2.0%2F24");
+        assert_eq!(client::segment(r#"["a","b"]"#), "%5B%22a%22%2C%22b%22%5D");
+    }
+}
