@@ -1,0 +1,143 @@
+//! The store's schema, as an ordered list of migrations, and the code that applies them.
+//!
+//! The `schema_version` table records each migration applied (its number, name and when).
+//! Opening the store runs, in one transaction, every migration numbered above the highest
+//! recorded one, so opening a database that is up to date changes nothing, and a crash
+//! halfway leaves the database as it was. A database whose highest version is above [`SCHEMA_VERSION`] was
+//! written by a newer portcullis and is refused: its tables may mean something this version
+//! does not know.
+//!
+//! To change the schema, append a migration with the next number; never edit one that has
+//! shipped. The event outbox and workflow executions will add theirs here.
+
+use rusqlite::{params, Connection, TransactionBehavior};
+
+/// One step of the schema.
+pub(crate) struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order, numbered from 1 without gaps.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "quotas and daily usage",
+    sql: "
+        -- Each key's use of a plan's quota: one row per (plan, key), for its latest period.
+        -- `key` is portcullis_limits::StoredKey::to_bytes; `period_start` is Unix seconds.
+        CREATE TABLE quota (
+            plan         TEXT    NOT NULL,
+            key          BLOB    NOT NULL,
+            period_start INTEGER NOT NULL,
+            used         INTEGER NOT NULL CHECK (used >= 0),
+            PRIMARY KEY (plan, key)
+        ) WITHOUT ROWID;
+
+        -- Units used per (plan, key, UTC day), for usage reports. `day` counts days since
+        -- 1970-01-01.
+        CREATE TABLE usage_daily (
+            plan  TEXT    NOT NULL,
+            key   BLOB    NOT NULL,
+            day   INTEGER NOT NULL,
+            count INTEGER NOT NULL CHECK (count >= 0),
+            PRIMARY KEY (plan, key, day)
+        ) WITHOUT ROWID;
+        CREATE INDEX usage_daily_by_day ON usage_daily (day);
+    ",
+}];
+
+/// The schema version this build writes: the last migration's number.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// What [`migrate`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// At [`SCHEMA_VERSION`], after applying the migrations after `from` (none if equal).
+    Current { from: i64 },
+    /// The database is at `found`, beyond [`SCHEMA_VERSION`]; nothing was changed.
+    TooNew { found: i64 },
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], in one immediate transaction.
+pub(crate) fn migrate(conn: &mut Connection, now_unix_secs: i64) -> rusqlite::Result<Outcome> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    INTEGER PRIMARY KEY,
+             name       TEXT    NOT NULL,
+             applied_at INTEGER NOT NULL
+         )",
+    )?;
+    let from: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
+    if from > SCHEMA_VERSION {
+        // Dropping `tx` rolls back (there is nothing to roll back: the table existed).
+        return Ok(Outcome::TooNew { found: from });
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > from) {
+        tx.execute_batch(m.sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![m.version, m.name, now_unix_secs],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Outcome::Current { from })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_gaps() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "{}", m.name);
+        }
+    }
+
+    #[test]
+    fn migrating_twice_changes_nothing() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn, 1).unwrap(), Outcome::Current { from: 0 });
+        assert_eq!(
+            migrate(&mut conn, 2).unwrap(),
+            Outcome::Current {
+                from: SCHEMA_VERSION
+            }
+        );
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, SCHEMA_VERSION);
+        let applied_at: i64 = conn
+            .query_row(
+                "SELECT applied_at FROM schema_version WHERE version = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(applied_at, 1);
+    }
+
+    #[test]
+    fn a_newer_database_is_left_alone() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, 1).unwrap();
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?1, 'from the future', 0)",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+        assert_eq!(
+            migrate(&mut conn, 2).unwrap(),
+            Outcome::TooNew {
+                found: SCHEMA_VERSION + 1
+            }
+        );
+    }
+}
