@@ -202,3 +202,67 @@ fn check_names_the_table_store_of_an_unknown_counter() {
         assert!(line.contains("stick_tables[0].store"), "{line}");
     }
 }
+
+/// A daily quota survives the process being killed (SIGKILL, no shutdown): counts written
+/// by the flusher (every `sync_interval`) are read back, so the restart hands out no fresh
+/// quota; past the quota, 429 with `Retry-After` until the day ends, and both policies in
+/// the rate-limit headers. The daily usage is in the embedded store for `portcullis usage`.
+#[tokio::test]
+async fn a_quota_survives_a_kill_and_a_restart() {
+    let yaml = format!(
+        r#"{HEAD}
+limits: {{ sync_interval: 100ms }}
+usage_plans:
+  - {{ name: visitors, rate: 1000/s, quota: {{ limit: 5, per: day }} }}
+routes:
+  - name: site
+    match: {{ path_prefix: / }}
+    backend: o
+    public: true
+    limits: {{ plan: visitors }}
+"#
+    );
+    let mut p = Proxy::start(&yaml).await;
+    let c = client();
+    for i in 0..3 {
+        let r = status(&c, &p.url("/x")).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        let rl = r.headers()["ratelimit"].to_str().unwrap().to_string();
+        assert!(
+            rl.contains(&format!("\"visitors-day\";r={};t=", 4 - i)),
+            "{rl}"
+        );
+    }
+    // Past one sync interval, then killed without a chance to write anything more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(p.dir.path().join("state/portcullis.db").exists());
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let dir = std::mem::replace(&mut p.dir, tempfile::tempdir().unwrap());
+    drop(p);
+    let p = Proxy::start_in(dir, &yaml).await;
+    let c = client();
+    for i in 3..5 {
+        let r = status(&c, &p.url("/x")).await;
+        assert_eq!(r.status(), 200, "request {i} after the restart");
+    }
+    let r = status(&c, &p.url("/x")).await;
+    assert_eq!(r.status(), 429, "the quota was spent before the restart");
+    assert_eq!(
+        r.headers()["ratelimit-policy"],
+        "\"visitors\";q=1000;w=1, \"visitors-day\";q=5;w=86400"
+    );
+    let rl = r.headers()["ratelimit"].to_str().unwrap();
+    assert!(rl.contains("\"visitors-day\";r=0;t="), "{rl}");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    assert!(retry.abs_diff(to_midnight) <= 2, "{retry} vs {to_midnight}");
+}

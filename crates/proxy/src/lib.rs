@@ -61,6 +61,10 @@ pub enum Error {
     Policy(#[from] portcullis_policy::Error),
     #[error("audit: {0}")]
     Audit(#[from] portcullis_audit::Error),
+    #[error("limits.store: {0}")]
+    LimitStore(String),
+    #[error("state_dir: {0}")]
+    Store(#[from] portcullis_store::StoreError),
 }
 
 /// What the request path needs, shared by every connection.
@@ -148,7 +152,18 @@ impl Runtime {
         let metrics = Arc::new(record::Metrics::default());
         let access = record::AccessLog::start(&config.access_log.path).map_err(Error::AccessLog)?;
         let registry = StateRegistry::default();
-        let limits = limits::Registry::default();
+        // The embedded store holds quota use and daily usage: opened only when there are
+        // plans to keep.
+        let store = if config.usage_plans.is_empty() {
+            None
+        } else {
+            Some(portcullis_store::Store::open(&config.state_dir)?)
+        };
+        let fleet = limits::Fleet::of(&config).map_err(Error::LimitStore)?;
+        let limits = limits::Registry::new(
+            plans::PlanRegistry::new(store, Arc::new(portcullis_limits::wall::SystemWallClock)),
+            fleet,
+        );
         let config = Arc::new(config);
         let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
         engine.warm_up(Duration::from_secs(5)).await;
@@ -223,6 +238,7 @@ impl Runtime {
         rt.health
             .reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
         rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        plans::start_flusher(&rt.shared);
         Ok(rt)
     }
 
@@ -449,5 +465,10 @@ impl Runtime {
         )
         .await;
         self.health.stop_all();
+        let shared = self.shared.clone();
+        let flushed = tokio::task::spawn_blocking(move || shared.limits.plans.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::error!(error = %e, "usage counts could not be written at shutdown");
+        }
     }
 }

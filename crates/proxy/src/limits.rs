@@ -161,9 +161,48 @@ pub struct TableRt {
 pub struct Registry {
     tables: Mutex<HashMap<String, Arc<TableRt>>>,
     pub plans: crate::plans::PlanRegistry,
+    /// The shared store, when `limits.store` is Redis (made at start; a reload does not
+    /// change it).
+    pub fleet: Option<Fleet>,
+}
+
+/// The shared limit store and what a check does when it fails.
+pub struct Fleet {
+    pub store: portcullis_limits::RedisStore,
+    pub on_error: portcullis_config::OnStoreError,
+}
+
+impl Fleet {
+    /// The store `config` names, if it names Redis.
+    pub fn of(config: &portcullis_config::Config) -> Result<Option<Fleet>, String> {
+        let portcullis_config::LimitStore::Redis(r) = &config.limits.store else {
+            return Ok(None);
+        };
+        let store = portcullis_limits::RedisStore::new(portcullis_limits::RedisConfig {
+            url: r.url.clone(),
+            timeout: r.timeout.0,
+            prefix: r.prefix.clone(),
+            connections: r.connections,
+            sync_interval: r.sync_interval.0,
+            ..portcullis_limits::RedisConfig::new(r.url.clone())
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Some(Fleet {
+            store,
+            on_error: config.limits.on_store_error,
+        }))
+    }
 }
 
 impl Registry {
+    pub fn new(plans: crate::plans::PlanRegistry, fleet: Option<Fleet>) -> Registry {
+        Registry {
+            tables: Mutex::default(),
+            plans,
+            fleet,
+        }
+    }
+
     /// The table for `def`: the running one when its shape is unchanged, else a new one.
     pub fn table(&self, def: &StickTable) -> Result<Arc<TableRt>, String> {
         let spec = TableSpec::parse(def.size, def.expire.0, def.store.iter().map(String::as_str))
@@ -248,6 +287,8 @@ pub enum Action {
 
 /// A `queue` rule's bounds, and how many requests it holds now.
 pub struct Queue {
+    /// Requests held, then let through.
+    pub passed: Counter,
     pub max_wait: Duration,
     pub max_queue: usize,
     pub waiting: std::sync::atomic::AtomicUsize,
@@ -278,6 +319,8 @@ pub struct PlanUse {
 
 /// What a route counts and limits, compiled (None on a route without `limits`).
 pub struct RouteLimits {
+    /// Requests checked on this route.
+    pub checks: Counter,
     pub track: Vec<Arc<TableRt>>,
     pub rules: Vec<Rule>,
     pub plan: Option<PlanUse>,
@@ -290,6 +333,9 @@ pub struct RouteLimits {
 #[derive(Default)]
 pub struct Usage {
     pub entries: SmallVec<[(Arc<TableRt>, Key); 2]>,
+    /// The shared store the request was counted in (errors and bytes go there too); `None`
+    /// when it was counted in this process.
+    pub fleet: Option<portcullis_limits::RedisStore>,
     /// Request body bytes read (the forward phase's count), when there is a body.
     pub bytes_in: Option<Arc<AtomicU64>>,
 }
@@ -314,6 +360,12 @@ impl Usage {
             .map_or(0, |b| b.load(Ordering::Relaxed));
         for (t, key) in &self.entries {
             let err = t.errs && status >= 400;
+            if let Some(f) = &self.fleet {
+                if err || t.bytes {
+                    f.finish(&t.name, t.table.spec(), key, err, bytes_in, bytes_out);
+                }
+                continue;
+            }
             if err || t.bytes {
                 t.table.with_entry(key, now, |e| {
                     if err {

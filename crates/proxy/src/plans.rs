@@ -8,8 +8,13 @@
 //!   claim), the plan the claim `limits.plan_claim` names, a plan that lists the caller's
 //!   principal, a plan that lists one of its groups, and then the route's `limits.plan`. A
 //!   name that is no plan falls through to the next way.
+//! * **Quotas** (per day, week or month) and **daily usage** are counted in memory and
+//!   written to the embedded store (`state_dir`) by [`flush`], every `limits.sync_interval`
+//!   and at shutdown; a plan's counts are read back from it when the plan is first built, so
+//!   a restart hands out no fresh quota. A crash loses at most one interval of counting.
 //! * **Headers**: `RateLimit-Policy` is fixed per plan (and override); `RateLimit` is made
-//!   per answer from the verdict (draft-ietf-httpapi-ratelimit-headers).
+//!   per answer from the verdict (draft-ietf-httpapi-ratelimit-headers). A plan with a
+//!   quota names two policies: its buckets' and `<plan>-<day|week|month>`.
 //!
 //! The limit phase reads this module; it knows nothing of the exchange.
 
@@ -17,7 +22,9 @@ use http::{HeaderValue, Method};
 use parking_lot::Mutex;
 use portcullis_config::{PlanOverride, UsagePlan};
 use portcullis_identity::{AuthMethod, Identity};
-use portcullis_limits::{Buckets, Gcra, Verdict};
+use portcullis_limits::quota::{Per, QuotaSpec, QuotaVerdict, Quotas, ResetAt, StoredKey};
+use portcullis_limits::wall::WallClock;
+use portcullis_limits::{Buckets, DailyUsage, Gcra, Key, Verdict};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,16 +42,15 @@ pub struct BucketSet {
     /// `RateLimit-Policy`.
     pub policy: HeaderValue,
     rate: (u64, Duration),
+    /// The rate, as the shared store takes it.
+    pub limit: portcullis_limits::Rate,
 }
 
 impl BucketSet {
     fn new(name: String, rate: (u64, Duration), burst: u64) -> Result<BucketSet, String> {
         let bad = |e: portcullis_limits::Error| format!("usage plan `{name}`: {e}");
-        let gcra = Gcra::new(
-            portcullis_limits::Rate::new(rate.0, rate.1).map_err(bad)?,
-            burst,
-        )
-        .map_err(bad)?;
+        let limit = portcullis_limits::Rate::new(rate.0, rate.1).map_err(bad)?;
+        let gcra = Gcra::new(limit, burst).map_err(bad)?;
         // The window the burst refills in: burst / rate.
         let window = rate.1.as_nanos() * u128::from(burst) / u128::from(rate.0.max(1));
         let w = u64::try_from(window.div_ceil(1_000_000_000))
@@ -57,6 +63,7 @@ impl BucketSet {
             buckets: Buckets::new(gcra, PLAN_KEYS),
             policy,
             rate,
+            limit,
         })
     }
 
@@ -79,11 +86,112 @@ pub struct OverrideRt {
     pub set: Arc<BucketSet>,
 }
 
+/// A plan's quota: the use per caller in the current period, kept in the embedded store.
+pub struct QuotaRt {
+    pub quotas: Arc<Quotas>,
+    /// `<plan>-<per>`, the quota's name in the headers.
+    pub name: String,
+    /// The period's length in seconds (a month counts 30 days), the `w` of its policy.
+    pub window: u64,
+}
+
 /// A usage plan as the request path uses it.
 pub struct PlanRt {
     pub name: String,
     pub own: Arc<BucketSet>,
     pub overrides: Vec<OverrideRt>,
+    pub quota: Option<QuotaRt>,
+    /// Requests let through per caller and day (counted with the quota when there is one).
+    pub daily: Arc<DailyUsage>,
+}
+
+/// The answer of a plan to one request: its bucket's, and its quota's when it has one.
+pub struct PlanVerdict {
+    pub bucket: Verdict,
+    pub quota: Option<QuotaVerdict>,
+}
+
+impl PlanVerdict {
+    pub fn allowed(&self) -> bool {
+        self.bucket.allowed && self.quota.as_ref().is_none_or(|q| q.allowed)
+    }
+
+    /// `Retry-After` of a refusal: the bucket's wait, or the time until the quota's period
+    /// ends.
+    pub fn retry_after(&self) -> Duration {
+        match &self.quota {
+            Some(q) if !q.allowed => q.reset_after,
+            _ => self.bucket.retry_after,
+        }
+    }
+}
+
+impl PlanRt {
+    /// Charges one request of `key` to `set` (one of this plan's bucket sets) and, if the
+    /// bucket lets it through, to the quota. A request the bucket refuses takes nothing from
+    /// the quota; one the quota refuses has spent its token.
+    pub fn check(
+        &self,
+        set: &BucketSet,
+        key: &Key,
+        now: portcullis_limits::Moment,
+        wall: i64,
+    ) -> PlanVerdict {
+        let bucket = set.buckets.check(key, now, 1);
+        let quota = match &self.quota {
+            Some(q) => Some(q.quotas.check(key, wall, u64::from(bucket.allowed))),
+            None => {
+                if bucket.allowed {
+                    self.daily.record(key, wall, 1);
+                }
+                None
+            }
+        };
+        PlanVerdict { bucket, quota }
+    }
+
+    /// Reads `key`'s state without charging it (for the headers of a refusal by a rule).
+    pub fn peek(
+        &self,
+        set: &BucketSet,
+        key: &Key,
+        now: portcullis_limits::Moment,
+        wall: i64,
+    ) -> PlanVerdict {
+        PlanVerdict {
+            bucket: set.buckets.check(key, now, 0),
+            quota: self.quota.as_ref().map(|q| q.quotas.check(key, wall, 0)),
+        }
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` for a verdict on `set`.
+    pub fn headers(&self, set: &BucketSet, v: &PlanVerdict) -> [HeaderValue; 2] {
+        match (&self.quota, &v.quota) {
+            (Some(q), Some(qv)) => {
+                let policy = format!(
+                    "{}, \"{}\";q={};w={}",
+                    set.policy.to_str().unwrap_or_default(),
+                    q.name,
+                    qv.limit,
+                    q.window
+                );
+                let now = format!(
+                    "\"{}\";r={};t={}, \"{}\";r={};t={}",
+                    set.name,
+                    v.bucket.remaining,
+                    ceil_secs(v.bucket.reset_after),
+                    q.name,
+                    qv.remaining,
+                    ceil_secs(qv.reset_after)
+                );
+                [
+                    HeaderValue::from_str(&policy).unwrap_or_else(|_| set.policy.clone()),
+                    HeaderValue::from_str(&now).unwrap_or_else(|_| set.header(&v.bucket)),
+                ]
+            }
+            _ => [set.policy.clone(), set.header(&v.bucket)],
+        }
+    }
 }
 
 impl PlanRt {
@@ -107,13 +215,146 @@ pub fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Plans by name, kept across reloads. See the [module docs](self).
-#[derive(Default)]
+/// Plans by name, kept across reloads, with the embedded store their quotas and daily
+/// usage are kept in. See the [module docs](self).
 pub struct PlanRegistry {
     plans: Mutex<HashMap<String, Arc<PlanRt>>>,
+    store: Option<portcullis_store::Store>,
+    /// The wall clock quotas and days are counted by (injected by tests).
+    pub clock: Arc<dyn WallClock>,
+}
+
+impl Default for PlanRegistry {
+    fn default() -> Self {
+        PlanRegistry::new(None, Arc::new(portcullis_limits::wall::SystemWallClock))
+    }
 }
 
 impl PlanRegistry {
+    pub fn new(store: Option<portcullis_store::Store>, clock: Arc<dyn WallClock>) -> Self {
+        PlanRegistry {
+            plans: Mutex::default(),
+            store,
+            clock,
+        }
+    }
+
+    pub fn store(&self) -> Option<&portcullis_store::Store> {
+        self.store.as_ref()
+    }
+
+    /// The plan's quota: the running one when its spec is unchanged, the running one's use
+    /// under a new spec when it changed, or a new one loaded from the store.
+    fn quota(
+        &self,
+        def: &UsagePlan,
+        old: Option<&PlanRt>,
+        daily: &Arc<DailyUsage>,
+    ) -> Result<Option<QuotaRt>, String> {
+        let Some(q) = &def.quota else { return Ok(None) };
+        let bad = |e: portcullis_limits::Error| format!("usage plan `{}`: quota: {e}", def.name);
+        let per = match q.per {
+            portcullis_config::QuotaPer::Day => Per::Day,
+            portcullis_config::QuotaPer::Week => Per::Week,
+            portcullis_config::QuotaPer::Month => Per::Month,
+        };
+        let spec =
+            QuotaSpec::new(q.limit, per, ResetAt::parse(&q.reset).map_err(bad)?).map_err(bad)?;
+        let now = self.clock.unix_nanos();
+        let quotas = match old.and_then(|p| p.quota.as_ref()) {
+            Some(o) if *o.quotas.spec() == spec => o.quotas.clone(),
+            Some(o) => Arc::new(o.quotas.respec(spec, now)),
+            None => {
+                let quotas = Quotas::with_daily(spec, PLAN_KEYS, daily.clone());
+                if let Some(store) = &self.store {
+                    let (start, _) = quotas.spec().period(now.div_euclid(1_000_000_000));
+                    let rows = store.load_quotas(&def.name, start).map_err(|e| {
+                        format!("usage plan `{}`: reading its quota: {e}", def.name)
+                    })?;
+                    for (key, period_start, used) in rows {
+                        if let Some(k) = StoredKey::from_bytes(&key) {
+                            quotas.load(&k, period_start, used);
+                        }
+                    }
+                }
+                Arc::new(quotas)
+            }
+        };
+        Ok(Some(QuotaRt {
+            quotas,
+            name: format!("{}-{}", def.name, per.name()),
+            window: match per {
+                Per::Day => 86_400,
+                Per::Week => 7 * 86_400,
+                Per::Month => 30 * 86_400,
+            },
+        }))
+    }
+
+    /// Writes every plan's changed quota use and daily usage to the store, in one
+    /// transaction. On failure the counts are kept for the next try.
+    pub fn flush(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let plans: Vec<Arc<PlanRt>> = self.plans.lock().values().cloned().collect();
+        let mut quotas = Vec::new();
+        let mut usage = Vec::new();
+        for p in &plans {
+            if let Some(q) = &p.quota {
+                let rows = q.quotas.dirty();
+                if !rows.is_empty() {
+                    quotas.push((p, rows));
+                }
+            }
+            let rows = p.daily.drain();
+            if !rows.is_empty() {
+                usage.push((p, rows));
+            }
+        }
+        if quotas.is_empty() && usage.is_empty() {
+            return Ok(());
+        }
+        let q_rows: Vec<(&str, Vec<portcullis_store::QuotaRow>)> = quotas
+            .iter()
+            .map(|(p, rows)| {
+                (
+                    p.name.as_str(),
+                    rows.iter()
+                        .map(|(k, s, u)| (k.to_bytes(), *s, *u))
+                        .collect(),
+                )
+            })
+            .collect();
+        let u_rows: Vec<(&str, Vec<portcullis_store::UsageDelta>)> = usage
+            .iter()
+            .map(|(p, rows)| {
+                (
+                    p.name.as_str(),
+                    rows.iter()
+                        .map(|(k, d, n)| (k.to_bytes(), *d, *n))
+                        .collect(),
+                )
+            })
+            .collect();
+        let q_refs: Vec<(&str, &[portcullis_store::QuotaRow])> =
+            q_rows.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        let u_refs: Vec<(&str, &[portcullis_store::UsageDelta])> =
+            u_rows.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        if let Err(e) = store.flush(&q_refs, &u_refs) {
+            for (p, rows) in quotas {
+                if let Some(q) = &p.quota {
+                    q.quotas.mark_dirty(rows.iter().map(|(k, _, _)| k));
+                }
+            }
+            for (p, rows) in usage {
+                p.daily.put_back(rows);
+            }
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
     /// The plan for `def`, keeping the running buckets of the plan and of each override
     /// whose definition is unchanged.
     pub fn plan(&self, def: &UsagePlan) -> Result<Arc<PlanRt>, String> {
@@ -148,14 +389,21 @@ impl PlanRegistry {
                 set,
             });
         }
-        let own = match old.filter(|_| keep_own) {
+        let own = match old.as_ref().filter(|_| keep_own) {
             Some(p) => p.own.clone(),
             None => Arc::new(BucketSet::new(def.name.clone(), rate, burst)?),
         };
+        let daily = match &old {
+            Some(p) => p.daily.clone(),
+            None => Arc::new(DailyUsage::new(PLAN_KEYS)),
+        };
+        let quota = self.quota(def, old.as_deref(), &daily)?;
         let p = Arc::new(PlanRt {
             name: def.name.clone(),
             own,
             overrides,
+            quota,
+            daily,
         });
         plans.insert(def.name.clone(), p.clone());
         Ok(p)
@@ -238,5 +486,210 @@ impl Assignment {
     /// Whether any caller can be assigned a plan other than its route's default.
     pub fn any(&self) -> bool {
         !self.plans.is_empty()
+    }
+}
+
+/// Writes the plans' counts to the embedded store every `limits.sync_interval` (read from
+/// the running config each time), on a thread of its own: the writes block on `fsync`. The
+/// thread ends when the runtime is dropped.
+pub fn start_flusher(shared: &Arc<crate::Shared>) {
+    if shared.limits.plans.store().is_none() {
+        return;
+    }
+    let weak = Arc::downgrade(shared);
+    let spawned = std::thread::Builder::new()
+        .name("portcullis-usage-flush".into())
+        .spawn(move || loop {
+            let every = match weak.upgrade() {
+                Some(s) => s.snapshot.load().config.limits.sync_interval.0,
+                None => return,
+            };
+            std::thread::sleep(every);
+            let Some(s) = weak.upgrade() else { return };
+            if let Err(e) = s.limits.plans.flush() {
+                tracing::error!(target: "portcullis::limits", error = %e, "usage counts could not be written; keeping them for the next try");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "the usage flusher could not start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_limits::wall::ManualWallClock;
+    use portcullis_limits::{Clock, MonotonicClock};
+
+    /// 2026-12-06 23:59:58 UTC: two seconds before a daily quota resets.
+    const LATE: i64 = 1_796_601_598;
+
+    fn plan_def(yaml: &str) -> UsagePlan {
+        serde_yaml_ng::from_str(yaml).expect("a plan")
+    }
+
+    fn registry(dir: &std::path::Path, clock: &Arc<ManualWallClock>) -> PlanRegistry {
+        let store = portcullis_store::Store::open(dir).expect("the store");
+        PlanRegistry::new(Some(store), clock.clone())
+    }
+
+    const DAILY: &str =
+        "{ name: agents, rate: 1000/s, burst: 1000, quota: { limit: 3, per: day } }";
+
+    fn check(p: &PlanRt, clock: &ManualWallClock, who: &str) -> PlanVerdict {
+        p.check(
+            &p.own,
+            &Key::from(who),
+            MonotonicClock.now(),
+            clock.unix_nanos(),
+        )
+    }
+
+    #[test]
+    fn a_quota_refuses_until_its_period_ends_then_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualWallClock::from_unix_secs(LATE));
+        let reg = registry(dir.path(), &clock);
+        let p = reg.plan(&plan_def(DAILY)).unwrap();
+        for left in [2, 1, 0] {
+            let v = check(&p, &clock, "agents/a");
+            assert!(v.allowed());
+            assert_eq!(v.quota.unwrap().remaining, left);
+        }
+        let v = check(&p, &clock, "agents/a");
+        assert!(!v.allowed() && v.bucket.allowed);
+        // Retry-After is the time until midnight UTC: 2 seconds.
+        assert_eq!(ceil_secs(v.retry_after()), 2);
+        let [policy, now] = p.headers(&p.own, &v);
+        assert_eq!(policy, "\"agents\";q=1000;w=1, \"agents-day\";q=3;w=86400");
+        assert_eq!(
+            now.to_str().unwrap().split(", ").nth(1),
+            Some("\"agents-day\";r=0;t=2")
+        );
+        // Another caller has its own quota.
+        assert!(check(&p, &clock, "agents/b").allowed());
+        // At the boundary the quota is whole again.
+        clock.advance(std::time::Duration::from_secs(2));
+        let v = check(&p, &clock, "agents/a");
+        assert!(v.allowed());
+        assert_eq!(v.quota.unwrap().remaining, 2);
+    }
+
+    #[test]
+    fn quota_use_and_daily_usage_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualWallClock::from_unix_secs(LATE - 3600));
+        {
+            let reg = registry(dir.path(), &clock);
+            let p = reg.plan(&plan_def(DAILY)).unwrap();
+            assert!(check(&p, &clock, "agents/a").allowed());
+            assert!(check(&p, &clock, "agents/a").allowed());
+            reg.flush().unwrap();
+            // Counted after the last flush: lost by a crash (at most one sync interval).
+            assert!(check(&p, &clock, "agents/a").allowed());
+        }
+        let reg = registry(dir.path(), &clock);
+        let p = reg.plan(&plan_def(DAILY)).unwrap();
+        let v = check(&p, &clock, "agents/a");
+        assert_eq!(
+            v.quota.unwrap().used,
+            3,
+            "the restart handed out no fresh quota"
+        );
+        reg.flush().unwrap();
+        let day = portcullis_limits::quota::day_of(clock.unix_nanos());
+        let all = portcullis_store::UsageQuery {
+            from_day: day,
+            to_day: day,
+            ..Default::default()
+        };
+        let rows = reg.store().unwrap().usage(&all).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].plan.as_str(), rows[0].day, rows[0].count),
+            ("agents", day, 3)
+        );
+        // A plan without a quota still counts its daily usage.
+        let free = reg.plan(&plan_def("{ name: free, rate: 10/s }")).unwrap();
+        assert!(check(&free, &clock, "dev/bob").allowed());
+        reg.flush().unwrap();
+        let rows = reg
+            .store()
+            .unwrap()
+            .usage(&portcullis_store::UsageQuery {
+                plan: Some("free"),
+                ..all
+            })
+            .unwrap();
+        assert_eq!(rows[0].count, 1);
+    }
+
+    #[test]
+    fn a_reload_keeps_buckets_and_quota_use_and_a_new_limit_applies_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualWallClock::from_unix_secs(LATE - 3600));
+        let reg = registry(dir.path(), &clock);
+        let p = reg.plan(&plan_def(DAILY)).unwrap();
+        assert!(check(&p, &clock, "agents/a").allowed());
+        assert!(check(&p, &clock, "agents/a").allowed());
+        let same = reg.plan(&plan_def(DAILY)).unwrap();
+        assert!(Arc::ptr_eq(&p.own, &same.own));
+        assert_eq!(check(&same, &clock, "agents/a").quota.unwrap().used, 3);
+        let raised = reg
+            .plan(&plan_def(
+                "{ name: agents, rate: 1000/s, burst: 1000, quota: { limit: 5, per: day } }",
+            ))
+            .unwrap();
+        let v = check(&raised, &clock, "agents/a");
+        assert_eq!((v.quota.unwrap().used, v.quota.unwrap().remaining), (4, 1));
+    }
+
+    #[test]
+    fn assignment_reads_the_key_file_then_the_claim_then_lists() {
+        let cfg_dir = tempfile::tempdir().unwrap();
+        let path = cfg_dir.path().join("p.yaml");
+        std::fs::write(
+            &path,
+            "limits: { plan_claim: tier }\nusage_plans:\n  - { name: basic, rate: 1/s }\n  - { name: gold, rate: 1/s, assign: { groups: [vip] } }\n  - { name: pro, rate: 1/s }\n",
+        )
+        .unwrap();
+        let config = portcullis_config::load(&path).unwrap();
+        let a = Assignment::build(&config, &PlanRegistry::default()).unwrap();
+        let id = |method, claims: serde_json::Value, groups: &[&str]| Identity {
+            provider: "p".into(),
+            method,
+            subject: "s".into(),
+            user: "u".into(),
+            email: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            claims,
+            expires_at: None,
+        };
+        let name = |i: Option<usize>| i.map(|i| a.plans[i].name.as_str());
+        let key = id(
+            AuthMethod::ApiKey,
+            serde_json::json!({ "plan": "pro", "tier": "gold" }),
+            &[],
+        );
+        assert_eq!(name(a.assigned(&key)), Some("pro"));
+        // A JWT's `plan` claim is not the key file's: only `plan_claim` is read.
+        let jwt = id(
+            AuthMethod::Jwt,
+            serde_json::json!({ "plan": "pro", "tier": "gold" }),
+            &[],
+        );
+        assert_eq!(name(a.assigned(&jwt)), Some("gold"));
+        let unknown = id(
+            AuthMethod::Jwt,
+            serde_json::json!({ "tier": "platinum" }),
+            &["vip"],
+        );
+        assert_eq!(
+            name(a.assigned(&unknown)),
+            Some("gold"),
+            "an unknown name falls through"
+        );
+        let none = id(AuthMethod::Jwt, serde_json::json!({}), &[]);
+        assert_eq!(a.assigned(&none), None);
     }
 }

@@ -37,6 +37,15 @@ pub struct Metrics {
     pub limit_rejections: Family<Labels, Counter>,
     /// Requests marked by a limit rule, by route and table.
     pub limit_marks: Family<Labels, Counter>,
+    /// Requests checked by the limit phase, by route.
+    pub limit_checks: Family<Labels, Counter>,
+    /// Requests a `queue` rule held and then let through, by route and table.
+    pub limit_queued: Family<Labels, Counter>,
+    /// Checks the shared limit store did not answer in time, by result (`timeout`,
+    /// `unavailable`, `error`) and what happened (`allow`, `deny`, `local`).
+    pub limit_store_errors: Family<Labels, Counter>,
+    /// Round-trip time of checks against the shared limit store.
+    pub limit_store_rtt: Histogram,
     refusal_log: RefusalLog,
 }
 
@@ -96,6 +105,14 @@ impl Default for Metrics {
                 "Requests refused by a limit (429 or a rule's status), by route and by (a stick table, or plan:<name>)";
             limit_marks: Family::default(), "limit_marks",
                 "Requests marked for the origin by a limit rule, by route and table";
+            limit_checks: Family::default(), "limit_checks",
+                "Requests checked by the limit phase, by route";
+            limit_queued: Family::default(), "limit_queued",
+                "Requests a queue rule held and then let through, by route and table";
+            limit_store_errors: Family::default(), "limit_store_errors",
+                "Checks the shared limit store (Redis) did not answer, by error and by what on_store_error did";
+            limit_store_rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 12)), "limit_store_rtt_seconds",
+                "Round-trip time of checks against the shared limit store (Redis)";
         }
     }
 }
@@ -321,7 +338,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 16] = [
+        const FAMILIES: [(&str, &str); 20] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -338,6 +355,10 @@ mod tests {
             ("requests_refused", "counter"),
             ("limit_rejections", "counter"),
             ("limit_marks", "counter"),
+            ("limit_checks", "counter"),
+            ("limit_queued", "counter"),
+            ("limit_store_errors", "counter"),
+            ("limit_store_rtt_seconds", "histogram"),
         ];
         let s = Metrics::default().encode();
         let types: Vec<&str> = s

@@ -277,6 +277,13 @@ fn route_limits(
             ),
             portcullis_config::LimitAction::Queue => (
                 Action::Queue(Queue {
+                    passed: metrics
+                        .limit_queued
+                        .get_or_create(&vec![
+                            ("route", r.id.clone()),
+                            ("table", rule.table.clone()),
+                        ])
+                        .clone(),
                     max_wait: rule.max_wait.map_or(Duration::ZERO, |d| d.0),
                     max_queue: rule.max_queue,
                     waiting: Default::default(),
@@ -334,6 +341,10 @@ fn route_limits(
             .collect(),
     });
     Ok(Some(Box::new(crate::limits::RouteLimits {
+        checks: metrics
+            .limit_checks
+            .get_or_create(&vec![("route", r.id.clone())])
+            .clone(),
         track,
         rules,
         plan,

@@ -40,7 +40,12 @@ pub struct Kit {
     pub snap: Arc<Snapshot>,
     /// A client on 127.0.0.1, connected to the first listener, without TLS.
     pub conn: ConnInfo,
+    /// The wall clock quotas and daily usage count by: [`KIT_TIME`] until moved.
+    pub clock: Arc<portcullis_limits::wall::ManualWallClock>,
 }
+
+/// Where a kit's wall clock starts: 2026-12-06 12:00:00 UTC.
+pub const KIT_TIME: i64 = 1_796_558_400;
 
 impl Kit {
     /// A kit for `yaml` (identity, backends, routes...), after [`HEAD`]. Must run inside a
@@ -73,7 +78,15 @@ impl Kit {
         let access =
             crate::record::AccessLog::start(&config.access_log.path).expect("the access log");
         let registry = crate::state::StateRegistry::default();
-        let limits = crate::limits::Registry::default();
+        let store = (!config.usage_plans.is_empty())
+            .then(|| portcullis_store::Store::open(&config.state_dir).expect("the embedded store"));
+        let clock = Arc::new(portcullis_limits::wall::ManualWallClock::from_unix_secs(
+            KIT_TIME,
+        ));
+        let limits = crate::limits::Registry::new(
+            crate::plans::PlanRegistry::new(store, clock.clone()),
+            crate::limits::Fleet::of(&config).expect("the limit store"),
+        );
         let identity = Arc::new(
             portcullis_identity::Engine::build(&config, None).expect("the identity engine"),
         );
@@ -121,6 +134,7 @@ impl Kit {
             shared,
             snap,
             conn,
+            clock,
         }
     }
 

@@ -22,7 +22,7 @@
 
 use crate::exchange::{local, Exchange, Flow};
 use crate::limits::{build_key, ceil_secs, Action, KeyFacts, Queue, RouteLimits, Rule, Usage};
-use crate::plans::BucketSet;
+use crate::plans::{BucketSet, PlanRt};
 use crate::snapshot::RouteRt;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
@@ -80,6 +80,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
 }
 
 async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    lim.checks.inc();
     for h in &lim.marks {
         x.parts.headers.remove(h);
     }
@@ -102,31 +103,39 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
             Action::Queue(q) => !queue(x, route, lim, rule, q).await,
         };
         if refused {
-            if let Some((set, key)) = plan_of(x, route, lim) {
+            if let Some((plan, set, key)) = plan_of(x, route, lim) {
                 // Not charged: read the caller's bucket for the headers.
-                let v = set.buckets.check(&key, MonotonicClock.now(), 0);
-                x.ratelimit = Some(Box::new([set.policy.clone(), set.header(&v)]));
+                let v = plan.peek(set, &key, MonotonicClock.now(), wall(x));
+                x.ratelimit = Some(Box::new(plan.headers(set, &v)));
             }
             rule.counter.inc();
             return refuse(x, rule.status, rule.retry_after.clone(), by);
         }
     }
-    if let Some((set, key)) = plan_of(x, route, lim) {
-        let v = set.buckets.check(&key, MonotonicClock.now(), 1);
-        x.ratelimit = Some(Box::new([set.policy.clone(), set.header(&v)]));
-        if !v.allowed {
+    if let Some((plan, set, key)) = plan_of(x, route, lim) {
+        let v = plan.check(set, &key, MonotonicClock.now(), wall(x));
+        x.ratelimit = Some(Box::new(plan.headers(set, &v)));
+        if !v.allowed() {
             if let Some(p) = &lim.plan {
                 let i = plan_index(x, p);
                 if let Some(c) = i.and_then(|i| p.rejected.get(i)) {
                     c.inc();
                 }
             }
-            let retry = HeaderValue::from(ceil_secs(v.retry_after).max(1));
-            let by = format!("plan:{}", set.name);
+            let retry = HeaderValue::from(ceil_secs(v.retry_after()).max(1));
+            let by = match &plan.quota {
+                Some(q) if v.bucket.allowed => format!("plan:{}", q.name),
+                _ => format!("plan:{}", set.name),
+            };
             return refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by);
         }
     }
     Flow::Next
+}
+
+/// The wall clock quotas and daily usage count by, in Unix nanoseconds.
+fn wall(x: &Exchange<'_>) -> i64 {
+    x.shared.limits.plans.clock.unix_nanos()
 }
 
 /// Whether the rule's counter, as this request saw it, is above the threshold.
@@ -146,17 +155,17 @@ fn plan_index(x: &Exchange<'_>, p: &crate::limits::PlanUse) -> Option<usize> {
         .or(p.default)
 }
 
-/// The buckets that apply to this request, and the caller's key in them.
+/// The caller's plan, the buckets that apply to this request, and the caller's key.
 fn plan_of<'r>(
     x: &Exchange<'_>,
     route: &RouteRt,
     lim: &'r RouteLimits,
-) -> Option<(&'r BucketSet, Key)> {
+) -> Option<(&'r PlanRt, &'r BucketSet, Key)> {
     let p = lim.plan.as_ref()?;
     let plan = p.assignment.plans.get(plan_index(x, p)?)?;
     let name = route.id.rsplit('/').next().unwrap_or(&route.id);
     let set = plan.buckets_for((name, &route.id), x.method());
-    Some((set, caller(x)))
+    Some((plan, set, caller(x)))
 }
 
 /// A `queue` rule: holds the request until its counter is back at the threshold, at most
@@ -212,6 +221,9 @@ async fn queue(
         tokio::time::sleep(step).await;
     };
     q.waiting.fetch_sub(1, Ordering::AcqRel);
+    if admitted {
+        q.passed.inc();
+    }
     if slot && !admitted {
         // Dropping the usage ends a `conn_cur` this request no longer holds: take it back.
         t.table.conn_start(&key, MonotonicClock.now());
