@@ -4,9 +4,9 @@
 //! check → route → identify → authorize → limit → forward (balance per attempt) → record
 //! ```
 //!
-//! The limit phase counts the request in its route's stick tables just before authorize
-//! (so that policies can read the counters in `context.limits`), and applies its rules and
-//! the caller's plan after it.
+//! The limit phase runs after authorize, except that on a route whose policies read
+//! `context.limits` it counts the request in the route's stick tables just before authorize,
+//! so that the policies see counters that include it.
 //!
 //! Each phase reads and fills one [`Exchange`]; the first that answers ends the run. `record`
 //! is not a step of its own: each answer is recorded where it is made (a streamed response
@@ -57,7 +57,9 @@ async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     phase!(check::run(x));
     phase!(route::run(x).await);
     phase!(identify::run(x).await);
-    limit::count(x);
+    if x.route.is_some_and(|r| r.reads_limits) {
+        phase!(limit::count(x).await);
+    }
     phase!(authorize::run(x).await);
     phase!(limit::run(x).await);
     forward::run(x, body).await

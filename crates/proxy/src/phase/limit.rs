@@ -22,7 +22,10 @@
 
 use crate::exchange::{local, Exchange, Flow};
 use crate::limits::{build_key, ceil_secs, Action, KeyFacts, Queue, RouteLimits, Rule, Usage};
-use crate::plans::{BucketSet, PlanRt};
+use crate::plans::{BucketSet, PlanRt, PlanVerdict};
+use portcullis_config::OnStoreError;
+
+mod fleet;
 use crate::snapshot::RouteRt;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
@@ -30,13 +33,164 @@ use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Step 1, before authorize: counts the request in each tracked table it has a key for, so
-/// that `context.limits` and the rules read counters that include it.
-pub fn count(x: &mut Exchange<'_>) {
-    let Some(route) = x.route else { return };
-    let Some(lim) = route.limits.as_deref() else {
-        return;
+/// Before authorize, on a route whose policies read `context.limits`: counts the request in
+/// the route's tables, so that the policies (and then the rules) read counters that include
+/// it. Other routes count in [`run`].
+pub async fn count(x: &mut Exchange<'_>) -> Flow {
+    let Some(route) = x.route else {
+        return Flow::Next;
     };
+    let Some(lim) = route.limits.as_deref() else {
+        return Flow::Next;
+    };
+    match tally(x, route, lim, None, true).await {
+        Ok(_) => Flow::Next,
+        Err(refused) => refused,
+    }
+}
+
+/// After authorize: counts the request (unless [`count`] did), then the rules, then the plan.
+pub async fn run(x: &mut Exchange<'_>) -> Flow {
+    match x.route {
+        Some(route) => match route.limits.as_deref() {
+            None => Flow::Next,
+            Some(lim) => limit(x, route, lim).await,
+        },
+        None => Flow::Next,
+    }
+}
+
+/// What the plan said, when it was asked along with the tables.
+enum Early {
+    /// Not asked: the plan (if any) is checked after the rules.
+    NotAsked,
+    /// The shared store failed and `on_store_error: allow`: no plan applies.
+    Skip,
+    Got(PlanVerdict),
+}
+
+async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    lim.checks.inc();
+    for h in &lim.marks {
+        x.parts.headers.remove(h);
+    }
+    let plan = plan_of(x, route, lim);
+    let counted = !x.seen.is_empty() || lim.track.is_empty();
+    // In a fleet, the tables and the plan are one round trip; in one process the plan is
+    // charged only after the rules let the request through.
+    let fleet = x.shared.limits.fleet.is_some();
+    let mut early = Early::NotAsked;
+    if !counted || (fleet && plan.is_some()) {
+        let ask = if fleet { plan.as_ref() } else { None };
+        match tally(x, route, lim, ask, !counted).await {
+            Ok(e) => early = e,
+            Err(refused) => return refused,
+        }
+    }
+    let hit = lim.rules.iter().find(|r| over(x, r));
+    if let Some(rule) = hit {
+        let by = &lim.track[rule.table].name;
+        let refused = match &rule.action {
+            Action::Mark(h) => {
+                x.parts
+                    .headers
+                    .insert(h.clone(), HeaderValue::from_static("1"));
+                rule.counter.inc();
+                false
+            }
+            Action::Deny => true,
+            Action::Tarpit(d) => {
+                tokio::time::sleep(*d).await;
+                true
+            }
+            Action::Queue(q) => !queue(x, route, lim, rule, q).await,
+        };
+        if refused {
+            if let Some((plan, set, key)) = &plan {
+                let v = match &early {
+                    Early::Got(v) => Some(v.clone()),
+                    // Not charged: read the caller's bucket for the headers.
+                    Early::NotAsked => Some(plan.peek(set, key, MonotonicClock.now(), wall(x))),
+                    Early::Skip => None,
+                };
+                if let Some(v) = v {
+                    x.ratelimit = Some(Box::new(plan.headers(set, &v)));
+                }
+            }
+            rule.counter.inc();
+            return refuse(x, rule.status, rule.retry_after.clone(), by);
+        }
+    }
+    let Some((plan, set, key)) = plan else {
+        return Flow::Next;
+    };
+    let v = match early {
+        Early::Skip => return Flow::Next,
+        Early::Got(v) => v,
+        Early::NotAsked => plan.check(set, &key, MonotonicClock.now(), wall(x)),
+    };
+    x.ratelimit = Some(Box::new(plan.headers(set, &v)));
+    if v.allowed() {
+        return Flow::Next;
+    }
+    if let Some(p) = &lim.plan {
+        if let Some(c) = plan_index(x, p).and_then(|i| p.rejected.get(i)) {
+            c.inc();
+        }
+    }
+    let retry = HeaderValue::from(ceil_secs(v.retry_after()).max(1));
+    let by = match &plan.quota {
+        Some(q) if v.bucket.allowed => format!("plan:{}", q.name),
+        _ => format!("plan:{}", set.name),
+    };
+    refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by)
+}
+
+/// The wall clock quotas and daily usage count by, in Unix nanoseconds.
+fn wall(x: &Exchange<'_>) -> i64 {
+    x.shared.limits.plans.clock.unix_nanos()
+}
+
+/// Counts the request in the route's tables (with `tables`) and, with `plan`, charges the
+/// caller's plan: in the shared store in one round trip when there is one, else (or when it
+/// fails and `on_store_error: local`) in this process. Fills `x.seen` and `x.usage`.
+async fn tally(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    lim: &RouteLimits,
+    plan: Option<&(&PlanRt, &BucketSet, Key)>,
+    tables: bool,
+) -> Result<Early, Flow> {
+    if let Some(f) = &x.shared.limits.fleet {
+        match fleet::tally(x, f, route, lim, plan, tables).await {
+            Ok(early) => return Ok(early),
+            Err(e) => {
+                fleet::failed(x, &e, f.on_error);
+                match f.on_error {
+                    OnStoreError::Local => {}
+                    OnStoreError::Allow => {
+                        x.seen = lim.track.iter().map(|_| None).collect();
+                        return Ok(Early::Skip);
+                    }
+                    OnStoreError::Deny => {
+                        let retry = HeaderValue::from_static("1");
+                        return Err(refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, "store"));
+                    }
+                }
+            }
+        }
+    }
+    if tables {
+        count_local(x, route, lim);
+    }
+    Ok(match plan {
+        Some((plan, set, key)) => Early::Got(plan.check(set, key, MonotonicClock.now(), wall(x))),
+        None => Early::NotAsked,
+    })
+}
+
+/// Counts the request in each tracked table it has a key for, in this process.
+fn count_local(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) {
     let now = MonotonicClock.now();
     let facts = KeyFacts {
         ip: x.conn.peer.ip(),
@@ -66,76 +220,6 @@ pub fn count(x: &mut Exchange<'_>) {
     if !usage.entries.is_empty() {
         x.usage = Some(Box::new(usage));
     }
-}
-
-/// Steps 2 and 3, after authorize: the rules, then the plan.
-pub async fn run(x: &mut Exchange<'_>) -> Flow {
-    match x.route {
-        Some(route) => match route.limits.as_deref() {
-            None => Flow::Next,
-            Some(lim) => limit(x, route, lim).await,
-        },
-        None => Flow::Next,
-    }
-}
-
-async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
-    lim.checks.inc();
-    for h in &lim.marks {
-        x.parts.headers.remove(h);
-    }
-    let hit = lim.rules.iter().find(|r| over(x, r));
-    if let Some(rule) = hit {
-        let by = &lim.track[rule.table].name;
-        let refused = match &rule.action {
-            Action::Mark(h) => {
-                x.parts
-                    .headers
-                    .insert(h.clone(), HeaderValue::from_static("1"));
-                rule.counter.inc();
-                false
-            }
-            Action::Deny => true,
-            Action::Tarpit(d) => {
-                tokio::time::sleep(*d).await;
-                true
-            }
-            Action::Queue(q) => !queue(x, route, lim, rule, q).await,
-        };
-        if refused {
-            if let Some((plan, set, key)) = plan_of(x, route, lim) {
-                // Not charged: read the caller's bucket for the headers.
-                let v = plan.peek(set, &key, MonotonicClock.now(), wall(x));
-                x.ratelimit = Some(Box::new(plan.headers(set, &v)));
-            }
-            rule.counter.inc();
-            return refuse(x, rule.status, rule.retry_after.clone(), by);
-        }
-    }
-    if let Some((plan, set, key)) = plan_of(x, route, lim) {
-        let v = plan.check(set, &key, MonotonicClock.now(), wall(x));
-        x.ratelimit = Some(Box::new(plan.headers(set, &v)));
-        if !v.allowed() {
-            if let Some(p) = &lim.plan {
-                let i = plan_index(x, p);
-                if let Some(c) = i.and_then(|i| p.rejected.get(i)) {
-                    c.inc();
-                }
-            }
-            let retry = HeaderValue::from(ceil_secs(v.retry_after()).max(1));
-            let by = match &plan.quota {
-                Some(q) if v.bucket.allowed => format!("plan:{}", q.name),
-                _ => format!("plan:{}", set.name),
-            };
-            return refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by);
-        }
-    }
-    Flow::Next
-}
-
-/// The wall clock quotas and daily usage count by, in Unix nanoseconds.
-fn wall(x: &Exchange<'_>) -> i64 {
-    x.shared.limits.plans.clock.unix_nanos()
 }
 
 /// Whether the rule's counter, as this request saw it, is above the threshold.
@@ -392,7 +476,9 @@ routes:
         let mut x = kit.routed(req).await;
         let f = crate::phase::identify::run(&mut x).await;
         assert!(is_next(&f), "identify: {}", describe(&f));
-        count(&mut x);
+        if x.route.is_some_and(|r| r.reads_limits) {
+            assert!(is_next(&count(&mut x).await));
+        }
         let f = crate::phase::authorize::run(&mut x).await;
         assert!(is_next(&f), "authorize: {}", describe(&f));
         let f = run(&mut x).await;
@@ -789,7 +875,7 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
                 .routed(get("/watched").header("authorization", &alice))
                 .await;
             assert!(is_next(&crate::phase::identify::run(&mut x).await));
-            count(&mut x);
+            assert!(is_next(&count(&mut x).await));
             let f = crate::phase::authorize::run(&mut x).await;
             decisions.push(if is_next(&f) { "allow" } else { "deny" });
         }
@@ -803,7 +889,7 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             .routed(get("/watched").header("authorization", &bob))
             .await;
         assert!(is_next(&crate::phase::identify::run(&mut x).await));
-        count(&mut x);
+        assert!(is_next(&count(&mut x).await));
         assert!(is_next(&crate::phase::authorize::run(&mut x).await));
         table
             .table
@@ -813,7 +899,7 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             .routed(get("/watched").header("authorization", &bob))
             .await;
         assert!(is_next(&crate::phase::identify::run(&mut x).await));
-        count(&mut x);
+        assert!(is_next(&count(&mut x).await));
         assert!(!is_next(&crate::phase::authorize::run(&mut x).await));
     }
 

@@ -1,0 +1,268 @@
+//! A fleet on one real Redis: several portcullis processes share `limits.store: { redis }`
+//! and enforce one global limit, and each `on_store_error` mode does what it says when
+//! Redis is killed mid-load, with no 5xx from the proxy and recovery when Redis is back.
+//! The harness starts `redis-server` itself (installed by scripts/test.sh).
+
+mod common;
+
+use common::Proxy;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` on a loopback port, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+fn redis_server() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    match on_path {
+        Some(p) => p,
+        None if PathBuf::from("/usr/bin/redis-server").is_file() => "/usr/bin/redis-server".into(),
+        None => panic!("redis-server not found: install the Debian package redis-server (scripts/test.sh does)"),
+    }
+}
+
+fn pong(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl Redis {
+    fn start() -> Redis {
+        for _ in 0..5 {
+            if let Some(r) = Redis::start_on(common::free_port()) {
+                return r;
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn start_on(port: u16) -> Option<Redis> {
+        let child = Command::new(redis_server())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let mut r = Redis {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if pong(port) {
+                return Some(r);
+            }
+            if let Some(Ok(Some(_))) = r.child.as_mut().map(Child::try_wait) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        r.kill();
+        None
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A public route with a plan (one bucket for every client: they all come from 127.0.0.1)
+/// and a route with a rule on a shared request count.
+fn fleet_config(redis: &Redis, timeout: &str, on_error: &str, burst: u32) -> String {
+    format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+backends:
+  - {{ name: o, servers: [{{ address: "builtin:echo" }}] }}
+limits:
+  store: {{ redis: {{ url: "redis://127.0.0.1:{port}", timeout: {timeout} }} }}
+  on_store_error: {on_error}
+stick_tables:
+  - {{ name: everyone, key: route, size: 10, store: [http_req_cnt] }}
+usage_plans:
+  - {{ name: shared, rate: 1/h, burst: {burst} }}
+routes:
+  - name: planned
+    match: {{ path_prefix: /plan }}
+    backend: o
+    public: true
+    limits: {{ plan: shared }}
+  - name: counted
+    match: {{ path_prefix: /count }}
+    backend: o
+    public: true
+    limits:
+      track: [everyone]
+      rules: [{{ table: everyone, counter: http_req_cnt, above: 150 }}]
+"#,
+        port = redis.port
+    )
+}
+
+/// `total` requests to `path`, spread over `proxies` by `clients` concurrent clients; the
+/// statuses seen.
+async fn load(proxies: &[&Proxy], path: &str, total: usize, clients: usize) -> Vec<u16> {
+    let urls: Vec<String> = proxies.iter().map(|p| p.url(path)).collect();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (urls, next) = (urls.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = common::client();
+            let mut got = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return got;
+                }
+                let r = c
+                    .get(&urls[i % urls.len()])
+                    .send()
+                    .await
+                    .expect("a response");
+                got.push(r.status().as_u16());
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+/// Three processes, one Redis, concurrent clients: a plan's burst of 300 and a rule at 150
+/// requests hold across the fleet, within ±2% (they are exact: one atomic script per check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_enforce_one_global_limit() {
+    let redis = Redis::start();
+    // A generous timeout: the machine's two cores run Redis, three proxies and the clients.
+    let yaml = fleet_config(&redis, "2s", "deny", 300);
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    let fleet = [&a, &b, &c];
+    let got = load(&fleet, "/plan/x", 900, 12).await;
+    let ok = count(&got, 200);
+    assert_eq!(ok + count(&got, 429), 900, "only 200 and 429: {got:?}");
+    assert!(
+        (294..=306).contains(&ok),
+        "{ok} of a global burst of 300 let through"
+    );
+    let got = load(&fleet, "/count/x", 450, 12).await;
+    let ok = count(&got, 200);
+    assert_eq!(ok + count(&got, 429), 450, "only 200 and 429: {got:?}");
+    assert!(
+        (147..=153).contains(&ok),
+        "{ok} let through by a global rule at 150"
+    );
+    // Each process answered some of both, so the limit was shared rather than local.
+    for p in fleet {
+        let (_, m) = p.admin(reqwest::Method::GET, "/metrics", None).await;
+        assert!(
+            m.contains("portcullis_limit_store_rtt_seconds_count"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("portcullis_limit_store_errors_total{"),
+            "no store errors: {m}"
+        );
+    }
+}
+
+/// Redis killed mid-load and started again: `allow` lets everything through, `deny`
+/// refuses with 429 (never a 5xx), `local` counts in each process; all of them go back to
+/// the shared counts when Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_on_store_error_mode_does_what_it_says_when_redis_dies() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let configs = ["allow", "deny", "local"].map(|m| fleet_config(&redis, "200ms", m, 5));
+    let (allow, deny, local) = tokio::join!(
+        Proxy::start(&configs[0]),
+        Proxy::start(&configs[1]),
+        Proxy::start(&configs[2]),
+    );
+    // The three share one bucket of 5 (same plan, same caller). Not spent before the
+    // outage: a caller the store has refused stays refused from each process's deny cache,
+    // whatever the mode, until its retry time.
+    let before = load(&[&allow, &deny, &local], "/plan/x", 3, 1).await;
+    assert_eq!(count(&before, 200), 3, "{before:?}");
+
+    redis.kill();
+    let start = Instant::now();
+    let outage_allow = load(&[&allow], "/plan/x", 8, 2).await;
+    let outage_deny = load(&[&deny], "/plan/x", 8, 2).await;
+    let outage_local = load(&[&local], "/plan/x", 8, 2).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "no request hangs");
+    assert_eq!(count(&outage_allow, 200), 8, "allow: {outage_allow:?}");
+    assert_eq!(count(&outage_deny, 429), 8, "deny: {outage_deny:?}");
+    // A fresh bucket in this process: its burst of 5, then 429s.
+    assert_eq!(count(&outage_local, 200), 5, "local: {outage_local:?}");
+    assert_eq!(count(&outage_local, 429), 3, "local: {outage_local:?}");
+    for p in [&allow, &deny, &local] {
+        let (_, m) = p.admin(reqwest::Method::GET, "/metrics", None).await;
+        assert!(m.contains("portcullis_limit_store_errors_total{"), "{m}");
+        assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
+    }
+
+    // Back on the same port (empty: no persistence). Each process finds it again: the
+    // deny-mode one lets requests through again, the allow-mode one limits again.
+    let _redis = Redis::start_on(port).expect("redis-server starts again on its port");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = load(&[&deny], "/plan/x", 1, 1).await;
+        if got == [200] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deny-mode process never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The allow-mode one limits again: the fresh bucket's tokens, then a 429.
+    let mut after = Vec::new();
+    while !after.contains(&429) {
+        assert!(
+            Instant::now() < deadline,
+            "the allow-mode process never limited again: {after:?}"
+        );
+        after.extend(load(&[&allow], "/plan/x", 1, 1).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all: Vec<u16> = [before, outage_allow, outage_deny, outage_local, after].concat();
+    assert!(all.iter().all(|s| *s < 500), "no 5xx: {all:?}");
+}
