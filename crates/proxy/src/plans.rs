@@ -106,6 +106,7 @@ pub struct PlanRt {
 }
 
 /// The answer of a plan to one request: its bucket's, and its quota's when it has one.
+#[derive(Clone)]
 pub struct PlanVerdict {
     pub bucket: Verdict,
     pub quota: Option<QuotaVerdict>,
