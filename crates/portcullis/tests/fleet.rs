@@ -105,6 +105,7 @@ limits:
   on_store_error: {on_error}
 stick_tables:
   - {{ name: everyone, key: route, size: 10, store: [http_req_cnt] }}
+  - {{ name: per_ip, key: src, size: 100, store: [gpc0, http_req_cnt] }}
 usage_plans:
   - {{ name: shared, rate: 1/h, burst: {burst} }}
 routes:
@@ -120,6 +121,13 @@ routes:
     limits:
       track: [everyone]
       rules: [{{ table: everyone, counter: http_req_cnt, above: 150 }}]
+  - name: guarded
+    match: {{ path_prefix: /guarded }}
+    backend: o
+    public: true
+    limits:
+      track: [per_ip]
+      rules: [{{ table: per_ip, counter: gpc0, above: 0, status: 403 }}]
 "#,
         port = redis.port
     )
@@ -265,4 +273,49 @@ async fn each_on_store_error_mode_does_what_it_says_when_redis_dies() {
     }
     let all: Vec<u16> = [before, outage_allow, outage_deny, outage_local, after].concat();
     assert!(all.iter().all(|s| *s < 500), "no 5xx: {all:?}");
+}
+
+/// An operator bans a client on one process of the fleet (gpc0 = 1 over the admin API, an
+/// audited control command); every process refuses it, reads the entry from Redis, and
+/// lets it in again once another process clears the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ban_set_on_one_process_holds_on_every_process() {
+    let redis = Redis::start();
+    let yaml = fleet_config(&redis, "2s", "deny", 1000);
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    assert_eq!(
+        load(&[&a, &b, &c], "/guarded/x", 3, 1).await,
+        [200, 200, 200]
+    );
+    let entry = "/api/v1/tables/per_ip/entries/127.0.0.1";
+    let (status, body) = a
+        .admin(
+            reqwest::Method::POST,
+            entry,
+            Some(serde_json::json!({ "gpc0": 1 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        load(&[&b, &c, &a], "/guarded/x", 3, 1).await,
+        [403, 403, 403]
+    );
+    let (status, body) = b.admin(reqwest::Method::GET, entry, None).await;
+    assert_eq!(status, 200, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["counters"]["gpc0"], 1, "{e}");
+    assert_eq!(
+        e["counters"]["http_req_cnt"], 6,
+        "counted by all three: {e}"
+    );
+    let (status, body) = c.admin(reqwest::Method::DELETE, entry, None).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(
+        load(&[&a, &b, &c], "/guarded/x", 3, 1).await,
+        [200, 200, 200]
+    );
 }

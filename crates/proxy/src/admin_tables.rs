@@ -627,7 +627,22 @@ async fn entry(
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    match t.table.get(&k, now) {
+    let local = t.table.get(&k, now);
+    // In a fleet the counts are in Redis; `conn_cur` and tags stay in this process.
+    let found = match &rt.shared.limits.fleet {
+        None => local,
+        Some(f) => match f.store.get(&t.name, t.table.spec(), &k).await {
+            Ok(shared) => shared.map(|mut s| {
+                if let Some(l) = &local {
+                    s.conn_cur = l.conn_cur;
+                    s.tags = l.tags.clone();
+                }
+                s
+            }),
+            Err(e) => return ControlError::StoreUnavailable(e.to_string()).into_response(),
+        },
+    };
+    match found {
         Some(s) => {
             let mut e = entry_json(&t, &k, &s);
             e["table"] = json!(t.name);

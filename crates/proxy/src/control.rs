@@ -167,6 +167,9 @@ pub enum ControlError {
     /// The audit record could not be written, so the command was not applied.
     #[error("audit trail unavailable; nothing changed")]
     AuditUnavailable,
+    /// The shared limit store (Redis) did not take the change; this process's table did.
+    #[error("the shared limit store did not take the change: {0}")]
+    StoreUnavailable(String),
     /// The config on disk was rejected; `serving_version` keeps serving.
     #[error("config reload rejected: {error}")]
     ReloadRejected {
@@ -182,6 +185,7 @@ impl ControlError {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Ambiguous(_) => StatusCode::CONFLICT,
             ControlError::NotStored(_) => StatusCode::CONFLICT,
+            ControlError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::ReloadRejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -457,7 +461,12 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
     }
     let server = match target {
         Target::Server(st) => st,
-        Target::Table(t, key) => return apply_table(by, &command, &t, key),
+        Target::Table(t, key) => {
+            if let Some(f) = &rt.shared.limits.fleet {
+                shared_table(f, &command, &t, key.as_ref()).await?;
+            }
+            return apply_table(by, &command, &t, key);
+        }
         Target::Config => unreachable!("a reload returned above"),
     };
     match &command {
@@ -480,6 +489,34 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
         _ => unreachable!("not a server command: {}", command.action()),
     }
     Ok(args)
+}
+
+/// In a fleet, the counters that live in Redis (`gpc0` and the request and error counts)
+/// change there too: set `gpc0`, clear a key or a table. Tags and `conn_cur` are per process.
+async fn shared_table(
+    f: &crate::limits::Fleet,
+    command: &Command,
+    t: &TableRt,
+    key: Option<&Key>,
+) -> Result<(), ControlError> {
+    let bad =
+        |e: portcullis_limits::redis::StoreError| ControlError::StoreUnavailable(e.to_string());
+    match (command, key) {
+        (Command::SetTableGpc { value, .. }, Some(k)) => {
+            f.store
+                .set_gpc(&t.name, t.table.spec(), k, *value)
+                .await
+                .map_err(bad)?;
+        }
+        (Command::ClearTableKey { .. }, Some(k)) => {
+            f.store.clear(&t.name, Some(k)).await.map_err(bad)?;
+        }
+        (Command::ClearTable { .. }, _) => {
+            f.store.clear(&t.name, None).await.map_err(bad)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Applies a resolved, recorded table command, and logs it. It fails only in a race that
