@@ -15,6 +15,10 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 # The real Redis of the shared limit store tests (crates/limits/tests/redis.rs, tests/fleet.rs).
 command -v redis-server >/dev/null 2>&1 || [[ -x /usr/bin/redis-server ]] || need_apt+=(redis-server)
+# The real NATS server of the event sink tests (crates/events/tests/nats.rs; Debian: /usr/sbin).
+command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need_apt+=(nats-server)
+# Tests read the embedded store with the sqlite3 shell.
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 if ((${#need_apt[@]})); then
   echo "installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

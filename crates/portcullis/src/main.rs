@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod audit_cli;
 mod policy_cli;
 mod table_cli;
+mod usage_cli;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -77,6 +78,8 @@ enum Command {
     },
     /// Stick tables at runtime, through the admin API: show, get, set, clear.
     Table(table_cli::TableArgs),
+    /// Requests per usage plan, caller and UTC day, read from the store in `state_dir`.
+    Usage(usage_cli::UsageArgs),
     /// Print the version.
     Version,
 }
@@ -185,6 +188,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Table(args) => table_cli::run(args),
+        Command::Usage(args) => usage_cli::run(args),
         Command::Token {
             config,
             provider,

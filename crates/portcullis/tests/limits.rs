@@ -266,3 +266,41 @@ routes:
     let to_midnight = 86_400 - now % 86_400;
     assert!(retry.abs_diff(to_midnight) <= 2, "{retry} vs {to_midnight}");
 }
+
+/// A reload that adds the first usage plan opens the embedded store then, so the new plan's
+/// quota is counted durably from its first request.
+#[tokio::test]
+async fn a_reload_that_adds_the_first_plan_opens_the_store() {
+    let p = Proxy::start(&per_ip("http_req_cnt", "")).await;
+    let db = p.dir.path().join("state/portcullis.db");
+    assert!(!db.exists(), "no plans, no store");
+    let planned = per_ip(
+        "http_req_cnt",
+        "  - { name: api, match: { path_prefix: /api }, backend: o, public: true, limits: { plan: daily } }\nusage_plans:\n  - { name: daily, rate: 100/s, quota: { limit: 2, per: day } }\nlimits: { sync_interval: 50ms }\n",
+    );
+    p.write_config(&planned);
+    reload(&p).await;
+    assert!(db.exists(), "the reload opened the store");
+    let c = client();
+    let got: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(status(&c, &p.url("/api/x")).await.status().as_u16());
+        }
+        v
+    };
+    assert_eq!(got, [200, 200, 429]);
+    // The flusher started with the store: the use reaches the file.
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            let out = std::process::Command::new("sqlite3")
+                .arg(&db)
+                .arg("select sum(used) from quota;")
+                .output();
+            out.map(|o| String::from_utf8_lossy(&o.stdout).trim() == "2")
+                .unwrap_or(false)
+        })
+        .await,
+        "the quota use was written"
+    );
+}

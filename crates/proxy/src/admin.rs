@@ -1,5 +1,6 @@
 //! The admin listener: health and readiness, Prometheus metrics, and the runtime API (server
-//! state and weight, reload, config status, and stick tables: see [`crate::admin_tables`]).
+//! state and weight, reload, config status, stick tables (see [`crate::admin_tables`]) and
+//! usage-plan usage (see [`crate::admin_usage`])).
 //! Everything but `/healthz` and `/readyz` needs a bearer token from `admin.tokens`, compared
 //! in constant time; with no tokens configured the API refuses every call. The token's
 //! position and the peer make the caller's [`Principal`]. The API is a thin HTTP layer over
@@ -38,6 +39,7 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/config", get(config))
         .merge(crate::admin_tables::routes())
+        .merge(crate::admin_usage::routes())
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod admin_tables;
+pub mod admin_usage;
 pub mod audit;
 pub mod control;
 pub mod edge;
@@ -308,6 +309,22 @@ impl Runtime {
         if config.workers != current.config.workers {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
+        if config.limits.store != current.config.limits.store {
+            tracing::warn!(
+                "`limits.store` changed; the running store stays until the next restart"
+            );
+        }
+        // A first config with plans opens the embedded store their counts are kept in.
+        let opened = if config.usage_plans.is_empty() {
+            false
+        } else {
+            let shared = self.shared.clone();
+            let dir = config.state_dir.clone();
+            tokio::task::spawn_blocking(move || shared.limits.plans.open_store(&dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("state_dir: {e}"))?
+        };
         let config = Arc::new(config);
         let engine = Arc::new(
             portcullis_identity::Engine::build(&config, Some(&current.identity))
@@ -344,7 +361,15 @@ impl Runtime {
         self.listeners
             .commit(prepared, &self.shared, config.shutdown_grace);
         self.shared.registry.retain(&keep);
+        // Counts of plans about to be dropped are written first.
+        let shared = self.shared.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || shared.limits.plans.flush()).await {
+            tracing::error!(error = %e, "usage counts could not be written at reload");
+        }
         self.shared.limits.retain(&config);
+        if opened {
+            plans::start_flusher(&self.shared);
+        }
         self.health
             .reconcile(&self.shared.snapshot.load(), &self.shared.metrics);
         Ok(Some(version))

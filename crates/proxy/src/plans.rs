@@ -74,9 +74,19 @@ impl BucketSet {
     /// The `RateLimit` header for a verdict: `"<name>";r=<remaining>;t=<seconds until the
     /// bucket is full>`.
     pub fn header(&self, v: &Verdict) -> HeaderValue {
-        let t = ceil_secs(v.reset_after);
-        HeaderValue::from_str(&format!("\"{}\";r={};t={t}", self.name, v.remaining))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
+        // On every answer of a limited route: written into one buffer on the stack.
+        let mut b: smallvec::SmallVec<[u8; 96]> = smallvec::SmallVec::new();
+        b.push(b'"');
+        b.extend_from_slice(self.name.as_bytes());
+        b.extend_from_slice(b"\";r=");
+        b.extend_from_slice(itoa::Buffer::new().format(v.remaining).as_bytes());
+        b.extend_from_slice(b";t=");
+        b.extend_from_slice(
+            itoa::Buffer::new()
+                .format(ceil_secs(v.reset_after))
+                .as_bytes(),
+        );
+        HeaderValue::from_bytes(&b).unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
     }
 }
 
@@ -220,7 +230,10 @@ pub fn ceil_secs(d: Duration) -> u64 {
 /// usage are kept in. See the [module docs](self).
 pub struct PlanRegistry {
     plans: Mutex<HashMap<String, Arc<PlanRt>>>,
-    store: Option<portcullis_store::Store>,
+    /// Opened when the first config with plans is loaded (at start or at a reload).
+    store: std::sync::OnceLock<portcullis_store::Store>,
+    /// One flush at a time: a reader that flushes first then sees every count so far.
+    flushing: Mutex<()>,
     /// The wall clock quotas and days are counted by (injected by tests).
     pub clock: Arc<dyn WallClock>,
 }
@@ -233,15 +246,30 @@ impl Default for PlanRegistry {
 
 impl PlanRegistry {
     pub fn new(store: Option<portcullis_store::Store>, clock: Arc<dyn WallClock>) -> Self {
+        let cell = std::sync::OnceLock::new();
+        if let Some(s) = store {
+            let _ = cell.set(s);
+        }
         PlanRegistry {
             plans: Mutex::default(),
-            store,
+            store: cell,
+            flushing: Mutex::new(()),
             clock,
         }
     }
 
     pub fn store(&self) -> Option<&portcullis_store::Store> {
-        self.store.as_ref()
+        self.store.get()
+    }
+
+    /// Opens the embedded store in `dir` unless one is open; true when this call opened it.
+    /// Blocking (file I/O).
+    pub fn open_store(&self, dir: &std::path::Path) -> Result<bool, portcullis_store::StoreError> {
+        if self.store.get().is_some() {
+            return Ok(false);
+        }
+        let s = portcullis_store::Store::open(dir)?;
+        Ok(self.store.set(s).is_ok())
     }
 
     /// The plan's quota: the running one when its spec is unchanged, the running one's use
@@ -267,7 +295,7 @@ impl PlanRegistry {
             Some(o) => Arc::new(o.quotas.respec(spec, now)),
             None => {
                 let quotas = Quotas::with_daily(spec, PLAN_KEYS, daily.clone());
-                if let Some(store) = &self.store {
+                if let Some(store) = self.store.get() {
                     let (start, _) = quotas.spec().period(now.div_euclid(1_000_000_000));
                     let rows = store.load_quotas(&def.name, start).map_err(|e| {
                         format!("usage plan `{}`: reading its quota: {e}", def.name)
@@ -295,9 +323,10 @@ impl PlanRegistry {
     /// Writes every plan's changed quota use and daily usage to the store, in one
     /// transaction. On failure the counts are kept for the next try.
     pub fn flush(&self) -> Result<(), String> {
-        let Some(store) = &self.store else {
+        let Some(store) = self.store.get() else {
             return Ok(());
         };
+        let _one = self.flushing.lock();
         let plans: Vec<Arc<PlanRt>> = self.plans.lock().values().cloned().collect();
         let mut quotas = Vec::new();
         let mut usage = Vec::new();
@@ -514,6 +543,29 @@ pub fn start_flusher(shared: &Arc<crate::Shared>) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "the usage flusher could not start");
     }
+}
+
+impl PlanRegistry {
+    /// The running plan named `name`, as the last snapshot built it, if any. Read-only: for
+    /// the admin API's usage report (`crate::admin_usage`), which reads its quota's use.
+    pub fn running(&self, name: &str) -> Option<Arc<PlanRt>> {
+        self.plans.lock().get(name).cloned()
+    }
+}
+
+/// The quota `def` defines, as the registry builds it: `None` without one. For readers of the
+/// store that have no running plan (`portcullis usage`).
+pub fn quota_spec(def: &UsagePlan) -> Result<Option<QuotaSpec>, String> {
+    let Some(q) = &def.quota else { return Ok(None) };
+    let bad = |e: portcullis_limits::Error| format!("usage plan `{}`: quota: {e}", def.name);
+    let per = match q.per {
+        portcullis_config::QuotaPer::Day => Per::Day,
+        portcullis_config::QuotaPer::Week => Per::Week,
+        portcullis_config::QuotaPer::Month => Per::Month,
+    };
+    QuotaSpec::new(q.limit, per, ResetAt::parse(&q.reset).map_err(bad)?)
+        .map(Some)
+        .map_err(bad)
 }
 
 #[cfg(test)]

@@ -332,7 +332,7 @@ fn admit_conn(t: &crate::limits::TableRt, key: &Key, now: Moment, above: u64) ->
 fn caller(x: &Exchange<'_>) -> Key {
     match &x.identity {
         Some(id) => {
-            let mut b = Vec::with_capacity(id.provider.len() + 1 + id.subject.len());
+            let mut b: smallvec::SmallVec<[u8; 64]> = smallvec::SmallVec::new();
             b.extend_from_slice(id.provider.as_bytes());
             b.push(b'/');
             b.extend_from_slice(id.subject.as_bytes());
