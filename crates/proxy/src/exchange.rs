@@ -143,14 +143,14 @@ pub struct Exchange<'s> {
     // limit
     /// The stick-table entries this request counts in, for the end of its response (errors,
     /// bytes, `conn_cur`); dropping it ends `conn_cur`.
-    pub usage: Option<Box<crate::limits::Usage>>,
+    pub usage: Option<crate::limits::Usage>,
     /// The counters of each tracked table after this request was counted (by the index in
     /// the route's `limits.track`; `None` where the request lacks the table's key): what
     /// `context.limits` and the rules read.
     pub seen: crate::limits::Seen,
     /// `RateLimit-Policy` and `RateLimit`, on a route with a usage plan: every answer carries
     /// them.
-    pub ratelimit: Option<Box<[HeaderValue; 2]>>,
+    pub ratelimit: Option<[HeaderValue; 2]>,
 }
 
 impl<'s> Exchange<'s> {

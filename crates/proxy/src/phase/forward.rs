@@ -673,7 +673,7 @@ struct Done {
     start: Instant,
     /// The stick-table entries the request counts in: the origin's errors and the bytes are
     /// recorded here, and `conn_cur` ends when this drops.
-    usage: Option<Box<crate::limits::Usage>>,
+    usage: Option<crate::limits::Usage>,
 }
 
 impl OnDone for Done {

@@ -114,7 +114,7 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
                     Early::Skip => None,
                 };
                 if let Some(v) = v {
-                    x.ratelimit = Some(Box::new(plan.headers(set, &v)));
+                    x.ratelimit = Some(plan.headers(set, &v));
                 }
             }
             rule.counter.inc();
@@ -129,7 +129,7 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
         Early::Got(v) => v,
         Early::NotAsked => plan.check(set, &key, MonotonicClock.now(), wall(x)),
     };
-    x.ratelimit = Some(Box::new(plan.headers(set, &v)));
+    x.ratelimit = Some(plan.headers(set, &v));
     if v.allowed() {
         return Flow::Next;
     }
@@ -218,7 +218,7 @@ fn count_local(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) {
         })
         .collect();
     if !usage.entries.is_empty() {
-        x.usage = Some(Box::new(usage));
+        x.usage = Some(usage);
     }
 }
 

@@ -161,7 +161,7 @@ fn record(
         })
         .collect();
     if !usage.entries.is_empty() {
-        x.usage = Some(Box::new(usage));
+        x.usage = Some(usage);
     }
 }
 
