@@ -25,6 +25,7 @@
 //! ```
 
 use crate::plans::{self, PlanRt};
+use crate::table_keys::{hex, shorten, unhex};
 use crate::Runtime;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -193,30 +194,6 @@ pub fn key_to_text(bytes: &[u8]) -> String {
     match ip {
         Some(ip) => ip.to_string(),
         None => format!("0x{}", hex(b)),
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    s.as_bytes()
-        .chunks(2)
-        .map(|pair| match pair {
-            [h, l] => {
-                Some((char::from(*h).to_digit(16)? * 16 + char::from(*l).to_digit(16)?) as u8)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// At most 80 characters of `s`, for error messages.
-fn shorten(s: &str) -> String {
-    match s.char_indices().nth(80) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
     }
 }
 

@@ -13,6 +13,7 @@
 use crate::limits::{Registry, TableRt};
 use crate::snapshot::{BackendRt, Snapshot};
 use crate::state::{AdminState, ServerState};
+use crate::table_keys::HASHED_SCAN_MAX;
 use crate::Runtime;
 use http::StatusCode;
 use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock};
@@ -46,7 +47,7 @@ pub enum Command {
     /// Loads, validates and swaps in the config from disk (see [`Runtime::reload`]).
     Reload,
     /// Sets a stick-table entry's `gpc0` (creating the entry), as HAProxy's `set table`.
-    /// `key` is the key's text (see [`crate::admin_tables`]).
+    /// `key` is the key's text (see [`crate::table_keys`]).
     SetTableGpc {
         table: String,
         key: String,
@@ -278,8 +279,8 @@ fn resolve_table(
 ) -> Result<Resolved, ControlError> {
     let now = MonotonicClock.now();
     let key = |t: &TableRt, text: &str| -> Result<(Key, String), ControlError> {
-        let k = crate::admin_tables::table_key(t, text, now)?;
-        let text = crate::admin_tables::key_to_text(&t.parts, &k);
+        let k = table_key(t, text, now)?;
+        let text = crate::table_keys::key_to_text(&t.parts, &k);
         Ok((k, text))
     };
     let (command, table, k) = match cmd {
@@ -437,7 +438,7 @@ pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resol
 /// Validates `cmd`, records it in the audit trail, applies it and logs it with `by`. Returns
 /// the result as JSON: the command's arguments (backend as full id) for a server;
 /// `{"result": "ok", "version": ...}` for a reload; the entry after the change for a table
-/// entry's `gpc0` or tags (see [`crate::admin_tables::entry_json`], null if it is gone);
+/// entry's `gpc0` or tags (see [`crate::table_keys::entry_json`], null if it is gone);
 /// `{"table", "key", "cleared": bool}` for a cleared entry and `{"table", "removed": n}` for
 /// a cleared table.
 ///
@@ -531,7 +532,7 @@ fn apply_table(
     let now = MonotonicClock.now();
     let entry = |k: &Key| {
         t.table.get(k, now).map_or(Value::Null, |s| {
-            let mut e = crate::admin_tables::entry_json(t, k, &s);
+            let mut e = crate::table_keys::entry_json(t, k, &s);
             e["table"] = json!(t.name);
             e
         })
@@ -594,6 +595,49 @@ async fn reload(rt: &Runtime, by: &Principal) -> Result<Value, ControlError> {
             serving_version: rt.shared.snapshot.load().version.clone(),
         }),
     }
+}
+
+/// The key `text` names in table `t`: [`crate::table_keys::parse_key`], and a `sha256:` key found among the
+/// table's live entries (a hashed key cannot be rebuilt from its digest).
+pub fn table_key(t: &TableRt, text: &str, now: Moment) -> Result<Key, ControlError> {
+    let digest = match crate::table_keys::parse_key(&t.parts, text) {
+        Ok(crate::table_keys::KeyText::Key(k)) => return Ok(k),
+        Ok(crate::table_keys::KeyText::Hashed(d)) => d,
+        Err(e) => {
+            return Err(ControlError::Invalid(format!(
+                "stick table `{}`: {e}",
+                t.name
+            )))
+        }
+    };
+    let Some(by) = crate::table_keys::numeric(t).next() else {
+        return Err(ControlError::Invalid(format!(
+            "stick table `{}` stores no counter to search its entries by; give the key's full \
+             text instead of `sha256:`",
+            t.name
+        )));
+    };
+    if t.table.len() > HASHED_SCAN_MAX {
+        return Err(ControlError::Invalid(format!(
+            "stick table `{}` holds over {HASHED_SCAN_MAX} entries, too many to search for a \
+             `sha256:` key; give the key's full text",
+            t.name
+        )));
+    }
+    let all = t
+        .table
+        .top(t.table.len(), by, now)
+        .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    all.into_iter()
+        .map(|(k, _)| k)
+        .find(|k| k.is_hashed() && k.as_bytes() == digest.as_slice())
+        .ok_or_else(|| {
+            ControlError::NotFound(format!(
+                "no entry `{}` in stick table `{}`",
+                crate::table_keys::shorten(text),
+                t.name
+            ))
+        })
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod plans;
 pub mod record;
 pub mod snapshot;
 pub mod state;
+pub mod table_keys;
 #[cfg(test)]
 pub mod testkit;
 pub mod upstream;

@@ -547,7 +547,7 @@ pub fn start_flusher(shared: &Arc<crate::Shared>) {
 
 impl PlanRegistry {
     /// The running plan named `name`, as the last snapshot built it, if any. Read-only: for
-    /// the admin API's usage report (`crate::admin_usage`), which reads its quota's use.
+    /// the admin API's usage report, which reads its quota's use.
     pub fn running(&self, name: &str) -> Option<Arc<PlanRt>> {
         self.plans.lock().get(name).cloned()
     }
