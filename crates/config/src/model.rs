@@ -161,7 +161,7 @@ impl<'de> Deserialize<'de> for LimitStore {
 pub enum OnStoreError {
     /// Let the request through, unlimited.
     Allow,
-    /// Refuse the request with 503.
+    /// Refuse the request with 429 and `Retry-After: 1` (never a 5xx).
     Deny,
     /// Count in this process alone until the store answers again.
     #[default]

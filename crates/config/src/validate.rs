@@ -310,6 +310,14 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
         }
     }
+    let mut limits = root.limits.clone();
+    if let LimitStore::Redis(r) = &mut limits.store {
+        match expand(&r.url, &base) {
+            Ok(u) => r.url = u,
+            Err(e) => diags.push(root_src.diag("limits.store.redis.url", e)),
+        }
+    }
+    check_store(&root_src, &limits, &mut diags);
     let mut audit = root.audit.clone();
     audit.dir = base.join(&audit.dir).to_string_lossy().into_owned();
     if audit.queue == 0 {
@@ -529,6 +537,19 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         access_log.path = base.join(&access_log.path).to_string_lossy().into_owned();
     }
 
+    // A plan's overrides name routes of any file: checked once every route is known.
+    for (i, p) in root.usage_plans.iter().enumerate() {
+        for (j, o) in p.overrides.iter().enumerate() {
+            for (k, name) in o.routes.iter().enumerate() {
+                if !routes.iter().any(|r| &r.spec.name == name || &r.id == name) {
+                    diags.push(root_src.diag(
+                        &format!("usage_plans[{i}].overrides[{j}].routes[{k}]"),
+                        format!("the override names route `{name}`, which does not exist: write a route's name, or its id (`app/name`) when names repeat across apps"),
+                    ));
+                }
+            }
+        }
+    }
     if !diags.is_empty() {
         return Err(Error(diags));
     }
@@ -605,7 +626,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         audit,
         route_srcs,
         state_dir: base.join(&root.state_dir),
-        limits: root.limits.clone(),
+        limits,
         stick_tables: root.stick_tables.clone(),
         usage_plans: root.usage_plans.clone(),
     })
@@ -1303,11 +1324,11 @@ fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
                     "a quota of 0 lets nothing through: write at least 1, like `limit: 10000`",
                 ));
             }
-            if let Err(e) = reset_time(&q.reset) {
+            if let Err(e) = reset_time(&q.reset, q.per == QuotaPer::Week) {
                 diags.push(src.diag(&format!("{at}.quota.reset"), e));
             }
         }
-        check_plan_overrides(src, &at, p, root, diags);
+        check_plan_overrides(src, &at, p, diags);
         for (j, who) in p.assign.principals.iter().enumerate() {
             if !who.contains('/') {
                 diags.push(src.diag(
@@ -1317,17 +1338,10 @@ fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    check_store(src, &root.limits, diags);
 }
 
 /// A plan's overrides: each narrows by route or method, to routes that exist, with a rate.
-fn check_plan_overrides(
-    src: &Source,
-    at: &str,
-    p: &UsagePlan,
-    root: &RootFile,
-    diags: &mut Vec<Diagnostic>,
-) {
+fn check_plan_overrides(src: &Source, at: &str, p: &UsagePlan, diags: &mut Vec<Diagnostic>) {
     for (j, o) in p.overrides.iter().enumerate() {
         let oat = format!("{at}.overrides[{j}]");
         if o.routes.is_empty() && o.methods.is_empty() {
@@ -1353,17 +1367,6 @@ fn check_plan_overrides(
                 diags.push(src.diag(
                     &format!("{oat}.methods[{k}]"),
                     format!("`{m}` is no method: write it in capitals, like `POST`"),
-                ));
-            }
-        }
-        // Routes of app bundles are checked by name when the bundles are read; the root
-        // file's routes are known here.
-        let known = root.apps.is_some() || root.routes.is_empty();
-        for (k, r) in o.routes.iter().enumerate() {
-            if !known && !root.routes.iter().any(|x| &x.name == r) {
-                diags.push(src.diag(
-                    &format!("{oat}.routes[{k}]"),
-                    format!("the override names route `{r}`, which does not exist"),
                 ));
             }
         }
@@ -1400,6 +1403,12 @@ fn check_store(src: &Source, l: &LimitsCfg, diags: &mut Vec<Diagnostic>) {
                 "connections are between 1 and 64, like `2`",
             ));
         }
+        if r.sync_interval.0.is_zero() || r.sync_interval.0 > std::time::Duration::from_secs(60) {
+            diags.push(src.diag(
+                "limits.store.redis.sync_interval",
+                "the sync interval is between 1ms and 60s, like `50ms`",
+            ));
+        }
         if r.prefix.is_empty() {
             diags.push(src.diag(
                 "limits.store.redis.prefix",
@@ -1417,9 +1426,29 @@ fn redact_url(u: &str) -> String {
     }
 }
 
-/// A quota's reset time: `HH:MM`, optionally followed by ` UTC`.
-fn reset_time(t: &str) -> Result<(), String> {
-    let hm = t.trim().strip_suffix("UTC").map_or(t.trim(), str::trim_end);
+/// A quota's reset time: `HH:MM`, optionally followed by ` UTC`; a weekly quota may name
+/// the day its week starts first (`Sunday 00:00 UTC`; Monday by default).
+fn reset_time(t: &str, week: bool) -> Result<(), String> {
+    const DAYS: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    let mut hm = t.trim().strip_suffix("UTC").map_or(t.trim(), str::trim_end);
+    if let Some((day, rest)) = hm.split_once(' ') {
+        let day = day.to_ascii_lowercase();
+        let known = DAYS.iter().any(|d| *d == day || d[..3] == day);
+        if !(week && known) {
+            return Err(format!(
+                "invalid quota reset `{t}`: only a weekly quota names a day (`Sunday 00:00 UTC`); write a UTC time of day, like `00:00 UTC`"
+            ));
+        }
+        hm = rest.trim();
+    }
     let ok = hm.split_once(':').is_some_and(|(h, m)| {
         h.len() == 2
             && m.len() == 2
@@ -2174,6 +2203,27 @@ routes:
             ),
             (
                 "{ name: trickle, rate: 600/m }",
+                "{ name: trickle, rate: 600/m, quota: { limit: 5, per: day, reset: \"Sunday 00:00 UTC\" } }",
+                "\"Sunday",
+                "\"",
+                "only a weekly quota names a day",
+            ),
+            (
+                "limits: { store: local }",
+                "limits: { store: { redis: { url: \"redis://cache:6379\", sync_interval: 0s } } }",
+                "sync_interval: 0s",
+                "0s",
+                "the sync interval is between 1ms and 60s",
+            ),
+            (
+                "limits: { store: local }",
+                "limits: { store: { redis: { url: \"${env:PORTCULLIS_TEST_UNSET_REDIS_URL}\" } } }",
+                "url: \"$",
+                "\"",
+                "PORTCULLIS_TEST_UNSET_REDIS_URL",
+            ),
+            (
+                "{ name: trickle, rate: 600/m }",
                 "{ name: trickle, rate: 600/m, quota: { limit: 0, per: month } }",
                 "limit: 0",
                 "0",
@@ -2233,6 +2283,31 @@ routes:
             let (root, text, errors) = limits_error(d.path(), from, to);
             assert_reported(&errors, &loc_of(&root, &text, context, needle), msg);
         }
+    }
+
+    /// A weekly quota may start on another day; the Redis URL takes `${env:}` like other
+    /// secrets.
+    #[test]
+    fn a_weekly_reset_day_and_a_redis_url_from_the_environment_load() {
+        let d = tempfile::tempdir().unwrap();
+        std::env::set_var(
+            "PORTCULLIS_TEST_REDIS_URL",
+            "redis://:s3cret@127.0.0.1:6390/2",
+        );
+        let text = LIMITS
+            .replace(
+                "limits: { store: local }",
+                "limits: { store: { redis: { url: \"${env:PORTCULLIS_TEST_REDIS_URL}\" } } }",
+            )
+            .replace(
+                "{ name: trickle, rate: 600/m }",
+                "{ name: trickle, rate: 600/m, quota: { limit: 5, per: week, reset: \"Sunday 06:00 UTC\" } }",
+            );
+        let c = crate::load(&write(d.path(), "p.yaml", &text)).unwrap();
+        let LimitStore::Redis(r) = &c.limits.store else {
+            panic!("{:?}", c.limits.store)
+        };
+        assert_eq!(r.url, "redis://:s3cret@127.0.0.1:6390/2");
     }
 
     /// Semantic errors are all reported at once, each at its own place.

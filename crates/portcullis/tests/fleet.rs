@@ -98,6 +98,8 @@ fn fleet_config(redis: &Redis, timeout: &str, on_error: &str, burst: u32) -> Str
     format!(
         r#"
 listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+identity:
+  providers: [{{ name: dev, kind: dev_issuer }}]
 backends:
   - {{ name: o, servers: [{{ address: "builtin:echo" }}] }}
 limits:
@@ -105,7 +107,9 @@ limits:
   on_store_error: {on_error}
 stick_tables:
   - {{ name: everyone, key: route, size: 10, store: [http_req_cnt] }}
-  - {{ name: per_ip, key: src, size: 100, store: [gpc0, http_req_cnt] }}
+  - {{ name: per_ip, key: src, size: 100, store: [gpc0, http_req_cnt, tags] }}
+  - {{ name: guesses, key: src, size: 100, store: [http_err_cnt] }}
+  - {{ name: pace, key: src, size: 100, store: ["http_req_rate(1s)"] }}
 usage_plans:
   - {{ name: shared, rate: 1/h, burst: {burst} }}
 routes:
@@ -128,6 +132,21 @@ routes:
     limits:
       track: [per_ip]
       rules: [{{ table: per_ip, counter: gpc0, above: 0, status: 403 }}]
+  - name: login
+    match: {{ path_prefix: /login }}
+    backend: o
+    auth: [dev]
+    allow: [{{}}]
+    limits:
+      track: [guesses]
+      rules: [{{ table: guesses, counter: http_err_cnt, above: 2 }}]
+  - name: paced
+    match: {{ path_prefix: /paced }}
+    backend: o
+    public: true
+    limits:
+      track: [pace]
+      rules: [{{ table: pace, counter: "http_req_rate(1s)", above: 2, action: queue, max_wait: 4s }}]
 "#,
         port = redis.port
     )
@@ -317,5 +336,51 @@ async fn a_ban_set_on_one_process_holds_on_every_process() {
     assert_eq!(
         load(&[&a, &b, &c], "/guarded/x", 3, 1).await,
         [200, 200, 200]
+    );
+}
+
+/// In a fleet, failed credentials count in Redis (so a guesser spread over the processes
+/// is refused by all of them), and a queue rule on a rate waits for the shared rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_credentials_and_queues_read_the_shared_counts() {
+    let redis = Redis::start();
+    let yaml = fleet_config(&redis, "2s", "deny", 1000);
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    let client = common::client();
+    let guess = |p: &Proxy| {
+        client
+            .get(p.url("/login"))
+            .bearer_auth("not-a-token")
+            .send()
+    };
+    for p in [&a, &b, &c] {
+        assert_eq!(guess(p).await.unwrap().status(), 401);
+    }
+    // The errors reach Redis within the sync interval (50ms by default).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if guess(&a).await.unwrap().status() == 429 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "three guesses never added up across the fleet"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(guess(&b).await.unwrap().status(), 429);
+
+    // Two at once go through; the third waits for the fleet's rate to fall back to 2/s.
+    assert_eq!(load(&[&a, &b], "/paced/x", 2, 2).await, [200, 200]);
+    let start = Instant::now();
+    assert_eq!(load(&[&c], "/paced/x", 1, 1).await, [200]);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "it was queued: {waited:?}"
     );
 }

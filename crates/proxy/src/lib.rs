@@ -310,10 +310,14 @@ impl Runtime {
         if config.workers != current.config.workers {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
-        if config.limits.store != current.config.limits.store {
-            tracing::warn!(
-                "`limits.store` changed; the running store stays until the next restart"
-            );
+        let (new, old) = (&config.limits, &current.config.limits);
+        if new.store != old.store || new.on_store_error != old.on_store_error {
+            tracing::warn!("`limits.store` or `limits.on_store_error` changed; they take effect at the next restart");
+        }
+        if config.state_dir != current.config.state_dir
+            && self.shared.limits.plans.store().is_some()
+        {
+            tracing::warn!("`state_dir` changed; the open store stays until the next restart");
         }
         // A first config with plans opens the embedded store their counts are kept in.
         let opened = if config.usage_plans.is_empty() {
@@ -491,6 +495,10 @@ impl Runtime {
         )
         .await;
         self.health.stop_all();
+        if let Some(f) = &self.shared.limits.fleet {
+            // End-of-response counts still batched for Redis.
+            let _ = f.store.flush().await;
+        }
         let shared = self.shared.clone();
         let flushed = tokio::task::spawn_blocking(move || shared.limits.plans.flush()).await;
         if let Ok(Err(e)) = flushed {

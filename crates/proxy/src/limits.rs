@@ -152,6 +152,8 @@ pub struct TableRt {
     pub errs: bool,
     /// Stores `bytes_in_rate` or `bytes_out_rate`.
     pub bytes: bool,
+    /// Stores `tags`.
+    pub tags: bool,
     /// The definition's key, to tell whether a reload changed the shape.
     key: TableKey,
 }
@@ -172,6 +174,14 @@ pub struct Fleet {
     pub on_error: portcullis_config::OnStoreError,
 }
 
+/// A URL with the password between `:` and `@` replaced.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 impl Fleet {
     /// The store `config` names, if it names Redis.
     pub fn of(config: &portcullis_config::Config) -> Result<Option<Fleet>, String> {
@@ -186,7 +196,8 @@ impl Fleet {
             sync_interval: r.sync_interval.0,
             ..portcullis_limits::RedisConfig::new(r.url.clone())
         })
-        .map_err(|e| e.to_string())?;
+        // The URL may carry a password: never in a message.
+        .map_err(|e| e.to_string().replace(&r.url, &redacted(&r.url)))?;
         Ok(Some(Fleet {
             store,
             on_error: config.limits.on_store_error,
@@ -230,6 +241,7 @@ impl Registry {
             conn: spec.stores(Kind::ConnCur),
             errs: spec.stores(Kind::HttpErrCnt) || spec.stores(Kind::HttpErrRate),
             bytes: spec.stores(Kind::BytesInRate) || spec.stores(Kind::BytesOutRate),
+            tags: spec.stores(Kind::Tags),
             table: Table::new(spec),
             key: def.key.clone(),
         });

@@ -133,6 +133,9 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
     if v.allowed() {
         return Flow::Next;
     }
+    if v.quota.as_ref().is_some_and(|q| q.table_full) {
+        quota_full(&plan.name);
+    }
     if let Some(p) = &lim.plan {
         if let Some(c) = plan_index(x, p).and_then(|i| p.rejected.get(i)) {
             c.inc();
@@ -144,6 +147,16 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
         _ => format!("plan:{}", set.name),
     };
     refuse(x, StatusCode::TOO_MANY_REQUESTS, retry, &by)
+}
+
+/// A quota that tracks as many callers as it can hold refuses new ones (it never forgets a
+/// caller's use within a period): logged at most once a second.
+fn quota_full(plan: &str) {
+    static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let second = MonotonicClock.now().as_nanos() / 1_000_000_000 + 1;
+    if LOGGED.swap(second, Ordering::Relaxed) != second {
+        tracing::warn!(target: "portcullis::limits", plan, "usage plan `{plan}`: its quota tracks as many callers as it holds; refusing new ones this period");
+    }
 }
 
 /// The wall clock quotas and daily usage count by, in Unix nanoseconds.
@@ -291,9 +304,17 @@ async fn queue(
         let ok = if slot {
             admit_conn(t, &key, now, rule.above)
         } else {
-            t.table
-                .get(&key, now)
-                .and_then(|s| s.get(rule.kind))
+            let s = match &x.shared.limits.fleet {
+                // In a fleet the counts are in Redis: one read per look.
+                Some(f) => f
+                    .store
+                    .get(&t.name, t.table.spec(), &key)
+                    .await
+                    .ok()
+                    .flatten(),
+                None => t.table.get(&key, now),
+            };
+            s.and_then(|s| s.get(rule.kind))
                 .is_none_or(|v| v <= rule.above)
         };
         if ok {
@@ -377,14 +398,34 @@ pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> 
         headers: &x.parts.headers,
     };
     let mut seen: crate::limits::Seen = Default::default();
+    let fleet = x.shared.limits.fleet.as_ref();
     for t in lim.track.iter() {
-        let key = t.anonymous.then(|| build_key(&t.parts, &facts)).flatten();
-        seen.push(key.and_then(|key| {
-            if t.errs {
-                t.table.record_error(&key, now);
+        let Some(key) = t.anonymous.then(|| build_key(&t.parts, &facts)).flatten() else {
+            seen.push(None);
+            continue;
+        };
+        seen.push(match fleet {
+            // In a fleet the error goes to Redis with the other end-of-response counts (so
+            // it shows within `sync_interval`), and the rules read the shared counts.
+            Some(f) => {
+                if t.errs {
+                    f.store.finish(&t.name, t.table.spec(), &key, true, 0, 0);
+                }
+                match f.store.get(&t.name, t.table.spec(), &key).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        fleet::failed(x, &e, f.on_error);
+                        None
+                    }
+                }
             }
-            t.table.get(&key, now)
-        }));
+            None => {
+                if t.errs {
+                    t.table.record_error(&key, now);
+                }
+                t.table.get(&key, now)
+            }
+        });
     }
     let rule = lim.rules.iter().find(|r| {
         matches!(r.action, Action::Deny | Action::Tarpit(_))

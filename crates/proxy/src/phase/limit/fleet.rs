@@ -154,6 +154,10 @@ fn record(
             if t.conn {
                 s.conn_cur = t.table.conn_start(&key, now).conn_cur;
             }
+            if t.tags {
+                // Tags are set per process (by the admin API or automation).
+                s.tags = t.table.get(&key, now).map(|l| l.tags).unwrap_or_default();
+            }
             if t.conn || t.errs || t.bytes {
                 usage.entries.push((t.clone(), key));
             }
