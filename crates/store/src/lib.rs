@@ -36,8 +36,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod outbox;
 pub mod schema;
 mod usage;
+pub use outbox::{Enqueued, OutboxRow};
 
 pub use portcullis_limits::quota::{day_string, parse_day};
 pub use schema::SCHEMA_VERSION;

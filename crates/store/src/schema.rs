@@ -8,7 +8,7 @@
 //! does not know.
 //!
 //! To change the schema, append a migration with the next number; never edit one that has
-//! shipped. The event outbox and workflow executions will add theirs here.
+//! shipped. Workflow executions and trigger firings will add theirs here.
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
@@ -20,10 +20,11 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order, numbered from 1 without gaps.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "quotas and daily usage",
-    sql: "
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "quotas and daily usage",
+        sql: "
         -- Each key's use of a plan's quota: one row per (plan, key), for its latest period.
         -- `key` is portcullis_limits::StoredKey::to_bytes; `period_start` is Unix seconds.
         CREATE TABLE quota (
@@ -45,7 +46,29 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
         ) WITHOUT ROWID;
         CREATE INDEX usage_daily_by_day ON usage_daily (day);
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "event outbox",
+        sql: "
+        -- Events waiting for delivery by a sink (a webhook), written before the first
+        -- attempt and deleted once delivered: see crate::outbox. `seq` orders them as
+        -- enqueued; `payload` is the structured-mode CloudEvent (JSON); times are Unix
+        -- milliseconds. One row per (sink, event id), so enqueueing an event twice is a no-op.
+        CREATE TABLE outbox (
+            seq             INTEGER PRIMARY KEY,
+            sink            TEXT    NOT NULL,
+            event_id        TEXT    NOT NULL,
+            payload         TEXT    NOT NULL,
+            attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            next_attempt_at INTEGER NOT NULL,
+            created_at      INTEGER NOT NULL,
+            UNIQUE (sink, event_id)
+        );
+        CREATE INDEX outbox_due ON outbox (sink, next_attempt_at);
+    ",
+    },
+];
 
 /// The schema version this build writes: the last migration's number.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
