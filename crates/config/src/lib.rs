@@ -147,6 +147,10 @@ pub struct Config {
     pub stick_tables: Vec<StickTable>,
     /// Usage plans, by name.
     pub usage_plans: Vec<UsagePlan>,
+    /// `events:` as written (JSON null when absent), for the events engine to read.
+    pub events: serde_json::Value,
+    /// `triggers:` as written (JSON null when absent), for the automation engine to read.
+    pub triggers: serde_json::Value,
     pub warnings: Vec<String>,
     /// Where each route is written, by route id (see [`Config::route_loc`]).
     route_srcs: HashMap<String, RouteSrc>,

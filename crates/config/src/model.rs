@@ -55,6 +55,10 @@ pub struct RootFile {
     /// Rate and burst per caller (API Gateway's usage plans).
     #[serde(default)]
     pub usage_plans: Vec<UsagePlan>,
+    /// Where events go (sinks). Validated by the events engine (`portcullis check` runs it).
+    pub events: Option<serde_yaml_ng::Value>,
+    /// Rules over events that act on the proxy. Validated by the automation engine.
+    pub triggers: Option<serde_yaml_ng::Value>,
 }
 
 /// Where limit counters live, what a check does when the shared store fails, and how plans

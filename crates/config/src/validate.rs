@@ -629,7 +629,15 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         limits,
         stick_tables: root.stick_tables.clone(),
         usage_plans: root.usage_plans.clone(),
+        events: as_json(root.events.as_ref()),
+        triggers: as_json(root.triggers.as_ref()),
     })
+}
+
+/// A YAML value as JSON (null when absent), for the engines that validate it themselves.
+fn as_json(v: Option<&serde_yaml_ng::Value>) -> serde_json::Value {
+    v.and_then(|v| serde_json::to_value(v).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Expands policy file globs relative to `base`. A pattern that matches nothing is an error,

@@ -139,6 +139,9 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
             out.push(loc.diag(format!("{at}: stick table `{}`: {e}", t.name)));
         }
     }
+    if let Err(d) = snapshot::triggers(config) {
+        out.extend(d);
+    }
     for (i, e) in portcullis_identity::engine::check(config) {
         let loc = config.root_loc(&format!("identity.providers[{i}]"));
         out.push(loc.diag(e.to_string()));

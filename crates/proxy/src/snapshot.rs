@@ -30,6 +30,9 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Limits(String),
+    /// Problems in `triggers:`, each located as `file:line:col: message`.
+    #[error("{0}")]
+    Triggers(String),
 }
 
 pub struct ServerRt {
@@ -114,6 +117,20 @@ pub struct Snapshot {
     /// Headers no client may set on any route: every `headers.upstream` name of every route,
     /// plus the assertion header (anything under `x-portcullis-` is also removed).
     pub strip_headers: Arc<[http::HeaderName]>,
+    /// The triggers of `triggers:`, validated.
+    pub triggers: Arc<Vec<portcullis_automation::TriggerCfg>>,
+}
+
+/// The triggers of `config`, or every problem in them located in the config.
+pub fn triggers(
+    config: &Config,
+) -> Result<Vec<portcullis_automation::TriggerCfg>, Vec<portcullis_config::Diagnostic>> {
+    portcullis_automation::parse_triggers(&config.triggers).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|(path, message)| config.root_loc(&path).diag(format!("{path}: {message}")))
+            .collect()
+    })
 }
 
 impl Snapshot {
@@ -126,6 +143,14 @@ impl Snapshot {
         policy: Arc<portcullis_policy::Engine>,
         authorizers: Arc<portcullis_authorizer::Authorizers>,
     ) -> Result<Snapshot, BuildError> {
+        let triggers = triggers(&config).map_err(|d| {
+            BuildError::Triggers(
+                d.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })?;
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
         for b in &config.backends {
@@ -223,6 +248,7 @@ impl Snapshot {
             policy,
             authorizers,
             strip_headers: strip_headers.into(),
+            triggers: Arc::new(triggers),
             router: Router::build(&config.routes),
             version: config.version.clone(),
             trusted: config.trusted_proxies.clone(),
