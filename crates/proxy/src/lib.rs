@@ -15,6 +15,7 @@ pub mod admin_usage;
 pub mod audit;
 pub mod control;
 pub mod edge;
+pub mod events;
 pub mod exchange;
 pub mod health;
 pub mod limits;
@@ -65,6 +66,8 @@ pub enum Error {
     Audit(#[from] portcullis_audit::Error),
     #[error("limits.store: {0}")]
     LimitStore(String),
+    #[error("{0}")]
+    Events(String),
     #[error("state_dir: {0}")]
     Store(#[from] portcullis_store::StoreError),
 }
@@ -79,6 +82,8 @@ pub struct Shared {
     pub access: record::AccessLog,
     /// The audit writer; None when `audit.sink` is `off`.
     pub audit: Option<portcullis_audit::Auditor>,
+    /// Where events go (see `events`).
+    pub events: events::Events,
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +106,15 @@ pub struct Runtime {
     pub ready: AtomicBool,
     /// The admin address actually bound (useful when configured with port 0).
     pub admin_addr: parking_lot::Mutex<Option<std::net::SocketAddr>>,
+    /// The events automation reads, until automation takes them (config with triggers).
+    pub automation_events:
+        parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Arc<portcullis_events::Event>>>>,
+}
+
+/// Whether `config` keeps anything in the embedded store: quota use and daily usage,
+/// event outboxes, trigger firings.
+fn needs_store(config: &Config) -> bool {
+    !config.usage_plans.is_empty() || !config.events.is_null() || !config.triggers.is_null()
 }
 
 /// What [`Runtime::start`] would refuse, short of binding ports and fetching keys, for
@@ -142,6 +156,9 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
     if let Err(d) = snapshot::triggers(config) {
         out.extend(d);
     }
+    if let Err(d) = events::events_cfg(config) {
+        out.push(d);
+    }
     for (i, e) in portcullis_identity::engine::check(config) {
         let loc = config.root_loc(&format!("identity.providers[{i}]"));
         out.push(loc.diag(e.to_string()));
@@ -159,11 +176,15 @@ impl Runtime {
         let registry = StateRegistry::default();
         // The embedded store holds quota use and daily usage: opened only when there are
         // plans to keep.
-        let store = if config.usage_plans.is_empty() {
-            None
-        } else {
+        let store = if needs_store(&config) {
             Some(portcullis_store::Store::open(&config.state_dir)?)
+        } else {
+            None
         };
+        let (events, automation_events) =
+            events::Events::start(&config, store.as_ref(), events::instance_source())
+                .await
+                .map_err(Error::Events)?;
         let fleet = limits::Fleet::of(&config).map_err(Error::LimitStore)?;
         let limits = limits::Registry::new(
             plans::PlanRegistry::new(store, Arc::new(portcullis_limits::wall::SystemWallClock)),
@@ -203,6 +224,7 @@ impl Runtime {
             metrics,
             access,
             audit,
+            events,
         });
         let rt = Arc::new(Runtime {
             config_path: config.root.clone(),
@@ -219,6 +241,7 @@ impl Runtime {
             }),
             ready: AtomicBool::new(false),
             admin_addr: parking_lot::Mutex::new(None),
+            automation_events: parking_lot::Mutex::new(automation_events),
             shared,
         });
         if let Some(admin) = &config.admin {
@@ -313,6 +336,9 @@ impl Runtime {
         if config.workers != current.config.workers {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
+        if config.events != current.config.events {
+            tracing::warn!("`events` changed; the sinks take it at the next restart");
+        }
         let (new, old) = (&config.limits, &current.config.limits);
         if new.store != old.store || new.on_store_error != old.on_store_error {
             tracing::warn!("`limits.store` or `limits.on_store_error` changed; they take effect at the next restart");
@@ -323,7 +349,7 @@ impl Runtime {
             tracing::warn!("`state_dir` changed; the open store stays until the next restart");
         }
         // A first config with plans opens the embedded store their counts are kept in.
-        let opened = if config.usage_plans.is_empty() {
+        let opened = if !needs_store(&config) {
             false
         } else {
             let shared = self.shared.clone();

@@ -118,6 +118,9 @@ impl Kit {
             metrics,
             access,
             audit,
+            events: crate::events::Events::off(portcullis_events::Source::new(
+                "portcullis://testkit",
+            )),
         });
         let snap = shared.snapshot.load_full();
         let rules = config.listeners.first().map(Rules::new).unwrap_or_default();

@@ -21,6 +21,15 @@ impl Bus {
     /// A NATS server that is down at start is not an error: the client keeps connecting in
     /// the background, and the sink's queue absorbs (then drops and counts) in the meantime.
     pub async fn from_config(cfg: &EventsCfg, store: Option<&Store>) -> Result<Bus, EventsError> {
+        Ok(Bus::builder_from_config(cfg, store).await?.build())
+    }
+
+    /// The builder [`Bus::from_config`] builds, for a caller that adds in-process
+    /// subscribers (automation) before it starts the bus.
+    pub async fn builder_from_config(
+        cfg: &EventsCfg,
+        store: Option<&Store>,
+    ) -> Result<crate::bus::BusBuilder, EventsError> {
         cfg.validate()?;
         let mut builder = Bus::builder();
         for s in &cfg.sinks {
@@ -51,6 +60,6 @@ impl Bus {
             };
             builder.sink(s.name.clone(), s.queue, filter, sink);
         }
-        Ok(builder.build())
+        Ok(builder)
     }
 }
