@@ -7,6 +7,11 @@
 #
 #   bench/ab.sh NEW_BIN BASE_BIN                  # the JWT + policy route
 #   CONF=portcullis bench/ab.sh NEW_BIN BASE_BIN  # the plain route
+#   CONF=portcullis-jwt-limits CONF_BASE=portcullis-jwt bench/ab.sh BIN BIN
+#                                                 # two routes of one build: the cost of limits
+#   CONF_BASE [CONF]: the rendered config the BASE_BIN process runs (another route of the same
+#   build, to measure what one feature costs). portcullis-jwt-redis needs a redis-server on the
+#   port its config names (compare.sh starts one only for its own run).
 #   ROUNDS [10]  DURATION [5s]  OUT [bench/out]: a directory that bench/compare.sh (SCENARIO=jwt
 #   or all) has filled: its nginx.conf, jwt/token.txt and the rendered portcullis configs.
 #
@@ -17,19 +22,22 @@ BASE=${2:?usage: bench/ab.sh NEW_BIN BASE_BIN}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench/out}
 CONF=${CONF:-portcullis-jwt}
+CONF_BASE=${CONF_BASE:-$CONF}
 ROUNDS=${ROUNDS:-10}
 DURATION=${DURATION:-5s}
 PORT_A=${PORT_A:-24690}
 PORT_B=${PORT_B:-24691}
-[[ -f $OUT/nginx.conf && -f $OUT/$CONF.yaml ]] || { echo "run bench/compare.sh first (OUT=$OUT)" >&2; exit 2; }
+[[ -f $OUT/nginx.conf && -f $OUT/$CONF.yaml && -f $OUT/$CONF_BASE.yaml ]] || { echo "run bench/compare.sh first (OUT=$OUT)" >&2; exit 2; }
 TOKEN=$(cat "$OUT/jwt/token.txt" 2>/dev/null || true)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 taskset -c 1 /usr/sbin/nginx -c "$OUT/nginx.conf" -p "$OUT/" -e "$OUT/nginx-error.log" & PIDS+=($!)
-# The rendered config listens on its own port: move each copy to its own.
-port=$(grep -o '127.0.0.1:[0-9]*"' "$OUT/$CONF.yaml" | head -1 | tr -dc 0-9:. | cut -d: -f2)
-sed "s/127.0.0.1:$port\"/127.0.0.1:$PORT_A\"/" "$OUT/$CONF.yaml" >"$OUT/ab-new.yaml"
-sed "s/127.0.0.1:$port\"/127.0.0.1:$PORT_B\"/" "$OUT/$CONF.yaml" >"$OUT/ab-base.yaml"
+# The rendered config listens on its own port: move each copy to its own. (The listener's
+# `    bind:` line; not the admin listener's or the Redis URL's address.)
+listen_port() { sed -n 's/^    bind: "127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$1" | head -1; }
+port=$(listen_port "$OUT/$CONF.yaml") port_base=$(listen_port "$OUT/$CONF_BASE.yaml")
+sed "s/^    bind: \"127.0.0.1:$port\"/    bind: \"127.0.0.1:$PORT_A\"/" "$OUT/$CONF.yaml" >"$OUT/ab-new.yaml"
+sed "s/^    bind: \"127.0.0.1:$port_base\"/    bind: \"127.0.0.1:$PORT_B\"/" "$OUT/$CONF_BASE.yaml" >"$OUT/ab-base.yaml"
 taskset -c 0 env PORTCULLIS_LOG=warn "$NEW" run --config "$OUT/ab-new.yaml" >"$OUT/ab-new.log" 2>&1 & A=$!; PIDS+=($A)
 taskset -c 0 env PORTCULLIS_LOG=warn "$BASE" run --config "$OUT/ab-base.yaml" >"$OUT/ab-base.log" 2>&1 & B=$!; PIDS+=($B)
 sleep 2

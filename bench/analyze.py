@@ -4,7 +4,8 @@
 usage: analyze.py OUT_DIR   (run by compare.sh; metadata comes from its environment)
 
 Reads OUT_DIR/raw/<variant>-rN.txt for each variant that ran (haproxy, portcullis, and with
-SCENARIO=jwt|all haproxy-jwt, portcullis-jwt, portcullis-jwt-audit) (wrk --latency output, plus `cpu_ticks` and
+SCENARIO=jwt|all haproxy-jwt, portcullis-jwt, portcullis-jwt-audit, portcullis-jwt-limits,
+haproxy-jwt-limits, portcullis-jwt-redis) (wrk --latency output, plus `cpu_ticks` and
 `loadavg` lines that compare.sh appends) and OUT_DIR/raw/mem-*.json (bench/idle_conns.py),
 writes OUT_DIR/results.json and prints the markdown to paste into BENCHMARKS.md.
 """
@@ -19,11 +20,14 @@ import sys
 
 PROXIES = ("haproxy", "portcullis")
 VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
-            "portcullis-jwt-limits", "portcullis-base", "portcullis-jwt-base")
+            "portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis-jwt-redis",
+            "portcullis-base", "portcullis-jwt-base")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
           "portcullis-jwt-limits": "portcullis JWT + policy + limits",
+          "haproxy-jwt-limits": "HAProxy jwt_verify + stick table",
+          "portcullis-jwt-redis": "portcullis JWT + policy + limits in Redis",
           "portcullis-base": "portcullis plain, base build",
           "portcullis-jwt-base": "portcullis JWT + policy, base build"}
 BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
@@ -33,6 +37,14 @@ JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "audit_vs_plain": ("portcullis-jwt-audit", "portcullis", 0.95, "portcullis JWT + policy + audit / portcullis plain"),
     "audit_vs_haproxy_jwt": ("portcullis-jwt-audit", "haproxy-jwt", 5.0, "portcullis JWT + policy + audit / HAProxy jwt_verify"),
     "limits_vs_jwt": ("portcullis-jwt-limits", "portcullis-jwt", 0.97, "portcullis JWT + policy + limits / JWT + policy"),
+    "redis_vs_jwt": ("portcullis-jwt-redis", "portcullis-jwt", 0.85, "portcullis JWT + policy + limits in Redis / JWT + policy"),
+}
+# Ratios without a target, reported beside those above: HAProxy's cost of a stick table on its
+# JWT frontend, set against portcullis's cost of its limits (each relative to its own JWT route).
+LIMIT_COMPARISONS = {
+    "haproxy_limits_vs_jwt": ("haproxy-jwt-limits", "haproxy-jwt", "HAProxy jwt_verify + stick table / HAProxy jwt_verify"),
+    "limits_vs_haproxy_limits": ("portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis JWT + policy + limits / HAProxy jwt_verify + stick table"),
+    "redis_vs_limits": ("portcullis-jwt-redis", "portcullis-jwt-limits", "portcullis limits in Redis / limits in the process"),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -106,7 +118,10 @@ def main() -> int:
     clk_tck = os.sysconf("SC_CLK_TCK")
     rounds = {}
     for p in VARIANTS:
-        files = sorted(glob.glob(f"{out}/raw/{p}-r*.txt"), key=lambda f: int(re.search(r"-r(\d+)\.txt$", f).group(1)))
+        # (exactly <variant>-rN.txt: portcullis-jwt-r* would also match portcullis-jwt-redis-r1.txt)
+        files = [f for f in glob.glob(f"{out}/raw/{p}-r*.txt")
+                 if re.fullmatch(re.escape(p) + r"-r\d+\.txt", os.path.basename(f))]
+        files.sort(key=lambda f: int(re.search(r"-r(\d+)\.txt$", f).group(1)))
         if files:
             rounds[p] = [parse_wrk(f, clk_tck) for f in files]
     if not rounds:
@@ -171,6 +186,18 @@ def main() -> int:
             jwt["rps_ratios"][k] = r
             jwt["cpu_ratios"][k] = ratio(summary[a]["cpu_us_per_req_median"], summary[b]["cpu_us_per_req_median"])
             jwt["targets"][k] = {"target": t, "met": r is not None and r >= t}
+        for k, (a, b, _) in {**{k: (a, b, w) for k, (a, b, _, w) in JWT_TARGETS.items()}, **LIMIT_COMPARISONS}.items():
+            if a in rounds and b in rounds:
+                jwt.setdefault("per_round_rps_ratios", {})[k] = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds[a], rounds[b])]
+        for k, (a, b, _) in LIMIT_COMPARISONS.items():
+            if a in summary and b in summary:
+                jwt["rps_ratios"][k] = ratio(summary[a]["rps_median"], summary[b]["rps_median"])
+                jwt["cpu_ratios"][k] = ratio(summary[a]["cpu_us_per_req_median"], summary[b]["cpu_us_per_req_median"])
+        if env.get("STORE_ERRORS") is not None and "portcullis-jwt-redis" in summary:
+            jwt["redis"] = {"store_errors": int(env["STORE_ERRORS"]), "limit_checks": int(env.get("LIMIT_CHECKS") or 0),
+                            "redis_commands": int(env.get("REDIS_COMMANDS") or 0), "redis_keys": env.get("REDIS_KEYS"),
+                            "redis_evalsha": int(env.get("REDIS_EVALSHA") or 0),
+                            "redis_evalsha_us": float(env["REDIS_EVALSHA_US"]) if env.get("REDIS_EVALSHA_US") else None}
         jwt["audit_cost"] = {
             "rps_ratio": ratio(summary["portcullis-jwt-audit"]["rps_median"], summary["portcullis-jwt"]["rps_median"]),
             "cpu_us_per_req_delta": (summary["portcullis-jwt-audit"]["cpu_us_per_req_median"] or 0)
@@ -232,7 +259,8 @@ def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):
 
 
 def jwt_table(lines, summary, jwt, rounds, ratio, ok):
-    cols = [v for v in ("haproxy-jwt", "portcullis", "portcullis-jwt", "portcullis-jwt-audit", "portcullis-jwt-limits")
+    cols = [v for v in ("haproxy-jwt", "haproxy-jwt-limits", "portcullis", "portcullis-jwt", "portcullis-jwt-audit",
+                        "portcullis-jwt-limits", "portcullis-jwt-redis")
             if v in summary]
     if lines:
         lines.append("")
@@ -257,6 +285,10 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
             continue
         lines.append(f"| {what} | **{fmt(jwt['rps_ratios'][k], 2, '×')}** | {fmt(jwt['cpu_ratios'][k], 2, '×')} | "
                      f"≥ {t:g}× {ok(jwt['targets'][k]['met'])} |")
+    for k, (a, b, what) in LIMIT_COMPARISONS.items():
+        if k in jwt["rps_ratios"]:
+            lines.append(f"| {what} | **{fmt(jwt['rps_ratios'][k], 2, '×')}** | {fmt(jwt['cpu_ratios'][k], 2, '×')} "
+                         f"({summary[a]['cpu_us_per_req_median'] - summary[b]['cpu_us_per_req_median']:+.1f} µs) | |")
     ac = jwt["audit_cost"]
     lines.append(f"| portcullis JWT + policy + audit / JWT + policy (the audit record's cost) | {fmt(ac['rps_ratio'], 2, '×')} | "
                  f"{fmt(ratio(summary['portcullis-jwt-audit']['cpu_us_per_req_median'], summary['portcullis-jwt']['cpu_us_per_req_median']), 2, '×')} "
@@ -264,6 +296,24 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
     if jwt.get("haproxy_jwt_vs_plain") is not None:
         lines.append(f"| HAProxy jwt_verify / HAProxy plain | {fmt(jwt['haproxy_jwt_vs_plain'], 2, '×')} | "
                      f"{fmt(ratio(summary['haproxy-jwt']['cpu_us_per_req_median'], summary['haproxy']['cpu_us_per_req_median']), 2, '×')} | |")
+    prr = jwt.get("per_round_rps_ratios", {})
+    shown = [k for k in ("limits_vs_jwt", "redis_vs_jwt", "haproxy_limits_vs_jwt", "limits_vs_haproxy_limits") if k in prr]
+    if shown:
+        lines.append("")
+        lines.append("Per-round req/s ratios of the limit variants (each from the same round; the median of these "
+                     "is less sensitive to a disturbed round than the ratio of medians):")
+        lines.append("")
+        whats = {**{k: w for k, (_, _, _, w) in JWT_TARGETS.items()}, **{k: w for k, (_, _, w) in LIMIT_COMPARISONS.items()}}
+        for k in shown:
+            lines.append(f"- {whats[k]}: {', '.join(fmt(x, 3) for x in prr[k])} (median **{fmt(median(prr[k]), 3)}**)")
+    if "redis" in jwt:
+        rd = jwt["redis"]
+        lines.append("")
+        lines.append(f"Redis variant: `portcullis_limit_store_errors_total` {rd['store_errors']} after the rounds "
+                     f"({'no check fell back to local counters' if rd['store_errors'] == 0 else 'some checks fell back to local counters'}); "
+                     f"`portcullis_limit_checks_total` {rd['limit_checks']:,}; Redis ran {rd['redis_evalsha']:,} `EVALSHA` "
+                     f"(one per check, {fmt(rd['redis_evalsha_us'], 1, ' µs')} each inside Redis; "
+                     f"{rd['redis_commands']:,} commands in all, counting those the script runs); Redis keys at the end: {rd['redis_keys']}.")
     if "audit_records" in jwt:
         lines.append("")
         lines.append(f"Audit trail: {jwt['audit_records']:,} records written during the rounds for "

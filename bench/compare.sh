@@ -34,14 +34,28 @@
 #     portcullis-jwt-audit  the same, plus the file audit trail (fsync: interval), one
 #                           hash-chained record per request (JWT + policy + audit);
 #     portcullis-jwt-limits portcullis-jwt plus a per-principal stick table, a rule and a
-#                           usage plan that never trip (JWT + policy + limits).
+#                           usage plan that never trip (JWT + policy + limits);
+#     portcullis-jwt-redis  portcullis-jwt-limits with its counters in Redis:
+#                           `limits: { store: { redis: { url, timeout: 50ms } }, on_store_error: local }`,
+#                           against a redis-server (`--save '' --appendonly no`) that the script
+#                           starts on REDIS_PORT, pinned like the origin, and stops at exit; the
+#                           variant also has an admin listener on ADMIN_PORT, and after the rounds
+#                           the script asserts from its /metrics that
+#                           portcullis_limit_store_errors_total stayed 0 (no check fell back to
+#                           local counters) and records Redis's command counts;
+#     haproxy-jwt-limits    the haproxy-jwt frontend plus a stick table tracked on `src`
+#                           (`store http_req_rate(10s)`) and a deny rule that never trips, on
+#                           its own port in the same HAProxy process: HAProxy's cost of a stick
+#                           table, to set beside portcullis's cost of its limits.
 #   Each portcullis variant is its own process (the audit sink is global), pinned like the others.
 #   5. writes bench/out/results.json and bench/out/table.md and prints the markdown table.
 #
 # Environment (defaults in brackets):
 #   SCENARIO [all]  plain = HAProxy vs portcullis, the plain proxy path (and the memory test);
-#                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit;
+#                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit,
+#                   portcullis-jwt-limits, haproxy-jwt-limits, portcullis-jwt-redis;
 #                   all = both sets, interleaved in the same rounds
+#   REDIS [1]       0 = leave out portcullis-jwt-redis (and redis-server)
 #   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  THREADS [1]  CONNS [64]  IDLE_CONNS [10000]
 #   QUICK [0]       1 = ROUNDS=2 DURATION=3s WARMUP=1s IDLE_CONNS=1000 unless set
 #   PIN [1]         pin processes with taskset; PROXY_CPU [0], LOAD_CPU [1]
@@ -54,6 +68,8 @@
 #                   it is counted, then deleted
 #   ORIGIN_PORT [24680]  HAPROXY_PORT [24681]  PORTCULLIS_PORT [24682]
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
+#   PORTCULLIS_LIMITS_PORT [24688]  REDIS_PORT [24689]  PORTCULLIS_REDIS_PORT [24692]
+#   HAPROXY_JWT_LIMITS_PORT [24693]  ADMIN_PORT [24694] (the admin listener of portcullis-jwt-redis)
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN [unset]  a second portcullis binary, run as variant portcullis-base on
 #                   PORTCULLIS_BASE_PORT [24686] with the plain config (and, when the JWT
@@ -65,6 +81,12 @@
 #                   under one more wrk run into $OUT/perf.data (cpu-clock sampling, which
 #                   works in VMs without hardware counters), with $OUT/perf-report.txt and
 #                   a per-stage summary in $OUT/profile-summary.txt (bench/profile_summary.py)
+#   PROFILE_VARIANT [portcullis]  the variant(s) PROFILE=1 profiles, one after the other, e.g.
+#                   "portcullis-jwt-limits portcullis-jwt" (the summary of a route with limits
+#                   also splits out the limit phase's frames); with more than one, the files
+#                   are named perf-<variant>.data, perf-report-<variant>.txt and
+#                   profile-summary-<variant>.txt
+#   PERF_FREQ [499] the sampling frequency of that profile, in Hz
 #
 # Everything stays on 127.0.0.1. The script only needs the network for Debian packages.
 set -euo pipefail
@@ -99,14 +121,22 @@ HAPROXY_JWT_PORT=${HAPROXY_JWT_PORT:-24683}
 PORTCULLIS_JWT_PORT=${PORTCULLIS_JWT_PORT:-24684}
 PORTCULLIS_AUDIT_PORT=${PORTCULLIS_AUDIT_PORT:-24685}
 PORTCULLIS_LIMITS_PORT=${PORTCULLIS_LIMITS_PORT:-24688}
+REDIS_PORT=${REDIS_PORT:-24689}
+PORTCULLIS_REDIS_PORT=${PORTCULLIS_REDIS_PORT:-24692}
+HAPROXY_JWT_LIMITS_PORT=${HAPROXY_JWT_LIMITS_PORT:-24693}
+ADMIN_PORT=${ADMIN_PORT:-24694}
+REDIS=${REDIS:-1}
+PROFILE_VARIANT=${PROFILE_VARIANT:-portcullis}
+PERF_FREQ=${PERF_FREQ:-499}
 JWT_ISSUER=https://issuer.bench.portcullis.test
 JWT_AUDIENCE=portcullis-bench
 case $SCENARIO in
     plain) VARIANTS=(haproxy portcullis) ;;
-    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits) ;;
-    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits) ;;
+    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
+    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
     *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
 esac
+if [[ $SCENARIO != plain && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BASE_BIN=${BASE_BIN:-}
 PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
@@ -136,6 +166,7 @@ install_tools() {
     [[ -x $NGINX_BIN ]] || need+=(nginx-light)
     command -v wrk >/dev/null 2>&1 || need+=(wrk)
     if [[ $PROFILE == 1 ]]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
+    if has_variant portcullis-jwt-redis; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
     [[ ${#need[@]} -eq 0 ]] && return 0
     [[ $(id -u) -eq 0 ]] || die "need root to install ${need[*]}"
     local p update=0
@@ -162,6 +193,9 @@ install_tools() {
 
 [[ $SKIP_INSTALL == 1 ]] || install_tools
 for t in haproxy wrk python3 curl; do command -v "$t" >/dev/null || die "$t not found"; done
+if has_variant portcullis-jwt-redis; then
+    command -v redis-server >/dev/null || die "redis-server not found (apt-get install redis-server), or run with REDIS=0"
+fi
 [[ -x $NGINX_BIN ]] || die "$NGINX_BIN not found"
 if [[ $PIN == 1 ]]; then
     command -v taskset >/dev/null || die "taskset not found (util-linux); or run with PIN=0"
@@ -205,7 +239,7 @@ ON_PROXY=() ON_LOAD=()
 if [[ $PIN == 1 ]]; then ON_PROXY=(taskset -c "$PROXY_CPU") ON_LOAD=(taskset -c "$LOAD_CPU"); fi
 
 render() { # template output [KEY=VALUE ...]: fills in the at-sign placeholders
-    local parity_fe="" jwt_fe=""
+    local parity_fe="" jwt_fe="" jwt_checks=""
     if [[ $PARITY == 1 ]]; then
         parity_fe=$'    option forwardfor\n    http-request set-header X-Forwarded-Proto http\n    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n    unique-id-format %[uuid()]\n    unique-id-header X-Request-Id\n    http-after-response set-header X-Request-Id %[unique-id]'
     fi
@@ -213,11 +247,7 @@ render() { # template output [KEY=VALUE ...]: fills in the at-sign placeholders
         # HAProxy 2.6 `jwt_verify` checks only the signature, so iss, aud and exp are checked
         # with jwt_payload_query, as the HAProxy docs and blog suggest. The alg is pinned to
         # ES256 (jwt_verify would otherwise trust the token's own `alg`).
-        jwt_fe="frontend fe_jwt
-    bind 127.0.0.1:$HAPROXY_JWT_PORT
-    maxconn $((IDLE_CONNS + 1000))
-    default_backend be
-    http-request set-var(txn.bearer) http_auth_bearer
+        jwt_checks="    http-request set-var(txn.bearer) http_auth_bearer
     http-request set-var(txn.jwt_alg) var(txn.bearer),jwt_header_query('\$.alg')
     http-request deny status 401 unless { var(txn.jwt_alg) -m str ES256 }
     http-request deny status 401 unless { var(txn.bearer),jwt_verify(txn.jwt_alg,\"$OUT/jwt/es256.pub.pem\") -m int 1 }
@@ -226,13 +256,34 @@ render() { # template output [KEY=VALUE ...]: fills in the at-sign placeholders
     http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
     http-request set-var(txn.now) date()
     http-request deny status 401 if { var(txn.exp),sub(txn.now) -m int lt 0 }
-    http-request deny status 403 unless { var(txn.bearer),jwt_payload_query('\$.groups[0]') -m str bench }
+    http-request deny status 403 unless { var(txn.bearer),jwt_payload_query('\$.groups[0]') -m str bench }"
+        jwt_fe="frontend fe_jwt
+    bind 127.0.0.1:$HAPROXY_JWT_PORT
+    maxconn $((IDLE_CONNS + 1000))
+    default_backend be
+$jwt_checks
+$parity_fe"
+    fi
+    if has_variant haproxy-jwt-limits; then
+        # The same frontend plus a stick table on the client address and a rule that never
+        # trips, as portcullis-jwt-limits counts every request and checks a rule (after the
+        # token and the group check, as portcullis counts after authorize).
+        jwt_fe="$jwt_fe
+
+frontend fe_jwt_limits
+    bind 127.0.0.1:$HAPROXY_JWT_LIMITS_PORT
+    maxconn $((IDLE_CONNS + 1000))
+    default_backend be
+    stick-table type ip size 1m expire 10m store http_req_rate(10s)
+$jwt_checks
+    http-request track-sc0 src
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000000 }
 $parity_fe"
     fi
     local maxconn=$((IDLE_CONNS + 1000))
     env OUT="$OUT" ORIGIN_PORT="$ORIGIN_PORT" HAPROXY_PORT="$HAPROXY_PORT" PORTCULLIS_PORT="$PORTCULLIS_PORT" \
         MAXCONN="$maxconn" PARITY_FRONTEND="$parity_fe" JWT_FRONTEND="$jwt_fe" \
-        JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" "${@:3}" \
+        JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" ROOT_LIMITS='' ROUTE_LIMITS='' ADMIN='' "${@:3}" \
         python3 - "$1" "$2" <<'PY'
 import os, re, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -253,15 +304,25 @@ render "$BENCH/nginx.conf.tmpl" "$OUT/nginx.conf"
 render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT="$PORTCULLIS_BASE_PORT"
+# (render leaves ROOT_LIMITS, ROUTE_LIMITS and ADMIN empty unless given)
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-base.yaml" PORT="$PORTCULLIS_JWT_BASE_PORT" AUDIT='audit: { sink: "off" }'
-NO_LIMITS=(ROOT_LIMITS='' ROUTE_LIMITS='')
-render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }' "${NO_LIMITS[@]}"
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
-    AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }" "${NO_LIMITS[@]}"
+    AUDIT="audit: { sink: file, dir: \"$OUT/audit\", fsync: interval }"
 # JWT + policy + limits: a per-principal table with a rule and a plan that never trip.
+LIMITS_TABLES=$'stick_tables:\n  - { name: per_principal, key: principal, size: 100000, expire: 10m, store: ["http_req_rate(10s)", "http_err_rate(1m)"] }\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }'
+LIMITS_ROUTE='limits: { track: [per_principal], rules: [{ table: per_principal, counter: "http_req_rate(10s)", above: 1000000000 }], plan: bench }'
+# Each process with a usage plan keeps its daily usage in a state_dir of its own.
+rm -rf "$OUT/state-limits" "$OUT/state-redis"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-limits.yaml" PORT="$PORTCULLIS_LIMITS_PORT" AUDIT='audit: { sink: "off" }' \
-    ROOT_LIMITS=$'stick_tables:\n  - { name: per_principal, key: principal, size: 100000, expire: 10m, store: ["http_req_rate(10s)", "http_err_rate(1m)"] }\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }' \
-    ROUTE_LIMITS='limits: { track: [per_principal], rules: [{ table: per_principal, counter: "http_req_rate(10s)", above: 1000000000 }], plan: bench }'
+    ROOT_LIMITS="state_dir: \"$OUT/state-limits\""$'\n'"$LIMITS_TABLES" ROUTE_LIMITS="$LIMITS_ROUTE"
+# The same with the counters in Redis (falling back to local counters if Redis does not answer
+# within 50 ms, which the metrics check below must show never happened), and an admin
+# listener for that check. The admin token is made for this run.
+ADMIN_TOKEN=bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-redis.yaml" PORT="$PORTCULLIS_REDIS_PORT" AUDIT='audit: { sink: "off" }' \
+    ROOT_LIMITS="state_dir: \"$OUT/state-redis\""$'\nlimits: { store: { redis: { url: "redis://127.0.0.1:'"$REDIS_PORT"$'", timeout: 50ms } }, on_store_error: local }\n'"$LIMITS_TABLES" \
+    ROUTE_LIMITS="$LIMITS_ROUTE" ADMIN="admin: { bind: \"127.0.0.1:$ADMIN_PORT\", tokens: [\"$ADMIN_TOKEN\"] }"
 
 PIDS=()
 ORIGIN_PID="" HAPROXY_PID=""
@@ -269,7 +330,8 @@ declare -A PID_OF=() PORT_OF=(
     [haproxy]=$HAPROXY_PORT [portcullis]=$PORTCULLIS_PORT [haproxy-jwt]=$HAPROXY_JWT_PORT
     [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
     [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT
-    [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT)
+    [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT [haproxy-jwt-limits]=$HAPROXY_JWT_LIMITS_PORT
+    [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -289,7 +351,9 @@ wait_port() { # port pid name
     die "$3 did not listen on $1; see $OUT/$3.log"
 }
 
-for p in "$ORIGIN_PORT" "${PORT_OF[@]}"; do
+EXTRA_PORTS=()
+has_variant portcullis-jwt-redis && EXTRA_PORTS+=("$REDIS_PORT" "$ADMIN_PORT")
+for p in "$ORIGIN_PORT" "${PORT_OF[@]}" "${EXTRA_PORTS[@]}"; do
     port_busy "$p" && die "port $p is already in use (set ORIGIN_PORT/HAPROXY_PORT/PORTCULLIS_PORT)"
 done
 
@@ -305,8 +369,15 @@ start_haproxy() {
     "${ON_PROXY[@]}" haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
     HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID")
     wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
-    PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID
+    PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID PID_OF[haproxy-jwt-limits]=$HAPROXY_PID
 }
+start_redis() { # a redis-server of our own for portcullis-jwt-redis: no persistence, pinned like the origin
+    "${ON_LOAD[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+        --dir "$OUT" --logfile "$OUT/redis.log" --daemonize no >/dev/null 2>&1 &
+    REDIS_PID=$!; PIDS+=("$REDIS_PID")
+    wait_port "$REDIS_PORT" "$REDIS_PID" redis
+}
+redis_cmd() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 start_portcullis() { # [variant]: portcullis, portcullis-jwt, portcullis-jwt-audit or portcullis-base
     local v=${1:-portcullis} pid bin=$PORTCULLIS_BIN
     [[ $v == portcullis-base || $v == portcullis-jwt-base ]] && bin=$BASE_BIN
@@ -353,11 +424,13 @@ cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; } # utime stime, in clock 
 log "SCENARIO=$SCENARIO: ${VARIANTS[*]}"
 log "starting nginx origin :$ORIGIN_PORT and $(for v in "${VARIANTS[@]}"; do printf '%s :%s, ' "$v" "${PORT_OF[$v]}"; done)PIN=$PIN"
 start_origin
+has_variant portcullis-jwt-redis && start_redis
 start_haproxy
 start_portcullis portcullis
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
+has_variant portcullis-jwt-redis && start_portcullis portcullis-jwt-redis
 has_variant portcullis-base && start_portcullis portcullis-base
 has_variant portcullis-jwt-base && start_portcullis portcullis-jwt-base
 for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
@@ -414,17 +487,46 @@ if has_variant portcullis-jwt-audit; then
     fi
 fi
 
+if has_variant portcullis-jwt-redis; then
+    # The Redis variant must have measured Redis, not the local fallback: no check may have
+    # failed over to `on_store_error`, and Redis must have run the checks.
+    metrics=$(curl -sS --max-time 5 -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$ADMIN_PORT/metrics") \
+        || die "portcullis-jwt-redis: GET /metrics failed"
+    printf '%s\n' "$metrics" >"$OUT/raw/metrics-portcullis-jwt-redis.txt"
+    STORE_ERRORS=$(printf '%s\n' "$metrics" | awk '/^portcullis_limit_store_errors_total/ {s += $NF} END {print s + 0}')
+    LIMIT_CHECKS=$(printf '%s\n' "$metrics" | awk '/^portcullis_limit_checks_total/ {s += $NF} END {print s + 0}')
+    redis_cmd INFO commandstats >"$OUT/raw/redis-commandstats.txt" 2>&1 || true
+    redis_cmd INFO stats >"$OUT/raw/redis-stats.txt" 2>&1 || true
+    REDIS_COMMANDS=$(awk -F: '/^total_commands_processed/ {print $2 + 0}' "$OUT/raw/redis-stats.txt")
+    # (the checks are one EVALSHA each; the commands the script runs inside are counted too)
+    REDIS_EVALSHA=$(sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\),.*usec_per_call=\([0-9.]*\).*/\1 \2/p' "$OUT/raw/redis-commandstats.txt")
+    REDIS_EVALSHA_US=${REDIS_EVALSHA#* } REDIS_EVALSHA=${REDIS_EVALSHA%% *}
+    REDIS_KEYS=$(redis_cmd DBSIZE 2>/dev/null || echo '?')
+    log "portcullis-jwt-redis: portcullis_limit_store_errors_total $STORE_ERRORS, limit checks $LIMIT_CHECKS; redis: ${REDIS_EVALSHA:-0} EVALSHA (${REDIS_EVALSHA_US:-?} us each in Redis), $REDIS_COMMANDS commands processed, $REDIS_KEYS keys"
+    export STORE_ERRORS LIMIT_CHECKS REDIS_COMMANDS REDIS_KEYS REDIS_EVALSHA REDIS_EVALSHA_US
+    ((STORE_ERRORS == 0)) || die "portcullis-jwt-redis: $STORE_ERRORS limit checks failed over to the local store (see $OUT/raw/metrics-portcullis-jwt-redis.txt): the variant did not measure Redis"
+    ((${REDIS_EVALSHA:-0} > 0)) || die "portcullis-jwt-redis: Redis ran no limit checks (no EVALSHA in $OUT/raw/redis-commandstats.txt)"
+fi
+
 if [[ $PROFILE == 1 ]]; then
     command -v perf >/dev/null || die "perf not found (apt-get install linux-perf)"
-    log "profiling portcullis under wrk for $DURATION"
-    perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -p "${PID_OF[portcullis]}" -o "$OUT/perf.data" >/dev/null 2>&1 &
-    PERF_PID=$!
-    run_wrk portcullis "$PORTCULLIS_PORT" "$DURATION" "$OUT/raw/profile-portcullis.txt"
-    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
-    perf report -i "$OUT/perf.data" --no-inline --no-children --percent-limit 0.5 --stdio >"$OUT/perf-report.txt" 2>/dev/null || true
-    perf report -i "$OUT/perf.data" --no-inline --children --percent-limit 2 --stdio -g none >"$OUT/perf-report-children.txt" 2>/dev/null || true
-    python3 "$BENCH/profile_summary.py" "$OUT/perf.data" >"$OUT/profile-summary.txt" 2>&1 || true
-    log "profile: $OUT/profile-summary.txt, $OUT/perf-report.txt"
+    read -r -a profiled <<<"$PROFILE_VARIANT"
+    for v in "${profiled[@]}"; do
+        has_variant "$v" && [[ $v == portcullis* ]] || die "PROFILE_VARIANT $v is not a portcullis variant of this run"
+    done
+    for v in "${profiled[@]}"; do
+        # One variant keeps the historical names (perf.data, ...); several get -<variant>.
+        sfx=""; ((${#profiled[@]} > 1)) && sfx="-$v"
+        log "profiling $v under wrk for $DURATION"
+        perf record -F "$PERF_FREQ" -e cpu-clock --call-graph dwarf,16384 -p "${PID_OF[$v]}" -o "$OUT/perf$sfx.data" >/dev/null 2>&1 &
+        PERF_PID=$!
+        run_wrk "$v" "$(port_of "$v")" "$DURATION" "$OUT/raw/profile-$v.txt"
+        kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+        perf report -i "$OUT/perf$sfx.data" --no-inline --no-children --percent-limit 0.5 --stdio >"$OUT/perf-report$sfx.txt" 2>/dev/null || true
+        perf report -i "$OUT/perf$sfx.data" --no-inline --children --percent-limit 2 --stdio -g none >"$OUT/perf-report-children$sfx.txt" 2>/dev/null || true
+        python3 "$BENCH/profile_summary.py" "$OUT/perf$sfx.data" >"$OUT/profile-summary$sfx.txt" 2>&1 || true
+        log "profile: $OUT/profile-summary$sfx.txt, $OUT/perf-report$sfx.txt"
+    done
 fi
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -5,8 +5,11 @@ usage: profile_summary.py PERF_DATA   (compare.sh runs it with PROFILE=1)
 
 Prints: the share of samples in the kernel and in user space; how user-space time splits
 over the stages of the request path (inclusive: a sample counts for every stage on its
-stack); the hottest user-space functions (self time); and which callers the allocator's
-time comes from. Uses `perf script --no-inline`, so inlined functions count for their caller.
+stack); the hottest user-space functions (self time); which callers the allocator's time
+comes from; and, when the profiled route has limits, the limit phase's frames (the phase,
+crates/proxy/src/{limits,plans}.rs, the portcullis_limits crate, the usage record's drop):
+their inclusive share by function and the leaf functions under them. Uses
+`perf script --no-inline`, so inlined functions count for their caller.
 """
 
 import collections
@@ -35,7 +38,29 @@ STAGES = [
     ("listen::IdleIo (idle-timeout wrapper)", "IdleIo"),
     ("tokio timers (sleep, timeout, wheel)", "tokio::runtime::time"),
     ("tokio park / epoll", "park_internal"),
+    ("phase::check", "portcullis_proxy::phase::check"),
+    ("phase::route", "portcullis_proxy::phase::route"),
+    ("phase::identify", "portcullis_proxy::phase::identify"),
+    ("phase::authorize", "portcullis_proxy::phase::authorize"),
+    ("phase::limit", "portcullis_proxy::phase::limit"),
+    ("phase::forward", "portcullis_proxy::phase::forward"),
 ]
+# Frames that belong to the limit phase, wherever they are called from (the usage record is
+# dropped at the end of the response, the RateLimit headers are written with the response).
+LIMIT = (
+    "portcullis_proxy::phase::limit",
+    "portcullis_proxy::limits::",
+    "<portcullis_proxy::limits::",
+    "portcullis_proxy::plans::",
+    "<portcullis_proxy::plans::",
+    "portcullis_limits::",
+    "<portcullis_limits::",
+    "portcullis_store::",
+)
+
+
+def is_limit(f):
+    return f.startswith(LIMIT) or any(p in f for p in (" portcullis_limits::", "portcullis_proxy::phase::limit"))
 
 
 def load(path):
@@ -89,6 +114,29 @@ def main():
         c[" <- ".join(f for _, f in s[i:i + 2]) if i < len(s) else "?"] += 1
     for f, k in c.most_common(12):
         print(f"  {100 * k / u:5.2f}%  {f[:220]}")
+
+    lim = [s for s in user if any(is_limit(f) for _, f in s)]
+    if lim:
+        print(f"\nlimit phase: {len(lim)} samples with a limit frame on the stack: "
+              f"{100 * len(lim) / u:.1f}% of user space, {100 * len(lim) / n:.1f}% of all samples")
+        print("  by function (inclusive: a sample counts once for each limit function on its stack; % of user space):")
+        c = collections.Counter()
+        for s in lim:
+            for f in {f for _, f in s if is_limit(f)}:
+                c[f] += 1
+        for f, k in c.most_common(30):
+            print(f"  {100 * k / u:5.2f}%  {f[:200]}")
+        print("  leaf functions of those samples (self time under a limit frame; % of user space):")
+        c = collections.Counter(s[0][1] for s in lim)
+        for f, k in c.most_common(20):
+            print(f"  {100 * k / u:5.2f}%  {f[:200]}")
+        print("  innermost limit frame of those samples, and the leaf under it (% of user space):")
+        c = collections.Counter()
+        for s in lim:
+            inner = next(f for _, f in s if is_limit(f))
+            c[f"{inner[:110]}  [leaf {s[0][1][:70]}]" if s[0][1] != inner else inner[:190]] += 1
+        for f, k in c.most_common(25):
+            print(f"  {100 * k / u:5.2f}%  {f}")
     return 0
 
 
