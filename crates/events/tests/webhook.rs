@@ -142,10 +142,10 @@ sinks:
         (only.len(), only[0].id.as_str()),
         (1, published[0].id.as_str())
     );
-    assert_eq!(
-        (stats("structured").delivered, stats("binary").delivered),
-        (3, 3)
-    );
+    wait_until(LIMIT, "the deliveries to be counted", || {
+        (stats("structured").delivered, stats("binary").delivered) == (3, 3)
+    })
+    .await;
     for sink in ["structured", "binary", "servers-only"] {
         outbox_empty(&store, sink).await;
     }
@@ -166,6 +166,11 @@ async fn a_500_is_retried_then_delivered() {
     wait_until(LIMIT, "the delivery", || !rx.events().is_empty()).await;
     assert_eq!(rx.events()[0].id, event.id);
     assert_eq!(rx.log.lock().requests, 3, "two 500s, then a 2xx");
+    // The receiver has the event a moment before the sink counts its answer.
+    wait_until(LIMIT, "the delivery to be counted", || {
+        bus.sink_stats("hooks").unwrap().delivered == 1
+    })
+    .await;
     let c = bus.sink_stats("hooks").unwrap();
     assert_eq!((c.retried, c.delivered, c.failed), (2, 1, 0));
     outbox_empty(&store, "hooks").await;
@@ -186,6 +191,10 @@ async fn a_receiver_that_hangs_times_out_and_is_retried() {
         "{:?}",
         started.elapsed()
     );
+    wait_until(LIMIT, "the delivery to be counted", || {
+        bus.sink_stats("hooks").unwrap().delivered == 1
+    })
+    .await;
     let c = bus.sink_stats("hooks").unwrap();
     assert_eq!((c.retried, c.delivered), (1, 1));
 }
@@ -210,6 +219,10 @@ async fn a_4xx_is_dropped_without_retry() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.log.lock().requests, 2, "the 422 was not retried");
     assert_eq!(rx.events()[0].id, ok.id);
+    wait_until(LIMIT, "the delivery to be counted", || {
+        bus.sink_stats("hooks").unwrap().delivered == 1
+    })
+    .await;
     let c = bus.sink_stats("hooks").unwrap();
     assert_eq!((c.failed, c.delivered, c.retried), (1, 1, 0));
     outbox_empty(&store, "hooks").await;
@@ -230,7 +243,10 @@ async fn redelivery_keeps_the_id_so_the_receiver_dedups() {
     })
     .await;
     assert_eq!(rx.events().len(), 1);
-    assert_eq!(bus.sink_stats("hooks").unwrap().delivered, 2);
+    wait_until(LIMIT, "both deliveries to be counted", || {
+        bus.sink_stats("hooks").unwrap().delivered == 2
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The admin listener: health and readiness, Prometheus metrics, and the runtime API (server
 //! state and weight, reload, config status, stick tables (see [`crate::admin_tables`]) and
-//! usage-plan usage (see [`crate::admin_usage`])).
+//! usage-plan usage (see [`crate::admin_usage`])), and inbound events (see
+//! [`crate::admin_events`]).
 //! Everything but `/healthz` and `/readyz` needs a bearer token from `admin.tokens`, compared
 //! in constant time; with no tokens configured the API refuses every call. The token's
 //! position and the peer make the caller's [`Principal`]. The API is a thin HTTP layer over
@@ -40,6 +41,7 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .route("/api/v1/config", get(config))
         .merge(crate::admin_tables::routes())
         .merge(crate::admin_usage::routes())
+        .merge(crate::admin_events::routes())
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -153,6 +155,9 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
             }
         }
     }
+    m.sync_events(&rt.shared.events.bus.stats());
+    drop(_sync);
+    outbox_pending(&rt, &snap).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -161,6 +166,43 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
         m.encode(),
     )
         .into_response()
+}
+
+/// Sets `portcullis_events_outbox_pending` for each durable webhook of the running bus: a
+/// count in the embedded store, off the async threads.
+async fn outbox_pending(rt: &Arc<Runtime>, snap: &crate::snapshot::Snapshot) {
+    let Some(store) = rt.shared.limits.plans.store().cloned() else {
+        return;
+    };
+    let Ok(cfg) = crate::events::events_cfg(&snap.config) else {
+        return;
+    };
+    let running = rt.shared.events.bus.stats();
+    let sinks: Vec<String> = cfg
+        .sinks
+        .into_iter()
+        .filter(|s| matches!(&s.kind, portcullis_events::SinkKind::Webhook(w) if w.durable))
+        .filter(|s| running.iter().any(|(name, _)| **name == *s.name))
+        .map(|s| s.name)
+        .collect();
+    if sinks.is_empty() {
+        return;
+    }
+    let counts = tokio::task::spawn_blocking(move || {
+        sinks
+            .into_iter()
+            .filter_map(|s| store.outbox_count(&s).ok().map(|n| (s, n)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (sink, n) in counts {
+        rt.shared
+            .metrics
+            .events_outbox
+            .get_or_create(&vec![("sink", sink)])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 async fn backends(State(rt): State<Arc<Runtime>>) -> Response {

@@ -3,10 +3,12 @@
 //! fall in `expect`). `rise` consecutive successes mark a down server up, `fall` consecutive
 //! failures mark an up server down. Servers in maintenance are not checked. Checks are
 //! reconciled on reload: a server whose check is unchanged keeps its task and its state.
+//! Each verdict that changes a server's health is told to the registry's watcher
+//! ([`crate::state::Change::Up`] or `Down`, with the last failure's cause), once.
 
 use crate::record::Metrics;
 use crate::snapshot::Snapshot;
-use crate::state::{AdminState, ServerState};
+use crate::state::{AdminState, Change, ServerState};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -90,7 +92,8 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(first)).await;
     loop {
         if state.admin_state() != AdminState::Maint {
-            let ok = probe(&state.address, &hc, &tls).await;
+            let outcome = probe(&state.address, &hc, &tls).await;
+            let ok = outcome.is_ok();
             let result = if ok { "success" } else { "failure" };
             metrics
                 .health_checks
@@ -99,7 +102,13 @@ async fn run(
                     ("result", result.to_string()),
                 ])
                 .inc();
-            apply(&state, ok, hc.rise, hc.fall, &backend);
+            if let Some(n) = apply(&state, ok, hc.rise, hc.fall, &backend) {
+                let reason = match &outcome {
+                    Ok(()) => format!("{n} passed health checks"),
+                    Err(e) => format!("{n} failed health checks: {e}"),
+                };
+                state.notify(if ok { Change::Up } else { Change::Down }, &reason);
+            }
         }
         let jitter = interval.as_millis() as i64 / 10;
         let j = rand::rng().random_range(-jitter..=jitter);
@@ -108,12 +117,13 @@ async fn run(
     }
 }
 
-/// Applies one check result with rise/fall hysteresis.
-pub fn apply(state: &ServerState, ok: bool, rise: u32, fall: u32, backend: &str) {
+/// Applies one check result with rise/fall hysteresis. Returns the streak that changed the
+/// server's health, if this result did.
+pub fn apply(state: &ServerState, ok: bool, rise: u32, fall: u32, backend: &str) -> Option<u32> {
     let healthy = state.healthy();
     if ok == healthy {
         state.check_streak.store(0, Ordering::Relaxed);
-        return;
+        return None;
     }
     let n = state.check_streak.fetch_add(1, Ordering::Relaxed) + 1;
     let needed = if healthy { fall } else { rise };
@@ -125,43 +135,64 @@ pub fn apply(state: &ServerState, ok: bool, rise: u32, fall: u32, backend: &str)
         } else {
             tracing::warn!(backend, server = %state.key, "server is DOWN (health check failed {n} times)");
         }
+        return Some(n);
     }
+    None
 }
 
+/// One check: `Ok`, or why it failed, in words (`connection refused`, `status 503`).
 async fn probe(
     addr: &str,
     hc: &HealthCheck,
     tls: &Option<(Arc<rustls::ClientConfig>, Option<String>)>,
-) -> bool {
+) -> Result<(), String> {
     let timeout = hc.timeout.0;
     let fut = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| connect_error(&e))?;
         let Some(http) = &hc.http else {
-            return Some(true);
+            return Ok(());
         };
         let host = http.host.clone().unwrap_or_else(|| addr.to_string());
         let req = http::Request::get(http.path.as_str())
             .header(http::header::HOST, host)
             .header(http::header::USER_AGENT, "portcullis-health-check")
             .body(Empty::<Bytes>::new())
-            .ok()?;
+            .map_err(|e| format!("request: {e}"))?;
         let status = match tls {
-            None => send(stream, req).await?,
+            None => send(stream, req).await,
             Some((cfg, sni)) => {
                 let name = sni
                     .clone()
                     .unwrap_or_else(|| addr.rsplit_once(':').map_or(addr, |x| x.0).to_string());
-                let name = rustls_pki_types::ServerName::try_from(name).ok()?;
+                let name = rustls_pki_types::ServerName::try_from(name)
+                    .map_err(|e| format!("TLS server name: {e}"))?;
                 let s = tokio_rustls::TlsConnector::from(cfg.clone())
                     .connect(name, stream)
                     .await
-                    .ok()?;
-                send(s, req).await?
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                send(s, req).await
             }
-        };
-        Some(http.expect.contains(status))
+        }
+        .ok_or("no HTTP response")?;
+        if http.expect.contains(status) {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
     };
-    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(true)))
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {}ms", timeout.as_millis())),
+    }
+}
+
+fn connect_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        _ => format!("connect: {e}"),
+    }
 }
 
 async fn send<T>(io: T, req: http::Request<Empty<Bytes>>) -> Option<u16>
@@ -187,18 +218,23 @@ mod tests {
         let r = StateRegistry::default();
         let s = r.server("b/s", "x:1");
         assert!(s.healthy());
-        apply(&s, false, 2, 3, "b");
+        assert_eq!(apply(&s, false, 2, 3, "b"), None);
         apply(&s, false, 2, 3, "b");
         assert!(s.healthy(), "two failures of three");
         apply(&s, true, 2, 3, "b");
         apply(&s, false, 2, 3, "b");
         apply(&s, false, 2, 3, "b");
         assert!(s.healthy(), "a success resets the streak");
-        apply(&s, false, 2, 3, "b");
+        assert_eq!(
+            apply(&s, false, 2, 3, "b"),
+            Some(3),
+            "the verdict is told once"
+        );
         assert!(!s.healthy());
+        assert_eq!(apply(&s, false, 2, 3, "b"), None);
         apply(&s, true, 2, 3, "b");
         assert!(!s.healthy());
-        apply(&s, true, 2, 3, "b");
+        assert_eq!(apply(&s, true, 2, 3, "b"), Some(2));
         assert!(s.healthy());
     }
 }

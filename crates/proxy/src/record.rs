@@ -46,6 +46,11 @@ pub struct Metrics {
     pub limit_store_errors: Family<Labels, Counter>,
     /// Round-trip time of checks against the shared limit store.
     pub limit_store_rtt: Histogram,
+    /// What happened to events at each sink of the bus, by sink and result: brought up to
+    /// the bus's own counters at each scrape ([`Metrics::sync_events`]).
+    pub events: Family<Labels, Counter>,
+    /// Events waiting in a durable webhook's outbox, by sink (read at each scrape).
+    pub events_outbox: Family<Labels, Gauge>,
     refusal_log: RefusalLog,
 }
 
@@ -113,6 +118,10 @@ impl Default for Metrics {
                 "Checks the shared limit store (Redis) did not answer, by error and by what on_store_error did";
             limit_store_rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 12)), "limit_store_rtt_seconds",
                 "Round-trip time of checks against the shared limit store (Redis)";
+            events: Family::default(), "events",
+                "Events by sink and result: published (queued for the sink), dropped (its queue was full), delivered, failed (given up on), retried (an attempt to be made again), evicted (pushed out of a full outbox)";
+            events_outbox: Family::default(), "events_outbox_pending",
+                "Events waiting in a durable webhook's outbox, by sink";
         }
     }
 }
@@ -154,6 +163,29 @@ impl Metrics {
             .inc();
         if self.refusal_log.due(client, std::time::Instant::now()) {
             tracing::warn!(target: "portcullis::edge", %client, listener, reason, "request refused for its form (further refusals from this client are counted, not logged, for a minute)");
+        }
+    }
+
+    /// Brings `portcullis_events_total` up to each sink's counters on the bus. Callers
+    /// serialize calls (one scrape at a time), so two cannot add the same difference.
+    pub fn sync_events(&self, sinks: &[(std::sync::Arc<str>, portcullis_events::SinkCounts)]) {
+        for (sink, c) in sinks {
+            for (result, total) in [
+                ("published", c.published),
+                ("dropped", c.dropped),
+                ("delivered", c.delivered),
+                ("failed", c.failed),
+                ("retried", c.retried),
+                ("evicted", c.evicted),
+            ] {
+                let counter = self
+                    .events
+                    .get_or_create(&vec![("sink", sink.to_string()), ("result", result.into())]);
+                let cur = counter.get();
+                if total > cur {
+                    counter.inc_by(total - cur);
+                }
+            }
         }
     }
 
@@ -338,7 +370,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 20] = [
+        const FAMILIES: [(&str, &str); 22] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -359,6 +391,8 @@ mod tests {
             ("limit_queued", "counter"),
             ("limit_store_errors", "counter"),
             ("limit_store_rtt_seconds", "histogram"),
+            ("events", "counter"),
+            ("events_outbox_pending", "gauge"),
         ];
         let s = Metrics::default().encode();
         let types: Vec<&str> = s
@@ -372,6 +406,31 @@ mod tests {
                 s.contains(&format!("# HELP portcullis_{name} ")),
                 "{name}: {s}"
             );
+        }
+    }
+
+    #[test]
+    fn event_counts_follow_the_bus() {
+        let m = Metrics::default();
+        let mut c = portcullis_events::SinkCounts {
+            published: 5,
+            dropped: 2,
+            ..Default::default()
+        };
+        let sinks = |c| vec![(std::sync::Arc::from("hooks"), c)];
+        m.sync_events(&sinks(c));
+        c.published = 7;
+        c.delivered = 6;
+        m.sync_events(&sinks(c));
+        m.sync_events(&sinks(c));
+        let s = m.encode();
+        for line in [
+            "portcullis_events_total{sink=\"hooks\",result=\"published\"} 7",
+            "portcullis_events_total{sink=\"hooks\",result=\"dropped\"} 2",
+            "portcullis_events_total{sink=\"hooks\",result=\"delivered\"} 6",
+            "portcullis_events_total{sink=\"hooks\",result=\"failed\"} 0",
+        ] {
+            assert!(s.contains(line), "{line}: {s}");
         }
     }
 

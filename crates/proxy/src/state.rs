@@ -2,12 +2,17 @@
 //! admin overrides (state and weight), in-flight counters, the max-connections gate and the
 //! connection pool. It is keyed by `backend-id/server-name`, so a reload keeps it for every
 //! server that still exists.
+//!
+//! A [`Watcher`] set on the registry hears each change of a server's health and ejection
+//! (the events module turns them into events): a health check's verdict (`health`), an
+//! ejection ([`ServerState::eject`]) and its end, announced by a timer the ejection starts,
+//! or by the next ejection if that comes first. Without a watcher nothing is scheduled.
 
 use crate::upstream::pool::Pool;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -40,6 +45,26 @@ impl AdminState {
     }
 }
 
+/// A change of a server that a [`Watcher`] hears about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Active health checks pass again.
+    Up,
+    /// Active health checks fail.
+    Down,
+    /// Outlier detection took it out for this long.
+    Ejected(Duration),
+    /// Its ejection ended.
+    Restored,
+}
+
+/// Hears each [`Change`] of every server of a registry, with the reason in words. Called on
+/// the task that made the change: it must not block.
+pub type Watcher = Arc<dyn Fn(&ServerState, Change, &str) + Send + Sync>;
+
+/// The registry's watcher, shared with each of its servers; set at most once.
+type WatchSlot = Arc<OnceLock<Watcher>>;
+
 /// Process-wide monotonic origin so instants fit in an atomic.
 fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -65,13 +90,24 @@ pub struct ServerState {
     consecutive_connect: AtomicU32,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// With a watcher: the `ejected_until_ms` of the ejection whose end is not announced
+    /// yet (0: none). Whoever swaps it out announces `Restored`, so it is announced once.
+    restore_due: AtomicU64,
+    watch: WatchSlot,
+    /// This state itself, for the timer that announces the end of an ejection.
+    me: Weak<ServerState>,
     /// Max-connections gate; `None` means unlimited.
     pub gate: Mutex<Option<(usize, Arc<Semaphore>)>>,
     pub pool: Arc<Pool>,
 }
 
 impl ServerState {
+    #[cfg(test)]
     fn new(key: String, address: String) -> Self {
+        Self::watched(key, address, WatchSlot::default(), Weak::new())
+    }
+
+    fn watched(key: String, address: String, watch: WatchSlot, me: Weak<ServerState>) -> Self {
         ServerState {
             key,
             address,
@@ -86,6 +122,9 @@ impl ServerState {
             consecutive_connect: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            restore_due: AtomicU64::new(0),
+            watch,
+            me,
             gate: Mutex::new(None),
             pool: Arc::new(Pool::default()),
         }
@@ -159,15 +198,60 @@ impl ServerState {
         }
     }
 
-    /// Ejects the server for `base × n`, where n counts its ejections so far.
+    /// Ejects the server for `base × n`, where n counts its ejections so far. With a
+    /// watcher, announces the ejection, and its end when the time is up.
     pub fn eject(&self, base: Duration) -> Duration {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let d = base.saturating_mul(n.min(64));
-        self.ejected_until_ms
-            .store(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
-        self.consecutive_5xx.store(0, Ordering::Relaxed);
-        self.consecutive_connect.store(0, Ordering::Relaxed);
+        let until = now_ms() + d.as_millis() as u64;
+        let watcher = self.watch.get();
+        if let Some(w) = watcher {
+            // The previous ejection's end, if its timer has not announced it yet.
+            if self.restore_due.swap(until, Ordering::AcqRel) != 0 {
+                w(self, Change::Restored, "ejection ended");
+            }
+        }
+        let connect = self.consecutive_connect.swap(0, Ordering::Relaxed);
+        let failed = self.consecutive_5xx.swap(0, Ordering::Relaxed);
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        if let Some(w) = watcher {
+            let reason = if connect > 0 {
+                format!("{connect} consecutive connect failures")
+            } else {
+                format!("{failed} consecutive failed responses")
+            };
+            w(self, Change::Ejected(d), &reason);
+            self.announce_restore(until, d);
+        }
         d
+    }
+
+    /// After `d`, announces the end of the ejection until `until`, unless already done.
+    fn announce_restore(&self, until: u64, d: Duration) {
+        let (Ok(rt), Some(me)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else {
+            return;
+        };
+        rt.spawn(async move {
+            tokio::time::sleep(d).await;
+            // The clock of `ejected` has millisecond steps: wait until it agrees.
+            while me.ejected() && me.ejected_until_ms.load(Ordering::Relaxed) == until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let announce = me
+                .restore_due
+                .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok();
+            if let (true, Some(w)) = (announce, me.watch.get()) {
+                w(&me, Change::Restored, "ejection ended");
+            }
+        });
+    }
+
+    /// Tells the registry's watcher, if any, about `change`.
+    pub fn notify(&self, change: Change, reason: &str) {
+        if let Some(w) = self.watch.get() {
+            w(self, change, reason);
+        }
     }
 
     /// Returns the semaphore for `max` concurrent requests, creating or resizing it.
@@ -192,9 +276,15 @@ impl ServerState {
 #[derive(Default)]
 pub struct StateRegistry {
     servers: Mutex<HashMap<String, Arc<ServerState>>>,
+    watch: WatchSlot,
 }
 
 impl StateRegistry {
+    /// Sets the watcher of every server, present and future. Only the first call counts.
+    pub fn watch(&self, watcher: Watcher) {
+        let _ = self.watch.set(watcher);
+    }
+
     pub fn server(&self, key: &str, address: &str) -> Arc<ServerState> {
         let mut m = self.servers.lock();
         if let Some(s) = m.get(key) {
@@ -203,7 +293,14 @@ impl StateRegistry {
             }
         }
         // A new server, or the same name at a new address: fresh state.
-        let s = Arc::new(ServerState::new(key.to_string(), address.to_string()));
+        let s = Arc::new_cyclic(|me| {
+            ServerState::watched(
+                key.to_string(),
+                address.to_string(),
+                self.watch.clone(),
+                me.clone(),
+            )
+        });
         m.insert(key.to_string(), s.clone());
         s
     }

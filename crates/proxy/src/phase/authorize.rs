@@ -28,6 +28,8 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         return Flow::Refuse(StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable\n");
     }
     if !out.pass {
+        // For `auth.denial_burst`: a count per route and client, no event per request.
+        x.shared.events.denied(&route.id, x.conn.peer.ip());
         let reason = format!(
             "{} for {}: {}",
             out.decision,

@@ -56,6 +56,8 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
             }
             let status = r.status().as_u16();
             if status == 401 {
+                // For `auth.failure_burst`: a count per route and client, no event per request.
+                x.shared.events.auth_failed(&route.id, x.conn.peer.ip());
                 if let Some(limited) = crate::phase::limit::auth_failed(x, route).await {
                     return limited;
                 }

@@ -1,0 +1,248 @@
+//! `POST /api/v1/events` on the admin listener: events from outside onto the bus, where the
+//! sinks and automation see them as they see the proxy's own.
+//!
+//! * **Who.** The caller holds an `admin.tokens` bearer token (the admin API's
+//!   authentication, applied by `admin.rs`); its [`Principal`] is audited.
+//! * **What.** Whatever `portcullis_events::inbound::parse` reads: a structured CloudEvent
+//!   (`application/cloudevents+json`), a batch (`application/cloudevents-batch+json`), a
+//!   binary-mode CloudEvent (`ce-*` headers, JSON body), or a Prometheus Alertmanager
+//!   webhook payload (`application/json`, one event per alert) of at most [`MAX_BODY`] bytes.
+//! * **The reserved namespace.** The proxy's own types (`dev.portcullis.*`) and source
+//!   (`portcullis://…`) cannot be posted as CloudEvents: nobody outside may say that a server
+//!   went down or that the config was reloaded. The only `dev.portcullis.*` events that come
+//!   in are `dev.portcullis.alert.firing` and `dev.portcullis.alert.resolved`, which the
+//!   endpoint makes itself from an Alertmanager payload.
+//! * **All or nothing.** One bad event refuses the whole request with its 4xx and a JSON
+//!   `{"error": "..."}`; nothing is published, audited or kept. A body over the limit is
+//!   refused with 413 as soon as its `Content-Length` (or what was read of it) says so.
+//! * **Accepted.** One audit record (`publish_events`, with each event's id, type, source and
+//!   subject) is written first (if it cannot be, 503 and nothing is published), then each
+//!   event is published, and the answer is 202 `{"accepted": [ids]}`.
+
+use crate::control::Principal;
+use crate::Runtime;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use portcullis_events::{inbound, Event};
+use serde_json::json;
+use std::sync::Arc;
+
+/// The largest body taken.
+pub const MAX_BODY: usize = inbound::MAX_BODY;
+
+/// The prefix of the types the proxy emits, reserved.
+pub const RESERVED_TYPES: &str = "dev.portcullis.";
+/// The prefix of the proxy's own `source`, reserved.
+pub const RESERVED_SOURCE: &str = "portcullis://";
+
+pub fn routes() -> Router<Arc<Runtime>> {
+    Router::new().route("/api/v1/events", post(publish))
+}
+
+/// A refusal: `status` with `{"error": message}`.
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn publish(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    req: Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let too_large = |size: &str| {
+        refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is {size}more than the {MAX_BODY} bytes allowed"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > MAX_BODY as u64) {
+        return too_large(&format!("{n} bytes, "));
+    }
+    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(""),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let events = match accept(&parts.headers, &body) {
+        Ok(events) => events,
+        Err((status, message)) => {
+            tracing::info!(actor = %by.who, status = status.as_u16(), error = %message, "inbound events refused");
+            return refuse(status, message);
+        }
+    };
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| json!({ "id": e.id, "type": e.type_, "source": e.source, "subject": e.subject }))
+        .collect();
+    let rec = crate::audit::admin(&by.who, "publish_events", json!({ "events": summary }));
+    if !crate::audit::write(&rt.shared, rec).await {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail is unavailable: nothing was published",
+        );
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    tracing::info!(actor = %by.who, count = ids.len(), "inbound events published");
+    for e in events {
+        rt.shared.events.emit(e);
+    }
+    (StatusCode::ACCEPTED, Json(json!({ "accepted": ids }))).into_response()
+}
+
+/// The events of a request, or the status and message to refuse it with.
+pub fn accept(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, (StatusCode, String)> {
+    let events = inbound::parse(headers, body, MAX_BODY).map_err(|e| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, e.to_string())
+    })?;
+    let from_alertmanager = is_alertmanager(headers);
+    for (i, e) in events.iter().enumerate() {
+        let which = || {
+            if events.len() > 1 {
+                format!("event {i}")
+            } else {
+                "the event".to_owned()
+            }
+        };
+        let alert = matches!(
+            e.type_.as_str(),
+            portcullis_events::types::ALERT_FIRING | portcullis_events::types::ALERT_RESOLVED
+        );
+        if e.type_.starts_with(RESERVED_TYPES) && !(from_alertmanager && alert) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{}: type `{}` is reserved: `{RESERVED_TYPES}*` types are emitted by \
+                     portcullis itself (alerts come in as Alertmanager payloads); use a type of \
+                     your own, such as `com.example.deploy.finished`",
+                    which(),
+                    e.type_
+                ),
+            ));
+        }
+        if e.source.starts_with(RESERVED_SOURCE) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{}: source `{}` is reserved: `{RESERVED_SOURCE}` names portcullis \
+                     instances; name your system, such as `https://ci.example.com`",
+                    which(),
+                    e.source
+                ),
+            ));
+        }
+    }
+    Ok(events)
+}
+
+/// Whether `inbound::parse` read the request as an Alertmanager payload: JSON that is
+/// neither a CloudEvent in any mode nor a batch.
+fn is_alertmanager(headers: &HeaderMap) -> bool {
+    use portcullis_events::http::{is_binary, is_structured};
+    let batch = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(portcullis_events::event::BATCH_CONTENT_TYPE)
+        });
+    !batch && !is_structured(headers) && !is_binary(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    const STRUCTURED: &str = "application/cloudevents+json";
+
+    fn event(type_: &str, source: &str) -> String {
+        json!({"specversion": "1.0", "id": "e1", "source": source, "type": type_, "data": {"x": 1}})
+            .to_string()
+    }
+
+    #[test]
+    fn outside_types_are_taken() {
+        let h = headers(&[("content-type", STRUCTURED)]);
+        let got = accept(
+            &h,
+            event("com.example.deploy", "https://ci.example").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(got[0].type_, "com.example.deploy");
+    }
+
+    #[test]
+    fn the_proxys_types_and_source_are_reserved_even_for_alert_types() {
+        let h = headers(&[("content-type", STRUCTURED)]);
+        for (type_, source) in [
+            ("dev.portcullis.server.down", "https://x"),
+            ("dev.portcullis.alert.firing", "https://x"),
+            ("dev.portcullis.nope", "https://x"),
+            ("com.example.x", "portcullis://edge-1"),
+        ] {
+            let (status, msg) = accept(&h, event(type_, source).as_bytes()).unwrap_err();
+            assert_eq!(status, StatusCode::FORBIDDEN, "{type_} {source}: {msg}");
+            assert!(msg.contains("reserved"), "{msg}");
+        }
+        // In a batch, the index is named.
+        let h = headers(&[("content-type", "application/cloudevents-batch+json")]);
+        let batch = format!(
+            "[{},{}]",
+            event("com.example.ok", "https://x"),
+            event("dev.portcullis.server.up", "https://x")
+        );
+        let (_, msg) = accept(&h, batch.as_bytes()).unwrap_err();
+        assert!(msg.starts_with("event 1: "), "{msg}");
+    }
+
+    #[test]
+    fn alertmanager_payloads_become_alert_events() {
+        let h = headers(&[("content-type", "application/json")]);
+        let body = json!({
+            "version": "4", "status": "firing", "receiver": "portcullis", "groupKey": "{}",
+            "externalURL": "http://am:9093",
+            "alerts": [{"status": "firing", "labels": {"alertname": "Down", "instance": "a:1"},
+                        "startsAt": "2026-01-31T12:00:00Z", "fingerprint": "f1"}]
+        });
+        let got = accept(&h, body.to_string().as_bytes()).unwrap();
+        assert_eq!(got[0].type_, portcullis_events::types::ALERT_FIRING);
+        assert_eq!(got[0].subject.as_deref(), Some("Down/a:1"));
+    }
+
+    #[test]
+    fn parse_errors_keep_their_status() {
+        let h = headers(&[("content-type", STRUCTURED)]);
+        let (status, _) = accept(&h, b"{not json").unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, msg) = accept(&h, br#"{"id":"a","source":"s","type":"t"}"#).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(msg.contains("specversion"), "{msg}");
+        let h = headers(&[("content-type", "text/plain")]);
+        assert_eq!(
+            accept(&h, b"x").unwrap_err().0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+    }
+}
