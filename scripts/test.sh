@@ -17,6 +17,8 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx
 command -v redis-server >/dev/null 2>&1 || [[ -x /usr/bin/redis-server ]] || need_apt+=(redis-server)
 # The real NATS server of the event sink tests (crates/events/tests/nats.rs; Debian: /usr/sbin).
 command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need_apt+=(nats-server)
+# The real Alertmanager of the inbound events test (tests/events.rs; Debian: /usr/bin).
+command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 # Tests read the embedded store with the sqlite3 shell.
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 if ((${#need_apt[@]})); then

@@ -69,6 +69,16 @@ pub enum Command {
     ClearTableKey { table: String, key: String },
     /// Forgets every entry of a stick table.
     ClearTable { table: String },
+    /// Sends a route's requests to another backend until [`Command::RestoreRoute`] (kept
+    /// across reloads while both exist; kept by the automation runtime).
+    SwitchRoute {
+        /// The route's full id (`app/name`), or its name when that is unique across apps.
+        route: String,
+        /// The backend's full id, or its name when that is unique across apps.
+        backend: String,
+    },
+    /// Sends a route's requests back to its configured backend.
+    RestoreRoute { route: String },
 }
 
 impl Command {
@@ -83,6 +93,8 @@ impl Command {
             Command::RemoveTableTag { .. } => "remove_table_tag",
             Command::ClearTableKey { .. } => "clear_table_key",
             Command::ClearTable { .. } => "clear_table",
+            Command::SwitchRoute { .. } => "switch_route",
+            Command::RestoreRoute { .. } => "restore_route",
         }
     }
 
@@ -103,7 +115,7 @@ pub enum PrincipalKind {
     Token,
     /// A person signed in with an identity provider (the dashboard, `ctl`; for later).
     Person,
-    /// An automation trigger acting on an event (for later).
+    /// An automation trigger acting on an event (the automation runtime).
     Trigger,
     /// A step of an automation workflow (for later).
     Workflow,
@@ -207,6 +219,8 @@ enum Target {
     Config,
     /// A stick table, and the entry's key for the commands that name one.
     Table(Arc<TableRt>, Option<Key>),
+    /// A route (its id), and the backend (its id) to switch it to, or none to restore it.
+    Route(String, Option<String>),
 }
 
 /// Finds a stick table the serving config defines, running in `tables`.
@@ -369,6 +383,28 @@ pub fn find_backend<'a>(
     }
 }
 
+/// Finds a route by full id (`app/name`) or by a name unique across apps.
+pub fn find_route<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+) -> Result<&'a crate::snapshot::RouteRt, ControlError> {
+    if let Some(r) = snap.routes.iter().find(|r| &*r.id == name) {
+        return Ok(r);
+    }
+    let matches: Vec<_> = snap
+        .routes
+        .iter()
+        .filter(|r| r.id.rsplit_once('/').is_some_and(|(_, n)| n == name))
+        .collect();
+    match matches.as_slice() {
+        [r] => Ok(r),
+        [] => Err(ControlError::NotFound(format!("no route `{name}`"))),
+        _ => Err(ControlError::Ambiguous(format!(
+            "route name `{name}` is ambiguous: use `app/{name}`"
+        ))),
+    }
+}
+
 /// Checks `cmd` against `snap` (and, for a stick-table command, the running `tables`): the
 /// values first, then the backend and server, or the table and key, it names. Pure: changes
 /// nothing and records nothing.
@@ -432,6 +468,26 @@ pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resol
         | Command::RemoveTableTag { .. }
         | Command::ClearTableKey { .. }
         | Command::ClearTable { .. }) => resolve_table(snap, tables, cmd),
+        Command::SwitchRoute { route, backend } => {
+            let route = find_route(snap, &route)?.id.to_string();
+            let backend = find_backend(snap, &backend)?.id.clone();
+            Ok(Resolved {
+                command: Command::SwitchRoute {
+                    route: route.clone(),
+                    backend: backend.clone(),
+                },
+                target: Target::Route(route, Some(backend)),
+            })
+        }
+        Command::RestoreRoute { route } => {
+            let route = find_route(snap, &route)?.id.to_string();
+            Ok(Resolved {
+                command: Command::RestoreRoute {
+                    route: route.clone(),
+                },
+                target: Target::Route(route, None),
+            })
+        }
     }
 }
 
@@ -440,7 +496,8 @@ pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resol
 /// `{"result": "ok", "version": ...}` for a reload; the entry after the change for a table
 /// entry's `gpc0` or tags (see [`crate::table_keys::entry_json`], null if it is gone);
 /// `{"table", "key", "cleared": bool}` for a cleared entry and `{"table", "removed": n}` for
-/// a cleared table.
+/// a cleared table; `{"route", "backend", "configured", "before"}` for a switched or restored
+/// route (`backend` where its requests go now, `before` where they went: null for its own).
 ///
 /// A server or table command is recorded before it is applied; if the record cannot be
 /// written it is not applied ([`ControlError::AuditUnavailable`]). A reload is recorded by
@@ -468,6 +525,7 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
             }
             return apply_table(by, &command, &t, key);
         }
+        Target::Route(route, backend) => return Ok(switch(rt, by, &route, backend.as_deref())),
         Target::Config => unreachable!("a reload returned above"),
     };
     match &command {
@@ -490,6 +548,30 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
         _ => unreachable!("not a server command: {}", command.action()),
     }
     Ok(args)
+}
+
+/// Applies a resolved, recorded route switch (or restore), and logs it.
+fn switch(rt: &Runtime, by: &Principal, route: &str, backend: Option<&str>) -> Value {
+    let before = rt
+        .automation
+        .routes
+        .set(&rt.shared.snapshot, route, backend);
+    let snap = rt.shared.snapshot.load();
+    let configured = snap
+        .routes
+        .iter()
+        .find(|r| &*r.id == route)
+        .map(|r| r.backend.id.clone());
+    let now = backend.map(str::to_string).or_else(|| configured.clone());
+    match backend {
+        Some(b) => {
+            tracing::warn!(actor = %by.who, kind = ?by.kind, %route, backend = %b, "control: route switched")
+        }
+        None => {
+            tracing::info!(actor = %by.who, kind = ?by.kind, %route, "control: route restored to its own backend")
+        }
+    }
+    json!({ "route": route, "backend": now, "configured": configured, "before": before })
 }
 
 /// In a fleet, the counters that live in Redis (`gpc0` and the request and error counts)

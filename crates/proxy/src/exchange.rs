@@ -132,6 +132,9 @@ pub struct Exchange<'s> {
     pub escaped_slash: bool,
     // route
     pub route: Option<&'s RouteRt>,
+    /// The backend the route's requests go to now (its own, or a `switch_route`'s), read
+    /// once by the route phase.
+    pub backend: Option<&'s crate::snapshot::BackendRt>,
     /// The overridden method, when the route honors a method override.
     pub method: Option<Method>,
     /// The upgrade asked for and allowed.
@@ -184,6 +187,7 @@ impl<'s> Exchange<'s> {
             path: None,
             escaped_slash: false,
             route: None,
+            backend: None,
             method: None,
             upgrade: None,
             identity: None,

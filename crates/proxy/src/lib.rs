@@ -10,9 +10,11 @@
 //! and performs hot reloads.
 
 pub mod admin;
+pub mod admin_events;
 pub mod admin_tables;
 pub mod admin_usage;
 pub mod audit;
+pub mod automate;
 pub mod control;
 pub mod edge;
 pub mod events;
@@ -68,6 +70,8 @@ pub enum Error {
     LimitStore(String),
     #[error("{0}")]
     Events(String),
+    #[error("automation: {0}")]
+    Automation(String),
     #[error("state_dir: {0}")]
     Store(#[from] portcullis_store::StoreError),
 }
@@ -109,6 +113,18 @@ pub struct Runtime {
     /// The events automation reads, until automation takes them (config with triggers).
     pub automation_events:
         parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Arc<portcullis_events::Event>>>>,
+    /// Route switches, and the task that runs the triggers (see `automate`).
+    pub automation: automate::Automation,
+}
+
+/// The triggers of `config`, validated, or their problems as one located message.
+fn triggers(config: &Config) -> Result<Vec<portcullis_automation::TriggerCfg>, String> {
+    automate::check::triggers(config).map_err(|d| {
+        d.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 /// Whether `config` keeps anything in the embedded store: quota use and daily usage,
@@ -153,7 +169,7 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
             out.push(loc.diag(format!("{at}: stick table `{}`: {e}", t.name)));
         }
     }
-    if let Err(d) = snapshot::triggers(config) {
+    if let Err(d) = automate::check::triggers(config) {
         out.extend(d);
     }
     if let Err(d) = events::events_cfg(config) {
@@ -198,7 +214,7 @@ impl Runtime {
             &config.authorizers,
             None,
         ));
-        let snap = Snapshot::build(
+        let mut snap = Snapshot::build(
             config.clone(),
             &registry,
             &limits,
@@ -207,6 +223,7 @@ impl Runtime {
             policy,
             authorizers,
         )?;
+        snap.triggers = Arc::new(triggers(&config).map_err(snapshot::BuildError::Triggers)?);
         let listeners = listen::Listeners::default();
         let prepared = listeners.prepare(&config.listeners)?;
         let audit = match config.audit.sink {
@@ -242,6 +259,7 @@ impl Runtime {
             ready: AtomicBool::new(false),
             admin_addr: parking_lot::Mutex::new(None),
             automation_events: parking_lot::Mutex::new(automation_events),
+            automation: automate::Automation::default(),
             shared,
         });
         if let Some(admin) = &config.admin {
@@ -263,10 +281,12 @@ impl Runtime {
         }
         rt.listeners
             .commit(prepared, &rt.shared, config.shutdown_grace);
+        events::watch(&rt.shared);
         rt.health
             .reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
         rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         plans::start_flusher(&rt.shared);
+        automate::Automation::start(&rt).map_err(Error::Automation)?;
         Ok(rt)
     }
 
@@ -294,6 +314,7 @@ impl Runtime {
                 st.loaded_at = SystemTime::now();
                 st.last_error = None;
                 st.ok += 1;
+                events::reloaded(&self.shared, trigger, st.ok + 1);
                 self.shared
                     .metrics
                     .reloads
@@ -309,6 +330,7 @@ impl Runtime {
             Err(e) => {
                 st.last_error = Some(e.clone());
                 st.failed += 1;
+                events::rejected(&self.shared, trigger, st.ok + 1, &e);
                 self.shared
                     .metrics
                     .reloads
@@ -371,7 +393,7 @@ impl Runtime {
             &config.authorizers,
             Some(&current.authorizers),
         ));
-        let snap = Snapshot::build(
+        let mut snap = Snapshot::build(
             config.clone(),
             &self.shared.registry,
             &self.shared.limits,
@@ -381,6 +403,7 @@ impl Runtime {
             authorizers,
         )
         .map_err(|e| e.to_string())?;
+        snap.triggers = Arc::new(triggers(&config)?);
         let prepared = self
             .listeners
             .prepare(&config.listeners)
@@ -391,7 +414,12 @@ impl Runtime {
             .iter()
             .flat_map(|b| b.slots.iter().map(|s| s.state.key.clone()))
             .collect();
+        // Route switches outlive the snapshot: pushed into it before and after it is installed.
+        self.automation.routes.apply(&snap);
         self.shared.snapshot.store(Arc::new(snap));
+        self.automation.routes.apply(&self.shared.snapshot.load());
+        self.automation
+            .reconfigure(&self.shared.snapshot.load().triggers);
         self.listeners
             .commit(prepared, &self.shared, config.shutdown_grace);
         self.shared.registry.retain(&keep);
@@ -524,6 +552,7 @@ impl Runtime {
         )
         .await;
         self.health.stop_all();
+        self.automation.stop();
         if let Some(f) = &self.shared.limits.fleet {
             // End-of-response counts still batched for Redis.
             let _ = f.store.flush().await;
@@ -533,5 +562,11 @@ impl Runtime {
         if let Ok(Err(e)) = flushed {
             tracing::error!(error = %e, "usage counts could not be written at shutdown");
         }
+        // Events still queued go to their sinks (a webhook's to its outbox).
+        self.shared
+            .events
+            .bus
+            .shutdown(Duration::from_secs(5))
+            .await;
     }
 }

@@ -13,7 +13,7 @@ use portcullis_config::{Config, HealthCheck, Outlier, Retries, RetryOn};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -85,7 +85,13 @@ pub struct RouteRt {
     pub enforce: bool,
     pub authorize_with: Vec<Arc<portcullis_authorizer::Authorizer>>,
     pub app: String,
+    /// The route's configured backend. Requests go to [`RouteRt::current_backend`], which is
+    /// this one unless the route is switched.
     pub backend: Arc<BackendRt>,
+    /// Where a `switch_route` sent the route's traffic: 0 for `backend`, `n` for the
+    /// snapshot's `backends[n - 1]`. Set from the long-lived switches (kept across reloads by
+    /// route id, kept by the automation runtime), read once per request.
+    pub switched: AtomicUsize,
     pub max_body: Option<u64>,
     pub timeout: Option<Duration>,
     pub retry_non_idempotent: bool,
@@ -101,6 +107,18 @@ pub struct RouteRt {
     /// Tables tracked, rules and plan; None when the route has no `limits` (the limit phase
     /// then costs one branch).
     pub limits: Option<Box<crate::limits::RouteLimits>>,
+}
+
+impl RouteRt {
+    /// The backend this route's requests go to now: its own, or the one a `switch_route`
+    /// chose. One relaxed atomic load.
+    #[inline]
+    pub fn current_backend<'a>(&'a self, snap: &'a Snapshot) -> &'a BackendRt {
+        match self.switched.load(Ordering::Relaxed) {
+            0 => &self.backend,
+            n => snap.backends.get(n - 1).map_or(&*self.backend, |b| &**b),
+        }
+    }
 }
 
 pub struct Snapshot {
@@ -121,18 +139,6 @@ pub struct Snapshot {
     pub triggers: Arc<Vec<portcullis_automation::TriggerCfg>>,
 }
 
-/// The triggers of `config`, or every problem in them located in the config.
-pub fn triggers(
-    config: &Config,
-) -> Result<Vec<portcullis_automation::TriggerCfg>, Vec<portcullis_config::Diagnostic>> {
-    portcullis_automation::parse_triggers(&config.triggers).map_err(|problems| {
-        problems
-            .into_iter()
-            .map(|(path, message)| config.root_loc(&path).diag(format!("{path}: {message}")))
-            .collect()
-    })
-}
-
 impl Snapshot {
     pub fn build(
         config: Arc<Config>,
@@ -143,14 +149,6 @@ impl Snapshot {
         policy: Arc<portcullis_policy::Engine>,
         authorizers: Arc<portcullis_authorizer::Authorizers>,
     ) -> Result<Snapshot, BuildError> {
-        let triggers = triggers(&config).map_err(|d| {
-            BuildError::Triggers(
-                d.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        })?;
         let mut backends = Vec::new();
         let mut by_id: HashMap<&str, Arc<BackendRt>> = HashMap::new();
         for b in &config.backends {
@@ -219,6 +217,7 @@ impl Snapshot {
                     .collect(),
                 app: r.app.clone(),
                 backend,
+                switched: AtomicUsize::new(0),
                 max_body: r.spec.max_body_size.map(|s| s.0),
                 timeout: r.spec.timeout.map(|d| d.0),
                 retry_non_idempotent: r.spec.retry_non_idempotent,
@@ -248,7 +247,8 @@ impl Snapshot {
             policy,
             authorizers,
             strip_headers: strip_headers.into(),
-            triggers: Arc::new(triggers),
+            // Set by the caller, which validates them (`automate::check::triggers`).
+            triggers: Arc::default(),
             router: Router::build(&config.routes),
             version: config.version.clone(),
             trusted: config.trusted_proxies.clone(),

@@ -8,7 +8,7 @@
 //! does not know.
 //!
 //! To change the schema, append a migration with the next number; never edit one that has
-//! shipped. Workflow executions and trigger firings will add theirs here.
+//! shipped. Workflow executions will add theirs here.
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
@@ -66,6 +66,24 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             UNIQUE (sink, event_id)
         );
         CREATE INDEX outbox_due ON outbox (sink, next_attempt_at);
+    ",
+    },
+    Migration {
+        version: 3,
+        name: "trigger firings",
+        sql: "
+        -- Claimed trigger firings, one row per idempotency key (`trigger|group|window`), so
+        -- a retry, a restart or a second replica never runs one firing twice: see
+        -- crate::firings. Times are Unix milliseconds. A row may carry a follow-up that is
+        -- due later (a block's end): `due_at` and its JSON `follow_up`, cleared once done.
+        CREATE TABLE firings (
+            key        TEXT    PRIMARY KEY,
+            created_at INTEGER NOT NULL,
+            due_at     INTEGER,
+            follow_up  TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX firings_created ON firings (created_at);
+        CREATE INDEX firings_due ON firings (due_at) WHERE due_at IS NOT NULL;
     ",
     },
 ];

@@ -51,6 +51,21 @@ impl Proxy {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, yaml: &str) -> Proxy {
+        let mut dir = dir;
+        // A free port may be taken by another test between the probe and the bind: start
+        // again on new ports (the config is rendered anew each time).
+        for _ in 0..3 {
+            match Self::try_start_in(dir, yaml).await {
+                Ok(p) => return p,
+                Err(d) => dir = d,
+            }
+        }
+        Self::try_start_in(dir, yaml)
+            .await
+            .unwrap_or_else(|_| panic!("portcullis could not bind free ports"))
+    }
+
+    async fn try_start_in(dir: tempfile::TempDir, yaml: &str) -> Result<Proxy, tempfile::TempDir> {
         let port = free_port();
         let admin_port = free_port();
         let config = dir.path().join("portcullis.yaml");
@@ -66,7 +81,7 @@ impl Proxy {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start portcullis");
-        let p = Proxy {
+        let mut p = Proxy {
             child,
             dir,
             port,
@@ -75,8 +90,13 @@ impl Proxy {
             log,
             access_log,
         };
-        p.wait_ready().await;
-        p
+        if p.wait_ready().await {
+            return Ok(p);
+        }
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let dir = std::mem::replace(&mut p.dir, tempfile::tempdir().unwrap());
+        Err(dir)
     }
 
     pub fn render(yaml: &str, port: u16, admin_port: u16, dir: &Path) -> String {
@@ -98,13 +118,19 @@ impl Proxy {
         text
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until the proxy is ready: false when it exited because a port was taken.
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = reqwest::Client::new();
         loop {
             if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
                 if r.status() == 200 {
-                    return;
+                    return true;
+                }
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                if self.log_text().contains("Address already in use") {
+                    return false;
                 }
             }
             if Instant::now() > deadline {

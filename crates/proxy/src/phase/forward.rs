@@ -63,7 +63,8 @@ pub async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     let Some(route) = x.route else {
         return Flow::Refuse(StatusCode::NOT_FOUND, "no route\n");
     };
-    let backend = &*route.backend;
+    // The route phase read the route's current backend (a `switch_route` may have changed it).
+    let backend = x.backend.unwrap_or(&route.backend);
     if let Some(limit) = route.max_body {
         let declared = x
             .parts
@@ -629,7 +630,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::upstream::body::BoxError>,
 {
-    let backend = &route.backend;
+    let backend = x.backend.unwrap_or(&route.backend);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     parts.headers.insert(X_REQUEST_ID.clone(), x.rid.0.clone());

@@ -378,9 +378,41 @@ fn refuse(x: &mut Exchange<'_>, status: StatusCode, retry: HeaderValue, by: &str
         x.record.limit = by.to_string();
     }
     tracing::debug!(target: "portcullis::limits", request_id = %x.rid, by, status = status.as_u16(), "request refused by a limit");
+    // Counted for `limit.exceeded` (a failing shared store is not a limit).
+    if by != "store" {
+        x.shared.events.limit_refused(by, || refused_key(x, by));
+    }
     x.count(status.as_u16());
     x.finish(status.as_u16(), Some(format!("limited by {by}")));
     Flow::Respond(r)
+}
+
+/// The key a refusal by `by` is counted under in `limit.exceeded`: the table's key as text
+/// (as the admin API shows it), or for a plan the caller (`provider/subject`, or the client
+/// address on a public route).
+fn refused_key(x: &Exchange<'_>, by: &str) -> String {
+    let table = x
+        .route
+        .and_then(|r| Some((r, r.limits.as_deref()?)))
+        .and_then(|(r, lim)| Some((r, lim.track.iter().find(|t| t.name == by)?)));
+    if let Some((route, t)) = table {
+        let key = x.usage.as_ref().and_then(|u| u.key_of(t)).or_else(|| {
+            let facts = KeyFacts {
+                ip: x.conn.peer.ip(),
+                identity: x.identity.as_deref(),
+                route: &route.id,
+                headers: &x.parts.headers,
+            };
+            build_key(&t.parts, &facts)
+        });
+        if let Some(key) = key {
+            return crate::table_keys::key_to_text(&t.parts, &key);
+        }
+    }
+    match &x.identity {
+        Some(id) => format!("{}/{}", id.provider, id.subject),
+        None => x.conn.peer.ip().to_string(),
+    }
 }
 
 /// Identify refused the request with 401: an error the client's authentication caused,

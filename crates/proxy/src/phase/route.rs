@@ -53,10 +53,12 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         }
     }
     let route = &snap.routes[idx];
+    let backend = route.current_backend(snap);
     x.route = Some(route);
+    x.backend = Some(backend);
     if x.log {
         x.record.route = route.id.to_string();
-        x.record.backend = route.backend.id.clone();
+        x.record.backend = backend.id.clone();
     }
     // The method that policy, audit and the log see: the request's own, or an override.
     let mode = route
@@ -75,7 +77,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         let allowed = route.upgrades.as_deref().unwrap_or(&x.conn.rules.upgrades);
         x.upgrade = crate::upstream::upgrade::requested(x.parts.version, &x.parts.headers, allowed);
     }
-    let h2_up = route.backend.connector.protocol == Protocol::Http2;
+    let h2_up = backend.connector.protocol == Protocol::Http2;
     crate::upstream::head::strip_hop_by_hop(&mut x.parts.headers, h2_up);
     Flow::Next
 }
