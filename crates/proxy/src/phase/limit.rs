@@ -21,7 +21,9 @@
 //! Never a policy denial, never these 429s.
 
 use crate::exchange::{local, Exchange, Flow};
-use crate::limits::{build_key, ceil_secs, Action, KeyFacts, Queue, RouteLimits, Rule, Usage};
+use crate::limits::{
+    build_key, ceil_secs, Action, KeyFacts, Part, Queue, RouteLimits, Rule, Usage,
+};
 use crate::plans::{BucketSet, PlanRt, PlanVerdict};
 use portcullis_config::OnStoreError;
 
@@ -43,7 +45,7 @@ pub async fn count(x: &mut Exchange<'_>) -> Flow {
     let Some(lim) = route.limits.as_deref() else {
         return Flow::Next;
     };
-    match tally(x, route, lim, None, true).await {
+    match tally(x, route, lim, None, true, MonotonicClock.now(), None).await {
         Ok(_) => Flow::Next,
         Err(refused) => refused,
     }
@@ -75,6 +77,8 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
         x.parts.headers.remove(h);
     }
     let plan = plan_of(x, route, lim);
+    // One reading of the clock for the whole phase.
+    let now = MonotonicClock.now();
     let counted = !x.seen.is_empty() || lim.track.is_empty();
     // In a fleet, the tables and the plan are one round trip; in one process the plan is
     // charged only after the rules let the request through.
@@ -82,7 +86,17 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
     let mut early = Early::NotAsked;
     if !counted || (fleet && plan.is_some()) {
         let ask = if fleet { plan.as_ref() } else { None };
-        match tally(x, route, lim, ask, !counted).await {
+        match tally(
+            x,
+            route,
+            lim,
+            ask,
+            !counted,
+            now,
+            plan.as_ref().map(|p| &p.2),
+        )
+        .await
+        {
             Ok(e) => early = e,
             Err(refused) => return refused,
         }
@@ -110,7 +124,7 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
                 let v = match &early {
                     Early::Got(v) => Some(v.clone()),
                     // Not charged: read the caller's bucket for the headers.
-                    Early::NotAsked => Some(plan.peek(set, key, MonotonicClock.now(), wall(x))),
+                    Early::NotAsked => Some(plan.peek(set, key, now, wall(x))),
                     Early::Skip => None,
                 };
                 if let Some(v) = v {
@@ -127,7 +141,7 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
     let v = match early {
         Early::Skip => return Flow::Next,
         Early::Got(v) => v,
-        Early::NotAsked => plan.check(set, &key, MonotonicClock.now(), wall(x)),
+        Early::NotAsked => plan.check(set, &key, now, wall(x)),
     };
     x.ratelimit = Some(plan.headers(set, &v));
     if v.allowed() {
@@ -173,6 +187,8 @@ async fn tally(
     lim: &RouteLimits,
     plan: Option<&(&PlanRt, &BucketSet, Key)>,
     tables: bool,
+    now: Moment,
+    caller: Option<&Key>,
 ) -> Result<Early, Flow> {
     if let Some(f) = &x.shared.limits.fleet {
         match fleet::tally(x, f, route, lim, plan, tables).await {
@@ -194,17 +210,24 @@ async fn tally(
         }
     }
     if tables {
-        count_local(x, route, lim);
+        count_local(x, route, lim, now, caller);
     }
     Ok(match plan {
-        Some((plan, set, key)) => Early::Got(plan.check(set, key, MonotonicClock.now(), wall(x))),
+        Some((plan, set, key)) => Early::Got(plan.check(set, key, now, wall(x))),
         None => Early::NotAsked,
     })
 }
 
-/// Counts the request in each tracked table it has a key for, in this process.
-fn count_local(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) {
-    let now = MonotonicClock.now();
+/// Counts the request in each tracked table it has a key for, in this process. A table
+/// keyed by the principal alone takes the plan's caller key, already built, when there is
+/// one (the same bytes).
+fn count_local(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    lim: &RouteLimits,
+    now: Moment,
+    caller: Option<&Key>,
+) {
     let facts = KeyFacts {
         ip: x.conn.peer.ip(),
         identity: x.identity.as_deref(),
@@ -212,24 +235,29 @@ fn count_local(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) {
         headers: &x.parts.headers,
     };
     let mut usage = Usage::default();
-    x.seen = lim
-        .track
-        .iter()
-        .map(|t| {
-            let key = build_key(&t.parts, &facts)?;
-            let s = t.table.with_entry(&key, now, |e| {
-                e.add_request();
-                if t.conn {
-                    e.conn_start();
-                }
-                e.snapshot()
-            });
-            if t.conn || t.errs || t.bytes {
-                usage.entries.push((t.clone(), key));
+    // Filled in place: a snapshot is large, and the exchange holds the vector inline.
+    x.seen.clear();
+    for t in lim.track.iter() {
+        let key = match (caller, &t.parts[..]) {
+            (Some(k), [Part::Principal]) if facts.identity.is_some() => Some(k.clone()),
+            _ => build_key(&t.parts, &facts),
+        };
+        let Some(key) = key else {
+            x.seen.push(None);
+            continue;
+        };
+        let s = t.table.with_entry(&key, now, |e| {
+            e.add_request();
+            if t.conn {
+                e.conn_start();
             }
-            Some(s)
-        })
-        .collect();
+            e.snapshot()
+        });
+        if t.conn || t.errs || t.bytes {
+            usage.entries.push((t.clone(), key));
+        }
+        x.seen.push(Some(s));
+    }
     if !usage.entries.is_empty() {
         x.usage = Some(usage);
     }
