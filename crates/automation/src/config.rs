@@ -1,7 +1,7 @@
 //! The trigger config: what users write under `triggers:`, as serde types. Unknown keys are
 //! errors (`deny_unknown_fields`). For messages that name the exact path and say the fix (an
 //! unknown key, an unknown action, a missing field), parse with [`crate::parse_triggers`]
-//! instead of deserializing these types directly; [`crate::validate`] checks the meaning.
+//! instead of deserializing these types directly; the `validate` module checks the meaning.
 //!
 //! ```yaml
 //! triggers:
@@ -26,6 +26,7 @@
 //! ```
 
 use crate::guard::MaxUnavailable;
+pub use crate::guard::ServerState;
 use crate::template::{render_str, render_value, Scope};
 use crate::time::Dur;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -62,7 +63,7 @@ pub struct TriggerCfg {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown: Option<Dur>,
     /// Triggers that a firing of this one mutes for the same group, for this trigger's
-    /// `cooldown` (or [`DEFAULT_INHIBIT`](crate::engine::DEFAULT_INHIBIT) without one).
+    /// `cooldown` (or the engine's `DEFAULT_INHIBIT` without one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inhibit: Vec<String>,
     #[serde(default)]
@@ -192,25 +193,6 @@ impl AutomationEvents {
         } else {
             1
         }
-    }
-}
-
-/// A server's administrative state, as `set_server_state` sets it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ServerState {
-    /// Takes traffic.
-    Ready,
-    /// Takes no new traffic except sticky requests; health checks continue.
-    Drain,
-    /// Takes no traffic; health checks stop.
-    Maint,
-}
-
-impl ServerState {
-    /// Whether this state takes a server out of rotation (what `max_unavailable` limits).
-    pub fn takes_out(self) -> bool {
-        !matches!(self, ServerState::Ready)
     }
 }
 

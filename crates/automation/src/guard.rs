@@ -6,9 +6,27 @@
 //! backend with one server never lets automation take it out at 50%, and one with three lets
 //! one go.
 
-use crate::config::ServerState;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
+
+/// A server's administrative state, as `set_server_state` sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    /// Takes traffic.
+    Ready,
+    /// Takes no new traffic except sticky requests; health checks continue.
+    Drain,
+    /// Takes no traffic; health checks stop.
+    Maint,
+}
+
+impl ServerState {
+    /// Whether this state takes a server out of rotation (what `max_unavailable` limits).
+    pub fn takes_out(self) -> bool {
+        !matches!(self, ServerState::Ready)
+    }
+}
 
 /// How many of a backend's servers may be out: `50%` or a count like `2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -36,7 +36,7 @@ pub struct Event {
     pub id: String,
     /// The instance that emitted it (a URI reference, such as `portcullis://edge-1`).
     pub source: String,
-    /// What happened: `dev.portcullis.server.down`, … (see [`crate::types`]).
+    /// What happened: `dev.portcullis.server.down`, … (see the `types` module).
     pub type_: String,
     /// When it happened. An inbound event without `time` gets the time it was received.
     pub time: SystemTime,
@@ -245,7 +245,7 @@ fn required(map: &mut Map<String, Value>, name: &'static str) -> Result<String, 
 }
 
 /// The instance that emits events: every event built through it carries it as `source`.
-/// Cheap to clone. The typed constructors for the proxy's events are in [`crate::types`].
+/// Cheap to clone. The typed constructors for the proxy's events are in the `types` module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source(Arc<str>);
 

@@ -17,7 +17,7 @@
 //! | `dev.portcullis.jwks.refresh_failed` | the identity provider | [`JwksRefreshFailed`]: JWKS or discovery could not be fetched |
 //! | `dev.portcullis.audit.overload` | the audit sink | [`AuditOverload`]: audit records were dropped |
 //! | `dev.portcullis.automation.action` | the action's target | [`AutomationAction`]; `causedby` is the trigger's event |
-//! | `dev.portcullis.alert.firing` | `alertname[/instance]` | an Alertmanager alert (see [`crate::alertmanager`]) |
+//! | `dev.portcullis.alert.firing` | `alertname[/instance]` | an Alertmanager alert (made by the `alertmanager` module) |
 //! | `dev.portcullis.alert.resolved` | `alertname[/instance]` | an Alertmanager alert that ended |
 //!
 //! Times inside `data` are RFC 3339 strings; durations are whole milliseconds in fields

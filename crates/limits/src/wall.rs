@@ -2,10 +2,10 @@
 //! month), so unlike the counters in [`crate::clock`] they need the calendar, not a monotonic
 //! timeline. A [`WallClock`] reads nanoseconds since the Unix epoch (UTC, leap seconds not
 //! counted, as every Unix clock does); callers read it once per request and hand the value to
-//! [`crate::quota::Quotas::check`], so tests can stand on a boundary to the nanosecond.
+//! the quota module's `Quotas::check`, so tests can stand on a boundary to the nanosecond.
 //!
 //! * [`SystemWallClock`] is the real one ([`std::time::SystemTime`]). It can jump (NTP, an
-//!   operator): [`crate::quota`] tolerates a clock that goes backwards.
+//!   operator): the quota module tolerates a clock that goes backwards.
 //! * [`ManualWallClock`] is for tests and simulations: it moves only when told.
 //!
 //! ```
