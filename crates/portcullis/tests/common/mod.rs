@@ -67,7 +67,13 @@ impl Proxy {
 
     async fn try_start_in(dir: tempfile::TempDir, yaml: &str) -> Result<Proxy, tempfile::TempDir> {
         let port = free_port();
-        let admin_port = free_port();
+        // Two probes may find the same free port.
+        let admin_port = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
         let config = dir.path().join("portcullis.yaml");
         let log = dir.path().join("portcullis.log");
         let access_log = dir.path().join("access.log");
@@ -129,7 +135,8 @@ impl Proxy {
                 }
             }
             if let Ok(Some(_)) = self.child.try_wait() {
-                if self.log_text().contains("Address already in use") {
+                let log = self.log_text();
+                if log.contains("Address already in use") || log.contains("is already bound by") {
                     return false;
                 }
             }
