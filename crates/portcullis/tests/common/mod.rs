@@ -130,7 +130,10 @@ impl Proxy {
         let client = reqwest::Client::new();
         loop {
             if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
-                if r.status() == 200 {
+                // Ours, not another test's proxy that holds the port ours failed to bind:
+                // then ours has exited (or is about to) with the bind error.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                if r.status() == 200 && matches!(self.child.try_wait(), Ok(None)) {
                     return true;
                 }
             }
