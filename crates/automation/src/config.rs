@@ -250,7 +250,8 @@ pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=1000;
 #[serde(deny_unknown_fields)]
 pub struct SwitchRoute {
     pub route: String,
-    /// The backend to send the route's traffic to.
+    /// The backend to send the route's traffic to (also written `to`).
+    #[serde(alias = "to")]
     pub backend: String,
 }
 

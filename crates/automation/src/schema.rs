@@ -223,10 +223,30 @@ pub(crate) static ACTIONS: &[(&str, Obj)] = &[
     ),
 ];
 
+/// `value` with the other spellings of a key written the one way: `switch_route: { to: … }`
+/// (as the design page writes it) is `backend`.
+fn with_aliases(value: &Value) -> Value {
+    let mut v = value.clone();
+    for t in v.as_array_mut().into_iter().flatten() {
+        let actions = t.get_mut("actions").and_then(Value::as_array_mut);
+        for a in actions.into_iter().flatten() {
+            if let Some(Value::Object(m)) = a.get_mut("switch_route") {
+                if !m.contains_key("backend") {
+                    if let Some(to) = m.remove("to") {
+                        m.insert("backend".into(), to);
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
 /// Parses the value of `triggers:` (a list; `null` means none): checks its shape, deserializes
 /// it, and validates it ([`crate::validate`]). Every problem names its path, starting with
 /// `triggers`.
 pub fn parse_triggers(value: &Value) -> Result<Vec<TriggerCfg>, Vec<Problem>> {
+    let value = &with_aliases(value);
     let mut problems = Vec::new();
     let list = match value {
         Value::Null => return Ok(Vec::new()),

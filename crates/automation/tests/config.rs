@@ -89,7 +89,7 @@ fn structural_mistakes_name_the_path_and_the_fix() {
   actions:
     - drain: { backend: b, server: s }
     - set_server_state: { backend: b, server: s, state: drained }
-    - switch_route: { route: r, to: standby }
+    - switch_route: { route: r, towards: standby }
     - { reload: {}, emit: { type: t } }
     - set_server_weight: { backend: b, server: s, weight: -1 }
 - name: b
@@ -109,8 +109,8 @@ fn structural_mistakes_name_the_path_and_the_fix() {
     );
     has(
         &p,
-        "triggers[0].actions[2].switch_route.to",
-        "unknown field `to`",
+        "triggers[0].actions[2].switch_route.towards",
+        "unknown field `towards`",
     );
     has(&p, "triggers[0].actions[2].switch_route", "needs `backend`");
     has(&p, "triggers[0].actions[3]", "its own list item");
@@ -228,4 +228,24 @@ fn inhibit_cycles_are_rejected() {
     );
     assert!(validate(&cfgs).is_empty());
     assert!(portcullis_automation::Engine::new(cyc).is_err());
+}
+
+/// The design page's shape, `switch_route: { route, to }`, reads as `backend`.
+#[test]
+fn switch_route_takes_to_as_the_design_page_writes_it() {
+    let t = triggers(
+        r#"
+- name: failover-billing
+  match: { type: dev.portcullis.backend.unhealthy, subject: "billing/*" }
+  cooldown: 5m
+  actions: [{ switch_route: { route: billing/billing-api, to: billing-standby } }]
+"#,
+    );
+    match &t[0].actions[0] {
+        Action::SwitchRoute(s) => assert_eq!(
+            (s.route.as_str(), s.backend.as_str()),
+            ("billing/billing-api", "billing-standby")
+        ),
+        other => panic!("{other:?}"),
+    }
 }

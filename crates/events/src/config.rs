@@ -67,7 +67,9 @@ pub const DEFAULT_QUEUE: usize = 10_000;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSink {
-    name: String,
+    /// Default: the kind's name (`webhook`, `nats`, `file`, `stdout`), which suits a config
+    /// with one sink of each kind.
+    name: Option<String>,
     webhook: Option<WebhookCfg>,
     nats: Option<NatsCfg>,
     file: Option<FileCfg>,
@@ -91,6 +93,20 @@ impl TryFrom<RawSink> for SinkCfg {
     type Error = String;
 
     fn try_from(raw: RawSink) -> Result<SinkCfg, String> {
+        let kind_name = [
+            (raw.webhook.is_some(), "webhook"),
+            (raw.nats.is_some(), "nats"),
+            (raw.file.is_some(), "file"),
+            (raw.stdout.is_some(), "stdout"),
+        ]
+        .iter()
+        .find(|(set, _)| *set)
+        .map_or("sink", |(_, n)| *n);
+        let raw = RawSink {
+            name: Some(raw.name.clone().unwrap_or_else(|| kind_name.to_string())),
+            ..raw
+        };
+        let name = raw.name.clone().unwrap_or_default();
         let mut kinds = Vec::new();
         if let Some(w) = raw.webhook {
             kinds.push(SinkKind::Webhook(w));
@@ -108,18 +124,18 @@ impl TryFrom<RawSink> for SinkCfg {
             return Err(format!(
                 "events sink `{}` needs exactly one of `webhook`, `nats`, `file`, `stdout` \
                  (found {})",
-                raw.name,
+                name,
                 kinds.len()
             ));
         }
         if raw.queue == 0 {
             return Err(format!(
                 "events sink `{}`: `queue` must be at least 1",
-                raw.name
+                name
             ));
         }
         Ok(SinkCfg {
-            name: raw.name,
+            name,
             kind: kinds.remove(0),
             types: raw.types,
             queue: raw.queue,
@@ -272,7 +288,8 @@ impl EventsCfg {
             if !names.insert(s.name.as_str()) {
                 return Err(EventsError::Events(format!(
                     "two sinks are named `{}`: names must be unique (a webhook's outbox rows are \
-                     kept under its name)",
+                     kept under its name); give each a `name` (a sink without one is named after \
+                     its kind)",
                     s.name
                 )));
             }

@@ -7,7 +7,7 @@
 //! | `dev.portcullis.server.down` | `backend/server` | [`ServerData`]: health checks fail |
 //! | `dev.portcullis.server.ejected` | `backend/server` | [`ServerData`] with `for_ms`: outlier detection took it out |
 //! | `dev.portcullis.server.restored` | `backend/server` | [`ServerData`]: its ejection ended |
-//! | `dev.portcullis.backend.unavailable` | `backend` | [`BackendData`]: no healthy server left |
+//! | `dev.portcullis.backend.unhealthy` | `backend` | [`BackendData`]: no healthy server left |
 //! | `dev.portcullis.limit.exceeded` | the table, or `plan:<name>` | [`WindowCount`]: refusals of one key in one window |
 //! | `dev.portcullis.auth.denial_burst` | chosen by the emitter (the route) | [`WindowCount`]: policy denials of one key in one window |
 //! | `dev.portcullis.auth.failure_burst` | chosen by the emitter (the route) | [`WindowCount`]: failed authentications of one key in one window |
@@ -32,7 +32,7 @@ pub const SERVER_UP: &str = "dev.portcullis.server.up";
 pub const SERVER_DOWN: &str = "dev.portcullis.server.down";
 pub const SERVER_EJECTED: &str = "dev.portcullis.server.ejected";
 pub const SERVER_RESTORED: &str = "dev.portcullis.server.restored";
-pub const BACKEND_UNAVAILABLE: &str = "dev.portcullis.backend.unavailable";
+pub const BACKEND_UNAVAILABLE: &str = "dev.portcullis.backend.unhealthy";
 pub const LIMIT_EXCEEDED: &str = "dev.portcullis.limit.exceeded";
 pub const AUTH_DENIAL_BURST: &str = "dev.portcullis.auth.denial_burst";
 pub const AUTH_FAILURE_BURST: &str = "dev.portcullis.auth.failure_burst";
@@ -132,7 +132,7 @@ impl ServerData {
     }
 }
 
-/// `data` of `backend.unavailable`.
+/// `data` of `backend.unhealthy`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendData {
     pub backend: String,
@@ -281,7 +281,7 @@ impl Source {
         self.event(change.type_(), Some(subject), data)
     }
 
-    /// `backend.unavailable`, subject the backend.
+    /// `backend.unhealthy`, subject the backend.
     pub fn backend_unavailable(&self, data: BackendData) -> Event {
         let subject = data.backend.clone();
         self.event(BACKEND_UNAVAILABLE, Some(subject), data)

@@ -191,3 +191,19 @@ async fn a_burst_of_denials_is_one_event_per_window_and_key() {
     assert!(bus.shutdown(Duration::from_secs(1)).await);
     task.await.unwrap();
 }
+
+/// A sink without a name is named after its kind (the design page's shape).
+#[test]
+fn a_sink_without_a_name_is_named_after_its_kind() {
+    let cfg = parse(
+        "sinks: [{ webhook: { url: \"https://hooks.example/portcullis\", secret: \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\" } }]",
+    )
+    .unwrap();
+    assert_eq!(cfg.sinks[0].name, "webhook");
+    let two = parse("sinks: [{ stdout: {} }, { stdout: {} }]")
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(two.contains("give each a `name`"), "{two}");
+}

@@ -131,7 +131,7 @@ fn verified(got: &Received, secret: &str) -> Vec<Value> {
         .collect()
 }
 
-/// (a) A killed origin is `server.down` (and its backend `backend.unavailable`) on a signed
+/// (a) A killed origin is `server.down` (and its backend `backend.unhealthy`) on a signed
 /// webhook; back, it is `server.up`. The secret comes from a file through `${file:}`.
 #[tokio::test]
 async fn a_killed_origin_is_server_down_on_a_signed_webhook_then_server_up() {
@@ -165,14 +165,14 @@ routes:
 
     origin.stop();
     drop(origin);
-    let down = |events: &[Value]| !of_type(events, "dev.portcullis.backend.unavailable").is_empty();
+    let down = |events: &[Value]| !of_type(events, "dev.portcullis.backend.unhealthy").is_empty();
     assert!(
         eventually(Duration::from_secs(10), || {
             let ok = down(&verified(&got, &secret));
             async move { ok }
         })
         .await,
-        "no server.down and backend.unavailable: {:#?}\n{}",
+        "no server.down and backend.unhealthy: {:#?}\n{}",
         verified(&got, &secret),
         p.log_text()
     );
@@ -197,7 +197,7 @@ routes:
         .unwrap()
         .starts_with("portcullis://"));
     assert!(d[0].get("causedby").is_none());
-    let u = of_type(&events, "dev.portcullis.backend.unavailable");
+    let u = of_type(&events, "dev.portcullis.backend.unhealthy");
     assert_eq!(u[0]["subject"], "default/api");
 
     // Back on the same port.

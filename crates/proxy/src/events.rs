@@ -5,7 +5,7 @@
 //!
 //! What emits what:
 //!
-//! * **Servers** (`server.up|down|ejected|restored`, `backend.unavailable`): a
+//! * **Servers** (`server.up|down|ejected|restored`, `backend.unhealthy`): a
 //!   [`Watcher`](crate::state::Watcher) set on the server registry by [`watch`] hears each
 //!   change of health (`crate::health`) and ejection (`crate::state`), and counts the
 //!   backend's servers in rotation in the running snapshot.
@@ -341,7 +341,7 @@ pub fn watch(shared: &Arc<Shared>) {
     spawn_audit_poll(Arc::downgrade(shared));
 }
 
-/// The events of a server's change: `server.*`, and `backend.unavailable` when the change
+/// The events of a server's change: `server.*`, and `backend.unhealthy` when the change
 /// took the backend's last server in rotation out.
 fn server_changed(shared: &Shared, state: &ServerState, change: Change, reason: &str) {
     let snap = shared.snapshot.load();
