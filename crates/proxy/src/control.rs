@@ -369,16 +369,27 @@ pub fn find_backend<'a>(
     if let Some(b) = snap.backend(name) {
         return Ok(b);
     }
-    let matches: Vec<_> = snap
-        .backends
+    by_name(&snap.backends, |b| &b.id, "backend", name, "%2F")
+}
+
+/// The one item whose id (`app/name`) ends in `name`: not found, or ambiguous across apps
+/// (then the id is the way to name it; `sep` is how the caller writes the slash).
+fn by_name<'a, T>(
+    items: &'a [T],
+    id: impl Fn(&T) -> &str,
+    what: &str,
+    name: &str,
+    sep: &str,
+) -> Result<&'a T, ControlError> {
+    let matches: Vec<&T> = items
         .iter()
-        .filter(|b| b.id.rsplit_once('/').is_some_and(|(_, n)| n == name))
+        .filter(|t| id(t).rsplit_once('/').is_some_and(|(_, n)| n == name))
         .collect();
     match matches.as_slice() {
-        [b] => Ok(b),
-        [] => Err(ControlError::NotFound(format!("no backend `{name}`"))),
+        [t] => Ok(t),
+        [] => Err(ControlError::NotFound(format!("no {what} `{name}`"))),
         _ => Err(ControlError::Ambiguous(format!(
-            "backend name `{name}` is ambiguous: use `app%2F{name}`"
+            "{what} name `{name}` is ambiguous: use `app{sep}{name}`"
         ))),
     }
 }
@@ -391,18 +402,7 @@ pub fn find_route<'a>(
     if let Some(r) = snap.routes.iter().find(|r| &*r.id == name) {
         return Ok(r);
     }
-    let matches: Vec<_> = snap
-        .routes
-        .iter()
-        .filter(|r| r.id.rsplit_once('/').is_some_and(|(_, n)| n == name))
-        .collect();
-    match matches.as_slice() {
-        [r] => Ok(r),
-        [] => Err(ControlError::NotFound(format!("no route `{name}`"))),
-        _ => Err(ControlError::Ambiguous(format!(
-            "route name `{name}` is ambiguous: use `app/{name}`"
-        ))),
-    }
+    by_name(&snap.routes, |r| &r.id, "route", name, "/")
 }
 
 /// Checks `cmd` against `snap` (and, for a stick-table command, the running `tables`): the
