@@ -46,6 +46,7 @@ pub mod store;
 pub mod template;
 pub mod time;
 mod validate;
+pub mod workflow;
 
 pub use config::{Action, MatchCfg, Posture, ServerState, TriggerCfg};
 pub use engine::{Engine, EngineOptions, EngineStats, Firing, TriggerStats};

@@ -107,6 +107,17 @@ pub struct AdminDef {
     pub bind: String,
     /// Expanded bearer tokens. Never log these.
     pub tokens: Vec<String>,
+    /// Cedar policy files for commands by triggers and workflows (absolute paths).
+    pub policies: Vec<PathBuf>,
+}
+
+/// The workflows' definitions as written: files (absolute paths) and inline ones.
+#[derive(Debug, Clone, Default)]
+pub struct WorkflowsDef {
+    pub files: Vec<PathBuf>,
+    /// Inline definitions by name, as JSON; located at `workflows.definitions.<name>`.
+    pub inline: Vec<(String, serde_json::Value)>,
+    pub retention: std::time::Duration,
 }
 
 /// A validated configuration. Paths are absolute; secrets are expanded.
@@ -151,6 +162,8 @@ pub struct Config {
     pub events: serde_json::Value,
     /// `triggers:` as written (JSON null when absent), for the automation engine to read.
     pub triggers: serde_json::Value,
+    /// `workflows:`, for the workflow engine to parse; `None` when absent.
+    pub workflows: Option<WorkflowsDef>,
     pub warnings: Vec<String>,
     /// Where each route is written, by route id (see [`Config::route_loc`]).
     route_srcs: HashMap<String, RouteSrc>,

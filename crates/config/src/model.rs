@@ -59,6 +59,28 @@ pub struct RootFile {
     pub events: Option<serde_yaml_ng::Value>,
     /// Rules over events that act on the proxy. Validated by the automation engine.
     pub triggers: Option<serde_yaml_ng::Value>,
+    /// Durable workflows (Amazon States Language): definition files and inline definitions.
+    pub workflows: Option<WorkflowsCfg>,
+}
+
+/// `workflows:`: where the definitions are, and how long closed executions are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowsCfg {
+    /// Globs of definition files, relative to the root file: `workflows/*.asl.json` (or
+    /// `.asl.yaml`). A file's workflow is named after it, without `.asl.json`.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Definitions written inline, by workflow name.
+    #[serde(default)]
+    pub definitions: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+    /// How long a closed execution and its history are kept (Step Functions: 90 days).
+    #[serde(default = "days_90")]
+    pub retention: Dur,
+}
+
+fn days_90() -> Dur {
+    Dur(Duration::from_secs(90 * 86_400))
 }
 
 /// Where limit counters live, what a check does when the shared store fails, and how plans
@@ -635,6 +657,11 @@ pub struct Admin {
     /// Bearer tokens accepted by the admin API (use `${file:...}` or `${env:...}`).
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Cedar policy files (globs) that authorize control commands made by triggers and
+    /// workflows (`Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`). When set,
+    /// such a command runs only if a policy permits it.
+    #[serde(default)]
+    pub policies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -6,6 +6,7 @@ use crate::model::*;
 use crate::spans::SpanIndex;
 use crate::{
     expand, AdminDef, BackendDef, Config, Diagnostic, Error, Loc, RouteDef, RouteSrc, Source,
+    WorkflowsDef,
 };
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -274,8 +275,35 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 Err(e) => diags.push(root_src.diag(&format!("admin.tokens[{i}]"), e)),
             }
         }
-        AdminDef { bind, tokens }
+        let policies = expand_globs(&root_src, "admin.policies", &a.policies, &base, &mut diags);
+        AdminDef { bind, tokens, policies }
     });
+    let workflows = root.workflows.as_ref().map(|w| {
+        let files = expand_globs(
+            &root_src,
+            "workflows.include",
+            &w.include,
+            &base,
+            &mut diags,
+        );
+        for pat in &w.include {
+            if let Some(dir) = base.join(pat).parent() {
+                watch_dirs.push(dir.to_path_buf());
+            }
+        }
+        WorkflowsDef {
+            files,
+            inline: w
+                .definitions
+                .iter()
+                .map(|(k, v)| (k.clone(), as_json(Some(v))))
+                .collect(),
+            retention: w.retention.0,
+        }
+    });
+    if let Some(w) = &workflows {
+        files.extend(w.files.iter().cloned());
+    }
 
     let mut authorizer_names = HashSet::new();
     for (i, a) in root.authorizers.iter().enumerate() {
@@ -631,6 +659,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         usage_plans: root.usage_plans.clone(),
         events: as_json(root.events.as_ref()),
         triggers: as_json(root.triggers.as_ref()),
+        workflows,
     })
 }
 

@@ -8,6 +8,7 @@
 //! each identity and each decision by (route, identity, the values the context is built
 //! from); see `cache`. `decide_uncached` bypasses both caches.
 
+pub mod admin;
 mod cache;
 mod context;
 pub mod schema;

@@ -42,12 +42,18 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .merge(crate::admin_tables::routes())
         .merge(crate::admin_usage::routes())
         .merge(crate::admin_events::routes())
+        .merge(crate::admin_workflows::routes())
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(api)
         .with_state(rt)
+}
+
+/// Whether two secrets are equal, in constant time (of their length).
+pub fn eq_ct(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// Checks the bearer token against every configured token in constant time.

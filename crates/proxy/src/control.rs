@@ -17,6 +17,7 @@ use crate::table_keys::HASHED_SCAN_MAX;
 use crate::Runtime;
 use http::StatusCode;
 use portcullis_limits::{Clock, Key, Kind, Moment, MonotonicClock};
+use portcullis_policy::admin::AdminResource;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -183,6 +184,10 @@ pub enum ControlError {
     /// The shared limit store (Redis) did not take the change; this process's table did.
     #[error("the shared limit store did not take the change: {0}")]
     StoreUnavailable(String),
+    /// `admin.policies` do not permit this automation principal the command; the refusal
+    /// is recorded.
+    #[error("{0}")]
+    Forbidden(String),
     /// The config on disk was rejected; `serving_version` keeps serving.
     #[error("config reload rejected: {error}")]
     ReloadRejected {
@@ -196,6 +201,7 @@ impl ControlError {
     pub fn status(&self) -> StatusCode {
         match self {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Forbidden(_) => StatusCode::FORBIDDEN,
             ControlError::Ambiguous(_) => StatusCode::CONFLICT,
             ControlError::NotStored(_) => StatusCode::CONFLICT,
             ControlError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -506,6 +512,7 @@ pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resol
 pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, ControlError> {
     let snap = rt.shared.snapshot.load_full();
     let Resolved { command, target } = resolve(&snap, &rt.shared.limits, cmd)?;
+    authorize(rt, &snap, by, &command).await?;
     if let Target::Config = target {
         return reload(rt, by).await;
     }
@@ -548,6 +555,75 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
         _ => unreachable!("not a server command: {}", command.action()),
     }
     Ok(args)
+}
+
+/// What `admin.policies` call a command: its action and the resource it acts on.
+pub fn admin_target(command: &Command) -> (&'static str, AdminResource) {
+    match command {
+        Command::SetServerState {
+            backend, server, ..
+        } => (
+            "server.set_state",
+            AdminResource::Server {
+                backend: backend.clone(),
+                server: server.clone(),
+            },
+        ),
+        Command::SetServerWeight {
+            backend, server, ..
+        } => (
+            "server.set_weight",
+            AdminResource::Server {
+                backend: backend.clone(),
+                server: server.clone(),
+            },
+        ),
+        Command::Reload => ("config.reload", AdminResource::Config),
+        Command::SetTableGpc { table, .. }
+        | Command::SetTableTag { table, .. }
+        | Command::RemoveTableTag { table, .. } => {
+            ("table.set", AdminResource::Table(table.clone()))
+        }
+        Command::ClearTableKey { table, .. } | Command::ClearTable { table } => {
+            ("table.clear", AdminResource::Table(table.clone()))
+        }
+        Command::SwitchRoute { route, .. } => ("route.switch", AdminResource::Route(route.clone())),
+        Command::RestoreRoute { route } => ("route.restore", AdminResource::Route(route.clone())),
+    }
+}
+
+/// A trigger's or a workflow's command must be permitted by `admin.policies` (when there
+/// are any). A refusal is recorded (decision `deny`, with the reasons) and answered as
+/// [`ControlError::Forbidden`]. Operators' tokens are not checked here.
+async fn authorize(
+    rt: &Runtime,
+    snap: &Snapshot,
+    by: &Principal,
+    command: &Command,
+) -> Result<(), ControlError> {
+    let ty = match by.kind {
+        PrincipalKind::Trigger => "Trigger",
+        PrincipalKind::Workflow => "Workflow",
+        PrincipalKind::Token | PrincipalKind::Person => return Ok(()),
+    };
+    let name = by.who.split('#').next().unwrap_or(&by.who);
+    let (action, resource) = admin_target(command);
+    let d = snap.admin_policies.authorize((ty, name), action, &resource);
+    if d.allowed {
+        return Ok(());
+    }
+    let mut rec = crate::audit::admin(&by.who, command.action(), command.args());
+    if let Some(p) = rec.principal.as_mut() {
+        p.provider = by.kind.audit_provider().into();
+    }
+    rec.decision = Some(portcullis_audit::Decision::Deny);
+    rec.reasons = d.reasons.clone();
+    crate::audit::write(&rt.shared, rec).await;
+    tracing::warn!(actor = %by.who, kind = ?by.kind, action, reasons = ?d.reasons, "control: command forbidden by admin.policies");
+    Err(ControlError::Forbidden(format!(
+        "Portcullis::{ty}::\"{name}\" may not {action} here: {}",
+        d.reasons.join(", ")
+    )))
 }
 
 /// Applies a resolved, recorded route switch (or restore), and logs it.

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admin_events;
 pub mod admin_tables;
 pub mod admin_usage;
+pub mod admin_workflows;
 pub mod audit;
 pub mod automate;
 pub mod control;
@@ -32,6 +33,7 @@ pub mod table_keys;
 #[cfg(test)]
 pub mod testkit;
 pub mod upstream;
+pub mod workflows;
 
 use edge::{listen, tls};
 
@@ -115,6 +117,20 @@ pub struct Runtime {
         parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Arc<portcullis_events::Event>>>>,
     /// Route switches, and the task that runs the triggers (see `automate`).
     pub automation: automate::Automation,
+    /// Durable workflows, when the config has `workflows:`.
+    pub workflows: workflows::Workflows,
+}
+
+/// The workflow definitions of `config`, or their problems as one located message.
+fn workflow_defs(
+    config: &Config,
+) -> Result<Vec<portcullis_automation::workflow::runner::Loaded>, String> {
+    workflows::load::definitions(config).map_err(|d| {
+        d.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 /// The triggers of `config`, validated, or their problems as one located message.
@@ -130,7 +146,10 @@ fn triggers(config: &Config) -> Result<Vec<portcullis_automation::TriggerCfg>, S
 /// Whether `config` keeps anything in the embedded store: quota use and daily usage,
 /// event outboxes, trigger firings.
 fn needs_store(config: &Config) -> bool {
-    !config.usage_plans.is_empty() || !config.events.is_null() || !config.triggers.is_null()
+    !config.usage_plans.is_empty()
+        || !config.events.is_null()
+        || !config.triggers.is_null()
+        || config.workflows.is_some()
 }
 
 /// What [`Runtime::start`] would refuse, short of binding ports and fetching keys, for
@@ -171,6 +190,14 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
     }
     if let Err(d) = automate::check::triggers(config) {
         out.extend(d);
+    }
+    if let Err(d) = workflows::load::definitions(config) {
+        out.extend(d);
+    }
+    if let Some(a) = &config.admin {
+        if let Err(d) = portcullis_policy::admin::AdminPolicies::load(&a.policies) {
+            out.extend(d);
+        }
     }
     if let Err(d) = events::events_cfg(config) {
         out.push(d);
@@ -224,6 +251,7 @@ impl Runtime {
             authorizers,
         )?;
         snap.triggers = Arc::new(triggers(&config).map_err(snapshot::BuildError::Triggers)?);
+        snap.workflows = Arc::new(workflow_defs(&config).map_err(snapshot::BuildError::Located)?);
         let listeners = listen::Listeners::default();
         let prepared = listeners.prepare(&config.listeners)?;
         let audit = match config.audit.sink {
@@ -260,6 +288,7 @@ impl Runtime {
             admin_addr: parking_lot::Mutex::new(None),
             automation_events: parking_lot::Mutex::new(automation_events),
             automation: automate::Automation::default(),
+            workflows: workflows::Workflows::default(),
             shared,
         });
         if let Some(admin) = &config.admin {
@@ -287,6 +316,10 @@ impl Runtime {
         rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         plans::start_flusher(&rt.shared);
         automate::Automation::start(&rt).map_err(Error::Automation)?;
+        let defs = rt.shared.snapshot.load().workflows.as_ref().clone();
+        workflows::Workflows::start(&rt, defs)
+            .await
+            .map_err(Error::Automation)?;
         Ok(rt)
     }
 
@@ -404,6 +437,7 @@ impl Runtime {
         )
         .map_err(|e| e.to_string())?;
         snap.triggers = Arc::new(triggers(&config)?);
+        snap.workflows = Arc::new(workflow_defs(&config)?);
         let prepared = self
             .listeners
             .prepare(&config.listeners)
@@ -420,6 +454,8 @@ impl Runtime {
         self.automation.routes.apply(&self.shared.snapshot.load());
         self.automation
             .reconfigure(&self.shared.snapshot.load().triggers);
+        self.workflows
+            .reconfigure(self.shared.snapshot.load().workflows.as_ref().clone());
         self.listeners
             .commit(prepared, &self.shared, config.shutdown_grace);
         self.shared.registry.retain(&keep);

@@ -33,6 +33,9 @@ pub enum BuildError {
     /// Problems in `triggers:`, each located as `file:line:col: message`.
     #[error("{0}")]
     Triggers(String),
+    /// Problems in `admin.policies` or `workflows:`, each located.
+    #[error("{0}")]
+    Located(String),
 }
 
 pub struct ServerRt {
@@ -137,6 +140,10 @@ pub struct Snapshot {
     pub strip_headers: Arc<[http::HeaderName]>,
     /// The triggers of `triggers:`, validated.
     pub triggers: Arc<Vec<portcullis_automation::TriggerCfg>>,
+    /// The Cedar policies of `admin.policies`, for commands by triggers and workflows.
+    pub admin_policies: Arc<portcullis_policy::admin::AdminPolicies>,
+    /// The workflow definitions, validated.
+    pub workflows: Arc<Vec<portcullis_automation::workflow::runner::Loaded>>,
 }
 
 impl Snapshot {
@@ -249,6 +256,21 @@ impl Snapshot {
             strip_headers: strip_headers.into(),
             // Set by the caller, which validates them (`automate::check::triggers`).
             triggers: Arc::default(),
+            admin_policies: Arc::new(
+                portcullis_policy::admin::AdminPolicies::load(
+                    config.admin.as_ref().map_or(&[][..], |a| &a.policies[..]),
+                )
+                .map_err(|d| {
+                    BuildError::Located(
+                        d.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    )
+                })?,
+            ),
+            // Set by the caller, which loads them (`workflows::load`).
+            workflows: Arc::default(),
             router: Router::build(&config.routes),
             version: config.version.clone(),
             trusted: config.trusted_proxies.clone(),

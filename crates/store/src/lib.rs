@@ -1,7 +1,7 @@
 //! portcullis-store: the embedded durable store. One SQLite file, `portcullis.db`, under the
 //! state directory (`state_dir`), opened once at start and shared by everything that must
-//! survive a restart on one machine: quotas and daily usage, the event outbox and trigger
-//! firings now, workflow executions later (each adds a migration in [`schema`]).
+//! survive a restart on one machine: quotas and daily usage, the event outbox, trigger
+//! firings and workflow executions (each adds a migration in [`schema`]).
 //!
 //! * **Durable on return.** The file is in WAL mode with `synchronous=FULL`: when a write
 //!   call returns, its transaction is on disk and survives the process being killed, or the
@@ -40,6 +40,7 @@ mod firings;
 mod outbox;
 pub mod schema;
 mod usage;
+mod workflows;
 pub use firings::FollowUp;
 pub use outbox::{Enqueued, OutboxRow};
 

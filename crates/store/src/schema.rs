@@ -8,7 +8,7 @@
 //! does not know.
 //!
 //! To change the schema, append a migration with the next number; never edit one that has
-//! shipped. Workflow executions will add theirs here.
+//! shipped.
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
@@ -84,6 +84,69 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         ) WITHOUT ROWID;
         CREATE INDEX firings_created ON firings (created_at);
         CREATE INDEX firings_due ON firings (due_at) WHERE due_at IS NOT NULL;
+    ",
+    },
+    Migration {
+        version: 4,
+        name: "workflow executions",
+        sql: "
+        -- Durable workflow executions: see crate::workflows and
+        -- portcullis_automation::workflow::store. One row per execution; `status` is the
+        -- Status's text, `input`, `output` and `state` are JSON text; times are Unix
+        -- milliseconds. `wake_at` is when it next has something to do (NULL: a signal only);
+        -- `lease_owner` holds it until `lease_until` (both NULL when not leased). Names are
+        -- unique per workflow.
+        CREATE TABLE workflow_executions (
+            id          TEXT    PRIMARY KEY,
+            workflow    TEXT    NOT NULL,
+            name        TEXT    NOT NULL,
+            status      TEXT    NOT NULL CHECK (status IN
+                            ('RUNNING', 'SUCCEEDED', 'FAILED', 'TIMED_OUT', 'ABORTED')),
+            input       TEXT    NOT NULL,
+            output      TEXT,
+            error       TEXT,
+            cause       TEXT,
+            started_at  INTEGER NOT NULL,
+            stopped_at  INTEGER,
+            started_by  TEXT    NOT NULL,
+            parent      TEXT,
+            state       TEXT    NOT NULL,
+            wake_at     INTEGER,
+            history_len INTEGER NOT NULL CHECK (history_len >= 0),
+            lease_owner TEXT,
+            lease_until INTEGER,
+            UNIQUE (workflow, name)
+        );
+        -- Leasing: the running executions that are due.
+        CREATE INDEX workflow_executions_due ON workflow_executions (status, wake_at);
+        -- Listing, newest first, of all or one workflow's.
+        CREATE INDEX workflow_executions_started ON workflow_executions (started_at, id);
+        CREATE INDEX workflow_executions_workflow
+            ON workflow_executions (workflow, started_at, id);
+        -- Pruning closed executions.
+        CREATE INDEX workflow_executions_stopped
+            ON workflow_executions (stopped_at) WHERE stopped_at IS NOT NULL;
+
+        -- Each execution's history events, append-only; `details` is JSON text.
+        CREATE TABLE workflow_history (
+            execution_id TEXT    NOT NULL,
+            id           INTEGER NOT NULL,
+            previous     INTEGER NOT NULL,
+            timestamp_ms INTEGER NOT NULL,
+            kind         TEXT    NOT NULL,
+            details      TEXT    NOT NULL,
+            PRIMARY KEY (execution_id, id)
+        );
+
+        -- Signals queued for running executions, in arrival order (`seq`, never reused);
+        -- `kind` is the SignalKind as JSON. Deleted when a commit consumes them.
+        CREATE TABLE workflow_signals (
+            seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+            execution_id TEXT    NOT NULL,
+            at           INTEGER NOT NULL,
+            kind         TEXT    NOT NULL
+        );
+        CREATE INDEX workflow_signals_execution ON workflow_signals (execution_id, seq);
     ",
     },
 ];

@@ -136,7 +136,8 @@ impl Control for ProxyControl {
                 return Ok(());
             }
             Action::Webhook(w) => return self.webhook(firing, &w.url),
-            Action::RevokeSessions(_) | Action::StartWorkflow(_) => {
+            Action::StartWorkflow(w) => return self.start_workflow(firing, w),
+            Action::RevokeSessions(_) => {
                 return Err(ActionError::Failed(format!(
                     "`{}` is not built yet",
                     action.name()
@@ -148,6 +149,42 @@ impl Control for ProxyControl {
 }
 
 impl ProxyControl {
+    /// Starts an execution of the workflow, named after the firing (so a firing run again
+    /// finds the same execution), as the trigger's principal.
+    fn start_workflow(
+        &mut self,
+        firing: &Firing,
+        w: &portcullis_automation::config::StartWorkflow,
+    ) -> Result<(), ActionError> {
+        let Some(svc) = self.rt.workflows.service().cloned() else {
+            return Err(ActionError::Failed(
+                "no workflows are configured (add `workflows:`)".into(),
+            ));
+        };
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(firing.idempotency_key.as_bytes());
+        let name: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let input = if w.input.is_null() {
+            serde_json::json!({ "trigger": firing.trigger, "event": firing.cause_event_id, "group": firing.group })
+        } else {
+            w.input.clone()
+        };
+        let by = portcullis_automation::workflow::runner::Starter {
+            principal: format!("Portcullis::Trigger::\"{}\"", firing.trigger),
+            parent: None,
+            parent_key: None,
+        };
+        let started = self
+            .handle
+            .block_on(svc.start(&self.rt, &w.name, Some(name), input, by));
+        match started {
+            Ok(_) => Ok(()),
+            Err(portcullis_automation::workflow::runner::StartError::AlreadyExists { .. }) => {
+                Ok(())
+            }
+            Err(e) => Err(ActionError::Failed(e.to_string())),
+        }
+    }
+
     /// `gpc0 = 1` now, and `gpc0 = 0` after `for` (recorded in the store first, so a restart
     /// still ends the block).
     fn block(

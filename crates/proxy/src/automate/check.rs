@@ -14,19 +14,12 @@ use portcullis_config::Config;
 use portcullis_limits::counter::{Counter, Kind};
 
 /// Actions that the config accepts in shape but this build does not run.
-pub const NOT_BUILT: &[(&str, &str)] = &[
-    (
-        "revoke_sessions",
-        "`revoke_sessions` is not built yet: sessions are sealed cookies with no revocation list \
+pub const NOT_BUILT: &[(&str, &str)] = &[(
+    "revoke_sessions",
+    "`revoke_sessions` is not built yet: sessions are sealed cookies with no revocation list \
          to write to. Remove the action (a `webhook` to your identity provider can end sessions \
          there)",
-    ),
-    (
-        "start_workflow",
-        "`start_workflow` is not built yet: workflows are a later part of portcullis. Remove the \
-         action, or call your workflow engine with a `webhook`",
-    ),
-];
+)];
 
 /// Every problem with what `cfgs` (the parsed `triggers:` of `config`) names, as
 /// `(path, message)` with paths like `triggers[0].actions[1].switch_route.backend`.
@@ -74,6 +67,7 @@ fn action(config: &Config, a: &Action, at: &str, p: &mut Vec<Problem>) {
         }
         Action::ClearTable(s) => table(config, &s.table, None, at, p),
         Action::Block(s) => table(config, &s.table, Some(Kind::Gpc0), at, p),
+        Action::StartWorkflow(s) => workflow(config, &s.name, at, p),
         _ => {}
     }
 }
@@ -228,5 +222,30 @@ pub fn triggers(
         Ok(cfgs)
     } else {
         Err(located(problems))
+    }
+}
+
+/// The workflow a `start_workflow` action names exists.
+fn workflow(config: &Config, name: &str, at: &str, p: &mut Vec<Problem>) {
+    let Some(name) = fixed(name) else { return };
+    let known: Vec<String> = match &config.workflows {
+        None => Vec::new(),
+        Some(w) => w
+            .files
+            .iter()
+            .map(|f| crate::workflows::load::name_of(f))
+            .chain(w.inline.iter().map(|(n, _)| n.clone()))
+            .collect(),
+    };
+    if !known.contains(&name) {
+        let list = if known.is_empty() {
+            "there are none: add `workflows:`".to_string()
+        } else {
+            format!("known: {}", known.join(", "))
+        };
+        p.push((
+            format!("{at}.name"),
+            format!("no workflow is called `{name}` ({list})"),
+        ));
     }
 }

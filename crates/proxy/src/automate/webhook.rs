@@ -32,6 +32,21 @@ pub async fn post(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<u16, String> {
+    request(http::Method::POST, url, headers, body, timeout, 0)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// One HTTP/1.1 request with a JSON body (or none, when empty); the status and up to
+/// `max_body` bytes of the response's body. Used by workflows' `portcullis:http` tasks too.
+pub async fn request(
+    method: http::Method,
+    url: &str,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Vec<u8>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, Bytes), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
@@ -51,10 +66,15 @@ pub async fn post(
         .authority()
         .map_or_else(|| host.clone(), |a| a.as_str().to_string());
     let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let mut req = http::Request::post(target)
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(target)
         .header(HOST, authority)
-        .header(CONTENT_TYPE, "application/json")
-        .header(USER_AGENT, "portcullis-automation")
+        .header(USER_AGENT, "portcullis-automation");
+    if !body.is_empty() {
+        builder = builder.header(CONTENT_TYPE, "application/json");
+    }
+    let mut req = builder
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| format!("request: {e}"))?;
     for (k, v) in headers {
@@ -65,7 +85,7 @@ pub async fn post(
             .await
             .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
         if !tls {
-            return send(stream, req).await;
+            return send(stream, req, max_body).await;
         }
         let name = rustls_pki_types::ServerName::try_from(host.clone())
             .map_err(|e| format!("TLS server name `{host}`: {e}"))?;
@@ -73,7 +93,7 @@ pub async fn post(
             .connect(name, stream)
             .await
             .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
-        send(s, req).await
+        send(s, req, max_body).await
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
@@ -92,15 +112,36 @@ fn client_config() -> Result<Arc<rustls::ClientConfig>, String> {
     Ok(Arc::new(cfg))
 }
 
-async fn send<T>(io: T, req: http::Request<Full<Bytes>>) -> Result<u16, String>
+async fn send<T>(
+    io: T,
+    req: http::Request<Full<Bytes>>,
+    max_body: usize,
+) -> Result<(u16, Bytes), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use http_body_util::BodyExt;
     let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     let c = tokio::spawn(conn);
-    let r = s.send_request(req).await.map_err(|e| format!("POST: {e}"));
+    let method = req.method().clone();
+    let r = s
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{method}: {e}"));
+    let out = match r {
+        Ok(resp) if max_body > 0 => {
+            let status = resp.status().as_u16();
+            let limited = http_body_util::Limited::new(resp.into_body(), max_body);
+            match limited.collect().await {
+                Ok(b) => Ok((status, b.to_bytes())),
+                Err(e) => Err(format!("reading the response body: {e}")),
+            }
+        }
+        Ok(resp) => Ok((resp.status().as_u16(), Bytes::new())),
+        Err(e) => Err(e),
+    };
     c.abort();
-    r.map(|r| r.status().as_u16())
+    out
 }

@@ -1,0 +1,279 @@
+//! Cedar for the control path: which commands an automation principal (a trigger, a
+//! workflow) may run, on which resources. Policies come from `admin.policies`; with none, every
+//! automation command is allowed as written in the config (the config author wrote it), and
+//! with some, a command runs only if a policy permits it and none forbids it (deny by default).
+//!
+//! The model (no schema, so policies stay short):
+//! * principals `Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`;
+//! * actions `Portcullis::Action::"server.set_state"`, `"server.set_weight"`, `"table.set"`,
+//!   `"table.clear"`, `"route.switch"`, `"route.restore"`, `"config.reload"`;
+//! * resources `Portcullis::Server::"app/backend/server"` in `Portcullis::Backend::"app/backend"`
+//!   in `Portcullis::App::"app"`; `Portcullis::Route::"app/route"` in its app;
+//!   `Portcullis::Table::"name"`; `Portcullis::Config::"config"`.
+//!
+//! So "the drain workflow may drain billing servers and nothing else" is
+//! `permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Action::"server.set_state", resource in Portcullis::App::"billing");`.
+
+use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, Request};
+use portcullis_config::Diagnostic;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// What a command acts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminResource {
+    /// A server: its backend's full id (`app/backend`) and its name.
+    Server {
+        backend: String,
+        server: String,
+    },
+    /// A route's full id (`app/route`).
+    Route(String),
+    Table(String),
+    Config,
+}
+
+/// The decision, with the policies that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminDecision {
+    pub allowed: bool,
+    /// Ids of the policies that decided (`file.cedar#0`, or their `@id`).
+    pub reasons: Vec<String>,
+}
+
+/// The control path's policies.
+#[derive(Clone, Debug, Default)]
+pub struct AdminPolicies {
+    set: Option<PolicySet>,
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    let quoted = serde_json::to_string(id).unwrap_or_else(|_| "\"\"".into());
+    EntityUid::from_str(&format!("Portcullis::{ty}::{quoted}")).expect("a valid entity uid")
+}
+
+impl AdminPolicies {
+    /// Loads `files`; every problem is located in its file.
+    pub fn load(files: &[PathBuf]) -> Result<AdminPolicies, Vec<Diagnostic>> {
+        if files.is_empty() {
+            return Ok(AdminPolicies { set: None });
+        }
+        let mut problems = Vec::new();
+        let mut set = PolicySet::new();
+        for f in files {
+            let text = match std::fs::read_to_string(f) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(Diagnostic {
+                        file: f.clone(),
+                        line: 1,
+                        col: 1,
+                        message: format!("cannot read the admin policy file: {e}"),
+                    });
+                    continue;
+                }
+            };
+            for (p, _) in crate::parse_file(f, &text, &mut problems) {
+                if let Err(e) = set.add(p) {
+                    problems.push(Diagnostic {
+                        file: f.clone(),
+                        line: 1,
+                        col: 1,
+                        message: format!("{e} (give each policy a unique @id)"),
+                    });
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(AdminPolicies { set: Some(set) })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether any policy is configured.
+    pub fn configured(&self) -> bool {
+        self.set.is_some()
+    }
+
+    /// May `principal` (`("Workflow", "drain")`) do `action` on `resource`?
+    pub fn authorize(
+        &self,
+        principal: (&str, &str),
+        action: &str,
+        resource: &AdminResource,
+    ) -> AdminDecision {
+        let Some(set) = &self.set else {
+            return AdminDecision {
+                allowed: true,
+                reasons: vec!["no admin.policies: automation acts as configured".into()],
+            };
+        };
+        let p = uid(principal.0, principal.1);
+        let a = uid("Action", action);
+        let (r, entities) = resource_entities(resource);
+        let mut all = entities;
+        all.push(Entity::new_no_attrs(p.clone(), HashSet::new()));
+        let Ok(entities) = Entities::from_entities(all, None) else {
+            return AdminDecision {
+                allowed: false,
+                reasons: vec!["the request's entities could not be built".into()],
+            };
+        };
+        let Ok(req) = Request::new(p, a, r, Context::empty(), None) else {
+            return AdminDecision {
+                allowed: false,
+                reasons: vec!["the request could not be built".into()],
+            };
+        };
+        let resp = Authorizer::new().is_authorized(&req, set, &entities);
+        let mut reasons: Vec<String> = resp
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        reasons.sort();
+        let allowed = resp.decision() == cedar_policy::Decision::Allow;
+        if !allowed && reasons.is_empty() {
+            reasons.push("no policy permits it (deny by default)".into());
+        }
+        AdminDecision { allowed, reasons }
+    }
+}
+
+/// The resource's uid and its entity hierarchy.
+fn resource_entities(r: &AdminResource) -> (EntityUid, Vec<Entity>) {
+    let app_of = |id: &str| id.split_once('/').map_or("default", |(a, _)| a).to_string();
+    let one = |u: &EntityUid, parents: &[&EntityUid]| {
+        Entity::new_no_attrs(u.clone(), parents.iter().map(|p| (*p).clone()).collect())
+    };
+    match r {
+        AdminResource::Server { backend, server } => {
+            let app = uid("App", &app_of(backend));
+            let b = uid("Backend", backend);
+            let s = uid("Server", &format!("{backend}/{server}"));
+            (
+                s.clone(),
+                vec![one(&app, &[]), one(&b, &[&app]), one(&s, &[&b])],
+            )
+        }
+        AdminResource::Route(route) => {
+            let app = uid("App", &app_of(route));
+            let rt = uid("Route", route);
+            (rt.clone(), vec![one(&app, &[]), one(&rt, &[&app])])
+        }
+        AdminResource::Table(t) => {
+            let u = uid("Table", t);
+            (u.clone(), vec![one(&u, &[])])
+        }
+        AdminResource::Config => {
+            let u = uid("Config", "config");
+            (u.clone(), vec![one(&u, &[])])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies(text: &str) -> AdminPolicies {
+        let dir = std::env::temp_dir().join(format!("pc-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("p{}.cedar", text.len()));
+        std::fs::write(&f, text).unwrap();
+        AdminPolicies::load(&[f]).unwrap()
+    }
+
+    #[test]
+    fn without_policies_automation_acts_as_configured() {
+        let p = AdminPolicies::load(&[]).unwrap();
+        assert!(!p.configured());
+        assert!(
+            p.authorize(("Workflow", "w"), "config.reload", &AdminResource::Config)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn a_workflow_may_drain_its_apps_servers_and_nothing_else() {
+        let p = policies(
+            r#"permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Action::"server.set_state", resource in Portcullis::App::"billing");"#,
+        );
+        let billing = AdminResource::Server {
+            backend: "billing/api".into(),
+            server: "b1".into(),
+        };
+        let other = AdminResource::Server {
+            backend: "shop/api".into(),
+            server: "s1".into(),
+        };
+        assert!(
+            p.authorize(("Workflow", "drain"), "server.set_state", &billing)
+                .allowed
+        );
+        let d = p.authorize(("Workflow", "drain"), "server.set_state", &other);
+        assert!(!d.allowed);
+        assert!(d.reasons[0].contains("deny by default"), "{d:?}");
+        assert!(
+            !p.authorize(("Workflow", "drain"), "server.set_weight", &billing)
+                .allowed
+        );
+        assert!(
+            !p.authorize(("Trigger", "drain"), "server.set_state", &billing)
+                .allowed
+        );
+        assert!(
+            !p.authorize(
+                ("Workflow", "drain"),
+                "config.reload",
+                &AdminResource::Config
+            )
+            .allowed
+        );
+    }
+
+    #[test]
+    fn forbid_wins_and_names_are_quoted_safely() {
+        let p = policies(
+            r#"permit(principal, action, resource);
+forbid(principal, action == Portcullis::Action::"table.clear", resource == Portcullis::Table::"per_ip");"#,
+        );
+        assert!(
+            p.authorize(
+                ("Trigger", "t"),
+                "table.set",
+                &AdminResource::Table("per_ip".into())
+            )
+            .allowed
+        );
+        assert!(
+            !p.authorize(
+                ("Trigger", "t"),
+                "table.clear",
+                &AdminResource::Table("per_ip".into())
+            )
+            .allowed
+        );
+        // A name with quotes cannot break out of its uid.
+        assert!(
+            p.authorize(
+                ("Trigger", "a\"b"),
+                "route.switch",
+                &AdminResource::Route("x/\"y".into())
+            )
+            .allowed
+        );
+    }
+
+    #[test]
+    fn a_bad_policy_file_is_located() {
+        let dir = std::env::temp_dir().join(format!("pc-admin-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.cedar");
+        std::fs::write(&f, "permit(principal, action, resource)\nwhen { nope };").unwrap();
+        let e = AdminPolicies::load(std::slice::from_ref(&f)).unwrap_err();
+        assert_eq!(e[0].file, f);
+    }
+}
