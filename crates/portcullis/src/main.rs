@@ -9,6 +9,7 @@ mod audit_cli;
 mod policy_cli;
 mod table_cli;
 mod usage_cli;
+mod workflow_cli;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Command {
     Table(table_cli::TableArgs),
     /// Requests per usage plan, caller and UTC day, read from the store in `state_dir`.
     Usage(usage_cli::UsageArgs),
+    /// Durable workflows: validate and run definitions locally; start, list, inspect and
+    /// stop executions and answer callbacks through the admin API.
+    Workflow(workflow_cli::WorkflowArgs),
     /// Print the version.
     Version,
 }
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
         }
         Command::Table(args) => table_cli::run(args),
         Command::Usage(args) => usage_cli::run(args),
+        Command::Workflow(args) => workflow_cli::run(args),
         Command::Token {
             config,
             provider,
