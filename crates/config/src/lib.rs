@@ -105,8 +105,12 @@ pub struct RouteDef {
 #[derive(Debug, Clone)]
 pub struct AdminDef {
     pub bind: String,
-    /// Expanded bearer tokens. Never log these.
+    /// Expanded bearer tokens, or their SHA-256 digests (`sha256:<64 hex>`). Never log these.
     pub tokens: Vec<String>,
+    /// Identity providers the admin API accepts (see `admin.auth`).
+    pub auth: Vec<String>,
+    /// Which `tokens` are written in plaintext (for a warning).
+    pub plaintext_tokens: Vec<usize>,
     /// Cedar policy files for commands by triggers and workflows (absolute paths).
     pub policies: Vec<PathBuf>,
 }

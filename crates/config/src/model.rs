@@ -654,9 +654,15 @@ pub struct ClientAuth {
 pub struct Admin {
     #[serde(default = "admin_bind")]
     pub bind: String,
-    /// Bearer tokens accepted by the admin API (use `${file:...}` or `${env:...}`).
+    /// Bearer tokens accepted by the admin API (break-glass and scripts): each either its
+    /// SHA-256 (`sha256:<hex>`, from `portcullis admin hash-token`) or, with a warning, the
+    /// token itself (use `${file:...}` or `${env:...}`).
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Identity providers whose credentials (bearer JWTs, API keys) the admin API accepts
+    /// besides the static tokens. Such callers are authorized per call by `policies`.
+    #[serde(default)]
+    pub auth: Vec<String>,
     /// Cedar policy files (globs) that authorize control commands made by triggers and
     /// workflows (`Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`). When set,
     /// such a command runs only if a policy permits it.

@@ -265,9 +265,24 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         }
         check_bind(&root_src, "admin.bind", &bind, "admin", &mut binds, &mut diags);
         let mut tokens = Vec::new();
+        let mut plaintext_tokens = Vec::new();
         for (i, t) in a.tokens.iter().enumerate() {
             match expand(t, &base) {
-                Ok(t) if t.len() >= 16 => tokens.push(t),
+                Ok(t) if t.starts_with("sha256:") => {
+                    let hex = &t["sha256:".len()..];
+                    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        tokens.push(t.to_ascii_lowercase());
+                    } else {
+                        diags.push(root_src.diag(
+                            &format!("admin.tokens[{i}]"),
+                            "a hashed admin token is `sha256:` and 64 hex digits: write the output of `portcullis admin hash-token`",
+                        ));
+                    }
+                }
+                Ok(t) if t.len() >= 16 => {
+                    plaintext_tokens.push(i);
+                    tokens.push(t)
+                }
                 Ok(_) => diags.push(root_src.diag(
                     &format!("admin.tokens[{i}]"),
                     "admin token is shorter than 16 characters: use a long random value, e.g. `openssl rand -hex 32`",
@@ -276,7 +291,13 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
         }
         let policies = expand_globs(&root_src, "admin.policies", &a.policies, &base, &mut diags);
-        AdminDef { bind, tokens, policies }
+        AdminDef {
+            bind,
+            tokens,
+            auth: a.auth.clone(),
+            policies,
+            plaintext_tokens,
+        }
     });
     let workflows = root.workflows.as_ref().map(|w| {
         let files = expand_globs(
@@ -581,7 +602,32 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     if !diags.is_empty() {
         return Err(Error(diags));
     }
+    if let Some(a) = &admin {
+        for (j, name) in a.auth.iter().enumerate() {
+            if !provider_kinds.contains_key(name) {
+                let known: Vec<&str> = provider_kinds.keys().map(String::as_str).collect();
+                diags.push(root_src.diag(
+                    &format!("admin.auth[{j}]"),
+                    format!("the admin API names provider `{name}`, which does not exist: define it under `identity.providers` ([{}])", known.join(", ")),
+                ));
+            }
+        }
+        if !a.auth.is_empty() && a.policies.is_empty() {
+            diags.push(root_src.diag(
+                "admin.auth",
+                "`admin.auth` lets people call the admin API, and each call needs a Cedar permit: list the policy files under `admin.policies`",
+            ));
+        }
+    }
+    if !diags.is_empty() {
+        return Err(Error(diags));
+    }
     let mut warnings = dev_warnings(&listeners, &routes, &provider_kinds);
+    if let Some(a) = &admin {
+        for i in &a.plaintext_tokens {
+            warnings.push(format!("admin.tokens[{i}] is the token itself: store its hash instead (`portcullis admin hash-token`), so the config does not hold the secret"));
+        }
+    }
     warnings.extend(path_warnings(&routes));
     // The version covers what the YAML points at too: expanded secrets and the TLS files
     // that are read once, so rotating a `${file:}` secret or a CA file and reloading

@@ -1,18 +1,23 @@
-//! Cedar for the control path: which commands an automation principal (a trigger, a
-//! workflow) may run, on which resources. Policies come from `admin.policies`; with none, every
-//! automation command is allowed as written in the config (the config author wrote it), and
-//! with some, a command runs only if a policy permits it and none forbids it (deny by default).
+//! Cedar for the admin side: which admin calls a person may make (the admin API by identity),
+//! and which control commands an automation principal (a trigger, a workflow) may run, on
+//! which resources. Policies come from `admin.policies`. A person needs a policy that permits
+//! the call (deny by default). Automation, with no policies configured, acts as written in the
+//! config (the config's author wrote it); with some, it too needs a permit. Forbid wins.
 //!
 //! The model (no schema, so policies stay short):
-//! * principals `Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`;
-//! * actions `Portcullis::Action::"server.set_state"`, `"server.set_weight"`, `"table.set"`,
-//!   `"table.clear"`, `"route.switch"`, `"route.restore"`, `"config.reload"`;
+//! * principals `Portcullis::User::"user"` (a bearer token's) or `Portcullis::Agent::"user"`
+//!   (an API key's) in `Portcullis::Group::"name"`, as route policies name them; `Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`;
+//! * actions `Portcullis::Admin::Action::"server.set_state"`, `"server.set_weight"`, `"table.set"`,
+//!   `"table.clear"`, `"table.read"`, `"route.switch"`, `"route.restore"`, `"config.reload"`,
+//!   `"config.read"`, `"backends.read"`, `"metrics.read"`, `"usage.read"`, `"events.publish"`,
+//!   `"workflow.read"`, `"workflow.start"`, `"workflow.stop"`, `"workflow.callback"`;
 //! * resources `Portcullis::Server::"app/backend/server"` in `Portcullis::Backend::"app/backend"`
 //!   in `Portcullis::App::"app"`; `Portcullis::Route::"app/route"` in its app;
-//!   `Portcullis::Table::"name"`; `Portcullis::Config::"config"`.
+//!   `Portcullis::Table::"name"`; `Portcullis::Execution::"id"` in `Portcullis::Workflow::"name"`;
+//!   `Portcullis::Config::"config"` for the rest.
 //!
 //! So "the drain workflow may drain billing servers and nothing else" is
-//! `permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Action::"server.set_state", resource in Portcullis::App::"billing");`.
+//! `permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::App::"billing");`.
 
 use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, Request};
 use portcullis_config::Diagnostic;
@@ -31,6 +36,13 @@ pub enum AdminResource {
     /// A route's full id (`app/route`).
     Route(String),
     Table(String),
+    /// A workflow (its definitions, or starting one).
+    Workflow(String),
+    /// An execution of a workflow (`workflow` empty when unknown).
+    Execution {
+        workflow: String,
+        id: String,
+    },
     Config,
 }
 
@@ -104,17 +116,50 @@ impl AdminPolicies {
         action: &str,
         resource: &AdminResource,
     ) -> AdminDecision {
-        let Some(set) = &self.set else {
+        if self.set.is_none() {
             return AdminDecision {
                 allowed: true,
                 reasons: vec!["no admin.policies: automation acts as configured".into()],
             };
+        }
+        self.decide(principal, &[], action, resource)
+    }
+
+    /// May `principal`, a person or an agent as route policies name them
+    /// (`("User", "alice")`, `("Agent", "deploy-bot")`), in `groups`, make the admin call
+    /// `action` on `resource`? Denied when no policy is configured.
+    pub fn authorize_user(
+        &self,
+        principal: (&str, &str),
+        groups: &[String],
+        action: &str,
+        resource: &AdminResource,
+    ) -> AdminDecision {
+        self.decide(principal, groups, action, resource)
+    }
+
+    fn decide(
+        &self,
+        principal: (&str, &str),
+        groups: &[String],
+        action: &str,
+        resource: &AdminResource,
+    ) -> AdminDecision {
+        let Some(set) = &self.set else {
+            return AdminDecision {
+                allowed: false,
+                reasons: vec!["no admin.policies permit people anything (deny by default)".into()],
+            };
         };
         let p = uid(principal.0, principal.1);
-        let a = uid("Action", action);
+        let a = uid("Admin::Action", action);
         let (r, entities) = resource_entities(resource);
         let mut all = entities;
-        all.push(Entity::new_no_attrs(p.clone(), HashSet::new()));
+        let parents: HashSet<EntityUid> = groups.iter().map(|g| uid("Group", g)).collect();
+        for g in &parents {
+            all.push(Entity::new_no_attrs(g.clone(), HashSet::new()));
+        }
+        all.push(Entity::new_no_attrs(p.clone(), parents));
         let Ok(entities) = Entities::from_entities(all, None) else {
             return AdminDecision {
                 allowed: false,
@@ -167,6 +212,15 @@ fn resource_entities(r: &AdminResource) -> (EntityUid, Vec<Entity>) {
             let u = uid("Table", t);
             (u.clone(), vec![one(&u, &[])])
         }
+        AdminResource::Workflow(w) => {
+            let u = uid("Workflow", w);
+            (u.clone(), vec![one(&u, &[])])
+        }
+        AdminResource::Execution { workflow, id } => {
+            let w = uid("Workflow", workflow);
+            let e = uid("Execution", id);
+            (e.clone(), vec![one(&w, &[]), one(&e, &[&w])])
+        }
         AdminResource::Config => {
             let u = uid("Config", "config");
             (u.clone(), vec![one(&u, &[])])
@@ -199,7 +253,7 @@ mod tests {
     #[test]
     fn a_workflow_may_drain_its_apps_servers_and_nothing_else() {
         let p = policies(
-            r#"permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Action::"server.set_state", resource in Portcullis::App::"billing");"#,
+            r#"permit(principal == Portcullis::Workflow::"drain", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::App::"billing");"#,
         );
         let billing = AdminResource::Server {
             backend: "billing/api".into(),
@@ -238,7 +292,7 @@ mod tests {
     fn forbid_wins_and_names_are_quoted_safely() {
         let p = policies(
             r#"permit(principal, action, resource);
-forbid(principal, action == Portcullis::Action::"table.clear", resource == Portcullis::Table::"per_ip");"#,
+forbid(principal, action == Portcullis::Admin::Action::"table.clear", resource == Portcullis::Table::"per_ip");"#,
         );
         assert!(
             p.authorize(
@@ -264,6 +318,72 @@ forbid(principal, action == Portcullis::Action::"table.clear", resource == Portc
                 &AdminResource::Route("x/\"y".into())
             )
             .allowed
+        );
+    }
+
+    #[test]
+    fn people_need_a_permit_and_groups_scope_it() {
+        let none = AdminPolicies::load(&[]).unwrap();
+        assert!(
+            !none
+                .authorize_user(
+                    ("User", "alice"),
+                    &[],
+                    "backends.read",
+                    &AdminResource::Config
+                )
+                .allowed
+        );
+        let p = policies(
+            r#"permit(principal in Portcullis::Group::"billing-oncall", action in [Portcullis::Admin::Action::"server.set_state", Portcullis::Admin::Action::"backends.read"], resource in Portcullis::App::"billing");
+permit(principal in Portcullis::Group::"billing-oncall", action == Portcullis::Admin::Action::"backends.read", resource == Portcullis::Config::"config");
+permit(principal == Portcullis::User::"bob", action == Portcullis::Admin::Action::"workflow.stop", resource in Portcullis::Workflow::"heal");"#,
+        );
+        let billing = AdminResource::Server {
+            backend: "billing/api".into(),
+            server: "b1".into(),
+        };
+        let shop = AdminResource::Server {
+            backend: "shop/api".into(),
+            server: "s1".into(),
+        };
+        let oncall = vec!["billing-oncall".to_string()];
+        assert!(
+            p.authorize_user(("User", "alice"), &oncall, "server.set_state", &billing)
+                .allowed
+        );
+        assert!(
+            !p.authorize_user(("User", "alice"), &oncall, "server.set_state", &shop)
+                .allowed
+        );
+        assert!(
+            !p.authorize_user(("User", "alice"), &[], "server.set_state", &billing)
+                .allowed
+        );
+        assert!(
+            p.authorize_user(
+                ("User", "alice"),
+                &oncall,
+                "backends.read",
+                &AdminResource::Config
+            )
+            .allowed
+        );
+        let heal = AdminResource::Execution {
+            workflow: "heal".into(),
+            id: "e1".into(),
+        };
+        let other = AdminResource::Execution {
+            workflow: "other".into(),
+            id: "e2".into(),
+        };
+        assert!(
+            p.authorize_user(("User", "bob"), &[], "workflow.stop", &heal)
+                .allowed
+        );
+        assert!(
+            !p.authorize_user(("User", "bob"), &[], "workflow.stop", &other)
+                .allowed
         );
     }
 

@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: ApikeyCommand,
     },
+    /// Admin API tools.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Stick tables at runtime, through the admin API: show, get, set, clear.
     Table(table_cli::TableArgs),
     /// Requests per usage plan, caller and UTC day, read from the store in `state_dir`.
@@ -155,6 +160,13 @@ enum AuditCommand {
         json: bool,
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Reads an admin token on stdin and prints `sha256:<hex>`, the form to write under
+    /// `admin.tokens` so the config does not hold the token itself.
+    HashToken,
 }
 
 #[derive(Subcommand)]
@@ -255,6 +267,19 @@ fn main() -> ExitCode {
                 json,
             }),
         },
+        Command::Admin {
+            command: AdminCommand::HashToken,
+        } => {
+            let mut token = String::new();
+            if std::io::stdin().read_line(&mut token).is_err() || token.trim().len() < 16 {
+                eprintln!("portcullis admin hash-token: give the token (at least 16 characters) on stdin, like `openssl rand -hex 32 | tee admin.token | portcullis admin hash-token`");
+                return ExitCode::from(2);
+            }
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(token.trim().as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            println!("sha256:{hex}");
+            ExitCode::SUCCESS
+        }
         Command::Apikey {
             command: ApikeyCommand::New { user, groups, id },
         } => {

@@ -275,7 +275,7 @@ async fn cedar_refuses_a_command_outside_the_workflows_lines_and_the_refusal_is_
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("admin.cedar"),
-        r#"permit(principal == Portcullis::Workflow::"heal", action == Portcullis::Action::"server.set_state", resource in Portcullis::Backend::"default/pool");"#,
+        r#"permit(principal == Portcullis::Workflow::"heal", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::Backend::"default/pool");"#,
     )
     .unwrap();
     let yaml = format!(

@@ -2,9 +2,13 @@
 //! state and weight, reload, config status, stick tables (see [`crate::admin_tables`]) and
 //! usage-plan usage (see [`crate::admin_usage`])), and inbound events (see
 //! [`crate::admin_events`]).
-//! Everything but `/healthz` and `/readyz` needs a bearer token from `admin.tokens`, compared
-//! in constant time; with no tokens configured the API refuses every call. The token's
-//! position and the peer make the caller's [`Principal`]. The API is a thin HTTP layer over
+//! Everything but `/healthz` and `/readyz` needs a caller: a bearer token from
+//! `admin.tokens` (break-glass; compared by SHA-256 digest in constant time, configured as the
+//! token or its digest), or a bearer JWT or API key of one of `admin.auth`'s identity
+//! providers, whose every call must be permitted by `admin.policies` (Cedar; see
+//! [`crate::admin_authz`]); a refusal is audited. With neither configured the API refuses
+//! every call. The token's position and the peer, or the identity, make the caller's
+//! [`Principal`]. The API is a thin HTTP layer over
 //! [`control`]: every change it makes is a [`Command`] that control validates, audits, applies
 //! and logs with that principal.
 
@@ -56,12 +60,26 @@ pub fn eq_ct(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-/// Checks the bearer token against every configured token in constant time.
+/// The SHA-256 of a configured token: given as `sha256:<hex>`, or hashed from the token.
+fn token_digest(t: &str) -> [u8; 32] {
+    if let Some(hex) = t.strip_prefix("sha256:") {
+        let mut out = [0u8; 32];
+        let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+        for (o, pair) in out.iter_mut().zip(hex.as_bytes().chunks(2)) {
+            *o = (nibble(pair[0]) << 4) | pair.get(1).map_or(0, |c| nibble(*c));
+        }
+        return out;
+    }
+    Sha256::digest(t.as_bytes()).into()
+}
+
+/// Checks the bearer token against every configured token (or its digest) in constant
+/// time: the presented token is hashed, and every configured digest compared.
 fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
     let p = Sha256::digest(presented);
     let mut found = None;
     for (i, t) in tokens.iter().enumerate() {
-        let t = Sha256::digest(t.as_bytes());
+        let t = token_digest(t);
         if bool::from(p.ct_eq(&t)) && found.is_none() {
             found = Some(i);
         }
@@ -69,6 +87,20 @@ fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
     found
 }
 
+fn unauthorized(msg: &'static str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Bearer realm=\"portcullis-admin\"",
+        )],
+        msg,
+    )
+        .into_response()
+}
+
+/// Who is calling: a static token (break-glass, every call), or an identity of one of
+/// `admin.auth`'s providers, whose every call `admin.policies` must permit.
 async fn auth(
     State(rt): State<Arc<Runtime>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -76,50 +108,113 @@ async fn auth(
     next: Next,
 ) -> Response {
     let snap = rt.shared.snapshot.load_full();
-    let tokens = snap
-        .config
-        .admin
-        .as_ref()
-        .map(|a| a.tokens.as_slice())
-        .unwrap_or(&[]);
-    let presented = req
+    let (tokens, providers) = snap.config.admin.as_ref().map_or((&[][..], &[][..]), |a| {
+        (a.tokens.as_slice(), a.auth.as_slice())
+    });
+    if tokens.is_empty() && providers.is_empty() {
+        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: no admin.tokens or admin.auth configured");
+        return (
+            StatusCode::FORBIDDEN,
+            "admin API disabled: configure admin.tokens or admin.auth\n",
+        )
+            .into_response();
+    }
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|v| v.trim().as_bytes().to_vec());
-    let unauthorized = |msg: &'static str| {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(
-                header::WWW_AUTHENTICATE,
-                "Bearer realm=\"portcullis-admin\"",
-            )],
-            msg,
-        )
-            .into_response()
+        .map(|v| v.trim().to_string());
+    if let Some(i) = bearer
+        .as_deref()
+        .and_then(|p| check_token(p.as_bytes(), tokens))
+    {
+        req.extensions_mut().insert(Principal::token(i, peer));
+        return next.run(req).await;
+    }
+    if providers.is_empty() {
+        return match bearer {
+            None => unauthorized("missing bearer token\n"),
+            Some(_) => {
+                tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: invalid token");
+                unauthorized("invalid token\n")
+            }
+        };
+    }
+    let api_key = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let creds = portcullis_identity::engine::Credentials {
+        bearer: bearer.as_deref(),
+        api_key: api_key.as_deref(),
+        session_cookie: None,
+        client_cert: None,
     };
-    if tokens.is_empty() {
-        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: no admin.tokens configured");
+    let identity = match snap.identity.authenticate(providers, &creds).await {
+        portcullis_identity::engine::Outcome::Ok { identity, .. } => identity,
+        portcullis_identity::engine::Outcome::Rejected(e) => {
+            tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
+            return unauthorized("invalid credentials\n");
+        }
+        _ => return unauthorized("missing credentials: a bearer token or an API key\n"),
+    };
+    let (parts, body) = req.into_parts();
+    // A callback names its execution by the token in its body.
+    let (token, body) = if parts.uri.path().starts_with("/api/v1/callbacks/") {
+        let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "the body is over 1 MiB\n").into_response();
+        };
+        let token = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string));
+        (token, axum::body::Body::from(bytes))
+    } else {
+        (None, body)
+    };
+    let (action, resource) = crate::admin_authz::target(
+        &rt,
+        &snap,
+        &parts.method,
+        parts.uri.path(),
+        token.as_deref(),
+    )
+    .await;
+    let ty = match identity.method {
+        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
+        _ => "User",
+    };
+    let d = snap.admin_policies.authorize_user(
+        (ty, &identity.user),
+        &identity.groups,
+        action,
+        &resource,
+    );
+    let who = format!("{}/{}", identity.provider, identity.user);
+    if !d.allowed {
+        let mut rec = crate::audit::admin(
+            &who,
+            action,
+            json!({ "resource": format!("{resource:?}"), "path": parts.uri.path() }),
+        );
+        rec.principal = Some(crate::audit::principal(&identity));
+        rec.decision = Some(portcullis_audit::Decision::Deny);
+        rec.reasons = d.reasons.clone();
+        crate::audit::write(&rt.shared, rec).await;
+        tracing::warn!(%peer, actor = %who, action, reasons = ?d.reasons, "admin call refused by admin.policies");
         return (
             StatusCode::FORBIDDEN,
-            "admin API disabled: configure admin.tokens\n",
+            Json(json!({ "error": format!("{who} may not {action} here"), "reasons": d.reasons })),
         )
             .into_response();
     }
-    let Some(p) = presented else {
-        return unauthorized("missing bearer token\n");
-    };
-    match check_token(&p, tokens) {
-        Some(i) => {
-            req.extensions_mut().insert(Principal::token(i, peer));
-            next.run(req).await
-        }
-        None => {
-            tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: invalid token");
-            unauthorized("invalid token\n")
-        }
-    }
+    let mut req = Request::from_parts(parts, body);
+    req.extensions_mut().insert(Principal {
+        who,
+        kind: control::PrincipalKind::Person,
+    });
+    next.run(req).await
 }
 
 async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {

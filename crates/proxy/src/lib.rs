@@ -10,6 +10,7 @@
 //! and performs hot reloads.
 
 pub mod admin;
+pub mod admin_authz;
 pub mod admin_events;
 pub mod admin_tables;
 pub mod admin_usage;

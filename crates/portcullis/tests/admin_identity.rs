@@ -1,0 +1,341 @@
+//! The admin API by identity and policy, through the real binary: people call it with a
+//! bearer JWT of `admin.auth`'s provider, and `admin.policies` (Cedar) decide each call by
+//! action and resource; refusals are audited; the static token, stored hashed, remains for
+//! break-glass; `portcullis admin hash-token` makes the hash.
+
+mod common;
+
+use common::{Origin, Proxy, ADMIN_TOKEN};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn portcullis(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const POLICY: &str = r#"
+// The on-call group may read the backends and drain or restore the pool's servers.
+permit(principal in Portcullis::Group::"oncall",
+       action == Portcullis::Admin::Action::"backends.read", resource);
+permit(principal in Portcullis::Group::"oncall",
+       action == Portcullis::Admin::Action::"server.set_state",
+       resource in Portcullis::Backend::"default/pool");
+// Bob may stop executions of the approve workflow, and nothing else.
+permit(principal == Portcullis::User::"bob",
+       action == Portcullis::Admin::Action::"workflow.stop",
+       resource in Portcullis::Workflow::"approve");
+"#;
+
+fn config(origin: &str, token_hash: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+audit: {{ dir: "{{dir}}/audit", fsync: every_record }}
+identity:
+  providers:
+    - {{ name: dev, kind: dev_issuer, key_file: dev.pem }}
+backends:
+  - {{ name: pool, servers: [{{ name: s1, address: "{origin}" }}] }}
+  - {{ name: other, servers: [{{ name: o1, address: "{origin}" }}] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, backend: pool, public: true }}
+workflows:
+  definitions:
+    approve: {{ StartAt: W, States: {{ W: {{ Type: Wait, Seconds: 600, End: true }} }} }}
+    other: {{ StartAt: W2, States: {{ W2: {{ Type: Wait, Seconds: 600, End: true }} }} }}
+admin:
+  bind: "127.0.0.1:{{admin_port}}"
+  tokens: ["{token_hash}"]
+  auth: [dev]
+  policies: [admin.cedar]
+"#
+    )
+}
+
+async fn call(
+    p: &Proxy,
+    m: Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let mut r = reqwest::Client::new().request(m, p.admin_url(path));
+    if let Some(b) = bearer {
+        r = r.bearer_auth(b);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn mint(p: &Proxy, user: &str, groups: &str) -> String {
+    let cfg = p.config.to_str().unwrap().to_string();
+    let mut args = vec![
+        "token",
+        "--config",
+        &cfg,
+        "--provider",
+        "dev",
+        "--user",
+        user,
+    ];
+    if !groups.is_empty() {
+        args.extend(["--groups", groups]);
+    }
+    let (ok, out, err) = portcullis(&args, None);
+    assert!(ok, "portcullis token: {err}");
+    out.trim().to_string()
+}
+
+fn audit_denials(dir: &Path) -> Vec<Value> {
+    let Ok(files) = std::fs::read_dir(dir.join("audit")) else {
+        return Vec::new();
+    };
+    files
+        .map(|e| e.unwrap().path())
+        .filter(|f| f.extension().is_some_and(|e| e == "jsonl"))
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| r["kind"] == "admin" && r["decision"] == "deny")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_call_the_admin_api_as_policy_allows_and_the_hashed_token_still_works() {
+    let (ok, hash, err) = portcullis(&["admin", "hash-token"], Some(&format!("{ADMIN_TOKEN}\n")));
+    assert!(ok, "{err}");
+    let hash = hash.trim().to_string();
+    assert!(
+        hash.starts_with("sha256:") && hash.len() == 7 + 64,
+        "{hash}"
+    );
+    let (ok, _, _) = portcullis(&["admin", "hash-token"], Some("short\n"));
+    assert!(!ok, "a short token is refused");
+
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.cedar"), POLICY).unwrap();
+    let p = Proxy::start_in(dir, &config(&origin.address(), &hash)).await;
+    let alice = mint(&p, "alice", "oncall");
+    let carol = mint(&p, "carol", "");
+
+    // Alice reads the backends and drains the pool's server.
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/backends", Some(&alice), None)
+            .await
+            .0,
+        200
+    );
+    let (s, b) = call(
+        &p,
+        Method::POST,
+        "/api/v1/backends/pool/servers/s1/state",
+        Some(&alice),
+        Some(json!({ "state": "drain" })),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    // ... but not another backend's, nor the config.
+    let (s, b) = call(
+        &p,
+        Method::POST,
+        "/api/v1/backends/other/servers/o1/state",
+        Some(&alice),
+        Some(json!({ "state": "drain" })),
+    )
+    .await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("server.set_state"), "{b}");
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/config", Some(&alice), None)
+            .await
+            .0,
+        403
+    );
+    // Carol is in no group: nothing.
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/backends", Some(&carol), None)
+            .await
+            .0,
+        403
+    );
+    // No credentials, or a forged one: 401.
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/backends", None, None)
+            .await
+            .0,
+        401
+    );
+    let forged = format!("{}x", &alice[..alice.len() - 1]);
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/backends", Some(&forged), None)
+            .await
+            .0,
+        401
+    );
+    // The static token (stored as its hash) is break-glass: everything.
+    let (s, b) = call(&p, Method::GET, "/api/v1/config", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(s, 200, "{b}");
+    // The hash itself is not a token.
+    assert_eq!(
+        call(&p, Method::GET, "/api/v1/config", Some(&hash), None)
+            .await
+            .0,
+        401
+    );
+
+    let backends: Value = serde_json::from_str(
+        &call(&p, Method::GET, "/api/v1/backends", Some(ADMIN_TOKEN), None)
+            .await
+            .1,
+    )
+    .unwrap();
+    let state = |b: &str, s: &str| {
+        backends["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == format!("default/{b}"))
+            .unwrap()["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == s)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(
+        (state("pool", "s1"), state("other", "o1")),
+        (json!("drain"), json!("ready"))
+    );
+
+    // Refusals are audited with the person and the reason; the allowed drain is audited too.
+    let denied = audit_denials(p.dir.path());
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["principal"]["user"] == "alice"
+                && r["detail"]["action"] == "server.set_state"),
+        "{denied:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_scopes_workflow_actions_to_one_workflow() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.cedar"), POLICY).unwrap();
+    let p = Proxy::start_in(dir, &config(&origin.address(), ADMIN_TOKEN)).await;
+    let start = |w: &'static str| {
+        let p = &p;
+        async move {
+            let (s, b) = call(
+                p,
+                Method::POST,
+                &format!("/api/v1/workflows/{w}/executions"),
+                Some(ADMIN_TOKEN),
+                Some(json!({})),
+            )
+            .await;
+            assert_eq!(s, 201, "{b}");
+            serde_json::from_str::<Value>(&b).unwrap()["executionId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let mine = start("approve").await;
+    let theirs = start("other").await;
+    let bob = mint(&p, "bob", "");
+    let (s, b) = call(
+        &p,
+        Method::POST,
+        &format!("/api/v1/executions/{theirs}/stop"),
+        Some(&bob),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 403, "{b}");
+    let (s, b) = call(
+        &p,
+        Method::POST,
+        &format!("/api/v1/executions/{mine}/stop"),
+        Some(&bob),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    // Bob may not read them, nor start one.
+    assert_eq!(
+        call(
+            &p,
+            Method::GET,
+            &format!("/api/v1/executions/{mine}"),
+            Some(&bob),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        call(
+            &p,
+            Method::POST,
+            "/api/v1/workflows/approve/executions",
+            Some(&bob),
+            Some(json!({}))
+        )
+        .await
+        .0,
+        403
+    );
+}
+
+#[test]
+fn a_plaintext_admin_token_is_a_warning_and_a_bad_hash_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |tokens: &str| {
+        let f = dir.path().join("p.yaml");
+        std::fs::write(
+            &f,
+            format!("listeners: [{{ name: web, bind: \"127.0.0.1:0\" }}]\nbackends: [{{ name: b, servers: [{{ name: s, address: \"127.0.0.1:1\" }}] }}]\nroutes: [{{ name: r, match: {{ path_prefix: / }}, backend: b, public: true }}]\nadmin: {{ tokens: [{tokens}] }}\n"),
+        )
+        .unwrap();
+        f
+    };
+    let f = write(&format!("\"{ADMIN_TOKEN}\""));
+    let (ok, out, err) = portcullis(&["check", "--config", f.to_str().unwrap()], None);
+    assert!(ok, "{out}{err}");
+    assert!((out.clone() + &err).contains("hash-token"), "{out}{err}");
+    let f = write("\"sha256:abcd\"");
+    let (ok, out, err) = portcullis(&["check", "--config", f.to_str().unwrap()], None);
+    assert!(!ok);
+    assert!((out + &err).contains("64 hex digits"));
+}
