@@ -436,14 +436,26 @@ async fn an_approval_resumes_on_its_callback_and_a_missed_heartbeat_fails_it() {
     .await;
     assert_eq!(s, 404);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (s, v) = admin(
-        &p,
-        Method::POST,
-        "/api/v1/callbacks/success",
-        Some(json!({ "token": token, "output": { "approved": true } })),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    // The approver answers with the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "workflow",
+            "send-success",
+            &token,
+            "--output",
+            r#"{"approved": true}"#,
+            "--admin",
+        ])
+        .arg(p.admin_url(""))
+        .env("PORTCULLIS_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d = closed(&p, &a, Duration::from_secs(5)).await;
     assert_eq!(d["status"], "SUCCEEDED", "{d}");
     assert_eq!(d["output"]["answer"], json!({ "approved": true }));

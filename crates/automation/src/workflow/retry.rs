@@ -453,6 +453,7 @@ pub fn matches(error_equals: &[String], error: &str) -> bool {
     let timeout = error == names::TIMEOUT || error == names::HEARTBEAT_TIMEOUT;
     error_equals.iter().any(|name| {
         name == error
+            || status_class(name, error)
             || match name.as_str() {
                 names::ALL => !terminal,
                 names::TASK_FAILED => !terminal && !timeout,
@@ -460,6 +461,22 @@ pub fn matches(error_equals: &[String], error: &str) -> bool {
                 _ => false,
             }
     })
+}
+
+/// `Http.5xx` (or `Http.4xx`, …) names every `Http.<status>` error of that class, so a
+/// retrier need not list each status a `portcullis:http` task can fail with.
+fn status_class(name: &str, error: &str) -> bool {
+    let (Some(class), Some(status)) = (name.strip_prefix("Http."), error.strip_prefix("Http."))
+    else {
+        return false;
+    };
+    let c = class.as_bytes();
+    c.len() == 3
+        && c[0].is_ascii_digit()
+        && &c[1..] == b"xx"
+        && status.len() == 3
+        && status.starts_with(c[0] as char)
+        && status.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The delay in milliseconds before retrying after `error`, or `None` when no retrier matches
@@ -938,5 +955,15 @@ mod tests {
                 "Retry[1].BackoffRate"
             ]
         );
+    }
+
+    #[test]
+    fn an_http_status_class_names_every_status_in_it() {
+        let class = vec!["Http.5xx".to_string()];
+        assert!(matches(&class, "Http.503"));
+        assert!(matches(&class, "Http.500"));
+        assert!(!matches(&class, "Http.404"));
+        assert!(!matches(&class, "Http.Error"));
+        assert!(!matches(&["Http.5x".to_string()], "Http.503"));
     }
 }
