@@ -14,6 +14,7 @@
 //! * resources `Portcullis::Server::"app/backend/server"` in `Portcullis::Backend::"app/backend"`
 //!   in `Portcullis::App::"app"`; `Portcullis::Route::"app/route"` in its app;
 //!   `Portcullis::Table::"name"`; `Portcullis::Execution::"id"` in `Portcullis::Workflow::"name"`;
+//!   `Portcullis::EventType::"com.example.deploy"` (publishing an event of that type);
 //!   `Portcullis::Config::"config"` for the rest.
 //!
 //! So "the drain workflow may drain billing servers and nothing else" is
@@ -43,6 +44,8 @@ pub enum AdminResource {
         workflow: String,
         id: String,
     },
+    /// An event type, for `events.publish`.
+    EventType(String),
     Config,
 }
 
@@ -220,6 +223,10 @@ fn resource_entities(r: &AdminResource) -> (EntityUid, Vec<Entity>) {
             let w = uid("Workflow", workflow);
             let e = uid("Execution", id);
             (e.clone(), vec![one(&w, &[]), one(&e, &[&w])])
+        }
+        AdminResource::EventType(t) => {
+            let u = uid("EventType", t);
+            (u.clone(), vec![one(&u, &[])])
         }
         AdminResource::Config => {
             let u = uid("Config", "config");

@@ -38,6 +38,10 @@ permit(principal in Portcullis::Group::"oncall",
 permit(principal in Portcullis::Group::"oncall",
        action == Portcullis::Admin::Action::"server.set_state",
        resource in Portcullis::Backend::"default/pool");
+// The on-call group may publish deploy events, and no other type.
+permit(principal in Portcullis::Group::"oncall",
+       action == Portcullis::Admin::Action::"events.publish",
+       resource == Portcullis::EventType::"com.example.deploy");
 // Bob may stop executions of the approve workflow, and nothing else.
 permit(principal == Portcullis::User::"bob",
        action == Portcullis::Admin::Action::"workflow.stop",
@@ -234,9 +238,43 @@ async fn people_call_the_admin_api_as_policy_allows_and_the_hashed_token_still_w
         (json!("drain"), json!("ready"))
     );
 
+    // Who may publish which event types.
+    let event = |ty: &str| json!({ "specversion": "1.0", "id": format!("e-{ty}"), "source": "/ci", "type": ty });
+    let publish = |body: Value| {
+        let (p, alice) = (&p, &alice);
+        async move {
+            let r = reqwest::Client::new()
+                .post(p.admin_url("/api/v1/events"))
+                .bearer_auth(alice)
+                .header(
+                    "content-type",
+                    if body.is_array() {
+                        "application/cloudevents-batch+json"
+                    } else {
+                        "application/cloudevents+json"
+                    },
+                )
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    assert_eq!(publish(event("com.example.deploy")).await, 202);
+    assert_eq!(publish(event("com.example.other")).await, 403);
+    assert_eq!(
+        publish(json!([
+            event("com.example.deploy"),
+            event("com.example.other")
+        ]))
+        .await,
+        403
+    );
+
     // Refusals are audited with the person and the reason; the allowed drain is audited too.
     let denied = audit_denials(p.dir.path());
-    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert_eq!(denied.len(), 5, "{denied:#?}");
     assert!(
         denied
             .iter()

@@ -422,3 +422,103 @@ async fn a_firing_is_not_run_again_after_a_kill_and_restart() {
         p.log_text()
     );
 }
+
+/// `admin.policies` draw the automation's lines: a trigger may drain its own app's servers,
+/// and its command on another app's server is refused, audited and not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cedar_policy_keeps_a_trigger_off_another_apps_servers() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("apps")).unwrap();
+    std::fs::write(
+        dir.path().join("apps/shop.yaml"),
+        format!(
+            "name: shop\nbackends: [{{ name: web, servers: [{{ name: s1, address: \"{0}\" }}, {{ name: s2, address: \"{0}\" }}] }}]\nroutes: [{{ name: shop, match: {{ path_prefix: /shop }}, backend: web, public: true }}]\n",
+            origin.address()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("admin.cedar"),
+        r#"permit(principal == Portcullis::Trigger::"drainer", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::App::"default");"#,
+    )
+    .unwrap();
+    let yaml = format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+audit: {{ dir: "{{dir}}/audit", fsync: every_record }}
+apps: {{ include: ["apps/*.yaml"] }}
+# Two servers each: draining one stays within max_unavailable (50%).
+backends: [{{ name: pool, servers: [{{ name: s1, address: "{o}" }}, {{ name: s2, address: "{o}" }}] }}]
+routes: [{{ name: app, match: {{ path_prefix: / }}, backend: pool, public: true }}]
+admin:
+  bind: "127.0.0.1:{{admin_port}}"
+  tokens: ["{ADMIN_TOKEN}"]
+  policies: [admin.cedar]
+triggers:
+  - name: drainer
+    match: {{ type: com.example.maintenance }}
+    actions:
+      - set_server_state: {{ backend: default/pool, server: s1, state: drain }}
+      - set_server_state: {{ backend: shop/web, server: s1, state: drain }}
+"#,
+        o = origin.address()
+    );
+    let p = Proxy::start_in(dir, &yaml).await;
+    post_event(
+        &p,
+        &serde_json::json!({ "specversion": "1.0", "id": "m-1", "source": "/ops", "type": "com.example.maintenance" }),
+    )
+    .await;
+    let state = |b: &serde_json::Value, backend: &str| {
+        b["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == backend)
+            .unwrap()["servers"][0]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut drained = false;
+    for _ in 0..100 {
+        if state(&p.backends().await, "default/pool") == "drain" {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        drained,
+        "its own app's server was not drained:\n{}",
+        p.log_text()
+    );
+    assert_eq!(
+        state(&p.backends().await, "shop/web"),
+        "ready",
+        "another app's server was drained"
+    );
+    let denied_of = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        audit_in(&dir.join("audit"))
+            .into_iter()
+            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == "set_state")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while denied_of(p.dir.path()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let denied = denied_of(p.dir.path());
+    assert_eq!(denied.len(), 1, "{:#?}\n{}", audit_in(&p.dir.path().join("audit")), p.log_text());
+    assert_eq!(denied[0]["principal"]["provider"], "trigger");
+    assert_eq!(denied[0]["detail"]["args"]["backend"], "shop/web");
+    // The firing's own record says which action was denied.
+    let outcomes: Vec<String> = audit_in(&p.dir.path().join("audit"))
+        .iter()
+        .filter(|r| r["detail"]["action"] == "firing")
+        .flat_map(|r| r["detail"]["args"]["actions"].as_array().cloned().unwrap_or_default())
+        .map(|a| a.to_string())
+        .collect();
+    assert!(outcomes.iter().any(|o| o.contains("denied")), "{outcomes:#?}");
+}

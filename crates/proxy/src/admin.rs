@@ -161,17 +161,22 @@ async fn auth(
         _ => return unauthorized("missing credentials: a bearer token or an API key\n"),
     };
     let (parts, body) = req.into_parts();
-    // A callback names its execution by the token in its body.
-    let (token, body) = if parts.uri.path().starts_with("/api/v1/callbacks/") {
-        let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "the body is over 1 MiB\n").into_response();
+    // A callback names its execution by the token in its body, and inbound events their
+    // types: those bodies are read here (within the endpoints' own limits) and passed on.
+    let path = parts.uri.path();
+    let (token, types, body) = if path.starts_with("/api/v1/callbacks/") || path == "/api/v1/events"
+    {
+        let limit = crate::admin_events::MAX_BODY.max(1 << 20);
+        let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large\n").into_response();
         };
         let token = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string));
-        (token, axum::body::Body::from(bytes))
+        let types = crate::admin_authz::event_types(&parts.headers, &bytes);
+        (token, types, axum::body::Body::from(bytes))
     } else {
-        (None, body)
+        (None, Vec::new(), body)
     };
     let (action, resource) = crate::admin_authz::target(
         &rt,
@@ -185,12 +190,27 @@ async fn auth(
         portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
         _ => "User",
     };
-    let d = snap.admin_policies.authorize_user(
-        (ty, &identity.user),
-        &identity.groups,
-        action,
-        &resource,
-    );
+    let user = (ty, identity.user.as_str());
+    // Who may publish which event types: every event of the body must be permitted, on its
+    // type (a body with no type is checked on the config, then refused by the endpoint).
+    let mut d = if types.is_empty() {
+        snap.admin_policies
+            .authorize_user(user, &identity.groups, action, &resource)
+    } else {
+        portcullis_policy::admin::AdminDecision {
+            allowed: true,
+            reasons: Vec::new(),
+        }
+    };
+    for t in &types {
+        if !d.allowed {
+            break;
+        }
+        let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
+        d = snap
+            .admin_policies
+            .authorize_user(user, &identity.groups, action, &r);
+    }
     let who = format!("{}/{}", identity.provider, identity.user);
     if !d.allowed {
         let mut rec = crate::audit::admin(

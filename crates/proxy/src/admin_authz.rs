@@ -60,6 +60,7 @@ pub async fn target(
         }
         ["api", "v1", "usage"] => ("usage.read", AdminResource::Config),
         ["api", "v1", "events"] => ("events.publish", AdminResource::Config),
+        // (Each event's type is checked too: see `event_types`.)
         ["api", "v1", "workflows"] => ("workflow.read", AdminResource::Config),
         ["api", "v1", "workflows", w, ..] => {
             ("workflow.start", AdminResource::Workflow(w.to_string()))
@@ -94,5 +95,69 @@ async fn execution(rt: &Runtime, id: &str) -> AdminResource {
     AdminResource::Execution {
         workflow,
         id: id.to_string(),
+    }
+}
+
+/// The types of the events an inbound body carries: a binary-mode CloudEvent's `ce-type`, a
+/// structured one's or a batch's `type`s, or an Alertmanager payload's alerts (each
+/// `dev.portcullis.alert.firing` or `.resolved`). A body that is none of these gives none (the
+/// endpoint then refuses it).
+pub fn event_types(headers: &http::HeaderMap, body: &[u8]) -> Vec<String> {
+    if let Some(t) = headers.get("ce-type").and_then(|v| v.to_str().ok()) {
+        return vec![t.to_string()];
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let type_of =
+        |e: &serde_json::Value| e.get("type").and_then(|t| t.as_str()).map(str::to_string);
+    match &v {
+        serde_json::Value::Array(a) => a.iter().filter_map(type_of).collect(),
+        serde_json::Value::Object(o) if o.contains_key("alerts") => {
+            let mut t: Vec<String> = o["alerts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| match a.get("status").and_then(|s| s.as_str()) {
+                    Some("resolved") => "dev.portcullis.alert.resolved".to_string(),
+                    _ => "dev.portcullis.alert.firing".to_string(),
+                })
+                .collect();
+            t.dedup();
+            t
+        }
+        o => type_of(o).into_iter().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_types_of_an_inbound_body_are_found_in_every_mode() {
+        let h = http::HeaderMap::new();
+        assert_eq!(
+            event_types(&h, br#"{"type":"com.example.a","id":"1"}"#),
+            vec!["com.example.a"]
+        );
+        assert_eq!(
+            event_types(&h, br#"[{"type":"a"},{"type":"b"}]"#),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            event_types(
+                &h,
+                br#"{"version":"4","alerts":[{"status":"firing"},{"status":"resolved"}]}"#
+            ),
+            vec![
+                "dev.portcullis.alert.firing",
+                "dev.portcullis.alert.resolved"
+            ]
+        );
+        let mut b = http::HeaderMap::new();
+        b.insert("ce-type", http::HeaderValue::from_static("com.example.bin"));
+        assert_eq!(event_types(&b, b"anything"), vec!["com.example.bin"]);
+        assert!(event_types(&h, b"not json").is_empty());
     }
 }

@@ -49,7 +49,11 @@ impl ProxyControl {
         };
         self.handle
             .block_on(control::apply(&self.rt, &by, cmd))
-            .map_err(|e| ActionError::Failed(e.to_string()))
+            .map_err(|e| match e {
+                // Refused by `admin.policies`: recorded by the control path, not run.
+                control::ControlError::Forbidden(why) => ActionError::Denied(why),
+                e => ActionError::Failed(e.to_string()),
+            })
     }
 }
 
