@@ -310,6 +310,11 @@ impl Engine {
         self.providers.get(name)
     }
 
+    /// Every provider, by name, in no particular order.
+    pub fn providers(&self) -> impl Iterator<Item = (&String, &Arc<ProviderRt>)> {
+        self.providers.iter()
+    }
+
     /// The first provider of `allowed` that can run a browser login.
     pub fn login_provider(&self, allowed: &[String]) -> Option<&Arc<OidcClient>> {
         allowed.iter().find_map(|n| self.providers.get(n)?.login())

@@ -207,6 +207,21 @@ pub struct KeySource {
     fetch_lock: tokio::sync::Mutex<()>,
     http: reqwest::Client,
     file_stamp: Mutex<Option<SystemTime>>,
+    health: Mutex<FetchHealth>,
+}
+
+/// How the key fetches of one provider have gone: what the console shows and what the
+/// `jwks.refresh_failed` event reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FetchHealth {
+    /// The last fetch that stored keys (or found them unchanged).
+    pub last_ok: Option<SystemTime>,
+    /// The last failure: when, and why.
+    pub last_error: Option<(SystemTime, String)>,
+    /// Failed fetches since start.
+    pub failures: u64,
+    /// Failed fetches since the last good one.
+    pub in_a_row: u32,
 }
 
 impl KeySource {
@@ -232,6 +247,43 @@ impl KeySource {
                 .build()
                 .unwrap_or_default(),
             file_stamp: Mutex::new(None),
+            health: Mutex::new(FetchHealth::default()),
+        }
+    }
+
+    /// Where the keys come from: the JWKS URI, the issuer's discovery document, or the file.
+    pub fn uri(&self) -> String {
+        match &self.source {
+            Source::Uri(u) => u.clone(),
+            Source::File(p) => p.display().to_string(),
+            Source::Inline => "inline".into(),
+            Source::Discovery(issuer) => {
+                format!(
+                    "{}/.well-known/openid-configuration",
+                    issuer.trim_end_matches('/')
+                )
+            }
+        }
+    }
+
+    /// How this provider's key fetches have gone.
+    pub fn health(&self) -> FetchHealth {
+        self.health.lock().clone()
+    }
+
+    /// Notes a fetch's outcome in [`KeySource::health`].
+    fn note(&self, r: &Result<Duration, String>) {
+        let mut h = self.health.lock();
+        match r {
+            Ok(_) => {
+                h.last_ok = Some(SystemTime::now());
+                h.in_a_row = 0;
+            }
+            Err(e) => {
+                h.failures += 1;
+                h.in_a_row = h.in_a_row.saturating_add(1);
+                h.last_error = Some((SystemTime::now(), e.clone()));
+            }
         }
     }
 
@@ -253,6 +305,12 @@ impl KeySource {
 
     /// Fetches the keys now. Returns when to refresh next. On failure the old keys stay.
     pub async fn refresh(&self) -> Result<Duration, String> {
+        let r = self.refresh_once().await;
+        self.note(&r);
+        r
+    }
+
+    async fn refresh_once(&self) -> Result<Duration, String> {
         let _g = self.fetch_lock.lock().await;
         *self.last_fetch.lock() = Some(Instant::now());
         match &self.source {

@@ -34,6 +34,7 @@ pub mod table_keys;
 #[cfg(test)]
 pub mod testkit;
 pub mod upstream;
+pub mod watch;
 pub mod workflows;
 
 use edge::{listen, tls};
@@ -312,6 +313,7 @@ impl Runtime {
         rt.listeners
             .commit(prepared, &rt.shared, config.shutdown_grace);
         events::watch(&rt.shared);
+        watch::start(&rt.shared);
         rt.health
             .reconcile(&rt.shared.snapshot.load(), &rt.shared.metrics);
         rt.ready.store(true, std::sync::atomic::Ordering::Relaxed);
