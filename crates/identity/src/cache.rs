@@ -102,6 +102,11 @@ impl TokenCache {
         self.map.write().remove(token);
     }
 
+    /// Drops every entry whose identity `gone` says to drop.
+    pub fn retain_identities(&self, mut keep: impl FnMut(&crate::Identity) -> bool) {
+        self.map.write().retain(|_, e| keep(&e.identity));
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().len()
     }

@@ -214,6 +214,7 @@ impl OidcClient {
                 .or_else(|| previous.and_then(|p| p.id_token.clone())),
             access_token: t.access_token,
             tokens_expire_at,
+            issued_at: previous.map_or(now, |p| p.issued_at),
             identity,
         }
     }

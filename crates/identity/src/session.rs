@@ -87,6 +87,11 @@ pub struct Session {
     /// When the tokens behind this session expire and a refresh is due.
     #[serde(default)]
     pub tokens_expire_at: u64,
+    /// When the login that opened it happened (seconds since the epoch; kept across
+    /// refreshes). A session issued before its principal's sessions were revoked does not
+    /// open. 0 in sessions sealed before this field existed.
+    #[serde(default)]
+    pub issued_at: u64,
 }
 
 /// The state of a login between the redirect to the IdP and the callback.
@@ -133,6 +138,9 @@ pub struct Store {
     /// have expired: a copy of a logged-out cookie no longer opens. In memory, like
     /// server-side sessions: a restart, or another instance, does not know them.
     revoked: Mutex<HashMap<[u8; 32], u64>>,
+    /// Principals (`provider/subject`) whose sessions were revoked, with when: a session
+    /// issued at or before that does not open. Loaded from the embedded store by the proxy.
+    revoked_principals: Mutex<HashMap<String, u64>>,
 }
 
 impl Default for Store {
@@ -141,8 +149,14 @@ impl Default for Store {
             server_side: Mutex::default(),
             cache: TokenCache::new(CACHE_SIZE),
             revoked: Mutex::default(),
+            revoked_principals: Mutex::default(),
         }
     }
+}
+
+/// How a session's principal is named for revocation: `provider/subject`.
+pub fn principal_of(identity: &Identity) -> String {
+    format!("{}/{}", identity.provider, identity.subject)
 }
 
 impl Store {
@@ -182,6 +196,27 @@ impl Store {
         sealer.seal("session", &CookieBody::Ref { r#ref: id })
     }
 
+    /// Revokes every session of `principal` (`provider/subject`) issued at or before `at`
+    /// (seconds since the epoch): they no longer open, here or after a refresh.
+    pub fn revoke_principal(&self, principal: &str, at: u64) {
+        {
+            let mut r = self.revoked_principals.lock();
+            let e = r.entry(principal.to_string()).or_insert(at);
+            *e = (*e).max(at);
+        }
+        self.cache
+            .retain_identities(|id| principal_of(id) != principal);
+        self.server_side
+            .lock()
+            .retain(|_, s| principal_of(&s.identity) != principal || s.issued_at > at);
+    }
+
+    /// Every principal revocation, to carry into a new store.
+    pub fn principal_revocations(&self) -> Vec<(String, u64)> {
+        let r = self.revoked_principals.lock();
+        r.iter().map(|(p, t)| (p.clone(), *t)).collect()
+    }
+
     pub fn decode(&self, sealer: &Sealer, cookie: &str) -> Option<Session> {
         let s = match sealer.open::<CookieBody>("session", cookie)? {
             CookieBody::Inline(s) => *s,
@@ -189,6 +224,15 @@ impl Store {
         };
         if s.expires_at <= crate::now_secs() {
             return None;
+        }
+        {
+            let r = self.revoked_principals.lock();
+            if !r.is_empty()
+                && r.get(&principal_of(&s.identity))
+                    .is_some_and(|at| s.issued_at <= *at)
+            {
+                return None;
+            }
         }
         let revoked = self.revoked.lock();
         if !revoked.is_empty() && revoked.contains_key(&digest(cookie)) {
@@ -243,7 +287,40 @@ mod tests {
             id_token: None,
             access_token: None,
             tokens_expire_at: 0,
+            issued_at: crate::now_secs(),
         }
+    }
+
+    #[test]
+    fn a_principals_sessions_issued_before_its_revocation_no_longer_open() {
+        let sealer = Sealer::new(&[[3; 32]]).unwrap();
+        let store = Store::default();
+        let s = session(serde_json::json!({}));
+        let c = store.encode(&sealer, &s).unwrap();
+        let opened = store.decode(&sealer, &c).unwrap();
+        store.remember(&c, Arc::new(opened.identity), crate::now_secs() + 60);
+        assert!(store.cached(&c).is_some());
+        store.revoke_principal("corp/s", s.issued_at);
+        assert!(store.cached(&c).is_none(), "its cached identity is dropped");
+        assert!(
+            store.decode(&sealer, &c).is_none(),
+            "the cookie no longer opens"
+        );
+        // Another principal, and a login after the revocation, still open.
+        let mut other = session(serde_json::json!({}));
+        other.identity.subject = "t".into();
+        assert!(store
+            .decode(&sealer, &store.encode(&sealer, &other).unwrap())
+            .is_some());
+        let mut later = session(serde_json::json!({}));
+        later.issued_at = s.issued_at + 1;
+        assert!(store
+            .decode(&sealer, &store.encode(&sealer, &later).unwrap())
+            .is_some());
+        assert_eq!(
+            store.principal_revocations(),
+            vec![("corp/s".to_string(), s.issued_at)]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! * principals `Portcullis::User::"user"` (a bearer token's) or `Portcullis::Agent::"user"`
 //!   (an API key's) in `Portcullis::Group::"name"`, as route policies name them; `Portcullis::Trigger::"name"`, `Portcullis::Workflow::"name"`;
 //! * actions `Portcullis::Admin::Action::"server.set_state"`, `"server.set_weight"`, `"table.set"`,
-//!   `"table.clear"`, `"table.read"`, `"route.switch"`, `"route.restore"`, `"config.reload"`,
+//!   `"table.clear"`, `"table.read"`, `"route.switch"`, `"route.restore"`, `"config.reload"`, `"sessions.revoke"`,
 //!   `"config.read"`, `"backends.read"`, `"metrics.read"`, `"usage.read"`, `"events.publish"`,
 //!   `"workflow.read"`, `"workflow.start"`, `"workflow.stop"`, `"workflow.callback"`;
 //! * resources `Portcullis::Server::"app/backend/server"` in `Portcullis::Backend::"app/backend"`

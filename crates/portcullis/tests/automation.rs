@@ -78,7 +78,7 @@ triggers:
       - restore_route: {{ route: nope }}
       - block: {{ table: per_ip, key: \"{{data.key}}\", for: 10m }}
       - set_server_state: {{ backend: o, server: s2, state: drain }}
-      - revoke_sessions: {{ principal: \"{{data.key}}\" }}
+      - start_workflow: {{ name: nope }}
       - set_server_state: {{ backend: \"{{data.backend}}\", server: \"{{data.server}}\", state: drain }}
 "
     ));
@@ -97,7 +97,7 @@ triggers:
             "stick table `per_ip` does not store `gpc0`",
         ),
         ("p.yaml:16:49:", "backend `default/o` has no server `s2`"),
-        ("p.yaml:17:26:", "`revoke_sessions` is not built yet"),
+        ("p.yaml:17:", "no workflow is called `nope`"),
     ] {
         assert!(
             err.lines().any(|l| l.contains(at) && l.contains(says)),

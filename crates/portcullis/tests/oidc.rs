@@ -1334,3 +1334,47 @@ async fn portcullis_starts_before_the_provider_is_up() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(echoed(&r, "x-user").as_deref(), Some("bob"));
 }
+
+/// Revoking a principal's sessions (the control path's `revoke_sessions`, here through the
+/// admin API) ends every session it opened until then, and the revocation holds after a
+/// restart; a new login opens again.
+#[tokio::test]
+async fn revoked_sessions_stay_revoked_across_a_restart() {
+    let (idp, mut p) = setup(Ttls::default()).await;
+    let mut b = Browser::new();
+    let r = b.login(&p, &idp, "/app", "alice").await;
+    assert_eq!(r.status, 200);
+    let cookie = b.cookie("portcullis_session").unwrap();
+    assert_eq!(replay(&p, &cookie).await.0, 200);
+    let (s, body) = p
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/sessions/revoke",
+            Some(serde_json::json!({ "principal": "corp/alice" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = replay(&p, &cookie).await;
+    assert_ne!(s, 200, "a revoked session still opens");
+    let (s, body) = p
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/sessions/revoke",
+            Some(serde_json::json!({ "principal": "nobody" })),
+        )
+        .await;
+    assert_eq!(s, 400, "{body}");
+    // After a restart on the same state directory, still revoked.
+    p.signal(libc::SIGKILL);
+    let _ = p.child.wait();
+    let dir = std::mem::replace(&mut p.dir, tempfile::tempdir().unwrap());
+    drop(p);
+    let p = Proxy::start_in(dir, &config(&idp, &[SESSION_KEY_OLD])).await;
+    let (s, _) = replay(&p, &cookie).await;
+    assert_ne!(
+        s,
+        200,
+        "the revocation was lost at restart:\n{}",
+        p.log_text()
+    );
+}

@@ -42,6 +42,7 @@ pub fn router(rt: Arc<Runtime>) -> Router {
             put(set_weight),
         )
         .route("/api/v1/reload", post(reload))
+        .route("/api/v1/sessions/revoke", post(revoke_sessions))
         .route("/api/v1/config", get(config))
         .merge(crate::admin_tables::routes())
         .merge(crate::admin_usage::routes())
@@ -448,6 +449,38 @@ async fn reload(
     axum::Extension(by): axum::Extension<Principal>,
 ) -> Response {
     run(&rt, &by, Command::Reload).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    principal: String,
+}
+
+/// `POST /api/v1/sessions/revoke` `{"principal": "provider/subject"}`: ends that principal's
+/// browser sessions opened until now.
+async fn revoke_sessions(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Response {
+    match serde_json::from_slice::<RevokeBody>(&body) {
+        Ok(b) => {
+            run(
+                &rt,
+                &by,
+                Command::RevokeSessions {
+                    principal: b.principal,
+                },
+            )
+            .await
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": format!("the body is {{\"principal\": \"provider/subject\"}}: {e}") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn config(State(rt): State<Arc<Runtime>>) -> Response {

@@ -48,6 +48,7 @@ pub async fn target(
             )
         }
         ["api", "v1", "reload"] => ("config.reload", AdminResource::Config),
+        ["api", "v1", "sessions", "revoke"] => ("sessions.revoke", AdminResource::Config),
         ["api", "v1", "config"] => ("config.read", AdminResource::Config),
         ["api", "v1", "tables"] => ("table.read", AdminResource::Config),
         ["api", "v1", "tables", t, ..] => {

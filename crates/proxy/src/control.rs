@@ -80,6 +80,9 @@ pub enum Command {
     },
     /// Sends a route's requests back to its configured backend.
     RestoreRoute { route: String },
+    /// Ends every browser session of a principal (`provider/subject`) opened until now, here
+    /// and after a restart (recorded in the embedded store).
+    RevokeSessions { principal: String },
 }
 
 impl Command {
@@ -96,6 +99,7 @@ impl Command {
             Command::ClearTable { .. } => "clear_table",
             Command::SwitchRoute { .. } => "switch_route",
             Command::RestoreRoute { .. } => "restore_route",
+            Command::RevokeSessions { .. } => "revoke_sessions",
         }
     }
 
@@ -227,6 +231,8 @@ enum Target {
     Table(Arc<TableRt>, Option<Key>),
     /// A route (its id), and the backend (its id) to switch it to, or none to restore it.
     Route(String, Option<String>),
+    /// A principal's sessions.
+    Sessions(String),
 }
 
 /// Finds a stick table the serving config defines, running in `tables`.
@@ -494,6 +500,20 @@ pub fn resolve(snap: &Snapshot, tables: &Registry, cmd: Command) -> Result<Resol
                 target: Target::Route(route, None),
             })
         }
+        Command::RevokeSessions { principal } => {
+            let p = principal.trim();
+            if p.is_empty() || !p.contains('/') || p.len() > 512 {
+                return Err(ControlError::Invalid(format!(
+                    "`{principal}` is not a principal: write `provider/subject`, as in the audit trail"
+                )));
+            }
+            Ok(Resolved {
+                command: Command::RevokeSessions {
+                    principal: p.to_string(),
+                },
+                target: Target::Sessions(p.to_string()),
+            })
+        }
     }
 }
 
@@ -533,6 +553,7 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
             return apply_table(by, &command, &t, key);
         }
         Target::Route(route, backend) => return Ok(switch(rt, by, &route, backend.as_deref())),
+        Target::Sessions(principal) => return revoke_sessions(rt, by, &principal).await,
         Target::Config => unreachable!("a reload returned above"),
     };
     match &command {
@@ -589,6 +610,7 @@ pub fn admin_target(command: &Command) -> (&'static str, AdminResource) {
         }
         Command::SwitchRoute { route, .. } => ("route.switch", AdminResource::Route(route.clone())),
         Command::RestoreRoute { route } => ("route.restore", AdminResource::Route(route.clone())),
+        Command::RevokeSessions { .. } => ("sessions.revoke", AdminResource::Config),
     }
 }
 
@@ -624,6 +646,42 @@ async fn authorize(
         "Portcullis::{ty}::\"{name}\" may not {action} here: {}",
         d.reasons.join(", ")
     )))
+}
+
+/// Revokes a principal's sessions: recorded in the embedded store (opened if need be), then
+/// applied to the serving identity engine (later ones load it from the store).
+async fn revoke_sessions(
+    rt: &Runtime,
+    by: &Principal,
+    principal: &str,
+) -> Result<Value, ControlError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = rt.shared.snapshot.load().config.state_dir.clone();
+    let p = principal.to_string();
+    let shared = rt.shared.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let plans = &shared.limits.plans;
+        if plans.store().is_none() {
+            plans.open_store(&dir).map_err(|e| e.to_string())?;
+        }
+        let store = plans.store().ok_or("no embedded store")?;
+        store
+            .revoke_sessions(&p, i64::try_from(now).unwrap_or(i64::MAX))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
+    stored.map_err(ControlError::StoreUnavailable)?;
+    rt.shared
+        .snapshot
+        .load()
+        .identity
+        .store
+        .revoke_principal(principal, now);
+    tracing::info!(actor = %by.who, kind = ?by.kind, %principal, "control: sessions revoked");
+    Ok(json!({ "principal": principal, "revoked_at": now }))
 }
 
 /// Applies a resolved, recorded route switch (or restore), and logs it.

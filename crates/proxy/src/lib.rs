@@ -123,6 +123,24 @@ pub struct Runtime {
     pub workflows: workflows::Workflows,
 }
 
+/// Applies the session revocations kept in the embedded store (if it is open) to `engine`,
+/// so they hold across restarts and reloads. Blocking (a read of the store).
+fn load_revocations(limits: &limits::Registry, engine: &portcullis_identity::Engine) {
+    let Some(store) = limits.plans.store() else {
+        return;
+    };
+    match store.session_revocations() {
+        Ok(list) => {
+            for (p, at) in list {
+                engine
+                    .store
+                    .revoke_principal(&p, u64::try_from(at).unwrap_or(0));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "session revocations could not be read"),
+    }
+}
+
 /// The workflow definitions of `config`, or their problems as one located message.
 fn workflow_defs(
     config: &Config,
@@ -152,6 +170,8 @@ fn needs_store(config: &Config) -> bool {
         || !config.events.is_null()
         || !config.triggers.is_null()
         || config.workflows.is_some()
+        // Kept state from an earlier run (session revocations, …) is read back.
+        || config.state_dir.join("portcullis.db").exists()
 }
 
 /// What [`Runtime::start`] would refuse, short of binding ports and fetching keys, for
@@ -237,6 +257,7 @@ impl Runtime {
         );
         let config = Arc::new(config);
         let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
+        load_revocations(&limits, &engine);
         engine.warm_up(Duration::from_secs(5)).await;
         let policy = Arc::new(portcullis_policy::Engine::build(&config)?);
         let authorizers = Arc::new(portcullis_authorizer::Authorizers::build(
@@ -422,6 +443,7 @@ impl Runtime {
             portcullis_identity::Engine::build(&config, Some(&current.identity))
                 .map_err(|e| e.to_string())?,
         );
+        load_revocations(&self.shared.limits, &engine);
         engine.warm_up(Duration::from_secs(5)).await;
         let policy =
             Arc::new(portcullis_policy::Engine::build(&config).map_err(|e| e.to_string())?);

@@ -39,6 +39,7 @@
 mod firings;
 mod outbox;
 pub mod schema;
+mod sessions;
 mod usage;
 mod workflows;
 pub use firings::FollowUp;

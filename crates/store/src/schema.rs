@@ -149,6 +149,18 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         CREATE INDEX workflow_signals_execution ON workflow_signals (execution_id, seq);
     ",
     },
+    Migration {
+        version: 5,
+        name: "session revocations",
+        sql: "
+        -- Principals (`provider/subject`) whose browser sessions were revoked, and when:
+        -- sessions issued at or before `revoked_at` do not open.
+        CREATE TABLE session_revocations (
+            principal  TEXT    PRIMARY KEY,
+            revoked_at INTEGER NOT NULL
+        );
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's number.

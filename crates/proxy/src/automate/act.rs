@@ -141,12 +141,9 @@ impl Control for ProxyControl {
             }
             Action::Webhook(w) => return self.webhook(firing, &w.url),
             Action::StartWorkflow(w) => return self.start_workflow(firing, w),
-            Action::RevokeSessions(_) => {
-                return Err(ActionError::Failed(format!(
-                    "`{}` is not built yet",
-                    action.name()
-                )))
-            }
+            Action::RevokeSessions(r) => Command::RevokeSessions {
+                principal: r.principal.clone(),
+            },
         };
         self.command(firing, cmd).map(drop)
     }

@@ -14,12 +14,7 @@ use portcullis_config::Config;
 use portcullis_limits::counter::{Counter, Kind};
 
 /// Actions that the config accepts in shape but this build does not run.
-pub const NOT_BUILT: &[(&str, &str)] = &[(
-    "revoke_sessions",
-    "`revoke_sessions` is not built yet: sessions are sealed cookies with no revocation list \
-         to write to. Remove the action (a `webhook` to your identity provider can end sessions \
-         there)",
-)];
+pub const NOT_BUILT: &[(&str, &str)] = &[];
 
 /// Every problem with what `cfgs` (the parsed `triggers:` of `config`) names, as
 /// `(path, message)` with paths like `triggers[0].actions[1].switch_route.backend`.

@@ -728,7 +728,6 @@ async fn check_names_unknown_backends_routes_tables_and_unbuilt_actions_at_their
             "p.yaml:21:25:",
             "triggers[0].actions[2].block.table: no stick table `per_nothing`; the tables are `per_ip`",
         ),
-        ("p.yaml:22:", "`revoke_sessions` is not built yet"),
         (
             "p.yaml:23:",
             "triggers[0].actions[4].start_workflow.name: no workflow is called `w` (there are none: add `workflows:`)",
