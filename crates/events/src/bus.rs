@@ -159,7 +159,42 @@ struct Inner {
     outlets: Vec<Outlet>,
     shutdown: watch::Sender<bool>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Live watchers (the admin API's event stream): a broadcast that drops for a watcher
+    /// that falls behind, and how many there are (publishing costs nothing without any).
+    taps: tokio::sync::broadcast::Sender<Arc<Event>>,
+    tapped: std::sync::atomic::AtomicUsize,
 }
+
+/// A live watcher of every event published while it lives (see [`Bus::tap`]).
+pub struct Tap {
+    rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    inner: Arc<Inner>,
+}
+
+impl Tap {
+    /// The next event; `Err(n)` when this watcher fell behind and missed `n` of them.
+    pub async fn next(&mut self) -> Result<Arc<Event>, u64> {
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => return Ok(e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => return Err(n),
+                // The bus lives as long as this tap holds it: never closed.
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.inner.tapped.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many events a live watcher may be behind before it misses some.
+pub const TAP_QUEUE: usize = 1024;
 
 /// The event bus: a cheap `Clone` handle. See the [module docs](self).
 #[derive(Clone)]
@@ -186,12 +221,16 @@ impl Bus {
         BusBuilder::default()
     }
 
-    /// Offers `event` to every matching sink. Never blocks, never fails.
+    /// Offers `event` to every matching sink and live watcher. Never blocks, never fails.
     pub fn publish(&self, event: Event) {
-        if self.inner.outlets.is_empty() {
+        let tapped = self.inner.tapped.load(Ordering::Relaxed) > 0;
+        if self.inner.outlets.is_empty() && !tapped {
             return;
         }
         let event = Arc::new(event);
+        if tapped {
+            let _ = self.inner.taps.send(event.clone());
+        }
         for outlet in &self.inner.outlets {
             if !outlet.filter.matches(&event.type_) {
                 continue;
@@ -203,9 +242,19 @@ impl Bus {
         }
     }
 
-    /// Whether any sink or subscriber is attached (so emitters can skip building events).
+    /// Whether any sink, subscriber or live watcher is attached (so emitters can skip
+    /// building events).
     pub fn is_active(&self) -> bool {
-        !self.inner.outlets.is_empty()
+        !self.inner.outlets.is_empty() || self.inner.tapped.load(Ordering::Relaxed) > 0
+    }
+
+    /// Watches every event published from now on, while the [`Tap`] lives.
+    pub fn tap(&self) -> Tap {
+        self.inner.tapped.fetch_add(1, Ordering::Relaxed);
+        Tap {
+            rx: self.inner.taps.subscribe(),
+            inner: self.inner.clone(),
+        }
     }
 
     /// Each sink's name and counters, in the order they were added.
@@ -349,6 +398,8 @@ impl BusBuilder {
                 outlets: self.outlets,
                 shutdown,
                 tasks,
+                taps: tokio::sync::broadcast::channel(TAP_QUEUE).0,
+                tapped: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }

@@ -55,7 +55,7 @@ pub mod sinks;
 pub mod types;
 
 pub use aggregate::{Aggregator, Tally};
-pub use bus::{Bus, BusBuilder, Sink, SinkContext, SinkCounts, SinkStats, TypeFilter};
+pub use bus::{Bus, BusBuilder, Sink, SinkContext, SinkCounts, SinkStats, Tap, TypeFilter};
 pub use config::{EventsCfg, SinkCfg, SinkKind};
 pub use error::{EventsError, ParseError};
 pub use event::{rfc3339, Event, Source};

@@ -61,6 +61,7 @@ pub async fn target(
         }
         ["api", "v1", "usage"] => ("usage.read", AdminResource::Config),
         ["api", "v1", "events"] => ("events.publish", AdminResource::Config),
+        ["api", "v1", "events", "stream"] => ("events.read", AdminResource::Config),
         // (Each event's type is checked too: see `event_types`.)
         ["api", "v1", "workflows"] => ("workflow.read", AdminResource::Config),
         ["api", "v1", "workflows", w, ..] => {

@@ -40,7 +40,9 @@ pub const RESERVED_TYPES: &str = "dev.portcullis.";
 pub const RESERVED_SOURCE: &str = "portcullis://";
 
 pub fn routes() -> Router<Arc<Runtime>> {
-    Router::new().route("/api/v1/events", post(publish))
+    Router::new()
+        .route("/api/v1/events", post(publish))
+        .route("/api/v1/events/stream", axum::routing::get(stream))
 }
 
 /// A refusal: `status` with `{"error": message}`.
@@ -245,4 +247,58 @@ mod tests {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
     }
+}
+
+/// `?types=`: comma-separated type patterns (`*` wildcards); every type when absent.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    types: Option<String>,
+}
+
+/// `GET /api/v1/events/stream[?types=dev.portcullis.server.*,com.example.*]`: every event
+/// published from now on, live, as server-sent events (`event: cloudevent`, `id:` the
+/// CloudEvent's id, `data:` its structured-mode JSON). A watcher that falls more than
+/// [`portcullis_events::bus::TAP_QUEUE`] events behind gets `event: lagged` with how many it
+/// missed. A comment every 15 s keeps idle connections open. (What `portcullis ctl events
+/// --follow` and the dashboard read.)
+pub async fn stream(
+    State(rt): State<Arc<Runtime>>,
+    axum::extract::Query(q): axum::extract::Query<StreamQuery>,
+) -> Response {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    let patterns: Vec<String> = q
+        .types
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let filter = match portcullis_events::TypeFilter::new(&patterns) {
+        Ok(f) => f,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))).into_response();
+        }
+    };
+    let tap = rt.shared.events.bus.tap();
+    let events = futures_util::stream::unfold((tap, filter), |(mut tap, filter)| async move {
+        loop {
+            let item = match tap.next().await {
+                Ok(e) if !filter.matches(&e.type_) => continue,
+                Ok(e) => Sse::default()
+                    .event("cloudevent")
+                    .id(e.id.clone())
+                    .data(e.to_json_string()),
+                Err(missed) => Sse::default()
+                    .event("lagged")
+                    .data(json!({ "missed": missed }).to_string()),
+            };
+            return Some((Ok::<_, std::convert::Infallible>(item), (tap, filter)));
+        }
+    });
+    axum::response::sse::Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response()
 }
