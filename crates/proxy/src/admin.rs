@@ -56,11 +56,6 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .with_state(rt)
 }
 
-/// Whether two secrets are equal, in constant time (of their length).
-pub fn eq_ct(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
-}
-
 /// The SHA-256 of a configured token: given as `sha256:<hex>`, or hashed from the token.
 fn token_digest(t: &str) -> [u8; 32] {
     if let Some(hex) = t.strip_prefix("sha256:") {
@@ -161,6 +156,19 @@ async fn auth(
         }
         _ => return unauthorized("missing credentials: a bearer token or an API key\n"),
     };
+    as_person(&rt, &snap, peer, identity, req, next).await
+}
+
+/// An identity's admin call: authorized by `admin.policies` as an action on a resource (a
+/// refusal is a 403 and an audit record), then run as that person or agent.
+async fn as_person(
+    rt: &Runtime,
+    snap: &crate::snapshot::Snapshot,
+    peer: SocketAddr,
+    identity: Arc<portcullis_identity::Identity>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = req.into_parts();
     // A callback names its execution by the token in its body, and inbound events their
     // types: those bodies are read here (within the endpoints' own limits) and passed on.
@@ -179,39 +187,10 @@ async fn auth(
     } else {
         (None, Vec::new(), body)
     };
-    let (action, resource) = crate::admin_authz::target(
-        &rt,
-        &snap,
-        &parts.method,
-        parts.uri.path(),
-        token.as_deref(),
-    )
-    .await;
-    let ty = match identity.method {
-        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
-        _ => "User",
-    };
-    let user = (ty, identity.user.as_str());
-    // Who may publish which event types: every event of the body must be permitted, on its
-    // type (a body with no type is checked on the config, then refused by the endpoint).
-    let mut d = if types.is_empty() {
-        snap.admin_policies
-            .authorize_user(user, &identity.groups, action, &resource)
-    } else {
-        portcullis_policy::admin::AdminDecision {
-            allowed: true,
-            reasons: Vec::new(),
-        }
-    };
-    for t in &types {
-        if !d.allowed {
-            break;
-        }
-        let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
-        d = snap
-            .admin_policies
-            .authorize_user(user, &identity.groups, action, &r);
-    }
+    let (action, resource) =
+        crate::admin_authz::target(rt, snap, &parts.method, parts.uri.path(), token.as_deref())
+            .await;
+    let d = decide(snap, &identity, action, &resource, &types);
     let who = format!("{}/{}", identity.provider, identity.user);
     if !d.allowed {
         let mut rec = crate::audit::admin(
@@ -236,6 +215,38 @@ async fn auth(
         kind: control::PrincipalKind::Person,
     });
     next.run(req).await
+}
+
+/// The decision on `action` over `resource` for `identity`. Publishing events is decided on
+/// each event's type instead (a body with no type is decided on the resource, then refused
+/// by the endpoint).
+fn decide(
+    snap: &crate::snapshot::Snapshot,
+    identity: &portcullis_identity::Identity,
+    action: &str,
+    resource: &portcullis_policy::admin::AdminResource,
+    types: &[String],
+) -> portcullis_policy::admin::AdminDecision {
+    let ty = match identity.method {
+        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
+        _ => "User",
+    };
+    let user = (ty, identity.user.as_str());
+    let p = &snap.admin_policies;
+    if types.is_empty() {
+        return p.authorize_user(user, &identity.groups, action, resource);
+    }
+    for t in types {
+        let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
+        let d = p.authorize_user(user, &identity.groups, action, &r);
+        if !d.allowed {
+            return d;
+        }
+    }
+    portcullis_policy::admin::AdminDecision {
+        allowed: true,
+        reasons: Vec::new(),
+    }
 }
 
 async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {

@@ -352,6 +352,12 @@ async fn stop(
     .await
 }
 
+/// Whether two secrets are equal, in constant time (of their length).
+fn eq_ct(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 /// Whether execution `id` has a callback task waiting for `token` (the token starts with the
 /// execution's id; the interpreter compares the whole token in constant time).
 async fn waiting(svc: &Service, token: &str) -> Result<String, Fail> {
@@ -369,7 +375,7 @@ async fn waiting(svc: &Service, token: &str) -> Result<String, Fail> {
     let waits = exec.pending_calls().iter().any(|c| {
         c.token
             .as_deref()
-            .is_some_and(|t| crate::admin::eq_ct(t.as_bytes(), token.as_bytes()))
+            .is_some_and(|t| eq_ct(t.as_bytes(), token.as_bytes()))
     });
     if r.status == Status::Running && waits {
         Ok(id)

@@ -146,6 +146,15 @@ pub struct Snapshot {
     pub workflows: Arc<Vec<portcullis_automation::workflow::runner::Loaded>>,
 }
 
+/// The Cedar policies of `admin.policies`, or their problems, located.
+fn admin_policies(config: &Config) -> Result<portcullis_policy::admin::AdminPolicies, BuildError> {
+    let files = config.admin.as_ref().map_or(&[][..], |a| &a.policies[..]);
+    portcullis_policy::admin::AdminPolicies::load(files).map_err(|d| {
+        let lines: Vec<String> = d.iter().map(|d| d.to_string()).collect();
+        BuildError::Located(lines.join("\n"))
+    })
+}
+
 impl Snapshot {
     pub fn build(
         config: Arc<Config>,
@@ -256,19 +265,7 @@ impl Snapshot {
             strip_headers: strip_headers.into(),
             // Set by the caller, which validates them (`automate::check::triggers`).
             triggers: Arc::default(),
-            admin_policies: Arc::new(
-                portcullis_policy::admin::AdminPolicies::load(
-                    config.admin.as_ref().map_or(&[][..], |a| &a.policies[..]),
-                )
-                .map_err(|d| {
-                    BuildError::Located(
-                        d.iter()
-                            .map(|d| d.to_string())
-                            .collect::<Vec<_>>()
-                            .join("\n"),
-                    )
-                })?,
-            ),
+            admin_policies: Arc::new(admin_policies(&config)?),
             // Set by the caller, which loads them (`workflows::load`).
             workflows: Arc::default(),
             router: Router::build(&config.routes),

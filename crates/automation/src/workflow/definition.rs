@@ -606,7 +606,7 @@ fn template(obj: &Map<String, Value>, key: &str, at: &str, p: &mut Vec<Problem>)
         p.push((at, format!("`{key}` is an object")));
         return None;
     }
-    p.extend(paths::check_template(v, &at));
+    p.extend(super::template::check_template(v, &at));
     Some(v.clone())
 }
 
@@ -776,7 +776,7 @@ fn wait(obj: &Map<String, Value>, at: &str, p: &mut Vec<Problem>) -> Option<Wait
             }
         },
         "Timestamp" => match v.as_str() {
-            Some(t) if super::machine::parse_timestamp(t).is_some() => {
+            Some(t) if super::stamp::parse_timestamp(t).is_some() => {
                 WaitFor::Timestamp(t.to_string())
             }
             _ => {

@@ -15,6 +15,7 @@
 //! and visible from the next state on.
 
 use super::definition::{Definition, Kind, Seconds, State, Transition, WaitFor};
+pub use super::stamp::{format_timestamp, parse_timestamp};
 use super::store::{HistoryRow, SignalKind, Status};
 use super::{choice, names, paths, retry, Scope, StatesError, MAX_HISTORY, MAX_PAYLOAD};
 use serde::{Deserialize, Serialize};
@@ -148,24 +149,6 @@ pub struct TaskCall {
 pub struct Progress {
     pub history: Vec<HistoryRow>,
     pub calls: Vec<TaskCall>,
-}
-
-/// Parses an RFC 3339 timestamp (ASL's: an uppercase `T`, a `Z` or an offset) to Unix ms.
-pub fn parse_timestamp(s: &str) -> Option<i64> {
-    if !s.contains('T') {
-        return None;
-    }
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-/// Unix ms as RFC 3339 with milliseconds, UTC.
-pub fn format_timestamp(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
-    let (h, mi, s, milli) = (t.hour(), t.minute(), t.second(), t.millisecond());
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
 }
 
 /// Starts an execution: its state and its first history event.
@@ -662,7 +645,7 @@ impl<'a, 'r> Cx<'a, 'r> {
     ) -> Result<Value, StatesError> {
         let ctx = self.context(tid, token);
         let t = &self.exec.threads[&tid];
-        paths::render(
+        super::template::render(
             template,
             &Scope {
                 input,
@@ -1055,7 +1038,7 @@ impl<'a, 'r> Cx<'a, 'r> {
                     let mut ctx = self.context(tid, None);
                     ctx["Map"] = json!({ "Item": { "Index": i, "Value": item } });
                     let t = &self.exec.threads[&tid];
-                    paths::render(
+                    super::template::render(
                         s,
                         &Scope {
                             input: effective,

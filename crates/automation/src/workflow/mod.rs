@@ -18,7 +18,9 @@ pub mod memstore;
 pub mod paths;
 pub mod retry;
 pub mod runner;
+pub mod stamp;
 pub mod store;
+pub mod template;
 #[cfg(test)]
 mod tests;
 

@@ -1,7 +1,7 @@
 //! Where workflow executions live: the [`WorkflowStore`] trait, with transactions and
 //! leases, so that every transition is committed before its effects are visible and two
 //! processes never advance one execution at once. The embedded SQLite store implements it
-//! (`portcullis-store`), and [`MemoryWorkflowStore`](super::memstore::MemoryWorkflowStore)
+//! (`portcullis-store`), and `memstore::MemoryWorkflowStore`
 //! serves `portcullis workflow run` and tests.
 //!
 //! An execution is one row: its status, its machine state (the interpreter's JSON, opaque
