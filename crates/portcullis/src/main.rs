@@ -6,6 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit_cli;
+mod ctl_cli;
 mod policy_cli;
 mod table_cli;
 mod usage_cli;
@@ -89,6 +90,10 @@ enum Command {
     /// Durable workflows: validate and run definitions locally; start, list, inspect and
     /// stop executions and answer callbacks through the admin API.
     Workflow(workflow_cli::WorkflowArgs),
+    /// The runtime CLI, HAProxy's runtime API with names, through the admin API: servers
+    /// (drain, ready, maint, weight), stick tables, live events, workflows and approvals,
+    /// reload, session revocation.
+    Ctl(ctl_cli::CtlArgs),
     /// Print the version.
     Version,
 }
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Table(args) => table_cli::run(args),
+        Command::Ctl(args) => ctl_cli::run(args),
         Command::Usage(args) => usage_cli::run(args),
         Command::Workflow(args) => workflow_cli::run(args),
         Command::Token {

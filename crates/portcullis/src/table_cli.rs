@@ -200,7 +200,7 @@ fn request(cmd: &TableCommand) -> (Method, String, Option<Value>) {
 }
 
 /// A JSON value as plain text: strings without quotes, lists joined with `,`.
-fn plain(v: &Value) -> String {
+pub(crate) fn plain(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
@@ -210,7 +210,7 @@ fn plain(v: &Value) -> String {
 }
 
 /// Rows as aligned columns.
-fn columns(rows: &[Vec<String>]) -> String {
+pub(crate) fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|i| {
@@ -235,7 +235,7 @@ fn columns(rows: &[Vec<String>]) -> String {
 }
 
 /// `portcullis table show`: one line per table.
-fn tables_text(v: &Value) -> String {
+pub(crate) fn tables_text(v: &Value) -> String {
     let mut rows = vec![[
         "NAME", "KEY", "SIZE", "EXPIRE", "ENTRIES", "MEMORY", "STORE",
     ]
@@ -261,7 +261,7 @@ fn tables_text(v: &Value) -> String {
 }
 
 /// `portcullis table show NAME`: a summary line, then the entries.
-fn top_text(v: &Value) -> String {
+pub(crate) fn top_text(v: &Value) -> String {
     let t = &v["table"];
     let head = format!(
         "table {}: key {}, {} of {} entries, expire {}, {} bytes; top by {}\n",

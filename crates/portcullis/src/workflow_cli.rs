@@ -385,7 +385,7 @@ fn validate(files: &[PathBuf], as_json: bool) -> ExitCode {
 // Running in memory
 
 /// A JSON argument: the text itself, or with `@FILE` the file's content.
-fn json_arg(flag: &str, text: &str) -> Result<Value, String> {
+pub(crate) fn json_arg(flag: &str, text: &str) -> Result<Value, String> {
     let (body, from) = match text.strip_prefix('@') {
         Some(file) => (
             std::fs::read_to_string(file).map_err(|e| format!("{flag} @{file}: {e}"))?,
@@ -760,7 +760,7 @@ fn plain(v: &Value) -> String {
 }
 
 /// A time as the API gives it: RFC 3339 text as it is, Unix milliseconds as RFC 3339.
-fn time_text(v: &Value) -> String {
+pub(crate) fn time_text(v: &Value) -> String {
     match v.as_i64() {
         Some(ms) => format_timestamp(ms),
         None => plain(v),
@@ -856,7 +856,7 @@ fn executions_text(v: &Value) -> String {
 }
 
 /// `workflow history`: `id type timestamp details`, one event per line.
-fn events_text(v: &Value) -> String {
+pub(crate) fn events_text(v: &Value) -> String {
     let mut out = String::new();
     for e in v["events"].as_array().into_iter().flatten() {
         let mut details = e.as_object().cloned().unwrap_or_default();
