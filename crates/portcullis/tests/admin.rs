@@ -569,3 +569,57 @@ routes:
         "{miss}"
     );
 }
+
+/// A route is switched to another backend and restored through the admin API (the control
+/// commands triggers use), and a switch to a backend that does not exist changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_is_switched_and_restored_through_the_admin_api() {
+    let a = Origin::named("a").await;
+    let b = Origin::named("b").await;
+    let p = Proxy::start(&format!(
+        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\nbackends:\n  - {{ name: main, servers: [{{ name: s, address: \"{}\" }}] }}\n  - {{ name: standby, servers: [{{ name: s, address: \"{}\" }}] }}\nroutes: [{{ name: app, match: {{ path_prefix: / }}, backend: main, public: true }}]\n",
+        a.address(),
+        b.address()
+    ))
+    .await;
+    let get = || async {
+        reqwest::get(p.url("/"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(get().await, "a");
+    let (s, body) = p
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/routes/app/switch",
+            Some(serde_json::json!({ "backend": "standby" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(get().await, "b");
+    let (s, body) = p
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/routes/app/switch",
+            Some(serde_json::json!({ "backend": "nope" })),
+        )
+        .await;
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(get().await, "b");
+    let (s, body) = p
+        .admin(reqwest::Method::POST, "/api/v1/routes/app/restore", None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(get().await, "a");
+    let (s, _) = p
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/routes/app/switch",
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(s, 400);
+}

@@ -43,6 +43,8 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         )
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/sessions/revoke", post(revoke_sessions))
+        .route("/api/v1/routes/{route}/switch", post(switch_route))
+        .route("/api/v1/routes/{route}/restore", post(restore_route))
         .route("/api/v1/config", get(config))
         .merge(crate::admin_tables::routes())
         .merge(crate::admin_usage::routes())
@@ -460,6 +462,39 @@ async fn reload(
     axum::Extension(by): axum::Extension<Principal>,
 ) -> Response {
     run(&rt, &by, Command::Reload).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchBody {
+    backend: String,
+}
+
+/// `POST /api/v1/routes/{route}/switch` `{"backend": "app/name"}`: sends the route's requests
+/// to another backend until it is restored (as a trigger's `switch_route`).
+async fn switch_route(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    Path(route): Path<String>,
+    body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(SwitchBody { backend })) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "body must be {\"backend\": \"app/name\"}\n",
+        )
+            .into_response();
+    };
+    run(&rt, &by, Command::SwitchRoute { route, backend }).await
+}
+
+/// `POST /api/v1/routes/{route}/restore`: sends the route's requests back to its own backend.
+async fn restore_route(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(by): axum::Extension<Principal>,
+    Path(route): Path<String>,
+) -> Response {
+    run(&rt, &by, Command::RestoreRoute { route }).await
 }
 
 #[derive(Deserialize)]

@@ -49,6 +49,16 @@ pub async fn target(
         }
         ["api", "v1", "reload"] => ("config.reload", AdminResource::Config),
         ["api", "v1", "sessions", "revoke"] => ("sessions.revoke", AdminResource::Config),
+        ["api", "v1", "routes", r, what] => {
+            let route = crate::control::find_route(snap, r)
+                .map_or_else(|_| r.to_string(), |x| x.id.to_string());
+            let action = if *what == "restore" {
+                "route.restore"
+            } else {
+                "route.switch"
+            };
+            (action, AdminResource::Route(route))
+        }
         ["api", "v1", "config"] => ("config.read", AdminResource::Config),
         ["api", "v1", "tables"] => ("table.read", AdminResource::Config),
         ["api", "v1", "tables", t, ..] => {
