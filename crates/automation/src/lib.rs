@@ -43,6 +43,7 @@ pub mod guard;
 pub mod pattern;
 mod schema;
 pub mod store;
+mod suggest;
 pub mod template;
 pub mod time;
 mod validate;

@@ -10,6 +10,7 @@
 
 use crate::config::{TriggerCfg, ACTION_NAMES};
 use crate::guard::MaxUnavailable;
+use crate::suggest::nearest;
 use crate::time::parse_duration;
 use crate::Problem;
 use serde_json::Value;
@@ -474,30 +475,6 @@ fn one_of(names: &[&str]) -> String {
         Some((last, [])) => last.clone(),
         Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
     }
-}
-
-/// The known name closest to `k`, if it is a plausible typo.
-fn nearest<'n>(k: &str, names: &[&'n str]) -> Option<&'n str> {
-    names
-        .iter()
-        .map(|n| (edit_distance(k, n), *n))
-        .filter(|(d, n)| *d <= 2.max(n.len() / 4) && *d < n.len())
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

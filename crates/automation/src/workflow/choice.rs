@@ -20,6 +20,7 @@
 
 use super::paths::{check_path, select_opt};
 use super::{Scope, StatesError};
+use crate::suggest::nearest;
 use crate::Problem;
 use ::time::format_description::well_known::Rfc3339;
 use ::time::OffsetDateTime;
@@ -779,34 +780,6 @@ pub(super) fn describe(v: &Value) -> String {
         Value::Array(_) => "an array".to_string(),
         Value::Object(_) => "an object".to_string(),
     }
-}
-
-/// The name of `names` closest to `k` (same letters in another case, or a small edit away).
-pub(super) fn nearest<'n>(k: &str, names: &[&'n str]) -> Option<&'n str> {
-    if let Some(n) = names.iter().find(|n| n.eq_ignore_ascii_case(k)) {
-        return Some(n);
-    }
-    names
-        .iter()
-        .map(|n| (edit_distance(k, n), *n))
-        .filter(|(d, n)| *d <= 2.max(n.len() / 4) && *d < n.len())
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-/// The Levenshtein distance between `a` and `b`.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

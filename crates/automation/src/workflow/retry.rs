@@ -12,9 +12,10 @@
 //! * The delay before retry `n` (from 0) is `IntervalSeconds × BackoffRate^n`, capped at
 //!   `MaxDelaySeconds`; with `"JitterStrategy": "FULL"` a random fraction of it.
 
-use super::choice::{describe, nearest};
+use super::choice::describe;
 use super::names;
 use super::paths::check_reference_path;
+use crate::suggest::nearest;
 use crate::Problem;
 use serde_json::{Map, Value};
 
