@@ -49,22 +49,42 @@ pub struct Event {
     pub causedby: Option<String>,
 }
 
-/// `time` as RFC 3339 in UTC, with as many fractional digits as it needs.
+/// `time` as RFC 3339 in UTC, with as many fractional digits as it needs. A time that RFC
+/// 3339 cannot write in UTC (outside the years 0000 to 9999) is written as the epoch;
+/// [`parse_rfc3339`] never yields one.
 pub fn rfc3339(time: SystemTime) -> String {
-    OffsetDateTime::from(time)
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    utc(time)
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
-/// Parses an RFC 3339 time (any offset).
+/// `time` in UTC, or `None` outside the range of the `time` crate (where its
+/// `From<SystemTime>` panics).
+fn utc(time: SystemTime) -> Option<OffsetDateTime> {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => OffsetDateTime::UNIX_EPOCH.checked_add(d.try_into().ok()?),
+        Err(e) => OffsetDateTime::UNIX_EPOCH.checked_sub(e.duration().try_into().ok()?),
+    }
+}
+
+/// Parses an RFC 3339 time (any offset). A time whose offset moves it out of the years RFC
+/// 3339 can write in UTC (`9999-12-31T23:59:59-23:59`) is refused: the event could not be
+/// written out again (found by fuzzing, docs/reliability.md).
 pub(crate) fn parse_rfc3339(attribute: &str, value: &str) -> Result<SystemTime, ParseError> {
-    OffsetDateTime::parse(value, &Rfc3339)
+    let refused = |reason: String| ParseError::Time {
+        attribute: attribute.into(),
+        value: value.into(),
+        reason,
+    };
+    let time = OffsetDateTime::parse(value, &Rfc3339)
         .map(SystemTime::from)
-        .map_err(|e| ParseError::Time {
-            attribute: attribute.into(),
-            value: value.into(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| refused(e.to_string()))?;
+    match utc(time) {
+        Some(t) if (0..=9999).contains(&t.year()) => Ok(time),
+        _ => Err(refused(
+            "in UTC it falls outside the years 0000 to 9999".into(),
+        )),
+    }
 }
 
 /// Whether a media type (parameters allowed) says JSON: `application/json`, `text/json` or

@@ -262,7 +262,11 @@ impl Validator {
             })
         })?;
         let c = data.claims;
-        if let Some(iat) = c.get("iat").and_then(Value::as_u64) {
+        // jsonwebtoken skips a time claim it cannot read unless it is required: here one that
+        // is present must be a NumericDate, or the token is refused.
+        numeric_date(&c, "exp")?;
+        numeric_date(&c, "nbf")?;
+        if let Some(iat) = numeric_date(&c, "iat")? {
             if iat > now + self.skew {
                 return Err(reject("token issued in the future (iat)"));
             }
@@ -275,14 +279,31 @@ impl Validator {
         )?);
         let exp = identity.expires_at.unwrap_or(u64::MAX);
         let until = exp.min(now + self.cache_ttl.as_secs());
-        self.cache.insert(
-            token.as_bytes(),
-            identity.clone(),
-            until,
-            kid.map(String::from),
-            now,
-        );
+        // An HS* token is checked with the provider's secret, which is in no key set: its
+        // `kid` names no key whose removal ends the entry (kept, the entry was dropped at
+        // every lookup, so such tokens were never served from the cache; found by fuzzing).
+        let key_id = if is_hs { None } else { kid.map(String::from) };
+        self.cache
+            .insert(token.as_bytes(), identity.clone(), until, key_id, now);
         Ok(identity)
+    }
+}
+
+/// A time claim (`exp`, `nbf`, `iat`) as seconds since the epoch: `None` when absent or null,
+/// an error when it is not a NumericDate. A fraction is rounded, as jsonwebtoken rounds it
+/// when it checks `exp` and `nbf`, so that the identity expires when the check says the
+/// token does (found by fuzzing: a float `exp` was checked, but the identity never expired,
+/// and a float `iat` in the future, or an `nbf` of `1e300`, was not checked at all).
+fn numeric_date(c: &Value, name: &str) -> Result<Option<u64>, AuthError> {
+    match c.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match (v.as_u64(), v.as_f64()) {
+            (Some(n), _) => Ok(Some(n)),
+            (None, Some(f)) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => {
+                Ok(Some(f.round() as u64))
+            }
+            _ => Err(reject(format!("token `{name}` is not a NumericDate"))),
+        },
     }
 }
 
@@ -302,7 +323,7 @@ pub fn identity_from_claims(
         method,
         email: claims::string(&c, &map.email),
         groups: claims::groups(&c, &map.groups),
-        expires_at: c.get("exp").and_then(Value::as_u64),
+        expires_at: numeric_date(&c, "exp").ok().flatten(),
         subject,
         user,
         claims: c,

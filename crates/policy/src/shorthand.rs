@@ -18,18 +18,25 @@ fn any(conds: Vec<String>) -> Option<String> {
     }
 }
 
-/// Cedar `like` patterns use `*` for any characters, `/` included.
+/// Cedar `like` patterns use `*` for any characters, `/` included. `"`, `\` and control
+/// characters are escaped as in any Cedar string (a raw CR does not parse; found by fuzzing,
+/// docs/reliability.md).
 fn like_pattern(glob: &str) -> String {
     let g = glob.replace("**", "*");
-    let escaped: String = g
-        .chars()
-        .map(|c| match c {
-            '"' => "\\\"".to_string(),
-            '\\' => "\\\\".to_string(),
-            c => c.to_string(),
-        })
-        .collect();
-    format!("\"{escaped}\"")
+    let mut out = String::with_capacity(g.len() + 2);
+    out.push('"');
+    for c in g.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A path glob as a Cedar condition: `**` matches any characters, `*` any characters but

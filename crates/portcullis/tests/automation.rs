@@ -510,15 +510,29 @@ triggers:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let denied = denied_of(p.dir.path());
-    assert_eq!(denied.len(), 1, "{:#?}\n{}", audit_in(&p.dir.path().join("audit")), p.log_text());
+    assert_eq!(
+        denied.len(),
+        1,
+        "{:#?}\n{}",
+        audit_in(&p.dir.path().join("audit")),
+        p.log_text()
+    );
     assert_eq!(denied[0]["principal"]["provider"], "trigger");
     assert_eq!(denied[0]["detail"]["args"]["backend"], "shop/web");
     // The firing's own record says which action was denied.
     let outcomes: Vec<String> = audit_in(&p.dir.path().join("audit"))
         .iter()
         .filter(|r| r["detail"]["action"] == "firing")
-        .flat_map(|r| r["detail"]["args"]["actions"].as_array().cloned().unwrap_or_default())
+        .flat_map(|r| {
+            r["detail"]["args"]["actions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .map(|a| a.to_string())
         .collect();
-    assert!(outcomes.iter().any(|o| o.contains("denied")), "{outcomes:#?}");
+    assert!(
+        outcomes.iter().any(|o| o.contains("denied")),
+        "{outcomes:#?}"
+    );
 }

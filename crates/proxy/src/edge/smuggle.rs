@@ -53,6 +53,12 @@ enum State {
 
 /// Heads larger than this are hyper's problem (it answers 431); stop watching.
 const MAX_HEAD: usize = 256 * 1024;
+/// A chunk-size line (with its extensions) or a trailer line longer than this: stop watching.
+/// It must be more than hyper accepts (16 KiB of chunk extensions per body, 16 KiB of
+/// trailers), so that hyper has refused the body before the guard looks away: at 4 KiB, a
+/// 5 KiB extension sent over a few reads blinded the guard to the next request on the
+/// connection (found by the `smuggle_guard` fuzz target, docs/reliability.md).
+const MAX_LINE: usize = 64 * 1024;
 
 pub struct Guard<T> {
     inner: T,
@@ -170,7 +176,7 @@ impl<T> Guard<T> {
                 State::ChunkSize | State::Trailers => {
                     let Some(i) = data.iter().position(|b| *b == b'\n') else {
                         self.line.extend_from_slice(data);
-                        if self.line.len() > 4096 {
+                        if self.line.len() > MAX_LINE {
                             self.state = State::Done;
                         }
                         return;
@@ -293,7 +299,10 @@ impl<T> Guard<T> {
 /// before the colon and folded lines in requests), so a framing header cannot escape a look
 /// at the line starts; and the head ends at the first empty line, as httparse's does. A head
 /// hyper refuses gets a 400 and a closed connection, whatever this says about it.
-fn unframed_head_len(buf: &[u8]) -> Option<usize> {
+///
+/// Public only for the fuzz targets (`crates/fuzz-targets`), which check that claim.
+#[doc(hidden)]
+pub fn unframed_head_len(buf: &[u8]) -> Option<usize> {
     const FRAMING: [&[u8]; 3] = [b"content-length:", b"transfer-encoding:", b"upgrade:"];
     let mut newlines = memchr::memchr_iter(b'\n', buf);
     let request_line_end = newlines.next()?;
