@@ -240,9 +240,13 @@ mod tests {
     use super::*;
 
     fn policies(text: &str) -> AdminPolicies {
+        // One file per call: tests run in parallel, and a shared name would
+        // let one test load another's policies.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("pc-admin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join(format!("p{}.cedar", text.len()));
+        let f = dir.join(format!("p{n}.cedar"));
         std::fs::write(&f, text).unwrap();
         AdminPolicies::load(&[f]).unwrap()
     }
