@@ -19,6 +19,8 @@ command -v redis-server >/dev/null 2>&1 || [[ -x /usr/bin/redis-server ]] || nee
 command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need_apt+=(nats-server)
 # The real Alertmanager of the inbound events test (tests/events.rs; Debian: /usr/bin).
 command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+# The real headless browser of the console tests (tests/console.rs; driven by playwright-core).
+command -v chromium >/dev/null 2>&1 || [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 # Tests read the embedded store with the sqlite3 shell.
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 if ((${#need_apt[@]})); then
@@ -31,23 +33,28 @@ fi
 # Integration tests open many sockets.
 ulimit -n 65536 2>/dev/null || true
 
-# The real OpenID Provider of the oidc tests (tests/idp): installed when node_modules is
-# missing or the lockfile changed since the last install.
-idp=tests/idp
-if [[ -f $idp/package.json ]]; then
-  stamp=$idp/node_modules/.installed-lock.sha256
-  want=$(sha256sum "$idp/package-lock.json" 2>/dev/null | cut -d' ' -f1 || true)
-  if [[ ! -d $idp/node_modules || ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
-    echo "installing the test OpenID Provider ($idp)"
-    if [[ -f $idp/package-lock.json ]]; then
-      npm ci --prefix "$idp" --no-audit --no-fund
+# npm packages of the tests: the real OpenID Provider (tests/idp) and the browser driver
+# (tests/browser). Each is installed when node_modules is missing or its lockfile changed
+# since the last install.
+npm_install() {
+  local dir=$1
+  [[ -f $dir/package.json ]] || return 0
+  local stamp=$dir/node_modules/.installed-lock.sha256
+  local want
+  want=$(sha256sum "$dir/package-lock.json" 2>/dev/null | cut -d' ' -f1 || true)
+  if [[ ! -d $dir/node_modules || ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+    echo "installing the npm packages of $dir"
+    if [[ -f $dir/package-lock.json ]]; then
+      npm ci --prefix "$dir" --no-audit --no-fund
     else
-      npm install --prefix "$idp" --no-audit --no-fund
-      want=$(sha256sum "$idp/package-lock.json" | cut -d' ' -f1)
+      npm install --prefix "$dir" --no-audit --no-fund
+      want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
     fi
     echo "$want" >"$stamp"
   fi
-fi
+}
+npm_install tests/idp
+npm_install tests/browser
 
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"

@@ -113,6 +113,10 @@ pub struct AdminDef {
     pub plaintext_tokens: Vec<usize>,
     /// Cedar policy files for commands by triggers and workflows (absolute paths).
     pub policies: Vec<PathBuf>,
+    /// TLS for the admin listener (file paths resolved), with optional client certificates.
+    pub tls: Option<model::ListenerTls>,
+    /// The console's OIDC callback URL, when fixed.
+    pub login_redirect_url: Option<String>,
 }
 
 /// The workflows' definitions as written: files (absolute paths) and inline ones.

@@ -542,6 +542,26 @@ pub struct Listener {
     /// Upgrade protocols forwarded (`Upgrade:`); `h2c` never is. Routes may override it.
     #[serde(default = "websocket_only")]
     pub upgrades: Vec<String>,
+    /// What a request header whose name has an underscore (`X_User`, `Transfer_Encoding`)
+    /// gets.
+    #[serde(default)]
+    pub underscores_in_headers: UnderscoresInHeaders,
+}
+
+/// What a request header whose name has an underscore gets. Origin frameworks that follow
+/// CGI (WSGI, Rack, PHP) read `X_User` as `X-User`, and some servers read `Transfer_Encoding`
+/// as `Transfer-Encoding`, so such a name can carry a header that portcullis removes or sets
+/// itself past it. nginx and Envoy drop them by default too.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoresInHeaders {
+    /// Removed before routing: no route, policy or origin sees them.
+    #[default]
+    Drop,
+    /// 400.
+    Reject,
+    /// Kept and forwarded (identity header lookalikes are still removed).
+    Allow,
 }
 
 /// A listener's canonicalization settings (docs/security.md, "Canonical requests").
@@ -668,6 +688,12 @@ pub struct Admin {
     /// such a command runs only if a policy permits it.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// TLS for the admin listener (the console and the API), with optional client
+    /// certificates: an `mtls` provider listed in `auth` then identifies callers by them.
+    pub tls: Option<ListenerTls>,
+    /// The console's OIDC callback, as registered with the identity provider; default
+    /// `<scheme>://<host the browser used>/login/callback`.
+    pub login_redirect_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -676,11 +702,58 @@ pub struct AccessLog {
     /// `stdout`, `off`, or a file path.
     #[serde(default = "stdout")]
     pub path: String,
+    /// The line layout: `json` (default), `clf` or `haproxy`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// The fraction of successful requests (status below 400, no error) that are logged,
+    /// from 0 to 1; errors are always logged. Checked to be in [0, 1] by validation.
+    #[serde(default = "one")]
+    pub sample: f64,
 }
 
 impl Default for AccessLog {
     fn default() -> Self {
-        AccessLog { path: stdout() }
+        AccessLog {
+            path: stdout(),
+            format: AccessLogFormat::default(),
+            sample: 1.0,
+        }
+    }
+}
+
+/// The layout of an access log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// NCSA Combined Log Format (Apache's and nginx's `combined`).
+    Clf,
+    /// HAProxy's `option httplog` layout.
+    Haproxy,
+}
+
+impl<'de> Deserialize<'de> for AccessLogFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The error is raised inside the visitor, so the parser locates it at the value.
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = AccessLogFormat;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`json`, `clf` or `haproxy`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AccessLogFormat, E> {
+                match v {
+                    "json" => Ok(AccessLogFormat::Json),
+                    "clf" => Ok(AccessLogFormat::Clf),
+                    "haproxy" => Ok(AccessLogFormat::Haproxy),
+                    _ => Err(E::custom(format!(
+                        "unknown access log format `{v}`: write `json` (the default), `clf` (Combined Log Format) or `haproxy` (HAProxy's httplog)"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -1281,6 +1354,9 @@ fn slash() -> String {
 }
 fn stdout() -> String {
     "stdout".into()
+}
+fn one() -> f64 {
+    1.0
 }
 fn sticky_cookie() -> String {
     "portcullis_server".into()

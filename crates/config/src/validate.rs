@@ -291,12 +291,39 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
         }
         let policies = expand_globs(&root_src, "admin.policies", &a.policies, &base, &mut diags);
+        let mut tls = a.tls.clone();
+        if let Some(tls) = &mut tls {
+            if tls.certificates.is_empty() {
+                diags.push(root_src.diag(
+                    "admin.tls.certificates",
+                    "a TLS admin listener needs a certificate: add `{ cert: FILE, key: FILE }`",
+                ));
+            }
+            for (j, c) in tls.certificates.iter_mut().enumerate() {
+                let cat = format!("admin.tls.certificates[{j}]");
+                resolve_file(&root_src, &format!("{cat}.cert"), &mut c.cert, &base, &mut diags);
+                resolve_file(&root_src, &format!("{cat}.key"), &mut c.key, &base, &mut diags);
+            }
+            if let Some(ca) = &mut tls.client_auth {
+                resolve_file(&root_src, "admin.tls.client_auth.ca", &mut ca.ca, &base, &mut diags);
+            }
+        }
+        if let Some(u) = &a.login_redirect_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) || !u.ends_with("/login/callback") {
+                diags.push(root_src.diag(
+                    "admin.login_redirect_url",
+                    "the console's callback is an absolute URL ending in `/login/callback`, e.g. `https://admin.example.com/login/callback`",
+                ));
+            }
+        }
         AdminDef {
             bind,
             tokens,
             auth: a.auth.clone(),
             policies,
             plaintext_tokens,
+            tls,
+            login_redirect_url: a.login_redirect_url.clone(),
         }
     });
     let workflows = root.workflows.as_ref().map(|w| {
@@ -585,6 +612,15 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     if access_log.path != "stdout" && access_log.path != "off" {
         access_log.path = base.join(&access_log.path).to_string_lossy().into_owned();
     }
+    if !(0.0..=1.0).contains(&access_log.sample) {
+        diags.push(root_src.diag(
+            "access_log.sample",
+            format!(
+                "access_log.sample is {}: write a fraction from 0 to 1, like `0.1` to log one successful request in ten (errors are always logged; 1, the default, logs every request)",
+                access_log.sample
+            ),
+        ));
+    }
 
     // A plan's overrides name routes of any file: checked once every route is known.
     for (i, p) in root.usage_plans.iter().enumerate() {
@@ -629,6 +665,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         }
     }
     warnings.extend(path_warnings(&routes));
+    warnings.extend(underscore_warnings(&listeners, &routes));
     // The version covers what the YAML points at too: expanded secrets and the TLS files
     // that are read once, so rotating a `${file:}` secret or a CA file and reloading
     // actually takes effect.
@@ -1111,6 +1148,35 @@ fn path_warnings(routes: &[RouteDef]) -> Vec<String> {
                 "public route `{}` (prefix `{pp}`) covers protected route `{}` (`{qp}`): a request for `{qp}` is protected only because portcullis matches and forwards one canonical form of its path and host; keep the listeners' `normalize` defaults and do not route this origin's paths around portcullis (docs/security.md, \"Canonical requests\")",
                 public.id, protected.id
             ));
+        }
+    }
+    out
+}
+
+/// A route that matches on a header whose name has an underscore never sees it on a listener
+/// that drops or refuses such headers (`underscores_in_headers`).
+fn underscore_warnings(listeners: &[Listener], routes: &[RouteDef]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in routes {
+        for n in r.spec.matcher.headers.keys().filter(|n| n.contains('_')) {
+            for l in listeners {
+                let on = r
+                    .spec
+                    .listeners
+                    .as_ref()
+                    .is_none_or(|ls| ls.contains(&l.name));
+                if on && l.underscores_in_headers != UnderscoresInHeaders::Allow {
+                    out.push(format!(
+                        "route `{}` matches on header `{n}`, whose name has an underscore: listener `{}` {} such headers (`underscores_in_headers`), so the route never matches it there; spell it with `-`, or set `underscores_in_headers: allow` on the listener",
+                        r.id,
+                        l.name,
+                        match l.underscores_in_headers {
+                            UnderscoresInHeaders::Reject => "refuses requests with",
+                            _ => "drops",
+                        }
+                    ));
+                }
+            }
         }
     }
     out
@@ -2005,6 +2071,55 @@ routes:
         );
     }
 
+    #[test]
+    fn underscores_in_headers_default_to_drop_and_a_route_that_needs_one_is_warned_about() {
+        let d = tempfile::tempdir().unwrap();
+        let root = write(d.path(), "p.yaml", CANON);
+        let c = crate::load(&root).unwrap();
+        assert_eq!(
+            c.listeners[0].underscores_in_headers,
+            UnderscoresInHeaders::Drop
+        );
+        assert!(!c.warnings.iter().any(|w| w.contains("underscore")));
+        let tenant = CANON.replace(
+            "match: { path_prefix: /repo/, case_sensitive: true }",
+            "match: { path_prefix: /repo/, case_sensitive: true, headers: { x_tenant: \"*\" } }",
+        );
+        let root = write(d.path(), "p.yaml", &tenant);
+        let c = crate::load(&root).unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("`default/argo`")
+                && w.contains("`x_tenant`")
+                && w.contains("listener `web` drops")),
+            "{:?}",
+            c.warnings
+        );
+        let allowed = tenant.replace(
+            "method_override: strip\n",
+            "method_override: strip\n    underscores_in_headers: allow\n",
+        );
+        let root = write(d.path(), "p.yaml", &allowed);
+        let c = crate::load(&root).unwrap();
+        assert_eq!(
+            c.listeners[0].underscores_in_headers,
+            UnderscoresInHeaders::Allow
+        );
+        assert!(!c.warnings.iter().any(|w| w.contains("underscore")));
+        let root = write(
+            d.path(),
+            "p.yaml",
+            &allowed.replace(
+                "underscores_in_headers: allow",
+                "underscores_in_headers: keep",
+            ),
+        );
+        let s = crate::load(&root).unwrap_err().to_string();
+        assert!(
+            s.contains("p.yaml:6:") && s.contains("unknown variant `keep`"),
+            "{s}"
+        );
+    }
+
     /// A root file with every limits key: two stick tables (one keyed by a tuple), two
     /// plans, a protected route with rules of each action and a plan, and a public route
     /// with a plan.
@@ -2502,6 +2617,66 @@ routes:
             let (root, text, errors) = limits_error(d.path(), from, to);
             assert_eq!(errors.lines().count(), 1, "{errors}");
             assert_reported(&errors, &loc_of(&root, &text, context, needle), msg);
+        }
+    }
+
+    /// The access log's `format` and `sample` load with their defaults, and a wrong one is
+    /// located where it is written, with the fix.
+    #[test]
+    fn access_log_format_and_sample_are_checked_where_written() {
+        let d = tempfile::tempdir().unwrap();
+        let base = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+backends:
+  - { name: echo, servers: [{ address: builtin:echo }] }
+routes:
+  - { name: all, match: { path_prefix: / }, backend: echo, public: true }
+";
+        let load = |log: &str| {
+            let text = format!("{base}{log}\n");
+            let root = write(d.path(), "p.yaml", &text);
+            (root.clone(), text, crate::load(&root))
+        };
+        let (_, _, c) = load("access_log: { path: stdout }");
+        let c = c.unwrap();
+        assert_eq!(c.access_log.format, AccessLogFormat::Json);
+        assert_eq!(c.access_log.sample, 1.0);
+        let (_, _, c) = load("access_log: { path: \"off\", format: haproxy, sample: 0.25 }");
+        let c = c.unwrap();
+        assert_eq!(c.access_log.format, AccessLogFormat::Haproxy);
+        assert_eq!(c.access_log.sample, 0.25);
+        let (_, _, c) = load("access_log:\n  format: clf\n  sample: 0");
+        let c = c.unwrap();
+        assert_eq!(c.access_log.format, AccessLogFormat::Clf);
+        assert_eq!(c.access_log.sample, 0.0);
+
+        for (log, needle, msg) in [
+            (
+                "access_log: { path: stdout, format: apache }",
+                "apache",
+                "unknown access log format `apache`: write `json` (the default), `clf` (Combined Log Format) or `haproxy` (HAProxy's httplog)",
+            ),
+            (
+                "access_log: { format: clf, sample: 1.5 }",
+                "1.5",
+                "access_log.sample is 1.5: write a fraction from 0 to 1, like `0.1` to log one successful request in ten (errors are always logged",
+            ),
+            (
+                "access_log:\n  sample: -0.1",
+                "-0.1",
+                "access_log.sample is -0.1: write a fraction from 0 to 1",
+            ),
+            (
+                "access_log: { sample: .nan }",
+                ".nan",
+                "access_log.sample is NaN: write a fraction from 0 to 1",
+            ),
+        ] {
+            let (root, text, c) = load(log);
+            let errors = c.expect_err(log).to_string();
+            assert_eq!(errors.lines().count(), 1, "{errors}");
+            assert_reported(&errors, &loc_of(&root, &text, log, needle), msg);
         }
     }
 

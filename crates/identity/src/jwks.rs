@@ -51,6 +51,13 @@ pub struct KeySet {
 }
 
 impl KeySet {
+    /// The key ids of the set, sorted, and how many keys have none.
+    pub fn kids(&self) -> (Vec<String>, usize) {
+        let mut k: Vec<String> = self.by_kid.keys().cloned().collect();
+        k.sort();
+        (k, self.no_kid.len())
+    }
+
     /// Parses a JWKS document, keeping the signature keys we can use and skipping the rest.
     pub fn parse(doc: &serde_json::Value) -> Result<KeySet, String> {
         let keys = doc

@@ -10,7 +10,8 @@
 //! * actions `Portcullis::Admin::Action::"server.set_state"`, `"server.set_weight"`, `"table.set"`,
 //!   `"table.clear"`, `"table.read"`, `"route.switch"`, `"route.restore"`, `"config.reload"`, `"sessions.revoke"`,
 //!   `"config.read"`, `"backends.read"`, `"metrics.read"`, `"usage.read"`, `"events.publish"`,
-//!   `"workflow.read"`, `"workflow.start"`, `"workflow.stop"`, `"workflow.callback"`;
+//!   `"workflow.read"`, `"workflow.start"`, `"workflow.stop"`, `"workflow.callback"`,
+//!   `"events.read"`, `"dashboard.read"`, `"audit.read"`;
 //! * resources `Portcullis::Server::"app/backend/server"` in `Portcullis::Backend::"app/backend"`
 //!   in `Portcullis::App::"app"`; `Portcullis::Route::"app/route"` in its app;
 //!   `Portcullis::Table::"name"`; `Portcullis::Execution::"id"` in `Portcullis::Workflow::"name"`;

@@ -71,6 +71,19 @@ async fn tls_get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), String> {
+    tls_request(port, cfg, "GET", path, headers, "").await
+}
+
+/// A request over TLS (HTTP/1.1), as [`tls_get`].
+async fn tls_request(
+    port: u16,
+    cfg: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let body = Bytes::from(body.to_string());
     let fut = async {
         let tcp = TcpStream::connect(("127.0.0.1", port))
             .await
@@ -83,12 +96,15 @@ async fn tls_get(
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let mut req = Request::builder().uri(path).header("host", "localhost");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let resp = s
-            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .send_request(req.body(Full::new(body)).unwrap())
             .await
             .map_err(|e| format!("request: {e:?}"))?;
         let status = resp.status().as_u16();
@@ -341,4 +357,115 @@ async fn a_client_certificate_from_an_untrusted_ca_fails_the_handshake() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
+}
+
+/// The admin listener over TLS: a client certificate that the `mtls` provider of
+/// `admin.auth` accepts is an identity that `admin.policies` decides for, on the API and on
+/// the console (where a change made with the certificate alone needs the page's CSRF token,
+/// since a browser sends the certificate on its own).
+#[tokio::test]
+async fn the_admin_listener_takes_client_certificates_as_identities() {
+    let server_ca = Ca::new("server CA");
+    let clients_ca = Ca::new("clients CA");
+    let server = server_ca.server(&["localhost"]);
+    let billing = workload(&clients_ca, SPIFFE);
+    let intruder = workload(&clients_ca, "spiffe://example.org/ns/prod/sa/intruder");
+    let origin = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "server.pem", &server.cert_pem);
+    write(dir.path(), "server.key", &server.key_pem);
+    write(dir.path(), "clients-ca.pem", &clients_ca.cert.pem());
+    write(
+        dir.path(),
+        "admin.cedar",
+        &format!(
+            r#"permit(principal == Portcullis::Agent::"{SPIFFE}", action in [
+  Portcullis::Admin::Action::"backends.read", Portcullis::Admin::Action::"dashboard.read",
+  Portcullis::Admin::Action::"server.set_state"], resource);"#
+        ),
+    );
+    let yaml = format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+identity:
+  providers:
+    - {{ name: mesh, kind: mtls }}
+backends:
+  - {{ name: o, servers: [{{ name: s1, address: "{}" }}] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, backend: o, public: true }}
+admin:
+  bind: "127.0.0.1:{{admin_port}}"
+  tokens: ["{ADMIN_TOKEN}"]
+  auth: [mesh]
+  policies: [admin.cedar]
+  tls:
+    certificates: [{{ cert: "{{dir}}/server.pem", key: "{{dir}}/server.key" }}]
+    client_auth: {{ ca: "{{dir}}/clients-ca.pem", required: false }}
+"#,
+        origin.address()
+    );
+    let p = Proxy::start_in(dir, &yaml).await;
+    let port = p.admin_port;
+    let with = client_config(&server_ca, Some(&billing));
+    let other = client_config(&server_ca, Some(&intruder));
+    let anon = client_config(&server_ca, None);
+
+    let (s, body) = tls_get(port, with.clone(), "/api/v1/backends", &[])
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = tls_get(port, other.clone(), "/api/v1/backends", &[])
+        .await
+        .unwrap();
+    assert_eq!(s, 403, "no policy permits the intruder: {body}");
+    let (s, _) = tls_get(port, anon.clone(), "/api/v1/backends", &[])
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let (s, _) = tls_get(
+        port,
+        anon.clone(),
+        "/api/v1/backends",
+        &[("authorization", &bearer)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "the break-glass token still works over TLS");
+
+    // A change with the certificate alone needs the console's CSRF token.
+    let path = "/api/v1/backends/o/servers/s1/state";
+    let json = [("content-type", "application/json")];
+    let drain = r#"{"state":"drain"}"#;
+    let (s, _) = tls_request(port, with.clone(), "POST", path, &json, drain)
+        .await
+        .unwrap();
+    assert_eq!(s, 403, "no CSRF token");
+    let (s, page) = tls_get(port, with.clone(), "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "the certificate signs in to the console: {page}");
+    assert!(page.contains(SPIFFE), "the viewer is named");
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|x| x.split('"').next())
+        .unwrap()
+        .to_string();
+    let hdrs = [
+        ("content-type", "application/json"),
+        ("x-csrf-token", csrf.as_str()),
+    ];
+    let (s, _) = tls_request(port, other.clone(), "POST", path, &hdrs, drain)
+        .await
+        .unwrap();
+    assert_eq!(s, 403, "another certificate's token does not fit");
+    let (s, body) = tls_request(port, with.clone(), "POST", path, &hdrs, drain)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = tls_get(port, with, "/api/v1/backends", &[]).await.unwrap();
+    assert_eq!(s, 200);
+    assert!(body.contains("\"drain\""), "{body}");
+    let (s, _) = tls_get(port, anon, "/", &[]).await.unwrap();
+    assert_eq!(s, 303, "without a certificate, the console asks to sign in");
 }

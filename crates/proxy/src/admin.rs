@@ -2,16 +2,20 @@
 //! state and weight, reload, config status, stick tables (see [`crate::admin_tables`]) and
 //! usage-plan usage (see [`crate::admin_usage`])), and inbound events (see
 //! [`crate::admin_events`]).
-//! Everything but `/healthz` and `/readyz` needs a caller: a bearer token from
+//! The console's pages (`/`, `/login`, see [`crate::console`]) check their own cookie.
+//! Everything else but `/healthz` and `/readyz` needs a caller: a bearer token from
 //! `admin.tokens` (break-glass; compared by SHA-256 digest in constant time, configured as the
-//! token or its digest), or a bearer JWT or API key of one of `admin.auth`'s identity
-//! providers, whose every call must be permitted by `admin.policies` (Cedar; see
-//! [`crate::admin_authz`]); a refusal is audited. With neither configured the API refuses
-//! every call. The token's position and the peer, or the identity, make the caller's
+//! token or its digest), or a bearer JWT, API key or client certificate of one of
+//! `admin.auth`'s identity providers, or the console's cookie; a person's every call must be
+//! permitted by `admin.policies` (Cedar; see [`crate::admin_authz`]), and a refusal is
+//! audited. A change made with the cookie or a client certificate alone (credentials a
+//! browser sends by itself) must carry the console's CSRF token. With neither tokens nor
+//! providers configured the API refuses every call. The token's position and the peer, or the identity, make the caller's
 //! [`Principal`]. The API is a thin HTTP layer over
 //! [`control`]: every change it makes is a [`Command`] that control validates, audits, applies
 //! and logs with that principal.
 
+use crate::console::Caller;
 use crate::control::{self, Command, ControlError, Principal};
 use crate::state::AdminState;
 use crate::Runtime;
@@ -50,16 +54,20 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .merge(crate::admin_usage::routes())
         .merge(crate::admin_events::routes())
         .merge(crate::admin_workflows::routes())
+        .route("/api/v1/dashboard", get(dashboard))
+        .route("/api/v1/dashboard/stream", get(dashboard_stream))
+        .route("/api/v1/audit", get(crate::console::audit::handler))
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(crate::console::routes())
         .merge(api)
         .with_state(rt)
 }
 
 /// The SHA-256 of a configured token: given as `sha256:<hex>`, or hashed from the token.
-fn token_digest(t: &str) -> [u8; 32] {
+pub(crate) fn token_digest(t: &str) -> [u8; 32] {
     if let Some(hex) = t.strip_prefix("sha256:") {
         let mut out = [0u8; 32];
         let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
@@ -73,7 +81,7 @@ fn token_digest(t: &str) -> [u8; 32] {
 
 /// Checks the bearer token against every configured token (or its digest) in constant
 /// time: the presented token is hashed, and every configured digest compared.
-fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
+pub(crate) fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
     let p = Sha256::digest(presented);
     let mut found = None;
     for (i, t) in tokens.iter().enumerate() {
@@ -127,8 +135,17 @@ async fn auth(
         .as_deref()
         .and_then(|p| check_token(p.as_bytes(), tokens))
     {
-        req.extensions_mut().insert(Principal::token(i, peer));
+        let p = Principal::token(i, peer);
+        req.extensions_mut().insert(Caller::Token(p.who.clone()));
+        req.extensions_mut().insert(p);
         return next.run(req).await;
+    }
+    if bearer.is_none() && !req.headers().contains_key("x-api-key") {
+        if let Some(v) = crate::console::grant::cookie(req.headers(), crate::console::grant::COOKIE)
+        {
+            let v = v.to_string();
+            return with_cookie(&rt, &snap, peer, &v, req, next).await;
+        }
     }
     if providers.is_empty() {
         return match bearer {
@@ -144,11 +161,29 @@ async fn auth(
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let cert = req
+        .extensions()
+        .get::<crate::admin_tls::ClientCert>()
+        .cloned();
+    // A client certificate is sent by the browser on its own, as a cookie is: a state change
+    // made with it alone must carry the CSRF token the console made for it.
+    if let (None, None, Some(c)) = (&bearer, &api_key, &cert) {
+        let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        let key = crate::console::cert_key(&c.0);
+        if !safe && !crate::console::csrf_passes(&snap, req.headers(), &key) {
+            tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
+            return (
+                StatusCode::FORBIDDEN,
+                Json(json!({ "error": "missing or invalid CSRF token: reload the console" })),
+            )
+                .into_response();
+        }
+    }
     let creds = portcullis_identity::engine::Credentials {
         bearer: bearer.as_deref(),
         api_key: api_key.as_deref(),
         session_cookie: None,
-        client_cert: None,
+        client_cert: cert.as_ref().map(|c| c.0.as_slice()),
     };
     let identity = match snap.identity.authenticate(providers, &creds).await {
         portcullis_identity::engine::Outcome::Ok { identity, .. } => identity,
@@ -156,14 +191,60 @@ async fn auth(
             tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
             return unauthorized("invalid credentials\n");
         }
-        _ => return unauthorized("missing credentials: a bearer token or an API key\n"),
+        _ => {
+            return unauthorized(
+                "missing credentials: a bearer token, an API key or a client certificate\n",
+            )
+        }
     };
     as_person(&rt, &snap, peer, identity, req, next).await
 }
 
+/// A call made with the console's cookie: a state change must carry the cookie's CSRF token
+/// (and come from the console's origin); then it is the token's or the person's call.
+async fn with_cookie(
+    rt: &Runtime,
+    snap: &crate::snapshot::Snapshot,
+    peer: SocketAddr,
+    value: &str,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    if !safe && !crate::console::csrf_passes(snap, req.headers(), value) {
+        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "missing or invalid CSRF token: reload the console" })),
+        )
+            .into_response();
+    }
+    let (caller, refreshed) = match crate::console::from_cookie(snap, peer, value).await {
+        crate::console::Seen::Caller(c, r) => (c, r),
+        crate::console::Seen::Nobody => {
+            return unauthorized("the console session has ended: sign in again\n")
+        }
+    };
+    let mut resp = match caller {
+        Caller::Token(who) => {
+            req.extensions_mut().insert(Caller::Token(who.clone()));
+            req.extensions_mut().insert(Principal {
+                who,
+                kind: control::PrincipalKind::Token,
+            });
+            next.run(req).await
+        }
+        Caller::Person(identity) => as_person(rt, snap, peer, identity, req, next).await,
+    };
+    if let Some(c) = refreshed.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
 /// An identity's admin call: authorized by `admin.policies` as an action on a resource (a
 /// refusal is a 403 and an audit record), then run as that person or agent.
-async fn as_person(
+pub(crate) async fn as_person(
     rt: &Runtime,
     snap: &crate::snapshot::Snapshot,
     peer: SocketAddr,
@@ -212,6 +293,8 @@ async fn as_person(
             .into_response();
     }
     let mut req = Request::from_parts(parts, body);
+    req.extensions_mut()
+        .insert(Caller::Person(identity.clone()));
     req.extensions_mut().insert(Principal {
         who,
         kind: control::PrincipalKind::Person,
@@ -222,7 +305,7 @@ async fn as_person(
 /// The decision on `action` over `resource` for `identity`. Publishing events is decided on
 /// each event's type instead (a body with no type is decided on the resource, then refused
 /// by the endpoint).
-fn decide(
+pub(crate) fn decide(
     snap: &crate::snapshot::Snapshot,
     identity: &portcullis_identity::Identity,
     action: &str,
@@ -249,6 +332,23 @@ fn decide(
         allowed: true,
         reasons: Vec::new(),
     }
+}
+
+/// `GET /api/v1/dashboard`: one look at what the console shows (see [`crate::console::data`]).
+async fn dashboard(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> Response {
+    let mut t = crate::console::data::Ticker::default();
+    Json(crate::console::data::look(&rt, &c, &mut t).await).into_response()
+}
+
+/// `GET /api/v1/dashboard/stream`: a look every second, as server-sent events.
+async fn dashboard_stream(
+    State(rt): State<Arc<Runtime>>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> Response {
+    crate::console::data::stream(rt, c)
 }
 
 async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {

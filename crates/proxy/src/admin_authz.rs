@@ -60,6 +60,8 @@ pub async fn target(
             (action, AdminResource::Route(route))
         }
         ["api", "v1", "config"] => ("config.read", AdminResource::Config),
+        ["api", "v1", "dashboard", ..] => ("dashboard.read", AdminResource::Config),
+        ["api", "v1", "audit"] => ("audit.read", AdminResource::Config),
         ["api", "v1", "tables"] => ("table.read", AdminResource::Config),
         ["api", "v1", "tables", t, ..] => {
             let action = match *method {
@@ -79,10 +81,10 @@ pub async fn target(
         }
         ["api", "v1", "executions"] => ("workflow.read", AdminResource::Config),
         ["api", "v1", "executions", id, rest @ ..] => {
-            let action = if rest.first() == Some(&"stop") {
-                "workflow.stop"
-            } else {
-                "workflow.read"
+            let action = match rest.first() {
+                Some(&"stop") => "workflow.stop",
+                Some(&"approve" | &"reject") => "workflow.callback",
+                _ => "workflow.read",
             };
             (action, execution(rt, id).await)
         }

@@ -173,22 +173,23 @@ async fn show(
     if !(1..=MAX_TOP).contains(&n) {
         return bad_request(format!("`top` must be between 1 and {MAX_TOP}"));
     }
-    let (def, t) = match lookup(&rt, &name) {
-        Ok(v) => v,
-        Err(e) => return e.into_response(),
-    };
-    let by = match sort_kind(&t, q.by.as_deref()) {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
-    };
+    match top(&rt, &name, n, q.by.as_deref()) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The table `name` with its top `n` entries by the counter `by` (default its first).
+pub fn top(rt: &Runtime, name: &str, n: usize, by: Option<&str>) -> Result<Value, ControlError> {
+    let (def, t) = lookup(rt, name)?;
+    let by = sort_kind(&t, by)?;
     let now = MonotonicClock.now();
-    let top = match t.table.top(n, by, now) {
-        Ok(v) => v,
-        Err(e) => return ControlError::NotStored(e.to_string()).into_response(),
-    };
+    let top = t
+        .table
+        .top(n, by, now)
+        .map_err(|e| ControlError::NotStored(e.to_string()))?;
     let entries: Vec<Value> = top.iter().map(|(k, s)| entry_json(&t, k, s)).collect();
-    Json(json!({ "table": table_json(&def, &t), "by": by.name(), "entries": entries }))
-        .into_response()
+    Ok(json!({ "table": table_json(&def, &t), "by": by.name(), "entries": entries }))
 }
 
 /// `GET /api/v1/tables/{name}/entries/{key}`: one entry, 404 when absent.

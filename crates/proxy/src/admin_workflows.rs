@@ -7,6 +7,9 @@
 //! * `GET /api/v1/executions?workflow=&status=&limit=`, `GET /api/v1/executions/{id}`,
 //!   `GET /api/v1/executions/{id}/history?after=&limit=`.
 //! * `POST /api/v1/executions/{id}/stop` `{"error"?, "cause"?}`: ends it ABORTED.
+//! * `POST /api/v1/executions/{id}/approve` `{"output"?}` and `.../reject` `{"error"?,
+//!   "cause"?}`: answers the execution's one waiting `portcullis:wait_for_callback` task
+//!   without its token (the console's approval buttons; 409 when several wait, 404 when none).
 //! * `POST /api/v1/callbacks/{success|failure|heartbeat}` `{"token", …}`: answers a
 //!   `portcullis:wait_for_callback` task (404 when the token matches no waiting task).
 //!
@@ -38,6 +41,8 @@ pub fn routes() -> Router<Arc<Runtime>> {
         .route("/api/v1/executions/{id}", get(describe))
         .route("/api/v1/executions/{id}/history", get(history))
         .route("/api/v1/executions/{id}/stop", post(stop))
+        .route("/api/v1/executions/{id}/approve", post(approve))
+        .route("/api/v1/executions/{id}/reject", post(reject))
         .route("/api/v1/callbacks/{outcome}", post(callback))
 }
 
@@ -159,9 +164,16 @@ async fn start(
 
 /// An execution as the API shows it (without its history).
 pub fn summary(r: &ExecutionRow) -> Value {
-    let states = serde_json::from_str::<Exec>(&r.state)
+    let exec = serde_json::from_str::<Exec>(&r.state).ok();
+    let states = exec
+        .as_ref()
         .map(|e| e.current_states())
         .unwrap_or_default();
+    // Whether a `wait_for_callback` task waits for its answer (its token stays unshown).
+    let awaiting = r.status == Status::Running
+        && exec
+            .as_ref()
+            .is_some_and(|e| e.pending_calls().iter().any(|c| c.token.is_some()));
     let parse = |s: &Option<String>| {
         s.as_deref()
             .and_then(|t| serde_json::from_str::<Value>(t).ok())
@@ -172,6 +184,7 @@ pub fn summary(r: &ExecutionRow) -> Value {
         "startedBy": r.started_by, "parent": r.parent, "currentStates": states,
         "input": serde_json::from_str::<Value>(&r.input).unwrap_or(Value::Null),
         "output": parse(&r.output), "error": r.error, "cause": r.cause, "historyLength": r.history_len,
+        "awaitingCallback": awaiting,
     })
 }
 
@@ -350,6 +363,104 @@ async fn stop(
         audit,
     )
     .await
+}
+
+/// The token of the execution's one task waiting for a callback.
+async fn waiting_token(svc: &Service, id: &str) -> Result<String, Fail> {
+    let r = row(svc, id.to_string()).await?;
+    let exec: Exec = serde_json::from_str(&r.state).map_err(|_| {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the execution's state cannot be read",
+        )
+    })?;
+    let mut tokens: Vec<String> = exec
+        .pending_calls()
+        .iter()
+        .filter_map(|c| c.token.clone())
+        .collect();
+    if r.status != Status::Running || tokens.is_empty() {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("execution `{id}` waits for no callback"),
+        ));
+    }
+    if tokens.len() > 1 {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!(
+                "execution `{id}` waits for {} callbacks: answer each by its token",
+                tokens.len()
+            ),
+        ));
+    }
+    Ok(tokens.swap_remove(0))
+}
+
+/// `POST /api/v1/executions/{id}/approve`: the waiting task succeeds with `output` (default
+/// `{"approved": true, "by": caller}`).
+async fn approve(
+    State(rt): State<Arc<Runtime>>,
+    Extension(by): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    answer(rt, by, id, body, true).await
+}
+
+/// `POST /api/v1/executions/{id}/reject`: the waiting task fails with `error` (default
+/// `Rejected`) and `cause`.
+async fn reject(
+    State(rt): State<Arc<Runtime>>,
+    Extension(by): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    answer(rt, by, id, body, false).await
+}
+
+async fn answer(rt: Arc<Runtime>, by: Principal, id: String, body: Bytes, ok: bool) -> Response {
+    let svc = match service(&rt) {
+        Ok(s) => s.clone(),
+        Err(r) => return r.into_response(),
+    };
+    let b = if body.is_empty() {
+        json!({})
+    } else {
+        match body_json(&body) {
+            Ok(b) => b,
+            Err(r) => return r.into_response(),
+        }
+    };
+    let token = match waiting_token(&svc, &id).await {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let text = |k: &str, d: &str| b.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+    let (kind, outcome) = if ok {
+        let output = b
+            .get("output")
+            .cloned()
+            .unwrap_or_else(|| json!({ "approved": true, "by": by.who }));
+        let output = output.to_string();
+        if output.len() > portcullis_automation::workflow::MAX_PAYLOAD {
+            return err(StatusCode::PAYLOAD_TOO_LARGE, "the output is over 256 KiB");
+        }
+        (SignalKind::Success { token, output }, "success")
+    } else {
+        let cause = text("cause", &format!("rejected by {}", by.who));
+        let error = text("error", "Rejected");
+        (
+            SignalKind::Failure {
+                token,
+                error,
+                cause,
+            },
+            "failure",
+        )
+    };
+    let audit = json!({ "execution": id, "outcome": outcome });
+    signal(&rt, &svc, &by, id, kind, "workflow.callback", audit).await
 }
 
 /// Whether two secrets are equal, in constant time (of their length).

@@ -169,7 +169,7 @@ impl<'s> Exchange<'s> {
         let rid = Rid::of(&parts.headers, trusted);
         let log = shared.access.enabled();
         let record = if log {
-            AccessRecord::start(&rid, &conn.listener, conn.peer.ip(), &parts)
+            shared.access.begin(&rid, &conn.listener, conn.peer, &parts)
         } else {
             AccessRecord::default()
         };

@@ -94,6 +94,7 @@ async fn run(
         if state.admin_state() != AdminState::Maint {
             let outcome = probe(&state.address, &hc, &tls).await;
             let ok = outcome.is_ok();
+            state.set_check(ok, outcome.as_ref().err().cloned().unwrap_or_default());
             let result = if ok { "success" } else { "failure" };
             metrics
                 .health_checks

@@ -13,8 +13,10 @@ pub mod admin;
 pub mod admin_authz;
 pub mod admin_events;
 pub mod admin_tables;
+pub mod admin_tls;
 pub mod admin_usage;
 pub mod admin_workflows;
+pub mod console;
 pub mod audit;
 pub mod automate;
 pub mod control;
@@ -61,6 +63,11 @@ pub enum Error {
     Admin {
         bind: String,
         source: std::io::Error,
+    },
+    #[error("admin listener {bind}: {source}")]
+    AdminTls {
+        bind: String,
+        source: edge::tls::TlsError,
     },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
@@ -237,7 +244,7 @@ impl Runtime {
     pub async fn start(config: Config) -> Result<Arc<Runtime>, Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Arc::new(record::Metrics::default());
-        let access = record::AccessLog::start(&config.access_log.path).map_err(Error::AccessLog)?;
+        let access = record::AccessLog::start(&config.access_log).map_err(Error::AccessLog)?;
         let registry = StateRegistry::default();
         // The embedded store holds quota use and daily usage: opened only when there are
         // plans to keep.
@@ -322,14 +329,24 @@ impl Runtime {
                     source,
                 })?;
             *rt.admin_addr.lock() = l.local_addr().ok();
-            let app = admin::router(rt.clone())
-                .into_make_service_with_connect_info::<std::net::SocketAddr>();
-            tracing::info!(bind = %admin.bind, "admin API listening");
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).await {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+            if let Some(tls) = &admin.tls {
+                admin_tls::serve(rt.clone(), l, tls)
+                    .await
+                    .map_err(|source| Error::AdminTls {
+                        bind: admin.bind.clone(),
+                        source,
+                    })?;
+                tracing::info!(bind = %admin.bind, "admin API and console listening (TLS)");
+            } else {
+                let app = admin::router(rt.clone())
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
+                tracing::info!(bind = %admin.bind, "admin API and console listening");
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l, app).await {
+                        tracing::error!(error = %e, "admin listener failed");
+                    }
+                });
+            }
         }
         rt.listeners
             .commit(prepared, &rt.shared, config.shutdown_grace);
@@ -629,5 +646,7 @@ impl Runtime {
             .bus
             .shutdown(Duration::from_secs(5))
             .await;
+        // Access log lines still in the writer's buffer reach the file.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.access.flush()).await;
     }
 }

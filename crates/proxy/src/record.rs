@@ -1,7 +1,9 @@
-//! Recording: Prometheus metrics and the JSON access log. Request-path code only bumps
-//! pre-resolved counters and hands a record to a bounded channel; serialization and I/O happen
-//! on a separate task, so logging never blocks a request.
+//! Recording: Prometheus metrics and the access log. Request-path code only bumps
+//! pre-resolved counters, draws the access log's sample, and hands a record to a bounded
+//! channel; formatting (JSON, CLF or HAProxy's httplog, see [`format`]) and buffered I/O
+//! happen on a writer thread, so logging never blocks a request.
 
+use portcullis_config::AccessLogFormat;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,8 +12,12 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use std::io::Write;
-use std::sync::atomic::AtomicU64;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
+
+pub mod format;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -28,6 +34,8 @@ pub struct Metrics {
     pub reloads: Family<Labels, Counter>,
     pub health_checks: Family<Labels, Counter>,
     pub access_log_dropped: Counter,
+    /// Successful requests the access log's `sample` left out.
+    pub access_log_sampled_out: Counter,
     pub audit_failures: Counter,
     pub authorizer_cache: Family<Labels, Counter>,
     /// Requests refused at the edge for their form (canonicalization, method override,
@@ -51,6 +59,8 @@ pub struct Metrics {
     pub events: Family<Labels, Counter>,
     /// Events waiting in a durable webhook's outbox, by sink (read at each scrape).
     pub events_outbox: Family<Labels, Gauge>,
+    /// Policy decisions on routes that require identity, by route and decision.
+    pub decisions: Family<Labels, Counter>,
     refusal_log: RefusalLog,
 }
 
@@ -100,6 +110,8 @@ impl Default for Metrics {
                 "Active health checks by backend and result";
             access_log_dropped: Counter::default(), "access_log_dropped",
                 "Access log lines dropped because the writer fell behind";
+            access_log_sampled_out: Counter::default(), "access_log_sampled_out",
+                "Successful requests not written to the access log because of access_log.sample (errors are always written)";
             audit_failures: Counter::default(), "audit_write_failures",
                 "Audit records that could not be written (the request was refused)";
             authorizer_cache: Family::default(), "authorizer_cache_lookups",
@@ -122,6 +134,8 @@ impl Default for Metrics {
                 "Events by sink and result: published (queued for the sink), dropped (its queue was full), delivered, failed (given up on), retried (an attempt to be made again), evicted (pushed out of a full outbox)";
             events_outbox: Family::default(), "events_outbox_pending",
                 "Events waiting in a durable webhook's outbox, by sink";
+            decisions: Family::default(), "decisions",
+                "Policy decisions on routes that require identity, by route and decision (allow, deny, would_deny)";
         }
     }
 }
@@ -201,15 +215,15 @@ impl AccessRecord {
     /// and protocol. Later phases fill in the rest.
     pub fn start(
         rid: &str,
-        listener: &str,
-        client: std::net::IpAddr,
+        listener: &Arc<str>,
+        client: SocketAddr,
         parts: &http::request::Parts,
     ) -> Self {
         AccessRecord {
             request_id: rid.to_string(),
-            listener: listener.to_string(),
-            client: client.to_string(),
-            method: parts.method.as_str().to_string(),
+            listener: listener.clone().into(),
+            client,
+            method: parts.method.clone(),
             path: parts.uri.path().to_string(),
             protocol: match parts.version {
                 http::Version::HTTP_2 => "HTTP/2",
@@ -222,7 +236,8 @@ impl AccessRecord {
 }
 
 /// Finishes an access record with the answer's status, bytes and error, and hands it to the
-/// writer (when there is an access log).
+/// writer (when there is an access log, and the sample keeps it). Nothing is formatted
+/// here: the writer thread does that.
 pub fn finish(
     shared: &crate::Shared,
     mut rec: AccessRecord,
@@ -231,15 +246,20 @@ pub fn finish(
     bytes_out: u64,
     error: Option<String>,
 ) {
-    if !shared.access.enabled() {
+    let access = &shared.access;
+    if !access.enabled() {
+        return;
+    }
+    if !access.keeps(status, error.is_some()) {
+        shared.metrics.access_log_sampled_out.inc();
         return;
     }
     rec.status = status;
     rec.bytes_out = bytes_out;
     rec.total_ms = start.elapsed().as_secs_f64() * 1000.0;
-    rec.time = httpdate::fmt_http_date(std::time::SystemTime::now());
+    rec.time = SystemTime::now();
     rec.error = error;
-    shared.access.log(rec, &shared.metrics.access_log_dropped);
+    access.log(rec, &shared.metrics.access_log_dropped);
 }
 
 pub fn status_class(status: u16) -> usize {
@@ -248,19 +268,75 @@ pub fn status_class(status: u16) -> usize {
 
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// One access log line.
-#[derive(Serialize, Default, Debug)]
+/// A name that the snapshot or the connection already holds (a route id, a listener): the
+/// record shares it instead of copying it. Empty until set, without touching any shared
+/// count (a default `Arc<str>` would bump one static count from every core).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Name(Option<Arc<str>>);
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.as_deref().unwrap_or("")
+    }
+}
+
+impl From<Arc<str>> for Name {
+    fn from(s: Arc<str>) -> Name {
+        Name(Some(s))
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name(Some(s.into()))
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self)
+    }
+}
+
+/// One access log line. The request path only moves values in (no formatting); the writer
+/// thread turns it into a line of the configured format (see [`format`]). The JSON line
+/// has these fields, in this order.
+#[derive(Serialize, Debug)]
 pub struct AccessRecord {
-    pub time: String,
+    /// When the answer ended; an HTTP date in the JSON line.
+    #[serde(serialize_with = "http_date")]
+    pub time: SystemTime,
     pub request_id: String,
-    pub listener: String,
-    pub client: String,
-    pub method: String,
+    pub listener: Name,
+    /// The TCP peer; the JSON and CLF lines have its IP, the HAProxy line its port too.
+    #[serde(serialize_with = "ip_only")]
+    pub client: SocketAddr,
+    #[serde(serialize_with = "method_name")]
+    pub method: http::Method,
     pub host: String,
     pub path: String,
     pub protocol: &'static str,
     pub status: u16,
-    pub route: String,
+    pub route: Name,
     pub backend: String,
     pub server: String,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -282,66 +358,250 @@ pub struct AccessRecord {
     /// `plan:<name>`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub limit: String,
+    /// `Referer` and `User-Agent`, kept (as shared header bytes, not copies) for the `clf`
+    /// format only; never in the JSON line.
+    #[serde(skip)]
+    pub referer: Option<http::HeaderValue>,
+    #[serde(skip)]
+    pub user_agent: Option<http::HeaderValue>,
 }
 
+impl Default for AccessRecord {
+    fn default() -> Self {
+        AccessRecord {
+            time: SystemTime::UNIX_EPOCH,
+            request_id: String::new(),
+            listener: Name::default(),
+            client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            method: http::Method::GET,
+            host: String::new(),
+            path: String::new(),
+            protocol: "",
+            status: 0,
+            route: Name::default(),
+            backend: String::new(),
+            server: String::new(),
+            user: String::new(),
+            provider: String::new(),
+            decision: "",
+            attempts: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            total_ms: 0.0,
+            connect_ms: 0.0,
+            first_byte_ms: 0.0,
+            error: None,
+            limit: String::new(),
+            referer: None,
+            user_agent: None,
+        }
+    }
+}
+
+fn http_date<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    // Never before 1970: the record's time is `now` or the epoch.
+    s.collect_str(&httpdate::HttpDate::from((*t).max(SystemTime::UNIX_EPOCH)))
+}
+
+fn ip_only<S: serde::Serializer>(c: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&c.ip())
+}
+
+fn method_name<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+/// The most records waiting for the writer; beyond it, lines are dropped (and counted).
+const QUEUE: usize = 65_536;
+/// The writer's buffer: a write reaches the file when it is full, or at the latest
+/// [`FLUSH_EVERY`] after the oldest line in it was written.
+const BUFFER: usize = 64 * 1024;
+/// How long a line may wait in the writer's buffer, so `tail -f` stays live when traffic
+/// is light.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// What the writer thread is sent.
+// A record travels by value: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Line(AccessRecord),
+    /// Write out everything buffered, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The access log: a bounded queue to a writer thread, the format it writes, and the
+/// sample of successful requests it keeps.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<AccessRecord>>,
+    tx: Option<mpsc::Sender<Msg>>,
+    format: AccessLogFormat,
+    /// Successful requests are kept when a random `u64` is below this; `None` keeps all.
+    keep_below: Option<u64>,
 }
-
-pub static ACCESS_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 impl AccessLog {
     pub fn off() -> Self {
-        AccessLog { tx: None }
+        AccessLog {
+            tx: None,
+            format: AccessLogFormat::Json,
+            keep_below: None,
+        }
     }
 
-    /// Starts the writer task. `path` is `stdout`, `off` or a file path (appended to).
-    pub fn start(path: &str) -> std::io::Result<Self> {
-        if path == "off" {
-            return Ok(Self::off());
-        }
-        let mut out: Box<dyn Write + Send> = if path == "stdout" {
-            Box::new(std::io::stdout())
-        } else {
-            Box::new(
+    /// Starts the writer thread. `path` is `stdout`, `off` or a file path (appended to).
+    pub fn start(cfg: &portcullis_config::AccessLog) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match cfg.path.as_str() {
+            "off" => return Ok(Self::off()),
+            "stdout" => Box::new(std::io::stdout()),
+            path => Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)?,
-            )
+            ),
         };
-        let (tx, mut rx) = mpsc::channel::<AccessRecord>(65_536);
+        Self::to_writer(out, cfg.format, cfg.sample)
+    }
+
+    /// Starts the writer thread on `out`, writing `format` lines and keeping the fraction
+    /// `sample` (0 to 1) of successful requests.
+    pub fn to_writer(
+        out: Box<dyn Write + Send>,
+        format: AccessLogFormat,
+        sample: f64,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
+        // The writer waits for records with a deadline (the flush), so it runs a small
+        // runtime of its own, off the request path's workers.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                while let Some(r) = rx.blocking_recv() {
-                    let _ = serde_json::to_writer(&mut buf, &r);
-                    buf.push(b'\n');
-                    while let Ok(r) = rx.try_recv() {
-                        let _ = serde_json::to_writer(&mut buf, &r);
-                        buf.push(b'\n');
-                        if buf.len() > 60 * 1024 {
-                            break;
-                        }
-                    }
-                    let _ = out.write_all(&buf);
-                    let _ = out.flush();
-                    buf.clear();
-                }
-            })?;
-        Ok(AccessLog { tx: Some(tx) })
+            .spawn(move || rt.block_on(write_lines(rx, out, format)))?;
+        Ok(AccessLog {
+            tx: Some(tx),
+            format,
+            keep_below: (sample < 1.0).then(|| (sample.max(0.0) * 2f64.powi(64)) as u64),
+        })
     }
 
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
     }
 
+    /// The record of a request as it arrives ([`AccessRecord::start`]), with what this
+    /// log's format needs besides: `Referer` and `User-Agent` for `clf`.
+    pub fn begin(
+        &self,
+        rid: &str,
+        listener: &Arc<str>,
+        client: SocketAddr,
+        parts: &http::request::Parts,
+    ) -> AccessRecord {
+        let mut r = AccessRecord::start(rid, listener, client, parts);
+        if self.format == AccessLogFormat::Clf {
+            r.referer = parts.headers.get(http::header::REFERER).cloned();
+            r.user_agent = parts.headers.get(http::header::USER_AGENT).cloned();
+        }
+        r
+    }
+
+    /// Whether an answer is logged: always on an error (status 400 or more, or an error
+    /// set); a success with the probability `sample`, drawn from a per-thread generator.
+    pub fn keeps(&self, status: u16, error: bool) -> bool {
+        match self.keep_below {
+            None => true,
+            Some(_) if status >= 400 || error => true,
+            Some(below) => random_u64() < below,
+        }
+    }
+
     pub fn log(&self, r: AccessRecord, dropped: &Counter) {
         if let Some(tx) = &self.tx {
-            if tx.try_send(r).is_err() {
+            if tx.try_send(Msg::Line(r)).is_err() {
                 dropped.inc();
+            }
+        }
+    }
+
+    /// Waits until every line handed over so far is written out (at shutdown).
+    pub async fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            if tx.send(Msg::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        }
+    }
+}
+
+/// A xorshift64* generator per thread, seeded once from the OS: a sampling draw is a few
+/// instructions, with no lock and no shared cache line.
+fn random_u64() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// The writer thread: formats each record into a reused line buffer, writes whole lines
+/// into a buffered writer, and flushes it when it fills, [`FLUSH_EVERY`] after the oldest
+/// line not yet flushed, when asked, and when the log closes.
+async fn write_lines(
+    mut rx: mpsc::Receiver<Msg>,
+    out: Box<dyn Write + Send>,
+    format: AccessLogFormat,
+) {
+    let mut out = std::io::BufWriter::with_capacity(BUFFER, out);
+    let mut lines = format::Formatter::new(format);
+    let mut line = Vec::with_capacity(1024);
+    // When the oldest line that is not yet flushed was written.
+    let mut unflushed: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = match unflushed {
+            None => rx.recv().await,
+            Some(since) => match tokio::time::timeout_at(since + FLUSH_EVERY, rx.recv()).await {
+                Ok(msg) => msg,
+                Err(_) => {
+                    let _ = out.flush();
+                    unflushed = None;
+                    continue;
+                }
+            },
+        };
+        match msg {
+            Some(Msg::Line(r)) => {
+                line.clear();
+                lines.write(&r, &mut line);
+                // A whole line at a time: what reaches the file is only ever whole lines.
+                let _ = out.write_all(&line);
+                let now = tokio::time::Instant::now();
+                match unflushed {
+                    None => unflushed = Some(now),
+                    Some(since) if now - since >= FLUSH_EVERY => {
+                        let _ = out.flush();
+                        unflushed = None;
+                    }
+                    Some(_) => {}
+                }
+            }
+            Some(Msg::Flush(done)) => {
+                let _ = out.flush();
+                unflushed = None;
+                let _ = done.send(());
+            }
+            None => {
+                let _ = out.flush();
+                return;
             }
         }
     }
@@ -370,7 +630,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 22] = [
+        const FAMILIES: [(&str, &str); 24] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -382,6 +642,7 @@ mod tests {
             ("config_reloads", "counter"),
             ("health_checks", "counter"),
             ("access_log_dropped", "counter"),
+            ("access_log_sampled_out", "counter"),
             ("audit_write_failures", "counter"),
             ("authorizer_cache_lookups", "counter"),
             ("requests_refused", "counter"),
@@ -393,6 +654,7 @@ mod tests {
             ("limit_store_rtt_seconds", "histogram"),
             ("events", "counter"),
             ("events_outbox_pending", "gauge"),
+            ("decisions", "counter"),
         ];
         let s = Metrics::default().encode();
         let types: Vec<&str> = s
@@ -459,9 +721,13 @@ mod tests {
     }
 
     mod access_log {
-        use crate::record::AccessRecord;
+        use crate::record::{AccessLog, AccessRecord};
         use crate::testkit::Kit;
         use http::Request;
+        use portcullis_config::AccessLogFormat;
+        use prometheus_client::metrics::counter::Counter;
+        use std::sync::Arc;
+        use std::time::Duration;
 
         const CONFIG: &str = r#"
 backends:
@@ -542,18 +808,166 @@ routes:
         fn a_record_starts_with_what_is_known_on_arrival() {
             let (parts, ()) = Request::post("/a/../b?x=1")
                 .version(http::Version::HTTP_2)
+                .header("user-agent", "curl/8.5.0")
                 .body(())
                 .unwrap()
                 .into_parts();
-            let r = AccessRecord::start("rid-1", "web", "192.0.2.7".parse().unwrap(), &parts);
+            let web: std::sync::Arc<str> = "web".into();
+            let client = "192.0.2.7:52114".parse().unwrap();
+            let r = AccessRecord::start("rid-1", &web, client, &parts);
             assert_eq!(r.request_id, "rid-1");
             assert_eq!(r.listener, "web");
-            assert_eq!(r.client, "192.0.2.7");
+            assert_eq!(r.client, client);
             assert_eq!(r.method, "POST");
             // The path as sent, until check puts it into canonical form.
             assert_eq!(r.path, "/a/../b");
             assert_eq!(r.protocol, "HTTP/2");
             assert_eq!(r.status, 0);
+            // The headers only the Combined Log Format writes are kept for it alone.
+            assert!(r.user_agent.is_none());
+            let clf =
+                AccessLog::to_writer(Box::new(std::io::sink()), AccessLogFormat::Clf, 1.0).unwrap();
+            let r = clf.begin("rid-1", &web, client, &parts);
+            assert_eq!(r.user_agent.unwrap(), "curl/8.5.0");
+            assert!(r.referer.is_none());
+        }
+
+        /// A kit whose access log has these settings (`path` is `access.log`).
+        async fn kit_with(settings: &str) -> Kit {
+            Kit::from_yaml(&format!(
+                "listeners: [{{ name: web, bind: \"127.0.0.1:0\" }}]\naccess_log: {{ path: access.log, {settings} }}\naudit: {{ sink: off }}\n{CONFIG}"
+            ))
+            .await
+        }
+
+        /// Finishes one request to `path` with `status` and `error`.
+        async fn answer(kit: &Kit, path: &str, status: u16, error: Option<&str>) {
+            let mut x = kit
+                .routed(Request::get(path).header("host", "example.com"))
+                .await;
+            x.finish(status, error.map(str::to_string));
+        }
+
+        const SAMPLED_OUT: &str = "portcullis_access_log_sampled_out_total";
+
+        #[tokio::test]
+        async fn a_sample_of_zero_logs_only_errors() {
+            let kit = kit_with("sample: 0").await;
+            answer(&kit, "/api/ok", 200, None).await;
+            answer(&kit, "/api/missing", 404, None).await;
+            answer(&kit, "/api/moved", 302, None).await;
+            answer(&kit, "/api/aborted", 200, Some("response aborted")).await;
+            answer(&kit, "/api/empty", 204, None).await;
+            answer(&kit, "/api/down", 503, None).await;
+            let log = kit.access_log(3);
+            let paths: Vec<&str> = log.iter().map(|r| r["path"].as_str().unwrap()).collect();
+            assert_eq!(
+                paths,
+                ["/api/missing", "/api/aborted", "/api/down"],
+                "{log:?}"
+            );
+            assert_eq!(log[1]["error"], "response aborted");
+            assert_eq!(kit.metric(SAMPLED_OUT), 3.0);
+        }
+
+        #[tokio::test]
+        async fn a_sample_of_one_logs_every_request() {
+            let kit = Kit::new(CONFIG).await;
+            for (i, status) in [200, 204, 302, 404, 200].into_iter().enumerate() {
+                answer(&kit, &format!("/api/{i}"), status, None).await;
+            }
+            let log = kit.access_log(5);
+            assert_eq!(log.len(), 5, "{log:?}");
+            assert_eq!(kit.metric(SAMPLED_OUT), 0.0);
+            assert!(kit.metrics().contains(&format!("{SAMPLED_OUT} 0")));
+        }
+
+        #[test]
+        fn a_fraction_keeps_about_that_share_of_successes() {
+            let log = AccessLog::to_writer(Box::new(std::io::sink()), AccessLogFormat::Json, 0.25)
+                .unwrap();
+            let kept = (0..100_000).filter(|_| log.keeps(200, false)).count();
+            // 25,000 ± 2,000: more than ten standard deviations.
+            assert!((23_000..27_000).contains(&kept), "{kept}");
+            assert!((0..1000).all(|_| log.keeps(500, false) && log.keeps(200, true)));
+        }
+
+        /// A line reaches the file within the flush interval, with no traffic after it.
+        #[tokio::test]
+        async fn a_line_is_flushed_without_more_traffic() {
+            let kit = Kit::new(CONFIG).await;
+            let t = std::time::Instant::now();
+            answer(&kit, "/api/only", 200, None).await;
+            let path = kit.dir.path().join("access.log");
+            while !std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with("\n")) {
+                assert!(t.elapsed() < Duration::from_secs(2), "not flushed");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(kit.access_log(1)[0]["path"], "/api/only");
+        }
+
+        /// A writer that counts the writes it is given.
+        #[derive(Clone, Default)]
+        struct Counted(Arc<parking_lot::Mutex<(usize, Vec<u8>)>>);
+
+        impl std::io::Write for Counted {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let mut c = self.0.lock();
+                c.0 += 1;
+                c.1.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        /// Lines are buffered: a burst becomes a few writes of whole lines, and `flush`
+        /// (at shutdown) writes out what is left.
+        #[tokio::test]
+        async fn lines_are_buffered_and_flushed_on_request() {
+            let out = Counted::default();
+            let log =
+                AccessLog::to_writer(Box::new(out.clone()), AccessLogFormat::Clf, 1.0).unwrap();
+            let dropped = Counter::default();
+            for i in 0..2000 {
+                let r = AccessRecord {
+                    path: format!("/burst/{i}"),
+                    ..Default::default()
+                };
+                log.log(r, &dropped);
+            }
+            log.flush().await;
+            let (writes, bytes) = out.0.lock().clone();
+            let text = String::from_utf8(bytes).unwrap();
+            assert_eq!(text.lines().count(), 2000);
+            assert!(text.lines().all(|l| l.ends_with("\"-\" \"-\"")), "{text}");
+            assert!(writes < 100, "{writes} writes for 2000 lines");
+            assert_eq!(dropped.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn the_clf_format_is_written_with_the_callers_headers() {
+            let kit = kit_with("format: clf").await;
+            let mut x = kit
+                .routed(
+                    Request::get("/api/items")
+                        .header("host", "example.com")
+                        .header("referer", "https://example.com/")
+                        .header("user-agent", "curl/8.5.0"),
+                )
+                .await;
+            x.finish(200, None);
+            kit.shared.access.flush().await;
+            let text = std::fs::read_to_string(kit.dir.path().join("access.log")).unwrap();
+            let line = text.lines().next().unwrap_or_default();
+            assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+            assert!(
+                line.ends_with(
+                    "] \"GET /api/items HTTP/1.1\" 200 - \"https://example.com/\" \"curl/8.5.0\""
+                ),
+                "{line}"
+            );
         }
     }
 }

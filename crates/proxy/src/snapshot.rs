@@ -106,6 +106,8 @@ pub struct RouteRt {
     /// The client's trailers go to the origin (`request_trailers: true`).
     pub request_trailers: bool,
     pub by_class: [Counter; 5],
+    /// Decisions made on the route: allow, deny, would_deny.
+    pub decisions: [Counter; 3],
     pub duration: Histogram,
     /// Tables tracked, rules and plan; None when the route has no `limits` (the limit phase
     /// then costs one branch).
@@ -242,6 +244,15 @@ impl Snapshot {
                 upgrades: spec.upgrades.as_deref().map(crate::edge::canon::lower_all),
                 request_trailers: spec.request_trailers,
                 by_class,
+                decisions: ["allow", "deny", "would_deny"].map(|d| {
+                    metrics
+                        .decisions
+                        .get_or_create(&vec![
+                            ("route", r.id.clone()),
+                            ("decision", d.to_string()),
+                        ])
+                        .clone()
+                }),
                 duration: metrics
                     .duration
                     .get_or_create(&vec![("route", r.id.clone())])

@@ -65,6 +65,15 @@ pub type Watcher = Arc<dyn Fn(&ServerState, Change, &str) + Send + Sync>;
 /// The registry's watcher, shared with each of its servers; set at most once.
 type WatchSlot = Arc<OnceLock<Watcher>>;
 
+/// The last active health check of a server: when, whether it passed, and why not.
+#[derive(Clone, Debug)]
+pub struct CheckResult {
+    pub at: std::time::SystemTime,
+    pub ok: bool,
+    /// Why it failed, in words (`connection refused`, `status 503`); empty when it passed.
+    pub detail: String,
+}
+
 /// Process-wide monotonic origin so instants fit in an atomic.
 fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -90,6 +99,13 @@ pub struct ServerState {
     consecutive_connect: AtomicU32,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// Failed exchanges (a 5xx answer or no connection), for the console.
+    errors: AtomicU64,
+    /// When health checks last took the server down (`now_ms`; 0 while up), and the
+    /// downtime of its earlier outages.
+    down_since_ms: AtomicU64,
+    downtime_ms: AtomicU64,
+    last_check: Mutex<Option<CheckResult>>,
     /// With a watcher: the `ejected_until_ms` of the ejection whose end is not announced
     /// yet (0: none). Whoever swaps it out announces `Restored`, so it is announced once.
     restore_due: AtomicU64,
@@ -122,6 +138,10 @@ impl ServerState {
             consecutive_connect: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            errors: AtomicU64::new(0),
+            down_since_ms: AtomicU64::new(0),
+            downtime_ms: AtomicU64::new(0),
+            last_check: Mutex::new(None),
             restore_due: AtomicU64::new(0),
             watch,
             me,
@@ -135,7 +155,50 @@ impl ServerState {
     }
 
     pub fn set_healthy(&self, v: bool) {
-        self.healthy.store(v, Ordering::Relaxed)
+        let was = self.healthy.swap(v, Ordering::Relaxed);
+        if was && !v {
+            self.down_since_ms.store(now_ms(), Ordering::Relaxed);
+        } else if !was && v {
+            let since = self.down_since_ms.swap(0, Ordering::Relaxed);
+            if since > 0 {
+                self.downtime_ms
+                    .fetch_add(now_ms().saturating_sub(since), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Total time health checks have held the server down, the current outage included.
+    pub fn downtime(&self) -> Duration {
+        let since = self.down_since_ms.load(Ordering::Relaxed);
+        let current = if since > 0 {
+            now_ms().saturating_sub(since)
+        } else {
+            0
+        };
+        Duration::from_millis(self.downtime_ms.load(Ordering::Relaxed) + current)
+    }
+
+    /// Records the result of an active health check.
+    pub fn set_check(&self, ok: bool, detail: String) {
+        *self.last_check.lock() = Some(CheckResult {
+            at: std::time::SystemTime::now(),
+            ok,
+            detail,
+        });
+    }
+
+    pub fn last_check(&self) -> Option<CheckResult> {
+        self.last_check.lock().clone()
+    }
+
+    /// Counts a failed exchange (a 5xx answer or no connection).
+    pub fn note_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed exchanges so far (5xx answers and connect failures).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     pub fn admin_state(&self) -> AdminState {
@@ -327,6 +390,25 @@ mod tests {
             r.server("b/s1", "127.0.0.1:2").admin_state(),
             AdminState::Ready
         );
+    }
+
+    #[test]
+    fn downtime_adds_up_outages_and_the_current_one() {
+        let s = ServerState::new("k".into(), "a".into());
+        assert_eq!(s.downtime(), Duration::ZERO);
+        s.set_healthy(false);
+        std::thread::sleep(Duration::from_millis(20));
+        s.set_healthy(true);
+        let first = s.downtime();
+        assert!(first >= Duration::from_millis(20), "{first:?}");
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(s.downtime(), first, "no downtime while up");
+        s.set_healthy(false);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(s.downtime() >= first + Duration::from_millis(20));
+        s.set_check(false, "status 503".into());
+        let c = s.last_check().unwrap();
+        assert!(!c.ok && c.detail == "status 503");
     }
 
     #[test]

@@ -75,8 +75,7 @@ impl Kit {
             Err(e) => panic!("invalid test config: {e}\n---\n{yaml}"),
         };
         let metrics = Arc::new(crate::record::Metrics::default());
-        let access =
-            crate::record::AccessLog::start(&config.access_log.path).expect("the access log");
+        let access = crate::record::AccessLog::start(&config.access_log).expect("the access log");
         let registry = crate::state::StateRegistry::default();
         let store = (!config.usage_plans.is_empty())
             .then(|| portcullis_store::Store::open(&config.state_dir).expect("the embedded store"));

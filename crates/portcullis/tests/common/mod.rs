@@ -2,6 +2,7 @@
 //! (hyper servers in the test process), and gives tests an HTTP client and admin helpers.
 #![allow(dead_code)]
 
+pub mod idp;
 pub mod pki;
 
 use bytes::Bytes;
@@ -127,9 +128,23 @@ impl Proxy {
     /// Waits until the proxy is ready: false when it exited because a port was taken.
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let client = reqwest::Client::new();
+        // An admin listener with `tls:` (its certificate is the test's own) is asked over
+        // HTTPS.
+        let text = std::fs::read_to_string(&self.config).unwrap_or_default();
+        let tls = text
+            .find("\nadmin:")
+            .is_some_and(|i| text[i..].contains("\n  tls:"));
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let ready = if tls {
+            format!("https://127.0.0.1:{}/readyz", self.admin_port)
+        } else {
+            self.admin_url("/readyz")
+        };
         loop {
-            if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
+            if let Ok(r) = client.get(&ready).send().await {
                 // Ours, not another test's proxy that holds the port ours failed to bind:
                 // then ours has exited (or is about to) with the bind error.
                 tokio::time::sleep(Duration::from_millis(30)).await;

@@ -18,6 +18,12 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     };
     let out = decide::authorize(x, route, &id).await;
     x.record.decision = out.decision;
+    let i = match out.decision {
+        "deny" => 1,
+        "would_deny" => 2,
+        _ => 0,
+    };
+    route.decisions[i].inc();
     let written = match x.facts() {
         Some(facts) => {
             crate::audit::write_with(x.shared, || crate::audit::decision(&facts, &id, &out)).await

@@ -549,8 +549,11 @@ impl Drop for Decr {
 
 /// Passive outlier detection: eject after consecutive failures, within the backend's cap.
 fn note_outcome(backend: &BackendRt, si: usize, failed_5xx: bool, connect_failure: bool) {
-    let Some(o) = &backend.outlier else { return };
     let state = &backend.slots[si].state;
+    if failed_5xx || connect_failure {
+        state.note_error();
+    }
+    let Some(o) = &backend.outlier else { return };
     if state.record_outcome(
         failed_5xx,
         connect_failure,

@@ -57,7 +57,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     x.route = Some(route);
     x.backend = Some(backend);
     if x.log {
-        x.record.route = route.id.to_string();
+        x.record.route = route.id.clone().into();
         x.record.backend = backend.id.clone();
     }
     // The method that policy, audit and the log see: the request's own, or an override.
@@ -69,7 +69,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         Err(r) => return refuse(x, r),
     }
     if x.log && x.method.is_some() {
-        x.record.method = x.method().as_str().to_string();
+        x.record.method = x.method().clone();
     }
     // Upgrades the route allows, read before hop-by-hop headers go; then they go, before
     // anything portcullis adds, so that `Connection` cannot name a header portcullis sets.

@@ -1,0 +1,432 @@
+//! The layouts of an access log line: JSON, the Combined Log Format and HAProxy's httplog.
+//! They run on the writer thread, never on a request's. A line is built in a reused buffer
+//! from the record's fields, and the text of a date is reused while its second lasts.
+//!
+//! ```text
+//! json     {"time":"Sat, 21 Nov 2026 19:35:01 GMT","request_id":"…","listener":"web",…}
+//! clf      192.0.2.7 - alice [21/Nov/2026:19:35:01 +0000] "GET /api/cart/42 HTTP/1.1" 503 18 "-" "curl/8.5.0"
+//! haproxy  192.0.2.7:52114 [21/Nov/2026:19:35:01.123] web shop/carts/carts-1 0/0/1/63/64 503 18 - - ---- 0/0/0/0/2 0/0 "GET /api/cart/42 HTTP/1.1"
+//! ```
+
+use super::AccessRecord;
+use portcullis_config::AccessLogFormat;
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+/// Writes lines of one format.
+pub struct Formatter {
+    format: AccessLogFormat,
+    /// The Unix second `date` is the text of, as `21/Nov/2026:19:35:01`.
+    second: u64,
+    date: String,
+}
+
+impl Formatter {
+    pub fn new(format: AccessLogFormat) -> Formatter {
+        Formatter {
+            format,
+            second: 0,
+            date: String::new(),
+        }
+    }
+
+    /// Appends the line of `r`, with its newline, to `out`.
+    pub fn write(&mut self, r: &AccessRecord, out: &mut Vec<u8>) {
+        match self.format {
+            AccessLogFormat::Json => {
+                // Into a Vec: the only error would be one of the record's serializers.
+                let _ = serde_json::to_writer(&mut *out, r);
+            }
+            AccessLogFormat::Clf => self.clf(r, out),
+            AccessLogFormat::Haproxy => self.haproxy(r, out),
+        }
+        out.push(b'\n');
+    }
+
+    /// NCSA combined: `host ident authuser [date] "request" status bytes "referer" "agent"`.
+    fn clf(&mut self, r: &AccessRecord, out: &mut Vec<u8>) {
+        let _ = write!(out, "{} - ", r.client.ip());
+        token(out, r.user.as_bytes(), Style::Clf);
+        out.extend_from_slice(b" [");
+        self.date(arrival(r), out);
+        out.extend_from_slice(b" +0000] \"");
+        request(out, r, Style::Clf);
+        out.extend_from_slice(b"\" ");
+        number(out, r.status);
+        out.push(b' ');
+        if r.bytes_out == 0 {
+            out.push(b'-');
+        } else {
+            number(out, r.bytes_out);
+        }
+        for h in [&r.referer, &r.user_agent] {
+            out.extend_from_slice(b" \"");
+            match h {
+                Some(v) if !v.is_empty() => escape(out, v.as_bytes(), Style::Clf, false),
+                _ => out.push(b'-'),
+            }
+            out.push(b'"');
+        }
+    }
+
+    /// HAProxy's `option httplog`: `client_ip:port [accept_date] frontend backend/server
+    /// TR/Tw/Tc/Tr/Ta status bytes - - ---- actconn/feconn/beconn/srv_conn/retries
+    /// srv_queue/backend_queue "request"`.
+    fn haproxy(&mut self, r: &AccessRecord, out: &mut Vec<u8>) {
+        let _ = write!(out, "{}:", r.client.ip());
+        number(out, r.client.port());
+        out.extend_from_slice(b" [");
+        let at = arrival(r);
+        self.date(at, out);
+        let ms = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_millis());
+        let _ = write!(out, ".{ms:03}] ");
+        token(out, r.listener.as_bytes(), Style::Haproxy);
+        out.push(b' ');
+        // Before routing, HAProxy names the frontend as the backend; with no server,
+        // `<NOSRV>`.
+        let backend = if r.backend.is_empty() {
+            r.listener.as_bytes()
+        } else {
+            r.backend.as_bytes()
+        };
+        token(out, backend, Style::Haproxy);
+        out.push(b'/');
+        if r.server.is_empty() {
+            out.extend_from_slice(b"<NOSRV>");
+        } else {
+            token(out, r.server.as_bytes(), Style::Haproxy);
+        }
+        // TR and Tw are not measured (0); Tc and Tr are -1 when no server answered.
+        let (tc, tr) = if r.server.is_empty() {
+            (-1, -1)
+        } else if r.first_byte_ms <= 0.0 {
+            (millis(r.connect_ms), -1)
+        } else {
+            let tc = millis(r.connect_ms);
+            (tc, (millis(r.first_byte_ms) - tc).max(0))
+        };
+        out.extend_from_slice(b" 0/0/");
+        number(out, tc);
+        out.push(b'/');
+        number(out, tr);
+        out.push(b'/');
+        number(out, millis(r.total_ms));
+        out.push(b' ');
+        number(out, r.status);
+        out.push(b' ');
+        number(out, r.bytes_out);
+        // No captured cookies, no termination state, no connection counts, no queues;
+        // the retries are the attempts after the first.
+        out.extend_from_slice(b" - - ---- 0/0/0/0/");
+        number(out, r.attempts.saturating_sub(1));
+        out.extend_from_slice(b" 0/0 \"");
+        request(out, r, Style::Haproxy);
+        out.push(b'"');
+    }
+
+    /// Appends `t` as `21/Nov/2026:19:35:01` (UTC), computed once per second.
+    fn date(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+        let second = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.date.is_empty() || second != self.second {
+            use std::fmt::Write as _;
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            let d = i64::try_from(second)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            self.date.clear();
+            let _ = write!(
+                self.date,
+                "{:02}/{}/{:04}:{:02}:{:02}:{:02}",
+                d.day(),
+                MONTHS[usize::from(u8::from(d.month())) - 1],
+                d.year(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            );
+            self.second = second;
+        }
+        out.extend_from_slice(self.date.as_bytes());
+    }
+}
+
+/// When the request arrived: the end of its answer less its total time.
+fn arrival(r: &AccessRecord) -> SystemTime {
+    let total = Duration::try_from_secs_f64(r.total_ms / 1000.0).unwrap_or_default();
+    r.time.checked_sub(total).unwrap_or(r.time)
+}
+
+fn millis(ms: f64) -> i64 {
+    ms.round() as i64
+}
+
+fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// How bytes that would break a line's fields are written: Apache's `\"`, `\\` and `\xhh`,
+/// or HAProxy's `#hh`.
+#[derive(Clone, Copy, PartialEq)]
+enum Style {
+    Clf,
+    Haproxy,
+}
+
+/// Appends `s`, escaping control bytes, bytes above ASCII, `"`, the style's own escape
+/// character, and (for a field that is not quoted, or the parts of the request line)
+/// spaces.
+fn escape(out: &mut Vec<u8>, s: &[u8], style: Style, space: bool) {
+    let special = match style {
+        Style::Clf => b'\\',
+        Style::Haproxy => b'#',
+    };
+    for &b in s {
+        let plain = (0x21..0x7f).contains(&b) && b != b'"' && b != special || (b == b' ' && !space);
+        if plain {
+            out.push(b);
+            continue;
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        match (style, b) {
+            (Style::Clf, b'"' | b'\\') => out.extend_from_slice(&[b'\\', b]),
+            (Style::Clf, _) => out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]),
+            // HAProxy writes its escapes in upper case.
+            (Style::Haproxy, _) => {
+                let _ = write!(out, "#{b:02X}");
+            }
+        }
+    }
+}
+
+/// A field without quotes: `-` when empty.
+fn token(out: &mut Vec<u8>, s: &[u8], style: Style) {
+    if s.is_empty() {
+        out.push(b'-');
+    } else {
+        escape(out, s, style, true);
+    }
+}
+
+/// `METHOD path protocol`, without the query (which is never logged). HTTP/2 is written
+/// `HTTP/2.0`, as Apache, nginx and HAProxy write it.
+fn request(out: &mut Vec<u8>, r: &AccessRecord, style: Style) {
+    escape(out, r.method.as_str().as_bytes(), style, true);
+    out.push(b' ');
+    escape(out, r.path.as_bytes(), style, true);
+    out.push(b' ');
+    out.extend_from_slice(match r.protocol {
+        "HTTP/2" => b"HTTP/2.0",
+        "" => b"HTTP/1.1",
+        p => p.as_bytes(),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// 2026-11-21 19:35:01.1235 UTC, when the request below arrived.
+    fn arrived() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_289_701_123_500)
+    }
+
+    /// A request that went to a server and back, retried twice.
+    fn record() -> AccessRecord {
+        AccessRecord {
+            time: arrived() + Duration::from_micros(64_180),
+            request_id: "6ef7eb1f5ee64b14a4b12b87184a13d7".into(),
+            listener: "web".into(),
+            client: "192.0.2.7:52114".parse().unwrap(),
+            method: http::Method::GET,
+            host: "shop.example.com".into(),
+            path: "/api/cart/42".into(),
+            protocol: "HTTP/1.1",
+            status: 503,
+            route: "shop/cart-api".into(),
+            backend: "shop/carts".into(),
+            server: "carts-1".into(),
+            user: "alice".into(),
+            provider: "corp".into(),
+            decision: "allow",
+            attempts: 3,
+            bytes_in: 0,
+            bytes_out: 18,
+            total_ms: 64.18,
+            connect_ms: 0.46,
+            first_byte_ms: 64.11,
+            error: None,
+            limit: String::new(),
+            referer: Some(http::HeaderValue::from_static("https://shop.example.com/")),
+            user_agent: Some(http::HeaderValue::from_static("curl/8.5.0")),
+        }
+    }
+
+    /// A request refused before routing: no route, no server, no identity.
+    fn refused() -> AccessRecord {
+        AccessRecord {
+            time: arrived() + Duration::from_micros(250),
+            request_id: "73c04e478e10409890f85932969fcaa9".into(),
+            listener: "web".into(),
+            client: "[2001:db8::7]:40000".parse().unwrap(),
+            method: http::Method::POST,
+            path: "/nowhere".into(),
+            protocol: "HTTP/2",
+            status: 404,
+            total_ms: 0.25,
+            error: Some("no route".into()),
+            ..Default::default()
+        }
+    }
+
+    fn line(format: AccessLogFormat, r: &AccessRecord) -> String {
+        let mut out = Vec::new();
+        Formatter::new(format).write(r, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_keeps_its_fields_and_their_order() {
+        assert_eq!(
+            line(AccessLogFormat::Json, &record()),
+            concat!(
+                r#"{"time":"Sat, 21 Nov 2026 19:35:01 GMT","request_id":"6ef7eb1f5ee64b14a4b12b87184a13d7","listener":"web","client":"192.0.2.7","#,
+                r#""method":"GET","host":"shop.example.com","path":"/api/cart/42","protocol":"HTTP/1.1","status":503,"route":"shop/cart-api","#,
+                r#""backend":"shop/carts","server":"carts-1","user":"alice","provider":"corp","decision":"allow","attempts":3,"bytes_in":0,"#,
+                r#""bytes_out":18,"total_ms":64.18,"connect_ms":0.46,"first_byte_ms":64.11}"#,
+                "\n"
+            )
+        );
+        assert_eq!(
+            line(AccessLogFormat::Json, &refused()),
+            concat!(
+                r#"{"time":"Sat, 21 Nov 2026 19:35:01 GMT","request_id":"73c04e478e10409890f85932969fcaa9","listener":"web","client":"2001:db8::7","#,
+                r#""method":"POST","host":"","path":"/nowhere","protocol":"HTTP/2","status":404,"route":"","backend":"","server":"","#,
+                r#""attempts":0,"bytes_in":0,"bytes_out":0,"total_ms":0.25,"connect_ms":0.0,"first_byte_ms":0.0,"error":"no route"}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn clf_is_the_combined_log_format() {
+        assert_eq!(
+            line(AccessLogFormat::Clf, &record()),
+            "192.0.2.7 - alice [21/Nov/2026:19:35:01 +0000] \"GET /api/cart/42 HTTP/1.1\" 503 18 \"https://shop.example.com/\" \"curl/8.5.0\"\n"
+        );
+        // No user, no body, no headers: `-`; HTTP/2 as `HTTP/2.0`.
+        assert_eq!(
+            line(AccessLogFormat::Clf, &refused()),
+            "2001:db8::7 - - [21/Nov/2026:19:35:01 +0000] \"POST /nowhere HTTP/2.0\" 404 - \"-\" \"-\"\n"
+        );
+    }
+
+    #[test]
+    fn haproxy_is_the_httplog_layout() {
+        assert_eq!(
+            line(AccessLogFormat::Haproxy, &record()),
+            "192.0.2.7:52114 [21/Nov/2026:19:35:01.123] web shop/carts/carts-1 0/0/0/64/64 503 18 - - ---- 0/0/0/0/2 0/0 \"GET /api/cart/42 HTTP/1.1\"\n"
+        );
+        // Refused before routing: the frontend as the backend, no server, no timers.
+        assert_eq!(
+            line(AccessLogFormat::Haproxy, &refused()),
+            "2001:db8::7:40000 [21/Nov/2026:19:35:01.123] web web/<NOSRV> 0/0/-1/-1/0 404 0 - - ---- 0/0/0/0/0 0/0 \"POST /nowhere HTTP/2.0\"\n"
+        );
+        // A server was tried but never answered.
+        let mut r = record();
+        r.first_byte_ms = 0.0;
+        r.connect_ms = 3.4;
+        r.status = 502;
+        assert!(
+            line(AccessLogFormat::Haproxy, &r).contains("/carts-1 0/0/3/-1/64 502 "),
+            "{}",
+            line(AccessLogFormat::Haproxy, &r)
+        );
+    }
+
+    /// Nothing a client sends can add a field or end a line.
+    #[test]
+    fn what_a_client_sends_is_escaped() {
+        let mut r = record();
+        r.path = "/a\"b\\c d#e".into();
+        r.user = "CN=Alice Smith, O=Ex".into();
+        r.user_agent = Some(http::HeaderValue::from_bytes(b"Mozilla \"x\"\t\xc3\xa9").unwrap());
+        r.referer = Some(http::HeaderValue::from_static(""));
+        let clf = line(AccessLogFormat::Clf, &r);
+        assert_eq!(
+            clf,
+            "192.0.2.7 - CN=Alice\\x20Smith,\\x20O=Ex [21/Nov/2026:19:35:01 +0000] \"GET /a\\\"b\\\\c\\x20d#e HTTP/1.1\" 503 18 \"-\" \"Mozilla \\\"x\\\"\\x09\\xc3\\xa9\"\n"
+        );
+        let ha = line(AccessLogFormat::Haproxy, &r);
+        assert!(
+            ha.ends_with(" \"GET /a#22b\\c#20d#23e HTTP/1.1\"\n"),
+            "{ha}"
+        );
+        assert_eq!(ha.matches('\n').count(), 1);
+    }
+
+    /// The date is formatted once per second and stays right across seconds.
+    #[test]
+    fn dates_are_reused_within_their_second() {
+        let mut f = Formatter::new(AccessLogFormat::Clf);
+        let mut r = refused();
+        for (after_ms, want) in [
+            (0, "[21/Nov/2026:19:35:01 +0000]"),
+            (500, "[21/Nov/2026:19:35:01 +0000]"),
+            (900, "[21/Nov/2026:19:35:02 +0000]"),
+            (86_400_000, "[22/Nov/2026:19:35:01 +0000]"),
+        ] {
+            r.time = arrived() + Duration::from_micros(250) + Duration::from_millis(after_ms);
+            let mut out = Vec::new();
+            f.write(&r, &mut out);
+            let l = String::from_utf8(out).unwrap();
+            assert!(l.contains(want), "{after_ms}: {l}");
+        }
+    }
+
+    /// What formatting a line costs, per format, on the writer thread:
+    /// `cargo test --release -p portcullis-proxy format_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn format_cost() {
+        let records: Vec<AccessRecord> = (0..1000u64)
+            .map(|i| {
+                let mut r = record();
+                r.time += Duration::from_millis(i * 7);
+                r.client = SocketAddr::from(([192, 0, 2, (i % 250) as u8], 40000 + i as u16));
+                r
+            })
+            .collect();
+        for format in [
+            AccessLogFormat::Json,
+            AccessLogFormat::Clf,
+            AccessLogFormat::Haproxy,
+        ] {
+            let mut f = Formatter::new(format);
+            let mut out = Vec::with_capacity(1024);
+            let rounds = 300;
+            let t = std::time::Instant::now();
+            for _ in 0..rounds {
+                for r in &records {
+                    out.clear();
+                    f.write(r, &mut out);
+                    std::hint::black_box(&out);
+                }
+            }
+            let ns = t.elapsed().as_nanos() as f64 / (rounds * records.len()) as f64;
+            println!("{format:?}: {ns:.0} ns per line, {} bytes", out.len());
+        }
+    }
+}
