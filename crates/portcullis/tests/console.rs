@@ -614,7 +614,11 @@ async fn in_chromium_a_person_signs_in_sees_the_servers_and_drains_one() {
     assert_eq!(result["graph_current"], "Approval", "{result}");
     assert_eq!(result["event_seen"], true, "{result}");
     let (_, d) = p
-        .admin(reqwest::Method::GET, &format!("/api/v1/executions/{exec}"), None)
+        .admin(
+            reqwest::Method::GET,
+            &format!("/api/v1/executions/{exec}"),
+            None,
+        )
         .await;
     assert_eq!(
         serde_json::from_str::<Value>(&d).unwrap()["status"],

@@ -247,10 +247,7 @@ impl Snapshot {
                 decisions: ["allow", "deny", "would_deny"].map(|d| {
                     metrics
                         .decisions
-                        .get_or_create(&vec![
-                            ("route", r.id.clone()),
-                            ("decision", d.to_string()),
-                        ])
+                        .get_or_create(&vec![("route", r.id.clone()), ("decision", d.to_string())])
                         .clone()
                 }),
                 duration: metrics
