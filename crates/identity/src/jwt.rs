@@ -44,6 +44,9 @@ const DEFAULT_ASYMMETRIC: [Algorithm; 6] = [
     Algorithm::PS256,
 ];
 
+/// Why a token that cannot be decoded is refused, whatever part of it is broken.
+pub const MALFORMED: &str = "malformed token";
+
 fn reject(r: impl Into<String>) -> AuthError {
     AuthError::new(r)
 }
@@ -79,17 +82,22 @@ pub struct Peek {
 /// Decodes the header and payload without verifying anything. Only for choosing which
 /// provider should verify a token; never trust the result.
 pub fn peek(token: &str) -> Result<Peek, AuthError> {
+    // One message whichever part is broken (the number of segments, the base64url, the
+    // JSON): the answer and the log say nothing of the decoder's internals.
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(_s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(reject("malformed token: not a compact JWS"));
+        return Err(reject(MALFORMED));
     };
     let dec = |s: &str| -> Result<Value, AuthError> {
         let raw = URL_SAFE_NO_PAD
             .decode(s.trim_end_matches('='))
-            .map_err(|_| reject("malformed token: bad base64url"))?;
-        serde_json::from_slice(&raw).map_err(|_| reject("malformed token: bad JSON"))
+            .map_err(|_| reject(MALFORMED))?;
+        match serde_json::from_slice(&raw) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            _ => Err(reject(MALFORMED)),
+        }
     };
     Ok(Peek {
         header: dec(h)?,
@@ -258,7 +266,9 @@ impl Validator {
                 K::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
                 K::InvalidSignature => "token signature is invalid".to_string(),
                 K::InvalidAlgorithm => "token algorithm does not match the key".to_string(),
-                other => format!("token rejected: {other:?}"),
+                // Decoding failures (segments, base64, JSON, UTF-8, a key that does not
+                // parse): one message, with nothing of the decoder's internals.
+                _ => MALFORMED.to_string(),
             })
         })?;
         let c = data.claims;
@@ -400,5 +410,58 @@ mod tests {
         keys.refresh().await.unwrap();
         assert!(!again.holds(now));
         assert!(v.cached_with_proof(&token).is_none());
+    }
+
+    /// A token broken in any of its parts is refused with the one message, which names no
+    /// decoder.
+    #[tokio::test]
+    async fn a_broken_token_gets_one_message_whatever_part_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        let dev = crate::dev::generate().unwrap().1;
+        write_keys(&file, &dev.jwk);
+        let keys = Arc::new(KeySource::new(
+            "p",
+            Source::File(file),
+            None,
+            Duration::from_secs(60),
+        ));
+        keys.refresh().await.unwrap();
+        let v = Validator {
+            provider: "p".into(),
+            issuer: "https://p.test".into(),
+            audiences: vec!["api".into()],
+            algorithms: vec![Algorithm::ES256],
+            hs_key: None,
+            skew: 0,
+            require_exp: true,
+            max_size: 16 * 1024,
+            claims: ClaimMap::default(),
+            keys,
+            cache: TokenCache::new(16),
+            cache_ttl: Duration::from_secs(300),
+            method: AuthMethod::Jwt,
+        };
+        let good = dev
+            .mint("https://p.test", "api", "alice", &[], None, 120)
+            .unwrap();
+        let parts: Vec<&str> = good.split('.').collect();
+        let b64 = |s: &str| URL_SAFE_NO_PAD.encode(s);
+        let broken = [
+            "not-a-token".to_string(),
+            format!("{}.{}", parts[0], parts[1]),
+            format!("{good}.extra"),
+            format!("!!!.{}.{}", parts[1], parts[2]),
+            format!("{}.!!!.{}", parts[0], parts[2]),
+            format!("{}.{}.{}", b64("{not json"), parts[1], parts[2]),
+            format!("{}.{}.{}", parts[0], b64("[1,2]"), parts[2]),
+            format!("{}.{}.{}", parts[0], b64("\"text\""), parts[2]),
+            format!("{}.{}.%%%", parts[0], parts[1]),
+        ];
+        for t in broken {
+            let e = v.validate(&t).await.unwrap_err();
+            assert_eq!(e.reason, MALFORMED, "{t}");
+        }
+        assert!(v.validate(&good).await.is_ok());
     }
 }
