@@ -1,8 +1,9 @@
 // A real OpenID Provider for portcullis's integration tests: panva's `oidc-provider` (a
 // certified OP) on loopback, with one confidential client, the built-in development login
 // and consent pages (any login is accepted; the password is ignored), RP-initiated logout,
-// refresh tokens, and a control port to rotate the signing key, change the client's
-// redirect URIs, and stop or restart the provider on the same issuer and port.
+// refresh tokens, the device authorization grant (RFC 8628, for `portcullis ctl login`),
+// and a control port to rotate the signing key, change the client's redirect URIs, and stop
+// or restart the provider on the same issuer and port.
 //
 // Usage: node server.mjs [--port N] [--control-port N]        (0 or absent: any free port)
 //
@@ -67,7 +68,7 @@ const client = {
   client_secret: env.IDP_CLIENT_SECRET || 'portcullis-test-secret',
   redirect_uris: list(env.IDP_REDIRECT_URIS),
   post_logout_redirect_uris: list(env.IDP_POST_LOGOUT_REDIRECT_URIS),
-  grant_types: ['authorization_code', 'refresh_token'],
+  grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
   response_types: ['code'],
   token_endpoint_auth_method: 'client_secret_basic',
 };
@@ -134,6 +135,9 @@ function build() {
     },
     features: {
       devInteractions: { enabled: true },
+      // RFC 8628, for `portcullis ctl login`: the user code pages at /device are the
+      // provider's own (confirm with "Continue", deny with "[ Abort ]").
+      deviceFlow: { enabled: true },
       rpInitiatedLogout: { enabled: true },
       revocation: { enabled: false },
     },

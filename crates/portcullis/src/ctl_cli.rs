@@ -8,7 +8,9 @@
 //! * events: `events [--types P1,P2] --follow` (the live stream; there is no history);
 //! * workflows: `workflows`, `history EXEC`, `approve TOKEN [--output JSON]`,
 //!   `reject TOKEN [--error E] [--cause C]`;
-//! * the config and sessions: `reload`, `revoke-sessions PROVIDER/SUBJECT`.
+//! * the config and sessions: `reload`, `revoke-sessions PROVIDER/SUBJECT`;
+//! * signing in: `login --issuer URL --client-id ID`, the OIDC device authorization grant
+//!   (RFC 8628) at the operator's own identity provider.
 //!
 //! It prints aligned tables for people, and with `--json` the API's answer for scripts (for
 //! `events`, one CloudEvent per line).
@@ -16,11 +18,15 @@
 //! **Credentials.** A static token of `admin.tokens` from `--token-file` or the
 //! `PORTCULLIS_ADMIN_TOKEN` environment variable, a JWT of one of `admin.auth`'s providers from
 //! `--bearer-file` (both sent as `Authorization: Bearer`), or an API key of one of them from
-//! `--api-key-file` (sent as `X-API-Key`). Never from a flag, which `ps` would show.
+//! `--api-key-file` (sent as `X-API-Key`). Never from a flag, which `ps` would show. Without
+//! any of these, the ID token `ctl login` saved (`$XDG_CONFIG_HOME/portcullis/ctl.jwt`, else
+//! `~/.config/portcullis/ctl.jwt`) is sent as a bearer token, once it is checked not to have
+//! expired.
 //!
 //! **Exit codes.** 0 on success; 1 when the API refuses the call (its `error` and the HTTP
 //! status are printed; 401 is "bad or missing token", 403 "forbidden" with the policy's
-//! reasons) or cannot be reached; 2 on bad usage or without credentials.
+//! reasons) or cannot be reached, or the saved sign-in has expired; 2 on bad usage or without
+//! credentials. `ctl login` exits 1 when the sign-in is denied, expires or fails.
 //!
 //! The admin listener speaks plain HTTP/1.1; the client here is a small one of its own, since
 //! it must send `X-API-Key` and read the server-sent event stream as it comes.
@@ -29,10 +35,11 @@ use clap::{ArgGroup, Args, Subcommand};
 use http::{Method, Uri};
 use portcullis_proxy::admin_tables::client::segment;
 use serde_json::{json, Map, Value};
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::table_cli::{columns, plain, tables_text, top_text, TOKEN_ENV};
@@ -173,10 +180,40 @@ enum CtlCommand {
     Reload,
     /// End every browser session of a principal (`provider/subject`) opened until now.
     RevokeSessions { principal: String },
+    /// Sign in as yourself at an OpenID Provider (the device authorization grant: open the
+    /// URL it prints, sign in there), and save the ID token for the next calls, which
+    /// `admin.policies` then decide for you.
+    Login(LoginArgs),
+}
+
+#[derive(Args)]
+struct LoginArgs {
+    /// The OpenID Provider's issuer (its discovery document is at
+    /// URL/.well-known/openid-configuration): one of `admin.auth`'s `oidc` providers.
+    #[arg(long, value_name = "URL")]
+    issuer: String,
+    /// The OAuth client to sign in with: the provider's `client_id` in the proxy's config
+    /// (the ID token's audience). The identity provider must allow it the device grant.
+    #[arg(long, value_name = "ID")]
+    client_id: String,
+    /// A file holding the client's secret (a confidential client, sent as HTTP Basic);
+    /// without it, the client is public.
+    #[arg(long, value_name = "FILE")]
+    client_secret_file: Option<PathBuf>,
+    /// The scopes to ask for (space-separated; `openid` gets the ID token).
+    #[arg(long, default_value = "openid email groups")]
+    scope: String,
+    /// Where to save the ID token (mode 0600) [default: $XDG_CONFIG_HOME/portcullis/ctl.jwt,
+    /// else $HOME/.config/portcullis/ctl.jwt, where later calls find it].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 /// Runs `portcullis ctl …`.
 pub fn run(args: CtlArgs) -> ExitCode {
+    if let CtlCommand::Login(login) = &args.command {
+        return run_login(login, args.json);
+    }
     let call = match request(&args.command) {
         Ok(c) => c,
         Err(e) => {
@@ -184,11 +221,16 @@ pub fn run(args: CtlArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cred = match credential(&args) {
+    let cred = match credential(
+        &args,
+        std::env::var(TOKEN_ENV).ok(),
+        saved_login_file().as_deref(),
+        unix_now(),
+    ) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+            eprintln!("error: {}", e.message);
+            return ExitCode::from(e.code);
         }
     };
     let target = match Target::parse(&args.admin) {
@@ -413,6 +455,9 @@ fn request(cmd: &CtlCommand) -> Result<Call, String> {
             "/api/v1/sessions/revoke".into(),
             Some(json!({ "principal": principal })),
         ),
+        CtlCommand::Login(_) => {
+            return Err("`ctl login` signs in at the identity provider, not the admin API".into())
+        }
     })
 }
 
@@ -449,8 +494,29 @@ fn secret(from: &str, text: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
-/// The caller's credential: from one of the `--*-file` flags, else from [`TOKEN_ENV`].
-fn credential(a: &CtlArgs) -> Result<Credential, String> {
+/// Why a call has no credential to send: what to say, and the exit code (2: bad usage; 1: the
+/// saved sign-in has expired).
+#[derive(Debug, PartialEq, Eq)]
+struct NoCredential {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for NoCredential {
+    fn from(message: String) -> Self {
+        NoCredential { code: 2, message }
+    }
+}
+
+/// The caller's credential: from one of the `--*-file` flags, else from [`TOKEN_ENV`]
+/// (`env_token`), else the ID token `ctl login` saved in `saved` (when that file exists, and
+/// unless it expired before `now`, in Unix seconds).
+fn credential(
+    a: &CtlArgs,
+    env_token: Option<String>,
+    saved: Option<&Path>,
+    now: u64,
+) -> Result<Credential, NoCredential> {
     let given: Vec<&str> = [
         (a.token_file.is_some(), "--token-file"),
         (a.bearer_file.is_some(), "--bearer-file"),
@@ -460,25 +526,513 @@ fn credential(a: &CtlArgs) -> Result<Credential, String> {
     .filter_map(|(on, f)| on.then_some(f))
     .collect();
     if given.len() > 1 {
-        return Err(format!("give one credential, not {}", given.join(" and ")));
+        return Err(format!("give one credential, not {}", given.join(" and ")).into());
     }
     if let Some(f) = &a.token_file {
-        return secret_file("--token-file", f).map(Credential::Bearer);
+        return Ok(secret_file("--token-file", f).map(Credential::Bearer)?);
     }
     if let Some(f) = &a.bearer_file {
-        return secret_file("--bearer-file", f).map(Credential::Bearer);
+        return Ok(secret_file("--bearer-file", f).map(Credential::Bearer)?);
     }
     if let Some(f) = &a.api_key_file {
-        return secret_file("--api-key-file", f).map(Credential::ApiKey);
+        return Ok(secret_file("--api-key-file", f).map(Credential::ApiKey)?);
     }
-    match std::env::var(TOKEN_ENV) {
-        Ok(t) => secret(TOKEN_ENV, &t).map(Credential::Bearer),
-        Err(_) => Err(format!(
-            "no credentials: give the admin token with --token-file FILE or the {TOKEN_ENV} \
-             environment variable, an identity provider's JWT with --bearer-file FILE, or its \
-             API key with --api-key-file FILE"
-        )),
+    if let Some(t) = env_token {
+        return Ok(secret(TOKEN_ENV, &t).map(Credential::Bearer)?);
     }
+    if let Some(f) = saved.filter(|f| f.exists()) {
+        let token = secret_file("the saved sign-in", f)?;
+        if let Some(exp) = jwt_payload(&token).and_then(|c| c["exp"].as_u64()) {
+            if exp <= now {
+                return Err(NoCredential {
+                    code: 1,
+                    message: format!(
+                        "your ctl login has expired: run `portcullis ctl login` again (the ID \
+                         token in {} expired at {})",
+                        f.display(),
+                        time_text(&json!(exp.saturating_mul(1000)))
+                    ),
+                });
+            }
+        }
+        return Ok(Credential::Bearer(token));
+    }
+    Err(format!(
+        "no credentials: give the admin token with --token-file FILE or the {TOKEN_ENV} \
+         environment variable, an identity provider's JWT with --bearer-file FILE, or its \
+         API key with --api-key-file FILE; or sign in as yourself with `portcullis ctl login`{}",
+        saved.map_or_else(String::new, |f| format!(
+            " (which saves the token in {})",
+            f.display()
+        ))
+    )
+    .into())
+}
+
+/// Where `ctl login` saves the ID token, under the user's config directory.
+const LOGIN_FILE: &str = "portcullis/ctl.jwt";
+
+/// `$XDG_CONFIG_HOME/portcullis/ctl.jwt`, else `$HOME/.config/portcullis/ctl.jwt` (only
+/// absolute directories count, as the XDG spec says); `None` without either.
+fn login_file(xdg_config_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg_config_home)
+        .map(|d| d.join(LOGIN_FILE))
+        .or_else(|| absolute(home).map(|h| h.join(".config").join(LOGIN_FILE)))
+}
+
+/// [`login_file`] of this process's environment.
+fn saved_login_file() -> Option<PathBuf> {
+    login_file(
+        std::env::var_os("XDG_CONFIG_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A JWT's payload, decoded but NOT verified: only to show who signed in and until when (the
+/// proxy verifies the token on every call). `None` when `token` is not a JWT.
+fn jwt_payload(token: &str) -> Option<Value> {
+    use base64::Engine;
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .filter(Value::is_object)
+}
+
+// ---------------------------------------------------------------------------------------
+// Signing in: `ctl login`, the OAuth 2.0 device authorization grant (RFC 8628)
+
+/// The grant type of the token requests.
+const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// How much longer to wait between polls after each `slow_down` (RFC 8628 §3.5).
+const SLOW_DOWN: Duration = Duration::from_secs(5);
+/// The wait between polls when the provider names none (RFC 8628 §3.2).
+const DEFAULT_INTERVAL: u64 = 5;
+/// The longest wait between polls after the token endpoint could not be reached.
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The lifetime of the device code when the provider names none, and the most waited in all.
+const DEFAULT_EXPIRES_IN: u64 = 600;
+const MAX_EXPIRES_IN: u64 = 3600;
+
+/// The OAuth client `ctl login` signs in with.
+struct OAuthClient {
+    id: String,
+    /// For a confidential client (`client_secret_basic`).
+    secret: Option<String>,
+}
+
+/// What the device authorization endpoint answered.
+#[derive(Debug, PartialEq, Eq)]
+struct DeviceStart {
+    device_code: String,
+    user_code: String,
+    verification_uri: String,
+    verification_uri_complete: Option<String>,
+    expires_in: Duration,
+    interval: Duration,
+}
+
+impl DeviceStart {
+    fn parse(v: &Value) -> Result<DeviceStart, String> {
+        let text = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        let missing = |k: &str| format!("the device authorization answer has no `{k}`");
+        Ok(DeviceStart {
+            device_code: text("device_code").ok_or_else(|| missing("device_code"))?,
+            user_code: text("user_code").ok_or_else(|| missing("user_code"))?,
+            // `verification_url`: what some providers (Google) call it.
+            verification_uri: text("verification_uri")
+                .or_else(|| text("verification_url"))
+                .ok_or_else(|| missing("verification_uri"))?,
+            verification_uri_complete: text("verification_uri_complete"),
+            expires_in: Duration::from_secs(
+                v["expires_in"]
+                    .as_u64()
+                    .filter(|s| *s > 0)
+                    .unwrap_or(DEFAULT_EXPIRES_IN)
+                    .min(MAX_EXPIRES_IN),
+            ),
+            interval: Duration::from_secs(
+                v["interval"]
+                    .as_u64()
+                    .unwrap_or(DEFAULT_INTERVAL)
+                    .clamp(1, MAX_INTERVAL.as_secs()),
+            ),
+        })
+    }
+
+    /// What to tell the person.
+    fn prompt(&self) -> String {
+        match &self.verification_uri_complete {
+            Some(c) => format!(
+                "To sign in, open {c} (or {} and enter {})",
+                self.verification_uri, self.user_code
+            ),
+            None => format!(
+                "To sign in, open {} and enter {}",
+                self.verification_uri, self.user_code
+            ),
+        }
+    }
+}
+
+/// What to do after one answer of the token endpoint.
+#[derive(Debug, PartialEq)]
+enum PollStep {
+    /// Signed in: the token endpoint's answer.
+    Done(Value),
+    /// Not yet: poll again after the (maybe longer) interval.
+    Wait,
+    /// The endpoint could not be reached or failed: poll again, later; the note says why.
+    Retry(String),
+    /// The sign-in is over, and failed.
+    Fail(String),
+}
+
+/// The polling of the token endpoint: the interval between polls and the end of the wait.
+#[derive(Debug)]
+struct Poller {
+    interval: Duration,
+    /// Added to `interval` on each `slow_down`.
+    slow_down: Duration,
+    deadline: Instant,
+}
+
+/// Said when the device code expired before the person signed in.
+fn expired_note() -> String {
+    "the sign-in was not completed in time (the code expired): run `portcullis ctl login` again"
+        .into()
+}
+
+impl Poller {
+    fn new(start: &DeviceStart, now: Instant) -> Poller {
+        Poller {
+            interval: start.interval,
+            slow_down: SLOW_DOWN,
+            deadline: now + start.expires_in,
+        }
+    }
+
+    /// How long to wait before the next poll, or why polling is over (the code expired).
+    fn wait(&self, now: Instant) -> Result<Duration, String> {
+        match self.deadline.checked_duration_since(now) {
+            Some(left) if !left.is_zero() => Ok(self.interval.min(left)),
+            _ => Err(expired_note()),
+        }
+    }
+
+    /// The next step after the token endpoint's `answer`: its status and JSON body (null when
+    /// it is not JSON), or why there was none.
+    fn step(&mut self, answer: Result<(u16, Value), String>) -> PollStep {
+        let (status, v) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                // RFC 8628 §3.5: back off on connection failures.
+                self.interval = (self.interval * 2).min(MAX_INTERVAL);
+                return PollStep::Retry(e);
+            }
+        };
+        if (200..300).contains(&status) {
+            return PollStep::Done(v);
+        }
+        match v["error"].as_str() {
+            Some("authorization_pending") => PollStep::Wait,
+            Some("slow_down") => {
+                self.interval += self.slow_down;
+                PollStep::Wait
+            }
+            Some("access_denied") => PollStep::Fail(format!(
+                "the sign-in was denied at the identity provider{}",
+                description(&v)
+            )),
+            Some("expired_token") => PollStep::Fail(expired_note()),
+            _ if status >= 500 => {
+                self.interval = (self.interval * 2).min(MAX_INTERVAL);
+                PollStep::Retry(format!(
+                    "the token endpoint failed: {}",
+                    oauth_error(status, &v)
+                ))
+            }
+            _ => PollStep::Fail(format!(
+                "the identity provider refused the sign-in: {}",
+                oauth_error(status, &v)
+            )),
+        }
+    }
+}
+
+/// `: error_description` of an OAuth error answer, or nothing.
+fn description(v: &Value) -> String {
+    match v["error_description"].as_str() {
+        Some(d) if !d.is_empty() => format!(": {d}"),
+        _ => String::new(),
+    }
+}
+
+/// An OAuth error answer in a line: `error: description (status)`.
+fn oauth_error(status: u16, v: &Value) -> String {
+    match v["error"].as_str() {
+        Some(e) => format!("{e}{} ({status})", description(v)),
+        None => format!("an answer that is not an OAuth error ({status})"),
+    }
+}
+
+/// POSTs the form `params` to `url` as `client` (HTTP Basic for a confidential client, else
+/// `client_id` in the form): the status and the JSON body (null when it is not JSON).
+async fn post_form(
+    http: &reqwest::Client,
+    url: &str,
+    client: &OAuthClient,
+    params: &[(&str, &str)],
+) -> Result<(u16, Value), String> {
+    let mut form: Vec<(&str, &str)> = params.to_vec();
+    let mut req = http.post(url).header("accept", "application/json");
+    match &client.secret {
+        // RFC 6749 §2.3.1: both form-urlencoded before the Basic encoding.
+        Some(s) => req = req.basic_auth(segment(&client.id), Some(segment(s))),
+        None => form.push(("client_id", &client.id)),
+    }
+    let resp = req
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+/// Polls the token endpoint until the person signed in (the endpoint's answer), denied it, or
+/// the code expired.
+async fn poll_token(
+    http: &reqwest::Client,
+    token_endpoint: &str,
+    client: &OAuthClient,
+    device_code: &str,
+    mut poller: Poller,
+) -> Result<Value, String> {
+    let params = [("grant_type", DEVICE_GRANT), ("device_code", device_code)];
+    loop {
+        tokio::time::sleep(poller.wait(Instant::now())?).await;
+        poller.wait(Instant::now())?;
+        let answer = post_form(http, token_endpoint, client, &params).await;
+        match poller.step(answer) {
+            PollStep::Done(v) => return Ok(v),
+            PollStep::Wait => {}
+            PollStep::Retry(note) => eprintln!(
+                "warning: {note}; trying again in {}s",
+                poller.interval.as_secs()
+            ),
+            PollStep::Fail(e) => return Err(e),
+        }
+    }
+}
+
+/// The device authorization grant at `a.issuer`: the ID token.
+async fn device_login(a: &LoginArgs, client: &OAuthClient) -> Result<String, String> {
+    let http = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .user_agent(concat!("portcullis-ctl/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    let issuer = a.issuer.trim_end_matches('/');
+    if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+        return Err(format!(
+            "--issuer `{}`: give the provider's issuer URL, like https://idp.example.com",
+            a.issuer
+        ));
+    }
+    let discovery = format!("{issuer}/.well-known/openid-configuration");
+    let resp = http
+        .get(&discovery)
+        .send()
+        .await
+        .map_err(|e| format!("{discovery}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{discovery}: {}", resp.status()));
+    }
+    let meta: Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("{discovery}: not a discovery document ({e})"))?;
+    let named = meta["issuer"].as_str().unwrap_or_default();
+    if named.trim_end_matches('/') != issuer {
+        return Err(format!(
+            "{discovery} names the issuer `{named}`, not `{}`: give --issuer exactly as the \
+             provider names itself",
+            a.issuer
+        ));
+    }
+    let Some(device_endpoint) = meta["device_authorization_endpoint"].as_str() else {
+        return Err(format!(
+            "{issuer} offers no device authorization grant (no device_authorization_endpoint \
+             in its discovery document): enable it at the identity provider, and allow the \
+             grant type {DEVICE_GRANT} to client `{}`",
+            client.id
+        ));
+    };
+    let token_endpoint = meta["token_endpoint"]
+        .as_str()
+        .ok_or_else(|| format!("{discovery} has no token_endpoint"))?;
+
+    let (status, v) = post_form(&http, device_endpoint, client, &[("scope", &a.scope)]).await?;
+    if !(200..300).contains(&status) {
+        return Err(format!(
+            "the identity provider refused to start the sign-in: {} (does client `{}` allow the \
+             grant type {DEVICE_GRANT}?)",
+            oauth_error(status, &v),
+            client.id
+        ));
+    }
+    let start = DeviceStart::parse(&v)?;
+    eprintln!("{}", start.prompt());
+    eprintln!(
+        "Waiting for the sign-in (the code expires in {} minutes)...",
+        start.expires_in.as_secs().div_ceil(60)
+    );
+    let poller = Poller::new(&start, Instant::now());
+    let tokens = poll_token(&http, token_endpoint, client, &start.device_code, poller).await?;
+    let Some(id_token) = tokens["id_token"].as_str() else {
+        return Err(format!(
+            "signed in, but the identity provider sent no ID token: ask for the `openid` \
+             scope (--scope \"{}\")",
+            a.scope
+        ));
+    };
+    secret("the ID token", id_token)
+}
+
+/// Writes `token` to `path` with mode 0600 (replacing the file whole), creating its
+/// directory with mode 0700 when it is missing.
+fn save_token(path: &Path, token: &str) -> Result<(), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let failed = |e: std::io::Error| format!("cannot save the token in {}: {e}", path.display());
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(dir).map_err(failed)?;
+    }
+    let name = path
+        .file_name()
+        .map_or_else(|| "ctl.jwt".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let written = o.open(&tmp).and_then(|mut f| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        f.write_all(format!("{token}\n").as_bytes())?;
+        f.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(failed(e))
+        }
+    }
+}
+
+/// Who signed in, from the ID token's payload: `sub <email>`.
+fn who(claims: &Value) -> String {
+    let sub = claims["sub"].as_str().unwrap_or("(no sub)");
+    match claims["email"].as_str() {
+        Some(e) if e != sub => format!("{sub} <{e}>"),
+        _ => sub.to_string(),
+    }
+}
+
+/// Runs `portcullis ctl login`.
+fn run_login(a: &LoginArgs, as_json: bool) -> ExitCode {
+    let Some(out) = a.out.clone().or_else(saved_login_file) else {
+        eprintln!(
+            "error: nowhere to save the token: neither XDG_CONFIG_HOME nor HOME is set; give \
+             --out FILE"
+        );
+        return ExitCode::from(2);
+    };
+    let client = OAuthClient {
+        id: a.client_id.clone(),
+        secret: match &a.client_secret_file {
+            Some(f) => match secret_file("--client-secret-file", f) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => None,
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let token = match rt.block_on(device_login(a, &client)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = save_token(&out, &token) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let claims = jwt_payload(&token).unwrap_or(Value::Null);
+    let until = claims["exp"]
+        .as_u64()
+        .map(|exp| time_text(&json!(exp.saturating_mul(1000))));
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "sub": claims["sub"],
+                "email": claims["email"],
+                "issuer": a.issuer,
+                "expires_at": until,
+                "file": out.display().to_string(),
+            })
+        );
+    } else {
+        println!(
+            "Signed in as {} at {}; the ID token is saved in {}{}",
+            who(&claims),
+            a.issuer,
+            out.display(),
+            until.map_or_else(String::new, |u| format!(" (valid until {u})"))
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------
@@ -867,7 +1421,9 @@ fn output(cmd: &CtlCommand, v: &Value, as_json: bool) -> Result<String, String> 
                 .map_or_else(|| "now".into(), |s| time_text(&json!(s * 1000)));
             format!("revoked the sessions of {principal} opened until {at}\n")
         }
-        CtlCommand::Clear { .. } | CtlCommand::Events { .. } => String::new(),
+        CtlCommand::Clear { .. } | CtlCommand::Events { .. } | CtlCommand::Login(_) => {
+            String::new()
+        }
     })
 }
 
@@ -1212,7 +1768,7 @@ mod tests {
         let f = dir.path().join("t");
         std::fs::write(&f, "abc\n").unwrap();
         let f = f.to_str().unwrap();
-        let c = |args: &[&str]| credential(&parse(args).unwrap());
+        let c = |args: &[&str]| credential(&parse(args).unwrap(), None, None, 0);
         assert_eq!(
             c(&["--api-key-file", f, "tables"]),
             Ok(Credential::ApiKey("abc".into()))
@@ -1222,7 +1778,19 @@ mod tests {
             Ok(Credential::Bearer("abc".into()))
         );
         let e = c(&["--bearer-file", f, "--token-file", f, "tables"]).unwrap_err();
-        assert!(e.contains("one credential"), "{e}");
+        assert!(e.message.contains("one credential") && e.code == 2, "{e:?}");
+        assert_eq!(
+            credential(&parse(&["tables"]).unwrap(), Some("t".into()), None, 0),
+            Ok(Credential::Bearer("t".into()))
+        );
+        let e = c(&["tables"]).unwrap_err();
+        assert_eq!(e.code, 2);
+        assert!(
+            e.message
+                .starts_with("no credentials: give the admin token with --token-file")
+                && e.message.contains("`portcullis ctl login`"),
+            "{e:?}"
+        );
         assert!(secret("x", "a\r\nEvil: 1").is_err());
         assert!(secret("x", "  \n").unwrap_err().contains("empty"));
     }
@@ -1349,5 +1917,403 @@ mod tests {
             "ID   WORKFLOW  NAME  STATUS   STARTED                   STATES\n\
              e-1  approve   n     RUNNING  2026-01-02T03:04:05.000Z  Ask\n"
         );
+    }
+
+    // -----------------------------------------------------------------------------------
+    // `ctl login`
+
+    /// An unsigned JWT with `payload` (enough for what the CLI reads without verifying).
+    fn jwt(payload: Value) -> String {
+        use base64::Engine;
+        let enc =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!("{}.{}.c2ln", enc(&json!({ "alg": "RS256" })), enc(&payload))
+    }
+
+    #[test]
+    fn the_saved_sign_in_is_found_in_the_config_directory() {
+        let os = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            login_file(os("/x/cfg"), os("/home/a")),
+            Some(PathBuf::from("/x/cfg/portcullis/ctl.jwt"))
+        );
+        assert_eq!(
+            login_file(None, os("/home/a")),
+            Some(PathBuf::from("/home/a/.config/portcullis/ctl.jwt"))
+        );
+        // The XDG spec: a relative or empty XDG_CONFIG_HOME is ignored.
+        assert_eq!(
+            login_file(os("rel"), os("/home/a")),
+            Some(PathBuf::from("/home/a/.config/portcullis/ctl.jwt"))
+        );
+        assert_eq!(
+            login_file(os(""), os("/home/a")),
+            Some(PathBuf::from("/home/a/.config/portcullis/ctl.jwt"))
+        );
+        assert_eq!(login_file(None, None), None);
+        assert_eq!(login_file(os("rel"), os("")), None);
+    }
+
+    #[test]
+    fn the_saved_sign_in_is_sent_only_without_other_credentials_and_until_it_expires() {
+        let xdg = tempfile::tempdir().unwrap();
+        let saved = login_file(Some(xdg.path().into()), None).unwrap();
+        let now = 1_700_000_000;
+        let c = |args: &[&str], env: Option<&str>| {
+            credential(
+                &parse(args).unwrap(),
+                env.map(str::to_string),
+                Some(&saved),
+                now,
+            )
+        };
+        // No file yet: no credentials, and where `ctl login` would save one.
+        let e = c(&["tables"], None).unwrap_err();
+        assert_eq!(e.code, 2);
+        assert!(
+            e.message.contains("no credentials")
+                && e.message.contains("ctl login")
+                && e.message.contains(saved.to_str().unwrap()),
+            "{e:?}"
+        );
+
+        std::fs::create_dir_all(saved.parent().unwrap()).unwrap();
+        let live = jwt(json!({ "sub": "alice", "exp": now + 60 }));
+        std::fs::write(&saved, format!("{live}\n")).unwrap();
+        assert_eq!(c(&["tables"], None), Ok(Credential::Bearer(live.clone())));
+        // Anything given explicitly wins.
+        assert_eq!(
+            c(&["tables"], Some("static")),
+            Ok(Credential::Bearer("static".into()))
+        );
+        let other = xdg.path().join("key");
+        std::fs::write(&other, "k").unwrap();
+        assert_eq!(
+            c(&["--api-key-file", other.to_str().unwrap(), "tables"], None),
+            Ok(Credential::ApiKey("k".into()))
+        );
+        // Not a JWT (or no `exp`): sent as it is, the proxy judges it.
+        std::fs::write(&saved, "opaque").unwrap();
+        assert_eq!(
+            c(&["tables"], None),
+            Ok(Credential::Bearer("opaque".into()))
+        );
+
+        // Expired: exit 1, and nothing is sent.
+        std::fs::write(&saved, jwt(json!({ "sub": "alice", "exp": now }))).unwrap();
+        let e = c(&["tables"], None).unwrap_err();
+        assert_eq!(e.code, 1);
+        assert!(
+            e.message
+                .starts_with("your ctl login has expired: run `portcullis ctl login` again")
+                && e.message.contains("2023-11-14T22:13:20"),
+            "{e:?}"
+        );
+        // Empty: said, with the file.
+        std::fs::write(&saved, "\n").unwrap();
+        let e = c(&["tables"], None).unwrap_err();
+        assert!(e.message.contains("empty") && e.code == 2, "{e:?}");
+    }
+
+    #[test]
+    fn jwt_payloads_are_read_for_display() {
+        let t = jwt(json!({ "sub": "alice", "email": "alice@example.com", "exp": 5 }));
+        let c = jwt_payload(&t).unwrap();
+        assert_eq!(who(&c), "alice <alice@example.com>");
+        assert_eq!(who(&json!({ "sub": "bob" })), "bob");
+        assert_eq!(jwt_payload("a.b"), None);
+        assert_eq!(jwt_payload("a.b.c.d"), None);
+        assert_eq!(jwt_payload("a.!!.c"), None);
+        assert_eq!(
+            jwt_payload(&format!("x.{}.y", "bnVsbA")),
+            None,
+            "null is no payload"
+        );
+    }
+
+    #[test]
+    fn the_device_authorization_answer_is_read() {
+        let d = DeviceStart::parse(&json!({
+            "device_code": "dc", "user_code": "ABCD-EFGH",
+            "verification_uri": "https://idp/device",
+            "verification_uri_complete": "https://idp/device?user_code=ABCD-EFGH",
+            "expires_in": 600
+        }))
+        .unwrap();
+        assert_eq!(d.interval, Duration::from_secs(5), "RFC 8628's default");
+        assert_eq!(d.expires_in, Duration::from_secs(600));
+        assert_eq!(
+            d.prompt(),
+            "To sign in, open https://idp/device?user_code=ABCD-EFGH (or https://idp/device and \
+             enter ABCD-EFGH)"
+        );
+        let d = DeviceStart::parse(&json!({
+            "device_code": "dc", "user_code": "X", "verification_url": "https://g/device",
+            "interval": 0, "expires_in": 999_999
+        }))
+        .unwrap();
+        assert_eq!(d.prompt(), "To sign in, open https://g/device and enter X");
+        assert_eq!(d.interval, Duration::from_secs(1), "never a busy loop");
+        assert_eq!(
+            d.expires_in,
+            Duration::from_secs(MAX_EXPIRES_IN),
+            "a bounded wait"
+        );
+        let e = DeviceStart::parse(&json!({ "device_code": "dc", "verification_uri": "u" }))
+            .unwrap_err();
+        assert!(e.contains("user_code"), "{e}");
+    }
+
+    #[test]
+    fn polling_waits_slows_down_and_stops_on_denial_or_expiry() {
+        let t0 = Instant::now();
+        let start = DeviceStart {
+            device_code: "dc".into(),
+            user_code: "u".into(),
+            verification_uri: "v".into(),
+            verification_uri_complete: None,
+            expires_in: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+        };
+        let mut p = Poller::new(&start, t0);
+        let err = |s: u16, e: &str| Ok((s, json!({ "error": e, "error_description": "why" })));
+        let secs = |p: &Poller| p.interval.as_secs();
+
+        assert_eq!(p.step(err(400, "authorization_pending")), PollStep::Wait);
+        assert_eq!(secs(&p), 5);
+        assert_eq!(p.step(err(400, "slow_down")), PollStep::Wait);
+        assert_eq!(secs(&p), 10, "slow_down: 5 seconds more");
+        assert_eq!(p.step(err(400, "slow_down")), PollStep::Wait);
+        assert_eq!(secs(&p), 15, "and 5 more on each");
+        assert_eq!(p.step(err(400, "authorization_pending")), PollStep::Wait);
+        assert_eq!(secs(&p), 15, "pending keeps the interval");
+
+        // The wait: the interval, cut short at the code's expiry; none after it.
+        assert_eq!(p.wait(t0), Ok(Duration::from_secs(15)));
+        assert_eq!(
+            p.wait(t0 + Duration::from_secs(25)),
+            Ok(Duration::from_secs(5))
+        );
+        for late in [30, 31] {
+            let e = p.wait(t0 + Duration::from_secs(late)).unwrap_err();
+            assert!(e.contains("expired") && e.contains("ctl login"), "{e}");
+        }
+
+        // The endpoint unreachable or failing: retried, backing off, up to a minute.
+        assert!(matches!(p.step(Err("refused".into())), PollStep::Retry(n) if n == "refused"));
+        assert_eq!(secs(&p), 30);
+        assert!(matches!(
+            p.step(Ok((503, Value::Null))),
+            PollStep::Retry(n) if n.contains("503")
+        ));
+        assert_eq!(secs(&p), 60);
+        assert!(matches!(
+            p.step(err(500, "server_error")),
+            PollStep::Retry(_)
+        ));
+        assert_eq!(secs(&p), 60);
+
+        // Over: denied, expired, any other error; or signed in.
+        match p.step(err(400, "access_denied")) {
+            PollStep::Fail(e) => {
+                assert_eq!(e, "the sign-in was denied at the identity provider: why")
+            }
+            s => panic!("{s:?}"),
+        }
+        match p.step(err(400, "expired_token")) {
+            PollStep::Fail(e) => assert!(e.contains("expired") && e.contains("again"), "{e}"),
+            s => panic!("{s:?}"),
+        }
+        match p.step(err(401, "invalid_client")) {
+            PollStep::Fail(e) => assert_eq!(
+                e,
+                "the identity provider refused the sign-in: invalid_client: why (401)"
+            ),
+            s => panic!("{s:?}"),
+        }
+        assert!(matches!(p.step(Ok((400, Value::Null))), PollStep::Fail(_)));
+        assert_eq!(
+            p.step(Ok((200, json!({ "id_token": "x" })))),
+            PollStep::Done(json!({ "id_token": "x" }))
+        );
+    }
+
+    /// A token endpoint on loopback that gives `answers` in turn: its URL, and each request
+    /// it got (the time, the head and the body).
+    async fn token_endpoint(
+        answers: Vec<(u16, Value)>,
+    ) -> (
+        String,
+        tokio::task::JoinHandle<Vec<(Instant, String, String)>>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", l.local_addr().unwrap());
+        let seen = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let (head, body_in) = loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= len || n == 0 {
+                            break (head.to_string(), rest.to_string());
+                        }
+                    }
+                    assert!(n > 0, "the client went away");
+                };
+                seen.push((Instant::now(), head, body_in));
+                let text = body.to_string();
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                s.write_all(answer.as_bytes()).await.unwrap();
+                let _ = s.shutdown().await;
+            }
+            seen
+        });
+        (url, seen)
+    }
+
+    fn fast_poller(interval_ms: u64, slow_down_ms: u64, expires_ms: u64) -> Poller {
+        Poller {
+            interval: Duration::from_millis(interval_ms),
+            slow_down: Duration::from_millis(slow_down_ms),
+            deadline: Instant::now() + Duration::from_millis(expires_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_token_endpoint_is_polled_until_the_sign_in_ends() {
+        let http = reqwest::Client::new();
+        let confidential = OAuthClient {
+            id: "ctl".into(),
+            secret: Some("s3cret".into()),
+        };
+        let pending = json!({ "error": "authorization_pending" });
+        let (url, seen) = token_endpoint(vec![
+            (400, pending.clone()),
+            (400, json!({ "error": "slow_down" })),
+            (400, pending.clone()),
+            (200, json!({ "id_token": "h.p.s", "token_type": "Bearer" })),
+        ])
+        .await;
+        let t0 = Instant::now();
+        let v = poll_token(
+            &http,
+            &url,
+            &confidential,
+            "the-device-code",
+            fast_poller(20, 300, 10_000),
+        )
+        .await
+        .unwrap();
+        assert_eq!(v["id_token"], "h.p.s");
+        let seen = seen.await.unwrap();
+        assert_eq!(seen.len(), 4);
+        assert!(
+            seen[0].0 - t0 >= Duration::from_millis(20),
+            "it waits first"
+        );
+        assert!(
+            seen[2].0 - seen[1].0 >= Duration::from_millis(320),
+            "slow_down lengthens the wait: {:?}",
+            seen[2].0 - seen[1].0
+        );
+        let (_, head, body) = &seen[0];
+        // HTTP Basic for a confidential client: `ctl:s3cret`.
+        assert!(
+            head.to_ascii_lowercase().contains("authorization: basic ")
+                && head.contains("Basic Y3RsOnMzY3JldA=="),
+            "{head}"
+        );
+        assert_eq!(
+            body,
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code&device_code=the-device-code"
+        );
+
+        // A public client names itself in the form; the person denies.
+        let public = OAuthClient {
+            id: "ctl".into(),
+            secret: None,
+        };
+        let (url, seen) = token_endpoint(vec![
+            (400, pending.clone()),
+            (
+                400,
+                json!({ "error": "access_denied", "error_description": "End-User aborted interaction" }),
+            ),
+        ])
+        .await;
+        let e = poll_token(&http, &url, &public, "dc", fast_poller(10, 10, 10_000))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "the sign-in was denied at the identity provider: End-User aborted interaction"
+        );
+        let seen = seen.await.unwrap();
+        assert!(seen[0].2.ends_with("&client_id=ctl"), "{}", seen[0].2);
+        assert!(!seen[0].1.to_ascii_lowercase().contains("authorization:"));
+
+        // The provider says the code expired.
+        let (url, _seen) = token_endpoint(vec![(400, json!({ "error": "expired_token" }))]).await;
+        let e = poll_token(&http, &url, &public, "dc", fast_poller(10, 10, 10_000))
+            .await
+            .unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+
+        // Or it keeps saying "pending" past the code's lifetime: the wait is bounded.
+        let (url, _seen) = token_endpoint(vec![(400, pending.clone()); 100]).await;
+        let t0 = Instant::now();
+        let e = poll_token(&http, &url, &public, "dc", fast_poller(30, 10, 200))
+            .await
+            .unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_token_is_saved_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let home = tempfile::tempdir().unwrap();
+        let file = home.path().join("cfg/portcullis/ctl.jwt");
+        save_token(&file, "a.b.c").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "a.b.c\n");
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        assert_eq!(mode(&home.path().join("cfg")), 0o700);
+        // A file readable by others is replaced whole, by one of mode 0600.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save_token(&file, "d.e.f").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "d.e.f\n");
+        assert_eq!(mode(&file), 0o600);
+        // No temp file is left behind.
+        assert_eq!(
+            std::fs::read_dir(file.parent().unwrap()).unwrap().count(),
+            1
+        );
+        // An existing directory is left as it is.
+        let shared = home.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        save_token(&shared.join("t"), "x").unwrap();
+        assert_eq!(mode(&shared), 0o755);
+        let e = save_token(&home.path().join("cfg/portcullis/ctl.jwt/inside"), "x").unwrap_err();
+        assert!(e.contains("cannot save the token"), "{e}");
     }
 }

@@ -29,6 +29,8 @@ fn command(p: &Proxy, cred: &Cred, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"));
     c.args(["ctl", "--admin", &p.admin_url("")]);
     c.env_remove("PORTCULLIS_ADMIN_TOKEN");
+    // No saved `ctl login` of the machine's user stands in for the credentials a test gives.
+    c.env("XDG_CONFIG_HOME", p.dir.path().join("no-ctl-login"));
     match cred {
         Cred::Env => {
             c.env("PORTCULLIS_ADMIN_TOKEN", ADMIN_TOKEN);
