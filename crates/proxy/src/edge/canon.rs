@@ -13,7 +13,7 @@
 //! must cost one scan and no allocation.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use portcullis_config::{EscapedSlashes, Listener, MethodOverride};
+use portcullis_config::{EscapedSlashes, Listener, MethodOverride, UnderscoresInHeaders};
 use std::borrow::Cow;
 
 /// Why a request was refused before routing (400). `reason` is the metric label.
@@ -30,6 +30,7 @@ pub enum Refusal {
     InvalidHost,
     MethodOverride,
     InvalidMethodOverride,
+    UnderscoreHeader,
 }
 
 impl Refusal {
@@ -46,6 +47,7 @@ impl Refusal {
             Refusal::InvalidHost => "invalid_host",
             Refusal::MethodOverride => "method_override",
             Refusal::InvalidMethodOverride => "invalid_method_override",
+            Refusal::UnderscoreHeader => "underscore_header",
         }
     }
 
@@ -63,6 +65,7 @@ impl Refusal {
             Refusal::InvalidHost => "invalid Host header\n",
             Refusal::MethodOverride => "method override headers are not accepted\n",
             Refusal::InvalidMethodOverride => "invalid or conflicting method override headers\n",
+            Refusal::UnderscoreHeader => "header names with an underscore are not accepted\n",
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct Rules {
     pub merge_slashes: bool,
     pub escaped_slashes: EscapedSlashes,
     pub method_override: MethodOverride,
+    pub underscores_in_headers: UnderscoresInHeaders,
     /// Allowed upgrade protocol names, lower-case.
     pub upgrades: Vec<String>,
     /// The port that a `Host` for this listener's scheme may omit (80, or 443 with TLS).
@@ -87,6 +91,7 @@ impl Rules {
             merge_slashes: l.normalize.merge_slashes,
             escaped_slashes: l.normalize.escaped_slashes,
             method_override: l.method_override,
+            underscores_in_headers: l.underscores_in_headers,
             upgrades: lower_all(&l.upgrades),
             default_port: if l.tls.is_some() { 443 } else { 80 },
             max_header_size: l.max_header_size.0,
@@ -100,6 +105,7 @@ impl Default for Rules {
             merge_slashes: true,
             escaped_slashes: EscapedSlashes::Reject,
             method_override: MethodOverride::Strip,
+            underscores_in_headers: UnderscoresInHeaders::Drop,
             upgrades: vec!["websocket".into()],
             default_port: 80,
             max_header_size: 64 * 1024,
@@ -525,6 +531,29 @@ pub fn method_override(
     }
 }
 
+/// Applies a listener's rule for request header names with an underscore (`X_User`,
+/// `Transfer_Encoding`): `drop` removes them, `reject` refuses the request, `allow` keeps
+/// them. CGI-style origin frameworks read `_` as `-`, so such a name would carry, past
+/// portcullis, a header that it removes or sets itself (docs/security.md).
+pub fn underscore_headers(
+    headers: &mut HeaderMap,
+    mode: UnderscoresInHeaders,
+) -> Result<(), Refusal> {
+    // One pass over the names, no allocation: most requests have none.
+    let has = |k: &HeaderName| k.as_str().as_bytes().contains(&b'_');
+    if mode == UnderscoresInHeaders::Allow || !headers.keys().any(has) {
+        return Ok(());
+    }
+    if mode == UnderscoresInHeaders::Reject {
+        return Err(Refusal::UnderscoreHeader);
+    }
+    let doomed: Vec<HeaderName> = headers.keys().filter(|k| has(k)).cloned().collect();
+    for n in doomed {
+        headers.remove(n);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,6 +796,57 @@ mod tests {
         );
         let mut none = HeaderMap::new();
         assert_eq!(method_override(&mut none, MethodOverride::Reject), Ok(None));
+    }
+
+    #[test]
+    fn header_names_with_underscores_follow_the_rule() {
+        let request = || {
+            let mut h = HeaderMap::new();
+            for (k, v) in [
+                ("Transfer_Encoding", "chunked"),
+                ("Content_Length", "5"),
+                ("X_Portcullis_User", "admin"),
+                ("x_user", "alice"),
+                ("x-user", "bob"),
+                ("host", "a"),
+            ] {
+                h.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let mut h = request();
+        assert_eq!(
+            underscore_headers(&mut h, UnderscoresInHeaders::Drop),
+            Ok(())
+        );
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-user"]);
+        let mut h = request();
+        assert_eq!(
+            underscore_headers(&mut h, UnderscoresInHeaders::Reject),
+            Err(Refusal::UnderscoreHeader)
+        );
+        let mut h = request();
+        assert_eq!(
+            underscore_headers(&mut h, UnderscoresInHeaders::Allow),
+            Ok(())
+        );
+        assert_eq!(h.len(), 6);
+        // Without one, every rule leaves the request alone.
+        for mode in [
+            UnderscoresInHeaders::Drop,
+            UnderscoresInHeaders::Reject,
+            UnderscoresInHeaders::Allow,
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-user", "bob".parse().unwrap());
+            assert_eq!(underscore_headers(&mut h, mode), Ok(()));
+            assert_eq!(h.len(), 1);
+        }
     }
 
     #[test]

@@ -448,6 +448,14 @@ async fn run_http<IO>(
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_size.0.min(u32::MAX as u64) as u32)
             .max_concurrent_streams(256)
+            // Abuse limits, set here rather than left to h2's and hyper's defaults (the same
+            // values today), so that a dependency update cannot loosen them unnoticed: a
+            // connection whose client resets more than 20 streams before they are served
+            // (rapid reset, CVE-2023-44487), or makes the proxy reset more than 1024 of its
+            // streams for protocol errors, is closed with GOAWAY (ENHANCE_YOUR_CALM).
+            // tests/h2_abuse.rs measures both.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024)
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20));
         if h2 && (!h1 || spoken == Spoken::H2) {

@@ -1,6 +1,7 @@
 //! The check phase: refuse what no route may see (a smuggling conflict, an oversized head, a
-//! CONNECT tunnel), and put the target into its one canonical form (`canon`): the host and
-//! path that every later phase, the audit record and the origin see.
+//! CONNECT tunnel), apply the listener's rule for header names with an underscore, and put
+//! the target into its one canonical form (`canon`): the host and path that every later
+//! phase, the audit record and the origin see.
 
 use crate::edge::canon::{self, Refusal};
 use crate::exchange::{Exchange, Flow, Host};
@@ -41,11 +42,22 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
             "CONNECT is not supported\n",
         );
     }
-    let raw_host = match request_host(parts) {
+    if one_content_length(&mut x.parts.headers).is_err() {
+        return Flow::Refuse(
+            StatusCode::BAD_REQUEST,
+            "conflicting Content-Length values\n",
+        );
+    }
+    // Before routing, so that no route, policy or origin sees a header the rule drops.
+    let mode = x.conn.rules.underscores_in_headers;
+    if let Err(r) = canon::underscore_headers(&mut x.parts.headers, mode) {
+        return refuse(x, r);
+    }
+    let raw_host = match request_host(&x.parts) {
         Ok(h) => h,
         Err(msg) => return Flow::Refuse(StatusCode::BAD_REQUEST, msg),
     };
-    let t = match canon::target(&parts.uri, &raw_host, &x.conn.rules) {
+    let t = match canon::target(&x.parts.uri, &raw_host, &x.conn.rules) {
         Ok(t) => t,
         Err(r) => return refuse(x, r),
     };
@@ -65,6 +77,34 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
         x.record.path = x.path().to_string();
     }
     Flow::Next
+}
+
+/// Makes repeated Content-Length values (`0` in two fields, or `0, 0`) one field, so that an
+/// HTTP/1.1 origin is sent one length: hyper (HTTP/1) and h2 refuse values that differ but
+/// pass repeated equal ones, which the upstream head of a request without a body would
+/// carry as they came, and which an origin may read as invalid framing (RFC 9110 §8.6).
+/// Values that differ are an error here too. One lookup when there is one field.
+fn one_content_length(headers: &mut http::HeaderMap) -> Result<(), ()> {
+    let mut all = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (all.next(), all.next()) {
+        (None, _) => return Ok(()),
+        (Some(v), None) if !v.as_bytes().contains(&b',') => return Ok(()),
+        _ => {}
+    }
+    let mut one: Option<&[u8]> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for n in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if one.is_some_and(|o| o != n) {
+                return Err(());
+            }
+            one = Some(n);
+        }
+    }
+    let one = one
+        .and_then(|n| HeaderValue::from_bytes(n).ok())
+        .ok_or(())?;
+    headers.insert(header::CONTENT_LENGTH, one);
+    Ok(())
 }
 
 /// Counts and logs a request refused for its form, and the answer it gets.
@@ -204,6 +244,85 @@ routes:
                 "conflicting Content-Length and Transfer-Encoding\n"
             )
         );
+    }
+
+    /// `Transfer_Encoding`, `Content_Length` and an identity header lookalike: what CGI-style
+    /// origins would read as `Transfer-Encoding`, `Content-Length` and `X-Portcullis-User`.
+    fn with_underscores() -> http::request::Builder {
+        Request::post("/")
+            .header("host", "example.com")
+            .header("Transfer_Encoding", "chunked")
+            .header("Content_Length", "5")
+            .header("X_Portcullis_User", "admin")
+            .header("x-kept", "1")
+    }
+
+    #[tokio::test]
+    async fn header_names_with_underscores_are_dropped_by_default() {
+        let kit = Kit::new(CONFIG).await;
+        let mut x = kit.exchange(with_underscores());
+        assert!(is_next(&run(&mut x)));
+        let mut names: Vec<&str> = x.parts.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x-kept"]);
+        assert_eq!(kit.refused("underscore_header"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn header_names_with_underscores_follow_the_listeners_rule() {
+        let listener = |mode: &str| {
+            format!(
+                "listeners: [{{ name: web, bind: \"127.0.0.1:0\", underscores_in_headers: {mode} }}]\n{CONFIG}"
+            )
+        };
+        let kit = Kit::from_yaml(&listener("reject")).await;
+        let mut x = kit.exchange(with_underscores());
+        assert_eq!(
+            refusal(run(&mut x)),
+            (
+                StatusCode::BAD_REQUEST,
+                "header names with an underscore are not accepted\n"
+            )
+        );
+        assert_eq!(kit.refused("underscore_header"), 1.0, "{}", kit.metrics());
+        let kit = Kit::from_yaml(&listener("allow")).await;
+        let mut x = kit.exchange(with_underscores());
+        assert!(is_next(&run(&mut x)));
+        assert_eq!(x.parts.headers.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn repeated_content_lengths_become_one_and_different_ones_are_refused() {
+        let kit = Kit::new(CONFIG).await;
+        for (repeated, one) in [
+            (&["0", "0"][..], "0"),
+            (&["0, 0"], "0"),
+            (&["5", "5, 5"], "5"),
+        ] {
+            let mut r = Request::get("/").header("host", "example.com");
+            for v in repeated {
+                r = r.header("content-length", *v);
+            }
+            let mut x = kit.exchange(r);
+            assert!(is_next(&run(&mut x)), "{repeated:?}");
+            let left: Vec<_> = x.parts.headers.get_all("content-length").iter().collect();
+            assert_eq!(left, [one], "{repeated:?}");
+        }
+        for different in [&["0", "40"][..], &["0, 40"], &["5,"]] {
+            let mut r = Request::get("/").header("host", "example.com");
+            for v in different {
+                r = r.header("content-length", *v);
+            }
+            let mut x = kit.exchange(r);
+            assert_eq!(
+                refusal(run(&mut x)),
+                (
+                    StatusCode::BAD_REQUEST,
+                    "conflicting Content-Length values\n"
+                ),
+                "{different:?}"
+            );
+        }
     }
 
     #[tokio::test]
