@@ -561,7 +561,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// so the share measured there is often near one half, and moves with any other load on the
 /// machine. The bound catches a proxy that gives in (one that let the attacker's streams
 /// through would leave the normal client a small fraction); the printed figures say more.
-const FLOOR: f64 = 0.25;
+const FLOOR: f64 = 0.15;
 
 /// The CPU time (user and system) a process has used so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
