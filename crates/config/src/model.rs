@@ -629,6 +629,10 @@ pub struct ListenerTimeouts {
     /// How long an idle client keep-alive connection is kept open.
     #[serde(default = "secs::<60>")]
     pub idle: Dur,
+    /// The longest a client may send nothing while its request body is read (slow POST
+    /// guard); then 408.
+    #[serde(default = "secs::<30>")]
+    pub client_body: Dur,
 }
 
 impl Default for ListenerTimeouts {
@@ -636,6 +640,7 @@ impl Default for ListenerTimeouts {
         ListenerTimeouts {
             client_header: secs::<10>(),
             idle: secs::<60>(),
+            client_body: secs::<30>(),
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// The last bearer token on this connection and what it was found to be.
     pub memo: crate::memo::Memo,
+    /// How long the client may leave its request body waiting (`timeouts.client_body`).
+    pub body_timeout: std::time::Duration,
 }
 
 impl ConnInfo {
@@ -44,6 +46,7 @@ impl ConnInfo {
             smuggle,
             peer_ip,
             memo: Default::default(),
+            body_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

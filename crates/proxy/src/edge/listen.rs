@@ -316,14 +316,16 @@ async fn serve(
                 // Shutting down: nothing was asked, so nothing is owed.
                 _ = watch.stop.changed() => return,
             };
-            let conn = Arc::new(ConnInfo::new(
+            let mut conn = ConnInfo::new(
                 peer,
                 listener,
                 false,
                 s.rules.clone(),
                 None,
                 smuggle.clone(),
-            ));
+            );
+            conn.body_timeout = cfg.timeouts.client_body.0;
+            let conn = Arc::new(conn);
             let io =
                 crate::edge::smuggle::Guard::new(IdleIo::new(tcp, idle), smuggle, header_timeout)
                     .first_head_by(first_head_by);
@@ -353,14 +355,16 @@ async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
-            let conn = Arc::new(ConnInfo::new(
+            let mut conn = ConnInfo::new(
                 peer,
                 listener,
                 true,
                 s.rules.clone(),
                 client_cert,
                 smuggle.clone(),
-            ));
+            );
+            conn.body_timeout = cfg.timeouts.client_body.0;
+            let conn = Arc::new(conn);
             let io =
                 crate::edge::smuggle::Guard::new(IdleIo::new(tls, idle), smuggle, header_timeout)
                     .first_head_by(first_head_by);

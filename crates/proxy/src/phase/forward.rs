@@ -10,7 +10,7 @@ use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt};
 use crate::state::ServerState;
 use crate::upstream::body::{
-    empty, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, TooLarge, Tracked,
+    empty, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, SlowBody, TooLarge, Tracked,
 };
 use crate::upstream::head::{strip_hop_by_hop, Head};
 use crate::upstream::pool::{ConnectError, Sender};
@@ -153,7 +153,9 @@ async fn request_body(
     } else {
         crate::upstream::body::Trailers::Drop
     };
-    let mut b = Limited::new(body, route.max_body, seen.clone(), trailers).boxed_unsync();
+    let mut b = Limited::new(body, route.max_body, seen.clone(), trailers)
+        .with_idle_timeout(x.conn.body_timeout)
+        .boxed_unsync();
     if !chunked {
         return Ok(b);
     }
@@ -162,6 +164,9 @@ async fn request_body(
         Some(Ok(f)) => Ok(Prepend::new(f, b).boxed_unsync()),
         Some(Err(e)) if e.is::<TooLarge>() => {
             Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"))
+        }
+        Some(Err(e)) if e.is::<SlowBody>() => {
+            Err((StatusCode::REQUEST_TIMEOUT, "request body timed out\n"))
         }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "invalid request body");
@@ -347,6 +352,15 @@ async fn not_answered(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body too large\n",
         )),
+        Failed::SlowBody => {
+            // The client stalled its body (a slow POST), not the server: no retry, no
+            // outlier penalty; the server's connection is not reused.
+            tracing::debug!("request body timed out");
+            Attempt::Done(Flow::Refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body timed out\n",
+            ))
+        }
         Failed::ClientBody(err) => {
             // The client's body broke, not the server: no retry, no outlier penalty.
             tracing::debug!(error = %err, "invalid request body");
@@ -485,6 +499,7 @@ enum Failed {
     /// Nothing reached the origin; the body is handed back.
     NotSent(ReqBody),
     TooLarge,
+    SlowBody,
     ClientBody(String),
     Upstream(String),
 }
@@ -495,6 +510,7 @@ impl Failed {
         match e {
             SendError::NotSent(b) => Failed::NotSent(b),
             SendError::Body(e) if e.is::<TooLarge>() => Failed::TooLarge,
+            SendError::Body(e) if e.is::<SlowBody>() => Failed::SlowBody,
             SendError::Body(e) => Failed::ClientBody(e.to_string()),
             SendError::Upstream(e) => Failed::Upstream(e),
         }
@@ -511,6 +527,8 @@ impl Failed {
         let err = e.into_error();
         if is_too_large(&err) {
             Failed::TooLarge
+        } else if caused_by::<SlowBody>(&err) {
+            Failed::SlowBody
         } else if caused_by::<ClientBody>(&err) {
             Failed::ClientBody(err.to_string())
         } else {

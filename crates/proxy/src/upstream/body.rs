@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,12 @@ pub struct TooLarge(pub u64);
 #[derive(Debug, thiserror::Error)]
 #[error("client request body: {0}")]
 pub struct ClientBody(#[source] pub BoxError);
+
+/// The client sent no byte of its request body for `timeouts.client_body`: answered with
+/// 408, and not held against the server (a slow POST).
+#[derive(Debug, thiserror::Error)]
+#[error("no request body byte for {0:?}")]
+pub struct SlowBody(pub std::time::Duration);
 
 /// What happens to a client's request trailers on their way to the origin.
 #[derive(Clone)]
@@ -69,13 +76,17 @@ impl Trailers {
     }
 }
 
-/// Passes a request body through, counting bytes and failing once it exceeds `limit`, and
-/// applies the route's rule for trailers.
+/// Passes a request body through, counting bytes and failing once it exceeds `limit`,
+/// applies the route's rule for trailers, and fails with [`SlowBody`] when the client sends
+/// nothing for the idle timeout while the body is being read.
 pub struct Limited<B> {
     inner: B,
     limit: Option<u64>,
     pub seen: Arc<AtomicU64>,
     trailers: Trailers,
+    /// How long the client may leave the body waiting, and the timer of the current wait
+    /// (armed at the first wait, reset after each frame).
+    idle: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
 }
 
 impl<B> Limited<B> {
@@ -85,6 +96,29 @@ impl<B> Limited<B> {
             limit,
             seen,
             trailers,
+            idle: None,
+        }
+    }
+
+    /// Fails the body when the client sends nothing for `d` while it is read.
+    pub fn with_idle_timeout(mut self, d: std::time::Duration) -> Self {
+        self.idle = Some((d, None));
+        self
+    }
+
+    /// A wait for the client: true once it has lasted the idle timeout.
+    fn waited_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((d, timer)) = &mut self.idle else {
+            return false;
+        };
+        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*d)));
+        t.as_mut().poll(cx).is_ready()
+    }
+
+    /// A frame came: the next wait starts its own clock.
+    fn progressed(&mut self) {
+        if let Some((d, Some(t))) = &mut self.idle {
+            t.as_mut().reset(tokio::time::Instant::now() + *d);
         }
     }
 }
@@ -109,6 +143,7 @@ where
                 Poll::Ready(kept.map(|t| Ok(Frame::trailers(t))))
             }
             Poll::Ready(Some(Ok(f))) => {
+                this.progressed();
                 if let Some(d) = f.data_ref() {
                     let n = this.seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
                     if let Some(l) = this.limit {
@@ -121,6 +156,10 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBody(e.into()))))),
             Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.waited_too_long(cx) => {
+                let d = this.idle.as_ref().map(|(d, _)| *d).unwrap_or_default();
+                Poll::Ready(Some(Err(Box::new(SlowBody(d)))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -268,5 +307,60 @@ where
 impl<B, D: OnDone> Drop for Tracked<B, D> {
     fn drop(&mut self) {
         self.finish(self.empty);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A body fed by the test: frames sent on the channel, the end when it is dropped.
+    fn fed() -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let b = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+        });
+        (tx, http_body_util::StreamBody::new(Box::pin(frames)))
+    }
+
+    fn limited<B: Body<Data = Bytes> + Unpin>(b: B, idle: Duration) -> Limited<B> {
+        Limited::new(b, None, Arc::default(), Trailers::Drop).with_idle_timeout(idle)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_fails_after_the_idle_timeout() {
+        let (tx, b) = fed();
+        let mut b = limited(b, Duration::from_secs(30));
+        tx.send(Bytes::from_static(b"first")).await.unwrap();
+        assert!(b.frame().await.unwrap().is_ok());
+        let t0 = tokio::time::Instant::now();
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert!(e.is::<SlowBody>(), "{e}");
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_body_is_read_to_its_end() {
+        let (tx, b) = fed();
+        let mut b = limited(b, Duration::from_secs(30));
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let mut n = 0;
+        while let Some(f) = b.frame().await {
+            assert!(f.is_ok(), "each wait is under the timeout");
+            n += 1;
+        }
+        assert_eq!(n, 5);
+        assert_eq!(b.seen.load(Ordering::Relaxed), 5);
     }
 }

@@ -31,14 +31,17 @@ pub async fn respond(req: Request<ReqBody>, request_id: &str) -> Response<RespBo
                 }
             }
             Err(e) => {
-                body_error = Some(e.to_string());
+                body_error = Some(e);
                 break;
             }
         }
     }
     if let Some(e) = body_error {
-        let status = if e.contains("exceeds the limit") {
+        use crate::upstream::body::{SlowBody, TooLarge};
+        let status = if e.is::<TooLarge>() {
             413
+        } else if e.is::<SlowBody>() {
+            408
         } else {
             400
         };
