@@ -1,6 +1,6 @@
 //! `portcullis ctl`: the runtime CLI, HAProxy's runtime API with names. Every command is one
-//! call to a running proxy's admin API (`--admin http://host:port`, default
-//! `http://127.0.0.1:9901`):
+//! call to a running proxy's admin API (`--admin http://host:port`, or
+//! `https://host:port` when `admin.tls` is set; default `http://127.0.0.1:9901`):
 //!
 //! * servers: `servers [BACKEND]`, `drain|ready|maint [APP/]BACKEND/SERVER`,
 //!   `weight [APP/]BACKEND/SERVER N`;
@@ -21,15 +21,24 @@
 //! `--api-key-file` (sent as `X-API-Key`). Never from a flag, which `ps` would show. Without
 //! any of these, the ID token `ctl login` saved (`$XDG_CONFIG_HOME/portcullis/ctl.jwt`, else
 //! `~/.config/portcullis/ctl.jwt`) is sent as a bearer token, once it is checked not to have
-//! expired.
+//! expired. Without that either, a client certificate (`--cert FILE --key FILE`, over
+//! `https://`) is the credential on its own, for an `mtls` provider of `admin.auth`; given
+//! with another credential, both are presented.
+//!
+//! **TLS.** Over `https://` the admin listener's certificate is verified against the CAs of
+//! `--cacert FILE` (PEM), else the Mozilla roots (`webpki-roots`), for the URL's host (a DNS
+//! name, or an IP address in the certificate's IP SANs). There is no way to skip the
+//! verification.
 //!
 //! **Exit codes.** 0 on success; 1 when the API refuses the call (its `error` and the HTTP
 //! status are printed; 401 is "bad or missing token", 403 "forbidden" with the policy's
 //! reasons) or cannot be reached, or the saved sign-in has expired; 2 on bad usage or without
-//! credentials. `ctl login` exits 1 when the sign-in is denied, expires or fails.
+//! credentials, or when a `--cacert`, `--cert` or `--key` file cannot be read or used; a TLS
+//! handshake that fails (an unknown CA, a client certificate required or refused) exits 1.
+//! `ctl login` exits 1 when the sign-in is denied, expires or fails.
 //!
-//! The admin listener speaks plain HTTP/1.1; the client here is a small one of its own, since
-//! it must send `X-API-Key` and read the server-sent event stream as it comes.
+//! The admin listener speaks HTTP/1.1, plain or over TLS; the client here is a small one of
+//! its own, since it must send `X-API-Key` and read the server-sent event stream as it comes.
 
 use clap::{ArgGroup, Args, Subcommand};
 use http::{Method, Uri};
@@ -39,8 +48,12 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::table_cli::{columns, plain, tables_text, top_text, TOKEN_ENV};
 use crate::workflow_cli::{events_text, json_arg, time_text};
@@ -55,9 +68,21 @@ const MAX_HEAD: usize = 64 << 10;
 
 #[derive(Args)]
 pub struct CtlArgs {
-    /// The admin API's address.
+    /// The admin API's address: `http://host:port[/prefix]`, or `https://host:port[/prefix]`
+    /// (default port 443) when the admin listener has `admin.tls`.
     #[arg(long, global = true, default_value = "http://127.0.0.1:9901")]
     admin: String,
+    /// For `https://`: a PEM file of the CAs to trust for the admin listener's certificate
+    /// (else the Mozilla roots, which a private CA is not among).
+    #[arg(long, global = true, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// For `https://`: a PEM file of a client certificate (and its chain) to present, with
+    /// `--key`; for an `mtls` provider of `admin.auth`, it is a credential of its own.
+    #[arg(long = "cert", global = true, value_name = "FILE")]
+    client_cert: Option<PathBuf>,
+    /// The private key of `--cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "key", global = true, value_name = "FILE")]
+    client_key: Option<PathBuf>,
     /// A file holding a static admin token of `admin.tokens` (else the PORTCULLIS_ADMIN_TOKEN
     /// environment variable).
     #[arg(long, global = true, value_name = "FILE")]
@@ -233,8 +258,8 @@ pub fn run(args: CtlArgs) -> ExitCode {
             return ExitCode::from(e.code);
         }
     };
-    let target = match Target::parse(&args.admin) {
-        Ok(t) => t,
+    let admin = match Admin::new(&args) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
@@ -251,18 +276,20 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
     };
     if matches!(args.command, CtlCommand::Events { .. }) {
-        return rt.block_on(follow(&target, &cred, &call.1, args.json));
+        return rt.block_on(follow(&admin, &cred, &call.1, args.json));
     }
     let answer = rt.block_on(async {
         tokio::time::timeout(TIMEOUT, async {
-            let (status, body) = send(&target, &cred, &call, "application/json").await?;
+            // (A change made with a client certificate alone needs no CSRF token: ctl sends
+            // no `Origin` and a JSON body, which the admin API knows for no browser's.)
+            let (status, body) = send(&admin, &cred, &call, "application/json", &[]).await?;
             Ok::<_, String>((status, body.text().await?))
         })
         .await
         .map_err(|_| {
             format!(
                 "{}: no answer within {}s",
-                target.authority,
+                admin.target.authority,
                 TIMEOUT.as_secs()
             )
         })?
@@ -471,6 +498,8 @@ enum Credential {
     Bearer(String),
     /// An identity provider's API key: `X-API-Key`.
     ApiKey(String),
+    /// Only the client certificate of `--cert` (presented in the TLS handshake): no header.
+    ClientCert,
 }
 
 /// The secret in `file`, trimmed; `flag` names it in errors.
@@ -510,13 +539,32 @@ impl From<String> for NoCredential {
 
 /// The caller's credential: from one of the `--*-file` flags, else from [`TOKEN_ENV`]
 /// (`env_token`), else the ID token `ctl login` saved in `saved` (when that file exists, and
-/// unless it expired before `now`, in Unix seconds).
+/// unless it expired before `now`, in Unix seconds), else the client certificate of `--cert`
+/// alone ([`Credential::ClientCert`]). A client certificate is presented whenever it is given,
+/// with any of the others too.
 fn credential(
     a: &CtlArgs,
     env_token: Option<String>,
     saved: Option<&Path>,
     now: u64,
 ) -> Result<Credential, NoCredential> {
+    match (&a.client_cert, &a.client_key) {
+        (Some(_), None) => {
+            return Err(
+                "--cert needs --key: the file of the certificate's private key"
+                    .to_string()
+                    .into(),
+            )
+        }
+        (None, Some(_)) => {
+            return Err(
+                "--key needs --cert: the file of the client certificate it is the key of"
+                    .to_string()
+                    .into(),
+            )
+        }
+        _ => {}
+    }
     let given: Vec<&str> = [
         (a.token_file.is_some(), "--token-file"),
         (a.bearer_file.is_some(), "--bearer-file"),
@@ -543,6 +591,10 @@ fn credential(
     if let Some(f) = saved.filter(|f| f.exists()) {
         let token = secret_file("the saved sign-in", f)?;
         if let Some(exp) = jwt_payload(&token).and_then(|c| c["exp"].as_u64()) {
+            if exp <= now && a.client_cert.is_some() {
+                // Expired, but the certificate given is a credential of its own.
+                return Ok(Credential::ClientCert);
+            }
             if exp <= now {
                 return Err(NoCredential {
                     code: 1,
@@ -557,10 +609,14 @@ fn credential(
         }
         return Ok(Credential::Bearer(token));
     }
+    if a.client_cert.is_some() {
+        return Ok(Credential::ClientCert);
+    }
     Err(format!(
         "no credentials: give the admin token with --token-file FILE or the {TOKEN_ENV} \
-         environment variable, an identity provider's JWT with --bearer-file FILE, or its \
-         API key with --api-key-file FILE; or sign in as yourself with `portcullis ctl login`{}",
+         environment variable, an identity provider's JWT with --bearer-file FILE, its API \
+         key with --api-key-file FILE, or (over https://) a client certificate with --cert \
+         FILE --key FILE; or sign in as yourself with `portcullis ctl login`{}",
         saved.map_or_else(String::new, |f| format!(
             " (which saves the token in {})",
             f.display()
@@ -1047,22 +1103,30 @@ struct Target {
     port: u16,
     /// A path prefix (a proxy in front of the admin listener), without a trailing `/`.
     prefix: String,
+    /// `https://`: over TLS.
+    tls: bool,
 }
 
 impl Target {
-    /// `http://host:port[/prefix]`.
+    /// `http://host:port[/prefix]` (default port 80) or `https://host:port[/prefix]` (443).
     fn parse(base: &str) -> Result<Target, String> {
         let uri: Uri = base.parse().map_err(|e| format!("--admin `{base}`: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("http") => (false, 80),
+            Some("https") => (true, 443),
             Some(s) => {
                 return Err(format!(
                     "--admin `{base}`: scheme `{s}` is not supported; the admin listener \
-                     speaks plain HTTP (`http://127.0.0.1:9901`)"
+                     speaks HTTP (`http://127.0.0.1:9901`), or HTTPS with `admin.tls` \
+                     (`https://127.0.0.1:9901`)"
                 ))
             }
-            None => return Err(format!("--admin `{base}`: give it as `http://host:port`")),
-        }
+            None => {
+                return Err(format!(
+                    "--admin `{base}`: give it as `http://host:port` or `https://host:port`"
+                ))
+            }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("--admin `{base}` has no host"))?;
@@ -1073,14 +1137,212 @@ impl Target {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(default_port),
             prefix: uri.path().trim_end_matches('/').to_string(),
+            tls,
         })
     }
 }
 
-/// The request's bytes.
-fn request_bytes(t: &Target, cred: &Credential, call: &Call, accept: &str) -> Vec<u8> {
+/// The admin API and how to reach it.
+struct Admin {
+    target: Target,
+    /// For `https://`: the TLS client config, and the name the certificate must be valid for.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl Admin {
+    /// From `--admin`, `--cacert`, `--cert` and `--key`; `Err` on bad usage (a TLS flag for
+    /// `http://`, a file that cannot be read or used).
+    fn new(a: &CtlArgs) -> Result<Admin, String> {
+        let target = Target::parse(&a.admin)?;
+        let client = a.client_cert.as_deref().zip(a.client_key.as_deref());
+        if !target.tls {
+            let flags: Vec<&str> = [
+                (a.cacert.is_some(), "--cacert"),
+                (a.client_cert.is_some(), "--cert"),
+                (a.client_key.is_some(), "--key"),
+            ]
+            .into_iter()
+            .filter_map(|(on, f)| on.then_some(f))
+            .collect();
+            if !flags.is_empty() {
+                return Err(format!(
+                    "{} are for an admin listener over TLS: give --admin as `https://…`",
+                    flags.join(", ")
+                ));
+            }
+            return Ok(Admin { target, tls: None });
+        }
+        let name = ServerName::try_from(target.host.clone()).map_err(|e| {
+            format!(
+                "--admin `{}`: `{}` is no name a certificate can be checked for: {e}",
+                a.admin, target.host
+            )
+        })?;
+        let cfg = tls_config(a.cacert.as_deref(), client)?;
+        Ok(Admin {
+            target,
+            tls: Some((cfg, name)),
+        })
+    }
+}
+
+/// The certificates of the PEM file `f` (given with `flag`).
+fn pem_certs(flag: &str, f: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(f).map_err(|e| format!("{flag} {}: {e}", f.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag} {}: bad PEM: {e}", f.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{flag} {}: no certificate in it (PEM `BEGIN CERTIFICATE` blocks are expected)",
+            f.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The private key of the PEM file `f` (`--key`): PKCS#8, PKCS#1 or SEC1.
+fn pem_key(f: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(f).map_err(|e| format!("--key {}: {e}", f.display()))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "--key {}: no private key in it (a PEM PKCS#8, PKCS#1 or SEC1 key is expected)",
+            f.display()
+        ),
+        e => format!("--key {}: bad PEM: {e}", f.display()),
+    })
+}
+
+/// The TLS client config for the admin listener: its certificate verified against the CAs of
+/// `cacert`, else the Mozilla roots; `client`, a certificate and its key to present.
+fn tls_config(
+    cacert: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match cacert {
+        Some(f) => {
+            for c in pem_certs("--cacert", f)? {
+                roots.add(c).map_err(|e| {
+                    format!(
+                        "--cacert {}: a certificate that cannot be trusted: {e}",
+                        f.display()
+                    )
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = builder.with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(pem_certs("--cert", cert)?, pem_key(key)?)
+            .map_err(|e| {
+                format!(
+                    "--cert {} with --key {}: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A connection to the admin API, plain or over TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// Connects to the admin API (and for `https://`, makes the TLS handshake).
+async fn connect(a: &Admin) -> Result<Stream, String> {
+    let t = &a.target;
+    let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", t.authority))?;
+    let Some((cfg, name)) = &a.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name.clone(), tcp)
+        .await
+        .map_err(|e| match tls_error(&e) {
+            Some(_) => io_failure(&t.authority, &e),
+            None => format!("TLS handshake with {} failed: {e}", t.authority),
+        })?;
+    Ok(Box::new(tls))
+}
+
+/// The TLS error inside an I/O error of a TLS stream.
+fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// What to say of an I/O error talking to `authority`: for a TLS one, what failed and what
+/// to do about it.
+fn io_failure(authority: &str, e: &std::io::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let Some(tls) = tls_error(e) else {
+        return format!("{authority}: {e}");
+    };
+    let (handshake, hint) = match tls {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => (
+            true,
+            "; pass the CA that issued the admin listener's certificate with --cacert FILE",
+        ),
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => (
+            true,
+            "; give --admin a host name or address the certificate is for",
+        ),
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_) => (true, ""),
+        // TLS 1.3: the server judges the client's certificate after the client's handshake
+        // is done, and says so in an alert to the first read.
+        rustls::Error::AlertReceived(A::CertificateRequired) => (
+            true,
+            "; the admin listener asks for a client certificate: pass one with --cert FILE \
+             --key FILE",
+        ),
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied,
+        ) => (
+            true,
+            "; the admin listener does not accept the client certificate of --cert",
+        ),
+        rustls::Error::AlertReceived(A::HandshakeFailure | A::ProtocolVersion) => (true, ""),
+        _ => (false, ""),
+    };
+    if handshake {
+        format!("TLS handshake with {authority} failed: {tls}{hint}")
+    } else {
+        format!("TLS with {authority} failed: {tls}")
+    }
+}
+
+/// The request's bytes, with the `extra` headers.
+fn request_bytes(
+    t: &Target,
+    cred: &Credential,
+    call: &Call,
+    accept: &str,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
     let (method, path, body) = call;
     let mut head = format!(
         "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nAccept: {accept}\r\nConnection: close\r\nUser-Agent: portcullis-ctl/{}\r\n",
@@ -1091,6 +1353,10 @@ fn request_bytes(t: &Target, cred: &Credential, call: &Call, accept: &str) -> Ve
     match cred {
         Credential::Bearer(b) => head.push_str(&format!("Authorization: Bearer {b}\r\n")),
         Credential::ApiKey(k) => head.push_str(&format!("X-API-Key: {k}\r\n")),
+        Credential::ClientCert => {}
+    }
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     let payload = body.as_ref().map(Value::to_string).unwrap_or_default();
     if body.is_some() {
@@ -1128,7 +1394,7 @@ impl<R: AsyncRead + Unpin> Body<R> {
     /// Reads the answer's head: the status, and the body that follows.
     async fn read_head(r: R, authority: &str, head_only: bool) -> Result<(u16, Body<R>), String> {
         let mut r = BufReader::new(r);
-        let io = |e: std::io::Error| format!("{authority}: {e}");
+        let io = |e: std::io::Error| io_failure(authority, &e);
         let mut line = String::new();
         let mut read = 0;
         let mut status = None;
@@ -1202,7 +1468,7 @@ impl<R: AsyncRead + Unpin> Body<R> {
     /// The next bytes of the body, or `None` at its end.
     async fn chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
         let authority = self.authority.clone();
-        let io = |e: std::io::Error| format!("{authority}: {e}");
+        let io = |e: std::io::Error| io_failure(&authority, &e);
         let early = || format!("{authority}: the connection closed in the middle of the answer");
         let mut buf = vec![0u8; 16 << 10];
         match &mut self.framing {
@@ -1282,20 +1548,22 @@ impl<R: AsyncRead + Unpin> Body<R> {
     }
 }
 
-/// Sends `call` and reads the answer's head.
+/// Sends `call` (with the `extra` headers) and reads the answer's head.
 async fn send(
-    t: &Target,
+    a: &Admin,
     cred: &Credential,
     call: &Call,
     accept: &str,
-) -> Result<(u16, Body<tokio::net::TcpStream>), String> {
-    let mut stream = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", t.authority))?;
+    extra: &[(&str, &str)],
+) -> Result<(u16, Body<Stream>), String> {
+    let t = &a.target;
+    let mut stream = connect(a).await?;
+    let io = |e: std::io::Error| io_failure(&t.authority, &e);
     stream
-        .write_all(&request_bytes(t, cred, call, accept))
+        .write_all(&request_bytes(t, cred, call, accept, extra))
         .await
-        .map_err(|e| format!("{}: {e}", t.authority))?;
+        .map_err(io)?;
+    stream.flush().await.map_err(io)?;
     Body::read_head(stream, &t.authority, call.0 == Method::HEAD).await
 }
 
@@ -1573,9 +1841,10 @@ fn event_output(event: &str, data: &str, as_json: bool) -> Result<Option<String>
 
 /// `ctl events --follow`: prints each event as it comes, until interrupted (0 when stdout
 /// is closed) or the stream ends (1).
-async fn follow(t: &Target, cred: &Credential, path: &str, as_json: bool) -> ExitCode {
+async fn follow(a: &Admin, cred: &Credential, path: &str, as_json: bool) -> ExitCode {
+    let t = &a.target;
     let call = (Method::GET, path.to_string(), None);
-    let head = tokio::time::timeout(TIMEOUT, send(t, cred, &call, "text/event-stream")).await;
+    let head = tokio::time::timeout(TIMEOUT, send(a, cred, &call, "text/event-stream", &[])).await;
     let (status, mut body) = match head {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
@@ -1820,20 +2089,46 @@ mod tests {
     }
 
     #[test]
-    fn admin_urls_are_plain_http() {
+    fn admin_urls_are_http_or_https() {
         let t = Target::parse("http://[::1]:9/p/").unwrap();
         assert_eq!(
-            (t.host.as_str(), t.port, t.prefix.as_str()),
-            ("::1", 9, "/p")
+            (t.host.as_str(), t.port, t.prefix.as_str(), t.tls),
+            ("::1", 9, "/p", false)
         );
-        assert!(Target::parse("https://h:1")
-            .unwrap_err()
-            .contains("plain HTTP"));
+        assert_eq!(Target::parse("http://h").unwrap().port, 80);
+        // HTTPS: port 443 unless given, a prefix kept.
+        let t = Target::parse("https://admin.example").unwrap();
+        assert_eq!(
+            (
+                t.authority.as_str(),
+                t.host.as_str(),
+                t.port,
+                t.prefix.as_str()
+            ),
+            ("admin.example", "admin.example", 443, "")
+        );
+        assert!(t.tls);
+        let t = Target::parse("https://127.0.0.1:9901/ops/admin/").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.port, t.prefix.as_str(), t.tls),
+            ("127.0.0.1:9901", 9901, "/ops/admin", true)
+        );
+        let t = Target::parse("https://[::1]/").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.prefix.as_str()),
+            ("::1", 443, "")
+        );
+        let e = Target::parse("ftp://h:1").unwrap_err();
+        assert!(e.contains("scheme `ftp` is not supported"), "{e}");
+        let e = Target::parse("h:1").unwrap_err();
+        assert!(e.contains("`https://host:port`"), "{e}");
+
         let req = request_bytes(
             &Target::parse("http://h:1").unwrap(),
             &Credential::ApiKey("k".into()),
             &(Method::POST, "/x".into(), Some(json!({ "a": 1 }))),
             "application/json",
+            &[],
         );
         let req = String::from_utf8(req).unwrap();
         assert!(
@@ -1842,6 +2137,203 @@ mod tests {
         );
         assert!(req.contains("X-API-Key: k\r\n") && !req.contains("Authorization"));
         assert!(req.ends_with("Content-Length: 7\r\n\r\n{\"a\":1}"), "{req}");
+        // The client certificate alone: no credential header; extra headers when given.
+        let req = request_bytes(
+            &Target::parse("https://h/p").unwrap(),
+            &Credential::ClientCert,
+            &(Method::POST, "/x".into(), None),
+            "application/json",
+            &[("X-Extra", "tok")],
+        );
+        let req = String::from_utf8(req).unwrap();
+        assert!(
+            req.starts_with("POST /p/x HTTP/1.1\r\nHost: h\r\n"),
+            "{req}"
+        );
+        assert!(req.contains("X-Extra: tok\r\n"), "{req}");
+        assert!(
+            !req.contains("Authorization") && !req.contains("X-API-Key"),
+            "{req}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_is_a_credential_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("t");
+        std::fs::write(&token, "abc\n").unwrap();
+        let token = token.to_str().unwrap();
+        let saved = dir.path().join("ctl.jwt");
+        let now = 1_700_000_000;
+        let c = |args: &[&str], env: Option<&str>| {
+            let mut all = vec!["--admin", "https://h", "--cert", "c.pem", "--key", "c.key"];
+            all.extend_from_slice(args);
+            credential(
+                &parse(&all).unwrap(),
+                env.map(str::to_string),
+                Some(&saved),
+                now,
+            )
+        };
+        // Alone, it is the credential; with another, the other is sent too.
+        assert_eq!(c(&["servers"], None), Ok(Credential::ClientCert));
+        assert_eq!(
+            c(&["--token-file", token, "servers"], None),
+            Ok(Credential::Bearer("abc".into()))
+        );
+        assert_eq!(
+            c(&["servers"], Some("static")),
+            Ok(Credential::Bearer("static".into()))
+        );
+        // A saved sign-in is sent with it; an expired one is left out.
+        let live = jwt(json!({ "sub": "alice", "exp": now + 60 }));
+        std::fs::write(&saved, &live).unwrap();
+        assert_eq!(c(&["servers"], None), Ok(Credential::Bearer(live)));
+        std::fs::write(&saved, jwt(json!({ "sub": "alice", "exp": now }))).unwrap();
+        assert_eq!(c(&["servers"], None), Ok(Credential::ClientCert));
+
+        // A certificate needs its key, and a key its certificate.
+        let one = |args: &[&str]| credential(&parse(args).unwrap(), None, None, now);
+        let e = one(&["--admin", "https://h", "--key", "c.key", "servers"]).unwrap_err();
+        assert!(
+            e.code == 2 && e.message.starts_with("--key needs --cert"),
+            "{e:?}"
+        );
+        let e = one(&["--admin", "https://h", "--cert", "c.pem", "servers"]).unwrap_err();
+        assert!(
+            e.code == 2 && e.message.starts_with("--cert needs --key"),
+            "{e:?}"
+        );
+        // Without any credential, the certificate is one of the ways named.
+        let e = one(&["servers"]).unwrap_err();
+        assert!(e.message.contains("--cert FILE --key FILE"), "{e:?}");
+    }
+
+    #[test]
+    fn tls_flags_need_https_and_usable_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(d("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(d("c.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(d("c.key"), ca.key_pair.serialize_pem()).unwrap();
+        std::fs::write(d("other.key"), other.key_pair.serialize_pem()).unwrap();
+        std::fs::write(d("empty.pem"), "not PEM at all\n").unwrap();
+        let admin = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.push("servers");
+            Admin::new(&parse(&all).unwrap())
+        };
+
+        let a = admin(&["--admin", "https://127.0.0.1:9901"]).unwrap();
+        let (_, name) = a.tls.as_ref().unwrap();
+        assert!(matches!(name, ServerName::IpAddress(_)), "{name:?}");
+        let a = admin(&[
+            "--admin",
+            "https://localhost",
+            "--cacert",
+            &d("ca.pem"),
+            "--cert",
+            &d("c.pem"),
+            "--key",
+            &d("c.key"),
+        ])
+        .unwrap();
+        let (cfg, name) = a.tls.as_ref().unwrap();
+        assert_eq!(name, &ServerName::try_from("localhost").unwrap());
+        assert!(cfg.client_auth_cert_resolver.has_certs());
+        assert_eq!(cfg.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(admin(&["--admin", "http://h:1"]).unwrap().tls.is_none());
+
+        let e = admin(&["--admin", "http://h:1", "--cacert", &d("ca.pem")])
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("--cacert are for an admin listener over TLS"),
+            "{e}"
+        );
+        let e = admin(&["--admin", "https://h", "--cacert", &d("nope.pem")])
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with(&format!("--cacert {}: ", d("nope.pem"))),
+            "{e}"
+        );
+        let e = admin(&["--admin", "https://h", "--cacert", &d("empty.pem")])
+            .err()
+            .unwrap();
+        assert!(e.contains("no certificate in it"), "{e}");
+        let e = admin(&[
+            "--admin",
+            "https://h",
+            "--cert",
+            &d("c.pem"),
+            "--key",
+            &d("ca.pem"),
+        ])
+        .err()
+        .unwrap();
+        assert!(e.contains("no private key in it"), "{e}");
+        let e = admin(&[
+            "--admin",
+            "https://h",
+            "--cert",
+            &d("c.pem"),
+            "--key",
+            &d("other.key"),
+        ])
+        .err()
+        .unwrap();
+        assert!(
+            e.starts_with(&format!("--cert {} with --key", d("c.pem"))),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_failures_say_what_to_do() {
+        let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            io_failure(
+                "127.0.0.1:9901",
+                &tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                ))
+            ),
+            "TLS handshake with 127.0.0.1:9901 failed: invalid peer certificate: UnknownIssuer; \
+             pass the CA that issued the admin listener's certificate with --cacert FILE"
+        );
+        let e = io_failure(
+            "h:1",
+            &tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateRequired,
+            )),
+        );
+        assert!(
+            e.starts_with(
+                "TLS handshake with h:1 failed: received fatal alert: CertificateRequired"
+            ) && e.ends_with("pass one with --cert FILE --key FILE"),
+            "{e}"
+        );
+        let e = io_failure(
+            "h:1",
+            &tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA,
+            )),
+        );
+        assert!(e.contains("does not accept the client certificate"), "{e}");
+        assert_eq!(
+            io_failure("h:1", &tls(rustls::Error::DecryptError)),
+            "TLS with h:1 failed: cannot decrypt peer's message"
+        );
+        assert_eq!(
+            io_failure(
+                "h:1",
+                &std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")
+            ),
+            "h:1: reset"
+        );
     }
 
     #[tokio::test]

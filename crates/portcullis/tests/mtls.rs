@@ -434,14 +434,25 @@ admin:
     .unwrap();
     assert_eq!(s, 200, "the break-glass token still works over TLS");
 
-    // A change with the certificate alone needs the console's CSRF token.
+    // A change with the certificate alone, from a browser (a form post, or a fetch that says
+    // where it comes from), needs the console's CSRF token.
     let path = "/api/v1/backends/o/servers/s1/state";
-    let json = [("content-type", "application/json")];
     let drain = r#"{"state":"drain"}"#;
-    let (s, _) = tls_request(port, with.clone(), "POST", path, &json, drain)
+    // The Host the test client sends.
+    let origin = "https://localhost".to_string();
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let (s, _) = tls_request(port, with.clone(), "POST", path, &form, "state=drain")
         .await
         .unwrap();
-    assert_eq!(s, 403, "no CSRF token");
+    assert_eq!(s, 403, "a form post without the CSRF token");
+    let fetch = [
+        ("content-type", "application/json"),
+        ("origin", origin.as_str()),
+    ];
+    let (s, _) = tls_request(port, with.clone(), "POST", path, &fetch, drain)
+        .await
+        .unwrap();
+    assert_eq!(s, 403, "a browser's fetch without the CSRF token");
     let (s, page) = tls_get(port, with.clone(), "/", &[]).await.unwrap();
     assert_eq!(s, 200, "the certificate signs in to the console: {page}");
     assert!(page.contains(SPIFFE), "the viewer is named");
@@ -453,19 +464,36 @@ admin:
         .to_string();
     let hdrs = [
         ("content-type", "application/json"),
+        ("origin", origin.as_str()),
         ("x-csrf-token", csrf.as_str()),
     ];
-    let (s, _) = tls_request(port, other.clone(), "POST", path, &hdrs, drain)
+    let mut cross = hdrs;
+    cross[1] = ("origin", "https://evil.example");
+    let (s, _) = tls_request(port, with.clone(), "POST", path, &cross, drain)
         .await
         .unwrap();
-    assert_eq!(s, 403, "another certificate's token does not fit");
+    assert_eq!(s, 403, "the token, but from another origin");
     let (s, body) = tls_request(port, with.clone(), "POST", path, &hdrs, drain)
         .await
         .unwrap();
     assert_eq!(s, 200, "{body}");
-    let (s, body) = tls_get(port, with, "/api/v1/backends", &[]).await.unwrap();
+    let (s, body) = tls_get(port, with.clone(), "/api/v1/backends", &[])
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     assert!(body.contains("\"drain\""), "{body}");
+    // An agent (no browser's signs, a JSON body) changes state with its certificate alone,
+    // and its policy still decides.
+    let json = [("content-type", "application/json")];
+    let ready = r#"{"state":"ready"}"#;
+    let (s, body) = tls_request(port, with.clone(), "POST", path, &json, ready)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "an agent needs no CSRF token: {body}");
+    let (s, _) = tls_request(port, other.clone(), "POST", path, &json, drain)
+        .await
+        .unwrap();
+    assert_eq!(s, 403, "the intruder's policy refuses it");
     let (s, _) = tls_get(port, anon, "/", &[]).await.unwrap();
     assert_eq!(s, 303, "without a certificate, the console asks to sign in");
 }

@@ -166,11 +166,15 @@ async fn auth(
         .get::<crate::admin_tls::ClientCert>()
         .cloned();
     // A client certificate is sent by the browser on its own, as a cookie is: a state change
-    // made with it alone must carry the CSRF token the console made for it.
+    // made with it alone from a browser must carry the CSRF token the console made for it.
+    // (An agent or `ctl` is no browser: see `crate::console::from_a_browser`.)
     if let (None, None, Some(c)) = (&bearer, &api_key, &cert) {
         let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
         let key = crate::console::cert_key(&c.0);
-        if !safe && !crate::console::csrf_passes(&snap, req.headers(), &key) {
+        if !safe
+            && crate::console::from_a_browser(req.headers())
+            && !crate::console::csrf_passes(&snap, req.headers(), &key)
+        {
             tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
             return (
                 StatusCode::FORBIDDEN,

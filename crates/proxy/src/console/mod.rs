@@ -585,6 +585,30 @@ async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response 
     redirect("/login", &[clear])
 }
 
+/// Whether a request may come from a browser, so that a credential the browser sends by
+/// itself (a client certificate) could have been sent for another site (CSRF). Browsers send
+/// `Origin` (or `Sec-Fetch-Site`) with every cross-site request that changes state, and a
+/// request they can send across sites without a preflight has a body of a "simple" type
+/// (a form's, or text). A request with neither sign, whose body is absent or JSON, is an
+/// agent's or `ctl`'s.
+pub fn from_a_browser(headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        return true;
+    }
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => false,
+        Some(ct) => {
+            let ct = ct.split(';').next().unwrap_or_default().trim();
+            !ct.eq_ignore_ascii_case("application/json")
+                && !ct.eq_ignore_ascii_case("application/cloudevents+json")
+                && !ct.eq_ignore_ascii_case("application/cloudevents-batch+json")
+        }
+    }
+}
+
 /// Whether a state change made with the console cookie `value` carries its CSRF token and
 /// comes from the console's own origin.
 pub fn csrf_passes(snap: &crate::snapshot::Snapshot, headers: &HeaderMap, value: &str) -> bool {
@@ -598,6 +622,34 @@ pub fn csrf_passes(snap: &crate::snapshot::Snapshot, headers: &HeaderMap, value:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn browsers_are_told_from_agents() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(!from_a_browser(&h(&[])));
+        assert!(!from_a_browser(&h(&[("content-type", "application/json")])));
+        assert!(!from_a_browser(&h(&[(
+            "content-type",
+            "Application/JSON; charset=utf-8"
+        )])));
+        assert!(from_a_browser(&h(&[("origin", "https://evil.example")])));
+        assert!(from_a_browser(&h(&[("sec-fetch-site", "cross-site")])));
+        assert!(from_a_browser(&h(&[(
+            "content-type",
+            "application/x-www-form-urlencoded"
+        )])));
+        assert!(from_a_browser(&h(&[("content-type", "text/plain")])));
+        assert!(from_a_browser(&h(&[(
+            "content-type",
+            "multipart/form-data; boundary=x"
+        )])));
+    }
 
     #[test]
     fn text_is_escaped_for_html() {
