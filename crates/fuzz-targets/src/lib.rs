@@ -15,6 +15,7 @@ pub mod config;
 pub mod edge;
 pub mod events;
 pub mod identity;
+pub mod limits;
 pub mod policy;
 #[doc(hidden)]
 pub mod seeds;
@@ -47,4 +48,5 @@ pub const TARGETS: &[Target] = &[
     ("jsonpath", workflow::jsonpath),
     ("intrinsics", workflow::intrinsics),
     ("audit_records", audit::audit_records),
+    ("limits", limits::limits),
 ];
