@@ -1133,9 +1133,13 @@ async fn portcullis_starts_before_the_provider_is_up() {
     idp.stop().await;
     let p = Proxy::start(&config(&idp, &[SESSION_KEY_OLD])).await;
     idp.allow_proxy(&p).await;
-    // No discovery yet: a browser cannot be sent anywhere, and gets 401 rather than an error.
+    // No discovery yet: a browser cannot be sent anywhere, and gets a 503 that says so.
     let mut b = Browser::new();
-    assert_eq!(b.get(&p.url("/app")).await.status, 401);
+    let r = b.get(&p.url("/app")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("sign-in is unavailable"), "{}", r.body);
+    // A non-browser still gets the 401 challenge.
+    assert_eq!(b.api_get(&p.url("/app")).await.status, 401);
 
     idp.resume().await;
     let token = idp.id_token("alice").await;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod idp;
+pub mod load;
 pub mod pki;
 
 use bytes::Bytes;

@@ -145,6 +145,28 @@ pub fn forbidden(rid: &str) -> Response<RespBody> {
     r
 }
 
+/// The answer to a browser that must log in while its provider cannot be reached: 503,
+/// with a page that says so and when to try again.
+fn login_unavailable(rid: &str, provider: &str) -> Response<RespBody> {
+    let mut r = Response::new(full(format!(
+        "sign-in is unavailable: the identity provider `{}` cannot be reached right now. \
+         Try again in a moment (request id {rid}).\n",
+        quote_safe(provider)
+    )));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        h.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    r
+}
+
 fn redirect(location: &str, cookies: &[String]) -> Response<RespBody> {
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::FOUND;
@@ -377,7 +399,17 @@ fn challenge(
                     }
                 }
                 Err(e) => {
+                    // The provider has not been discovered (it was unreachable at start or
+                    // since a reload), so there is nowhere to send the browser: say so, as
+                    // an outage (503), rather than ask for credentials nobody can obtain.
                     tracing::warn!(provider = %login.provider, error = %e, "cannot start login");
+                    let mut r = login_unavailable(rid, &login.provider);
+                    for c in clear {
+                        if let Ok(v) = HeaderValue::from_str(&c) {
+                            r.headers_mut().append(header::SET_COOKIE, v);
+                        }
+                    }
+                    return Step::Respond(r, "login unavailable: provider not reachable".into());
                 }
             }
         }
@@ -542,6 +574,56 @@ async fn callback(snap: &Snapshot, headers: &HeaderMap, query: &str) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A browser that must log in while the provider has never been discovered (it was down
+    /// when the proxy started) gets a 503 that says so, not a 401 asking for credentials that
+    /// cannot be obtained; a non-browser still gets the 401 challenge.
+    #[tokio::test]
+    async fn a_login_without_a_discovered_provider_is_a_503() {
+        use crate::testkit::{response, Kit};
+        // The kit fetches nothing, so the provider stays undiscovered.
+        let kit = Kit::new(
+            r#"
+identity:
+  providers:
+    - { name: corp, kind: oidc, issuer: "http://127.0.0.1:9", client_id: px, client_secret: s }
+  session: { keys: ["b2xkLXNlc3Npb24ta2V5LTAxMjM0NTY3ODlhYmNkZWY="], secure: false }
+backends:
+  - { name: b, servers: [{ name: s1, address: "builtin:echo" }] }
+routes:
+  - { name: app, match: { path_prefix: / }, backend: b, auth: [corp], allow: [{}] }
+"#,
+        )
+        .await;
+        let browser = http::Request::get("/app")
+            .header("host", "example.com")
+            .header(header::ACCEPT, "text/html,*/*;q=0.8");
+        let mut x = kit.routed(browser).await;
+        let r = response(crate::phase::identify::run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "10");
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+        assert!(r.headers().get(header::LOCATION).is_none());
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("sign-in is unavailable") && body.contains("`corp`"),
+            "{body}"
+        );
+        let audit = kit.audit();
+        assert_eq!(
+            audit[0]["reasons"][0],
+            "authentication: login unavailable: provider not reachable"
+        );
+
+        let api = http::Request::get("/app").header("host", "example.com");
+        let mut x = kit.routed(api).await;
+        let r = response(crate::phase::identify::run(&mut x).await);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
 
     #[test]
     fn credentials_are_read_as_ascii_only() {
