@@ -201,6 +201,11 @@ const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
 const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(2);
 /// An unknown kid is not looked up again for this long.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// How long a kid stays unknown when the refetch that looked for it failed (the provider
+/// could not be asked): short, so that a key rotated in during an outage is accepted soon
+/// after the provider returns, yet long enough that tokens with that kid do not each wait on
+/// a provider that hangs.
+const NEGATIVE_TTL_UNREACHABLE: Duration = Duration::from_secs(3);
 
 pub struct KeySource {
     pub provider: String,
@@ -209,6 +214,7 @@ pub struct KeySource {
     pub discovery: ArcSwap<Option<Discovery>>,
     generation: AtomicU64,
     last_fetch: Mutex<Option<Instant>>,
+    /// Key ids found unknown, until when.
     negative: Mutex<HashMap<String, Instant>>,
     fallback_refresh: Duration,
     fetch_lock: tokio::sync::Mutex<()>,
@@ -397,7 +403,7 @@ impl KeySource {
         let kid_s = kid.unwrap_or("").to_string();
         {
             let neg = self.negative.lock();
-            if neg.get(&kid_s).is_some_and(|t| t.elapsed() < NEGATIVE_TTL) {
+            if neg.get(&kid_s).is_some_and(|until| Instant::now() < *until) {
                 return None;
             }
         }
@@ -420,9 +426,13 @@ impl KeySource {
             return self.keys.load().get(kid, alg);
         }
         tracing::info!(provider = %self.provider, kid = %kid_s.escape_debug(), "unknown key id: refetching keys");
-        if let Err(e) = self.refresh().await {
-            tracing::warn!(provider = %self.provider, error = %e, "key refetch failed; keeping the last good keys");
-        }
+        let ttl = match self.refresh().await {
+            Ok(_) => NEGATIVE_TTL,
+            Err(e) => {
+                tracing::warn!(provider = %self.provider, error = %e, "key refetch failed; keeping the last good keys");
+                NEGATIVE_TTL_UNREACHABLE
+            }
+        };
         if let Some(k) = self.keys.load().get(kid, alg) {
             return Some(k);
         }
@@ -430,7 +440,7 @@ impl KeySource {
         if neg.len() > 1024 {
             neg.clear();
         }
-        neg.insert(kid_s, Instant::now());
+        neg.insert(kid_s, Instant::now() + ttl);
         None
     }
 
