@@ -15,7 +15,8 @@
 //! [`control`]: every change it makes is a [`Command`] that control validates, audits, applies
 //! and logs with that principal.
 
-use crate::console::Caller;
+use crate::admin_authz::{decide, Caller};
+use crate::admin_tokens::check_token;
 use crate::control::{self, Command, ControlError, Principal};
 use crate::state::AdminState;
 use crate::Runtime;
@@ -27,11 +28,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 pub fn router(rt: Arc<Runtime>) -> Router {
     let api = Router::new()
@@ -64,33 +63,6 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .merge(crate::console::routes())
         .merge(api)
         .with_state(rt)
-}
-
-/// The SHA-256 of a configured token: given as `sha256:<hex>`, or hashed from the token.
-pub(crate) fn token_digest(t: &str) -> [u8; 32] {
-    if let Some(hex) = t.strip_prefix("sha256:") {
-        let mut out = [0u8; 32];
-        let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
-        for (o, pair) in out.iter_mut().zip(hex.as_bytes().chunks(2)) {
-            *o = (nibble(pair[0]) << 4) | pair.get(1).map_or(0, |c| nibble(*c));
-        }
-        return out;
-    }
-    Sha256::digest(t.as_bytes()).into()
-}
-
-/// Checks the bearer token against every configured token (or its digest) in constant
-/// time: the presented token is hashed, and every configured digest compared.
-pub(crate) fn check_token(presented: &[u8], tokens: &[String]) -> Option<usize> {
-    let p = Sha256::digest(presented);
-    let mut found = None;
-    for (i, t) in tokens.iter().enumerate() {
-        let t = token_digest(t);
-        if bool::from(p.ct_eq(&t)) && found.is_none() {
-            found = Some(i);
-        }
-    }
-    found
 }
 
 fn unauthorized(msg: &'static str) -> Response {
@@ -163,7 +135,7 @@ async fn auth(
         .map(str::to_string);
     let cert = req
         .extensions()
-        .get::<crate::admin_tls::ClientCert>()
+        .get::<crate::admin_authz::ClientCert>()
         .cloned();
     // A client certificate is sent by the browser on its own, as a cookie is: a state change
     // made with it alone from a browser must carry the CSRF token the console made for it.
@@ -304,38 +276,6 @@ pub(crate) async fn as_person(
         kind: control::PrincipalKind::Person,
     });
     next.run(req).await
-}
-
-/// The decision on `action` over `resource` for `identity`. Publishing events is decided on
-/// each event's type instead (a body with no type is decided on the resource, then refused
-/// by the endpoint).
-pub(crate) fn decide(
-    snap: &crate::snapshot::Snapshot,
-    identity: &portcullis_identity::Identity,
-    action: &str,
-    resource: &portcullis_policy::admin::AdminResource,
-    types: &[String],
-) -> portcullis_policy::admin::AdminDecision {
-    let ty = match identity.method {
-        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
-        _ => "User",
-    };
-    let user = (ty, identity.user.as_str());
-    let p = &snap.admin_policies;
-    if types.is_empty() {
-        return p.authorize_user(user, &identity.groups, action, resource);
-    }
-    for t in types {
-        let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
-        let d = p.authorize_user(user, &identity.groups, action, &r);
-        if !d.allowed {
-            return d;
-        }
-    }
-    portcullis_policy::admin::AdminDecision {
-        allowed: true,
-        reasons: Vec::new(),
-    }
 }
 
 /// `GET /api/v1/dashboard`: one look at what the console shows (see [`crate::console::data`]).
@@ -644,20 +584,4 @@ async fn config(State(rt): State<Arc<Runtime>>) -> Response {
         "reloads_failed": st.failed,
     }))
     .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_match_exactly() {
-        let tokens = vec![
-            "0123456789abcdef".to_string(),
-            "fedcba9876543210".to_string(),
-        ];
-        assert_eq!(check_token(b"fedcba9876543210", &tokens), Some(1));
-        assert_eq!(check_token(b"fedcba987654321", &tokens), None);
-        assert_eq!(check_token(b"", &tokens), None);
-    }
 }

@@ -5,13 +5,77 @@
 //!
 //! A backend named by its short name is resolved to its full id (`app/backend`), so a policy
 //! on `Portcullis::App::"billing"` covers it. An execution is looked up for its workflow, and
-//! a callback's token (in its body) for its execution.
+//! a callback's token (in its body) for its execution. [`Caller`] is who calls, and
+//! [`decide`] what `admin.policies` say of a person's call.
 
 use crate::snapshot::Snapshot;
 use crate::Runtime;
 use http::Method;
 use percent_encoding::percent_decode_str;
 use portcullis_policy::admin::AdminResource;
+
+/// Who calls the admin API, for what the console shows and offers.
+#[derive(Clone)]
+pub enum Caller {
+    /// A break-glass token (`who` as the control path records it): may do everything.
+    Token(String),
+    /// A person or agent, whose every call `admin.policies` decides.
+    Person(std::sync::Arc<portcullis_identity::Identity>),
+}
+
+impl Caller {
+    /// Whether this caller may take `action` on `resource`.
+    pub fn may(&self, snap: &Snapshot, action: &str, resource: &AdminResource) -> bool {
+        match self {
+            Caller::Token(_) => true,
+            Caller::Person(id) => decide(snap, id, action, resource, &[]).allowed,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Caller::Token(who) => who.clone(),
+            Caller::Person(id) => format!("{}/{}", id.provider, id.user),
+        }
+    }
+}
+
+/// The DER of the certificate an admin client presented over TLS (verified by the
+/// handshake against `admin.tls.client_auth`).
+#[derive(Clone)]
+pub struct ClientCert(pub std::sync::Arc<Vec<u8>>);
+
+/// The decision on `action` over `resource` for `identity`. Publishing events is decided on
+/// each event's type instead (a body with no type is decided on the resource, then refused
+/// by the endpoint).
+pub fn decide(
+    snap: &crate::snapshot::Snapshot,
+    identity: &portcullis_identity::Identity,
+    action: &str,
+    resource: &portcullis_policy::admin::AdminResource,
+    types: &[String],
+) -> portcullis_policy::admin::AdminDecision {
+    let ty = match identity.method {
+        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
+        _ => "User",
+    };
+    let user = (ty, identity.user.as_str());
+    let p = &snap.admin_policies;
+    if types.is_empty() {
+        return p.authorize_user(user, &identity.groups, action, resource);
+    }
+    for t in types {
+        let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
+        let d = p.authorize_user(user, &identity.groups, action, &r);
+        if !d.allowed {
+            return d;
+        }
+    }
+    portcullis_policy::admin::AdminDecision {
+        allowed: true,
+        reasons: Vec::new(),
+    }
+}
 
 /// A call's action and resource. `token` is a callback's token, when the call is one.
 pub async fn target(

@@ -9,9 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The DER of the certificate an admin client presented (verified by the handshake).
-#[derive(Clone)]
-pub struct ClientCert(pub Arc<Vec<u8>>);
+use crate::admin_authz::ClientCert;
 
 /// How long a client has to finish its handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);

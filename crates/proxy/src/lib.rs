@@ -14,11 +14,12 @@ pub mod admin_authz;
 pub mod admin_events;
 pub mod admin_tables;
 pub mod admin_tls;
+pub mod admin_tokens;
 pub mod admin_usage;
 pub mod admin_workflows;
-pub mod console;
 pub mod audit;
 pub mod automate;
+pub mod console;
 pub mod control;
 pub mod edge;
 pub mod events;
@@ -128,6 +129,37 @@ pub struct Runtime {
     pub automation: automate::Automation,
     /// Durable workflows, when the config has `workflows:`.
     pub workflows: workflows::Workflows,
+}
+
+/// Binds the admin listener and serves the admin API and the console on it, over TLS with
+/// `admin.tls`.
+async fn start_admin(rt: &Arc<Runtime>, admin: &portcullis_config::AdminDef) -> Result<(), Error> {
+    let l = tokio::net::TcpListener::bind(&admin.bind)
+        .await
+        .map_err(|source| Error::Admin {
+            bind: admin.bind.clone(),
+            source,
+        })?;
+    *rt.admin_addr.lock() = l.local_addr().ok();
+    if let Some(tls) = &admin.tls {
+        admin_tls::serve(rt.clone(), l, tls)
+            .await
+            .map_err(|source| Error::AdminTls {
+                bind: admin.bind.clone(),
+                source,
+            })?;
+        tracing::info!(bind = %admin.bind, "admin API and console listening (TLS)");
+    } else {
+        let app =
+            admin::router(rt.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tracing::info!(bind = %admin.bind, "admin API and console listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Applies the session revocations kept in the embedded store (if it is open) to `engine`,
@@ -322,31 +354,7 @@ impl Runtime {
             shared,
         });
         if let Some(admin) = &config.admin {
-            let l = tokio::net::TcpListener::bind(&admin.bind)
-                .await
-                .map_err(|source| Error::Admin {
-                    bind: admin.bind.clone(),
-                    source,
-                })?;
-            *rt.admin_addr.lock() = l.local_addr().ok();
-            if let Some(tls) = &admin.tls {
-                admin_tls::serve(rt.clone(), l, tls)
-                    .await
-                    .map_err(|source| Error::AdminTls {
-                        bind: admin.bind.clone(),
-                        source,
-                    })?;
-                tracing::info!(bind = %admin.bind, "admin API and console listening (TLS)");
-            } else {
-                let app = admin::router(rt.clone())
-                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
-                tracing::info!(bind = %admin.bind, "admin API and console listening");
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(l, app).await {
-                        tracing::error!(error = %e, "admin listener failed");
-                    }
-                });
-            }
+            start_admin(&rt, admin).await?;
         }
         rt.listeners
             .commit(prepared, &rt.shared, config.shutdown_grace);

@@ -189,16 +189,7 @@ impl Snapshot {
             let Some(backend) = by_id.get(r.backend_id.as_str()).cloned() else {
                 continue;
             };
-            let by_class = CLASSES.map(|c| {
-                metrics
-                    .requests
-                    .get_or_create(&vec![
-                        ("route", r.id.clone()),
-                        ("backend", r.backend_id.clone()),
-                        ("code", c.to_string()),
-                    ])
-                    .clone()
-            });
+            let (by_class, decisions) = route_counters(metrics, r);
             let spec = &r.spec;
             let route_limits = route_limits(r, &tables, &plans, metrics)?;
             let has_mtls = spec.auth.iter().any(|a| {
@@ -244,12 +235,7 @@ impl Snapshot {
                 upgrades: spec.upgrades.as_deref().map(crate::edge::canon::lower_all),
                 request_trailers: spec.request_trailers,
                 by_class,
-                decisions: ["allow", "deny", "would_deny"].map(|d| {
-                    metrics
-                        .decisions
-                        .get_or_create(&vec![("route", r.id.clone()), ("decision", d.to_string())])
-                        .clone()
-                }),
+                decisions,
                 duration: metrics
                     .duration
                     .get_or_create(&vec![("route", r.id.clone())])
@@ -289,6 +275,31 @@ impl Snapshot {
     pub fn backend(&self, id: &str) -> Option<&Arc<BackendRt>> {
         self.backends.iter().find(|b| b.id == id)
     }
+}
+
+/// A route's request counters by status class, and its decision counters (allow, deny,
+/// would_deny).
+fn route_counters(
+    metrics: &Metrics,
+    r: &portcullis_config::RouteDef,
+) -> ([Counter; 5], [Counter; 3]) {
+    let by_class = CLASSES.map(|c| {
+        metrics
+            .requests
+            .get_or_create(&vec![
+                ("route", r.id.clone()),
+                ("backend", r.backend_id.clone()),
+                ("code", c.to_string()),
+            ])
+            .clone()
+    });
+    let decisions = ["allow", "deny", "would_deny"].map(|d| {
+        metrics
+            .decisions
+            .get_or_create(&vec![("route", r.id.clone()), ("decision", d.to_string())])
+            .clone()
+    });
+    (by_class, decisions)
 }
 
 /// A route's `limits`, compiled: its tables (from the registry), rules with their

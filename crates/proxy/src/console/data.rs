@@ -9,7 +9,7 @@
 //! viewer may (`can`), so the page offers only the actions the viewer's policy permits. Rates
 //! are differences between two looks, kept per stream in a [`Ticker`].
 
-use super::Caller;
+use crate::admin_authz::Caller;
 use crate::Runtime;
 use portcullis_policy::admin::AdminResource;
 use prometheus_client::metrics::histogram::Histogram;

@@ -18,14 +18,13 @@ pub mod audit;
 pub mod data;
 pub mod grant;
 
+use crate::admin_authz::{Caller, ClientCert};
 use crate::Runtime;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use portcullis_identity::Identity;
-use portcullis_policy::admin::AdminResource;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,37 +36,6 @@ const STYLE: &str = include_str!("assets/console.css");
 
 /// Nothing but the console's own script, style and API; no framing, no plugins.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-
-/// Who calls the admin API, for what the console shows and offers.
-#[derive(Clone)]
-pub enum Caller {
-    /// A break-glass token (`who` as the control path records it): may do everything.
-    Token(String),
-    /// A person or agent, whose every call `admin.policies` decides.
-    Person(Arc<Identity>),
-}
-
-impl Caller {
-    /// Whether this caller may take `action` on `resource`.
-    pub fn may(
-        &self,
-        snap: &crate::snapshot::Snapshot,
-        action: &str,
-        resource: &AdminResource,
-    ) -> bool {
-        match self {
-            Caller::Token(_) => true,
-            Caller::Person(id) => crate::admin::decide(snap, id, action, resource, &[]).allowed,
-        }
-    }
-
-    pub fn name(&self) -> String {
-        match self {
-            Caller::Token(who) => who.clone(),
-            Caller::Person(id) => format!("{}/{}", id.provider, id.user),
-        }
-    }
-}
 
 /// The console's pages: outside the admin API's authentication, each checks the cookie
 /// itself.
@@ -168,7 +136,7 @@ pub fn token_digests(snap: &crate::snapshot::Snapshot) -> Vec<[u8; 32]> {
         .map(|a| {
             a.tokens
                 .iter()
-                .map(|t| crate::admin::token_digest(t))
+                .map(|t| crate::admin_tokens::token_digest(t))
                 .collect()
         })
         .unwrap_or_default()
@@ -260,7 +228,7 @@ pub async fn from_cookie(snap: &crate::snapshot::Snapshot, peer: SocketAddr, val
 async fn page(
     State(rt): State<Arc<Runtime>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    cert: Option<axum::Extension<crate::admin_tls::ClientCert>>,
+    cert: Option<axum::Extension<ClientCert>>,
     headers: HeaderMap,
 ) -> Response {
     let snap = rt.shared.snapshot.load_full();
@@ -394,7 +362,7 @@ async fn login_token(
         .as_ref()
         .map(|a| a.tokens.as_slice())
         .unwrap_or(&[]);
-    let Some(i) = crate::admin::check_token(token.trim().as_bytes(), tokens) else {
+    let Some(i) = crate::admin_tokens::check_token(token.trim().as_bytes(), tokens) else {
         tracing::warn!(%peer, "console login refused: invalid token");
         return html(
             StatusCode::UNAUTHORIZED,
@@ -402,7 +370,7 @@ async fn login_token(
             &[],
         );
     };
-    let digest = crate::admin::token_digest(&tokens[i]);
+    let digest = crate::admin_tokens::token_digest(&tokens[i]);
     let Some(v) = grant::token_cookie(grant::sealer(&snap.identity), &digest) else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "cannot seal the grant\n").into_response();
     };
