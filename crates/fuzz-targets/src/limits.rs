@@ -40,7 +40,11 @@ pub fn limits(data: &[u8]) {
     let (counter, key) = text.split_once('\n').unwrap_or((&text, ""));
     if let Ok(c) = Counter::parse(counter) {
         let again = Counter::parse(&c.to_string());
-        assert_eq!(again.as_ref().ok(), Some(&c), "`{counter}` wrote out as `{c}`");
+        assert_eq!(
+            again.as_ref().ok(),
+            Some(&c),
+            "`{counter}` wrote out as `{c}`"
+        );
         let _ = c.context_name();
     }
     match parse_key(&parts, key) {
