@@ -100,7 +100,7 @@ try {
   result.graph_current = await page.locator('#execution-graph g.node.current').getAttribute('data-state');
   check(!(await page.locator('#execution-history').textContent()).includes(exec + '.'), 'no callback token is shown');
   await page.setViewportSize({ width: 1400, height: 900 });
-  await page.screenshot({ path: path.join(OUT, 'console-full.png'), fullPage: true });
+  await page.locator('#workflows').screenshot({ path: path.join(OUT, 'console-workflow.png') });
   await page.click(`button[data-action="approve"][data-execution="${exec}"]`);
   await page.click('#confirm-ok');
   await page.waitForSelector(`tr[data-execution="${exec}"] .status.succeeded`, { timeout: 5000 });
