@@ -68,8 +68,42 @@ fn is_singular(query: &str) -> bool {
     JsonPath::parse(&format!("$[?{query} == null]")).is_ok()
 }
 
+/// The deepest nesting of brackets and parentheses a path may have. serde_json_path parses
+/// nested filters by recursion, so a path nested thousands deep overflows the stack (found by
+/// fuzzing); real paths nest a few levels.
+pub const MAX_PATH_NESTING: usize = 8;
+
+/// Refuses a path nested deeper than [`MAX_PATH_NESTING`] (brackets and parentheses outside
+/// quoted names).
+fn check_nesting(path: &str) -> Result<(), String> {
+    let (mut depth, mut deepest, mut quote, mut escaped) = (0usize, 0usize, None::<char>, false);
+    for c in path.chars() {
+        match (quote, c) {
+            (Some(_), _) if escaped => escaped = false,
+            (Some(_), '\\') => escaped = true,
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '[' | '(') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (None, ']' | ')') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_PATH_NESTING {
+        return Err(format!(
+            "`{}…` nests {deepest} levels of brackets or parentheses; at most {MAX_PATH_NESTING} are allowed",
+            path.chars().take(40).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
 /// Parses `path` (any root) into a [`Compiled`] query.
 pub(crate) fn compile(path: &str) -> Result<Compiled<'_>, String> {
+    check_nesting(path)?;
     let (root, query) = split_root(path)?;
     let parsed = JsonPath::parse(&query).map_err(|e| {
         format!(
@@ -169,6 +203,7 @@ enum Seg {
 /// name or index read back from the crate's rendering of it (`$.name`, `$['name']`, `$[3]`),
 /// so no escape or quoting rule is decoded here.
 fn segments(query: &str) -> Result<Vec<Seg>, String> {
+    check_nesting(query)?;
     let mut segs = Vec::new();
     let mut start = 1; // after the `$`
     let ends = query
@@ -627,6 +662,20 @@ mod tests {
             assert!(message.contains('`'), "{bad}: {message}");
         }
         assert!(check_path("x").unwrap_err().contains("starts with `$`"));
+    }
+
+    /// A path nested thousands deep is refused before the parser recurses through it (it
+    /// overflowed the stack; found by fuzzing); quoted brackets do not count.
+    #[test]
+    fn deeply_nested_paths_are_refused_not_parsed() {
+        let deep = format!("$.a{}{}", "[?@.b".repeat(5000), "]".repeat(5000));
+        let e = check_path(&deep).unwrap_err();
+        assert!(e.contains("levels"), "{e}");
+        assert!(check_reference_path(&format!("$.a{}", "[0]".repeat(50))).is_ok());
+        let filters = format!("$.a{}{}", "[?@.b".repeat(4), "]".repeat(4));
+        assert_eq!(check_path(&filters), Ok(()));
+        let quoted = format!("$['{}']", "[(".repeat(100));
+        assert_eq!(check_path(&quoted), Ok(()));
     }
 
     #[test]
