@@ -175,18 +175,7 @@ impl Validator {
         drop(keys);
         let peek = peek(token)?;
         let h = &peek.header;
-        for bad in ["jku", "x5u", "jwk", "x5c"] {
-            if h.get(bad).is_some() {
-                return Err(reject(format!(
-                    "token header carries `{bad}`: key-bearing headers are not accepted"
-                )));
-            }
-        }
-        if h.get("crit").is_some() {
-            return Err(reject(
-                "token header has `crit`: critical extensions are not supported",
-            ));
-        }
+        refuse_header_extensions(h)?;
         let alg_s = h
             .get("alg")
             .and_then(Value::as_str)
@@ -256,21 +245,7 @@ impl Validator {
             required.push("exp");
         }
         v.set_required_spec_claims(&required);
-        let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            reject(match e.kind() {
-                K::ExpiredSignature => "token expired".to_string(),
-                K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
-                K::InvalidIssuer => "token issuer does not match".to_string(),
-                K::InvalidAudience => "token audience does not match".to_string(),
-                K::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
-                K::InvalidSignature => "token signature is invalid".to_string(),
-                K::InvalidAlgorithm => "token algorithm does not match the key".to_string(),
-                // Decoding failures (segments, base64, JSON, UTF-8, a key that does not
-                // parse): one message, with nothing of the decoder's internals.
-                _ => MALFORMED.to_string(),
-            })
-        })?;
+        let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| decode_error(&e))?;
         let c = data.claims;
         // jsonwebtoken skips a time claim it cannot read unless it is required: here one that
         // is present must be a NumericDate, or the token is refused.
@@ -297,6 +272,41 @@ impl Validator {
             .insert(token.as_bytes(), identity.clone(), until, key_id, now);
         Ok(identity)
     }
+}
+
+/// Refuses a header that points at a key (`jku`, `x5u`, `jwk`, `x5c`: portcullis never
+/// fetches or trusts a key a token names) or has critical extensions (`crit`).
+fn refuse_header_extensions(h: &Value) -> Result<(), AuthError> {
+    for bad in ["jku", "x5u", "jwk", "x5c"] {
+        if h.get(bad).is_some() {
+            return Err(reject(format!(
+                "token header carries `{bad}`: key-bearing headers are not accepted"
+            )));
+        }
+    }
+    if h.get("crit").is_some() {
+        return Err(reject(
+            "token header has `crit`: critical extensions are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Why jsonwebtoken refused a token, in portcullis's words. Decoding failures (segments,
+/// base64, JSON, UTF-8, a key that does not parse) are one message, with nothing of the
+/// decoder's internals.
+fn decode_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    reject(match e.kind() {
+        K::ExpiredSignature => "token expired".to_string(),
+        K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
+        K::InvalidIssuer => "token issuer does not match".to_string(),
+        K::InvalidAudience => "token audience does not match".to_string(),
+        K::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
+        K::InvalidSignature => "token signature is invalid".to_string(),
+        K::InvalidAlgorithm => "token algorithm does not match the key".to_string(),
+        _ => MALFORMED.to_string(),
+    })
 }
 
 /// A time claim (`exp`, `nbf`, `iat`) as seconds since the epoch: `None` when absent or null,
@@ -351,6 +361,25 @@ mod tests {
         std::fs::rename(&tmp, path).unwrap();
     }
 
+    /// An ES256 validator for issuer `https://p.test`, audience `api`, over `keys`.
+    fn validator(keys: Arc<KeySource>) -> Validator {
+        Validator {
+            provider: "p".into(),
+            issuer: "https://p.test".into(),
+            audiences: vec!["api".into()],
+            algorithms: vec![Algorithm::ES256],
+            hs_key: None,
+            skew: 0,
+            require_exp: true,
+            max_size: 16 * 1024,
+            claims: ClaimMap::default(),
+            keys,
+            cache: TokenCache::new(16),
+            cache_ttl: Duration::from_secs(300),
+            method: AuthMethod::Jwt,
+        }
+    }
+
     /// A cache hit's proof holds until the entry's expiry, and ends with any new key set.
     #[tokio::test]
     async fn a_proof_ends_at_expiry_and_with_a_new_key_set() {
@@ -365,21 +394,7 @@ mod tests {
             Duration::from_secs(60),
         ));
         keys.refresh().await.unwrap();
-        let v = Validator {
-            provider: "p".into(),
-            issuer: "https://p.test".into(),
-            audiences: vec!["api".into()],
-            algorithms: vec![Algorithm::ES256],
-            hs_key: None,
-            skew: 0,
-            require_exp: true,
-            max_size: 16 * 1024,
-            claims: ClaimMap::default(),
-            keys: keys.clone(),
-            cache: TokenCache::new(16),
-            cache_ttl: Duration::from_secs(300),
-            method: AuthMethod::Jwt,
-        };
+        let v = validator(keys.clone());
         let token = dev
             .mint("https://p.test", "api", "alice", &[], None, 120)
             .unwrap();
@@ -427,21 +442,7 @@ mod tests {
             Duration::from_secs(60),
         ));
         keys.refresh().await.unwrap();
-        let v = Validator {
-            provider: "p".into(),
-            issuer: "https://p.test".into(),
-            audiences: vec!["api".into()],
-            algorithms: vec![Algorithm::ES256],
-            hs_key: None,
-            skew: 0,
-            require_exp: true,
-            max_size: 16 * 1024,
-            claims: ClaimMap::default(),
-            keys,
-            cache: TokenCache::new(16),
-            cache_ttl: Duration::from_secs(300),
-            method: AuthMethod::Jwt,
-        };
+        let v = validator(keys);
         let good = dev
             .mint("https://p.test", "api", "alice", &[], None, 120)
             .unwrap();
