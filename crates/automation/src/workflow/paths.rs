@@ -65,7 +65,43 @@ fn split_root(path: &str) -> Result<(Root<'_>, String), String> {
 /// queries as comparison operands, so the query is singular exactly when
 /// `serde_json_path` accepts it as one.
 fn is_singular(query: &str) -> bool {
-    JsonPath::parse(&format!("$[?{query} == null]")).is_ok()
+    parse(&format!("$[?{query} == null]")).is_ok()
+}
+
+/// `JsonPath::parse`, except for a query that ends inside a `\u` escape: serde_json_path 0.7
+/// reads escapes with nom's streaming `one_of`, and panics ("we do not use streaming
+/// parsers") when the input ends where it expects one more character (found by fuzzing).
+/// Such a query is never valid, so it is refused here with the message and position the
+/// parser would give. The error is the message and the character position.
+fn parse(query: &str) -> Result<JsonPath, (String, usize)> {
+    if let Some(at) = unfinished_escape(query) {
+        return Err((
+            "the `\\u` escape is cut off by the end of the path".into(),
+            at,
+        ));
+    }
+    JsonPath::parse(query).map_err(|e| (e.message().to_string(), e.position()))
+}
+
+/// The character position of a `\u` escape that the end of `query` cuts off: fewer than
+/// four characters after it, or a high surrogate (`\uD800`–`\uDBFF`) without room for
+/// its low half (`\uXXXX`).
+fn unfinished_escape(query: &str) -> Option<usize> {
+    let chars: Vec<char> = query.chars().collect();
+    let mut backslashes = 0;
+    for (i, &c) in chars.iter().enumerate() {
+        if c == 'u' && backslashes % 2 == 1 {
+            let rest = &chars[i + 1..];
+            let high = rest.len() >= 2
+                && matches!(rest[0], 'D' | 'd')
+                && matches!(rest[1], '8' | '9' | 'A' | 'B' | 'a' | 'b');
+            if rest.len() < 4 || (high && rest.len() < 10) {
+                return Some(i - 1);
+            }
+        }
+        backslashes = if c == '\\' { backslashes + 1 } else { 0 };
+    }
+    None
 }
 
 /// The deepest nesting of brackets and parentheses a path may have. serde_json_path parses
@@ -105,12 +141,10 @@ fn check_nesting(path: &str) -> Result<(), String> {
 pub(crate) fn compile(path: &str) -> Result<Compiled<'_>, String> {
     check_nesting(path)?;
     let (root, query) = split_root(path)?;
-    let parsed = JsonPath::parse(&query).map_err(|e| {
+    let parsed = parse(&query).map_err(|(message, position)| {
         format!(
-            "`{path}` is not a valid JSONPath (RFC 9535): {} (at character {} of `{query}`); \
-             write e.g. `$.field`, `$.list[0]`, `$['key with spaces']` or `$.list[*].id`",
-            e.message(),
-            e.position()
+            "`{path}` is not a valid JSONPath (RFC 9535): {message} (at character {position} of `{query}`); \
+             write e.g. `$.field`, `$.list[0]`, `$['key with spaces']` or `$.list[*].id`"
         )
     })?;
     Ok(Compiled {
@@ -216,7 +250,7 @@ fn segments(query: &str) -> Result<Vec<Seg>, String> {
         }
         let rest = query[end..].trim_start();
         let next_segment = rest.is_empty() || rest.starts_with('.') || rest.starts_with('[');
-        if !next_segment || JsonPath::parse(&query[..end]).is_err() {
+        if !next_segment || parse(&query[..end]).is_err() {
             continue;
         }
         segs.push(segment(query[start..end].trim())?);
@@ -231,8 +265,8 @@ fn segments(query: &str) -> Result<Vec<Seg>, String> {
 /// A one-segment singular query (`.name`, `['name']`, `[3]`) as a [`Seg`].
 fn segment(text: &str) -> Result<Seg, String> {
     let one = format!("${text}");
-    let shown = JsonPath::parse(&one)
-        .map_err(|e| format!("`{one}`: {}", e.message()))?
+    let shown = parse(&one)
+        .map_err(|(message, _)| format!("`{one}`: {message}"))?
         .to_string();
     if let Some(name) = shown.strip_prefix("$.") {
         return Ok(Seg::Name(name.to_string()));
@@ -676,6 +710,26 @@ mod tests {
         assert_eq!(check_path(&filters), Ok(()));
         let quoted = format!("$['{}']", "[(".repeat(100));
         assert_eq!(check_path(&quoted), Ok(()));
+    }
+
+    #[test]
+    fn a_path_cut_off_inside_a_unicode_escape_is_refused_not_a_panic() {
+        // Each of these made serde_json_path 0.7 panic (found by fuzzing `intrinsics`).
+        for cut in [
+            r#"$.li11 ["++++k++'H\u"#,
+            r#"$['a\u"#,
+            r#"$['a\u00"#,
+            r#"$['a\uD83D"#,
+            r#"$['a\uD83D\u"#,
+            r#"$['a\uD83D\uDE0"#,
+        ] {
+            let e = check_path(cut).unwrap_err();
+            assert!(e.contains("not a valid JSONPath"), "{cut}: {e}");
+        }
+        // Whole escapes still parse, and an escaped backslash before `u` is no escape.
+        assert_eq!(check_path(r#"$['\u0041']"#), Ok(()));
+        assert_eq!(check_path(r#"$['\uD83D\uDE00']"#), Ok(()));
+        assert!(unfinished_escape(r#"$['a\\u"#).is_none());
     }
 
     #[test]
