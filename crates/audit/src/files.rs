@@ -135,7 +135,11 @@ pub(crate) fn create_file(dir: &Path, seq: u64) -> Result<(PathBuf, File), Error
         .mode(0o600)
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
-    sync_dir(dir)?;
+    if let Err(e) = sync_dir(dir) {
+        // Not left behind: a later attempt (a full disk is waited for) creates it again.
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((path, f))
 }
 

@@ -3,7 +3,8 @@
 //!
 //! * [`Auditor`] queues records to a dedicated writer thread, which chains, writes, syncs and
 //!   rotates the files, and acknowledges each record under the `audit.fsync` policy
-//!   ([`writer`]).
+//!   ([`writer`]). With `on_overload: wait`, a full disk is waited out rather than failed
+//!   (`disk`).
 //! * [`verify`] checks the chain and names the first broken seq, file and line; [`search`]
 //!   finds records; both are pure functions over files, for the CLI.
 //!
@@ -13,6 +14,7 @@
 //! that can be checked with `jq` and `sha256sum`.
 
 pub mod chain;
+mod disk;
 mod error;
 pub mod files;
 pub mod record;

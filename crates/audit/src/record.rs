@@ -102,6 +102,11 @@ pub struct Stats {
     pub queued: u64,
     /// The seq of the last record written (0 before the first one, ever).
     pub last_seq: u64,
+    /// The disk is full and the writer holds records until it has space again
+    /// (`on_overload: wait`).
+    pub waiting_for_disk: bool,
+    /// Times the writer started waiting for disk space since start.
+    pub disk_waits: u64,
 }
 
 #[cfg(test)]

@@ -13,6 +13,19 @@
 //! * **Failures.** A failed write is cut back off the file and the chain does not advance, so
 //!   the next record links to the last one really written. A failed sync reports an error to
 //!   the callers whose records it covered.
+//! * **A full disk with `on_overload: wait`.** When a write or sync of the `file` sink fails
+//!   with `ENOSPC` or `EDQUOT` (see the `disk` module), the writer cuts the failed bytes back
+//!   off (to the end of the last record fully written; with `every_record`, also when only the
+//!   sync failed), keeps the records unacknowledged, and tries again, after 100 ms growing to
+//!   1 s. Their requests wait; new records wait in the queue, and when it is full `record`
+//!   waits for room as usual (the batch held, at most about [`MAX_BATCH`] records, is on top
+//!   of the queue's `audit.queue`). One line is logged when the wait starts and one when it ends;
+//!   [`Stats`] says whether it is waiting. Other errors, the `stdout` sink (a line half
+//!   written to a stream cannot be taken back) and `fail_closed` fail the records at once.
+//! * **Stopping.** When the last handle is dropped, the writer writes what is queued and
+//!   stops. A writer waiting for space gives each record still held one more attempt, and
+//!   fails those that still cannot be written (their callers were never acknowledged), so
+//!   that stopping takes a bounded time.
 //! * **Batching across threads.** Waking another thread costs a system call and usually a
 //!   context switch, and on a busy core the woken thread runs at once, so waking the writer
 //!   for every record made batches of one. When the auditor is started inside a tokio
@@ -30,6 +43,7 @@
 //!   `audit-<seq>.jsonl` is started. The chain simply continues.
 
 use crate::chain::Chain;
+use crate::disk::{self, Disk, Waiting};
 use crate::files::{self, Current};
 use crate::record::{Decision, Kind, Record, Stats};
 use crate::Error;
@@ -37,7 +51,7 @@ use portcullis_config::{AuditCfg, AuditSink, Fsync, Overload};
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -94,6 +108,12 @@ struct Counters {
     last_seq: AtomicU64,
     /// Batches the runtime's task handed to the thread.
     handoffs: AtomicU64,
+    /// The writer holds records until the disk has space again.
+    waiting: AtomicBool,
+    /// Times the writer started waiting for space.
+    disk_waits: AtomicU64,
+    /// Set when the last handle is dropped: a writer waiting for space stops waiting.
+    stop: AtomicBool,
 }
 
 /// The handle to the audit trail. Cheap to clone; the writer stops (after a final sync) when
@@ -117,16 +137,21 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
     #[cfg(test)]
     gate: Arc<test_gate::Gate>,
+    #[cfg(test)]
+    faults: Arc<disk::faults::Faults>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer's loop; wait for its final sync, so that a new
-        // writer started on the same directory never overlaps with this one.
+        // writer started on the same directory never overlaps with this one. A writer
+        // waiting for disk space is woken, and stops waiting.
+        self.stats.stop.store(true, Ordering::SeqCst);
         self.fanin.take();
         self.tx.take();
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(h) = handle {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -139,6 +164,63 @@ impl std::fmt::Debug for Auditor {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// The task on the proxy's runtime that wakes the callers of each batch the thread
+/// acknowledged.
+fn spawn_fanout(h: &tokio::runtime::Handle) -> tokio::sync::mpsc::UnboundedSender<Acks> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Acks>();
+    h.spawn(async move {
+        while let Some(batch) = rx.recv().await {
+            for (ack, r) in batch {
+                let _ = ack.send(r);
+            }
+        }
+    });
+    tx
+}
+
+/// The task on the proxy's runtime that gathers records into batches for the thread (see
+/// the module doc). It holds only a weak sender, so dropping the auditor (possibly on this
+/// very runtime's thread, where the task cannot run) still closes the queue.
+fn spawn_gatherer(
+    h: &tokio::runtime::Handle,
+    tx: &mpsc::UnboundedSender<Vec<Msg>>,
+    stats: &Arc<Counters>,
+) -> mpsc::UnboundedSender<Msg> {
+    let (fanin, mut recs) = mpsc::unbounded_channel::<Msg>();
+    let to_writer = tx.downgrade();
+    let stats = stats.clone();
+    h.spawn(async move {
+        while let Some(first) = recs.recv().await {
+            let mut batch = vec![first];
+            // Gather for a few more turns of the runtime while records keep coming: each
+            // hand-off to the thread costs two cross-thread wakes and a context switch or
+            // two, whatever the size of the batch.
+            let since = Instant::now();
+            for _ in 0..GATHER_TURNS {
+                let before = batch.len();
+                while let Ok(m) = recs.try_recv() {
+                    batch.push(m);
+                }
+                if batch.len() == before
+                    || batch.len() >= GATHER_MAX
+                    || since.elapsed() >= GATHER_FOR
+                {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let Some(tx) = to_writer.upgrade() else {
+                break;
+            };
+            stats.handoffs.fetch_add(1, Ordering::Relaxed);
+            if tx.send(batch).is_err() {
+                break;
+            }
+        }
+    });
+    fanin
 }
 
 impl Auditor {
@@ -176,9 +258,16 @@ impl Auditor {
                     cur: resumed.current,
                     rotate_size: cfg.rotate_size.0.max(1),
                     rotate_age: cfg.rotate_age.0,
+                    disk: Disk::default(),
+                    torn: false,
                     _lock: lock,
                 })
             }
+        };
+        #[cfg(test)]
+        let faults = match &out {
+            Out::File(fo) => fo.disk.faults.clone(),
+            Out::Stream(_) => Arc::default(),
         };
         let stats = Arc::new(Counters::default());
         stats.last_seq.store(chain.next_seq - 1, Ordering::Relaxed);
@@ -190,55 +279,11 @@ impl Auditor {
         let room = Arc::new(tokio::sync::Semaphore::new(cfg.queue.max(1)));
         #[cfg(test)]
         let gate = Arc::new(test_gate::Gate::new(paused));
-        let fanout = tokio::runtime::Handle::try_current().ok().map(|h| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Acks>();
-            h.spawn(async move {
-                while let Some(batch) = rx.recv().await {
-                    for (ack, r) in batch {
-                        let _ = ack.send(r);
-                    }
-                }
-            });
-            tx
-        });
-        // The batching task holds only a weak sender, so dropping the auditor (possibly on
-        // this very runtime's thread, where the task cannot run) still closes the queue.
-        let fanin = tokio::runtime::Handle::try_current().ok().map(|h| {
-            let (fanin, mut recs) = mpsc::unbounded_channel::<Msg>();
-            let to_writer = tx.downgrade();
-            let stats = stats.clone();
-            h.spawn(async move {
-                while let Some(first) = recs.recv().await {
-                    let mut batch = vec![first];
-                    // Gather for a few more turns of the runtime while records keep coming:
-                    // each hand-off to the thread costs two cross-thread wakes and a
-                    // context switch or two, whatever the size of the batch.
-                    let since = Instant::now();
-                    for _ in 0..GATHER_TURNS {
-                        let before = batch.len();
-                        while let Ok(m) = recs.try_recv() {
-                            batch.push(m);
-                        }
-                        if batch.len() == before
-                            || batch.len() >= GATHER_MAX
-                            || since.elapsed() >= GATHER_FOR
-                        {
-                            break;
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                    let Some(tx) = to_writer.upgrade() else {
-                        break;
-                    };
-                    stats.handoffs.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(batch).is_err() {
-                        break;
-                    }
-                }
-            });
-            fanin
-        });
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let fanout = runtime.as_ref().map(spawn_fanout);
+        let fanin = runtime.as_ref().map(|h| spawn_gatherer(h, &tx, &stats));
         let writer = Writer {
+            waits_for_disk: cfg.on_overload == Overload::Wait && matches!(out, Out::File(_)),
             out,
             chain,
             fsync: cfg.fsync,
@@ -266,6 +311,8 @@ impl Auditor {
                 thread: Mutex::new(Some(thread)),
                 #[cfg(test)]
                 gate,
+                #[cfg(test)]
+                faults,
             })),
         })
     }
@@ -273,7 +320,9 @@ impl Auditor {
     /// Queues a record and resolves once it is acknowledged under the fsync policy (see the
     /// module doc). With sink `off`, and for allowed decisions when `record_allows` is false,
     /// it returns `Ok` at once without recording. If the future is dropped after the record
-    /// was queued, the record is still written.
+    /// was queued, the record is still written. With `on_overload: wait` and a full disk it
+    /// stays pending until there is space (the waiting is on the writer's thread; this
+    /// future only awaits its acknowledgement).
     pub async fn record(&self, rec: Record) -> Result<(), Error> {
         let Some(inner) = &self.inner else {
             return Ok(());
@@ -310,7 +359,8 @@ impl Auditor {
         done.await.map_err(|_| Error::Closed)?
     }
 
-    /// Records written, records queued, and the last seq written.
+    /// Records written, records queued, the last seq written, and whether the writer waits
+    /// for disk space.
     pub fn stats(&self) -> Stats {
         match &self.inner {
             None => Stats::default(),
@@ -318,6 +368,8 @@ impl Auditor {
                 written: i.stats.written.load(Ordering::Relaxed),
                 queued: i.stats.queued.load(Ordering::Relaxed),
                 last_seq: i.stats.last_seq.load(Ordering::Relaxed),
+                waiting_for_disk: i.stats.waiting.load(Ordering::Relaxed),
+                disk_waits: i.stats.disk_waits.load(Ordering::Relaxed),
             },
         }
     }
@@ -334,6 +386,10 @@ struct FileOut {
     cur: Option<Current>,
     rotate_size: u64,
     rotate_age: Duration,
+    disk: Disk,
+    /// The current file may end with bytes of a failed write that could not be cut back
+    /// off; nothing is appended until they are.
+    torn: bool,
     _lock: File,
 }
 
@@ -349,25 +405,129 @@ impl FileOut {
         used > 0 && (used + line as u64 > self.rotate_size || old)
     }
 
-    fn open_new(&mut self, seq: u64) -> Result<(), Error> {
-        let (path, file) = files::create_file(&self.dir, seq)?;
+    fn open_new(&mut self, seq: u64) -> Result<(), Failure> {
+        let (path, file) = files::create_file(&self.dir, seq).map_err(|e| {
+            let full = matches!(&e, Error::Io { source, .. } if disk::is_full(source));
+            Failure {
+                error: Error::Write(e.to_string()),
+                disk_full: full,
+            }
+        })?;
         self.cur = Some(Current {
             path,
             file,
             len: 0,
             started: SystemTime::now(),
         });
+        self.torn = false;
         Ok(())
+    }
+
+    /// Cuts the current file back to `len` bytes, the end of the last record fully written.
+    /// Until that succeeds, nothing more is appended to the file.
+    fn cut_back(&mut self, len: u64) -> io::Result<()> {
+        let Some(c) = self.cur.as_mut() else {
+            return Ok(());
+        };
+        self.torn = true;
+        c.file.set_len(len)?;
+        c.len = len;
+        self.torn = false;
+        Ok(())
+    }
+
+    /// Appends `buf` to the current file, and syncs it if `sync`. Bytes of a failed write
+    /// are cut back off. When only the sync fails, the bytes are cut back off too if
+    /// `cut_unsynced` (and the failure is a full disk); otherwise they stay, unsynced.
+    fn append(&mut self, buf: &[u8], sync: bool, cut_unsynced: bool) -> Result<(), Fail> {
+        if self.torn {
+            let len = self.cur.as_ref().map_or(0, |c| c.len);
+            if let Err(e) = self.cut_back(len) {
+                let msg = format!(
+                    "the audit file ends with a failed write that cannot be cut back off: {e}"
+                );
+                return Err(Fail::NotWritten(Failure::other(msg)));
+            }
+        }
+        let Some(c) = self.cur.as_mut() else {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            return Err(Fail::NotWritten(Failure::other(
+                "no audit file open".into(),
+            )));
+        };
+        let from = c.len;
+        if !buf.is_empty() {
+            if let Err(e) = self.disk.append(&mut c.file, buf) {
+                let mut f = Failure::io(&c.path, "write", &e);
+                if let Err(e2) = self.cut_back(from) {
+                    // Not waited for: the next write first tries to cut the bytes off again.
+                    tracing::error!(error = %e2, "audit: cannot cut a failed write back off");
+                    f.disk_full = false;
+                }
+                return Err(Fail::NotWritten(f));
+            }
+            c.len += buf.len() as u64;
+        }
+        if !sync {
+            return Ok(());
+        }
+        let Err(e) = self.disk.sync(&c.file) else {
+            return Ok(());
+        };
+        let mut f = Failure::io(&c.path, "fsync", &e);
+        if !(cut_unsynced && f.disk_full) {
+            return Err(Fail::Unsynced(f));
+        }
+        match self.cut_back(from) {
+            Ok(()) => Err(Fail::NotWritten(f)),
+            Err(e2) => {
+                // The whole records stay in the file, unsynced: the chain moves on, and the
+                // callers get the error (as without `cut_unsynced`).
+                tracing::error!(error = %e2, "audit: cannot cut an unsynced write back off");
+                self.torn = false;
+                f.disk_full = false;
+                Err(Fail::Unsynced(f))
+            }
+        }
+    }
+}
+
+/// A failed write or sync: the error the callers get, and whether it is a full disk, which
+/// `on_overload: wait` waits out.
+struct Failure {
+    error: Error,
+    disk_full: bool,
+}
+
+impl Failure {
+    fn io(path: &std::path::Path, what: &str, e: &io::Error) -> Failure {
+        Failure {
+            error: Error::Write(format!("{what} {}: {e}", path.display())),
+            disk_full: disk::is_full(e),
+        }
+    }
+
+    fn other(msg: String) -> Failure {
+        Failure {
+            error: Error::Write(msg),
+            disk_full: false,
+        }
     }
 }
 
 /// Why a write failed, and whether the bytes reached the file anyway.
 enum Fail {
     /// Nothing was written (a partial write was cut back off).
-    NotWritten(Error),
+    NotWritten(Failure),
     /// The bytes are in the file but the sync failed.
-    Unsynced(Error),
+    Unsynced(Failure),
 }
+
+/// What became of a batch: the acknowledgements to deliver, and the records not written
+/// (in order), with why, if a write failed.
+type Handled = (Acks, Option<(Failure, Vec<Msg>)>);
 
 struct Writer {
     out: Out,
@@ -381,6 +541,8 @@ struct Writer {
     room: Arc<tokio::sync::Semaphore>,
     /// The batch buffer, kept between batches.
     buf: Vec<u8>,
+    /// `on_overload: wait` with the file sink: a full disk is waited out.
+    waits_for_disk: bool,
     #[cfg(test)]
     gate: Arc<test_gate::Gate>,
 }
@@ -425,32 +587,136 @@ impl Writer {
             self.stats
                 .queued
                 .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            self.handle(batch);
-            if let (Fsync::Interval, Some(t)) = (self.fsync, self.dirty_since) {
-                if t.elapsed() >= self.interval {
-                    self.sync_logged();
-                }
-            }
+            self.commit(batch);
+            self.sync_if_due();
         }
         self.sync_logged();
+    }
+
+    /// Writes a batch and acknowledges its records. A failed write fails the records it
+    /// could not write, unless it failed on a full disk and the writer waits for disk space:
+    /// then the records are held, and written again after a pause (see the module doc),
+    /// until they are written, another error fails them, or the auditor is dropped.
+    fn commit(&mut self, batch: Vec<Msg>) {
+        let mut pending = batch;
+        let mut waiting: Option<Waiting> = None;
+        loop {
+            let (mut acks, unwritten) = self.handle(pending);
+            let Some((failure, held)) = unwritten else {
+                deliver(&self.fanout, acks);
+                if let Some(w) = waiting {
+                    self.end_wait(&w, None);
+                }
+                return;
+            };
+            let stopping = self.stats.stop.load(Ordering::SeqCst);
+            if !(self.waits_for_disk && failure.disk_full && !stopping) || held.is_empty() {
+                if let Some(w) = &waiting {
+                    self.end_wait(w, Some((&failure.error, stopping)));
+                }
+                tracing::error!(error = %failure.error, "audit: records not recorded");
+                let reason = failure.error.to_string();
+                acks.extend(
+                    held.into_iter()
+                        .map(|m| (m.ack, Err(Error::Write(reason.clone())))),
+                );
+                deliver(&self.fanout, acks);
+                return;
+            }
+            // The records written before the failure are acknowledged now.
+            deliver(&self.fanout, acks);
+            let w = waiting.get_or_insert_with(|| self.start_wait(&failure.error, held.len()));
+            w.records = w.records.max(held.len());
+            let pause = w.next_pause();
+            self.pause(pause);
+            pending = held;
+        }
+    }
+
+    fn start_wait(&self, error: &Error, records: usize) -> Waiting {
+        self.stats.waiting.store(true, Ordering::Relaxed);
+        self.stats.disk_waits.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            error = %error,
+            records,
+            "audit: the disk is full; on_overload: wait holds the records (their requests \
+             wait, new ones queue) and tries again, every 100 ms growing to every 1 s, until \
+             there is space"
+        );
+        Waiting::new(records)
+    }
+
+    /// Ends a wait for disk space: the held records were written (`failed` None), or they
+    /// failed with an error, because the writer is stopping or because of another error.
+    fn end_wait(&self, w: &Waiting, failed: Option<(&Error, bool)>) {
+        self.stats.waiting.store(false, Ordering::Relaxed);
+        let waited_ms = w.since.elapsed().as_millis() as u64;
+        match failed {
+            None => tracing::info!(
+                waited_ms,
+                records = w.records,
+                "audit: disk space is back; the held records are written and acknowledged"
+            ),
+            Some((e, true)) => tracing::error!(
+                error = %e,
+                waited_ms,
+                "audit: stopped waiting for disk space: the writer is stopping; the held \
+                 records are not recorded, and their requests got no answer"
+            ),
+            Some((e, false)) => tracing::error!(
+                error = %e,
+                waited_ms,
+                "audit: stopped waiting for disk space: the disk failed otherwise; the held \
+                 records are not recorded"
+            ),
+        }
+    }
+
+    /// Sleeps `d` on the writer's thread (never a runtime thread), or less if the auditor
+    /// is dropped meanwhile; records acknowledged earlier are synced when due.
+    fn pause(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        loop {
+            self.sync_if_due();
+            let now = Instant::now();
+            if now >= until || self.stats.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let next = match (self.fsync, self.dirty_since) {
+                (Fsync::Interval, Some(t)) => until.min((t + self.interval).max(now)),
+                _ => until,
+            };
+            std::thread::park_timeout(next - now);
+        }
+    }
+
+    /// With `fsync: interval`, syncs when the oldest unsynced write is `fsync_interval` old.
+    fn sync_if_due(&mut self) {
+        if let (Fsync::Interval, Some(t)) = (self.fsync, self.dirty_since) {
+            if t.elapsed() >= self.interval {
+                self.sync_logged();
+            }
+        }
     }
 
     /// Syncs outside a batch (interval timer, shutdown); a failure can only be logged, since
     /// the records were acknowledged already.
     fn sync_logged(&mut self) {
         if let Err(e) = self.sync() {
-            tracing::error!(error = %e, "audit: fsync failed; recent records may not survive a power cut");
+            tracing::error!(error = %e.error, "audit: fsync failed; recent records may not survive a power cut");
         }
     }
 
-    fn sync(&mut self) -> Result<(), Error> {
+    fn sync(&mut self) -> Result<(), Failure> {
         if self.dirty_since.is_none() {
             return Ok(());
         }
-        if let Out::File(FileOut { cur: Some(c), .. }) = &mut self.out {
-            c.file
-                .sync_data()
-                .map_err(|e| Error::Write(format!("fsync {}: {e}", c.path.display())))?;
+        if let Out::File(FileOut {
+            cur: Some(c), disk, ..
+        }) = &mut self.out
+        {
+            disk.sync(&c.file)
+                .map_err(|e| Failure::io(&c.path, "fsync", &e))?;
         }
         self.dirty_since = None;
         Ok(())
@@ -458,32 +724,33 @@ impl Writer {
 
     /// Appends `buf` to the current file (or stream), then syncs if `sync`.
     fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), Fail> {
-        match &mut self.out {
-            Out::Stream(w) => w
-                .write_all(buf)
-                .and_then(|_| w.flush())
-                .map_err(|e| Fail::NotWritten(Error::Write(e.to_string()))),
-            Out::File(fo) => {
-                if !buf.is_empty() {
-                    let Some(c) = fo.cur.as_mut() else {
-                        return Err(Fail::NotWritten(Error::Write("no audit file open".into())));
-                    };
-                    if let Err(e) = c.file.write_all(buf) {
-                        let msg = format!("write {}: {e}", c.path.display());
-                        if let Err(e2) = c.file.set_len(c.len) {
-                            // The file may now end with a partial line; a restart cuts it off.
-                            tracing::error!(error = %e2, "audit: cannot cut a failed write back off");
-                        }
-                        return Err(Fail::NotWritten(Error::Write(msg)));
-                    }
-                    c.len += buf.len() as u64;
-                    self.dirty_since.get_or_insert_with(Instant::now);
-                }
-                if sync {
-                    self.sync().map_err(Fail::Unsynced)?;
-                }
+        let cut_unsynced = self.waits_for_disk;
+        let fo = match &mut self.out {
+            Out::Stream(w) => {
+                return w
+                    .write_all(buf)
+                    .and_then(|_| w.flush())
+                    .map_err(|e| Fail::NotWritten(Failure::other(e.to_string())));
+            }
+            Out::File(fo) => fo,
+        };
+        let was_dirty = self.dirty_since.is_some();
+        if !buf.is_empty() {
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+        match fo.append(buf, sync && (was_dirty || !buf.is_empty()), cut_unsynced) {
+            Ok(()) if sync => {
+                self.dirty_since = None;
                 Ok(())
             }
+            Ok(()) => Ok(()),
+            Err(Fail::NotWritten(f)) => {
+                if !was_dirty {
+                    self.dirty_since = None;
+                }
+                Err(Fail::NotWritten(f))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -494,37 +761,58 @@ impl Writer {
         }
     }
 
-    fn open_new(&mut self, seq: u64) -> Result<(), Error> {
+    fn open_new(&mut self, seq: u64) -> Result<(), Failure> {
         match &mut self.out {
             Out::File(fo) => fo.open_new(seq),
             Out::Stream(_) => Ok(()),
         }
     }
 
-    fn committed(&mut self, acks: &mut Vec<(u64, Ack)>, chain: &Chain, ok: &mut Vec<(u64, Ack)>) {
-        if let Some((seq, _)) = acks.last() {
-            self.stats.last_seq.store(*seq, Ordering::Relaxed);
+    /// Writes the lines `bytes` of the sealed records `seg`, and syncs if `sync`. When they
+    /// are written, the chain moves on to `chain` and they are acknowledged (into `acks`).
+    /// When they are not, they stay in `seg` and the chain stays. When only the sync failed
+    /// and the bytes stay in the file, the chain moves on but the callers get the error.
+    fn write_seg(
+        &mut self,
+        bytes: &[u8],
+        seg: &mut Vec<Msg>,
+        chain: &Chain,
+        sync: bool,
+        acks: &mut Acks,
+    ) -> Result<(), Failure> {
+        let (result, failure) = match self.write(bytes, sync) {
+            Ok(()) => (Ok(()), None),
+            Err(Fail::NotWritten(f)) => return Err(f),
+            Err(Fail::Unsynced(f)) => (Err(Error::Write(f.error.to_string())), Some(f)),
+        };
+        if !seg.is_empty() {
+            self.stats
+                .last_seq
+                .store(chain.next_seq - 1, Ordering::Relaxed);
+            self.stats
+                .written
+                .fetch_add(seg.len() as u64, Ordering::Relaxed);
         }
-        self.stats
-            .written
-            .fetch_add(acks.len() as u64, Ordering::Relaxed);
         self.chain = chain.clone();
-        ok.append(acks);
+        acks.extend(seg.drain(..).map(|m| (m.ack, clone_result(&result))));
+        failure.map_or(Ok(()), Err)
     }
 
-    /// Seals, writes and acknowledges one batch. The records of a batch share one seal time
-    /// (one clock read), and are sealed straight into one buffer.
-    fn handle(&mut self, batch: Vec<Msg>) {
+    /// Seals and writes one batch. The records of a batch share one seal time (one clock
+    /// read), and are sealed straight into one buffer. Returns the acknowledgements to
+    /// deliver and, if a write failed, the records not written (the failed one and every
+    /// one after it), for [`Writer::commit`] to fail or to hold.
+    fn handle(&mut self, batch: Vec<Msg>) -> Handled {
         let every_record = self.fsync == Fsync::EveryRecord;
         let now = SystemTime::now();
         let time = humantime::format_rfc3339_millis(now).to_string();
         let mut work = self.chain.clone();
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let mut seg: Vec<(u64, Ack)> = Vec::new();
-        let mut ok: Vec<(u64, Ack)> = Vec::new();
-        let mut failed: Vec<Ack> = Vec::new();
-        let mut failure: Option<Error> = None;
+        // Records sealed into `buf`, not yet written.
+        let mut seg: Vec<Msg> = Vec::new();
+        let mut acks: Acks = Vec::new();
+        let mut failure: Option<Failure> = None;
         let mut rest = batch.into_iter();
         for msg in rest.by_ref() {
             let before = work.clone();
@@ -532,67 +820,45 @@ impl Writer {
             let seq = match work.seal_into(&msg.rec, &time, &mut buf) {
                 Ok(seq) => seq,
                 Err(e) => {
-                    let _ = msg.ack.send(Err(e));
+                    acks.push((msg.ack, Err(e)));
                     continue;
                 }
             };
             if self.needs_new_file(at, buf.len() - at, now) {
                 // Close the current file: everything in it is written and synced.
-                match self.write(&buf[..at], true) {
-                    Ok(()) => self.committed(&mut seg, &before, &mut ok),
-                    Err(Fail::Unsynced(e)) => {
-                        let mut written = Vec::new();
-                        self.committed(&mut seg, &before, &mut written);
-                        failed.extend(written.into_iter().map(|(_, a)| a));
-                        failure = Some(e);
-                    }
-                    Err(Fail::NotWritten(e)) => failure = Some(e),
-                }
+                let closed = self
+                    .write_seg(&buf[..at], &mut seg, &before, true, &mut acks)
+                    .and_then(|()| self.open_new(seq));
                 buf.drain(..at);
-                if failure.is_none() {
-                    if let Err(e) = self.open_new(seq) {
-                        failure = Some(e);
-                    }
-                }
-                if failure.is_some() {
-                    failed.extend(seg.drain(..).map(|(_, a)| a));
-                    failed.push(msg.ack);
+                if let Err(f) = closed {
+                    failure = Some(f);
+                    seg.push(msg);
                     break;
                 }
             }
-            seg.push((seq, msg.ack));
+            seg.push(msg);
         }
         if failure.is_none() && !seg.is_empty() {
-            match self.write(&buf, every_record) {
-                Ok(()) => self.committed(&mut seg, &work, &mut ok),
-                Err(Fail::Unsynced(e)) => {
-                    let mut written = Vec::new();
-                    self.committed(&mut seg, &work, &mut written);
-                    failed.extend(written.into_iter().map(|(_, a)| a));
-                    failure = Some(e);
-                }
-                Err(Fail::NotWritten(e)) => {
-                    failed.extend(seg.drain(..).map(|(_, a)| a));
-                    failure = Some(e);
-                }
-            }
+            failure = self
+                .write_seg(&buf, &mut seg, &work, every_record, &mut acks)
+                .err();
         }
         // Keep the buffer for the next batch, unless a burst made it large.
         if buf.capacity() <= KEEP_BUF {
             self.buf = buf;
         }
-        let mut acks: Acks = ok.into_iter().map(|(_, ack)| (ack, Ok(()))).collect();
-        if let Some(e) = failure {
-            tracing::error!(error = %e, "audit: records not recorded");
-            let reason = e.to_string();
-            failed.extend(rest.map(|m| m.ack));
-            acks.extend(
-                failed
-                    .into_iter()
-                    .map(|ack| (ack, Err(Error::Write(reason.clone())))),
-            );
-        }
-        deliver(&self.fanout, acks);
+        let unwritten = failure.map(|f| {
+            seg.extend(rest);
+            (f, seg)
+        });
+        (acks, unwritten)
+    }
+}
+
+fn clone_result(r: &Result<(), Error>) -> Result<(), Error> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Error::Write(e.to_string())),
     }
 }
 
@@ -646,6 +912,194 @@ mod tests {
         fn gate(&self, paused: bool) {
             self.inner.as_ref().unwrap().gate.set(paused);
         }
+        fn faults(&self) -> &disk::faults::Faults {
+            &self.inner.as_ref().unwrap().faults
+        }
+    }
+
+    /// Waits (up to 5 s) until `f` holds.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    fn file_len(dir: &std::path::Path) -> u64 {
+        std::fs::metadata(dir.join(files::file_name(1)))
+            .unwrap()
+            .len()
+    }
+
+    /// With `on_overload: wait`, records whose write (or sync) fails on a full disk are held,
+    /// their callers wait, the failed bytes are cut back off each time, and once there is
+    /// space they are written and the chain verifies.
+    async fn a_full_disk_is_waited_out(fill: fn(&disk::faults::Faults, i32)) {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Auditor::start_for_test(&cfg(tmp.path()), None, false);
+        a.record(rec("r1")).await.unwrap();
+        let len = file_len(tmp.path());
+        fill(a.faults(), libc::ENOSPC);
+        let held: Vec<_> = (2..=4)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.record(rec(&format!("r{i}"))).await })
+            })
+            .collect();
+        // The first attempt and the one 100 ms later both failed.
+        until("two failed attempts", || {
+            a.stats().waiting_for_disk && a.faults().injected() >= 2
+        })
+        .await;
+        assert!(held.iter().all(|t| !t.is_finished()), "the callers wait");
+        assert_eq!(file_len(tmp.path()), len, "failed writes are cut back off");
+        let s = a.stats();
+        assert_eq!((s.written, s.last_seq, s.disk_waits), (1, 1, 1));
+        fill(a.faults(), 0);
+        for t in held {
+            t.await.unwrap().unwrap();
+        }
+        let s = a.stats();
+        assert_eq!((s.written, s.last_seq), (4, 4));
+        assert_eq!((s.waiting_for_disk, s.disk_waits), (false, 1));
+        drop(a);
+        let report = crate::verify(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!((report.records, report.last_seq), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn wait_holds_records_while_writes_fail_on_a_full_disk() {
+        a_full_disk_is_waited_out(disk::faults::Faults::fail_writes).await;
+    }
+
+    #[tokio::test]
+    async fn wait_holds_records_while_syncs_fail_on_a_full_disk() {
+        a_full_disk_is_waited_out(disk::faults::Faults::fail_syncs).await;
+    }
+
+    /// Errors other than a full disk fail the records at once, even with `wait`; and with
+    /// `fail_closed` a full disk does too. The chain continues from the last record written.
+    #[tokio::test]
+    async fn other_errors_and_fail_closed_are_not_waited_for() {
+        for (overload, errno) in [
+            (Overload::Wait, libc::EIO),
+            (Overload::FailClosed, libc::ENOSPC),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut c = cfg(tmp.path());
+            c.on_overload = overload;
+            let a = Auditor::start_for_test(&c, None, false);
+            a.record(rec("r1")).await.unwrap();
+            let len = file_len(tmp.path());
+            a.faults().fail_writes(errno);
+            let e = a.record(rec("lost")).await.unwrap_err();
+            assert!(matches!(e, Error::Write(_)), "{e}");
+            assert_eq!(a.faults().injected(), 1, "{errno}: no second attempt");
+            assert_eq!(
+                file_len(tmp.path()),
+                len,
+                "the failed write is cut back off"
+            );
+            a.faults().fail_writes(0);
+            a.record(rec("r2")).await.unwrap();
+            let s = a.stats();
+            assert_eq!((s.written, s.last_seq, s.disk_waits), (2, 2, 0));
+            drop(a);
+            let text = std::fs::read_to_string(tmp.path().join(files::file_name(1))).unwrap();
+            assert!(!text.contains("lost"));
+            assert_eq!(
+                crate::verify(&[tmp.path().to_path_buf()]).unwrap().records,
+                2
+            );
+        }
+    }
+
+    /// A batch that spans several files (a small `rotate_size`) on a full disk: the records
+    /// written before a failure are acknowledged, the rest are held, and the chain continues
+    /// across the files once there is space.
+    #[tokio::test]
+    async fn a_full_disk_is_waited_out_across_rotations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.rotate_size = Size(1000);
+        let a = Auditor::start_for_test(&c, None, true);
+        a.faults().fail_writes(libc::ENOSPC);
+        let held: Vec<_> = (1..=8)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.record(rec(&format!("r{i}"))).await })
+            })
+            .collect();
+        wait_queued(&a, 8).await;
+        a.gate(false);
+        until("two failed attempts", || a.faults().injected() >= 2).await;
+        assert!(a.stats().waiting_for_disk);
+        a.faults().fail_writes(0);
+        for t in held {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(a.stats().last_seq, 8);
+        drop(a);
+        let report = crate::verify(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(report.records, 8);
+        assert!(report.files >= 3, "{} files", report.files);
+    }
+
+    /// Another error while the writer waits for space (the disk now fails with EIO) ends the
+    /// wait: the held records fail, and the writer takes new ones again.
+    #[tokio::test]
+    async fn another_error_while_waiting_fails_the_held_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Auditor::start_for_test(&cfg(tmp.path()), None, false);
+        a.faults().fail_writes(libc::ENOSPC);
+        let held = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("held")).await }
+        });
+        until("waiting", || a.stats().waiting_for_disk).await;
+        a.faults().fail_writes(libc::EIO);
+        let e = held.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("os error 5"), "{e}");
+        assert!(!a.stats().waiting_for_disk);
+        a.faults().fail_writes(0);
+        a.record(rec("r1")).await.unwrap();
+        drop(a);
+        let report = crate::verify(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!((report.records, report.last_seq), (1, 1));
+    }
+
+    /// Dropping the auditor (shutdown) while the writer waits for space ends at once: the
+    /// held record gets one more attempt, still fails, and is not written.
+    #[tokio::test]
+    async fn dropping_the_auditor_while_it_waits_for_space_ends_in_bounded_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Auditor::start_for_test(&cfg(tmp.path()), None, false);
+        a.record(rec("r1")).await.unwrap();
+        a.faults().fail_writes(libc::ENOSPC);
+        let held = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(rec("held")).await }
+        });
+        until("waiting", || a.stats().waiting_for_disk).await;
+        // Its caller goes away (as the runtime drops requests at shutdown).
+        held.abort();
+        assert!(held.await.unwrap_err().is_cancelled());
+        // Past the first pauses, so that the writer sleeps up to a second.
+        until("four attempts", || a.faults().injected() >= 4).await;
+        let started = Instant::now();
+        drop(a);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "stopping took {took:?}");
+        files::lock_dir(tmp.path()).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join(files::file_name(1))).unwrap();
+        assert!(!text.contains("held"));
+        assert_eq!(
+            crate::verify(&[tmp.path().to_path_buf()]).unwrap().records,
+            1
+        );
     }
 
     fn cfg(dir: &std::path::Path) -> AuditCfg {

@@ -8,8 +8,9 @@
 //!    provider is back, without a restart);
 //! 2. an external authorizer hangs (`on_error` applies within its `timeout`, no request
 //!    hangs, calls in flight stay bounded);
-//! 3. the audit disk fills up (requests needing a record get 503, nothing acknowledged is
-//!    lost, the chain verifies, writes resume when space returns);
+//! 3. the audit disk fills up (with `on_overload: fail_closed` requests needing a record get
+//!    503, with `wait` they wait for space; nothing acknowledged is lost, the chain verifies,
+//!    writes resume when space returns, and a SIGTERM while waiting stops the proxy in time);
 //! 4. Redis is killed and restarted (`on_store_error` decides while it is down, the proxy uses
 //!    Redis again when it is back);
 //! 5. both origins of a backend flap every 500 ms (retries and passive ejection leave no 5xx).
@@ -586,21 +587,32 @@ fn audit_records(dir: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
-async fn audit_disk_fills_up(on_overload: &str) {
-    let _turn = TURN.lock().await;
-    // The mount point is a directory of its own (not inside the proxy's), so that it is
-    // unmounted before it is removed: the proxy goes first, then the disk, then this.
-    let mount_point = tempfile::tempdir().unwrap();
-    let disk = match Tmpfs::mount(mount_point.path(), "2m") {
-        Ok(d) => d,
-        Err(why) => {
-            println!("chaos: audit disk test ({on_overload}) skipped: {why}");
-            return;
-        }
-    };
-    let audit = disk.path.display();
-    let yaml = format!(
-        r#"listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+/// A proxy whose audit trail is on a 2 MiB tmpfs. The fields drop in order: the proxy, then
+/// the disk (unmounted), then its mount point (a directory of its own, not inside the
+/// proxy's, so that it is unmounted before it is removed).
+struct AuditDisk {
+    p: Proxy,
+    disk: Tmpfs,
+    _mount_point: tempfile::TempDir,
+}
+
+impl AuditDisk {
+    /// The proxy (`on_overload` as given, `fsync: interval`, `shutdown_grace: 1s`) and 4
+    /// clients sending allowed (3 in 4) and denied requests, each needing a decision record.
+    /// None, with a printed reason, where a tmpfs cannot be mounted.
+    async fn start(on_overload: &str) -> Option<(AuditDisk, Load, String)> {
+        let mount_point = tempfile::tempdir().unwrap();
+        let disk = match Tmpfs::mount(mount_point.path(), "2m") {
+            Ok(d) => d,
+            Err(why) => {
+                println!("chaos: audit disk test ({on_overload}) skipped: {why}");
+                return None;
+            }
+        };
+        let audit = disk.path.display();
+        let yaml = format!(
+            r#"listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+shutdown_grace: 1s
 identity:
   providers: [{{ name: dev, kind: dev_issuer }}]
 audit: {{ dir: "{audit}", fsync: interval, on_overload: {on_overload} }}
@@ -609,34 +621,98 @@ backends:
 routes:
   - {{ name: api, match: {{ path_prefix: /api/ }}, backend: echo, auth: [dev], allow: [{{ groups: [eng] }}] }}
 "#
-    );
-    let mut p = Proxy::start(&yaml).await;
-    let (alice, bob) = (mint(&p, "alice", "eng"), mint(&p, "bob", "sales"));
-    let base = p.url("/api");
-    let load = Load::start(4, Duration::from_millis(10), move |c, i, n| {
-        let url = format!("{base}/{i}/{n}");
-        if n % 4 == 3 {
-            ("denied", c.get(url).bearer_auth(&bob))
-        } else {
-            ("allowed", c.get(url).bearer_auth(&alice))
+        );
+        let p = Proxy::start(&yaml).await;
+        let (alice, bob) = (mint(&p, "alice", "eng"), mint(&p, "bob", "sales"));
+        let base = p.url("/api");
+        let a = alice.clone();
+        let load = Load::start(4, Duration::from_millis(10), move |c, i, n| {
+            let url = format!("{base}/{i}/{n}");
+            if n % 4 == 3 {
+                ("denied", c.get(url).bearer_auth(&bob))
+            } else {
+                ("allowed", c.get(url).bearer_auth(&a))
+            }
+        });
+        let d = AuditDisk {
+            p,
+            disk,
+            _mount_point: mount_point,
+        };
+        Some((d, load, alice))
+    }
+
+    /// `portcullis_audit_waiting_for_disk` and `portcullis_audit_disk_full_waits_total`.
+    async fn audit_metrics(&self) -> (i64, u64) {
+        let (_, m) = self.p.admin(reqwest::Method::GET, "/metrics", None).await;
+        let value = |name: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+        };
+        (
+            value("portcullis_audit_waiting_for_disk") as i64,
+            value("portcullis_audit_disk_full_waits_total") as u64,
+        )
+    }
+
+    /// Every answered request (200 or 403) has its record and no refused one (503) has,
+    /// and `portcullis audit verify` passes. The number of records and verify's output.
+    fn check_trail(&self, s: &Samples) -> (usize, String) {
+        let recs = audit_records(&self.disk.path);
+        let recorded: HashSet<&str> = recs
+            .iter()
+            .filter_map(|r| r["request_id"].as_str())
+            .collect();
+        let mut lost = 0;
+        for x in &s.0 {
+            let rid = x
+                .request_id
+                .as_deref()
+                .expect("every answer has a request id");
+            match x.status {
+                503 => assert!(!recorded.contains(rid), "a refused request was recorded"),
+                _ => lost += usize::from(!recorded.contains(rid)),
+            }
         }
-    });
+        assert_eq!(lost, 0, "{lost} answered requests without a record");
+        let verify = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["audit", "verify"])
+            .arg(&self.disk.path)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&verify.stdout).into_owned()
+            + &String::from_utf8_lossy(&verify.stderr);
+        assert!(verify.status.success(), "audit verify: {out}");
+        (recs.len(), out.trim().to_string())
+    }
+}
+
+/// `on_overload: fail_closed`: a request whose record cannot be written (the audit disk is
+/// full) is a 503; nothing acknowledged is lost, nothing refused is recorded, the chain
+/// verifies, and writes resume when space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_disk_fills_up_with_fail_closed() {
+    let _turn = TURN.lock().await;
+    let Some((mut d, load, _)) = AuditDisk::start("fail_closed").await else {
+        return;
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Full: the filler takes every free page. The audit file's last page may still take a
     // few records.
     let t_full = load.now();
-    let filled = disk.fill("filler");
+    let filled = d.disk.fill("filler");
     let refused = load
         .until(Duration::from_secs(5), |s| {
             s.sent_between(t_full, Duration::MAX).count(503) >= 20
         })
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(refused, "no 503 on a full disk:\n{}", p.log_text());
+    assert!(refused, "no 503 on a full disk:\n{}", d.p.log_text());
 
     // Space again.
-    std::fs::remove_file(disk.path.join("filler")).unwrap();
+    std::fs::remove_file(d.disk.path.join("filler")).unwrap();
     let t_free = load.now();
     let recovered = load
         .until(Duration::from_secs(5), |s| {
@@ -645,16 +721,20 @@ routes:
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let s = load.stop().await;
-    assert!(recovered, "no 200 once space was back:\n{}", p.log_text());
+    assert!(recovered, "no 200 once space was back:\n{}", d.p.log_text());
     let back = s.of("allowed").first_from(t_free, 200).unwrap();
     let recovery = back.at + back.latency - t_free;
     let first_503 = s.first_from(t_full, 503).unwrap();
 
-    p.signal(libc::SIGTERM);
-    let _ = p.child.wait();
-    let log = p.log_text();
+    d.p.signal(libc::SIGTERM);
+    let _ = d.p.child.wait();
+    let log = d.p.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("audit record not written"), "{log}");
+    assert!(
+        !log.contains("audit: the disk is full"),
+        "fail_closed never waits: {log}"
+    );
 
     // Only 200, 403 and 503, and none without an answer.
     assert!(s.other_than(&[200, 403, 503]).is_empty(), "{}", s.summary());
@@ -663,38 +743,13 @@ routes:
     let full = s.sent_between(first_503.at, t_free);
     let after = s.sent_between(back.at, Duration::MAX);
     assert_eq!(after.count(503), 0, "{}", after.summary());
-    // Nothing acknowledged is lost, and nothing refused was recorded.
-    let recs = audit_records(&disk.path);
-    let recorded: HashSet<&str> = recs
-        .iter()
-        .filter_map(|r| r["request_id"].as_str())
-        .collect();
-    let mut lost = 0;
-    for x in &s.0 {
-        let rid = x
-            .request_id
-            .as_deref()
-            .expect("every answer has a request id");
-        match x.status {
-            503 => assert!(!recorded.contains(rid), "a refused request was recorded"),
-            _ => lost += usize::from(!recorded.contains(rid)),
-        }
-    }
-    assert_eq!(lost, 0, "{lost} answered requests without a record");
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["audit", "verify"])
-        .arg(&disk.path)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&verify.stdout).into_owned()
-        + &String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success(), "audit verify: {out}");
+    let (records, verify) = d.check_trail(&s);
 
     println!(
-        "chaos figure: audit disk full (on_overload: {on_overload}, 2 MiB tmpfs, {} KiB filler): \
+        "chaos figure: audit disk full (on_overload: fail_closed, 2 MiB tmpfs, {} KiB filler): \
          {} requests; before {}; while full {} (first 503 {} after the fill); after {} (first \
-         200 {} after space was freed); {} records, none of an answered request missing; \
-         verify: {}",
+         200 {} after space was freed); {records} records, none of an answered request \
+         missing; verify: {verify}",
         filled / 1024,
         s.len(),
         before.summary(),
@@ -702,24 +757,164 @@ routes:
         ms(first_503.at.saturating_sub(t_full)),
         after.summary(),
         ms(recovery),
-        recs.len(),
-        out.trim(),
     );
-    drop(p);
-    drop(disk);
 }
 
-/// `on_overload: fail_closed`: a record that cannot be written is a 503.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_audit_disk_fills_up_with_fail_closed() {
-    audit_disk_fills_up("fail_closed").await;
-}
-
-/// `on_overload: wait` waits for room in the queue, not for disk space: a failed write is
-/// still a 503 at once (docs/audit.md, "Durability"), and the proxy neither hangs nor crashes.
+/// `on_overload: wait`: while the audit disk is full, the requests in flight wait for their
+/// records (no 503, no crash); once the filler is deleted they are answered with their
+/// normal status (200 or 403), every answered request has its record, and the chain
+/// verifies. Then the disk fills again and the proxy gets SIGTERM while requests wait:
+/// it stops within `shutdown_grace` and a little more, those requests get no answer, and
+/// the chain still verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_disk_fills_up_with_wait() {
-    audit_disk_fills_up("wait").await;
+    let _turn = TURN.lock().await;
+    let Some((mut d, load, alice)) = AuditDisk::start("wait").await else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Full for 2.5 s after the writer started waiting: nothing is answered meanwhile.
+    let t_full = load.now();
+    let filled = d.disk.fill("filler");
+    let waiting = eventually(Duration::from_secs(5), || async {
+        d.audit_metrics().await.0 == 1
+    })
+    .await;
+    assert!(waiting, "the writer never waited:\n{}", d.p.log_text());
+    let t_waiting = load.now();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // Space again.
+    std::fs::remove_file(d.disk.path.join("filler")).unwrap();
+    let t_free = load.now();
+    let resumed = load
+        .until(Duration::from_secs(5), |s| {
+            s.first_from(t_free, 200).is_some() && s.first_from(t_free, 403).is_some()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = load.stop().await;
+    assert!(
+        resumed,
+        "nothing answered once space was back:\n{}",
+        d.p.log_text()
+    );
+    let (waiting_after, waits) = d.audit_metrics().await;
+    assert_eq!((waiting_after, waits), (0, 1));
+
+    // No 503 and no request without an answer; nothing answered while the writer waited
+    // (an answer sent just before may be read a little later); the requests held are
+    // answered once space is back.
+    assert!(s.other_than(&[200, 403]).is_empty(), "{}", s.summary());
+    let done = |x: &common::load::Sample| x.at + x.latency;
+    let stalled =
+        s.0.iter()
+            .filter(|x| done(x) >= t_waiting + Duration::from_millis(500));
+    assert!(
+        stalled.clone().all(|x| done(x) >= t_free),
+        "answered while waiting"
+    );
+    let held = Samples(stalled.filter(|x| x.at < t_free).cloned().collect());
+    assert!(!held.is_empty(), "no request was held");
+    let first_back = held.0.iter().map(done).min().unwrap() - t_free;
+    let last_back = held.0.iter().map(done).max().unwrap() - t_free;
+    let before = s.sent_between(Duration::ZERO, t_full);
+    let after = s.sent_between(t_free, Duration::MAX);
+
+    let (stop_took, unanswered, answered) = sigterm_while_full(&mut d, &alice).await;
+    let log = d.p.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("audit: the disk is full"), "{log}");
+    assert!(log.contains("audit: disk space is back"), "{log}");
+    assert!(log.contains("audit: stopped waiting for disk space: the writer is stopping"));
+    let mut all = s.clone();
+    all.0.extend(answered.0);
+    let (records, verify) = d.check_trail(&all);
+
+    println!(
+        "chaos figure: audit disk full (on_overload: wait, 2 MiB tmpfs, {} KiB filler): {} \
+         requests, no 503; before {}; the writer waited from {} after the fill for {} until \
+         the filler was deleted, and nothing was answered meanwhile; {} requests held ({}), \
+         answered {} to {} after space was freed; after {}; {records} records, none of an \
+         answered request missing; SIGTERM while full again: stopped in {} (shutdown_grace \
+         1 s), held requests left without an answer: {unanswered}; verify: {verify}",
+        filled / 1024,
+        s.len(),
+        before.summary(),
+        ms(t_waiting.saturating_sub(t_full)),
+        secs(t_free - t_waiting),
+        held.len(),
+        held.summary(),
+        ms(first_back),
+        ms(last_back),
+        after.summary(),
+        secs(stop_took),
+    );
+}
+
+/// Fills the audit disk again, sends requests one by one until the writer waits (the first
+/// few may still fit in the audit file's last page, and are answered), and stops the proxy
+/// with SIGTERM: it must exit within `shutdown_grace` (1 s) and a few seconds, and the
+/// requests held get no answer (they were never recorded). The time it took to stop, how
+/// many requests got no answer, and the answers of the others (for the record check).
+async fn sigterm_while_full(d: &mut AuditDisk, token: &str) -> (Duration, usize, Samples) {
+    d.disk.fill("filler");
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    while d.audit_metrics().await.0 == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the writer never waited:\n{}",
+            d.p.log_text()
+        );
+        let r = client()
+            .get(d.p.url(&format!("/api/held/{}", sent.len())))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(20));
+        sent.push(tokio::spawn(async move {
+            let r = r.send().await.ok()?;
+            let rid = r.headers().get("x-request-id")?.to_str().ok()?.to_string();
+            Some((r.status().as_u16(), rid))
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    d.p.signal(libc::SIGTERM);
+    let mut exited = None;
+    while exited.is_none() && started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        exited = d.p.child.try_wait().unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        exited.is_some_and(|st| st.success()),
+        "{exited:?} after {took:?}:\n{}",
+        d.p.log_text()
+    );
+    let mut unanswered = 0;
+    let mut answered = Samples::default();
+    for h in sent {
+        match h.await.unwrap() {
+            None => unanswered += 1,
+            Some((status, rid)) => answered.0.push(common::load::Sample {
+                kind: "allowed",
+                at: Duration::ZERO,
+                latency: Duration::ZERO,
+                status,
+                request_id: Some(rid),
+            }),
+        }
+    }
+    assert!(unanswered > 0, "no request was held at SIGTERM");
+    assert_eq!(
+        answered.count(200),
+        answered.len(),
+        "{}",
+        answered.summary()
+    );
+    std::fs::remove_file(d.disk.path.join("filler")).unwrap();
+    (took, unanswered, answered)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -335,6 +335,7 @@ async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
         }
     }
     m.sync_events(&rt.shared.events.bus.stats());
+    crate::audit::sync_metrics(&rt.shared);
     drop(_sync);
     outbox_pending(&rt, &snap).await;
     (

@@ -2,7 +2,9 @@
 //! authorization decisions, admin actions and reloads, and hands them to the audit writer.
 //! A request waits until its record is acknowledged (written, or fsynced with
 //! `fsync: every_record`) before it is answered, so every request that got a response has
-//! its record. Tokens, cookies, secrets and query values are never written.
+//! its record. Tokens, cookies, secrets and query values are never written. With
+//! `on_overload: wait`, a full audit disk makes the request wait until there is space again;
+//! the writer's state is exported at each scrape ([`sync_metrics`]).
 
 use crate::exchange::{Facts, Outcome};
 use portcullis_audit::{AuthorizerNote, Decision, Kind, Principal, Record};
@@ -125,5 +127,20 @@ pub async fn write_with(shared: &crate::Shared, rec: impl FnOnce() -> Record) ->
             shared.metrics.audit_failures.inc();
             false
         }
+    }
+}
+
+/// Brings the audit metrics up to the writer's state: `portcullis_audit_waiting_for_disk`
+/// and `portcullis_audit_disk_full_waits_total`. Called at each scrape, one at a time.
+pub fn sync_metrics(shared: &crate::Shared) {
+    let Some(a) = &shared.audit else {
+        return;
+    };
+    let st = a.stats();
+    let m = &shared.metrics;
+    m.audit_waiting_for_disk.set(i64::from(st.waiting_for_disk));
+    let cur = m.audit_disk_waits.get();
+    if st.disk_waits > cur {
+        m.audit_disk_waits.inc_by(st.disk_waits - cur);
     }
 }

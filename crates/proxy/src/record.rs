@@ -37,6 +37,11 @@ pub struct Metrics {
     /// Successful requests the access log's `sample` left out.
     pub access_log_sampled_out: Counter,
     pub audit_failures: Counter,
+    /// 1 while the audit writer holds records until the disk has space again
+    /// (`on_overload: wait`); set at each scrape ([`crate::audit::sync_metrics`]).
+    pub audit_waiting_for_disk: Gauge,
+    /// Times the audit writer started waiting for disk space; brought up at each scrape.
+    pub audit_disk_waits: Counter,
     pub authorizer_cache: Family<Labels, Counter>,
     /// Requests refused at the edge for their form (canonicalization, method override,
     /// upgrades, header size), by listener and reason.
@@ -114,6 +119,10 @@ impl Default for Metrics {
                 "Successful requests not written to the access log because of access_log.sample (errors are always written)";
             audit_failures: Counter::default(), "audit_write_failures",
                 "Audit records that could not be written (the request was refused)";
+            audit_waiting_for_disk: Gauge::default(), "audit_waiting_for_disk",
+                "1 while the audit disk is full and the writer holds records until there is space (on_overload: wait); their requests wait";
+            audit_disk_waits: Counter::default(), "audit_disk_full_waits",
+                "Times the audit writer started waiting for disk space (on_overload: wait)";
             authorizer_cache: Family::default(), "authorizer_cache_lookups",
                 "External authorizer decision cache lookups by authorizer and result (hit or miss)";
             refused: Family::default(), "requests_refused",
@@ -630,7 +639,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 24] = [
+        const FAMILIES: [(&str, &str); 26] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -644,6 +653,8 @@ mod tests {
             ("access_log_dropped", "counter"),
             ("access_log_sampled_out", "counter"),
             ("audit_write_failures", "counter"),
+            ("audit_waiting_for_disk", "gauge"),
+            ("audit_disk_full_waits", "counter"),
             ("authorizer_cache_lookups", "counter"),
             ("requests_refused", "counter"),
             ("limit_rejections", "counter"),
