@@ -10,7 +10,13 @@
 //! share two cores), and that the proxy's peak memory grows by less than 64 MiB. It prints
 //! the figures it measured; docs/reliability.md quotes them. The attacks take turns (one
 //! lock), so that one attack's load does not skew another's figures.
+//!
+//! Every attack runs twice: on a plain listener, as h2 with prior knowledge, and (the tests in
+//! `mod tls`) on a TLS listener whose ALPN negotiates `h2`, as browsers and most clients reach
+//! the proxy; the normal client then speaks h2 over TLS too. The tests in `mod alpn` check
+//! that a connection whose ALPN did not choose `h2` is never served as h2.
 mod common;
+use common::pki::{client_config, handshake, Ca};
 use common::*;
 
 use bytes::Bytes;
@@ -20,8 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -122,10 +127,10 @@ fn table_size_update(out: &mut Vec<u8>, size: usize) {
 }
 
 /// A request's header block: the four pseudo-headers, then `fields` as literals.
-fn request_block(method: &str, path: &str, fields: &[(&str, &str)]) -> Vec<u8> {
+fn request_block(scheme: &str, method: &str, path: &str, fields: &[(&str, &str)]) -> Vec<u8> {
     let mut b = Vec::new();
     literal(&mut b, b":method", method.as_bytes());
-    literal(&mut b, b":scheme", b"http");
+    literal(&mut b, b":scheme", scheme.as_bytes());
     literal(&mut b, b":authority", b"localhost");
     literal(&mut b, b":path", path.as_bytes());
     for (k, v) in fields {
@@ -134,8 +139,8 @@ fn request_block(method: &str, path: &str, fields: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
-fn get(out: &mut Vec<u8>, stream: u32, path: &str) {
-    let block = request_block("GET", path, &[]);
+fn get(out: &mut Vec<u8>, scheme: &str, stream: u32, path: &str) {
+    let block = request_block(scheme, "GET", path, &[]);
     frame(out, HEADERS, END_HEADERS | END_STREAM, stream, &block);
 }
 
@@ -206,29 +211,177 @@ enum Outcome {
     Silent,
 }
 
-/// A raw h2 client connection.
-struct Raw {
-    tcp: TcpStream,
+// ---------------------------------------------------------------------------------------
+// The listener: plain, or TLS with ALPN
+// ---------------------------------------------------------------------------------------
+
+/// How the tests reach the proxy's listener: [`Plain`], h2 with prior knowledge on a plain
+/// listener, or [`Tls`], h2 negotiated by ALPN on a TLS listener. The attacks are generic over
+/// it, so the raw attacker and the normal client speak the same frames over either stream.
+trait Dial: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What the figures are printed under.
+    const KIND: &'static str;
+    /// The requests' `:scheme`.
+    const SCHEME: &'static str;
+
+    /// Starts the proxy with one listener of this kind and one public route to `origin`.
+    async fn proxy(origin: &str) -> (Proxy, Self);
+
+    /// A new connection, ready for the h2 preface. `nodelay` for the raw attacker, which
+    /// writes many frames in one write; the normal client's socket is left as it comes.
+    async fn connect(&self, nodelay: bool) -> Result<Self::Io, String>;
+
+    /// The URL of `path`, for the normal h2 client.
+    fn url(&self, path: &str) -> String;
+
+    /// One `GET /ok` on a new HTTP/1.1 connection: its status.
+    async fn fresh(&self) -> Result<u16, String>;
+}
+
+/// The proxy's config: `listener` (a YAML mapping), one backend at `origin`, one public route.
+fn config(listener: &str, origin: &str) -> String {
+    format!(
+        "listeners: [{listener}]\n\
+         backends:\n  - {{ name: app, servers: [{{ address: \"{origin}\" }}] }}\n\
+         routes:\n  - {{ name: app, match: {{ path_prefix: / }}, backend: app, public: true }}\n"
+    )
+}
+
+/// A plain listener, which speaks HTTP/1.1 and h2 with prior knowledge.
+#[derive(Clone)]
+struct Plain(u16);
+
+impl Dial for Plain {
+    type Io = TcpStream;
+    const KIND: &'static str = "plain";
+    const SCHEME: &'static str = "http";
+
+    async fn proxy(origin: &str) -> (Proxy, Self) {
+        let p = Proxy::start(&config("{ name: web, bind: \"127.0.0.1:{port}\" }", origin)).await;
+        let port = p.port;
+        (p, Plain(port))
+    }
+
+    async fn connect(&self, nodelay: bool) -> Result<TcpStream, String> {
+        let tcp = TcpStream::connect(("127.0.0.1", self.0))
+            .await
+            .map_err(|e| e.to_string())?;
+        if nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
+        Ok(tcp)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.0)
+    }
+
+    async fn fresh(&self) -> Result<u16, String> {
+        let r = client().get(self.url("/ok")).send().await;
+        r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+    }
+}
+
+/// A TLS listener with a certificate for `localhost` from a CA made for the test. Its ALPN
+/// offers `h2` and `http/1.1`, and the attacker and the normal client offer `h2` alone.
+#[derive(Clone)]
+struct Tls {
+    port: u16,
+    cfg: Arc<rustls::ClientConfig>,
+    /// For [`Dial::fresh`]: HTTP/1.1 by ALPN, trusting the CA.
+    h1: reqwest::Client,
+}
+
+impl Tls {
+    /// Starts the proxy with a TLS listener offering `protocols` (`[http1, http2]`, the
+    /// default, or fewer) and one public route to `origin`. The CA is returned, so that
+    /// clients offering other protocols can be made.
+    async fn start(origin: &str, protocols: &str) -> (Proxy, Self, Ca) {
+        let ca = Ca::new("h2 abuse CA");
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.server(&["localhost"]).write(dir.path(), "listener");
+        let listener = format!(
+            "{{ name: web, bind: \"127.0.0.1:{{port}}\", protocols: {protocols}, tls: {{ \
+             certificates: [{{ cert: \"{}\", key: \"{}\" }}] }} }}",
+            cert.display(),
+            key.display()
+        );
+        let p = Proxy::start_in(dir, &config(&listener, origin)).await;
+        let port = p.port;
+        let h1 = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+            .resolve("localhost", ([127, 0, 0, 1], port).into())
+            .http1_only()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let cfg = client_config(&ca, &[b"h2"], None);
+        (p, Tls { port, cfg, h1 }, ca)
+    }
+}
+
+impl Dial for Tls {
+    type Io = tokio_rustls::client::TlsStream<TcpStream>;
+    const KIND: &'static str = "TLS";
+    const SCHEME: &'static str = "https";
+
+    async fn proxy(origin: &str) -> (Proxy, Self) {
+        let (p, tls, _) = Tls::start(origin, "[http1, http2]").await;
+        (p, tls)
+    }
+
+    async fn connect(&self, nodelay: bool) -> Result<Self::Io, String> {
+        let hs = handshake(self.port, "localhost", self.cfg.clone()).await?;
+        if hs.alpn.as_deref() != Some(b"h2") {
+            return Err(format!("ALPN chose {:?}, not h2", hs.alpn));
+        }
+        if nodelay {
+            let _ = hs.stream.get_ref().0.set_nodelay(true);
+        }
+        Ok(hs.stream)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    async fn fresh(&self) -> Result<u16, String> {
+        let r = self.h1.get(self.url("/ok")).send().await;
+        r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The raw client
+// ---------------------------------------------------------------------------------------
+
+/// A raw h2 client connection, over TCP or TLS.
+struct Raw<S> {
+    io: S,
     buf: Vec<u8>,
     hpack: loona_hpack::Decoder<'static>,
     /// RST_STREAM error codes seen by `until_closed`, and how often.
     resets: BTreeMap<u32, usize>,
 }
 
-impl Raw {
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     /// Connects, sends the preface and `pairs` as SETTINGS, acknowledges the proxy's SETTINGS,
     /// and waits until the proxy has acknowledged ours.
-    async fn open(port: u16, pairs: &[(u16, u32)]) -> Raw {
-        Self::try_open(port, pairs)
+    async fn open<D: Dial<Io = S>>(d: &D, pairs: &[(u16, u32)]) -> Raw<S> {
+        Self::try_open(d, pairs)
             .await
             .expect("an h2 connection to the proxy")
     }
 
-    async fn try_open(port: u16, pairs: &[(u16, u32)]) -> Option<Raw> {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let _ = tcp.set_nodelay(true);
+    async fn try_open<D: Dial<Io = S>>(d: &D, pairs: &[(u16, u32)]) -> Option<Raw<S>> {
+        Self::start(d.connect(true).await.ok()?, pairs).await
+    }
+
+    /// The same exchange of SETTINGS, on a connection already made.
+    async fn start(io: S, pairs: &[(u16, u32)]) -> Option<Raw<S>> {
         let mut r = Raw {
-            tcp,
+            io,
             buf: Vec::new(),
             hpack: loona_hpack::Decoder::new(),
             resets: BTreeMap::new(),
@@ -251,8 +404,10 @@ impl Raw {
         Some(r)
     }
 
+    /// Writes `b`, and flushes it: TLS may hold the tail of a write until then.
     async fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
-        self.tcp.write_all(b).await
+        self.io.write_all(b).await?;
+        self.io.flush().await
     }
 
     /// The next frame from the proxy.
@@ -263,7 +418,7 @@ impl Raw {
             if let Some(f) = take_frame(&mut self.buf) {
                 return Ok(f);
             }
-            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+            match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
                 Ok(_) => return Err(End::Closed),
                 Err(_) => return Err(End::Silent),
@@ -350,7 +505,7 @@ struct Seen {
 }
 
 /// Reads and counts what the proxy sends on an attacker's connection, until it closes.
-async fn drain(mut rd: OwnedReadHalf, mut buf: Vec<u8>, seen: Arc<Mutex<Seen>>) {
+async fn drain(mut rd: impl AsyncRead + Unpin, mut buf: Vec<u8>, seen: Arc<Mutex<Seen>>) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         while let Some(f) = take_frame(&mut buf) {
@@ -373,8 +528,8 @@ async fn drain(mut rd: OwnedReadHalf, mut buf: Vec<u8>, seen: Arc<Mutex<Seen>>) 
 /// Attacks until `until`, on one fresh connection after the other (opened with `pairs` as
 /// SETTINGS): `fill` writes the next batch of frames, given the connection's next stream id.
 /// An empty batch means: hold the connection open, sending nothing more, until the deadline.
-async fn flood(
-    port: u16,
+async fn flood<D: Dial>(
+    d: D,
     pairs: Vec<(u16, u32)>,
     until: Instant,
     mut fill: impl FnMut(&mut u32, &mut Vec<u8>) + Send,
@@ -383,13 +538,12 @@ async fn flood(
     let mut out = Vec::with_capacity(256 * 1024);
     let mut readers = Vec::new();
     'connections: while Instant::now() < until {
-        let Ok(Some(raw)) = tokio::time::timeout_at(until, Raw::try_open(port, &pairs)).await
-        else {
+        let Ok(Some(raw)) = tokio::time::timeout_at(until, Raw::try_open(&d, &pairs)).await else {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         };
         seen.lock().unwrap().connections += 1;
-        let (rd, mut wr) = raw.tcp.into_split();
+        let (rd, mut wr) = tokio::io::split(raw.io);
         readers.push(tokio::spawn(drain(rd, raw.buf, seen.clone())));
         let reader = readers.last_mut().unwrap();
         let mut next_id = 1u32;
@@ -404,7 +558,11 @@ async fn flood(
                 }
                 break 'connections;
             }
-            match tokio::time::timeout_at(until, wr.write_all(&out)).await {
+            let write = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            };
+            match tokio::time::timeout_at(until, write).await {
                 Ok(Ok(())) => seen.lock().unwrap().bytes_sent += out.len() as u64,
                 Ok(Err(_)) => {
                     seen.lock().unwrap().closed_by_proxy += 1;
@@ -462,16 +620,6 @@ async fn origin() -> Origin {
     .await
 }
 
-async fn proxy(origin: &Origin) -> Proxy {
-    Proxy::start(&format!(
-        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\n\
-         backends:\n  - {{ name: app, servers: [{{ address: \"{}\" }}] }}\n\
-         routes:\n  - {{ name: app, match: {{ path_prefix: / }}, backend: app, public: true }}\n",
-        origin.address()
-    ))
-    .await
-}
-
 /// A field of /proc/<pid>/status in bytes (`VmRSS`, `VmHWM`).
 fn proc_status(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -485,11 +633,11 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 
 type Normal = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
 
-/// A normal h2 client: hyper's, on its own connection.
-async fn normal_client(port: u16) -> Normal {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+/// A normal h2 client: hyper's, on its own connection (over TLS, negotiated by ALPN).
+async fn normal_client(d: &impl Dial) -> Normal {
+    let io = d.connect(false).await.unwrap();
     let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .unwrap();
     tokio::spawn(async move {
@@ -499,13 +647,11 @@ async fn normal_client(port: u16) -> Normal {
 }
 
 /// Requests `/ok` one after the other for `dur`: how many succeeded, and what the others got.
-async fn normal_requests(send: &mut Normal, port: u16, dur: Duration) -> (usize, Vec<String>) {
+async fn normal_requests(send: &mut Normal, d: &impl Dial, dur: Duration) -> (usize, Vec<String>) {
     let until = Instant::now() + dur;
     let (mut ok, mut failed) = (0, Vec::new());
     while Instant::now() < until {
-        let req = Request::get(format!("http://127.0.0.1:{port}/ok"))
-            .body(Empty::new())
-            .unwrap();
+        let req = Request::get(d.url("/ok")).body(Empty::new()).unwrap();
         let r = tokio::time::timeout(Duration::from_secs(5), async {
             let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
@@ -575,18 +721,20 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// it is given, and the proxy's memory. Asserts that every normal request succeeded (and a
 /// request on a new connection too), at no less than `FLOOR` of the rate before, and that
 /// the proxy's peak memory grew by less than 64 MiB.
-async fn under_attack<F, Fut>(p: &Proxy, name: &str, attack: F) -> Figures
+async fn under_attack<D, F, Fut>(p: &Proxy, d: &D, name: &str, attack: F) -> Figures
 where
+    D: Dial,
     F: FnOnce(Instant) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Seen>,
 {
     let pid = p.child.id();
-    let mut normal = normal_client(p.port).await;
+    let name = format!("{name} ({})", D::KIND);
+    let mut normal = normal_client(d).await;
     // Warm up: the upstream connection, the allocator's first arenas.
-    let (_, failed) = normal_requests(&mut normal, p.port, Duration::from_millis(300)).await;
+    let (_, failed) = normal_requests(&mut normal, d, Duration::from_millis(300)).await;
     assert!(failed.is_empty(), "{failed:?}");
     let rss_before = proc_status(pid, "VmRSS");
-    let (before, failed) = normal_requests(&mut normal, p.port, BEFORE).await;
+    let (before, failed) = normal_requests(&mut normal, d, BEFORE).await;
     assert!(failed.is_empty(), "{failed:?}");
 
     let cpu_before = cpu_seconds(pid);
@@ -602,11 +750,8 @@ where
     });
     tokio::time::sleep(RAMP).await;
     // A new client connection is accepted and served during the attack too.
-    let fresh = client().get(p.url("/ok")).send().await;
-    let fresh = fresh
-        .map(|r| r.status().as_u16())
-        .map_err(|e| e.to_string());
-    let (during, failed) = normal_requests(&mut normal, p.port, DURING).await;
+    let fresh = d.fresh().await;
+    let (during, failed) = normal_requests(&mut normal, d, DURING).await;
     let seen = attacker.await.unwrap();
     let f = Figures {
         before_rps: before as f64 / BEFORE.as_secs_f64(),
@@ -652,13 +797,12 @@ where
 /// Writes `batch` again and again, for `dur`, on a connection whose answers are never read:
 /// how many bytes went out before the proxy stopped taking them, and how far the proxy's
 /// resident memory grew meanwhile.
-async fn unread(p: &Proxy, batch: &[u8], dur: Duration) -> (u64, u64) {
-    let raw = Raw::open(p.port, &[]).await;
-    let mut tcp = raw.tcp;
+async fn unread(p: &Proxy, d: &impl Dial, batch: &[u8], dur: Duration) -> (u64, u64) {
+    let mut io = Raw::open(d, &[]).await.io;
     let rss = proc_status(p.child.id(), "VmRSS");
     let until = Instant::now() + dur;
     let mut sent = 0;
-    while let Ok(Ok(())) = tokio::time::timeout_at(until, tcp.write_all(batch)).await {
+    while let Ok(Ok(())) = tokio::time::timeout_at(until, io.write_all(batch)).await {
         sent += batch.len() as u64;
     }
     let grew = proc_status(p.child.id(), "VmRSS").saturating_sub(rss);
@@ -674,34 +818,34 @@ async fn unread(p: &Proxy, batch: &[u8], dur: Duration) -> (u64, u64) {
 /// answers a connection that resets streams faster than it accepts them with GOAWAY
 /// (ENHANCE_YOUR_CALM), and the normal client keeps its service while the attacker
 /// reconnects and starts again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rapid_reset_gets_goaway_and_normal_clients_keep_their_service() {
+async fn rapid_reset<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
 
     // One connection, alone: 2,000 HEADERS + RST_STREAM pairs in one go.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
     for i in 0..2000u32 {
-        get(&mut out, 1 + 2 * i, "/ok");
+        get(&mut out, D::SCHEME, 1 + 2 * i, "/ok");
         rst_stream(&mut out, 1 + 2 * i, CANCEL);
     }
     let hits = origin.hits();
     let _ = raw.send(&out).await;
     let (goaway, end) = raw.until_closed(Duration::from_secs(5)).await;
     eprintln!(
-        "rapid reset, one connection: GOAWAY {goaway:?}, {end:?}; {} of 2000 streams reached the origin",
+        "rapid reset ({}), one connection: GOAWAY {goaway:?}, {end:?}; {} of 2000 streams reached the origin",
+        D::KIND,
         origin.hits() - hits
     );
     assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{}", p.log_text());
     assert_eq!(end, End::Closed);
 
-    let port = p.port;
-    let f = under_attack(&p, "rapid reset", move |until| {
-        flood(port, vec![], until, |id, out| {
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "rapid reset", move |until| {
+        flood(attacker, vec![], until, |id, out| {
             for _ in 0..100 {
-                get(out, *id, "/ok");
+                get(out, D::SCHEME, *id, "/ok");
                 rst_stream(out, *id, CANCEL);
                 *id += 2;
             }
@@ -715,16 +859,15 @@ async fn rapid_reset_gets_goaway_and_normal_clients_keep_their_service() {
 /// header, which HTTP/2 forbids): the "MadeYouReset" class (CVE-2025-8671) of rapid reset,
 /// where the server, not the client, resets. After 1024 such resets the proxy closes the
 /// connection with GOAWAY (ENHANCE_YOUR_CALM).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_the_proxy_must_reset_are_capped_per_connection() {
+async fn forced_resets<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
-    let block = request_block("GET", "/ok", &[("connection", "close")]);
+    let (p, d) = D::proxy(&origin.address()).await;
+    let block = request_block(D::SCHEME, "GET", "/ok", &[("connection", "close")]);
 
     // One connection, alone: 100 such streams at a time, each batch's resets read before
     // the next, until the proxy closes the connection.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut sent = 0u32;
     let end = loop {
         let mut out = Vec::new();
@@ -746,17 +889,18 @@ async fn streams_the_proxy_must_reset_are_capped_per_connection() {
     };
     let reset = raw.resets.get(&PROTOCOL_ERROR).copied().unwrap_or(0);
     eprintln!(
-        "streams reset by the proxy, one connection: {end:?} after {sent} streams sent, {reset} \
-         reset"
+        "streams reset by the proxy ({}), one connection: {end:?} after {sent} streams sent, \
+         {reset} reset",
+        D::KIND
     );
     assert_eq!(end, (Some(ENHANCE_YOUR_CALM), End::Closed));
     assert!((1000..=1100).contains(&sent), "{sent}");
     assert!(reset <= 1024, "{:?}", raw.resets);
     assert_eq!(origin.hits(), 0);
 
-    let port = p.port;
-    let f = under_attack(&p, "streams reset by the proxy", move |until| {
-        flood(port, vec![], until, move |id, out| {
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "streams reset by the proxy", move |until| {
+        flood(attacker, vec![], until, move |id, out| {
             for _ in 0..100 {
                 frame(out, HEADERS, END_HEADERS | END_STREAM, *id, &block);
                 *id += 2;
@@ -770,16 +914,15 @@ async fn streams_the_proxy_must_reset_are_capped_per_connection() {
 /// CONTINUATION flood (CVE-2024-27316 and kin): a header block that never ends. The proxy
 /// closes the connection after a few CONTINUATION frames, whether they are empty or full of
 /// fields, and never holds more than the header list limit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn continuation_flood_is_cut_off() {
+async fn continuation_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
 
     // Empty CONTINUATION frames, endlessly.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
-    let block = request_block("GET", "/ok", &[]);
+    let block = request_block(D::SCHEME, "GET", "/ok", &[]);
     frame(&mut out, HEADERS, END_STREAM, 1, &block);
     for _ in 0..10_000 {
         frame(&mut out, CONTINUATION, 0, 1, &[]);
@@ -787,7 +930,7 @@ async fn continuation_flood_is_cut_off() {
     let _ = raw.send(&out).await;
     let empty = raw.until_closed(Duration::from_secs(5)).await;
     // CONTINUATION frames full of fields (16 KiB each).
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
     frame(&mut out, HEADERS, END_STREAM, 1, &block);
     let mut fields = Vec::new();
@@ -797,7 +940,10 @@ async fn continuation_flood_is_cut_off() {
     }
     let _ = raw.send(&out).await;
     let full = raw.until_closed(Duration::from_secs(5)).await;
-    eprintln!("CONTINUATION flood, one connection: empty frames {empty:?}, full frames {full:?}");
+    eprintln!(
+        "CONTINUATION flood ({}), one connection: empty frames {empty:?}, full frames {full:?}",
+        D::KIND
+    );
     assert_eq!(empty, (Some(ENHANCE_YOUR_CALM), End::Closed));
     assert!(
         matches!(
@@ -810,9 +956,9 @@ async fn continuation_flood_is_cut_off() {
 
     // Sustained: a header block of CONTINUATION frames full of fields on each connection,
     // one connection after the other.
-    let port = p.port;
-    let f = under_attack(&p, "CONTINUATION flood", move |until| {
-        flood(port, vec![], until, move |id, out| {
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "CONTINUATION flood", move |until| {
+        flood(attacker, vec![], until, move |id, out| {
             if *id == 1 {
                 frame(out, HEADERS, END_STREAM, 1, &block);
                 for _ in 0..8 {
@@ -831,13 +977,12 @@ async fn continuation_flood_is_cut_off() {
 /// proxy stops decoding and closes the connection. A dynamic table size update above the
 /// proxy's SETTINGS_HEADER_TABLE_SIZE is a compression error. A client that allows a huge
 /// (or no) table for the proxy's own encoder still gets its answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hpack_bombs_and_table_size_abuse_are_refused() {
+async fn hpack_bombs<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
     let bomb = |refs: usize| {
-        let mut b = request_block("GET", "/ok", &[]);
+        let mut b = request_block(D::SCHEME, "GET", "/ok", &[]);
         literal_indexed(&mut b, b"x-bomb", &[b'a'; 4000]);
         for _ in 0..refs {
             indexed(&mut b, 62);
@@ -846,15 +991,15 @@ async fn hpack_bombs_and_table_size_abuse_are_refused() {
     };
 
     // 20 references: about 80 KB decoded, over the 64 KiB limit.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
     frame(&mut out, HEADERS, END_HEADERS | END_STREAM, 1, &bomb(20));
-    get(&mut out, 3, "/ok");
+    get(&mut out, D::SCHEME, 3, "/ok");
     raw.send(&out).await.unwrap();
     let small = raw.outcome(1).await;
     let after_small = raw.outcome(3).await;
     // 12,000 references in a 12 KB frame: 48 MB decoded.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
     frame(
         &mut out,
@@ -866,17 +1011,18 @@ async fn hpack_bombs_and_table_size_abuse_are_refused() {
     raw.send(&out).await.unwrap();
     let big = raw.until_closed(Duration::from_secs(5)).await;
     // A table size update to 1 GiB, over the proxy's 4,096 bytes.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut block = Vec::new();
     table_size_update(&mut block, 1 << 30);
-    block.extend_from_slice(&request_block("GET", "/ok", &[]));
+    block.extend_from_slice(&request_block(D::SCHEME, "GET", "/ok", &[]));
     let mut out = Vec::new();
     frame(&mut out, HEADERS, END_HEADERS | END_STREAM, 1, &block);
     raw.send(&out).await.unwrap();
     let update = raw.until_closed(Duration::from_secs(5)).await;
     eprintln!(
-        "HPACK bombs: 80 KB {small:?}, then the same connection {after_small:?}; 48 MB {big:?}; \
-         table size update to 1 GiB {update:?}"
+        "HPACK bombs ({}): 80 KB {small:?}, then the same connection {after_small:?}; 48 MB \
+         {big:?}; table size update to 1 GiB {update:?}",
+        D::KIND
     );
     assert_eq!(small, Outcome::Status(431));
     assert_eq!(after_small, Outcome::Status(200));
@@ -892,19 +1038,19 @@ async fn hpack_bombs_and_table_size_abuse_are_refused() {
     // SETTINGS_HEADER_TABLE_SIZE of 4 GiB, and of 0: the proxy's encoder keeps to 4 KiB (or
     // none), and 200 answers each decode.
     for size in [u32::MAX, 0] {
-        let mut raw = Raw::open(p.port, &[(SETTINGS_HEADER_TABLE_SIZE, size)]).await;
+        let mut raw = Raw::open(&d, &[(SETTINGS_HEADER_TABLE_SIZE, size)]).await;
         for i in 0..200u32 {
             let mut out = Vec::new();
-            get(&mut out, 1 + 2 * i, &format!("/ok?{i}"));
+            get(&mut out, D::SCHEME, 1 + 2 * i, &format!("/ok?{i}"));
             raw.send(&out).await.unwrap();
             assert_eq!(raw.outcome(1 + 2 * i).await, Outcome::Status(200), "{size}");
         }
     }
 
-    let port = p.port;
+    let attacker = d.clone();
     let big_bomb = bomb(12_000);
-    let f = under_attack(&p, "HPACK bomb", move |until| {
-        flood(port, vec![], until, move |id, out| {
+    let f = under_attack(&p, &d, "HPACK bomb", move |until| {
+        flood(attacker, vec![], until, move |id, out| {
             if *id == 1 {
                 frame(out, HEADERS, END_HEADERS | END_STREAM, 1, &big_bomb);
                 *id = 3;
@@ -918,11 +1064,10 @@ async fn hpack_bombs_and_table_size_abuse_are_refused() {
 /// SETTINGS flood (CVE-2019-9515): the proxy acknowledges each SETTINGS frame, and reads
 /// the next only once the last acknowledgement is written, so a client that never reads them
 /// soon cannot send more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settings_flood_leaves_normal_clients_served() {
+async fn settings_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
     let mut batch = Vec::new();
     for _ in 0..500 {
         settings(
@@ -934,16 +1079,17 @@ async fn settings_flood_leaves_normal_clients_served() {
         );
     }
     // A client that never reads the acknowledgements: the proxy stops reading too.
-    let (sent, grew) = unread(&p, &batch, Duration::from_millis(500)).await;
+    let (sent, grew) = unread(&p, &d, &batch, Duration::from_millis(500)).await;
     eprintln!(
-        "SETTINGS flood, answers never read: {:.1} MiB taken in 0.5 s, RSS +{:.1} MiB",
+        "SETTINGS flood ({}), answers never read: {:.1} MiB taken in 0.5 s, RSS +{:.1} MiB",
+        D::KIND,
         sent as f64 / MIB,
         grew as f64 / MIB
     );
     assert!(sent < 32 << 20 && grew < 16 << 20, "{sent} {grew}");
-    let port = p.port;
-    under_attack(&p, "SETTINGS flood", move |until| {
-        flood(port, vec![], until, move |_, out| {
+    let attacker = d.clone();
+    under_attack(&p, &d, "SETTINGS flood", move |until| {
+        flood(attacker, vec![], until, move |_, out| {
             out.extend_from_slice(&batch)
         })
     })
@@ -952,26 +1098,26 @@ async fn settings_flood_leaves_normal_clients_served() {
 
 /// PING flood (CVE-2019-9512): each PING wants an acknowledgement; the proxy keeps at most
 /// one pending, and a client that never reads them soon cannot send more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_flood_leaves_normal_clients_served() {
+async fn ping_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
     let mut batch = Vec::new();
     for i in 0..1000u64 {
         frame(&mut batch, PING, 0, 0, &i.to_be_bytes());
     }
     // A client that never reads the answers: the proxy stops reading too.
-    let (sent, grew) = unread(&p, &batch, Duration::from_millis(500)).await;
+    let (sent, grew) = unread(&p, &d, &batch, Duration::from_millis(500)).await;
     eprintln!(
-        "PING flood, answers never read: {:.1} MiB taken in 0.5 s, RSS +{:.1} MiB",
+        "PING flood ({}), answers never read: {:.1} MiB taken in 0.5 s, RSS +{:.1} MiB",
+        D::KIND,
         sent as f64 / MIB,
         grew as f64 / MIB
     );
     assert!(sent < 32 << 20 && grew < 16 << 20, "{sent} {grew}");
-    let port = p.port;
-    under_attack(&p, "PING flood", move |until| {
-        flood(port, vec![], until, move |_, out| {
+    let attacker = d.clone();
+    under_attack(&p, &d, "PING flood", move |until| {
+        flood(attacker, vec![], until, move |_, out| {
             out.extend_from_slice(&batch)
         })
     })
@@ -982,19 +1128,18 @@ async fn ping_flood_leaves_normal_clients_served() {
 /// window, so only a count stops them. The proxy closes the connection after a budget of
 /// them, and no empty chunk (which would end an HTTP/1.1 chunked body early) reaches the
 /// origin.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_data_flood_leaves_normal_clients_served() {
+async fn empty_data_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
+    let (p, d) = D::proxy(&origin.address()).await;
     let mut batch = Vec::new();
     for _ in 0..2000 {
         frame(&mut batch, DATA, 0, 1, &[]);
     }
-    let open = request_block("POST", "/sink", &[]);
+    let open = request_block(D::SCHEME, "POST", "/sink", &[]);
 
     // One connection, alone: 100,000 empty DATA frames on one request body.
-    let mut raw = Raw::open(p.port, &[]).await;
+    let mut raw = Raw::open(&d, &[]).await;
     let mut out = Vec::new();
     frame(&mut out, HEADERS, END_HEADERS, 1, &open);
     for _ in 0..50 {
@@ -1002,12 +1147,12 @@ async fn empty_data_flood_leaves_normal_clients_served() {
     }
     let _ = raw.send(&out).await;
     let one = raw.until_closed(Duration::from_secs(5)).await;
-    eprintln!("empty DATA flood, one connection: {one:?}");
+    eprintln!("empty DATA flood ({}), one connection: {one:?}", D::KIND);
     assert_eq!(one, (Some(ENHANCE_YOUR_CALM), End::Closed));
 
-    let port = p.port;
-    let f = under_attack(&p, "empty DATA flood", move |until| {
-        flood(port, vec![], until, move |id, out| {
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "empty DATA flood", move |until| {
+        flood(attacker, vec![], until, move |id, out| {
             if *id == 1 {
                 frame(out, HEADERS, END_HEADERS, 1, &open);
                 *id = 3;
@@ -1023,21 +1168,20 @@ async fn empty_data_flood_leaves_normal_clients_served() {
 /// A reader that never opens its flow control window (SETTINGS_INITIAL_WINDOW_SIZE 0, no
 /// WINDOW_UPDATE) asks for 100 bodies of 8 MiB: it gets the heads and no body byte, and the
 /// proxy reads from the origin only as fast as the client takes, so its memory stays flat.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zero_window_readers_hold_no_response_bodies() {
+async fn zero_window<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
-    let port = p.port;
-    let f = under_attack(&p, "zero window", move |until| {
+    let (p, d) = D::proxy(&origin.address()).await;
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "zero window", move |until| {
         flood(
-            port,
+            attacker,
             vec![(SETTINGS_INITIAL_WINDOW_SIZE, 0)],
             until,
             |id, out| {
                 if *id == 1 {
                     for _ in 0..100 {
-                        get(out, *id, "/big");
+                        get(out, D::SCHEME, *id, "/big");
                         *id += 2;
                     }
                 }
@@ -1053,17 +1197,16 @@ async fn zero_window_readers_hold_no_response_bodies() {
 
 /// More streams than SETTINGS_MAX_CONCURRENT_STREAMS: the extra ones are refused
 /// (REFUSED_STREAM), so a client can retry them, and the rest are served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_over_the_limit_are_refused() {
+async fn stream_exhaustion<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
-    let p = proxy(&origin).await;
-    let port = p.port;
-    let f = under_attack(&p, "stream exhaustion", move |until| {
-        flood(port, vec![], until, |id, out| {
+    let (p, d) = D::proxy(&origin.address()).await;
+    let attacker = d.clone();
+    let f = under_attack(&p, &d, "stream exhaustion", move |until| {
+        flood(attacker, vec![], until, |id, out| {
             if *id == 1 {
                 for _ in 0..MAX_STREAMS + 100 {
-                    get(out, *id, "/slow");
+                    get(out, D::SCHEME, *id, "/slow");
                     *id += 2;
                 }
             }
@@ -1469,23 +1612,16 @@ const CASES: &[Case] = &[
 /// Each case on its own h2 connection, then a normal request on a new one. The origin sees
 /// each attack as at most one well-framed request, never the request hidden in it, and the
 /// normal request after it as a request of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn downgrade_to_http1_is_never_ambiguous() {
+async fn downgrade<D: Dial>() {
     let _turn = TURN.lock().await;
     let rec = Recorder::start().await;
-    let p = Proxy::start(&format!(
-        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\n\
-         backends:\n  - {{ name: app, servers: [{{ address: \"{}\" }}] }}\n\
-         routes:\n  - {{ name: app, match: {{ path_prefix: / }}, backend: app, public: true }}\n",
-        rec.addr
-    ))
-    .await;
+    let (p, d) = D::proxy(&rec.addr.to_string()).await;
     let mut report = Vec::new();
     for (n, case) in CASES.iter().enumerate() {
-        let mut raw = Raw::open(p.port, &[]).await;
+        let mut raw = Raw::open(&d, &[]).await;
         let path = case.path.replace("{n}", &n.to_string());
         let mut out = Vec::new();
-        let block = request_block(case.method, &path, case.fields);
+        let block = request_block(D::SCHEME, case.method, &path, case.fields);
         let end = if case.data.is_empty() { END_STREAM } else { 0 };
         frame(&mut out, HEADERS, END_HEADERS | end, 1, &block);
         for (i, d) in case.data.iter().enumerate() {
@@ -1495,9 +1631,9 @@ async fn downgrade_to_http1_is_never_ambiguous() {
         raw.send(&out).await.unwrap();
         let got = raw.outcome(1).await;
 
-        let mut after = Raw::open(p.port, &[]).await;
+        let mut after = Raw::open(&d, &[]).await;
         let mut out = Vec::new();
-        get(&mut out, 1, &format!("/after-{n}"));
+        get(&mut out, D::SCHEME, 1, &format!("/after-{n}"));
         after.send(&out).await.unwrap();
         assert_eq!(
             after.outcome(1).await,
@@ -1547,5 +1683,274 @@ async fn downgrade_to_http1_is_never_ambiguous() {
             );
         }
     }
-    eprintln!("downgrade cases:\n  {}", report.join("\n  "));
+    eprintln!("downgrade cases ({}):\n  {}", D::KIND, report.join("\n  "));
+}
+
+// ---------------------------------------------------------------------------------------
+// Each attack on the plain listener, and on TLS
+// ---------------------------------------------------------------------------------------
+
+/// Each attack as two tests: `<name>` on the plain listener (h2 with prior knowledge), and
+/// `tls::<name>` on a TLS listener whose ALPN negotiates h2.
+macro_rules! plain_and_tls {
+    ($($name:ident => $attack:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $attack::<Plain>().await
+            }
+        )*
+        mod tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$attack::<super::Tls>().await
+                }
+            )*
+        }
+    };
+}
+
+plain_and_tls! {
+    rapid_reset_gets_goaway_and_normal_clients_keep_their_service => rapid_reset,
+    streams_the_proxy_must_reset_are_capped_per_connection => forced_resets,
+    continuation_flood_is_cut_off => continuation_flood,
+    hpack_bombs_and_table_size_abuse_are_refused => hpack_bombs,
+    settings_flood_leaves_normal_clients_served => settings_flood,
+    ping_flood_leaves_normal_clients_served => ping_flood,
+    empty_data_flood_leaves_normal_clients_served => empty_data_flood,
+    zero_window_readers_hold_no_response_bodies => zero_window,
+    streams_over_the_limit_are_refused => stream_exhaustion,
+    downgrade_to_http1_is_never_ambiguous => downgrade,
+}
+
+// ---------------------------------------------------------------------------------------
+// ALPN: h2 only when the handshake chose it
+// ---------------------------------------------------------------------------------------
+
+mod alpn {
+    use super::*;
+
+    /// The preface, the client's SETTINGS and a `GET /ok`, as an h2 client's first write.
+    fn h2_start() -> Vec<u8> {
+        let mut out = PREFACE.to_vec();
+        settings(&mut out, &[]);
+        get(&mut out, "https", 1, "/ok");
+        out
+    }
+
+    /// What a TLS connection offering `offer` by ALPN (none if empty) got.
+    struct Exchange {
+        /// The protocol ALPN chose.
+        alpn: Option<Vec<u8>>,
+        /// What the proxy sent back.
+        got: Vec<u8>,
+        /// Whether the proxy closed the connection within 3 s.
+        closed: bool,
+    }
+
+    impl Exchange {
+        /// Refused by the HTTP/1.1 server: closed, with nothing (hyper closes when it reads a
+        /// whole h2 preface) or a 400 (when it has only part of it). Not h2: no SETTINGS.
+        fn refused_by_http1(&self) -> bool {
+            self.closed && (self.got.is_empty() || self.got.starts_with(b"HTTP/1.1 400 "))
+        }
+
+        /// Refused by the h2 server: closed, with nothing but h2 frames (the server's own
+        /// SETTINGS, which it sends first, and a GOAWAY), and no response head among them.
+        fn refused_by_h2(&self) -> bool {
+            let mut buf = self.got.clone();
+            let frames: Vec<Frame> = std::iter::from_fn(|| take_frame(&mut buf)).collect();
+            self.closed && buf.is_empty() && frames.iter().all(|f| f.ty != HEADERS)
+        }
+    }
+
+    impl std::fmt::Debug for Exchange {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let open = if self.closed { "closed" } else { "left open" };
+            write!(f, "{}, {open}", shown(&self.got))
+        }
+    }
+
+    /// What the proxy sent, briefly: nothing, h2 frames by type, or the first line of text.
+    fn shown(got: &[u8]) -> String {
+        let mut buf = got.to_vec();
+        let frames: Vec<String> = std::iter::from_fn(|| take_frame(&mut buf))
+            .map(|f| match f.ty {
+                SETTINGS => "SETTINGS".to_string(),
+                GOAWAY => format!("GOAWAY({})", f.code()),
+                HEADERS => "HEADERS".to_string(),
+                ty => format!("frame type {ty}"),
+            })
+            .collect();
+        match got {
+            [] => "nothing".into(),
+            _ if buf.is_empty() => format!("h2 frames {frames:?}"),
+            _ => format!("{:?}", String::from_utf8_lossy(got).lines().next()),
+        }
+    }
+
+    /// Sends `writes` (200 ms apart) on a TLS connection offering `offer` by ALPN, and reads
+    /// until the proxy closes the connection, for 3 s at most.
+    async fn exchange(port: u16, ca: &Ca, offer: &[&[u8]], writes: &[&[u8]]) -> Exchange {
+        let hs = handshake(port, "localhost", client_config(ca, offer, None))
+            .await
+            .unwrap();
+        let mut io = hs.stream;
+        for (i, w) in writes.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // The proxy may have closed already: what it sent is read below.
+            if io.write_all(w).await.is_err() || io.flush().await.is_err() {
+                break;
+            }
+        }
+        let (mut got, mut chunk) = (Vec::new(), vec![0u8; 16 * 1024]);
+        let until = Instant::now() + Duration::from_secs(3);
+        loop {
+            let closed = match tokio::time::timeout_at(until, io.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    got.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                // Closed, with or without close_notify.
+                Ok(_) => true,
+                Err(_) => false,
+            };
+            let alpn = hs.alpn;
+            return Exchange { alpn, got, closed };
+        }
+    }
+
+    /// A listener configured for HTTP/1.1 alone (`protocols: [http1]`) offers only
+    /// `http/1.1` by ALPN: a client offering only `h2` fails the handshake
+    /// (`no_application_protocol`), one offering both gets `http/1.1`, and the h2 preface on
+    /// it, or on a connection without ALPN, is refused. HTTP/1.1 is served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_is_refused_by_a_listener_without_h2() {
+        let _turn = TURN.lock().await;
+        let origin = origin().await;
+        let (p, tls, ca) = Tls::start(&origin.address(), "[http1]").await;
+        let preface = h2_start();
+
+        let only_h2 = handshake(p.port, "localhost", client_config(&ca, &[b"h2"], None)).await;
+        let only_h2 = only_h2.map(|hs| hs.alpn).err();
+        let both = exchange(p.port, &ca, &[b"h2", b"http/1.1"], &[&preface]).await;
+        let none = exchange(p.port, &ca, &[], &[&preface]).await;
+        let h1 = tls.fresh().await;
+        eprintln!(
+            "listener without h2: ALPN h2 alone: {only_h2:?}; h2 and http/1.1, then the h2 \
+             preface: {both:?}; no ALPN, then the preface: {none:?}; HTTP/1.1: {h1:?}"
+        );
+        assert!(
+            only_h2
+                .as_deref()
+                .is_some_and(|e| e.contains("NoApplicationProtocol")),
+            "{only_h2:?}\n{}",
+            p.log_text()
+        );
+        assert_eq!(both.alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert!(both.refused_by_http1(), "{both:?}");
+        assert_eq!(none.alpn, None);
+        assert!(none.refused_by_http1(), "{none:?}");
+        assert_eq!(h1, Ok(200));
+        assert_eq!(
+            origin.hits(),
+            1,
+            "only the HTTP/1.1 request reached the origin"
+        );
+    }
+
+    /// On a listener offering both, a client whose ALPN chose `http/1.1` and then sends the
+    /// h2 preface (whole, or in two writes) is not served as h2, and one whose ALPN chose
+    /// `h2` and then sends an HTTP/1.1 request is not served as HTTP/1.1. Without ALPN, the
+    /// listener tells the protocol by the first bytes, as a plain listener does: the preface
+    /// gets h2 (prior knowledge), with the same h2 server and limits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_protocol_alpn_chose_is_served() {
+        let _turn = TURN.lock().await;
+        let origin = origin().await;
+        let (p, _tls, ca) = Tls::start(&origin.address(), "[http1, http2]").await;
+        let h1: &[&[u8]] = &[b"http/1.1"];
+        let preface = h2_start();
+
+        let whole = exchange(p.port, &ca, h1, &[&preface]).await;
+        let split = exchange(p.port, &ca, h1, &[&preface[..16], &preface[16..]]).await;
+        let request = b"GET /ok HTTP/1.1\r\nhost: localhost\r\n\r\n";
+        let h1_on_h2 = exchange(p.port, &ca, &[b"h2"], &[request]).await;
+        let hs = handshake(p.port, "localhost", client_config(&ca, &[], None))
+            .await
+            .unwrap();
+        let no_alpn_chose = hs.alpn.clone();
+        let mut raw = Raw::start(hs.stream, &[]).await.expect("h2 without ALPN");
+        let mut out = Vec::new();
+        get(&mut out, "https", 1, "/ok");
+        raw.send(&out).await.unwrap();
+        let no_alpn = raw.outcome(1).await;
+        eprintln!(
+            "ALPN http/1.1, then the h2 preface: in one write {whole:?}, in two {split:?}; ALPN \
+             h2, then HTTP/1.1: {h1_on_h2:?}; no ALPN, then h2: {no_alpn:?}"
+        );
+        assert_eq!(whole.alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert!(whole.refused_by_http1(), "{whole:?}");
+        assert!(split.refused_by_http1(), "{split:?}");
+        assert_eq!(h1_on_h2.alpn.as_deref(), Some(&b"h2"[..]));
+        assert!(h1_on_h2.refused_by_h2(), "{h1_on_h2:?}\n{}", p.log_text());
+        assert_eq!(no_alpn_chose, None);
+        assert_eq!(no_alpn, Outcome::Status(200));
+        assert_eq!(
+            origin.hits(),
+            1,
+            "only the request without ALPN reached the origin"
+        );
+    }
+
+    /// A listener with `protocols: [http2]` serves no HTTP/1.1: plain, it takes h2 with prior
+    /// knowledge alone; over TLS its ALPN offers `h2` alone, so a client offering only
+    /// `http/1.1` fails the handshake, and one without ALPN that sends HTTP/1.1 is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_without_http1_serves_no_http1() {
+        let _turn = TURN.lock().await;
+        let origin = origin().await;
+        let request = b"GET /ok HTTP/1.1\r\nhost: localhost\r\n\r\n";
+
+        let p = Proxy::start(&config(
+            "{ name: web, bind: \"127.0.0.1:{port}\", protocols: [http2] }",
+            &origin.address(),
+        ))
+        .await;
+        let plain = raw(p.port, request).await;
+        let mut h2 = Raw::open(&Plain(p.port), &[]).await;
+        let mut out = Vec::new();
+        get(&mut out, "http", 1, "/ok");
+        h2.send(&out).await.unwrap();
+        let plain_h2 = h2.outcome(1).await;
+
+        let (p, _tls, ca) = Tls::start(&origin.address(), "[http2]").await;
+        let only_h1 = handshake(
+            p.port,
+            "localhost",
+            client_config(&ca, &[b"http/1.1"], None),
+        )
+        .await;
+        let only_h1 = only_h1.map(|hs| hs.alpn).err();
+        let no_alpn = exchange(p.port, &ca, &[], &[request]).await;
+        eprintln!(
+            "listener without http1: plain, HTTP/1.1 got {:?}, h2 {plain_h2:?}; TLS, ALPN \
+             http/1.1 alone: {only_h1:?}; no ALPN, then HTTP/1.1: {no_alpn:?}",
+            shown(plain.as_bytes())
+        );
+        assert!(!plain.contains("HTTP/1.1"), "{plain:?}");
+        assert_eq!(plain_h2, Outcome::Status(200));
+        assert!(
+            only_h1
+                .as_deref()
+                .is_some_and(|e| e.contains("NoApplicationProtocol")),
+            "{only_h1:?}"
+        );
+        assert_eq!(no_alpn.alpn, None);
+        assert!(no_alpn.refused_by_h2(), "{no_alpn:?}");
+        assert_eq!(origin.hits(), 1, "only the h2 request reached the origin");
+    }
 }

@@ -3,7 +3,7 @@
 //! they change on disk, client certificates at the listener (mTLS), and upstream TLS with its
 //! own CA and client certificate.
 mod common;
-use common::pki::{init_crypto, Ca, Leaf};
+use common::pki::{client_config, handshake, init_crypto, Ca, Leaf};
 use common::*;
 
 use bytes::Bytes;
@@ -12,65 +12,17 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::{CertificateDer, ServerName};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 fn write_pem(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
-}
-
-/// A client config trusting `ca`, offering `alpn`, with an optional client certificate.
-fn client_config(ca: &Ca, alpn: &[&[u8]], identity: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
-    init_crypto();
-    let b = rustls::ClientConfig::builder().with_root_certificates(ca.roots());
-    let mut cfg = match identity {
-        Some(l) => b.with_client_auth_cert(l.chain(), l.key()).unwrap(),
-        None => b.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(cfg)
-}
-
-/// What a TLS handshake with the proxy gave.
-struct Handshake {
-    leaf: CertificateDer<'static>,
-    alpn: Option<Vec<u8>>,
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
-}
-
-async fn handshake(
-    port: u16,
-    sni: &str,
-    cfg: Arc<rustls::ClientConfig>,
-) -> Result<Handshake, String> {
-    let fut = async {
-        let tcp = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let conn = stream.get_ref().1;
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .cloned()
-            .ok_or("no peer certificate")?;
-        let alpn = conn.alpn_protocol().map(|p| p.to_vec());
-        Ok(Handshake { leaf, alpn, stream })
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .map_err(|_| "handshake timed out".to_string())?
 }
 
 /// A GET over TLS to the proxy, speaking h2 or HTTP/1.1 as ALPN decided. Any failure (the

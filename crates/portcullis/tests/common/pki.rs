@@ -1,12 +1,16 @@
 //! Certificates for TLS tests: a CA generated per test with rcgen, and leaves it issues, in
-//! the PEM and DER forms that configs and rustls want.
+//! the PEM and DER forms that configs and rustls want; and a rustls client that trusts such
+//! a CA and offers the ALPN protocols it is given.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
 
 /// Installs the ring provider for rustls in the test process (once; later calls are no-ops).
 pub fn init_crypto() {
@@ -110,4 +114,56 @@ impl Leaf {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
+}
+
+/// A client config trusting `ca`, offering `alpn`, with an optional client certificate.
+pub fn client_config(
+    ca: &Ca,
+    alpn: &[&[u8]],
+    identity: Option<&Leaf>,
+) -> Arc<rustls::ClientConfig> {
+    init_crypto();
+    let b = rustls::ClientConfig::builder().with_root_certificates(ca.roots());
+    let mut cfg = match identity {
+        Some(l) => b.with_client_auth_cert(l.chain(), l.key()).unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// What a TLS handshake with the proxy gave.
+pub struct Handshake {
+    pub leaf: CertificateDer<'static>,
+    pub alpn: Option<Vec<u8>>,
+    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+/// Connects to `port` on the loopback and completes a TLS handshake for `sni`, within 5 s.
+pub async fn handshake(
+    port: u16,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<Handshake, String> {
+    let fut = async {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let conn = stream.get_ref().1;
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned()
+            .ok_or("no peer certificate")?;
+        let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+        Ok(Handshake { leaf, alpn, stream })
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
 }
