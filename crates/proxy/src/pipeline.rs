@@ -64,3 +64,26 @@ async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     phase!(limit::run(x).await);
     forward::run(x, body).await
 }
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper moves the request's future when it starts it (into the connection's slot for
+    /// HTTP/1, into a task of its own per HTTP/2 stream), and an HTTP/1 connection keeps
+    /// room for one for its whole life, idle or not. Rare paths (connecting, key fetches,
+    /// external authorizers, uploads, retries, queues, limits) are boxed where they are
+    /// awaited so that they do not size it: it was 10.5 KiB before they were.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size = future_size(super::handle);
+        eprintln!("pipeline::handle future: {size} bytes");
+        assert!(
+            size <= 6 * 1024,
+            "pipeline::handle's future grew to {size} bytes"
+        );
+    }
+}

@@ -97,7 +97,12 @@ pub async fn pick(
             Ok(p) => Some(p),
             Err(_) => {
                 state.queued.fetch_add(1, Ordering::Relaxed);
-                let r = tokio::time::timeout(backend.queue_timeout, sem.acquire_owned()).await;
+                // Boxed: a rare wait, whose future inline would size every request's.
+                let r = Box::pin(tokio::time::timeout(
+                    backend.queue_timeout,
+                    sem.acquire_owned(),
+                ))
+                .await;
                 state.queued.fetch_sub(1, Ordering::Relaxed);
                 match r {
                     Ok(Ok(p)) => Some(p),

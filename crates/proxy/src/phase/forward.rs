@@ -197,7 +197,9 @@ async fn attempts(x: &mut Exchange<'_>, mut trip: Trip<'_>, mut tries: Tries) ->
             };
         tries.tried.push(si);
         if backend.servers[si].echo {
-            return echo(x, &trip, &mut tries, si, active).await;
+            // Boxed, as the rare paths below: inline, their futures would size every
+            // request's future, which hyper moves per request (see `pipeline::handle`).
+            return Box::pin(echo(x, &trip, &mut tries, si, active)).await;
         }
         match once(x, &mut trip, &mut tries, si, active).await {
             Attempt::Retry => continue,
@@ -320,7 +322,7 @@ async fn once(
                 "upstream timeout\n",
             ))
         }
-        Ok(Err(failed)) => not_answered(trip, tries, si, active, failed).await,
+        Ok(Err(failed)) => Box::pin(not_answered(trip, tries, si, active, failed)).await,
     }
 }
 
@@ -441,12 +443,14 @@ async fn answered(
 
 /// Whether another attempt may follow (see `may_retry`).
 async fn retry(trip: &Trip<'_>, tries: &mut Tries) -> bool {
-    may_retry(
+    // Boxed: a retry is rare, and its backoff's timer inline would size every request's
+    // future (see `pipeline::handle`).
+    Box::pin(may_retry(
         trip.backend,
         tries.attempts,
         trip.deadline,
         &mut tries.retry_slot,
-    )
+    ))
     .await
 }
 

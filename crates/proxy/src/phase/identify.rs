@@ -5,8 +5,10 @@
 pub mod credentials;
 
 use crate::exchange::{Exchange, Flow};
+use crate::snapshot::RouteRt;
+use crate::upstream::body::RespBody;
 use credentials::Step;
-use http::StatusCode;
+use http::{Response, StatusCode};
 
 pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let Some(route) = x.route else {
@@ -16,7 +18,9 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let target = crate::exchange::origin_target(&x.path, &x.parts.uri);
     let authority = x.host.as_ref().and_then(|h| h.authority.to_str().ok());
     let method = x.method.as_ref().unwrap_or(&x.parts.method);
-    let step = credentials::identify(
+    // Boxed: identification may fetch keys or talk to an identity provider, and that
+    // future inline would size every request's future (see `pipeline::handle`).
+    let step = Box::pin(credentials::identify(
         x.snap,
         route,
         x.conn,
@@ -25,7 +29,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         (authority.unwrap_or(""), &target),
         &x.rid,
         x.start,
-    )
+    ))
     .await;
     match step {
         Step::Continue {
@@ -40,34 +44,40 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
             x.identity = identity;
             Flow::Next
         }
-        Step::Respond(r, reason) => {
-            // Like a decision, a refusal is only answered once it is recorded.
-            let written = match x.facts() {
-                Some(facts) => {
-                    crate::audit::write_with(x.shared, || {
-                        crate::audit::auth_failure(&facts, &reason)
-                    })
-                    .await
-                }
-                None => true,
-            };
-            if !written {
-                return Flow::Refuse(StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable\n");
-            }
-            let status = r.status().as_u16();
-            if status == 401 {
-                // For `auth.failure_burst`: a count per route and client, no event per request.
-                x.shared.events.auth_failed(&route.id, x.conn.peer.ip());
-                if let Some(limited) = crate::phase::limit::auth_failed(x, route).await {
-                    return limited;
-                }
-            }
-            tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, status, %reason, "request refused by identity");
-            x.count(status);
-            x.finish(status, Some(reason));
-            Flow::Respond(r)
+        Step::Respond(r, reason) => Box::pin(refused(x, route, r, reason)).await,
+    }
+}
+
+/// A request identification refused: recorded, counted, and answered. Boxed by the caller,
+/// as a rare path.
+async fn refused(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    r: Response<RespBody>,
+    reason: String,
+) -> Flow {
+    // Like a decision, a refusal is only answered once it is recorded.
+    let written = match x.facts() {
+        Some(facts) => {
+            crate::audit::write_with(x.shared, || crate::audit::auth_failure(&facts, &reason)).await
+        }
+        None => true,
+    };
+    if !written {
+        return Flow::Refuse(StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable\n");
+    }
+    let status = r.status().as_u16();
+    if status == 401 {
+        // For `auth.failure_burst`: a count per route and client, no event per request.
+        x.shared.events.auth_failed(&route.id, x.conn.peer.ip());
+        if let Some(limited) = crate::phase::limit::auth_failed(x, route).await {
+            return limited;
         }
     }
+    tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, status, %reason, "request refused by identity");
+    x.count(status);
+    x.finish(status, Some(reason));
+    Flow::Respond(r)
 }
 
 #[cfg(test)]

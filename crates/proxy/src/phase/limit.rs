@@ -45,7 +45,9 @@ pub async fn count(x: &mut Exchange<'_>) -> Flow {
     let Some(lim) = route.limits.as_deref() else {
         return Flow::Next;
     };
-    match tally(x, route, lim, None, true, MonotonicClock.now(), None).await {
+    // Boxed here and below: the limit phase's futures (a Redis round trip, a queue) inline
+    // would size every request's future, limits or not (see `pipeline::handle`).
+    match Box::pin(tally(x, route, lim, None, true, MonotonicClock.now(), None)).await {
         Ok(_) => Flow::Next,
         Err(refused) => refused,
     }
@@ -56,7 +58,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     match x.route {
         Some(route) => match route.limits.as_deref() {
             None => Flow::Next,
-            Some(lim) => limit(x, route, lim).await,
+            Some(lim) => Box::pin(limit(x, route, lim)).await,
         },
         None => Flow::Next,
     }

@@ -16,14 +16,16 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let path = x.path();
     if path.starts_with("/.portcullis/") || path == "/.well-known/portcullis/jwks.json" {
         let authority = x.authority().and_then(|a| a.to_str().ok()).unwrap_or("");
-        let r = crate::phase::identify::credentials::endpoints(
+        // Boxed: portcullis's own endpoints are rare, and their future inline would size
+        // every request's future (see `pipeline::handle`).
+        let r = Box::pin(crate::phase::identify::credentials::endpoints(
             snap,
             x.conn,
             &x.parts.headers,
             path,
             x.query().unwrap_or(""),
             authority,
-        )
+        ))
         .await;
         if let Some(r) = r {
             x.finish(r.status().as_u16(), None);

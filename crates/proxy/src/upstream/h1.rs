@@ -180,35 +180,42 @@ impl Conn {
             Ok(_) => {}
         }
 
-        let mut sent_all = !has_body;
-        if has_body {
-            // The body goes out while the origin is watched: an origin that refuses the
-            // request (4xx/5xx) before reading all of it, such as a 413 for an upload over
-            // its limit, is answered at once instead of when the upload stalls. Its
-            // connection is then closed, not reused. An early 1xx or 2xx/3xx does not stop
-            // the upload.
-            let Conn { io, buf, .. } = &mut self;
-            let (mut rd, mut wr) = tokio::io::split(io);
-            let upload = send_body(&mut wr, &mut body, length.is_none());
-            let watch = early_answer(&mut rd, buf);
-            tokio::pin!(upload, watch);
-            let result = tokio::select! {
-                biased;
-                r = &mut upload => Some(r),
-                refused = &mut watch => if refused { None } else { Some(upload.await) },
-            };
-            match result {
-                Some(Ok(())) => sent_all = true,
-                Some(Err(SendError::Upstream(e))) => {
-                    // The origin may have answered early and closed: use its answer if it
-                    // is already here.
-                    tracing::debug!(error = %e, "upstream stopped reading the request body");
-                }
-                Some(Err(e)) => return Err(e),
-                None => tracing::debug!("upstream refused the request before its body was sent"),
+        // Boxed: only a request with a body uploads, and that future inline would size
+        // every request's future (see `pipeline::handle`).
+        let sent_all = !has_body || Box::pin(self.upload(&mut body, length.is_none())).await?;
+        self.read_response(method, sent_all, pool).await
+    }
+
+    /// Sends the request body while the origin is watched: an origin that refuses the
+    /// request (4xx/5xx) before reading all of it, such as a 413 for an upload over its
+    /// limit, is answered at once instead of when the upload stalls. Its connection is then
+    /// closed, not reused. An early 1xx or 2xx/3xx does not stop the upload. Whether all of
+    /// the body went out.
+    async fn upload(&mut self, body: &mut ReqBody, chunked: bool) -> Result<bool, SendError> {
+        let Conn { io, buf, .. } = self;
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let upload = send_body(&mut wr, body, chunked);
+        let watch = early_answer(&mut rd, buf);
+        tokio::pin!(upload, watch);
+        let result = tokio::select! {
+            biased;
+            r = &mut upload => Some(r),
+            refused = &mut watch => if refused { None } else { Some(upload.await) },
+        };
+        match result {
+            Some(Ok(())) => Ok(true),
+            Some(Err(SendError::Upstream(e))) => {
+                // The origin may have answered early and closed: use its answer if it is
+                // already here.
+                tracing::debug!(error = %e, "upstream stopped reading the request body");
+                Ok(false)
+            }
+            Some(Err(e)) => Err(e),
+            None => {
+                tracing::debug!("upstream refused the request before its body was sent");
+                Ok(false)
             }
         }
-        self.read_response(method, sent_all, pool).await
     }
 
     /// Reads the response head (skipping interim 1xx responses other than 101) and works out

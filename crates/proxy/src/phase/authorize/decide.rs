@@ -66,17 +66,18 @@ pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identit
     let mut add_headers = Vec::new();
     if allowed || !route.enforce {
         for a in &route.authorize_with {
-            let v = a
-                .check(&portcullis_authorizer::Input {
-                    identity,
-                    route: &route.id,
-                    method: method.as_str(),
-                    host,
-                    path,
-                    query,
-                    headers,
-                })
-                .await;
+            // Boxed: an external decision is an HTTP call, whose future inline would size
+            // every request's future (see `pipeline::handle`).
+            let v = Box::pin(a.check(&portcullis_authorizer::Input {
+                identity,
+                route: &route.id,
+                method: method.as_str(),
+                host,
+                path,
+                query,
+                headers,
+            }))
+            .await;
             reasons.push(format!(
                 "authorizer:{}:{}{}{}",
                 a.name(),
