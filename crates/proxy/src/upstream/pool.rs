@@ -58,8 +58,16 @@ pub struct Checkout {
     pub connect_time: Duration,
 }
 
-/// Most idle HTTP/1.1 connections kept per server.
-const MAX_IDLE: usize = 256;
+/// Most idle HTTP/1.1 connections kept per server. It must be above the requests one server
+/// has in flight at a peak: HTTP/1.1 carries one request per connection, so a burst of
+/// answers from a busy server (16 HTTP/2 clients with 100 streams each are 1,600 requests in
+/// flight) returns that many connections at once, and each one over the cap is closed, only
+/// to be opened again for the next burst. At 256, connecting and closing took a third of the
+/// proxy's CPU under that load (BENCHMARKS.md, "HTTPS"). HAProxy keeps every idle server
+/// connection by default (`pool-max-conn -1`). An idle connection costs a descriptor and its
+/// buffers (a few KiB), and one idle longer than the backend's `timeouts.idle` is closed
+/// when it is next taken.
+const MAX_IDLE: usize = 4096;
 
 #[derive(Default)]
 pub struct Pool {
@@ -84,7 +92,10 @@ impl Pool {
                     }
                 }
                 let start = Instant::now();
-                let s = Conn::new(open(addr, c).await?);
+                // Boxed, as below: a new connection's future (TCP, TLS handshake) is several
+                // KiB, and inline it would size every request's future, which hyper moves
+                // per request (and per stream, for HTTP/2 clients).
+                let s = Conn::new(Box::pin(open(addr, c)).await?);
                 Ok(Checkout {
                     sender: Sender::H1(s),
                     reused: false,
@@ -102,7 +113,7 @@ impl Pool {
                     }
                 }
                 let start = Instant::now();
-                let s = connect_h2(addr, c).await?;
+                let s = Box::pin(connect_h2(addr, c)).await?;
                 *self.h2.lock() = Some(s.clone());
                 Ok(Checkout {
                     sender: Sender::H2(s),
