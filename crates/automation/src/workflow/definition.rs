@@ -185,7 +185,10 @@ impl Definition {
             comment,
             timeout_seconds,
             root,
-            states,
+            states: states
+                .into_iter()
+                .filter_map(|(name, s)| Some((name, s?)))
+                .collect(),
         };
         if p.is_empty() {
             def.check_graph(&mut p);
@@ -210,6 +213,9 @@ impl Definition {
     /// Transitions stay inside their machine, and every state is reachable from `StartAt`.
     fn check_graph(&self, p: &mut Vec<Problem>) {
         let mut machines = vec![(String::new(), &self.root)];
+        // The states whose branches or processor have been queued. Names are unique, so each
+        // nested machine is queued once; this keeps the walk finite even if they were not.
+        let mut nested: HashSet<&str> = HashSet::new();
         while let Some((at, m)) = machines.pop() {
             let members: HashSet<&str> = m.states.iter().map(String::as_str).collect();
             if !members.contains(m.start_at.as_str()) {
@@ -235,6 +241,9 @@ impl Definition {
                             format!("`{t}` is not a state of this machine (a transition cannot leave its branch or processor): name one of {}", list(&m.states)),
                         ));
                     }
+                }
+                if !nested.insert(s.name.as_str()) {
+                    continue;
                 }
                 if let Kind::Parallel { branches } = &s.kind {
                     for (i, b) in branches.iter().enumerate() {
@@ -287,11 +296,15 @@ fn list(names: &[String]) -> String {
         .join(", ")
 }
 
+/// Every state name declared so far, with its state once parsed (`None` while its own
+/// branches or processor are being parsed, or when it did not parse).
+type Declared = HashMap<String, Option<State>>;
+
 /// Parses the machine in `obj` (`StartAt` and `States`), adding its states to `all`.
 fn machine(
     obj: &Map<String, Value>,
     at: &str,
-    all: &mut HashMap<String, State>,
+    all: &mut Declared,
     p: &mut Vec<Problem>,
 ) -> Machine {
     let start_at = match obj.get("StartAt") {
@@ -320,12 +333,14 @@ fn machine(
                     p.push((sat.clone(), format!("a state name is 1 to {MAX_NAME} characters; `{name}` is {}: shorten it", name.chars().count())));
                 }
                 if all.contains_key(name) {
-                    p.push((sat.clone(), format!("the state name `{name}` is used twice: state names are unique in the whole definition, branches included; rename one")));
+                    p.push((sat.clone(), format!("the state name `{name}` is used twice: state names are unique in the whole definition, branches and Map processors included; rename one")));
                     continue;
                 }
-                if let Some(st) = state(name, s, &sat, all, p) {
-                    all.insert(name.clone(), st);
-                }
+                // Declared before its branches or processor are parsed, so that a nested
+                // state reusing this name (its own parent's) is refused too.
+                all.insert(name.clone(), None);
+                let st = state(name, s, &sat, all, p);
+                all.insert(name.clone(), st);
                 names.push(name.clone());
             }
         }
@@ -448,7 +463,7 @@ fn state(
     name: &str,
     v: &Value,
     at: &str,
-    all: &mut HashMap<String, State>,
+    all: &mut Declared,
     p: &mut Vec<Problem>,
 ) -> Option<State> {
     let Some(obj) = v.as_object() else {
@@ -640,7 +655,7 @@ fn kind(
     ty: &str,
     obj: &Map<String, Value>,
     at: &str,
-    all: &mut HashMap<String, State>,
+    all: &mut Declared,
     p: &mut Vec<Problem>,
 ) -> Option<Kind> {
     Some(match ty {
@@ -824,7 +839,7 @@ fn fail(obj: &Map<String, Value>, at: &str, p: &mut Vec<Problem>) -> Kind {
 fn map(
     obj: &Map<String, Value>,
     at: &str,
-    all: &mut HashMap<String, State>,
+    all: &mut Declared,
     p: &mut Vec<Problem>,
 ) -> Option<Kind> {
     let (key, proc) = match (obj.get("ItemProcessor"), obj.get("Iterator")) {
@@ -1012,6 +1027,48 @@ mod tests {
             "B": { "Type": "Succeed" }
         }}));
         assert!(p.iter().any(|(_, m)| m.contains("used twice")), "{p:?}");
+    }
+
+    #[test]
+    fn a_nested_state_cannot_reuse_an_enclosing_states_name() {
+        // The enclosing state's name is taken before its processor or branches are parsed:
+        // once, the nested one replaced it and the graph check looped forever between them.
+        let leaf = json!({ "StartAt": "L", "States": { "L": { "Type": "Pass", "End": true } } });
+        let p = problems(json!({"StartAt": "N", "States": {
+            "N": { "Type": "Map", "ItemsPath": "$.x", "End": true, "ItemProcessor": { "StartAt": "N", "States": {
+                "N": { "Type": "Map", "ItemsPath": "$", "End": true, "ItemProcessor": leaf.clone() }
+            }}}
+        }}));
+        assert!(
+            has(&p, "States.N.ItemProcessor.States.N", "used twice"),
+            "{p:?}"
+        );
+        let p = problems(json!({"StartAt": "P", "States": {
+            "P": { "Type": "Parallel", "End": true, "Branches": [
+                leaf.clone(),
+                { "StartAt": "P", "States": { "P": { "Type": "Succeed" } } }
+            ]}
+        }}));
+        assert!(
+            has(&p, "States.P.Branches[1].States.P", "used twice"),
+            "{p:?}"
+        );
+        // Two levels down: a Map's name reused inside a Parallel branch of its processor.
+        let p = problems(json!({"StartAt": "A", "States": {
+            "A": { "Type": "Map", "End": true, "ItemProcessor": { "StartAt": "B", "States": {
+                "B": { "Type": "Parallel", "End": true, "Branches": [
+                    { "StartAt": "A", "States": { "A": { "Type": "Succeed" } } }
+                ]}
+            }}}
+        }}));
+        assert!(
+            has(
+                &p,
+                "States.A.ItemProcessor.States.B.Branches[0].States.A",
+                "used twice"
+            ),
+            "{p:?}"
+        );
     }
 
     #[test]

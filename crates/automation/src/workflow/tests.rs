@@ -504,3 +504,39 @@ fn an_oversized_result_is_a_data_limit_error() {
         names::DATA_LIMIT_EXCEEDED
     );
 }
+
+/// Runs `f` on its own thread; fails if it takes longer than `secs` (a hang must fail the
+/// test, not stall the suite).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+#[test]
+fn a_nested_map_reusing_its_parents_name_is_refused_without_hanging() {
+    // Fuzz regression `fuzz/regressions/asl_run/hang-nested-map`, run as the harness runs it.
+    // The inner Map took the outer one's place by name, and the definition check then walked
+    // the outer Map's processor forever.
+    let definition: &[u8] = br#"{"StartAt": "N", "States": {"N": {"Type": "Map", "ItemsPath": "$.x", "ItemProcessor": {"StartAt": "N", "States": {"N": {"Type": "Map", "ItemsPath": "$", "ItemProcessor": {"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}, "End": true}}}, "End": true}}}"#;
+    // Not UTF-8 in a key: the harness falls back to `{}`.
+    let input: &[u8] = b"{\"vvvvv\xff\xff\xffsvvvv\": [[1,2],[ ],[]]}\n";
+    let v: Value = serde_json::from_slice(definition).unwrap();
+    let input = serde_json::from_slice::<Value>(input).unwrap_or(json!({}));
+    let parsed = v.clone();
+    let r = within(5, move || {
+        Definition::parse(&parsed).map(|d| local::run(&d, input, &mut Answers::new(), 0, 200))
+    });
+    let p = r.expect_err("a definition naming two states `N` parsed");
+    assert!(
+        p.iter()
+            .any(|(at, m)| at == "States.N.ItemProcessor.States.N" && m.contains("used twice")),
+        "{p:?}"
+    );
+    // The durable runner loads definitions (from the config, and read back from an
+    // execution's history) through the same parse: refused there too, not spun on.
+    assert!(within(5, move || super::runner::Loaded::new("nested", v).is_err()));
+}
