@@ -21,7 +21,7 @@ import sys
 PROXIES = ("haproxy", "portcullis")
 VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
             "portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis-jwt-redis",
-            "portcullis-base", "portcullis-jwt-base")
+            "portcullis-base", "portcullis-jwt-base", "haproxy-log", "portcullis-log")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
@@ -29,7 +29,16 @@ LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt-limits": "HAProxy jwt_verify + stick table",
           "portcullis-jwt-redis": "portcullis JWT + policy + limits in Redis",
           "portcullis-base": "portcullis plain, base build",
-          "portcullis-jwt-base": "portcullis JWT + policy, base build"}
+          "portcullis-jwt-base": "portcullis JWT + policy, base build",
+          "haproxy-log": "HAProxy httplog", "portcullis-log": "portcullis access log"}
+# The settings users run (access log on; JWT + policy + audit): (numerator, denominator,
+# target, is the target a floor of the ratio (True) or a ceiling of the cost 1 - ratio (False), what)
+REAL_TARGETS = {
+    "log_vs_haproxy_log": ("portcullis-log", "haproxy-log", 1.1, True, "portcullis access log / HAProxy httplog"),
+    "log_cost": ("portcullis-log", "portcullis", 0.08, False, "cost of portcullis's access log (1 − with / without)"),
+    "haproxy_log_cost": ("haproxy-log", "haproxy", None, False, "cost of HAProxy's httplog (1 − with / without)"),
+    "audit_vs_plain": ("portcullis-jwt-audit", "portcullis", 0.90, True, "portcullis JWT + policy + audit / portcullis plain"),
+}
 BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
 JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "jwt_vs_haproxy_jwt": ("portcullis-jwt", "haproxy-jwt", 5.0, "portcullis JWT + policy / HAProxy jwt_verify"),
@@ -229,11 +238,44 @@ def main() -> int:
         plain_table(lines, h, c, hv, ratios, targets, ratio, rounds, fmt, ok)
     if jwt:
         jwt_table(lines, summary, jwt, rounds, ratio, ok)
+    if "portcullis-log" in summary and "haproxy-log" in summary:
+        real_table(lines, summary, rounds, ratio, ok, env)
     for this, base in (("portcullis", "portcullis-base"), ("portcullis-jwt", "portcullis-jwt-base")):
         if this in summary and base in summary:
             base_table(lines, summary, rounds, ratio, ok, env.get("BASE_COMMIT", ""), this, base)
     print("\n".join(lines))
     return 0
+
+
+def real_table(lines, summary, rounds, ratio, ok, env):
+    """The rows of the settings users run: both access logs on, and the audited JWT route,
+    from the same rounds as the plain routes."""
+    lines.append("")
+    lines.append(f"At the settings users run (same rounds; access logs to stdout, redirected to a file; "
+                 f"portcullis format `{env.get('ACCESS_LOG_FORMAT', 'json')}`):")
+    lines.append("")
+    lines.append("| ratio | req/s, median of the medians | per round | CPU per request | target |")
+    lines.append("|---|---:|---|---:|---|")
+    for k, (a, b, t, floor, what) in REAL_TARGETS.items():
+        if a not in summary or b not in summary:
+            continue
+        r = ratio(summary[a]["rps_median"], summary[b]["rps_median"])
+        per = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds[a], rounds[b])]
+        cpu = ratio(summary[a]["cpu_us_per_req_median"], summary[b]["cpu_us_per_req_median"])
+        if floor:
+            shown, met, tgt = fmt(r, 3, "×"), r is not None and r >= t, f"≥ {t:g}×"
+            per_s = ", ".join(fmt(x, 3) for x in per)
+        else:
+            cost = None if r is None else 1 - r
+            shown, met, tgt = (f"{cost * 100:.1f} %" if cost is not None else "n/a"), cost is not None and t is not None and cost <= t, (f"≤ {t * 100:g} %" if t else "")
+            per_s = ", ".join(f"{(1 - x) * 100:.1f} %" for x in per if x is not None)
+        lines.append(f"| {what} | **{shown}** | {per_s} | {fmt(cpu, 2, '×')} "
+                     f"({summary[a]['cpu_us_per_req_median'] - summary[b]['cpu_us_per_req_median']:+.2f} µs) | "
+                     f"{tgt} {ok(met) if tgt else ''} |")
+    if env.get("LOG_LINES_HAPROXY"):
+        lines.append("")
+        lines.append(f"Access log lines written during the run: HAProxy {int(env['LOG_LINES_HAPROXY']):,}, "
+                     f"portcullis {int(env.get('LOG_LINES_PORTCULLIS') or 0):,}.")
 
 
 def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):

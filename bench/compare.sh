@@ -125,6 +125,8 @@ REDIS_PORT=${REDIS_PORT:-24689}
 PORTCULLIS_REDIS_PORT=${PORTCULLIS_REDIS_PORT:-24692}
 HAPROXY_JWT_LIMITS_PORT=${HAPROXY_JWT_LIMITS_PORT:-24693}
 ADMIN_PORT=${ADMIN_PORT:-24694}
+HAPROXY_LOG_PORT=${HAPROXY_LOG_PORT:-24695}
+PORTCULLIS_LOG_PORT=${PORTCULLIS_LOG_PORT:-24696}
 REDIS=${REDIS:-1}
 PROFILE_VARIANT=${PROFILE_VARIANT:-portcullis}
 PERF_FREQ=${PERF_FREQ:-499}
@@ -133,10 +135,12 @@ JWT_AUDIENCE=portcullis-bench
 case $SCENARIO in
     plain) VARIANTS=(haproxy portcullis) ;;
     jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
-    all) VARIANTS=(haproxy portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
-    *) echo "SCENARIO must be plain, jwt or all" >&2; exit 2 ;;
+    log) VARIANTS=(haproxy portcullis haproxy-log portcullis-log portcullis-jwt-audit) ;;
+    all) VARIANTS=(haproxy portcullis haproxy-log portcullis-log haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
+    tls | h2 | handshakes | workers) exec bash "$BENCH/tls.sh" ;;
+    *) echo "SCENARIO must be plain, jwt, log, all, tls, h2, handshakes or workers" >&2; exit 2 ;;
 esac
-if [[ $SCENARIO != plain && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
+if [[ $SCENARIO != plain && $SCENARIO != log && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BASE_BIN=${BASE_BIN:-}
 PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
@@ -280,9 +284,24 @@ $jwt_checks
     http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000000 }
 $parity_fe"
     fi
+    local log_fe="" global_log=""
+    if has_variant haproxy-log; then
+        # HAProxy's access log as its users run it: `option httplog`, one line per request
+        # written to stdout (which compare.sh sends to $OUT/haproxy.log), on a frontend of its
+        # own; the other frontends stay silent (no `log global` in their section).
+        global_log="    log stdout format raw local0"
+        log_fe="frontend fe_log
+    bind 127.0.0.1:$HAPROXY_LOG_PORT
+    maxconn $((IDLE_CONNS + 1000))
+    log global
+    option httplog
+    default_backend be
+$parity_fe"
+    fi
     local maxconn=$((IDLE_CONNS + 1000))
     env OUT="$OUT" ORIGIN_PORT="$ORIGIN_PORT" HAPROXY_PORT="$HAPROXY_PORT" PORTCULLIS_PORT="$PORTCULLIS_PORT" \
-        MAXCONN="$maxconn" PARITY_FRONTEND="$parity_fe" JWT_FRONTEND="$jwt_fe" \
+        MAXCONN="$maxconn" PARITY_FRONTEND="$parity_fe" JWT_FRONTEND="$jwt_fe" LOG_FRONTEND="$log_fe" GLOBAL_LOG="$global_log" \
+        ACCESS_LOG='access_log: { path: "off" }' \
         JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" ROOT_LIMITS='' ROUTE_LIMITS='' ADMIN='' "${@:3}" \
         python3 - "$1" "$2" <<'PY'
 import os, re, sys
@@ -293,7 +312,7 @@ open(dst, "w").write(t)
 PY
 }
 
-if has_variant haproxy-jwt || has_variant portcullis-jwt; then
+if [[ " ${VARIANTS[*]}" == *-jwt* ]]; then
     log "ES256 key, JWKS and token in $OUT/jwt (bench/jwt_setup.py)"
     python3 "$BENCH/jwt_setup.py" "$OUT/jwt" "$JWT_ISSUER" "$JWT_AUDIENCE" || die "jwt_setup.py failed"
     TOKEN=$(cat "$OUT/jwt/token.txt")
@@ -304,6 +323,10 @@ render "$BENCH/nginx.conf.tmpl" "$OUT/nginx.conf"
 render "$BENCH/haproxy.cfg.tmpl" "$OUT/haproxy.cfg"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis.yaml"
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT="$PORTCULLIS_BASE_PORT"
+# The plain route with the default access log (JSON lines to stdout, which start_portcullis
+# sends to $OUT/portcullis-log.log), as users run it.
+render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-log.yaml" PORTCULLIS_PORT="$PORTCULLIS_LOG_PORT" \
+    ACCESS_LOG="access_log: { path: stdout, format: ${ACCESS_LOG_FORMAT:-json} }"
 # (render leaves ROOT_LIMITS, ROUTE_LIMITS and ADMIN empty unless given)
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-base.yaml" PORT="$PORTCULLIS_JWT_BASE_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
@@ -331,7 +354,8 @@ declare -A PID_OF=() PORT_OF=(
     [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
     [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT
     [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT [haproxy-jwt-limits]=$HAPROXY_JWT_LIMITS_PORT
-    [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT)
+    [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT [haproxy-log]=$HAPROXY_LOG_PORT
+    [portcullis-log]=$PORTCULLIS_LOG_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -370,6 +394,7 @@ start_haproxy() {
     HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID")
     wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
     PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID PID_OF[haproxy-jwt-limits]=$HAPROXY_PID
+    PID_OF[haproxy-log]=$HAPROXY_PID
 }
 start_redis() { # a redis-server of our own for portcullis-jwt-redis: no persistence, pinned like the origin
     "${ON_LOAD[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
@@ -427,6 +452,7 @@ start_origin
 has_variant portcullis-jwt-redis && start_redis
 start_haproxy
 start_portcullis portcullis
+has_variant portcullis-log && start_portcullis portcullis-log
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
@@ -485,6 +511,18 @@ if has_variant portcullis-jwt-audit; then
         rm -rf "$OUT/audit"
         log "audit: trail deleted (KEEP_AUDIT=1 keeps it)"
     fi
+fi
+
+if has_variant portcullis-log; then
+    # Both access logs must have been written (a line per request), then they are emptied:
+    # a 5-round run writes gigabytes.
+    LOG_LINES_HAPROXY=$(grep -c ' "GET / HTTP/1.1"' "$OUT/haproxy.log" || true)
+    LOG_LINES_PORTCULLIS=$(grep -c '"path":"/"' "$OUT/portcullis-log.log" || true)
+    log "access logs: HAProxy wrote $LOG_LINES_HAPROXY lines, portcullis $LOG_LINES_PORTCULLIS lines (the files are emptied now)"
+    ((LOG_LINES_HAPROXY > 0)) || die "HAProxy wrote no access log lines (see $OUT/haproxy.cfg)"
+    [[ ${ACCESS_LOG_FORMAT:-json} != json ]] || ((LOG_LINES_PORTCULLIS > 0)) || die "portcullis wrote no access log lines"
+    : >"$OUT/haproxy.log"; : >"$OUT/portcullis-log.log"
+    export LOG_LINES_HAPROXY LOG_LINES_PORTCULLIS
 fi
 
 if has_variant portcullis-jwt-redis; then
