@@ -462,13 +462,21 @@ async fn run_http<IO>(
             .max_local_error_reset_streams(1024)
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20));
-        if h2 && (!h1 || spoken == Spoken::H2) {
-            b = b.http2_only();
-        }
-        let c = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
         // Boxed, so that this rarer branch's larger state does not size every connection's
         // task (an idle HTTP/1 connection keeps its task for its whole life).
-        Box::pin(watch.watcher.watch(c.into_owned())).await
+        if h2 && (!h1 || spoken == Spoken::H2) {
+            // h2 alone (ALPN chose it, or the listener has no http1): `serve_connection`,
+            // since `serve_connection_with_upgrades` ignores `http2_only` and would serve an
+            // HTTP/1.1 request. h2 has no HTTP/1 upgrades to lose. tests/h2_abuse.rs `alpn`.
+            let c = b
+                .http2_only()
+                .serve_connection(TokioIo::new(io), svc)
+                .into_owned();
+            Box::pin(watch.watcher.watch(c)).await
+        } else {
+            let c = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+            Box::pin(watch.watcher.watch(c.into_owned())).await
+        }
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
