@@ -603,10 +603,12 @@ impl Writer {
         loop {
             let (mut acks, unwritten) = self.handle(pending);
             let Some((failure, held)) = unwritten else {
-                deliver(&self.fanout, acks);
+                // The wait ends before the held records are acknowledged, so that whoever
+                // gets an acknowledgement sees the wait over.
                 if let Some(w) = waiting {
                     self.end_wait(&w, None);
                 }
+                deliver(&self.fanout, acks);
                 return;
             };
             let stopping = self.stats.stop.load(Ordering::SeqCst);
