@@ -38,7 +38,7 @@ pub struct Metrics {
     pub access_log_sampled_out: Counter,
     pub audit_failures: Counter,
     /// 1 while the audit writer holds records until the disk has space again
-    /// (`on_overload: wait`); set at each scrape ([`crate::audit::sync_metrics`]).
+    /// (`on_overload: wait`); set at each scrape (`sync_metrics` in the audit module).
     pub audit_waiting_for_disk: Gauge,
     /// Times the audit writer started waiting for disk space; brought up at each scrape.
     pub audit_disk_waits: Counter,
