@@ -5,6 +5,8 @@
 pub mod canon;
 pub mod conn;
 pub mod listen;
+pub mod park;
 pub mod passthrough;
+pub mod ready;
 pub mod smuggle;
 pub mod tls;

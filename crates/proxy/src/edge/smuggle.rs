@@ -14,23 +14,29 @@
 //! byte of each later head until that head is complete. An idle keep-alive connection
 //! waiting for its next request is therefore governed by `timeouts.idle` alone, and a head
 //! that arrives in one read (the usual case) arms no timer at all.
+//!
+//! It also tells `park` whether the bytes read so far end on a message boundary: an idle
+//! connection is only parked then.
 
 use crate::edge::passthrough::delegate_async_write;
+use crate::edge::ready::ReadReady;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Shared between the wrapper and the request handler of one connection.
+/// Shared between the wrapper, the request handler and the connection's driver.
 #[derive(Default, Debug)]
 pub struct Flags {
     /// 1-based index of the first request that had both headers; 0 if none.
     pub conflict_at: AtomicU64,
     /// Requests the handler has seen on this connection.
     pub handled: AtomicU64,
+    /// Whether the bytes read so far end where a message ends (see `between_messages`).
+    between: AtomicBool,
 }
 
 impl Flags {
@@ -38,6 +44,13 @@ impl Flags {
     pub fn next_request_conflicts(&self) -> bool {
         let n = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
         self.conflict_at.load(Ordering::Relaxed) == n
+    }
+
+    /// Whether every message the guard has seen is complete (head and body) and no byte of
+    /// the next one has arrived, other than blank lines. False once the guard stops watching.
+    /// `park` parks a connection only then.
+    pub fn between_messages(&self) -> bool {
+        self.between.load(Ordering::Relaxed)
     }
 }
 
@@ -74,6 +87,7 @@ pub struct Guard<T> {
 
 impl<T> Guard<T> {
     pub fn new(inner: T, flags: Arc<Flags>, header_timeout: Duration) -> Self {
+        flags.between.store(true, Ordering::Relaxed);
         Guard {
             inner,
             state: State::Head,
@@ -346,6 +360,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
                 if !this.awaiting_head() {
                     this.header_timer = None;
                 }
+                let between = matches!(this.state, State::Head) && this.head.is_empty();
+                this.flags.between.store(between, Ordering::Relaxed);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
@@ -365,6 +381,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
 /// Writes pass straight through; the guard only watches what the client sends.
 impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
     delegate_async_write!(inner);
+}
+
+/// A parked connection waits here: the header timeout runs while a head is awaited, as it
+/// does while hyper reads.
+impl<T: ReadReady + Unpin> ReadReady for Guard<T> {
+    fn poll_read_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read_ready(cx) {
+            Poll::Pending if this.poll_header_timer(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client header timeout",
+            ))),
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
