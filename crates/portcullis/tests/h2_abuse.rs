@@ -1291,6 +1291,20 @@ impl Recorder {
         Recorder { addr, conns, task }
     }
 
+    /// `requests`, once no connection holds the unfinished rest of a request, or after 2 s.
+    /// The proxy closes an origin connection whose request body failed, but it does so on
+    /// its own task: on a busy machine the close can come after the client's next request.
+    async fn settled_requests(&self) -> (Vec<Req>, Vec<String>) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let r = self.requests();
+            if r.1.is_empty() || tokio::time::Instant::now() >= until {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every request the origin received, in full, and what is wrong with the bytes:
     /// unparsable bytes, or the incomplete rest of a request on a connection still open.
     fn requests(&self) -> (Vec<Req>, Vec<String>) {
@@ -1644,7 +1658,7 @@ async fn downgrade<D: Dial>() {
             p.log_text()
         );
 
-        let (reqs, wrong) = rec.requests();
+        let (reqs, wrong) = rec.settled_requests().await;
         let attack = format!("/smuggle-{n}");
         let seen: Vec<&Req> = reqs.iter().filter(|r| r.path == attack).collect();
         report.push(format!(
