@@ -45,7 +45,9 @@
 #
 # Environment: SOAK_RATE (requests/s wrk aims at, default 3000), SOAK_TOKENS (distinct JWTs,
 # default 5000), SOAK_WS_CLIENTS (default 16), SOAK_RELOAD_EVERY (seconds between config
-# changes, default 30). Logs and configs stay in target/soak/work/.
+# changes, default 30), SOAK_BIN (a portcullis binary to run instead of building one, such as
+# a `--no-default-features` build with the system allocator for heaptrack). Logs and configs
+# stay in target/soak/work/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -109,9 +111,14 @@ if [[ ! -f tests/idp/node_modules/oidc-provider/package.json ]]; then
 fi
 ulimit -n 65536 2>/dev/null || true
 
-echo "soak: cargo build --release -p portcullis"
-cargo build --release -p portcullis || die "the release build failed"
-BIN=$ROOT/target/release/portcullis
+if [[ -n ${SOAK_BIN:-} ]]; then
+  BIN=$SOAK_BIN
+  [[ -x $BIN ]] || die "SOAK_BIN $BIN is not an executable"
+else
+  echo "soak: cargo build --release -p portcullis"
+  cargo build --release -p portcullis || die "the release build failed"
+  BIN=$ROOT/target/release/portcullis
+fi
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null || true) ]]; then
   COMMIT="$COMMIT+dirty"

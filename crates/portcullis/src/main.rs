@@ -1,7 +1,9 @@
 //! The `portcullis` command: run the proxy, check a config, print the version.
 
 /// mimalloc: the proxy allocates many small, short-lived buffers per request, which glibc's
-/// allocator handles noticeably slower (measured in BENCHMARKS.md).
+/// allocator handles noticeably slower (measured in BENCHMARKS.md). Without the `mimalloc`
+/// feature (on by default) the system allocator is used, for heap profilers.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
