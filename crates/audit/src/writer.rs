@@ -293,6 +293,8 @@ impl Auditor {
             fanout,
             room: room.clone(),
             buf: Vec::new(),
+            sync_failures: 0,
+            sync_failure_logged: None,
             #[cfg(test)]
             gate: gate.clone(),
         };
@@ -543,9 +545,15 @@ struct Writer {
     buf: Vec<u8>,
     /// `on_overload: wait` with the file sink: a full disk is waited out.
     waits_for_disk: bool,
+    /// Interval syncs that failed in a row, and when the last of them was logged.
+    sync_failures: u64,
+    sync_failure_logged: Option<Instant>,
     #[cfg(test)]
     gate: Arc<test_gate::Gate>,
 }
+
+/// While interval syncs keep failing, one line per this long says so (with the count).
+const SYNC_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Msg>>, rt: tokio::runtime::Runtime) {
@@ -617,10 +625,9 @@ impl Writer {
                     self.end_wait(w, Some((&failure.error, stopping)));
                 }
                 tracing::error!(error = %failure.error, "audit: records not recorded");
-                let reason = failure.error.to_string();
                 acks.extend(
                     held.into_iter()
-                        .map(|m| (m.ack, Err(Error::Write(reason.clone())))),
+                        .map(|m| (m.ack, Err(write_error(&failure.error)))),
                 );
                 deliver(&self.fanout, acks);
                 return;
@@ -703,9 +710,31 @@ impl Writer {
 
     /// Syncs outside a batch (interval timer, shutdown); a failure can only be logged, since
     /// the records were acknowledged already.
+    /// A failed sync is tried again one interval later (not at once, which would spin), and
+    /// logged when it starts failing, then once per `SYNC_FAILURE_LOG_EVERY`.
     fn sync_logged(&mut self) {
-        if let Err(e) = self.sync() {
-            tracing::error!(error = %e.error, "audit: fsync failed; recent records may not survive a power cut");
+        match self.sync() {
+            Ok(()) => {
+                if self.sync_failures > 0 {
+                    tracing::warn!(failures = self.sync_failures, "audit: fsync works again");
+                    self.sync_failures = 0;
+                    self.sync_failure_logged = None;
+                }
+            }
+            Err(e) => {
+                self.sync_failures += 1;
+                if self.dirty_since.is_some() {
+                    self.dirty_since = Some(Instant::now());
+                }
+                let due = match self.sync_failure_logged {
+                    None => true,
+                    Some(t) => t.elapsed() >= SYNC_FAILURE_LOG_EVERY,
+                };
+                if due {
+                    self.sync_failure_logged = Some(Instant::now());
+                    tracing::error!(error = %e.error, failures = self.sync_failures, "audit: fsync failed; recent records may not survive a power cut");
+                }
+            }
         }
     }
 
@@ -785,7 +814,7 @@ impl Writer {
         let (result, failure) = match self.write(bytes, sync) {
             Ok(()) => (Ok(()), None),
             Err(Fail::NotWritten(f)) => return Err(f),
-            Err(Fail::Unsynced(f)) => (Err(Error::Write(f.error.to_string())), Some(f)),
+            Err(Fail::Unsynced(f)) => (Err(write_error(&f.error)), Some(f)),
         };
         if !seg.is_empty() {
             self.stats
@@ -860,7 +889,34 @@ impl Writer {
 fn clone_result(r: &Result<(), Error>) -> Result<(), Error> {
     match r {
         Ok(()) => Ok(()),
-        Err(e) => Err(Error::Write(e.to_string())),
+        Err(e) => Err(write_error(e)),
+    }
+}
+
+/// `e` as the write error each record of a failed batch gets: its message once, not wrapped
+/// again in "audit write failed: " when it already is a write error.
+fn write_error(e: &Error) -> Error {
+    match e {
+        Error::Write(m) => Error::Write(m.clone()),
+        other => Error::Write(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod write_error_tests {
+    use super::*;
+
+    #[test]
+    fn a_write_error_is_not_prefixed_twice() {
+        let e = write_error(&Error::Write("disk full".into()));
+        assert_eq!(e.to_string(), "audit write failed: disk full");
+        let e = write_error(&Error::Closed);
+        assert_eq!(
+            e.to_string(),
+            "audit write failed: the audit writer has stopped"
+        );
+        let r = clone_result(&Err(Error::Write("x".into())));
+        assert_eq!(r.unwrap_err().to_string(), "audit write failed: x");
     }
 }
 
@@ -970,6 +1026,37 @@ mod tests {
         drop(a);
         let report = crate::verify(&[tmp.path().to_path_buf()]).unwrap();
         assert_eq!((report.records, report.last_seq), (4, 4));
+    }
+
+    /// With `fsync: interval`, a sync that keeps failing is tried again once per interval
+    /// (20 ms here), not in a loop, and works again once the disk does.
+    #[tokio::test]
+    async fn a_failing_interval_sync_is_retried_once_per_interval() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = AuditCfg {
+            fsync: Fsync::Interval,
+            ..cfg(tmp.path())
+        };
+        let a = Auditor::start_for_test(&c, None, false);
+        a.faults().fail_syncs(libc::EIO);
+        // Acknowledged once written: the interval sync comes later.
+        a.record(rec("r1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let tries = a.faults().injected();
+        // About 20 tries in 400 ms; a loop would have made hundreds of thousands.
+        assert!((2..=60).contains(&tries), "{tries} sync attempts");
+        a.faults().fail_syncs(0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = a.faults().injected();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            a.faults().injected(),
+            after,
+            "no more failures once syncs work"
+        );
+        drop(a);
+        let report = crate::verify(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(report.records, 1);
     }
 
     #[tokio::test]
