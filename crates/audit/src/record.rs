@@ -1,6 +1,6 @@
 //! What an audit record says: the fields the proxy fills in ([`Record`]) and their small
 //! parts. The writer adds `time`, `seq`, `instance`, `prev_hash` and `hash` (see
-//! [`crate::chain`]). Empty and absent fields are left out of the JSON line.
+//! the `chain` module). Empty and absent fields are left out of the JSON line.
 //!
 //! Nothing here may hold a credential: no tokens, cookies, secrets or query values. The field
 //! names say so (`query_keys`, not `query`), and the proxy fills them in from the identity,
