@@ -157,6 +157,17 @@ impl Samples {
         Samples(self.0.iter().filter(|s| s.kind == kind).cloned().collect())
     }
 
+    /// The answers that arrived before `to`.
+    pub fn answered_before(&self, to: Duration) -> Samples {
+        Samples(
+            self.0
+                .iter()
+                .filter(|s| s.at + s.latency < to)
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// The answers to requests sent in `[from, to)`.
     pub fn sent_between(&self, from: Duration, to: Duration) -> Samples {
         Samples(
