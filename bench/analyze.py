@@ -5,7 +5,8 @@ usage: analyze.py OUT_DIR   (run by compare.sh; metadata comes from its environm
 
 Reads OUT_DIR/raw/<variant>-rN.txt for each variant that ran (haproxy, portcullis, and with
 SCENARIO=jwt|all haproxy-jwt, portcullis-jwt, portcullis-jwt-audit, portcullis-jwt-limits,
-haproxy-jwt-limits, portcullis-jwt-redis) (wrk --latency output, plus `cpu_ticks` and
+haproxy-jwt-limits, portcullis-jwt-redis; with SCENARIO=events portcullis-events and
+portcullis-jwt-events) (wrk --latency output, plus `cpu_ticks` and
 `loadavg` lines that compare.sh appends) and OUT_DIR/raw/mem-*.json (bench/idle_conns.py),
 writes OUT_DIR/results.json and prints the markdown to paste into BENCHMARKS.md.
 """
@@ -21,7 +22,8 @@ import sys
 PROXIES = ("haproxy", "portcullis")
 VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
             "portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis-jwt-redis",
-            "portcullis-base", "portcullis-jwt-base", "haproxy-log", "portcullis-log")
+            "portcullis-base", "portcullis-jwt-base", "haproxy-log", "portcullis-log",
+            "portcullis-events", "portcullis-jwt-events")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
@@ -30,7 +32,9 @@ LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "portcullis-jwt-redis": "portcullis JWT + policy + limits in Redis",
           "portcullis-base": "portcullis plain, base build",
           "portcullis-jwt-base": "portcullis JWT + policy, base build",
-          "haproxy-log": "HAProxy httplog", "portcullis-log": "portcullis access log"}
+          "haproxy-log": "HAProxy httplog", "portcullis-log": "portcullis access log",
+          "portcullis-events": "portcullis plain, events on",
+          "portcullis-jwt-events": "portcullis JWT + policy, events on"}
 # The settings users run (access log on; JWT + policy + audit): (numerator, denominator,
 # target, is the target a floor of the ratio (True) or a ceiling of the cost 1 - ratio (False), what)
 REAL_TARGETS = {
@@ -40,6 +44,12 @@ REAL_TARGETS = {
     "audit_vs_plain": ("portcullis-jwt-audit", "portcullis", 0.90, True, "portcullis JWT + policy + audit / portcullis plain"),
 }
 BASE_TARGET = 0.98  # portcullis plain / the base build (BASE_BIN), req/s
+# Events and a trigger on, against the same route of the same build with events off
+# (SCENARIO=events): (numerator, denominator, target ratio, what)
+EVENTS_TARGETS = {
+    "events_plain": ("portcullis-events", "portcullis", 0.98, "plain route, events on / off"),
+    "events_jwt": ("portcullis-jwt-events", "portcullis-jwt", 0.98, "JWT + policy route, events on / off"),
+}
 JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "jwt_vs_haproxy_jwt": ("portcullis-jwt", "haproxy-jwt", 5.0, "portcullis JWT + policy / HAProxy jwt_verify"),
     "jwt_vs_plain": ("portcullis-jwt", "portcullis", 0.95, "portcullis JWT + policy / portcullis plain"),
@@ -240,6 +250,8 @@ def main() -> int:
         jwt_table(lines, summary, jwt, rounds, ratio, ok)
     if "portcullis-log" in summary and "haproxy-log" in summary:
         real_table(lines, summary, rounds, ratio, ok, env)
+    if any(EVENTS_TARGETS[k][0] in summary for k in EVENTS_TARGETS):
+        events_table(lines, summary, rounds, ratio, ok)
     for this, base in (("portcullis", "portcullis-base"), ("portcullis-jwt", "portcullis-jwt-base")):
         if this in summary and base in summary:
             base_table(lines, summary, rounds, ratio, ok, env.get("BASE_COMMIT", ""), this, base)
@@ -276,6 +288,25 @@ def real_table(lines, summary, rounds, ratio, ok, env):
         lines.append("")
         lines.append(f"Access log lines written during the run: HAProxy {int(env['LOG_LINES_HAPROXY']):,}, "
                      f"portcullis {int(env.get('LOG_LINES_PORTCULLIS') or 0):,}.")
+
+
+def events_table(lines, summary, rounds, ratio, ok):
+    """What events and a trigger cost each route, from the same rounds."""
+    lines.append("")
+    lines.append("Events on (a durable webhook sink, a JSON-lines file sink and one trigger), same rounds:")
+    lines.append("")
+    lines.append("| ratio | req/s, median of the medians | median of per-round ratios | per round | CPU per request | target |")
+    lines.append("|---|---:|---:|---|---:|---|")
+    for a, b, t, what in EVENTS_TARGETS.values():
+        if a not in summary or b not in summary:
+            continue
+        r = ratio(summary[a]["rps_median"], summary[b]["rps_median"])
+        per = [ratio(x["rps"], y["rps"]) for x, y in zip(rounds[a], rounds[b])]
+        cpu = ratio(summary[a]["cpu_us_per_req_median"], summary[b]["cpu_us_per_req_median"])
+        lines.append(f"| {what} | **{fmt(r, 3, '×')}** | {fmt(median(per), 3, '×')} | "
+                     f"{', '.join(fmt(x, 3) for x in per)} | {fmt(cpu, 3, '×')} "
+                     f"({summary[a]['cpu_us_per_req_median'] - summary[b]['cpu_us_per_req_median']:+.2f} µs) | "
+                     f"≥ {t:g}× {ok(r is not None and r >= t)} |")
 
 
 def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):

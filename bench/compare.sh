@@ -52,6 +52,10 @@
 #
 # Environment (defaults in brackets):
 #   SCENARIO [all]  plain = HAProxy vs portcullis, the plain proxy path (and the memory test);
+#                   events = the plain and JWT + policy routes, each also with events on
+#                   (portcullis-events, portcullis-jwt-events: a durable webhook sink to a
+#                   closed port, so it keeps an outbox and retries, a JSON-lines file sink,
+#                   and one trigger), in the same rounds: what events cost (target ≥ 0.98×);
 #                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit,
 #                   portcullis-jwt-limits, haproxy-jwt-limits, portcullis-jwt-redis;
 #                   all = both sets, interleaved in the same rounds
@@ -70,6 +74,8 @@
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
 #   PORTCULLIS_LIMITS_PORT [24688]  REDIS_PORT [24689]  PORTCULLIS_REDIS_PORT [24692]
 #   HAPROXY_JWT_LIMITS_PORT [24693]  ADMIN_PORT [24694] (the admin listener of portcullis-jwt-redis)
+#   HAPROXY_LOG_PORT [24695]  PORTCULLIS_LOG_PORT [24696]
+#   PORTCULLIS_EVENTS_PORT [24697]  PORTCULLIS_JWT_EVENTS_PORT [24698]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN [unset]  a second portcullis binary, run as variant portcullis-base on
 #                   PORTCULLIS_BASE_PORT [24686] with the plain config (and, when the JWT
@@ -127,6 +133,8 @@ HAPROXY_JWT_LIMITS_PORT=${HAPROXY_JWT_LIMITS_PORT:-24693}
 ADMIN_PORT=${ADMIN_PORT:-24694}
 HAPROXY_LOG_PORT=${HAPROXY_LOG_PORT:-24695}
 PORTCULLIS_LOG_PORT=${PORTCULLIS_LOG_PORT:-24696}
+PORTCULLIS_EVENTS_PORT=${PORTCULLIS_EVENTS_PORT:-24697}
+PORTCULLIS_JWT_EVENTS_PORT=${PORTCULLIS_JWT_EVENTS_PORT:-24698}
 REDIS=${REDIS:-1}
 PROFILE_VARIANT=${PROFILE_VARIANT:-portcullis}
 PERF_FREQ=${PERF_FREQ:-499}
@@ -136,11 +144,12 @@ case $SCENARIO in
     plain) VARIANTS=(haproxy portcullis) ;;
     jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
     log) VARIANTS=(haproxy portcullis haproxy-log portcullis-log portcullis-jwt-audit) ;;
+    events) VARIANTS=(haproxy portcullis portcullis-events portcullis-jwt portcullis-jwt-events) ;;
     all) VARIANTS=(haproxy portcullis haproxy-log portcullis-log haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
     tls | h2 | handshakes | workers) exec bash "$BENCH/tls.sh" ;;
-    *) echo "SCENARIO must be plain, jwt, log, all, tls, h2, handshakes or workers" >&2; exit 2 ;;
+    *) echo "SCENARIO must be plain, jwt, log, events, all, tls, h2, handshakes or workers" >&2; exit 2 ;;
 esac
-if [[ $SCENARIO != plain && $SCENARIO != log && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
+if [[ $SCENARIO != plain && $SCENARIO != log && $SCENARIO != events && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BASE_BIN=${BASE_BIN:-}
 PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
@@ -302,7 +311,7 @@ $parity_fe"
     env OUT="$OUT" ORIGIN_PORT="$ORIGIN_PORT" HAPROXY_PORT="$HAPROXY_PORT" PORTCULLIS_PORT="$PORTCULLIS_PORT" \
         MAXCONN="$maxconn" PARITY_FRONTEND="$parity_fe" JWT_FRONTEND="$jwt_fe" LOG_FRONTEND="$log_fe" GLOBAL_LOG="$global_log" \
         ACCESS_LOG='access_log: { path: "off" }' \
-        JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" ROOT_LIMITS='' ROUTE_LIMITS='' ADMIN='' "${@:3}" \
+        JWT_ISSUER="$JWT_ISSUER" JWT_AUDIENCE="$JWT_AUDIENCE" ROOT_LIMITS='' ROUTE_LIMITS='' ADMIN='' EVENTS='' "${@:3}" \
         python3 - "$1" "$2" <<'PY'
 import os, re, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -327,7 +336,23 @@ render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-base.yaml" PORTCULLIS_PORT
 # sends to $OUT/portcullis-log.log), as users run it.
 render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-log.yaml" PORTCULLIS_PORT="$PORTCULLIS_LOG_PORT" \
     ACCESS_LOG="access_log: { path: stdout, format: ${ACCESS_LOG_FORMAT:-json} }"
-# (render leaves ROOT_LIMITS, ROUTE_LIMITS and ADMIN empty unless given)
+# Events on: each route with a durable webhook sink to a closed port (so it keeps an outbox
+# and retries), a JSON-lines file sink and one trigger, each process with a state_dir of its
+# own for the outbox and the trigger's firings.
+events_block() { # state_dir
+    printf '%s\n' "state_dir: \"$1\"" \
+        'events:' '  sinks:' \
+        '    - { name: hook, webhook: { url: "http://127.0.0.1:9/hook", secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", durable: true } }' \
+        "    - { name: lines, file: { path: \"$1/events.jsonl\" } }" \
+        'triggers:' '  - name: failover' '    match: { type: dev.portcullis.server.down }' '    cooldown: 1m' \
+        '    actions:' '      - set_server_state: { backend: origin, server: nginx, state: ready }'
+}
+rm -rf "$OUT/state-events" "$OUT/state-jwt-events"
+render "$BENCH/portcullis.yaml.tmpl" "$OUT/portcullis-events.yaml" PORTCULLIS_PORT="$PORTCULLIS_EVENTS_PORT" \
+    EVENTS="$(events_block "$OUT/state-events")"
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-events.yaml" PORT="$PORTCULLIS_JWT_EVENTS_PORT" AUDIT='audit: { sink: "off" }' \
+    EVENTS="$(events_block "$OUT/state-jwt-events")"
+# (render leaves ROOT_LIMITS, ROUTE_LIMITS, ADMIN and EVENTS empty unless given)
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-base.yaml" PORT="$PORTCULLIS_JWT_BASE_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt.yaml" PORT="$PORTCULLIS_JWT_PORT" AUDIT='audit: { sink: "off" }'
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="$PORTCULLIS_AUDIT_PORT" \
@@ -355,7 +380,8 @@ declare -A PID_OF=() PORT_OF=(
     [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT
     [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT [haproxy-jwt-limits]=$HAPROXY_JWT_LIMITS_PORT
     [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT [haproxy-log]=$HAPROXY_LOG_PORT
-    [portcullis-log]=$PORTCULLIS_LOG_PORT)
+    [portcullis-log]=$PORTCULLIS_LOG_PORT [portcullis-events]=$PORTCULLIS_EVENTS_PORT
+    [portcullis-jwt-events]=$PORTCULLIS_JWT_EVENTS_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -453,6 +479,8 @@ has_variant portcullis-jwt-redis && start_redis
 start_haproxy
 start_portcullis portcullis
 has_variant portcullis-log && start_portcullis portcullis-log
+has_variant portcullis-events && start_portcullis portcullis-events
+has_variant portcullis-jwt-events && start_portcullis portcullis-jwt-events
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
