@@ -114,6 +114,25 @@ fn token_validator(
     audiences: Vec<String>,
     method: AuthMethod,
 ) -> Validator {
+    token_validator_caching(p, keys, audiences, method, p.cache_size)
+}
+
+/// The validator of the ID tokens an OIDC login receives, at the callback and at each
+/// refresh. Each ID token is validated once, when it arrives, and is never presented again
+/// (the session keeps the identity), so its validator caches nothing: a cache would only
+/// collect dead entries, one per login or refresh (about 3 KiB each), until `cache_size`
+/// (10,000 by default) was reached, since expired entries are swept only from a full cache.
+fn id_token_validator(p: &Provider, keys: Arc<KeySource>, client_id: &str) -> Validator {
+    token_validator_caching(p, keys, vec![client_id.to_string()], AuthMethod::Session, 0)
+}
+
+fn token_validator_caching(
+    p: &Provider,
+    keys: Arc<KeySource>,
+    audiences: Vec<String>,
+    method: AuthMethod,
+    cache_size: usize,
+) -> Validator {
     Validator {
         provider: p.name.clone(),
         issuer: p.issuer.clone().unwrap_or_default(),
@@ -128,7 +147,7 @@ fn token_validator(
         max_size: p.max_token_size.0 as usize,
         claims: p.claims.clone(),
         keys,
-        cache: TokenCache::new(p.cache_size),
+        cache: TokenCache::new(cache_size),
         cache_ttl: p.cache_ttl.0,
         method,
     }
@@ -169,12 +188,7 @@ fn build_provider(p: &Provider, session_ttl: Duration) -> Result<ProviderRt, Err
             ));
             let login = match (&p.client_id, &p.client_secret) {
                 (Some(id), Some(secret)) if p.kind == ProviderKind::Oidc => {
-                    let idv = Arc::new(token_validator(
-                        p,
-                        keys,
-                        vec![id.clone()],
-                        AuthMethod::Session,
-                    ));
+                    let idv = Arc::new(id_token_validator(p, keys, id));
                     Some(Arc::new(OidcClient::new(
                         &p.name,
                         id.clone(),
@@ -503,5 +517,54 @@ impl Engine {
                 Outcome::SessionEnded
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An OIDC provider with a login client, its keys inline (a dev key), and the default
+    /// `cache_size`.
+    fn oidc() -> (Provider, Arc<KeySource>, crate::dev::DevKey) {
+        let p: Provider = serde_yaml_ng::from_str(
+            "{ name: corp, kind: oidc, issuer: 'https://idp.test', client_id: web, client_secret: s }",
+        )
+        .unwrap();
+        assert!(p.cache_size > 0, "the provider caches its bearer tokens");
+        let dev = crate::dev::generate().unwrap().1;
+        let keys = Arc::new(KeySource::new(
+            &p.name,
+            Source::Inline,
+            Some(dev.key_set()),
+            Duration::from_secs(3600),
+        ));
+        (p, keys, dev)
+    }
+
+    /// An ID token is validated once, at a login callback or a refresh, and never presented
+    /// again: its validator keeps none of them. (It kept every one, about 3 KiB each, up to
+    /// the provider's `cache_size`: the growth of the 30-minute soak.) Bearer tokens of the
+    /// same provider, which come back on every request, are still cached.
+    #[tokio::test]
+    async fn id_tokens_are_not_cached_and_bearer_tokens_are() {
+        let (p, keys, dev) = oidc();
+        let id_tokens = id_token_validator(&p, keys.clone(), "web");
+        for user in ["alice", "bob", "carol"] {
+            let t = dev
+                .mint("https://idp.test", "web", user, &[], None, 120)
+                .unwrap();
+            let id = id_tokens.validate(&t).await.unwrap();
+            assert_eq!(id.subject, user);
+            assert_eq!(id.method, AuthMethod::Session);
+        }
+        assert_eq!(id_tokens.cache.len(), 0, "no ID token kept");
+
+        let bearer = token_validator(&p, keys, vec!["web".into()], AuthMethod::Jwt);
+        let t = dev
+            .mint("https://idp.test", "web", "alice", &[], None, 120)
+            .unwrap();
+        bearer.validate(&t).await.unwrap();
+        assert_eq!(bearer.cache.len(), 1, "a bearer token is cached");
     }
 }
