@@ -31,8 +31,8 @@ def parse(path: str, part: str, secs: float) -> dict:
     r = {"file": os.path.basename(path)}
     count = None
     if part == "h2":
-        m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
-        r["rate"] = float(m.group(2)) if m else None
+        m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
+        r["rate"] = float(m.group(1)) if m else None
         m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
         if m:
             count = int(m.group(2))
@@ -46,7 +46,9 @@ def parse(path: str, part: str, secs: float) -> dict:
         r["errors"] = int(m.group(1)) if m else 0
     elif part == "handshakes-new":  # h2load runs, one connection per request
         done = [int(x) for x in re.findall(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", text)]
-        took = [float(x) for x in re.findall(r"finished in ([\d.]+)s", text)]
+        # h2load writes a run under a second in milliseconds ("finished in 605.81ms")
+        took = [float(x) / (1000 if unit == "ms" else 1)
+                for x, unit in re.findall(r"finished in ([\d.]+)(ms|s)\b", text)]
         clients = max(1, int(os.environ.get("HANDSHAKE_CLIENTS", "2")))
         count = sum(done) if done else None
         # each client's loop ran its runs back to back: its rate is its count over its time
