@@ -48,7 +48,7 @@ impl Formatter {
     /// is copied as it is.
     fn json(&mut self, r: &AccessRecord, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":\"");
-        self.http_date(r.time.max(SystemTime::UNIX_EPOCH), out);
+        self.date(r.time.max(SystemTime::UNIX_EPOCH), out);
         out.extend_from_slice(b"\",\"request_id\":");
         json_str(out, &r.request_id);
         out.extend_from_slice(b",\"listener\":");
@@ -103,19 +103,6 @@ impl Formatter {
             json_str(out, &r.limit);
         }
         out.push(b'}');
-    }
-
-    /// Appends `t` as an HTTP date, `Sat, 21 Nov 2026 19:35:01 GMT`, computed once per
-    /// second.
-    fn http_date(&mut self, t: SystemTime, out: &mut Vec<u8>) {
-        let second = t
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.date.is_empty() || second != self.second {
-            self.date = httpdate::fmt_http_date(t);
-            self.second = second;
-        }
-        out.extend_from_slice(self.date.as_bytes());
     }
 
     /// NCSA combined: `host ident authuser [date] "request" status bytes "referer" "agent"`.
@@ -201,35 +188,42 @@ impl Formatter {
         out.push(b'"');
     }
 
-    /// Appends `t` as `21/Nov/2026:19:35:01` (UTC), computed once per second.
+    /// Appends the date of `t` in this format's layout, computed once per second: an HTTP
+    /// date, `Sat, 21 Nov 2026 19:35:01 GMT`, for `json`; `21/Nov/2026:19:35:01` (UTC) for
+    /// `clf` and `haproxy`.
     fn date(&mut self, t: SystemTime, out: &mut Vec<u8>) {
         let second = t
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if self.date.is_empty() || second != self.second {
-            use std::fmt::Write as _;
-            const MONTHS: [&str; 12] = [
-                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-            ];
-            let d = i64::try_from(second)
-                .ok()
-                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-            self.date.clear();
-            let _ = write!(
-                self.date,
-                "{:02}/{}/{:04}:{:02}:{:02}:{:02}",
-                d.day(),
-                MONTHS[usize::from(u8::from(d.month())) - 1],
-                d.year(),
-                d.hour(),
-                d.minute(),
-                d.second()
-            );
+            self.date = match self.format {
+                AccessLogFormat::Json => httpdate::fmt_http_date(t),
+                AccessLogFormat::Clf | AccessLogFormat::Haproxy => log_date(second),
+            };
             self.second = second;
         }
         out.extend_from_slice(self.date.as_bytes());
     }
+}
+
+/// `21/Nov/2026:19:35:01`, the UTC date of a Unix second as Apache and HAProxy write it.
+fn log_date(second: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let d = i64::try_from(second)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:02}/{}/{:04}:{:02}:{:02}:{:02}",
+        d.day(),
+        MONTHS[usize::from(u8::from(d.month())) - 1],
+        d.year(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
 }
 
 /// When the request arrived: the end of its answer less its total time.
