@@ -83,6 +83,13 @@ pub fn events(payload: &Payload) -> Result<Vec<Event>, ParseError> {
             payload.version
         )));
     }
+    // Alertmanager notifies only with alerts; a payload without any would be accepted as
+    // nothing at all, so it is refused, as an empty batch of events is.
+    if payload.alerts.is_empty() {
+        return Err(ParseError::Alertmanager(
+            "`alerts` is empty: a notification carries at least one alert".into(),
+        ));
+    }
     let source = if payload.external_url.is_empty() {
         "alertmanager".to_owned()
     } else {

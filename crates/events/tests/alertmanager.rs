@@ -147,6 +147,13 @@ fn payloads_that_are_not_alertmanager_v4_are_refused_clearly() {
     assert!(err(&bad_time)
         .to_string()
         .contains("`alerts[1].endsAt` is `soon`"));
+    // A payload without alerts would be accepted as nothing (found by the `cloudevents`
+    // fuzz target; kept in fuzz/regressions/cloudevents/).
+    let e = err(r#"{"receiver": "x", "status": "firing", "version": "4", "alerts": []}"#);
+    assert!(
+        e.to_string().contains("`alerts` is empty") && e.status() == 400,
+        "{e}"
+    );
     let e = err("{\"alerts\": [");
     assert!(e.to_string().starts_with("the body is not JSON"), "{e}");
 }
