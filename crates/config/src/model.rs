@@ -138,6 +138,11 @@ pub struct RedisStoreCfg {
     /// How often errors and bytes counted at the end of responses are sent to Redis.
     #[serde(default = "millis::<50>")]
     pub sync_interval: Dur,
+    /// Local batching: absent (the default), every check is one round trip; an interval
+    /// (like `100ms`) answers hot keys in the process and syncs them that often, within the
+    /// bounds docs/limits.md documents.
+    #[serde(default)]
+    pub batch: Option<Dur>,
 }
 
 impl<'de> Deserialize<'de> for LimitStore {

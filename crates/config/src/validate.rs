@@ -1558,6 +1558,14 @@ fn check_store(src: &Source, l: &LimitsCfg, diags: &mut Vec<Diagnostic>) {
                 "the sync interval is between 1ms and 60s, like `50ms`",
             ));
         }
+        if r.batch
+            .is_some_and(|b| b.0.is_zero() || b.0 > std::time::Duration::from_secs(10))
+        {
+            diags.push(src.diag(
+                "limits.store.redis.batch",
+                "the batch interval is between 1ms and 10s, like `100ms`; leave it out for one round trip per check",
+            ));
+        }
         if r.prefix.is_empty() {
             diags.push(src.diag(
                 "limits.store.redis.prefix",
@@ -2412,6 +2420,13 @@ routes:
                 "sync_interval: 0s",
                 "0s",
                 "the sync interval is between 1ms and 60s",
+            ),
+            (
+                "limits: { store: local }",
+                "limits: { store: { redis: { url: \"redis://cache:6379\", batch: 30s } } }",
+                "batch: 30s",
+                "30s",
+                "the batch interval is between 1ms and 10s",
             ),
             (
                 "limits: { store: local }",

@@ -830,3 +830,152 @@ async fn round_trip_time_on_loopback() {
     pings.sort();
     println!("PING on loopback: median {:?}", pings[pings.len() / 2]);
 }
+
+/// A store that batches, syncing every `interval`.
+fn batching(server: &Server, interval: Duration) -> RedisStore {
+    RedisStore::new(RedisConfig {
+        batch: Some(interval),
+        ..config(server)
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn batching_counts_hot_keys_here_and_sends_them_every_interval() {
+    let server = Server::start();
+    let spec = spec(&["http_req_rate(10s)", "http_req_cnt"]);
+    let store = batching(&server, Duration::from_millis(50));
+    let exact = RedisStore::new(config(&server)).unwrap();
+    let key = Key::from("10.0.0.1");
+    let mut last = None;
+    for _ in 0..200 {
+        last = Some(count(&store, "per-ip", &spec, &key, 1).await);
+    }
+    let last = last.unwrap();
+    // This process's own requests are never missing from what it answers.
+    assert_eq!(last.tables[0].http_req_cnt, Some(200));
+    assert_eq!(last.tables[0].http_req_rate, Some(200));
+    let s = store.stats();
+    println!("{s:?}");
+    assert!(s.batch_local >= 150, "most checks were local: {s:?}");
+    assert!(s.round_trips < 50, "{s:?}");
+    // Redis has them within an interval or two, without a flush.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let seen = loop {
+        let seen = count(&exact, "per-ip", &spec, &key, 0).await.tables[0].http_req_cnt;
+        if seen == Some(200) || Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen, Some(200));
+    // Another replica's requests reach this one's answers at the next sync.
+    count(&exact, "per-ip", &spec, &key, 50).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = count(&store, "per-ip", &spec, &key, 1).await;
+    assert_eq!(c.tables[0].http_req_cnt, Some(251));
+    store.flush().await.unwrap();
+    let seen = count(&exact, "per-ip", &spec, &key, 0).await.tables[0].http_req_cnt;
+    assert_eq!(seen, Some(251));
+}
+
+#[tokio::test]
+async fn leases_never_let_a_fleet_past_its_plan() {
+    let server = Server::start();
+    // Leases of 50 (a tenth of the burst) that live the whole test: the strictest case.
+    let replicas = [
+        batching(&server, Duration::from_secs(10)),
+        batching(&server, Duration::from_secs(10)),
+    ];
+    let rate = Rate::per_second(100);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let store = replicas[t % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let key = Key::from("tenant-a");
+            let mut allowed = 0u64;
+            for _ in 0..100 {
+                let c = check_plan(&store, plan(&key, rate, 500)).await;
+                allowed += u64::from(c.allowed());
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    let refilled = (start.elapsed().as_secs_f64() * 100.0).ceil() as u64;
+    let (a, b) = (replicas[0].stats(), replicas[1].stats());
+    println!(
+        "allowed {allowed} in {:?}\nA {a:?}\nB {b:?}",
+        start.elapsed()
+    );
+    assert!(
+        allowed <= 500 + refilled + 1,
+        "{allowed} > burst 500 + {refilled} refilled"
+    );
+    assert!(allowed >= 450, "{allowed}: leases were left unspent");
+    assert!(a.leases_taken + b.leases_taken >= 2, "{a:?} {b:?}");
+    assert!(a.batch_local + b.batch_local >= 300, "{a:?} {b:?}");
+}
+
+#[tokio::test]
+async fn unspent_leases_are_given_back() {
+    let server = Server::start();
+    let store = batching(&server, Duration::from_secs(10));
+    let exact = RedisStore::new(config(&server)).unwrap();
+    let key = Key::from("tenant-b");
+    let rate = Rate::per_second(100);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let both = |store: RedisStore, cost: u64| {
+        let key = key.clone();
+        async move {
+            let p = PlanOp {
+                cost,
+                ..plan(&key, rate, 500)
+            };
+            let q = QuotaOp {
+                plan: "gold",
+                key: &key,
+                period_start: now - 60,
+                period_end: now + 3_600,
+                limit: 10_000,
+                cost,
+            };
+            store
+                .check(&Check {
+                    tables: &[],
+                    plan: Some(p),
+                    quota: Some(q),
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // The first check takes a lease of 50 and spends one; the answer counts the other 49 as
+    // this caller's.
+    let c = both(store.clone(), 1).await;
+    let (p, q) = (c.plan.unwrap(), c.quota.unwrap());
+    assert!(c.allowed());
+    assert_eq!((p.remaining, q.used, q.remaining), (499, 1, 9_999));
+    assert_eq!(store.stats().leases_taken, 1);
+    // In Redis, all 50 are taken.
+    let c = both(exact.clone(), 0).await;
+    assert_eq!(c.quota.unwrap().used, 50);
+    assert!(c.plan.unwrap().remaining <= 452, "{:?}", c.plan);
+    // Spent from the lease: no round trip.
+    let trips = store.stats().round_trips;
+    let c = both(store.clone(), 1).await;
+    assert_eq!(store.stats().round_trips, trips);
+    assert_eq!(c.quota.unwrap().used, 2);
+    // A flush gives back the 48 not spent.
+    store.flush().await.unwrap();
+    let c = both(exact, 0).await;
+    assert_eq!(c.quota.unwrap().used, 2);
+    assert!(c.plan.unwrap().remaining >= 498, "{:?}", c.plan);
+}

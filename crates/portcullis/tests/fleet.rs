@@ -229,6 +229,44 @@ async fn three_processes_enforce_one_global_limit() {
     }
 }
 
+/// With local batching, leases of tokens spent in each process: the fleet never lets
+/// through more than the plan allows (its burst, and what the rate refilled while the load
+/// ran), and lets through nearly all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batching_fleet_never_passes_its_plan() {
+    let redis = Redis::start();
+    // A rate of 100/s and a 10s batch: leases of 30 (a tenth of the burst) that outlive the
+    // test, the strictest case for a fleet of three.
+    let yaml = fleet_config(&redis, "2s", "deny", 300)
+        .replace("timeout: 2s }", "timeout: 2s, batch: 10s }")
+        .replace("rate: 1/h", "rate: 100/s");
+    assert!(yaml.contains("batch: 10s"), "{yaml}");
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    let fleet = [&a, &b, &c];
+    let start = Instant::now();
+    let got = load(&fleet, "/plan/x", 900, 12).await;
+    let refilled = (start.elapsed().as_secs_f64() * 100.0).ceil() as usize;
+    let ok = count(&got, 200);
+    println!("{ok} of 900 let through in {:?}", start.elapsed());
+    assert_eq!(ok + count(&got, 429), 900, "only 200 and 429: {got:?}");
+    assert!(
+        ok <= 300 + refilled + 3,
+        "{ok} let through: more than the burst of 300 and {refilled} refilled"
+    );
+    assert!(ok >= 270, "{ok}: leases were left unspent");
+    for p in fleet {
+        let (_, m) = p.admin(reqwest::Method::GET, "/metrics", None).await;
+        assert!(
+            !m.contains("portcullis_limit_store_errors_total{"),
+            "no store errors: {m}"
+        );
+    }
+}
+
 /// Redis killed mid-load and started again: `allow` lets everything through, `deny`
 /// refuses with 429 (never a 5xx), `local` counts in each process; all of them go back to
 /// the shared counts when Redis is back.

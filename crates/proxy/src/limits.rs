@@ -194,6 +194,7 @@ impl Fleet {
             prefix: r.prefix.clone(),
             connections: r.connections,
             sync_interval: r.sync_interval.0,
+            batch: r.batch.map(|b| b.0),
             ..portcullis_limits::RedisConfig::new(r.url.clone())
         })
         // The URL may carry a password: never in a message.

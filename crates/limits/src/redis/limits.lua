@@ -1,6 +1,7 @@
 -- portcullis limits: the one script behind `portcullis_limits::redis` (mod.rs documents the
 -- key layout, the arguments and the reply). ARGV[1] is the mode: 'c' for a check (stick-table
--- entries, a usage-plan bucket, a quota), 'f' for a batch of finished responses.
+-- entries, a usage-plan bucket, a quota), 'f' for a batch of finished responses, 'r' to give
+-- back what a lease (local batching, batch.rs) took and did not use.
 --
 -- Lua numbers are doubles: integers are exact below 2^53, so the time is kept in microseconds
 -- (about 1.7e15 now) and every count that could grow past that travels as a string and is
@@ -100,8 +101,12 @@ local out = { tonumber(time[1]), tonumber(time[2]) }
 
 if mode == 'c' then
   -- ARGV: 'c', table count T, then 4 per table (expire ms, requests, gpc, spec), then the
-  -- plan ('0', or '1' and 5 numbers), then the quota ('0', or '1' and 3 numbers).
+  -- plan ('0'; or '1' and 5 numbers; or 'L', the same 5 and a lease of n tokens: n·T as a
+  -- pair, and n), then the quota ('0', or '1' and 3 numbers).
   -- KEYS: the T table entries, then the plan bucket if any, then the quota if any.
+  -- A lease takes n tokens (and n units of the quota) instead of the request's cost when
+  -- both have room for n; otherwise the request's own cost is checked as without one. The
+  -- reply then ends with 1 when the lease was taken, 0 when not.
   local tables = tonumber(ARGV[2])
   local a = 3
   for i = 1, tables do
@@ -113,8 +118,10 @@ if mode == 'c' then
   -- GCRA. Time is in units of 1/D microsecond, written as a pair (whole µs, fraction < D) so
   -- that both parts stay exact: cost·T is (q, r), burst·T is (cq, cr). The bucket's state is
   -- the theoretical arrival time, stored as the string '<µs> <fraction>'.
-  local plan = ARGV[a] == '1'
+  local plan_mode = ARGV[a]
+  local plan = plan_mode ~= '0'
   local plan_key, p_ok, sa, sf, na, nf, costs
+  local lease_n, lease_ok, la, lf
   a = a + 1
   if plan then
     plan_key = KEYS[k]
@@ -122,6 +129,11 @@ if mode == 'c' then
     local q, r = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
     local cq, cr, d = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     a = a + 5
+    local lq, lr
+    if plan_mode == 'L' then
+      lq, lr, lease_n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
+      a = a + 3
+    end
     costs = q > 0 or r > 0
     -- start = max(tat, now)
     sa, sf = now, 0
@@ -145,6 +157,15 @@ if mode == 'c' then
     end
     local used = na - now
     p_ok = used < cq or (used == cq and nf <= cr)
+    if lq then
+      -- The same test for n tokens.
+      la, lf = sa + lq, sf + lr
+      if lf >= d then
+        la, lf = la + 1, lf - d
+      end
+      local lused = la - now
+      lease_ok = lused < cq or (lused == cq and lf <= cr)
+    end
   end
 
   -- Quota: the period's use, taken only if it fits.
@@ -156,6 +177,16 @@ if mode == 'c' then
     q_cost, q_expire_at = ARGV[a], ARGV[a + 2]
     q_used = tonumber(redis.call('GET', quota_key) or '0')
     q_ok = q_used + tonumber(q_cost) <= tonumber(ARGV[a + 1])
+    if lease_ok then
+      lease_ok = q_used + tonumber(lease_n) <= tonumber(ARGV[a + 1])
+    end
+  end
+  if lease_ok then
+    -- n fits, so the request's own cost fits too: take n instead.
+    na, nf, costs = la, lf, true
+    if quota then
+      q_cost = lease_n
+    end
   end
 
   -- The plan's cost and the quota's are taken together or not at all.
@@ -189,6 +220,61 @@ if mode == 'c' then
     out[#out + 1] = taken and 1 or 0
     out[#out + 1] = q_used
   end
+  if plan_mode == 'L' then
+    out[#out + 1] = (lease_ok and admit) and 1 or 0
+  end
+  return out
+elseif mode == 'r' then
+  -- ARGV: 'r', then per key: 'p' and k·T as a pair and d, for k tokens of a plan bucket to
+  -- give back; or 'q' and k, for k units of a quota period. KEYS: those buckets and periods.
+  -- A bucket gives back at most down to full (tat = now); a quota down to 0.
+  local a = 2
+  for i = 1, #KEYS do
+    local key = KEYS[i]
+    if ARGV[a] == 'p' then
+      local q, r, d = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+      a = a + 4
+      local v = redis.call('GET', key)
+      local ta, tf
+      if v then
+        ta, tf = string.match(v, '^(%d+) (%d+)$')
+        ta, tf = tonumber(ta), tonumber(tf)
+      end
+      if ta and tf then
+        if tf >= d then
+          tf = d - 1
+        end
+        ta, tf = ta - q, tf - r
+        if tf < 0 then
+          ta, tf = ta - 1, tf + d
+        end
+        if ta < now or (ta == now and tf == 0) then
+          redis.call('DEL', key)
+        else
+          local left_us = ta - now
+          if tf > 0 then
+            left_us = left_us + 1
+          end
+          local ms = math.ceil(left_us / 1000)
+          if ms < 1 then
+            ms = 1
+          end
+          redis.call('SET', key, int(ta) .. ' ' .. int(tf), 'PX', int(ms))
+        end
+      end
+    else
+      local back = tonumber(ARGV[a + 1])
+      a = a + 2
+      local used = tonumber(redis.call('GET', key) or '0')
+      if back > used then
+        back = used
+      end
+      if back > 0 then
+        redis.call('DECRBY', key, int(back))
+      end
+    end
+  end
+  out[#out + 1] = #KEYS
   return out
 elseif mode == 'f' then
   -- ARGV: 'f', then 8 per key: expire ms, errors, http_err_rate period µs ('0': not stored),

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! RedisConfig { url, timeout (5ms), prefix ("portcullis"), connections (2),
-//!               sync_interval (50ms), max_pending (100_000) }      RedisConfig::new(url)
+//!               sync_interval (50ms), max_pending (100_000), batch (None) }
+//!                                                                  RedisConfig::new(url)
 //! RedisStore::new(cfg) -> Result<RedisStore, StoreError>     no I/O; a bad URL is an error
 //! store.check(&Check { tables: &[TableOp], plan: Option<PlanOp>, quota: Option<QuotaOp> })
 //!     .await -> Result<Checked { tables: Vec<Snapshot>, plan: Option<Verdict>,
@@ -107,6 +108,13 @@
 //! * **Redis Cluster** is not supported: one script call touches several keys, which would
 //!   have to share a slot. Use one server (with replicas and Sentinel or a failover address).
 //!
+//! # Local batching
+//!
+//! With `batch: Some(interval)`, `check` answers hot table entries and plans from the
+//! process's ledger (views of entries, leases of tokens) and syncs them every interval in
+//! the background: the error bounds are in the [`batch`] module's docs. Without it (the
+//! default), every check is exactly one round trip as described above.
+//!
 //! # The deny cache
 //!
 //! A refusal is remembered locally, like Envoy's near-limit cache: while a plan bucket is
@@ -148,6 +156,9 @@
 //! [`StoreStats::finish_dropped`], as does `finish` when `max_pending` entries are already
 //! waiting. Call [`RedisStore::flush`] before shutting down.
 
+mod batch;
+
+use self::batch::{Ledger, QuotaAsk};
 use crate::counter::Counter;
 use crate::gcra::Verdict;
 use crate::key::Key;
@@ -196,6 +207,9 @@ pub struct RedisConfig {
     pub sync_interval: Duration,
     /// Finished-response entries (table and key) waiting to be sent, at most. Default 100,000.
     pub max_pending: usize,
+    /// Local batching (see [`batch`]): `None` (the default) sends every check; `Some(i)`
+    /// answers hot keys locally and syncs them every `i`.
+    pub batch: Option<Duration>,
 }
 
 impl RedisConfig {
@@ -208,6 +222,7 @@ impl RedisConfig {
             connections: 2,
             sync_interval: Duration::from_millis(50),
             max_pending: 100_000,
+            batch: None,
         }
     }
 }
@@ -324,6 +339,14 @@ pub struct StoreStats {
     pub finish_flushed: u64,
     /// Entries lost: over `max_pending`, or in a flush that failed after sending.
     pub finish_dropped: u64,
+    /// With batching: checks answered without a round trip.
+    pub batch_local: u64,
+    /// With batching: leases taken.
+    pub leases_taken: u64,
+    /// With batching: table entries whose local counts were sent, and those lost in a sync
+    /// that failed after sending.
+    pub batch_synced: u64,
+    pub batch_dropped: u64,
 }
 
 impl StoreStats {
@@ -361,6 +384,8 @@ struct Inner {
     pending: Mutex<HashMap<Vec<u8>, Pending>>,
     flusher: AtomicBool,
     stats: Stats,
+    /// With `cfg.batch`: what this process knows of the shared counters and owes them.
+    ledger: Option<Ledger>,
 }
 
 /// One multiplexed connection, made in the background on first need.
@@ -381,6 +406,10 @@ struct Stats {
     deny_cache_hits: AtomicU64,
     finish_flushed: AtomicU64,
     finish_dropped: AtomicU64,
+    batch_local: AtomicU64,
+    leases_taken: AtomicU64,
+    batch_synced: AtomicU64,
+    batch_dropped: AtomicU64,
 }
 
 impl RedisStore {
@@ -405,6 +434,14 @@ impl RedisStore {
                 cfg.connections
             )));
         }
+        if cfg
+            .batch
+            .is_some_and(|b| b.is_zero() || b > Duration::from_secs(10))
+        {
+            return Err(StoreError::Config(
+                "`batch` must be more than zero and at most 10s, e.g. 100ms".into(),
+            ));
+        }
         let slots = (0..cfg.connections).map(|_| Slot::default()).collect();
         let inner = Arc::new(Inner {
             client,
@@ -416,6 +453,7 @@ impl RedisStore {
             pending: Mutex::new(HashMap::new()),
             flusher: AtomicBool::new(false),
             stats: Stats::default(),
+            ledger: cfg.batch.map(Ledger::new),
             cfg,
         });
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -428,10 +466,23 @@ impl RedisStore {
     }
 
     /// Counts and checks one request: its tables, plan and quota, in one round trip (or
-    /// none, when the deny cache answers and there are no tables). See the module docs.
+    /// none, when the deny cache answers and there are no tables, or when batching answers
+    /// from the ledger). See the module docs.
     pub async fn check(&self, c: &Check<'_>) -> Result<Checked, StoreError> {
+        self.inner.start_flusher();
+        match &self.inner.ledger {
+            Some(ledger) => self.check_batched(c, ledger).await,
+            None => Ok(self.check_exact(c, 0).await?.0),
+        }
+    }
+
+    /// One round trip for `c`, asking for a lease of `lease` tokens (0: none) for its plan.
+    async fn check_exact(
+        &self,
+        c: &Check<'_>,
+        lease: u64,
+    ) -> Result<(Checked, Option<Granted>), StoreError> {
         let inner = &self.inner;
-        inner.start_flusher();
         let prefix = inner.cfg.prefix.as_bytes();
         let plan = c.plan.as_ref().map(|p| {
             let math = PlanMath::new(p.rate, p.burst, p.cost);
@@ -460,51 +511,19 @@ impl RedisStore {
         }
         let (plan, quota) = if denied { (None, None) } else { (plan, quota) };
         if c.tables.is_empty() && plan.is_none() && quota.is_none() {
-            return Ok(Checked {
+            let checked = Checked {
                 tables: Vec::new(),
                 plan: plan_verdict,
                 quota: quota_verdict,
                 redis_time: None,
-            });
+            };
+            return Ok((checked, None));
         }
-
-        let mut cmd = inner.evalsha();
-        let keys = c.tables.len() + usize::from(plan.is_some()) + usize::from(quota.is_some());
-        cmd.arg(keys);
-        let specs: Vec<String> = c.tables.iter().map(|t| spec_arg(t.spec)).collect();
-        for t in c.tables {
-            cmd.arg(table_key(prefix, t.table, t.key));
-        }
-        if let Some((key, _)) = &plan {
-            cmd.arg(key.as_slice());
-        }
-        if let Some((key, _)) = &quota {
-            cmd.arg(key.as_slice());
-        }
-        cmd.arg("c").arg(c.tables.len());
-        for (t, spec) in c.tables.iter().zip(&specs) {
-            cmd.arg(expire_ms(t.spec))
-                .arg(t.requests)
-                .arg("")
-                .arg(spec.as_str());
-        }
-        match &plan {
-            Some((_, m)) => {
-                cmd.arg("1").arg(&m.args()[..]);
-            }
-            None => {
-                cmd.arg("0");
-            }
-        }
-        match &quota {
-            Some((_, q)) => {
-                let expire_at = q.period_end.saturating_add(86_400).saturating_mul(1_000);
-                cmd.arg("1").arg(q.cost).arg(q.limit).arg(expire_at.max(1));
-            }
-            None => {
-                cmd.arg("0");
-            }
-        }
+        let lease = match (&plan, c.plan) {
+            (Some(_), Some(p)) if lease > p.cost => Some(PlanMath::new(p.rate, p.burst, lease)),
+            _ => None,
+        };
+        let cmd = check_cmd(inner, c, plan.as_ref(), quota.as_ref(), lease.as_ref());
 
         let sent = Instant::now();
         let reply = inner
@@ -517,37 +536,211 @@ impl RedisStore {
         for t in c.tables {
             tables.push(r.snapshot(t.spec, now_us)?.0);
         }
-        if let Some((key, math)) = plan {
-            let (allowed, taken) = (r.flag()?, r.flag()?);
-            let used = math.used(r.int()?, r.int()?);
-            let v = math.verdict(allowed, taken, used);
-            if !v.allowed {
-                inner.deny_insert(key, Denied::for_plan(&math, &v, sent, arrived));
-            }
+        let plan_raw = match plan {
+            Some(p) => Some((p, r.flag()?, r.flag()?, r.int()?, r.int()?)),
+            None => None,
+        };
+        let quota_raw = match quota {
+            Some(q) => Some((q, r.flag()?, r.flag()?, r.int()?)),
+            None => None,
+        };
+        let leased = match &lease {
+            Some(l) => r.flag()?.then_some(*l),
+            None => None,
+        };
+        let mut granted = None;
+        if let Some(((key, math), allowed, taken, whole, fraction)) = plan_raw {
+            let used = math.used(whole, fraction);
+            let v = match &leased {
+                Some(l) => {
+                    // Taken n; this request spends its cost of them, the rest is the lease.
+                    let v = l.verdict(true, true, used);
+                    let left = l.cost_tokens - math.cost_tokens;
+                    granted = Some(Granted {
+                        key,
+                        lease: batch::Lease {
+                            params: math.params(),
+                            tokens: left,
+                            remaining: v.remaining,
+                            reset_after: v.reset_after,
+                            at: arrived,
+                            quota: None,
+                        },
+                    });
+                    Verdict {
+                        remaining: v.remaining.saturating_add(left),
+                        ..v
+                    }
+                }
+                None => {
+                    let v = math.verdict(allowed, taken, used);
+                    if !v.allowed {
+                        inner.deny_insert(key, Denied::for_plan(&math, &v, sent, arrived));
+                    }
+                    v
+                }
+            };
             plan_verdict = Some(v);
         }
-        if let Some((key, q)) = quota {
-            let (allowed, _taken) = (r.flag()?, r.flag()?);
-            let used = u64::try_from(r.int()?).unwrap_or(0);
+        if let Some(((key, q), allowed, _taken, used)) = quota_raw {
+            let mut used = u64::try_from(used).unwrap_or(0);
             let end_us = i128::from(q.period_end) * 1_000_000;
             let left_us = u64::try_from((end_us - i128::from(now_us)).max(0)).unwrap_or(u64::MAX);
+            let reset_after = Duration::from_micros(left_us);
+            if let (Some(l), Some(g)) = (&leased, granted.as_mut()) {
+                let units = l.cost_tokens.saturating_sub(q.cost);
+                g.lease.quota = Some(batch::QuotaLease {
+                    key: key.clone(),
+                    limit: q.limit,
+                    units,
+                    used,
+                    ends: arrived + reset_after,
+                });
+                used = used.saturating_sub(units);
+            }
             let v = QuotaVerdict {
                 allowed,
                 used,
                 remaining: q.limit.saturating_sub(used),
-                reset_after: Duration::from_micros(left_us),
+                reset_after,
             };
             if !allowed {
                 inner.deny_insert(key, Denied::for_quota(q, &v, sent, arrived));
             }
             quota_verdict = Some(v);
         }
-        Ok(Checked {
+        let checked = Checked {
             tables,
             plan: plan_verdict,
             quota: quota_verdict,
             redis_time: Some(Duration::from_micros(now_us)),
-        })
+        };
+        Ok((checked, granted))
+    }
+
+    /// [`RedisStore::check`] with batching: what the ledger can answer, it does; the rest
+    /// goes in one round trip, which also sends the requests counted here for those tables
+    /// and asks for a lease. See [`batch`].
+    async fn check_batched(&self, c: &Check<'_>, ledger: &Ledger) -> Result<Checked, StoreError> {
+        let inner = &self.inner;
+        let prefix = inner.cfg.prefix.as_bytes();
+        let now = Instant::now();
+        let mut local: Vec<Option<Snapshot>> = Vec::with_capacity(c.tables.len());
+        let mut keys = Vec::with_capacity(c.tables.len());
+        let mut remote = Vec::new();
+        let mut sent_here = Vec::new();
+        for t in c.tables {
+            let key = table_key(prefix, t.table, t.key);
+            let here = (t.requests > 0)
+                .then(|| ledger.count(&key, t.requests, now))
+                .flatten();
+            if here.is_none() {
+                let pending = if t.requests > 0 {
+                    ledger.take_pending(&key)
+                } else {
+                    0
+                };
+                remote.push(TableOp {
+                    requests: t.requests + pending,
+                    ..*t
+                });
+                sent_here.push((keys.len(), pending));
+            }
+            local.push(here);
+            keys.push(key);
+        }
+        let (mut plan, mut quota, mut lease) = (c.plan, c.quota, 0);
+        let mut spent = None;
+        if let Some(p) = &c.plan {
+            let math = PlanMath::new(p.rate, p.burst, p.cost);
+            let key = plan_key(prefix, p.plan, p.bucket, p.key);
+            let qkey = c
+                .quota
+                .as_ref()
+                .map(|q| (quota_key(prefix, q.plan, q.key, q.period_start), q));
+            let ask = qkey.as_ref().map(|(key, q)| QuotaAsk {
+                key,
+                limit: q.limit,
+                cost: q.cost,
+            });
+            spent = ledger.spend(&key, math.params(), p.cost, ask.as_ref(), now);
+            if spent.is_some() {
+                (plan, quota) = (None, None);
+            } else {
+                let limit = c.quota.as_ref().map(|q| q.limit);
+                lease = batch::lease_size(p.rate, p.burst, limit, p.cost, ledger.interval);
+            }
+        }
+        let (plan_v, quota_v) = match &spent {
+            Some(s) => (
+                Some(Verdict {
+                    allowed: true,
+                    retry_after: Duration::ZERO,
+                    remaining: s.remaining,
+                    reset_after: s.reset_after,
+                }),
+                s.quota.map(|(used, remaining, reset_after)| QuotaVerdict {
+                    allowed: true,
+                    used,
+                    remaining,
+                    reset_after,
+                }),
+            ),
+            None => (None, None),
+        };
+        if remote.is_empty() && plan.is_none() && quota.is_none() {
+            inner.stats.batch_local.fetch_add(1, Relaxed);
+            return Ok(Checked {
+                tables: local.into_iter().map(Option::unwrap_or_default).collect(),
+                plan: plan_v,
+                quota: quota_v,
+                redis_time: None,
+            });
+        }
+        let sub = Check {
+            tables: &remote,
+            plan,
+            quota,
+        };
+        let (mut checked, granted) = match self.check_exact(&sub, lease).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    // Never sent: the requests counted here wait for the next call.
+                    for &(i, pending) in &sent_here {
+                        if pending > 0 {
+                            ledger.unsend(&keys[i], pending);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if let Some(g) = granted {
+            inner.stats.leases_taken.fetch_add(1, Relaxed);
+            ledger.grant(g.key, g.lease);
+        }
+        let mut answered = checked.tables.drain(..);
+        let mut tables = Vec::with_capacity(c.tables.len());
+        for ((t, here), key) in c.tables.iter().zip(local).zip(keys) {
+            let s = match here {
+                Some(s) => s,
+                None => {
+                    let s = answered.next().unwrap_or_default();
+                    if t.requests > 0 {
+                        ledger.refresh(key, t.table, t.spec, s.clone());
+                    }
+                    s
+                }
+            };
+            tables.push(s);
+        }
+        drop(answered);
+        checked.tables = tables;
+        if spent.is_some() {
+            (checked.plan, checked.quota) = (plan_v, quota_v);
+        }
+        Ok(checked)
     }
 
     /// Records the end of a response: an error (when `error` and the table stores
@@ -594,11 +787,14 @@ impl RedisStore {
         }
     }
 
-    /// Sends what [`RedisStore::finish`] has batched now, in one pipelined round trip;
-    /// returns the number of entries sent. The background task does this every
-    /// `sync_interval`; call it before shutting down.
+    /// Sends what [`RedisStore::finish`] has batched now, in one pipelined round trip, and
+    /// with batching the requests counted here, and gives back every lease; returns the
+    /// number of entries sent. The background tasks do this every `sync_interval` (and
+    /// `batch`); call it before shutting down.
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        self.inner.flush().await
+        let synced = self.inner.sync_batch(true).await;
+        let flushed = self.inner.flush().await?;
+        Ok(flushed + synced?)
     }
 
     /// The entry's counters, if it exists. Reading does not count as use.
@@ -628,7 +824,11 @@ impl RedisStore {
             }
             .into());
         }
-        Ok(self.table_call(table, spec, key, Some(value)).await?.0)
+        let set = self.table_call(table, spec, key, Some(value)).await?.0;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.forget_views();
+        }
+        Ok(set)
     }
 
     async fn table_call(
@@ -663,6 +863,9 @@ impl RedisStore {
     /// `UNLINK`: meant for the admin API). Returns how many were removed.
     pub async fn clear(&self, table: &str, key: Option<&Key>) -> Result<u64, StoreError> {
         let inner = &self.inner;
+        if let Some(ledger) = &inner.ledger {
+            ledger.forget_views();
+        }
         let prefix = inner.cfg.prefix.as_bytes();
         let timeout = inner.admin_timeout();
         if let Some(key) = key {
@@ -726,11 +929,83 @@ impl RedisStore {
             finish_pending: self.inner.pending.lock().len() as u64,
             finish_flushed: s.finish_flushed.load(Relaxed),
             finish_dropped: s.finish_dropped.load(Relaxed),
+            batch_local: s.batch_local.load(Relaxed),
+            leases_taken: s.leases_taken.load(Relaxed),
+            batch_synced: s.batch_synced.load(Relaxed),
+            batch_dropped: s.batch_dropped.load(Relaxed),
         }
     }
 
     pub fn config(&self) -> &RedisConfig {
         &self.inner.cfg
+    }
+}
+
+/// A lease a round trip took, for the ledger.
+struct Granted {
+    key: Vec<u8>,
+    lease: batch::Lease,
+}
+
+/// The `EVALSHA` of one check (mode `c` of the script): its tables, then the plan (with a
+/// lease when `lease` is given), then the quota.
+fn check_cmd(
+    inner: &Inner,
+    c: &Check<'_>,
+    plan: Option<&(Vec<u8>, PlanMath)>,
+    quota: Option<&(Vec<u8>, &QuotaOp<'_>)>,
+    lease: Option<&PlanMath>,
+) -> Cmd {
+    let prefix = inner.cfg.prefix.as_bytes();
+    let mut cmd = inner.evalsha();
+    let keys = c.tables.len() + usize::from(plan.is_some()) + usize::from(quota.is_some());
+    cmd.arg(keys);
+    for t in c.tables {
+        cmd.arg(table_key(prefix, t.table, t.key));
+    }
+    if let Some((key, _)) = plan {
+        cmd.arg(key.as_slice());
+    }
+    if let Some((key, _)) = quota {
+        cmd.arg(key.as_slice());
+    }
+    push_table_args(&mut cmd, c.tables.iter().map(|t| (t.spec, t.requests)));
+    match (plan, lease) {
+        (Some((_, m)), Some(l)) => {
+            let [q, r, ..] = l.args();
+            cmd.arg("L")
+                .arg(&m.args()[..])
+                .arg(q)
+                .arg(r)
+                .arg(l.cost_tokens);
+        }
+        (Some((_, m)), None) => {
+            cmd.arg("1").arg(&m.args()[..]);
+        }
+        (None, _) => {
+            cmd.arg("0");
+        }
+    }
+    match quota {
+        Some((_, q)) => {
+            let expire_at = q.period_end.saturating_add(86_400).saturating_mul(1_000);
+            cmd.arg("1").arg(q.cost).arg(q.limit).arg(expire_at.max(1));
+        }
+        None => {
+            cmd.arg("0");
+        }
+    }
+    cmd
+}
+
+/// Mode `c`'s table part: the count, then per table its expiry, requests, no gpc0 and spec.
+fn push_table_args<'a>(cmd: &mut Cmd, tables: impl ExactSizeIterator<Item = (&'a TableSpec, u64)>) {
+    cmd.arg("c").arg(tables.len());
+    for (spec, requests) in tables {
+        cmd.arg(expire_ms(spec))
+            .arg(requests)
+            .arg("")
+            .arg(spec_arg(spec));
     }
 }
 
@@ -761,6 +1036,20 @@ impl Inner {
         }
         if self.flusher.swap(true, Relaxed) {
             return;
+        }
+        if let Some(ledger) = &self.ledger {
+            let weak = Arc::downgrade(self);
+            let every = ledger.interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let _ = inner.sync_batch(false).await;
+                }
+            });
         }
         let weak = Arc::downgrade(self);
         let every = self.cfg.sync_interval;
@@ -968,6 +1257,111 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// With batching: sends the requests counted here and takes the entries' counts back,
+    /// and gives back the leases older than one interval (every lease, with `all`). Returns
+    /// the entries sent.
+    async fn sync_batch(self: &Arc<Self>, all: bool) -> Result<usize, StoreError> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(0);
+        };
+        let now = Instant::now();
+        let back = ledger.expired(now, all);
+        let due = ledger.due(now);
+        let returned = if back.is_empty() {
+            Ok(())
+        } else {
+            self.give_back(&back).await
+        };
+        if due.is_empty() {
+            return returned.map(|()| 0);
+        }
+        let mut pipe = ::redis::pipe();
+        for chunk in due.chunks(FLUSH_CHUNK) {
+            let mut cmd = self.evalsha();
+            cmd.arg(chunk.len());
+            for d in chunk {
+                cmd.arg(d.key.as_slice());
+            }
+            push_table_args(&mut cmd, chunk.iter().map(|d| (&d.spec, d.requests)));
+            cmd.arg("0").arg("0");
+            pipe.add_command(cmd);
+        }
+        let reachable = !self.is_down()
+            && tokio::time::timeout(self.admin_timeout(), self.connection())
+                .await
+                .is_ok_and(|c| c.is_ok());
+        if !reachable {
+            for d in &due {
+                ledger.unsend(&d.key, d.requests);
+            }
+            return Err(StoreError::Unavailable(
+                "not connected; kept for the next sync".into(),
+            ));
+        }
+        let n = due.len();
+        let replies = match self
+            .round_trip(Req::Pipe(&pipe), self.admin_timeout())
+            .await
+        {
+            Ok(Value::Array(replies)) => replies,
+            Ok(other) => {
+                self.stats.batch_dropped.fetch_add(n as u64, Relaxed);
+                return Err(StoreError::Protocol(format!(
+                    "a pipeline answered {other:?}"
+                )));
+            }
+            Err(e) => {
+                self.stats.batch_dropped.fetch_add(n as u64, Relaxed);
+                return Err(e);
+            }
+        };
+        self.stats.batch_synced.fetch_add(n as u64, Relaxed);
+        for (chunk, reply) in due.chunks(FLUSH_CHUNK).zip(replies) {
+            let mut r = Reader::new(reply)?;
+            let now_us = r.time()?;
+            for d in chunk {
+                let snap = r.snapshot(&d.spec, now_us)?.0;
+                ledger.refresh(d.key.clone(), &d.table, &d.spec, snap);
+            }
+        }
+        returned.map(|()| n)
+    }
+
+    /// Gives back the tokens and quota units of leases this process did not spend (mode `r`
+    /// of the script). What cannot be given back stays taken: a caller is refused a little
+    /// early, never admitted too much.
+    async fn give_back(
+        self: &Arc<Self>,
+        leases: &[(Vec<u8>, batch::Lease)],
+    ) -> Result<(), StoreError> {
+        let mut pipe = ::redis::pipe();
+        for chunk in leases.chunks(FLUSH_CHUNK / 2) {
+            let mut keys: Vec<&[u8]> = Vec::with_capacity(chunk.len() * 2);
+            let mut argv: Vec<String> = Vec::with_capacity(chunk.len() * 6);
+            for (key, l) in chunk {
+                if l.tokens > 0 {
+                    let (n, d, _) = l.params;
+                    let units = u128::from(l.tokens).saturating_mul(n);
+                    let d128 = u128::from(d.max(1));
+                    let whole = u64::try_from(units / d128).map_or(LUA_MAX, |w| w.min(LUA_MAX));
+                    keys.push(key);
+                    let fraction = (units % d128).to_string();
+                    argv.extend(["p".into(), whole.to_string(), fraction, d.to_string()]);
+                }
+                if let Some(q) = l.quota.as_ref().filter(|q| q.units > 0) {
+                    keys.push(&q.key);
+                    argv.extend(["q".into(), q.units.to_string()]);
+                }
+            }
+            let mut cmd = self.evalsha();
+            cmd.arg(keys.len()).arg(keys).arg("r").arg(argv);
+            pipe.add_command(cmd);
+        }
+        self.round_trip(Req::Pipe(&pipe), self.admin_timeout())
+            .await
+            .map(|_| ())
     }
 
     fn requeue(&self, entries: Vec<(Vec<u8>, Pending)>) {
