@@ -23,13 +23,14 @@ PROXIES = ("haproxy", "portcullis")
 VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
             "portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis-jwt-redis",
             "portcullis-base", "portcullis-jwt-base", "haproxy-log", "portcullis-log",
-            "portcullis-events", "portcullis-jwt-events")
+            "portcullis-events", "portcullis-jwt-events", "portcullis-jwt-redis-batch")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
           "portcullis-jwt-limits": "portcullis JWT + policy + limits",
           "haproxy-jwt-limits": "HAProxy jwt_verify + stick table",
           "portcullis-jwt-redis": "portcullis JWT + policy + limits in Redis",
+          "portcullis-jwt-redis-batch": "portcullis JWT + policy + limits in Redis, batched",
           "portcullis-base": "portcullis plain, base build",
           "portcullis-jwt-base": "portcullis JWT + policy, base build",
           "haproxy-log": "HAProxy httplog", "portcullis-log": "portcullis access log",
@@ -57,6 +58,7 @@ JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "audit_vs_haproxy_jwt": ("portcullis-jwt-audit", "haproxy-jwt", 5.0, "portcullis JWT + policy + audit / HAProxy jwt_verify"),
     "limits_vs_jwt": ("portcullis-jwt-limits", "portcullis-jwt", 0.97, "portcullis JWT + policy + limits / JWT + policy"),
     "redis_vs_jwt": ("portcullis-jwt-redis", "portcullis-jwt", 0.85, "portcullis JWT + policy + limits in Redis / JWT + policy"),
+    "redis_batch_vs_jwt": ("portcullis-jwt-redis-batch", "portcullis-jwt", 0.85, "portcullis JWT + policy + limits in Redis, batched / JWT + policy"),
 }
 # Ratios without a target, reported beside those above: HAProxy's cost of a stick table on its
 # JWT frontend, set against portcullis's cost of its limits (each relative to its own JWT route).
@@ -217,6 +219,11 @@ def main() -> int:
                             "redis_commands": int(env.get("REDIS_COMMANDS") or 0), "redis_keys": env.get("REDIS_KEYS"),
                             "redis_evalsha": int(env.get("REDIS_EVALSHA") or 0),
                             "redis_evalsha_us": float(env["REDIS_EVALSHA_US"]) if env.get("REDIS_EVALSHA_US") else None}
+        if env.get("BATCH_STORE_ERRORS") is not None and "portcullis-jwt-redis-batch" in summary:
+            jwt["redis_batch"] = {"store_errors": int(env["BATCH_STORE_ERRORS"]),
+                                  "limit_checks": int(env.get("BATCH_LIMIT_CHECKS") or 0),
+                                  "redis_evalsha": int(env.get("BATCH_EVALSHA") or 0),
+                                  "redis_evalsha_us": float(env["BATCH_EVALSHA_US"]) if env.get("BATCH_EVALSHA_US") else None}
         jwt["audit_cost"] = {
             "rps_ratio": ratio(summary["portcullis-jwt-audit"]["rps_median"], summary["portcullis-jwt"]["rps_median"]),
             "cpu_us_per_req_delta": (summary["portcullis-jwt-audit"]["cpu_us_per_req_median"] or 0)
@@ -333,7 +340,7 @@ def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):
 
 def jwt_table(lines, summary, jwt, rounds, ratio, ok):
     cols = [v for v in ("haproxy-jwt", "haproxy-jwt-limits", "portcullis", "portcullis-jwt", "portcullis-jwt-audit",
-                        "portcullis-jwt-limits", "portcullis-jwt-redis")
+                        "portcullis-jwt-limits", "portcullis-jwt-redis", "portcullis-jwt-redis-batch")
             if v in summary]
     if lines:
         lines.append("")
@@ -370,7 +377,8 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
         lines.append(f"| HAProxy jwt_verify / HAProxy plain | {fmt(jwt['haproxy_jwt_vs_plain'], 2, '×')} | "
                      f"{fmt(ratio(summary['haproxy-jwt']['cpu_us_per_req_median'], summary['haproxy']['cpu_us_per_req_median']), 2, '×')} | |")
     prr = jwt.get("per_round_rps_ratios", {})
-    shown = [k for k in ("limits_vs_jwt", "redis_vs_jwt", "haproxy_limits_vs_jwt", "limits_vs_haproxy_limits") if k in prr]
+    shown = [k for k in ("limits_vs_jwt", "redis_vs_jwt", "redis_batch_vs_jwt", "haproxy_limits_vs_jwt",
+                         "limits_vs_haproxy_limits") if k in prr]
     if shown:
         lines.append("")
         lines.append("Per-round req/s ratios of the limit variants (each from the same round; the median of these "
@@ -387,6 +395,13 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
                      f"`portcullis_limit_checks_total` {rd['limit_checks']:,}; Redis ran {rd['redis_evalsha']:,} `EVALSHA` "
                      f"(one per check, {fmt(rd['redis_evalsha_us'], 1, ' µs')} each inside Redis; "
                      f"{rd['redis_commands']:,} commands in all, counting those the script runs); Redis keys at the end: {rd['redis_keys']}.")
+    if "redis_batch" in jwt:
+        rb = jwt["redis_batch"]
+        lines.append("")
+        lines.append(f"Batched Redis variant: `portcullis_limit_store_errors_total` {rb['store_errors']}; "
+                     f"`portcullis_limit_checks_total` {rb['limit_checks']:,}; its Redis ran {rb['redis_evalsha']:,} `EVALSHA` "
+                     f"({fmt(rb['redis_evalsha_us'], 1, ' µs')} each inside Redis): "
+                     f"one per {fmt(rb['limit_checks'] / rb['redis_evalsha'] if rb['redis_evalsha'] else None, 0)} checks.")
     if "audit_records" in jwt:
         lines.append("")
         lines.append(f"Audit trail: {jwt['audit_records']:,} records written during the rounds for "

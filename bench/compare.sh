@@ -43,6 +43,9 @@
 #                           the script asserts from its /metrics that
 #                           portcullis_limit_store_errors_total stayed 0 (no check fell back to
 #                           local counters) and records Redis's command counts;
+#     portcullis-jwt-redis-batch  the same with local batching (`batch: 100ms`): views of hot
+#                           entries and leases of plan tokens, against a second redis-server
+#                           on REDIS_BATCH_PORT, checked the same way on ADMIN_BATCH_PORT;
 #     haproxy-jwt-limits    the haproxy-jwt frontend plus a stick table tracked on `src`
 #                           (`store http_req_rate(10s)`) and a deny rule that never trips, on
 #                           its own port in the same HAProxy process: HAProxy's cost of a stick
@@ -59,7 +62,7 @@
 #                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit,
 #                   portcullis-jwt-limits, haproxy-jwt-limits, portcullis-jwt-redis;
 #                   all = both sets, interleaved in the same rounds
-#   REDIS [1]       0 = leave out portcullis-jwt-redis (and redis-server)
+#   REDIS [1]       0 = leave out portcullis-jwt-redis, portcullis-jwt-redis-batch (and redis-server)
 #   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  THREADS [1]  CONNS [64]  IDLE_CONNS [10000]
 #   QUICK [0]       1 = ROUNDS=2 DURATION=3s WARMUP=1s IDLE_CONNS=1000 unless set
 #   PIN [1]         pin processes with taskset; PROXY_CPU [0], LOAD_CPU [1]
@@ -74,6 +77,7 @@
 #   HAPROXY_JWT_PORT [24683]  PORTCULLIS_JWT_PORT [24684]  PORTCULLIS_AUDIT_PORT [24685]
 #   PORTCULLIS_LIMITS_PORT [24688]  REDIS_PORT [24689]  PORTCULLIS_REDIS_PORT [24692]
 #   HAPROXY_JWT_LIMITS_PORT [24693]  ADMIN_PORT [24694] (the admin listener of portcullis-jwt-redis)
+#   PORTCULLIS_REDIS_BATCH_PORT [24699]  ADMIN_BATCH_PORT [24700]  REDIS_BATCH_PORT [24701]
 #   HAPROXY_LOG_PORT [24695]  PORTCULLIS_LOG_PORT [24696]
 #   PORTCULLIS_EVENTS_PORT [24697]  PORTCULLIS_JWT_EVENTS_PORT [24698]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
@@ -135,6 +139,9 @@ HAPROXY_LOG_PORT=${HAPROXY_LOG_PORT:-24695}
 PORTCULLIS_LOG_PORT=${PORTCULLIS_LOG_PORT:-24696}
 PORTCULLIS_EVENTS_PORT=${PORTCULLIS_EVENTS_PORT:-24697}
 PORTCULLIS_JWT_EVENTS_PORT=${PORTCULLIS_JWT_EVENTS_PORT:-24698}
+PORTCULLIS_REDIS_BATCH_PORT=${PORTCULLIS_REDIS_BATCH_PORT:-24699}
+ADMIN_BATCH_PORT=${ADMIN_BATCH_PORT:-24700}
+REDIS_BATCH_PORT=${REDIS_BATCH_PORT:-24701}
 REDIS=${REDIS:-1}
 PROFILE_VARIANT=${PROFILE_VARIANT:-portcullis}
 PERF_FREQ=${PERF_FREQ:-499}
@@ -149,7 +156,7 @@ case $SCENARIO in
     tls | h2 | handshakes | workers) exec bash "$BENCH/tls.sh" ;;
     *) echo "SCENARIO must be plain, jwt, log, events, all, tls, h2, handshakes or workers" >&2; exit 2 ;;
 esac
-if [[ $SCENARIO != plain && $SCENARIO != log && $SCENARIO != events && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis); fi
+if [[ $SCENARIO != plain && $SCENARIO != log && $SCENARIO != events && $REDIS == 1 ]]; then VARIANTS+=(portcullis-jwt-redis portcullis-jwt-redis-batch); fi
 has_variant() { local v; for v in "${VARIANTS[@]}"; do [[ $v == "$1" ]] && return 0; done; return 1; }
 BASE_BIN=${BASE_BIN:-}
 PORTCULLIS_BASE_PORT=${PORTCULLIS_BASE_PORT:-24686}
@@ -361,7 +368,7 @@ render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="
 LIMITS_TABLES=$'stick_tables:\n  - { name: per_principal, key: principal, size: 100000, expire: 10m, store: ["http_req_rate(10s)", "http_err_rate(1m)"] }\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }'
 LIMITS_ROUTE='limits: { track: [per_principal], rules: [{ table: per_principal, counter: "http_req_rate(10s)", above: 1000000000 }], plan: bench }'
 # Each process with a usage plan keeps its daily usage in a state_dir of its own.
-rm -rf "$OUT/state-limits" "$OUT/state-redis"
+rm -rf "$OUT/state-limits" "$OUT/state-redis" "$OUT/state-redis-batch"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-limits.yaml" PORT="$PORTCULLIS_LIMITS_PORT" AUDIT='audit: { sink: "off" }' \
     ROOT_LIMITS="state_dir: \"$OUT/state-limits\""$'\n'"$LIMITS_TABLES" ROUTE_LIMITS="$LIMITS_ROUTE"
 # The same with the counters in Redis (falling back to local counters if Redis does not answer
@@ -371,6 +378,10 @@ ADMIN_TOKEN=bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-redis.yaml" PORT="$PORTCULLIS_REDIS_PORT" AUDIT='audit: { sink: "off" }' \
     ROOT_LIMITS="state_dir: \"$OUT/state-redis\""$'\nlimits: { store: { redis: { url: "redis://127.0.0.1:'"$REDIS_PORT"$'", timeout: 50ms } }, on_store_error: local }\n'"$LIMITS_TABLES" \
     ROUTE_LIMITS="$LIMITS_ROUTE" ADMIN="admin: { bind: \"127.0.0.1:$ADMIN_PORT\", tokens: [\"$ADMIN_TOKEN\"] }"
+# The same with local batching, against its own redis-server.
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-redis-batch.yaml" PORT="$PORTCULLIS_REDIS_BATCH_PORT" AUDIT='audit: { sink: "off" }' \
+    ROOT_LIMITS="state_dir: \"$OUT/state-redis-batch\""$'\nlimits: { store: { redis: { url: "redis://127.0.0.1:'"$REDIS_BATCH_PORT"$'", timeout: 50ms, batch: 100ms } }, on_store_error: local }\n'"$LIMITS_TABLES" \
+    ROUTE_LIMITS="$LIMITS_ROUTE" ADMIN="admin: { bind: \"127.0.0.1:$ADMIN_BATCH_PORT\", tokens: [\"$ADMIN_TOKEN\"] }"
 
 PIDS=()
 ORIGIN_PID="" HAPROXY_PID=""
@@ -381,7 +392,8 @@ declare -A PID_OF=() PORT_OF=(
     [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT [haproxy-jwt-limits]=$HAPROXY_JWT_LIMITS_PORT
     [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT [haproxy-log]=$HAPROXY_LOG_PORT
     [portcullis-log]=$PORTCULLIS_LOG_PORT [portcullis-events]=$PORTCULLIS_EVENTS_PORT
-    [portcullis-jwt-events]=$PORTCULLIS_JWT_EVENTS_PORT)
+    [portcullis-jwt-events]=$PORTCULLIS_JWT_EVENTS_PORT
+    [portcullis-jwt-redis-batch]=$PORTCULLIS_REDIS_BATCH_PORT)
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -403,6 +415,7 @@ wait_port() { # port pid name
 
 EXTRA_PORTS=()
 has_variant portcullis-jwt-redis && EXTRA_PORTS+=("$REDIS_PORT" "$ADMIN_PORT")
+has_variant portcullis-jwt-redis-batch && EXTRA_PORTS+=("$REDIS_BATCH_PORT" "$ADMIN_BATCH_PORT")
 for p in "$ORIGIN_PORT" "${PORT_OF[@]}" "${EXTRA_PORTS[@]}"; do
     port_busy "$p" && die "port $p is already in use (set ORIGIN_PORT/HAPROXY_PORT/PORTCULLIS_PORT)"
 done
@@ -422,13 +435,14 @@ start_haproxy() {
     PID_OF[haproxy]=$HAPROXY_PID PID_OF[haproxy-jwt]=$HAPROXY_PID PID_OF[haproxy-jwt-limits]=$HAPROXY_PID
     PID_OF[haproxy-log]=$HAPROXY_PID
 }
-start_redis() { # a redis-server of our own for portcullis-jwt-redis: no persistence, pinned like the origin
-    "${ON_LOAD[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-        --dir "$OUT" --logfile "$OUT/redis.log" --daemonize no >/dev/null 2>&1 &
-    REDIS_PID=$!; PIDS+=("$REDIS_PID")
-    wait_port "$REDIS_PORT" "$REDIS_PID" redis
+start_redis() { # [port] [name]: a redis-server of our own: no persistence, pinned like the origin
+    local port=${1:-$REDIS_PORT} name=${2:-redis} pid
+    "${ON_LOAD[@]}" redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+        --dir "$OUT" --logfile "$OUT/$name.log" --daemonize no >/dev/null 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    wait_port "$port" "$pid" "$name"
 }
-redis_cmd() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+redis_cmd() { redis-cli -h 127.0.0.1 -p "${REDIS_AT:-$REDIS_PORT}" "$@"; }
 start_portcullis() { # [variant]: portcullis, portcullis-jwt, portcullis-jwt-audit or portcullis-base
     local v=${1:-portcullis} pid bin=$PORTCULLIS_BIN
     [[ $v == portcullis-base || $v == portcullis-jwt-base ]] && bin=$BASE_BIN
@@ -476,6 +490,7 @@ log "SCENARIO=$SCENARIO: ${VARIANTS[*]}"
 log "starting nginx origin :$ORIGIN_PORT and $(for v in "${VARIANTS[@]}"; do printf '%s :%s, ' "$v" "${PORT_OF[$v]}"; done)PIN=$PIN"
 start_origin
 has_variant portcullis-jwt-redis && start_redis
+has_variant portcullis-jwt-redis-batch && start_redis "$REDIS_BATCH_PORT" redis-batch
 start_haproxy
 start_portcullis portcullis
 has_variant portcullis-log && start_portcullis portcullis-log
@@ -485,6 +500,7 @@ has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
 has_variant portcullis-jwt-redis && start_portcullis portcullis-jwt-redis
+has_variant portcullis-jwt-redis-batch && start_portcullis portcullis-jwt-redis-batch
 has_variant portcullis-base && start_portcullis portcullis-base
 has_variant portcullis-jwt-base && start_portcullis portcullis-jwt-base
 for v in "${VARIANTS[@]}"; do check_proxy "$v"; done
@@ -572,6 +588,21 @@ if has_variant portcullis-jwt-redis; then
     export STORE_ERRORS LIMIT_CHECKS REDIS_COMMANDS REDIS_KEYS REDIS_EVALSHA REDIS_EVALSHA_US
     ((STORE_ERRORS == 0)) || die "portcullis-jwt-redis: $STORE_ERRORS limit checks failed over to the local store (see $OUT/raw/metrics-portcullis-jwt-redis.txt): the variant did not measure Redis"
     ((${REDIS_EVALSHA:-0} > 0)) || die "portcullis-jwt-redis: Redis ran no limit checks (no EVALSHA in $OUT/raw/redis-commandstats.txt)"
+fi
+if has_variant portcullis-jwt-redis-batch; then
+    # Batching must have used Redis too (leases and syncs), never the local fallback.
+    metrics=$(curl -sS --max-time 5 -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$ADMIN_BATCH_PORT/metrics") \
+        || die "portcullis-jwt-redis-batch: GET /metrics failed"
+    printf '%s\n' "$metrics" >"$OUT/raw/metrics-portcullis-jwt-redis-batch.txt"
+    BATCH_STORE_ERRORS=$(printf '%s\n' "$metrics" | awk '/^portcullis_limit_store_errors_total/ {s += $NF} END {print s + 0}')
+    BATCH_LIMIT_CHECKS=$(printf '%s\n' "$metrics" | awk '/^portcullis_limit_checks_total/ {s += $NF} END {print s + 0}')
+    REDIS_AT=$REDIS_BATCH_PORT redis_cmd INFO commandstats >"$OUT/raw/redis-batch-commandstats.txt" 2>&1 || true
+    BATCH_EVALSHA=$(sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\),.*usec_per_call=\([0-9.]*\).*/\1 \2/p' "$OUT/raw/redis-batch-commandstats.txt")
+    BATCH_EVALSHA_US=${BATCH_EVALSHA#* } BATCH_EVALSHA=${BATCH_EVALSHA%% *}
+    log "portcullis-jwt-redis-batch: portcullis_limit_store_errors_total $BATCH_STORE_ERRORS, limit checks $BATCH_LIMIT_CHECKS; redis: ${BATCH_EVALSHA:-0} EVALSHA (${BATCH_EVALSHA_US:-?} us each in Redis)"
+    export BATCH_STORE_ERRORS BATCH_LIMIT_CHECKS BATCH_EVALSHA BATCH_EVALSHA_US
+    ((BATCH_STORE_ERRORS == 0)) || die "portcullis-jwt-redis-batch: $BATCH_STORE_ERRORS limit checks failed over to the local store: the variant did not measure Redis"
+    ((${BATCH_EVALSHA:-0} > 0)) || die "portcullis-jwt-redis-batch: Redis ran no calls (no EVALSHA in $OUT/raw/redis-batch-commandstats.txt)"
 fi
 
 if [[ $PROFILE == 1 ]]; then

@@ -979,3 +979,32 @@ async fn unspent_leases_are_given_back() {
     assert_eq!(c.quota.unwrap().used, 2);
     assert!(c.plan.unwrap().remaining >= 498, "{:?}", c.plan);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_lease_fetch() {
+    let server = Server::start();
+    let store = batching(&server, Duration::from_millis(100));
+    // Leases of 1,000: 64 callers at once take 12,800 tokens.
+    let rate = Rate::per_second(1_000_000);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = Key::from("hot-key");
+            for _ in 0..200 {
+                assert!(check_plan(&store, plan(&key, rate, 1_000_000))
+                    .await
+                    .allowed());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = store.stats();
+    println!("{s:?}");
+    // 13 leases would do; each one taken while others wait, never one per waiting caller.
+    assert!(s.leases_taken <= 40, "{s:?}");
+    assert!(s.round_trips <= 80, "{s:?}");
+    assert!(s.batch_local >= 12_000, "{s:?}");
+}

@@ -24,8 +24,9 @@
 use crate::table::{Snapshot, TableSpec};
 use crate::units::Rate;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// Tokens (and quota units) one lease takes at most.
 pub(super) const MAX_LEASE: u64 = 1_000;
@@ -41,6 +42,25 @@ pub(super) struct Ledger {
     leases: Mutex<HashMap<Vec<u8>, Lease>>,
     /// Leases replaced before they were collected, with tokens to give back.
     owed: Mutex<Vec<(Vec<u8>, Lease)>>,
+    /// Buckets whose next lease one request is fetching: the others wait for it rather than
+    /// each asking Redis for a lease of its own.
+    fetching: Mutex<HashSet<Vec<u8>>>,
+    /// Woken when a fetch ends.
+    pub fetched: Notify,
+}
+
+/// A fetch of a bucket's lease in progress; ends (and wakes the waiters) when dropped,
+/// whether the fetch worked, failed or was cancelled.
+pub(super) struct Fetch<'a> {
+    ledger: &'a Ledger,
+    key: Vec<u8>,
+}
+
+impl Drop for Fetch<'_> {
+    fn drop(&mut self) {
+        self.ledger.fetching.lock().remove(&self.key);
+        self.ledger.fetched.notify_waiters();
+    }
 }
 
 struct View {
@@ -67,7 +87,9 @@ pub(super) struct Due {
 /// Tokens of one plan bucket (and units of its quota) taken from Redis to spend here.
 #[derive(Clone, Debug)]
 pub(super) struct Lease {
-    /// The bucket's parameters (`PlanMath::params`): the lease holds only for the same ones.
+    /// The plan's rate and burst: the lease holds only for the same ones.
+    pub bucket: (Rate, u64),
+    /// The bucket's parameters in the script's units (`PlanMath::params`), to give back.
     pub params: (u128, u64, u128),
     pub tokens: u64,
     /// The bucket's remaining tokens when it was taken, without the lease's own.
@@ -134,7 +156,17 @@ impl Ledger {
             views: Mutex::default(),
             leases: Mutex::default(),
             owed: Mutex::default(),
+            fetching: Mutex::default(),
+            fetched: Notify::new(),
         }
+    }
+
+    /// Starts fetching the bucket's next lease, unless another request already is.
+    pub fn begin_fetch(&self, key: &[u8]) -> Option<Fetch<'_>> {
+        self.fetching.lock().insert(key.to_vec()).then(|| Fetch {
+            ledger: self,
+            key: key.to_vec(),
+        })
     }
 
     /// Counts `requests` here, if the entry's view is fresh, and answers with what the entry
@@ -235,7 +267,7 @@ impl Ledger {
     pub fn spend(
         &self,
         key: &[u8],
-        params: (u128, u64, u128),
+        bucket: (Rate, u64),
         cost: u64,
         quota: Option<&QuotaAsk<'_>>,
         now: Instant,
@@ -243,7 +275,7 @@ impl Ledger {
         let mut leases = self.leases.lock();
         let l = leases.get_mut(key)?;
         let age = now.saturating_duration_since(l.at);
-        if age >= self.interval || l.params != params || l.tokens < cost {
+        if age >= self.interval || l.bucket != bucket || l.tokens < cost {
             return None;
         }
         match (quota, &l.quota) {
@@ -386,6 +418,7 @@ mod tests {
 
     fn lease(tokens: u64, quota: Option<u64>) -> Lease {
         Lease {
+            bucket: b(),
             params: (1, 1, 100),
             tokens,
             remaining: 50,
@@ -399,6 +432,20 @@ mod tests {
                 ends: Instant::now() + Duration::from_secs(60),
             }),
         }
+    }
+
+    fn b() -> (Rate, u64) {
+        (Rate::per_second(10), 100)
+    }
+
+    #[test]
+    fn only_one_request_fetches_a_buckets_lease() {
+        let l = Ledger::new(Duration::from_millis(100));
+        let f = l.begin_fetch(b"p").expect("the first fetches");
+        assert!(l.begin_fetch(b"p").is_none(), "the second waits");
+        assert!(l.begin_fetch(b"q").is_some(), "another bucket is apart");
+        drop(f);
+        assert!(l.begin_fetch(b"p").is_some(), "a fetch ends when dropped");
     }
 
     #[test]
@@ -416,23 +463,20 @@ mod tests {
             limit: 1_000,
             cost: 1,
         };
+        assert!(l.spend(b"p", b(), 1, Some(&other_period), now).is_none());
         assert!(l
-            .spend(b"p", (1, 1, 100), 1, Some(&other_period), now)
+            .spend(b"p", (Rate::per_second(20), 100), 1, Some(&ask), now)
             .is_none());
-        assert!(l.spend(b"p", (2, 1, 100), 1, Some(&ask), now).is_none());
-        assert!(l.spend(b"p", (1, 1, 100), 1, None, now).is_none());
-        let s = l.spend(b"p", (1, 1, 100), 1, Some(&ask), now).unwrap();
+        assert!(l.spend(b"p", b(), 1, None, now).is_none());
+        let s = l.spend(b"p", b(), 1, Some(&ask), now).unwrap();
         assert_eq!(s.remaining, 51);
         assert_eq!(s.quota.map(|q| (q.0, q.1)), Some((399, 601)));
-        assert!(l.spend(b"p", (1, 1, 100), 1, Some(&ask), now).is_some());
-        assert!(
-            l.spend(b"p", (1, 1, 100), 1, Some(&ask), now).is_none(),
-            "spent"
-        );
+        assert!(l.spend(b"p", b(), 1, Some(&ask), now).is_some());
+        assert!(l.spend(b"p", b(), 1, Some(&ask), now).is_none(), "spent");
         // Too old.
         l.grant(b"p".to_vec(), lease(5, Some(5)));
         let later = now + Duration::from_millis(150);
-        assert!(l.spend(b"p", (1, 1, 100), 1, Some(&ask), later).is_none());
+        assert!(l.spend(b"p", b(), 1, Some(&ask), later).is_none());
         let back = l.expired(later, false);
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].1.tokens, 5);

@@ -551,14 +551,16 @@ impl RedisStore {
         let mut granted = None;
         if let Some(((key, math), allowed, taken, whole, fraction)) = plan_raw {
             let used = math.used(whole, fraction);
-            let v = match &leased {
-                Some(l) => {
+            let bucket = c.plan.as_ref().map(|p| (p.rate, p.burst));
+            let v = match (&leased, bucket) {
+                (Some(l), Some(bucket)) => {
                     // Taken n; this request spends its cost of them, the rest is the lease.
                     let v = l.verdict(true, true, used);
                     let left = l.cost_tokens - math.cost_tokens;
                     granted = Some(Granted {
                         key,
                         lease: batch::Lease {
+                            bucket,
                             params: math.params(),
                             tokens: left,
                             remaining: v.remaining,
@@ -572,7 +574,7 @@ impl RedisStore {
                         ..v
                     }
                 }
-                None => {
+                _ => {
                     let v = math.verdict(allowed, taken, used);
                     if !v.allowed {
                         inner.deny_insert(key, Denied::for_plan(&math, &v, sent, arrived));
@@ -651,22 +653,45 @@ impl RedisStore {
         }
         let (mut plan, mut quota, mut lease) = (c.plan, c.quota, 0);
         let mut spent = None;
+        let mut fetch = None;
         if let Some(p) = &c.plan {
-            let math = PlanMath::new(p.rate, p.burst, p.cost);
             let key = plan_key(prefix, p.plan, p.bucket, p.key);
             let qkey = c
                 .quota
                 .as_ref()
-                .map(|q| (quota_key(prefix, q.plan, q.key, q.period_start), q));
-            let ask = qkey.as_ref().map(|(key, q)| QuotaAsk {
-                key,
-                limit: q.limit,
-                cost: q.cost,
-            });
-            spent = ledger.spend(&key, math.params(), p.cost, ask.as_ref(), now);
+                .map(|q| quota_key(prefix, q.plan, q.key, q.period_start));
+            let ask = qkey
+                .as_ref()
+                .zip(c.quota.as_ref())
+                .map(|(key, q)| QuotaAsk {
+                    key,
+                    limit: q.limit,
+                    cost: q.cost,
+                });
+            let bucket = (p.rate, p.burst);
+            // Spend from the lease; or fetch the next one; or, while another request
+            // fetches it, wait (at most the store's timeout in all) and try again.
+            let deadline = tokio::time::Instant::from_std(now + inner.cfg.timeout);
+            loop {
+                spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
+                if spent.is_some() {
+                    break;
+                }
+                fetch = ledger.begin_fetch(&key);
+                if fetch.is_some() {
+                    break;
+                }
+                let fetched = ledger.fetched.notified();
+                tokio::pin!(fetched);
+                fetched.as_mut().enable();
+                spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
+                if spent.is_some() || tokio::time::timeout_at(deadline, fetched).await.is_err() {
+                    break;
+                }
+            }
             if spent.is_some() {
                 (plan, quota) = (None, None);
-            } else {
+            } else if fetch.is_some() {
                 let limit = c.quota.as_ref().map(|q| q.limit);
                 lease = batch::lease_size(p.rate, p.burst, limit, p.cost, ledger.interval);
             }
@@ -720,6 +745,8 @@ impl RedisStore {
             inner.stats.leases_taken.fetch_add(1, Relaxed);
             ledger.grant(g.key, g.lease);
         }
+        // The waiters may spend from it now.
+        drop(fetch);
         let mut answered = checked.tables.drain(..);
         let mut tables = Vec::with_capacity(c.tables.len());
         for ((t, here), key) in c.tables.iter().zip(local).zip(keys) {
