@@ -35,11 +35,14 @@ const IDLE_INTERVALS: u32 = 10;
 /// Views, and leases, a process keeps at most (each): past it, checks go to Redis.
 const MAX_ENTRIES: usize = 100_000;
 
+/// Keyed by Redis keys, which callers choose: seeded per map, as the tables' maps are.
+type Map<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
+
 /// The process's ledger. See the [module docs](self).
 pub(super) struct Ledger {
     pub interval: Duration,
-    views: Mutex<HashMap<Vec<u8>, View>>,
-    leases: Mutex<HashMap<Vec<u8>, Lease>>,
+    views: Mutex<Map<View>>,
+    leases: Mutex<Map<Lease>>,
     /// Leases replaced before they were collected, with tokens to give back.
     owed: Mutex<Vec<(Vec<u8>, Lease)>>,
     /// Buckets whose next lease one request is fetching: the others wait for it rather than

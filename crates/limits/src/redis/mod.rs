@@ -472,7 +472,8 @@ impl RedisStore {
         self.inner.start_flusher();
         match &self.inner.ledger {
             Some(ledger) => self.check_batched(c, ledger).await,
-            None => Ok(self.check_exact(c, 0).await?.0),
+            // Boxed: a round trip's state would size every caller's future.
+            None => Ok(Box::pin(self.check_exact(c, 0)).await?.0),
         }
     }
 
@@ -727,7 +728,7 @@ impl RedisStore {
             plan,
             quota,
         };
-        let (mut checked, granted) = match self.check_exact(&sub, lease).await {
+        let (mut checked, granted) = match Box::pin(self.check_exact(&sub, lease)).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e, StoreError::Unavailable(_)) {

@@ -43,6 +43,21 @@ pub struct Proxy {
     pub access_log: PathBuf,
 }
 
+/// The proxy binary the tests run: this build's, or `PORTCULLIS_TEST_BIN` (a release build,
+/// for figures: `PORTCULLIS_TEST_BIN=target/release/portcullis cargo test --test slow_clients`).
+fn binary() -> PathBuf {
+    match std::env::var_os("PORTCULLIS_TEST_BIN") {
+        Some(p) if !p.is_empty() => p.into(),
+        _ => env!("CARGO_BIN_EXE_portcullis").into(),
+    }
+}
+
+/// The proxy's log filter: `debug` (the tests read its log), or `PORTCULLIS_TEST_LOG`.
+fn log_filter() -> String {
+    std::env::var("PORTCULLIS_TEST_LOG")
+        .unwrap_or_else(|_| "debug,hyper=info,h2=info,rustls=info".into())
+}
+
 impl Proxy {
     /// Starts the proxy. In `yaml`, `{port}` and `{admin_port}` are replaced by free ports,
     /// `{dir}` by the temp dir. If the YAML has no `admin:` section, one is added with
@@ -81,10 +96,10 @@ impl Proxy {
         let access_log = dir.path().join("access.log");
         let text = Self::render(yaml, port, admin_port, dir.path());
         std::fs::write(&config, text).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        let child = Command::new(binary())
             .args(["run", "--config"])
             .arg(&config)
-            .env("PORTCULLIS_LOG", "debug,hyper=info,h2=info,rustls=info")
+            .env("PORTCULLIS_LOG", log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
