@@ -740,9 +740,13 @@ where
 
     let cpu_before = cpu_seconds(pid);
     let until = Instant::now() + RAMP + DURING;
+    let pinned = pin_apart(pid);
     // The attacker has a thread and a runtime of its own, as a remote attacker would have
     // its own machine: its tasks must not queue the normal client's or the origin's.
     let attacker = tokio::task::spawn_blocking(move || {
+        if pinned {
+            pin_this_thread(1);
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -793,6 +797,37 @@ where
         f.growth() as f64 / MIB
     );
     f
+}
+
+/// With `H2_ABUSE_PIN=1` (for figures, on a machine of at least 2 cores): the proxy and this
+/// test's threads (the normal client, the origin) on core 0, and the attacker's thread on
+/// core 1, as if the attacker ran on a machine of its own. Otherwise the attacker, which
+/// sends as fast as it can, takes a core away from the proxy and the normal client alike,
+/// and the normal client's share measures the machine as much as the proxy.
+fn pin_apart(proxy: u32) -> bool {
+    if std::env::var("H2_ABUSE_PIN").as_deref() != Ok("1") {
+        return false;
+    }
+    for pid in [proxy, std::process::id()] {
+        let ok = std::process::Command::new("taskset")
+            .args(["-a", "-c", "-p", "0", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "H2_ABUSE_PIN=1 needs taskset (util-linux)");
+    }
+    true
+}
+
+/// Pins the calling thread to one core.
+fn pin_this_thread(core: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity(0, ...)
+    // act on that set and on the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 /// Writes `batch` again and again, for `dur`, on a connection whose answers are never read:

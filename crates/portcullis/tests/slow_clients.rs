@@ -95,24 +95,44 @@ async fn slowloris_clients_are_cut_at_the_header_timeout_and_others_are_served()
     let before = normal_rate(p.port, Duration::from_secs(1)).await;
 
     let t0 = Instant::now();
-    let mut slow = open_many(p.port, SLOW, b"GET /slow HTTP/1.1\r\nHost: x\r\n").await;
+    let slow = open_many(p.port, SLOW, b"GET /slow HTTP/1.1\r\nHost: x\r\n").await;
     let opened = slow.len();
     assert!(
         opened >= SLOW * 9 / 10,
         "only {opened} slow connections opened"
     );
     // A byte of a header every 300 ms, on every connection, while the normal client runs.
-    let drip = tokio::spawn(async move {
+    // The attacker writes from a thread of its own, as another machine would: in this
+    // test's runtime, its 5,000 writes at a time would hold up the normal client itself.
+    let slow: Vec<std::net::TcpStream> = slow
+        .into_iter()
+        .map(|s| {
+            let s = s.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            s
+        })
+        .collect();
+    let drip = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut slow = slow;
         for i in 0..4 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::thread::sleep(Duration::from_millis(300));
             for s in slow.iter_mut() {
-                let _ = s.write_all(if i % 2 == 0 { b"X" } else { b"-" }).await;
+                let _ = s.write_all(if i % 2 == 0 { b"X" } else { b"-" });
             }
         }
         slow
     });
     let during = normal_rate(p.port, Duration::from_millis(1500)).await;
-    let mut slow = drip.await.unwrap();
+    let mut slow: Vec<TcpStream> = drip
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            s.set_nonblocking(true).unwrap();
+            TcpStream::from_std(s).unwrap()
+        })
+        .collect();
     // Every slowloris connection is closed by the header timeout (2 s after it opened).
     let mut cut = 0;
     let mut answered = 0;
