@@ -551,65 +551,16 @@ impl RedisStore {
         };
         let mut granted = None;
         if let Some(((key, math), allowed, taken, whole, fraction)) = plan_raw {
-            let used = math.used(whole, fraction);
             let bucket = c.plan.as_ref().map(|p| (p.rate, p.burst));
-            let v = match (&leased, bucket) {
-                (Some(l), Some(bucket)) => {
-                    // Taken n; this request spends its cost of them, the rest is the lease.
-                    let v = l.verdict(true, true, used);
-                    let left = l.cost_tokens - math.cost_tokens;
-                    granted = Some(Granted {
-                        key,
-                        lease: batch::Lease {
-                            bucket,
-                            params: math.params(),
-                            tokens: left,
-                            remaining: v.remaining,
-                            reset_after: v.reset_after,
-                            at: arrived,
-                            quota: None,
-                        },
-                    });
-                    Verdict {
-                        remaining: v.remaining.saturating_add(left),
-                        ..v
-                    }
-                }
-                _ => {
-                    let v = math.verdict(allowed, taken, used);
-                    if !v.allowed {
-                        inner.deny_insert(key, Denied::for_plan(&math, &v, sent, arrived));
-                    }
-                    v
-                }
-            };
-            plan_verdict = Some(v);
+            let raw = (allowed, taken, math.used(whole, fraction));
+            let at = (sent, arrived);
+            let (v, g) = inner.plan_answer(key, &math, bucket, raw, leased.as_ref(), at);
+            (plan_verdict, granted) = (Some(v), g);
         }
         if let Some(((key, q), allowed, _taken, used)) = quota_raw {
-            let mut used = u64::try_from(used).unwrap_or(0);
-            let end_us = i128::from(q.period_end) * 1_000_000;
-            let left_us = u64::try_from((end_us - i128::from(now_us)).max(0)).unwrap_or(u64::MAX);
-            let reset_after = Duration::from_micros(left_us);
-            if let (Some(l), Some(g)) = (&leased, granted.as_mut()) {
-                let units = l.cost_tokens.saturating_sub(q.cost);
-                g.lease.quota = Some(batch::QuotaLease {
-                    key: key.clone(),
-                    limit: q.limit,
-                    units,
-                    used,
-                    ends: arrived + reset_after,
-                });
-                used = used.saturating_sub(units);
-            }
-            let v = QuotaVerdict {
-                allowed,
-                used,
-                remaining: q.limit.saturating_sub(used),
-                reset_after,
-            };
-            if !allowed {
-                inner.deny_insert(key, Denied::for_quota(q, &v, sent, arrived));
-            }
+            let raw = (allowed, u64::try_from(used).unwrap_or(0), now_us);
+            let lease = leased.as_ref().zip(granted.as_mut());
+            let v = inner.quota_answer(key, q, raw, lease, (sent, arrived));
             quota_verdict = Some(v);
         }
         let checked = Checked {
@@ -626,70 +577,12 @@ impl RedisStore {
     /// and asks for a lease. See [`batch`].
     async fn check_batched(&self, c: &Check<'_>, ledger: &Ledger) -> Result<Checked, StoreError> {
         let inner = &self.inner;
-        let prefix = inner.cfg.prefix.as_bytes();
         let now = Instant::now();
-        let mut local: Vec<Option<Snapshot>> = Vec::with_capacity(c.tables.len());
-        let mut keys = Vec::with_capacity(c.tables.len());
-        let mut remote = Vec::new();
-        let mut sent_here = Vec::new();
-        for t in c.tables {
-            let key = table_key(prefix, t.table, t.key);
-            let here = (t.requests > 0)
-                .then(|| ledger.count(&key, t.requests, now))
-                .flatten();
-            if here.is_none() {
-                let pending = if t.requests > 0 {
-                    ledger.take_pending(&key)
-                } else {
-                    0
-                };
-                remote.push(TableOp {
-                    requests: t.requests + pending,
-                    ..*t
-                });
-                sent_here.push((keys.len(), pending));
-            }
-            local.push(here);
-            keys.push(key);
-        }
+        let split = self.split_tables(ledger, c, now);
         let (mut plan, mut quota, mut lease) = (c.plan, c.quota, 0);
-        let mut spent = None;
-        let mut fetch = None;
+        let (mut spent, mut fetch) = (None, None);
         if let Some(p) = &c.plan {
-            let key = plan_key(prefix, p.plan, p.bucket, p.key);
-            let qkey = c
-                .quota
-                .as_ref()
-                .map(|q| quota_key(prefix, q.plan, q.key, q.period_start));
-            let ask = qkey
-                .as_ref()
-                .zip(c.quota.as_ref())
-                .map(|(key, q)| QuotaAsk {
-                    key,
-                    limit: q.limit,
-                    cost: q.cost,
-                });
-            let bucket = (p.rate, p.burst);
-            // Spend from the lease; or fetch the next one; or, while another request
-            // fetches it, wait (at most the store's timeout in all) and try again.
-            let deadline = tokio::time::Instant::from_std(now + inner.cfg.timeout);
-            loop {
-                spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
-                if spent.is_some() {
-                    break;
-                }
-                fetch = ledger.begin_fetch(&key);
-                if fetch.is_some() {
-                    break;
-                }
-                let fetched = ledger.fetched.notified();
-                tokio::pin!(fetched);
-                fetched.as_mut().enable();
-                spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
-                if spent.is_some() || tokio::time::timeout_at(deadline, fetched).await.is_err() {
-                    break;
-                }
-            }
+            (spent, fetch) = self.spend_or_fetch(ledger, p, c.quota.as_ref(), now).await;
             if spent.is_some() {
                 (plan, quota) = (None, None);
             } else if fetch.is_some() {
@@ -698,22 +591,15 @@ impl RedisStore {
             }
         }
         let (plan_v, quota_v) = match &spent {
-            Some(s) => (
-                Some(Verdict {
-                    allowed: true,
-                    retry_after: Duration::ZERO,
-                    remaining: s.remaining,
-                    reset_after: s.reset_after,
-                }),
-                s.quota.map(|(used, remaining, reset_after)| QuotaVerdict {
-                    allowed: true,
-                    used,
-                    remaining,
-                    reset_after,
-                }),
-            ),
+            Some(s) => spent_verdicts(s),
             None => (None, None),
         };
+        let Split {
+            local,
+            keys,
+            remote,
+            sent_here,
+        } = split;
         if remote.is_empty() && plan.is_none() && quota.is_none() {
             inner.stats.batch_local.fetch_add(1, Relaxed);
             return Ok(Checked {
@@ -734,9 +620,7 @@ impl RedisStore {
                 if matches!(e, StoreError::Unavailable(_)) {
                     // Never sent: the requests counted here wait for the next call.
                     for &(i, pending) in &sent_here {
-                        if pending > 0 {
-                            ledger.unsend(&keys[i], pending);
-                        }
+                        ledger.unsend(&keys[i], pending);
                     }
                 }
                 return Err(e);
@@ -769,6 +653,79 @@ impl RedisStore {
             (checked.plan, checked.quota) = (plan_v, quota_v);
         }
         Ok(checked)
+    }
+
+    /// The tables whose fresh views the ledger counts in (their answers in `local`), and the
+    /// rest, to send with the requests counted here and not sent yet.
+    fn split_tables<'a>(&self, ledger: &Ledger, c: &Check<'a>, now: Instant) -> Split<'a> {
+        let prefix = self.inner.cfg.prefix.as_bytes();
+        let mut split = Split {
+            local: Vec::with_capacity(c.tables.len()),
+            keys: Vec::with_capacity(c.tables.len()),
+            remote: Vec::new(),
+            sent_here: Vec::new(),
+        };
+        for t in c.tables {
+            let key = table_key(prefix, t.table, t.key);
+            let here = (t.requests > 0)
+                .then(|| ledger.count(&key, t.requests, now))
+                .flatten();
+            if here.is_none() {
+                let pending = if t.requests > 0 {
+                    ledger.take_pending(&key)
+                } else {
+                    0
+                };
+                split.remote.push(TableOp {
+                    requests: t.requests + pending,
+                    ..*t
+                });
+                if pending > 0 {
+                    split.sent_here.push((split.keys.len(), pending));
+                }
+            }
+            split.local.push(here);
+            split.keys.push(key);
+        }
+        split
+    }
+
+    /// Spends the request's cost from its bucket's lease; or becomes the request that fetches
+    /// the next lease; or, while another request fetches it, waits (at most the store's
+    /// timeout in all) and tries again. Neither: the request is checked exactly.
+    async fn spend_or_fetch<'l>(
+        &self,
+        ledger: &'l Ledger,
+        p: &PlanOp<'_>,
+        quota: Option<&QuotaOp<'_>>,
+        now: Instant,
+    ) -> (Option<batch::Spent>, Option<batch::Fetch<'l>>) {
+        let prefix = self.inner.cfg.prefix.as_bytes();
+        let key = plan_key(prefix, p.plan, p.bucket, p.key);
+        let qkey = quota.map(|q| quota_key(prefix, q.plan, q.key, q.period_start));
+        let ask = qkey.as_ref().zip(quota).map(|(key, q)| QuotaAsk {
+            key,
+            limit: q.limit,
+            cost: q.cost,
+        });
+        let bucket = (p.rate, p.burst);
+        let deadline = tokio::time::Instant::from_std(now + self.inner.cfg.timeout);
+        loop {
+            let spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
+            if spent.is_some() {
+                return (spent, None);
+            }
+            if let Some(fetch) = ledger.begin_fetch(&key) {
+                return (None, Some(fetch));
+            }
+            let fetched = ledger.fetched.notified();
+            tokio::pin!(fetched);
+            fetched.as_mut().enable();
+            let spent = ledger.spend(&key, bucket, p.cost, ask.as_ref(), Instant::now());
+            if spent.is_some() || tokio::time::timeout_at(deadline, fetched).await.is_err() {
+                return (spent, None);
+            }
+        }
     }
 
     /// Records the end of a response: an error (when `error` and the table stores
@@ -969,6 +926,33 @@ impl RedisStore {
     }
 }
 
+/// A check's tables, split by [`RedisStore::split_tables`]: one answer or `None` (to ask
+/// Redis) and the Redis key per table; the tables to send; and, by index into `keys`, the
+/// requests counted here that go with them.
+struct Split<'a> {
+    local: Vec<Option<Snapshot>>,
+    keys: Vec<Vec<u8>>,
+    remote: Vec<TableOp<'a>>,
+    sent_here: Vec<(usize, u64)>,
+}
+
+/// The verdicts of a request answered from a lease.
+fn spent_verdicts(s: &batch::Spent) -> (Option<Verdict>, Option<QuotaVerdict>) {
+    let plan = Verdict {
+        allowed: true,
+        retry_after: Duration::ZERO,
+        remaining: s.remaining,
+        reset_after: s.reset_after,
+    };
+    let quota = s.quota.map(|(used, remaining, reset_after)| QuotaVerdict {
+        allowed: true,
+        used,
+        remaining,
+        reset_after,
+    });
+    (Some(plan), quota)
+}
+
 /// A lease a round trip took, for the ledger.
 struct Granted {
     key: Vec<u8>,
@@ -1047,6 +1031,91 @@ enum Req<'a> {
 }
 
 impl Inner {
+    /// The plan's verdict from the script's reply: `raw` is (admitted, taken, the bucket's use
+    /// before), `at` when the call was sent and answered. With a lease taken, the request
+    /// spends its cost of it and the rest is returned as a [`Granted`]; a refusal goes in the
+    /// deny cache.
+    fn plan_answer(
+        &self,
+        key: Vec<u8>,
+        math: &PlanMath,
+        bucket: Option<(Rate, u64)>,
+        raw: (bool, bool, u128),
+        leased: Option<&PlanMath>,
+        at: (Instant, Instant),
+    ) -> (Verdict, Option<Granted>) {
+        let (allowed, taken, used) = raw;
+        let (sent, arrived) = at;
+        if let (Some(l), Some(bucket)) = (leased, bucket) {
+            let v = l.verdict(true, true, used);
+            let left = l.cost_tokens - math.cost_tokens;
+            let lease = batch::Lease {
+                bucket,
+                params: math.params(),
+                tokens: left,
+                remaining: v.remaining,
+                reset_after: v.reset_after,
+                at: arrived,
+                quota: None,
+            };
+            let v = Verdict {
+                remaining: v.remaining.saturating_add(left),
+                ..v
+            };
+            return (v, Some(Granted { key, lease }));
+        }
+        let v = math.verdict(allowed, taken, used);
+        if !v.allowed {
+            self.deny_insert(key, Denied::for_plan(math, &v, sent, arrived));
+        }
+        (v, None)
+    }
+
+    /// The quota's verdict from the script's reply: `raw` is (admitted, the period's use
+    /// after, Redis's time in µs). With a lease, its units go in the [`Granted`] and the
+    /// request is answered as having used only its own cost.
+    fn quota_answer(
+        &self,
+        key: Vec<u8>,
+        q: &QuotaOp<'_>,
+        raw: (bool, u64, u64),
+        lease: Option<(&PlanMath, &mut Granted)>,
+        at: (Instant, Instant),
+    ) -> QuotaVerdict {
+        let (allowed, mut used, now_us) = raw;
+        let (sent, arrived) = at;
+        let end_us = i128::from(q.period_end) * 1_000_000;
+        let left_us = u64::try_from((end_us - i128::from(now_us)).max(0)).unwrap_or(u64::MAX);
+        let reset_after = Duration::from_micros(left_us);
+        if let Some((l, g)) = lease {
+            let units = l.cost_tokens.saturating_sub(q.cost);
+            g.lease.quota = Some(batch::QuotaLease {
+                key,
+                limit: q.limit,
+                units,
+                used,
+                ends: arrived + reset_after,
+            });
+            used = used.saturating_sub(units);
+            return QuotaVerdict {
+                allowed,
+                used,
+                remaining: q.limit.saturating_sub(used),
+                reset_after,
+            };
+        }
+        let v = QuotaVerdict {
+            allowed,
+            used,
+            remaining: q.limit.saturating_sub(used),
+            reset_after,
+        };
+        if !allowed {
+            self.deny_insert(key, Denied::for_quota(q, &v, sent, arrived));
+        }
+        v
+    }
+
     fn admin_timeout(&self) -> Duration {
         self.cfg.timeout.max(ADMIN_TIMEOUT)
     }
