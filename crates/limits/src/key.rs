@@ -69,6 +69,12 @@ impl Key {
         }
     }
 
+    /// The hashed key whose stored digest prefix is `digest` (as [`Key::as_bytes`] gives
+    /// it for a hashed key): for reading keys back from a store.
+    pub fn from_digest(digest: [u8; INLINE_LEN]) -> Key {
+        Key(Repr::Hashed(digest))
+    }
+
     /// The stored bytes: the key itself, or for a hashed key the digest prefix.
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {

@@ -1008,3 +1008,59 @@ async fn concurrent_requests_share_one_lease_fetch() {
     assert!(s.round_trips <= 80, "{s:?}");
     assert!(s.batch_local >= 12_000, "{s:?}");
 }
+
+#[tokio::test]
+async fn top_lists_the_fleets_biggest_entries() {
+    let server = Server::start();
+    let spec = spec(&["http_req_cnt", "http_req_rate(10s)"]);
+    let (a, b) = (
+        RedisStore::new(config(&server)).unwrap(),
+        RedisStore::new(config(&server)).unwrap(),
+    );
+    // Counts split across two replicas; a key too long to keep (stored hashed); and an
+    // entry of another table that must not be listed.
+    let long = Key::new(&vec![b'x'; 5_000]);
+    for (store, key, n) in [
+        (&a, Key::from("10.0.0.1"), 5),
+        (&b, Key::from("10.0.0.1"), 4),
+        (&a, Key::from("10.0.0.2"), 3),
+        (&b, Key::from("~tilde"), 7),
+        (&a, long.clone(), 8),
+        (&b, Key::from("10.0.0.3"), 1),
+    ] {
+        count(store, "per-ip", &spec, &key, n).await;
+    }
+    count(&a, "per-ip-2", &spec, &Key::from("10.0.0.9"), 100).await;
+    let top = a
+        .top(
+            "per-ip",
+            &spec,
+            portcullis_limits::Kind::HttpReqCnt,
+            3,
+            1_000,
+        )
+        .await
+        .unwrap();
+    let got: Vec<(Key, Option<u64>)> = top
+        .entries
+        .iter()
+        .map(|(k, s)| (k.clone(), s.http_req_cnt))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Key::from("10.0.0.1"), Some(9)),
+            (long, Some(8)),
+            (Key::from("~tilde"), Some(7)),
+        ]
+    );
+    assert_eq!((top.scanned, top.truncated), (5, false));
+    let top = b
+        .top("per-ip", &spec, portcullis_limits::Kind::HttpReqCnt, 10, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        (top.scanned, top.truncated, top.entries.len()),
+        (2, true, 2)
+    );
+}

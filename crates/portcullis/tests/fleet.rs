@@ -422,3 +422,78 @@ async fn failed_credentials_and_queues_read_the_shared_counts() {
         "{m}"
     );
 }
+
+/// `GET /api/v1/tables/{name}?top=N` on any replica lists the fleet's biggest entries, read
+/// from Redis, not just the ones that replica saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_listing_shows_the_whole_fleet() {
+    let redis = Redis::start();
+    let yaml = format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+backends:
+  - {{ name: o, servers: [{{ address: "builtin:echo" }}] }}
+limits:
+  store: {{ redis: {{ url: "redis://127.0.0.1:{port}", timeout: 2s }} }}
+stick_tables:
+  - {{ name: per_client, key: "header:x-client", size: 100, store: [http_req_cnt] }}
+routes:
+  - name: all
+    match: {{ path_prefix: / }}
+    backend: o
+    public: true
+    limits: {{ track: [per_client] }}
+"#,
+        port = redis.port
+    );
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    let client = common::client();
+    for (p, who, n) in [
+        (&a, "alpha", 3),
+        (&b, "alpha", 2),
+        (&a, "beta", 4),
+        (&b, "gamma", 1),
+    ] {
+        for _ in 0..n {
+            let r = client
+                .get(p.url("/x"))
+                .header("x-client", who)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    // Replica c saw none of them.
+    let (status, body) = c
+        .admin(
+            reqwest::Method::GET,
+            "/api/v1/tables/per_client?top=2",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let entries: Vec<(String, u64)> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().to_string(),
+                e["counters"]["http_req_cnt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [("alpha".to_string(), 5), ("beta".to_string(), 4)],
+        "{body}"
+    );
+    assert_eq!(v["source"], "redis", "{body}");
+    assert_eq!(v["scanned"], 3, "{body}");
+}

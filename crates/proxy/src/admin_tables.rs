@@ -173,10 +173,60 @@ async fn show(
     if !(1..=MAX_TOP).contains(&n) {
         return bad_request(format!("`top` must be between 1 and {MAX_TOP}"));
     }
-    match top(&rt, &name, n, q.by.as_deref()) {
+    let listed = match &rt.shared.limits.fleet {
+        Some(f) => fleet_top(&rt, f, &name, n, q.by.as_deref()).await,
+        None => top(&rt, &name, n, q.by.as_deref()),
+    };
+    match listed {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Keys of one table read from Redis for one listing, at most.
+const FLEET_SCAN_MAX: usize = 100_000;
+
+/// In a fleet: the table's top `n` entries across every replica, read from Redis (at most
+/// [`FLEET_SCAN_MAX`] keys), with `conn_cur` and tags from this process. By `conn_cur`,
+/// which is per process, the listing is this process's own.
+async fn fleet_top(
+    rt: &Runtime,
+    f: &crate::limits::Fleet,
+    name: &str,
+    n: usize,
+    by: Option<&str>,
+) -> Result<Value, ControlError> {
+    let (def, t) = lookup(rt, name)?;
+    let kind = sort_kind(&t, by)?;
+    if kind == Kind::ConnCur {
+        return top(rt, name, n, by);
+    }
+    let found = f
+        .store
+        .top(&t.name, t.table.spec(), kind, n, FLEET_SCAN_MAX)
+        .await
+        .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
+    let now = MonotonicClock.now();
+    let entries: Vec<Value> = found
+        .entries
+        .iter()
+        .map(|(k, shared)| {
+            let mut s = shared.clone();
+            if let Some(here) = t.table.get(k, now) {
+                s.conn_cur = here.conn_cur;
+                s.tags = here.tags;
+            }
+            entry_json(&t, k, &s)
+        })
+        .collect();
+    Ok(json!({
+        "table": table_json(&def, &t),
+        "by": kind.name(),
+        "entries": entries,
+        "source": "redis",
+        "scanned": found.scanned,
+        "truncated": found.truncated,
+    }))
 }
 
 /// The table `name` with its top `n` entries by the counter `by` (default its first).

@@ -309,6 +309,17 @@ impl Checked {
     }
 }
 
+/// A table's entries with the most of one counter, across the fleet: see [`RedisStore::top`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Top {
+    /// At most `n`, the largest first.
+    pub entries: Vec<(Key, Snapshot)>,
+    /// Entries read.
+    pub scanned: usize,
+    /// The table had more entries than `max_keys`: only the first `max_keys` found were read.
+    pub truncated: bool,
+}
+
 /// A quota's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuotaVerdict {
@@ -885,6 +896,72 @@ impl RedisStore {
             }
             cursor = next;
         }
+    }
+
+    /// The table's `n` entries with the most of `by`, across every replica: the table's keys
+    /// in Redis (by `SCAN`, at most `max_keys` of them), their counters read 1,000 at a time,
+    /// as [`RedisStore::get`] reads one. For the admin API, like HAProxy's `show table`:
+    /// each call is bounded by the admin timeout, and a table of a million keys costs a
+    /// thousand calls. `conn_cur` and tags are not in Redis (`None` and empty here).
+    pub async fn top(
+        &self,
+        table: &str,
+        spec: &TableSpec,
+        by: crate::Kind,
+        n: usize,
+        max_keys: usize,
+    ) -> Result<Top, StoreError> {
+        let inner = &self.inner;
+        let timeout = inner.admin_timeout();
+        let start = table_key_prefix(inner.cfg.prefix.as_bytes(), table);
+        let mut pattern = glob_escape(&start);
+        pattern.push(b'*');
+        let mut found: Vec<(Key, Snapshot)> = Vec::new();
+        let (mut cursor, mut scanned, mut truncated) = (0u64, 0usize, false);
+        loop {
+            let mut scan = ::redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern.as_slice())
+                .arg("COUNT")
+                .arg(FLUSH_CHUNK);
+            let (next, mut keys) = Reader::scan(inner.round_trip(Req::Cmd(&scan), timeout).await?)?;
+            if scanned + keys.len() > max_keys {
+                keys.truncate(max_keys - scanned);
+                truncated = true;
+            }
+            scanned += keys.len();
+            if !keys.is_empty() {
+                let mut cmd = self.inner.evalsha();
+                cmd.arg(keys.len());
+                for k in &keys {
+                    cmd.arg(k.as_slice());
+                }
+                push_table_args(&mut cmd, keys.iter().map(|_| (spec, 0)));
+                cmd.arg("0").arg("0");
+                let mut r = Reader::new(inner.round_trip(Req::Script(&cmd), timeout).await?)?;
+                let now_us = r.time()?;
+                for k in &keys {
+                    let (snap, exists) = r.snapshot(spec, now_us)?;
+                    let key = k.strip_prefix(start.as_slice()).and_then(key_from_redis);
+                    if let (true, Some(key)) = (exists, key) {
+                        found.push((key, snap));
+                    }
+                }
+            }
+            if next == 0 || truncated {
+                break;
+            }
+            cursor = next;
+        }
+        let count = |s: &Snapshot| s.get(by).unwrap_or(0);
+        found.sort_by(|a, b| count(&b.1).cmp(&count(&a.1)).then_with(|| a.0.cmp(&b.0)));
+        found.truncate(n);
+        Ok(Top {
+            entries: found,
+            scanned,
+            truncated,
+        })
     }
 
     /// One `PING`; returns its round-trip time.
@@ -1843,6 +1920,24 @@ fn push_key(buf: &mut Vec<u8>, key: &Key) {
     }
 }
 
+/// The [`Key`] that [`push_key`] wrote as `bytes`; `None` for bytes it cannot have written.
+fn key_from_redis(bytes: &[u8]) -> Option<Key> {
+    match bytes {
+        [b'~', b'~', rest @ ..] => Some(Key::new(&[b"~", rest].concat())),
+        [b'~', hex @ ..] => {
+            let mut digest = [0u8; crate::key::INLINE_LEN];
+            if hex.len() != digest.len() * 2 {
+                return None;
+            }
+            for (d, pair) in digest.iter_mut().zip(hex.chunks(2)) {
+                *d = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+            }
+            Some(Key::from_digest(digest))
+        }
+        literal => Some(Key::new(literal)),
+    }
+}
+
 struct HexOut<'a>(&'a mut Vec<u8>);
 
 impl std::fmt::Write for HexOut<'_> {
@@ -2102,6 +2197,23 @@ mod tests {
             quota_key(b"pc", "gold", &Key::from("a"), -5),
             b"pc:q:gold:a:-5"
         );
+    }
+
+    #[test]
+    fn keys_read_back_from_redis_are_the_keys_written() {
+        for key in [
+            Key::from("10.0.0.1"),
+            Key::from("~tilde"),
+            Key::from("~~two"),
+            Key::new(&[0xff, 0, 7]),
+            Key::new(&[b'a'; 200]),
+            Key::new(&vec![b'b'; 100_000]),
+        ] {
+            let mut k = Vec::new();
+            push_key(&mut k, &key);
+            assert_eq!(key_from_redis(&k), Some(key.clone()), "{key}");
+        }
+        assert_eq!(key_from_redis(b"~zz"), None);
     }
 
     #[test]
