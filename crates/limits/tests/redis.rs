@@ -1064,3 +1064,50 @@ async fn top_lists_the_fleets_biggest_entries() {
         (2, true, 2)
     );
 }
+
+#[tokio::test]
+async fn tags_are_shared_by_every_replica() {
+    let server = Server::start();
+    let tagged = spec(&["http_req_cnt", "tags"]);
+    let (a, b) = (
+        RedisStore::new(config(&server)).unwrap(),
+        RedisStore::new(config(&server)).unwrap(),
+    );
+    let key = Key::from("10.0.0.7");
+    assert!(a
+        .tag("per-ip", &tagged, &key, "abuser", true)
+        .await
+        .unwrap());
+    assert!(
+        !a.tag("per-ip", &tagged, &key, "abuser", true)
+            .await
+            .unwrap(),
+        "already there"
+    );
+    assert!(b.tag("per-ip", &tagged, &key, "seen", true).await.unwrap());
+    // A check on the other replica reads them with the counts.
+    let c = count(&b, "per-ip", &tagged, &key, 1).await;
+    assert_eq!(c.tables[0].tags, ["abuser", "seen"]);
+    assert_eq!(c.tables[0].http_req_cnt, Some(1));
+    assert!(a
+        .tag("per-ip", &tagged, &key, "abuser", false)
+        .await
+        .unwrap());
+    let got = b.get("per-ip", &tagged, &key).await.unwrap().unwrap();
+    assert_eq!(got.tags, ["seen"]);
+    // At most 16: the 17th is refused with the fix.
+    let other = Key::from("10.0.0.8");
+    for i in 0..16 {
+        a.tag("per-ip", &tagged, &other, &format!("t{i}"), true)
+            .await
+            .unwrap();
+    }
+    let e = a
+        .tag("per-ip", &tagged, &other, "t16", true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 16 tags"), "{e}");
+    // A table without tags refuses them.
+    let plain = spec(&["http_req_cnt"]);
+    assert!(a.tag("per-ip", &plain, &key, "x", true).await.is_err());
+}

@@ -375,6 +375,30 @@ async fn a_ban_set_on_one_process_holds_on_every_process() {
         load(&[&a, &b, &c], "/guarded/x", 3, 1).await,
         [200, 200, 200]
     );
+    // Tags are shared too: set through one process, every other one reads them.
+    let (status, body) = a
+        .admin(
+            reqwest::Method::POST,
+            entry,
+            Some(serde_json::json!({ "tag": "watched" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = b.admin(reqwest::Method::GET, entry, None).await;
+    assert_eq!(status, 200, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["tags"], serde_json::json!(["watched"]), "{e}");
+    let (status, body) = c
+        .admin(
+            reqwest::Method::POST,
+            entry,
+            Some(serde_json::json!({ "untag": "watched" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = a.admin(reqwest::Method::GET, entry, None).await;
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["tags"], serde_json::json!([]), "{e}");
 }
 
 /// In a fleet, failed credentials count in Redis (so a guesser spread over the processes

@@ -187,7 +187,7 @@ async fn show(
 const FLEET_SCAN_MAX: usize = 100_000;
 
 /// In a fleet: the table's top `n` entries across every replica, read from Redis (at most
-/// [`FLEET_SCAN_MAX`] keys), with `conn_cur` and tags from this process. By `conn_cur`,
+/// [`FLEET_SCAN_MAX`] keys), with `conn_cur` from this process. By `conn_cur`,
 /// which is per process, the listing is this process's own.
 async fn fleet_top(
     rt: &Runtime,
@@ -214,7 +214,6 @@ async fn fleet_top(
             let mut s = shared.clone();
             if let Some(here) = t.table.get(k, now) {
                 s.conn_cur = here.conn_cur;
-                s.tags = here.tags;
             }
             entry_json(&t, k, &s)
         })
@@ -257,14 +256,13 @@ async fn entry(
         Err(e) => return e.into_response(),
     };
     let local = t.table.get(&k, now);
-    // In a fleet the counts are in Redis; `conn_cur` and tags stay in this process.
+    // In a fleet the counts and tags are in Redis; `conn_cur` stays in this process.
     let found = match &rt.shared.limits.fleet {
         None => local,
         Some(f) => match f.store.get(&t.name, t.table.spec(), &k).await {
             Ok(shared) => shared.map(|mut s| {
                 if let Some(l) = &local {
                     s.conn_cur = l.conn_cur;
-                    s.tags = l.tags.clone();
                 }
                 s
             }),

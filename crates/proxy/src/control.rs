@@ -349,7 +349,8 @@ fn resolve_table(
             let t = find_table(snap, tables, &table)?;
             require(&t, Kind::Tags)?;
             let (k, key) = key(&t, &text)?;
-            if t.table.get(&k, now).is_none() {
+            // In a fleet the entry is in Redis: one this process never saw may be there.
+            if tables.fleet.is_none() && t.table.get(&k, now).is_none() {
                 return Err(ControlError::NotFound(format!(
                     "no entry `{key}` in stick table `{table}`"
                 )));
@@ -547,10 +548,17 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
     let server = match target {
         Target::Server(st) => st,
         Target::Table(t, key) => {
-            if let Some(f) = &rt.shared.limits.fleet {
-                shared_table(f, &command, &t, key.as_ref()).await?;
-            }
-            return apply_table(by, &command, &t, key);
+            let Some(f) = &rt.shared.limits.fleet else {
+                return apply_table(by, &command, &t, key);
+            };
+            shared_table(f, &command, &t, key.as_ref()).await?;
+            // This process's copy (conn_cur, and what its own requests read until the next
+            // check) follows; the answer is the entry as the fleet has it.
+            let here = apply_table(by, &command, &t, key.clone());
+            return match (&command, key) {
+                (Command::ClearTableKey { .. } | Command::ClearTable { .. }, _) | (_, None) => here,
+                (_, Some(k)) => shared_entry(f, &t, &k).await,
+            };
         }
         Target::Route(route, backend) => return Ok(switch(rt, by, &route, backend.as_deref())),
         Target::Sessions(principal) => return revoke_sessions(rt, by, &principal).await,
@@ -708,8 +716,9 @@ fn switch(rt: &Runtime, by: &Principal, route: &str, backend: Option<&str>) -> V
     json!({ "route": route, "backend": now, "configured": configured, "before": before })
 }
 
-/// In a fleet, the counters that live in Redis (`gpc0` and the request and error counts)
-/// change there too: set `gpc0`, clear a key or a table. Tags and `conn_cur` are per process.
+/// In a fleet, what lives in Redis (`gpc0`, tags, the request and error counts) changes
+/// there too: set `gpc0`, add or remove a tag, clear a key or a table. `conn_cur` is per
+/// process.
 async fn shared_table(
     f: &crate::limits::Fleet,
     command: &Command,
@@ -725,6 +734,12 @@ async fn shared_table(
                 .await
                 .map_err(bad)?;
         }
+        (Command::SetTableTag { tag, .. }, Some(k)) => {
+            tag_shared(f, t, k, tag, true).await?;
+        }
+        (Command::RemoveTableTag { tag, .. }, Some(k)) => {
+            tag_shared(f, t, k, tag, false).await?;
+        }
         (Command::ClearTableKey { .. }, Some(k)) => {
             f.store.clear(&t.name, Some(k)).await.map_err(bad)?;
         }
@@ -734,6 +749,46 @@ async fn shared_table(
         _ => {}
     }
     Ok(())
+}
+
+/// The entry as Redis holds it, with this process's `conn_cur`; null if it is gone.
+async fn shared_entry(
+    f: &crate::limits::Fleet,
+    t: &TableRt,
+    key: &Key,
+) -> Result<Value, ControlError> {
+    let shared = f
+        .store
+        .get(&t.name, t.table.spec(), key)
+        .await
+        .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
+    Ok(shared.map_or(Value::Null, |mut s| {
+        s.conn_cur = t
+            .table
+            .get(key, MonotonicClock.now())
+            .and_then(|l| l.conn_cur);
+        let mut e = crate::table_keys::entry_json(t, key, &s);
+        e["table"] = json!(t.name);
+        e
+    }))
+}
+
+/// A tag added or removed in Redis: a full entry is the caller's mistake (400), anything
+/// else the store's (503).
+async fn tag_shared(
+    f: &crate::limits::Fleet,
+    t: &TableRt,
+    key: &Key,
+    tag: &str,
+    add: bool,
+) -> Result<(), ControlError> {
+    match f.store.tag(&t.name, t.table.spec(), key, tag, add).await {
+        Ok(_) => Ok(()),
+        Err(portcullis_limits::redis::StoreError::Limits(e)) => {
+            Err(ControlError::Invalid(e.to_string()))
+        }
+        Err(e) => Err(ControlError::StoreUnavailable(e.to_string())),
+    }
 }
 
 /// Applies a resolved, recorded table command, and logs it. It fails only in a race that

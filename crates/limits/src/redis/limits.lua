@@ -50,7 +50,7 @@ end
 -- One stick-table entry. `spec` lists the counters the table stores, space-separated: a rate
 -- is its letter and its period in microseconds ('r10000000'), a plain counter its letter
 -- alone ('R'). Letters: r http_req_rate, R http_req_cnt, e http_err_rate, E http_err_cnt,
--- i bytes_in_rate, o bytes_out_rate, g gpc0. `n` requests are counted ('0': read only);
+-- i bytes_in_rate, o bytes_out_rate, g gpc0, T tags (read only here; mode 'T' sets them). `n` requests are counted ('0': read only);
 -- `gpc` is '' or a value to set gpc0 to. Appends PTTL and then, per counter in `spec` order,
 -- the fields w, c, p for a rate or the value for a plain counter (nil when absent).
 local function table_op(key, expire, n, gpc, spec, out)
@@ -275,6 +275,41 @@ elseif mode == 'r' then
     end
   end
   out[#out + 1] = #KEYS
+  return out
+elseif mode == 'T' then
+  -- ARGV: 'T', expire ms, '+' or '-', a tag, the most tags an entry holds. KEYS[1]: the
+  -- entry. Its tags are field 'T', separated by spaces (a tag has none). Appends 1 when the
+  -- tag was added or removed, 0 when it already was (or was not) there, -1 when the entry
+  -- holds the most tags already.
+  local key, op, tag, max = KEYS[1], ARGV[3], ARGV[4], tonumber(ARGV[5])
+  local kept, found = {}, false
+  for t in string.gmatch(redis.call('HGET', key, 'T') or '', '%S+') do
+    if t == tag then
+      found = true
+    else
+      kept[#kept + 1] = t
+    end
+  end
+  local result = 0
+  if op == '+' and not found then
+    if #kept >= max then
+      result = -1
+    else
+      kept[#kept + 1] = tag
+      result = 1
+    end
+  elseif op == '-' and found then
+    result = 1
+  end
+  if result == 1 then
+    if #kept > 0 then
+      redis.call('HSET', key, 'T', table.concat(kept, ' '))
+    else
+      redis.call('HDEL', key, 'T')
+    end
+    redis.call('PEXPIRE', key, ARGV[2])
+  end
+  out[#out + 1] = result
   return out
 elseif mode == 'f' then
   -- ARGV: 'f', then 8 per key: expire ms, errors, http_err_rate period µs ('0': not stored),

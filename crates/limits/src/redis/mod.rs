@@ -49,7 +49,8 @@
 //! 100 KB header value makes a key of about 60 bytes.
 //!
 //! A table hash has one field per plain counter (`R` http_req_cnt, `E` http_err_cnt, `g`
-//! gpc0) and three per rate (`r` http_req_rate, `e` http_err_rate, `i` bytes_in_rate, `o`
+//! gpc0), `T` for the entry's tags (separated by spaces, set by [`RedisStore::tag`]), and
+//! three per rate (`r` http_req_rate, `e` http_err_rate, `i` bytes_in_rate, `o`
 //! bytes_out_rate, each with `w` the current window's index, `c` its count, `p` the previous
 //! window's count: `rw`, `rc`, `rp`), plus `_` for an entry that stores none of what a
 //! request counts.
@@ -96,10 +97,10 @@
 //!   `sync_interval` (plus a round trip) after the response ended: a rate read right after a
 //!   response may not include it yet, and an event near a window boundary may land in the next
 //!   window. The error is bounded by what was finished in the last `sync_interval`.
-//! * **`conn_cur` and tags are not kept in Redis.** Concurrency is per process (a connection
-//!   belongs to one process, and a crashed process would leave a shared count stuck). Keep a
-//!   local [`crate::Table`] for them; snapshots from this store have `conn_cur: None` and no
-//!   tags even when the spec stores them.
+//! * **`conn_cur` is not kept in Redis.** Concurrency is per process (a connection belongs
+//!   to one process, and a crashed process would leave a shared count stuck). Keep a local
+//!   [`crate::Table`] for it; snapshots from this store have `conn_cur: None` even when the
+//!   spec stores it. Tags are kept in Redis (field `T`).
 //! * **Size** is not enforced per table: entries leave by expiry. Set Redis's `maxmemory`
 //!   with an LRU policy (`volatile-lru`) as the bound.
 //! * **A changed table shape** keeps its plain counts; windows whose period changed start
@@ -290,8 +291,8 @@ pub struct Check<'a> {
 /// The answers to a [`Check`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checked {
-    /// One per [`TableOp`], in order. `conn_cur` is `None` and tags are empty (they are not
-    /// kept in Redis). A read of an absent entry gives zeros and `expires_in` zero.
+    /// One per [`TableOp`], in order. `conn_cur` is `None` (it is not kept in Redis).
+    /// A read of an absent entry gives zeros and `expires_in` zero.
     pub tables: Vec<Snapshot>,
     /// `None` without a plan, or when the deny cache refused the quota.
     pub plan: Option<Verdict>,
@@ -827,6 +828,54 @@ impl RedisStore {
         Ok(set)
     }
 
+    /// Adds `tag` to the entry's tags (`add`), or removes it; returns whether that changed
+    /// them. Tags are kept in Redis like the counters, so every replica's rules and policies
+    /// read them; an entry holds at most [`crate::table::MAX_TAGS`].
+    pub async fn tag(
+        &self,
+        table: &str,
+        spec: &TableSpec,
+        key: &Key,
+        tag: &str,
+        add: bool,
+    ) -> Result<bool, StoreError> {
+        if !spec.stores(crate::Kind::Tags) {
+            return Err(Error::NotStored {
+                kind: crate::Kind::Tags,
+                fix: "add `tags` to the table's `store` list".into(),
+            }
+            .into());
+        }
+        let inner = &self.inner;
+        let mut cmd = inner.evalsha();
+        cmd.arg(1)
+            .arg(table_key(inner.cfg.prefix.as_bytes(), table, key))
+            .arg("T")
+            .arg(expire_ms(spec))
+            .arg(if add { "+" } else { "-" })
+            .arg(tag)
+            .arg(crate::table::MAX_TAGS);
+        let reply = inner
+            .round_trip(Req::Script(&cmd), inner.admin_timeout())
+            .await?;
+        if let Some(ledger) = &inner.ledger {
+            ledger.forget_views();
+        }
+        let mut r = Reader::new(reply)?;
+        r.time()?;
+        match r.int()? {
+            -1 => Err(Error::BadTag {
+                tag: tag.to_string(),
+                fix: format!(
+                    "an entry holds at most {} tags; remove one first",
+                    crate::table::MAX_TAGS
+                ),
+            }
+            .into()),
+            changed => Ok(changed == 1),
+        }
+    }
+
     async fn table_call(
         &self,
         table: &str,
@@ -902,7 +951,7 @@ impl RedisStore {
     /// in Redis (by `SCAN`, at most `max_keys` of them), their counters read 1,000 at a time,
     /// as [`RedisStore::get`] reads one. For the admin API, like HAProxy's `show table`:
     /// each call is bounded by the admin timeout, and a table of a million keys costs a
-    /// thousand calls. `conn_cur` and tags are not in Redis (`None` and empty here).
+    /// thousand calls. `conn_cur` is not in Redis (`None` here).
     pub async fn top(
         &self,
         table: &str,
@@ -1880,7 +1929,8 @@ fn spec_arg(spec: &TableSpec) -> String {
             Counter::BytesInRate(p) => ('i', Some(p)),
             Counter::BytesOutRate(p) => ('o', Some(p)),
             Counter::Gpc0 => ('g', None),
-            Counter::ConnCur | Counter::Tags => continue,
+            Counter::Tags => ('T', None),
+            Counter::ConnCur => continue,
         };
         if !s.is_empty() {
             s.push(' ');
@@ -2091,7 +2141,8 @@ impl Reader {
         };
         for c in spec.store() {
             match *c {
-                Counter::ConnCur | Counter::Tags => {}
+                Counter::ConnCur => {}
+                Counter::Tags => s.tags = Reader::tags(self.next()?)?,
                 Counter::HttpReqCnt => s.http_req_cnt = Some(self.count()?.unwrap_or(0)),
                 Counter::HttpErrCnt => s.http_err_cnt = Some(self.count()?.unwrap_or(0)),
                 Counter::Gpc0 => s.gpc0 = Some(self.count()?.unwrap_or(0)),
@@ -2118,6 +2169,18 @@ impl Reader {
             }
         }
         Ok((s, pttl != -2))
+    }
+
+    /// An entry's tags, as the script keeps them: separated by spaces; absent is none.
+    fn tags(v: Value) -> Result<Vec<String>, StoreError> {
+        match v {
+            Value::Nil => Ok(Vec::new()),
+            Value::BulkString(b) => Ok(String::from_utf8_lossy(&b)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()),
+            other => Err(StoreError::Protocol(format!("not tags: {other:?}"))),
+        }
     }
 
     /// The integer reply of `UNLINK`.
@@ -2260,7 +2323,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             spec_arg(&spec),
-            "r10000000 R e60000000 E i250000 o1000000 g"
+            "r10000000 R e60000000 E i250000 o1000000 g T"
         );
         assert_eq!(expire_ms(&spec), 60_000);
         assert_eq!(

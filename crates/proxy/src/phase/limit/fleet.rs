@@ -1,7 +1,7 @@
 //! The limit phase against the shared store (`limits.store: { redis: … }`): the request's
 //! table counts, its plan bucket and its quota in one round trip, so that every replica
 //! enforces one global limit. `conn_cur` stays in this process (a connection belongs to one
-//! process, and a crashed one would leave a shared count stuck), as do tags. When the store
+//! process, and a crashed one would leave a shared count stuck); tags are in Redis too. When the store
 //! does not answer within its timeout, [`failed`] counts and logs it, and the caller applies
 //! `on_store_error`.
 
@@ -153,10 +153,6 @@ fn record(
             let mut s = from_store.next()?;
             if t.conn {
                 s.conn_cur = t.table.conn_start(&key, now).conn_cur;
-            }
-            if t.tags {
-                // Tags are set per process (by the admin API or automation).
-                s.tags = t.table.get(&key, now).map(|l| l.tags).unwrap_or_default();
             }
             if t.conn || t.errs || t.bytes {
                 usage.entries.push((t.clone(), key));
