@@ -47,6 +47,20 @@ local function window_add(key, c, idx, n)
   end
 end
 
+-- Stores a bucket's theoretical arrival time (ta whole µs and tf units), to be forgotten
+-- once the bucket is full again: the same as never seen.
+local function set_tat(key, ta, tf)
+  local left_us = ta - now
+  if tf > 0 then
+    left_us = left_us + 1
+  end
+  local ms = math.ceil(left_us / 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  redis.call('SET', key, int(ta) .. ' ' .. int(tf), 'PX', int(ms))
+end
+
 -- One stick-table entry. `spec` lists the counters the table stores, space-separated: a rate
 -- is its letter and its period in microseconds ('r10000000'), a plain counter its letter
 -- alone ('R'). Letters: r http_req_rate, R http_req_cnt, e http_err_rate, E http_err_cnt,
@@ -194,16 +208,7 @@ if mode == 'c' then
   if plan then
     local taken = admit and costs
     if taken then
-      local left_us = na - now
-      if nf > 0 then
-        left_us = left_us + 1
-      end
-      local ms = math.ceil(left_us / 1000)
-      if ms < 1 then
-        ms = 1
-      end
-      -- Forgotten once full again: the same as never seen.
-      redis.call('SET', plan_key, int(na) .. ' ' .. int(nf), 'PX', int(ms))
+      set_tat(plan_key, na, nf)
     end
     out[#out + 1] = p_ok and 1 or 0
     out[#out + 1] = taken and 1 or 0
@@ -251,15 +256,7 @@ elseif mode == 'r' then
         if ta < now or (ta == now and tf == 0) then
           redis.call('DEL', key)
         else
-          local left_us = ta - now
-          if tf > 0 then
-            left_us = left_us + 1
-          end
-          local ms = math.ceil(left_us / 1000)
-          if ms < 1 then
-            ms = 1
-          end
-          redis.call('SET', key, int(ta) .. ' ' .. int(tf), 'PX', int(ms))
+          set_tat(key, ta, tf)
         end
       end
     else

@@ -814,13 +814,7 @@ impl RedisStore {
         key: &Key,
         value: u64,
     ) -> Result<Snapshot, StoreError> {
-        if !spec.stores(crate::Kind::Gpc0) {
-            return Err(Error::NotStored {
-                kind: crate::Kind::Gpc0,
-                fix: "add `gpc0` to the table's `store` list".into(),
-            }
-            .into());
-        }
+        stores(spec, crate::Kind::Gpc0)?;
         let set = self.table_call(table, spec, key, Some(value)).await?.0;
         if let Some(ledger) = &self.inner.ledger {
             ledger.forget_views();
@@ -839,13 +833,7 @@ impl RedisStore {
         tag: &str,
         add: bool,
     ) -> Result<bool, StoreError> {
-        if !spec.stores(crate::Kind::Tags) {
-            return Err(Error::NotStored {
-                kind: crate::Kind::Tags,
-                fix: "add `tags` to the table's `store` list".into(),
-            }
-            .into());
-        }
+        stores(spec, crate::Kind::Tags)?;
         let inner = &self.inner;
         let mut cmd = inner.evalsha();
         cmd.arg(1)
@@ -1077,6 +1065,18 @@ fn spent_verdicts(s: &batch::Spent) -> (Option<Verdict>, Option<QuotaVerdict>) {
         reset_after,
     });
     (Some(plan), quota)
+}
+
+/// Refuses a change to a counter the table does not store, saying what to add.
+fn stores(spec: &TableSpec, kind: crate::Kind) -> Result<(), StoreError> {
+    if spec.stores(kind) {
+        return Ok(());
+    }
+    Err(Error::NotStored {
+        kind,
+        fix: format!("add `{}` to the table's `store` list", kind.name()),
+    }
+    .into())
 }
 
 /// A lease a round trip took, for the ledger.
