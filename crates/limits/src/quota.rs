@@ -538,6 +538,15 @@ impl StoredKey {
         }
     }
 
+    /// The key as counters know it: a hashed key is rebuilt from its digest
+    /// ([`Key::from_digest`]), which equals the long key it came from.
+    pub fn key(&self) -> Key {
+        match &self.0 {
+            Stored::Literal(k) => k.clone(),
+            Stored::Hashed(d) => Key::from_digest(*d),
+        }
+    }
+
     /// Whether this is the SHA-256 prefix of a key longer than 256 bytes.
     pub fn is_hashed(&self) -> bool {
         matches!(self.0, Stored::Hashed(_))

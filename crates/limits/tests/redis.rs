@@ -1111,3 +1111,94 @@ async fn tags_are_shared_by_every_replica() {
     let plain = spec(&["http_req_cnt"]);
     assert!(a.tag("per-ip", &plain, &key, "x", true).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_usage_adds_up_across_replicas_once_per_batch() {
+    use portcullis_limits::redis::usage::{UsageBatch, UsageRecord};
+    use portcullis_limits::StoredKey;
+    let server = Server::start();
+    let (a, b) = (
+        RedisStore::new(config(&server)).unwrap(),
+        RedisStore::new(config(&server)).unwrap(),
+    );
+    let alice = StoredKey::of(&Key::from("dev/alice"));
+    // A key too long to keep whole is kept by its digest, and reads back as it.
+    let long = StoredKey::of(&Key::from(format!("agents/{}", "x".repeat(300)).as_str()));
+    assert!(long.is_hashed());
+    let rec = |plan: &str, key: &StoredKey, day: i64, count: u64| UsageRecord {
+        plan: plan.into(),
+        key: key.clone(),
+        day,
+        count,
+    };
+    // Today: a day's hash expires 400 days after it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let day = now / 86_400;
+    let one = UsageBatch::split(vec![
+        rec("agents", &alice, day - 1, 2),
+        rec("agents", &alice, day, 5),
+        rec("agents", &long, day, 1),
+        rec("visitors:eu", &alice, day, 4),
+    ]);
+    let two = UsageBatch::split(vec![rec("agents", &alice, day, 3)]);
+    assert!(a.add_usage(&one[0]).await.unwrap());
+    assert!(b.add_usage(&two[0]).await.unwrap());
+    // Sent again (say after a timeout): counted once.
+    assert!(!a.add_usage(&one[0]).await.unwrap());
+    assert!(!b.add_usage(&two[0]).await.unwrap());
+
+    let all = b.usage(None, None, day - 30, day).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            rec("agents", &alice, day - 1, 2),
+            rec("agents", &alice, day, 8),
+            rec("agents", &long, day, 1),
+            rec("visitors:eu", &alice, day, 4),
+        ]
+    );
+    assert_eq!(
+        a.usage(Some("agents"), Some(&alice), day, day)
+            .await
+            .unwrap(),
+        vec![rec("agents", &alice, day, 8)]
+    );
+    assert!(a
+        .usage(Some("gold"), None, day - 365, day)
+        .await
+        .unwrap()
+        .is_empty());
+    // The day hashes expire 400 days after their day, and are named for it.
+    let mut raw = server.raw();
+    let ttl: i64 = redis::cmd("EXPIRETIME")
+        .arg(format!(
+            "pc-test:u:visitors%3Aeu:{}",
+            portcullis_limits::quota::day_string(day)
+        ))
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(ttl, (day + 401) * 86_400);
+
+    // Quota use as the check script counts it, for the keys asked, in order.
+    let start = 1_800_000_000;
+    let quota = |key| QuotaOp {
+        plan: "agents",
+        key,
+        period_start: start,
+        period_end: start + 86_400,
+        limit: u64::MAX >> 12,
+        cost: 6,
+    };
+    let long_key = long.key();
+    check_quota(&a, quota(&long_key)).await;
+    check_quota(&b, quota(&long_key)).await;
+    assert_eq!(
+        b.quota_used("agents", start, &[alice.clone(), long.clone()])
+            .await
+            .unwrap(),
+        vec![0, 12]
+    );
+}

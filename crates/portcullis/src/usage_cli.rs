@@ -1,6 +1,7 @@
 //! `portcullis usage`: each caller's requests per usage plan and UTC day, read offline from
 //! the embedded store in the config's `state_dir` (like `portcullis audit verify` reads the
-//! audit files). A running proxy may be writing the store meanwhile: the report is then at
+//! audit files), or with `limits.store: redis` from Redis, where every replica sends its
+//! counts: the fleet's usage. A running proxy may be writing the store meanwhile: the report is then at
 //! most one `limits.sync_interval` behind. `GET /api/v1/usage` gives the same report, up to
 //! the moment of the call. Keys are the text `portcullis_proxy::admin_usage` uses.
 
@@ -59,6 +60,25 @@ pub fn run(a: UsageArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let fleet = match portcullis_proxy::limits::Fleet::of(&cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: limits.store: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(f) = fleet {
+        return match fleet_report(&f.store, &cfg, &req, now) {
+            Ok(r) => {
+                print_report(&r, a.json, true);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let store = match admin_usage::open_store(&cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -66,7 +86,8 @@ pub fn run(a: UsageArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let report = match admin_usage::report(store.as_ref(), &cfg, &req, now, &|_| None) {
+    let source = admin_usage::Source::Local(store.as_ref());
+    let report = match admin_usage::report(source, &cfg, &req, now, &|_| None) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -80,15 +101,41 @@ pub fn run(a: UsageArgs) -> ExitCode {
             admin_usage::store_path(&cfg).display()
         );
     }
-    if a.json {
+    print_report(&report, a.json, store.is_some());
+    ExitCode::SUCCESS
+}
+
+/// The fleet's report, read from the Redis of `limits.store` (every replica sends its counts
+/// there every `limits.sync_interval`).
+fn fleet_report(
+    store: &portcullis_limits::RedisStore,
+    cfg: &portcullis_config::Config,
+    req: &admin_usage::UsageRequest,
+    now: i64,
+) -> Result<Report, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let counts = rt
+        .block_on(admin_usage::FleetCounts::fetch(store, cfg, req, now))
+        .map_err(|e| e.to_string())?;
+    admin_usage::report(admin_usage::Source::Fleet(&counts), cfg, req, now, &|_| {
+        None
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn print_report(report: &Report, json: bool, recorded: bool) {
+    if json {
         let v = report.to_json();
         println!(
             "{}",
             serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
         );
     } else {
-        print!("{}", table(&report));
-        if store.is_some() && report.plans.values().all(|k| k.is_empty()) {
+        print!("{}", table(report));
+        if recorded && report.plans.values().all(|k| k.is_empty()) {
             eprintln!(
                 "no requests recorded from {} to {}",
                 portcullis_limits::quota::day_string(report.from_day),
@@ -96,7 +143,6 @@ pub fn run(a: UsageArgs) -> ExitCode {
             );
         }
     }
-    ExitCode::SUCCESS
 }
 
 /// The query's messages name the API's parameters; here they are flags.

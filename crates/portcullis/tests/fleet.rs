@@ -330,6 +330,30 @@ async fn each_on_store_error_mode_does_what_it_says_when_redis_dies() {
     }
     let all: Vec<u16> = [before, outage_allow, outage_deny, outage_local, after].concat();
     assert!(all.iter().all(|s| *s < 500), "no 5xx: {all:?}");
+    // The local-mode process's daily usage of the outage waited, and reached the new Redis:
+    // the fleet's report counts at least its 5, and never more than were let through.
+    // Until the process finds Redis again, the report says so with a 503.
+    let body = loop {
+        let (status, body) = local
+            .admin(reqwest::Method::GET, "/api/v1/usage?plan=shared", None)
+            .await;
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "no report: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reported: u64 = v["plans"]["shared"]["127.0.0.1"]
+        .as_array()
+        .map(|days| days.iter().map(|d| d[1].as_u64().unwrap()).sum())
+        .unwrap_or(0);
+    let through = count(&all, 200) as u64;
+    assert!(
+        (5..=through).contains(&reported),
+        "{reported} reported, {through} let through: {body}"
+    );
 }
 
 /// An operator bans a client on one process of the fleet (gpc0 = 1 over the admin API, an
@@ -520,4 +544,93 @@ routes:
     );
     assert_eq!(v["source"], "redis", "{body}");
     assert_eq!(v["scanned"], 3, "{body}");
+}
+
+/// `GET /api/v1/usage` on any replica, and `portcullis usage` with the fleet's config, show
+/// the fleet's daily usage and quota use, read from Redis: not just what that replica let
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_usage_report_shows_the_whole_fleet() {
+    let redis = Redis::start();
+    let yaml = format!(
+        r#"
+listeners: [{{ name: web, bind: "127.0.0.1:{{port}}" }}]
+backends:
+  - {{ name: o, servers: [{{ address: "builtin:echo" }}] }}
+limits:
+  store: {{ redis: {{ url: "redis://127.0.0.1:{port}", timeout: 2s }} }}
+  sync_interval: 100ms
+usage_plans:
+  - {{ name: metered, rate: 100/s, quota: {{ limit: 1000, per: day }} }}
+  - {{ name: open, rate: 100/s }}
+routes:
+  - name: metered
+    match: {{ path_prefix: /m }}
+    backend: o
+    public: true
+    limits: {{ plan: metered }}
+  - name: open
+    match: {{ path_prefix: /o }}
+    backend: o
+    public: true
+    limits: {{ plan: open }}
+"#,
+        port = redis.port
+    );
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&yaml),
+        Proxy::start(&yaml),
+        Proxy::start(&yaml)
+    );
+    let client = common::client();
+    for (p, path, n) in [(&a, "/m", 3), (&b, "/m", 2), (&b, "/o", 4)] {
+        for _ in 0..n {
+            let r = client.get(p.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let today = {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        portcullis_limits::quota::day_string(secs / 86_400)
+    };
+    // Replica c let nothing through; a and b send their counts within 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (whole, last) = loop {
+        let (status, body) = c
+            .admin(reqwest::Method::GET, "/api/v1/usage?key=127.0.0.1", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let whole = v["plans"]["metered"]["127.0.0.1"] == serde_json::json!([[&today, 5]])
+            && v["plans"]["open"]["127.0.0.1"] == serde_json::json!([[&today, 4]])
+            && v["quota"]["metered"]["127.0.0.1"]["used"] == 5
+            && v["quota"]["metered"]["127.0.0.1"]["remaining"] == 995;
+        if whole || Instant::now() > deadline {
+            break (whole, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(whole, "the fleet's usage on replica c: {last}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["usage", "--json", "--plan", "metered", "--config"])
+        .arg(&c.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["plans"],
+        serde_json::json!({ "metered": { "127.0.0.1": [[today, 5]] } }),
+        "{text}"
+    );
+    assert_eq!(v["quota"]["metered"]["127.0.0.1"]["used"], 5, "{text}");
 }

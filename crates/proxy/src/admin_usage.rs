@@ -307,6 +307,9 @@ pub enum ReportError {
     /// The store could not be read (500).
     #[error("{0}")]
     Store(String),
+    /// The fleet's Redis did not answer (503: try again).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn unknown_plan(config: &Config, name: &str) -> ReportError {
@@ -321,11 +324,91 @@ fn unknown_plan(config: &Config, name: &str) -> ReportError {
     })
 }
 
-/// The report `req` asks for, read from `store` (none: no requests), for the plans of
-/// `config`, at `now_unix_nanos`. `running` gives a plan's running state by name, whose quota
-/// use is read in memory; without it (`|_| None`), quota use is read from the store.
+/// Where a report's counts come from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The embedded store (`None`: nothing recorded yet).
+    Local(Option<&'a Store>),
+    /// The fleet's counts, read from Redis first ([`FleetCounts::fetch`]).
+    Fleet(&'a FleetCounts),
+}
+
+/// A fleet's usage and quota use read from Redis (`limits.store: redis`) for one report:
+/// every replica's counts, not only this process's.
+#[derive(Clone, Debug, Default)]
+pub struct FleetCounts {
+    rows: Vec<(String, Vec<u8>, i64, u64)>,
+    /// Plan → stored key → its use of the current period.
+    quota: HashMap<String, HashMap<Vec<u8>, u64>>,
+}
+
+impl FleetCounts {
+    /// Reads what `req` asks for from the fleet's Redis: the daily counts, then the quota use
+    /// of each key they name (and of the key asked for) in each plan's current period.
+    pub async fn fetch(
+        store: &portcullis_limits::RedisStore,
+        config: &Config,
+        req: &UsageRequest,
+        now_unix_nanos: i64,
+    ) -> Result<FleetCounts, ReportError> {
+        let err = |e: portcullis_limits::StoreError| {
+            let msg = format!("reading usage from Redis: {e}");
+            match e {
+                portcullis_limits::StoreError::Timeout
+                | portcullis_limits::StoreError::Unavailable(_) => ReportError::Unavailable(msg),
+                _ => ReportError::Store(msg),
+            }
+        };
+        let asked = req.key.as_ref().and_then(|(_, b)| StoredKey::from_bytes(b));
+        let records = store
+            .usage(
+                req.plan.as_deref(),
+                asked.as_ref(),
+                req.from_day,
+                req.to_day,
+            )
+            .await
+            .map_err(err)?;
+        let mut out = FleetCounts {
+            rows: records
+                .iter()
+                .map(|r| (r.plan.clone(), r.key.to_bytes(), r.day, r.count))
+                .collect(),
+            quota: HashMap::new(),
+        };
+        let now_secs = now_unix_nanos.div_euclid(1_000_000_000);
+        for d in &config.usage_plans {
+            if req.plan.as_ref().is_some_and(|p| p != &d.name) {
+                continue;
+            }
+            let Ok(Some(spec)) = plans::quota_spec(d) else {
+                continue;
+            };
+            let mut keys: Vec<StoredKey> = records
+                .iter()
+                .filter(|r| r.plan == d.name)
+                .map(|r| r.key.clone())
+                .chain(asked.clone())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let (start, _) = spec.period(now_secs);
+            let used = store.quota_used(&d.name, start, &keys).await.map_err(err)?;
+            out.quota.insert(
+                d.name.clone(),
+                keys.iter().map(StoredKey::to_bytes).zip(used).collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// The report `req` asks for, read from `source`, for the plans of `config`, at
+/// `now_unix_nanos`. `running` gives a plan's running state by name, whose quota use is read
+/// in memory; without it (`|_| None`, and always for a fleet), quota use is read from the
+/// source.
 pub fn report(
-    store: Option<&Store>,
+    source: Source<'_>,
     config: &Config,
     req: &UsageRequest,
     now_unix_nanos: i64,
@@ -350,25 +433,30 @@ pub fn report(
     let store_err = |e: portcullis_store::StoreError| ReportError::Store(e.to_string());
     // The stored bytes of each key shown, by plan and text.
     let mut shown: HashMap<String, BTreeMap<String, Vec<u8>>> = HashMap::new();
-    if let Some(store) = store {
-        let rows = store
+    let rows: Vec<(String, Vec<u8>, i64, u64)> = match source {
+        Source::Local(Some(store)) => store
             .usage(&UsageQuery {
                 plan: req.plan.as_deref(),
                 key: req.key.as_ref().map(|(_, b)| b.as_slice()),
                 from_day: req.from_day,
                 to_day: req.to_day,
             })
-            .map_err(store_err)?;
-        for row in rows {
-            let text = key_to_text(&row.key);
-            r.plans
-                .entry(row.plan.clone())
-                .or_default()
-                .entry(text.clone())
-                .or_default()
-                .push((row.day, row.count));
-            shown.entry(row.plan).or_default().insert(text, row.key);
-        }
+            .map_err(store_err)?
+            .into_iter()
+            .map(|r| (r.plan, r.key, r.day, r.count))
+            .collect(),
+        Source::Local(None) => Vec::new(),
+        Source::Fleet(f) => f.rows.clone(),
+    };
+    for (plan, key, day, count) in rows {
+        let text = key_to_text(&key);
+        r.plans
+            .entry(plan.clone())
+            .or_default()
+            .entry(text.clone())
+            .or_default()
+            .push((day, count));
+        shown.entry(plan).or_default().insert(text, key);
     }
     let now_secs = now_unix_nanos.div_euclid(1_000_000_000);
     for d in &defs {
@@ -398,11 +486,16 @@ pub fn report(
                 (Some(q), Some(k)) => q.quotas.used(&k, now_unix_nanos),
                 _ => {
                     if stored.is_none() {
-                        let rows = match store {
-                            Some(s) => s.load_quotas(&d.name, start).map_err(store_err)?,
-                            None => Vec::new(),
-                        };
-                        stored = Some(rows.into_iter().map(|(k, _, u)| (k, u)).collect());
+                        stored = Some(match source {
+                            Source::Local(Some(s)) => s
+                                .load_quotas(&d.name, start)
+                                .map_err(store_err)?
+                                .into_iter()
+                                .map(|(k, _, u)| (k, u))
+                                .collect(),
+                            Source::Local(None) => HashMap::new(),
+                            Source::Fleet(f) => f.quota.get(&d.name).cloned().unwrap_or_default(),
+                        });
                     }
                     stored
                         .as_ref()
@@ -480,33 +573,57 @@ async fn usage(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let snap = shared.snapshot.load_full();
-    let answer = tokio::task::spawn_blocking(move || {
-        let plans = &shared.limits.plans;
-        // The counts not yet written, so that the answer includes every request so far.
-        let warning = plans.flush().err().map(|e| {
-            tracing::warn!(target: "portcullis::limits", error = %e, "usage report: the pending counts could not be written");
-            format!("the latest counts could not be written to the store, so they are missing here: {e}")
-        });
-        let mut r = report(plans.store(), &snap.config, &req, now, &|n| {
-            plans.running(n)
-        })?;
-        r.warning = warning;
-        Ok::<_, ReportError>(r)
-    })
-    .await;
-    match answer {
-        Ok(Ok(r)) => Json(r.to_json()).into_response(),
-        Ok(Err(e @ ReportError::UnknownPlan(_))) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Ok(Err(e)) => {
+    match answer(shared, req, now).await {
+        Ok(r) => Json(r.to_json()).into_response(),
+        Err(e @ ReportError::UnknownPlan(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ ReportError::Unavailable(_)) => {
+            tracing::warn!(target: "portcullis::limits", error = %e, "usage report: the fleet's store did not answer");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e) => {
             tracing::error!(target: "portcullis::limits", error = %e, "usage report failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the usage report failed: {e}"),
-        ),
     }
+}
+
+/// The report, after writing the counts not yet written (so that it includes every request
+/// so far): from the embedded store, or in a fleet from Redis, where they were sent.
+async fn answer(
+    shared: Arc<crate::Shared>,
+    req: UsageRequest,
+    now: i64,
+) -> Result<Report, ReportError> {
+    let snap = shared.snapshot.load_full();
+    let (local, warning) = {
+        let (shared, snap, req) = (shared.clone(), snap.clone(), req.clone());
+        tokio::task::spawn_blocking(move || {
+            let plans = &shared.limits.plans;
+            let warning = plans.flush().err().map(|e| {
+                tracing::warn!(target: "portcullis::limits", error = %e, "usage report: the pending counts could not be written");
+                format!("the latest counts could not be written to the store, so they are missing here: {e}")
+            });
+            if plans.fleet_usage().is_some() {
+                return Ok((None, warning));
+            }
+            let r = report(Source::Local(plans.store()), &snap.config, &req, now, &|n| {
+                plans.running(n)
+            })?;
+            Ok::<_, ReportError>((Some(r), warning))
+        })
+        .await
+        .map_err(|e| ReportError::Store(format!("the usage report failed: {e}")))??
+    };
+    let mut r = match (local, shared.limits.plans.fleet_usage()) {
+        (Some(r), _) => r,
+        (None, Some(store)) => {
+            let counts = FleetCounts::fetch(store, &snap.config, &req, now).await?;
+            report(Source::Fleet(&counts), &snap.config, &req, now, &|_| None)?
+        }
+        (None, None) => report(Source::Local(None), &snap.config, &req, now, &|_| None)?,
+    };
+    r.warning = warning;
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -713,7 +830,7 @@ mod tests {
         let store = open_store(&cfg).unwrap().expect("the store");
         let req = |q: UsageParams| q.parse(d).unwrap();
         let r = report(
-            Some(&store),
+            Source::Local(Some(&store)),
             &cfg,
             &req(UsageParams::default()),
             noon,
@@ -747,7 +864,7 @@ mod tests {
             from: Some("2026-12-06".into()),
             to: None,
         };
-        let r = report(Some(&store), &cfg, &req(q), noon, &|_| None).unwrap();
+        let r = report(Source::Local(Some(&store)), &cfg, &req(q), noon, &|_| None).unwrap();
         assert_eq!(
             r.to_json()["plans"],
             json!({ "agents": { "dev/alice": [["2026-12-06", 7]] } })
@@ -760,7 +877,7 @@ mod tests {
             to: Some("2026-11-30".into()),
             ..Default::default()
         };
-        let r = report(Some(&store), &cfg, &req(q), noon, &|_| None).unwrap();
+        let r = report(Source::Local(Some(&store)), &cfg, &req(q), noon, &|_| None).unwrap();
         assert_eq!(
             r.to_json()["plans"],
             json!({ "agents": {}, "visitors": {} })
@@ -771,7 +888,7 @@ mod tests {
             key: Some("127.0.0.1".into()),
             ..Default::default()
         };
-        let r = report(Some(&store), &cfg, &req(q), noon, &|_| None).unwrap();
+        let r = report(Source::Local(Some(&store)), &cfg, &req(q), noon, &|_| None).unwrap();
         assert_eq!(r.plans["visitors"]["127.0.0.1"], vec![(d, 4)]);
         assert!(r.quota.is_empty());
         // An unknown plan names the known ones; no store is no requests.
@@ -779,13 +896,20 @@ mod tests {
             plan: Some("gold".into()),
             ..Default::default()
         };
-        let e = report(Some(&store), &cfg, &req(q), noon, &|_| None).unwrap_err();
+        let e = report(Source::Local(Some(&store)), &cfg, &req(q), noon, &|_| None).unwrap_err();
         assert!(matches!(e, ReportError::UnknownPlan(_)));
         assert_eq!(
             e.to_string(),
             "no usage plan `gold`; the plans are: agents, visitors"
         );
-        let r = report(None, &cfg, &req(UsageParams::default()), noon, &|_| None).unwrap();
+        let r = report(
+            Source::Local(None),
+            &cfg,
+            &req(UsageParams::default()),
+            noon,
+            &|_| None,
+        )
+        .unwrap();
         assert_eq!(
             r.to_json()["plans"],
             json!({ "agents": {}, "visitors": {} })
@@ -825,10 +949,13 @@ mod tests {
             )
             .allowed());
         let req = UsageParams::default().parse(d).unwrap();
-        let live = report(reg.store(), &cfg, &req, now(), &|n| reg.running(n)).unwrap();
+        let live = report(Source::Local(reg.store()), &cfg, &req, now(), &|n| {
+            reg.running(n)
+        })
+        .unwrap();
         assert_eq!(live.plans["agents"]["dev/alice"], vec![(d, 3)]);
         assert_eq!(live.quota["agents"]["dev/alice"].used, 4);
-        let offline = report(reg.store(), &cfg, &req, now(), &|_| None).unwrap();
+        let offline = report(Source::Local(reg.store()), &cfg, &req, now(), &|_| None).unwrap();
         assert_eq!(offline.quota["agents"]["dev/alice"].used, 3);
     }
 }

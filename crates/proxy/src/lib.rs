@@ -290,10 +290,12 @@ impl Runtime {
                 .await
                 .map_err(Error::Events)?;
         let fleet = limits::Fleet::of(&config).map_err(Error::LimitStore)?;
-        let limits = limits::Registry::new(
-            plans::PlanRegistry::new(store, Arc::new(portcullis_limits::wall::SystemWallClock)),
-            fleet,
-        );
+        let plans =
+            plans::PlanRegistry::new(store, Arc::new(portcullis_limits::wall::SystemWallClock));
+        if let Some(f) = &fleet {
+            plans.send_usage_to(f.store.clone(), tokio::runtime::Handle::current());
+        }
+        let limits = limits::Registry::new(plans, fleet);
         let config = Arc::new(config);
         let engine = Arc::new(portcullis_identity::Engine::build(&config, None)?);
         load_revocations(&limits, &engine);

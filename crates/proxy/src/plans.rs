@@ -23,11 +23,13 @@ use parking_lot::Mutex;
 use portcullis_config::{PlanOverride, UsagePlan};
 use portcullis_identity::{AuthMethod, Identity};
 use portcullis_limits::quota::{Per, QuotaSpec, QuotaVerdict, Quotas, ResetAt, StoredKey};
+use portcullis_limits::redis::usage::{UsageBatch, UsageRecord};
 use portcullis_limits::wall::WallClock;
 use portcullis_limits::{Buckets, DailyUsage, Gcra, Key, Verdict};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::runtime::Handle;
 
 /// The most callers a bucket set keeps at once (about 60 bytes each). Callers whose bucket
 /// has refilled are forgotten first, which changes no verdict; see
@@ -234,6 +236,9 @@ pub struct PlanRegistry {
     store: std::sync::OnceLock<portcullis_store::Store>,
     /// One flush at a time: a reader that flushes first then sees every count so far.
     flushing: Mutex<()>,
+    /// In a fleet (`limits.store: redis`), daily usage goes to Redis instead of the embedded
+    /// store, so that every replica's report shows the fleet's.
+    fleet: std::sync::OnceLock<FleetUsage>,
     /// The wall clock quotas and days are counted by (injected by tests).
     pub clock: Arc<dyn WallClock>,
 }
@@ -254,6 +259,7 @@ impl PlanRegistry {
             plans: Mutex::default(),
             store: cell,
             flushing: Mutex::new(()),
+            fleet: std::sync::OnceLock::new(),
             clock,
         }
     }
@@ -320,14 +326,31 @@ impl PlanRegistry {
         }))
     }
 
+    /// Sends daily usage to the fleet's Redis from now on (see [`FleetUsage`]). `handle` runs
+    /// the sends: [`PlanRegistry::flush`] blocks on it, off the runtime's threads.
+    pub fn send_usage_to(&self, store: portcullis_limits::RedisStore, handle: Handle) {
+        let _ = self.fleet.set(FleetUsage {
+            store,
+            handle,
+            pending: Mutex::default(),
+        });
+    }
+
+    /// The fleet's Redis when daily usage goes there.
+    pub fn fleet_usage(&self) -> Option<&portcullis_limits::RedisStore> {
+        self.fleet.get().map(|f| &f.store)
+    }
+
     /// Writes every plan's changed quota use and daily usage to the store, in one
-    /// transaction. On failure the counts are kept for the next try.
+    /// transaction (daily usage to the fleet's Redis instead, when there is one). On failure
+    /// the counts are kept for the next try. Blocking: not on a runtime thread.
     pub fn flush(&self) -> Result<(), String> {
-        let Some(store) = self.store.get() else {
-            return Ok(());
-        };
         let _one = self.flushing.lock();
         let plans: Vec<Arc<PlanRt>> = self.plans.lock().values().cloned().collect();
+        let sent = self.fleet.get().map(|f| f.flush(&plans));
+        let Some(store) = self.store.get() else {
+            return sent.unwrap_or(Ok(()));
+        };
         let mut quotas = Vec::new();
         let mut usage = Vec::new();
         for p in &plans {
@@ -337,11 +360,25 @@ impl PlanRegistry {
                     quotas.push((p, rows));
                 }
             }
+            if sent.is_some() {
+                continue;
+            }
             let rows = p.daily.drain();
             if !rows.is_empty() {
                 usage.push((p, rows));
             }
         }
+        let written = self.write(store, quotas, usage);
+        sent.unwrap_or(Ok(())).and(written)
+    }
+
+    /// One transaction of the embedded store; what it could not write is kept.
+    fn write(
+        &self,
+        store: &portcullis_store::Store,
+        quotas: Vec<PlanRows<'_>>,
+        usage: Vec<PlanRows<'_>>,
+    ) -> Result<(), String> {
         if quotas.is_empty() && usage.is_empty() {
             return Ok(());
         }
@@ -516,6 +553,61 @@ impl Assignment {
     /// Whether any caller can be assigned a plan other than its route's default.
     pub fn any(&self) -> bool {
         !self.plans.is_empty()
+    }
+}
+
+/// A plan's rows to write: (key, period start or day, count).
+type PlanRows<'a> = (&'a Arc<PlanRt>, Vec<(StoredKey, i64, u64)>);
+
+/// Daily usage bound for the fleet's Redis, in batches that Redis adds once however often
+/// they are sent ([`portcullis_limits::redis::usage`]): a batch that failed, or whose answer
+/// was lost, is sent again as it was, so nothing is counted twice or dropped while the
+/// process lives.
+pub struct FleetUsage {
+    store: portcullis_limits::RedisStore,
+    handle: Handle,
+    pending: Mutex<Vec<UsageBatch>>,
+}
+
+/// The most rows waiting for Redis; past it the oldest batches are dropped, and logged.
+const FLEET_PENDING_ROWS: usize = 2_000_000;
+
+impl FleetUsage {
+    /// Drains `plans`' daily usage into batches, and sends every waiting batch in order.
+    fn flush(&self, plans: &[Arc<PlanRt>]) -> Result<(), String> {
+        let rows: Vec<UsageRecord> = plans
+            .iter()
+            .flat_map(|p| {
+                p.daily
+                    .drain()
+                    .into_iter()
+                    .map(|(key, day, count)| UsageRecord {
+                        plan: p.name.clone(),
+                        key,
+                        day,
+                        count,
+                    })
+            })
+            .collect();
+        let mut pending = self.pending.lock();
+        pending.extend(UsageBatch::split(rows));
+        let mut waiting: usize = pending.iter().map(|b| b.rows().len()).sum();
+        while waiting > FLEET_PENDING_ROWS {
+            let b = pending.remove(0);
+            waiting -= b.rows().len();
+            tracing::error!(target: "portcullis::limits", rows = b.rows().len(), "daily usage waited too long for Redis and was dropped");
+        }
+        while let Some(b) = pending.first() {
+            let sent = self.handle.block_on(self.store.add_usage(b));
+            if let Err(e) = sent {
+                return Err(format!(
+                    "daily usage could not be sent to Redis ({} batches wait): {e}",
+                    pending.len()
+                ));
+            }
+            pending.remove(0);
+        }
+        Ok(())
     }
 }
 

@@ -21,6 +21,9 @@
 //! store.clear(table, Option<&Key>).await -> Result<u64, StoreError>   one key or the table
 //! store.ping().await -> Result<Duration, StoreError>                  the round-trip time
 //! store.forget_refusals()                                 empty this process's deny cache
+//! store.add_usage(&UsageBatch).await -> Result<bool, StoreError>     daily usage, once
+//! store.usage(plan, key, from_day, to_day).await -> Result<Vec<UsageRecord>, StoreError>
+//! store.quota_used(plan, period_start, &[StoredKey]).await -> Result<Vec<u64>, StoreError>
 //! store.stats() -> StoreStats
 //!
 //! TableOp { table: &str, spec: &TableSpec, key: &Key, requests: u64 }   0 requests: read
@@ -41,6 +44,7 @@
 //! | `{prefix}:t:{table}:{key}` | hash | the counters the table's spec stores | the table's `expire` after the last write |
 //! | `{prefix}:p:{plan}:{bucket}:{key}` | string `"<µs> <fraction>"` | the GCRA theoretical arrival time | when the bucket is full again (then it is the same as never seen) |
 //! | `{prefix}:q:{plan}:{key}:{period_start}` | integer | the quota used in that period | a day after `period_end` |
+//! | `{prefix}:u:{plan}:{day}`, `{prefix}:u`, `{prefix}:uf:{batch}` | hash, set, string | the fleet's daily usage per plan (see [`usage`]) | 400 days after the day; never; a day |
 //!
 //! `{table}`, `{plan}` and `{bucket}` are written with `%` as `%25` and `:` as `%3A`, so a name
 //! cannot run into the next part. `{key}` is the key's bytes as they are; a key longer than
@@ -158,6 +162,7 @@
 //! waiting. Call [`RedisStore::flush`] before shutting down.
 
 mod batch;
+pub mod usage;
 
 use self::batch::{Ledger, QuotaAsk};
 use crate::counter::Counter;
