@@ -76,8 +76,9 @@ impl BucketSet {
     /// The `RateLimit` header for a verdict: `"<name>";r=<remaining>;t=<seconds until the
     /// bucket is full>`.
     pub fn header(&self, v: &Verdict) -> HeaderValue {
-        // On every answer of a limited route: written into one buffer on the stack.
-        let mut b: smallvec::SmallVec<[u8; 96]> = smallvec::SmallVec::new();
+        // On every answer of a limited route: written into the one buffer the header value
+        // then owns (no copy).
+        let mut b = Vec::with_capacity(self.name.len() + 48);
         b.push(b'"');
         b.extend_from_slice(self.name.as_bytes());
         b.extend_from_slice(b"\";r=");
@@ -88,7 +89,8 @@ impl BucketSet {
                 .format(ceil_secs(v.reset_after))
                 .as_bytes(),
         );
-        HeaderValue::from_bytes(&b).unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(b))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
     }
 }
 
@@ -208,14 +210,18 @@ impl PlanRt {
 }
 
 impl PlanRt {
-    /// The buckets for a request on `route` (its name or id) with `method`: the first
-    /// override naming both (an empty list names all), else the plan's own.
-    pub fn buckets_for(&self, route: (&str, &str), method: &Method) -> &BucketSet {
+    /// The buckets for a request on the route `route_id` (`app/name`; an override may name
+    /// the route by its name or its id) with `method`: the first override naming both (an
+    /// empty list names all), else the plan's own.
+    pub fn buckets_for(&self, route_id: &str, method: &Method) -> &BucketSet {
+        if self.overrides.is_empty() {
+            return &self.own;
+        }
+        let name = route_id.rsplit('/').next().unwrap_or(route_id);
         self.overrides
             .iter()
             .find(|o| {
-                (o.def.routes.is_empty()
-                    || o.def.routes.iter().any(|r| r == route.0 || r == route.1))
+                (o.def.routes.is_empty() || o.def.routes.iter().any(|r| r == name || r == route_id))
                     && (o.def.methods.is_empty()
                         || o.def.methods.iter().any(|m| m == method.as_str()))
             })
@@ -836,5 +842,34 @@ mod tests {
         );
         let none = id(AuthMethod::Jwt, serde_json::json!({}), &[]);
         assert_eq!(a.assigned(&none), None);
+    }
+
+    #[test]
+    fn overrides_apply_by_route_name_or_id_and_method() {
+        let reg = PlanRegistry::default();
+        let p = reg
+            .plan(&plan_def(
+                "{ name: gold, rate: 10/s, overrides: [{ routes: [upload], methods: [POST], rate: 1/s }, { routes: [billing/api], rate: 2/s }] }",
+            ))
+            .unwrap();
+        let name = |route: &str, m: Method| p.buckets_for(route, &m).name.clone();
+        assert_eq!(
+            name("app/upload", Method::POST),
+            "gold.1",
+            "by the route's name"
+        );
+        assert_eq!(name("app/upload", Method::GET), "gold", "not its method");
+        assert_eq!(
+            name("billing/api", Method::GET),
+            "gold.2",
+            "by the route's id"
+        );
+        assert_eq!(
+            name("other/api", Method::GET),
+            "gold",
+            "another app's `api`"
+        );
+        let plain = reg.plan(&plan_def("{ name: plain, rate: 10/s }")).unwrap();
+        assert_eq!(plain.buckets_for("app/upload", &Method::POST).name, "plain");
     }
 }
