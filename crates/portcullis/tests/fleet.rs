@@ -544,6 +544,22 @@ routes:
     );
     assert_eq!(v["source"], "redis", "{body}");
     assert_eq!(v["scanned"], 3, "{body}");
+
+    // The console's dashboard on replica c shows the fleet's top entries too.
+    let (status, body) = c
+        .admin(reqwest::Method::GET, "/api/v1/dashboard", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let t = &v["tables"][0];
+    assert_eq!(t["source"], "redis", "{body}");
+    let keys: Vec<&str> = t["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["alpha", "beta", "gamma"], "{body}");
 }
 
 /// `GET /api/v1/usage` on any replica, and `portcullis usage` with the fleet's config, show

@@ -174,7 +174,7 @@ async fn show(
         return bad_request(format!("`top` must be between 1 and {MAX_TOP}"));
     }
     let listed = match &rt.shared.limits.fleet {
-        Some(f) => fleet_top(&rt, f, &name, n, q.by.as_deref()).await,
+        Some(f) => fleet_top(&rt, f, &name, n, q.by.as_deref(), FLEET_SCAN_MAX).await,
         None => top(&rt, &name, n, q.by.as_deref()),
     };
     match listed {
@@ -183,18 +183,19 @@ async fn show(
     }
 }
 
-/// Keys of one table read from Redis for one listing, at most.
+/// Keys of one table read from Redis for one listing of the API, at most.
 const FLEET_SCAN_MAX: usize = 100_000;
 
 /// In a fleet: the table's top `n` entries across every replica, read from Redis (at most
-/// [`FLEET_SCAN_MAX`] keys), with `conn_cur` from this process. By `conn_cur`,
-/// which is per process, the listing is this process's own.
-async fn fleet_top(
+/// `max_keys` keys), with `conn_cur` from this process. By `conn_cur`, which is per
+/// process, the listing is this process's own.
+pub(crate) async fn fleet_top(
     rt: &Runtime,
     f: &crate::limits::Fleet,
     name: &str,
     n: usize,
     by: Option<&str>,
+    max_keys: usize,
 ) -> Result<Value, ControlError> {
     let (def, t) = lookup(rt, name)?;
     let kind = sort_kind(&t, by)?;
@@ -203,7 +204,7 @@ async fn fleet_top(
     }
     let found = f
         .store
-        .top(&t.name, t.table.spec(), kind, n, FLEET_SCAN_MAX)
+        .top(&t.name, t.table.spec(), kind, n, max_keys)
         .await
         .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
     let now = MonotonicClock.now();

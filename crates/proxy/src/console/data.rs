@@ -29,6 +29,8 @@ pub struct Ticker {
     at: Option<Instant>,
     routes: HashMap<String, RoutePrev>,
     servers: HashMap<String, u64>,
+    /// In a fleet: each table's last listing from Redis, and when it was read.
+    fleet_tables: HashMap<String, (Instant, Value)>,
 }
 
 #[derive(Default, Clone)]
@@ -66,7 +68,7 @@ pub async fn look(rt: &Runtime, caller: &Caller, ticker: &mut Ticker) -> Value {
         out["identity"] = identity(&snap);
     }
     if may("table.read") {
-        out["tables"] = tables(rt, &snap, caller);
+        out["tables"] = tables(rt, &snap, caller, ticker).await;
     }
     if may("workflow.read") {
         out["executions"] = executions(rt, &snap, caller).await;
@@ -293,17 +295,60 @@ fn identity(snap: &crate::snapshot::Snapshot) -> Value {
     Value::Array(list)
 }
 
-fn tables(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Caller) -> Value {
-    snap.config
-        .stick_tables
-        .iter()
-        .filter_map(|def| {
-            let mut v = crate::admin_tables::top(rt, &def.name, TOP_KEYS, None).ok()?;
-            let res = AdminResource::Table(def.name.clone());
-            v["can"] = json!({ "clear": caller.may(snap, "table.clear", &res) });
+/// Keys of one table a dashboard listing reads from Redis, at most (the API reads more).
+const FLEET_DASHBOARD_KEYS: usize = 10_000;
+/// How long a viewer's dashboard shows a table's listing from Redis before reading it again.
+const FLEET_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Each table's top entries: in a fleet the fleet's, read from Redis at most every
+/// [`FLEET_REFRESH`] per viewer (the process's own when Redis does not answer, said in
+/// `source`).
+async fn tables(
+    rt: &Runtime,
+    snap: &crate::snapshot::Snapshot,
+    caller: &Caller,
+    ticker: &mut Ticker,
+) -> Value {
+    let mut out = Vec::new();
+    for def in &snap.config.stick_tables {
+        let listed = match &rt.shared.limits.fleet {
+            Some(f) => fleet_listing(rt, f, &def.name, ticker).await,
+            None => crate::admin_tables::top(rt, &def.name, TOP_KEYS, None).ok(),
+        };
+        let Some(mut v) = listed else { continue };
+        let res = AdminResource::Table(def.name.clone());
+        v["can"] = json!({ "clear": caller.may(snap, "table.clear", &res) });
+        out.push(v);
+    }
+    Value::Array(out)
+}
+
+async fn fleet_listing(
+    rt: &Runtime,
+    f: &crate::limits::Fleet,
+    name: &str,
+    ticker: &mut Ticker,
+) -> Option<Value> {
+    if let Some((at, v)) = ticker.fleet_tables.get(name) {
+        if at.elapsed() < FLEET_REFRESH {
+            return Some(v.clone());
+        }
+    }
+    let read = crate::admin_tables::fleet_top(rt, f, name, TOP_KEYS, None, FLEET_DASHBOARD_KEYS);
+    match read.await {
+        Ok(v) => {
+            ticker
+                .fleet_tables
+                .insert(name.to_string(), (Instant::now(), v.clone()));
             Some(v)
-        })
-        .collect()
+        }
+        Err(e) => {
+            let mut v = crate::admin_tables::top(rt, name, TOP_KEYS, None).ok()?;
+            v["source"] = json!("local");
+            v["error"] = json!(format!("Redis did not answer: {e}"));
+            Some(v)
+        }
+    }
 }
 
 async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Caller) -> Value {

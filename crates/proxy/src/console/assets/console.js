@@ -199,6 +199,14 @@ function drawIdentity(d) {
   }));
 }
 
+// In a fleet: whose entries these are (the fleet's from Redis, or this process's when Redis
+// did not answer).
+function fleetNote(t) {
+  if (t.source === "redis") return " · the fleet's, from Redis (" + fmt(t.scanned) + " keys read" + (t.truncated ? ", more not read" : "") + ")";
+  if (t.source === "local") return " · this process's only: " + t.error;
+  return "";
+}
+
 function drawTables(d) {
   const blocks = (d.tables || []).map((t) => {
     const names = t.entries.length ? Object.keys(t.entries[0].counters) : [];
@@ -212,7 +220,7 @@ function drawTables(d) {
           "/api/v1/tables/" + encodeURIComponent(t.table.name) + "/entries/" + encodeURIComponent(e.key)),
       }, "Clear") : "")));
     return el("div", { class: "table", data: { table: t.table.name } },
-      el("h3", {}, t.table.name, el("span", { class: "meta" }, " " + fmt(t.table.entries) + " keys of " + fmt(t.table.size) + " · top by " + t.by)),
+      el("h3", {}, t.table.name, el("span", { class: "meta" }, " " + fmt(t.table.entries) + " keys of " + fmt(t.table.size) + " · top by " + t.by + fleetNote(t))),
       el("table", { class: "grid" },
         el("thead", {}, el("tr", {}, el("th", {}, "key"), ...names.map((n) => el("th", {}, n)), el("th", {}, "tags"), el("th", {}))),
         el("tbody", {}, ...rows)));
