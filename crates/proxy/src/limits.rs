@@ -366,7 +366,8 @@ impl Usage {
     /// origin (404 included: a scanner's misses are errors it caused); portcullis's own
     /// refusals are never counted here.
     pub fn finish(&self, status: u16, bytes_out: u64) {
-        let now = portcullis_limits::Clock::now(&portcullis_limits::MonotonicClock);
+        // Read only when an entry changes: a success on a table of errors changes nothing.
+        let mut now = None;
         let bytes_in = self
             .bytes_in
             .as_ref()
@@ -380,6 +381,9 @@ impl Usage {
                 continue;
             }
             if err || t.bytes {
+                let now = *now.get_or_insert_with(|| {
+                    portcullis_limits::Clock::now(&portcullis_limits::MonotonicClock)
+                });
                 t.table.with_entry(key, now, |e| {
                     if err {
                         e.add_error();

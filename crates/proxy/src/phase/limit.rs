@@ -47,7 +47,8 @@ pub async fn count(x: &mut Exchange<'_>) -> Flow {
     };
     // Boxed here and below: the limit phase's futures (a Redis round trip, a queue) inline
     // would size every request's future, limits or not (see `pipeline::handle`).
-    match Box::pin(tally(x, route, lim, None, true, MonotonicClock.now(), None)).await {
+    let now = MonotonicClock::moment_of(x.start);
+    match Box::pin(tally(x, route, lim, None, true, now, None)).await {
         Ok(_) => Flow::Next,
         Err(refused) => refused,
     }
@@ -79,8 +80,9 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
         x.parts.headers.remove(h);
     }
     let plan = plan_of(x, route, lim);
-    // One reading of the clock for the whole phase.
-    let now = MonotonicClock.now();
+    // The request's arrival, read once by the pipeline, is the phase's moment: no clock
+    // read of its own (a request is counted a few microseconds early, not late).
+    let now = MonotonicClock::moment_of(x.start);
     let counted = !x.seen.is_empty() || lim.track.is_empty();
     // In a fleet, the tables and the plan are one round trip; in one process the plan is
     // charged only after the rules let the request through.
