@@ -593,8 +593,11 @@ routes:
 "#,
         port = redis.port
     );
+    // Replica a on one worker (a current-thread runtime: its flusher's sends to Redis are
+    // driven by the runtime's own thread), b and c on the default.
+    let one_worker = format!("workers: 1\n{yaml}");
     let (a, b, c) = tokio::join!(
-        Proxy::start(&yaml),
+        Proxy::start(&one_worker),
         Proxy::start(&yaml),
         Proxy::start(&yaml)
     );
