@@ -889,6 +889,12 @@ async fn rapid_reset<D: Dial>() {
     })
     .await;
     assert!(f.seen.goaways.contains_key(&ENHANCE_YOUR_CALM), "{f:?}");
+    // The address was flagged by the first GOAWAY: its new connections are paced, one every
+    // 100 ms, instead of the hundreds a second it reconnected at before.
+    assert!(
+        f.seen.connections <= 30,
+        "reconnections after abuse are paced: {f:?}"
+    );
 }
 
 /// Streams the proxy must reset itself, each for a protocol error (here a connection-specific

@@ -100,6 +100,9 @@ pub struct Shared {
     pub audit: Option<portcullis_audit::Auditor>,
     /// Where events go (see `events`).
     pub events: events::Events,
+    /// Addresses whose HTTP/2 connections were closed for abuse, paced when they reconnect
+    /// (see `edge::abuse`).
+    pub abusers: edge::abuse::Abusers,
 }
 
 #[derive(Clone, Debug)]
@@ -334,6 +337,7 @@ impl Runtime {
             access,
             audit,
             events,
+            abusers: Default::default(),
         });
         let rt = Arc::new(Runtime {
             config_path: config.root.clone(),

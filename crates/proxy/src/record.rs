@@ -66,6 +66,10 @@ pub struct Metrics {
     pub events_outbox: Family<Labels, Gauge>,
     /// Policy decisions on routes that require identity, by route and decision.
     pub decisions: Family<Labels, Counter>,
+    /// HTTP/2 abuse at the edge, by what the proxy did: `closed` (a connection closed with
+    /// `ENHANCE_YOUR_CALM`, its address flagged), `paced` (a new connection from a flagged
+    /// address made to wait its turn), `refused` (one closed: too many waited).
+    pub h2_abuse: Family<Labels, Counter>,
     refusal_log: RefusalLog,
 }
 
@@ -145,6 +149,8 @@ impl Default for Metrics {
                 "Events waiting in a durable webhook's outbox, by sink";
             decisions: Family::default(), "decisions",
                 "Policy decisions on routes that require identity, by route and decision (allow, deny, would_deny)";
+            h2_abuse: Family::default(), "h2_abuse",
+                "HTTP/2 abuse at the edge, by action: closed (a connection closed with ENHANCE_YOUR_CALM and its address flagged), paced (a new connection from a flagged address made to wait), refused (closed: too many waited)";
         }
     }
 }
@@ -701,7 +707,7 @@ mod tests {
     /// and in the same order: a scrape of a fresh registry still shows each of them.
     #[test]
     fn every_metric_family_is_still_scraped() {
-        const FAMILIES: [(&str, &str); 26] = [
+        const FAMILIES: [(&str, &str); 27] = [
             ("requests", "counter"),
             ("request_duration_seconds", "histogram"),
             ("upstream_connect_duration_seconds", "histogram"),
@@ -728,6 +734,7 @@ mod tests {
             ("events", "counter"),
             ("events_outbox_pending", "gauge"),
             ("decisions", "counter"),
+            ("h2_abuse", "counter"),
         ];
         let s = Metrics::default().encode();
         let types: Vec<&str> = s

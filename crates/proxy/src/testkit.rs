@@ -120,6 +120,7 @@ impl Kit {
             events: crate::events::Events::off(portcullis_events::Source::new(
                 "portcullis://testkit",
             )),
+            abusers: Default::default(),
         });
         let snap = shared.snapshot.load_full();
         let rules = config.listeners.first().map(Rules::new).unwrap_or_default();

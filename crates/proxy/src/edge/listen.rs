@@ -4,6 +4,7 @@
 //! keeps its socket and picks up new settings; added listeners are bound and removed ones
 //! closed, without touching the others.
 
+use crate::edge::abuse::{self, Admit};
 use crate::edge::conn::ConnInfo;
 use crate::edge::passthrough::delegate_async_write;
 use crate::edge::ready::ReadReady;
@@ -269,6 +270,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             gauge.inc();
             let _g = GaugeGuard(gauge);
+            if !paced(&shared, peer.ip()).await {
+                return;
+            }
             serve(tcp, peer, name, s, shared, watch).await;
         });
     }
@@ -279,6 +283,25 @@ async fn accept_loop(
             tracing::warn!(listener = %name, "grace period over; closing remaining connections");
         }
     }
+}
+
+/// Whether a new connection from `ip` may be served, after waiting its turn if its address
+/// abused HTTP/2 lately (see [`crate::edge::abuse`]).
+async fn paced(shared: &Shared, ip: std::net::IpAddr) -> bool {
+    let action = match shared.abusers.admit(ip, std::time::Instant::now()) {
+        Admit::Now => return true,
+        Admit::After(wait) => {
+            tokio::time::sleep(wait).await;
+            "paced"
+        }
+        Admit::Refuse => "refused",
+    };
+    shared
+        .metrics
+        .h2_abuse
+        .get_or_create(&vec![("action", action.into())])
+        .inc();
+    action == "paced"
 }
 
 struct GaugeGuard(Gauge);
@@ -459,6 +482,7 @@ async fn run_http<IO>(
 {
     let cfg = &s.cfg;
     let flags = conn.smuggle.clone();
+    let (ip, edge) = (conn.peer.ip(), shared.clone());
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
@@ -513,6 +537,13 @@ async fn run_http<IO>(
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
+        if abuse::is_abuse(e.as_ref()) {
+            edge.abusers.flag(ip, std::time::Instant::now());
+            edge.metrics
+                .h2_abuse
+                .get_or_create(&vec![("action", "closed".into())])
+                .inc();
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! and h2, guard against request smuggling and slow clients, and put each request target
 //! into its one canonical form before any phase reads it.
 
+pub mod abuse;
 pub mod canon;
 pub mod conn;
 pub mod listen;
