@@ -10,6 +10,9 @@
 //! byte of it; one that would wait more than [`MAX_WAIT`] is closed at once. Connections
 //! already open are not touched, and an address that behaves is never slowed.
 //!
+//! An IPv6 address counts by its /64, the block one host or one customer usually has, so an
+//! attacker cannot step around the pace by moving within it.
+//!
 //! Like HAProxy's glitch counters with a `tarpit`, this trades a little latency for the
 //! honest clients that share an abuser's address (behind one NAT) for most of the abuser's
 //! cost. Bounded: at most [`MAX_FLAGGED`] addresses; when full, expired ones are dropped,
@@ -52,9 +55,21 @@ struct Flag {
     next: Instant,
 }
 
+/// The address an abuser is known by: an IPv4 address, or an IPv6 address's /64.
+fn block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 impl Abusers {
     /// `ip`'s connection was closed for abuse at `now`.
     pub fn flag(&self, ip: IpAddr, now: Instant) {
+        let ip = block(ip);
         let mut m = self.flagged.lock();
         if m.len() >= MAX_FLAGGED && !m.contains_key(&ip) {
             m.retain(|_, f| f.until > now);
@@ -75,6 +90,7 @@ impl Abusers {
         if m.is_empty() {
             return Admit::Now;
         }
+        let ip = block(ip);
         let Some(f) = m.get_mut(&ip) else {
             return Admit::Now;
         };
@@ -149,6 +165,29 @@ mod tests {
         assert_eq!(a.admit(ip(1), later), Admit::After(PACE));
         assert_eq!(a.admit(ip(1), t0 + PENALTY), Admit::Now);
         assert!(a.is_empty(), "an expired flag is dropped");
+    }
+
+    #[test]
+    fn an_ipv6_abuser_is_known_by_its_64() {
+        let a = Abusers::default();
+        let t0 = Instant::now();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        a.flag(v6("2001:db8:1:2::7"), t0);
+        assert_eq!(a.admit(v6("2001:db8:1:2::7"), t0), Admit::Now);
+        assert_eq!(
+            a.admit(v6("2001:db8:1:2:ffff::1"), t0),
+            Admit::After(PACE),
+            "the same /64"
+        );
+        assert_eq!(
+            a.admit(v6("2001:db8:1:3::7"), t0),
+            Admit::Now,
+            "another /64"
+        );
+        // An IPv4-mapped address is its IPv4 address.
+        a.flag(ip(5), t0);
+        a.admit(ip(5), t0);
+        assert_eq!(a.admit(v6("::ffff:192.0.2.5"), t0), Admit::After(PACE));
     }
 
     #[test]
