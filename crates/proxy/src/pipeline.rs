@@ -67,10 +67,7 @@ async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
 
 #[cfg(test)]
 mod tests {
-    /// The size of the future an async fn returns, without calling it.
-    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::testkit::future_size;
 
     /// hyper moves the request's future when it starts it (into the connection's slot for
     /// HTTP/1, into a task of its own per HTTP/2 stream), and an HTTP/1 connection keeps

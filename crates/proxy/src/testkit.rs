@@ -26,6 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The size of the future a three-argument async fn returns, without calling it: for the
+/// tests that keep the request path's futures small.
+pub fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
 /// What [`Kit::new`] puts before the YAML it is given: one listener `web` (never bound), the
 /// access log in `access.log` and the audit trail in `audit/`, both in the kit's directory.
 pub const HEAD: &str = "listeners: [{ name: web, bind: \"127.0.0.1:0\" }]\n\

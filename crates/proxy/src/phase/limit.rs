@@ -1056,9 +1056,7 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
 }
 #[cfg(test)]
 mod future_size {
-    fn size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::testkit::future_size as size;
 
     /// Every request of a route with limits moves this future into a box: the Redis round
     /// trip, a tarpit's timer and a queue are boxed where they are awaited, so that a check
