@@ -572,7 +572,7 @@ type PlanRows<'a> = (&'a Arc<PlanRt>, Vec<(StoredKey, i64, u64)>);
 pub struct FleetUsage {
     store: portcullis_limits::RedisStore,
     handle: Handle,
-    pending: Mutex<Vec<UsageBatch>>,
+    pending: Mutex<std::collections::VecDeque<UsageBatch>>,
 }
 
 /// The most rows waiting for Redis; past it the oldest batches are dropped, and logged.
@@ -599,11 +599,11 @@ impl FleetUsage {
         pending.extend(UsageBatch::split(rows));
         let mut waiting: usize = pending.iter().map(|b| b.rows().len()).sum();
         while waiting > FLEET_PENDING_ROWS {
-            let b = pending.remove(0);
+            let Some(b) = pending.pop_front() else { break };
             waiting -= b.rows().len();
             tracing::error!(target: "portcullis::limits", rows = b.rows().len(), "daily usage waited too long for Redis and was dropped");
         }
-        while let Some(b) = pending.first() {
+        while let Some(b) = pending.front() {
             let sent = self.handle.block_on(self.store.add_usage(b));
             if let Err(e) = sent {
                 return Err(format!(
@@ -611,7 +611,7 @@ impl FleetUsage {
                     pending.len()
                 ));
             }
-            pending.remove(0);
+            pending.pop_front();
         }
         Ok(())
     }
