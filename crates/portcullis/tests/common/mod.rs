@@ -23,13 +23,25 @@ use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), never one this test binary has handed out
+/// before: tests that start several processes at once probe concurrently, and the kernel
+/// may hand a just-released port to the next probe. Two processes of one test given the
+/// same port would otherwise race for it, and the loser's readiness probe could be answered
+/// by the winner.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running `portcullis run` process. Killed on drop.
