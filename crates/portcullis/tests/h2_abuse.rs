@@ -899,7 +899,7 @@ async fn rapid_reset<D: Dial>() {
 
 /// Streams the proxy must reset itself, each for a protocol error (here a connection-specific
 /// header, which HTTP/2 forbids): the "MadeYouReset" class (CVE-2025-8671) of rapid reset,
-/// where the server, not the client, resets. After 1024 such resets the proxy closes the
+/// where the server, not the client, resets. After 200 such resets the proxy closes the
 /// connection with GOAWAY (ENHANCE_YOUR_CALM).
 async fn forced_resets<D: Dial>() {
     let _turn = TURN.lock().await;
@@ -936,8 +936,8 @@ async fn forced_resets<D: Dial>() {
         D::KIND
     );
     assert_eq!(end, (Some(ENHANCE_YOUR_CALM), End::Closed));
-    assert!((1000..=1100).contains(&sent), "{sent}");
-    assert!(reset <= 1024, "{:?}", raw.resets);
+    assert!((200..=300).contains(&sent), "{sent}");
+    assert!(reset <= 200, "{:?}", raw.resets);
     assert_eq!(origin.hits(), 0);
 
     let attacker = d.clone();
@@ -1105,7 +1105,8 @@ async fn hpack_bombs<D: Dial>() {
 
 /// SETTINGS flood (CVE-2019-9515): the proxy acknowledges each SETTINGS frame, and reads
 /// the next only once the last acknowledgement is written, so a client that never reads them
-/// soon cannot send more.
+/// soon cannot send more; one that reads them is closed past its control-frame budget
+/// (1,000 at once), and its address is paced.
 async fn settings_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
@@ -1130,16 +1131,28 @@ async fn settings_flood<D: Dial>() {
     );
     assert!(sent < 32 << 20 && grew < 16 << 20, "{sent} {grew}");
     let attacker = d.clone();
-    under_attack(&p, &d, "SETTINGS flood", move |until| {
+    let f = under_attack(&p, &d, "SETTINGS flood", move |until| {
         flood(attacker, vec![], until, move |_, out| {
             out.extend_from_slice(&batch)
         })
     })
     .await;
+    closed_and_paced(&f);
+}
+
+/// A flood of control frames whose answers the attacker reads: each connection is closed
+/// when it spends its budget, and the address's new connections are paced (one per 100 ms).
+fn closed_and_paced(f: &Figures) {
+    assert!(f.seen.closed_by_proxy >= 1, "closed past its budget: {f:?}");
+    assert!(
+        f.seen.connections <= 30,
+        "reconnections after abuse are paced: {f:?}"
+    );
 }
 
 /// PING flood (CVE-2019-9512): each PING wants an acknowledgement; the proxy keeps at most
-/// one pending, and a client that never reads them soon cannot send more.
+/// one pending, and a client that never reads them soon cannot send more; one that reads
+/// them is closed past its control-frame budget, and its address is paced.
 async fn ping_flood<D: Dial>() {
     let _turn = TURN.lock().await;
     let origin = origin().await;
@@ -1158,12 +1171,13 @@ async fn ping_flood<D: Dial>() {
     );
     assert!(sent < 32 << 20 && grew < 16 << 20, "{sent} {grew}");
     let attacker = d.clone();
-    under_attack(&p, &d, "PING flood", move |until| {
+    let f = under_attack(&p, &d, "PING flood", move |until| {
         flood(attacker, vec![], until, move |_, out| {
             out.extend_from_slice(&batch)
         })
     })
     .await;
+    closed_and_paced(&f);
 }
 
 /// Empty DATA frames on an open request body (CVE-2019-9518): they spend no flow control

@@ -6,6 +6,7 @@
 
 use crate::edge::abuse::{self, Admit};
 use crate::edge::conn::ConnInfo;
+use crate::edge::frame_budget::FrameBudget;
 use crate::edge::passthrough::delegate_async_write;
 use crate::edge::ready::ReadReady;
 use crate::Shared;
@@ -490,6 +491,8 @@ async fn run_http<IO>(
     });
     let h1 = cfg.protocols.contains(&Protocol::Http1);
     let h2 = cfg.protocols.contains(&Protocol::Http2);
+    // Set when an h2 connection is closed for its control frames (HTTP/1 needs none).
+    let mut flooded: Option<Arc<std::sync::atomic::AtomicBool>> = None;
     let ended = if h1 && (!h2 || spoken == Spoken::H1) {
         // Known HTTP/1 goes straight to hyper's HTTP/1 server: the auto builder would read
         // the first 24 bytes to detect the protocol, even when told it is HTTP/1.
@@ -512,13 +515,18 @@ async fn run_http<IO>(
             // Abuse limits, set here rather than left to h2's and hyper's defaults (the same
             // values today), so that a dependency update cannot loosen them unnoticed: a
             // connection whose client resets more than 20 streams before they are served
-            // (rapid reset, CVE-2023-44487), or makes the proxy reset more than 1024 of its
-            // streams for protocol errors, is closed with GOAWAY (ENHANCE_YOUR_CALM).
+            // (rapid reset, CVE-2023-44487), or makes the proxy reset more than 200 of its
+            // streams for protocol errors (CVE-2025-8671; h2's default is 1024, which let
+            // each attacking connection carry five times the work, and no honest client
+            // sends even one such stream), is closed with GOAWAY (ENHANCE_YOUR_CALM).
             // tests/h2_abuse.rs measures both.
             .max_pending_accept_reset_streams(20)
-            .max_local_error_reset_streams(1024)
+            .max_local_error_reset_streams(200)
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20));
+        // PING, SETTINGS, PRIORITY and WINDOW_UPDATE floods: a budget per connection
+        // (`frame_budget`; it looks at nothing on a connection that turns out HTTP/1).
+        let io = FrameBudget::new(io, flooded.insert(Arc::default()).clone());
         // Boxed, so that this rarer branch's larger state does not size every connection's
         // task (an idle HTTP/1 connection keeps its task for its whole life).
         if h2 && (!h1 || spoken == Spoken::H2) {
@@ -537,7 +545,9 @@ async fn run_http<IO>(
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
-        if abuse::is_abuse(e.as_ref()) {
+        if abuse::is_abuse(e.as_ref())
+            || flooded.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+        {
             edge.abusers.flag(ip, std::time::Instant::now());
             edge.metrics
                 .h2_abuse

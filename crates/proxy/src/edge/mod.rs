@@ -5,6 +5,7 @@
 pub mod abuse;
 pub mod canon;
 pub mod conn;
+pub mod frame_budget;
 pub mod listen;
 pub mod park;
 pub mod passthrough;
