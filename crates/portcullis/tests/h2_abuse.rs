@@ -1180,6 +1180,60 @@ async fn ping_flood<D: Dial>() {
     closed_and_paced(&f);
 }
 
+/// Clients that send many control frames for good reasons are never taken for flooders: one
+/// sizing its windows by PINGs as data arrives (hyper's adaptive window, as gRPC clients do),
+/// one with tiny windows that sends a WINDOW_UPDATE for every few KiB, both with a keep-alive
+/// PING every 10 ms, each making 2,000 requests, 50 at a time, and taking 4 bodies of 8 MiB,
+/// all on one connection.
+async fn honest_clients<D: Dial>() {
+    let _turn = TURN.lock().await;
+    let origin = origin().await;
+    let (p, d) = D::proxy(&origin.address()).await;
+    for adaptive in [true, false] {
+        let io = d.connect(false).await.unwrap();
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(10))
+            .keep_alive_while_idle(true);
+        if adaptive {
+            b.adaptive_window(true);
+        } else {
+            b.initial_stream_window_size(4096)
+                .initial_connection_window_size(8192);
+        }
+        let (send, conn) = b.handshake(TokioIo::new(io)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let fetch = |path: &'static str| {
+            let mut send = send.clone();
+            let url = d.url(path);
+            async move {
+                let req = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<usize, String>(body.to_bytes().len())
+            }
+        };
+        for _ in 0..40 {
+            let batch: Vec<_> = (0..50).map(|_| tokio::spawn(fetch("/ok"))).collect();
+            for r in batch {
+                assert_eq!(r.await.unwrap(), Ok(2), "adaptive window {adaptive}");
+            }
+        }
+        let bigs: Vec<_> = (0..4).map(|_| tokio::spawn(fetch("/big"))).collect();
+        for r in bigs {
+            assert_eq!(r.await.unwrap(), Ok(8 << 20), "adaptive window {adaptive}");
+        }
+        assert!(!conn.is_finished(), "the connection is still open");
+        conn.abort();
+    }
+    let (_, m) = p.admin(reqwest::Method::GET, "/metrics", None).await;
+    assert!(!m.contains("portcullis_h2_abuse_total{"), "{m}");
+}
+
 /// Empty DATA frames on an open request body (CVE-2019-9518): they spend no flow control
 /// window, so only a count stops them. The proxy closes the connection after a budget of
 /// them, and no empty chunk (which would end an HTTP/1.1 chunked body early) reaches the
@@ -1788,6 +1842,7 @@ plain_and_tls! {
     hpack_bombs_and_table_size_abuse_are_refused => hpack_bombs,
     settings_flood_leaves_normal_clients_served => settings_flood,
     ping_flood_leaves_normal_clients_served => ping_flood,
+    honest_clients_stay_within_the_control_frame_budget => honest_clients,
     empty_data_flood_leaves_normal_clients_served => empty_data_flood,
     zero_window_readers_hold_no_response_bodies => zero_window,
     streams_over_the_limit_are_refused => stream_exhaustion,

@@ -7,23 +7,24 @@
 //! (CVE-2019-9512, CVE-2019-9515, and the PRIORITY loop of CVE-2019-9513), each frame costing
 //! the proxy a read, a parse and usually a write, and nothing in h2 counts them. Measured
 //! with a release build, such a flood on one connection left other clients 38–72 % of their
-//! rate. nginx closes such a connection ("http2 flood detected") and HAProxy counts such
-//! frames as glitches; this is the same idea:
+//! rate. nginx closes such a connection ("http2 flood detected"), HAProxy counts such frames
+//! as glitches, and gRPC servers count a PING as a strike only when they have sent no data
+//! since the last one. This budget is of the same kind:
 //!
-//! - every connection starts with [`BURST`] frames of budget, and earns [`PER_SECOND`] more
-//!   a second, up to [`BURST`], so keep-alive PINGs and a client's opening SETTINGS and
-//!   WINDOW_UPDATEs never come near it;
-//! - each request (a HEADERS frame) earns one more, for the PRIORITY frames some browsers
-//!   send with their requests;
-//! - each KiB the proxy writes earns one more, for the WINDOW_UPDATEs that a client sends
-//!   as it takes response bodies (clients send one per several KiB); the answers to PINGs
-//!   and SETTINGS, 17 and 9 bytes, earn a flooder almost nothing.
+//! - every connection starts with [`BURST`] frames, and earns [`PER_SECOND`] more a second,
+//!   up to [`BURST`], so keep-alive PINGs and a client's opening SETTINGS never come near it;
+//! - each request (a HEADERS frame from the client) earns one more, for the PRIORITY frames
+//!   some browsers send with their requests;
+//! - each HEADERS or DATA frame the proxy sends earns [`PER_FRAME_SENT`]: the WINDOW_UPDATEs
+//!   (stream and connection) a client may send as it takes a response body, and the PING
+//!   that gRPC clients send as data arrives to size their windows, even after every frame.
+//!   The answers to PINGs and SETTINGS earn nothing.
 //!
-//! The layer reads frame headers only (9 bytes each, skipping payloads) as the bytes pass
-//! to h2, and turns itself off for a connection that does not open with the h2 preface. It
-//! is hand-written because it only watches: h2's own codec is private, and a second full
-//! decoder would cost more than the frames it guards against. The clock is read only when
-//! the budget runs out.
+//! The layer reads frame headers only (9 bytes each, payloads skipped), in both directions,
+//! as the bytes pass between the client and h2, and turns itself off for a connection that
+//! does not open with the h2 preface. It is hand-written because it only watches: h2's own
+//! codec is private, and a second full decoder would cost more than the frames it guards
+//! against. The clock is read only when the budget runs out.
 
 use crate::edge::passthrough::delegate_async_write;
 use std::io;
@@ -38,10 +39,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const BURST: u32 = 1000;
 /// Control frames a connection earns a second, up to [`BURST`].
 pub const PER_SECOND: u32 = 100;
-/// Bytes the proxy writes to the client that earn one control frame.
-const WRITTEN_PER_FRAME: u64 = 1024;
+/// Control frames each HEADERS or DATA frame the proxy sends earns.
+pub const PER_FRAME_SENT: u32 = 3;
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const SETTINGS: u8 = 0x4;
@@ -50,12 +52,12 @@ const WINDOW_UPDATE: u8 = 0x8;
 /// The last frame type RFC 9113 defines; types past it are extensions, ignored by h2.
 const CONTINUATION: u8 = 0x9;
 
-/// Where the reader is in the client's byte stream.
+/// Where a reader is in one direction's byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
-    /// This many bytes of the preface seen so far.
+    /// This many bytes of the client preface seen so far.
     Preface(u8),
-    /// This many bytes of a frame header seen so far (kept in `head`).
+    /// This many bytes of a frame header seen so far (kept in `Frames::head`).
     Head(u8),
     /// This many payload bytes left to skip.
     Payload(u32),
@@ -63,79 +65,22 @@ enum Scan {
     Off,
 }
 
-/// The frames counted, and what is left of the budget.
+/// The frame boundaries of one direction of an h2 connection.
 #[derive(Debug)]
-struct Budget {
-    tokens: u32,
-    /// When the tokens were last topped up by time.
-    refilled: Instant,
-    /// Bytes written that have not earned a frame yet.
-    written: u64,
-}
-
-impl Budget {
-    fn new(now: Instant) -> Self {
-        Budget {
-            tokens: BURST,
-            refilled: now,
-            written: 0,
-        }
-    }
-
-    fn earn(&mut self, n: u32) {
-        self.tokens = self.tokens.saturating_add(n).min(BURST);
-    }
-
-    /// One control frame: false when the budget is spent, even after what time earned.
-    fn spend(&mut self, now: impl FnOnce() -> Instant) -> bool {
-        if self.tokens == 0 {
-            let now = now();
-            let earned =
-                now.saturating_duration_since(self.refilled).as_secs_f64() * f64::from(PER_SECOND);
-            if earned < 1.0 {
-                return false;
-            }
-            self.earn(earned.min(f64::from(BURST)) as u32);
-            self.refilled = now;
-        }
-        self.tokens -= 1;
-        true
-    }
-
-    fn wrote(&mut self, n: usize) {
-        self.written += n as u64;
-        if self.written >= WRITTEN_PER_FRAME {
-            let frames = self.written / WRITTEN_PER_FRAME;
-            self.written %= WRITTEN_PER_FRAME;
-            self.earn(frames.min(u64::from(BURST)) as u32);
-        }
-    }
-}
-
-/// The client connection with its control-frame budget. `flooded` is set when the budget
-/// ran out and the connection was closed for it.
-pub struct FrameBudget<T> {
-    inner: T,
+struct Frames {
     scan: Scan,
     head: [u8; 9],
-    budget: Budget,
-    flooded: Arc<AtomicBool>,
 }
 
-impl<T> FrameBudget<T> {
-    pub fn new(inner: T, flooded: Arc<AtomicBool>) -> Self {
-        FrameBudget {
-            inner,
-            scan: Scan::Preface(0),
-            head: [0; 9],
-            budget: Budget::new(Instant::now()),
-            flooded,
-        }
+impl Frames {
+    fn new(scan: Scan) -> Self {
+        Frames { scan, head: [0; 9] }
     }
 
-    /// Follows the frames in `bytes`, the next bytes the client sent: false when a control
-    /// frame among them is over the budget.
-    fn follow(&mut self, mut bytes: &[u8]) -> bool {
+    /// Follows the frames in `bytes`, the next bytes of the stream, calling `frame` with the
+    /// type of each frame as its header completes: false as soon as `frame` returns false
+    /// (and the reader is off from then on).
+    fn follow(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8) -> bool) -> bool {
         while !bytes.is_empty() {
             match self.scan {
                 Scan::Off => return true,
@@ -162,7 +107,7 @@ impl<T> FrameBudget<T> {
                         self.scan = Scan::Head((have + n) as u8);
                         continue;
                     }
-                    if !self.frame(self.head[3]) {
+                    if !frame(self.head[3]) {
                         self.scan = Scan::Off;
                         return false;
                     }
@@ -185,17 +130,113 @@ impl<T> FrameBudget<T> {
         }
         true
     }
+}
 
-    /// A frame of type `ty` has begun: false when it is a control frame over the budget.
-    fn frame(&mut self, ty: u8) -> bool {
+/// What is left of a connection's budget.
+#[derive(Debug)]
+struct Budget {
+    tokens: u32,
+    /// When the tokens were last topped up by time.
+    refilled: Instant,
+}
+
+impl Budget {
+    fn new(now: Instant) -> Self {
+        Budget {
+            tokens: BURST,
+            refilled: now,
+        }
+    }
+
+    fn earn(&mut self, n: u32) {
+        self.tokens = self.tokens.saturating_add(n).min(BURST);
+    }
+
+    /// One control frame: false when the budget is spent, even after what time earned.
+    fn spend(&mut self, now: impl FnOnce() -> Instant) -> bool {
+        if self.tokens == 0 {
+            let now = now();
+            let earned =
+                now.saturating_duration_since(self.refilled).as_secs_f64() * f64::from(PER_SECOND);
+            if earned < 1.0 {
+                return false;
+            }
+            self.earn(earned.min(f64::from(BURST)) as u32);
+            self.refilled = now;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// A frame of type `ty` from the client has begun: false when it is a control frame over
+    /// the budget.
+    fn received(&mut self, ty: u8) -> bool {
         match ty {
             HEADERS => {
-                self.budget.earn(1);
+                self.earn(1);
                 true
             }
-            PRIORITY | SETTINGS | PING | WINDOW_UPDATE => self.budget.spend(Instant::now),
-            t if t > CONTINUATION => self.budget.spend(Instant::now),
+            PRIORITY | SETTINGS | PING | WINDOW_UPDATE => self.spend(Instant::now),
+            t if t > CONTINUATION => self.spend(Instant::now),
             _ => true,
+        }
+    }
+
+    /// A frame of type `ty` to the client has begun.
+    fn sent(&mut self, ty: u8) -> bool {
+        if ty == DATA || ty == HEADERS {
+            self.earn(PER_FRAME_SENT);
+        }
+        true
+    }
+}
+
+/// The client connection with its control-frame budget. `flooded` is set when the budget
+/// ran out and the connection was closed for it.
+pub struct FrameBudget<T> {
+    inner: T,
+    from_client: Frames,
+    to_client: Frames,
+    budget: Budget,
+    flooded: Arc<AtomicBool>,
+}
+
+impl<T> FrameBudget<T> {
+    pub fn new(inner: T, flooded: Arc<AtomicBool>) -> Self {
+        FrameBudget {
+            inner,
+            from_client: Frames::new(Scan::Preface(0)),
+            to_client: Frames::new(Scan::Head(0)),
+            budget: Budget::new(Instant::now()),
+            flooded,
+        }
+    }
+
+    /// Follows the frames in `bytes`, the next bytes the client sent: false when a control
+    /// frame among them is over the budget.
+    fn follow(&mut self, bytes: &[u8]) -> bool {
+        let budget = &mut self.budget;
+        let ok = self.from_client.follow(bytes, |ty| budget.received(ty));
+        if self.from_client.scan == Scan::Off {
+            // Not h2 (or closed for its frames): the other direction need not be read.
+            self.to_client.scan = Scan::Off;
+        }
+        ok
+    }
+
+    /// Follows the frames in the first `n` bytes of `bufs`, written to the client.
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        if self.to_client.scan == Scan::Off {
+            return;
+        }
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let take = n.min(b.len());
+            let budget = &mut self.budget;
+            self.to_client.follow(&b[..take], |ty| budget.sent(ty));
+            n -= take;
         }
     }
 
@@ -205,13 +246,6 @@ impl<T> FrameBudget<T> {
             io::ErrorKind::ConnectionAborted,
             "HTTP/2 control frames over the connection's budget",
         )
-    }
-
-    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(Ok(n)) = &r {
-            self.budget.wrote(*n);
-        }
-        r
     }
 }
 
@@ -224,7 +258,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameBudget<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            if self.scan != Scan::Off && !self.follow(&buf.filled()[before..]) {
+            if self.from_client.scan != Scan::Off && !self.follow(&buf.filled()[before..]) {
                 return Poll::Ready(Err(self.over_budget()));
             }
         }
@@ -239,7 +273,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameBudget<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(r)
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(&[io::IoSlice::new(buf)], n);
+        }
+        r
     }
 
     fn poll_write_vectored(
@@ -248,7 +285,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameBudget<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(r)
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(bufs, n);
+        }
+        r
     }
 
     delegate_async_write!(inner: is_write_vectored, poll_flush, poll_shutdown);
@@ -275,39 +315,52 @@ mod tests {
     }
 
     /// A layer whose budget time does not refill while the test runs, however slowly.
-    fn layer() -> (FrameBudget<()>, Arc<AtomicBool>) {
-        let flooded = Arc::new(AtomicBool::new(false));
-        let mut l = FrameBudget::new((), flooded.clone());
+    fn layer() -> FrameBudget<()> {
+        let mut l = FrameBudget::new((), Arc::default());
         l.budget.refilled += Duration::from_secs(3600);
-        (l, flooded)
+        l
     }
 
-    /// Feeds `bytes` in pieces of `step`: whether every piece passed.
+    /// Feeds `bytes` from the client in pieces of `step`: whether every piece passed.
     fn feed(l: &mut FrameBudget<()>, bytes: &[u8], step: usize) -> bool {
         bytes.chunks(step).all(|c| l.follow(c))
+    }
+
+    /// `bytes` written to the client in pieces of `step`, some of them vectored.
+    fn send(l: &mut FrameBudget<()>, bytes: &[u8], step: usize) {
+        for c in bytes.chunks(step) {
+            let (a, b) = c.split_at(c.len() / 2);
+            l.wrote(&[io::IoSlice::new(a), io::IoSlice::new(b)], c.len());
+        }
+    }
+
+    fn opened() -> Vec<u8> {
+        let mut bytes = PREFACE.to_vec();
+        frame(&mut bytes, SETTINGS, &[0, 3, 0, 0, 0, 100]);
+        bytes
     }
 
     #[test]
     fn a_flood_of_pings_is_over_budget_after_the_burst_however_it_is_cut() {
         for step in [1, 7, 9, 17, 4096] {
-            let (mut l, _) = layer();
-            let mut bytes = PREFACE.to_vec();
-            frame(&mut bytes, SETTINGS, &[0, 3, 0, 0, 0, 100]);
+            let mut l = layer();
+            let mut bytes = opened();
             bytes.extend(pings(BURST as usize - 1));
             assert!(feed(&mut l, &bytes, step), "step {step}");
             assert!(!feed(&mut l, &pings(1), step), "step {step}");
-            assert_eq!(l.scan, Scan::Off);
+            assert_eq!(l.from_client.scan, Scan::Off);
+            assert_eq!(l.to_client.scan, Scan::Off);
         }
     }
 
     #[test]
-    fn settings_priority_window_updates_and_unknown_frames_count_data_does_not() {
+    fn settings_priority_window_updates_and_unknown_frames_count_data_and_resets_do_not() {
         for ty in [SETTINGS, PRIORITY, WINDOW_UPDATE, 0x0b, 0xff] {
-            let (mut l, _) = layer();
+            let mut l = layer();
             let mut bytes = PREFACE.to_vec();
             for _ in 0..BURST {
                 frame(&mut bytes, ty, &[0; 5]);
-                frame(&mut bytes, 0x0, &[b'x'; 100]);
+                frame(&mut bytes, DATA, &[b'x'; 100]);
                 frame(&mut bytes, 0x3, &[0; 4]);
             }
             assert!(feed(&mut l, &bytes, 512));
@@ -318,23 +371,51 @@ mod tests {
     }
 
     #[test]
-    fn requests_and_bytes_written_earn_frames() {
-        let (mut l, _) = layer();
-        let mut bytes = PREFACE.to_vec();
-        bytes.extend(pings(BURST as usize));
+    fn requests_and_the_frames_the_proxy_sends_earn_control_frames() {
+        let mut l = layer();
+        let mut bytes = opened();
+        bytes.extend(pings(BURST as usize - 1));
         assert!(feed(&mut l, &bytes, 100));
         let mut req = Vec::new();
         frame(&mut req, HEADERS, &[0x82]);
         assert!(feed(&mut l, &req, 100));
         assert!(feed(&mut l, &pings(1), 100), "a request earned one");
-        l.budget.wrote(3 * 1024 + 1000);
-        assert!(feed(&mut l, &pings(3), 100), "3 KiB written earned three");
-        // The answers to PINGs, 17 bytes each, earn one frame per 60 or so.
-        for _ in 0..59 {
-            l.budget.wrote(17);
+        // The proxy's SETTINGS, a response's HEADERS and two DATA frames of 16 KiB, cut
+        // anywhere: nine control frames (three per frame sent), and its PING answers nothing.
+        let mut out = Vec::new();
+        frame(&mut out, SETTINGS, &[0, 4, 0, 1, 0, 0]);
+        frame(&mut out, HEADERS, &[0x88]);
+        frame(&mut out, DATA, &[b'x'; 16384]);
+        frame(&mut out, DATA, &[b'x'; 16384]);
+        for _ in 0..50 {
+            frame(&mut out, PING, &[0; 8]);
         }
-        assert!(feed(&mut l, &pings(1), 100));
+        send(&mut l, &out, 1000);
+        assert_eq!(l.budget.tokens, 3 * PER_FRAME_SENT);
+        assert!(feed(&mut l, &pings(9), 100));
         assert!(!feed(&mut l, &pings(1), 100));
+    }
+
+    #[test]
+    fn a_grpc_client_pinging_after_each_message_stays_within_it() {
+        // grpc-go sends a PING as data arrives to size its window, and WINDOW_UPDATEs as it
+        // reads: at worst all three after every small message, for long after the burst is
+        // spent.
+        let mut l = layer();
+        assert!(feed(&mut l, &opened(), 64));
+        let mut out = Vec::new();
+        frame(&mut out, HEADERS, &[0x88]);
+        send(&mut l, &out, 64);
+        for _ in 0..100_000 {
+            let mut msg = Vec::new();
+            frame(&mut msg, DATA, &[0; 40]);
+            send(&mut l, &msg, 64);
+            let mut back = Vec::new();
+            frame(&mut back, PING, &[0; 8]);
+            frame(&mut back, WINDOW_UPDATE, &[0, 0, 0, 40]);
+            frame(&mut back, WINDOW_UPDATE, &[0, 0, 0, 40]);
+            assert!(feed(&mut l, &back, 64));
+        }
     }
 
     #[test]
@@ -355,7 +436,7 @@ mod tests {
 
     #[test]
     fn keep_alive_pings_for_a_day_stay_within_it() {
-        // A PING every second (gRPC's most eager keep-alive), a SETTINGS now and then.
+        // A PING every second, more often than any client's keep-alive.
         let t0 = Instant::now();
         let mut b = Budget::new(t0);
         for s in 0..86_400u64 {
@@ -364,37 +445,39 @@ mod tests {
     }
 
     #[test]
-    fn not_h2_is_not_looked_at() {
-        let (mut l, _) = layer();
+    fn not_h2_is_not_looked_at_in_either_direction() {
+        let mut l = layer();
         assert!(l.follow(b"GET / HTTP/1.1\r\n"));
-        assert_eq!(l.scan, Scan::Off);
-        let (mut l, _) = layer();
+        assert_eq!(l.from_client.scan, Scan::Off);
+        assert_eq!(l.to_client.scan, Scan::Off);
+        send(&mut l, b"HTTP/1.1 200 OK\r\n\r\n", 4);
+        assert_eq!(l.budget.tokens, BURST);
+        let mut l = layer();
         assert!(l.follow(b"PRI * HTTP/2.0\r\n"));
-        assert_eq!(l.scan, Scan::Preface(16));
+        assert_eq!(l.from_client.scan, Scan::Preface(16));
         assert!(l.follow(b"\r\nXX"));
-        assert_eq!(l.scan, Scan::Off);
+        assert_eq!(l.from_client.scan, Scan::Off);
     }
 
     #[test]
     fn a_frame_with_an_empty_payload_ends_at_its_header() {
-        let (mut l, _) = layer();
+        let mut l = layer();
         let mut bytes = PREFACE.to_vec();
         frame(&mut bytes, SETTINGS, &[]);
         assert!(l.follow(&bytes));
-        assert_eq!(l.scan, Scan::Head(0));
+        assert_eq!(l.from_client.scan, Scan::Head(0));
         assert_eq!(l.budget.tokens, BURST - 1);
     }
 
     #[tokio::test]
     async fn over_budget_the_read_fails_and_says_so() {
-        let (client, server) = tokio::io::duplex(1 << 20);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
         let flooded = Arc::new(AtomicBool::new(false));
         let mut l = FrameBudget::new(server, flooded.clone());
         l.budget.refilled += Duration::from_secs(3600);
-        let mut c = client;
-        let mut bytes = PREFACE.to_vec();
-        bytes.extend(pings(BURST as usize + 1));
-        c.write_all(&bytes).await.unwrap();
+        let mut bytes = opened();
+        bytes.extend(pings(BURST as usize));
+        client.write_all(&bytes).await.unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut err = None;
         for _ in 0..100 {
@@ -412,8 +495,10 @@ mod tests {
             Some(io::ErrorKind::ConnectionAborted)
         );
         assert!(flooded.load(Ordering::Relaxed));
-        // What the proxy writes passes through and earns budget.
-        l.write_all(&[0u8; 2048]).await.unwrap();
-        assert_eq!(l.budget.written, 0);
+        // What the proxy writes still passes through.
+        l.write_all(b"bye").await.unwrap();
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"bye");
     }
 }
