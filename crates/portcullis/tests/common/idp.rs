@@ -76,7 +76,14 @@ impl Idp {
         };
         let mut child = Command::new(node)
             .arg(idp_dir().join("server.mjs"))
-            .args(["--port", "0", "--control-port", "0"])
+            // Its own port from `free_port`, not the kernel's: the Provider is stopped and
+            // resumed on it, and meanwhile no outgoing connection may take it.
+            .args([
+                "--port",
+                &super::free_port().to_string(),
+                "--control-port",
+                "0",
+            ])
             .env("IDP_CLIENT_ID", CLIENT_ID)
             .env("IDP_CLIENT_SECRET", CLIENT_SECRET)
             .env("IDP_REDIRECT_URIS", TEST_RP_CALLBACK)
