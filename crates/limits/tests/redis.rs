@@ -6,7 +6,7 @@ use portcullis_limits::redis::{
 };
 use portcullis_limits::{Gcra, GcraState, Key, Moment, Rate, Table, TableSpec};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,13 +33,9 @@ fn redis_server_binary() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../tests/ports.rs"]
+mod ports;
+use ports::free_port;
 
 fn answers_ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {

@@ -258,11 +258,7 @@ where
     }
 }
 
-/// A loopback port nothing listens on (just now).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../../tests/ports.rs"]
+mod ports;
+#[allow(unused_imports)] // not every test file that includes this module uses it
+pub use ports::free_port;

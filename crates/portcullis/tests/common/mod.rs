@@ -23,51 +23,10 @@ use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-/// A free loopback port for a server a test starts, never one this test binary has handed
-/// out before, and outside the kernel's ephemeral range where it can.
-///
-/// Tests start several processes at once, and stop and restart servers (an OpenID
-/// Provider, Redis) on the port they had. A port from `bind(0)` is an ephemeral one, the same
-/// range the kernel takes the local ports of outgoing connections from: between the probe
-/// and the server's bind, or while a server is stopped, any client connection of the test
-/// could take it, or another probe be handed it again, and the server then fails to bind
-/// (or a readiness probe is answered by another process). So the port is chosen at random
-/// below the ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where neither
-/// happens, and checked free by binding it.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let (low, high) = outside_ephemeral();
-    for attempt in 0.. {
-        let port = if high > low && attempt < 1000 {
-            use std::hash::{BuildHasher, Hasher};
-            let r = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish();
-            low + (r % u64::from(high - low)) as u16
-        } else {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.push(port);
-            return port;
-        }
-    }
-    unreachable!()
-}
-
-/// A range of ports below the kernel's ephemeral range (empty when there is no room).
-fn outside_ephemeral() -> (u16, u16) {
-    let lo: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    (10_000, lo.saturating_sub(1).max(10_000))
-}
+#[path = "../../../../tests/ports.rs"]
+mod ports;
+#[allow(unused_imports)] // not every test file that includes this module uses it
+pub use ports::free_port;
 
 /// A running `portcullis run` process. Killed on drop.
 pub struct Proxy {
