@@ -419,6 +419,48 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_cut_anywhere_read_as_they_do_in_one_piece() {
+        // Hostile or broken streams (random frame headers, lengths up to 16 MiB, cut at
+        // random points): no panic, and the same verdict and state as read whole.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..500 {
+            let mut bytes = if case % 5 == 0 {
+                Vec::new()
+            } else {
+                PREFACE.to_vec()
+            };
+            let n = (next() % 3000) as usize;
+            bytes.extend((0..n).map(|_| {
+                let r = next();
+                // Mostly small values, so that lengths end inside the stream.
+                if r % 3 == 0 {
+                    (r >> 8) as u8
+                } else {
+                    (r >> 8) as u8 % 4
+                }
+            }));
+            let (mut whole, mut cut) = (layer(), layer());
+            let verdict = whole.follow(&bytes);
+            let mut rest = &bytes[..];
+            let mut pieces = true;
+            while !rest.is_empty() {
+                let k = 1 + (next() as usize % 64).min(rest.len() - 1);
+                pieces &= cut.follow(&rest[..k]);
+                rest = &rest[k..];
+            }
+            assert_eq!(verdict, pieces, "case {case}");
+            assert_eq!(whole.from_client.scan, cut.from_client.scan, "case {case}");
+            assert_eq!(whole.budget.tokens, cut.budget.tokens, "case {case}");
+        }
+    }
+
+    #[test]
     fn time_refills_the_budget_up_to_the_burst() {
         let t0 = Instant::now();
         let mut b = Budget::new(t0);
