@@ -92,6 +92,25 @@ impl Kind {
     }
 }
 
+/// A set of [`Kind`]s: which counters a reader needs, so that a table computes only those
+/// (a rate is a few divisions; a route's rules usually read one counter of several).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kinds(u16);
+
+impl Kinds {
+    pub const NONE: Kinds = Kinds(0);
+    pub const ALL: Kinds = Kinds((1 << Kind::ALL.len()) - 1);
+
+    /// This set and `kind`.
+    pub const fn with(self, kind: Kind) -> Kinds {
+        Kinds(self.0 | 1 << kind as u16)
+    }
+
+    pub const fn has(self, kind: Kind) -> bool {
+        self.0 & (1 << kind as u16) != 0
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

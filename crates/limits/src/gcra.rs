@@ -119,7 +119,12 @@ impl Gcra {
 
     /// Ticks to a duration, rounding up.
     fn duration(&self, ticks: u128) -> Duration {
-        let ns = ticks.div_ceil(u128::from(self.ticks_per_ns));
+        let ns = match u64::try_from(ticks) {
+            // A 64-bit division when it fits (every wait under about 18 s at 1 tick a
+            // nanosecond): the 128-bit one is a library call on every check.
+            Ok(t) => u128::from(t.div_ceil(self.ticks_per_ns)),
+            Err(_) => ticks.div_ceil(u128::from(self.ticks_per_ns)),
+        };
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
@@ -132,7 +137,13 @@ impl Gcra {
         let start = state.tat.max(now);
         let used = start - now;
         let tat = start.saturating_add(u128::from(cost) * interval);
-        let remaining_after = |used: u128| (capacity.saturating_sub(used) / interval) as u64;
+        let remaining_after = |used: u128| {
+            let left = capacity.saturating_sub(used);
+            match u64::try_from(left) {
+                Ok(l) => l / self.interval,
+                Err(_) => (left / interval) as u64,
+            }
+        };
 
         if tat - now <= capacity {
             state.tat = tat;

@@ -13,7 +13,10 @@
 //!   with the same bytes, and [`Key::is_hashed`] tells them apart for display.
 //!
 //! Make the `Key` once per request and pass it to every table call: the SHA-256 of a long
-//! value is computed once, not per call.
+//! value is computed once, not per call, and so is the key's hash. A `Key` carries a 64-bit
+//! hash of its bytes, seeded at random once per process (so a client cannot choose keys that
+//! collide), and hashes as that one word: the tables, buckets and daily counts a request
+//! touches each find their entry without reading the key's bytes again.
 //!
 //! ```
 //! use portcullis_limits::Key;
@@ -28,19 +31,30 @@
 //! ```
 
 use sha2::{Digest, Sha256};
+use std::cmp::Ordering;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 /// Keys up to this many bytes are stored inside the `Key` itself.
 pub const INLINE_LEN: usize = 22;
 /// Keys longer than this are replaced by a SHA-256 prefix of [`INLINE_LEN`] bytes.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// A bounded stick-table key. See the [module docs](self).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Repr);
+/// The seed of every key's hash: random, once per process.
+static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
 
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A bounded stick-table key. See the [module docs](self).
+///
+/// Equal keys have equal hashes, so comparing the hash first only skips unequal keys early.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key {
+    hash: u64,
+    repr: Repr,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Repr {
     /// `len` bytes at the front of the buffer; the rest are zero.
     Inline { len: u8, buf: [u8; INLINE_LEN] },
@@ -55,29 +69,42 @@ impl Key {
         if bytes.len() <= INLINE_LEN {
             let mut buf = [0; INLINE_LEN];
             buf[..bytes.len()].copy_from_slice(bytes);
-            Key(Repr::Inline {
+            Key::of(Repr::Inline {
                 len: bytes.len() as u8,
                 buf,
             })
         } else if bytes.len() <= MAX_KEY_LEN {
-            Key(Repr::Heap(bytes.into()))
+            Key::of(Repr::Heap(bytes.into()))
         } else {
             let digest = Sha256::digest(bytes);
             let mut buf = [0; INLINE_LEN];
             buf.copy_from_slice(&digest[..INLINE_LEN]);
-            Key(Repr::Hashed(buf))
+            Key::of(Repr::Hashed(buf))
         }
+    }
+
+    /// The key of `repr`, with its hash. A hashed key and a literal key of the same bytes
+    /// hash alike, and differ when compared.
+    fn of(repr: Repr) -> Key {
+        let mut k = Key { hash: 0, repr };
+        k.hash = SEED.hash_one(k.as_bytes());
+        k
     }
 
     /// The hashed key whose stored digest prefix is `digest` (as [`Key::as_bytes`] gives
     /// it for a hashed key): for reading keys back from a store.
     pub fn from_digest(digest: [u8; INLINE_LEN]) -> Key {
-        Key(Repr::Hashed(digest))
+        Key::of(Repr::Hashed(digest))
+    }
+
+    /// The key's hash: of its stored bytes, under this process's random seed.
+    pub fn hash64(&self) -> u64 {
+        self.hash
     }
 
     /// The stored bytes: the key itself, or for a hashed key the digest prefix.
     pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
+        match &self.repr {
             Repr::Inline { len, buf } => &buf[..usize::from(*len)],
             Repr::Heap(b) => b,
             Repr::Hashed(d) => d,
@@ -86,15 +113,35 @@ impl Key {
 
     /// Whether the key was longer than [`MAX_KEY_LEN`] and is stored as a digest.
     pub fn is_hashed(&self) -> bool {
-        matches!(self.0, Repr::Hashed(_))
+        matches!(self.repr, Repr::Hashed(_))
     }
 
     /// Bytes this key holds on the heap (0 for inline and hashed keys), for memory accounting.
     pub fn heap_bytes(&self) -> usize {
-        match &self.0 {
+        match &self.repr {
             Repr::Heap(b) => b.len(),
             _ => 0,
         }
+    }
+}
+
+/// The key's hash alone: one word for the hasher of whatever map holds it.
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// By the stored bytes (literal keys before hashed ones of the same bytes), not by hash.
+impl Ord for Key {
+    fn cmp(&self, other: &Key) -> Ordering {
+        self.repr.cmp(&other.repr)
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -151,8 +198,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_is_24_bytes() {
-        assert_eq!(std::mem::size_of::<Key>(), 24);
+    fn a_key_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Key>(), 32);
+    }
+
+    #[test]
+    fn equal_keys_hash_alike_and_keys_order_by_their_bytes() {
+        let (a, b) = (Key::from("alice"), Key::from("bob"));
+        assert_eq!(a.hash64(), Key::from("alice").hash64());
+        assert_ne!(a.hash64(), b.hash64());
+        // Inline keys order by length, then bytes, whatever their hashes.
+        assert!(b < a && a < Key::from("bobby") && Key::from("") < b);
+        let long = Key::new(&[b'x'; MAX_KEY_LEN + 1]);
+        let literal = Key::new(long.as_bytes());
+        // Same bytes, same hash; still two keys.
+        assert_eq!(long.hash64(), literal.hash64());
+        assert_ne!(long, literal);
+        assert_eq!(
+            Key::from_digest(literal.as_bytes().try_into().unwrap()),
+            long
+        );
     }
 
     #[test]

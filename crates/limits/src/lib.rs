@@ -54,7 +54,7 @@ pub mod window;
 pub use self::redis::{RedisConfig, RedisStore, StoreError};
 pub use buckets::Buckets;
 pub use clock::{Clock, ManualClock, Moment, MonotonicClock};
-pub use counter::{Counter, Kind};
+pub use counter::{Counter, Kind, Kinds};
 pub use gcra::{Bucket, Gcra, GcraState, Verdict};
 pub use key::Key;
 pub use quota::{DailyUsage, Per, QuotaSpec, QuotaVerdict, Quotas, ResetAt, StoredKey};

@@ -657,7 +657,8 @@ impl<'a> KeyRef<'a> {
 
     fn hash(self, hasher: &Hasher) -> u64 {
         match self {
-            KeyRef::Literal(k) => hasher.hash_one((false, k.as_bytes())),
+            // The key's own hash, made once with the key.
+            KeyRef::Literal(k) => hasher.hash_one(k.hash64()),
             KeyRef::Hashed(d) => hasher.hash_one((true, &d[..])),
         }
     }

@@ -51,7 +51,7 @@
 //!
 //! | part | bytes |
 //! |---|---|
-//! | node: key (24: inline up to 22 bytes), last use (8), LRU links (8) | 40 |
+//! | node: key (32: inline up to 22 bytes, and its hash), last use (8), LRU links (8) | 48 |
 //! | index: an 8-byte slot, at most 3/4 full | ≤ 11 |
 //! | `http_req_rate`, `http_err_rate` (each a `u32` sliding window, [`WindowState`]) | 12 each |
 //! | `bytes_in_rate`, `bytes_out_rate` (each a `u64` sliding window) | 24 each |
@@ -60,16 +60,17 @@
 //! | `tags` (a pointer; the tags themselves are on the heap) | 8 |
 //!
 //! So the example table, `[http_req_rate(10s), http_err_rate(1m), conn_cur]` keyed by
-//! client IP, costs 79 bytes per entry: 1,000,000 IPs in about 79 MB. A table storing
-//! everything costs 159. `memory_per_entry_is_what_the_docs_say` checks these figures against
-//! the allocated capacity of a full table ([`Table::memory`]: 78.7 bytes per entry), and the
+//! client IP, costs 87 bytes per entry: 1,000,000 IPs in about 87 MB. A table storing
+//! everything costs 167. (8 of each are the key's hash, kept so that a request hashes its key
+//! once for every table and plan it touches.) `memory_per_entry_is_what_the_docs_say` checks
+//! these figures against the allocated capacity of a full table ([`Table::memory`]), and the
 //! ignored test `rss_of_a_million_ip_keys` measures the process's resident memory: inserting
-//! 1,000,000 IPv4 keys into that table grew RSS by 80.4 MB (80.5 bytes per entry; release
-//! build, Linux, glibc malloc). It also shows the shard effect above: 998,476 of the
+//! 1,000,000 IPv4 keys into that table grew RSS by 88.0 MB (88.2 bytes per entry; release
+//! build, Linux; 2026-12-07). It also shows the shard effect above: 998,209 of the
 //! 1,000,000 keys were still held.
 
 use crate::clock::Moment;
-use crate::counter::{Counter, Kind};
+use crate::counter::{Counter, Kind, Kinds};
 use crate::key::Key;
 use crate::window::WindowState;
 use crate::{Error, Period};
@@ -949,7 +950,18 @@ impl Table {
     }
 
     fn snapshot(&self, shard: &Shard, i: usize, now: Moment) -> Snapshot {
-        let v = |kind| self.value(shard, i, kind, now);
+        self.read(shard, i, now, Kinds::ALL)
+    }
+
+    /// The entry's values of `kinds`; the others read as not stored.
+    fn read(&self, shard: &Shard, i: usize, now: Moment, kinds: Kinds) -> Snapshot {
+        let v = |kind| {
+            if kinds.has(kind) {
+                self.value(shard, i, kind, now)
+            } else {
+                None
+            }
+        };
         let expires_in = if shard.in_use(i as u32) {
             self.spec.expire
         } else {
@@ -968,6 +980,7 @@ impl Table {
                 .cols
                 .tags
                 .as_ref()
+                .filter(|_| kinds.has(Kind::Tags))
                 .and_then(|t| t[i].as_deref())
                 .map(|t| t.iter().map(|s| s.to_string()).collect())
                 .unwrap_or_default(),
@@ -1124,6 +1137,11 @@ impl Entry<'_> {
     pub fn snapshot(&self) -> Snapshot {
         self.table.snapshot(self.shard, self.idx, self.now)
     }
+
+    /// The entry's values of `kinds` now; the others read as not stored (`None`, no tags).
+    pub fn read(&self, kinds: Kinds) -> Snapshot {
+        self.table.read(self.shard, self.idx, self.now, kinds)
+    }
 }
 
 #[cfg(test)]
@@ -1175,6 +1193,25 @@ mod tests {
             (later.http_req_rate, later.http_req_cnt),
             (Some(0), Some(1_000))
         );
+    }
+
+    #[test]
+    fn a_read_computes_only_the_kinds_asked_for() {
+        let t = table(10, 60, &["http_req_rate(10s)", "http_err_rate(1m)", "tags"]);
+        let k = ip(1);
+        t.set_tag(&k, at(0), "vip").unwrap();
+        let rate = Kinds::NONE.with(Kind::HttpReqRate);
+        let s = t.with_entry(&k, at(1), |e| {
+            e.add_request();
+            e.add_error();
+            e.read(rate)
+        });
+        assert_eq!((s.http_req_rate, s.http_err_rate), (Some(1), None));
+        assert!(s.tags.is_empty());
+        let all = t.with_entry(&k, at(1), |e| e.read(Kinds::ALL));
+        assert_eq!((all.http_req_rate, all.http_err_rate), (Some(1), Some(1)));
+        assert_eq!(all.tags, ["vip"]);
+        assert!(Kinds::ALL.has(Kind::Tags) && !Kinds::NONE.has(Kind::HttpReqRate));
     }
 
     #[test]
@@ -1467,9 +1504,9 @@ mod tests {
             ["http_req_rate(10s)", "http_err_rate(1m)", "conn_cur"],
         )
         .unwrap();
-        assert_eq!(size_of::<Node>(), 40);
+        assert_eq!(size_of::<Node>(), 48);
         assert_eq!(size_of::<Slot>(), 8);
-        assert_eq!(spec.bytes_per_entry(), 40 + 11 + 12 + 12 + 4);
+        assert_eq!(spec.bytes_per_entry(), 48 + 11 + 12 + 12 + 4);
         let all = TableSpec::parse(
             10,
             secs(1),
@@ -1486,7 +1523,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(all.bytes_per_entry(), 159);
+        assert_eq!(all.bytes_per_entry(), 167);
 
         // A full table allocates what the figure says (IPv4 keys, inline).
         let t = Table::new(spec.clone());

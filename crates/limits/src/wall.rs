@@ -19,7 +19,8 @@
 //! assert_eq!(clock.unix_secs(), 1_796_515_201);
 //! ```
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use crate::clock::{Clock, Moment, MonotonicClock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds in a second.
@@ -29,6 +30,15 @@ pub const NANOS_PER_SEC: i64 = 1_000_000_000;
 /// An `i64` of nanoseconds covers the years 1677 to 2262.
 pub trait WallClock: Send + Sync {
     fn unix_nanos(&self) -> i64;
+
+    /// The wall time at `at`, a moment of this process's [`MonotonicClock`] (a request's
+    /// arrival, read once). Reads the clock now unless the clock knows better:
+    /// [`SystemWallClock`] answers from the offset between the two clocks, which it reads
+    /// again at most every [`RESYNC`], so a request path reads no clock of its own.
+    fn unix_nanos_at(&self, at: Moment) -> i64 {
+        let _ = at;
+        self.unix_nanos()
+    }
 
     /// Whole seconds since the epoch, rounded down (towards the past, also before 1970).
     fn unix_secs(&self) -> i64 {
@@ -40,6 +50,16 @@ pub trait WallClock: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemWallClock;
 
+/// How long [`SystemWallClock::unix_nanos_at`] goes on one reading of the offset between the
+/// wall clock and the monotonic one. A step of the wall clock (an operator, NTP) shows that
+/// much later; a slew (at most 500 ppm under NTP) moves it by 5 µs at most in that time.
+pub const RESYNC: Duration = Duration::from_millis(10);
+
+/// The wall clock minus the monotonic clock, in nanoseconds, and the monotonic moment it was
+/// read at (0: never).
+static OFFSET: AtomicI64 = AtomicI64::new(0);
+static SYNCED: AtomicU64 = AtomicU64::new(0);
+
 impl WallClock for SystemWallClock {
     fn unix_nanos(&self) -> i64 {
         match SystemTime::now().duration_since(UNIX_EPOCH) {
@@ -48,6 +68,25 @@ impl WallClock for SystemWallClock {
                 .map(|n| -n)
                 .unwrap_or(i64::MIN),
         }
+    }
+
+    fn unix_nanos_at(&self, at: Moment) -> i64 {
+        let at = at.as_nanos();
+        // Acquire: the offset stored before this moment is seen with it. A moment before the
+        // last reading (a request that arrived earlier) takes the same offset.
+        let synced = SYNCED.load(Ordering::Acquire);
+        let fresh = at.saturating_sub(synced) < RESYNC.as_nanos() as u64;
+        if synced == 0 || !fresh {
+            let (wall, mono) = (self.unix_nanos(), MonotonicClock.now().as_nanos());
+            OFFSET.store(
+                wall.saturating_sub(i64::try_from(mono).unwrap_or(i64::MAX)),
+                Ordering::Relaxed,
+            );
+            SYNCED.store(mono.max(1), Ordering::Release);
+        }
+        OFFSET
+            .load(Ordering::Relaxed)
+            .saturating_add(i64::try_from(at).unwrap_or(i64::MAX))
     }
 }
 
@@ -100,6 +139,34 @@ mod tests {
     fn the_system_clock_is_after_2024() {
         // 2024-01-01 00:00:00 UTC.
         assert!(SystemWallClock.unix_secs() > 1_704_067_200);
+    }
+
+    #[test]
+    fn the_system_clock_at_a_moment_matches_a_reading_then() {
+        let c = SystemWallClock;
+        for _ in 0..3 {
+            let before = c.unix_nanos();
+            let at = MonotonicClock.now();
+            let then = c.unix_nanos_at(at);
+            let after = c.unix_nanos();
+            // Within the clocks' drift over one resync, and a scheduler's hiccup.
+            let slack = 50_000_000;
+            assert!(
+                then >= before - slack && then <= after + slack,
+                "{before} {then} {after}"
+            );
+            // An earlier moment is earlier by as much.
+            let earlier = Moment::from_nanos(at.as_nanos().saturating_sub(1_000_000));
+            let d = then - c.unix_nanos_at(earlier);
+            assert!(
+                at.as_nanos() < 1_000_000 || (999_000..=1_001_000).contains(&d),
+                "{d}"
+            );
+            std::thread::sleep(RESYNC + Duration::from_millis(1));
+        }
+        // Other clocks answer with their reading.
+        let m = ManualWallClock::from_unix_secs(7);
+        assert_eq!(m.unix_nanos_at(MonotonicClock.now()), 7 * NANOS_PER_SEC);
     }
 
     #[test]

@@ -258,10 +258,11 @@ impl<'s> Exchange<'s> {
     }
 
     /// Adds `RateLimit-Policy` and `RateLimit` to an answer, on a route with a usage plan.
-    pub fn rate_headers(&self, headers: &mut http::HeaderMap) {
-        if let Some(h) = &self.ratelimit {
-            headers.insert(RATELIMIT_POLICY.clone(), h[0].clone());
-            headers.insert(RATELIMIT.clone(), h[1].clone());
+    /// An exchange answers once, so they are moved into it.
+    pub fn rate_headers(&mut self, headers: &mut http::HeaderMap) {
+        if let Some([policy, now]) = self.ratelimit.take() {
+            headers.insert(RATELIMIT_POLICY.clone(), policy);
+            headers.insert(RATELIMIT.clone(), now);
         }
     }
 

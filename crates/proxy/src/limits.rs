@@ -335,7 +335,12 @@ pub struct RouteLimits {
     /// Requests checked on this route.
     pub checks: Counter,
     pub track: Vec<Arc<TableRt>>,
+    /// By track index: the counters this route reads in the table (its rules', or all of
+    /// them when its policies read `context.limits`); the others are not computed.
+    pub read: Vec<portcullis_limits::Kinds>,
     pub rules: Vec<Rule>,
+    /// A rule may wait (`tarpit`, `queue`).
+    pub waits: bool,
     pub plan: Option<PlanUse>,
     /// Headers `mark` rules set: a client's own values of them are removed.
     pub marks: Vec<HeaderName>,

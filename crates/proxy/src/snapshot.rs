@@ -191,7 +191,8 @@ impl Snapshot {
             };
             let (by_class, decisions) = route_counters(metrics, r);
             let spec = &r.spec;
-            let route_limits = route_limits(r, &tables, &plans, metrics)?;
+            let route_limits =
+                route_limits(r, &tables, &plans, metrics, policy.reads_limits(&r.id))?;
             let has_mtls = spec.auth.iter().any(|a| {
                 identity
                     .provider(a)
@@ -304,11 +305,13 @@ fn route_counters(
 
 /// A route's `limits`, compiled: its tables (from the registry), rules with their
 /// pre-resolved counters, and its plan. None when the route counts and limits nothing.
+/// `reads_limits`: the route's policies read `context.limits` (so every counter is read).
 fn route_limits(
     r: &portcullis_config::RouteDef,
     tables: &HashMap<&str, Arc<crate::limits::TableRt>>,
     plans: &Arc<crate::plans::Assignment>,
     metrics: &Metrics,
+    reads_limits: bool,
 ) -> Result<Option<Box<crate::limits::RouteLimits>>, BuildError> {
     use crate::limits::{Action, PlanUse, Queue, Rule};
     let l = &r.spec.limits;
@@ -324,6 +327,12 @@ fn route_limits(
         .ok_or_else(|| bad("tracks an undefined stick table".into()))?;
     let mut rules = Vec::new();
     let mut marks = Vec::new();
+    let all = if reads_limits {
+        portcullis_limits::Kinds::ALL
+    } else {
+        portcullis_limits::Kinds::NONE
+    };
+    let mut read = vec![all; track.len()];
     for rule in &l.rules {
         let table = l
             .track
@@ -366,6 +375,7 @@ fn route_limits(
         let retry = counter
             .period()
             .map_or(1, |p| crate::limits::ceil_secs(p.as_duration()).max(1));
+        read[table] = read[table].with(counter.kind());
         rules.push(Rule {
             table,
             kind: counter.kind(),
@@ -410,6 +420,10 @@ fn route_limits(
             .get_or_create(&vec![("route", r.id.clone())])
             .clone(),
         track,
+        read,
+        waits: rules
+            .iter()
+            .any(|r| matches!(r.action, Action::Tarpit(_) | Action::Queue(_))),
         rules,
         plan,
         marks,

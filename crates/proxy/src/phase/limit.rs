@@ -45,9 +45,12 @@ pub async fn count(x: &mut Exchange<'_>) -> Flow {
     let Some(lim) = route.limits.as_deref() else {
         return Flow::Next;
     };
-    // Boxed here and below: the limit phase's futures (a Redis round trip, a queue) inline
-    // would size every request's future, limits or not (see `pipeline::handle`).
     let now = MonotonicClock::moment_of(x.start);
+    if x.shared.limits.fleet.is_none() {
+        count_local(x, route, lim, now, None);
+        return Flow::Next;
+    }
+    // Boxed, as in [`run`].
     match Box::pin(tally(x, route, lim, None, true, now, None)).await {
         Ok(_) => Flow::Next,
         Err(refused) => refused,
@@ -56,13 +59,20 @@ pub async fn count(x: &mut Exchange<'_>) -> Flow {
 
 /// After authorize: counts the request (unless [`count`] did), then the rules, then the plan.
 pub async fn run(x: &mut Exchange<'_>) -> Flow {
-    match x.route {
-        Some(route) => match route.limits.as_deref() {
-            None => Flow::Next,
-            Some(lim) => Box::pin(limit(x, route, lim)).await,
-        },
-        None => Flow::Next,
+    let Some(route) = x.route else {
+        return Flow::Next;
+    };
+    let Some(lim) = route.limits.as_deref() else {
+        return Flow::Next;
+    };
+    if x.shared.limits.fleet.is_none() && !lim.waits {
+        // Counters in this process and no rule that waits: nothing is awaited, so there is
+        // no future to box (every request of such a route).
+        return limit_now(x, route, lim);
     }
+    // Boxed here and below: the limit phase's futures (a Redis round trip, a queue) inline
+    // would size every request's future, limits or not (see `pipeline::handle`).
+    Box::pin(limit(x, route, lim)).await
 }
 
 /// What the plan said, when it was asked along with the tables.
@@ -74,15 +84,45 @@ enum Early {
     Got(PlanVerdict),
 }
 
-async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+/// The caller's plan (its plan, the buckets that apply, its key).
+type CallerPlan<'r> = Option<(&'r PlanRt, &'r BucketSet, Key)>;
+
+/// What every check does first: counts it, removes a client's own values of the headers
+/// `mark` rules set, and finds the caller's plan. Also returns the phase's moment: the
+/// request's arrival, read once by the pipeline (no clock read of its own; a request is
+/// counted a few microseconds early, not late).
+fn begin<'r>(
+    x: &mut Exchange<'_>,
+    route: &RouteRt,
+    lim: &'r RouteLimits,
+) -> (CallerPlan<'r>, Moment) {
     lim.checks.inc();
     for h in &lim.marks {
         x.parts.headers.remove(h);
     }
     let plan = plan_of(x, route, lim);
-    // The request's arrival, read once by the pipeline, is the phase's moment: no clock
-    // read of its own (a request is counted a few microseconds early, not late).
-    let now = MonotonicClock::moment_of(x.start);
+    (plan, MonotonicClock::moment_of(x.start))
+}
+
+/// The check in this process when no rule waits: tables, rules (deny or mark), then the plan.
+fn limit_now(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    let (plan, now) = begin(x, route, lim);
+    if x.seen.is_empty() && !lim.track.is_empty() {
+        count_local(x, route, lim, now, plan.as_ref().map(|p| &p.2));
+    }
+    if let Some(rule) = lim.rules.iter().find(|r| over(x, r)) {
+        match &rule.action {
+            Action::Mark(h) => mark(x, rule, h),
+            // `waits` is false: the rule denies.
+            _ => return refuse_by_rule(x, lim, rule, plan.as_ref(), &Early::NotAsked, now),
+        }
+    }
+    charge(x, lim, plan, Early::NotAsked, now)
+}
+
+/// The check with a shared store, or with a rule that waits (tarpit, queue).
+async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
+    let (plan, now) = begin(x, route, lim);
     let counted = !x.seen.is_empty() || lim.track.is_empty();
     // In a fleet, the tables and the plan are one round trip; in one process the plan is
     // charged only after the rules let the request through.
@@ -105,15 +145,10 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
             Err(refused) => return refused,
         }
     }
-    let hit = lim.rules.iter().find(|r| over(x, r));
-    if let Some(rule) = hit {
-        let by = &lim.track[rule.table].name;
+    if let Some(rule) = lim.rules.iter().find(|r| over(x, r)) {
         let refused = match &rule.action {
             Action::Mark(h) => {
-                x.parts
-                    .headers
-                    .insert(h.clone(), HeaderValue::from_static("1"));
-                rule.counter.inc();
+                mark(x, rule, h);
                 false
             }
             Action::Deny => true,
@@ -125,28 +160,62 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
             Action::Queue(q) => !Box::pin(queue(x, route, lim, rule, q)).await,
         };
         if refused {
-            if let Some((plan, set, key)) = &plan {
-                let v = match &early {
-                    Early::Got(v) => Some(v.clone()),
-                    // Not charged: read the caller's bucket for the headers.
-                    Early::NotAsked => Some(plan.peek(set, key, now, wall(x))),
-                    Early::Skip => None,
-                };
-                if let Some(v) = v {
-                    x.ratelimit = Some(plan.headers(set, &v));
-                }
-            }
-            rule.counter.inc();
-            return refuse(x, rule.status, rule.retry_after.clone(), by);
+            return refuse_by_rule(x, lim, rule, plan.as_ref(), &early, now);
         }
     }
+    charge(x, lim, plan, early, now)
+}
+
+/// A `mark` rule acts: its header, set to `1`, goes to the origin.
+fn mark(x: &mut Exchange<'_>, rule: &Rule, h: &http::HeaderName) {
+    x.parts
+        .headers
+        .insert(h.clone(), HeaderValue::from_static("1"));
+    rule.counter.inc();
+}
+
+/// A rule refuses the request: its status and `Retry-After`, with the plan's headers (the
+/// plan was not charged, unless the shared store answered for it with the tables).
+fn refuse_by_rule(
+    x: &mut Exchange<'_>,
+    lim: &RouteLimits,
+    rule: &Rule,
+    plan: Option<&(&PlanRt, &BucketSet, Key)>,
+    early: &Early,
+    now: Moment,
+) -> Flow {
+    if let Some((plan, set, key)) = plan {
+        let v = match early {
+            Early::Got(v) => Some(v.clone()),
+            // Not charged: read the caller's bucket for the headers.
+            Early::NotAsked => Some(plan.peek(set, key, now, wall(x, now))),
+            Early::Skip => None,
+        };
+        if let Some(v) = v {
+            x.ratelimit = Some(plan.headers(set, &v));
+        }
+    }
+    rule.counter.inc();
+    let by = &lim.track[rule.table].name;
+    refuse(x, rule.status, rule.retry_after.clone(), by)
+}
+
+/// The rules let the request through: charges the caller's plan (unless the shared store
+/// did with the tables), sets the plan's headers, and refuses a caller over its plan.
+fn charge(
+    x: &mut Exchange<'_>,
+    lim: &RouteLimits,
+    plan: CallerPlan<'_>,
+    early: Early,
+    now: Moment,
+) -> Flow {
     let Some((plan, set, key)) = plan else {
         return Flow::Next;
     };
     let v = match early {
         Early::Skip => return Flow::Next,
         Early::Got(v) => v,
-        Early::NotAsked => plan.check(set, &key, now, wall(x)),
+        Early::NotAsked => plan.check(set, &key, now, wall(x, now)),
     };
     x.ratelimit = Some(plan.headers(set, &v));
     if v.allowed() {
@@ -178,9 +247,10 @@ fn quota_full(plan: &str) {
     }
 }
 
-/// The wall clock quotas and daily usage count by, in Unix nanoseconds.
-fn wall(x: &Exchange<'_>) -> i64 {
-    x.shared.limits.plans.clock.unix_nanos()
+/// The wall clock quotas and daily usage count by, in Unix nanoseconds, at `now` (the
+/// request's arrival).
+fn wall(x: &Exchange<'_>, now: Moment) -> i64 {
+    x.shared.limits.plans.clock.unix_nanos_at(now)
 }
 
 /// Counts the request in the route's tables (with `tables`) and, with `plan`, charges the
@@ -219,7 +289,7 @@ async fn tally(
         count_local(x, route, lim, now, caller);
     }
     Ok(match plan {
-        Some((plan, set, key)) => Early::Got(plan.check(set, key, now, wall(x))),
+        Some((plan, set, key)) => Early::Got(plan.check(set, key, now, wall(x, now))),
         None => Early::NotAsked,
     })
 }
@@ -243,7 +313,7 @@ fn count_local(
     let mut usage = Usage::default();
     // Filled in place: a snapshot is large, and the exchange holds the vector inline.
     x.seen.clear();
-    for t in lim.track.iter() {
+    for (t, read) in lim.track.iter().zip(&lim.read) {
         let key = match (caller, &t.parts[..]) {
             (Some(k), [Part::Principal]) if facts.identity.is_some() => Some(k.clone()),
             _ => build_key(&t.parts, &facts),
@@ -257,7 +327,7 @@ fn count_local(
             if t.conn {
                 e.conn_start();
             }
-            e.snapshot()
+            e.read(*read)
         });
         if t.conn || t.errs || t.bytes {
             usage.entries.push((t.clone(), key));
@@ -958,8 +1028,12 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             6,
             "a principal's plan comes first"
         );
-        let (x, _) = limited(&kit, get("/api/x").header("authorization", &carol)).await;
-        assert_eq!(x.ratelimit.as_ref().unwrap()[0], "\"vip\";q=6;w=360");
+        // Refused: the answer carries the plan's headers.
+        let (_, f) = limited(&kit, get("/api/x").header("authorization", &carol)).await;
+        assert_eq!(
+            response(f).headers()["ratelimit-policy"],
+            "\"vip\";q=6;w=360"
+        );
     }
 
     #[tokio::test]
@@ -972,8 +1046,11 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
                 .header("authorization", gold.clone())
         };
         assert_eq!(admitted(&kit, post).await, 2);
-        let (x, _) = limited(&kit, post()).await;
-        assert_eq!(x.ratelimit.as_ref().unwrap()[0], "\"gold.1\";q=2;w=120");
+        let (_, f) = limited(&kit, post()).await;
+        assert_eq!(
+            response(f).headers()["ratelimit-policy"],
+            "\"gold.1\";q=2;w=120"
+        );
         // GET still has the plan's own burst.
         let get = || get("/api/x").header("authorization", gold.clone());
         assert_eq!(admitted(&kit, get).await, 4);

@@ -54,7 +54,7 @@ pub(super) async fn tally(
             })
         })
         .collect();
-    let wall = super::wall(x);
+    let wall = super::wall(x, MonotonicClock::moment_of(x.start));
     let plan_op = plan.map(|(p, set, key)| PlanOp {
         plan: &p.name,
         bucket: if std::ptr::eq(*set, &*p.own) {
