@@ -5,7 +5,7 @@ usage: analyze.py OUT_DIR   (run by compare.sh; metadata comes from its environm
 
 Reads OUT_DIR/raw/<variant>-rN.txt for each variant that ran (haproxy, portcullis, and with
 SCENARIO=jwt|all haproxy-jwt, portcullis-jwt, portcullis-jwt-audit, portcullis-jwt-limits,
-haproxy-jwt-limits, portcullis-jwt-redis; with SCENARIO=events portcullis-events and
+portcullis-jwt-plan, haproxy-jwt-limits, portcullis-jwt-redis; with SCENARIO=events portcullis-events and
 portcullis-jwt-events) (wrk --latency output, plus `cpu_ticks` and
 `loadavg` lines that compare.sh appends) and OUT_DIR/raw/mem-*.json (bench/idle_conns.py),
 writes OUT_DIR/results.json and prints the markdown to paste into BENCHMARKS.md.
@@ -21,13 +21,14 @@ import sys
 
 PROXIES = ("haproxy", "portcullis")
 VARIANTS = ("haproxy", "portcullis", "haproxy-jwt", "portcullis-jwt", "portcullis-jwt-audit",
-            "portcullis-jwt-limits", "haproxy-jwt-limits", "portcullis-jwt-redis",
+            "portcullis-jwt-limits", "portcullis-jwt-plan", "haproxy-jwt-limits", "portcullis-jwt-redis",
             "portcullis-base", "portcullis-jwt-base", "haproxy-log", "portcullis-log",
             "portcullis-events", "portcullis-jwt-events", "portcullis-jwt-redis-batch")
 LABELS = {"haproxy": "HAProxy plain", "portcullis": "portcullis plain",
           "haproxy-jwt": "HAProxy jwt_verify", "portcullis-jwt": "portcullis JWT + policy",
           "portcullis-jwt-audit": "portcullis JWT + policy + audit",
           "portcullis-jwt-limits": "portcullis JWT + policy + limits",
+          "portcullis-jwt-plan": "portcullis JWT + policy + usage plan",
           "haproxy-jwt-limits": "HAProxy jwt_verify + stick table",
           "portcullis-jwt-redis": "portcullis JWT + policy + limits in Redis",
           "portcullis-jwt-redis-batch": "portcullis JWT + policy + limits in Redis, batched",
@@ -57,6 +58,7 @@ JWT_TARGETS = {  # (numerator, denominator, target ratio, what)
     "audit_vs_plain": ("portcullis-jwt-audit", "portcullis", 0.95, "portcullis JWT + policy + audit / portcullis plain"),
     "audit_vs_haproxy_jwt": ("portcullis-jwt-audit", "haproxy-jwt", 5.0, "portcullis JWT + policy + audit / HAProxy jwt_verify"),
     "limits_vs_jwt": ("portcullis-jwt-limits", "portcullis-jwt", 0.97, "portcullis JWT + policy + limits / JWT + policy"),
+    "plan_vs_jwt": ("portcullis-jwt-plan", "portcullis-jwt", 0.97, "portcullis JWT + policy + usage plan / JWT + policy"),
     "redis_vs_jwt": ("portcullis-jwt-redis", "portcullis-jwt", 0.85, "portcullis JWT + policy + limits in Redis / JWT + policy"),
     "redis_batch_vs_jwt": ("portcullis-jwt-redis-batch", "portcullis-jwt", 0.85, "portcullis JWT + policy + limits in Redis, batched / JWT + policy"),
 }
@@ -340,7 +342,7 @@ def base_table(lines, summary, rounds, ratio, ok, base_commit, this, base):
 
 def jwt_table(lines, summary, jwt, rounds, ratio, ok):
     cols = [v for v in ("haproxy-jwt", "haproxy-jwt-limits", "portcullis", "portcullis-jwt", "portcullis-jwt-audit",
-                        "portcullis-jwt-limits", "portcullis-jwt-redis", "portcullis-jwt-redis-batch")
+                        "portcullis-jwt-limits", "portcullis-jwt-plan", "portcullis-jwt-redis", "portcullis-jwt-redis-batch")
             if v in summary]
     if lines:
         lines.append("")
@@ -377,7 +379,7 @@ def jwt_table(lines, summary, jwt, rounds, ratio, ok):
         lines.append(f"| HAProxy jwt_verify / HAProxy plain | {fmt(jwt['haproxy_jwt_vs_plain'], 2, '×')} | "
                      f"{fmt(ratio(summary['haproxy-jwt']['cpu_us_per_req_median'], summary['haproxy']['cpu_us_per_req_median']), 2, '×')} | |")
     prr = jwt.get("per_round_rps_ratios", {})
-    shown = [k for k in ("limits_vs_jwt", "redis_vs_jwt", "redis_batch_vs_jwt", "haproxy_limits_vs_jwt",
+    shown = [k for k in ("limits_vs_jwt", "plan_vs_jwt", "redis_vs_jwt", "redis_batch_vs_jwt", "haproxy_limits_vs_jwt",
                          "limits_vs_haproxy_limits") if k in prr]
     if shown:
         lines.append("")

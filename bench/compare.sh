@@ -35,6 +35,9 @@
 #                           hash-chained record per request (JWT + policy + audit);
 #     portcullis-jwt-limits portcullis-jwt plus a per-principal stick table, a rule and a
 #                           usage plan that never trip (JWT + policy + limits);
+#     portcullis-jwt-plan   portcullis-jwt plus only the per-principal usage plan (with its
+#                           RateLimit headers and daily usage count): the benchmark the limits
+#                           issue defines, a plan high enough never to trip;
 #     portcullis-jwt-redis  portcullis-jwt-limits with its counters in Redis:
 #                           `limits: { store: { redis: { url, timeout: 50ms } }, on_store_error: local }`,
 #                           against a redis-server (`--save '' --appendonly no`) that the script
@@ -60,7 +63,8 @@
 #                   closed port, so it keeps an outbox and retries, a JSON-lines file sink,
 #                   and one trigger), in the same rounds: what events cost (target ≥ 0.98×);
 #                   jwt = portcullis plain, haproxy-jwt, portcullis-jwt, portcullis-jwt-audit,
-#                   portcullis-jwt-limits, haproxy-jwt-limits, portcullis-jwt-redis;
+#                   portcullis-jwt-limits, portcullis-jwt-plan, haproxy-jwt-limits,
+#                   portcullis-jwt-redis;
 #                   all = both sets, interleaved in the same rounds
 #   REDIS [1]       0 = leave out portcullis-jwt-redis, portcullis-jwt-redis-batch (and redis-server)
 #   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  THREADS [1]  CONNS [64]  IDLE_CONNS [10000]
@@ -79,7 +83,7 @@
 #   HAPROXY_JWT_LIMITS_PORT [24693]  ADMIN_PORT [24694] (the admin listener of portcullis-jwt-redis)
 #   PORTCULLIS_REDIS_BATCH_PORT [24699]  ADMIN_BATCH_PORT [24700]  REDIS_BATCH_PORT [24701]
 #   HAPROXY_LOG_PORT [24695]  PORTCULLIS_LOG_PORT [24696]
-#   PORTCULLIS_EVENTS_PORT [24697]  PORTCULLIS_JWT_EVENTS_PORT [24698]
+#   PORTCULLIS_EVENTS_PORT [24697]  PORTCULLIS_JWT_EVENTS_PORT [24698]  PORTCULLIS_PLAN_PORT [24702]
 #   OUT [bench/out]  PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN [unset]  a second portcullis binary, run as variant portcullis-base on
 #                   PORTCULLIS_BASE_PORT [24686] with the plain config (and, when the JWT
@@ -131,6 +135,7 @@ HAPROXY_JWT_PORT=${HAPROXY_JWT_PORT:-24683}
 PORTCULLIS_JWT_PORT=${PORTCULLIS_JWT_PORT:-24684}
 PORTCULLIS_AUDIT_PORT=${PORTCULLIS_AUDIT_PORT:-24685}
 PORTCULLIS_LIMITS_PORT=${PORTCULLIS_LIMITS_PORT:-24688}
+PORTCULLIS_PLAN_PORT=${PORTCULLIS_PLAN_PORT:-24702}
 REDIS_PORT=${REDIS_PORT:-24689}
 PORTCULLIS_REDIS_PORT=${PORTCULLIS_REDIS_PORT:-24692}
 HAPROXY_JWT_LIMITS_PORT=${HAPROXY_JWT_LIMITS_PORT:-24693}
@@ -149,10 +154,10 @@ JWT_ISSUER=https://issuer.bench.portcullis.test
 JWT_AUDIENCE=portcullis-bench
 case $SCENARIO in
     plain) VARIANTS=(haproxy portcullis) ;;
-    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
+    jwt) VARIANTS=(portcullis haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits portcullis-jwt-plan haproxy-jwt-limits) ;;
     log) VARIANTS=(haproxy portcullis haproxy-log portcullis-log portcullis-jwt-audit) ;;
     events) VARIANTS=(haproxy portcullis portcullis-events portcullis-jwt portcullis-jwt-events) ;;
-    all) VARIANTS=(haproxy portcullis haproxy-log portcullis-log haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits haproxy-jwt-limits) ;;
+    all) VARIANTS=(haproxy portcullis haproxy-log portcullis-log haproxy-jwt portcullis-jwt portcullis-jwt-audit portcullis-jwt-limits portcullis-jwt-plan haproxy-jwt-limits) ;;
     tls | h2 | handshakes | workers) exec bash "$BENCH/tls.sh" ;;
     *) echo "SCENARIO must be plain, jwt, log, events, all, tls, h2, handshakes or workers" >&2; exit 2 ;;
 esac
@@ -368,9 +373,12 @@ render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-audit.yaml" PORT="
 LIMITS_TABLES=$'stick_tables:\n  - { name: per_principal, key: principal, size: 100000, expire: 10m, store: ["http_req_rate(10s)", "http_err_rate(1m)"] }\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }'
 LIMITS_ROUTE='limits: { track: [per_principal], rules: [{ table: per_principal, counter: "http_req_rate(10s)", above: 1000000000 }], plan: bench }'
 # Each process with a usage plan keeps its daily usage in a state_dir of its own.
-rm -rf "$OUT/state-limits" "$OUT/state-redis" "$OUT/state-redis-batch"
+rm -rf "$OUT/state-limits" "$OUT/state-plan" "$OUT/state-redis" "$OUT/state-redis-batch"
 render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-limits.yaml" PORT="$PORTCULLIS_LIMITS_PORT" AUDIT='audit: { sink: "off" }' \
     ROOT_LIMITS="state_dir: \"$OUT/state-limits\""$'\n'"$LIMITS_TABLES" ROUTE_LIMITS="$LIMITS_ROUTE"
+# The plan alone: what the limits issue's benchmark names.
+render "$BENCH/portcullis-jwt.yaml.tmpl" "$OUT/portcullis-jwt-plan.yaml" PORT="$PORTCULLIS_PLAN_PORT" AUDIT='audit: { sink: "off" }' \
+    ROOT_LIMITS="state_dir: \"$OUT/state-plan\""$'\nusage_plans:\n  - { name: bench, rate: 100000000/s, burst: 100000000 }' ROUTE_LIMITS='limits: { plan: bench }'
 # The same with the counters in Redis (falling back to local counters if Redis does not answer
 # within 50 ms, which the metrics check below must show never happened), and an admin
 # listener for that check. The admin token is made for this run.
@@ -390,6 +398,7 @@ declare -A PID_OF=() PORT_OF=(
     [portcullis-jwt]=$PORTCULLIS_JWT_PORT [portcullis-jwt-audit]=$PORTCULLIS_AUDIT_PORT
     [portcullis-base]=$PORTCULLIS_BASE_PORT [portcullis-jwt-base]=$PORTCULLIS_JWT_BASE_PORT
     [portcullis-jwt-limits]=$PORTCULLIS_LIMITS_PORT [haproxy-jwt-limits]=$HAPROXY_JWT_LIMITS_PORT
+    [portcullis-jwt-plan]=$PORTCULLIS_PLAN_PORT
     [portcullis-jwt-redis]=$PORTCULLIS_REDIS_PORT [haproxy-log]=$HAPROXY_LOG_PORT
     [portcullis-log]=$PORTCULLIS_LOG_PORT [portcullis-events]=$PORTCULLIS_EVENTS_PORT
     [portcullis-jwt-events]=$PORTCULLIS_JWT_EVENTS_PORT
@@ -499,6 +508,7 @@ has_variant portcullis-jwt-events && start_portcullis portcullis-jwt-events
 has_variant portcullis-jwt && start_portcullis portcullis-jwt
 has_variant portcullis-jwt-audit && start_portcullis portcullis-jwt-audit
 has_variant portcullis-jwt-limits && start_portcullis portcullis-jwt-limits
+has_variant portcullis-jwt-plan && start_portcullis portcullis-jwt-plan
 has_variant portcullis-jwt-redis && start_portcullis portcullis-jwt-redis
 has_variant portcullis-jwt-redis-batch && start_portcullis portcullis-jwt-redis-batch
 has_variant portcullis-base && start_portcullis portcullis-base

@@ -3,7 +3,8 @@
 # that does not move with the machine's noise (the same binary, config and requests give the
 # same count), to set beside compare.sh's req/s when a change is a few percent.
 #
-#   OUT=/abs/bench/out-x bench/instructions.sh [VARIANT...]   # default: portcullis-jwt portcullis-jwt-limits
+#   OUT=/abs/bench/out-x bench/instructions.sh [VARIANT...]
+#       default: portcullis-jwt portcullis-jwt-plan portcullis-jwt-limits
 #
 # OUT must hold a compare.sh run's configs and JWT files (any SCENARIO=jwt run, even of one
 # short round). Each variant runs twice under callgrind, for N1 and N2 keep-alive requests
@@ -18,7 +19,7 @@ OUT=${OUT:?OUT=<absolute path of a compare.sh run with SCENARIO=jwt>}
 BIN=${PORTCULLIS_BIN:-$PWD/target/release/portcullis}
 N1=${N1:-300}
 N2=${N2:-1300}
-(($# > 0)) || set -- portcullis-jwt portcullis-jwt-limits
+(($# > 0)) || set -- portcullis-jwt portcullis-jwt-plan portcullis-jwt-limits
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 mkdir -p "$OUT/callgrind"
