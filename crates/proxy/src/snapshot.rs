@@ -327,12 +327,6 @@ fn route_limits(
         .ok_or_else(|| bad("tracks an undefined stick table".into()))?;
     let mut rules = Vec::new();
     let mut marks = Vec::new();
-    let all = if reads_limits {
-        portcullis_limits::Kinds::ALL
-    } else {
-        portcullis_limits::Kinds::NONE
-    };
-    let mut read = vec![all; track.len()];
     for rule in &l.rules {
         let table = l
             .track
@@ -375,7 +369,6 @@ fn route_limits(
         let retry = counter
             .period()
             .map_or(1, |p| crate::limits::ceil_secs(p.as_duration()).max(1));
-        read[table] = read[table].with(counter.kind());
         rules.push(Rule {
             table,
             kind: counter.kind(),
@@ -419,8 +412,8 @@ fn route_limits(
             .limit_checks
             .get_or_create(&vec![("route", r.id.clone())])
             .clone(),
+        read: counters_read(&rules, track.len(), reads_limits),
         track,
-        read,
         waits: rules
             .iter()
             .any(|r| matches!(r.action, Action::Tarpit(_) | Action::Queue(_))),
@@ -428,6 +421,28 @@ fn route_limits(
         plan,
         marks,
     })))
+}
+
+/// By track index, the counters a route reads in each table: its rules', or every counter
+/// when its policies read `context.limits`.
+fn counters_read(
+    rules: &[crate::limits::Rule],
+    tables: usize,
+    reads_limits: bool,
+) -> Vec<portcullis_limits::Kinds> {
+    use portcullis_limits::Kinds;
+    let all = if reads_limits {
+        Kinds::ALL
+    } else {
+        Kinds::NONE
+    };
+    let mut read = vec![all; tables];
+    for r in rules {
+        if let Some(k) = read.get_mut(r.table) {
+            *k = k.with(r.kind);
+        }
+    }
+    read
 }
 
 /// One backend's runtime form: its servers (with their long-lived state from the registry),

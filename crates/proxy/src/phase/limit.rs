@@ -1095,6 +1095,39 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
     }
 
     #[tokio::test]
+    async fn a_route_computes_the_counters_its_rules_read_or_all_for_its_policies() {
+        use portcullis_limits::Kinds;
+        fn read(kit: &Kit, id: &str) -> Vec<Kinds> {
+            let r = kit.snap.routes.iter().find(|r| &*r.id == id).unwrap();
+            r.limits.as_deref().unwrap().read.clone()
+        }
+        // A rule on `http_req_rate(10s)` of a table that stores three counters: only it.
+        let kit = Kit::new(CONFIG).await;
+        let rate = Kinds::NONE.with(Kind::HttpReqRate);
+        let cnt = Kinds::NONE.with(Kind::HttpReqCnt);
+        assert_eq!(read(&kit, "default/deny"), [rate, cnt]);
+        let (x, f) = limited(&kit, get("/deny")).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        let s = x.seen[0].as_ref().unwrap();
+        assert_eq!(
+            (s.http_req_rate, s.http_err_cnt, s.conn_cur),
+            (Some(1), None, None)
+        );
+        // The table still counts what it stores (here, the request holds a `conn_cur`).
+        assert_eq!(
+            count_of(&kit, "per_ip", &localhost()).unwrap().conn_cur,
+            Some(1)
+        );
+        // Policies that read `context.limits`: every counter.
+        let kit = plans_kit().await;
+        assert_eq!(read(&kit, "default/watched"), [Kinds::ALL]);
+        let alice = bearer(&kit, "alice", &[]);
+        let (x, _) = limited(&kit, get("/watched").header("authorization", &alice)).await;
+        let s = x.seen[0].as_ref().unwrap();
+        assert_eq!((s.http_req_cnt, s.http_req_rate), (Some(1), Some(1)));
+    }
+
+    #[tokio::test]
     async fn a_queue_holds_a_request_until_a_slot_frees() {
         let kit = plans_kit().await;
         let (first, f) = limited(&kit, get("/queued")).await;
