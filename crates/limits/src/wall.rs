@@ -77,7 +77,12 @@ impl WallClock for SystemWallClock {
         let synced = SYNCED.load(Ordering::Acquire);
         let fresh = at.saturating_sub(synced) < RESYNC.as_nanos() as u64;
         if synced == 0 || !fresh {
-            let (wall, mono) = (self.unix_nanos(), MonotonicClock.now().as_nanos());
+            // The wall reading between two monotonic ones, set against their midpoint: a
+            // thread descheduled between the reads errs by half the gap, not all of it.
+            let m0 = MonotonicClock.now().as_nanos();
+            let wall = self.unix_nanos();
+            let m1 = MonotonicClock.now().as_nanos();
+            let mono = m0 + m1.saturating_sub(m0) / 2;
             OFFSET.store(
                 wall.saturating_sub(i64::try_from(mono).unwrap_or(i64::MAX)),
                 Ordering::Relaxed,
