@@ -109,7 +109,10 @@ async function act(text, method, path, body, input) {
     notice("Done: " + text.replace(/\?$/, "."));
   } catch (e) {
     notice("Refused: " + e.message, true);
+    return;
   }
+  // Show the change now, not at the stream's next look (up to a second later).
+  try { draw(await api("GET", "/api/v1/dashboard")); } catch (_) { /* the stream redraws */ }
 }
 
 // ---- Panels -----------------------------------------------------------------------------
