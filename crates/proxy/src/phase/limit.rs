@@ -87,8 +87,8 @@ enum Early {
 /// The caller's plan (its plan, the buckets that apply, its key).
 type CallerPlan<'r> = Option<(&'r PlanRt, &'r BucketSet, Key)>;
 
-/// What every check does first: counts it, removes a client's own values of the headers
-/// `mark` rules set, and finds the caller's plan. Also returns the phase's moment: the
+/// What every check does first: adds it to the route's checks metric, removes a client's
+/// own values of the headers `mark` rules set, and finds the caller's plan. Also returns the phase's moment: the
 /// request's arrival, read once by the pipeline (no clock read of its own; a request is
 /// counted a few microseconds early, not late).
 fn begin<'r>(
@@ -113,8 +113,11 @@ fn limit_now(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow {
     if let Some(rule) = lim.rules.iter().find(|r| over(x, r)) {
         match &rule.action {
             Action::Mark(h) => mark(x, rule, h),
-            // `waits` is false: the rule denies.
-            _ => return refuse_by_rule(x, lim, rule, plan.as_ref(), &Early::NotAsked, now),
+            // `waits` is false, so no tarpit or queue is here; were one, refusing at once is
+            // the safe answer. Listed, so that a new action must be placed.
+            Action::Deny | Action::Tarpit(_) | Action::Queue(_) => {
+                return refuse_by_rule(x, lim, rule, plan.as_ref(), &Early::NotAsked, now)
+            }
         }
     }
     charge(x, lim, plan, Early::NotAsked, now)
