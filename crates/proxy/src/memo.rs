@@ -6,12 +6,17 @@
 //! token, take a lock and build a key on every request, and make the worker threads share
 //! their cache lines.
 //!
+//! The limit phase keeps there, too, the plan the identity is on and its caller key, which
+//! it would otherwise find and build (hash) again on every request.
+//!
 //! It only ever repeats what the shared caches would answer:
 //! - the identity while the provider's [`Proof`] holds (the token cache entry would still be
 //!   unexpired and the key set unchanged), for the same configuration snapshot and route;
 //! - the decision only on routes whose policies read nothing of the request but the method
 //!   ([`decided_by_identity_and_method`](portcullis_policy::Engine::decided_by_identity_and_method)),
-//!   for the same identity, method, route and snapshot, and only a decision without errors.
+//!   for the same identity, method, route and snapshot, and only a decision without errors;
+//! - the plan and caller key for the same identity, route and snapshot (a plan's assignment
+//!   reads only the identity and the route's configuration).
 //!
 //! A reload makes a new snapshot, so nothing remembered under the old one is used again.
 //! The memo is never waited for: if two HTTP/2 streams of one connection reach it at once,
@@ -22,6 +27,7 @@ use http::Method;
 use parking_lot::Mutex;
 use portcullis_identity::jwt::Proof;
 use portcullis_identity::Identity;
+use portcullis_limits::Key;
 use portcullis_policy::Decision;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -44,6 +50,9 @@ struct Entry {
     identity: Arc<Identity>,
     proof: Proof,
     decision: Option<(Method, Arc<Decision>)>,
+    /// The limit phase's: the index of the identity's plan on this route (`None`: no plan
+    /// applies) and its caller key.
+    caller: Option<(Option<usize>, Key)>,
 }
 
 fn addr(route: &RouteRt) -> usize {
@@ -123,6 +132,7 @@ impl Memo {
             identity: identity.clone(),
             proof,
             decision: None,
+            caller: None,
         });
     }
 
@@ -145,6 +155,41 @@ impl Memo {
         if let Some(e) = g.as_mut() {
             if e.is_for(snap, route) && Arc::ptr_eq(&e.identity, identity) {
                 e.decision = Some((method.clone(), decision.clone()));
+            }
+        }
+    }
+
+    /// The plan and caller key remembered for `identity` (the memo's own, by address) on
+    /// this route. For the limit phase.
+    pub fn caller(
+        &self,
+        snap: &Arc<Snapshot>,
+        route: &RouteRt,
+        identity: &Arc<Identity>,
+    ) -> Option<(Option<usize>, Key)> {
+        let g = self.0.try_lock()?;
+        let e = g.as_ref()?;
+        if !(e.is_for(snap, route) && Arc::ptr_eq(&e.identity, identity)) {
+            return None;
+        }
+        e.caller.clone()
+    }
+
+    /// Remembers the plan and caller key of the memo's identity, if `identity` is that one.
+    pub fn remember_caller(
+        &self,
+        snap: &Arc<Snapshot>,
+        route: &RouteRt,
+        identity: &Arc<Identity>,
+        plan: Option<usize>,
+        key: &Key,
+    ) {
+        let Some(mut g) = self.0.try_lock() else {
+            return;
+        };
+        if let Some(e) = g.as_mut() {
+            if e.is_for(snap, route) && Arc::ptr_eq(&e.identity, identity) {
+                e.caller = Some((plan, key.clone()));
             }
         }
     }

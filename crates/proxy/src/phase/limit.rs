@@ -366,9 +366,23 @@ fn plan_of<'r>(
     lim: &'r RouteLimits,
 ) -> Option<(&'r PlanRt, &'r BucketSet, Key)> {
     let p = lim.plan.as_ref()?;
-    let plan = p.assignment.plans.get(plan_index(x, p)?)?;
+    let (i, key) = match &x.identity {
+        // Both are the identity's alone on this route: the connection's memo keeps them for
+        // the identity it verified (see `crate::memo`), so a client that keeps its connection
+        // finds them with a comparison instead of building and hashing its key each time.
+        Some(id) => match x.conn.memo.caller(x.snap, route, id) {
+            Some(found) => found,
+            None => {
+                let (i, key) = (plan_index(x, p), caller(x));
+                x.conn.memo.remember_caller(x.snap, route, id, i, &key);
+                (i, key)
+            }
+        },
+        None => (Some(p.default?), caller(x)),
+    };
+    let plan = p.assignment.plans.get(i?)?;
     let set = plan.buckets_for(&route.id, x.method());
-    Some((plan, set, caller(x)))
+    Some((plan, set, key))
 }
 
 /// A `queue` rule: holds the request until its counter is back at the threshold, at most
@@ -1037,6 +1051,41 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             response(f).headers()["ratelimit-policy"],
             "\"vip\";q=6;w=360"
         );
+    }
+
+    /// The connection's memo keeps the plan and key of the identity it verified; callers
+    /// that take turns on one connection are each charged to their own plan and bucket.
+    #[tokio::test]
+    async fn the_connections_memo_keeps_the_plan_of_its_own_identity_only() {
+        let kit = plans_kit().await;
+        let alice = bearer(&kit, "alice", &["eng"]);
+        let carol = bearer(&kit, "carol", &["eng", "gold"]);
+        let on = |t: &str| get("/api/x").header("authorization", t);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (x, f) = limited(&kit, on(&alice)).await;
+            seen.push(is_next(&f));
+            let (route, id) = (x.route.unwrap(), x.identity.clone().unwrap());
+            let basic = route.limits.as_ref().unwrap().plan.as_ref().unwrap().default;
+            assert!(basic.is_some());
+            // From the second request on, the token is the connection's memo's.
+            if seen.len() > 1 {
+                let memo = kit.conn.memo.caller(&kit.snap, route, &id);
+                assert_eq!(memo, Some((basic, Key::from("dev/alice"))));
+            }
+        }
+        assert_eq!(seen, [true, false, false], "basic: a burst of 1");
+        for _ in 0..6 {
+            let (x, f) = limited(&kit, on(&carol)).await;
+            assert!(is_next(&f), "{}", describe(&f));
+            assert_eq!(x.ratelimit.as_ref().unwrap()[0], "\"vip\";q=6;w=360");
+            let (_, f) = limited(&kit, on(&alice)).await;
+            let r = response(f);
+            assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(r.headers()["ratelimit-policy"], "\"basic\";q=1;w=60");
+        }
+        let (_, f) = limited(&kit, on(&carol)).await;
+        assert_eq!(response(f).status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[tokio::test]
