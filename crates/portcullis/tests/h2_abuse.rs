@@ -1140,10 +1140,15 @@ async fn settings_flood<D: Dial>() {
     closed_and_paced(&f);
 }
 
-/// A flood of control frames whose answers the attacker reads: each connection is closed
-/// when it spends its budget, and the address's new connections are paced (one per 100 ms).
+/// A flood of control frames whose answers the attacker reads: each connection is told why
+/// (GOAWAY, ENHANCE_YOUR_CALM) and closed when it spends its budget, and the address's new
+/// connections are paced (one per 100 ms).
 fn closed_and_paced(f: &Figures) {
     assert!(f.seen.closed_by_proxy >= 1, "closed past its budget: {f:?}");
+    assert!(
+        f.seen.goaways.contains_key(&ENHANCE_YOUR_CALM),
+        "told why: {f:?}"
+    );
     assert!(
         f.seen.connections <= 30,
         "reconnections after abuse are paced: {f:?}"

@@ -1,6 +1,7 @@
 //! A budget of HTTP/2 control frames per client connection: PING, SETTINGS, PRIORITY,
 //! WINDOW_UPDATE and frames of unknown types. A connection that sends more of them than
-//! its budget is closed, and its address is paced like any other abuser's (`abuse`).
+//! its budget is told so with `GOAWAY` `ENHANCE_YOUR_CALM` (as h2 does for the floods it
+//! counts itself) and closed, and its address is paced like any other abuser's (`abuse`).
 //!
 //! h2 answers each PING and SETTINGS frame and keeps at most one answer pending, so a client
 //! that never reads stalls itself; but one that reads its answers can flood without end
@@ -48,6 +49,9 @@ const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+/// RFC 9113's error code for a peer that is generating excessive load.
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 const WINDOW_UPDATE: u8 = 0x8;
 /// The last frame type RFC 9113 defines; types past it are extensions, ignored by h2.
 const CONTINUATION: u8 = 0x9;
@@ -78,9 +82,9 @@ impl Frames {
     }
 
     /// Follows the frames in `bytes`, the next bytes of the stream, calling `frame` with the
-    /// type of each frame as its header completes: false as soon as `frame` returns false
-    /// (and the reader is off from then on).
-    fn follow(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8) -> bool) -> bool {
+    /// type and stream id of each frame as its header completes: false as soon as `frame`
+    /// returns false (and the reader is off from then on).
+    fn follow(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8, u32) -> bool) -> bool {
         while !bytes.is_empty() {
             match self.scan {
                 Scan::Off => return true,
@@ -107,7 +111,9 @@ impl Frames {
                         self.scan = Scan::Head((have + n) as u8);
                         continue;
                     }
-                    if !frame(self.head[3]) {
+                    let h = &self.head;
+                    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    if !frame(h[3], stream) {
                         self.scan = Scan::Off;
                         return false;
                     }
@@ -130,6 +136,15 @@ impl Frames {
         }
         true
     }
+}
+
+/// A GOAWAY frame: the last stream the proxy may have acted on, and why it closes.
+fn goaway(last_stream: u32, code: u32) -> [u8; 17] {
+    let mut f = [0u8; 17];
+    f[..9].copy_from_slice(&[0, 0, 8, GOAWAY, 0, 0, 0, 0, 0]);
+    f[9..13].copy_from_slice(&(last_stream & 0x7fff_ffff).to_be_bytes());
+    f[13..].copy_from_slice(&code.to_be_bytes());
+    f
 }
 
 /// What is left of a connection's budget.
@@ -199,6 +214,13 @@ pub struct FrameBudget<T> {
     to_client: Frames,
     budget: Budget,
     flooded: Arc<AtomicBool>,
+    /// The highest stream a request (HEADERS) from the client opened: the GOAWAY's last
+    /// stream.
+    last_stream: u32,
+    /// Whether h2 has sent a whole frame (its SETTINGS come first; a GOAWAY may not).
+    sent_frame: bool,
+    /// The GOAWAY to write when the budget has run out, if it can go between two frames.
+    goaway: Option<[u8; 17]>,
 }
 
 impl<T> FrameBudget<T> {
@@ -209,14 +231,27 @@ impl<T> FrameBudget<T> {
             to_client: Frames::new(Scan::Head(0)),
             budget: Budget::new(Instant::now()),
             flooded,
+            last_stream: 0,
+            sent_frame: false,
+            goaway: None,
         }
     }
 
     /// Follows the frames in `bytes`, the next bytes the client sent: false when a control
     /// frame among them is over the budget.
     fn follow(&mut self, bytes: &[u8]) -> bool {
-        let budget = &mut self.budget;
-        let ok = self.from_client.follow(bytes, |ty| budget.received(ty));
+        let (budget, last) = (&mut self.budget, &mut self.last_stream);
+        let ok = self.from_client.follow(bytes, |ty, stream| {
+            if ty == HEADERS {
+                *last = (*last).max(stream);
+            }
+            budget.received(ty)
+        });
+        // Over budget: a GOAWAY can go to the client only between two of h2's frames, and
+        // after its SETTINGS. (Mid-frame, the connection is closed without one.)
+        if !ok && self.sent_frame && self.to_client.scan == Scan::Head(0) {
+            self.goaway = Some(goaway(self.last_stream, ENHANCE_YOUR_CALM));
+        }
         if self.from_client.scan == Scan::Off {
             // Not h2 (or closed for its frames): the other direction need not be read.
             self.to_client.scan = Scan::Off;
@@ -234,8 +269,11 @@ impl<T> FrameBudget<T> {
                 break;
             }
             let take = n.min(b.len());
-            let budget = &mut self.budget;
-            self.to_client.follow(&b[..take], |ty| budget.sent(ty));
+            let (budget, sent) = (&mut self.budget, &mut self.sent_frame);
+            self.to_client.follow(&b[..take], |ty, _| {
+                *sent = true;
+                budget.sent(ty)
+            });
             n -= take;
         }
     }
@@ -249,7 +287,9 @@ impl<T> FrameBudget<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for FrameBudget<T> {
+// Reading needs the writer too: the GOAWAY of a connection over its budget is written from
+// the read that finds it over.
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameBudget<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -259,6 +299,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameBudget<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             if self.from_client.scan != Scan::Off && !self.follow(&buf.filled()[before..]) {
+                if let Some(frame) = self.goaway.take() {
+                    // Once, without waiting: a connection that cannot take 17 bytes now is
+                    // closed without them. (A part written ends the stream mid-frame, which
+                    // the client reads as the connection's end all the same.)
+                    let inner = Pin::new(&mut self.inner);
+                    if let Poll::Ready(Ok(_)) = inner.poll_write(cx, &frame) {
+                        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+                    }
+                }
                 return Poll::Ready(Err(self.over_budget()));
             }
         }
@@ -350,6 +399,58 @@ mod tests {
             assert!(!feed(&mut l, &pings(1), step), "step {step}");
             assert_eq!(l.from_client.scan, Scan::Off);
             assert_eq!(l.to_client.scan, Scan::Off);
+        }
+    }
+
+    /// Over its budget, the client is told why before the connection closes: GOAWAY with
+    /// ENHANCE_YOUR_CALM and the last request's stream, right after h2's last whole frame;
+    /// never inside a frame h2 is part way through, nor before h2's SETTINGS.
+    #[tokio::test]
+    async fn over_the_budget_a_goaway_goes_out_between_frames_only() {
+        for (case, server) in [
+            ("between", 0usize),
+            ("mid-frame", 5),
+            ("before settings", 1),
+        ] {
+            let (client, proxy) = tokio::io::duplex(1 << 20);
+            let (mut client_rd, mut client_wr) = tokio::io::split(client);
+            let mut l = FrameBudget::new(proxy, Arc::default());
+            l.budget.refilled += Duration::from_secs(3600);
+            // What h2 has sent: its SETTINGS (whole, or part of it), or nothing.
+            let mut settings = Vec::new();
+            frame(&mut settings, SETTINGS, &[0, 4, 0, 1, 0, 0]);
+            let sent = match server {
+                0 => &settings[..],
+                1 => &[][..],
+                n => &settings[..n],
+            };
+            l.write_all(sent).await.unwrap();
+            let mut bytes = opened();
+            for stream in [1u32, 3] {
+                let mut req = Vec::new();
+                frame(&mut req, HEADERS, &[0x82]);
+                req[5..9].copy_from_slice(&stream.to_be_bytes());
+                bytes.extend(req);
+            }
+            bytes.extend(pings(BURST as usize + 3));
+            client_wr.write_all(&bytes).await.unwrap();
+            let mut sink = vec![0u8; 1 << 20];
+            let err = loop {
+                match l.read(&mut sink).await {
+                    Ok(n) => assert!(n > 0, "{case}: ended before the budget"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{case}");
+            drop(l);
+            let mut got = Vec::new();
+            client_rd.read_to_end(&mut got).await.unwrap();
+            let mut want = sent.to_vec();
+            if server == 0 {
+                want.extend(goaway(3, ENHANCE_YOUR_CALM));
+                assert_eq!(&got[got.len() - 8..], &[0, 0, 0, 3, 0, 0, 0, 0x0b]);
+            }
+            assert_eq!(got, want, "{case}");
         }
     }
 

@@ -1066,7 +1066,14 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             let (x, f) = limited(&kit, on(&alice)).await;
             seen.push(is_next(&f));
             let (route, id) = (x.route.unwrap(), x.identity.clone().unwrap());
-            let basic = route.limits.as_ref().unwrap().plan.as_ref().unwrap().default;
+            let basic = route
+                .limits
+                .as_ref()
+                .unwrap()
+                .plan
+                .as_ref()
+                .unwrap()
+                .default;
             assert!(basic.is_some());
             // From the second request on, the token is the connection's memo's.
             if seen.len() > 1 {
