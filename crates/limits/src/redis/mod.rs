@@ -1950,6 +1950,11 @@ fn spec_arg(spec: &TableSpec) -> String {
 
 /// A name (table, plan, bucket) in a key: `%` as `%25` and `:` as `%3A`.
 fn push_name(buf: &mut Vec<u8>, name: &str) {
+    // Names rarely hold either byte: copied whole then (keys are built on every check).
+    if !name.bytes().any(|b| b == b'%' || b == b':') {
+        buf.extend_from_slice(name.as_bytes());
+        return;
+    }
     for b in name.bytes() {
         match b {
             b'%' => buf.extend_from_slice(b"%25"),
