@@ -297,9 +297,7 @@ async fn tally(
     })
 }
 
-/// Counts the request in each tracked table it has a key for, in this process. A table
-/// keyed by the principal alone takes the plan's caller key, already built, when there is
-/// one (the same bytes).
+/// Counts the request in each tracked table it has a key for ([`key_in`]), in this process.
 fn count_local(
     x: &mut Exchange<'_>,
     route: &RouteRt,
@@ -317,11 +315,7 @@ fn count_local(
     // Filled in place: a snapshot is large, and the exchange holds the vector inline.
     x.seen.clear();
     for (t, read) in lim.track.iter().zip(&lim.read) {
-        let key = match (caller, &t.parts[..]) {
-            (Some(k), [Part::Principal]) if facts.identity.is_some() => Some(k.clone()),
-            _ => build_key(&t.parts, &facts),
-        };
-        let Some(key) = key else {
+        let Some(key) = key_in(t, &facts, caller) else {
             x.seen.push(None);
             continue;
         };
@@ -339,6 +333,15 @@ fn count_local(
     }
     if !usage.entries.is_empty() {
         x.usage = Some(usage);
+    }
+}
+
+/// The request's key in table `t`. A table keyed by the principal alone takes the plan's
+/// caller key, already built, when there is one (the same bytes).
+fn key_in(t: &crate::limits::TableRt, facts: &KeyFacts<'_>, caller: Option<&Key>) -> Option<Key> {
+    match (caller, &t.parts[..]) {
+        (Some(k), [Part::Principal]) if facts.identity.is_some() => Some(k.clone()),
+        _ => build_key(&t.parts, facts),
     }
 }
 

@@ -7,7 +7,7 @@
 
 use super::Early;
 use crate::exchange::Exchange;
-use crate::limits::{build_key, Fleet, KeyFacts, Part, RouteLimits, Usage};
+use crate::limits::{Fleet, KeyFacts, RouteLimits, Usage};
 use crate::plans::{BucketSet, PlanRt, PlanVerdict};
 use crate::snapshot::RouteRt;
 use portcullis_config::OnStoreError;
@@ -34,15 +34,10 @@ pub(super) async fn tally(
             route: &route.id,
             headers: &x.parts.headers,
         };
-        // A table keyed by the principal alone takes the plan's caller key, already built
-        // (the same bytes), as `count_local` does.
-        let caller = plan.map(|(_, _, k)| k).filter(|_| facts.identity.is_some());
+        let caller = plan.map(|(_, _, k)| k);
         lim.track
             .iter()
-            .map(|t| match (caller, &t.parts[..]) {
-                (Some(k), [Part::Principal]) => Some(k.clone()),
-                _ => build_key(&t.parts, &facts),
-            })
+            .map(|t| super::key_in(t, &facts, caller))
             .collect()
     } else {
         SmallVec::new()
