@@ -13,6 +13,10 @@
 # shutdown. Counts user-space instructions only: the kernel's share of a request (sockets)
 # is not in it. Needs valgrind and nginx; callgrind files go to $OUT/callgrind/.
 # `callgrind_annotate` on two of them shows where a difference lies.
+# portcullis-jwt-redis and portcullis-jwt-redis-batch need a redis-server on the port their
+# config names; their counts also hold the store's background syncs, which callgrind (50
+# times slower) runs every few requests: several hundred instructions too many, and not
+# the same from run to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT=<absolute path of a compare.sh run with SCENARIO=jwt>}
@@ -25,12 +29,15 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 mkdir -p "$OUT/callgrind"
 "$NGINX" -c "$OUT/nginx.conf" -p "$OUT/" -e "$OUT/nginx-error.log" >/dev/null 2>&1 &
 ngx=$!
-trap 'kill $ngx 2>/dev/null || true' EXIT
+pid=
+# The proxy under callgrind too, when a request fails (else it would keep its port).
+trap 'kill $ngx $pid 2>/dev/null || true' EXIT
 sleep 0.5
 token=$(cat "$OUT/jwt/token.txt")
 printf '%-34s %14s\n' variant instructions/request
 for v in "$@"; do
-    port=$(grep -o '127.0.0.1:[0-9]*' "$OUT/$v.yaml" | head -1 | cut -d: -f2)
+    # The listener's `    bind:` line (not the admin listener's or the Redis URL's address).
+    port=$(sed -n 's/^    bind: "127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$OUT/$v.yaml" | head -1)
     totals=()
     for n in "$N1" "$N2"; do
         rm -rf "$OUT"/state-*
