@@ -519,18 +519,26 @@ triggers:
     );
     assert_eq!(denied[0]["principal"]["provider"], "trigger");
     assert_eq!(denied[0]["detail"]["args"]["backend"], "shop/web");
-    // The firing's own record says which action was denied.
-    let outcomes: Vec<String> = audit_in(&p.dir.path().join("audit"))
-        .iter()
-        .filter(|r| r["detail"]["action"] == "firing")
-        .flat_map(|r| {
-            r["detail"]["args"]["actions"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|a| a.to_string())
-        .collect();
+    // The firing's own record says which action was denied. It is written once the firing's
+    // actions are done, after the denial's record: wait for it too.
+    let outcomes_of = |dir: &std::path::Path| -> Vec<String> {
+        audit_in(&dir.join("audit"))
+            .iter()
+            .filter(|r| r["detail"]["action"] == "firing")
+            .flat_map(|r| {
+                r["detail"]["args"]["actions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while outcomes_of(p.dir.path()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes = outcomes_of(p.dir.path());
     assert!(
         outcomes.iter().any(|o| o.contains("denied")),
         "{outcomes:#?}"
