@@ -79,30 +79,32 @@ impl BucketSet {
     /// The `RateLimit` header for a verdict: `"<name>";r=<remaining>;t=<seconds until the
     /// bucket is full>`.
     pub fn header(&self, v: &Verdict) -> HeaderValue {
-        // On every answer of a limited route: joined on the stack, then copied once into the
-        // value (one allocation of the exact length; a `Vec` with room to spare would take a
-        // second one when the value takes it over).
         let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
-        let parts: [&[u8]; 4] = [
+        join(&[
             &self.prefix,
             r.format(v.remaining).as_bytes(),
             b";t=",
             t.format(ceil_secs(v.reset_after)).as_bytes(),
-        ];
-        let mut buf = [0u8; 96];
-        let mut len = 0;
-        for p in parts {
-            let Some(to) = buf.get_mut(len..len + p.len()) else {
-                // A plan name too long for the buffer.
-                return HeaderValue::from_bytes(&parts.concat())
-                    .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""));
-            };
-            to.copy_from_slice(p);
-            len += p.len();
-        }
-        HeaderValue::from_bytes(&buf[..len])
-            .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
+        ])
     }
+}
+
+/// A header value from `parts`. On every answer of a limited route: joined on the stack, then
+/// copied once into the value (one allocation of the exact length; a `Vec` with room to
+/// spare would take a second one when the value takes it over, and `format!` more).
+fn join(parts: &[&[u8]]) -> HeaderValue {
+    let mut buf = [0u8; 192];
+    let mut len = 0;
+    for p in parts {
+        let Some(to) = buf.get_mut(len..len + p.len()) else {
+            // Names too long for the buffer.
+            return HeaderValue::from_bytes(&parts.concat())
+                .unwrap_or_else(|_| HeaderValue::from_static("\"plan\""));
+        };
+        to.copy_from_slice(p);
+        len += p.len();
+    }
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("\"plan\""))
 }
 
 /// An override of a plan: its own buckets on some routes and methods.
@@ -118,6 +120,11 @@ pub struct QuotaRt {
     pub name: String,
     /// The period's length in seconds (a month counts 30 days), the `w` of its policy.
     pub window: u64,
+    /// The start of its part of every `RateLimit` value: `, "<plan>-<per>";r=`.
+    prefix: Box<[u8]>,
+    /// `RateLimit-Policy` for the plan's own buckets and then each override's, with the
+    /// quota's policy after the buckets': made once, as the bucket sets' are.
+    policies: Vec<HeaderValue>,
 }
 
 /// A usage plan as the request path uses it.
@@ -192,31 +199,54 @@ impl PlanRt {
 
     /// `RateLimit-Policy` and `RateLimit` for a verdict on `set`.
     pub fn headers(&self, set: &BucketSet, v: &PlanVerdict) -> [HeaderValue; 2] {
-        match (&self.quota, &v.quota) {
-            (Some(q), Some(qv)) => {
-                let policy = format!(
-                    "{}, \"{}\";q={};w={}",
-                    set.policy.to_str().unwrap_or_default(),
-                    q.name,
-                    qv.limit,
-                    q.window
-                );
-                let now = format!(
-                    "\"{}\";r={};t={}, \"{}\";r={};t={}",
-                    set.name,
-                    v.bucket.remaining,
-                    ceil_secs(v.bucket.reset_after),
-                    q.name,
-                    qv.remaining,
-                    ceil_secs(qv.reset_after)
-                );
-                [
-                    HeaderValue::from_str(&policy).unwrap_or_else(|_| set.policy.clone()),
-                    HeaderValue::from_str(&now).unwrap_or_else(|_| set.header(&v.bucket)),
-                ]
-            }
-            _ => [set.policy.clone(), set.header(&v.bucket)],
-        }
+        let (Some(q), Some(qv)) = (&self.quota, &v.quota) else {
+            return [set.policy.clone(), set.header(&v.bucket)];
+        };
+        // The policy made for this set (the plan's own, or an override's), when the quota's
+        // limit is the one it was made with.
+        let made = std::iter::once(&*self.own)
+            .chain(self.overrides.iter().map(|o| &*o.set))
+            .position(|s| std::ptr::eq(s, set))
+            .and_then(|i| q.policies.get(i))
+            .filter(|_| qv.limit == q.quotas.spec().limit);
+        let policy = match made {
+            Some(p) => p.clone(),
+            None => q.policy(set, qv.limit),
+        };
+        let (mut r, mut t, mut qr, mut qt) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
+        let now = join(&[
+            &set.prefix,
+            r.format(v.bucket.remaining).as_bytes(),
+            b";t=",
+            t.format(ceil_secs(v.bucket.reset_after)).as_bytes(),
+            &q.prefix,
+            qr.format(qv.remaining).as_bytes(),
+            b";t=",
+            qt.format(ceil_secs(qv.reset_after)).as_bytes(),
+        ]);
+        [policy, now]
+    }
+}
+
+impl QuotaRt {
+    /// `RateLimit-Policy` for `set` with this quota of `limit`: the set's policy, then the
+    /// quota's.
+    fn policy(&self, set: &BucketSet, limit: u64) -> HeaderValue {
+        let (mut q, mut w) = (itoa::Buffer::new(), itoa::Buffer::new());
+        join(&[
+            set.policy.as_bytes(),
+            b", \"",
+            self.name.as_bytes(),
+            b"\";q=",
+            q.format(limit).as_bytes(),
+            b";w=",
+            w.format(self.window).as_bytes(),
+        ])
     }
 }
 
@@ -332,14 +362,17 @@ impl PlanRegistry {
                 Arc::new(quotas)
             }
         };
+        let name = format!("{}-{}", def.name, per.name());
         Ok(Some(QuotaRt {
             quotas,
-            name: format!("{}-{}", def.name, per.name()),
+            prefix: format!(", \"{name}\";r=").into_bytes().into(),
+            name,
             window: match per {
                 Per::Day => 86_400,
                 Per::Week => 7 * 86_400,
                 Per::Month => 30 * 86_400,
             },
+            policies: Vec::new(),
         }))
     }
 
@@ -481,7 +514,14 @@ impl PlanRegistry {
             Some(p) => p.daily.clone(),
             None => Arc::new(DailyUsage::new(PLAN_KEYS)),
         };
-        let quota = self.quota(def, old.as_deref(), &daily)?;
+        let mut quota = self.quota(def, old.as_deref(), &daily)?;
+        if let Some(q) = quota.as_mut() {
+            let limit = q.quotas.spec().limit;
+            q.policies = std::iter::once(&*own)
+                .chain(overrides.iter().map(|o| &*o.set))
+                .map(|set| q.policy(set, limit))
+                .collect();
+        }
         let p = Arc::new(PlanRt {
             name: def.name.clone(),
             own,
@@ -757,6 +797,40 @@ mod tests {
         let v = check(&p, &clock, "agents/a");
         assert!(v.allowed());
         assert_eq!(v.quota.unwrap().remaining, 2);
+    }
+
+    /// An override's answers name its own buckets beside the plan's quota, in both headers.
+    #[test]
+    fn an_overrides_headers_name_its_buckets_and_the_plans_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualWallClock::from_unix_secs(LATE));
+        let reg = registry(dir.path(), &clock);
+        let p = reg
+            .plan(&plan_def(
+                "{ name: agents, rate: 1000/s, burst: 1000, quota: { limit: 3, per: week }, \
+                 overrides: [{ methods: [POST], rate: 10/s, burst: 20 }] }",
+            ))
+            .unwrap();
+        let set = p.buckets_for("default/api", &Method::POST);
+        assert_eq!(set.name, "agents.1");
+        let v = p.check(
+            set,
+            &Key::from("a"),
+            MonotonicClock.now(),
+            clock.unix_nanos(),
+        );
+        let [policy, now] = p.headers(set, &v);
+        assert_eq!(
+            policy,
+            "\"agents.1\";q=20;w=2, \"agents-week\";q=3;w=604800"
+        );
+        let now = now.to_str().unwrap();
+        assert!(
+            now.starts_with("\"agents.1\";r=19;t=1, \"agents-week\";r=2;t="),
+            "{now}"
+        );
+        let [own, _] = p.headers(&p.own, &check(&p, &clock, "b"));
+        assert_eq!(own, "\"agents\";q=1000;w=1, \"agents-week\";q=3;w=604800");
     }
 
     #[test]
