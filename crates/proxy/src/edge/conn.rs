@@ -22,11 +22,20 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// The last bearer token on this connection and what it was found to be.
     pub memo: crate::memo::Memo,
+    /// The peer's address as a limits key (`src`), made at the first request that needs it.
+    ip_key: std::sync::OnceLock<portcullis_limits::Key>,
     /// How long the client may leave its request body waiting (`timeouts.client_body`).
     pub body_timeout: std::time::Duration,
 }
 
 impl ConnInfo {
+    /// The peer's address as a limits key: what a `src` table and a public route's plan
+    /// count the client under, hashed once per connection instead of once per request.
+    pub fn ip_key(&self) -> &portcullis_limits::Key {
+        self.ip_key
+            .get_or_init(|| portcullis_limits::Key::from(self.peer.ip()))
+    }
+
     pub fn new(
         peer: SocketAddr,
         listener: Arc<str>,
@@ -46,6 +55,7 @@ impl ConnInfo {
             smuggle,
             peer_ip,
             memo: Default::default(),
+            ip_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
         }
     }

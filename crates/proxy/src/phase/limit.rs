@@ -315,7 +315,7 @@ fn count_local(
     // Filled in place: a snapshot is large, and the exchange holds the vector inline.
     x.seen.clear();
     for (t, read) in lim.track.iter().zip(&lim.read) {
-        let Some(key) = key_in(t, &facts, caller) else {
+        let Some(key) = key_in(t, &facts, caller, x.conn) else {
             x.seen.push(None);
             continue;
         };
@@ -337,10 +337,17 @@ fn count_local(
 }
 
 /// The request's key in table `t`. A table keyed by the principal alone takes the plan's
-/// caller key, already built, when there is one (the same bytes).
-fn key_in(t: &crate::limits::TableRt, facts: &KeyFacts<'_>, caller: Option<&Key>) -> Option<Key> {
+/// caller key, already built, when there is one, and a table keyed by the client address
+/// alone the connection's (the same bytes as [`build_key`] would make).
+fn key_in(
+    t: &crate::limits::TableRt,
+    facts: &KeyFacts<'_>,
+    caller: Option<&Key>,
+    conn: &crate::edge::conn::ConnInfo,
+) -> Option<Key> {
     match (caller, &t.parts[..]) {
         (Some(k), [Part::Principal]) if facts.identity.is_some() => Some(k.clone()),
+        (_, [Part::Src]) if facts.ip == conn.peer.ip() => Some(conn.ip_key().clone()),
         _ => build_key(&t.parts, facts),
     }
 }
@@ -490,7 +497,7 @@ fn caller(x: &Exchange<'_>) -> Key {
                 Key::new(&[p, b"/", s].concat())
             }
         }
-        None => Key::from(x.conn.peer.ip()),
+        None => x.conn.ip_key().clone(),
     }
 }
 

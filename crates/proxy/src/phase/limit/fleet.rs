@@ -37,7 +37,7 @@ pub(super) async fn tally(
         let caller = plan.map(|(_, _, k)| k);
         lim.track
             .iter()
-            .map(|t| super::key_in(t, &facts, caller))
+            .map(|t| super::key_in(t, &facts, caller, x.conn))
             .collect()
     } else {
         SmallVec::new()
