@@ -1,7 +1,8 @@
 //! The verified-token cache: exact token bytes → identity, valid until the earlier of the
 //! token's `exp` and a TTL, bounded in size. A hit costs one hash lookup and a comparison of
-//! the stored token, not a signature check. Entries whose signing key has left the key set
-//! are dropped on lookup.
+//! the stored token, not a signature check. Entries whose signing key the key set would no
+//! longer pick for their token (removed, replaced under the same `kid`, or no longer the
+//! only key that fits a token without one) are dropped on lookup.
 
 use crate::Identity;
 use parking_lot::RwLock;
@@ -11,7 +12,16 @@ use std::sync::Arc;
 struct Entry {
     identity: Arc<Identity>,
     expires_at: u64,
-    kid: Option<String>,
+    key: Option<KeyRef>,
+}
+
+/// The key that verified a cached token: how the token named it (its `kid` and `alg`) and
+/// which key it was. None for a key outside every key set (a provider's shared secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRef {
+    pub kid: Option<Box<str>>,
+    pub alg: jsonwebtoken::Algorithm,
+    pub fingerprint: [u8; 32],
 }
 
 /// Tokens are long (often 1 KiB) and only verified ones are inserted, so a fast seeded
@@ -32,12 +42,12 @@ impl TokenCache {
     }
 
     /// Returns the cached identity if the token is known, unexpired, and its key (checked
-    /// by `key_alive`) still exists.
+    /// by `key_alive`) would still be the one that verifies it.
     pub fn get(
         &self,
         token: &[u8],
         now: u64,
-        key_alive: impl Fn(&str) -> bool,
+        key_alive: impl Fn(&KeyRef) -> bool,
     ) -> Option<Arc<Identity>> {
         self.get_until(token, now, key_alive).map(|(id, _)| id)
     }
@@ -47,12 +57,12 @@ impl TokenCache {
         &self,
         token: &[u8],
         now: u64,
-        key_alive: impl Fn(&str) -> bool,
+        key_alive: impl Fn(&KeyRef) -> bool,
     ) -> Option<(Arc<Identity>, u64)> {
         let stale = {
             let map = self.map.read();
             let e = map.get(token)?;
-            let alive = e.kid.as_deref().is_none_or(&key_alive);
+            let alive = e.key.as_ref().is_none_or(&key_alive);
             if e.expires_at > now && alive {
                 return Some((e.identity.clone(), e.expires_at));
             }
@@ -69,7 +79,7 @@ impl TokenCache {
         token: &[u8],
         identity: Arc<Identity>,
         expires_at: u64,
-        kid: Option<String>,
+        key: Option<KeyRef>,
         now: u64,
     ) {
         if self.capacity == 0 {
@@ -92,7 +102,7 @@ impl TokenCache {
             Entry {
                 identity,
                 expires_at,
-                kid,
+                key,
             },
         );
     }
@@ -137,10 +147,15 @@ mod tests {
     #[test]
     fn expiry_key_loss_and_bound() {
         let c = TokenCache::new(10);
-        c.insert(b"t1", id(), 100, Some("k1".into()), 0);
+        let k1 = KeyRef {
+            kid: Some("k1".into()),
+            alg: jsonwebtoken::Algorithm::ES256,
+            fingerprint: [1; 32],
+        };
+        c.insert(b"t1", id(), 100, Some(k1.clone()), 0);
         assert!(c.get(b"t1", 50, |_| true).is_some());
         assert!(
-            c.get(b"t1", 50, |k| k != "k1").is_none(),
+            c.get(b"t1", 50, |k| *k != k1).is_none(),
             "key gone: dropped"
         );
         assert!(c.get(b"t1", 50, |_| true).is_none());

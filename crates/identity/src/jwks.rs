@@ -8,6 +8,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use parking_lot::Mutex;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,11 @@ pub struct Key {
     pub kty: KeyType,
     pub alg: Option<Algorithm>,
     pub decoding: DecodingKey,
+    /// SHA-256 of the key's public parameters as parsed: the same key read again (a refetch
+    /// of an unchanged JWKS) has the same fingerprint, another key under the same `kid` has
+    /// another. The verified-token cache keeps it, so that an entry lives only as long as
+    /// the key set would still verify its token with the very key that did.
+    pub fingerprint: [u8; 32],
 }
 
 #[derive(Default)]
@@ -105,11 +111,15 @@ impl KeySet {
             let Ok(decoding) = DecodingKey::from_jwk(&jwk) else {
                 continue;
             };
+            let Ok(params) = serde_json::to_vec(&jwk.algorithm) else {
+                continue;
+            };
             let key = Arc::new(Key {
                 kid: jwk.common.key_id.clone(),
                 kty,
                 alg,
                 decoding,
+                fingerprint: Sha256::digest(&params).into(),
             });
             match &key.kid {
                 Some(k) => {
@@ -125,8 +135,12 @@ impl KeySet {
     }
 
     pub fn get(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Key>> {
+        self.pick(kid, alg).cloned()
+    }
+
+    fn pick(&self, kid: Option<&str>, alg: Algorithm) -> Option<&Arc<Key>> {
         match kid {
-            Some(k) => self.by_kid.get(k).cloned(),
+            Some(k) => self.by_kid.get(k),
             // Without a kid, only an unambiguous key of the right type is used.
             None => {
                 let mut fitting = self
@@ -135,15 +149,19 @@ impl KeySet {
                     .chain(self.by_kid.values())
                     .filter(|k| k.kty.fits(alg));
                 match (fitting.next(), fitting.next()) {
-                    (Some(k), None) => Some(k.clone()),
+                    (Some(k), None) => Some(k),
                     _ => None,
                 }
             }
         }
     }
 
-    pub fn contains_kid(&self, kid: &str) -> bool {
-        self.by_kid.contains_key(kid)
+    /// Whether a token with `kid` and `alg` would be verified now with the key whose
+    /// fingerprint is `fingerprint`: the key is still in the set, under the same `kid`, and
+    /// (for a token without one) still the only key that fits.
+    pub fn still_picks(&self, kid: Option<&str>, alg: Algorithm, fingerprint: &[u8; 32]) -> bool {
+        self.pick(kid, alg)
+            .is_some_and(|k| k.fingerprint == *fingerprint)
     }
 
     pub fn len(&self) -> usize {

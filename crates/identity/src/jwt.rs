@@ -5,7 +5,7 @@
 //! claims (`iss` exact, `aud` contains a configured audience, `exp` required unless disabled,
 //! `nbf` and `iat` with clock skew). Verified tokens are cached by their exact bytes.
 
-use crate::cache::TokenCache;
+use crate::cache::{KeyRef, TokenCache};
 use crate::jwks::KeySource;
 use crate::{claims, now_secs, AuthError, AuthMethod, Identity};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -144,8 +144,8 @@ impl Validator {
             .unwrap_or_default();
         let (identity, expires_at) =
             self.cache
-                .get_until(token.as_bytes(), since_epoch.as_secs(), |kid| {
-                    keys.contains_kid(kid)
+                .get_until(token.as_bytes(), since_epoch.as_secs(), |k| {
+                    keys.still_picks(k.kid.as_deref(), k.alg, &k.fingerprint)
                 })?;
         // The entry is valid while the wall clock is before `expires_at`, exactly.
         let left = Duration::from_secs(expires_at).saturating_sub(since_epoch);
@@ -166,10 +166,9 @@ impl Validator {
         }
         let now = now_secs();
         let keys = self.keys.keys();
-        if let Some(id) = self
-            .cache
-            .get(token.as_bytes(), now, |kid| keys.contains_kid(kid))
-        {
+        if let Some(id) = self.cache.get(token.as_bytes(), now, |k| {
+            keys.still_picks(k.kid.as_deref(), k.alg, &k.fingerprint)
+        }) {
             return Ok(id);
         }
         drop(keys);
@@ -197,7 +196,7 @@ impl Validator {
             Some(_) => return Err(reject("token `kid` is not a reasonable key id")),
         };
         let is_hs = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
-        let key_holder;
+        let mut key_holder = None;
         let key: &DecodingKey = if is_hs {
             if !self.algorithms.contains(&alg) {
                 return Err(reject(format!(
@@ -218,20 +217,20 @@ impl Validator {
                     self.provider
                 )));
             }
-            key_holder = self.keys.find(kid, alg).await.ok_or_else(|| {
+            let found = self.keys.find(kid, alg).await.ok_or_else(|| {
                 reject(format!(
                     "no key `{}` for provider `{}`",
                     kid.unwrap_or("").escape_debug(),
                     self.provider
                 ))
             })?;
-            if !key_holder.kty.fits(alg) || key_holder.alg.is_some_and(|a| a != alg) {
+            if !found.kty.fits(alg) || found.alg.is_some_and(|a| a != alg) {
                 return Err(reject(format!(
                     "key `{}` does not fit algorithm `{alg_s}`",
                     kid.unwrap_or("")
                 )));
             }
-            &key_holder.decoding
+            &key_holder.insert(found).decoding
         };
         let mut v = Validation::new(alg);
         v.leeway = self.skew;
@@ -264,12 +263,16 @@ impl Validator {
         )?);
         let exp = identity.expires_at.unwrap_or(u64::MAX);
         let until = exp.min(now + self.cache_ttl.as_secs());
-        // An HS* token is checked with the provider's secret, which is in no key set: its
-        // `kid` names no key whose removal ends the entry (kept, the entry was dropped at
-        // every lookup, so such tokens were never served from the cache; found by fuzzing).
-        let key_id = if is_hs { None } else { kid.map(String::from) };
+        // The entry lives while the key set would verify this token with this very key. An
+        // HS* token is checked with the provider's secret, which is in no key set: no key
+        // ends its entry (its `kid` names none; found by fuzzing).
+        let key_ref = key_holder.map(|k| KeyRef {
+            kid: kid.map(Into::into),
+            alg,
+            fingerprint: k.fingerprint,
+        });
         self.cache
-            .insert(token.as_bytes(), identity.clone(), until, key_id, now);
+            .insert(token.as_bytes(), identity.clone(), until, key_ref, now);
         Ok(identity)
     }
 }
@@ -425,6 +428,92 @@ mod tests {
         keys.refresh().await.unwrap();
         assert!(!again.holds(now));
         assert!(v.cached_with_proof(&token).is_none());
+    }
+
+    /// A cached token is served only while the key set would verify it with the key that
+    /// did: not after that key leaves (a token without `kid` too), not after another key
+    /// takes its `kid`, and not when a second key makes a `kid`-less token ambiguous. The
+    /// same key read again keeps it.
+    #[tokio::test]
+    async fn a_cached_token_lives_only_as_long_as_the_key_that_verified_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        let write = |keys: &[&Value]| {
+            std::thread::sleep(Duration::from_millis(20));
+            let tmp = file.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        let dev = crate::dev::generate().unwrap().1;
+        let other = crate::dev::generate().unwrap().1;
+        let without_kid = |jwk: &Value| {
+            let mut j = jwk.clone();
+            j.as_object_mut().unwrap().remove("kid");
+            j
+        };
+        let (dev_bare, other_bare) = (without_kid(&dev.jwk), without_kid(&other.jwk));
+        // `other`'s key under `dev`'s kid.
+        let mut impostor = other.jwk.clone();
+        impostor["kid"] = Value::String(dev.kid.clone());
+        let now = now_secs();
+        let claims = serde_json::json!({
+            "iss": "https://p.test", "aud": "api", "sub": "alice", "exp": now + 120,
+        });
+        let bare_token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::ES256),
+            &claims,
+            &dev.encoding,
+        )
+        .unwrap();
+        let kid_token = dev
+            .mint("https://p.test", "api", "alice", &[], None, 120)
+            .unwrap();
+
+        write(&[&dev_bare, &impostor]);
+        let keys = Arc::new(KeySource::new(
+            "p",
+            Source::File(file.clone()),
+            None,
+            Duration::from_secs(60),
+        ));
+        // Without `kid` the token names no key; `dev` is the only key with none, but
+        // `impostor` fits ES256 too: ambiguous, refused.
+        keys.refresh().await.unwrap();
+        let v = validator(keys.clone());
+        assert!(v.validate(&bare_token).await.is_err(), "two keys fit");
+
+        // The `kid`-less key alone: verified and cached.
+        write(&[&dev_bare]);
+        keys.refresh().await.unwrap();
+        assert!(v.validate(&bare_token).await.is_ok());
+        assert!(v.cached(&bare_token).is_some());
+        // Read again unchanged: still served from the cache.
+        write(&[&dev_bare]);
+        keys.refresh().await.unwrap();
+        assert!(v.cached(&bare_token).is_some(), "the same key, read again");
+        // A second fitting key: a fresh check would find two, so the cache does not answer.
+        write(&[&dev_bare, &other_bare]);
+        keys.refresh().await.unwrap();
+        assert!(v.cached(&bare_token).is_none(), "ambiguous now");
+        assert!(v.validate(&bare_token).await.is_err());
+        // The signing key replaced by another: refused, from the cache and afresh.
+        write(&[&dev_bare]);
+        keys.refresh().await.unwrap();
+        assert!(v.validate(&bare_token).await.is_ok());
+        write(&[&other_bare]);
+        keys.refresh().await.unwrap();
+        assert!(v.cached(&bare_token).is_none(), "its key is gone");
+        assert!(v.validate(&bare_token).await.is_err());
+
+        // A token with `kid`: cached, then another key takes that kid.
+        write(&[&dev.jwk]);
+        keys.refresh().await.unwrap();
+        assert!(v.validate(&kid_token).await.is_ok());
+        assert!(v.cached(&kid_token).is_some());
+        write(&[&impostor]);
+        keys.refresh().await.unwrap();
+        assert!(v.cached(&kid_token).is_none(), "another key under its kid");
+        assert!(v.validate(&kid_token).await.is_err());
     }
 
     /// A token broken in any of its parts is refused with the one message, which names no
