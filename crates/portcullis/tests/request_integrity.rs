@@ -919,9 +919,10 @@ async fn connection_cannot_remove_identity_headers() {
     }
 }
 
-/// Request trailers named like identity headers never reach the origin, on an authenticated
-/// route, a public route, and a route that forwards trailers (`request_trailers: true`);
-/// other trailers reach the origin only on that route. The body arrives whole either way.
+/// Request trailers named like identity headers, or like any field portcullis owns or sets
+/// (forwarded headers, credentials, path and method overrides, the request id), never reach
+/// the origin, on an authenticated route, a public route, and a route that forwards trailers
+/// (`request_trailers: true`); other trailers reach the origin only on that route. The body arrives whole either way.
 #[tokio::test]
 async fn trailers_named_like_identity_headers_never_reach_the_origin() {
     let key = Key::new("k1");
@@ -938,7 +939,8 @@ async fn trailers_named_like_identity_headers_never_reach_the_origin() {
             p.port,
             format!(
                 "POST {path} HTTP/1.1\r\nHost: app.test\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\nTrailer: X-User, X-Groups, X-Portcullis-Assertion, X-Checksum\r\nConnection: close\r\n\r\n\
-                 5\r\nhello\r\n6\r\n world\r\n0\r\nX-User: mallory\r\nX-Groups: admins\r\nX-Portcullis-Assertion: forged.jwt.x\r\nx-portcullis-user: mallory\r\nX-Checksum: abc\r\n\r\n"
+                 5\r\nhello\r\n6\r\n world\r\n0\r\nX-User: mallory\r\nX-Groups: admins\r\nX-Portcullis-Assertion: forged.jwt.x\r\nx-portcullis-user: mallory\r\nX_User: mallory\r\n\
+                 X-Forwarded-For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nAuthorization: Bearer forged\r\nX-Original-URL: /admin\r\nX-HTTP-Method-Override: DELETE\r\nX-Request-Id: forged\r\nX-Checksum: abc\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -948,11 +950,20 @@ async fn trailers_named_like_identity_headers_never_reach_the_origin() {
         let seen = origin.request(path);
         assert_eq!(seen.body, b"hello world", "{path}: {seen}");
         let names = seen.trailer_names();
+        // Nor any that reads as a field portcullis owns or set: an origin that merges
+        // trailers into the head would believe them.
         for n in [
             "x-user",
             "x-groups",
             "x-portcullis-assertion",
             "x-portcullis-user",
+            "x_user",
+            "x-forwarded-for",
+            "x_real_ip",
+            "authorization",
+            "x-original-url",
+            "x-http-method-override",
+            "x-request-id",
         ] {
             assert!(
                 !names.iter().any(|t| t == n),

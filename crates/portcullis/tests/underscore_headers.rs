@@ -2,7 +2,8 @@
 //! never reach an origin through a listener with the default `underscores_in_headers: drop`,
 //! over HTTP/1.1 or h2: CGI-style origin frameworks would read them as `Transfer-Encoding`,
 //! `Content-Length` and portcullis's own identity header. `reject` answers 400, and `allow`
-//! forwards them, less the identity header lookalikes.
+//! forwards them, less those that read as a field portcullis owns (framing, forwarded
+//! headers, method overrides, identity headers) or as a field of the request it forwards.
 mod common;
 use common::*;
 
@@ -46,6 +47,10 @@ Host: app.test\r\n\
 Transfer_Encoding: chunked\r\n\
 Content_Length: 0\r\n\
 X_Portcullis_User: admin\r\n\
+X_Forwarded_For: 6.6.6.6\r\n\
+X_HTTP_Method_Override: DELETE\r\n\
+X_Kept: 2\r\n\
+X_Custom: 1\r\n\
 X-Kept: 1\r\n\
 Content-Length: 5\r\n\
 Connection: close\r\n\
@@ -83,6 +88,10 @@ async fn h2(port: u16) -> (u16, Value) {
         .header("transfer_encoding", "chunked")
         .header("content_length", "0")
         .header("x_portcullis_user", "admin")
+        .header("x_forwarded_for", "6.6.6.6")
+        .header("x_http_method_override", "DELETE")
+        .header("x_kept", "2")
+        .header("x_custom", "1")
         .header("x-kept", "1")
         .body(Full::new(Bytes::from_static(b"hello")))
         .unwrap();
@@ -126,7 +135,7 @@ async fn header_names_with_underscores_never_reach_the_origin_by_default() {
 }
 
 #[tokio::test]
-async fn reject_answers_400_and_allow_forwards_all_but_identity_lookalikes() {
+async fn reject_answers_400_and_allow_forwards_all_but_lookalikes_of_owned_fields() {
     let origin = names_echo().await;
     let (p, reject, allow) = start(&origin).await;
     for (proto, (status, body)) in [("HTTP/1.1", h1(reject).await), ("h2", h2(reject).await)] {
@@ -148,14 +157,22 @@ async fn reject_answers_400_and_allow_forwards_all_but_identity_lookalikes() {
     for (proto, (status, echo)) in [("HTTP/1.1", h1(allow).await), ("h2", h2(allow).await)] {
         assert_eq!(status, 200, "{proto}: {echo}");
         let seen = names(&echo);
-        for n in ["transfer_encoding", "content_length", "x-kept"] {
+        for n in ["x_custom", "x-kept", "x-forwarded-for"] {
             assert!(seen.contains(&n), "{proto}: {n} not in {seen:?}");
         }
-        // Identity header lookalikes go whatever the rule.
-        assert!(
-            !seen.contains(&"x_portcullis_user") && !seen.contains(&"x-portcullis-user"),
-            "{proto}: {seen:?}"
-        );
+        // What reads as a field portcullis frames the request by, sets or removes goes
+        // whatever the rule, and so does what reads as a field the request already has.
+        for n in [
+            "transfer_encoding",
+            "content_length",
+            "x_portcullis_user",
+            "x-portcullis-user",
+            "x_forwarded_for",
+            "x_http_method_override",
+            "x_kept",
+        ] {
+            assert!(!seen.contains(&n), "{proto}: {n} in {seen:?}");
+        }
         assert_eq!(echo["body"], 5, "{proto}: {echo}");
     }
 }

@@ -24,6 +24,7 @@ pub mod control;
 pub mod edge;
 pub mod events;
 pub mod exchange;
+pub mod fields;
 pub mod health;
 pub mod limits;
 pub mod memo;

@@ -533,21 +533,32 @@ pub fn method_override(
 
 /// Applies a listener's rule for request header names with an underscore (`X_User`,
 /// `Transfer_Encoding`): `drop` removes them, `reject` refuses the request, `allow` keeps
-/// them. CGI-style origin frameworks read `_` as `-`, so such a name would carry, past
-/// portcullis, a header that it removes or sets itself (docs/security.md).
+/// them, less those that read as a field portcullis owns ([`crate::fields`]). CGI-style
+/// origin frameworks read `_` as `-`, so such a name would carry, past portcullis, a header
+/// that it frames the request by, removes or sets itself (docs/security.md). Under `allow`,
+/// the upstream head drops too a name that reads as a field it carries
+/// ([`crate::upstream::head::build`]).
 pub fn underscore_headers(
     headers: &mut HeaderMap,
     mode: UnderscoresInHeaders,
 ) -> Result<(), Refusal> {
     // One pass over the names, no allocation: most requests have none.
     let has = |k: &HeaderName| k.as_str().as_bytes().contains(&b'_');
-    if mode == UnderscoresInHeaders::Allow || !headers.keys().any(has) {
+    if !headers.keys().any(has) {
         return Ok(());
     }
     if mode == UnderscoresInHeaders::Reject {
         return Err(Refusal::UnderscoreHeader);
     }
-    let doomed: Vec<HeaderName> = headers.keys().filter(|k| has(k)).cloned().collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            (mode == UnderscoresInHeaders::Drop && has(k))
+                || crate::fields::cgi_reading(k.as_str())
+                    .is_some_and(|n| crate::fields::is_owned(&n))
+        })
+        .cloned()
+        .collect();
     for n in doomed {
         headers.remove(n);
     }
@@ -830,12 +841,17 @@ mod tests {
             underscore_headers(&mut h, UnderscoresInHeaders::Reject),
             Err(Refusal::UnderscoreHeader)
         );
+        // `allow` keeps them, less those that read as a field portcullis owns.
         let mut h = request();
+        h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
+        h.insert("x_http_method_override", "DELETE".parse().unwrap());
         assert_eq!(
             underscore_headers(&mut h, UnderscoresInHeaders::Allow),
             Ok(())
         );
-        assert_eq!(h.len(), 6);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-user", "x_user"]);
         // Without one, every rule leaves the request alone.
         for mode in [
             UnderscoresInHeaders::Drop,

@@ -46,26 +46,38 @@ pub struct ClientBody(#[source] pub BoxError);
 pub struct SlowBody(pub std::time::Duration);
 
 /// What happens to a client's request trailers on their way to the origin.
-#[derive(Clone)]
 pub enum Trailers {
     /// Dropped (the default: few origins need them, and a trailer can carry a field that
     /// portcullis removed from the head).
     Drop,
-    /// Forwarded, less any field named in the list or under `x-portcullis-` (the identity
-    /// headers and the assertion, which only portcullis sets).
-    Keep(Arc<[HeaderName]>),
+    /// Forwarded, less any that an origin merging trailers into the head could read as a
+    /// field portcullis owns or set (in any spelling, `_` for `-`): see [`Kept`].
+    Keep(Box<Kept>),
+}
+
+/// What a kept trailer may not be named.
+pub struct Kept {
+    /// The identity headers and the assertion (the snapshot's list), which only portcullis
+    /// sets.
+    pub protected: Arc<[HeaderName]>,
+    /// The fields of the upstream head: what portcullis routed, authorized and set (the
+    /// forwarded headers, an authorizer's context, a limit's mark) is not repeated, or
+    /// contradicted, after the body.
+    pub head: Vec<HeaderName>,
 }
 
 impl Trailers {
     fn filter(&self, mut t: HeaderMap) -> Option<HeaderMap> {
-        let Trailers::Keep(protected) = self else {
+        let Trailers::Keep(kept) = self else {
             return None;
         };
         let doomed: Vec<HeaderName> = t
             .keys()
             .filter(|k| {
                 let name = k.as_str().replace('_', "-");
-                name.starts_with("x-portcullis-") || protected.iter().any(|p| p.as_str() == name)
+                crate::fields::is_owned(&name)
+                    || kept.protected.iter().any(|p| p.as_str() == name)
+                    || kept.head.iter().any(|p| p.as_str() == name)
             })
             .cloned()
             .collect();
@@ -313,6 +325,46 @@ impl<B, D: OnDone> Drop for Tracked<B, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept trailer may not be named as a field portcullis owns, an identity header or a
+    /// field of the head, in any spelling; others pass.
+    #[test]
+    fn kept_trailers_never_carry_what_portcullis_owns_or_set() {
+        let kept = Trailers::Keep(Box::new(Kept {
+            protected: vec![HeaderName::from_static("x-user")].into(),
+            head: vec![HeaderName::from_static("x-tenant"), http::header::HOST],
+        }));
+        let mut t = HeaderMap::new();
+        for k in [
+            "x-forwarded-for",
+            "x_real_ip",
+            "authorization",
+            "cookie",
+            "x-original-url",
+            "x-http-method-override",
+            "content-length",
+            "x-user",
+            "x_user",
+            "x-portcullis-assertion",
+            "x-tenant",
+            "x_tenant",
+            "grpc-status-details-bin",
+            "x-checksum",
+        ] {
+            t.insert(HeaderName::from_static(k), "v".parse().unwrap());
+        }
+        let left = kept.filter(t).unwrap();
+        let mut names: Vec<&str> = left.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-status-details-bin", "x-checksum"]);
+        let mut only_owned = HeaderMap::new();
+        only_owned.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        assert!(
+            kept.filter(only_owned).is_none(),
+            "nothing left: no trailers"
+        );
+        assert!(Trailers::Drop.filter(HeaderMap::new()).is_none());
+    }
     use std::time::Duration;
 
     /// A body fed by the test: frames sent on the channel, the end when it is dropped.

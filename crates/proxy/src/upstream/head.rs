@@ -13,6 +13,7 @@ use crate::exchange::{Exchange, Refused, X_REQUEST_ID};
 use crate::snapshot::{BackendRt, RouteRt, Snapshot, ASSERTION_HEADER};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
+use portcullis_config::UnderscoresInHeaders;
 use portcullis_identity::{template, Identity};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -210,6 +211,9 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
         headers.insert(X_FORWARDED_HOST.clone(), a.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), x.rid.0.clone());
+    if conn.rules.underscores_in_headers == UnderscoresInHeaders::Allow {
+        drop_lookalikes(&mut headers);
+    }
     let authority = match (&backend.host, authority) {
         (Some(h), _) => h.clone(),
         (None, Some(a)) => a.clone(),
@@ -242,9 +246,85 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     }
 }
 
+/// Under `underscores_in_headers: allow`: removes a field whose name holds `_` and reads, as
+/// CGI-style frameworks read it (`_` as `-`), as a field the head carries: one portcullis set
+/// (an identity header, an authorizer's context, a limit's mark, the forwarded headers) or
+/// the client's own, which the origin could not tell apart from it either. (Names of fields
+/// portcullis owns went before routing, in `edge::canon::underscore_headers`.)
+fn drop_lookalikes(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            crate::fields::cgi_reading(k.as_str())
+                .is_some_and(|n| crate::fields::is_owned(&n) || headers.contains_key(n.as_str()))
+        })
+        .cloned()
+        .collect();
+    for n in doomed {
+        headers.remove(n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fields this module removes or sets are among those portcullis owns, so that their
+    /// `_` spellings and trailers of their names are refused too.
+    #[test]
+    fn the_fields_removed_or_set_here_are_owned() {
+        let hops = [
+            header::CONNECTION,
+            KEEP_ALIVE.clone(),
+            PROXY_CONNECTION.clone(),
+            header::PROXY_AUTHENTICATE,
+            header::PROXY_AUTHORIZATION,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ];
+        let set = [
+            X_FORWARDED_FOR.clone(),
+            X_FORWARDED_PROTO.clone(),
+            X_FORWARDED_HOST.clone(),
+            X_REQUEST_ID.clone(),
+            header::FORWARDED,
+            header::EXPECT,
+            header::HOST,
+            header::COOKIE,
+        ];
+        for n in hops
+            .iter()
+            .chain(&set)
+            .chain(&CLIENT_IP_CLAIMS)
+            .chain(&PATH_OVERRIDES)
+        {
+            assert!(crate::fields::is_owned(n.as_str()), "{n}");
+        }
+    }
+
+    #[test]
+    fn under_allow_a_name_that_reads_as_a_field_of_the_head_goes() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-tenant", "acme"),
+            ("x_tenant", "evil"),
+            ("x_forwarded_proto", "https"),
+            ("x_custom", "kept"),
+            ("x-custom-2", "kept"),
+        ] {
+            h.insert(HeaderName::from_static(k), v.parse().unwrap());
+        }
+        drop_lookalikes(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-custom-2", "x-tenant", "x_custom"]);
+        assert_eq!(h["x-tenant"], "acme");
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
