@@ -337,8 +337,10 @@ pub fn identity_from_claims(
     map: &ClaimMap,
     c: Value,
 ) -> Result<Identity, AuthError> {
+    // An empty subject names no one: refused, as a missing one is.
     let subject = claims::string(&c, "sub")
         .or_else(|| claims::string(&c, &map.user))
+        .filter(|s| !s.is_empty())
         .ok_or_else(|| reject("token has no `sub` claim"))?;
     let user = claims::string(&c, &map.user).unwrap_or_else(|| subject.clone());
     Ok(Identity {
@@ -514,6 +516,47 @@ mod tests {
         keys.refresh().await.unwrap();
         assert!(v.cached(&kid_token).is_none(), "another key under its kid");
         assert!(v.validate(&kid_token).await.is_err());
+    }
+
+    /// `require_exp: false` makes `exp` optional, never ignored: a token without one is
+    /// accepted, one whose `exp` has passed is still refused.
+    #[tokio::test]
+    async fn without_require_exp_a_past_exp_is_still_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        let dev = crate::dev::generate().unwrap().1;
+        write_keys(&file, &dev.jwk);
+        let keys = Arc::new(KeySource::new(
+            "p",
+            Source::File(file),
+            None,
+            Duration::from_secs(60),
+        ));
+        keys.refresh().await.unwrap();
+        let mut v = validator(keys);
+        v.require_exp = false;
+        let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+        h.kid = Some(dev.kid.clone());
+        let sign = |c: Value| jsonwebtoken::encode(&h, &c, &dev.encoding).unwrap();
+        let base = serde_json::json!({ "iss": "https://p.test", "aud": "api", "sub": "alice" });
+        assert!(v.validate(&sign(base.clone())).await.is_ok(), "no exp");
+        let mut past = base.clone();
+        past["exp"] = Value::from(now_secs() - 600);
+        assert!(v.validate(&sign(past)).await.is_err(), "exp passed");
+        let mut text = base;
+        text["exp"] = Value::from("never");
+        assert!(v.validate(&sign(text)).await.is_err(), "exp not a number");
+    }
+
+    /// A subject must name someone: an empty `sub` is refused as a missing one is.
+    #[test]
+    fn an_empty_subject_is_refused() {
+        let map = ClaimMap::default();
+        let with = |sub: Value| serde_json::json!({ "sub": sub, "iss": "i" });
+        let refused = |c: Value| identity_from_claims("p", AuthMethod::Jwt, &map, c).is_err();
+        assert!(refused(with(Value::String(String::new()))));
+        assert!(refused(serde_json::json!({ "iss": "i" })));
+        assert!(!refused(with(Value::String("alice".into()))));
     }
 
     /// A token broken in any of its parts is refused with the one message, which names no

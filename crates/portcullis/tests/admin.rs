@@ -117,6 +117,16 @@ async fn api_needs_a_valid_bearer_token_but_health_does_not() {
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["backends"][0]["name"], "default/b");
+    // The scheme in any case, as RFC 9110 has it.
+    for scheme in ["bearer", "BEARER"] {
+        let r = c
+            .get(p.admin_url("/api/v1/backends"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
 
     for path in ["/metrics", "/api/v1/config", "/api/v1/reload"] {
         let m = if path == "/api/v1/reload" {

@@ -101,7 +101,12 @@ async fn auth(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme in any case (RFC 9110 §11.1), as the data plane reads it.
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .map(|v| v.trim().to_string());
     if let Some(i) = bearer
         .as_deref()
