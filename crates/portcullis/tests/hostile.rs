@@ -167,6 +167,59 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
     still_healthy(&p, &o).await;
 }
 
+/// A request the smuggling guard cannot follow past (an upgrade that opens no tunnel, a
+/// CONNECT) is the connection's last: its answer closes it, so a request after it cannot get
+/// past the guard (a Content-Length beside chunked would reach the origin) or dribble its
+/// head forever (the header timeout lives in the guard too).
+#[tokio::test]
+async fn a_request_after_an_upgrade_without_a_tunnel_is_never_served() {
+    let (o, p) = setup().await;
+    let smuggled = "POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    for (name, first, status) in [
+        (
+            "an upgrade portcullis does not forward",
+            "GET /app HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n",
+            200,
+        ),
+        (
+            "a WebSocket upgrade the origin refuses",
+            "GET /app HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            200,
+        ),
+        (
+            "h2c",
+            "GET /app HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+            200,
+        ),
+        ("CONNECT", "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 405),
+    ] {
+        let before = o.hits();
+        let resp = raw(p.port, format!("{first}{smuggled}").as_bytes()).await;
+        assert_eq!(status_of(&resp), status, "{name}:\n{resp}");
+        assert_eq!(
+            resp.matches("HTTP/1.1 ").count(),
+            1,
+            "{name}: the request after it was served:\n{resp}"
+        );
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "{name}:\n{resp}"
+        );
+        assert_eq!(o.hits(), before + usize::from(status == 200), "{name}");
+
+        // Nor can a slow head follow it: the connection closes after the answer.
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        s.write_all(first.as_bytes()).await.unwrap();
+        s.write_all(b"GET /app HTTP/1.1\r\nHo").await.unwrap();
+        let (resp, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), status, "{name}:\n{resp}");
+        assert!(closed.is_some(), "{name}: the connection stayed open");
+    }
+    still_healthy(&p, &o).await;
+}
+
 #[tokio::test]
 async fn malformed_requests_get_400() {
     let (o, p) = setup().await;

@@ -283,7 +283,13 @@ impl<'s> Exchange<'s> {
 /// as sent when it was already canonical) and the query as sent.
 pub fn origin_target<'a>(path: &'a Option<String>, uri: &'a http::Uri) -> Cow<'a, str> {
     match path {
-        None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
+        // An absolute-form target with an empty path (`http://host?q`, or an h2 `:path` of
+        // `?q`) is routed as `/`, and must reach the origin as `/?q`, not as `?q`.
+        None => match uri.path_and_query().map(|p| p.as_str()) {
+            Some(pq) if pq.starts_with('?') => Cow::Owned(format!("/{pq}")),
+            Some(pq) if !pq.is_empty() => Cow::Borrowed(pq),
+            _ => Cow::Borrowed("/"),
+        },
         Some(p) => Cow::Owned(match uri.query() {
             Some(q) => format!("{p}?{q}"),
             None => p.clone(),

@@ -17,6 +17,7 @@ use crate::exchange::{local, Exchange, Flow};
 use crate::phase::{authorize, check, forward, identify, limit, route};
 use crate::upstream::body::RespBody;
 use crate::Shared;
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -31,13 +32,27 @@ pub async fn handle(
     let snap = shared.snapshot.load_full();
     let start = Instant::now();
     let (parts, body) = req.into_parts();
+    let h1 = parts.version < http::Version::HTTP_2;
     let mut x = Exchange::new(&shared, &snap, &conn, parts, start);
-    let (status, msg) = match run(&mut x, body).await {
-        Flow::Respond(r) => return r,
-        Flow::Refuse(status, msg) => (status, msg),
+    let mut r = match run(&mut x, body).await {
+        Flow::Respond(r) => r,
+        Flow::Refuse(status, msg) => refusal(&mut x, status, msg),
         // The forward phase always answers.
-        Flow::Next => (StatusCode::BAD_GATEWAY, "no response\n"),
+        Flow::Next => refusal(&mut x, StatusCode::BAD_GATEWAY, "no response\n"),
     };
+    // A connection the smuggling guard stopped watching (an upgrade that opened no tunnel,
+    // a CONNECT) serves no further request: one would have neither the guard nor the
+    // header timeout (`edge::smuggle`). (An h2 connection has its own framing, and the
+    // guard, which reads only HTTP/1, stops at its preface.)
+    if h1 && conn.smuggle.blind() && r.status() != StatusCode::SWITCHING_PROTOCOLS {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// The answer of a phase that refused the request (or of a run no phase answered), recorded.
+fn refusal(x: &mut Exchange<'_>, status: StatusCode, msg: &'static str) -> Response<RespBody> {
     let mut r = local(status, msg, &x.rid);
     x.rate_headers(r.headers_mut());
     x.count(status.as_u16());

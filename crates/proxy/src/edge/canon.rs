@@ -31,6 +31,7 @@ pub enum Refusal {
     MethodOverride,
     InvalidMethodOverride,
     UnderscoreHeader,
+    MethodCase,
 }
 
 impl Refusal {
@@ -48,6 +49,7 @@ impl Refusal {
             Refusal::MethodOverride => "method_override",
             Refusal::InvalidMethodOverride => "invalid_method_override",
             Refusal::UnderscoreHeader => "underscore_header",
+            Refusal::MethodCase => "method_case",
         }
     }
 
@@ -66,6 +68,7 @@ impl Refusal {
             Refusal::MethodOverride => "method override headers are not accepted\n",
             Refusal::InvalidMethodOverride => "invalid or conflicting method override headers\n",
             Refusal::UnderscoreHeader => "header names with an underscore are not accepted\n",
+            Refusal::MethodCase => "method names are case-sensitive: send them in upper case\n",
         }
     }
 }

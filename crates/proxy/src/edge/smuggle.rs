@@ -7,7 +7,11 @@
 //!
 //! It only reads what passes through; hyper still does the real parsing. On anything it does
 //! not understand (an h2 preface, an upgrade, a malformed head) it stops watching, since
-//! hyper then either rejects the request itself or leaves HTTP/1.1.
+//! hyper then either rejects the request itself or leaves HTTP/1.1. A connection it no
+//! longer watches serves no further request: the answer to the request that blinded it
+//! (a refused upgrade, a CONNECT) closes it ([`Flags::blind`], `pipeline::handle`), unless
+//! it opened a tunnel; else a later request would have neither this guard nor its header
+//! timeout.
 //!
 //! Because it knows where heads start and end, it also enforces `timeouts.client_header`
 //! (the slowloris guard): from accept until the first head is complete, and from the first
@@ -37,6 +41,8 @@ pub struct Flags {
     pub handled: AtomicU64,
     /// Whether the bytes read so far end where a message ends (see `between_messages`).
     between: AtomicBool,
+    /// Set when the guard stops watching (see `blind`).
+    blind: AtomicBool,
 }
 
 impl Flags {
@@ -51,6 +57,14 @@ impl Flags {
     /// `park` parks a connection only then.
     pub fn between_messages(&self) -> bool {
         self.between.load(Ordering::Relaxed)
+    }
+
+    /// Whether the guard has stopped watching this connection (an upgrade, a CONNECT, a head
+    /// it could not read). It stops as it reads the head that makes it stop, before hyper
+    /// hands that request over, so the request's handler sees it set, and its answer must
+    /// close the connection unless it opens a tunnel.
+    pub fn blind(&self) -> bool {
+        self.blind.load(Ordering::Relaxed)
     }
 }
 
@@ -107,6 +121,12 @@ impl<T> Guard<T> {
         self
     }
 
+    /// Stops watching, and says so in the flags.
+    fn stop(&mut self) {
+        self.state = State::Done;
+        self.flags.blind.store(true, Ordering::Relaxed);
+    }
+
     /// Whether a head is being awaited: the first one (nothing complete yet) or one whose
     /// first bytes have arrived.
     fn awaiting_head(&self) -> bool {
@@ -151,7 +171,7 @@ impl<T> Guard<T> {
                             }
                             Some(None) => {}
                             None => {
-                                self.state = State::Done;
+                                self.stop();
                                 return;
                             }
                         }
@@ -169,12 +189,12 @@ impl<T> Guard<T> {
                         }
                         Some(None) => {
                             if self.head.len() > MAX_HEAD {
-                                self.state = State::Done;
+                                self.stop();
                             }
                             return;
                         }
                         None => {
-                            self.state = State::Done;
+                            self.stop();
                             return;
                         }
                     }
@@ -191,7 +211,7 @@ impl<T> Guard<T> {
                     let Some(i) = data.iter().position(|b| *b == b'\n') else {
                         self.line.extend_from_slice(data);
                         if self.line.len() > MAX_LINE {
-                            self.state = State::Done;
+                            self.stop();
                         }
                         return;
                     };
@@ -216,7 +236,7 @@ impl<T> Guard<T> {
                     {
                         Some(0) => self.state = State::Trailers,
                         Some(n) => self.state = State::ChunkData(n),
-                        None => self.state = State::Done,
+                        None => self.stop(),
                     }
                 }
                 State::ChunkData(n) => {
@@ -283,15 +303,15 @@ impl<T> Guard<T> {
                 Ordering::Relaxed,
             );
             // hyper closes the connection after this request: nothing more to follow.
-            self.state = State::Done;
+            self.stop();
             return Some(Some(len));
         }
-        self.state = if upgrade || req.method == Some("CONNECT") {
-            State::Done
-        } else if chunked {
+        if upgrade || req.method == Some("CONNECT") || (te && !chunked) {
+            self.stop();
+            return Some(Some(len));
+        }
+        self.state = if chunked {
             State::ChunkSize
-        } else if te {
-            State::Done
         } else {
             match cl {
                 Some(0) | None => State::Head,

@@ -32,6 +32,17 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
             "request header section too large\n",
         );
     }
+    // Methods are case-sensitive (RFC 9110 §9.1), but many origin frameworks upper-case
+    // them: `delete` would be routed and authorized as a method of its own, and run as
+    // DELETE. No registered method has a lower-case letter; nginx refuses them too.
+    if parts
+        .method
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        return refuse(x, Refusal::MethodCase);
+    }
     // portcullis is no forward proxy: a CONNECT tunnel would carry requests that no route
     // or policy sees.
     if parts.method == Method::CONNECT {
@@ -185,6 +196,23 @@ routes:
         assert_eq!(x.record.path, "/admin");
     }
 
+    /// An absolute-form target with an empty path is routed as `/`, and the origin is sent
+    /// `/` and the query, never a target that starts with `?`.
+    #[tokio::test]
+    async fn an_empty_path_reaches_the_origin_as_a_slash() {
+        let kit = Kit::new(CONFIG).await;
+        for (target, sent) in [
+            ("http://example.com?x=1", "/?x=1"),
+            ("http://example.com", "/"),
+            ("http://example.com/?x=1", "/?x=1"),
+        ] {
+            let mut x = kit.exchange(Request::get(target).header("host", "example.com"));
+            assert!(is_next(&run(&mut x)), "{target}");
+            assert_eq!(x.path(), "/", "{target}");
+            assert_eq!(x.origin_target(), sent, "{target}");
+        }
+    }
+
     #[tokio::test]
     async fn a_dot_segment_is_refused_and_counted() {
         let kit = Kit::new(CONFIG).await;
@@ -226,6 +254,39 @@ routes:
             )
         );
         assert_eq!(kit.refused("header_size"), 1.0, "{}", kit.metrics());
+    }
+
+    /// `delete` is not DELETE to portcullis's routes and policies, but is to many origins:
+    /// a method with a lower-case letter is refused before routing.
+    #[tokio::test]
+    async fn a_method_in_lower_case_is_refused_and_counted() {
+        let kit = Kit::new(CONFIG).await;
+        for m in ["delete", "Delete", "gEt", "purge"] {
+            let mut x = kit.exchange(
+                Request::builder()
+                    .method(m)
+                    .uri("/")
+                    .header("host", "example.com"),
+            );
+            assert_eq!(
+                refusal(run(&mut x)),
+                (
+                    StatusCode::BAD_REQUEST,
+                    "method names are case-sensitive: send them in upper case\n"
+                ),
+                "{m}"
+            );
+        }
+        assert_eq!(kit.refused("method_case"), 4.0, "{}", kit.metrics());
+        for m in ["DELETE", "PURGE", "PROPFIND", "M-SEARCH"] {
+            let mut x = kit.exchange(
+                Request::builder()
+                    .method(m)
+                    .uri("/")
+                    .header("host", "example.com"),
+            );
+            assert!(is_next(&run(&mut x)), "{m}");
+        }
     }
 
     #[tokio::test]
