@@ -271,10 +271,22 @@ async fn people_call_the_admin_api_as_policy_allows_and_the_hashed_token_still_w
         .await,
         403
     );
+    // A `ce-type` header of an allowed type beside a structured body of another names
+    // nothing: the body's type is what would be published, so it is what is decided.
+    let r = reqwest::Client::new()
+        .post(p.admin_url("/api/v1/events"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/cloudevents+json")
+        .header("ce-type", "com.example.deploy")
+        .body(event("com.example.other").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403, "{}", r.text().await.unwrap());
 
     // Refusals are audited with the person and the reason; the allowed drain is audited too.
     let denied = audit_denials(p.dir.path());
-    assert_eq!(denied.len(), 5, "{denied:#?}");
+    assert_eq!(denied.len(), 6, "{denied:#?}");
     assert!(
         denied
             .iter()

@@ -260,7 +260,7 @@ pub(crate) async fn as_person(
         let mut rec = crate::audit::admin(
             &who,
             action,
-            json!({ "resource": format!("{resource:?}"), "path": parts.uri.path() }),
+            json!({ "resource": format!("{resource:?}"), "path": parts.uri.path(), "event_types": types }),
         );
         rec.principal = Some(crate::audit::principal(&identity));
         rec.decision = Some(portcullis_audit::Decision::Deny);

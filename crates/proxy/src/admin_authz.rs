@@ -176,66 +176,103 @@ async fn execution(rt: &Runtime, id: &str) -> AdminResource {
     }
 }
 
-/// The types of the events an inbound body carries: a binary-mode CloudEvent's `ce-type`, a
-/// structured one's or a batch's `type`s, or an Alertmanager payload's alerts (each
-/// `dev.portcullis.alert.firing` or `.resolved`). A body that is none of these gives none (the
-/// endpoint then refuses it).
+/// The types of the events an inbound body carries, read exactly as the endpoint will read
+/// them ([`crate::admin_events::accept`]: batch, structured, binary or Alertmanager mode, by
+/// the request's media type and `ce-*` headers), so that what is authorized is what is
+/// published: a `ce-type` header beside a structured body, or an `alerts` member in a
+/// CloudEvent, names no type here that the endpoint would not publish. A body the endpoint
+/// refuses gives none (and is refused there).
 pub fn event_types(headers: &http::HeaderMap, body: &[u8]) -> Vec<String> {
-    if let Some(t) = headers.get("ce-type").and_then(|v| v.to_str().ok()) {
-        return vec![t.to_string()];
-    }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(events) = crate::admin_events::accept(headers, body) else {
         return Vec::new();
     };
-    let type_of =
-        |e: &serde_json::Value| e.get("type").and_then(|t| t.as_str()).map(str::to_string);
-    match &v {
-        serde_json::Value::Array(a) => a.iter().filter_map(type_of).collect(),
-        serde_json::Value::Object(o) if o.contains_key("alerts") => {
-            let mut t: Vec<String> = o["alerts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|a| match a.get("status").and_then(|s| s.as_str()) {
-                    Some("resolved") => "dev.portcullis.alert.resolved".to_string(),
-                    _ => "dev.portcullis.alert.firing".to_string(),
-                })
-                .collect();
-            t.dedup();
-            t
-        }
-        o => type_of(o).into_iter().collect(),
-    }
+    let mut types: Vec<String> = events.into_iter().map(|e| e.type_).collect();
+    types.sort_unstable();
+    types.dedup();
+    types
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    const STRUCTURED: &str = "application/cloudevents+json";
+    const EVENT: &[u8] =
+        br#"{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban"}"#;
+
     #[test]
     fn the_types_of_an_inbound_body_are_found_in_every_mode() {
-        let h = http::HeaderMap::new();
+        let ct = |v| headers(&[("content-type", v)]);
+        assert_eq!(event_types(&ct(STRUCTURED), EVENT), vec!["com.example.ban"]);
+        let batch = br#"[{"specversion":"1.0","id":"1","source":"https://x","type":"b"},
+            {"specversion":"1.0","id":"2","source":"https://x","type":"a"}]"#;
         assert_eq!(
-            event_types(&h, br#"{"type":"com.example.a","id":"1"}"#),
-            vec!["com.example.a"]
-        );
-        assert_eq!(
-            event_types(&h, br#"[{"type":"a"},{"type":"b"}]"#),
+            event_types(&ct("application/cloudevents-batch+json"), batch),
             vec!["a", "b"]
         );
         assert_eq!(
             event_types(
-                &h,
-                br#"{"version":"4","alerts":[{"status":"firing"},{"status":"resolved"}]}"#
+                &ct("application/json"),
+                br#"{"version":"4","status":"firing","receiver":"r","alerts":[
+                    {"status":"firing","labels":{"alertname":"A"},"startsAt":"2026-01-01T00:00:00Z"},
+                    {"status":"resolved","labels":{"alertname":"B"},"startsAt":"2026-01-01T00:00:00Z","endsAt":"2026-01-01T01:00:00Z"}]}"#
             ),
-            vec![
-                "dev.portcullis.alert.firing",
-                "dev.portcullis.alert.resolved"
-            ]
+            vec!["dev.portcullis.alert.firing", "dev.portcullis.alert.resolved"]
         );
-        let mut b = http::HeaderMap::new();
-        b.insert("ce-type", http::HeaderValue::from_static("com.example.bin"));
-        assert_eq!(event_types(&b, b"anything"), vec!["com.example.bin"]);
-        assert!(event_types(&h, b"not json").is_empty());
+        let binary = headers(&[
+            ("content-type", "application/json"),
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "https://x"),
+            ("ce-type", "com.example.bin"),
+        ]);
+        assert_eq!(event_types(&binary, b"{}"), vec!["com.example.bin"]);
+        assert!(event_types(&ct("application/json"), b"not json").is_empty());
+    }
+
+    /// The types authorized are the types the endpoint publishes, however the request mixes
+    /// the modes: a `ce-type` header beside a structured or batch body names nothing, and a
+    /// CloudEvent with an `alerts` member is that CloudEvent.
+    #[test]
+    fn a_header_or_member_of_another_mode_names_no_type() {
+        let with = |ct| headers(&[("content-type", ct), ("ce-type", "com.example.allowed")]);
+        assert_eq!(
+            event_types(&with(STRUCTURED), EVENT),
+            vec!["com.example.ban"]
+        );
+        let batch =
+            br#"[{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban"}]"#;
+        assert_eq!(
+            event_types(&with("application/cloudevents-batch+json"), batch),
+            vec!["com.example.ban"]
+        );
+        let both = br#"{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban","alerts":[{"status":"firing"}]}"#;
+        assert_eq!(
+            event_types(&headers(&[("content-type", STRUCTURED)]), both),
+            vec!["com.example.ban"]
+        );
+        // Without a media type the endpoint reads nothing, so nothing is authorized.
+        assert!(event_types(&http::HeaderMap::new(), both).is_empty());
+        // Whatever is authorized is what `accept` publishes.
+        for (h, body) in [
+            (with(STRUCTURED), EVENT),
+            (with("application/json"), &both[..]),
+        ] {
+            let published: Vec<String> = crate::admin_events::accept(&h, body)
+                .map(|e| e.into_iter().map(|e| e.type_).collect())
+                .unwrap_or_default();
+            let mut published = published;
+            published.sort_unstable();
+            published.dedup();
+            assert_eq!(event_types(&h, body), published);
+        }
     }
 }
