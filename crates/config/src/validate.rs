@@ -696,9 +696,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     // Cedar policy files are config too: editing one and reloading must take effect (and a
     // bad one must be rejected), and the file watcher must see them. (A new file that a glob
     // now matches changes the list hashed here, so an explicit reload picks it up.)
+    // The admin API's policies too: a revocation written there must take effect at the
+    // reload that follows it.
     let mut policy_files: Vec<&PathBuf> = global_policies
         .iter()
         .chain(routes.iter().flat_map(|r| r.policy_files.iter()))
+        .chain(admin.iter().flat_map(|a| a.policies.iter()))
         .collect();
     policy_files.sort();
     policy_files.dedup();
@@ -1865,6 +1868,38 @@ apps:
             Balance::Hash(HashOn::Header("x-tenant".into()))
         );
         assert_eq!(c.files.len(), 2);
+    }
+
+    /// The admin API's policy files are config: editing one changes the version (so a reload
+    /// takes it), and the file watcher is told of them.
+    #[test]
+    fn an_admin_policy_file_is_part_of_the_version_and_watched() {
+        let d = tempfile::tempdir().unwrap();
+        let policy = write(
+            d.path(),
+            "admin.cedar",
+            "permit (principal, action, resource);\n",
+        );
+        let root = write(
+            d.path(),
+            "p.yaml",
+            "listeners: [{ name: web, bind: \"127.0.0.1:8080\" }]\n\
+             admin: { bind: \"127.0.0.1:9901\", tokens: [\"0123456789abcdef0123\"], policies: [admin.cedar] }\n\
+             backends: [{ name: b, servers: [{ address: \"127.0.0.1:9\" }] }]\n\
+             routes: [{ name: r, match: { path_prefix: / }, backend: b, public: true }]\n",
+        );
+        let before = crate::load(&root).unwrap();
+        assert!(
+            before.files.iter().any(|f| f.ends_with("admin.cedar")),
+            "{:?}",
+            before.files
+        );
+        std::fs::write(
+            &policy,
+            "forbid (principal == Portcullis::User::\"alice\", action, resource);\n",
+        )
+        .unwrap();
+        assert_ne!(crate::load(&root).unwrap().version, before.version);
     }
 
     /// A route's keys are located in the file that defines it, for problems found after
