@@ -633,3 +633,71 @@ async fn a_route_is_switched_and_restored_through_the_admin_api() {
         .await;
     assert_eq!(s, 400);
 }
+
+/// The admin listener answers anyone who reaches it, so a client that is no caller may hold
+/// little there: a request head not finished within 10 s closes its connection (the data
+/// plane's listeners have `timeouts.client_header`), and past 256 open connections new ones
+/// are closed as they come, so that idle connections cannot take the process's descriptors
+/// from the data plane. Each is served again once the others go.
+#[tokio::test]
+async fn the_admin_listener_bounds_slow_heads_and_open_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_one, _two, p) = two_servers("").await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", p.admin_port));
+    let healthz = || async {
+        let mut s = connect().await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(healthz().await.starts_with("HTTP/1.1 200"));
+
+    // A head that never ends.
+    let started = std::time::Instant::now();
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+
+    // Idle connections up to the bound, then one more: that one is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..255 {
+        idle.push(connect().await.unwrap());
+    }
+    let mut over = connect().await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), over.read(&mut buf))
+        .await
+        .expect("a connection over the bound was left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a connection over the bound was answered");
+    // The data plane is not touched, and the admin listener serves again once they go.
+    let data_plane = client()
+        .get(format!("http://127.0.0.1:{}/", p.port))
+        .send()
+        .await;
+    assert!(data_plane.is_ok(), "{data_plane:?}");
+    drop(idle);
+    let mut answered = String::new();
+    for _ in 0..50 {
+        answered = healthz().await;
+        if answered.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered:?}");
+
+    // The slow head's connection is closed after the header timeout (10 s).
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "a half-sent head kept its connection open");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(16),
+        "closed after {took:?}"
+    );
+}

@@ -145,23 +145,14 @@ async fn start_admin(rt: &Arc<Runtime>, admin: &portcullis_config::AdminDef) -> 
             source,
         })?;
     *rt.admin_addr.lock() = l.local_addr().ok();
-    if let Some(tls) = &admin.tls {
-        admin_tls::serve(rt.clone(), l, tls)
-            .await
-            .map_err(|source| Error::AdminTls {
-                bind: admin.bind.clone(),
-                source,
-            })?;
+    admin_tls::serve(rt.clone(), l, admin.tls.as_ref()).map_err(|source| Error::AdminTls {
+        bind: admin.bind.clone(),
+        source,
+    })?;
+    if admin.tls.is_some() {
         tracing::info!(bind = %admin.bind, "admin API and console listening (TLS)");
     } else {
-        let app =
-            admin::router(rt.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
         tracing::info!(bind = %admin.bind, "admin API and console listening");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
-                tracing::error!(error = %e, "admin listener failed");
-            }
-        });
     }
     Ok(())
 }
