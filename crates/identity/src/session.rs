@@ -256,6 +256,17 @@ impl Store {
         self.forget(sealer, cookie);
     }
 
+    /// Whether `cookie` was ended with [`Store::end`] and has not expired since (for other
+    /// sealed grants than sessions, such as the console's token grants, which are ended the
+    /// same way at sign-out).
+    pub fn is_ended(&self, cookie: &str) -> bool {
+        let revoked = self.revoked.lock();
+        !revoked.is_empty()
+            && revoked
+                .get(&digest(cookie))
+                .is_some_and(|until| *until > crate::now_secs())
+    }
+
     /// Ends the session of `cookie`: its cached identity, and its server-side state.
     pub fn forget(&self, sealer: &Sealer, cookie: &str) {
         self.cache.remove(cookie.as_bytes());

@@ -407,8 +407,8 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
     .await;
     assert_eq!(s, 404, "nothing waits any more");
 
-    // Signing out ends the cookie's use for the page (the token's grant itself lasts until
-    // it expires or the token is removed, as a bearer token would).
+    // Signing out ends the grant: a copy of the cookie no longer opens the page or the API
+    // (another sign-in's grant is not touched).
     let r = no_redirects()
         .post(p.admin_url("/logout"))
         .header("cookie", format!("portcullis_admin={cookie}"))
@@ -428,6 +428,35 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
         .to_str()
         .unwrap()
         .contains("Max-Age=0"));
+    let r = no_redirects()
+        .get(p.admin_url("/"))
+        .header("cookie", format!("portcullis_admin={cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "a signed-out grant opened the page");
+    let (s, _) = with_cookie(
+        &p,
+        post.clone(),
+        &approve,
+        &cookie,
+        Some(&csrf),
+        Some(&origin),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 401, "a signed-out grant was taken by the API");
+    let r = no_redirects()
+        .get(p.admin_url("/"))
+        .header("cookie", format!("portcullis_admin={other}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "another sign-in's grant still opens the page"
+    );
 
     // A grant whose token was removed from the config grants nothing.
     let text = std::fs::read_to_string(&p.config)

@@ -7,7 +7,9 @@
 //!   providers, sealed by the identity engine's session keys exactly as a route's session is
 //!   (so it refreshes, expires and is revoked the same way);
 //! * `t.<grant>`: a break-glass token's grant, which holds a digest of the token (never the
-//!   token), so removing the token from `admin.tokens` ends the grant.
+//!   token), so removing the token from `admin.tokens` ends the grant; so does signing out,
+//!   which refuses that very cookie value until it would have expired (in the identity
+//!   engine's session store, as a signed-out session is).
 //!
 //! The cookie is `HttpOnly` and `SameSite=Strict`. A state change made with it must also send
 //! `x-csrf-token`, a token sealed for this very cookie (the page carries it), and, when the
@@ -87,6 +89,12 @@ pub fn token_cookie(sealer: &Sealer, digest: &[u8; 32]) -> Option<String> {
         exp: now_secs() + TOKEN_GRANT_SECS,
     };
     Some(format!("t.{}", sealer.seal("admin-token", &g)?))
+}
+
+/// When the token grant `value` expires (None: not a token grant this sealer opens).
+pub fn token_expiry(sealer: &Sealer, value: &str) -> Option<u64> {
+    let g: TokenGrant = sealer.open("admin-token", value.strip_prefix("t.")?)?;
+    Some(g.exp)
 }
 
 /// What `value` grants, given the configured tokens' digests. `None`: nothing (unsealable,

@@ -185,6 +185,8 @@ pub async fn from_cookie(snap: &crate::snapshot::Snapshot, peer: SocketAddr, val
     let engine = &snap.identity;
     let sealer = grant::sealer(engine);
     match grant::open(sealer, value, &token_digests(snap)) {
+        // Unless its holder signed out with it.
+        Some(grant::Grant::Token(_)) if engine.store.is_ended(value) => Seen::Nobody,
         Some(grant::Grant::Token(i)) => Seen::Caller(
             Caller::Token(crate::control::Principal::token(i, peer).who),
             None,
@@ -548,6 +550,11 @@ async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response 
             Some(sess) => engine.store.end(es, s, sess.expires_at),
             None => engine.store.forget(es, s),
         }
+    }
+    // A token's grant is sealed, not kept: a copy of the cookie would open until it
+    // expires, so this very value is refused from now until then.
+    if let Some(exp) = grant::token_expiry(sealer, value) {
+        engine.store.end(sealer, value, exp);
     }
     let clear = grant::set_cookie(grant::COOKIE, None, secure(&snap), "/", "Strict");
     redirect("/login", &[clear])
