@@ -421,7 +421,10 @@ fn check_action(a: &Action, at: &str, grouped: bool, p: &mut Vec<Problem>) {
                 Some(("http" | "https", rest)) => {
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
                     if authority.is_empty() {
-                        p.push((path, format!("`{}` has no host", w.url)));
+                        p.push((
+                            path,
+                            format!("`{}` has no host", portcullis_config::redact_url(&w.url)),
+                        ));
                     } else if authority.contains(['{', '}']) {
                         p.push((
                             path,
@@ -431,7 +434,10 @@ fn check_action(a: &Action, at: &str, grouped: bool, p: &mut Vec<Problem>) {
                 }
                 _ => p.push((
                     path,
-                    format!("`{}` is not an http(s) URL: write `https://host/path`", w.url),
+                    format!(
+                        "`{}` is not an http(s) URL: write `https://host/path`",
+                        portcullis_config::redact_url(&w.url)
+                    ),
                 )),
             }
         }

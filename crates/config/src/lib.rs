@@ -242,6 +242,25 @@ impl Source {
     }
 }
 
+/// A URL as a message or log may show it: its scheme and host (and port), without the
+/// credentials, path and query that may carry secrets (a Redis password, a webhook's token
+/// in its path, as chat services put it). Something that is not `scheme://…` is not shown.
+pub fn redact_url(u: &str) -> String {
+    let Some((scheme, rest)) = u.split_once("://") else {
+        return "(not a URL)".into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let user = if authority.contains('@') { "***@" } else { "" };
+    let tail = if tail.is_empty() || tail == "/" {
+        tail
+    } else {
+        "/…"
+    };
+    format!("{scheme}://{user}{host}{tail}")
+}
+
 /// Expands `${env:NAME}` and `${file:PATH}` in `s`. File paths are relative to `base`, and a
 /// file's trailing newline is removed.
 pub fn expand(s: &str, base: &Path) -> Result<String, String> {
@@ -282,6 +301,27 @@ pub fn expand(s: &str, base: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redacted_url_keeps_its_scheme_and_host_only() {
+        for (u, shown) in [
+            ("redis://:s3cret@cache:6379/0", "redis://***@cache:6379/…"),
+            (
+                "https://hooks.chat.example/services/T0/B0/SECRET",
+                "https://hooks.chat.example/…",
+            ),
+            (
+                "http://svc:pw@hooks.example.com:99999/x?token=t",
+                "http://***@hooks.example.com:99999/…",
+            ),
+            ("https://ops.example.com", "https://ops.example.com"),
+            ("https://ops.example.com/", "https://ops.example.com/"),
+            ("redis://a@b@host", "redis://***@host"),
+            ("cache:6379", "(not a URL)"),
+        ] {
+            assert_eq!(redact_url(u), shown, "{u}");
+        }
+    }
 
     #[test]
     fn expands_env_and_file() {

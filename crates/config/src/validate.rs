@@ -1540,7 +1540,7 @@ fn check_store(src: &Source, l: &LimitsCfg, diags: &mut Vec<Diagnostic>) {
         {
             diags.push(src.diag(
                 "limits.store.redis.url",
-                format!("`{}` is no Redis URL: write `redis://host:port`, like `redis://127.0.0.1:6379`", redact_url(&r.url)),
+                format!("`{}` is no Redis URL: write `redis://host:port`, like `redis://127.0.0.1:6379`", crate::redact_url(&r.url)),
             ));
         }
         if r.timeout.0.is_zero() || r.timeout.0 > std::time::Duration::from_secs(5) {
@@ -1575,14 +1575,6 @@ fn check_store(src: &Source, l: &LimitsCfg, diags: &mut Vec<Diagnostic>) {
                 "the prefix names portcullis's keys in Redis: write one, like `portcullis`",
             ));
         }
-    }
-}
-
-/// A URL with its password, if any, replaced (diagnostics may be logged).
-fn redact_url(u: &str) -> String {
-    match (u.find("://"), u.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
-        _ => u.to_string(),
     }
 }
 

@@ -296,10 +296,17 @@ impl EventsCfg {
             crate::bus::TypeFilter::new(&s.types).map_err(bad)?;
             match &s.kind {
                 SinkKind::Webhook(w) => {
-                    let url = reqwest::Url::parse(&w.url)
-                        .map_err(|e| bad(format!("webhook url `{}`: {e}", w.url)))?;
+                    let url = reqwest::Url::parse(&w.url).map_err(|e| {
+                        bad(format!(
+                            "webhook url `{}`: {e}",
+                            portcullis_config::redact_url(&w.url)
+                        ))
+                    })?;
                     if !matches!(url.scheme(), "http" | "https") {
-                        return Err(bad(format!("webhook url `{}` is not http(s)", w.url)));
+                        return Err(bad(format!(
+                            "webhook url `{}` is not http(s)",
+                            portcullis_config::redact_url(&w.url)
+                        )));
                     }
                     if w.max_attempts == 0 {
                         return Err(bad("`max_attempts` must be at least 1".into()));

@@ -229,6 +229,38 @@ fn check_points_into_app_bundles() {
     assert!(err.contains("did you mean `balance`"), "{err}");
 }
 
+/// A URL the config reads from a secret file (a webhook's, which may carry a password or a
+/// token in its path) is never shown whole when it is wrong: `check` and `run` name its
+/// scheme and host only.
+#[test]
+fn a_bad_secret_url_is_shown_without_its_secret() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "hook.url",
+        "http://svc:S3CRET-PASSWORD@hooks.example.com:99999/T0/B0/S3CRET-PATH\n",
+    );
+    let p = write(
+        d.path(),
+        "p.yaml",
+        &format!(
+            "{VALID}events:\n  sinks:\n    - name: hooks\n      webhook:\n        url: ${{file:hook.url}}\n"
+        ),
+    );
+    let (code, out, err) = check(&p);
+    assert_ne!(code, 0, "{out}{err}");
+    let run = portcullis(&["run", "--config", p.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let run_err = String::from_utf8_lossy(&run.stderr).into_owned();
+    for text in [&out, &err, &run_err] {
+        assert!(!text.contains("S3CRET"), "a secret was shown: {text}");
+    }
+    assert!(
+        format!("{out}{err}").contains("hooks.example.com"),
+        "the host is named: {out}{err}"
+    );
+}
+
 #[test]
 fn version_is_printed() {
     let want = env!("CARGO_PKG_VERSION");

@@ -174,14 +174,6 @@ pub struct Fleet {
     pub on_error: portcullis_config::OnStoreError,
 }
 
-/// A URL with the password between `:` and `@` replaced.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
 impl Fleet {
     /// The store `config` names, if it names Redis.
     pub fn of(config: &portcullis_config::Config) -> Result<Option<Fleet>, String> {
@@ -198,7 +190,10 @@ impl Fleet {
             ..portcullis_limits::RedisConfig::new(r.url.clone())
         })
         // The URL may carry a password: never in a message.
-        .map_err(|e| e.to_string().replace(&r.url, &redacted(&r.url)))?;
+        .map_err(|e| {
+            e.to_string()
+                .replace(&r.url, &portcullis_config::redact_url(&r.url))
+        })?;
         Ok(Some(Fleet {
             store,
             on_error: config.limits.on_store_error,

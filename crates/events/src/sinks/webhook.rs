@@ -71,8 +71,12 @@ impl WebhookSink {
             sink: name.to_owned(),
             reason,
         };
-        let url = reqwest::Url::parse(&cfg.url)
-            .map_err(|e| bad(format!("webhook url `{}`: {e}", cfg.url)))?;
+        let url = reqwest::Url::parse(&cfg.url).map_err(|e| {
+            bad(format!(
+                "webhook url `{}`: {e}",
+                portcullis_config::redact_url(&cfg.url)
+            ))
+        })?;
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
@@ -190,12 +194,14 @@ impl Shared {
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(e) if e.is_builder() => return Attempt::Reject(e.to_string()),
+            // Without the URL, which may carry a secret (its path, or a password): the
+            // reason is logged and kept with the event.
+            Err(e) if e.is_builder() => return Attempt::Reject(e.without_url().to_string()),
             Err(e) => {
                 let reason = if e.is_timeout() {
                     format!("no answer within {:?}", self.timeout)
                 } else {
-                    error_chain(&e)
+                    error_chain(&e.without_url())
                 };
                 return Attempt::Retry {
                     reason,

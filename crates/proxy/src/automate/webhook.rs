@@ -49,15 +49,20 @@ pub async fn request(
 ) -> Result<(u16, Bytes), String> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        .map_err(|e| format!("`{}` is not a URL: {e}", portcullis_config::redact_url(url)))?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("`{url}` is not an http(s) URL")),
+        _ => {
+            return Err(format!(
+                "`{}` is not an http(s) URL",
+                portcullis_config::redact_url(url)
+            ))
+        }
     };
     let host = uri
         .host()
-        .ok_or_else(|| format!("`{url}` has no host"))?
+        .ok_or_else(|| format!("`{}` has no host", portcullis_config::redact_url(url)))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
