@@ -38,7 +38,7 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerCfg {
-    /// Unique among triggers; the automation's principal is `Portcullis::Automation::"<name>"`.
+    /// Unique among triggers; the automation's principal is `Portcullis::Trigger::"<name>"`.
     pub name: String,
     /// Which events count.
     #[serde(rename = "match")]

@@ -93,7 +93,7 @@ impl Default for EngineOptions {
 pub struct Firing {
     /// The trigger's name.
     pub trigger: String,
-    /// Who acts: `Portcullis::Automation::"<trigger>"`, the Cedar principal.
+    /// Who acts: `Portcullis::Trigger::"<trigger>"`, the Cedar principal.
     pub principal: String,
     /// The group (the `for_each` value; `""` without one).
     pub group: String,
@@ -121,7 +121,7 @@ pub struct Firing {
 impl Firing {
     /// The Cedar principal of the trigger `name`.
     pub fn principal_of(name: &str) -> String {
-        format!("Portcullis::Automation::\"{name}\"")
+        format!("Portcullis::Trigger::\"{name}\"")
     }
 }
 

@@ -134,7 +134,7 @@ fn execute_runs_a_firing_once_as_the_automation_principal() {
     );
     assert_eq!(
         control.applied[0].0,
-        r#"Portcullis::Automation::"drain-on-errors""#
+        r#"Portcullis::Trigger::"drain-on-errors""#
     );
     // A retry of the same firing does nothing.
     let again = execute(&f, &store, &mut control).unwrap();

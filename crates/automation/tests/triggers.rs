@@ -391,7 +391,7 @@ fn dry_run_firings_are_marked_not_enforced() {
     let f = e.on_event(&ev.view(), t(0.0));
     assert_eq!(f.len(), 1);
     assert!(!f[0].enforce);
-    assert_eq!(f[0].principal, r#"Portcullis::Automation::"try-it""#);
+    assert_eq!(f[0].principal, r#"Portcullis::Trigger::"try-it""#);
 }
 
 #[test]

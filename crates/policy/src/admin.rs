@@ -58,6 +58,133 @@ pub struct AdminDecision {
     pub reasons: Vec<String>,
 }
 
+/// Every admin action a call or a command is decided as (`Portcullis::Admin::Action::"…"`).
+pub const ACTIONS: [&str; 21] = [
+    "server.set_state",
+    "server.set_weight",
+    "table.set",
+    "table.clear",
+    "table.read",
+    "route.switch",
+    "route.restore",
+    "config.reload",
+    "config.read",
+    "sessions.revoke",
+    "backends.read",
+    "metrics.read",
+    "usage.read",
+    "events.publish",
+    "events.read",
+    "workflow.read",
+    "workflow.start",
+    "workflow.stop",
+    "workflow.callback",
+    "dashboard.read",
+    "audit.read",
+];
+
+/// The entity types of the model (without `Portcullis::`): principals, then resources.
+const TYPES: [&str; 13] = [
+    "User",
+    "Agent",
+    "Group",
+    "Trigger",
+    "Workflow",
+    "Server",
+    "Backend",
+    "App",
+    "Route",
+    "Table",
+    "Execution",
+    "EventType",
+    "Config",
+];
+
+/// Entities a policy names that the model does not have: with no schema, Cedar takes any
+/// name, and a policy about `Portcullis::Automation::"t"` or `"server.drain"` would never
+/// apply (a forbid that silently forbids nothing). Each is located at its first mention.
+fn outside_the_model(
+    file: &std::path::Path,
+    text: &str,
+    p: &cedar_policy::Policy,
+) -> Vec<Diagnostic> {
+    use cedar_policy::{ActionConstraint, PrincipalConstraint, ResourceConstraint};
+    let mut uids = p.entity_literals();
+    let mut types = Vec::new();
+    match p.principal_constraint() {
+        PrincipalConstraint::In(u) | PrincipalConstraint::Eq(u) => uids.push(u),
+        PrincipalConstraint::Is(t) => types.push(t),
+        PrincipalConstraint::IsIn(t, u) => {
+            types.push(t);
+            uids.push(u);
+        }
+        PrincipalConstraint::Any => {}
+    }
+    match p.resource_constraint() {
+        ResourceConstraint::In(u) | ResourceConstraint::Eq(u) => uids.push(u),
+        ResourceConstraint::Is(t) => types.push(t),
+        ResourceConstraint::IsIn(t, u) => {
+            types.push(t);
+            uids.push(u);
+        }
+        ResourceConstraint::Any => {}
+    }
+    match p.action_constraint() {
+        ActionConstraint::In(us) => uids.extend(us),
+        ActionConstraint::Eq(u) => uids.push(u),
+        ActionConstraint::Any => {}
+    }
+    let mut problems = Vec::new();
+    let mut say = |needle: String, message: String| {
+        let at = text.find(&needle);
+        if problems.iter().all(|d: &Diagnostic| d.message != message) {
+            problems.push(crate::at_offset(file, text, at, message));
+        }
+    };
+    let known_type = |t: &str| {
+        t.strip_prefix("Portcullis::")
+            .is_some_and(|n| TYPES.contains(&n) || n == "Admin::Action")
+    };
+    for t in types {
+        let t = t.to_string();
+        if !known_type(&t) {
+            say(t.clone(), unknown_type(&t));
+        }
+    }
+    for u in uids {
+        let t = u.type_name().to_string();
+        if !known_type(&t) {
+            say(t.clone(), unknown_type(&t));
+        } else if t == "Portcullis::Admin::Action" && !ACTIONS.contains(&u.id().unescaped()) {
+            let id = u.id().unescaped().to_string();
+            say(
+                format!("\"{id}\""),
+                format!(
+                    "unknown admin action `{id}`: the actions are {}",
+                    ACTIONS.map(|a| format!("`{a}`")).join(", ")
+                ),
+            );
+        }
+    }
+    problems
+}
+
+fn unknown_type(t: &str) -> String {
+    let hint = if t.ends_with("Automation") {
+        " (a trigger is `Portcullis::Trigger::\"<name>\"`)"
+    } else {
+        ""
+    };
+    format!(
+        "unknown entity type `{t}`: the admin model has {}{hint}",
+        TYPES
+            .iter()
+            .map(|n| format!("`Portcullis::{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The control path's policies.
 #[derive(Clone, Debug, Default)]
 pub struct AdminPolicies {
@@ -91,6 +218,7 @@ impl AdminPolicies {
                 }
             };
             for (p, _) in crate::parse_file(f, &text, &mut problems) {
+                problems.extend(outside_the_model(f, &text, &p));
                 if let Err(e) = set.add(p) {
                     problems.push(Diagnostic {
                         file: f.clone(),
@@ -407,5 +535,55 @@ permit(principal == Portcullis::User::"bob", action == Portcullis::Admin::Action
         std::fs::write(&f, "permit(principal, action, resource)\nwhen { nope };").unwrap();
         let e = AdminPolicies::load(std::slice::from_ref(&f)).unwrap_err();
         assert_eq!(e[0].file, f);
+    }
+
+    /// A policy that names an entity type or an action the model does not have would never
+    /// apply (a forbid that forbids nothing): it is refused, where it is written, with the
+    /// names the model has.
+    #[test]
+    fn names_outside_the_model_are_refused_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("admin.cedar");
+        std::fs::write(
+            &f,
+            "permit(principal == Portcullis::Trigger::\"ok\", action == Portcullis::Admin::Action::\"table.set\", resource);\n\
+             forbid(principal == Portcullis::Automation::\"t\", action, resource);\n\
+             permit(principal, action == Portcullis::Admin::Action::\"server.drain\", resource in Portcullis::Ap::\"billing\");\n\
+             permit(principal, action, resource) when { principal in Portcullis::Team::\"ops\" };\n",
+        )
+        .unwrap();
+        let e = AdminPolicies::load(std::slice::from_ref(&f)).unwrap_err();
+        let said: Vec<(usize, &str)> = e.iter().map(|d| (d.line, d.message.as_str())).collect();
+        assert_eq!(e.len(), 4, "{said:#?}");
+        assert!(
+            said[0].1.contains("`Portcullis::Automation`")
+                && said[0].1.contains("Portcullis::Trigger::"),
+            "{said:#?}"
+        );
+        assert_eq!(said[0].0, 2);
+        assert!(
+            said.iter()
+                .any(|(l, m)| *l == 3 && m.contains("unknown admin action `server.drain`")),
+            "{said:#?}"
+        );
+        assert!(
+            said.iter()
+                .any(|(l, m)| *l == 3 && m.contains("`Portcullis::Ap`")),
+            "{said:#?}"
+        );
+        assert!(
+            said.iter()
+                .any(|(l, m)| *l == 4 && m.contains("`Portcullis::Team`")),
+            "{said:#?}"
+        );
+        // Every name of the model is taken.
+        std::fs::write(
+            &f,
+            "permit(principal in Portcullis::Group::\"ops\", action in [Portcullis::Admin::Action::\"server.set_state\", Portcullis::Admin::Action::\"audit.read\"], resource in Portcullis::App::\"billing\");\n\
+             permit(principal == Portcullis::Agent::\"bot\", action, resource is Portcullis::EventType);\n\
+             forbid(principal is Portcullis::Workflow, action, resource == Portcullis::Config::\"config\");\n",
+        )
+        .unwrap();
+        assert!(AdminPolicies::load(std::slice::from_ref(&f)).is_ok());
     }
 }

@@ -192,7 +192,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// A problem in a policy file, at a byte offset of its text (the start of the file if none).
-fn at_offset(
+pub(crate) fn at_offset(
     path: &Path,
     text: &str,
     offset: Option<usize>,

@@ -178,7 +178,7 @@ async fn a_server_down_switches_the_route_and_up_restores_it_audited() {
     let args = &f["detail"]["args"];
     assert_eq!(args["group"], "default/primary/p1");
     assert_eq!(args["cause_event_id"], cause.as_str());
-    assert_eq!(args["principal"], "Portcullis::Automation::\"failover\"");
+    assert_eq!(args["principal"], "Portcullis::Trigger::\"failover\"");
     assert_eq!(args["result"], "done");
     assert_eq!(
         args["actions"],
@@ -651,7 +651,7 @@ async fn a_webhook_gets_the_firing_with_the_automation_s_signed_assertion() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(claims["sub"], "Portcullis::Automation::\"tell\"");
+    assert_eq!(claims["sub"], "Portcullis::Trigger::\"tell\"");
     assert_eq!(claims["user"], "tell");
     assert_eq!(claims["provider"], "automation");
     assert_eq!(claims["aud"], ok_url.as_str());

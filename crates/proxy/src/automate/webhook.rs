@@ -5,7 +5,7 @@
 //!   `idempotency_key`, the rendered `actions`, …), `Content-Type: application/json`.
 //! * **Identity**: `X-Portcullis-Assertion`, the same short-lived ES256 JWT origins get for a
 //!   route with `headers.assertion: true`, here with `sub` = the principal
-//!   (`Portcullis::Automation::"<trigger>"`), `user` = the trigger, `provider` =
+//!   (`Portcullis::Trigger::"<trigger>"`), `user` = the trigger, `provider` =
 //!   `automation`, and `aud` = the URL posted to. Receivers verify it against
 //!   `/.well-known/portcullis/jwks.json` on any listener.
 //! * **Dedup**: `Idempotency-Key` is the firing's key plus the action's place, the same on a
