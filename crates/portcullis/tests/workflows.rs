@@ -367,6 +367,27 @@ async fn named_executions_start_once() {
         closed(&p, id, Duration::from_secs(5)).await["status"],
         "ABORTED"
     );
+    // Stopping what is not running (ended, or never was) changes nothing and records
+    // nothing.
+    let stops = || {
+        audit_records(p.dir.path())
+            .into_iter()
+            .filter(|r| r["detail"]["action"] == "workflow.stop")
+            .count()
+    };
+    let before = stops();
+    assert!(before >= 1, "the stop above was recorded");
+    for target in [id, "no-such-execution"] {
+        let (s, _) = admin(
+            &p,
+            Method::POST,
+            &format!("/api/v1/executions/{target}/stop"),
+            Some(json!({ "cause": "test" })),
+        )
+        .await;
+        assert_eq!(s, 404, "{target}");
+    }
+    assert_eq!(stops(), before, "a stop of nothing was recorded");
     let (s, _) = start(
         &p,
         "approve",

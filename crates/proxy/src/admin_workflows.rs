@@ -303,6 +303,19 @@ async fn signal(
     action: &str,
     audit: Value,
 ) -> Response {
+    // Nothing to signal, nothing to record: the trail holds only changes that were asked
+    // of something (an execution that ends between this look and the signal is still
+    // answered 404 below, after its record).
+    match row(svc, id.clone()).await {
+        Ok(r) if r.status == Status::Running => {}
+        Ok(_) => {
+            return err(
+                StatusCode::NOT_FOUND,
+                format!("no running execution `{id}`"),
+            )
+        }
+        Err(r) => return r.into_response(),
+    }
     let mut rec = crate::audit::admin(&by.who, action, audit);
     if let Some(p) = rec.principal.as_mut() {
         p.provider = "admin".into();
