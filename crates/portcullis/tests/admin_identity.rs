@@ -111,7 +111,8 @@ fn mint(p: &Proxy, user: &str, groups: &str) -> String {
     out.trim().to_string()
 }
 
-fn audit_denials(dir: &Path) -> Vec<Value> {
+/// The audit records of `kind`.
+fn audit_records(dir: &Path, kind: &str) -> Vec<Value> {
     let Ok(files) = std::fs::read_dir(dir.join("audit")) else {
         return Vec::new();
     };
@@ -125,7 +126,14 @@ fn audit_denials(dir: &Path) -> Vec<Value> {
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .collect::<Vec<_>>()
         })
-        .filter(|r| r["kind"] == "admin" && r["decision"] == "deny")
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+fn audit_denials(dir: &Path) -> Vec<Value> {
+    audit_records(dir, "admin")
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
         .collect()
 }
 
@@ -287,6 +295,23 @@ async fn people_call_the_admin_api_as_policy_allows_and_the_hashed_token_still_w
     // Refusals are audited with the person and the reason; the allowed drain is audited too.
     let denied = audit_denials(p.dir.path());
     assert_eq!(denied.len(), 6, "{denied:#?}");
+    // So are the calls refused before anyone was known: no credentials, a forged token, the
+    // token's hash as a token (each an authentication failure of the admin listener, with
+    // the address and the path, and no credential).
+    let failures = audit_records(p.dir.path(), "auth_failure");
+    assert_eq!(failures.len(), 3, "{failures:#?}");
+    for f in &failures {
+        assert_eq!(f["detail"]["listener"], "admin", "{f}");
+        assert_eq!(f["client_ip"], "127.0.0.1", "{f}");
+        assert_eq!(f["decision"], "deny", "{f}");
+        assert!(
+            !f.to_string().contains(&forged[..20]),
+            "a credential in {f}"
+        );
+    }
+    assert!(failures
+        .iter()
+        .any(|f| f["reasons"][0] == "authentication: missing credentials"));
     assert!(
         denied
             .iter()

@@ -77,6 +77,27 @@ fn unauthorized(msg: &'static str) -> Response {
         .into_response()
 }
 
+/// A call refused before any caller was known (see [`crate::audit::admin_auth_failure`]):
+/// recorded in the audit trail, then answered with `resp`.
+async fn refused(rt: &Runtime, rec: portcullis_audit::Record, resp: Response) -> Response {
+    crate::audit::write(&rt.shared, rec).await;
+    resp
+}
+
+/// The audit record of a refusal of `req` for `reason` (built before any await: a request
+/// is not shared across threads).
+fn failure(peer: SocketAddr, req: &Request, reason: &str) -> portcullis_audit::Record {
+    crate::audit::admin_auth_failure(peer, req.method().as_str(), req.uri().path(), reason)
+}
+
+fn csrf_refusal() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({ "error": "missing or invalid CSRF token: reload the console" })),
+    )
+        .into_response()
+}
+
 /// Who is calling: a static token (break-glass, every call), or an identity of one of
 /// `admin.auth`'s providers, whose every call `admin.policies` must permit.
 async fn auth(
@@ -126,10 +147,18 @@ async fn auth(
     }
     if providers.is_empty() {
         return match bearer {
-            None => unauthorized("missing bearer token\n"),
+            None => {
+                let r = unauthorized("missing bearer token\n");
+                refused(&rt, failure(peer, &req, "missing bearer token"), r).await
+            }
             Some(_) => {
                 tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: invalid token");
-                unauthorized("invalid token\n")
+                refused(
+                    &rt,
+                    failure(peer, &req, "invalid token"),
+                    unauthorized("invalid token\n"),
+                )
+                .await
             }
         };
     }
@@ -153,11 +182,12 @@ async fn auth(
             && !crate::console::csrf_passes(&snap, req.headers(), &key)
         {
             tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
-            return (
-                StatusCode::FORBIDDEN,
-                Json(json!({ "error": "missing or invalid CSRF token: reload the console" })),
+            return refused(
+                &rt,
+                failure(peer, &req, "missing or invalid CSRF token"),
+                csrf_refusal(),
             )
-                .into_response();
+            .await;
         }
     }
     let creds = portcullis_identity::engine::Credentials {
@@ -170,12 +200,19 @@ async fn auth(
         portcullis_identity::engine::Outcome::Ok { identity, .. } => identity,
         portcullis_identity::engine::Outcome::Rejected(e) => {
             tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
-            return unauthorized("invalid credentials\n");
+            let reason = format!("invalid credentials: {e}");
+            return refused(
+                &rt,
+                failure(peer, &req, &reason),
+                unauthorized("invalid credentials\n"),
+            )
+            .await;
         }
         _ => {
-            return unauthorized(
+            let r = unauthorized(
                 "missing credentials: a bearer token, an API key or a client certificate\n",
-            )
+            );
+            return refused(&rt, failure(peer, &req, "missing credentials"), r).await;
         }
     };
     as_person(&rt, &snap, peer, identity, req, next).await
@@ -194,16 +231,18 @@ async fn with_cookie(
     let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     if !safe && !crate::console::csrf_passes(snap, req.headers(), value) {
         tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
-        return (
-            StatusCode::FORBIDDEN,
-            Json(json!({ "error": "missing or invalid CSRF token: reload the console" })),
+        return refused(
+            rt,
+            failure(peer, &req, "missing or invalid CSRF token"),
+            csrf_refusal(),
         )
-            .into_response();
+        .await;
     }
     let (caller, refreshed) = match crate::console::from_cookie(snap, peer, value).await {
         crate::console::Seen::Caller(c, r) => (c, r),
         crate::console::Seen::Nobody => {
-            return unauthorized("the console session has ended: sign in again\n")
+            let r = unauthorized("the console session has ended: sign in again\n");
+            return refused(rt, failure(peer, &req, "the console sign-in has ended"), r).await;
         }
     };
     let mut resp = match caller {

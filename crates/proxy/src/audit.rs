@@ -58,6 +58,26 @@ pub fn auth_failure(f: &Facts<'_>, reason: &str) -> Record {
     }
 }
 
+/// A call to the admin listener refused before any caller was known: no or bad
+/// credentials, an ended console sign-in, or a browser's change without its CSRF token.
+pub fn admin_auth_failure(
+    peer: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    reason: &str,
+) -> Record {
+    Record {
+        kind: Kind::AuthFailure,
+        client_ip: Some(peer.ip().to_string()),
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+        decision: Some(Decision::Deny),
+        reasons: vec![format!("authentication: {reason}")],
+        detail: Some(serde_json::json!({ "listener": "admin" })),
+        ..Default::default()
+    }
+}
+
 pub fn decision(f: &Facts<'_>, id: &Identity, out: &Outcome) -> Record {
     Record {
         principal: Some(principal(id)),

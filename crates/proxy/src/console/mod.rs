@@ -343,8 +343,14 @@ async fn login_token(
     form: Result<Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let snap = rt.shared.snapshot.load_full();
+    let record = |reason: &str| {
+        let rec = crate::audit::admin_auth_failure(peer, "POST", "/login", reason);
+        let rt = rt.clone();
+        async move { crate::audit::write(&rt.shared, rec).await }
+    };
     if !same_origin(&headers) {
         tracing::warn!(%peer, "console login refused: cross-origin form");
+        record("console sign-in from another origin").await;
         return html(
             StatusCode::FORBIDDEN,
             login_html(&snap, Some("Cross-site sign-in refused.")),
@@ -366,6 +372,7 @@ async fn login_token(
         .unwrap_or(&[]);
     let Some(i) = crate::admin_tokens::check_token(token.trim().as_bytes(), tokens) else {
         tracing::warn!(%peer, "console login refused: invalid token");
+        record("console sign-in with an invalid token").await;
         return html(
             StatusCode::UNAUTHORIZED,
             login_html(&snap, Some("That token is not valid.")),
