@@ -414,3 +414,109 @@ fn a_plaintext_admin_token_is_a_warning_and_a_bad_hash_an_error() {
     assert!(!ok);
     assert!((out + &err).contains("64 hex digits"));
 }
+
+/// Lists show only what each item's own read allows: with `table.read` and `workflow.read`
+/// permitted on the config alone, the dashboard shows no table's entries and no execution,
+/// and the executions list none (their pages answer 403); a permit on one table and one
+/// workflow shows that table and those executions, and nothing of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_show_only_the_items_a_person_may_read() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("admin.cedar"),
+        r#"
+permit(principal == Portcullis::User::"carol",
+       action in [Portcullis::Admin::Action::"dashboard.read", Portcullis::Admin::Action::"table.read",
+                  Portcullis::Admin::Action::"workflow.read"],
+       resource == Portcullis::Config::"config");
+permit(principal == Portcullis::User::"dave",
+       action in [Portcullis::Admin::Action::"dashboard.read", Portcullis::Admin::Action::"workflow.read"],
+       resource == Portcullis::Config::"config");
+permit(principal == Portcullis::User::"dave", action == Portcullis::Admin::Action::"table.read",
+       resource == Portcullis::Table::"per_ip");
+permit(principal == Portcullis::User::"dave", action == Portcullis::Admin::Action::"workflow.read",
+       resource in Portcullis::Workflow::"approve");
+"#,
+    )
+    .unwrap();
+    let yaml = config(&origin.address(), ADMIN_TOKEN)
+        + "stick_tables:\n  - { name: per_ip, key: src, size: 100, expire: 10m, store: [gpc0, tags] }\n  - { name: per_key, key: src, size: 100, expire: 10m, store: [gpc0, tags] }\n";
+    let p = Proxy::start_in(dir, &yaml).await;
+    for t in ["per_ip", "per_key"] {
+        let (s, b) = call(
+            &p,
+            Method::POST,
+            &format!("/api/v1/tables/{t}/entries/192.0.2.7"),
+            Some(ADMIN_TOKEN),
+            Some(json!({ "tag": format!("secret-{t}") })),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    for w in ["approve", "other"] {
+        let (s, b) = call(
+            &p,
+            Method::POST,
+            &format!("/api/v1/workflows/{w}/executions"),
+            Some(ADMIN_TOKEN),
+            Some(json!({ "name": format!("run-{w}"), "input": { "secret": w } })),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let carol = mint(&p, "carol", "");
+    let dave = mint(&p, "dave", "");
+    let look = |who: &str| {
+        let who = who.to_string();
+        let p = &p;
+        async move {
+            let (s, b) = call(p, Method::GET, "/api/v1/dashboard", Some(&who), None).await;
+            assert_eq!(s, 200, "{b}");
+            let d: Value = serde_json::from_str(&b).unwrap();
+            let (s, b) = call(p, Method::GET, "/api/v1/executions", Some(&who), None).await;
+            assert_eq!(s, 200, "{b}");
+            let l: Value = serde_json::from_str(&b).unwrap();
+            (d, l)
+        }
+    };
+    // Carol: the config only. Each table's and execution's page refuses her, and so do
+    // the lists.
+    let (d, l) = look(&carol).await;
+    assert!(!d.to_string().contains("secret-"), "{d}");
+    assert_eq!(d["tables"], json!([]), "{d}");
+    assert_eq!(d["executions"], json!([]), "{d}");
+    assert_eq!(l["executions"], json!([]), "{l}");
+    assert_eq!(
+        call(
+            &p,
+            Method::GET,
+            "/api/v1/tables/per_key",
+            Some(&carol),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    // Dave: one table, one workflow.
+    let (d, l) = look(&dave).await;
+    let tables: Vec<&str> = d["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"]["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(tables, ["per_ip"], "{d}");
+    assert!(!d.to_string().contains("secret-per_key"), "{d}");
+    let runs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["workflow"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(runs(&d["executions"]), ["approve"], "{d}");
+    assert_eq!(runs(&l["executions"]), ["approve"], "{l}");
+    assert!(!l.to_string().contains("\"other\""), "{l}");
+}

@@ -196,7 +196,11 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(rt): State<Arc<Runtime>>, Query(q): Query<ListQuery>) -> Response {
+async fn list(
+    State(rt): State<Arc<Runtime>>,
+    Extension(caller): Extension<crate::admin_authz::Caller>,
+    Query(q): Query<ListQuery>,
+) -> Response {
     let svc = match service(&rt) {
         Ok(s) => s.clone(),
         Err(r) => return r.into_response(),
@@ -222,10 +226,27 @@ async fn list(State(rt): State<Arc<Runtime>>, Query(q): Query<ListQuery>) -> Res
     };
     let store = svc.runner.store().clone();
     match blocking(move || store.list(&filter)).await {
-        Ok(Ok(rows)) => Json(json!({ "executions": rows.iter().map(summary).collect::<Vec<_>>() }))
-            .into_response(),
+        Ok(Ok(rows)) => {
+            // Listing is decided on the config; each execution shown (with its input and
+            // output) needs the read its own page would.
+            let snap = rt.shared.snapshot.load_full();
+            let shown: Vec<Value> = rows
+                .iter()
+                .filter(|r| caller.may(&snap, "workflow.read", &execution(r)))
+                .map(summary)
+                .collect();
+            Json(json!({ "executions": shown })).into_response()
+        }
         Ok(Err(e)) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(r) => r.into_response(),
+    }
+}
+
+/// An execution as admin policies name it.
+pub fn execution(r: &ExecutionRow) -> portcullis_policy::admin::AdminResource {
+    portcullis_policy::admin::AdminResource::Execution {
+        workflow: r.workflow.clone(),
+        id: r.id.clone(),
     }
 }
 

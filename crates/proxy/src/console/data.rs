@@ -67,11 +67,15 @@ pub async fn look(rt: &Runtime, caller: &Caller, ticker: &mut Ticker) -> Value {
     if may("config.read") {
         out["identity"] = identity(&snap);
     }
-    if may("table.read") {
-        out["tables"] = tables(rt, &snap, caller, ticker).await;
+    // Each table and execution shown needs the read its own page would (a permit on the
+    // config alone shows none of them).
+    let t = tables(rt, &snap, caller, ticker).await;
+    if may("table.read") || !t.is_empty() {
+        out["tables"] = Value::Array(t);
     }
-    if may("workflow.read") {
-        out["executions"] = executions(rt, &snap, caller).await;
+    let e = executions(rt, &snap, caller).await;
+    if may("workflow.read") || !e.is_empty() {
+        out["executions"] = Value::Array(e);
     }
     out["can"] = json!({
         "usage": may("usage.read"),
@@ -308,19 +312,22 @@ async fn tables(
     snap: &crate::snapshot::Snapshot,
     caller: &Caller,
     ticker: &mut Ticker,
-) -> Value {
+) -> Vec<Value> {
     let mut out = Vec::new();
     for def in &snap.config.stick_tables {
+        let res = AdminResource::Table(def.name.clone());
+        if !caller.may(snap, "table.read", &res) {
+            continue;
+        }
         let listed = match &rt.shared.limits.fleet {
             Some(f) => fleet_listing(rt, f, &def.name, ticker).await,
             None => crate::admin_tables::top(rt, &def.name, TOP_KEYS, None).ok(),
         };
         let Some(mut v) = listed else { continue };
-        let res = AdminResource::Table(def.name.clone());
         v["can"] = json!({ "clear": caller.may(snap, "table.clear", &res) });
         out.push(v);
     }
-    Value::Array(out)
+    out
 }
 
 async fn fleet_listing(
@@ -351,10 +358,10 @@ async fn fleet_listing(
     }
 }
 
-async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Caller) -> Value {
+async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Caller) -> Vec<Value> {
     use portcullis_automation::workflow::store::ListFilter;
     let Some(svc) = rt.workflows.service() else {
-        return json!([]);
+        return Vec::new();
     };
     let store = svc.runner.store().clone();
     let rows = tokio::task::spawn_blocking(move || {
@@ -366,15 +373,15 @@ async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Cal
     })
     .await;
     let Ok(Ok(rows)) = rows else {
-        return json!([]);
+        return Vec::new();
     };
     rows.iter()
-        .map(|r| {
+        .filter_map(|r| {
+            let res = crate::admin_workflows::execution(r);
+            if !caller.may(snap, "workflow.read", &res) {
+                return None;
+            }
             let mut v = crate::admin_workflows::summary(r);
-            let res = AdminResource::Execution {
-                workflow: r.workflow.clone(),
-                id: r.id.clone(),
-            };
             v["can"] = json!({
                 "stop": caller.may(snap, "workflow.stop", &res),
                 "callback": caller.may(snap, "workflow.callback", &res),
@@ -384,7 +391,7 @@ async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Cal
                 o.remove("input");
                 o.remove("output");
             }
-            v
+            Some(v)
         })
         .collect()
 }
