@@ -520,3 +520,71 @@ permit(principal == Portcullis::User::"dave", action == Portcullis::Admin::Actio
     assert_eq!(runs(&l["executions"]), ["approve"], "{l}");
     assert!(!l.to_string().contains("\"other\""), "{l}");
 }
+
+/// An event stream opened before a person's `events.read` is revoked ends with it: the
+/// revocation (a policy reloaded) is decided again before the next event goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_event_stream_ends_when_its_reader_is_revoked() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    let allow = r#"permit(principal == Portcullis::User::"erin", action == Portcullis::Admin::Action::"events.read", resource);"#;
+    std::fs::write(dir.path().join("admin.cedar"), allow).unwrap();
+    let p = Proxy::start_in(dir, &config(&origin.address(), ADMIN_TOKEN)).await;
+    let erin = mint(&p, "erin", "");
+    let mut stream = reqwest::Client::new()
+        .get(p.admin_url("/api/v1/events/stream?types=com.example.*"))
+        .bearer_auth(&erin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let publish = |id: &'static str| {
+        let p = &p;
+        async move {
+            let ev =
+                json!({ "specversion": "1.0", "id": id, "source": "/ci", "type": "com.example.x" });
+            let r = reqwest::Client::new()
+                .post(p.admin_url("/api/v1/events"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "application/cloudevents+json")
+                .body(ev.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+    };
+    // Reads until `id` arrives (true) or the stream ends or stalls (false).
+    async fn until(stream: &mut reqwest::Response, id: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = String::new();
+        while std::time::Instant::now() < deadline {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), stream.chunk()).await {
+                Ok(Ok(Some(c))) => {
+                    seen.push_str(&String::from_utf8_lossy(&c));
+                    if seen.contains(&format!("id: {id}")) {
+                        return true;
+                    }
+                }
+                Ok(_) => return false,
+                Err(_) => {}
+            }
+        }
+        false
+    }
+    publish("before").await;
+    assert!(until(&mut stream, "before").await, "the stream delivers");
+    std::fs::write(
+        p.dir.path().join("admin.cedar"),
+        format!("{allow}\nforbid(principal == Portcullis::User::\"erin\", action, resource);\n"),
+    )
+    .unwrap();
+    let (s, b) = call(&p, Method::POST, "/api/v1/reload", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(s, 200, "{b}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    publish("after").await;
+    assert!(
+        !until(&mut stream, "after").await,
+        "a revoked reader's stream went on"
+    );
+}

@@ -164,6 +164,28 @@ fn is_alertmanager(headers: &HeaderMap) -> bool {
     !batch && !is_structured(headers) && !is_binary(headers)
 }
 
+/// Whether a stream's caller may still read events (see `stream`).
+struct Still {
+    rt: Arc<Runtime>,
+    caller: crate::admin_authz::Caller,
+    checked: std::time::Instant,
+}
+
+impl Still {
+    fn may_read(&mut self) -> bool {
+        if self.checked.elapsed() < std::time::Duration::from_secs(1) {
+            return true;
+        }
+        self.checked = std::time::Instant::now();
+        let snap = self.rt.shared.snapshot.load_full();
+        self.caller.may(
+            &snap,
+            "events.read",
+            &portcullis_policy::admin::AdminResource::Config,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +286,7 @@ pub struct StreamQuery {
 /// --follow` and the dashboard read.)
 pub async fn stream(
     State(rt): State<Arc<Runtime>>,
+    axum::Extension(caller): axum::Extension<crate::admin_authz::Caller>,
     axum::extract::Query(q): axum::extract::Query<StreamQuery>,
 ) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
@@ -283,21 +306,35 @@ pub async fn stream(
         }
     };
     let tap = rt.shared.events.bus.tap();
-    let events = futures_util::stream::unfold((tap, filter), |(mut tap, filter)| async move {
-        loop {
-            let item = match tap.next().await {
-                Ok(e) if !filter.matches(&e.type_) => continue,
-                Ok(e) => Sse::default()
-                    .event("cloudevent")
-                    .id(e.id.clone())
-                    .data(e.to_json_string()),
-                Err(missed) => Sse::default()
-                    .event("lagged")
-                    .data(json!({ "missed": missed }).to_string()),
-            };
-            return Some((Ok::<_, std::convert::Infallible>(item), (tap, filter)));
-        }
-    });
+    // The caller's `events.read` is decided again before an event goes out, at most once a
+    // second: a stream opened before a revocation (a policy reloaded) ends with it.
+    let still = Still {
+        rt: rt.clone(),
+        caller,
+        checked: std::time::Instant::now(),
+    };
+    let events = futures_util::stream::unfold(
+        (tap, filter, still),
+        |(mut tap, filter, mut still)| async move {
+            loop {
+                let item = match tap.next().await {
+                    Ok(e) if !filter.matches(&e.type_) => continue,
+                    Ok(_) if !still.may_read() => return None,
+                    Ok(e) => Sse::default()
+                        .event("cloudevent")
+                        .id(e.id.clone())
+                        .data(e.to_json_string()),
+                    Err(missed) => Sse::default()
+                        .event("lagged")
+                        .data(json!({ "missed": missed }).to_string()),
+                };
+                return Some((
+                    Ok::<_, std::convert::Infallible>(item),
+                    (tap, filter, still),
+                ));
+            }
+        },
+    );
     axum::response::sse::Sse::new(events)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
         .into_response()
