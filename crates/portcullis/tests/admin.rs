@@ -701,3 +701,49 @@ async fn the_admin_listener_bounds_slow_heads_and_open_connections() {
         "closed after {took:?}"
     );
 }
+
+/// The API's bodies are JSON sent as JSON: a form's or a text body (what a page on another
+/// site can send without asking) gets 400 on every endpoint that takes a body, before
+/// anything reads it; the same body as `application/json` is taken.
+#[tokio::test]
+async fn bodies_of_other_types_than_json_get_400() {
+    let (_one, _two, p) = two_servers("").await;
+    let c = reqwest::Client::new();
+    let body = r#"{"state":"drain"}"#;
+    for (path, ct) in [
+        ("/api/v1/backends/b/servers/s1/state", "text/plain"),
+        (
+            "/api/v1/backends/b/servers/s1/state",
+            "application/x-www-form-urlencoded",
+        ),
+        ("/api/v1/sessions/revoke", "text/plain"),
+        ("/api/v1/sessions/revoke", "multipart/form-data; boundary=x"),
+    ] {
+        let r = c
+            .post(p.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} as {ct}");
+    }
+    let r = c
+        .post(p.admin_url("/api/v1/sessions/revoke"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "no Content-Type");
+    let r = c
+        .post(p.admin_url("/api/v1/backends/b/servers/s1/state"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}

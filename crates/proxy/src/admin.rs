@@ -56,6 +56,9 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .route("/api/v1/dashboard", get(dashboard))
         .route("/api/v1/dashboard/stream", get(dashboard_stream))
         .route("/api/v1/audit", get(crate::console::audit::handler))
+        // Inside `auth` (layers wrap what came before): a caller is known, and a browser's
+        // change without its CSRF token is refused (and recorded) as such first.
+        .route_layer(middleware::from_fn(json_bodies))
         .route_layer(middleware::from_fn_with_state(rt.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -63,6 +66,42 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .merge(crate::console::routes())
         .merge(api)
         .with_state(rt)
+}
+
+/// The API's request bodies are JSON, sent as JSON: a body of another type (a form's, or
+/// text, the types a page on another site can send without asking) gets 400 before a handler
+/// reads it. Inbound events (`/api/v1/events`) have media types of their own, checked there.
+async fn json_bodies(req: Request, next: Next) -> Response {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if !has_body || req.uri().path() == "/api/v1/events" {
+        return next.run(req).await;
+    }
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|t| {
+            t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
+        });
+    if json {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": "the body must be JSON, sent with Content-Type: application/json" })),
+    )
+        .into_response()
 }
 
 fn unauthorized(msg: &'static str) -> Response {
