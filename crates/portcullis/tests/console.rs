@@ -475,6 +475,17 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
     })
     .await;
     assert!(gone, "the removed token's grant no longer opens the page");
+
+    // The sign-in page shows only its own words, whatever a link to it says.
+    let page = no_redirects()
+        .get(p.admin_url("/login?error=Call%20+1-555-0100%20to%20restore%20access"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("555-0100"), "{page}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -284,7 +284,6 @@ fn render(
 #[derive(Deserialize)]
 struct LoginQuery {
     ended: Option<String>,
-    error: Option<String>,
 }
 
 fn login_html(snap: &crate::snapshot::Snapshot, error: Option<&str>) -> String {
@@ -323,10 +322,12 @@ fn login_html(snap: &crate::snapshot::Snapshot, error: Option<&str>) -> String {
 
 async fn login_page(State(rt): State<Arc<Runtime>>, Query(q): Query<LoginQuery>) -> Response {
     let snap = rt.shared.snapshot.load_full();
-    let error = q.error.as_deref().or(q
+    // The page shows only its own words: no text from the query (which anyone could
+    // write into a link to the real console).
+    let error = q
         .ended
         .as_ref()
-        .map(|_| "Your session has ended: sign in again."));
+        .map(|_| "Your session has ended: sign in again.");
     html(StatusCode::OK, login_html(&snap, error), &[])
 }
 
