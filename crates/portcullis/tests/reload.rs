@@ -277,7 +277,19 @@ async fn a_bad_reload_keeps_the_old_config_serving() {
     assert_eq!(p.backends().await["backends"][0]["servers"][1]["weight"], 1);
     assert_eq!(c.get(p.url("/app")).send().await.unwrap().status(), 200);
 
-    // 4. Fixing the file clears the error.
+    // 4. An `events:` that a start would refuse (a webhook URL with a bad port) is refused
+    // by a reload too, located at `events`, and without the URL's secret: else the process
+    // would serve on and fail at its next restart.
+    p.write_config(&format!(
+        "{good}events:\n  sinks:\n    - name: hooks\n      webhook: {{ url: \"http://svc:S3CRET@hooks.example.com:99999/x\" }}\n"
+    ));
+    let (st, body) = p.admin(Method::POST, "/api/v1/reload", None).await;
+    assert_eq!(st, 422, "{body}");
+    assert!(body.contains("events") && body.contains(&file), "{body}");
+    assert!(!body.contains("S3CRET"), "{body}");
+    assert_eq!(p.config_status().await["version"], v0.as_str());
+
+    // 5. Fixing the file clears the error.
     p.write_config(&config(&one, &two, 2, "", ""));
     let (st, body) = p.admin(Method::POST, "/api/v1/reload", None).await;
     assert_eq!(st, 200, "{body}");

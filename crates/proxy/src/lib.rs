@@ -439,6 +439,9 @@ impl Runtime {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
         if config.events != current.config.events {
+            // Checked as a start would check it: a reload that takes an `events:` the next
+            // start refuses would leave a process that cannot be restarted.
+            events::events_cfg(&config).map_err(|d| d.to_string())?;
             tracing::warn!("`events` changed; the sinks take it at the next restart");
         }
         let (new, old) = (&config.limits, &current.config.limits);
