@@ -614,3 +614,53 @@ async fn a_flood_of_garbage_connections_does_not_take_it_down() {
         .await;
     assert_eq!(st, 200);
 }
+
+/// A body that trickles in (each piece within `timeouts.client_body`) past the backend's
+/// response timeout is the client's delay: 408, and the server is not blamed. Before, the
+/// attempt timed out as the server's (504), and a few such clients got a healthy server
+/// ejected (here, with `outlier: { consecutive_5xx: 2 }`, the only one).
+#[tokio::test]
+async fn a_trickling_body_is_the_clients_delay_not_the_servers() {
+    let o = Origin::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let _ = req.into_body().collect().await;
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("origin")))
+    })
+    .await;
+    let p = Proxy::start(&format!(
+        "listeners:\n  - {{ name: web, bind: \"127.0.0.1:{{port}}\", timeouts: {{ client_body: 5s }} }}\n\
+         backends:\n  - name: b\n    timeouts: {{ response: 1s }}\n    outlier: {{ consecutive_5xx: 2, eject_for: 60s }}\n    servers: [{{ name: s1, address: \"{}\" }}]\n\
+         routes:\n  - {{ name: r, match: {{ path_prefix: /app }}, backend: b, public: true }}\n",
+        o.address()
+    ))
+    .await;
+    let trickle = || async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        s.write_all(
+            b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // A byte every 300 ms, well within the body timeout, for longer than the response
+        // timeout.
+        for _ in 0..8 {
+            if s.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (resp, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        status_of(&resp)
+    };
+    let (a, b, c) = tokio::join!(trickle(), trickle(), trickle());
+    assert_eq!([a, b, c], [408, 408, 408]);
+    // The server was not blamed: a whole request is served.
+    let resp = raw(
+        p.port,
+        b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+}

@@ -10,7 +10,8 @@ use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt};
 use crate::state::ServerState;
 use crate::upstream::body::{
-    empty, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, SlowBody, TooLarge, Tracked,
+    empty, BodyWait, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, SlowBody, TooLarge,
+    Tracked,
 };
 use crate::upstream::head::{strip_hop_by_hop, Head};
 use crate::upstream::pool::{ConnectError, Sender};
@@ -39,6 +40,8 @@ struct Trip<'a> {
     per_try: Duration,
     /// Request body bytes read, when there is a body.
     seen: Option<Arc<AtomicU64>>,
+    /// Whether that body waits on its client (see [`within`]).
+    body_wait: Option<BodyWait>,
     plan: balance::Plan,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -101,7 +104,8 @@ pub async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
     if let Some(u) = &mut x.usage {
         u.bytes_in = seen.clone();
     }
-    let body = match request_body(x, route, &head.headers, body, seen.as_ref()).await {
+    let wait = seen.as_ref().map(|_| BodyWait::default());
+    let body = match request_body(x, route, &head.headers, body, seen.as_ref(), &wait).await {
         Ok(b) => b,
         Err((status, msg)) => return Flow::Refuse(status, msg),
     };
@@ -121,6 +125,7 @@ pub async fn run(x: &mut Exchange<'_>, body: Incoming) -> Flow {
                 p.0.min(backend.response_timeout)
             }),
         seen,
+        body_wait: wait,
         plan,
         client_upgrade,
     };
@@ -143,6 +148,7 @@ async fn request_body(
     headers: &HeaderMap,
     body: Incoming,
     seen: Option<&Arc<AtomicU64>>,
+    wait: &Option<BodyWait>,
 ) -> Result<ReqBody, Refused> {
     let Some(seen) = seen else {
         return Ok(empty_req_body());
@@ -158,6 +164,7 @@ async fn request_body(
     };
     let mut b = Limited::new(body, route.max_body, seen.clone(), trailers)
         .with_idle_timeout(x.conn.body_timeout)
+        .with_wait(wait.clone().unwrap_or_default())
         .boxed_unsync();
     if !chunked {
         return Ok(b);
@@ -296,7 +303,7 @@ async fn once(
                 req_body,
                 state.pool.clone(),
             );
-            tokio::time::timeout(try_timeout, f)
+            within(try_timeout, trip, f)
                 .await
                 .map(|r| r.map(Up::H1).map_err(Failed::from_h1))
         }
@@ -307,14 +314,20 @@ async fn once(
             *req.headers_mut() = trip.head.headers.clone();
             *req.version_mut() = Version::HTTP_2;
             let f = s.try_send_request(req);
-            tokio::time::timeout(try_timeout, f)
+            within(try_timeout, trip, f)
                 .await
                 .map(|r| r.map(Up::H2).map_err(|e| Failed::from_h2(e, state)))
         }
     };
     match result {
         Ok(Ok(up)) => answered(x, trip, tries, si, active, up).await,
-        Err(_elapsed) => {
+        // The time ran out while the client was still sending its body: the client's
+        // delay, not the server's (no retry, no ejection).
+        Err(Late::Client) => Attempt::Done(Flow::Refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timed out\n",
+        )),
+        Err(Late::Server) => {
             drop(active);
             note_outcome(backend, si, true, false);
             if trip.replayable && backend.retry_status.contains(&504) && retry(trip, tries).await {
@@ -326,6 +339,29 @@ async fn once(
             ))
         }
         Ok(Err(failed)) => Box::pin(not_answered(trip, tries, si, active, failed)).await,
+    }
+}
+
+/// Whose delay ended an attempt without a response.
+enum Late {
+    Server,
+    Client,
+}
+
+/// Runs an attempt `f` (sending the request, its body included, and reading the response's
+/// head) within `limit`. When the limit is reached while the request body still waits on
+/// its client (a body that trickles in, each piece within `timeouts.client_body`), the delay
+/// is the client's: the attempt ends with 408 and the server is not blamed, so that slow
+/// clients cannot make a healthy server time out and be ejected.
+async fn within<F: std::future::Future>(
+    limit: Duration,
+    trip: &Trip<'_>,
+    f: F,
+) -> Result<F::Output, Late> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => Ok(v),
+        Err(_) if trip.body_wait.as_ref().is_some_and(BodyWait::on_client) => Err(Late::Client),
+        Err(_) => Err(Late::Server),
     }
 }
 

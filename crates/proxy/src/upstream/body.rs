@@ -88,6 +88,27 @@ impl Trailers {
     }
 }
 
+/// Whether a request body being sent upstream is waiting on its client: so that time spent
+/// waiting for a slow client is not counted against the server (see
+/// `phase::forward::within`). Shared between the body and the attempt that sends it.
+#[derive(Clone, Default, Debug)]
+pub struct BodyWait(Arc<std::sync::atomic::AtomicU8>);
+
+const FLOWING: u8 = 0;
+const ON_CLIENT: u8 = 1;
+const ENDED: u8 = 2;
+
+impl BodyWait {
+    /// True while the body's last read found nothing from the client yet.
+    pub fn on_client(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == ON_CLIENT
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Relaxed);
+    }
+}
+
 /// Passes a request body through, counting bytes and failing once it exceeds `limit`,
 /// applies the route's rule for trailers, and fails with [`SlowBody`] when the client sends
 /// nothing for the idle timeout while the body is being read.
@@ -99,6 +120,8 @@ pub struct Limited<B> {
     /// How long the client may leave the body waiting, and the timer of the current wait
     /// (armed at the first wait, reset after each frame).
     idle: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
+    /// Whether the body waits on its client, for whoever sends it.
+    wait: Option<BodyWait>,
 }
 
 impl<B> Limited<B> {
@@ -109,6 +132,19 @@ impl<B> Limited<B> {
             seen,
             trailers,
             idle: None,
+            wait: None,
+        }
+    }
+
+    /// Tells `wait` whether the body is waiting on its client.
+    pub fn with_wait(mut self, wait: BodyWait) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    fn note(&self, state: u8) {
+        if let Some(w) = &self.wait {
+            w.set(state);
         }
     }
 
@@ -148,7 +184,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.note(match &polled {
+            Poll::Pending => ON_CLIENT,
+            Poll::Ready(Some(Ok(f))) if !f.is_trailers() => FLOWING,
+            Poll::Ready(_) => ENDED,
+        });
+        match polled {
             Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
                 let kept = f.into_trailers().ok().and_then(|t| this.trailers.filter(t));
                 // Trailers end a body: dropping them ends it here.
