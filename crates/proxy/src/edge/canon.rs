@@ -198,9 +198,20 @@ pub fn path(raw: &str, merge: bool, slashes: EscapedSlashes) -> Result<Path<'_>,
     })
 }
 
-/// `.` or `..`, alone or before a `;` parameter.
+/// Where a segment's parameters start: at its first `;`, or at an encoded one (`%3B`),
+/// which some origins decode before they drop parameters (Spring's path helper does).
+fn params_at(seg: &[u8]) -> Option<usize> {
+    let semi = memchr::memchr(b';', seg);
+    let encoded = memchr::memmem::find(seg, b"%3B").or_else(|| memchr::memmem::find(seg, b"%3b"));
+    match (semi, encoded) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `.` or `..`, alone or before a `;` parameter (`;` or `%3B`).
 fn is_dot(seg: &[u8]) -> bool {
-    let name = match memchr::memchr(b';', seg) {
+    let name = match params_at(seg) {
         Some(i) => &seg[..i],
         None => seg,
     };
@@ -311,15 +322,16 @@ fn end_run(high: &mut smallvec::SmallVec<[u8; 8]>) -> Result<(), Refusal> {
 
 /// The path routes are matched on: the canonical path without `;` parameters in its
 /// segments (`/admin;v=1/x` is `/admin/x`), since origins such as Tomcat and Spring drop them
-/// before they route.
+/// before they route; parameters after an encoded `;` (`/admin%3Bv=1/x`) too, since some
+/// decode it first.
 pub fn match_path(p: &str) -> Cow<'_, str> {
-    if !p.contains(';') {
+    if !p.contains(';') && !p.contains("%3B") && !p.contains("%3b") {
         return Cow::Borrowed(p);
     }
     let mut out = String::with_capacity(p.len());
     let segs: Vec<&str> = p.split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
-        let name = seg.split(';').next().unwrap_or("");
+        let name = &seg[..params_at(seg.as_bytes()).unwrap_or(seg.len())];
         // A segment of parameters only (`/;x/admin`) is no segment to such an origin: it
         // reads `/admin`. A last one still ends the path with `/`.
         if i > 0 && name.is_empty() && !seg.is_empty() && i + 1 < segs.len() {
@@ -630,6 +642,9 @@ mod tests {
             "/x/..;/admin",
             "/x/.;a=b/admin",
             "/x/%2e%2e;/admin",
+            "/x/%2e%2e%3b/admin",
+            "/x/..%3B/admin",
+            "/x/.%3Ba/admin",
         ] {
             assert_eq!(canon(p), Err(Refusal::DotSegment), "{p}");
         }
@@ -675,6 +690,10 @@ mod tests {
         assert_eq!(match_path("/a;/admin"), "/a/admin");
         assert_eq!(match_path("/admin/;x"), "/admin/");
         assert_eq!(match_path("/plain"), "/plain");
+        // An encoded `;` starts parameters too, for origins that decode it first.
+        assert_eq!(match_path("/admin%3Bx=1/y"), "/admin/y");
+        assert_eq!(match_path("/%3Bx/admin"), "/admin");
+        assert_eq!(match_path("/a%3Bb;c/d"), "/a/d");
     }
 
     #[test]
