@@ -324,7 +324,7 @@ pub(crate) async fn as_person(
         let token = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string));
-        let types = crate::admin_authz::event_types(&parts.headers, &bytes);
+        let types = crate::admin_events::event_types(&parts.headers, &bytes);
         (token, types, axum::body::Body::from(bytes))
     } else {
         (None, Vec::new(), body)

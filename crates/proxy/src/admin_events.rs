@@ -147,6 +147,22 @@ pub fn accept(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, (StatusCod
     Ok(events)
 }
 
+/// The types of the events an inbound body carries, read exactly as the endpoint will read
+/// them ([`accept`]: batch, structured, binary or Alertmanager mode, by
+/// the request's media type and `ce-*` headers), so that what is authorized is what is
+/// published: a `ce-type` header beside a structured body, or an `alerts` member in a
+/// CloudEvent, names no type here that the endpoint would not publish. A body the endpoint
+/// refuses gives none (and is refused there).
+pub fn event_types(headers: &http::HeaderMap, body: &[u8]) -> Vec<String> {
+    let Ok(events) = accept(headers, body) else {
+        return Vec::new();
+    };
+    let mut types: Vec<String> = events.into_iter().map(|e| e.type_).collect();
+    types.sort_unstable();
+    types.dedup();
+    types
+}
+
 /// Whether `inbound::parse` read the request as an Alertmanager payload: JSON that is
 /// neither a CloudEvent in any mode nor a batch.
 fn is_alertmanager(headers: &HeaderMap) -> bool {
@@ -189,6 +205,77 @@ impl Still {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EVENT: &[u8] =
+        br#"{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban"}"#;
+
+    #[test]
+    fn the_types_of_an_inbound_body_are_found_in_every_mode() {
+        let ct = |v| headers(&[("content-type", v)]);
+        assert_eq!(event_types(&ct(STRUCTURED), EVENT), vec!["com.example.ban"]);
+        let batch = br#"[{"specversion":"1.0","id":"1","source":"https://x","type":"b"},
+            {"specversion":"1.0","id":"2","source":"https://x","type":"a"}]"#;
+        assert_eq!(
+            event_types(&ct("application/cloudevents-batch+json"), batch),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            event_types(
+                &ct("application/json"),
+                br#"{"version":"4","status":"firing","receiver":"r","alerts":[
+                    {"status":"firing","labels":{"alertname":"A"},"startsAt":"2026-01-01T00:00:00Z"},
+                    {"status":"resolved","labels":{"alertname":"B"},"startsAt":"2026-01-01T00:00:00Z","endsAt":"2026-01-01T01:00:00Z"}]}"#
+            ),
+            vec!["dev.portcullis.alert.firing", "dev.portcullis.alert.resolved"]
+        );
+        let binary = headers(&[
+            ("content-type", "application/json"),
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "https://x"),
+            ("ce-type", "com.example.bin"),
+        ]);
+        assert_eq!(event_types(&binary, b"{}"), vec!["com.example.bin"]);
+        assert!(event_types(&ct("application/json"), b"not json").is_empty());
+    }
+
+    /// The types authorized are the types the endpoint publishes, however the request mixes
+    /// the modes: a `ce-type` header beside a structured or batch body names nothing, and a
+    /// CloudEvent with an `alerts` member is that CloudEvent.
+    #[test]
+    fn a_header_or_member_of_another_mode_names_no_type() {
+        let with = |ct| headers(&[("content-type", ct), ("ce-type", "com.example.allowed")]);
+        assert_eq!(
+            event_types(&with(STRUCTURED), EVENT),
+            vec!["com.example.ban"]
+        );
+        let batch =
+            br#"[{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban"}]"#;
+        assert_eq!(
+            event_types(&with("application/cloudevents-batch+json"), batch),
+            vec!["com.example.ban"]
+        );
+        let both = br#"{"specversion":"1.0","id":"1","source":"https://x","type":"com.example.ban","alerts":[{"status":"firing"}]}"#;
+        assert_eq!(
+            event_types(&headers(&[("content-type", STRUCTURED)]), both),
+            vec!["com.example.ban"]
+        );
+        // Without a media type the endpoint reads nothing, so nothing is authorized.
+        assert!(event_types(&http::HeaderMap::new(), both).is_empty());
+        // Whatever is authorized is what `accept` publishes.
+        for (h, body) in [
+            (with(STRUCTURED), EVENT),
+            (with("application/json"), &both[..]),
+        ] {
+            let published: Vec<String> = accept(&h, body)
+                .map(|e| e.into_iter().map(|e| e.type_).collect())
+                .unwrap_or_default();
+            let mut published = published;
+            published.sort_unstable();
+            published.dedup();
+            assert_eq!(event_types(&h, body), published);
+        }
+    }
     use axum::http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -5,9 +5,10 @@
 //!
 //! - under `underscores_in_headers: allow`, a name with `_` that reads as one of these once
 //!   `_` is `-` (CGI-style frameworks, WSGI, Rack and PHP, read `X_Forwarded_For` as
-//!   `X-Forwarded-For`) is removed ([`crate::edge::canon::underscore_headers`]);
+//!   `X-Forwarded-For`) is removed (by the check phase's rule for such names, and when the
+//!   upstream head is built);
 //! - a request trailer of one of these names is dropped (an origin that merges trailers into
-//!   the head would read it as the field; [`crate::upstream::body::Trailers`]).
+//!   the head would read it as the field).
 //!
 //! Identity headers (a route's `headers.upstream` names, `x-portcullis-*`) are handled with
 //! the snapshot's list, as they depend on the config.

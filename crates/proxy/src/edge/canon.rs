@@ -551,8 +551,7 @@ pub fn method_override(
 /// them, less those that read as a field portcullis owns ([`crate::fields`]). CGI-style
 /// origin frameworks read `_` as `-`, so such a name would carry, past portcullis, a header
 /// that it frames the request by, removes or sets itself (docs/security.md). Under `allow`,
-/// the upstream head drops too a name that reads as a field it carries
-/// ([`crate::upstream::head::build`]).
+/// the upstream head drops too a name that reads as a field it carries (when it is built).
 pub fn underscore_headers(
     headers: &mut HeaderMap,
     mode: UnderscoresInHeaders,
