@@ -202,6 +202,9 @@ pub struct Discovery {
     pub end_session_endpoint: Option<String>,
     #[serde(default)]
     pub id_token_signing_alg_values_supported: Vec<String>,
+    /// Whether the provider names itself (`iss`) in its authorization responses (RFC 9207).
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: bool,
 }
 
 pub enum Source {

@@ -153,11 +153,13 @@ impl OidcClient {
     }
 
     /// Completes a login from the callback's `code` and `state`.
+    /// `iss` is the authorization response's, when it has one (RFC 9207).
     pub async fn finish_login(
         &self,
         pre: &PreAuth,
         code: &str,
         state: &str,
+        iss: Option<&str>,
     ) -> Result<Session, AuthError> {
         if pre.expires_at < now_secs() {
             return Err(AuthError::new("login took too long: start again"));
@@ -165,6 +167,7 @@ impl OidcClient {
         if !bool::from(pre.state.as_bytes().ct_eq(state.as_bytes())) {
             return Err(AuthError::new("login state does not match (possible CSRF)"));
         }
+        self.same_issuer(iss)?;
         let tokens = self
             .token_request(&[
                 ("grant_type", "authorization_code"),
@@ -189,6 +192,28 @@ impl OidcClient {
             ));
         }
         Ok(self.session_from(tokens, Arc::unwrap_or_clone(ident), None))
+    }
+
+    /// The authorization response must come from the provider the login started with: every
+    /// provider answers at the one callback, so a code that another provider issued (a
+    /// mix-up, which a malicious provider of another route can cause) would otherwise be sent,
+    /// with the login's PKCE verifier, to this provider's token endpoint. A response that
+    /// names another issuer is refused; one that names none is refused when the provider
+    /// says it always names itself (RFC 9207).
+    fn same_issuer(&self, iss: Option<&str>) -> Result<(), AuthError> {
+        match iss {
+            Some(i) if i != self.id_tokens.issuer => Err(AuthError::new(format!(
+                "the authorization response comes from issuer `{}`, not from `{}` where this login started (a mix-up of providers): start again",
+                i.escape_debug(),
+                self.id_tokens.issuer
+            ))),
+            None if self.discovery()?.authorization_response_iss_parameter_supported => {
+                Err(AuthError::new(
+                    "the authorization response does not name its issuer (`iss`), which this provider always does: start again",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn session_from(

@@ -1079,6 +1079,29 @@ async fn the_callback_refuses_csrf_pkce_nonce_and_replay() {
         .await;
     assert_eq!(r.status, 401);
     assert!(no_session(&r));
+
+    // 8. A mix-up (RFC 9207): an answer that names another issuer than the login's
+    //    provider is refused before its code goes anywhere; and, since this provider names
+    //    itself in every answer, one that names no issuer is refused too. The genuine one
+    //    still completes.
+    let mut x = Browser::new();
+    let auth_x = x.start_login(&p, "/x").await;
+    let back_x = x.idp_login(&idp.issuer, &auth_x, "alice").await;
+    assert_eq!(
+        query(&back_x).get("iss").map(String::as_str),
+        Some(idp.issuer.as_str()),
+        "the provider names itself: {back_x}"
+    );
+    let r = x
+        .get(&with_param(&back_x, "iss", Some("https://evil.example")))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(no_session(&r));
+    assert!(r.body.contains("mix-up"), "{}", r.body);
+    let r = x.get(&with_param(&back_x, "iss", None)).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("does not name its issuer"), "{}", r.body);
+    assert_eq!(x.get(&back_x).await.status, 302);
 }
 
 #[tokio::test]

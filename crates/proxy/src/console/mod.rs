@@ -472,6 +472,8 @@ struct Callback {
     code: Option<String>,
     state: Option<String>,
     error: Option<String>,
+    /// The provider's name for itself (RFC 9207), when it sends one.
+    iss: Option<String>,
 }
 
 /// `GET /login/callback`: the provider's answer; a session cookie, then (through a page of
@@ -518,7 +520,10 @@ async fn login_callback(
     else {
         return fail("the sign-in's provider is no longer configured for the console");
     };
-    match login.finish_login(&pre, code, state).await {
+    match login
+        .finish_login(&pre, code, state, q.iss.as_deref())
+        .await
+    {
         Ok(session) => {
             let Some(v) = engine.store.encode(sealer, &session) else {
                 return fail("cannot seal the session");

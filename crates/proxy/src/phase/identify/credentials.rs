@@ -555,7 +555,11 @@ async fn callback(snap: &Snapshot, headers: &HeaderMap, query: &str) -> Response
     let Some(login) = engine.provider(&pre.provider).and_then(|p| p.login()) else {
         return fail("the login's provider is no longer configured");
     };
-    match login.finish_login(&pre, &code, &state).await {
+    let iss = query_param(query, "iss");
+    match login
+        .finish_login(&pre, &code, &state, iss.as_deref())
+        .await
+    {
         Ok(session) => {
             let Some(value) = engine.store.encode(sealer, &session) else {
                 return fail("cannot seal the session");
