@@ -31,6 +31,11 @@ type Map = HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>;
 pub struct TokenCache {
     map: RwLock<Map>,
     capacity: usize,
+    /// Tokens ended before their expiry (an OIDC logout's ID token, which the logout
+    /// redirect shows the browser), by SHA-256, with until when; `any` spares the lock
+    /// while there are none.
+    revoked: parking_lot::Mutex<HashMap<[u8; 32], u64>>,
+    any: std::sync::atomic::AtomicBool,
 }
 
 impl TokenCache {
@@ -38,7 +43,30 @@ impl TokenCache {
         TokenCache {
             map: RwLock::new(Map::default()),
             capacity,
+            revoked: parking_lot::Mutex::default(),
+            any: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Refuses `token` from now until `until` (seconds since the epoch), cached or not.
+    pub fn revoke(&self, token: &[u8], until: u64, now: u64) {
+        use sha2::Digest;
+        let mut r = self.revoked.lock();
+        r.retain(|_, u| *u > now);
+        r.insert(sha2::Sha256::digest(token).into(), until);
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+        drop(r);
+        self.remove(token);
+    }
+
+    /// Whether `token` was revoked and is still refused at `now`.
+    pub fn is_revoked(&self, token: &[u8], now: u64) -> bool {
+        use sha2::Digest;
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let d: [u8; 32] = sha2::Sha256::digest(token).into();
+        self.revoked.lock().get(&d).is_some_and(|u| *u > now)
     }
 
     /// Returns the cached identity if the token is known, unexpired, and its key (checked

@@ -291,7 +291,8 @@ impl Engine {
         };
         let store = match prev {
             Some(e) if e.session_fp == session_fp => e.store.clone(),
-            _ => Arc::new(Store::default()),
+            Some(e) => Arc::new(Store::inheriting(&e.store)),
+            None => Arc::new(Store::default()),
         };
         Ok(Engine {
             providers,
@@ -322,6 +323,18 @@ impl Engine {
 
     pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRt>> {
         self.providers.get(name)
+    }
+
+    /// Ends `token` (a session's ID token, at its logout) as a bearer token of `provider`
+    /// for a day, the longest ID tokens are commonly valid: the logout redirect shows it to
+    /// the browser (`id_token_hint`), and a copy must not keep opening routes.
+    pub fn end_id_token(&self, provider: &str, token: &str) {
+        if let Some(Verifier::Token { validator, .. }) =
+            self.provider(provider).map(|p| &p.verifier)
+        {
+            let now = crate::now_secs();
+            validator.cache.revoke(token.as_bytes(), now + 86_400, now);
+        }
     }
 
     /// Every provider, by name, in no particular order.

@@ -142,6 +142,12 @@ impl Validator {
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        if self
+            .cache
+            .is_revoked(token.as_bytes(), since_epoch.as_secs())
+        {
+            return None;
+        }
         let (identity, expires_at) =
             self.cache
                 .get_until(token.as_bytes(), since_epoch.as_secs(), |k| {
@@ -165,6 +171,9 @@ impl Validator {
             return Err(reject(format!("token larger than {} bytes", self.max_size)));
         }
         let now = now_secs();
+        if self.cache.is_revoked(token.as_bytes(), now) {
+            return Err(reject("token ended by a logout"));
+        }
         let keys = self.keys.keys();
         if let Some(id) = self.cache.get(token.as_bytes(), now, |k| {
             keys.still_picks(k.kid.as_deref(), k.alg, &k.fingerprint)

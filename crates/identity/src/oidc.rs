@@ -240,6 +240,7 @@ impl OidcClient {
             access_token: t.access_token,
             tokens_expire_at,
             issued_at: previous.map_or(now, |p| p.issued_at),
+            sid: previous.map_or_else(random, |p| p.sid.clone()),
             identity,
         }
     }

@@ -92,6 +92,11 @@ pub struct Session {
     /// open. 0 in sessions sealed before this field existed.
     #[serde(default)]
     pub issued_at: u64,
+    /// The session's id: made at login and kept across refreshes, so that a logout ends
+    /// every cookie the session had (one from before a refresh, too). Empty in sessions
+    /// sealed before this field existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sid: String,
 }
 
 /// The state of a login between the redirect to the IdP and the callback.
@@ -141,6 +146,9 @@ pub struct Store {
     /// Principals (`provider/subject`) whose sessions were revoked, with when: a session
     /// issued at or before that does not open. Loaded from the embedded store by the proxy.
     revoked_principals: Mutex<HashMap<String, u64>>,
+    /// Sessions ended by logout, by id ([`Session::sid`]), with when they would have
+    /// expired: every cookie of such a session, refreshed or not, no longer opens.
+    revoked_sids: Mutex<HashMap<String, u64>>,
 }
 
 impl Default for Store {
@@ -150,6 +158,7 @@ impl Default for Store {
             cache: TokenCache::new(CACHE_SIZE),
             revoked: Mutex::default(),
             revoked_principals: Mutex::default(),
+            revoked_sids: Mutex::default(),
         }
     }
 }
@@ -160,6 +169,17 @@ pub fn principal_of(identity: &Identity) -> String {
 }
 
 impl Store {
+    /// A new store (for new session settings: other keys, another lifetime) that keeps
+    /// `prev`'s revocations, so that a reload does not let logged-out or revoked sessions
+    /// open again.
+    pub fn inheriting(prev: &Store) -> Store {
+        let s = Store::default();
+        *s.revoked.lock() = prev.revoked.lock().clone();
+        *s.revoked_principals.lock() = prev.revoked_principals.lock().clone();
+        *s.revoked_sids.lock() = prev.revoked_sids.lock().clone();
+        s
+    }
+
     /// The identity of a session cookie opened recently, while its session needs no refresh.
     pub fn cached(&self, cookie: &str) -> Option<Arc<Identity>> {
         self.cache
@@ -238,7 +258,31 @@ impl Store {
         if !revoked.is_empty() && revoked.contains_key(&digest(cookie)) {
             return None;
         }
+        drop(revoked);
+        if !s.sid.is_empty() {
+            let sids = self.revoked_sids.lock();
+            if !sids.is_empty() && sids.contains_key(&s.sid) {
+                return None;
+            }
+        }
         Some(s)
+    }
+
+    /// Ends `session` (opened from `cookie`) at logout: `cookie` as [`Store::end`] does, and
+    /// every other cookie of the session (from before a refresh) by its id, until it would
+    /// have expired. Cached identities of its principal are dropped, so that such a cookie
+    /// is opened (and refused) again.
+    pub fn end_session(&self, sealer: &Sealer, cookie: &str, session: &Session) {
+        let now = crate::now_secs();
+        if !session.sid.is_empty() && session.expires_at > now {
+            let mut sids = self.revoked_sids.lock();
+            sids.retain(|_, until| *until > now);
+            sids.insert(session.sid.clone(), session.expires_at);
+        }
+        let principal = principal_of(&session.identity);
+        self.cache
+            .retain_identities(|id| principal_of(id) != principal);
+        self.end(sealer, cookie, session.expires_at);
     }
 
     /// Ends the session of `cookie` at logout: forgets it, and refuses the cookie from now
@@ -299,7 +343,45 @@ mod tests {
             access_token: None,
             tokens_expire_at: 0,
             issued_at: crate::now_secs(),
+            sid: "sid-1".into(),
         }
+    }
+
+    /// A logout ends the session, not only the cookie it was made with: a copy from before
+    /// a refresh (another cookie of the same session, cached or not) no longer opens, and
+    /// neither does any after a reload with new session settings (a store that inherits the
+    /// revocations). Another session of the same person still opens.
+    #[test]
+    fn a_logout_ends_every_cookie_of_the_session_across_reloads() {
+        let sealer = Sealer::new(&[[5; 32]]).unwrap();
+        let store = Store::default();
+        let mut s = session(serde_json::json!({}));
+        s.expires_at = crate::now_secs() + 3600;
+        let before_refresh = store.encode(&sealer, &s).unwrap();
+        store.remember(&before_refresh, Arc::new(s.identity.clone()), s.expires_at);
+        let mut refreshed = s.clone();
+        refreshed.access_token = Some("new".into());
+        let after_refresh = store.encode(&sealer, &refreshed).unwrap();
+        let mut other = s.clone();
+        other.sid = "sid-2".into();
+        let other_cookie = store.encode(&sealer, &other).unwrap();
+
+        store.end_session(&sealer, &after_refresh, &refreshed);
+        assert!(store.decode(&sealer, &after_refresh).is_none());
+        assert!(store.cached(&before_refresh).is_none(), "out of the cache");
+        assert!(
+            store.decode(&sealer, &before_refresh).is_none(),
+            "the copy from before the refresh"
+        );
+        assert!(
+            store.decode(&sealer, &other_cookie).is_some(),
+            "another session"
+        );
+
+        let reloaded = Store::inheriting(&store);
+        assert!(reloaded.decode(&sealer, &before_refresh).is_none());
+        assert!(reloaded.decode(&sealer, &after_refresh).is_none());
+        assert!(reloaded.decode(&sealer, &other_cookie).is_some());
     }
 
     #[test]

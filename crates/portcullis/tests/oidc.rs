@@ -687,6 +687,17 @@ async fn sessions_refresh_transparently_and_logout_ends_them() {
         .iter()
         .any(|v| v.to_str().unwrap().starts_with("portcullis_session=;"));
     assert!(clears, "an ended session is cleared: {h:?}");
+    // Nor does a copy from before the refresh: the logout ended the session, not a cookie.
+    let (status, _) = replay(&p, &first).await;
+    assert_eq!(status, 401, "the copy from before the refresh still opens");
+    // The ID token the logout showed the browser (`id_token_hint`) opens no route as a
+    // bearer token any more.
+    let r = bearer(&p, "/api/x", hint).await;
+    assert_eq!(
+        r.status, 401,
+        "the logout's ID token still opens: {}",
+        r.body
+    );
 }
 
 #[tokio::test]
@@ -916,6 +927,12 @@ async fn session_keys_rotate_on_reload() {
     let mut b2 = Browser::new();
     assert_eq!(b2.login(&p, &idp, "/app", "bob").await.status, 200);
     let sealed_new = b2.cookie("portcullis_session").unwrap();
+    // A session logged out before a reload stays logged out after it.
+    let mut b3 = Browser::new();
+    assert_eq!(b3.login(&p, &idp, "/app", "carol").await.status, 200);
+    let carols = b3.cookie("portcullis_session").unwrap();
+    assert_eq!(b3.get(&p.url("/.portcullis/logout")).await.status, 302);
+    assert_eq!(replay(&p, &carols).await.0, 401);
 
     // [new] only: the old cookie no longer opens, the new one does.
     let v = p.config_status().await["version"].clone();
@@ -928,6 +945,11 @@ async fn session_keys_rotate_on_reload() {
     assert!(clear.contains("Max-Age=0"), "the dead cookie is cleared");
     assert_eq!(b2.api_get(&p.url("/app")).await.status, 200);
     assert_eq!(b2.cookie("portcullis_session"), Some(sealed_new));
+    assert_eq!(
+        replay(&p, &carols).await.0,
+        401,
+        "a logout outlives the reload that changed the session keys"
+    );
 }
 
 #[tokio::test]

@@ -560,7 +560,12 @@ async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response 
     }
     if let (Some(s), Some(es)) = (value.strip_prefix("s."), &engine.sealer) {
         match engine.store.decode(es, s) {
-            Some(sess) => engine.store.end(es, s, sess.expires_at),
+            Some(sess) => {
+                engine.store.end_session(es, s, &sess);
+                if let Some(t) = &sess.id_token {
+                    engine.end_id_token(&sess.identity.provider, t);
+                }
+            }
             None => engine.store.forget(es, s),
         }
     }

@@ -500,7 +500,14 @@ pub async fn endpoints(
             {
                 session = engine.store.decode(sealer, c);
                 match &session {
-                    Some(s) => engine.store.end(sealer, c, s.expires_at),
+                    Some(s) => {
+                        engine.store.end_session(sealer, c, s);
+                        // Its ID token goes to the provider's logout in the URL: it must
+                        // not open routes as a bearer token after this.
+                        if let Some(t) = &s.id_token {
+                            engine.end_id_token(&s.identity.provider, t);
+                        }
+                    }
                     None => engine.store.forget(sealer, c),
                 }
             }
