@@ -181,6 +181,7 @@ impl OidcClient {
             .clone()
             .ok_or_else(|| AuthError::new("the provider returned no id_token"))?;
         let ident = self.id_tokens.validate(&id_token).await?;
+        authorized_party(&self.client_id, &ident)?;
         let nonce = ident
             .claims
             .get("nonce")
@@ -324,6 +325,7 @@ impl OidcClient {
         let identity = match &t.id_token {
             Some(id) => {
                 let fresh = self.id_tokens.validate(id).await?;
+                authorized_party(&self.client_id, &fresh)?;
                 if fresh.subject != s.identity.subject {
                     return Err(AuthError::new("refreshed ID token is for another subject"));
                 }
@@ -350,9 +352,45 @@ impl OidcClient {
     }
 }
 
+/// An ID token issued to another client is not this login's, even when its `aud` names
+/// `client_id` among others: its `azp` (the party it was issued to), when present, must be
+/// `client_id` (OpenID Connect Core §3.1.3.7).
+fn authorized_party(client_id: &str, ident: &crate::Identity) -> Result<(), AuthError> {
+    match ident.claims.get("azp") {
+        None => Ok(()),
+        Some(serde_json::Value::String(a)) if a == client_id => Ok(()),
+        Some(other) => Err(AuthError::new(format!(
+            "the ID token was issued to another client (azp {other}), not to `{client_id}`"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_token_of_another_authorized_party_is_refused() {
+        let with = |claims: serde_json::Value| crate::Identity {
+            provider: "corp".into(),
+            method: AuthMethod::Session,
+            subject: "s".into(),
+            user: "alice".into(),
+            email: None,
+            groups: vec![],
+            claims,
+            expires_at: None,
+        };
+        let ok = |c| authorized_party("web", &with(c)).is_ok();
+        assert!(ok(
+            serde_json::json!({ "aud": ["web", "other"], "azp": "web" })
+        ));
+        assert!(ok(serde_json::json!({ "aud": "web" })));
+        assert!(!ok(
+            serde_json::json!({ "aud": ["web", "other"], "azp": "other" })
+        ));
+        assert!(!ok(serde_json::json!({ "aud": "web", "azp": 7 })));
+    }
 
     #[test]
     fn only_relative_same_origin_paths_are_followed() {
