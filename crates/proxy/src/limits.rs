@@ -172,6 +172,8 @@ pub struct Registry {
 pub struct Fleet {
     pub store: portcullis_limits::RedisStore,
     pub on_error: portcullis_config::OnStoreError,
+    /// The request path's wait for the store (`limits.store.redis.timeout`).
+    pub timeout: std::time::Duration,
 }
 
 impl Fleet {
@@ -197,6 +199,7 @@ impl Fleet {
         Ok(Some(Fleet {
             store,
             on_error: config.limits.on_store_error,
+            timeout: r.timeout.0,
         }))
     }
 }

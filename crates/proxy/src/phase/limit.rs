@@ -410,6 +410,9 @@ async fn queue(
         q.waiting.fetch_sub(1, Ordering::AcqRel);
         return false;
     }
+    // From here the request holds a place in the queue, given back however the wait ends:
+    // answered, or dropped with its client's connection.
+    let _place = Place(&q.waiting);
     let t = &lim.track[rule.table];
     let Some(key) = x.usage.as_ref().and_then(|u| u.key_of(t)).or_else(|| {
         let facts = KeyFacts {
@@ -420,13 +423,20 @@ async fn queue(
         };
         build_key(&t.parts, &facts)
     }) else {
-        q.waiting.fetch_sub(1, Ordering::AcqRel);
         return true;
     };
     let slot = rule.kind == Kind::ConnCur && t.conn;
-    if slot {
+    // A queued request does not hold its `conn_cur` slot while it waits; unless it is
+    // admitted (which takes one again), the slot is taken back when the wait ends, however
+    // it ends, since dropping the request's usage gives one back.
+    let mut released = slot.then(|| {
         t.table.conn_end(&key, MonotonicClock.now());
-    }
+        Released {
+            t,
+            key: &key,
+            settled: false,
+        }
+    });
     let step = (q.max_wait / 20).clamp(Duration::from_millis(1), Duration::from_millis(10));
     let deadline = tokio::time::Instant::now() + q.max_wait;
     let admitted = loop {
@@ -435,17 +445,27 @@ async fn queue(
             admit_conn(t, &key, now, rule.above)
         } else {
             let s = match &x.shared.limits.fleet {
-                // In a fleet the counts are in Redis: one read per look.
-                Some(f) => f
-                    .store
-                    .get(&t.name, t.table.spec(), &key)
-                    .await
-                    .ok()
-                    .flatten(),
-                None => t.table.get(&key, now),
+                // In a fleet the counts are in Redis: one read per look, within the check's
+                // timeout; a store that fails is answered as `on_store_error` says.
+                Some(f) => {
+                    let read = f.store.get(&t.name, t.table.spec(), &key);
+                    match tokio::time::timeout(f.timeout, read).await {
+                        Ok(Ok(s)) => Ok(s),
+                        _ => match f.on_error {
+                            portcullis_config::OnStoreError::Allow => Err(true),
+                            portcullis_config::OnStoreError::Deny => Err(false),
+                            portcullis_config::OnStoreError::Local => Ok(t.table.get(&key, now)),
+                        },
+                    }
+                }
+                None => Ok(t.table.get(&key, now)),
             };
-            s.and_then(|s| s.get(rule.kind))
-                .is_none_or(|v| v <= rule.above)
+            match s {
+                Ok(s) => s
+                    .and_then(|s| s.get(rule.kind))
+                    .is_none_or(|v| v <= rule.above),
+                Err(verdict) => verdict,
+            }
         };
         if ok {
             break true;
@@ -455,15 +475,38 @@ async fn queue(
         }
         tokio::time::sleep(step).await;
     };
-    q.waiting.fetch_sub(1, Ordering::AcqRel);
     if admitted {
         q.passed.inc();
-    }
-    if slot && !admitted {
-        // Dropping the usage ends a `conn_cur` this request no longer holds: take it back.
-        t.table.conn_start(&key, MonotonicClock.now());
+        if let Some(r) = &mut released {
+            r.settled = true;
+        }
     }
     admitted
+}
+
+/// A place in a queue rule's queue, given back when dropped.
+struct Place<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A `conn_cur` slot a queued request gave up while it waits: taken back when dropped,
+/// unless the request was admitted (which took one).
+struct Released<'a> {
+    t: &'a crate::limits::TableRt,
+    key: &'a Key,
+    settled: bool,
+}
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.t.table.conn_start(self.key, MonotonicClock.now());
+        }
+    }
 }
 
 /// Takes a `conn_cur` slot if one is free under `above`, in one step under the entry's lock.
@@ -1230,6 +1273,42 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             count_of(&kit, "slots", &localhost()).unwrap().conn_cur,
             Some(0),
             "no slot leaks"
+        );
+    }
+
+    /// A queued request whose client goes away (its future dropped mid-wait) gives back its
+    /// place in the queue, and takes no `conn_cur` slot from the count: the queue stays
+    /// open to others, and the concurrency limit still holds.
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_gives_back_its_place_and_no_slot() {
+        let kit = plans_kit().await;
+        let (first, f) = limited(&kit, get("/queued")).await;
+        assert!(is_next(&f));
+        for _ in 0..3 {
+            // Waits (the slot is taken), then its client leaves.
+            let gone =
+                tokio::time::timeout(Duration::from_millis(50), limited(&kit, get("/queued")));
+            assert!(gone.await.is_err(), "it was waiting");
+        }
+        assert_eq!(
+            count_of(&kit, "slots", &localhost()).unwrap().conn_cur,
+            Some(1),
+            "only the first holds a slot"
+        );
+        // The queue (of one) is free for the next waiter, which gets the slot when it frees.
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(first);
+        };
+        let ((second, f), ()) = tokio::join!(limited(&kit, get("/queued")), release);
+        assert!(is_next(&f), "{}", describe(&f));
+        // And the limit holds: with the second in, a third waits and is refused.
+        let (third, f) = limited(&kit, get("/queued")).await;
+        assert_eq!(response(f).status(), StatusCode::TOO_MANY_REQUESTS);
+        drop((second, third));
+        assert_eq!(
+            count_of(&kit, "slots", &localhost()).unwrap().conn_cur,
+            Some(0)
         );
     }
 }
