@@ -44,6 +44,10 @@ impl ConnInfo {
         client_cert: Option<Arc<Vec<u8>>>,
         smuggle: Arc<crate::edge::smuggle::Flags>,
     ) -> Self {
+        // An IPv4 client of a dual-stack listener (`[::]`) arrives as `::ffff:a.b.c.d`: it is
+        // its IPv4 address for everything (limits keys and prefixes, trusted proxies, the
+        // forwarded headers, policy and logs), as a client of an IPv4 listener would be.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnInfo {
@@ -58,5 +62,35 @@ impl ConnInfo {
             ip_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(peer: &str) -> ConnInfo {
+        ConnInfo::new(
+            peer.parse().unwrap(),
+            "web".into(),
+            false,
+            Arc::new(crate::edge::canon::Rules::default()),
+            None,
+            Arc::default(),
+        )
+    }
+
+    /// An IPv4 client seen through a dual-stack listener is its IPv4 address: two such
+    /// clients are two limits keys (not one `::/64`), and the origin is told the IPv4 form.
+    #[test]
+    fn an_ipv4_mapped_peer_is_its_ipv4_address() {
+        let a = conn("[::ffff:192.0.2.7]:4000");
+        let b = conn("[::ffff:198.51.100.9]:4000");
+        assert_eq!(a.peer, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(a.peer_ip, "192.0.2.7");
+        assert_ne!(a.ip_key(), b.ip_key());
+        assert_eq!(a.ip_key(), conn("192.0.2.7:5000").ip_key());
+        // Real IPv6 stays as it is.
+        assert_eq!(conn("[2001:db8::1]:1").peer.ip().to_string(), "2001:db8::1");
     }
 }
