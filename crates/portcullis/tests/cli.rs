@@ -261,6 +261,26 @@ fn a_bad_secret_url_is_shown_without_its_secret() {
     );
 }
 
+/// A stick table's bad `size` or `expire` is located at that key, not at `store`.
+#[test]
+fn a_stick_tables_size_and_expire_are_located_at_their_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "p.yaml",
+        &format!(
+            "{VALID}stick_tables:\n  - name: big\n    key: src\n    size: 4294967296\n    expire: 10m\n    store: [http_req_rate(10s)]\n  - name: never\n    key: src\n    size: 10\n    expire: 0s\n    store: [http_req_rate(10s)]\n"
+        ),
+    );
+    let (code, out, err) = check(&p);
+    assert_ne!(code, 0);
+    let text = format!("{out}{err}");
+    let file = p.display().to_string();
+    // VALID has 7 lines; `size` of the first table is on line 11, `expire` of the second on 17.
+    assert!(text.contains(&format!("{file}:11:11")), "{text}");
+    assert!(text.contains(&format!("{file}:17:")), "{text}");
+}
+
 #[test]
 fn version_is_printed() {
     let want = env!("CARGO_PKG_VERSION");

@@ -239,7 +239,13 @@ pub fn check(config: &Config) -> Vec<portcullis_config::Diagnostic> {
             .collect::<Result<Vec<_>, _>>()
             .and_then(|store| portcullis_limits::TableSpec::new(t.size.max(1), t.expire.0, store));
         if let Err(e) = parsed {
-            let at = format!("stick_tables[{i}].store");
+            // Located at the key the problem is about (`size`, `expire`, else `store`).
+            let text = e.to_string();
+            let key = ["size", "expire"]
+                .into_iter()
+                .find(|k| text.contains(&format!("`{k}`")))
+                .unwrap_or("store");
+            let at = format!("stick_tables[{i}].{key}");
             let loc = config.root_loc(&at);
             out.push(loc.diag(format!("{at}: stick table `{}`: {e}", t.name)));
         }
