@@ -297,6 +297,17 @@ async fn each_on_store_error_mode_does_what_it_says_when_redis_dies() {
     // A fresh bucket in this process: its burst of 5, then 429s.
     assert_eq!(count(&outage_local, 200), 5, "local: {outage_local:?}");
     assert_eq!(count(&outage_local, 429), 3, "local: {outage_local:?}");
+    // A queue rule on a rate (over 2 in 2 s) holds the local-mode process's requests on its
+    // own counts while Redis is gone: the fourth of four at once waits for the rate to fall
+    // (it was let through at once, its re-read of Redis failing as "under").
+    let held = Instant::now();
+    let paced = load(&[&local], "/paced/x", 4, 4).await;
+    assert_eq!(count(&paced, 200), 4, "local: {paced:?}");
+    assert!(
+        held.elapsed() >= Duration::from_millis(400),
+        "nothing was held: {:?}",
+        held.elapsed()
+    );
     for p in [&allow, &deny, &local] {
         let (_, m) = p.admin(reqwest::Method::GET, "/metrics", None).await;
         assert!(m.contains("portcullis_limit_store_errors_total{"), "{m}");
