@@ -375,6 +375,18 @@ mod tests {
         std::fs::rename(&tmp, path).unwrap();
     }
 
+    /// The key set of the JWKS file `file`, read once.
+    async fn file_keys(file: &std::path::Path) -> Arc<KeySource> {
+        let keys = Arc::new(KeySource::new(
+            "p",
+            Source::File(file.to_path_buf()),
+            None,
+            Duration::from_secs(60),
+        ));
+        keys.refresh().await.unwrap();
+        keys
+    }
+
     /// An ES256 validator for issuer `https://p.test`, audience `api`, over `keys`.
     fn validator(keys: Arc<KeySource>) -> Validator {
         Validator {
@@ -401,13 +413,7 @@ mod tests {
         let file = dir.path().join("keys.json");
         let dev = crate::dev::generate().unwrap().1;
         write_keys(&file, &dev.jwk);
-        let keys = Arc::new(KeySource::new(
-            "p",
-            Source::File(file.clone()),
-            None,
-            Duration::from_secs(60),
-        ));
-        keys.refresh().await.unwrap();
+        let keys = file_keys(&file).await;
         let v = validator(keys.clone());
         let token = dev
             .mint("https://p.test", "api", "alice", &[], None, 120)
@@ -481,15 +487,9 @@ mod tests {
             .unwrap();
 
         write(&[&dev_bare, &impostor]);
-        let keys = Arc::new(KeySource::new(
-            "p",
-            Source::File(file.clone()),
-            None,
-            Duration::from_secs(60),
-        ));
         // Without `kid` the token names no key; `dev` is the only key with none, but
         // `impostor` fits ES256 too: ambiguous, refused.
-        keys.refresh().await.unwrap();
+        let keys = file_keys(&file).await;
         let v = validator(keys.clone());
         assert!(v.validate(&bare_token).await.is_err(), "two keys fit");
 
@@ -535,13 +535,7 @@ mod tests {
         let file = dir.path().join("keys.json");
         let dev = crate::dev::generate().unwrap().1;
         write_keys(&file, &dev.jwk);
-        let keys = Arc::new(KeySource::new(
-            "p",
-            Source::File(file),
-            None,
-            Duration::from_secs(60),
-        ));
-        keys.refresh().await.unwrap();
+        let keys = file_keys(&file).await;
         let mut v = validator(keys);
         v.require_exp = false;
         let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
@@ -576,13 +570,7 @@ mod tests {
         let file = dir.path().join("keys.json");
         let dev = crate::dev::generate().unwrap().1;
         write_keys(&file, &dev.jwk);
-        let keys = Arc::new(KeySource::new(
-            "p",
-            Source::File(file),
-            None,
-            Duration::from_secs(60),
-        ));
-        keys.refresh().await.unwrap();
+        let keys = file_keys(&file).await;
         let v = validator(keys);
         let good = dev
             .mint("https://p.test", "api", "alice", &[], None, 120)
