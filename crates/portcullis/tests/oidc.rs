@@ -1101,6 +1101,20 @@ async fn the_callback_refuses_csrf_pkce_nonce_and_replay() {
         .await;
     assert_eq!(r.status, 401);
     assert!(no_session(&r));
+    // The provider's words are shown as plain text, never as a page.
+    let r = c
+        .get(&p.url(&format!(
+            "/.portcullis/callback?error=%3Cscript%3Ealert(1)%3C/script%3E&state={}",
+            query(&auth_c)["state"]
+        )))
+        .await;
+    assert_eq!(r.status, 401);
+    let ct = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(ct.starts_with("text/plain"), "{ct:?}");
 
     // 8. A mix-up (RFC 9207): an answer that names another issuer than the login's
     //    provider is refused before its code goes anywhere; and, since this provider names

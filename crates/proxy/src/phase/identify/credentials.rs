@@ -542,6 +542,16 @@ async fn callback(snap: &Snapshot, headers: &HeaderMap, query: &str) -> Response
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // The reason can hold the provider's words (its `error`): plain text, never sniffed
+        // as a page.
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r.headers_mut().insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         r
     };
     let Some(sealer) = &engine.sealer else {
