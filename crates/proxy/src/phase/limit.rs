@@ -157,7 +157,12 @@ async fn limit(x: &mut Exchange<'_>, route: &RouteRt, lim: &RouteLimits) -> Flow
             Action::Deny => true,
             // Boxed, as rare paths: inline, their timers would size every check's future.
             Action::Tarpit(d) => {
-                Box::pin(tokio::time::sleep(*d)).await;
+                // Held only while few are held: a flood from many connections would
+                // otherwise hold a socket each for the whole delay. Past the bound, answered
+                // at once, as `deny` does.
+                if let Some(_held) = Held::take(&TARPITTED, MAX_TARPITTED) {
+                    Box::pin(tokio::time::sleep(*d)).await;
+                }
                 true
             }
             Action::Queue(q) => !Box::pin(queue(x, route, lim, rule, q)).await,
@@ -482,6 +487,30 @@ async fn queue(
         }
     }
     admitted
+}
+
+/// The most requests held by `tarpit` rules at once, in the whole process.
+pub const MAX_TARPITTED: usize = 1024;
+static TARPITTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A request held by a tarpit, counted (in [`TARPITTED`]) until dropped.
+struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Held<'a> {
+    /// A place under `max` in `count`, if one is free.
+    fn take(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Held<'a>> {
+        if count.fetch_add(1, Ordering::AcqRel) >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Held(count))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A place in a queue rule's queue, given back when dropped.
@@ -1274,6 +1303,20 @@ forbid(principal, action, resource) when { context.limits.per_user.tags.contains
             Some(0),
             "no slot leaks"
         );
+    }
+
+    /// Tarpits hold at most MAX_TARPITTED requests at once; past that, none is held (and
+    /// each place is given back when its request goes).
+    #[test]
+    fn tarpits_hold_a_bounded_number_of_requests() {
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let held: Vec<Held> = std::iter::from_fn(|| Held::take(&count, 3))
+            .take(10)
+            .collect();
+        assert_eq!(held.len(), 3);
+        assert!(Held::take(&count, 3).is_none(), "over the bound");
+        drop(held);
+        assert!(Held::take(&count, 3).is_some(), "given back");
     }
 
     /// A queued request whose client goes away (its future dropped mid-wait) gives back its
