@@ -237,6 +237,13 @@ async fn redelivery_keeps_the_id_so_the_receiver_dedups() {
     let event = server_down();
     bus.publish(event.clone());
     wait_until(LIMIT, "the first delivery", || rx.events().len() == 1).await;
+    // Settled first: while a row is still in the outbox, the same id published again joins
+    // it rather than making a second row (the receiver may have it already, the sink not
+    // yet its answer; a loaded machine widens that moment).
+    wait_until(LIMIT, "the first delivery to be counted", || {
+        bus.sink_stats("hooks").unwrap().delivered == 1
+    })
+    .await;
     bus.publish(event.clone());
     wait_until(LIMIT, "the second delivery", || {
         rx.log.lock().duplicates == 1
