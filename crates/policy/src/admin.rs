@@ -16,6 +16,8 @@
 //!   in `Portcullis::App::"app"`; `Portcullis::Route::"app/route"` in its app;
 //!   `Portcullis::Table::"name"`; `Portcullis::Execution::"id"` in `Portcullis::Workflow::"name"`;
 //!   `Portcullis::EventType::"com.example.deploy"` (publishing an event of that type);
+//!   `Portcullis::Backend::"app/backend"` in its app, also for `route.switch`: a switch is
+//!   decided on the route and on the backend it sends the route to, and needs both;
 //!   `Portcullis::Config::"config"` for the rest.
 //!
 //! So "the drain workflow may drain billing servers and nothing else" is
@@ -47,6 +49,8 @@ pub enum AdminResource {
     },
     /// An event type, for `events.publish`.
     EventType(String),
+    /// A backend's full id (`app/backend`): where a route switch sends the route.
+    Backend(String),
     Config,
 }
 
@@ -352,6 +356,11 @@ fn resource_entities(r: &AdminResource) -> (EntityUid, Vec<Entity>) {
             let w = uid("Workflow", workflow);
             let e = uid("Execution", id);
             (e.clone(), vec![one(&w, &[]), one(&e, &[&w])])
+        }
+        AdminResource::Backend(backend) => {
+            let app = uid("App", &app_of(backend));
+            let b = uid("Backend", backend);
+            (b.clone(), vec![one(&app, &[]), one(&b, &[&app])])
         }
         AdminResource::EventType(t) => {
             let u = uid("EventType", t);

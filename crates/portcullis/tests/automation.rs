@@ -440,7 +440,8 @@ async fn a_cedar_policy_keeps_a_trigger_off_another_apps_servers() {
     .unwrap();
     std::fs::write(
         dir.path().join("admin.cedar"),
-        r#"permit(principal == Portcullis::Trigger::"drainer", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::App::"default");"#,
+        r#"permit(principal == Portcullis::Trigger::"drainer", action == Portcullis::Admin::Action::"server.set_state", resource in Portcullis::App::"default");
+permit(principal == Portcullis::Trigger::"switcher", action == Portcullis::Admin::Action::"route.switch", resource in Portcullis::App::"default");"#,
     )
     .unwrap();
     let yaml = format!(
@@ -461,6 +462,11 @@ triggers:
     actions:
       - set_server_state: {{ backend: default/pool, server: s1, state: drain }}
       - set_server_state: {{ backend: shop/web, server: s1, state: drain }}
+  # Its own app's route, sent to another app's backend (by the event's data).
+  - name: switcher
+    match: {{ type: com.example.switch }}
+    actions:
+      - switch_route: {{ route: default/app, backend: "{{data.to}}" }}
 "#,
         o = origin.address()
     );
@@ -543,4 +549,25 @@ triggers:
         outcomes.iter().any(|o| o.contains("denied")),
         "{outcomes:#?}"
     );
+
+    // A switch is decided on where it sends the route: the trigger may switch its own app's
+    // route, but not to another app's backend, whatever the event says.
+    post_event(
+        &p,
+        &serde_json::json!({ "specversion": "1.0", "id": "s-1", "source": "/ops", "type": "com.example.switch", "data": { "to": "shop/web" } }),
+    )
+    .await;
+    let switches_denied = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        audit_in(&dir.join("audit"))
+            .into_iter()
+            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == "switch_route")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while switches_denied(p.dir.path()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let denied = switches_denied(p.dir.path());
+    assert_eq!(denied.len(), 1, "{}", p.log_text());
+    assert_eq!(denied[0]["detail"]["args"]["backend"], "shop/web");
 }

@@ -638,7 +638,13 @@ async fn authorize(
     };
     let name = by.who.split('#').next().unwrap_or(&by.who);
     let (action, resource) = admin_target(command);
-    let d = snap.admin_policies.authorize((ty, name), action, &resource);
+    let mut d = snap.admin_policies.authorize((ty, name), action, &resource);
+    // A switch is decided on where it sends the route too: a permit on the route alone
+    // would let an event's data pick any backend.
+    if let (true, Command::SwitchRoute { backend, .. }) = (d.allowed, command) {
+        let to = AdminResource::Backend(backend.clone());
+        d = snap.admin_policies.authorize((ty, name), action, &to);
+    }
     if d.allowed {
         return Ok(());
     }
