@@ -355,6 +355,17 @@ async fn named_executions_start_once() {
     );
     // Closed: even the same input is refused.
     let id = first["executionId"].as_str().unwrap();
+    // A stop whose texts are not strings is refused, not read as the defaults.
+    for body in [json!({ "error": 7 }), json!({ "cause": { "x": 1 } })] {
+        let (s, v) = admin(
+            &p,
+            Method::POST,
+            &format!("/api/v1/executions/{id}/stop"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 400, "{v}");
+    }
     let (s, _) = admin(
         &p,
         Method::POST,

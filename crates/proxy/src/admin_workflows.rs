@@ -76,12 +76,23 @@ fn body_json(body: &Bytes) -> Result<Value, Fail> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
         fail(
             StatusCode::BAD_REQUEST,
             format!("the body is not JSON: {e}"),
         )
-    })
+    })?;
+    // The texts a stop, a rejection or a failed callback records: a string or nothing, never
+    // silently replaced by a default.
+    for k in ["error", "cause"] {
+        if v.get(k).is_some_and(|x| !x.is_string() && !x.is_null()) {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!("`{k}` must be a string"),
+            ));
+        }
+    }
+    Ok(v)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Fail> {
