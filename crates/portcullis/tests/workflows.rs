@@ -685,3 +685,35 @@ async fn a_trigger_starts_a_workflow_once_per_firing() {
     assert_eq!(e["startedBy"], "Portcullis::Trigger::\"ask\"");
     assert_eq!(e["input"], json!({ "who": "agent-9" }));
 }
+
+/// An event a workflow emits is automation's doing, as a trigger's `emit` is: a trigger that
+/// starts the workflow on that very event type does not loop through it (it ran until the
+/// global action cap before, starving every other trigger for the rest of the minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_does_not_loop_through_the_workflow_it_starts() {
+    let origin = Origin::named("o").await;
+    let extra = "    pinger:\n      StartAt: Ping\n      States:\n        Ping:\n          Type: Task\n          Resource: \"portcullis:emit\"\n          Parameters: { type: com.example.ping }\n          End: true\ntriggers:\n  - name: loop\n    match: { type: com.example.ping }\n    actions: [{ start_workflow: { name: pinger } }]\n";
+    let p = Proxy::start(&config(&origin.address(), extra)).await;
+    let ev = json!({ "specversion": "1.0", "id": "ping-1", "source": "/ops", "type": "com.example.ping" });
+    let r = client()
+        .post(p.admin_url("/api/v1/events"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .header("content-type", "application/cloudevents+json")
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let runs = || async {
+        let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=pinger", None).await;
+        v["executions"].as_array().map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs().await == 0 {
+        assert!(Instant::now() < deadline, "no execution\n{}", p.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a loop to show: each round is a firing, an execution and an event.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(runs().await, 1, "{}", p.log_text());
+}

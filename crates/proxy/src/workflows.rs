@@ -189,6 +189,11 @@ async fn closed(rt: &Runtime, svc: &Service, id: &str, status: Status) {
         .as_ref()
         .map(|r| (r.workflow.clone(), r.error.clone()))
         .unwrap_or_default();
+    // An execution that automation started (a trigger, or another execution) ends as
+    // automation's doing: a trigger on its end does not start it again unless it opts in.
+    let automated = row
+        .as_ref()
+        .is_some_and(|r| r.parent.is_some() || r.started_by.starts_with("Portcullis::Trigger::"));
     let detail =
         json!({ "workflow": workflow, "execution": id, "status": status.as_str(), "error": error });
     let mut rec = crate::audit::admin(&format!("{workflow}#{id}"), "workflow.end", detail.clone());
@@ -204,9 +209,18 @@ async fn closed(rt: &Runtime, svc: &Service, id: &str, status: Status) {
         );
         let mut ev = Event::new(events.source.as_str(), ty, detail);
         ev.subject = Some(format!("{workflow}/{id}"));
+        if automated {
+            ev.causedby = Some(cause_of(id));
+        }
         events.emit(ev);
     }
     tracing::info!(%workflow, execution = %id, status = status.as_str(), "workflows: execution closed");
+}
+
+/// The `causedby` of the events an execution makes: the execution, named so that no event id
+/// is taken for it.
+pub fn cause_of(execution: &str) -> String {
+    format!("urn:portcullis:execution:{execution}")
 }
 
 async fn prune(rt: &Runtime, svc: &Service) {

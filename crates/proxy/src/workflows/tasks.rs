@@ -279,6 +279,9 @@ fn emit(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
         o.get("data").cloned().unwrap_or(Value::Null),
     );
     ev.subject = o.get("subject").and_then(Value::as_str).map(str::to_string);
+    // Automation's doing, as a trigger's `emit` is: triggers ignore it unless they opt in
+    // (`automation_events`), so a trigger that starts this workflow cannot loop through it.
+    ev.causedby = Some(crate::workflows::cause_of(&call.execution));
     let id = ev.id.clone();
     events.emit(ev);
     Ok(json!({ "id": id }))
