@@ -717,3 +717,38 @@ async fn a_trigger_does_not_loop_through_the_workflow_it_starts() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(runs().await, 1, "{}", p.log_text());
 }
+
+/// An execution a trigger started is held to the triggers' guard rail (`max_unavailable`,
+/// 50% by default) when it takes a server out: it may not drain `pool`'s only server (it
+/// drained every server before, whatever the trigger's own limit), and fails with
+/// `Control.MaxUnavailable`. One an operator starts drains it (see the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_started_workflow_keeps_to_max_unavailable() {
+    let origin = Origin::named("o").await;
+    let extra = "triggers:\n  - name: healer\n    match: { type: com.example.heal }\n    actions: [{ start_workflow: { name: heal, input: { backend: pool, server: s1, health: \"http://127.0.0.1:9/\" } } }]\n";
+    let p = Proxy::start(&config(&origin.address(), extra)).await;
+    let ev = json!({ "specversion": "1.0", "id": "heal-1", "source": "/ops", "type": "com.example.heal" });
+    let r = client()
+        .post(p.admin_url("/api/v1/events"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .header("content-type", "application/cloudevents+json")
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=heal", None).await;
+        if let Some(e) = v["executions"].as_array().and_then(|a| a.first()) {
+            if e["status"] != "RUNNING" {
+                break e.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no end: {v}\n{}", p.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended["status"], "FAILED", "{ended}");
+    assert_eq!(ended["error"], "Control.MaxUnavailable", "{ended}");
+    assert_eq!(server_state(&p.backends().await, "pool", "s1"), "ready");
+}

@@ -73,21 +73,26 @@ fn server_state(s: AdminState) -> ServerState {
     }
 }
 
+/// The servers of `backend` as the guard rails see them (for triggers and workflows).
+pub fn server_views(rt: &Runtime, backend: &str) -> Option<Vec<ServerView>> {
+    let snap = rt.shared.snapshot.load();
+    let b = control::find_backend(&snap, backend).ok()?;
+    Some(
+        b.servers
+            .iter()
+            .zip(&b.slots)
+            .map(|(s, slot)| ServerView {
+                name: s.name.clone(),
+                state: server_state(slot.state.admin_state()),
+                healthy: slot.state.healthy() && !slot.state.ejected(),
+            })
+            .collect(),
+    )
+}
+
 impl Control for ProxyControl {
     fn servers(&mut self, backend: &str) -> Option<Vec<ServerView>> {
-        let snap = self.rt.shared.snapshot.load();
-        let b = control::find_backend(&snap, backend).ok()?;
-        Some(
-            b.servers
-                .iter()
-                .zip(&b.slots)
-                .map(|(s, slot)| ServerView {
-                    name: s.name.clone(),
-                    state: server_state(slot.state.admin_state()),
-                    healthy: slot.state.healthy() && !slot.state.ejected(),
-                })
-                .collect(),
-        )
+        server_views(&self.rt, backend)
     }
 
     fn apply(&mut self, firing: &Firing, action: &Action) -> Result<(), ActionError> {

@@ -170,15 +170,51 @@ async fn command(rt: &Runtime, svc: &Service, call: &TaskCall) -> Result<Value, 
             .map_err(|e| StatesError::new("Control.Unavailable", e.to_string()))?,
         None => true,
     };
-    let _ = svc;
     if !claimed {
         return Ok(json!({ "applied": false, "duplicate": true, "action": cmd.action() }));
     }
+    // An execution that automation started (a trigger, or another execution) is held, when
+    // it takes a server out, to the guard rail triggers are (the default `max_unavailable`,
+    // 50%), checked and applied one at a time, so that executions running side by side
+    // cannot take out more between them. One a person started acts as its starter asked.
+    let _one_at_a_time = match &cmd {
+        Command::SetServerState {
+            backend,
+            server,
+            state: AdminState::Drain | AdminState::Maint,
+        } if started_by_automation(svc, &call.execution).await => {
+            let turn = TAKE_OUT.lock().await;
+            if let Some(views) = crate::automate::act::server_views(rt, backend) {
+                let limit = portcullis_automation::guard::MaxUnavailable::default();
+                if let Err(r) = portcullis_automation::guard::may_take_out(&views, server, limit) {
+                    return Err(StatesError::new("Control.MaxUnavailable", r.to_string()));
+                }
+            }
+            Some(turn)
+        }
+        _ => None,
+    };
     match control::apply(rt, &principal(call), cmd).await {
         Ok(v) => Ok(json!({ "applied": true, "result": v })),
         Err(e) => Err(StatesError::new(control_error(&e), e.to_string())),
     }
 }
+
+/// Whether automation started `execution`: a trigger, or another execution. (Unknown: yes,
+/// the guard rail then applies.)
+async fn started_by_automation(svc: &Service, execution: &str) -> bool {
+    let store = svc.runner.store().clone();
+    let id = execution.to_string();
+    let row = tokio::task::spawn_blocking(move || store.get(&id))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    row.is_none_or(|r| r.parent.is_some() || r.started_by.starts_with("Portcullis::Trigger::"))
+}
+
+/// Held while a workflow's take-out command is checked against the guard rail and applied.
+static TAKE_OUT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn http(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
     let o = obj(call, "url, method, headers, body")?;
