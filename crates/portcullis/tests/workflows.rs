@@ -90,6 +90,19 @@ async fn start(p: &Proxy, workflow: &str, body: Value) -> (u16, Value) {
     .await
 }
 
+/// Publishes the CloudEvent `ev` through the admin API, which accepts it.
+async fn post_event(p: &Proxy, ev: &Value) {
+    let r = client()
+        .post(p.admin_url("/api/v1/events"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .header("content-type", "application/cloudevents+json")
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
 async fn describe(p: &Proxy, id: &str) -> Value {
     let (s, v) = admin(p, Method::GET, &format!("/api/v1/executions/{id}"), None).await;
     assert_eq!(s, 200, "{v}");
@@ -659,15 +672,7 @@ async fn a_trigger_starts_a_workflow_once_per_firing() {
     let yaml = config(&origin.address(), "") + extra;
     let p = Proxy::start(&yaml).await;
     let ev = json!({ "specversion": "1.0", "id": "ev-1", "source": "/agents", "type": "com.example.access.requested", "data": {} });
-    let r = client()
-        .post(p.admin_url("/api/v1/events"))
-        .bearer_auth(common::ADMIN_TOKEN)
-        .header("content-type", "application/cloudevents+json")
-        .body(ev.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    post_event(&p, &ev).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let list = loop {
         let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=approve", None).await;
@@ -695,15 +700,7 @@ async fn a_trigger_does_not_loop_through_the_workflow_it_starts() {
     let extra = "    pinger:\n      StartAt: Ping\n      States:\n        Ping:\n          Type: Task\n          Resource: \"portcullis:emit\"\n          Parameters: { type: com.example.ping }\n          End: true\ntriggers:\n  - name: loop\n    match: { type: com.example.ping }\n    actions: [{ start_workflow: { name: pinger } }]\n";
     let p = Proxy::start(&config(&origin.address(), extra)).await;
     let ev = json!({ "specversion": "1.0", "id": "ping-1", "source": "/ops", "type": "com.example.ping" });
-    let r = client()
-        .post(p.admin_url("/api/v1/events"))
-        .bearer_auth(common::ADMIN_TOKEN)
-        .header("content-type", "application/cloudevents+json")
-        .body(ev.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    post_event(&p, &ev).await;
     let runs = || async {
         let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=pinger", None).await;
         v["executions"].as_array().map_or(0, Vec::len)
@@ -728,15 +725,7 @@ async fn a_trigger_started_workflow_keeps_to_max_unavailable() {
     let extra = "triggers:\n  - name: healer\n    match: { type: com.example.heal }\n    actions: [{ start_workflow: { name: heal, input: { backend: pool, server: s1, health: \"http://127.0.0.1:9/\" } } }]\n";
     let p = Proxy::start(&config(&origin.address(), extra)).await;
     let ev = json!({ "specversion": "1.0", "id": "heal-1", "source": "/ops", "type": "com.example.heal" });
-    let r = client()
-        .post(p.admin_url("/api/v1/events"))
-        .bearer_auth(common::ADMIN_TOKEN)
-        .header("content-type", "application/cloudevents+json")
-        .body(ev.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    post_event(&p, &ev).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let ended = loop {
         let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=heal", None).await;
