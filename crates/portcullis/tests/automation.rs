@@ -337,6 +337,21 @@ fn firings_of(dir: &std::path::Path, trigger: &str) -> usize {
         .count()
 }
 
+/// The audit trail's denials of `action`, once there is one (or after 5 s).
+async fn denials(p: &Proxy, action: &str) -> Vec<serde_json::Value> {
+    let of = || -> Vec<serde_json::Value> {
+        audit_in(&p.dir.path().join("audit"))
+            .into_iter()
+            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == action)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while of().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    of()
+}
+
 async fn post_event(p: &Proxy, event: &serde_json::Value) {
     let r = reqwest::Client::new()
         .post(p.admin_url("/api/v1/events"))
@@ -505,17 +520,7 @@ triggers:
         "ready",
         "another app's server was drained"
     );
-    let denied_of = |dir: &std::path::Path| -> Vec<serde_json::Value> {
-        audit_in(&dir.join("audit"))
-            .into_iter()
-            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == "set_state")
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while denied_of(p.dir.path()).is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let denied = denied_of(p.dir.path());
+    let denied = denials(&p, "set_state").await;
     assert_eq!(
         denied.len(),
         1,
@@ -557,17 +562,7 @@ triggers:
         &serde_json::json!({ "specversion": "1.0", "id": "s-1", "source": "/ops", "type": "com.example.switch", "data": { "to": "shop/web" } }),
     )
     .await;
-    let switches_denied = |dir: &std::path::Path| -> Vec<serde_json::Value> {
-        audit_in(&dir.join("audit"))
-            .into_iter()
-            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == "switch_route")
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while switches_denied(p.dir.path()).is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let denied = switches_denied(p.dir.path());
+    let denied = denials(&p, "switch_route").await;
     assert_eq!(denied.len(), 1, "{}", p.log_text());
     assert_eq!(denied[0]["detail"]["args"]["backend"], "shop/web");
 }

@@ -81,12 +81,7 @@ async fn token_login(p: &Proxy) -> String {
 
 /// The page, and the CSRF token in it.
 async fn page(p: &Proxy, cookie: &str) -> (String, String) {
-    let r = no_redirects()
-        .get(p.admin_url("/"))
-        .header("cookie", format!("portcullis_admin={cookie}"))
-        .send()
-        .await
-        .unwrap();
+    let r = open_page(p, cookie).await;
     assert_eq!(r.status(), 200);
     let csp = r.headers()[CONTENT_SECURITY_POLICY]
         .to_str()
@@ -428,12 +423,7 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
         .to_str()
         .unwrap()
         .contains("Max-Age=0"));
-    let r = no_redirects()
-        .get(p.admin_url("/"))
-        .header("cookie", format!("portcullis_admin={cookie}"))
-        .send()
-        .await
-        .unwrap();
+    let r = open_page(&p, &cookie).await;
     assert_eq!(r.status(), 303, "a signed-out grant opened the page");
     let (s, _) = with_cookie(
         &p,
@@ -446,12 +436,7 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
     )
     .await;
     assert_eq!(s, 401, "a signed-out grant was taken by the API");
-    let r = no_redirects()
-        .get(p.admin_url("/"))
-        .header("cookie", format!("portcullis_admin={other}"))
-        .send()
-        .await
-        .unwrap();
+    let r = open_page(&p, &other).await;
     assert_eq!(
         r.status(),
         200,
@@ -465,12 +450,7 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
     p.write_config(&text);
     p.sighup();
     let gone = common::eventually(Duration::from_secs(5), || async {
-        let r = no_redirects()
-            .get(p.admin_url("/"))
-            .header("cookie", format!("portcullis_admin={other}"))
-            .send()
-            .await
-            .unwrap();
+        let r = open_page(&p, &other).await;
         r.status() == 303
     })
     .await;
@@ -695,4 +675,14 @@ async fn in_chromium_a_person_signs_in_sees_the_servers_and_drains_one() {
         text.contains("bob"),
         "bob's forged call is audited as refused"
     );
+}
+
+/// The console page, asked for with the cookie `value` (redirects not followed).
+async fn open_page(p: &Proxy, value: &str) -> reqwest::Response {
+    no_redirects()
+        .get(p.admin_url("/"))
+        .header("cookie", format!("portcullis_admin={value}"))
+        .send()
+        .await
+        .unwrap()
 }
