@@ -51,12 +51,18 @@ impl TokenCache {
     /// Refuses `token` from now until `until` (seconds since the epoch), cached or not.
     pub fn revoke(&self, token: &[u8], until: u64, now: u64) {
         use sha2::Digest;
+        self.revoke_digest(sha2::Sha256::digest(token).into(), until, now);
+        self.remove(token);
+    }
+
+    /// Refuses the token whose SHA-256 is `digest` until `until` (a revocation read back
+    /// from the embedded store; nothing of it can be cached yet).
+    pub fn revoke_digest(&self, digest: [u8; 32], until: u64, now: u64) {
         let mut r = self.revoked.lock();
         r.retain(|_, u| *u > now);
-        r.insert(sha2::Sha256::digest(token).into(), until);
+        let u = r.entry(digest).or_insert(until);
+        *u = (*u).max(until);
         self.any.store(true, std::sync::atomic::Ordering::Release);
-        drop(r);
-        self.remove(token);
     }
 
     /// Whether `token` was revoked and is still refused at `now`.

@@ -328,12 +328,56 @@ impl Engine {
     /// Ends `token` (a session's ID token, at its logout) as a bearer token of `provider`
     /// for a day, the longest ID tokens are commonly valid: the logout redirect shows it to
     /// the browser (`id_token_hint`), and a copy must not keep opening routes.
-    pub fn end_id_token(&self, provider: &str, token: &str) {
-        if let Some(Verifier::Token { validator, .. }) =
-            self.provider(provider).map(|p| &p.verifier)
-        {
-            let now = crate::now_secs();
-            validator.cache.revoke(token.as_bytes(), now + 86_400, now);
+    /// Returns what was ended, for the embedded store.
+    pub fn end_id_token(&self, provider: &str, token: &str) -> Option<crate::session::Ended> {
+        use base64::Engine as _;
+        use sha2::Digest;
+        let Some(Verifier::Token { validator, .. }) = self.provider(provider).map(|p| &p.verifier)
+        else {
+            return None;
+        };
+        let now = crate::now_secs();
+        validator.cache.revoke(token.as_bytes(), now + 86_400, now);
+        Some(crate::session::Ended {
+            kind: format!("{}{provider}", crate::session::Ended::ID_TOKEN),
+            key: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(token.as_bytes())),
+            until: now + 86_400,
+        })
+    }
+
+    /// Ends a browser session at its logout: the session (every cookie of it) and its ID
+    /// token as a bearer token. Returns what was ended, for the embedded store.
+    pub fn end_login(
+        &self,
+        sealer: &crate::session::Sealer,
+        cookie: &str,
+        session: &crate::session::Session,
+    ) -> Vec<crate::session::Ended> {
+        let mut out = self.store.end_session(sealer, cookie, session);
+        // Its ID token goes to the provider's logout in the URL: it must not open routes
+        // as a bearer token after this.
+        if let Some(t) = &session.id_token {
+            out.extend(self.end_id_token(&session.identity.provider, t));
+        }
+        out
+    }
+
+    /// Refuses again what logouts ended, as read back from the embedded store (after a
+    /// restart, or into the engine a reload builds): see [`crate::session::Ended`].
+    pub fn restore_ended(&self, ended: &[crate::session::Ended]) {
+        let now = crate::now_secs();
+        for e in ended {
+            let Some(provider) = e.kind.strip_prefix(crate::session::Ended::ID_TOKEN) else {
+                self.store.restore(e);
+                continue;
+            };
+            if let (Some(Verifier::Token { validator, .. }), Some(d)) = (
+                self.provider(provider).map(|p| &p.verifier),
+                crate::session::decode_digest(&e.key),
+            ) {
+                validator.cache.revoke_digest(d, e.until, now);
+            }
         }
     }
 

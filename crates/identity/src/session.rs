@@ -127,6 +127,30 @@ fn digest(cookie: &str) -> [u8; 32] {
     Sha256::digest(cookie.trim().as_bytes()).into()
 }
 
+/// A SHA-256 digest from its base64url text ([`Ended::key`]).
+pub(crate) fn decode_digest(key: &str) -> Option<[u8; 32]> {
+    URL_SAFE_NO_PAD.decode(key).ok()?.try_into().ok()
+}
+
+/// A credential a logout ended before its expiry, as the embedded store keeps it so that
+/// the end survives restarts and reloads: a session by its id ([`Ended::SID`]), a sealed
+/// cookie ([`Ended::COOKIE`]) or an ID token (`id_token/<provider>`) by the base64url
+/// SHA-256 of its value, never the value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub kind: String,
+    pub key: String,
+    /// When it would have expired anyway (seconds since the epoch).
+    pub until: u64,
+}
+
+impl Ended {
+    pub const SID: &'static str = "sid";
+    pub const COOKIE: &'static str = "cookie";
+    /// The prefix of an ID token's kind, before its provider's name.
+    pub const ID_TOKEN: &'static str = "id_token/";
+}
+
 /// Session cookies whose identity is cached at most.
 const CACHE_SIZE: usize = 4096;
 /// The longest an opened session's identity is served from the cache.
@@ -271,33 +295,65 @@ impl Store {
     /// Ends `session` (opened from `cookie`) at logout: `cookie` as [`Store::end`] does, and
     /// every other cookie of the session (from before a refresh) by its id, until it would
     /// have expired. Cached identities of its principal are dropped, so that such a cookie
-    /// is opened (and refused) again.
-    pub fn end_session(&self, sealer: &Sealer, cookie: &str, session: &Session) {
-        let now = crate::now_secs();
-        if !session.sid.is_empty() && session.expires_at > now {
-            let mut sids = self.revoked_sids.lock();
-            sids.retain(|_, until| *until > now);
-            sids.insert(session.sid.clone(), session.expires_at);
+    /// is opened (and refused) again. Returns what was ended, for the embedded store.
+    pub fn end_session(&self, sealer: &Sealer, cookie: &str, session: &Session) -> Vec<Ended> {
+        let mut out = Vec::with_capacity(2);
+        if !session.sid.is_empty() {
+            let sid = Ended {
+                kind: Ended::SID.into(),
+                key: session.sid.clone(),
+                until: session.expires_at,
+            };
+            self.restore(&sid);
+            out.push(sid);
         }
         let principal = principal_of(&session.identity);
         self.cache
             .retain_identities(|id| principal_of(id) != principal);
-        self.end(sealer, cookie, session.expires_at);
+        out.extend(self.end(sealer, cookie, session.expires_at));
+        out
     }
 
     /// Ends the session of `cookie` at logout: forgets it, and refuses the cookie from now
     /// until `expires_at`, the session's expiry, so that a copy of it no longer opens.
-    pub fn end(&self, sealer: &Sealer, cookie: &str, expires_at: u64) {
-        let now = crate::now_secs();
-        {
-            let mut revoked = self.revoked.lock();
-            revoked.retain(|_, until| *until > now);
-            if expires_at > now {
-                revoked.insert(digest(cookie), expires_at);
-            }
-            self.cache.remove(cookie.as_bytes());
-        }
+    /// Returns what was ended, for the embedded store.
+    pub fn end(&self, sealer: &Sealer, cookie: &str, expires_at: u64) -> Option<Ended> {
+        let ended = Ended {
+            kind: Ended::COOKIE.into(),
+            key: URL_SAFE_NO_PAD.encode(digest(cookie)),
+            until: expires_at,
+        };
+        self.restore(&ended);
+        self.cache.remove(cookie.as_bytes());
         self.forget(sealer, cookie);
+        (expires_at > crate::now_secs()).then_some(ended)
+    }
+
+    /// Refuses again what a logout ended (read back from the embedded store after a restart
+    /// or a reload): a session by its id, a cookie by its digest. Other kinds (an ID token)
+    /// are the engine's; see [`crate::Engine::restore_ended`].
+    pub fn restore(&self, e: &Ended) {
+        let now = crate::now_secs();
+        if e.until <= now {
+            return;
+        }
+        match e.kind.as_str() {
+            Ended::SID => {
+                let mut sids = self.revoked_sids.lock();
+                sids.retain(|_, until| *until > now);
+                sids.insert(e.key.clone(), e.until);
+            }
+            Ended::COOKIE => {
+                let Some(d) = decode_digest(&e.key) else {
+                    return;
+                };
+                let mut revoked = self.revoked.lock();
+                revoked.retain(|_, until| *until > now);
+                let u = revoked.entry(d).or_insert(e.until);
+                *u = (*u).max(e.until);
+            }
+            _ => {}
+        }
     }
 
     /// Whether `cookie` was ended with [`Store::end`] and has not expired since (for other
@@ -382,6 +438,46 @@ mod tests {
         assert!(reloaded.decode(&sealer, &before_refresh).is_none());
         assert!(reloaded.decode(&sealer, &after_refresh).is_none());
         assert!(reloaded.decode(&sealer, &other_cookie).is_some());
+    }
+
+    /// What a logout returns is enough for a new store (after a restart: nothing inherited)
+    /// to refuse every cookie of the session again; nothing of it is a cookie's value.
+    #[test]
+    fn what_a_logout_ended_is_refused_again_by_a_new_store() {
+        let sealer = Sealer::new(&[[6; 32]]).unwrap();
+        let store = Store::default();
+        let mut s = session(serde_json::json!({}));
+        s.expires_at = crate::now_secs() + 3600;
+        let before_refresh = store.encode(&sealer, &s).unwrap();
+        let after_refresh = store.encode(&sealer, &s).unwrap();
+        let mut no_sid = s.clone();
+        no_sid.sid = String::new();
+        let old_style = store.encode(&sealer, &no_sid).unwrap();
+
+        let ended = store.end_session(&sealer, &after_refresh, &s);
+        let kinds: Vec<_> = ended.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, [Ended::SID, Ended::COOKIE]);
+        assert!(ended.iter().all(|e| e.until == s.expires_at));
+        assert!(!ended.iter().any(|e| e.key.contains(&after_refresh)));
+        let ended_old = store.end_session(&sealer, &old_style, &no_sid);
+
+        let restarted = Store::default();
+        assert!(restarted.decode(&sealer, &before_refresh).is_some());
+        for e in ended.iter().chain(&ended_old) {
+            restarted.restore(e);
+        }
+        assert!(restarted.decode(&sealer, &before_refresh).is_none());
+        assert!(restarted.decode(&sealer, &after_refresh).is_none());
+        assert!(
+            restarted.decode(&sealer, &old_style).is_none(),
+            "a session without an id, by its cookie"
+        );
+        // An end that has expired is not restored (nor returned).
+        let mut past = ended[0].clone();
+        past.key = "other".into();
+        past.until = crate::now_secs() - 1;
+        restarted.restore(&past);
+        assert!(!restarted.revoked_sids.lock().contains_key("other"));
     }
 
     #[test]

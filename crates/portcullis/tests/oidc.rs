@@ -1256,3 +1256,38 @@ async fn revoked_sessions_stay_revoked_across_a_restart() {
         p.log_text()
     );
 }
+
+/// A logout holds after a crash and restart on the same state directory: a copy of the
+/// session's cookie (from before it) and the ID token the logout showed the browser stay
+/// refused; a new login opens again.
+#[tokio::test]
+async fn a_logout_holds_across_a_restart() {
+    let (idp, mut p) = setup(Ttls::default()).await;
+    let mut b = Browser::new();
+    let r = b.login(&p, &idp, "/app", "alice").await;
+    assert_eq!(r.status, 200);
+    let cookie = b.cookie("portcullis_session").unwrap();
+    let r = b.get(&p.url("/.portcullis/logout?rd=/bye")).await;
+    assert_eq!(r.status, 302);
+    let hint = query(&r.location())["id_token_hint"].clone();
+    assert_eq!(replay(&p, &cookie).await.0, 401);
+    assert_eq!(bearer(&p, "/api/x", &hint).await.status, 401);
+
+    p.signal(libc::SIGKILL);
+    let _ = p.child.wait();
+    let dir = std::mem::replace(&mut p.dir, tempfile::tempdir().unwrap());
+    drop(p);
+    let p = Proxy::start_in(dir, &config(&idp, &[SESSION_KEY_OLD])).await;
+    let (s, _) = replay(&p, &cookie).await;
+    assert_eq!(s, 401, "the logout was lost at restart:\n{}", p.log_text());
+    let r = bearer(&p, "/api/x", &hint).await;
+    assert_eq!(
+        r.status, 401,
+        "the logout's ID token opens again: {}",
+        r.body
+    );
+    idp.allow_proxy(&p).await;
+    let mut b = Browser::new();
+    let r = b.login(&p, &idp, "/app", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -157,8 +157,9 @@ async fn start_admin(rt: &Arc<Runtime>, admin: &portcullis_config::AdminDef) -> 
     Ok(())
 }
 
-/// Applies the session revocations kept in the embedded store (if it is open) to `engine`,
-/// so they hold across restarts and reloads. Blocking (a read of the store).
+/// Applies the session revocations and the credentials logouts ended, kept in the embedded
+/// store (if it is open), to `engine`, so they hold across restarts and reloads. Blocking
+/// (a read of the store).
 fn load_revocations(limits: &limits::Registry, engine: &portcullis_identity::Engine) {
     let Some(store) = limits.plans.store() else {
         return;
@@ -172,6 +173,60 @@ fn load_revocations(limits: &limits::Registry, engine: &portcullis_identity::Eng
             }
         }
         Err(e) => tracing::error!(error = %e, "session revocations could not be read"),
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match store.ended_credentials(i64::try_from(now).unwrap_or(i64::MAX)) {
+        Ok(rows) => {
+            let ended: Vec<_> = rows
+                .into_iter()
+                .map(|(kind, key, until)| portcullis_identity::session::Ended {
+                    kind,
+                    key,
+                    until: u64::try_from(until).unwrap_or(0),
+                })
+                .collect();
+            engine.restore_ended(&ended);
+        }
+        Err(e) => tracing::error!(error = %e, "ended sessions could not be read"),
+    }
+}
+
+/// Keeps what a logout ended in the embedded store (opened in `state_dir` if it is not
+/// yet), so that a copy of the session's cookies or of its ID token stays refused after a
+/// restart or a reload. The logout is answered once it is written (it is in force in this
+/// process already): a logout the browser saw survives a crash.
+pub(crate) async fn keep_ended(
+    shared: &Arc<Shared>,
+    ended: Vec<portcullis_identity::session::Ended>,
+) {
+    if ended.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let plans = &shared.limits.plans;
+        if plans.store().is_none() {
+            let dir = shared.snapshot.load().config.state_dir.clone();
+            if let Err(e) = plans.open_store(&dir) {
+                tracing::error!(error = %e, "a logout could not be kept in the embedded store; it holds until a restart");
+                return;
+            }
+        }
+        let Some(store) = plans.store() else {
+            return;
+        };
+        for e in ended {
+            let until = i64::try_from(e.until).unwrap_or(i64::MAX);
+            if let Err(err) = store.end_credential(&e.kind, &e.key, until) {
+                tracing::error!(error = %err, "a logout could not be kept in the embedded store; it holds until a restart");
+            }
+        }
+    })
+    .await;
+    if let Err(e) = written {
+        tracing::error!(error = %e, "a logout could not be kept in the embedded store; it holds until a restart");
     }
 }
 

@@ -161,6 +161,23 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        version: 6,
+        name: "ended credentials",
+        sql: "
+        -- Credentials ended by a logout before they expire, so that a copy of them stays
+        -- refused across restarts and reloads: a session by its id, a sealed cookie or an
+        -- ID token by the SHA-256 of its value, base64url (never the value). `kind` is `sid`,
+        -- `cookie` or `id_token/<provider>`; `until` is when it would have expired anyway
+        -- (Unix seconds), after which the row is dropped.
+        CREATE TABLE ended_credentials (
+            kind  TEXT    NOT NULL,
+            key   TEXT    NOT NULL,
+            until INTEGER NOT NULL,
+            PRIMARY KEY (kind, key)
+        ) WITHOUT ROWID;
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's number.

@@ -560,19 +560,15 @@ async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response 
     }
     if let (Some(s), Some(es)) = (value.strip_prefix("s."), &engine.sealer) {
         match engine.store.decode(es, s) {
-            Some(sess) => {
-                engine.store.end_session(es, s, &sess);
-                if let Some(t) = &sess.id_token {
-                    engine.end_id_token(&sess.identity.provider, t);
-                }
-            }
+            Some(sess) => crate::keep_ended(&rt.shared, engine.end_login(es, s, &sess)).await,
             None => engine.store.forget(es, s),
         }
     }
     // A token's grant is sealed, not kept: a copy of the cookie would open until it
     // expires, so this very value is refused from now until then.
     if let Some(exp) = grant::token_expiry(sealer, value) {
-        engine.store.end(sealer, value, exp);
+        let ended = engine.store.end(sealer, value, exp);
+        crate::keep_ended(&rt.shared, ended.into_iter().collect()).await;
     }
     let clear = grant::set_cookie(grant::COOKIE, None, secure(&snap), "/", "Strict");
     redirect("/login", &[clear])

@@ -19,6 +19,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         // Boxed: portcullis's own endpoints are rare, and their future inline would size
         // every request's future (see `pipeline::handle`).
         let r = Box::pin(crate::phase::identify::credentials::endpoints(
+            x.shared,
             snap,
             x.conn,
             &x.parts.headers,

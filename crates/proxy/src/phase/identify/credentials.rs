@@ -469,6 +469,7 @@ fn percent_decode(s: &str) -> String {
 
 /// Serves `/.portcullis/*` and `/.well-known/portcullis/jwks.json`. Returns None for any other path.
 pub async fn endpoints(
+    shared: &std::sync::Arc<crate::Shared>,
     snap: &Snapshot,
     conn: &ConnInfo,
     headers: &HeaderMap,
@@ -500,14 +501,7 @@ pub async fn endpoints(
             {
                 session = engine.store.decode(sealer, c);
                 match &session {
-                    Some(s) => {
-                        engine.store.end_session(sealer, c, s);
-                        // Its ID token goes to the provider's logout in the URL: it must
-                        // not open routes as a bearer token after this.
-                        if let Some(t) = &s.id_token {
-                            engine.end_id_token(&s.identity.provider, t);
-                        }
-                    }
+                    Some(s) => crate::keep_ended(shared, engine.end_login(sealer, c, s)).await,
                     None => engine.store.forget(sealer, c),
                 }
             }
