@@ -70,7 +70,7 @@ pub fn shorthand(data: &[u8]) {
             _ => {}
         }
     }
-    let cedar = shorthand::compile(&rule, effect, &route);
+    let cedar = shorthand::compile(&rule, effect, &route, false);
     let policy = Policy::parse(None, &cedar)
         .unwrap_or_else(|e| panic!("the compiled rule does not parse: {e}\n{cedar}"));
     let mut set = PolicySet::new();

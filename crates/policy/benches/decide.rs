@@ -199,6 +199,7 @@ fn request<'a>(
         method: "GET",
         host,
         path,
+        route_path: path,
         query: Some("page=2&sort=desc"),
         headers,
         client_ip: "10.1.2.3".parse().unwrap(),
@@ -351,6 +352,7 @@ fn report(label: &str, s: &Setup, route: &str, allow: &RequestInfo<'_>, deny: &R
         |path| {
             let r = RequestInfo {
                 path: &path,
+                route_path: &path,
                 ..*allow
             };
             let d = s.engine.decide(black_box(route), black_box(&r));

@@ -30,7 +30,8 @@ const TIME: u16 = 1 << 6;
 const TLS: u16 = 1 << 7;
 const REQUEST_ID: u16 = 1 << 8;
 const LIMITS: u16 = 1 << 9;
-const ALL: u16 = (1 << 10) - 1;
+const ROUTE_PATH: u16 = 1 << 10;
+const ALL: u16 = (1 << 11) - 1;
 
 fn bit(attr: &str) -> u16 {
     match attr {
@@ -44,6 +45,7 @@ fn bit(attr: &str) -> u16 {
         "tls" => TLS,
         "request_id" => REQUEST_ID,
         "limits" => LIMITS,
+        "route_path" => ROUTE_PATH,
         // Not in the schema, so no validated policy reads it; nothing to build.
         _ => 0,
     }
@@ -317,12 +319,20 @@ impl Plan {
         if a & PATH != 0 {
             bytes(key, r.path.as_bytes());
         }
+        if a & ROUTE_PATH != 0 {
+            bytes(key, r.route_path.as_bytes());
+        }
         if a & (QUERY | QUERY_KEYS) != 0 {
             opt(key, r.query.map(str::as_bytes));
         }
         if a & HEADERS != 0 {
             for &i in &self.headers {
-                opt(key, r.headers.get(&headers[i]).map(|v| v.as_bytes()));
+                opt(
+                    key,
+                    header_text(r.headers, &headers[i])
+                        .as_deref()
+                        .map(str::as_bytes),
+                );
             }
         }
         if a & IP != 0 {
@@ -369,6 +379,12 @@ impl Plan {
                 RestrictedExpression::new_string(r.path.into()),
             ));
         }
+        if a & ROUTE_PATH != 0 {
+            pairs.push((
+                "route_path".into(),
+                RestrictedExpression::new_string(r.route_path.into()),
+            ));
+        }
         if a & METHOD != 0 {
             pairs.push((
                 "method".into(),
@@ -393,10 +409,10 @@ impl Plan {
         if a & HEADERS != 0 {
             let headers = self.headers.iter().filter_map(|&i| {
                 let h = &context_headers[i];
-                let v = r.headers.get(h)?.to_str().ok()?;
+                let v = header_text(r.headers, h)?;
                 Some((
                     h.as_str().to_string(),
-                    RestrictedExpression::new_string(v.into()),
+                    RestrictedExpression::new_string(v.into_owned()),
                 ))
             });
             pairs.push((
@@ -485,6 +501,26 @@ fn limits_record(
     });
     let records = records.collect::<Result<Vec<_>, _>>()?;
     RestrictedExpression::new_record(records).map_err(|e| e.to_string())
+}
+
+/// A header as `context.headers` holds it: every value the request carries (and the origin
+/// receives), joined with `, ` in order, so that a second value cannot hide behind a
+/// first; bytes that are not UTF-8 read as U+FFFD rather than leaving the header out.
+/// `None` only when the request has no such header.
+fn header_text<'h>(
+    headers: &'h http::HeaderMap,
+    name: &http::HeaderName,
+) -> Option<std::borrow::Cow<'h, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let text = |v: &'h http::HeaderValue| String::from_utf8_lossy(v.as_bytes());
+    let mut out = text(first);
+    for v in values {
+        let o = out.to_mut();
+        o.push_str(", ");
+        o.push_str(&text(v));
+    }
+    Some(out)
 }
 
 fn seconds(r: &RequestInfo<'_>) -> u64 {

@@ -52,7 +52,8 @@ pub struct Decision {
     /// The policies that decided: the satisfied `forbid`s on a deny, the satisfied `permit`s
     /// on an allow, sorted by id. Empty on a default deny.
     pub reasons: Vec<String>,
-    /// Policies that failed to evaluate (they are skipped, which can only deny).
+    /// Policies that failed to evaluate. A `permit` that fails is skipped (which can only
+    /// deny); a `forbid` that fails denies, and is then the reason.
     pub errors: Vec<String>,
 }
 
@@ -65,6 +66,12 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The path as the route matched it: canonical, without `;` parameters (encoded or
+    /// not), and lower-case unless the route is case-sensitive (the proxy's
+    /// `canon::match_path`). What `paths` rules read (`context.route_path`), so that every
+    /// spelling the route takes, and a case-insensitive or parameter-dropping origin
+    /// serves as the same path, is covered.
+    pub route_path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
     pub client_ip: IpAddr,
@@ -417,7 +424,8 @@ impl Engine {
                 for (i, rule) in rules.iter().enumerate() {
                     let id = format!("{}/{kind}[{}]", r.id, i + 1);
                     let at = format!("{kind}[{i}]");
-                    let text = shorthand::compile(rule, effect, &r.id);
+                    let text =
+                        shorthand::compile(rule, effect, &r.id, r.spec.matcher.case_sensitive);
                     match Policy::parse(Some(PolicyId::new(&id)), &text) {
                         Ok(p) => {
                             sources.insert(id.clone(), text);
@@ -785,8 +793,24 @@ impl Engine {
             None => &rp.set,
         };
         let resp = self.authorizer.is_authorized(&req, set, &entities);
-        let allowed = resp.decision() == cedar_policy::Decision::Allow;
-        let mut reasons: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
+        // Cedar skips a policy that fails to evaluate: a `forbid` that errors (an overflow,
+        // say) would let the request through. portcullis denies instead, naming it.
+        let failed_forbids: Vec<String> = resp
+            .diagnostics()
+            .errors()
+            .map(|cedar_policy::AuthorizationError::PolicyEvaluationError(e)| e.policy_id())
+            .filter(|id| {
+                set.policy(id)
+                    .is_some_and(|p| p.effect() == cedar_policy::Effect::Forbid)
+            })
+            .map(ToString::to_string)
+            .collect();
+        let allowed = resp.decision() == cedar_policy::Decision::Allow && failed_forbids.is_empty();
+        let mut reasons: Vec<String> = if allowed || failed_forbids.is_empty() {
+            resp.diagnostics().reason().map(|p| p.to_string()).collect()
+        } else {
+            failed_forbids
+        };
         // Cedar gives them as a set; sorted, the same decision always reads the same.
         reasons.sort_unstable();
         let d = Decision {

@@ -60,6 +60,7 @@ pub fn schema_text(context_headers: &[String], tables: &[TableAttrs]) -> String 
   type Tls = {{ client_cert: Bool, client_subject?: String }};
   type RequestContext = {{
     path: String,
+    route_path: String,
     method: String,
     query: Set<String>,
     query_keys: Set<String>,

@@ -43,17 +43,39 @@ fn like_pattern(glob: &str) -> String {
 /// `/`. Cedar's `like` only knows "any characters", so a glob with a single `*` also pins the
 /// number of `/` in the path: its literal slashes must be all the path has, which leaves
 /// none for the `*`s to match. (Config validation rejects globs that mix `*` and `**`.)
-pub fn path_condition(glob: &str) -> String {
-    let like = format!("context.path like {}", like_pattern(glob));
+///
+/// It reads `context.route_path`, the path as the route matched it (without `;`
+/// parameters, lower-case on a route that matches case-insensitively, with the glob
+/// lower-cased to match): a `deny` on `/admin/**` also covers `/ADMIN/x` and
+/// `/admin;v=1/x`, which the route takes and many origins serve as `/admin/x`.
+pub fn path_condition(glob: &str, case_sensitive: bool) -> String {
+    let glob = if case_sensitive {
+        glob.to_string()
+    } else {
+        glob.to_ascii_lowercase()
+    };
+    let like = format!("context.route_path like {}", like_pattern(&glob));
     if glob.contains("**") || !glob.contains('*') {
         return like;
     }
     let more_slashes = vec!["*"; glob.matches('/').count() + 2].join("/");
-    format!("({like} && !(context.path like \"{more_slashes}\"))")
+    format!("({like} && !(context.route_path like \"{more_slashes}\"))")
 }
 
-/// The Cedar text of one rule.
-pub fn compile(rule: &AllowRule, effect: &str, route_id: &str) -> String {
+/// A method as a Cedar condition: its own action, or for a method without one (`PROPFIND`,
+/// `PURGE`: they share the action `OTHER`), that action and this very method.
+fn method_condition(m: &str) -> String {
+    match crate::schema::action_for(m) {
+        "OTHER" => format!(
+            "(action == Portcullis::Action::\"OTHER\" && context.method == {})",
+            lit(m)
+        ),
+        a => format!("action == Portcullis::Action::{}", lit(a)),
+    }
+}
+
+/// The Cedar text of one rule, on a route that matches paths case-sensitively or not.
+pub fn compile(rule: &AllowRule, effect: &str, route_id: &str, case_sensitive: bool) -> String {
     let mut conds = Vec::new();
     conds.extend(any(rule
         .groups
@@ -88,14 +110,13 @@ pub fn compile(rule: &AllowRule, effect: &str, route_id: &str) -> String {
     conds.extend(any(rule
         .methods
         .iter()
-        .map(|m| {
-            format!(
-                "action == Portcullis::Action::{}",
-                lit(crate::schema::action_for(m))
-            )
-        })
+        .map(|m| method_condition(m))
         .collect()));
-    conds.extend(any(rule.paths.iter().map(|p| path_condition(p)).collect()));
+    conds.extend(any(rule
+        .paths
+        .iter()
+        .map(|p| path_condition(p, case_sensitive))
+        .collect()));
     conds.extend(any(rule
         .cidrs
         .iter()
@@ -132,13 +153,13 @@ mod tests {
             cidrs: vec!["10.0.0.0/8".parse().unwrap()],
             ..Default::default()
         };
-        let t = compile(&r, "permit", "billing/api");
+        let t = compile(&r, "permit", "billing/api", false);
         assert_eq!(
             t,
-            "permit(principal, action, resource == Portcullis::Route::\"billing/api\") when { (principal in Portcullis::Group::\"eng\" || principal in Portcullis::Group::\"ops\") && action == Portcullis::Action::\"GET\" && context.path like \"/api/*\" && context.ip.isInRange(ip(\"10.0.0.0/8\")) };"
+            "permit(principal, action, resource == Portcullis::Route::\"billing/api\") when { (principal in Portcullis::Group::\"eng\" || principal in Portcullis::Group::\"ops\") && action == Portcullis::Action::\"GET\" && context.route_path like \"/api/*\" && context.ip.isInRange(ip(\"10.0.0.0/8\")) };"
         );
         cedar_policy::Policy::parse(None, &t).unwrap();
-        let empty = compile(&AllowRule::default(), "forbid", "a/b");
+        let empty = compile(&AllowRule::default(), "forbid", "a/b", false);
         assert_eq!(
             empty,
             "forbid(principal, action, resource == Portcullis::Route::\"a/b\");"
@@ -150,22 +171,59 @@ mod tests {
             },
             "permit",
             "a/b",
+            false,
         );
         cedar_policy::Policy::parse(None, &quote).unwrap();
     }
 
     #[test]
     fn single_star_stays_within_a_segment() {
-        assert_eq!(path_condition("/api/**"), "context.path like \"/api/*\"");
-        assert_eq!(path_condition("/api/x"), "context.path like \"/api/x\"");
         assert_eq!(
-            path_condition("/api/*"),
-            "(context.path like \"/api/*\" && !(context.path like \"*/*/*/*\"))"
+            path_condition("/api/**", true),
+            "context.route_path like \"/api/*\""
+        );
+        assert_eq!(
+            path_condition("/api/x", true),
+            "context.route_path like \"/api/x\""
+        );
+        assert_eq!(
+            path_condition("/api/*", true),
+            "(context.route_path like \"/api/*\" && !(context.route_path like \"*/*/*/*\"))"
         );
         let r = AllowRule {
             paths: vec!["/files/*.pdf".into()],
             ..Default::default()
         };
-        cedar_policy::Policy::parse(None, compile(&r, "permit", "a/b")).unwrap();
+        cedar_policy::Policy::parse(None, compile(&r, "permit", "a/b", false)).unwrap();
+    }
+
+    /// A route that matches case-insensitively gets a lower-case path, so its globs are
+    /// lower-cased too; a case-sensitive route's are kept as written.
+    #[test]
+    fn globs_follow_the_routes_case() {
+        assert_eq!(
+            path_condition("/Admin/**", false),
+            "context.route_path like \"/admin/*\""
+        );
+        assert_eq!(
+            path_condition("/Admin/**", true),
+            "context.route_path like \"/Admin/*\""
+        );
+    }
+
+    /// A method without an action of its own names itself: allowing `PROPFIND` does not
+    /// allow every method that shares the action `OTHER`.
+    #[test]
+    fn a_method_without_its_own_action_is_named() {
+        let r = AllowRule {
+            methods: vec!["GET".into(), "PROPFIND".into()],
+            ..Default::default()
+        };
+        let t = compile(&r, "permit", "a/b", false);
+        assert!(
+            t.contains("(action == Portcullis::Action::\"GET\" || (action == Portcullis::Action::\"OTHER\" && context.method == \"PROPFIND\"))"),
+            "{t}"
+        );
+        cedar_policy::Policy::parse(None, &t).unwrap();
     }
 }

@@ -5,6 +5,7 @@
 
 use portcullis_identity::{AuthMethod, Identity};
 use portcullis_policy::{Engine, RequestInfo};
+use portcullis_proxy::edge::canon;
 use serde::Deserialize;
 use std::path::Path;
 use std::process::ExitCode;
@@ -208,8 +209,6 @@ fn decide(
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid url `{url}`: {e}"))?;
-    let host = uri.host().unwrap_or("").to_ascii_lowercase();
-    let path = uri.path().to_string();
     let m = http::Method::from_bytes(method.as_bytes())
         .map_err(|_| format!("invalid method `{method}`"))?;
     let mut h = http::HeaderMap::new();
@@ -226,8 +225,32 @@ fn decide(
         .map(String::from)
         .or_else(|| cfg.listeners.first().map(|l| l.name.clone()))
         .unwrap_or_default();
+    // The host and path as the proxy makes them canonical on this listener, and what it
+    // refuses with 400 before any policy.
+    let rules = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == listener)
+        .map(canon::Rules::new)
+        .unwrap_or_default();
+    let refused = |r: canon::Refusal| Outcome {
+        route: None,
+        decision: portcullis_policy::Decision {
+            allowed: false,
+            reasons: vec![],
+            errors: vec![format!("the proxy answers 400: {}", r.message().trim_end())],
+        },
+    };
+    let authority = http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str()))
+        .map_err(|_| format!("invalid host in `{url}`"))?;
+    let target = match canon::target(&uri, &authority, &rules) {
+        Ok(t) => t,
+        Err(r) => return Ok(refused(r)),
+    };
+    let host = target.host.as_ref().map_or("", |h| &h.name).to_string();
+    let path = target.path.path.to_string();
     let router = portcullis_proxy::phase::route::router::Router::build(&cfg.routes);
-    let Some(i) = router.route(&host, &path, &m, &h, &listener) else {
+    let Some(i) = router.route(&host, &canon::match_path(&path), &m, &h, &listener) else {
         return Ok(Outcome {
             route: None,
             decision: portcullis_policy::Decision {
@@ -238,6 +261,14 @@ fn decide(
         });
     };
     let route = &cfg.routes[i];
+    let slashes = route
+        .spec
+        .normalize
+        .escaped_slashes
+        .unwrap_or(rules.escaped_slashes);
+    if target.path.escaped_slash && slashes == portcullis_config::EscapedSlashes::Reject {
+        return Ok(refused(canon::Refusal::EscapedSlash));
+    }
     if route.spec.public {
         return Ok(Outcome {
             route: Some(route.id.clone()),
@@ -257,11 +288,16 @@ fn decide(
             method: m.as_str(),
             host: &host,
             path: &path,
-            query: uri.query(),
+            route_path: &portcullis_proxy::phase::authorize::decide::route_path(
+                &path,
+                route.spec.matcher.case_sensitive,
+            ),
+            query: target.query,
             headers: &h,
             client_ip: ip,
-            tls_client_subject: None,
-            tls_client_cert: false,
+            // An mTLS identity came with its certificate, as the proxy sees it.
+            tls_client_subject: (who.method == AuthMethod::Mtls).then_some(who.subject.as_str()),
+            tls_client_cert: who.method == AuthMethod::Mtls,
             request_id: "policy-test",
             now: None,
             limits: Some(&view),

@@ -361,6 +361,122 @@ routes:
     );
 }
 
+/// What a policy decides on is what the origin may serve: a `deny: paths` rule covers every
+/// spelling the route takes (case, `;` parameters, an encoded `;`), a `methods` rule naming a
+/// method without an action of its own allows only that method, `context.headers` holds
+/// every value of a header (also one that is not UTF-8), and a `forbid` that fails to
+/// evaluate denies.
+#[tokio::test]
+async fn decisions_cover_what_the_origin_may_read_as_the_same_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "policies/headers.cedar",
+        r#"@id("all")
+permit(principal, action, resource);
+
+@id("suspended")
+forbid(principal, action, resource)
+when { context.headers has "x-tenant" && context.headers["x-tenant"] like "*suspended*" };
+
+@id("no-debug")
+forbid(principal, action, resource) when { context.headers has "x-debug" };
+"#,
+    );
+    write(
+        d,
+        "policies/overflow.cedar",
+        r#"@id("all-e")
+permit(principal, action, resource);
+
+@id("overflows")
+forbid(principal, action, resource)
+when { context.time.timestamp * 1000000000000 > 1700000000 };
+"#,
+    );
+    let yaml = HEAD.to_string()
+        + r#"
+policy: { context_headers: [x-tenant, x-debug] }
+backends:
+  - { name: echo, servers: [{ address: "builtin:echo" }] }
+routes:
+  - name: app
+    match: { path_prefix: /app/ }
+    backend: echo
+    auth: [dev]
+    allow:
+      - { groups: [eng] }
+      - { groups: [readers], methods: [GET, PROPFIND] }
+    deny:
+      - { paths: ["/app/admin/**"] }
+  - name: strict
+    match: { path_prefix: /Strict/, case_sensitive: true }
+    backend: echo
+    auth: [dev]
+    allow: [{ groups: [eng] }]
+    deny: [{ paths: ["/Strict/Admin/**"] }]
+  - { name: h, match: { path_prefix: /h/ }, backend: echo, auth: [dev], policies: [policies/headers.cedar] }
+  - { name: e, match: { path_prefix: /e/ }, backend: echo, auth: [dev], policies: [policies/overflow.cedar] }
+"#;
+    let p = Proxy::start_in(dir, &yaml).await;
+    let eng = mint(&p, "erin", "eng");
+    let reader = mint(&p, "rita", "readers");
+
+    assert_eq!(call(&p, "GET", "/app/x", &eng).await.0, 200);
+    for path in [
+        "/app/admin/x",
+        "/APP/ADMIN/x",
+        "/app/Admin/x",
+        "/app/admin;jsessionid=1/x",
+        "/app;x/admin/x",
+        "/app/admin%3Bx/y",
+        "/app/ADMIN%3bx=1/y",
+    ] {
+        let (status, body) = call(&p, "GET", path, &eng).await;
+        assert_eq!(status, 403, "{path} passed the deny rule: {body}");
+    }
+    // A case-sensitive route takes only its own spelling, and its glob is kept as written.
+    assert_eq!(call(&p, "GET", "/Strict/Admin/x", &eng).await.0, 403);
+    assert_eq!(call(&p, "GET", "/Strict/Admin;v=1/x", &eng).await.0, 403);
+    assert_eq!(call(&p, "GET", "/Strict/Other", &eng).await.0, 200);
+
+    // `methods: [GET, PROPFIND]`: PROPFIND, not every method that shares its action.
+    assert_eq!(call(&p, "GET", "/app/doc", &reader).await.0, 200);
+    assert_eq!(call(&p, "PROPFIND", "/app/doc", &reader).await.0, 200);
+    for m in ["MOVE", "MKCOL", "PURGE", "PROPPATCH", "DELETE"] {
+        let (status, _) = call(&p, m, "/app/doc", &reader).await;
+        assert_eq!(status, 403, "{m} allowed by a rule that lists PROPFIND");
+    }
+
+    // Every value of a header, and a value that is not UTF-8.
+    let send = |headers: Vec<(&'static str, reqwest::header::HeaderValue)>| {
+        let mut r = client().get(p.url("/h/x")).bearer_auth(&eng);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    let v = |s: &'static [u8]| reqwest::header::HeaderValue::from_bytes(s).unwrap();
+    assert_eq!(send(vec![("x-tenant", v(b"ok"))]).await, 200);
+    assert_eq!(send(vec![("x-tenant", v(b"suspended"))]).await, 403);
+    assert_eq!(
+        send(vec![("x-tenant", v(b"ok")), ("x-tenant", v(b"suspended"))]).await,
+        403,
+        "a second value hid behind the first"
+    );
+    assert_eq!(
+        send(vec![("x-debug", v(b"\xe9t\xe9"))]).await,
+        403,
+        "a header that is not UTF-8 was left out of the context"
+    );
+
+    // A forbid that cannot be evaluated denies, and is the reason.
+    assert_eq!(call(&p, "GET", "/e/x", &eng).await.0, 403);
+    let log = p.log_text();
+    assert!(log.contains("overflows"), "{}", tail(&log));
+}
+
 /// `enforce: false` is shadow mode: what the policies deny still goes through, is recorded as
 /// `would_deny` in the access log, and is logged as such.
 #[tokio::test]

@@ -105,6 +105,9 @@ pub struct RouteRt {
     pub upgrades: Option<Vec<String>>,
     /// The client's trailers go to the origin (`request_trailers: true`).
     pub request_trailers: bool,
+    /// The route matches paths case-sensitively (`match.case_sensitive`); else policies get
+    /// `context.route_path` in lower case.
+    pub case_sensitive: bool,
     pub by_class: [Counter; 5],
     /// Decisions made on the route: allow, deny, would_deny.
     pub decisions: [Counter; 3],
@@ -235,6 +238,7 @@ impl Snapshot {
                 method_override: spec.method_override,
                 upgrades: spec.upgrades.as_deref().map(crate::edge::canon::lower_all),
                 request_trailers: spec.request_trailers,
+                case_sensitive: spec.matcher.case_sensitive,
                 by_class,
                 decisions,
                 duration: metrics

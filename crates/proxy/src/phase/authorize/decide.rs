@@ -10,6 +10,16 @@ use portcullis_identity::Identity;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The path as `route` matched it, for `context.route_path`: without `;` parameters, and
+/// lower-case unless the route matches case-sensitively. Borrowed when it is the path.
+pub fn route_path(path: &str, case_sensitive: bool) -> std::borrow::Cow<'_, str> {
+    let p = crate::edge::canon::match_path(path);
+    if case_sensitive || !p.bytes().any(|b| b.is_ascii_uppercase()) {
+        return p;
+    }
+    std::borrow::Cow::Owned(p.to_ascii_lowercase())
+}
+
 /// Decides on the exchange's request for `identity`: the facts policy and the authorizers
 /// read are views of the exchange.
 pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identity>) -> Outcome {
@@ -33,6 +43,7 @@ pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identit
     let d = match remembered {
         Some(d) => d,
         None => {
+            let route_path = route_path(path, route.case_sensitive);
             let d = snap.policy.decide(
                 &route.id,
                 &portcullis_policy::RequestInfo {
@@ -40,6 +51,7 @@ pub async fn authorize(x: &Exchange<'_>, route: &RouteRt, identity: &Arc<Identit
                     method: method.as_str(),
                     host,
                     path,
+                    route_path: &route_path,
                     query,
                     headers,
                     client_ip: conn.peer.ip(),
