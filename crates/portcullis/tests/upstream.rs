@@ -414,6 +414,67 @@ async fn an_origin_that_refuses_an_upload_is_answered_at_once() {
     assert!(answer.ends_with("too large"), "{answer}");
 }
 
+/// An origin that answers a request with a body from its head alone (a 401, a 413) and
+/// keeps the connection open has left the body on it, to be read as its next request. The
+/// connection is not reused: a body that spells a request for `/secret` is never what
+/// answers the next client.
+#[tokio::test]
+async fn a_body_an_origin_refused_unread_never_answers_the_next_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let (n, method, path) = loop {
+                        let mut headers = [httparse::EMPTY_HEADER; 64];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                            break (
+                                n,
+                                req.method.unwrap().to_string(),
+                                req.path.unwrap().to_string(),
+                            );
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    // Only the head is taken: a body stays in `buf`, read as the next request.
+                    buf.drain(..n);
+                    let answer = if method == "POST" {
+                        "HTTP/1.1 401 Unauthorized\r\nContent-Length: 7\r\n\r\nrefused".to_string()
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                            path.len()
+                        )
+                    };
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = proxy_to_addr(&addr).await;
+    let c = client();
+    for _ in 0..5 {
+        let smuggled = "GET /secret HTTP/1.1\r\nHost: a\r\nX-Ignore: ";
+        let r = c.post(p.url("/login")).body(smuggled).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = c.get(p.url("/home")).send().await.unwrap();
+        assert_eq!(
+            r.text().await.unwrap(),
+            "/home",
+            "the next client got the answer to the refused body"
+        );
+    }
+}
+
 #[tokio::test]
 async fn interim_responses_do_not_stop_an_upload() {
     // `100 Continue` at once, then the whole body is read and counted.

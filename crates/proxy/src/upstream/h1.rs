@@ -183,27 +183,40 @@ impl Conn {
         // Boxed: only a request with a body uploads, and that future inline would size
         // every request's future (see `pipeline::handle`).
         let sent_all = !has_body || Box::pin(self.upload(&mut body, length.is_none())).await?;
-        self.read_response(method, sent_all, pool).await
+        self.read_response(method, sent_all, has_body, pool).await
     }
 
     /// Sends the request body while the origin is watched: an origin that refuses the
     /// request (4xx/5xx) before reading all of it, such as a 413 for an upload over its
     /// limit, is answered at once instead of when the upload stalls. Its connection is then
     /// closed, not reused. An early 1xx or 2xx/3xx does not stop the upload. Whether all of
-    /// the body went out.
+    /// the body went out before any answer arrived (else the connection is not reused).
     async fn upload(&mut self, body: &mut ReqBody, chunked: bool) -> Result<bool, SendError> {
         let Conn { io, buf, .. } = self;
         let (mut rd, mut wr) = tokio::io::split(io);
-        let upload = send_body(&mut wr, body, chunked);
-        let watch = early_answer(&mut rd, buf);
-        tokio::pin!(upload, watch);
-        let result = tokio::select! {
-            biased;
-            r = &mut upload => Some(r),
-            refused = &mut watch => if refused { None } else { Some(upload.await) },
+        let (result, answered) = {
+            let upload = send_body(&mut wr, body, chunked);
+            let watch = early_answer(&mut rd, buf);
+            tokio::pin!(upload, watch);
+            let result = tokio::select! {
+                biased;
+                r = &mut upload => Some(r),
+                refused = &mut watch => if refused { None } else { Some(upload.await) },
+            };
+            // Whether an answer had begun to arrive while the body went out: polled once
+            // more now. `early_answer` is cancel-safe: what it read stays in `buf`.
+            let answered = matches!(result, Some(Ok(())))
+                && std::future::poll_fn(|cx| {
+                    Poll::Ready(std::future::Future::poll(watch.as_mut(), cx).is_ready())
+                })
+                .await;
+            (result, answered)
         };
         match result {
-            Some(Ok(())) => Ok(true),
+            // An answer that arrived before the body was all sent (any status: an origin that
+            // answers 200 from the head alone has not read the body either) leaves the
+            // connection unfit for reuse.
+            Some(Ok(())) => Ok(!answered),
             Some(Err(SendError::Upstream(e))) => {
                 // The origin may have answered early and closed: use its answer if it is
                 // already here.
@@ -224,6 +237,7 @@ impl Conn {
         mut self,
         method: &Method,
         sent_all: bool,
+        had_body: bool,
         pool: Arc<dyn Home>,
     ) -> Result<Response<UpBody>, SendError> {
         loop {
@@ -265,7 +279,16 @@ impl Conn {
                     Framing::Close => Kind::Close,
                 }
             };
-            let reusable = keep_alive && sent_all && !matches!(kind, Kind::Close | Kind::Upgraded);
+            // An origin that refuses a request with a body (401, 413, 415…) may have answered
+            // from the head alone and left the body unread on the connection, where it would
+            // be read as the next request, and a later client's request answered with what
+            // that body asked for. Not knowing whether it read the body, portcullis closes
+            // the connection.
+            let refused_body = had_body && status.as_u16() >= 400;
+            let reusable = keep_alive
+                && sent_all
+                && !refused_body
+                && !matches!(kind, Kind::Close | Kind::Upgraded);
             let mut resp = Response::new(UpBody {
                 conn: Some(self),
                 kind,
