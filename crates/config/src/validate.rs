@@ -471,9 +471,26 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut route_srcs = HashMap::new();
     let mut route_ids = HashSet::new();
     let mut order = 0;
+    // The identity headers portcullis sets (every route's `headers.upstream`), which it
+    // removes from every request before routing: a route cannot match on them.
+    let identity_headers: HashSet<String> = apps
+        .iter()
+        .flat_map(|a| &a.routes)
+        .flat_map(|r| r.headers.upstream.keys())
+        .map(|k| k.to_ascii_lowercase().replace('_', "-"))
+        .collect();
     for app in &apps {
         for (i, r) in app.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
+            for name in r.matcher.headers.keys() {
+                let n = name.to_ascii_lowercase().replace('_', "-");
+                if n.starts_with("x-portcullis-") || identity_headers.contains(&n) {
+                    diags.push(app.src.diag(
+                        &format!("{at}.match.headers.{name}"),
+                        format!("route `{}` matches on `{name}`, an identity header portcullis sets: it removes the client's before routing, so this never matches; match on something the client may send", r.name),
+                    ));
+                }
+            }
             let id = format!("{}/{}", app.name, r.name);
             if !valid_name(&r.name) {
                 diags.push(
@@ -545,6 +562,11 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                             diags.push(app.src.diag(
                                 &format!("{at}.{kind}[{j}].paths[{k}]"),
                                 format!("path glob `{p}` must start with `/`"),
+                            ));
+                        } else if let Some(why) = uncanonical_path(&p.replace('*', "x")) {
+                            diags.push(app.src.diag(
+                                &format!("{at}.{kind}[{j}].paths[{k}]"),
+                                format!("path glob `{p}` never matches: {why}"),
                             ));
                         }
                         if p.contains("**") && p.replace("**", "").contains('*') {
@@ -1765,6 +1787,84 @@ fn check_upgrades(src: &Source, at: &str, list: &[String], diags: &mut Vec<Diagn
     }
 }
 
+/// Why a route's `path` or `path_prefix` (or a rule's path glob) can never equal a request's
+/// path as routes see it, or None. Requests are matched in canonical form (see the proxy's
+/// `edge::canon`): escapes of unreserved characters decoded and other escapes upper-cased,
+/// repeated slashes merged, no dot segments, no backslash, and `;` parameters removed; so a
+/// value spelled otherwise would silently never match, and its traffic go to another route.
+pub fn uncanonical_path(p: &str) -> Option<String> {
+    let b = p.as_bytes();
+    if p.contains(';') {
+        return Some("routes match the path without `;` parameters (`/a;v=1/b` is `/a/b`): write it without them".into());
+    }
+    if p.contains('\\') || b.iter().any(|c| !c.is_ascii_graphic()) {
+        return Some("a path has no backslash, space, control or non-ASCII character: percent-encode what is not ASCII".into());
+    }
+    if p.contains("//") {
+        return Some("repeated slashes are merged before routing: write one `/`".into());
+    }
+    if p.split('/').any(|seg| seg == "." || seg == "..") {
+        return Some(
+            "dot segments are refused before routing: write the path they stand for".into(),
+        );
+    }
+    let mut i = 0;
+    while let Some(k) = b[i..].iter().position(|&c| c == b'%') {
+        let at = i + k;
+        let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+        let (Some(h), Some(l)) = (hex(b.get(at + 1)), hex(b.get(at + 2))) else {
+            return Some(format!("invalid escape at byte {at}: write `%` as `%25`"));
+        };
+        let v = (h << 4 | l) as u8;
+        let esc = &p[at..at + 3];
+        if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+            return Some(format!(
+                "`{esc}` is decoded to `{}` before routing: write `{}`",
+                v as char, v as char
+            ));
+        }
+        if esc != esc.to_ascii_uppercase() {
+            return Some(format!(
+                "escapes are upper-cased before routing: write `{}`",
+                esc.to_ascii_uppercase()
+            ));
+        }
+        i = at + 3;
+    }
+    None
+}
+
+/// Why a route's `host` (without a leading `*.`) can never equal a request's host as routes
+/// see it (lower-case, no port, no trailing dot, IP addresses in their one standard form),
+/// or None.
+pub fn uncanonical_host(h: &str) -> Option<String> {
+    if let Some(name) = h.strip_suffix('.') {
+        return Some(format!(
+            "the trailing dot is dropped before routing: write `{name}`"
+        ));
+    }
+    if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return match v6.parse::<std::net::Ipv6Addr>() {
+            Ok(a) if a.to_string() == v6 => None,
+            Ok(a) => Some(format!("write the address as `[{a}]`")),
+            Err(_) => Some("invalid IPv6 address".into()),
+        };
+    }
+    if h.contains(':') {
+        return Some("the port is not part of the host routes match: write the name alone, and bind a listener to the port to tell ports apart".into());
+    }
+    // A name whose last label is all digits is an IPv4 address, which must be dotted
+    // decimal without leading zeros (as requests must say it).
+    let last = h.rsplit('.').next().unwrap_or(h);
+    if !last.is_empty() && last.bytes().all(|c| c.is_ascii_digit()) {
+        match h.parse::<std::net::Ipv4Addr>() {
+            Ok(a) if a.to_string() == h => {}
+            _ => return Some("an IPv4 address is written as four decimal numbers without leading zeros, like `10.0.0.5`".into()),
+        }
+    }
+    None
+}
+
 fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
     let n = [
         m.path.is_some(),
@@ -1784,6 +1884,8 @@ fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
         if let Some(v) = v {
             if !v.starts_with('/') {
                 diags.push(src.diag(&format!("{at}.{k}"), format!("`{v}` must start with `/`")));
+            } else if let Some(why) = uncanonical_path(v) {
+                diags.push(src.diag(&format!("{at}.{k}"), format!("`{v}` never matches: {why}")));
             }
         }
     }
@@ -1802,6 +1904,11 @@ fn check_match(src: &Source, at: &str, m: &Match, diags: &mut Vec<Diagnostic>) {
             diags.push(src.diag(
                 &format!("{at}.host"),
                 format!("invalid host `{h}`: write an exact name like `api.example.com` or a wildcard like `*.example.com`"),
+            ));
+        } else if let Some(why) = uncanonical_host(body) {
+            diags.push(src.diag(
+                &format!("{at}.host"),
+                format!("host `{h}` never matches: {why}"),
             ));
         }
     }
@@ -1829,6 +1936,18 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         p
     }
+
+    /// A root file up to its `routes:` list, with a `dev` provider.
+    const GOOD_HEAD: &str = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\" }
+identity:
+  providers: [{ name: dev, kind: dev_issuer }]
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+";
 
     const GOOD: &str = "\
 listeners:
@@ -2085,6 +2204,74 @@ routes:
         );
         let s = crate::load(&root).unwrap_err().to_string();
         assert!(s.contains("merge_slashes"), "{s}");
+    }
+
+    /// A route `host` or path (or a rule's path glob) spelled otherwise than a request's
+    /// canonical form never matches, and its traffic would go to another route: refused,
+    /// located, with the spelling to write. So is a route that matches on an identity header.
+    #[test]
+    fn route_spellings_that_never_match_are_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let cases = [
+            ("host: admin.example.com.", "write `admin.example.com`"),
+            (
+                "host: \"admin.example.com:8443\"",
+                "the port is not part of the host",
+            ),
+            ("host: \"*.corp.example.\"", "write `corp.example`"),
+            (
+                "host: 10.000.0.5",
+                "an IPv4 address is written as four decimal numbers",
+            ),
+            ("host: 10.5", "an IPv4 address is written"),
+            ("host: \"[0::1]\"", "write the address as `[::1]`"),
+            (
+                "path_prefix: /%61dmin/",
+                "`%61` is decoded to `a` before routing",
+            ),
+            ("path_prefix: /ops//", "repeated slashes are merged"),
+            ("path_prefix: /internal;", "without `;` parameters"),
+            ("path: /a/%2fb", "write `%2F`"),
+            ("path_prefix: /a/../b/", "dot segments"),
+        ];
+        for (m, fix) in cases {
+            let text = format!(
+                "{GOOD_HEAD}  - {{ name: x, match: {{ {m} }}, backend: echo, public: true }}\n"
+            );
+            let root = write(d.path(), "p.yaml", &text);
+            let e = crate::load(&root)
+                .expect_err(&format!("`{m}` should be refused"))
+                .to_string();
+            let value = m.split_once(": ").unwrap().1;
+            assert_reported(&e, &loc_of(&root, &text, m, value), fix);
+        }
+        for ok in [
+            "host: api.example.com",
+            "host: \"*.example.com\"",
+            "host: 10.0.0.5",
+            "host: \"[::1]\"",
+            "path_prefix: \"/a%20b/\"",
+            "path: /a/%2Fb",
+        ] {
+            let text = format!(
+                "{GOOD_HEAD}  - {{ name: x, match: {{ {ok} }}, backend: echo, public: true }}\n"
+            );
+            let root = write(d.path(), "p.yaml", &text);
+            crate::load(&root).unwrap_or_else(|e| panic!("`{ok}`: {e}"));
+        }
+        let text = format!(
+            "{GOOD_HEAD}  - {{ name: x, match: {{ path_prefix: /x/ }}, backend: echo, public: true, allow: [], deny: [{{ paths: [\"/x;v/**\"] }}] }}\n"
+        );
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err().to_string();
+        assert!(e.contains("path glob `/x;v/**` never matches"), "{e}");
+
+        let text = format!(
+            "{GOOD_HEAD}  - {{ name: a, match: {{ path_prefix: /a/ }}, backend: echo, auth: [dev], headers: {{ upstream: {{ X-User: \"{{identity.user}}\" }} }} }}\n  - {{ name: b, match: {{ path_prefix: /a/, headers: {{ x_user: alice }} }}, backend: echo, public: true }}\n"
+        );
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err().to_string();
+        assert!(e.contains("matches on `x_user`, an identity header"), "{e}");
     }
 
     #[test]

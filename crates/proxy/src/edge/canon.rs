@@ -431,14 +431,37 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
     }
     // Checked above: ASCII only.
     let text = std::str::from_utf8(name).ok()?;
+    // An IP address in its one standard form, as routes are written: `[0::1]` is `[::1]`;
+    // a name whose last label is all digits is an IPv4 address, and only dotted decimal
+    // without leading zeros is one (`10.000.0.5`, `10.5` or `0x0a.0.0.5` would each be read
+    // as some address by some origin, and match no route written for it).
+    let v6 = name[0] == b'['
+        && text[1..text.len() - 1]
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|a| format!("[{a}]"))
+            .filter(|c| c != text)
+            .is_some();
+    let last = name.rsplit(|&b| b == b'.').next().unwrap_or(name);
+    if name[0] != b'['
+        && last.iter().all(u8::is_ascii_digit)
+        && text
+            .parse::<std::net::Ipv4Addr>()
+            .map_or(true, |a| a.to_string() != text)
+    {
+        return None;
+    }
     let upper = name.iter().any(u8::is_ascii_uppercase);
-    if !upper && !trailing_dot && port != Some(default_port) {
+    if !upper && !trailing_dot && !v6 && port != Some(default_port) {
         return Some(Host {
             name: Cow::Borrowed(text),
             authority: raw.clone(),
         });
     }
-    let name = text.to_ascii_lowercase();
+    let name = match text[1..].strip_suffix(']') {
+        Some(a) if name[0] == b'[' => format!("[{}]", a.parse::<std::net::Ipv6Addr>().ok()?),
+        _ => text.to_ascii_lowercase(),
+    };
     let authority = match port {
         Some(p) if p != default_port => HeaderValue::try_from(format!("{name}:{p}")).ok()?,
         _ => HeaderValue::try_from(name.as_str()).ok()?,
@@ -735,7 +758,23 @@ mod tests {
             Cow::Borrowed("a.example")
         ));
         assert_eq!(h("my_service"), same("my_service"));
+        // IP addresses in their one standard form.
+        assert_eq!(h("10.0.0.5"), same("10.0.0.5"));
+        assert_eq!(h("10.0.0.5.:80"), same("10.0.0.5"));
+        assert_eq!(h("[0::1]"), same("[::1]"));
+        assert_eq!(
+            h("[0:0::ABCD]:8080"),
+            Some(("[::abcd]".into(), "[::abcd]:8080".into()))
+        );
+        assert_eq!(h("a.example.123abc"), same("a.example.123abc"));
         for bad in [
+            "10.000.0.5",
+            "010.0.0.5",
+            "10.5",
+            "167772165",
+            "0x0a.0.0.5",
+            "1.2.3.4.5",
+            "256.0.0.1",
             "a b",
             "evil/..",
             "example.com:99999",

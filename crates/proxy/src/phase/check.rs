@@ -1,10 +1,12 @@
 //! The check phase: refuse what no route may see (a smuggling conflict, an oversized head, a
-//! CONNECT tunnel), apply the listener's rule for header names with an underscore, and put
+//! CONNECT tunnel), apply the listener's rule for header names with an underscore, remove the
+//! identity headers no client may set (before any route is chosen by them), and put
 //! the target into its one canonical form (`canon`): the host and path that every later
 //! phase, the audit record and the origin see.
 
 use crate::edge::canon::{self, Refusal};
 use crate::exchange::{Exchange, Flow, Host};
+use crate::snapshot::Snapshot;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Version};
 
@@ -64,6 +66,10 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
     if let Err(r) = canon::underscore_headers(&mut x.parts.headers, mode) {
         return refuse(x, r);
     }
+    // Before routing too: a route must not be chosen by a header the client may not set
+    // (`match.headers: { x-user: alice }` would send anyone who claims to be alice to her
+    // backend, which then hears who the caller really is).
+    strip_identity_headers(x.snap, &mut x.parts.headers);
     let raw_host = match request_host(&x.parts) {
         Ok(h) => h,
         Err(msg) => return Flow::Refuse(StatusCode::BAD_REQUEST, msg),
@@ -88,6 +94,32 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
         x.record.path = x.path().to_string();
     }
     Flow::Next
+}
+
+/// Removes identity headers a client might try to set, on every route. Names spelled with
+/// `_` for `-` go too: CGI-style origin frameworks (WSGI, Rack, PHP) read `X_User` as `X-User`.
+pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
+    // One pass over the request's own header names (a handful) instead of one hash lookup per
+    // identity header; most requests carry none of them, so nothing is removed.
+    let doomed: Vec<http::HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let s = k.as_str();
+            if s.starts_with("x-portcullis-") || snap.strip_headers.iter().any(|n| n == *k) {
+                return true;
+            }
+            if !s.contains('_') {
+                return false;
+            }
+            let name = s.replace('_', "-");
+            name.starts_with("x-portcullis-")
+                || snap.strip_headers.iter().any(|n| n.as_str() == name)
+        })
+        .cloned()
+        .collect();
+    for n in doomed {
+        h.remove(n);
+    }
 }
 
 /// Makes repeated Content-Length values (`0` in two fields, or `0, 0`) one field, so that an

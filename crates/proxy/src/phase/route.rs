@@ -42,7 +42,14 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
             .escaped_slashes
             .unwrap_or(x.conn.rules.escaped_slashes)
         {
-            EscapedSlashes::Keep => {}
+            // Kept as sent, but an origin that decodes `%2F` serves the decoded path: it
+            // must be one this route takes too (`/files/private%2Fx` is not the public
+            // `/files/` route's when `/files/private/` is a route of its own).
+            EscapedSlashes::Keep => {
+                if let Err(r) = decode(x, idx) {
+                    return refuse(x, r);
+                }
+            }
             EscapedSlashes::Reject => return refuse(x, Refusal::EscapedSlash),
             EscapedSlashes::Decode => match decode(x, idx) {
                 Ok(d) => {
@@ -97,9 +104,9 @@ fn find(x: &Exchange<'_>, path: &str) -> Option<usize> {
     )
 }
 
-/// The path with its kept encoded slashes decoded, for a route that says `decode`. The
-/// decoded path must route to the same route, or an encoded slash could have steered the
-/// request past the route that the origin will serve.
+/// The path with its kept encoded slashes decoded, for a route that says `decode` (or
+/// `keep`, to check it). The decoded path must route to the same route, or an encoded slash
+/// could have steered the request past the route that an origin which decodes it serves.
 fn decode(x: &Exchange<'_>, idx: usize) -> Result<String, Refusal> {
     let d = canon::path(x.path(), x.conn.rules.merge_slashes, EscapedSlashes::Decode)?
         .path
@@ -129,6 +136,7 @@ routes:
     backend: www
     public: true
     normalize: { escaped_slashes: keep }
+  - { name: private, match: { host: www.example.com, path_prefix: /files/private/ }, backend: api, public: true }
   - name: raw
     match: { host: www.example.com, path_prefix: /raw/ }
     backend: www
@@ -214,6 +222,17 @@ routes:
         assert!(is_next(&f), "{}", describe(&f));
         assert_eq!(x.route.map(|r| &*r.id), Some("default/files"));
         assert_eq!(x.path(), "/files/a%2Fb");
+        // keep, but the decoded path is another route's: an origin that decodes `%2F`
+        // would serve `/files/private/x`, which this route does not take.
+        let mut x = checked(&kit, get("www.example.com", "/files/private%2Fx"));
+        assert_eq!(
+            refusal(run(&mut x).await),
+            (
+                StatusCode::BAD_REQUEST,
+                "encoded slash or backslash in the request path\n"
+            )
+        );
+        assert_eq!(kit.refused("escaped_slash"), 2.0);
 
         // decode: the path is decoded, and must still lead to the same route.
         let mut x = checked(&kit, get("www.example.com", "/raw/a%2Fb"));
@@ -222,7 +241,7 @@ routes:
         assert_eq!(x.route.map(|r| &*r.id), Some("default/raw"));
         assert_eq!(x.path(), "/raw/a/b");
         assert_eq!(x.record.path, "/raw/a/b");
-        assert_eq!(kit.refused("escaped_slash"), 1.0);
+        assert_eq!(kit.refused("escaped_slash"), 2.0);
     }
 
     #[tokio::test]

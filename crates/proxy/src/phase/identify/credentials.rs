@@ -35,32 +35,6 @@ pub enum Step {
     Respond(Response<RespBody>, String),
 }
 
-/// Removes identity headers a client might try to set, on every route. Names spelled with
-/// `_` for `-` go too: CGI-style origin frameworks (WSGI, Rack, PHP) read `X_User` as `X-User`.
-pub fn strip_identity_headers(snap: &Snapshot, h: &mut HeaderMap) {
-    // One pass over the request's own header names (a handful) instead of one hash lookup per
-    // identity header; most requests carry none of them, so nothing is removed.
-    let doomed: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| {
-            let s = k.as_str();
-            if s.starts_with("x-portcullis-") || snap.strip_headers.iter().any(|n| n == *k) {
-                return true;
-            }
-            if !s.contains('_') {
-                return false;
-            }
-            let name = s.replace('_', "-");
-            name.starts_with("x-portcullis-")
-                || snap.strip_headers.iter().any(|n| n.as_str() == name)
-        })
-        .cloned()
-        .collect();
-    for n in doomed {
-        h.remove(n);
-    }
-}
-
 /// A credential header's value as text, or None if it is not ASCII. `HeaderValue::to_str`
 /// checks byte by byte, and a bearer token is often a kilobyte; this checks a word at a time.
 /// Unlike `to_str` it lets control characters through, but request header values never
@@ -232,7 +206,6 @@ pub async fn identify(
     rid: &str,
     at: std::time::Instant,
 ) -> Step {
-    strip_identity_headers(snap, headers);
     if route.public {
         return Step::Continue {
             identity: None,
