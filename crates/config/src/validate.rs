@@ -374,6 +374,20 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                 ),
             ));
         }
+        let headers = a
+            .send
+            .iter()
+            .enumerate()
+            .map(|(j, h)| (format!("{at}.send[{j}]"), h.as_str()));
+        let keyed = a.cache.key.iter().enumerate().filter_map(|(j, k)| {
+            Some((format!("{at}.cache.key[{j}]"), k.strip_prefix("header:")?))
+        });
+        for (place, h) in headers.chain(keyed) {
+            if let Some(why) = unsendable(h) {
+                diags
+                    .push(root_src.diag(&place, format!("an authorizer is not sent `{h}`: {why}")));
+            }
+        }
         for (j, k) in a.cache.key.iter().enumerate() {
             let ok = ["header:", "query:", "claim:"]
                 .iter()
@@ -1787,6 +1801,39 @@ fn check_upgrades(src: &Source, at: &str, list: &[String], diags: &mut Vec<Diagn
     }
 }
 
+/// Why a request header may not be sent to an external authorizer, or None: credentials
+/// (portcullis verifies them; the authorizer decides on the identity), and where the request
+/// came from as the client says it (which portcullis believes only from trusted proxies and
+/// rewrites for the origin: an authorizer would decide on a forged address).
+fn unsendable(name: &str) -> Option<&'static str> {
+    let n = name.to_ascii_lowercase().replace('_', "-");
+    if matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) {
+        return Some("credentials are never sent; the authorizer is sent the verified identity");
+    }
+    let forwarded = [
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+    ];
+    if n.starts_with("x-forwarded-") || forwarded.contains(&n.as_str()) {
+        return Some(
+            "a client may forge it; decide on the client address with a policy on `context.ip`",
+        );
+    }
+    if n.starts_with("x-portcullis-") {
+        return Some("it is portcullis's own, never the client's");
+    }
+    None
+}
+
 /// Why a route's `path` or `path_prefix` (or a rule's path glob) can never equal a request's
 /// path as routes see it, or None. Requests are matched in canonical form (see the proxy's
 /// `edge::canon`): escapes of unreserved characters decoded and other escapes upper-cased,
@@ -2272,6 +2319,27 @@ routes:
         let root = write(d.path(), "p.yaml", &text);
         let e = crate::load(&root).unwrap_err().to_string();
         assert!(e.contains("matches on `x_user`, an identity header"), "{e}");
+    }
+
+    /// An authorizer is sent neither credentials nor where the request came from as the
+    /// client tells it.
+    #[test]
+    fn an_authorizer_may_not_be_sent_credentials_or_forgeable_addresses() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "authorizers: [{{ name: a, url: \"http://127.0.0.1:9/\", send: [x-tenant, cookie, X-Forwarded-For, x_real_ip], cache: {{ key: [\"header:authorization\"] }} }}]\n{GOOD_HEAD}  - {{ name: x, match: {{ path_prefix: / }}, backend: echo, public: true }}\n"
+        );
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err().to_string();
+        for (needle, why) in [
+            ("cookie", "credentials are never sent"),
+            ("X-Forwarded-For", "a client may forge it"),
+            ("x_real_ip", "a client may forge it"),
+            ("\"header:authorization\"", "credentials are never sent"),
+        ] {
+            assert_reported(&e, &loc_of(&root, &text, needle, needle), why);
+        }
+        assert!(!e.contains("`x-tenant`"), "{e}");
     }
 
     #[test]

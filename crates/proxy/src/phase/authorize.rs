@@ -5,11 +5,8 @@
 
 pub mod decide;
 
-use crate::exchange::{Exchange, Flow, X_REQUEST_ID};
-use http::header::{self, HeaderName};
+use crate::exchange::{Exchange, Flow};
 use http::StatusCode;
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let (Some(route), Some(id)) = (x.route, x.identity.clone()) else {
@@ -51,12 +48,12 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         tracing::info!(target: "portcullis::auth", request_id = %x.rid, route = %route.id, user = %id.user, reasons = ?out.reasons, "shadow mode: request would be denied");
     }
     for (k, v) in out.add_headers {
-        // An authorizer may add context, never overwrite identity or credentials.
+        // An authorizer may add context, never overwrite identity, credentials, framing,
+        // the method or where the request came from (the fields portcullis owns), nor add
+        // a name with `_`, which CGI-style origins read as the `-` name (`x_user`).
         if x.snap.strip_headers.contains(&k)
-            || k == header::AUTHORIZATION
-            || k == header::COOKIE
-            || k == X_FORWARDED_FOR
-            || k == X_REQUEST_ID
+            || crate::fields::is_owned(k.as_str())
+            || k.as_str().contains('_')
         {
             continue;
         }
@@ -190,7 +187,7 @@ routes:
     #[tokio::test]
     async fn an_authorizer_adds_context_but_never_identity_or_credentials() {
         let url = authorizer(
-            r#"{"headers": {"x-tenant": "acme", "x-user": "mallory", "authorization": "Bearer forged", "x-request-id": "forged"}}"#,
+            r#"{"headers": {"x-tenant": "acme", "x-user": "mallory", "authorization": "Bearer forged", "x-request-id": "forged", "x_user": "mallory", "x_portcullis_assertion": "forged", "x-http-method-override": "DELETE", "content-type": "text/evil", "content-encoding": "gzip", "via": "x", "max-forwards": "0", "x-real-ip": "10.0.0.1"}}"#,
         )
         .await;
         let kit = Kit::new(&format!(
@@ -210,6 +207,19 @@ routes:
         assert_eq!(h["x-user"], "alice");
         assert!(!h.contains_key("authorization"), "{h:?}");
         assert!(!h.contains_key("x-request-id"), "{h:?}");
+        // Nothing portcullis owns, nor a name a CGI-style origin reads as one.
+        for owned in [
+            "x_user",
+            "x_portcullis_assertion",
+            "x-http-method-override",
+            "content-type",
+            "content-encoding",
+            "via",
+            "max-forwards",
+            "x-real-ip",
+        ] {
+            assert!(!h.contains_key(owned), "{owned}: {h:?}");
+        }
         assert_eq!(kit.audit()[0]["authorizer"]["name"], "ctx");
     }
 }
