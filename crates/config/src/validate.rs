@@ -741,6 +741,9 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         .collect();
     policy_files.sort();
     policy_files.dedup();
+    // Workflow definition files too: an edited definition must reach new executions at the
+    // reload (and a bad one be refused then, not at the next start).
+    policy_files.extend(workflows.iter().flat_map(|w| w.files.iter()));
     for f in policy_files {
         f.hash(&mut hasher);
         std::fs::read(f).unwrap_or_default().hash(&mut hasher);
@@ -2026,6 +2029,25 @@ apps:
             Balance::Hash(HashOn::Header("x-tenant".into()))
         );
         assert_eq!(c.files.len(), 2);
+    }
+
+    /// A workflow definition file is config: editing one changes the version, so a reload
+    /// takes it (and checks it).
+    #[test]
+    fn a_workflow_file_is_part_of_the_version() {
+        let d = tempfile::tempdir().unwrap();
+        let wf = write(d.path(), "wf/hello.asl.json", "{\"StartAt\": \"A\"}");
+        let root = write(
+            d.path(),
+            "p.yaml",
+            "listeners: [{ name: web, bind: \"127.0.0.1:8080\" }]\n\
+             workflows: { include: [\"wf/*.asl.json\"] }\n\
+             backends: [{ name: b, servers: [{ address: \"127.0.0.1:9\" }] }]\n\
+             routes: [{ name: r, match: { path_prefix: / }, backend: b, public: true }]\n",
+        );
+        let before = crate::load(&root).unwrap();
+        std::fs::write(&wf, "{\"StartAt\": \"B\"}").unwrap();
+        assert_ne!(crate::load(&root).unwrap().version, before.version);
     }
 
     /// The admin API's policy files are config: editing one changes the version (so a reload

@@ -153,10 +153,57 @@ struct Outlet {
     filter: TypeFilter,
     tx: mpsc::Sender<Arc<Event>>,
     stats: Arc<SinkStats>,
+    /// A sink's queue (not an in-process subscriber's): what [`Bus::publish_handed_on`]
+    /// waits for.
+    sink: bool,
+}
+
+/// Publishers waiting for the sinks that took an event to hand it on (see
+/// [`Bus::publish_handed_on`]), by the event's address: each entry keeps its event alive, so
+/// the address is not reused while it waits.
+#[derive(Default)]
+struct Acks {
+    /// Entries in `map`: the sink tasks take no lock while nobody waits.
+    waiting: AtomicU64,
+    map: Mutex<std::collections::HashMap<usize, Waiting>>,
+}
+
+struct Waiting {
+    _event: Arc<Event>,
+    /// Sinks yet to hand it on.
+    left: usize,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Acks {
+    /// `n` sinks (of those that took `event`) will not hand it on after all, or have.
+    fn settle(&self, event: &Arc<Event>, n: usize) {
+        let key = Arc::as_ptr(event) as usize;
+        let mut map = self.map.lock();
+        let Some(w) = map.get_mut(&key) else { return };
+        w.left = w.left.saturating_sub(n);
+        if w.left == 0 {
+            if let Some(done) = map.remove(&key).and_then(|mut w| w.done.take()) {
+                let _ = done.send(());
+            }
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A sink handed `batch` on.
+    fn handed_on(&self, batch: &[Arc<Event>]) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for e in batch {
+            self.settle(e, 1);
+        }
+    }
 }
 
 struct Inner {
     outlets: Vec<Outlet>,
+    acks: Arc<Acks>,
     shutdown: watch::Sender<bool>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
     /// Live watchers (the admin API's event stream): a broadcast that drops for a watcher
@@ -227,19 +274,67 @@ impl Bus {
         if self.inner.outlets.is_empty() && !tapped {
             return;
         }
+        self.offer(&Arc::new(event));
+    }
+
+    /// Offers `event` as [`Bus::publish`] does, and resolves once every sink that took it
+    /// has handed it on (a webhook sink: written to its outbox, durable with a store), or
+    /// at once when no sink took it. For a publisher that answers its caller only once the
+    /// event can no longer be lost to a crash (the admin API's inbound events). In-process
+    /// subscribers and live watchers are not waited for.
+    pub fn publish_handed_on(&self, event: Event) -> impl Future<Output = ()> + Send + 'static {
         let event = Arc::new(event);
-        if tapped {
+        let sinks = self
+            .inner
+            .outlets
+            .iter()
+            .filter(|o| o.sink && o.filter.matches(&event.type_))
+            .count();
+        let (done, handed_on) = tokio::sync::oneshot::channel();
+        let acks = &self.inner.acks;
+        if sinks > 0 {
+            acks.waiting.fetch_add(1, Ordering::Relaxed);
+            acks.map.lock().insert(
+                Arc::as_ptr(&event) as usize,
+                Waiting {
+                    _event: event.clone(),
+                    left: sinks,
+                    done: Some(done),
+                },
+            );
+        } else {
+            let _ = done.send(());
+        }
+        let refused = self.offer(&event);
+        if refused > 0 {
+            acks.settle(&event, refused);
+        }
+        async move {
+            // An error: the bus is gone, and with it what it held.
+            let _ = handed_on.await;
+        }
+    }
+
+    /// Offers `event` to every matching sink, subscriber and live watcher; returns how many
+    /// sinks did not take it (a full queue).
+    fn offer(&self, event: &Arc<Event>) -> usize {
+        if self.inner.tapped.load(Ordering::Relaxed) > 0 {
             let _ = self.inner.taps.send(event.clone());
         }
+        let mut refused = 0;
         for outlet in &self.inner.outlets {
             if !outlet.filter.matches(&event.type_) {
                 continue;
             }
             match outlet.tx.try_send(event.clone()) {
                 Ok(()) => outlet.stats.published.fetch_add(1, Ordering::Relaxed),
-                Err(_) => outlet.stats.dropped.fetch_add(1, Ordering::Relaxed),
+                Err(_) => {
+                    refused += usize::from(outlet.sink);
+                    outlet.stats.dropped.fetch_add(1, Ordering::Relaxed)
+                }
             };
         }
+        refused
     }
 
     /// Whether any sink, subscriber or live watcher is attached (so emitters can skip
@@ -331,7 +426,7 @@ impl BusBuilder {
         filter: TypeFilter,
         sink: Box<dyn Sink>,
     ) -> &mut Self {
-        let (name, stats, rx) = self.outlet(name.into(), queue, filter);
+        let (name, stats, rx) = self.outlet(name.into(), queue, filter, true);
         self.sinks.push(PendingSink {
             sink,
             rx,
@@ -350,7 +445,7 @@ impl BusBuilder {
         queue: usize,
         filter: TypeFilter,
     ) -> mpsc::Receiver<Arc<Event>> {
-        self.outlet(name.into(), queue, filter).2
+        self.outlet(name.into(), queue, filter, false).2
     }
 
     fn outlet(
@@ -358,6 +453,7 @@ impl BusBuilder {
         name: String,
         queue: usize,
         filter: TypeFilter,
+        sink: bool,
     ) -> (Arc<str>, Arc<SinkStats>, mpsc::Receiver<Arc<Event>>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let name: Arc<str> = Arc::from(name);
@@ -367,6 +463,7 @@ impl BusBuilder {
             filter,
             tx,
             stats: stats.clone(),
+            sink,
         });
         (name, stats, rx)
     }
@@ -376,6 +473,7 @@ impl BusBuilder {
     pub fn build(self) -> Bus {
         let (shutdown, _) = watch::channel(false);
         let tasks = Arc::new(Mutex::new(Vec::new()));
+        let acks = Arc::new(Acks::default());
         for PendingSink {
             mut sink,
             rx,
@@ -390,12 +488,13 @@ impl BusBuilder {
                 tasks: tasks.clone(),
             };
             sink.start(&ctx);
-            let task = tokio::spawn(run(sink, rx, ctx));
+            let task = tokio::spawn(run(sink, rx, ctx, acks.clone()));
             tasks.lock().push(task);
         }
         Bus {
             inner: Arc::new(Inner {
                 outlets: self.outlets,
+                acks,
                 shutdown,
                 tasks,
                 taps: tokio::sync::broadcast::channel(TAP_QUEUE).0,
@@ -412,7 +511,12 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 /// One sink's task: batches off the queue into the sink until shutdown (or every handle to
 /// the bus is gone), then what is left, then `close`.
-async fn run(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Event>>, ctx: SinkContext) {
+async fn run(
+    mut sink: Box<dyn Sink>,
+    mut rx: mpsc::Receiver<Arc<Event>>,
+    ctx: SinkContext,
+    acks: Arc<Acks>,
+) {
     let mut shutdown = ctx.shutdown_signal();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -422,6 +526,7 @@ async fn run(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Event>>, ctx: S
                     break;
                 }
                 sink.send(&batch, &ctx).await;
+                acks.handed_on(&batch);
                 batch.clear();
             }
             _ = crate::bus::stopped(&mut shutdown) => break,
@@ -430,6 +535,7 @@ async fn run(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Event>>, ctx: S
     rx.close();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         sink.send(&batch, &ctx).await;
+        acks.handed_on(&batch);
         batch.clear();
     }
     sink.close(&ctx).await;
@@ -443,6 +549,60 @@ mod tests {
 
     fn ev(type_: &str) -> Event {
         Event::new("test", type_, Value::Null)
+    }
+
+    /// `publish_handed_on` resolves only once every sink that took the event has handed it
+    /// on; not for a sink whose type filter skips it, nor for a subscriber.
+    #[tokio::test]
+    async fn a_publisher_can_wait_until_the_sinks_have_handed_an_event_on() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let mut b = Bus::builder();
+        b.sink(
+            "gated",
+            8,
+            TypeFilter::any(),
+            Box::new(Gated(gate.clone(), sent.clone())),
+        );
+        b.sink(
+            "other-types",
+            8,
+            TypeFilter::new(&["other.*"]).unwrap(),
+            Box::new(Gated(
+                Arc::new(tokio::sync::Semaphore::new(0)),
+                sent.clone(),
+            )),
+        );
+        let _rx = b.subscribe("nobody-reads", 8, TypeFilter::any());
+        let bus = b.build();
+        let done = bus.publish_handed_on(ev(SERVER_DOWN));
+        tokio::pin!(done);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut done)
+                .await
+                .is_err(),
+            "resolved before the sink handed the event on"
+        );
+        gate.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(5), &mut done)
+            .await
+            .expect("resolved once handed on");
+        assert_eq!(sent.lock().len(), 1);
+        // No sink takes this type: resolved at once.
+        let mut b = Bus::builder();
+        b.sink(
+            "other-types",
+            8,
+            TypeFilter::new(&["other.*"]).unwrap(),
+            Box::new(Gated(
+                Arc::new(tokio::sync::Semaphore::new(0)),
+                sent.clone(),
+            )),
+        );
+        let bus = b.build();
+        tokio::time::timeout(Duration::from_secs(1), bus.publish_handed_on(ev(SERVER_UP)))
+            .await
+            .expect("nothing to wait for");
     }
 
     #[tokio::test]

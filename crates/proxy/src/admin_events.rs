@@ -50,6 +50,11 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// How long an inbound publish waits for the sinks to store its events before it answers
+/// 503 (the events may still be delivered; a retry with the same ids is deduplicated by
+/// receivers).
+const HAND_ON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn publish(
     State(rt): State<Arc<Runtime>>,
     axum::Extension(by): axum::Extension<Principal>,
@@ -95,8 +100,21 @@ async fn publish(
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     tracing::info!(actor = %by.who, count = ids.len(), "inbound events published");
-    for e in events {
-        rt.shared.events.emit(e);
+    // Answered once each sink has the events: a durable webhook sink has written them to
+    // its outbox, so an acknowledged event survives a crash of the next moment.
+    let handed_on: Vec<_> = events
+        .into_iter()
+        .map(|e| rt.shared.events.emit_handed_on(e))
+        .collect();
+    if tokio::time::timeout(HAND_ON_WAIT, futures_util::future::join_all(handed_on))
+        .await
+        .is_err()
+    {
+        tracing::warn!(actor = %by.who, count = ids.len(), "inbound events not yet stored by every sink; answered 503");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the events were queued but not yet stored by every sink: send them again (same ids) later",
+        );
     }
     (StatusCode::ACCEPTED, Json(json!({ "accepted": ids }))).into_response()
 }

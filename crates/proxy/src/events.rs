@@ -128,6 +128,12 @@ impl Events {
         self.bus.publish(event);
     }
 
+    /// Emits `event`, resolving once every sink that took it has handed it on: a durable
+    /// webhook sink has written it to its outbox. See `Bus::publish_handed_on`.
+    pub fn emit_handed_on(&self, event: Event) -> impl std::future::Future<Output = ()> {
+        self.bus.publish_handed_on(event)
+    }
+
     /// Whether anything listens: emitters check this before building an event.
     #[inline]
     pub fn active(&self) -> bool {

@@ -678,15 +678,26 @@ pub fn start_flusher(shared: &Arc<crate::Shared>) {
     let weak = Arc::downgrade(shared);
     let spawned = std::thread::Builder::new()
         .name("portcullis-usage-flush".into())
-        .spawn(move || loop {
-            let every = match weak.upgrade() {
-                Some(s) => s.snapshot.load().config.limits.sync_interval.0,
-                None => return,
-            };
-            std::thread::sleep(every);
-            let Some(s) = weak.upgrade() else { return };
-            if let Err(e) = s.limits.plans.flush() {
-                tracing::error!(target: "portcullis::limits", error = %e, "usage counts could not be written; keeping them for the next try");
+        .spawn(move || {
+            // Wakes often and reads the interval each time, so that a reload that shortens
+            // `sync_interval` bounds what a crash can lose from then on, not an interval later.
+            let mut last = std::time::Instant::now();
+            loop {
+                let every = match weak.upgrade() {
+                    Some(s) => s.snapshot.load().config.limits.sync_interval.0,
+                    None => return,
+                };
+                let due = last + every;
+                let now = std::time::Instant::now();
+                if now < due {
+                    std::thread::sleep((due - now).min(Duration::from_millis(250)));
+                    continue;
+                }
+                last = now;
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = s.limits.plans.flush() {
+                    tracing::error!(target: "portcullis::limits", error = %e, "usage counts could not be written; keeping them for the next try");
+                }
             }
         });
     if let Err(e) = spawned {
