@@ -987,9 +987,9 @@ async fn trailers_named_like_identity_headers_never_reach_the_origin() {
     }
 }
 
-/// The session cookie and `portcullis_auth` are removed from requests to a public route (and
-/// to an authenticated one), whichever Cookie line carries them; other cookies, including ones
-/// whose names merely contain theirs, are kept in order.
+/// The session cookie, `portcullis_auth` and the console's cookies are removed from requests
+/// to a public route (and to an authenticated one), whichever Cookie line carries them; other
+/// cookies, including ones whose names merely contain theirs, are kept in order, in one field.
 #[tokio::test]
 async fn portcullis_cookies_are_removed_and_others_kept() {
     let key = Key::new("k1");
@@ -1016,6 +1016,11 @@ async fn portcullis_cookies_are_removed_and_others_kept() {
                 "portcullis_auth=st4te; other=2",
             ],
             &["keep=1", "other=2"],
+        ),
+        (
+            "the console's cookies (another port of the same host)",
+            &["portcullis_admin=s3cr3t; keep=1", "portcullis_admin_login=st4te"],
+            &["keep=1"],
         ),
         (
             "look-alike names",
@@ -1047,6 +1052,11 @@ async fn portcullis_cookies_are_removed_and_others_kept() {
             assert!(
                 !contains(&seen.head, b"s3cr3t") && !contains(&seen.head, b"st4te"),
                 "{path} ({case}): a portcullis cookie value reached the origin: {seen}"
+            );
+            // One Cookie field, as an HTTP/1.1 origin may read only one (RFC 9113 §8.2.3).
+            assert!(
+                fields(&seen.head, "cookie").len() <= 1,
+                "{path} ({case}): several Cookie fields: {seen}"
             );
         }
     }

@@ -25,10 +25,10 @@ use sha2::{Digest, Sha256};
 use std::sync::OnceLock;
 use subtle::ConstantTimeEq;
 
-/// The cookie that carries a console grant.
-pub const COOKIE: &str = "portcullis_admin";
+/// The cookie that carries a console grant (never sent to an origin, nor set by one).
+pub const COOKIE: &str = crate::upstream::head::CONSOLE_COOKIE;
 /// The cookie that carries a console login in progress.
-pub const PREAUTH: &str = "portcullis_admin_login";
+pub const PREAUTH: &str = crate::upstream::head::CONSOLE_PREAUTH_COOKIE;
 /// The header a state change carries its CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a token's grant lasts.

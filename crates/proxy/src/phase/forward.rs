@@ -697,6 +697,10 @@ where
     let backend = x.backend.unwrap_or(&route.backend);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if parts.headers.contains_key(header::SET_COOKIE) {
+        let session = &x.snap.identity.session.cookie;
+        crate::upstream::head::drop_own_set_cookies(session, &mut parts.headers);
+    }
     parts.headers.insert(X_REQUEST_ID.clone(), x.rid.0.clone());
     if let Some(c) = x.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, c);

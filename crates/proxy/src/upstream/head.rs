@@ -92,33 +92,79 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
 
 /// The cookie that holds a browser login in progress (sealed; its path is `/.portcullis/`).
 pub const PREAUTH_COOKIE: &str = "portcullis_auth";
+/// The console's cookies: its grant, and a console login in progress. The admin listener is
+/// another port of the same host, and browsers send a host's cookies to every port of it.
+pub const CONSOLE_COOKIE: &str = "portcullis_admin";
+pub const CONSOLE_PREAUTH_COOKIE: &str = "portcullis_admin_login";
+/// The cookies portcullis sets and reads itself, besides the session cookie (whose name is
+/// configured).
+pub const OWN_COOKIES: [&str; 3] = [PREAUTH_COOKIE, CONSOLE_COOKIE, CONSOLE_PREAUTH_COOKIE];
+
+/// Whether `name` is a cookie portcullis owns: the session cookie (`session`) or one of
+/// [`OWN_COOKIES`].
+fn own_cookie(name: &str, session: &str) -> bool {
+    name == session || OWN_COOKIES.contains(&name)
+}
+
+/// Removes the `Set-Cookie` fields of an origin's response that would set (or clear) a
+/// cookie portcullis owns: an origin must not plant a session of its choosing (session
+/// fixation, a login as the attacker's account) or end the user's.
+pub fn drop_own_set_cookies(session: &str, headers: &mut HeaderMap) {
+    let named = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        let end = memchr::memchr(b'=', b).unwrap_or(b.len());
+        std::str::from_utf8(&b[..end]).map_or(true, |n| own_cookie(n.trim(), session))
+    };
+    if !headers.get_all(header::SET_COOKIE).iter().any(named) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !named(v))
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
 
 /// Removes portcullis's own cookies (the session and the login-in-progress cookie) from a
 /// request on its way to any origin, public routes included: a browser sends the session
 /// cookie with every path of the host, and an origin (or its logs) that held it could open
 /// protected routes as that user. Other cookies stay.
 pub fn strip_own_cookies(snap: &Snapshot, headers: &mut HeaderMap) {
-    let session = snap.identity.session.cookie.as_bytes();
+    let session = snap.identity.session.cookie.as_str();
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    let several = fields.next().is_some() && fields.next().is_some();
     let ours = headers.get_all(header::COOKIE).iter().any(|v| {
         let b = v.as_bytes();
-        memchr::memmem::find(b, session).is_some()
-            || memchr::memmem::find(b, PREAUTH_COOKIE.as_bytes()).is_some()
+        memchr::memmem::find(b, session.as_bytes()).is_some()
+            || memchr::memmem::find(b, b"portcullis_").is_some()
     });
-    if ours {
-        remove_cookie(headers, &snap.identity.session.cookie);
-        remove_cookie(headers, PREAUTH_COOKIE);
+    // Several Cookie fields (HTTP/2 splits the cookies into one field each, RFC 9113
+    // §8.2.3) are joined into one with `; ` for an HTTP/1.1 origin, which may read only one.
+    if ours || several {
+        remove_cookies(headers, |name| own_cookie(name, session));
     }
 }
 
 /// Removes one cookie from the Cookie header(s), keeping the others for the origin.
 pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    remove_cookies(headers, |n| n == name);
+}
+
+/// Removes the cookies whose name `doomed` says from the Cookie header(s), and leaves the
+/// others in one field, joined with `; `.
+fn remove_cookies(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != name))
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| !doomed(k.trim())))
         .map(String::from)
         .collect();
     headers.remove(header::COOKIE);
@@ -271,6 +317,29 @@ fn drop_lookalikes(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An origin cannot set, or clear, a cookie portcullis owns; its other cookies pass.
+    #[test]
+    fn an_origin_sets_no_cookie_of_portcullis() {
+        let mut h = HeaderMap::new();
+        for c in [
+            "theme=dark; Path=/",
+            "sess=fixated; Path=/; HttpOnly",
+            "portcullis_auth=x",
+            " portcullis_admin =y; Path=/",
+            "portcullis_admin_login=z",
+            "portcullis_session_x=kept",
+        ] {
+            h.append(header::SET_COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        drop_own_set_cookies("sess", &mut h);
+        let left: Vec<_> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["theme=dark; Path=/", "portcullis_session_x=kept"]);
+    }
 
     /// The fields this module removes or sets are among those portcullis owns, so that their
     /// `_` spellings and trailers of their names are refused too.
