@@ -1062,6 +1062,33 @@ async fn portcullis_cookies_are_removed_and_others_kept() {
     }
 }
 
+/// A request that names no host (HTTP/1.0 without `Host`, or HTTP/1.1 with an empty one) is
+/// sent with an empty `Host`, as the client sent it: never a name it did not give.
+#[tokio::test]
+async fn a_request_without_a_host_reaches_the_origin_without_one() {
+    let key = Key::new("k1");
+    let origin = RawOrigin::start(On101::Echo).await;
+    let p = identity_proxy(&key, &origin).await;
+    for (i, req) in [
+        "GET /pub/nohost-0 HTTP/1.0\r\n\r\n",
+        "GET /pub/nohost-1 HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = exchange(p.port, req.as_bytes())
+            .await
+            .unwrap_or_else(|| panic!("{req}: no response\n{}", p.log_text()));
+        assert_eq!(r.status, 200, "{req}: {}", r.text());
+        let seen = origin.request(&format!("/pub/nohost-{i}"));
+        assert_eq!(
+            fields(&seen.head, "host"),
+            [Vec::<u8>::new()],
+            "{req}: the origin got {seen}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // max_header_size
 // ---------------------------------------------------------------------------------------

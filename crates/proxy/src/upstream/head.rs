@@ -260,10 +260,13 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     if conn.rules.underscores_in_headers == UnderscoresInHeaders::Allow {
         drop_lookalikes(&mut headers);
     }
+    // A request that named no host (HTTP/1.0 without `Host`, or an empty one) is sent with an
+    // empty `Host`, as the client sent it: never a name the client did not give, which an
+    // origin might trust (a default or internal virtual host).
     let authority = match (&backend.host, authority) {
         (Some(h), _) => h.clone(),
         (None, Some(a)) => a.clone(),
-        (None, None) => HeaderValue::from_static("localhost"),
+        (None, None) => HeaderValue::from_static(""),
     };
     // HTTP/1.1 upstreams get the origin-form target (`pq`) written as is; h2 needs a URI.
     if backend.connector.protocol != portcullis_config::Protocol::Http2 {
@@ -279,10 +282,14 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     } else {
         "http"
     };
-    let uri = format!(
-        "{scheme}://{}{pq}",
-        authority.to_str().unwrap_or("localhost")
-    );
+    let host = authority.to_str().unwrap_or("");
+    if host.is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a request without a host cannot go to an HTTP/2 origin\n",
+        ));
+    }
+    let uri = format!("{scheme}://{host}{pq}");
     match uri.parse() {
         Ok(u) => Ok(Head {
             headers,
