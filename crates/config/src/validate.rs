@@ -423,6 +423,11 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
 
     if root.workers == Some(0) {
         diags.push(root_src.diag("workers", "workers must be at least 1"));
+    } else if root.workers.is_some_and(|w| w > MAX_WORKERS) {
+        diags.push(root_src.diag(
+            "workers",
+            format!("workers must be at most {MAX_WORKERS}: one per CPU core is the default, and more than a few per core only costs memory and switching"),
+        ));
     }
 
     // Backends of every app.
@@ -1804,6 +1809,10 @@ fn check_upgrades(src: &Source, at: &str, list: &[String], diags: &mut Vec<Diagn
     }
 }
 
+/// The most worker threads a config may ask for (`workers`): far above any machine's cores,
+/// and low enough that the runtime starts (a hundred million threads never would).
+pub const MAX_WORKERS: usize = 1024;
+
 /// Why a request header may not be sent to an external authorizer, or None: credentials
 /// (portcullis verifies them; the authorizer decides on the identity), and where the request
 /// came from as the client says it (which portcullis believes only from trusted proxies and
@@ -2029,6 +2038,21 @@ apps:
             Balance::Hash(HashOn::Header("x-tenant".into()))
         );
         assert_eq!(c.files.len(), 2);
+    }
+
+    /// `workers` is bounded: 0 or a hundred million is a located error (the runtime would
+    /// never start with the latter).
+    #[test]
+    fn workers_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        for (w, msg) in [("0", "at least 1"), ("100000000", "at most 1024")] {
+            let text = format!("workers: {w}\n{GOOD}");
+            let root = write(d.path(), "p.yaml", &text);
+            let e = crate::load(&root).unwrap_err().to_string();
+            assert_reported(&e, &loc_of(&root, &text, &format!("workers: {w}"), w), msg);
+        }
+        let root = write(d.path(), "p.yaml", &format!("workers: 1024\n{GOOD}"));
+        crate::load(&root).unwrap();
     }
 
     /// A workflow definition file is config: editing one changes the version, so a reload

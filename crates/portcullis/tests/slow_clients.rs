@@ -248,3 +248,81 @@ async fn running_out_of_descriptors_is_survived_and_accepting_resumes() {
     println!("descriptors: {connected} of 2000 clients connected against 512 descriptors; accepting resumed: {back}");
     assert!(back, "accepting resumes:\n{}", p.log_text());
 }
+
+/// A client that takes nothing of a response (its HTTP/2 window stays shut) while it keeps
+/// the connection busy with pings is closed after the idle timeout, as a silent one is: it
+/// would otherwise hold the response's origin connection (and its `max_connections` slot)
+/// for as long as it liked.
+#[tokio::test]
+async fn a_client_that_takes_nothing_of_a_response_is_closed_at_the_idle_timeout() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _turn = TURN.lock().await;
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = origin.local_addr().unwrap().to_string();
+    let origin_closed = Arc::new(AtomicBool::new(false));
+    let closed = origin_closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = origin.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let len = 64usize << 20;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..len / chunk.len() {
+                    if s.write_all(&chunk).await.is_err() {
+                        closed.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = Proxy::start(&format!(
+        r#"
+listeners:
+  - name: web
+    bind: "127.0.0.1:{{port}}"
+    protocols: [http1, http2]
+    timeouts: {{ idle: 1s }}
+backends:
+  - {{ name: app, servers: [{{ address: "{address}" }}] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, backend: app, public: true }}
+"#
+    ))
+    .await;
+    let io = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let mut b = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true);
+    let (mut send, conn) = b.handshake(hyper_util::rt::TokioIo::new(io)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/big", p.port))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The body is never read: the client's window stays shut. Its pings go on.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(8), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection was still open after {:?}",
+        started.elapsed()
+    );
+    eprintln!("closed after {:?}", started.elapsed());
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !origin_closed.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        origin_closed.load(Ordering::SeqCst),
+        "the origin connection was kept"
+    );
+}

@@ -26,6 +26,8 @@ pub struct ConnInfo {
     ip_key: std::sync::OnceLock<portcullis_limits::Key>,
     /// How long the client may leave its request body waiting (`timeouts.client_body`).
     pub body_timeout: std::time::Duration,
+    /// The responses in flight, which the idle timer watches (see `edge::sending`).
+    pub sending: Arc<crate::edge::sending::Sending>,
 }
 
 impl ConnInfo {
@@ -61,6 +63,7 @@ impl ConnInfo {
             memo: Default::default(),
             ip_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
+            sending: Arc::default(),
         }
     }
 }

@@ -364,12 +364,10 @@ impl Accepted {
             smuggle.clone(),
         );
         conn.body_timeout = cfg.timeouts.client_body.0;
-        let io = crate::edge::smuggle::Guard::new(
-            IdleIo::new(io, cfg.timeouts.idle.0),
-            smuggle,
-            cfg.timeouts.client_header.0,
-        )
-        .first_head_by(self.first_head_by);
+        let mut idle = IdleIo::new(io, cfg.timeouts.idle.0);
+        idle.sending = Some(conn.sending.clone());
+        let io = crate::edge::smuggle::Guard::new(idle, smuggle, cfg.timeouts.client_header.0)
+            .first_head_by(self.first_head_by);
         (Arc::new(conn), io)
     }
 }
@@ -602,6 +600,9 @@ struct IdleIo<T> {
     active: bool,
     quiet: u32,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The connection's responses in flight: one that waits on the client for the idle
+    /// timeout closes the connection too, whatever else moves on it (pings).
+    sending: Option<Arc<crate::edge::sending::Sending>>,
 }
 
 const QUIET_TICKS: u32 = 8;
@@ -624,6 +625,7 @@ impl<T> IdleIo<T> {
             active: false,
             quiet: 0,
             sleep: Box::pin(tokio::time::sleep(tick)),
+            sending: None,
         }
     }
 
@@ -645,6 +647,16 @@ impl<T> IdleIo<T> {
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
+            }
+            if self
+                .sending
+                .as_ref()
+                .is_some_and(|s| s.stalled(QUIET_TICKS))
+            {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client idle timeout: a response waited on the client",
+                )));
             }
             if std::mem::take(&mut self.active) {
                 self.quiet = 0;

@@ -10,5 +10,6 @@ pub mod listen;
 pub mod park;
 pub mod passthrough;
 pub mod ready;
+pub mod sending;
 pub mod smuggle;
 pub mod tls;

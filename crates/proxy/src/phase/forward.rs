@@ -730,7 +730,8 @@ where
         start: x.start,
         usage: x.usage.take(),
     };
-    Response::from_parts(parts, Tracked::new(body, done).boxed_unsync())
+    let body = Tracked::new(body, done).watched(&x.conn.sending);
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 /// Finishes the access record when the response body ends (the pooled connection, if any,

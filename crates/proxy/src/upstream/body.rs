@@ -293,6 +293,8 @@ pub struct Tracked<B, D: OnDone> {
     /// The body had nothing to send, so being dropped unpolled still means complete.
     empty: bool,
     on_done: Option<D>,
+    /// Whether the client takes it, for the connection's idle timer (`edge::sending`).
+    progress: Option<Arc<crate::edge::sending::Progress>>,
 }
 
 impl<B: Body, D: OnDone> Tracked<B, D> {
@@ -302,7 +304,17 @@ impl<B: Body, D: OnDone> Tracked<B, D> {
             inner,
             bytes: 0,
             on_done: Some(on_done),
+            progress: None,
         }
+    }
+
+    /// Watched by the connection it is sent on: a response with something to send that
+    /// waits on the client for the idle timeout closes the connection.
+    pub fn watched(mut self, sending: &crate::edge::sending::Sending) -> Self {
+        if !self.empty {
+            self.progress = Some(sending.watch());
+        }
+        self
     }
 }
 
@@ -327,13 +339,19 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(p) = &this.progress {
+            p.asked();
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes += d.len() as u64;
                 }
                 if this.inner.is_end_stream() {
+                    this.progress = None;
                     this.finish(true);
+                } else if let Some(p) = &this.progress {
+                    p.gave();
                 }
                 Poll::Ready(Some(Ok(f)))
             }
