@@ -172,7 +172,7 @@ pub(crate) struct Resumed {
 /// continue. Trailing empty files are removed, and a torn last line is truncated away.
 pub(crate) fn resume(dir: &Path) -> Result<Resumed, Error> {
     let mut files = list_dir(dir)?;
-    while let Some((_, path)) = files.pop() {
+    while let Some((named, path)) = files.pop() {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -204,8 +204,26 @@ pub(crate) fn resume(dir: &Path) -> Result<Resumed, Error> {
                 bad.reason
             ),
         })?;
-        let started = first_line(&path)?
-            .and_then(|l| serde_json::from_slice::<Value>(&l).ok())
+        let first = first_line(&path)?.and_then(|l| serde_json::from_slice::<Value>(&l).ok());
+        // The file to continue must be the one its name says: a file renamed (swapped with
+        // another, restored under another name) would fork the chain, or make the next
+        // rotation collide with an existing file and every audited request fail.
+        let first_seq = first
+            .as_ref()
+            .and_then(|v| v.get("seq"))
+            .and_then(Value::as_u64);
+        if first_seq != Some(named) || link.seq < named {
+            return Err(Error::Corrupt {
+                file: path.clone(),
+                line: 1,
+                reason: format!(
+                    "the file's name says its first record is seq {named}, but it holds seq {} to {}: it was renamed or replaced; run `portcullis audit verify`",
+                    first_seq.map_or("?".into(), |s| s.to_string()),
+                    link.seq
+                ),
+            });
+        }
+        let started = first
             .and_then(|v| {
                 v.get("time")
                     .and_then(Value::as_str)

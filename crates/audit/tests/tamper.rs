@@ -175,3 +175,26 @@ fn a_record_deleted_at_the_end_of_an_older_file_is_found() {
         "{e}"
     );
 }
+
+/// The writer does not continue a trail whose newest file was renamed (here, the last two
+/// files' names swapped): it would fork the chain, or its next rotation would collide with
+/// an existing file and fail every audited request. It refuses to start, and says why.
+#[test]
+fn the_writer_refuses_a_trail_whose_files_were_renamed() {
+    let dir = copy();
+    let files = audit_files(dir.path());
+    let (a, b) = (&files[files.len() - 2], &files[files.len() - 1]);
+    let tmp = dir.path().join("swap");
+    fs::rename(a, &tmp).unwrap();
+    fs::rename(b, a).unwrap();
+    fs::rename(&tmp, b).unwrap();
+    let c = cfg(dir.path(), Fsync::Interval);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let e = rt
+        .block_on(async { Auditor::start(&c, "i").map(|_| ()) })
+        .expect_err("a renamed trail must not be continued")
+        .to_string();
+    assert!(e.contains("renamed or replaced"), "{e}");
+}

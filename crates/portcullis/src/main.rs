@@ -190,9 +190,22 @@ enum ApikeyCommand {
     },
 }
 
+/// The log filter: `PORTCULLIS_LOG` (default `info`), with the file watcher's own logging
+/// held at `warn` unless it names `notify`: at `trace`, the watcher logs every change in the
+/// config directory, and a log file kept there would feed it without end.
+fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let spec = spec.unwrap_or("info");
+    let spec = if spec.contains("notify") {
+        spec.to_string()
+    } else {
+        format!("{spec},notify=warn")
+    };
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"))
+}
+
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("PORTCULLIS_LOG").ok().as_deref());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -470,4 +483,23 @@ async fn run(cfg: portcullis_config::Config) -> ExitCode {
     runtime.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    /// The file watcher stays at `warn` whatever the level, unless the filter names it.
+    #[test]
+    fn the_file_watcher_never_logs_below_warn_unless_asked() {
+        for spec in [
+            None,
+            Some("trace"),
+            Some("debug,portcullis_proxy=trace"),
+            Some("not a filter["),
+        ] {
+            let f = super::log_filter(spec).to_string();
+            assert!(f.contains("notify=warn"), "{spec:?}: {f}");
+        }
+        let f = super::log_filter(Some("trace,notify=trace")).to_string();
+        assert!(!f.contains("notify=warn"), "{f}");
+    }
 }
