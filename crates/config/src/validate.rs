@@ -1821,7 +1821,7 @@ fn unsendable(name: &str) -> Option<&'static str> {
     let n = name.to_ascii_lowercase().replace('_', "-");
     if matches!(
         n.as_str(),
-        "authorization" | "proxy-authorization" | "cookie"
+        "authorization" | "proxy-authorization" | "cookie" | "x-api-key"
     ) {
         return Some("credentials are never sent; the authorizer is sent the verified identity");
     }
@@ -1915,7 +1915,11 @@ pub fn uncanonical_host(h: &str) -> Option<String> {
     // A name whose last label is all digits is an IPv4 address, which must be dotted
     // decimal without leading zeros (as requests must say it).
     let last = h.rsplit('.').next().unwrap_or(h);
-    if !last.is_empty() && last.bytes().all(|c| c.is_ascii_digit()) {
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|r| r.bytes().all(|c| c.is_ascii_hexdigit()));
+    if hex || (!last.is_empty() && last.bytes().all(|c| c.is_ascii_digit())) {
         match h.parse::<std::net::Ipv4Addr>() {
             Ok(a) if a.to_string() == h => {}
             _ => return Some("an IPv4 address is written as four decimal numbers without leading zeros, like `10.0.0.5`".into()),
@@ -2317,6 +2321,7 @@ routes:
                 "an IPv4 address is written as four decimal numbers",
             ),
             ("host: 10.5", "an IPv4 address is written"),
+            ("host: 10.0.0.0x5", "an IPv4 address is written"),
             ("host: \"[0::1]\"", "write the address as `[::1]`"),
             (
                 "path_prefix: /%61dmin/",
@@ -2373,7 +2378,7 @@ routes:
     fn an_authorizer_may_not_be_sent_credentials_or_forgeable_addresses() {
         let d = tempfile::tempdir().unwrap();
         let text = format!(
-            "authorizers: [{{ name: a, url: \"http://127.0.0.1:9/\", send: [x-tenant, cookie, X-Forwarded-For, x_real_ip], cache: {{ key: [\"header:authorization\"] }} }}]\n{GOOD_HEAD}  - {{ name: x, match: {{ path_prefix: / }}, backend: echo, public: true }}\n"
+            "authorizers: [{{ name: a, url: \"http://127.0.0.1:9/\", send: [x-tenant, cookie, X-Forwarded-For, x_real_ip, x-api-key], cache: {{ key: [\"header:authorization\"] }} }}]\n{GOOD_HEAD}  - {{ name: x, match: {{ path_prefix: / }}, backend: echo, public: true }}\n"
         );
         let root = write(d.path(), "p.yaml", &text);
         let e = crate::load(&root).unwrap_err().to_string();
@@ -2381,6 +2386,7 @@ routes:
             ("cookie", "credentials are never sent"),
             ("X-Forwarded-For", "a client may forge it"),
             ("x_real_ip", "a client may forge it"),
+            ("x-api-key", "credentials are never sent"),
             ("\"header:authorization\"", "credentials are never sent"),
         ] {
             assert_reported(&e, &loc_of(&root, &text, needle, needle), why);

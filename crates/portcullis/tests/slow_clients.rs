@@ -249,22 +249,18 @@ async fn running_out_of_descriptors_is_survived_and_accepting_resumes() {
     assert!(back, "accepting resumes:\n{}", p.log_text());
 }
 
-/// A client that takes nothing of a response (its HTTP/2 window stays shut) while it keeps
-/// the connection busy with pings is closed after the idle timeout, as a silent one is: it
-/// would otherwise hold the response's origin connection (and its `max_connections` slot)
-/// for as long as it liked.
-#[tokio::test]
-async fn a_client_that_takes_nothing_of_a_response_is_closed_at_the_idle_timeout() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// An origin that answers every request with 64 MiB, and notes when a connection of its is
+/// closed under it (the proxy dropped the response's upstream side).
+async fn endless_origin() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    let _turn = TURN.lock().await;
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = origin.local_addr().unwrap().to_string();
-    let origin_closed = Arc::new(AtomicBool::new(false));
-    let closed = origin_closed.clone();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = origin.accept().await {
-            let closed = closed.clone();
+            let closed = c.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
@@ -274,14 +270,18 @@ async fn a_client_that_takes_nothing_of_a_response_is_closed_at_the_idle_timeout
                 let chunk = vec![b'x'; 64 * 1024];
                 for _ in 0..len / chunk.len() {
                     if s.write_all(&chunk).await.is_err() {
-                        closed.store(true, Ordering::SeqCst);
+                        closed.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
                 }
             });
         }
     });
-    let p = Proxy::start(&format!(
+    (address, closed)
+}
+
+fn one_second_idle(address: &str) -> String {
+    format!(
         r#"
 listeners:
   - name: web
@@ -293,8 +293,27 @@ backends:
 routes:
   - {{ name: app, match: {{ path_prefix: / }}, backend: app, public: true }}
 "#
-    ))
-    .await;
+    )
+}
+
+/// Waits up to `limit` for `n` origin connections to have been closed under the origin.
+async fn origin_closed(closed: &std::sync::atomic::AtomicUsize, n: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while closed.load(std::sync::atomic::Ordering::SeqCst) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    closed.load(std::sync::atomic::Ordering::SeqCst) >= n
+}
+
+/// A client that takes nothing of one response (that HTTP/2 stream's window stays shut)
+/// while it keeps the connection busy (pings, and another stream it reads) has that response
+/// cut after the idle timeout: its origin connection (and `max_connections` slot) is freed,
+/// the stream ends with an error, and the connection and its other stream go on.
+#[tokio::test]
+async fn a_response_the_client_takes_nothing_of_is_cut_at_the_idle_timeout() {
+    let _turn = TURN.lock().await;
+    let (address, closed) = endless_origin().await;
+    let p = Proxy::start(&one_second_idle(&address)).await;
     let io = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
     let mut b = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
     b.timer(hyper_util::rt::TokioTimer::new())
@@ -302,27 +321,56 @@ routes:
         .keep_alive_while_idle(true);
     let (mut send, conn) = b.handshake(hyper_util::rt::TokioIo::new(io)).await.unwrap();
     let conn = tokio::spawn(conn);
-    let req = hyper::Request::get(format!("http://127.0.0.1:{}/big", p.port))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    // The body is never read: the client's window stays shut. Its pings go on.
-    let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(8), conn).await;
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://127.0.0.1:{}{path}", p.port))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let stalled = send.send_request(get("/stalled")).await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    // Another stream, read steadily meanwhile.
+    let read = send.send_request(get("/read")).await.unwrap();
+    let reader = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = read.into_body();
+        let mut n = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            n += f.data_ref().map_or(0, |d| d.len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    });
     assert!(
-        ended.is_ok(),
-        "the connection was still open after {:?}",
-        started.elapsed()
+        origin_closed(&closed, 1, Duration::from_secs(8)).await,
+        "the stalled response's origin connection was kept"
     );
-    eprintln!("closed after {:?}", started.elapsed());
-    drop(resp);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !origin_closed.load(Ordering::SeqCst) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(!conn.is_finished(), "the whole connection was closed");
+    assert!(!reader.is_finished(), "the stream being read was cut");
+    // The cut stream ends with an error once the client asks for more of it.
+    use http_body_util::BodyExt;
+    let got = tokio::time::timeout(Duration::from_secs(5), stalled.into_body().collect()).await;
     assert!(
-        origin_closed.load(Ordering::SeqCst),
-        "the origin connection was kept"
+        matches!(got, Ok(Err(_))),
+        "the cut stream did not end with an error"
+    );
+    reader.abort();
+    conn.abort();
+}
+
+/// An HTTP/1.1 client that sends a byte more after its request (so it is not read from
+/// while its response is written) and never reads is cut at the idle timeout, and the
+/// response's origin connection with it.
+#[tokio::test]
+async fn an_http1_client_that_never_reads_is_cut_at_the_idle_timeout() {
+    let _turn = TURN.lock().await;
+    let (address, closed) = endless_origin().await;
+    let p = Proxy::start(&one_second_idle(&address)).await;
+    let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\nG")
+        .await
+        .unwrap();
+    assert!(
+        origin_closed(&closed, 1, Duration::from_secs(8)).await,
+        "the origin connection was kept for a client that never reads"
     );
 }

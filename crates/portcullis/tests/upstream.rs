@@ -475,6 +475,30 @@ async fn a_body_an_origin_refused_unread_never_answers_the_next_client() {
     }
 }
 
+/// An origin's response trailers reach an HTTP/1.1 client that asks for them (`TE:
+/// trailers`): `Trailer`, which names them, is end to end and kept.
+#[tokio::test]
+async fn response_trailers_reach_an_http1_client() {
+    let addr = head_origin(|mut s, _| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n")
+            .await;
+    })
+    .await;
+    let p = proxy_to_addr(&addr).await;
+    let mut c = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", p.port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /t HTTP/1.1\r\nHost: up.test\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("x-checksum: 42"), "no trailer: {text}");
+}
+
 #[tokio::test]
 async fn interim_responses_do_not_stop_an_upload() {
     // `100 Continue` at once, then the whole body is read and counted.

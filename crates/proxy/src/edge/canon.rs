@@ -444,7 +444,7 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
             .is_some();
     let last = name.rsplit(|&b| b == b'.').next().unwrap_or(name);
     if name[0] != b'['
-        && last.iter().all(u8::is_ascii_digit)
+        && numeric_label(last)
         && text
             .parse::<std::net::Ipv4Addr>()
             .map_or(true, |a| a.to_string() != text)
@@ -470,6 +470,15 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
         name: Cow::Owned(name),
         authority,
     })
+}
+
+/// Whether a host's last label makes it an IPv4 address to URL parsers (WHATWG's "ends in a
+/// number"): all decimal digits, or `0x` and hex digits (`10.0.0.0x5` is 10.0.0.5 to some).
+fn numeric_label(label: &[u8]) -> bool {
+    match label {
+        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+        _ => !label.is_empty() && label.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// A request's canonical target.
@@ -773,6 +782,9 @@ mod tests {
             "10.5",
             "167772165",
             "0x0a.0.0.5",
+            "10.0.0.0x5",
+            "0x0a",
+            "a.0X",
             "1.2.3.4.5",
             "256.0.0.1",
             "a b",

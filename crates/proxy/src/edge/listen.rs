@@ -601,7 +601,7 @@ struct IdleIo<T> {
     quiet: u32,
     sleep: Pin<Box<tokio::time::Sleep>>,
     /// The connection's responses in flight: one that waits on the client for the idle
-    /// timeout closes the connection too, whatever else moves on it (pings).
+    /// timeout is cut, whatever else moves on the connection (pings, other streams).
     sending: Option<Arc<crate::edge::sending::Sending>>,
 }
 
@@ -633,14 +633,27 @@ impl<T> IdleIo<T> {
         self.active = true;
     }
 
-    /// Marks activity when a write has moved bytes, and hands its result back.
-    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(Ok(n)) = &r {
-            if *n > 0 {
-                self.touch();
+    /// Marks activity when a write has moved bytes, and hands its result back. A write the
+    /// client holds up (it reads nothing) runs the idle timer too: a client that stops
+    /// reading after sending a byte more is not read from either, and would never time out.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.touch();
+                }
+                Poll::Ready(Ok(n))
             }
+            Poll::Pending => match self.check_idle(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
+            r => r,
         }
-        r
     }
 
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -648,15 +661,8 @@ impl<T> IdleIo<T> {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if self
-                .sending
-                .as_ref()
-                .is_some_and(|s| s.stalled(QUIET_TICKS))
-            {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client idle timeout: a response waited on the client",
-                )));
+            if let Some(s) = &self.sending {
+                s.cut_stalled(QUIET_TICKS);
             }
             if std::mem::take(&mut self.active) {
                 self.quiet = 0;
@@ -711,7 +717,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(r)
+        self.wrote(cx, r)
     }
     /// hyper hands a response's head and body over as separate slices. Small ones are copied
     /// together and go out in one `send`: on Linux a `writev` on a socket costs more in the
@@ -736,9 +742,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         } else {
             Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
         };
-        this.wrote(r)
+        this.wrote(cx, r)
     }
-    delegate_async_write!(inner: is_write_vectored, poll_flush, poll_shutdown);
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.check_idle(cx),
+            r => r,
+        }
+    }
+    delegate_async_write!(inner: is_write_vectored, poll_shutdown);
 }
 
 #[cfg(test)]

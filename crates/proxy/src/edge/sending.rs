@@ -1,10 +1,13 @@
 //! The responses a client connection is sending, and whether the client takes them: a client
 //! that leaves a response waiting (an HTTP/2 stream window of 0, a socket it does not read)
-//! while it keeps the connection busy otherwise (answering pings, trickling bytes) would hold
-//! the response's upstream connection, and its `max_connections` slot, for as long as it
-//! likes. The connection's idle timer asks [`Sending::stalled`] at each of its ticks, and
-//! closes the connection once a response has waited on the client for the idle timeout, as
-//! nginx's `send_timeout` and Envoy's stream idle timeout do.
+//! while it keeps the connection busy otherwise (answering pings, reading other streams)
+//! would hold the response's upstream connection, and its `max_connections` slot, for as
+//! long as it liked. The connection's idle timer calls [`Sending::cut_stalled`] at each of
+//! its ticks, which cuts a response that has waited on the client for the idle timeout: its
+//! upstream side is dropped at once (the origin connection closed, the slot freed), and the
+//! client's stream ends with an error when it is next asked for (HTTP/2: a reset of that
+//! stream alone). Like HAProxy's `timeout client` on a blocked stream, or nginx's
+//! `send_timeout`.
 //!
 //! A response counts as waiting on the client from when it is handed to the connection, and
 //! from each frame it gives out, until the connection asks it for more. A response that waits
@@ -12,16 +15,22 @@
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
+
+/// A response the connection watches.
+pub trait Watched: Send + Sync {
+    fn progress(&self) -> &Progress;
+    /// Drops the response's upstream side: it waited on the client too long.
+    fn cut(&self);
+}
 
 /// One connection's responses in flight.
 #[derive(Default)]
 pub struct Sending {
-    list: Mutex<Vec<Weak<Progress>>>,
+    list: Mutex<Vec<Weak<dyn Watched>>>,
 }
 
 /// One response's progress, shared by its body and the connection's list.
-#[derive(Default)]
 pub struct Progress {
     /// The connection asked the body for a frame since the last tick.
     asked: AtomicBool,
@@ -32,32 +41,41 @@ pub struct Progress {
     quiet: AtomicU32,
 }
 
-impl Sending {
-    /// Watches a response handed to the connection (waiting on the client from now).
-    pub fn watch(&self) -> Arc<Progress> {
-        let p = Arc::new(Progress {
+impl Default for Progress {
+    /// Handed to the connection: waiting on the client from now.
+    fn default() -> Self {
+        Progress {
+            asked: AtomicBool::new(false),
             waiting: AtomicBool::new(true),
-            ..Progress::default()
-        });
+            quiet: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Sending {
+    /// Watches a response handed to the connection.
+    pub fn watch(&self, w: Weak<dyn Watched>) {
         let mut list = self.list.lock();
         list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(&p));
-        p
+        list.push(w);
     }
 
-    /// One tick of the idle timer: whether a response has waited on the client, unasked, for
-    /// `ticks` ticks in a row.
-    pub fn stalled(&self, ticks: u32) -> bool {
-        let list = self.list.lock();
-        let mut stalled = false;
-        for p in list.iter().filter_map(Weak::upgrade) {
-            if p.asked.swap(false, Ordering::Relaxed) || !p.waiting.load(Ordering::Relaxed) {
-                p.quiet.store(0, Ordering::Relaxed);
-            } else if p.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= ticks {
-                stalled = true;
-            }
+    /// One tick of the idle timer: cuts each response that has waited on the client,
+    /// unasked, for `ticks` ticks in a row, and returns how many.
+    pub fn cut_stalled(&self, ticks: u32) -> usize {
+        let stalled: Vec<_> = {
+            let mut list = self.list.lock();
+            list.retain(|w| w.strong_count() > 0);
+            list.iter()
+                .filter_map(Weak::upgrade)
+                .filter(|w| w.progress().tick(ticks))
+                .collect()
+        };
+        // Outside the list's lock: cutting drops the upstream side.
+        for w in &stalled {
+            w.cut();
         }
-        stalled
+        stalled.len()
     }
 }
 
@@ -72,40 +90,71 @@ impl Progress {
     pub fn gave(&self) {
         self.waiting.store(true, Ordering::Relaxed);
     }
+
+    /// One tick: whether it has now waited unasked for `ticks` ticks in a row.
+    fn tick(&self, ticks: u32) -> bool {
+        if self.asked.swap(false, Ordering::Relaxed) || !self.waiting.load(Ordering::Relaxed) {
+            self.quiet.store(0, Ordering::Relaxed);
+            return false;
+        }
+        self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= ticks
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct Response {
+        progress: Progress,
+        cuts: AtomicUsize,
+    }
+
+    impl Watched for Response {
+        fn progress(&self) -> &Progress {
+            &self.progress
+        }
+        fn cut(&self) {
+            self.cuts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 
     #[test]
-    fn a_response_stalls_only_while_it_waits_on_the_client_unasked() {
+    fn a_response_is_cut_only_while_it_waits_on_the_client_unasked() {
         let s = Sending::default();
-        let p = s.watch();
-        // Handed over and never asked for: stalled after 3 ticks.
-        assert!(!s.stalled(3));
-        assert!(!s.stalled(3));
-        assert!(s.stalled(3));
-        // Asked (and waiting on its origin): never stalled.
-        p.asked();
-        for _ in 0..10 {
-            assert!(!s.stalled(3));
+        let r = Arc::new(Response::default());
+        let other = Arc::new(Response::default());
+        s.watch(Arc::downgrade(&r) as Weak<dyn Watched>);
+        s.watch(Arc::downgrade(&other) as Weak<dyn Watched>);
+        // Handed over and never asked for: cut after 3 ticks; the other, asked at every
+        // tick (a stream the client reads), is not.
+        for _ in 0..2 {
+            other.progress.asked();
+            assert_eq!(s.cut_stalled(3), 0);
         }
-        // It gave a frame, and is asked again within each tick: never stalled.
+        other.progress.asked();
+        assert_eq!(s.cut_stalled(3), 1);
+        assert_eq!(r.cuts.load(Ordering::Relaxed), 1);
+        assert_eq!(other.cuts.load(Ordering::Relaxed), 0);
+        // Asked (and waiting on its origin): never cut.
+        r.progress.asked();
         for _ in 0..10 {
-            p.gave();
-            p.asked();
-            p.gave();
-            assert!(!s.stalled(3));
+            assert_eq!(s.cut_stalled(3), 0);
         }
-        // Gave a frame, then nothing asked for it.
-        assert!(!s.stalled(3));
-        assert!(!s.stalled(3));
-        assert!(s.stalled(3));
+        // It gave a frame, and is asked again within each tick: never cut.
+        for _ in 0..10 {
+            r.progress.gave();
+            r.progress.asked();
+            r.progress.gave();
+            assert_eq!(s.cut_stalled(3), 0);
+        }
         // A finished response is forgotten.
-        drop(p);
-        assert!(!s.stalled(1));
-        let _q = s.watch();
-        assert_eq!(s.list.lock().len(), 1);
+        drop(r);
+        drop(other);
+        assert_eq!(s.cut_stalled(1), 0);
+        assert!(s.list.lock().is_empty());
     }
 }

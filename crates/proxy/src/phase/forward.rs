@@ -696,7 +696,13 @@ where
 {
     let backend = x.backend.unwrap_or(&route.backend);
     let (mut parts, body) = resp.into_parts();
+    // `Trailer` says which trailers follow; it is end to end (RFC 9110 §6.6.2), and an
+    // HTTP/1.1 client is sent trailers only when it names them.
+    let trailer = parts.headers.remove(header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(t) = trailer {
+        parts.headers.insert(header::TRAILER, t);
+    }
     if parts.headers.contains_key(header::SET_COOKIE) {
         let session = &x.snap.identity.session.cookie;
         crate::upstream::head::drop_own_set_cookies(session, &mut parts.headers);
@@ -730,7 +736,7 @@ where
         start: x.start,
         usage: x.usage.take(),
     };
-    let body = Tracked::new(body, done).watched(&x.conn.sending);
+    let body = Tracked::watched(body, done, &x.conn.sending);
     Response::from_parts(parts, body.boxed_unsync())
 }
 
@@ -799,6 +805,10 @@ fn tunnel(
     let (mut parts, _) = resp.into_parts();
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers, false);
+    if parts.headers.contains_key(header::SET_COOKIE) {
+        let session = &x.snap.identity.session.cookie;
+        crate::upstream::head::drop_own_set_cookies(session, &mut parts.headers);
+    }
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -288,41 +288,127 @@ pub trait OnDone: Send + Unpin + 'static {
 
 /// Passes a response body through, counting bytes, and calls `on_done` exactly once.
 pub struct Tracked<B, D: OnDone> {
-    inner: B,
-    bytes: u64,
+    state: State<B, D>,
     /// The body had nothing to send, so being dropped unpolled still means complete.
     empty: bool,
+}
+
+enum State<B, D: OnDone> {
+    Own(Inner<B, D>),
+    /// Watched by the connection, which may cut it (see `edge::sending`).
+    Shared(Arc<Slot<B, D>>),
+}
+
+struct Inner<B, D: OnDone> {
+    body: B,
+    bytes: u64,
     on_done: Option<D>,
-    /// Whether the client takes it, for the connection's idle timer (`edge::sending`).
-    progress: Option<Arc<crate::edge::sending::Progress>>,
 }
 
-impl<B: Body, D: OnDone> Tracked<B, D> {
-    pub fn new(inner: B, on_done: D) -> Self {
-        Tracked {
-            empty: inner.is_end_stream(),
-            inner,
-            bytes: 0,
-            on_done: Some(on_done),
-            progress: None,
-        }
-    }
-
-    /// Watched by the connection it is sent on: a response with something to send that
-    /// waits on the client for the idle timeout closes the connection.
-    pub fn watched(mut self, sending: &crate::edge::sending::Sending) -> Self {
-        if !self.empty {
-            self.progress = Some(sending.watch());
-        }
-        self
-    }
+/// A watched response: its progress, and its body until it ends or is cut.
+struct Slot<B, D: OnDone> {
+    progress: crate::edge::sending::Progress,
+    inner: parking_lot::Mutex<Option<Inner<B, D>>>,
 }
 
-impl<B, D: OnDone> Tracked<B, D> {
+impl<B, D: OnDone> Inner<B, D> {
     fn finish(&mut self, complete: bool) {
         if let Some(d) = self.on_done.take() {
             d.done(complete, self.bytes);
         }
+    }
+}
+
+impl<B, D> crate::edge::sending::Watched for Slot<B, D>
+where
+    B: Send + 'static,
+    D: OnDone,
+{
+    fn progress(&self) -> &crate::edge::sending::Progress {
+        &self.progress
+    }
+
+    fn cut(&self) {
+        let taken = self.inner.lock().take();
+        if let Some(mut inner) = taken {
+            tracing::debug!(
+                bytes = inner.bytes,
+                "a response waited on the client for the idle timeout; its upstream side is dropped"
+            );
+            inner.finish(false);
+        }
+        self.progress.asked();
+    }
+}
+
+impl<B: Body, D: OnDone> Tracked<B, D> {
+    pub fn new(body: B, on_done: D) -> Self {
+        Tracked {
+            empty: body.is_end_stream(),
+            state: State::Own(Inner {
+                body,
+                bytes: 0,
+                on_done: Some(on_done),
+            }),
+        }
+    }
+
+    /// As [`Tracked::new`], watched by the connection it is sent on: a response with
+    /// something to send that waits on the client for the idle timeout is cut (see
+    /// `edge::sending`).
+    pub fn watched(body: B, on_done: D, sending: &crate::edge::sending::Sending) -> Self
+    where
+        B: Send + 'static,
+    {
+        if body.is_end_stream() {
+            return Tracked::new(body, on_done);
+        }
+        let slot = Arc::new(Slot {
+            progress: crate::edge::sending::Progress::default(),
+            inner: parking_lot::Mutex::new(Some(Inner {
+                body,
+                bytes: 0,
+                on_done: Some(on_done),
+            })),
+        });
+        let weak: std::sync::Weak<dyn crate::edge::sending::Watched> = Arc::downgrade(&slot) as _;
+        sending.watch(weak);
+        Tracked {
+            state: State::Shared(slot),
+            empty: false,
+        }
+    }
+}
+
+/// One frame of `inner`'s body, counted, and `on_done` called when it ends.
+fn poll_inner<B, D>(
+    inner: &mut Inner<B, D>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    D: OnDone,
+{
+    match Pin::new(&mut inner.body).poll_frame(cx) {
+        Poll::Ready(Some(Ok(f))) => {
+            if let Some(d) = f.data_ref() {
+                inner.bytes += d.len() as u64;
+            }
+            if inner.body.is_end_stream() {
+                inner.finish(true);
+            }
+            Poll::Ready(Some(Ok(f)))
+        }
+        Poll::Ready(Some(Err(e))) => {
+            inner.finish(false);
+            Poll::Ready(Some(Err(e.into())))
+        }
+        Poll::Ready(None) => {
+            inner.finish(true);
+            Poll::Ready(None)
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -338,47 +424,60 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if let Some(p) = &this.progress {
-            p.asked();
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    this.bytes += d.len() as u64;
+        match &mut self.state {
+            State::Own(inner) => poll_inner(inner, cx),
+            State::Shared(slot) => {
+                slot.progress.asked();
+                let mut guard = slot.inner.lock();
+                let Some(inner) = guard.as_mut() else {
+                    return Poll::Ready(Some(Err(
+                        "the client took nothing of the response for the idle timeout".into(),
+                    )));
+                };
+                let r = poll_inner(inner, cx);
+                if matches!(&r, Poll::Ready(Some(Ok(_)))) && !inner.body.is_end_stream() {
+                    slot.progress.gave();
                 }
-                if this.inner.is_end_stream() {
-                    this.progress = None;
-                    this.finish(true);
-                } else if let Some(p) = &this.progress {
-                    p.gave();
-                }
-                Poll::Ready(Some(Ok(f)))
+                r
             }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish(false);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.finish(true);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.state {
+            State::Own(inner) => inner.body.is_end_stream(),
+            State::Shared(slot) => slot
+                .inner
+                .lock()
+                .as_ref()
+                .is_none_or(|i| i.body.is_end_stream()),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.state {
+            State::Own(inner) => inner.body.size_hint(),
+            State::Shared(slot) => slot
+                .inner
+                .lock()
+                .as_ref()
+                .map_or_else(SizeHint::default, |i| i.body.size_hint()),
+        }
     }
 }
 
 impl<B, D: OnDone> Drop for Tracked<B, D> {
     fn drop(&mut self) {
-        self.finish(self.empty);
+        let empty = self.empty;
+        match &mut self.state {
+            State::Own(inner) => inner.finish(empty),
+            State::Shared(slot) => {
+                let taken = slot.inner.lock().take();
+                if let Some(mut inner) = taken {
+                    inner.finish(empty);
+                }
+            }
+        }
     }
 }
 

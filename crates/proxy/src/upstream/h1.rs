@@ -402,12 +402,13 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Header fields about one connection, never passed on (RFC 9110 §7.6.1).
+/// Header fields about one connection, never passed on (RFC 9110 §7.6.1). `Trailer` is
+/// end to end (§6.6.2): it names the trailers that follow, which an HTTP/1.1 client is sent
+/// only when they are named.
 fn is_hop(n: &HeaderName) -> bool {
     n == header::CONNECTION
         || n == header::TRANSFER_ENCODING
         || n == header::TE
-        || n == header::TRAILER
         || n == header::PROXY_AUTHENTICATE
         || n.as_str() == "keep-alive"
         || n.as_str() == "proxy-connection"
@@ -457,13 +458,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
             }
             length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Only `chunked`, alone: portcullis removes the framing it decodes, and a coding
+            // under it (`gzip, chunked`) would reach the client as bytes nothing says are
+            // compressed. No origin framework sends one unasked (a request never has `TE`
+            // with another coding from portcullis).
+            let only_chunked = !te
+                && std::str::from_utf8(h.value)
+                    .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            if !only_chunked {
+                return Err(upstream(
+                    "response has a transfer coding other than chunked",
+                ));
+            }
             te = true;
-            // Only a final `chunked` frames the body; anything else reads until close.
-            chunked = std::str::from_utf8(h.value).is_ok_and(|v| {
-                v.rsplit(',')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-            });
+            chunked = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
             for t in std::str::from_utf8(h.value).unwrap_or("").split(',') {
                 let t = t.trim();
@@ -805,11 +813,24 @@ mod tests {
         .unwrap();
         assert!(matches!(h.framing, Framing::Length(5)) && h.keep_alive);
         assert!(h.headers.get("connection").is_none() && h.headers.get("x-a").is_some());
-        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(matches!(h.framing, Framing::Chunked));
         assert!(h.headers.get("transfer-encoding").is_none());
+        // Another coding would reach the client as bytes nothing says are coded.
+        for te in [
+            "gzip, chunked",
+            "gzip",
+            "chunked, gzip",
+            "identity",
+            "chunked\r\nTransfer-Encoding: chunked",
+        ] {
+            let r = head(&format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ));
+            assert!(r.is_err(), "{te}");
+        }
         let h = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert!(matches!(h.framing, Framing::Close) && !h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\nConnection: close, x-hop\r\nx-hop: 1\r\n\r\n")
