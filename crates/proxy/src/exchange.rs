@@ -279,6 +279,18 @@ impl<'s> Exchange<'s> {
     }
 }
 
+/// A request that was never answered (its client went away, or the connection was closed
+/// under it, before an answer was made) is still in the access log: as 499, nginx's
+/// "client closed request". Each answer takes the record when it is made, so this finds one
+/// only when none was.
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if self.log && !self.record.request_id.is_empty() {
+            self.finish(499, Some("the client went away before the answer".into()));
+        }
+    }
+}
+
 /// What the origin is sent as the request target: the canonical path (`path`, or the path
 /// as sent when it was already canonical) and the query as sent.
 pub fn origin_target<'a>(path: &'a Option<String>, uri: &'a http::Uri) -> Cow<'a, str> {

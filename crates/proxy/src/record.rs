@@ -816,6 +816,24 @@ routes:
   - { name: api, match: { host: example.com, path_prefix: /api/ }, backend: b, public: true }
 "#;
 
+        /// A request whose client went away before any answer (the exchange dropped
+        /// unanswered, as when hyper drops a request's future) is in the log as 499, once.
+        #[tokio::test]
+        async fn an_unanswered_exchange_is_written_as_499() {
+            let kit = Kit::new(CONFIG).await;
+            let x = kit
+                .routed(Request::get("/api/slow").header("host", "example.com"))
+                .await;
+            let rid = x.rid.to_string();
+            drop(x);
+            let log = kit.access_log(1);
+            assert_eq!(log.len(), 1, "{log:?}");
+            assert_eq!(log[0]["status"], 499);
+            assert_eq!(log[0]["request_id"], &*rid);
+            assert_eq!(log[0]["route"], "default/api");
+            assert!(log[0]["error"].as_str().unwrap().contains("went away"));
+        }
+
         #[tokio::test]
         async fn a_finished_exchange_is_written_to_the_access_log() {
             let kit = Kit::new(CONFIG).await;
