@@ -55,6 +55,12 @@ pub fn path_condition(glob: &str, case_sensitive: bool) -> String {
         glob.to_ascii_lowercase()
     };
     let like = format!("context.route_path like {}", like_pattern(&glob));
+    // A trailing `/**` also matches the directory itself (`/admin/**` matches `/admin`), as
+    // Spring's and Ant's path patterns do: a `deny` on `/admin/**` must keep `/admin` too,
+    // which origins serve as the directory's index.
+    if let Some(dir) = glob.strip_suffix("/**").filter(|d| !d.contains('*')) {
+        return format!("({like} || context.route_path == {})", like_pattern(dir));
+    }
     if glob.contains("**") || !glob.contains('*') {
         return like;
     }
@@ -156,7 +162,7 @@ mod tests {
         let t = compile(&r, "permit", "billing/api", false);
         assert_eq!(
             t,
-            "permit(principal, action, resource == Portcullis::Route::\"billing/api\") when { (principal in Portcullis::Group::\"eng\" || principal in Portcullis::Group::\"ops\") && action == Portcullis::Action::\"GET\" && context.route_path like \"/api/*\" && context.ip.isInRange(ip(\"10.0.0.0/8\")) };"
+            "permit(principal, action, resource == Portcullis::Route::\"billing/api\") when { (principal in Portcullis::Group::\"eng\" || principal in Portcullis::Group::\"ops\") && action == Portcullis::Action::\"GET\" && (context.route_path like \"/api/*\" || context.route_path == \"/api\") && context.ip.isInRange(ip(\"10.0.0.0/8\")) };"
         );
         cedar_policy::Policy::parse(None, &t).unwrap();
         let empty = compile(&AllowRule::default(), "forbid", "a/b", false);
@@ -180,7 +186,11 @@ mod tests {
     fn single_star_stays_within_a_segment() {
         assert_eq!(
             path_condition("/api/**", true),
-            "context.route_path like \"/api/*\""
+            "(context.route_path like \"/api/*\" || context.route_path == \"/api\")"
+        );
+        assert_eq!(
+            path_condition("/a/**/b", true),
+            "context.route_path like \"/a/*/b\""
         );
         assert_eq!(
             path_condition("/api/x", true),
@@ -203,11 +213,11 @@ mod tests {
     fn globs_follow_the_routes_case() {
         assert_eq!(
             path_condition("/Admin/**", false),
-            "context.route_path like \"/admin/*\""
+            "(context.route_path like \"/admin/*\" || context.route_path == \"/admin\")"
         );
         assert_eq!(
             path_condition("/Admin/**", true),
-            "context.route_path like \"/Admin/*\""
+            "(context.route_path like \"/Admin/*\" || context.route_path == \"/Admin\")"
         );
     }
 

@@ -424,7 +424,11 @@ routes:
     let reader = mint(&p, "rita", "readers");
 
     assert_eq!(call(&p, "GET", "/app/x", &eng).await.0, 200);
+    assert_eq!(call(&p, "GET", "/app/administrator", &eng).await.0, 200);
     for path in [
+        "/app/admin",
+        "/app/admin/",
+        "/APP/Admin",
         "/app/admin/x",
         "/APP/ADMIN/x",
         "/app/Admin/x",
