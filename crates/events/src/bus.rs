@@ -277,12 +277,13 @@ impl Bus {
         self.offer(&Arc::new(event));
     }
 
-    /// Offers `event` as [`Bus::publish`] does, and resolves once every sink that took it
-    /// has handed it on (a webhook sink: written to its outbox, durable with a store), or
-    /// at once when no sink took it. For a publisher that answers its caller only once the
-    /// event can no longer be lost to a crash (the admin API's inbound events). In-process
-    /// subscribers and live watchers are not waited for.
-    pub fn publish_handed_on(&self, event: Event) -> impl Future<Output = ()> + Send + 'static {
+    /// Offers `event` as [`Bus::publish`] does, and resolves once every sink that takes its
+    /// type has handed it on (a webhook sink: written to its outbox, durable with a store):
+    /// `true`, or `false` at once when a sink could not take it (its queue was full). For a
+    /// publisher that answers its caller only once the event can no longer be lost to a
+    /// crash (the admin API's inbound events). In-process subscribers and live watchers are
+    /// not waited for.
+    pub fn publish_handed_on(&self, event: Event) -> impl Future<Output = bool> + Send + 'static {
         let event = Arc::new(event);
         let sinks = self
             .inner
@@ -311,7 +312,7 @@ impl Bus {
         }
         async move {
             // An error: the bus is gone, and with it what it held.
-            let _ = handed_on.await;
+            refused == 0 && handed_on.await.is_ok()
         }
     }
 
@@ -584,9 +585,12 @@ mod tests {
             "resolved before the sink handed the event on"
         );
         gate.add_permits(1);
-        tokio::time::timeout(Duration::from_secs(5), &mut done)
-            .await
-            .expect("resolved once handed on");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), &mut done)
+                .await
+                .expect("resolved once handed on"),
+            "handed on"
+        );
         assert_eq!(sent.lock().len(), 1);
         // No sink takes this type: resolved at once.
         let mut b = Bus::builder();
@@ -600,9 +604,33 @@ mod tests {
             )),
         );
         let bus = b.build();
-        tokio::time::timeout(Duration::from_secs(1), bus.publish_handed_on(ev(SERVER_UP)))
-            .await
-            .expect("nothing to wait for");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), bus.publish_handed_on(ev(SERVER_UP)))
+                .await
+                .expect("nothing to wait for")
+        );
+        // A sink whose queue is full did not take the event: `false`, at once.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut b = Bus::builder();
+        b.sink(
+            "one-place",
+            1,
+            TypeFilter::any(),
+            Box::new(Gated(gate.clone(), sent.clone())),
+        );
+        let bus = b.build();
+        let first = bus.publish_handed_on(ev(SERVER_UP));
+        // The sink task takes the first off its queue and waits at the gate; the second
+        // fills the queue; the third finds it full.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _second = bus.publish_handed_on(ev(SERVER_UP));
+        let third =
+            tokio::time::timeout(Duration::from_secs(1), bus.publish_handed_on(ev(SERVER_UP)))
+                .await
+                .expect("at once");
+        assert!(!third, "a full queue's event counted as handed on");
+        gate.add_permits(2);
+        assert!(first.await);
     }
 
     #[tokio::test]

@@ -33,12 +33,12 @@ pub fn chunked(data: &[u8]) {
     }
 }
 
-/// Header fields that are about one connection: never passed on from an origin.
-const HOP: [&str; 6] = [
+/// Header fields that are about one connection: never passed on from an origin. (`Trailer`
+/// is end to end, RFC 9110 §6.6.2: it names the trailers that follow, and is passed on.)
+const HOP: [&str; 5] = [
     "connection",
     "transfer-encoding",
     "te",
-    "trailer",
     "keep-alive",
     "proxy-connection",
 ];

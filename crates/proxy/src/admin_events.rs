@@ -106,14 +106,14 @@ async fn publish(
         .into_iter()
         .map(|e| rt.shared.events.emit_handed_on(e))
         .collect();
-    if tokio::time::timeout(HAND_ON_WAIT, futures_util::future::join_all(handed_on))
+    let stored = tokio::time::timeout(HAND_ON_WAIT, futures_util::future::join_all(handed_on))
         .await
-        .is_err()
-    {
-        tracing::warn!(actor = %by.who, count = ids.len(), "inbound events not yet stored by every sink; answered 503");
+        .is_ok_and(|all| all.into_iter().all(|ok| ok));
+    if !stored {
+        tracing::warn!(actor = %by.who, count = ids.len(), "inbound events not stored by every sink (a queue full, or slow); answered 503");
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the events were queued but not yet stored by every sink: send them again (same ids) later",
+            "not every event was stored by every sink (a sink's queue is full, or it is slow): send them again (same ids) later",
         );
     }
     (StatusCode::ACCEPTED, Json(json!({ "accepted": ids }))).into_response()

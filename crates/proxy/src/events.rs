@@ -128,9 +128,10 @@ impl Events {
         self.bus.publish(event);
     }
 
-    /// Emits `event`, resolving once every sink that took it has handed it on: a durable
-    /// webhook sink has written it to its outbox. See `Bus::publish_handed_on`.
-    pub fn emit_handed_on(&self, event: Event) -> impl std::future::Future<Output = ()> {
+    /// Emits `event`, resolving once every sink that takes it has handed it on (a durable
+    /// webhook sink has written it to its outbox): `true`, or `false` when a sink's queue was
+    /// full. See `Bus::publish_handed_on`.
+    pub fn emit_handed_on(&self, event: Event) -> impl std::future::Future<Output = bool> {
         self.bus.publish_handed_on(event)
     }
 
