@@ -462,9 +462,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
             // under it (`gzip, chunked`) would reach the client as bytes nothing says are
             // compressed. No origin framework sends one unasked (a request never has `TE`
             // with another coding from portcullis).
+            // (Empty list elements, as in `chunked,`, are no codings: RFC 9110 §5.6.1.)
             let only_chunked = !te
-                && std::str::from_utf8(h.value)
-                    .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+                && std::str::from_utf8(h.value).is_ok_and(|v| {
+                    let mut codings = v.split(',').map(str::trim).filter(|c| !c.is_empty());
+                    codings
+                        .next()
+                        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+                        && codings.next().is_none()
+                });
             if !only_chunked {
                 return Err(upstream(
                     "response has a transfer coding other than chunked",
@@ -814,6 +820,10 @@ mod tests {
         assert!(matches!(h.framing, Framing::Length(5)) && h.keep_alive);
         assert!(h.headers.get("connection").is_none() && h.headers.get("x-a").is_some());
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.framing, Framing::Chunked));
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked,\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(matches!(h.framing, Framing::Chunked));
