@@ -1867,6 +1867,16 @@ pub fn uncanonical_path(p: &str) -> Option<String> {
             "dot segments are refused before routing: write the path they stand for".into(),
         );
     }
+    let windows = |seg: &str| {
+        let mut n = seg;
+        while let Some(r) = n.strip_suffix('.').or_else(|| n.strip_suffix("%20")) {
+            n = r;
+        }
+        !n.is_empty() && n.len() < seg.len()
+    };
+    if p.split('/').any(windows) {
+        return Some("trailing dots and spaces of a segment are dropped before routing (as Windows reads names): write it without them".into());
+    }
     let mut i = 0;
     while let Some(k) = b[i..].iter().position(|&c| c == b'%') {
         let at = i + k;
@@ -2331,6 +2341,7 @@ routes:
             ("path_prefix: /internal;", "without `;` parameters"),
             ("path: /a/%2fb", "write `%2F`"),
             ("path_prefix: /a/../b/", "dot segments"),
+            ("path_prefix: /admin./", "trailing dots and spaces"),
         ];
         for (m, fix) in cases {
             let text = format!(

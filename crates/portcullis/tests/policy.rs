@@ -436,6 +436,9 @@ routes:
         "/app;x/admin/x",
         "/app/admin%3Bx/y",
         "/app/ADMIN%3bx=1/y",
+        "/app/admin./x",
+        "/app/admin%20/x",
+        "/app/admin.",
     ] {
         let (status, body) = call(&p, "GET", path, &eng).await;
         assert_eq!(status, 403, "{path} passed the deny rule: {body}");

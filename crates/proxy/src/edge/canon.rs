@@ -325,13 +325,14 @@ fn end_run(high: &mut smallvec::SmallVec<[u8; 8]>) -> Result<(), Refusal> {
 /// before they route; parameters after an encoded `;` (`/admin%3Bv=1/x`) too, since some
 /// decode it first.
 pub fn match_path(p: &str) -> Cow<'_, str> {
-    if !p.contains(';') && !p.contains("%3B") && !p.contains("%3b") {
+    let trailing = p.ends_with('.') || p.contains("./") || p.contains("%20");
+    if !trailing && !p.contains(';') && !p.contains("%3B") && !p.contains("%3b") {
         return Cow::Borrowed(p);
     }
     let mut out = String::with_capacity(p.len());
     let segs: Vec<&str> = p.split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
-        let name = &seg[..params_at(seg.as_bytes()).unwrap_or(seg.len())];
+        let name = windows_name(&seg[..params_at(seg.as_bytes()).unwrap_or(seg.len())]);
         // A segment of parameters only (`/;x/admin`) is no segment to such an origin: it
         // reads `/admin`. A last one still ends the path with `/`.
         if i > 0 && name.is_empty() && !seg.is_empty() && i + 1 < segs.len() {
@@ -343,6 +344,27 @@ pub fn match_path(p: &str) -> Cow<'_, str> {
         out.push_str(name);
     }
     Cow::Owned(out)
+}
+
+/// A segment's name as Windows (IIS) reads it: without trailing dots and spaces (`admin.`
+/// and `admin%20` are `admin`), so that a route or a `deny` on `/admin/` also takes them. A
+/// name of nothing but dots and spaces is left as it is.
+fn windows_name(name: &str) -> &str {
+    let mut n = name;
+    loop {
+        if let Some(r) = n.strip_suffix('.') {
+            n = r;
+        } else if let Some(r) = n.strip_suffix("%20") {
+            n = r;
+        } else {
+            break;
+        }
+    }
+    if n.is_empty() {
+        name
+    } else {
+        n
+    }
 }
 
 /// Checks the query's escapes; the query is otherwise forwarded as sent.
@@ -723,6 +745,13 @@ mod tests {
         assert_eq!(match_path("/plain"), "/plain");
         // An encoded `;` starts parameters too, for origins that decode it first.
         assert_eq!(match_path("/admin%3Bx=1/y"), "/admin/y");
+        // Trailing dots and spaces, which Windows (IIS) drops from a name.
+        assert_eq!(match_path("/admin./x"), "/admin/x");
+        assert_eq!(match_path("/admin%20/x"), "/admin/x");
+        assert_eq!(match_path("/admin.%20."), "/admin");
+        assert_eq!(match_path("/a/.../b"), "/a/.../b");
+        assert_eq!(match_path("/v1.2/x"), "/v1.2/x");
+        assert!(matches!(match_path("/plain/path"), Cow::Borrowed(_)));
         assert_eq!(match_path("/%3Bx/admin"), "/admin");
         assert_eq!(match_path("/a%3Bb;c/d"), "/a/d");
     }
