@@ -209,13 +209,33 @@ fn params_at(seg: &[u8]) -> Option<usize> {
     }
 }
 
-/// `.` or `..`, alone or before a `;` parameter (`;` or `%3B`).
+/// `.` or `..`, alone or before a `;` parameter (`;` or `%3B`); or any name of nothing but
+/// dots and encoded spaces with a dot in it (`...`, `..%20`), which Windows (IIS) reads as
+/// `.` or `..` once it drops a name's trailing dots and spaces.
 fn is_dot(seg: &[u8]) -> bool {
     let name = match params_at(seg) {
         Some(i) => &seg[..i],
         None => seg,
     };
-    name == b"." || name == b".."
+    match name {
+        b"." | b".." => true,
+        [b'.' | b'%', ..] => {
+            let mut n = name;
+            let mut dots = false;
+            loop {
+                if let Some(r) = n.strip_prefix(b".") {
+                    dots = true;
+                    n = r;
+                } else if let Some(r) = n.strip_prefix(b"%20") {
+                    n = r;
+                } else {
+                    break;
+                }
+            }
+            dots && n.is_empty()
+        }
+        _ => false,
+    }
 }
 
 fn slow_path(b: &[u8], merge: bool, slashes: EscapedSlashes) -> Result<(String, bool), Refusal> {
@@ -698,11 +718,18 @@ mod tests {
             "/x/%2e%2e%3b/admin",
             "/x/..%3B/admin",
             "/x/.%3Ba/admin",
+            // Names Windows (IIS) reads as `.` or `..` once it drops trailing dots and spaces.
+            "/a/...",
+            "/a/..%20/admin",
+            "/a/.%20/admin",
+            "/a/%20../admin",
+            "/a/.%2E%20",
         ] {
             assert_eq!(canon(p), Err(Refusal::DotSegment), "{p}");
         }
         assert_eq!(canon("/a/..b/c.d").unwrap(), "/a/..b/c.d");
-        assert_eq!(canon("/a/...").unwrap(), "/a/...");
+        assert_eq!(canon("/a/%20/b").unwrap(), "/a/%20/b");
+        assert_eq!(canon("/a/.hidden/b").unwrap(), "/a/.hidden/b");
     }
 
     #[test]
