@@ -102,13 +102,19 @@ async fn publish(
     tracing::info!(actor = %by.who, count = ids.len(), "inbound events published");
     // Answered once each sink has the events: a durable webhook sink has written them to
     // its outbox, so an acknowledged event survives a crash of the next moment.
-    let handed_on: Vec<_> = events
-        .into_iter()
-        .map(|e| rt.shared.events.emit_handed_on(e))
-        .collect();
-    let stored = tokio::time::timeout(HAND_ON_WAIT, futures_util::future::join_all(handed_on))
-        .await
-        .is_ok_and(|all| all.into_iter().all(|ok| ok));
+    // One at a time, in order: a batch larger than a sink's queue then goes through it as
+    // the sink drains, instead of overflowing it.
+    let events_rt = &rt.shared.events;
+    let stored = tokio::time::timeout(HAND_ON_WAIT, async {
+        for e in events {
+            if !events_rt.emit_handed_on(e).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
     if !stored {
         tracing::warn!(actor = %by.who, count = ids.len(), "inbound events not stored by every sink (a queue full, or slow); answered 503");
         return refuse(

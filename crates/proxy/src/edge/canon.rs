@@ -32,6 +32,9 @@ pub enum Refusal {
     InvalidMethodOverride,
     UnderscoreHeader,
     MethodCase,
+    /// An NTFS stream name in a segment (`admin::$INDEX_ALLOCATION`), which IIS serves as
+    /// the name before it.
+    StreamName,
 }
 
 impl Refusal {
@@ -50,6 +53,7 @@ impl Refusal {
             Refusal::InvalidMethodOverride => "invalid_method_override",
             Refusal::UnderscoreHeader => "underscore_header",
             Refusal::MethodCase => "method_case",
+            Refusal::StreamName => "stream_name",
         }
     }
 
@@ -69,6 +73,7 @@ impl Refusal {
             Refusal::InvalidMethodOverride => "invalid or conflicting method override headers\n",
             Refusal::UnderscoreHeader => "header names with an underscore are not accepted\n",
             Refusal::MethodCase => "method names are case-sensitive: send them in upper case\n",
+            Refusal::StreamName => "NTFS stream name in the request path\n",
         }
     }
 }
@@ -164,6 +169,27 @@ fn plain(b: u8) -> bool {
 /// - a dot segment (`.` or `..`, also encoded, also before a `;` parameter, also between
 ///   kept encoded slashes) is refused.
 pub fn path(raw: &str, merge: bool, slashes: EscapedSlashes) -> Result<Path<'_>, Refusal> {
+    let p = path_forms(raw, merge, slashes)?;
+    if stream_name(p.path.as_bytes()) {
+        return Err(Refusal::StreamName);
+    }
+    Ok(p)
+}
+
+/// Whether a canonical path holds an NTFS stream name: `:$` with the `:` or `$` literal or
+/// encoded (`admin::$INDEX_ALLOCATION`, `file.asp::$DATA`, `%3A%3A%24…`). IIS serves
+/// `/admin::$INDEX_ALLOCATION/x` as `/admin/x`, past a route or rule for `/admin/`.
+fn stream_name(p: &[u8]) -> bool {
+    if memchr::memchr2(b':', b'%', p).is_none() {
+        return false;
+    }
+    let s = p.to_ascii_uppercase();
+    [&b":$"[..], b":%24", b"%3A$", b"%3A%24"]
+        .iter()
+        .any(|n| memchr::memmem::find(&s, n).is_some())
+}
+
+fn path_forms(raw: &str, merge: bool, slashes: EscapedSlashes) -> Result<Path<'_>, Refusal> {
     let b = raw.as_bytes();
     if b.first() != Some(&b'/') {
         return Err(Refusal::NotAbsolute);
@@ -727,6 +753,17 @@ mod tests {
         ] {
             assert_eq!(canon(p), Err(Refusal::DotSegment), "{p}");
         }
+        for p in [
+            "/admin::$INDEX_ALLOCATION/x",
+            "/admin:$i30:$INDEX_ALLOCATION/x",
+            "/default.asp::$DATA",
+            "/admin%3A%3A%24INDEX_ALLOCATION/x",
+            "/admin%3a%3a%24index_allocation/x",
+            "/admin:%24x",
+        ] {
+            assert_eq!(canon(p), Err(Refusal::StreamName), "{p}");
+        }
+        assert_eq!(canon("/a:b/c$d").unwrap(), "/a:b/c$d");
         assert_eq!(canon("/a/..b/c.d").unwrap(), "/a/..b/c.d");
         assert_eq!(canon("/a/%20/b").unwrap(), "/a/%20/b");
         assert_eq!(canon("/a/.hidden/b").unwrap(), "/a/.hidden/b");
