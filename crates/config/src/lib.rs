@@ -13,6 +13,21 @@ mod validate;
 pub use model::*;
 pub use units::{Dur, Rate, Size};
 
+/// Request fields that say where a request came from (besides any `x-forwarded-*`), lower
+/// case: portcullis believes them only from trusted proxies and sets or removes them for the
+/// origin, and no authorizer is sent the client's (`send`). The proxy's list of the fields
+/// it owns includes them.
+pub const FORWARDED_FIELDS: [&str; 8] = [
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
+
 use spans::SpanIndex;
 use std::collections::HashMap;
 use std::fmt;

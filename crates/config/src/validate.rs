@@ -1825,17 +1825,7 @@ fn unsendable(name: &str) -> Option<&'static str> {
     ) {
         return Some("credentials are never sent; the authorizer is sent the verified identity");
     }
-    let forwarded = [
-        "forwarded",
-        "via",
-        "x-real-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "x-cluster-client-ip",
-        "cf-connecting-ip",
-        "fastly-client-ip",
-    ];
-    if n.starts_with("x-forwarded-") || forwarded.contains(&n.as_str()) {
+    if n.starts_with("x-forwarded-") || crate::FORWARDED_FIELDS.contains(&n.as_str()) {
         return Some(
             "a client may forge it; decide on the client address with a policy on `context.ip`",
         );

@@ -14,8 +14,8 @@
 //! the snapshot's list, as they depend on the config.
 
 /// Names (lower case, with `-`) of the fields portcullis owns, besides any `x-forwarded-*` and
-/// `x-portcullis-*` name.
-const OWNED: [&str; 32] = [
+/// `x-portcullis-*` name and the [`portcullis_config::FORWARDED_FIELDS`].
+const OWNED: [&str; 24] = [
     // Framing and the connection (RFC 9110 §7.6.1, §6.5.1).
     "connection",
     "content-encoding",
@@ -42,21 +42,17 @@ const OWNED: [&str; 32] = [
     "x-http-method",
     "x-http-method-override",
     "x-method-override",
-    // Where the request came from, which portcullis sets or believes only from trusted proxies.
-    "forwarded",
-    "via",
-    "x-real-ip",
-    "true-client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
     "x-request-id",
 ];
 
 /// Whether `name` (lower case, with `-`) is a field portcullis owns.
 pub fn is_owned(name: &str) -> bool {
-    name.starts_with("x-forwarded-") || name.starts_with("x-portcullis-") || OWNED.contains(&name)
+    name.starts_with("x-forwarded-")
+        || name.starts_with("x-portcullis-")
+        || OWNED.contains(&name)
+        // Where the request came from, which portcullis sets or believes only from trusted
+        // proxies.
+        || portcullis_config::FORWARDED_FIELDS.contains(&name)
 }
 
 /// `name` as a CGI-style framework reads it (`_` as `-`), when it holds a `_`.
@@ -70,12 +66,23 @@ mod tests {
 
     #[test]
     fn owned_names_are_lower_case_with_dashes_and_listed_once() {
-        for n in OWNED {
-            assert_eq!(n, n.to_ascii_lowercase());
+        let all: Vec<&str> = OWNED
+            .iter()
+            .chain(&portcullis_config::FORWARDED_FIELDS)
+            .copied()
+            .collect();
+        for n in &all {
+            assert_eq!(*n, n.to_ascii_lowercase());
             assert!(!n.contains('_'), "{n}");
-            assert_eq!(OWNED.iter().filter(|m| **m == n).count(), 1, "{n}");
+            assert_eq!(all.iter().filter(|m| *m == n).count(), 1, "{n}");
         }
-        for n in ["x-forwarded-for", "x-forwarded-prefix", "x-portcullis-user"] {
+        for n in [
+            "x-forwarded-for",
+            "x-forwarded-prefix",
+            "x-portcullis-user",
+            "x-real-ip",
+            "via",
+        ] {
             assert!(is_owned(n), "{n}");
         }
         for n in ["x-user", "accept", "x-forwarded", "x-tenant"] {
