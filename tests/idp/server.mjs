@@ -23,10 +23,12 @@
 //   ready issuer=http://127.0.0.1:PORT control=http://127.0.0.1:CPORT kid=KID
 //
 // Control API (plain HTTP on the control port, JSON answers):
-//   GET  /state                 { issuer, running, kids }        kids[0] signs
+//   GET  /state                 { issuer, running, kids, token_requests }   kids[0] signs;
+//                               token_requests counts POSTs to the token endpoint
 //   POST /rotate[?drop_old=1]   new signing key (new kid) first; old keys stay published
 //                               unless drop_old=1
 //   POST /client                body { redirect_uris?, post_logout_redirect_uris? }
+//   POST /refuse_tokens[?on=0]  answer every token request 400 invalid_grant (on=0: stop)
 //   POST /stop                  close the OP's port (connections dropped); state is kept
 //   POST /start                 listen again on the same port
 //   POST /shutdown              exit the process
@@ -150,10 +152,22 @@ function build() {
   handler = provider.callback();
 }
 
+let tokenRequests = 0;
+let refuseTokens = false;
+
 const server = http.createServer((req, res) => {
   if (!handler) {
     res.writeHead(503).end();
     return;
+  }
+  if (req.method === 'POST' && new URL(req.url, issuer).pathname === '/token') {
+    tokenRequests += 1;
+    if (refuseTokens) {
+      req.resume();
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: 'invalid_grant', error_description: 'grant refused' }));
+      return;
+    }
   }
   handler(req, res);
 });
@@ -192,7 +206,7 @@ function readBody(req) {
 }
 
 function state() {
-  return { issuer, running, kids: keys.map((k) => k.kid) };
+  return { issuer, running, kids: keys.map((k) => k.kid), token_requests: tokenRequests };
 }
 
 const control = http.createServer(async (req, res) => {
@@ -221,6 +235,9 @@ const control = http.createServer(async (req, res) => {
         build();
         return reply(200, { client_id: client.client_id, redirect_uris: client.redirect_uris });
       }
+      case 'POST /refuse_tokens':
+        refuseTokens = url.searchParams.get('on') !== '0';
+        return reply(200, state());
       case 'POST /stop':
         await stop();
         return reply(200, state());

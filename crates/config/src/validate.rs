@@ -1079,6 +1079,18 @@ fn check_route_identity(
                 &format!("{at}.headers.upstream.{name}"),
                 format!("`{name}` is not a valid header name"),
             ));
+        } else if name.contains('_') {
+            // Origins that read headers the CGI way (WSGI, Rack, PHP) take `X-User` and
+            // `X_User` for one name: a client's `-` spelling would stand beside, or for,
+            // the identity portcullis sets.
+            diags.push(src.diag(
+                &format!("{at}.headers.upstream.{name}"),
+                format!(
+                    "identity header `{name}` has an underscore, which origins may read as a client's `{}`: spell it `{}`",
+                    name.replace('_', "-"),
+                    name.replace('_', "-")
+                ),
+            ));
         }
     }
     if r.auth.is_empty()
@@ -2371,6 +2383,18 @@ routes:
         let root = write(d.path(), "p.yaml", &text);
         let e = crate::load(&root).unwrap_err().to_string();
         assert!(e.contains("matches on `x_user`, an identity header"), "{e}");
+
+        let text = format!(
+            "{GOOD_HEAD}  - {{ name: a, match: {{ path_prefix: /a/ }}, backend: echo, auth: [dev], headers: {{ upstream: {{ X_Remote_User: \"{{identity.user}}\" }} }} }}\n"
+        );
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err().to_string();
+        assert!(
+            e.contains("p.yaml:")
+                && e.contains("identity header `X_Remote_User` has an underscore")
+                && e.contains("spell it `X-Remote-User`"),
+            "{e}"
+        );
     }
 
     /// An authorizer is sent neither credentials nor where the request came from as the

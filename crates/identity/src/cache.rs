@@ -32,10 +32,26 @@ pub struct TokenCache {
     map: RwLock<Map>,
     capacity: usize,
     /// Tokens ended before their expiry (an OIDC logout's ID token, which the logout
-    /// redirect shows the browser), by SHA-256, with until when; `any` spares the lock
-    /// while there are none.
+    /// redirect shows the browser), by [`revocation_digest`], with until when; `any` spares
+    /// the lock while there are none.
     revoked: parking_lot::Mutex<HashMap<[u8; 32], u64>>,
     any: std::sync::atomic::AtomicBool,
+    /// Bumped by every revocation: whoever trusts a token without asking the cache again
+    /// (a connection's memo, through a `Proof`) stops at the next one.
+    revocations: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a revocation is keyed by: the SHA-256 of the token's signing input (its header and
+/// payload, the bytes before the last `.`), not of the whole token. The signature is not
+/// unique: an ECDSA signature `(r, s)` has a twin `(r, n - s)` that anyone can compute
+/// without the key, and would otherwise be a new token that no revocation names.
+pub fn revocation_digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let signed = match token.iter().rposition(|b| *b == b'.') {
+        Some(i) => &token[..i],
+        None => token,
+    };
+    sha2::Sha256::digest(signed).into()
 }
 
 impl TokenCache {
@@ -45,34 +61,48 @@ impl TokenCache {
             capacity,
             revoked: parking_lot::Mutex::default(),
             any: std::sync::atomic::AtomicBool::new(false),
+            revocations: Arc::default(),
         }
     }
 
-    /// Refuses `token` from now until `until` (seconds since the epoch), cached or not.
+    /// Refuses `token` from now until `until` (seconds since the epoch), cached or not, and
+    /// every other token of the same header and payload (see [`revocation_digest`]).
     pub fn revoke(&self, token: &[u8], until: u64, now: u64) {
-        use sha2::Digest;
-        self.revoke_digest(sha2::Sha256::digest(token).into(), until, now);
-        self.remove(token);
+        self.revoke_digest(revocation_digest(token), until, now);
+        // Any cached spelling of it: the same signing input under another signature.
+        let signed = &token[..token
+            .iter()
+            .rposition(|b| *b == b'.')
+            .unwrap_or(token.len())];
+        self.map.write().retain(|t, _| {
+            !(t.len() > signed.len() && t.starts_with(signed) && t[signed.len()] == b'.')
+        });
     }
 
-    /// Refuses the token whose SHA-256 is `digest` until `until` (a revocation read back
-    /// from the embedded store; nothing of it can be cached yet).
+    /// Refuses the tokens whose [`revocation_digest`] is `digest` until `until` (a
+    /// revocation read back from the embedded store; nothing of it can be cached yet).
     pub fn revoke_digest(&self, digest: [u8; 32], until: u64, now: u64) {
         let mut r = self.revoked.lock();
         r.retain(|_, u| *u > now);
         let u = r.entry(digest).or_insert(until);
         *u = (*u).max(until);
         self.any.store(true, std::sync::atomic::Ordering::Release);
+        self.revocations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether `token` was revoked and is still refused at `now`.
     pub fn is_revoked(&self, token: &[u8], now: u64) -> bool {
-        use sha2::Digest;
         if !self.any.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
-        let d: [u8; 32] = sha2::Sha256::digest(token).into();
+        let d = revocation_digest(token);
         self.revoked.lock().get(&d).is_some_and(|u| *u > now)
+    }
+
+    /// The revocations counter, bumped by each revocation (see `jwt::Proof`).
+    pub fn revocations(&self) -> &Arc<std::sync::atomic::AtomicU64> {
+        &self.revocations
     }
 
     /// Returns the cached identity if the token is known, unexpired, and its key (checked

@@ -331,7 +331,6 @@ impl Engine {
     /// Returns what was ended, for the embedded store.
     pub fn end_id_token(&self, provider: &str, token: &str) -> Option<crate::session::Ended> {
         use base64::Engine as _;
-        use sha2::Digest;
         let Some(Verifier::Token { validator, .. }) = self.provider(provider).map(|p| &p.verifier)
         else {
             return None;
@@ -341,7 +340,7 @@ impl Engine {
         Some(crate::session::Ended {
             kind: format!("{}{provider}", crate::session::Ended::ID_TOKEN),
             key: base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(sha2::Sha256::digest(token.as_bytes())),
+                .encode(crate::cache::revocation_digest(token.as_bytes())),
             until: now + 86_400,
         })
     }

@@ -60,6 +60,10 @@ fn reject(r: impl Into<String>) -> AuthError {
 pub struct Proof {
     keys: Arc<KeySource>,
     generation: u64,
+    /// The cache's revocations counter, and its value when the proof was made: a logout
+    /// ends every proof (its token may be the one ended).
+    revocations: Arc<std::sync::atomic::AtomicU64>,
+    revoked: u64,
     /// When the cache entry expires, on the monotonic clock: a caller can then test it
     /// against a time it has already read for the request.
     until: Instant,
@@ -69,7 +73,9 @@ impl Proof {
     /// Whether the cache would still return the same identity at `at`, for as long as
     /// nothing evicted the entry to make room.
     pub fn holds(&self, at: Instant) -> bool {
-        at < self.until && self.keys.generation() == self.generation
+        at < self.until
+            && self.keys.generation() == self.generation
+            && self.revocations.load(std::sync::atomic::Ordering::Acquire) == self.revoked
     }
 }
 
@@ -138,6 +144,11 @@ impl Validator {
         // The generation is read before the keys: if the keys change after this, the
         // generation does too, and the proof stops holding.
         let generation = self.keys.generation();
+        // Read before the revocations themselves, for the same reason.
+        let revoked = self
+            .cache
+            .revocations()
+            .load(std::sync::atomic::Ordering::Acquire);
         let keys = self.keys.keys();
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -160,6 +171,8 @@ impl Validator {
             Proof {
                 keys: self.keys.clone(),
                 generation,
+                revocations: self.cache.revocations().clone(),
+                revoked,
                 until: Instant::now() + left,
             },
         ))
@@ -445,6 +458,72 @@ mod tests {
         keys.refresh().await.unwrap();
         assert!(!again.holds(now));
         assert!(v.cached_with_proof(&token).is_none());
+    }
+
+    /// The twin of an ES256 token: the same header and payload, signed `(r, n - s)`, which
+    /// verifies as well and which anyone can compute without the key.
+    fn ecdsa_twin(token: &str) -> String {
+        const N: [u8; 32] = [
+            0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2,
+            0xfc, 0x63, 0x25, 0x51,
+        ];
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        let s = &mut sig[32..];
+        let mut borrow = 0i16;
+        for i in (0..32).rev() {
+            let d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+            borrow = i16::from(d < 0);
+            s[i] = (d + 256 * borrow) as u8;
+        }
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    /// A logout's revocation refuses the token in either of its ECDSA signatures (a cached
+    /// twin too), and ends the proofs connections hold, whichever token they were for.
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_under_either_signature_and_ends_every_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        let dev = crate::dev::generate().unwrap().1;
+        write_keys(&file, &dev.jwk);
+        let v = validator(file_keys(&file).await);
+        let token = dev
+            .mint("https://p.test", "api", "alice", &[], None, 120)
+            .unwrap();
+        let twin = ecdsa_twin(&token);
+        assert_ne!(twin, token);
+        let other = dev
+            .mint("https://p.test", "api", "bob", &[], None, 120)
+            .unwrap();
+        // Both spellings verify, and are cached.
+        v.validate(&token).await.unwrap();
+        v.validate(&twin).await.unwrap();
+        v.validate(&other).await.unwrap();
+        let (_, proof) = v.cached_with_proof(&twin).unwrap();
+        let (_, bobs) = v.cached_with_proof(&other).unwrap();
+        let now_i = Instant::now();
+        assert!(proof.holds(now_i) && bobs.holds(now_i));
+
+        let now = now_secs();
+        v.cache.revoke(token.as_bytes(), now + 60, now);
+        for t in [&token, &twin] {
+            let e = v.validate(t).await.unwrap_err();
+            assert!(e.to_string().contains("ended by a logout"), "{e}");
+            assert!(v.cached_with_proof(t).is_none());
+        }
+        assert!(!proof.holds(now_i), "a connection's memo of the twin ends");
+        assert!(!bobs.holds(now_i), "every proof ends; bob's is made again");
+        assert!(v.cached_with_proof(&other).unwrap().1.holds(now_i));
+        v.validate(&other).await.unwrap();
+
+        // As read back from the embedded store: by the digest of the signing input.
+        let w = validator(file_keys(&file).await);
+        let d = crate::cache::revocation_digest(twin.as_bytes());
+        w.cache.revoke_digest(d, now + 60, now);
+        assert!(w.validate(&token).await.is_err());
+        assert!(w.validate(&other).await.is_ok());
     }
 
     /// A cached token is served only while the key set would verify it with the key that

@@ -286,8 +286,11 @@ impl OidcClient {
     }
 
     /// Refreshes the session's tokens. Without a refresh token an expired session ends.
-    /// Concurrent refreshes of one session state share one token request, and a success is
-    /// reused for REFRESH_GRACE; a failure is not kept.
+    /// Concurrent refreshes of one session state share one token request, and its result
+    /// is reused for REFRESH_GRACE: a success (requests in flight with the old cookie), and
+    /// a failure too, so that a client replaying a cookie whose refresh the provider refused
+    /// (a spent refresh token, a revoked grant, the provider down) makes the token endpoint
+    /// be asked once per REFRESH_GRACE, not once per request.
     pub async fn refresh(&self, s: &Session) -> Result<Session, AuthError> {
         let rt = s
             .refresh_token
@@ -308,14 +311,7 @@ impl OidcClient {
                 .1
                 .clone()
         };
-        let result = cell.get_or_init(|| self.refresh_now(s, &rt)).await.clone();
-        if result.is_err() {
-            let mut m = self.refreshes.lock();
-            if m.get(&key).is_some_and(|(_, c)| Arc::ptr_eq(c, &cell)) {
-                m.remove(&key);
-            }
-        }
-        result
+        cell.get_or_init(|| self.refresh_now(s, &rt)).await.clone()
     }
 
     async fn refresh_now(&self, s: &Session, rt: &str) -> Result<Session, AuthError> {

@@ -134,8 +134,9 @@ pub(crate) fn decode_digest(key: &str) -> Option<[u8; 32]> {
 
 /// A credential a logout ended before its expiry, as the embedded store keeps it so that
 /// the end survives restarts and reloads: a session by its id ([`Ended::SID`]), a sealed
-/// cookie ([`Ended::COOKIE`]) or an ID token (`id_token/<provider>`) by the base64url
-/// SHA-256 of its value, never the value itself.
+/// cookie ([`Ended::COOKIE`]) by the base64url SHA-256 of its value, or an ID token
+/// (`id_token/<provider>`) by that of its signing input
+/// ([`revocation_digest`](crate::cache::revocation_digest)); never the value itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
     pub kind: String,

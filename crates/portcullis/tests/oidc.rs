@@ -1186,6 +1186,36 @@ async fn concurrent_requests_while_a_refresh_is_due() {
     assert_eq!(replay(p, &newest).await.0, 200, "{}", p.log_text());
 }
 
+/// A cookie whose refresh the provider refuses (a spent refresh token, a revoked grant) and
+/// that a client keeps replaying asks the token endpoint once, not once per request.
+#[tokio::test]
+async fn a_refused_refresh_is_not_asked_again_for_each_replay() {
+    let ttl = Ttls {
+        access: 64,
+        id: 64,
+        rotate_refresh: false,
+    };
+    let (idp, p) = setup(ttl).await;
+    let mut b = Browser::new();
+    assert_eq!(b.login(&p, &idp, "/app", "alice").await.status, 200);
+    let cookie = b.cookie("portcullis_session").unwrap();
+    let before = idp.control("/refuse_tokens", None).await["token_requests"]
+        .as_u64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for _ in 0..6 {
+        let (status, _) = replay(&p, &cookie).await;
+        assert_ne!(status, 200, "{}", p.log_text());
+    }
+    let state = idp.control("/refuse_tokens?on=0", None).await;
+    assert_eq!(
+        state["token_requests"].as_u64().unwrap(),
+        before + 1,
+        "{state}\n{}",
+        p.log_text()
+    );
+}
+
 #[tokio::test]
 async fn portcullis_starts_before_the_provider_is_up() {
     let idp = Idp::start(Ttls::default()).await;

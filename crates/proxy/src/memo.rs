@@ -11,7 +11,8 @@
 //!
 //! It only ever repeats what the shared caches would answer:
 //! - the identity while the provider's [`Proof`] holds (the token cache entry would still be
-//!   unexpired and the key set unchanged), for the same configuration snapshot and route;
+//!   unexpired, the key set unchanged and no token revoked since), for the same
+//!   configuration snapshot and route;
 //! - the decision only on routes whose policies read nothing of the request but the method
 //!   ([`decided_by_identity_and_method`](portcullis_policy::Engine::decided_by_identity_and_method)),
 //!   for the same identity, method, route and snapshot, and only a decision without errors;
