@@ -86,11 +86,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// The largest count a rate, burst or quota may have: a Structured Field integer, which the
+/// `RateLimit` and `RateLimit-Policy` headers carry them as, has at most 15 digits (RFC 9651
+/// §3.3.1), and a client must refuse the whole field for a longer one.
+pub const MAX_COUNT: u64 = 999_999_999_999_999;
+/// [`MAX_COUNT`] as written in errors.
+pub const MAX_COUNT_TEXT: &str = "999,999,999,999,999";
+
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let err =
         || format!("invalid rate `{s}`: write a count per unit, like `100/s`, `600/m` or `5000/h`");
     let (count, unit) = s.trim().split_once('/').ok_or_else(err)?;
     let count: u64 = count.trim().parse().map_err(|_| err())?;
+    if count > MAX_COUNT {
+        return Err(format!(
+            "rate `{s}` counts more than {MAX_COUNT_TEXT}, the largest integer a `RateLimit` header can carry"
+        ));
+    }
     let per = match unit.trim() {
         "s" => Duration::from_secs(1),
         "m" => Duration::from_secs(60),

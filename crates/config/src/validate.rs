@@ -1532,6 +1532,7 @@ fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
                     "a quota of 0 lets nothing through: write at least 1, like `limit: 10000`",
                 ));
             }
+            too_large(src, &format!("{at}.quota.limit"), Some(q.limit), diags);
             if let Err(e) = reset_time(&q.reset, q.per == QuotaPer::Week) {
                 diags.push(src.diag(&format!("{at}.quota.reset"), e));
             }
@@ -1549,6 +1550,19 @@ fn check_limits(src: &Source, root: &RootFile, diags: &mut Vec<Diagnostic>) {
 }
 
 /// A plan's overrides: each narrows by route or method, to routes that exist, with a rate.
+/// A quota above [`crate::units::MAX_COUNT`], which no `RateLimit` header can carry.
+fn too_large(src: &Source, at: &str, n: Option<u64>, diags: &mut Vec<Diagnostic>) {
+    if n.is_some_and(|n| n > crate::units::MAX_COUNT) {
+        diags.push(src.diag(
+            at,
+            format!(
+                "at most {}, the largest integer a `RateLimit` header can carry",
+                crate::units::MAX_COUNT_TEXT
+            ),
+        ));
+    }
+}
+
 fn check_plan_overrides(src: &Source, at: &str, p: &UsagePlan, diags: &mut Vec<Diagnostic>) {
     for (j, o) in p.overrides.iter().enumerate() {
         let oat = format!("{at}.overrides[{j}]");
@@ -2800,6 +2814,20 @@ routes:
                 "limit: 0",
                 "0",
                 "a quota of 0 lets nothing through",
+            ),
+            (
+                "{ name: trickle, rate: 600/m }",
+                "{ name: trickle, rate: 600/m, quota: { limit: 1000000000000000, per: month } }",
+                "limit: 1000000000000000",
+                "1000000000000000",
+                "at most 999,999,999,999,999, the largest integer a `RateLimit` header can carry",
+            ),
+            (
+                "{ name: trickle, rate: 600/m }",
+                "{ name: trickle, rate: 18446744073709551615/s }",
+                "rate: 18446744073709551615",
+                "18446744073709551615",
+                "counts more than 999,999,999,999,999",
             ),
             (
                 "{ name: trickle, rate: 600/m }",

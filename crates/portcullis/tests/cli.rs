@@ -426,3 +426,26 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     );
     assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
 }
+
+/// A command whose reader has gone (output piped into `head` or `true`) stops quietly, by
+/// SIGPIPE as other tools do, instead of panicking with a backtrace.
+#[test]
+fn a_command_whose_reader_went_away_stops_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("version")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}

@@ -530,6 +530,7 @@ mod tests {
             identity: Some(&id),
             route: "default/app",
             headers: &headers,
+            trusted: true,
         };
         build_key(ps, &f).unwrap()
     }
@@ -539,7 +540,6 @@ mod tests {
         let cases: &[(&[&str], &str, &[u8], &str)] = &[
             (&["src"], "192.0.2.7", b"t", "192.0.2.7"),
             (&["src"], "2001:db8::1", b"t", "2001:db8::1"),
-            (&["src"], "::ffff:192.0.2.7", b"t", "::ffff:192.0.2.7"),
             (&["src/24"], "192.0.2.77", b"t", "192.0.2.0/24"),
             (
                 &["src/64"],
@@ -632,6 +632,15 @@ mod tests {
             key_from_text(&src, "192.0.2.7/32").unwrap(),
             key_from_text(&src, "192.0.2.7").unwrap()
         );
+        // The IPv4-mapped spelling (from dual-stack tools) is the IPv4 client's key.
+        for t in ["::ffff:192.0.2.7", "::FFFF:c000:207"] {
+            assert_eq!(
+                key_from_text(&src, t).unwrap(),
+                key_from_text(&src, "192.0.2.7").unwrap(),
+                "{t}"
+            );
+        }
+        assert_eq!(key_from_text(&src24, "::ffff:192.0.2.99").unwrap(), want);
         let tenant = parts(&["header:x-tenant"]);
         assert_eq!(
             key_from_text(&tenant, "\"acme\"").unwrap(),

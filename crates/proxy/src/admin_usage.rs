@@ -156,6 +156,9 @@ pub fn key_from_text(text: &str) -> Result<Vec<u8>, String> {
         return Ok(StoredKey::of(&Key::new(&b)).to_bytes());
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
+        // `::ffff:a.b.c.d` is the IPv4 client, as requests are keyed (`ConnInfo::new`). (An
+        // IPv6 caller of a public route's plan is its /64, stored and shown as `2001:db8::`.)
+        let ip = ip.to_canonical();
         return Ok(StoredKey::of(&Key::from(ip)).to_bytes());
     }
     if text.contains('/') {
@@ -711,6 +714,11 @@ mod tests {
         assert_eq!(key_from_text("192.0.2.7").unwrap(), vec![0, 192, 0, 2, 7]);
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(key_from_text("2001:db8::1").unwrap(), stored(Key::from(v6)));
+        // The mapped form is the IPv4 caller.
+        assert_eq!(
+            key_from_text("::ffff:192.0.2.7").unwrap(),
+            stored(Key::from(v4))
+        );
         // A principal too long to keep is kept hashed: its full text and its digest match.
         let long = format!("agents/{}", "x".repeat(300));
         let hashed = stored(Key::from(long.as_str()));

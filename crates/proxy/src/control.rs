@@ -185,8 +185,10 @@ pub enum ControlError {
     /// The audit record could not be written, so the command was not applied.
     #[error("audit trail unavailable; nothing changed")]
     AuditUnavailable,
-    /// The shared limit store (Redis) did not take the change; this process's table did.
-    #[error("the shared limit store did not take the change: {0}")]
+    /// The shared limit store (Redis) did not confirm the change in time (this process's
+    /// table took it). A command already sent may still be applied when the store
+    /// answers: the error says so, and to read the entry.
+    #[error("the shared limit store did not confirm the change, which may still take effect when it answers (read the entry to know): {0}")]
     StoreUnavailable(String),
     /// `admin.policies` do not permit this automation principal the command; the refusal
     /// is recorded.

@@ -80,6 +80,29 @@ pub struct KeyFacts<'a> {
     pub identity: Option<&'a Identity>,
     pub route: &'a str,
     pub headers: &'a HeaderMap,
+    /// The peer is a trusted proxy: a header part that says where the request came from
+    /// (see [`forwarded_field`]) is believed only then.
+    pub trusted: bool,
+}
+
+/// Whether `h` says where a request came from (`x-forwarded-*`, `forwarded`, `x-real-ip`,
+/// `cf-connecting-ip`...): believed only from a trusted proxy, and removed or rewritten for
+/// the origin otherwise (see `upstream::head`).
+fn forwarded_field(h: &HeaderName) -> bool {
+    let n = h.as_str();
+    n.starts_with("x-forwarded-") || portcullis_config::FORWARDED_FIELDS.contains(&n)
+}
+
+/// The address a plan counts a caller without identity under (a public route): an IPv4
+/// client's address, an IPv6 client's /64, the usual allocation of one host or home, any
+/// address of which the client may pick for each request.
+pub fn anonymous_caller(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
+    }
 }
 
 /// The key of `parts` for this request, or None when a part is missing.
@@ -105,6 +128,9 @@ pub fn build_key(parts: &[Part], f: &KeyFacts<'_>) -> Option<Key> {
                 _ => return None,
             },
             Part::Route => buf.extend_from_slice(f.route.as_bytes()),
+            // From an untrusted peer, such a header is the client's claim, which the origin
+            // never sees: the part is the peer's address, where the request came from.
+            Part::Header(h) if !f.trusted && forwarded_field(h) => push_ip(&mut buf, f.ip, 128),
             Part::Header(h) => buf.extend_from_slice(f.headers.get(h)?.as_bytes()),
             Part::Claim(path) => {
                 match portcullis_identity::claims::lookup(&f.identity?.claims, path)? {

@@ -246,6 +246,8 @@ fn encode(part: &Part, text: &str, tuple: bool, buf: &mut Vec<u8>) -> Result<(),
                     shorten(text)
                 )
             })?;
+            // `::ffff:a.b.c.d` is the IPv4 client, as requests are keyed (`ConnInfo::new`).
+            let ip = ip.to_canonical();
             let full = full_bits(ip);
             let bits = match part {
                 Part::SrcMask(n) => (*n).min(full),

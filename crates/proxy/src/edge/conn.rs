@@ -24,6 +24,9 @@ pub struct ConnInfo {
     pub memo: crate::memo::Memo,
     /// The peer's address as a limits key (`src`), made at the first request that needs it.
     ip_key: std::sync::OnceLock<portcullis_limits::Key>,
+    /// The key a public route's plan counts the peer under, made at the first request that
+    /// needs it (see [`crate::limits::anonymous_caller`]).
+    caller_key: std::sync::OnceLock<portcullis_limits::Key>,
     /// How long the client may leave its request body waiting (`timeouts.client_body`).
     pub body_timeout: std::time::Duration,
     /// The responses in flight, which the idle timer watches (see `edge::sending`).
@@ -31,11 +34,19 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The peer's address as a limits key: what a `src` table and a public route's plan
-    /// count the client under, hashed once per connection instead of once per request.
+    /// The peer's address as a limits key: what a `src` table counts the client under,
+    /// hashed once per connection instead of once per request.
     pub fn ip_key(&self) -> &portcullis_limits::Key {
         self.ip_key
             .get_or_init(|| portcullis_limits::Key::from(self.peer.ip()))
+    }
+
+    /// The peer as a plan's caller on a public route: its address, or its /64 for IPv6
+    /// ([`crate::limits::anonymous_caller`]).
+    pub fn caller_key(&self) -> &portcullis_limits::Key {
+        self.caller_key.get_or_init(|| {
+            portcullis_limits::Key::from(crate::limits::anonymous_caller(self.peer.ip()))
+        })
     }
 
     pub fn new(
@@ -62,6 +73,7 @@ impl ConnInfo {
             peer_ip,
             memo: Default::default(),
             ip_key: std::sync::OnceLock::new(),
+            caller_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
             sending: Arc::default(),
         }
@@ -95,5 +107,24 @@ mod tests {
         assert_eq!(a.ip_key(), conn("192.0.2.7:5000").ip_key());
         // Real IPv6 stays as it is.
         assert_eq!(conn("[2001:db8::1]:1").peer.ip().to_string(), "2001:db8::1");
+    }
+
+    /// A public route's plan counts an IPv6 client by its /64 (one host picks any address
+    /// of it for each request), an IPv4 client by its address; `src` tables by the address.
+    #[test]
+    fn a_plan_counts_an_ipv6_caller_by_its_64() {
+        let a = conn("[2001:db8:1:2::1]:1");
+        let b = conn("[2001:db8:1:2:ffff:ffff:ffff:ffff]:1");
+        let other = conn("[2001:db8:1:3::1]:1");
+        assert_eq!(a.caller_key(), b.caller_key());
+        assert_ne!(a.caller_key(), other.caller_key());
+        assert_ne!(a.ip_key(), b.ip_key());
+        assert_eq!(
+            a.caller_key(),
+            &portcullis_limits::Key::from("2001:db8:1:2::".parse::<std::net::IpAddr>().unwrap())
+        );
+        let v4 = conn("[::ffff:192.0.2.7]:4000");
+        assert_eq!(v4.caller_key(), v4.ip_key());
+        assert_ne!(v4.caller_key(), conn("192.0.2.8:1").caller_key());
     }
 }

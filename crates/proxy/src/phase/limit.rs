@@ -315,6 +315,7 @@ fn count_local(
         identity: x.identity.as_deref(),
         route: &route.id,
         headers: &x.parts.headers,
+        trusted: x.trusted,
     };
     let mut usage = Usage::default();
     // Filled in place: a snapshot is large, and the exchange holds the vector inline.
@@ -425,6 +426,7 @@ async fn queue(
             identity: x.identity.as_deref(),
             route: &route.id,
             headers: &x.parts.headers,
+            trusted: x.trusted,
         };
         build_key(&t.parts, &facts)
     }) else {
@@ -551,7 +553,8 @@ fn admit_conn(t: &crate::limits::TableRt, key: &Key, now: Moment, above: u64) ->
     })
 }
 
-/// A plan's caller: `provider/subject`, or the client IP when there is no identity.
+/// A plan's caller: `provider/subject`, or when there is no identity the client's address
+/// (an IPv6 client's /64, see [`crate::limits::anonymous_caller`]).
 fn caller(x: &Exchange<'_>) -> Key {
     match &x.identity {
         Some(id) => {
@@ -569,7 +572,7 @@ fn caller(x: &Exchange<'_>) -> Key {
                 Key::new(&[p, b"/", s].concat())
             }
         }
-        None => x.conn.ip_key().clone(),
+        None => x.conn.caller_key().clone(),
     }
 }
 
@@ -612,6 +615,7 @@ fn refused_key(x: &Exchange<'_>, by: &str) -> String {
                 identity: x.identity.as_deref(),
                 route: &route.id,
                 headers: &x.parts.headers,
+                trusted: x.trusted,
             };
             build_key(&t.parts, &facts)
         });
@@ -621,7 +625,7 @@ fn refused_key(x: &Exchange<'_>, by: &str) -> String {
     }
     match &x.identity {
         Some(id) => format!("{}/{}", id.provider, id.subject),
-        None => x.conn.peer.ip().to_string(),
+        None => crate::limits::anonymous_caller(x.conn.peer.ip()).to_string(),
     }
 }
 
@@ -638,36 +642,44 @@ pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> 
         identity: None,
         route: &route.id,
         headers: &x.parts.headers,
+        trusted: x.trusted,
     };
     let mut seen: crate::limits::Seen = Default::default();
-    let fleet = x.shared.limits.fleet.as_ref();
+    // In a fleet, the shared counts are read within the request path's `timeout` for all
+    // the tables together; once the store fails, `on_store_error` answers for the rest
+    // (`local`: this process's counts; `allow` and `deny`: none, the 401 stands).
+    let shared = x.shared.limits.fleet.as_ref();
+    let mut fleet = shared;
+    let deadline = tokio::time::Instant::now() + shared.map_or(Duration::ZERO, |f| f.timeout);
+    let here = shared.is_none_or(|f| f.on_error == OnStoreError::Local);
     for t in lim.track.iter() {
         let Some(key) = t.anonymous.then(|| build_key(&t.parts, &facts)).flatten() else {
             seen.push(None);
             continue;
         };
-        seen.push(match fleet {
-            // In a fleet the error goes to Redis with the other end-of-response counts (so
-            // it shows within `sync_interval`), and the rules read the shared counts.
-            Some(f) => {
-                if t.errs {
-                    f.store.finish(&t.name, t.table.spec(), &key, true, 0, 0);
+        let Some(f) = fleet else {
+            seen.push(here.then(|| local_error(t, &key, now)).flatten());
+            continue;
+        };
+        // In a fleet the error goes to Redis with the other end-of-response counts (so it
+        // shows within `sync_interval`), and the rules read the shared counts.
+        if t.errs {
+            f.store.finish(&t.name, t.table.spec(), &key, true, 0, 0);
+        }
+        let read = tokio::time::timeout_at(deadline, f.store.get(&t.name, t.table.spec(), &key));
+        seen.push(
+            match read
+                .await
+                .unwrap_or(Err(portcullis_limits::StoreError::Timeout))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    fleet::failed(x, &e, f.on_error);
+                    fleet = None;
+                    here.then(|| local_error(t, &key, now)).flatten()
                 }
-                match f.store.get(&t.name, t.table.spec(), &key).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        fleet::failed(x, &e, f.on_error);
-                        None
-                    }
-                }
-            }
-            None => {
-                if t.errs {
-                    t.table.record_error(&key, now);
-                }
-                t.table.get(&key, now)
-            }
-        });
+            },
+        );
     }
     let rule = lim.rules.iter().find(|r| {
         matches!(r.action, Action::Deny | Action::Tarpit(_))
@@ -678,11 +690,26 @@ pub async fn auth_failed(x: &mut Exchange<'_>, route: &RouteRt) -> Option<Flow> 
                 .is_some_and(|v| v > r.above)
     })?;
     if let Action::Tarpit(d) = rule.action {
-        tokio::time::sleep(d).await;
+        // Bounded as in `limit`: past the bound, refused at once.
+        if let Some(_held) = Held::take(&TARPITTED, MAX_TARPITTED) {
+            tokio::time::sleep(d).await;
+        }
     }
     rule.counter.inc();
     let by = lim.track[rule.table].name.clone();
     Some(refuse(x, rule.status, rule.retry_after.clone(), &by))
+}
+
+/// A 401 counted in this process's table `t` (when it stores errors), and its counters.
+fn local_error(
+    t: &crate::limits::TableRt,
+    key: &Key,
+    now: Moment,
+) -> Option<portcullis_limits::Snapshot> {
+    if t.errs {
+        t.table.record_error(key, now);
+    }
+    t.table.get(key, now)
 }
 
 #[cfg(test)]
@@ -800,6 +827,7 @@ routes:
             identity: Some(&id),
             route: "default/api",
             headers: &headers,
+            trusted: true,
         };
         let key = |parts: &[&str]| {
             let parts: Vec<Part> = parts.iter().map(|p| Part::parse(p).unwrap()).collect();
@@ -820,6 +848,29 @@ routes:
         );
         // Missing parts: no key, so the table is skipped.
         assert_eq!(key(&["header:x-other"]), None);
+        // A header that says where the request came from is believed from a trusted proxy
+        // only; from anyone else the part is the peer's address, as the origin is told.
+        let mut fwd = headers.clone();
+        fwd.insert("cf-connecting-ip", HeaderValue::from_static("6.6.6.6"));
+        fwd.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        for (trusted, want) in [(true, &b"6.6.6.6"[..]), (false, &[192, 0, 2, 77][..])] {
+            let g = KeyFacts {
+                headers: &fwd,
+                trusted,
+                ..f
+            };
+            for h in ["header:CF-Connecting-IP", "header:x-forwarded-for"] {
+                let k = build_key(&[Part::parse(h).unwrap()], &g).unwrap();
+                assert_eq!(k.as_bytes(), want, "{h} trusted={trusted}");
+            }
+            let g = KeyFacts {
+                headers: &headers,
+                trusted,
+                ..f
+            };
+            let k = build_key(&[Part::parse("header:x-real-ip").unwrap()], &g);
+            assert_eq!(k.is_some(), !trusted, "absent from a trusted proxy: no key");
+        }
         assert_eq!(key(&["claim:nope"]), None);
         let jwt = Identity {
             method: AuthMethod::Jwt,

@@ -33,6 +33,7 @@ pub(super) async fn tally(
             identity: x.identity.as_deref(),
             route: &route.id,
             headers: &x.parts.headers,
+            trusted: x.trusted,
         };
         let caller = plan.map(|(_, _, k)| k);
         lim.track
