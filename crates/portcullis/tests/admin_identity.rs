@@ -321,6 +321,64 @@ async fn people_call_the_admin_api_as_policy_allows_and_the_hashed_token_still_w
     );
 }
 
+/// A person's route switch is decided on the backend it sends the route to, as well as on
+/// the route: a permit on one route must not send it to a backend the person may not use.
+/// Accepted and refused changes are both recorded under the person's own principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_switch_needs_the_destination_backend_too() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("admin.cedar"),
+        r#"
+permit(principal in Portcullis::Group::"oncall",
+       action == Portcullis::Admin::Action::"route.switch",
+       resource == Portcullis::Route::"default/app");
+permit(principal in Portcullis::Group::"oncall",
+       action == Portcullis::Admin::Action::"route.switch",
+       resource == Portcullis::Backend::"default/pool");
+"#,
+    )
+    .unwrap();
+    let p = Proxy::start_in(
+        dir,
+        &config(
+            &origin.address(),
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    )
+    .await;
+    let alice = mint(&p, "alice", "oncall");
+    let switch = |to: &'static str| {
+        call(
+            &p,
+            Method::POST,
+            "/api/v1/routes/app/switch",
+            Some(&alice),
+            Some(json!({ "backend": to })),
+        )
+    };
+    let (s, b) = switch("other").await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("default/other"), "{b}");
+    let (s, b) = switch("pool").await;
+    assert_eq!(s, 200, "{b}");
+
+    let records = audit_records(p.dir.path(), "admin");
+    let switches: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["detail"]["action"] == "switch_route")
+        .collect();
+    assert_eq!(switches.len(), 2, "{records:#?}");
+    for r in &switches {
+        assert_eq!(r["principal"]["user"], "alice", "{r}");
+        assert_eq!(r["principal"]["provider"], "dev", "{r}");
+        assert_eq!(r["principal"]["groups"], json!(["oncall"]), "{r}");
+    }
+    assert_eq!(switches[0]["decision"], "deny", "{:?}", switches[0]);
+    assert_eq!(switches[1]["decision"], "allow", "{:?}", switches[1]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_scopes_workflow_actions_to_one_workflow() {
     let origin = Origin::named("o").await;

@@ -327,6 +327,108 @@ async fn cedar_refuses_a_command_outside_the_workflows_lines_and_the_refusal_is_
     assert!(d["output"].get("refused").is_none(), "{d}");
 }
 
+/// A trigger or a workflow starts a workflow only where `admin.policies` permit it
+/// `workflow.start` on it: the started execution acts with its own workflow's permissions,
+/// which a trigger or workflow allowed nothing must not reach. Refusals are audited; a
+/// workflow sees `Control.Forbidden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automation_starts_only_the_workflows_policy_permits_it() {
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("admin.cedar"),
+        r#"permit(principal == Portcullis::Trigger::"asker", action == Portcullis::Admin::Action::"workflow.start", resource == Portcullis::Workflow::"approve");"#,
+    )
+    .unwrap();
+    let extra = r#"    spawner:
+      StartAt: Spawn
+      States:
+        Spawn:
+          Type: Task
+          Resource: "portcullis:start_workflow"
+          Parameters: { workflow: heal, input: { backend: other, server: o1, health: "http://127.0.0.1:9/" } }
+          Catch: [{ ErrorEquals: [Control.Forbidden], ResultPath: "$.refused", Next: Refused }]
+          End: true
+        Refused: { Type: Pass, End: true }
+triggers:
+  - name: starter
+    match: { type: com.example.heal }
+    actions: [{ start_workflow: { name: heal, input: { backend: other, server: o1, health: "http://127.0.0.1:9/" } } }]
+  - name: asker
+    match: { type: com.example.ask }
+    actions: [{ start_workflow: { name: approve, input: { who: agent-1 } } }]
+"#;
+    let yaml = format!(
+        "{}\nadmin:\n  bind: \"127.0.0.1:{{admin_port}}\"\n  tokens: [\"{}\"]\n  policies: [admin.cedar]\n",
+        config(&origin.address(), extra),
+        common::ADMIN_TOKEN
+    );
+    let p = Proxy::start_in(dir, &yaml).await;
+    post_event(
+        &p,
+        &json!({ "specversion": "1.0", "id": "h-1", "source": "/ops", "type": "com.example.heal" }),
+    )
+    .await;
+    post_event(
+        &p,
+        &json!({ "specversion": "1.0", "id": "a-1", "source": "/ops", "type": "com.example.ask" }),
+    )
+    .await;
+    let (s, v) = start(&p, "spawner", json!({})).await;
+    assert_eq!(s, 201, "{v}");
+    let d = closed(
+        &p,
+        v["executionId"].as_str().unwrap(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(d["status"], "SUCCEEDED", "{d}");
+    assert_eq!(d["output"]["refused"]["Error"], "Control.Forbidden", "{d}");
+    // The permitted start happened; the two refused ones did not, and are on the record.
+    let listed = |w: &'static str| {
+        let p = &p;
+        async move {
+            let (_, v) = admin(
+                p,
+                Method::GET,
+                &format!("/api/v1/executions?workflow={w}"),
+                None,
+            )
+            .await;
+            v["executions"].as_array().map_or(0, Vec::len)
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            listed("approve").await == 1
+        })
+        .await,
+        "{}",
+        p.log_text()
+    );
+    let refused = || {
+        audit_records(p.dir.path())
+            .into_iter()
+            .filter(|r| r["decision"] == "deny" && r["detail"]["action"] == "start_workflow")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { refused().len() == 2 }).await,
+        "{:#?}",
+        audit_records(p.dir.path())
+    );
+    let by: Vec<String> = refused()
+        .iter()
+        .map(|r| r["principal"]["provider"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        by.contains(&"trigger".to_string()) && by.contains(&"workflow".to_string()),
+        "{by:?}"
+    );
+    assert_eq!(listed("heal").await, 0);
+    assert_eq!(server_state(&p.backends().await, "other", "o1"), "ready");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_executions_start_once() {
     let origin = Origin::named("o").await;

@@ -290,6 +290,7 @@ async fn with_cookie(
             req.extensions_mut().insert(Principal {
                 who,
                 kind: control::PrincipalKind::Token,
+                person: None,
             });
             next.run(req).await
         }
@@ -357,6 +358,7 @@ pub(crate) async fn as_person(
     req.extensions_mut().insert(Principal {
         who,
         kind: control::PrincipalKind::Person,
+        person: Some(identity),
     });
     next.run(req).await
 }

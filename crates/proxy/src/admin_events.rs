@@ -91,7 +91,8 @@ async fn publish(
         .iter()
         .map(|e| json!({ "id": e.id, "type": e.type_, "source": e.source, "subject": e.subject }))
         .collect();
-    let rec = crate::audit::admin(&by.who, "publish_events", json!({ "events": summary }));
+    let mut rec = by.record("publish_events", json!({ "events": summary }));
+    rec.decision = Some(portcullis_audit::Decision::Allow);
     if !crate::audit::write(&rt.shared, rec).await {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,

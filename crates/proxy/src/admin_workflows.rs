@@ -348,10 +348,8 @@ async fn signal(
         }
         Err(r) => return r.into_response(),
     }
-    let mut rec = crate::audit::admin(&by.who, action, audit);
-    if let Some(p) = rec.principal.as_mut() {
-        p.provider = "admin".into();
-    }
+    let mut rec = by.record(action, audit);
+    rec.decision = Some(portcullis_audit::Decision::Allow);
     if !crate::audit::write(&rt.shared, rec).await {
         return err(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -395,10 +395,10 @@ impl Loop {
             }
             let ((_, key), end) = entry.remove_entry();
             let Some(rt) = self.rt.upgrade() else { return };
-            let by = crate::control::Principal {
-                who: end.trigger.clone(),
-                kind: crate::control::PrincipalKind::Trigger,
-            };
+            let by = crate::control::Principal::automation(
+                end.trigger.clone(),
+                crate::control::PrincipalKind::Trigger,
+            );
             let cmd = crate::control::Command::SetTableGpc {
                 table: end.table.clone(),
                 key: end.key.clone(),

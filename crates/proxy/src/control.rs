@@ -147,11 +147,16 @@ impl PrincipalKind {
 }
 
 /// Who asks for a command: written to its audit record and its log line. Never a secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Principal {
     /// For example `admin-token[0]@127.0.0.1:5555`: a token's position, never the token.
     pub who: String,
     pub kind: PrincipalKind,
+    /// A person's identity (`admin.auth`): what `admin.policies` decide on, beyond the call
+    /// itself, for commands whose target is in their body (where a switch sends a route),
+    /// and who their audit records name.
+    #[serde(skip)]
+    pub person: Option<Arc<portcullis_identity::Identity>>,
 }
 
 impl Principal {
@@ -160,7 +165,33 @@ impl Principal {
         Principal {
             who: format!("admin-token[{index}]@{peer}"),
             kind: PrincipalKind::Token,
+            person: None,
         }
+    }
+
+    /// An automation principal (a trigger or a workflow), named `who`.
+    pub fn automation(who: String, kind: PrincipalKind) -> Principal {
+        Principal {
+            who,
+            kind,
+            person: None,
+        }
+    }
+
+    /// The audit record of `action` (with `args`) by this principal: a person as its
+    /// identity names it (as its refusals are recorded, so that one search finds both), any
+    /// other principal as `who`, under its kind's provider (`admin`, `trigger`, `workflow`).
+    pub fn record(&self, action: &str, args: Value) -> portcullis_audit::Record {
+        let mut rec = crate::audit::admin(&self.who, action, args);
+        match &self.person {
+            Some(id) => rec.principal = Some(crate::audit::principal(id)),
+            None => {
+                if let Some(p) = rec.principal.as_mut() {
+                    p.provider = self.kind.audit_provider().into();
+                }
+            }
+        }
+        rec
     }
 }
 
@@ -540,10 +571,8 @@ pub async fn apply(rt: &Runtime, by: &Principal, cmd: Command) -> Result<Value, 
         return reload(rt, by).await;
     }
     let args = command.args();
-    let mut rec = crate::audit::admin(&by.who, command.action(), args.clone());
-    if let Some(p) = rec.principal.as_mut() {
-        p.provider = by.kind.audit_provider().into();
-    }
+    let mut rec = by.record(command.action(), args.clone());
+    rec.decision = Some(portcullis_audit::Decision::Allow);
     if !crate::audit::write(&rt.shared, rec).await {
         return Err(ControlError::AuditUnavailable);
     }
@@ -636,7 +665,8 @@ async fn authorize(
     let ty = match by.kind {
         PrincipalKind::Trigger => "Trigger",
         PrincipalKind::Workflow => "Workflow",
-        PrincipalKind::Token | PrincipalKind::Person => return Ok(()),
+        PrincipalKind::Person => return authorize_person(rt, snap, by, command).await,
+        PrincipalKind::Token => return Ok(()),
     };
     let name = by.who.split('#').next().unwrap_or(&by.who);
     let (action, resource) = admin_target(command);
@@ -650,16 +680,82 @@ async fn authorize(
     if d.allowed {
         return Ok(());
     }
-    let mut rec = crate::audit::admin(&by.who, command.action(), command.args());
-    if let Some(p) = rec.principal.as_mut() {
-        p.provider = by.kind.audit_provider().into();
-    }
+    let mut rec = by.record(command.action(), command.args());
     rec.decision = Some(portcullis_audit::Decision::Deny);
     rec.reasons = d.reasons.clone();
     crate::audit::write(&rt.shared, rec).await;
     tracing::warn!(actor = %by.who, kind = ?by.kind, action, reasons = ?d.reasons, "control: command forbidden by admin.policies");
     Err(ControlError::Forbidden(format!(
         "Portcullis::{ty}::\"{name}\" may not {action} here: {}",
+        d.reasons.join(", ")
+    )))
+}
+
+/// Whether automation principal `by` (a trigger, or a workflow's execution) may start
+/// `workflow` (`workflow.start` on `Portcullis::Workflow::"name"` in `admin.policies`): the
+/// started execution acts as its own workflow, with that workflow's permissions, so a
+/// trigger or workflow that may do nothing else must not reach them by starting it. A
+/// refusal is audited as a command's is. People and tokens are decided by the admin API.
+pub async fn authorize_start(
+    rt: &Runtime,
+    by: &Principal,
+    workflow: &str,
+    args: Value,
+) -> Result<(), ControlError> {
+    let ty = match by.kind {
+        PrincipalKind::Trigger => "Trigger",
+        PrincipalKind::Workflow => "Workflow",
+        PrincipalKind::Person | PrincipalKind::Token => return Ok(()),
+    };
+    let snap = rt.shared.snapshot.load();
+    let name = by.who.split('#').next().unwrap_or(&by.who);
+    let action = "workflow.start";
+    let d = snap.admin_policies.authorize(
+        (ty, name),
+        action,
+        &AdminResource::Workflow(workflow.to_string()),
+    );
+    if d.allowed {
+        return Ok(());
+    }
+    let mut rec = by.record("start_workflow", args);
+    rec.decision = Some(portcullis_audit::Decision::Deny);
+    rec.reasons = d.reasons.clone();
+    crate::audit::write(&rt.shared, rec).await;
+    tracing::warn!(actor = %by.who, kind = ?by.kind, action, workflow, reasons = ?d.reasons, "control: workflow start forbidden by admin.policies");
+    Err(ControlError::Forbidden(format!(
+        "Portcullis::{ty}::\"{name}\" may not {action} `{workflow}`: {}",
+        d.reasons.join(", ")
+    )))
+}
+
+/// A person's command: the admin API decided the call on its path's resource before it got
+/// here; what its body names is decided here. A switch needs `route.switch` on the backend
+/// it sends the route to as well (a permit on one app's route must not send it to another
+/// app's backend), as for automation.
+async fn authorize_person(
+    rt: &Runtime,
+    snap: &Snapshot,
+    by: &Principal,
+    command: &Command,
+) -> Result<(), ControlError> {
+    let (Some(id), Command::SwitchRoute { backend, .. }) = (&by.person, command) else {
+        return Ok(());
+    };
+    let (action, _) = admin_target(command);
+    let to = AdminResource::Backend(backend.clone());
+    let d = crate::admin_authz::decide(snap, id, action, &to, &[]);
+    if d.allowed {
+        return Ok(());
+    }
+    let mut rec = by.record(command.action(), command.args());
+    rec.decision = Some(portcullis_audit::Decision::Deny);
+    rec.reasons = d.reasons.clone();
+    crate::audit::write(&rt.shared, rec).await;
+    tracing::warn!(actor = %by.who, action, backend = %backend, reasons = ?d.reasons, "control: switch to a backend admin.policies do not permit");
+    Err(ControlError::Forbidden(format!(
+        "{} may not {action} to backend `{backend}`: {}",
+        by.who,
         d.reasons.join(", ")
     )))
 }

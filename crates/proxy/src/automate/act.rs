@@ -43,10 +43,7 @@ impl ProxyControl {
     }
 
     fn command(&self, firing: &Firing, cmd: Command) -> Result<serde_json::Value, ActionError> {
-        let by = Principal {
-            who: firing.trigger.clone(),
-            kind: PrincipalKind::Trigger,
-        };
+        let by = Principal::automation(firing.trigger.clone(), PrincipalKind::Trigger);
         self.handle
             .block_on(control::apply(&self.rt, &by, cmd))
             .map_err(|e| match e {
@@ -167,6 +164,17 @@ impl ProxyControl {
                 "no workflows are configured (add `workflows:`)".into(),
             ));
         };
+        let by = Principal::automation(firing.trigger.clone(), PrincipalKind::Trigger);
+        let args = serde_json::json!({ "workflow": w.name });
+        let allowed = self
+            .handle
+            .block_on(control::authorize_start(&self.rt, &by, &w.name, args));
+        if let Err(e) = allowed {
+            return Err(match e {
+                control::ControlError::Forbidden(why) => ActionError::Denied(why),
+                e => ActionError::Failed(e.to_string()),
+            });
+        }
         let digest = <sha2::Sha256 as sha2::Digest>::digest(firing.idempotency_key.as_bytes());
         let name: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
         let input = if w.input.is_null() {

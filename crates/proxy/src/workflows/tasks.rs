@@ -74,10 +74,10 @@ pub async fn run(rt: Arc<Runtime>, svc: Arc<Service>, call: TaskCall) {
 
 /// The principal a workflow's commands run as, with the execution in its name.
 pub fn principal(call: &TaskCall) -> Principal {
-    Principal {
-        who: format!("{}#{}", call.workflow, call.execution),
-        kind: PrincipalKind::Workflow,
-    }
+    Principal::automation(
+        format!("{}#{}", call.workflow, call.execution),
+        PrincipalKind::Workflow,
+    )
 }
 
 fn obj<'a>(
@@ -340,6 +340,10 @@ async fn start_child(
         }
     };
     let input = o.get("input").cloned().unwrap_or(json!({}));
+    let args = json!({ "workflow": workflow, "name": name });
+    if let Err(e) = crate::control::authorize_start(rt, &principal(call), &workflow, args).await {
+        return Err(StatesError::new(control_error(&e), e.to_string()));
+    }
     let by = Starter {
         principal: format!("{}#{}", call.workflow, call.execution),
         parent: Some(call.execution.clone()),
