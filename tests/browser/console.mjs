@@ -141,6 +141,25 @@ try {
   check(resp.status() === 401 || resp.status() === 403, `cross-site post refused (${resp.status()})`);
   // Expected refusals show up as failed loads in the console: those are not page errors.
   result.console_errors = result.console_errors.filter((e) => !(e.startsWith('bob:') && /status of 40[13]/.test(e)));
+
+  // Break-glass: the sign-in form with the token (for when the identity provider is down)
+  // works from a browser, whose form post names the console's origin.
+  if (process.env.TOKEN) {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    await page.goto(CONSOLE + '/login');
+    await page.fill('#token', process.env.TOKEN);
+    const [resp] = await Promise.all([
+      page.waitForResponse((r) => r.url() === CONSOLE + '/login' && r.request().method() === 'POST'),
+      page.click('#token-form button[type=submit]'),
+    ]);
+    result.token_signin_status = resp.status();
+    await page.waitForLoadState('load');
+    result.token_signin_url = page.url();
+    check(resp.status() === 303 && !page.url().startsWith(CONSOLE + '/login'),
+      `break-glass sign-in from the form (${resp.status()}, ${page.url()})`);
+    await context.close();
+  }
 } finally {
   await browser.close();
 }

@@ -601,6 +601,7 @@ async fn in_chromium_a_person_signs_in_sees_the_servers_and_drains_one() {
         .env("DRAIN", "default/web/b")
         .env("SERVERS", "202")
         .env("EXECUTION", &exec)
+        .env("TOKEN", common::ADMIN_TOKEN)
         .env("OUT", &artifacts)
         .kill_on_drop(true)
         .output();
@@ -630,6 +631,7 @@ async fn in_chromium_a_person_signs_in_sees_the_servers_and_drains_one() {
         "{result}"
     );
     assert_eq!(result["forbidden_status"], 403, "{result}");
+    assert_eq!(result["token_signin_status"], 303, "{result}");
     assert_eq!(result["console_errors"], json!([]), "{result}");
     assert!(artifacts.join("console.png").exists());
     assert_eq!(result["graph_current"], "Approval", "{result}");

@@ -86,9 +86,12 @@ fn html(status: StatusCode, body: String, cookies: &[String]) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // `same-origin`, not `no-referrer`: under `no-referrer` a browser's form post (the
+    // break-glass sign-in) says `Origin: null`, which the sign-in's same-origin check must
+    // refuse; other sites are still told nothing.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     for c in cookies {
