@@ -655,16 +655,26 @@ async fn the_admin_listener_bounds_slow_heads_and_open_connections() {
     };
     assert!(healthz().await.starts_with("HTTP/1.1 200"));
 
-    // A head that never ends.
+    // A head that never ends; a connection that never sends a byte; an HTTP/2 one with its
+    // preface and settings and no stream.
     let started = std::time::Instant::now();
     let mut slow = connect().await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
+    let mut silent = connect().await.unwrap();
+    let mut h2 = connect().await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // HTTP/2 is not served here: closed at once.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), h2.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "an HTTP/2 connection was kept open");
 
     // Idle connections up to the bound, then one more: that one is closed at once.
     let mut idle = Vec::new();
-    for _ in 0..255 {
+    for _ in 0..254 {
         idle.push(connect().await.unwrap());
     }
     let mut over = connect().await.unwrap();
@@ -700,6 +710,9 @@ async fn the_admin_listener_bounds_slow_heads_and_open_connections() {
         took >= Duration::from_secs(9) && took < Duration::from_secs(16),
         "closed after {took:?}"
     );
+    // So is the one that never sent a byte, by then.
+    let r = tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "a connection that sent nothing was kept open");
 }
 
 /// The API's bodies are JSON sent as JSON: a form's or a text body (what a page on another

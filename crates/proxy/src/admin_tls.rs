@@ -6,12 +6,13 @@
 //! The admin listener answers anyone who can reach it (a refusal is an answer too), so it
 //! bounds what a client that is no caller can hold: at most [`MAX_CONNECTIONS`] connections
 //! at once (more are closed as they come), [`HANDSHAKE`] to finish a TLS handshake, and
-//! [`HEADER_TIMEOUT`] to send each request head (idle keep-alive connections included). A
+//! [`HEADER_TIMEOUT`] to send each request head (a connection that sends nothing, and idle
+//! keep-alive connections, included), over HTTP/1.1 only. A
 //! response being streamed (the console's and the events' server-sent events) is not cut.
 
 use crate::Runtime;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -96,20 +97,22 @@ pub fn serve(
     Ok(())
 }
 
-/// One connection: HTTP/1.1 (or h2 with prior knowledge on a plain listener), each request
-/// head due within [`HEADER_TIMEOUT`].
+/// One connection: HTTP/1.1 only (the TLS side offers nothing else), each request head due
+/// within [`HEADER_TIMEOUT`] from the connection's start or the previous response's end.
+/// (HTTP/2 with prior knowledge was served too, and neither a connection that sent nothing
+/// yet, nor an HTTP/2 one without streams, had any deadline: a few hundred such sockets held
+/// every admin slot for as long as their client liked.)
 async fn serve_connection<IO>(io: IO, app: axum::Router, peer: std::net::SocketAddr)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper_util::service::TowerToHyperService::new(app);
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    b.http2().timer(TokioTimer::new());
     if let Err(e) = b
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
         .await
     {
         tracing::debug!(%peer, error = %e, "admin connection ended with an error");
