@@ -646,3 +646,81 @@ async fn an_open_event_stream_ends_when_its_reader_is_revoked() {
         "a revoked reader's stream went on"
     );
 }
+
+/// The event stream and the console's live view end with the credential they were opened
+/// with: a break-glass token removed from `admin.tokens` (and the config reloaded) no longer
+/// reads anything, even on a stream it opened before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_end_when_their_token_is_removed() {
+    const SECOND: &str = "second-admin-token-0123456789";
+    let origin = Origin::named("o").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.cedar"), "").unwrap();
+    let yaml = config(&origin.address(), ADMIN_TOKEN).replace(
+        &format!("tokens: [\"{ADMIN_TOKEN}\"]"),
+        &format!("tokens: [\"{ADMIN_TOKEN}\", \"{SECOND}\"]"),
+    );
+    let p = Proxy::start_in(dir, &yaml).await;
+    let open = |path: &'static str| {
+        let p = &p;
+        async move {
+            let r = reqwest::Client::new()
+                .get(p.admin_url(path))
+                .bearer_auth(SECOND)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            r
+        }
+    };
+    let mut events = open("/api/v1/events/stream").await;
+    let mut looks = open("/api/v1/dashboard/stream").await;
+    let publish = || async {
+        let ev = json!({ "specversion": "1.0", "id": uuid_like(), "source": "/ci", "type": "com.example.x" });
+        let r = reqwest::Client::new()
+            .post(p.admin_url("/api/v1/events"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/cloudevents+json")
+            .body(ev.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    };
+    // Both deliver while the token is in the config.
+    publish().await;
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), events.chunk()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), looks.chunk()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+
+    let text = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace(&format!(", \"{SECOND}\""), "");
+    std::fs::write(&p.config, text).unwrap();
+    let (s, b) = call(&p, Method::POST, "/api/v1/reload", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(s, 200, "{b}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // Each stream ends within a few seconds (what was in flight may still arrive).
+    for (what, stream) in [("events", &mut events), ("dashboard", &mut looks)] {
+        let mut ended = false;
+        for _ in 0..8 {
+            publish().await;
+            match tokio::time::timeout(std::time::Duration::from_secs(1), stream.chunk()).await {
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    ended = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(ended, "the {what} stream of a removed token went on");
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("ev-{}", N.fetch_add(1, Ordering::Relaxed))
+}

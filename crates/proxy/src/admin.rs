@@ -17,6 +17,7 @@
 
 use crate::admin_authz::{decide, Caller};
 use crate::admin_tokens::check_token;
+use crate::console::credential::Credential;
 use crate::control::{self, Command, ControlError, Principal};
 use crate::state::AdminState;
 use crate::Runtime;
@@ -175,12 +176,16 @@ async fn auth(
         let p = Principal::token(i, peer);
         req.extensions_mut().insert(Caller::Token(p.who.clone()));
         req.extensions_mut().insert(p);
+        if let Some(t) = &bearer {
+            req.extensions_mut().insert(Credential::token(peer, t));
+        }
         return next.run(req).await;
     }
     if bearer.is_none() && !req.headers().contains_key("x-api-key") {
         if let Some(v) = crate::console::grant::cookie(req.headers(), crate::console::grant::COOKIE)
         {
             let v = v.to_string();
+            req.extensions_mut().insert(Credential::cookie(peer, &v));
             return with_cookie(&rt, &snap, peer, &v, req, next).await;
         }
     }
@@ -236,7 +241,16 @@ async fn auth(
         client_cert: cert.as_ref().map(|c| c.0.as_slice()),
     };
     let identity = match snap.identity.authenticate(providers, &creds).await {
-        portcullis_identity::engine::Outcome::Ok { identity, .. } => identity,
+        portcullis_identity::engine::Outcome::Ok { identity, .. } => {
+            let c = Credential::identity(
+                peer,
+                bearer.as_deref(),
+                api_key.as_deref(),
+                cert.as_ref().map(|c| c.0.clone()),
+            );
+            req.extensions_mut().insert(c);
+            identity
+        }
         portcullis_identity::engine::Outcome::Rejected(e) => {
             tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
             let reason = format!("invalid credentials: {e}");
@@ -376,8 +390,9 @@ async fn dashboard(
 async fn dashboard_stream(
     State(rt): State<Arc<Runtime>>,
     axum::Extension(c): axum::Extension<Caller>,
+    credential: Option<axum::Extension<Credential>>,
 ) -> Response {
-    crate::console::data::stream(rt, c)
+    crate::console::data::stream(rt, c, credential.map(|c| c.0))
 }
 
 async fn readyz(State(rt): State<Arc<Runtime>>) -> Response {

@@ -205,25 +205,26 @@ fn is_alertmanager(headers: &HeaderMap) -> bool {
     !batch && !is_structured(headers) && !is_binary(headers)
 }
 
-/// Whether a stream's caller may still read events (see `stream`).
+/// Whether a stream's caller may still read events (see `stream`): its credential still
+/// holds, and `events.read` is still permitted it.
 struct Still {
     rt: Arc<Runtime>,
     caller: crate::admin_authz::Caller,
-    checked: std::time::Instant,
+    recheck: crate::console::credential::Recheck,
 }
 
 impl Still {
-    fn may_read(&mut self) -> bool {
-        if self.checked.elapsed() < std::time::Duration::from_secs(1) {
-            return true;
-        }
-        self.checked = std::time::Instant::now();
-        let snap = self.rt.shared.snapshot.load_full();
-        self.caller.may(
-            &snap,
-            "events.read",
-            &portcullis_policy::admin::AdminResource::Config,
-        )
+    async fn may_read(&mut self) -> bool {
+        let caller = &self.caller;
+        self.recheck
+            .still(&self.rt, |snap| {
+                caller.may(
+                    snap,
+                    "events.read",
+                    &portcullis_policy::admin::AdminResource::Config,
+                )
+            })
+            .await
     }
 }
 
@@ -399,6 +400,7 @@ pub struct StreamQuery {
 pub async fn stream(
     State(rt): State<Arc<Runtime>>,
     axum::Extension(caller): axum::Extension<crate::admin_authz::Caller>,
+    credential: Option<axum::Extension<crate::console::credential::Credential>>,
     axum::extract::Query(q): axum::extract::Query<StreamQuery>,
 ) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
@@ -418,12 +420,13 @@ pub async fn stream(
         }
     };
     let tap = rt.shared.events.bus.tap();
-    // The caller's `events.read` is decided again before an event goes out, at most once a
-    // second: a stream opened before a revocation (a policy reloaded) ends with it.
+    // The caller's credential and `events.read` are checked again before an event goes
+    // out, at most once a second: a stream opened before a revocation (a token removed, a
+    // sign-out, a policy reloaded) ends with it.
     let still = Still {
         rt: rt.clone(),
         caller,
-        checked: std::time::Instant::now(),
+        recheck: crate::console::credential::Recheck::new(credential.map(|c| c.0)),
     };
     let events = futures_util::stream::unfold(
         (tap, filter, still),
@@ -431,7 +434,7 @@ pub async fn stream(
             loop {
                 let item = match tap.next().await {
                     Ok(e) if !filter.matches(&e.type_) => continue,
-                    Ok(_) if !still.may_read() => return None,
+                    Ok(_) if !still.may_read().await => return None,
                     Ok(e) => Sse::default()
                         .event("cloudevent")
                         .id(e.id.clone())

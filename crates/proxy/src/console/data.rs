@@ -397,22 +397,41 @@ async fn executions(rt: &Runtime, snap: &crate::snapshot::Snapshot, caller: &Cal
 }
 
 /// `GET /api/v1/dashboard/stream`: one look now, then one a second.
-pub fn stream(rt: std::sync::Arc<Runtime>, caller: Caller) -> axum::response::Response {
+pub fn stream(
+    rt: std::sync::Arc<Runtime>,
+    caller: Caller,
+    credential: Option<super::credential::Credential>,
+) -> axum::response::Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use axum::response::IntoResponse;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let state = (rt, caller, Ticker::default(), tick);
-    let looks =
-        futures_util::stream::unfold(state, |(rt, caller, mut ticker, mut tick)| async move {
+    // The caller's credential and `dashboard.read` are checked again before each look: a
+    // stream ends with a sign-out, a removed token, an expired session or a policy reloaded.
+    let recheck = super::credential::Recheck::new(credential);
+    let state = (rt, caller, Ticker::default(), tick, recheck);
+    let looks = futures_util::stream::unfold(
+        state,
+        |(rt, caller, mut ticker, mut tick, mut recheck)| async move {
             tick.tick().await;
+            let may = |snap: &crate::snapshot::Snapshot| {
+                caller.may(
+                    snap,
+                    "dashboard.read",
+                    &portcullis_policy::admin::AdminResource::Config,
+                )
+            };
+            if !recheck.still(&rt, may).await {
+                return None;
+            }
             let v = look(&rt, &caller, &mut ticker).await;
             let e = Event::default().event("dashboard").data(v.to_string());
             Some((
                 Ok::<_, std::convert::Infallible>(e),
-                (rt, caller, ticker, tick),
+                (rt, caller, ticker, tick, recheck),
             ))
-        });
+        },
+    );
     Sse::new(looks)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()

@@ -15,6 +15,7 @@
 //! Cedar authorization, as any other caller's.
 
 pub mod audit;
+pub mod credential;
 pub mod data;
 pub mod grant;
 
