@@ -107,7 +107,24 @@ impl KeySet {
                 // Symmetric keys are never taken from a JWKS: HS* needs a configured secret.
                 AlgorithmParameters::OctetKey(_) => continue,
             };
-            let alg = jwk.common.key_algorithm.and_then(key_alg);
+            // A key published for another use than verifying signatures (RFC 7517 §4.2,
+            // §4.3): an `alg` that is no signature algorithm (`RSA-OAEP`), or `key_ops`
+            // without `verify`.
+            let alg = match jwk.common.key_algorithm {
+                Some(a) => match key_alg(a) {
+                    Some(alg) => Some(alg),
+                    None => continue,
+                },
+                None => None,
+            };
+            if jwk
+                .common
+                .key_operations
+                .as_ref()
+                .is_some_and(|ops| !ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify))
+            {
+                continue;
+            }
             let Ok(decoding) = DecodingKey::from_jwk(&jwk) else {
                 continue;
             };
@@ -258,6 +275,33 @@ pub struct FetchHealth {
     pub in_a_row: u32,
 }
 
+/// The largest document read from an identity provider (discovery, key set, token
+/// answer): real ones are a few KiB; a larger one (a hostile or broken provider, or a
+/// man in the middle of an `http://` URL) is refused before it is all in memory.
+pub const MAX_DOCUMENT: usize = 1 << 20;
+
+/// Reads `resp`'s body as JSON of type `T`, refusing one over [`MAX_DOCUMENT`] bytes, by its
+/// `Content-Length` or as it arrives.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    mut resp: reqwest::Response,
+) -> Result<T, String> {
+    let too_large = || format!("larger than {} KiB", MAX_DOCUMENT / 1024);
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_DOCUMENT as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_DOCUMENT {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("invalid JSON: {e}"))
+}
+
 impl KeySource {
     pub fn new(
         provider: &str,
@@ -367,14 +411,14 @@ impl KeySource {
                     "{}/.well-known/openid-configuration",
                     issuer.trim_end_matches('/')
                 );
-                let doc: Discovery = self
+                let resp = self
                     .http
                     .get(&url)
                     .send()
                     .await
                     .and_then(|r| r.error_for_status())
-                    .map_err(|e| format!("discovery at {url} failed: {e}"))?
-                    .json()
+                    .map_err(|e| format!("discovery at {url} failed: {e}"))?;
+                let doc: Discovery = read_json(resp)
                     .await
                     .map_err(|e| format!("discovery at {url}: invalid document: {e}"))?;
                 if doc.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
@@ -403,10 +447,9 @@ impl KeySource {
             .get(http::header::CACHE_CONTROL)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_max_age);
-        let doc: serde_json::Value = resp
-            .json()
+        let doc: serde_json::Value = read_json(resp)
             .await
-            .map_err(|e| format!("JWKS from {url}: invalid JSON: {e}"))?;
+            .map_err(|e| format!("JWKS from {url}: {e}"))?;
         self.store(KeySet::parse(&doc)?);
         Ok(max_age
             .unwrap_or(self.fallback_refresh)
@@ -507,6 +550,81 @@ mod tests {
         );
         assert_eq!(parse_max_age("no-store"), Some(MIN_REFRESH));
         assert_eq!(parse_max_age("public"), None);
+    }
+
+    /// Keys published for encryption, by their `alg` or their `key_ops`, verify nothing.
+    #[test]
+    fn keys_for_other_uses_are_not_taken() {
+        let dev = crate::dev::generate().unwrap().1;
+        let with = |extra: serde_json::Value| {
+            let mut k = dev.jwk.clone();
+            for (name, v) in extra.as_object().unwrap() {
+                k[name] = v.clone();
+            }
+            KeySet::from_values(&[k])
+        };
+        assert!(with(serde_json::json!({})).is_ok());
+        assert!(with(serde_json::json!({ "key_ops": ["verify"] })).is_ok());
+        assert!(with(serde_json::json!({ "alg": "ES256" })).is_ok());
+        for bad in [
+            serde_json::json!({ "alg": "ECDH-ES" }),
+            serde_json::json!({ "key_ops": ["encrypt"] }),
+            serde_json::json!({ "key_ops": ["sign"] }),
+        ] {
+            assert!(with(bad.clone()).is_err(), "{bad}");
+        }
+    }
+
+    /// A document larger than MAX_DOCUMENT is refused, whether it says so in its
+    /// `Content-Length` or streams it chunked.
+    #[tokio::test]
+    async fn an_oversized_key_set_is_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let big = format!(
+                        "{{\"keys\": [], \"pad\": \"{}\"}}",
+                        "x".repeat(MAX_DOCUMENT)
+                    );
+                    if head.starts_with("GET /length") {
+                        let h = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", big.len());
+                        let _ = s.write_all(h.as_bytes()).await;
+                        let _ = s.write_all(big.as_bytes()).await;
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                        for part in big.as_bytes().chunks(64 * 1024) {
+                            let c = format!("{:x}\r\n", part.len());
+                            if s.write_all(c.as_bytes()).await.is_err()
+                                || s.write_all(part).await.is_err()
+                                || s.write_all(b"\r\n").await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        let _ = s.write_all(b"0\r\n\r\n").await;
+                    }
+                });
+            }
+        });
+        for path in ["length", "chunked"] {
+            let keys = KeySource::new(
+                "p",
+                Source::Uri(format!("http://{addr}/{path}")),
+                None,
+                Duration::from_secs(60),
+            );
+            let e = keys.refresh().await.unwrap_err();
+            assert!(e.contains("larger than 1024 KiB"), "{path}: {e}");
+        }
     }
 
     #[test]

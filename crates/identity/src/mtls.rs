@@ -14,9 +14,11 @@ pub fn identity(provider: &str, from: &[String], der: &[u8]) -> Result<Identity,
     let mut dns = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
+            // An empty name names no one (as an empty token subject does): the next field
+            // of `identity_from` is asked instead.
             match n {
-                GeneralName::URI(u) => uris.push(u.to_string()),
-                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::URI(u) if !u.trim().is_empty() => uris.push(u.to_string()),
+                GeneralName::DNSName(d) if !d.trim().is_empty() => dns.push(d.to_string()),
                 _ => {}
             }
         }
@@ -26,6 +28,7 @@ pub fn identity(provider: &str, from: &[String], der: &[u8]) -> Result<Identity,
         .iter_common_name()
         .next()
         .and_then(|c| c.as_str().ok())
+        .filter(|c| !c.trim().is_empty())
         .map(String::from);
     let chosen = from.iter().find_map(|f| match f.as_str() {
         "uri" => uris.first().cloned(),
@@ -84,5 +87,25 @@ mod tests {
             identity("mesh", &["cn".into()], c.der()).unwrap().subject,
             "billing"
         );
+    }
+
+    /// An empty SAN names no one: the next configured field is used, or none.
+    #[test]
+    fn an_empty_name_is_skipped() {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names
+            .push(rcgen::SanType::DnsName("".try_into().unwrap()));
+        p.subject_alt_names
+            .push(rcgen::SanType::URI(" ".try_into().unwrap()));
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "fallbackcn");
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let c = p.self_signed(&kp).unwrap();
+        let all = ["uri".to_string(), "dns".into(), "cn".into()];
+        assert_eq!(
+            identity("mesh", &all, c.der()).unwrap().subject,
+            "fallbackcn"
+        );
+        assert!(identity("mesh", &["dns".into(), "uri".into()], c.der()).is_err());
     }
 }

@@ -261,8 +261,8 @@ impl OidcClient {
             .map_err(|e| AuthError::new(format!("token endpoint unreachable: {e}")))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            let err = serde_json::from_str::<serde_json::Value>(&body)
+            let err = crate::jwks::read_json::<serde_json::Value>(resp)
+                .await
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or_default();
@@ -270,7 +270,7 @@ impl OidcClient {
                 "token endpoint refused ({status}): {err}"
             )));
         }
-        resp.json()
+        crate::jwks::read_json(resp)
             .await
             .map_err(|e| AuthError::new(format!("token endpoint answered badly: {e}")))
     }

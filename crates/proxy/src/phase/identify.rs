@@ -180,6 +180,30 @@ routes:
         assert!(kit.audit().is_empty());
     }
 
+    /// A request with two credentials of one kind is refused (400): whoever reads it after
+    /// portcullis could pick the other one.
+    #[tokio::test]
+    async fn two_authorization_or_api_key_fields_are_refused() {
+        let kit = Kit::new(CONFIG).await;
+        let alice = kit.token("dev", "alice", &["eng"]);
+        let bob = kit.token("dev", "bob", &["eng"]);
+        for req in [
+            get("/hello")
+                .header("authorization", format!("Bearer {alice}"))
+                .header("authorization", format!("Bearer {bob}")),
+            get("/hello")
+                .header("x-api-key", "one")
+                .header("x-api-key", "two"),
+        ] {
+            let mut x = kit.routed(req).await;
+            let f = run(&mut x).await;
+            assert_eq!(
+                crate::testkit::response(f).status(),
+                http::StatusCode::BAD_REQUEST
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_public_route_goes_on_without_identity_and_without_forged_headers() {
         let kit = Kit::new(CONFIG).await;

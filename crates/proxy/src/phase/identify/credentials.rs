@@ -219,8 +219,16 @@ pub async fn identify(
     }
     // Credentials stay at the edge (unless the route passes the token on): take them out of
     // the request now, one lookup each.
-    let authz = headers.remove(header::AUTHORIZATION);
-    let key_header = headers.remove(&X_API_KEY);
+    let (Ok(authz), Ok(key_header)) = (
+        take_one(headers, header::AUTHORIZATION),
+        take_one(headers, &X_API_KEY),
+    ) else {
+        // Each is one credential (RFC 9110 §11.6.2): two would leave whoever reads the
+        // request after portcullis to pick another one than it verified.
+        let msg = "several Authorization or X-API-Key fields\n";
+        let r = crate::exchange::local(StatusCode::BAD_REQUEST, msg, rid);
+        return Step::Respond(r, msg.trim_end().into());
+    };
     // The token this connection presented last is recognised by its bytes, before any
     // parsing (see `memo`).
     let remembered = authz
@@ -254,6 +262,25 @@ pub async fn identify(
     Step::Continue {
         identity: Some(identity),
         set_cookie: set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()),
+    }
+}
+
+/// Removes every `name` field from `headers`, in one lookup, and returns its value; `Err` when
+/// there were several.
+fn take_one(
+    headers: &mut HeaderMap,
+    name: impl http::header::IntoHeaderName,
+) -> Result<Option<HeaderValue>, ()> {
+    match headers.entry(name) {
+        http::header::Entry::Vacant(_) => Ok(None),
+        http::header::Entry::Occupied(o) => {
+            let (_, mut values) = o.remove_entry_mult();
+            let first = values.next();
+            match values.next() {
+                None => Ok(first),
+                Some(_) => Err(()),
+            }
+        }
     }
 }
 
