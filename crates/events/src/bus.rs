@@ -34,9 +34,15 @@ pub trait Sink: Send + 'static {
     /// with [`SinkContext::spawn`] (the webhook's delivery loop).
     fn start(&mut self, _ctx: &SinkContext) {}
 
-    /// Hands on a batch taken off the queue. Returning is what lets the next batch come: a
-    /// slow sink fills its own queue, and nothing else.
-    fn send<'a>(&'a mut self, events: &'a [Arc<Event>], ctx: &'a SinkContext) -> BoxFuture<'a, ()>;
+    /// Hands on a batch taken off the queue, and returns the positions (in `events`) of those
+    /// it gave up on instead: a publisher waiting for them ([`Bus::publish_handed_on`]) is
+    /// told they were not handed on. Returning is what lets the next batch come: a slow sink
+    /// fills its own queue, and nothing else.
+    fn send<'a>(
+        &'a mut self,
+        events: &'a [Arc<Event>],
+        ctx: &'a SinkContext,
+    ) -> BoxFuture<'a, Vec<usize>>;
 
     /// Called once after the last batch, at shutdown: flush.
     fn close<'a>(&'a mut self, _ctx: &'a SinkContext) -> BoxFuture<'a, ()> {
@@ -172,31 +178,38 @@ struct Waiting {
     _event: Arc<Event>,
     /// Sinks yet to hand it on.
     left: usize,
-    done: Option<tokio::sync::oneshot::Sender<()>>,
+    /// A sink did not take it, or gave up on it.
+    lost: bool,
+    /// Told whether every sink handed it on.
+    done: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl Acks {
-    /// `n` sinks (of those that took `event`) will not hand it on after all, or have.
-    fn settle(&self, event: &Arc<Event>, n: usize) {
+    /// `n` sinks (of those that took `event`) are done with it: handed on, or (`lost`) not
+    /// taken or given up on.
+    fn settle(&self, event: &Arc<Event>, n: usize, lost: bool) {
         let key = Arc::as_ptr(event) as usize;
         let mut map = self.map.lock();
         let Some(w) = map.get_mut(&key) else { return };
         w.left = w.left.saturating_sub(n);
+        w.lost |= lost;
         if w.left == 0 {
-            if let Some(done) = map.remove(&key).and_then(|mut w| w.done.take()) {
-                let _ = done.send(());
+            if let Some(mut w) = map.remove(&key) {
+                if let Some(done) = w.done.take() {
+                    let _ = done.send(!w.lost);
+                }
             }
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// A sink handed `batch` on.
-    fn handed_on(&self, batch: &[Arc<Event>]) {
+    /// A sink is done with `batch`, and gave up on the events at positions `lost`.
+    fn handed_on(&self, batch: &[Arc<Event>], lost: &[usize]) {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        for e in batch {
-            self.settle(e, 1);
+        for (i, e) in batch.iter().enumerate() {
+            self.settle(e, 1, lost.contains(&i));
         }
     }
 }
@@ -300,19 +313,20 @@ impl Bus {
                 Waiting {
                     _event: event.clone(),
                     left: sinks,
+                    lost: false,
                     done: Some(done),
                 },
             );
         } else {
-            let _ = done.send(());
+            let _ = done.send(true);
         }
         let refused = self.offer(&event);
         if refused > 0 {
-            acks.settle(&event, refused);
+            acks.settle(&event, refused, true);
         }
         async move {
             // An error: the bus is gone, and with it what it held.
-            refused == 0 && handed_on.await.is_ok()
+            refused == 0 && handed_on.await == Ok(true)
         }
     }
 
@@ -526,8 +540,8 @@ async fn run(
                 if n == 0 {
                     break;
                 }
-                sink.send(&batch, &ctx).await;
-                acks.handed_on(&batch);
+                let lost = sink.send(&batch, &ctx).await;
+                acks.handed_on(&batch, &lost);
                 batch.clear();
             }
             _ = crate::bus::stopped(&mut shutdown) => break,
@@ -535,8 +549,8 @@ async fn run(
     }
     rx.close();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        sink.send(&batch, &ctx).await;
-        acks.handed_on(&batch);
+        let lost = sink.send(&batch, &ctx).await;
+        acks.handed_on(&batch, &lost);
         batch.clear();
     }
     sink.close(&ctx).await;
@@ -664,6 +678,46 @@ mod tests {
         assert!(TypeFilter::any().matches("anything"));
     }
 
+    /// A sink that gives up on the events whose subject is `lose`.
+    struct Losing;
+
+    impl Sink for Losing {
+        fn send<'a>(
+            &'a mut self,
+            events: &'a [Arc<Event>],
+            _ctx: &'a SinkContext,
+        ) -> BoxFuture<'a, Vec<usize>> {
+            Box::pin(async move {
+                (0..events.len())
+                    .filter(|i| events[*i].subject.as_deref() == Some("lose"))
+                    .collect()
+            })
+        }
+    }
+
+    /// An event a sink gave up on (a JetStream publish never acknowledged, an outbox that
+    /// could not be written) was not handed on: its publisher is told so.
+    #[tokio::test]
+    async fn a_publisher_is_told_when_a_sink_gave_up_on_its_event() {
+        let mut b = Bus::builder();
+        b.sink("losing", 8, TypeFilter::any(), Box::new(Losing));
+        b.sink(
+            "fine",
+            8,
+            TypeFilter::any(),
+            Box::new(Gated(
+                Arc::new(tokio::sync::Semaphore::new(100)),
+                Arc::default(),
+            )),
+        );
+        let bus = b.build();
+        let mut lost = ev(SERVER_DOWN);
+        lost.subject = Some("lose".into());
+        let wait = |e| tokio::time::timeout(Duration::from_secs(2), bus.publish_handed_on(e));
+        assert!(!wait(lost).await.unwrap());
+        assert!(wait(ev(SERVER_DOWN)).await.unwrap());
+    }
+
     /// A sink that waits on a gate for each batch: the queue behind it fills.
     struct Gated(Arc<tokio::sync::Semaphore>, Arc<Mutex<Vec<String>>>);
 
@@ -672,11 +726,12 @@ mod tests {
             &'a mut self,
             events: &'a [Arc<Event>],
             ctx: &'a SinkContext,
-        ) -> BoxFuture<'a, ()> {
+        ) -> BoxFuture<'a, Vec<usize>> {
             Box::pin(async move {
                 self.0.acquire().await.unwrap().forget();
                 self.1.lock().extend(events.iter().map(|e| e.id.clone()));
                 SinkStats::add(&ctx.stats.delivered, events.len());
+                Vec::new()
             })
         }
     }

@@ -65,7 +65,11 @@ impl LinesSink {
 }
 
 impl Sink for LinesSink {
-    fn send<'a>(&'a mut self, events: &'a [Arc<Event>], ctx: &'a SinkContext) -> BoxFuture<'a, ()> {
+    fn send<'a>(
+        &'a mut self,
+        events: &'a [Arc<Event>],
+        ctx: &'a SinkContext,
+    ) -> BoxFuture<'a, Vec<usize>> {
         Box::pin(async move {
             let mut buf = Vec::with_capacity(events.len() * 512);
             for event in events {
@@ -73,7 +77,10 @@ impl Sink for LinesSink {
                 buf.push(b'\n');
             }
             match self.write(&buf).await {
-                Ok(()) => SinkStats::add(&ctx.stats.delivered, events.len()),
+                Ok(()) => {
+                    SinkStats::add(&ctx.stats.delivered, events.len());
+                    Vec::new()
+                }
                 Err(e) => {
                     SinkStats::add(&ctx.stats.failed, events.len());
                     let to = match &self.out {
@@ -82,6 +89,7 @@ impl Sink for LinesSink {
                     };
                     tracing::warn!(sink = %ctx.name, error = %e, events = events.len(),
                         "cannot write events to {to}");
+                    (0..events.len()).collect()
                 }
             }
         })

@@ -115,18 +115,25 @@ impl NatsSink {
 }
 
 impl Sink for NatsSink {
-    fn send<'a>(&'a mut self, events: &'a [Arc<Event>], ctx: &'a SinkContext) -> BoxFuture<'a, ()> {
+    fn send<'a>(
+        &'a mut self,
+        events: &'a [Arc<Event>],
+        ctx: &'a SinkContext,
+    ) -> BoxFuture<'a, Vec<usize>> {
         Box::pin(async move {
-            for event in events {
+            let mut lost = Vec::new();
+            for (i, event) in events.iter().enumerate() {
                 match self.publish(event).await {
                     Ok(()) => SinkStats::add(&ctx.stats.delivered, 1),
                     Err(reason) => {
                         SinkStats::add(&ctx.stats.failed, 1);
                         tracing::warn!(sink = %ctx.name, id = %event.id, %reason,
                             "cannot publish the event to NATS");
+                        lost.push(i);
                     }
                 }
             }
+            lost
         })
     }
 

@@ -111,7 +111,11 @@ impl Sink for WebhookSink {
         ));
     }
 
-    fn send<'a>(&'a mut self, events: &'a [Arc<Event>], ctx: &'a SinkContext) -> BoxFuture<'a, ()> {
+    fn send<'a>(
+        &'a mut self,
+        events: &'a [Arc<Event>],
+        ctx: &'a SinkContext,
+    ) -> BoxFuture<'a, Vec<usize>> {
         Box::pin(async move {
             let rows: Vec<_> = events
                 .iter()
@@ -130,11 +134,13 @@ impl Sink for WebhookSink {
                             "events outbox full: the oldest events were dropped");
                     }
                     self.wake.notify_one();
+                    Vec::new()
                 }
                 Err(e) => {
                     SinkStats::add(&ctx.stats.failed, n);
                     tracing::error!(sink = %ctx.name, error = %e, events = n,
                         "cannot write events to the outbox: they are lost");
+                    (0..n).collect()
                 }
             }
         })
