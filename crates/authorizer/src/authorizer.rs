@@ -92,6 +92,8 @@ struct Inner {
     client: Result<reqwest::Client, String>,
     /// Lower-cased, de-duplicated `send` header names.
     send: Vec<String>,
+    /// `upstream_headers`: the only headers an answer may set, when not empty.
+    upstream: Vec<HeaderName>,
     /// The parsed `cache.key`; `None` when an entry could not be understood, in which case
     /// nothing is cached or shared for this authorizer (fail safe).
     attrs: Option<Vec<KeyAttr>>,
@@ -150,12 +152,18 @@ impl Authorizer {
                 None
             }
         };
+        let upstream = cfg
+            .upstream_headers
+            .iter()
+            .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
         Authorizer {
             inner: Arc::new(Inner {
                 fingerprint: fingerprint(cfg),
                 cfg: cfg.clone(),
                 client,
                 send,
+                upstream,
                 attrs,
                 cache: Cache::new(cfg.cache.max_entries),
                 inflight: Mutex::new(HashMap::new()),
@@ -172,6 +180,11 @@ impl Authorizer {
     /// The config it was built from.
     pub fn config(&self) -> &AuthorizerCfg {
         &self.inner.cfg
+    }
+
+    /// The headers its answers may set (`upstream_headers`; empty: any it may).
+    pub fn upstream_headers(&self) -> &[HeaderName] {
+        &self.inner.upstream
     }
 
     pub(crate) fn fingerprint(&self) -> &str {
@@ -344,7 +357,12 @@ impl Inner {
             Ok(d) => Verdict {
                 allowed: d.allowed,
                 reason: d.reason.clone(),
-                headers: d.headers.clone(),
+                headers: d
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| self.upstream.is_empty() || self.upstream.contains(n))
+                    .cloned()
+                    .collect(),
                 cached,
                 error: None,
             },
@@ -373,6 +391,7 @@ mod tests {
             url: "http://127.0.0.1:9/".into(),
             timeout: Dur(Duration::from_millis(500)),
             send: vec!["X-Tenant".into(), "x-tenant".into()],
+            upstream_headers: vec![],
             cache: AuthorizerCache {
                 key: key.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()

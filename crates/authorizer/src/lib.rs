@@ -123,6 +123,7 @@ mod tests {
             url: url.into(),
             timeout: Dur(Duration::from_millis(200)),
             send: vec![],
+            upstream_headers: vec![],
             cache: AuthorizerCache::default(),
             on_error: OnError::Deny,
         }

@@ -106,6 +106,7 @@ fn cfg(url: &str) -> AuthorizerCfg {
         url: url.into(),
         timeout: Dur(Duration::from_millis(1000)),
         send: vec!["x-mode".into(), "x-sleep".into(), "x-cc".into()],
+        upstream_headers: vec![],
         cache: AuthorizerCache {
             key: vec!["header:x-tenant".into()],
             ..Default::default()

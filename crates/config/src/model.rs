@@ -1163,6 +1163,12 @@ pub struct AuthorizerCfg {
     /// Request headers sent along (lower-cased names).
     #[serde(default)]
     pub send: Vec<String>,
+    /// The headers its answers may set for the origin. When given, a client's own values of
+    /// them are removed on every route (as identity headers are), and any other header of an
+    /// answer is dropped. Empty: any header portcullis does not own is taken, and a client's
+    /// value stands when the answer sets none.
+    #[serde(default)]
+    pub upstream_headers: Vec<String>,
     #[serde(default)]
     pub cache: AuthorizerCache,
     #[serde(default)]

@@ -388,6 +388,33 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                     .push(root_src.diag(&place, format!("an authorizer is not sent `{h}`: {why}")));
             }
         }
+        for (j, h) in a.upstream_headers.iter().enumerate() {
+            let why = if http_header_name_invalid(h) {
+                Some("it is not a valid header name")
+            } else if h.contains('_') {
+                Some("a name with `_` is read as its `-` spelling by CGI-style origins: spell it with `-`")
+            } else if unsendable(h).is_some()
+                || matches!(
+                    h.to_ascii_lowercase().as_str(),
+                    "host"
+                        | "content-length"
+                        | "transfer-encoding"
+                        | "connection"
+                        | "te"
+                        | "upgrade"
+                )
+            {
+                Some("portcullis sets or removes it itself")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                diags.push(root_src.diag(
+                    &format!("{at}.upstream_headers[{j}]"),
+                    format!("an authorizer may not set `{h}`: {why}"),
+                ));
+            }
+        }
         for (j, k) in a.cache.key.iter().enumerate() {
             let ok = ["header:", "query:", "claim:"]
                 .iter()
@@ -2431,6 +2458,21 @@ routes:
             assert_reported(&e, &loc_of(&root, &text, needle, needle), why);
         }
         assert!(!e.contains("`x-tenant`"), "{e}");
+
+        // Nor may it set a name with `_`, or one portcullis sets itself.
+        let text = format!(
+            "authorizers: [{{ name: a, url: \"http://127.0.0.1:9/\", upstream_headers: [x-plan, x_tier, X-Real-IP, Host] }}]\n{GOOD_HEAD}  - {{ name: x, match: {{ path_prefix: / }}, backend: echo, public: true }}\n"
+        );
+        let root = write(d.path(), "p.yaml", &text);
+        let e = crate::load(&root).unwrap_err().to_string();
+        for (needle, why) in [
+            ("x_tier", "spell it with `-`"),
+            ("X-Real-IP", "portcullis sets or removes it itself"),
+            ("Host", "portcullis sets or removes it itself"),
+        ] {
+            assert_reported(&e, &loc_of(&root, &text, needle, needle), why);
+        }
+        assert!(!e.contains("`x-plan`"), "{e}");
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub struct Snapshot {
     /// Headers no client may set on any route: every `headers.upstream` name of every route,
     /// plus the assertion header (anything under `x-portcullis-` is also removed).
     pub strip_headers: Arc<[http::HeaderName]>,
+    /// What no client may send: `strip_headers`, and the headers authorizers set
+    /// (`upstream_headers`). Removed from every request (see `phase::check`).
+    pub unforgeable: Arc<[http::HeaderName]>,
     /// The triggers of `triggers:`, validated.
     pub triggers: Arc<Vec<portcullis_automation::TriggerCfg>>,
     /// The Cedar policies of `admin.policies`, for commands by triggers and workflows.
@@ -257,11 +260,20 @@ impl Snapshot {
         strip_headers.push(ASSERTION_HEADER.clone());
         strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip_headers.dedup();
+        let mut unforgeable = strip_headers.clone();
+        unforgeable.extend(
+            authorizers
+                .iter()
+                .flat_map(|a| a.upstream_headers().iter().cloned()),
+        );
+        unforgeable.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        unforgeable.dedup();
         Ok(Snapshot {
             identity,
             policy,
             authorizers,
             strip_headers: strip_headers.into(),
+            unforgeable: unforgeable.into(),
             // Set by the caller, which validates them (`automate::check::triggers`).
             triggers: Arc::default(),
             admin_policies: Arc::new(admin_policies(&config)?),

@@ -222,4 +222,41 @@ routes:
         }
         assert_eq!(kit.audit()[0]["authorizer"]["name"], "ctx");
     }
+
+    /// With `upstream_headers`, an authorizer sets only those, and a client's own values of
+    /// them are removed on every route, also when the answer sets none.
+    #[tokio::test]
+    async fn an_authorizers_declared_headers_cannot_come_from_the_client() {
+        let url = authorizer(r#"{"headers": {"x-plan": "gold", "x-other": "1"}}"#).await;
+        let kit = Kit::new(&format!(
+            "authorizers: [{{ name: ctx, url: \"{url}\", timeout: 5s, upstream_headers: [X-Plan, x-tenant-id] }}]\n{}",
+            ROUTES.replace(
+                "allow: [{ groups: [eng] }]\n    headers",
+                "allow: [{ groups: [eng] }]\n    authorize_with: [ctx]\n    headers"
+            )
+        ))
+        .await;
+        let token = kit.token("dev", "alice", &["eng"]);
+        let mut x = kit
+            .routed(
+                http::Request::get("/reports")
+                    .header("host", "example.com")
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("x-plan", "platinum")
+                    .header("X_Tenant_Id", "99")
+                    .header("x-tenant-id", "99"),
+            )
+            .await;
+        assert!(!x.parts.headers.contains_key("x-tenant-id"));
+        assert!(!x.parts.headers.contains_key("x_tenant_id"));
+        assert!(!x.parts.headers.contains_key("x-plan"));
+        let f = crate::phase::identify::run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        let f = run(&mut x).await;
+        assert!(is_next(&f), "{}", describe(&f));
+        let h = &x.parts.headers;
+        assert_eq!(h["x-plan"], "gold");
+        assert!(!h.contains_key("x-other"), "not declared: {h:?}");
+        assert!(!h.contains_key("x-tenant-id"), "the client's value: {h:?}");
+    }
 }

@@ -96,7 +96,8 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
     Flow::Next
 }
 
-/// Removes identity headers a client might try to set, on every route. Names spelled with
+/// Removes identity headers (and the headers authorizers set, `upstream_headers`) a client
+/// might try to set, on every route. Names spelled with
 /// `_` for `-` go too: CGI-style origin frameworks (WSGI, Rack, PHP) read `X_User` as `X-User`.
 pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
     // One pass over the request's own header names (a handful) instead of one hash lookup per
@@ -105,15 +106,14 @@ pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
         .keys()
         .filter(|k| {
             let s = k.as_str();
-            if s.starts_with("x-portcullis-") || snap.strip_headers.iter().any(|n| n == *k) {
+            if s.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n == *k) {
                 return true;
             }
             if !s.contains('_') {
                 return false;
             }
             let name = s.replace('_', "-");
-            name.starts_with("x-portcullis-")
-                || snap.strip_headers.iter().any(|n| n.as_str() == name)
+            name.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n.as_str() == name)
         })
         .cloned()
         .collect();

@@ -156,7 +156,7 @@ async fn request_body(
     let chunked = x.parts.version != Version::HTTP_2 && body.size_hint().exact().is_none();
     let trailers = if route.request_trailers || is_grpc(headers) {
         crate::upstream::body::Trailers::Keep(Box::new(crate::upstream::body::Kept {
-            protected: x.snap.strip_headers.clone(),
+            protected: x.snap.unforgeable.clone(),
             head: headers.keys().cloned().collect(),
         }))
     } else {
