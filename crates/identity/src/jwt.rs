@@ -327,7 +327,8 @@ fn decode_error(e: &jsonwebtoken::errors::Error) -> AuthError {
         K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
         K::InvalidIssuer => "token issuer does not match".to_string(),
         K::InvalidAudience => "token audience does not match".to_string(),
-        K::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
+        // Missing, or of another type (a number for `aud`, a negative `exp`).
+        K::MissingRequiredClaim(c) => format!("token has no valid `{c}` claim"),
         K::InvalidSignature => "token signature is invalid".to_string(),
         K::InvalidAlgorithm => "token algorithm does not match the key".to_string(),
         _ => MALFORMED.to_string(),

@@ -73,11 +73,20 @@ pub fn safe_return_to(s: &str) -> String {
         && !s.starts_with("/\\")
         && !s.chars().any(|c| c.is_control() || c == '\\')
         && s.len() <= 2048;
-    if ok {
-        s.to_string()
-    } else {
-        "/".to_string()
+    if !ok {
+        return "/".to_string();
     }
+    // A `Location` is an ASCII URI reference: bytes beyond ASCII (a decoded `rd`) and spaces
+    // are written percent-encoded.
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii() && b != b' ' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl OidcClient {
@@ -401,5 +410,7 @@ mod tests {
         ] {
             assert_eq!(safe_return_to(bad), "/", "{bad}");
         }
+        // Written as ASCII, whatever was decoded.
+        assert_eq!(safe_return_to("/\u{200b}/a b"), "/%E2%80%8B/a%20b");
     }
 }
