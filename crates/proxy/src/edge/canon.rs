@@ -371,8 +371,7 @@ fn end_run(high: &mut smallvec::SmallVec<[u8; 8]>) -> Result<(), Refusal> {
 /// before they route; parameters after an encoded `;` (`/admin%3Bv=1/x`) too, since some
 /// decode it first.
 pub fn match_path(p: &str) -> Cow<'_, str> {
-    let trailing = p.ends_with('.') || p.contains("./") || p.contains("%20");
-    if !trailing && !p.contains(';') && !p.contains("%3B") && !p.contains("%3b") {
+    if !needs_matching_form(p.as_bytes()) {
         return Cow::Borrowed(p);
     }
     let mut out = String::with_capacity(p.len());
@@ -390,6 +389,21 @@ pub fn match_path(p: &str) -> Cow<'_, str> {
         out.push_str(name);
     }
     Cow::Owned(out)
+}
+
+/// Whether [`match_path`] changes `p`: a `;` (or `%3B`), or a segment that ends with a dot
+/// or `%20`. One pass over the bytes (this runs on every request; most paths have none).
+fn needs_matching_form(p: &[u8]) -> bool {
+    p.iter().enumerate().any(|(i, &b)| match b {
+        b';' => true,
+        b'.' => matches!(p.get(i + 1), None | Some(b'/')),
+        b'%' => {
+            matches!(p.get(i + 1..i + 3), Some(b"3B" | b"3b")) || {
+                p.get(i + 1..i + 3) == Some(b"20")
+            }
+        }
+        _ => false,
+    })
 }
 
 /// A segment's name as Windows (IIS) reads it: without trailing dots and spaces (`admin.`
@@ -511,12 +525,7 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
             .filter(|c| c != text)
             .is_some();
     let last = name.rsplit(|&b| b == b'.').next().unwrap_or(name);
-    if name[0] != b'['
-        && numeric_label(last)
-        && text
-            .parse::<std::net::Ipv4Addr>()
-            .map_or(true, |a| a.to_string() != text)
-    {
+    if name[0] != b'[' && numeric_label(last) && !dotted_decimal(name) {
         return None;
     }
     let upper = name.iter().any(u8::is_ascii_uppercase);
@@ -538,6 +547,28 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
         name: Cow::Owned(name),
         authority,
     })
+}
+
+/// Whether `name` is an IPv4 address in its one standard form: four decimal numbers up to
+/// 255, without leading zeros (what parsing and printing it again would give, without the
+/// formatting on every request to an IP host).
+fn dotted_decimal(name: &[u8]) -> bool {
+    let mut parts = 0;
+    for part in name.split(|&b| b == b'.') {
+        parts += 1;
+        let ok = match part {
+            [b'0'] => true,
+            [b'1'..=b'9', rest @ ..] if rest.len() <= 2 => {
+                rest.iter().all(u8::is_ascii_digit)
+                    && part.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 255
+            }
+            _ => false,
+        };
+        if !ok || parts > 4 {
+            return false;
+        }
+    }
+    parts == 4
 }
 
 /// Whether a host's last label makes it an IPv4 address to URL parsers (WHATWG's "ends in a
@@ -682,6 +713,56 @@ pub fn underscore_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass checks give what the plain definitions (parse and print again; the
+    /// substring searches) give.
+    #[test]
+    fn the_fast_checks_agree_with_their_definitions() {
+        let mut texts: Vec<String> = [
+            "0.0.0.0",
+            "10.0.0.5",
+            "255.255.255.255",
+            "256.0.0.1",
+            "10.000.0.5",
+            "10.5",
+            "01.2.3.4",
+            "1.2.3.4.5",
+            "1.2.3.",
+            ".1.2.3",
+            "1..2.3",
+            "1.2.3.04",
+            "100.200.300.1",
+            "9.99.199.249",
+            "1.2.3.4a",
+            "",
+            "1234.1.1.1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for a in [0u32, 1, 9, 10, 99, 100, 199, 200, 249, 250, 255, 256, 999] {
+            texts.push(format!("{a}.{a}.0.{a}"));
+            texts.push(format!("0{a}.1.1.1"));
+        }
+        for t in &texts {
+            let want = t
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| a.to_string() == *t);
+            assert_eq!(dotted_decimal(t.as_bytes()), want, "{t}");
+        }
+        for p in [
+            "/", "/a/b", "/a.b/c", "/a./c", "/a.", "/x;y", "/x%3By", "/x%3by", "/a%20/b", "/a%20b",
+            "/a%2", "/%", "/a%3", ".", "/..", "/a.b",
+        ] {
+            let want = p.ends_with('.')
+                || p.contains("./")
+                || p.contains("%20")
+                || p.contains(';')
+                || p.contains("%3B")
+                || p.contains("%3b");
+            assert_eq!(needs_matching_form(p.as_bytes()), want, "{p}");
+        }
+    }
     use EscapedSlashes::*;
 
     fn canon(raw: &str) -> Result<String, Refusal> {

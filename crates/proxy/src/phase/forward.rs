@@ -303,8 +303,9 @@ async fn once(
                 req_body,
                 state.pool.clone(),
             );
-            within(try_timeout, trip, f)
+            tokio::time::timeout(try_timeout, f)
                 .await
+                .map_err(|_| late(trip))
                 .map(|r| r.map(Up::H1).map_err(Failed::from_h1))
         }
         Sender::H2(mut s) => {
@@ -314,8 +315,9 @@ async fn once(
             *req.headers_mut() = trip.head.headers.clone();
             *req.version_mut() = Version::HTTP_2;
             let f = s.try_send_request(req);
-            within(try_timeout, trip, f)
+            tokio::time::timeout(try_timeout, f)
                 .await
+                .map_err(|_| late(trip))
                 .map(|r| r.map(Up::H2).map_err(|e| Failed::from_h2(e, state)))
         }
     };
@@ -348,20 +350,17 @@ enum Late {
     Client,
 }
 
-/// Runs an attempt `f` (sending the request, its body included, and reading the response's
-/// head) within `limit`. When the limit is reached while the request body still waits on
-/// its client (a body that trickles in, each piece within `timeouts.client_body`), the delay
-/// is the client's: the attempt ends with 408 and the server is not blamed, so that slow
-/// clients cannot make a healthy server time out and be ejected.
-async fn within<F: std::future::Future>(
-    limit: Duration,
-    trip: &Trip<'_>,
-    f: F,
-) -> Result<F::Output, Late> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => Ok(v),
-        Err(_) if trip.body_wait.as_ref().is_some_and(BodyWait::on_client) => Err(Late::Client),
-        Err(_) => Err(Late::Server),
+/// Whose delay it was when an attempt (sending the request, its body included, and reading
+/// the response's head) ran out of time. While the request body still waits on its client
+/// (a body that trickles in, each piece within `timeouts.client_body`), the delay is the
+/// client's: the attempt ends with 408 and the server is not blamed, so that slow clients
+/// cannot make a healthy server time out and be ejected. (A plain function, not a wrapper
+/// future: the attempt's future is large, and each wrapper moves it once more.)
+fn late(trip: &Trip<'_>) -> Late {
+    if trip.body_wait.as_ref().is_some_and(BodyWait::on_client) {
+        Late::Client
+    } else {
+        Late::Server
     }
 }
 

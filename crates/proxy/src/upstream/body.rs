@@ -472,10 +472,12 @@ impl<B, D: OnDone> Drop for Tracked<B, D> {
         match &mut self.state {
             State::Own(inner) => inner.finish(empty),
             State::Shared(slot) => {
-                let taken = slot.inner.lock().take();
-                if let Some(mut inner) = taken {
+                // Finished and dropped in place (a body is large; taking it out moves it).
+                let mut guard = slot.inner.lock();
+                if let Some(inner) = guard.as_mut() {
                     inner.finish(empty);
                 }
+                *guard = None;
             }
         }
     }
