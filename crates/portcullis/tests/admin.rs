@@ -759,4 +759,18 @@ async fn bodies_of_other_types_than_json_get_400() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // A body too large is 413, as on every endpoint.
+    let big = format!(
+        "{{\"state\": \"drain\", \"pad\": \"{}\"}}",
+        "x".repeat(5 << 20)
+    );
+    let r = c
+        .post(p.admin_url("/api/v1/backends/b/servers/s1/state"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
 }

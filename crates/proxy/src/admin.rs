@@ -548,6 +548,18 @@ async fn run(rt: &Runtime, by: &Principal, cmd: Command) -> Response {
     }
 }
 
+/// A body the JSON extractor refused: 413 when it was too large (as the other endpoints
+/// answer), else 400 with `usage`.
+pub(crate) fn body_refused(
+    e: &axum::extract::rejection::JsonRejection,
+    usage: &'static str,
+) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large\n").into_response();
+    }
+    (StatusCode::BAD_REQUEST, usage).into_response()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateBody {
@@ -560,12 +572,14 @@ async fn set_state(
     Path((backend, server)): Path<(String, String)>,
     body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(StateBody { state })) = body else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n",
-        )
-            .into_response();
+    let Json(StateBody { state }) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return body_refused(
+                &e,
+                "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n",
+            )
+        }
     };
     let cmd = Command::SetServerState {
         backend,
@@ -587,12 +601,9 @@ async fn set_weight(
     Path((backend, server)): Path<(String, String)>,
     body: Result<Json<WeightBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(WeightBody { weight })) = body else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "body must be {\"weight\": 1..1000}\n",
-        )
-            .into_response();
+    let Json(WeightBody { weight }) = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(&e, "body must be {\"weight\": 1..1000}\n"),
     };
     let cmd = Command::SetServerWeight {
         backend,
@@ -623,12 +634,9 @@ async fn switch_route(
     Path(route): Path<String>,
     body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(SwitchBody { backend })) = body else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "body must be {\"backend\": \"app/name\"}\n",
-        )
-            .into_response();
+    let Json(SwitchBody { backend }) = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(&e, "body must be {\"backend\": \"app/name\"}\n"),
     };
     run(&rt, &by, Command::SwitchRoute { route, backend }).await
 }

@@ -304,8 +304,12 @@ async fn set_entry(
     Path((table, key)): Path<(String, String)>,
     body: Result<Json<EntryBody>, JsonRejection>,
 ) -> Response {
-    let Ok(Json(b)) = body else {
-        return bad_request(ENTRY_BODY.trim_end().to_string());
+    let b = match body {
+        Ok(Json(b)) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return crate::admin::body_refused(&e, ENTRY_BODY)
+        }
+        Err(_) => return bad_request(ENTRY_BODY.trim_end().to_string()),
     };
     let mut cmds = Vec::new();
     if let Some(tag) = b.untag {

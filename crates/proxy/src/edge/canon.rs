@@ -227,18 +227,20 @@ fn path_forms(raw: &str, merge: bool, slashes: EscapedSlashes) -> Result<Path<'_
 /// Where a segment's parameters start: at its first `;`, or at an encoded one (`%3B`),
 /// which some origins decode before they drop parameters (Spring's path helper does).
 fn params_at(seg: &[u8]) -> Option<usize> {
-    let semi = memchr::memchr(b';', seg);
-    let encoded = memchr::memmem::find(seg, b"%3B").or_else(|| memchr::memmem::find(seg, b"%3b"));
-    match (semi, encoded) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    // One pass (segments are short: a substring search costs more to set up than this).
+    (0..seg.len()).find(|&i| {
+        seg[i] == b';' || (seg[i] == b'%' && matches!(seg.get(i + 1..i + 3), Some(b"3B" | b"3b")))
+    })
 }
 
 /// `.` or `..`, alone or before a `;` parameter (`;` or `%3B`); or any name of nothing but
 /// dots and encoded spaces with a dot in it (`...`, `..%20`), which Windows (IIS) reads as
 /// `.` or `..` once it drops a name's trailing dots and spaces.
 fn is_dot(seg: &[u8]) -> bool {
+    // A name that starts with neither can be no dot segment (most of them).
+    if !matches!(seg.first(), Some(b'.' | b'%')) {
+        return false;
+    }
     let name = match params_at(seg) {
         Some(i) => &seg[..i],
         None => seg,
@@ -553,22 +555,22 @@ pub fn host(raw: &HeaderValue, default_port: u16) -> Option<Host<'_>> {
 /// 255, without leading zeros (what parsing and printing it again would give, without the
 /// formatting on every request to an IP host).
 fn dotted_decimal(name: &[u8]) -> bool {
-    let mut parts = 0;
-    for part in name.split(|&b| b == b'.') {
-        parts += 1;
-        let ok = match part {
-            [b'0'] => true,
-            [b'1'..=b'9', rest @ ..] if rest.len() <= 2 => {
-                rest.iter().all(u8::is_ascii_digit)
-                    && part.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 255
+    let (mut parts, mut value, mut digits) = (1, 0u32, 0);
+    for &b in name {
+        match b {
+            b'.' if digits > 0 && parts < 4 => (parts, value, digits) = (parts + 1, 0, 0),
+            // No leading zero: a digit after a first `0` is refused.
+            b'0'..=b'9' if digits < 3 && !(digits == 1 && value == 0) => {
+                value = value * 10 + u32::from(b - b'0');
+                digits += 1;
+                if value > 255 {
+                    return false;
+                }
             }
-            _ => false,
-        };
-        if !ok || parts > 4 {
-            return false;
+            _ => return false,
         }
     }
-    parts == 4
+    parts == 4 && digits > 0
 }
 
 /// Whether a host's last label makes it an IPv4 address to URL parsers (WHATWG's "ends in a

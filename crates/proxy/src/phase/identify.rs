@@ -14,6 +14,10 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let Some(route) = x.route else {
         return Flow::Next;
     };
+    if route.public {
+        // No identity to find (identify would say so at once): no future to box.
+        return Flow::Next;
+    }
     // Field by field, so that the headers can be borrowed mutably beside them.
     let target = crate::exchange::origin_target(&x.path, &x.parts.uri);
     let authority = x.host.as_ref().and_then(|h| h.authority.to_str().ok());
