@@ -12,9 +12,9 @@
 //!    threshold acts. `deny` answers its status (429 by default) with `Retry-After` (a rate
 //!    counter's period, rounded up to seconds; 1 for other counters); `tarpit` waits `delay`
 //!    first (holding no lock); `mark` sets its header to `1` for the origin and goes on.
-//! 3. **Plan.** One GCRA bucket per caller (`provider/subject`, or the client IP on a public
-//!    route): over it, 429 with `Retry-After`. Every answer on the route carries
-//!    `RateLimit-Policy` and `RateLimit`.
+//! 3. **Plan.** One GCRA bucket per caller (`provider/subject`, or on a public route the
+//!    client address, an IPv6 client's /64): over it, 429 with `Retry-After`. Every answer
+//!    on the route carries `RateLimit-Policy` and `RateLimit`.
 //!
 //! Errors (`http_err_*`) count only what the origin or the client's authentication caused:
 //! the origin's 4xx and 5xx (forward's `Done`), and a 401 from identify ([`auth_failed`]).
