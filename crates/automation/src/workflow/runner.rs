@@ -125,6 +125,9 @@ struct Held {
     history: Vec<HistoryRow>,
     calls: Vec<TaskCall>,
     consumed: Option<i64>,
+    /// A step changed its state since the last commit, whether or not it wrote history (a
+    /// Parallel state spawning its branches writes none).
+    dirty: bool,
     live: bool,
 }
 
@@ -315,6 +318,7 @@ impl Runner {
                 for h in held.iter_mut().filter(|h| h.live) {
                     match machine::step(&h.def, &mut h.exec, now, &mut rand) {
                         Some(p) => {
+                            h.dirty = true;
                             h.history.extend(p.history);
                             h.calls.extend(p.calls);
                         }
@@ -323,7 +327,10 @@ impl Runner {
                 }
             }
             let batch: Vec<usize> = (0..held.len())
-                .filter(|i| !held[*i].history.is_empty() || held[*i].consumed.is_some())
+                .filter(|i| {
+                    let h = &held[*i];
+                    h.dirty || !h.history.is_empty() || h.consumed.is_some()
+                })
                 .collect();
             if batch.is_empty() {
                 if round > 0 {
@@ -341,11 +348,13 @@ impl Runner {
                 if !ok {
                     // Another runner took it: drop what this one did.
                     h.live = false;
+                    h.dirty = false;
                     h.history.clear();
                     h.calls.clear();
                     continue;
                 }
                 tick.transitions += 1;
+                h.dirty = false;
                 h.row.history_len = h.exec.last_event;
                 h.consumed = None;
                 h.history.clear();
@@ -389,6 +398,7 @@ impl Runner {
             history: Vec::new(),
             calls: Vec::new(),
             consumed: None,
+            dirty: false,
             live: true,
         })
     }
@@ -508,4 +518,51 @@ fn rand01() -> impl FnMut() -> f64 {
     use rand::Rng;
     let mut r = rand::rng();
     move || r.random::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::memstore::MemoryWorkflowStore;
+    use serde_json::json;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn runner(name: &str, def: Value) -> Runner {
+        let store: Arc<dyn WorkflowStore> = Arc::new(MemoryWorkflowStore::new());
+        Runner::new(store, vec![Loaded::new(name, def).unwrap()])
+    }
+
+    /// Ticks until the execution closes (or a bound on ticks): its row.
+    fn run_to_end(r: &Runner, id: &str) -> ExecutionRow {
+        for n in 0..20 {
+            r.tick(T0 + n, 16).unwrap();
+            let row = r.store().get(id).unwrap().unwrap();
+            if row.status.is_closed() {
+                return row;
+            }
+        }
+        panic!("still running: {:?}", r.store().get(id).unwrap());
+    }
+
+    /// The only execution of a tick reaches a Parallel state: spawning its branches writes no
+    /// history event, and must be committed all the same (it was lost, and the execution
+    /// stayed at the Parallel state for good).
+    #[test]
+    fn a_lone_execution_runs_its_parallel_branches() {
+        let r = runner(
+            "par",
+            json!({"StartAt": "Par", "States": {"Par": {"Type": "Parallel", "End": true,
+            "Branches": [
+                {"StartAt": "A", "States": {"A": {"Type": "Pass", "Result": 1, "End": true}}},
+                {"StartAt": "B", "States": {"B": {"Type": "Pass", "Result": 2, "End": true}}}
+            ]}}}),
+        );
+        let (_, id) = r
+            .start("par", None, json!({}), &Starter::default(), T0)
+            .unwrap();
+        let row = run_to_end(&r, &id);
+        assert_eq!(row.status, Status::Succeeded, "{row:?}");
+        assert_eq!(row.output.as_deref(), Some("[1,2]"));
+    }
 }
