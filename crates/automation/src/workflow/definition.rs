@@ -10,6 +10,7 @@
 use super::choice::{self, Choice};
 use super::paths;
 use super::retry::{self, Catcher, Retrier};
+use super::MAX_SECONDS;
 use crate::Problem;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
@@ -627,7 +628,14 @@ fn template(obj: &Map<String, Value>, key: &str, at: &str, p: &mut Vec<Problem>)
 
 fn positive(v: &Value, at: &str, p: &mut Vec<Problem>) -> Option<u64> {
     match v.as_u64() {
-        Some(n) if n > 0 => Some(n),
+        Some(n) if (1..=MAX_SECONDS).contains(&n) => Some(n),
+        Some(n) if n > MAX_SECONDS => {
+            p.push((
+                at.to_string(),
+                format!("{n} seconds is over the limit of {MAX_SECONDS} (about three years)"),
+            ));
+            None
+        }
         _ => {
             p.push((at.to_string(), "a positive whole number of seconds".into()));
             None
@@ -781,7 +789,14 @@ fn wait(obj: &Map<String, Value>, at: &str, p: &mut Vec<Problem>) -> Option<Wait
     let kat = format!("{at}.{key}");
     Some(match key {
         "Seconds" => match v.as_u64() {
-            Some(n) => WaitFor::Seconds(n),
+            Some(n) if n <= MAX_SECONDS => WaitFor::Seconds(n),
+            Some(n) => {
+                p.push((
+                    kat,
+                    format!("{n} seconds is over the limit of {MAX_SECONDS} (about three years)"),
+                ));
+                return None;
+            }
             None => {
                 p.push((
                     kat,
@@ -1098,5 +1113,29 @@ mod tests {
         assert!(has(&p, "States.W", "exactly one"), "{p:?}");
         assert!(has(&p, "States.X.Timestamp", "RFC 3339"), "{p:?}");
         assert!(has(&p, "States.T.HeartbeatSeconds", "less than"), "{p:?}");
+    }
+
+    /// Seconds past Step Functions' limit are refused where they are written: they used to
+    /// overflow into a deadline in the past, so the Wait or the timeout ended at once.
+    #[test]
+    fn seconds_over_the_limit_are_refused() {
+        let huge = json!(9_223_372_036_854_776u64);
+        let p = problems(json!({"TimeoutSeconds": huge, "StartAt": "W", "States": {
+            "W": { "Type": "Wait", "Seconds": huge, "Next": "T" },
+            "T": { "Type": "Task", "Resource": "portcullis:http", "TimeoutSeconds": u64::MAX,
+                   "HeartbeatSeconds": 100_000_000, "End": true }
+        }}));
+        for at in [
+            "TimeoutSeconds",
+            "States.W.Seconds",
+            "States.T.TimeoutSeconds",
+            "States.T.HeartbeatSeconds",
+        ] {
+            assert!(has(&p, at, "over the limit of 99999999"), "{at}: {p:?}");
+        }
+        let ok = json!({"TimeoutSeconds": MAX_SECONDS, "StartAt": "W", "States": {
+            "W": { "Type": "Wait", "Seconds": MAX_SECONDS, "End": true }
+        }});
+        assert!(Definition::parse(&ok).is_ok());
     }
 }

@@ -17,7 +17,8 @@
 use super::definition::{Definition, Kind, Seconds, State, Transition, WaitFor};
 pub use super::stamp::{format_timestamp, parse_timestamp};
 use super::store::{HistoryRow, SignalKind, Status};
-use super::{choice, names, paths, retry, Scope, StatesError, MAX_HISTORY, MAX_PAYLOAD};
+use super::{after_ms, after_secs, choice, names, paths, retry, Scope, StatesError};
+use super::{MAX_HISTORY, MAX_PAYLOAD, MAX_SECONDS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -155,7 +156,7 @@ pub struct Progress {
 pub fn start(def: &Definition, meta: ExecMeta, now: i64) -> (Exec, Vec<HistoryRow>) {
     let input = meta.input.clone();
     let mut exec = Exec {
-        deadline: def.timeout_seconds.map(|s| now + (s as i64) * 1000),
+        deadline: def.timeout_seconds.map(|s| after_secs(now, s)),
         meta,
         threads: BTreeMap::new(),
         next_thread: 1,
@@ -328,7 +329,7 @@ pub fn signal(
             let tid = cx.find_task(|c| token_eq(c.token.as_deref(), token))?;
             if let Some(Step::Task(p)) = cx.exec.threads.get_mut(&tid).map(|t| &mut t.step) {
                 if let Some((secs, due)) = &mut p.heartbeat {
-                    *due = now + (*secs as i64) * 1000;
+                    *due = after_secs(now, *secs);
                 }
             }
         }
@@ -790,19 +791,27 @@ impl<'a, 'r> Cx<'a, 'r> {
     }
 
     fn wait_until(&self, tid: u32, w: &WaitFor, effective: &Value) -> Result<i64, StatesError> {
-        let secs = |v: &Value, p: &str| -> Result<i64, StatesError> {
-            v.as_u64().map(|s| s as i64).ok_or_else(|| {
-                StatesError::runtime(format!("`{p}` selects {v}, not a whole number of seconds"))
-            })
+        let secs = |v: &Value, p: &str| -> Result<u64, StatesError> {
+            match v.as_u64() {
+                Some(s) if s <= MAX_SECONDS => Ok(s),
+                Some(_) => Err(StatesError::runtime(format!(
+                    "`{p}` selects {v}, over the limit of {MAX_SECONDS} seconds"
+                ))),
+                None => Err(StatesError::runtime(format!(
+                    "`{p}` selects {v}, not a whole number of seconds"
+                ))),
+            }
         };
         let stamp = |s: &str| {
             parse_timestamp(s)
                 .ok_or_else(|| StatesError::runtime(format!("`{s}` is not an RFC 3339 timestamp")))
         };
         Ok(match w {
-            WaitFor::Seconds(s) => self.now + (*s as i64) * 1000,
+            WaitFor::Seconds(s) => after_secs(self.now, *s),
             WaitFor::Timestamp(t) => stamp(t)?,
-            WaitFor::SecondsPath(p) => self.now + secs(&self.select(tid, p, effective)?, p)? * 1000,
+            WaitFor::SecondsPath(p) => {
+                after_secs(self.now, secs(&self.select(tid, p, effective)?, p)?)
+            }
             WaitFor::TimestampPath(p) => {
                 let v = self.select(tid, p, effective)?;
                 stamp(v.as_str().ok_or_else(|| {
@@ -837,11 +846,14 @@ impl<'a, 'r> Cx<'a, 'r> {
             Some(Seconds::Fixed(n)) => Ok(Some(*n)),
             Some(Seconds::Path(p)) => {
                 let v = self.select(tid, p, effective)?;
-                v.as_u64().filter(|n| *n > 0).map(Some).ok_or_else(|| {
-                    StatesError::runtime(format!(
-                        "`{p}` selects {v}, not a positive whole number of seconds"
-                    ))
-                })
+                v.as_u64()
+                    .filter(|n| (1..=MAX_SECONDS).contains(n))
+                    .map(Some)
+                    .ok_or_else(|| {
+                        StatesError::runtime(format!(
+                            "`{p}` selects {v}, not a whole number of seconds from 1 to {MAX_SECONDS}"
+                        ))
+                    })
             }
         }
     }
@@ -874,12 +886,12 @@ impl<'a, 'r> Cx<'a, 'r> {
             key: format!("{}:{}:{id}", self.exec.meta.id, state.name),
             token,
             attempt: t.retry_count,
-            timeout_ms: timeout.map(|s| s * 1000),
+            timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
         };
         let pending = Pending {
             call: call.clone(),
-            deadline: timeout.map(|s| self.now + (s as i64) * 1000),
-            heartbeat: heartbeat.map(|s| (s, self.now + (s as i64) * 1000)),
+            deadline: timeout.map(|s| after_secs(self.now, s)),
+            heartbeat: heartbeat.map(|s| (s, after_secs(self.now, s))),
         };
         self.exec.threads.get_mut(&tid).expect("thread").step = Step::Task(Box::new(pending));
         self.out.calls.push(call);
@@ -923,7 +935,7 @@ impl<'a, 'r> Cx<'a, 'r> {
         if let Some(delay) = retry::next_retry(&state.retry, &mut t.retries, &e.error, rand) {
             t.retry_count += 1;
             t.step = Step::Backoff {
-                until: self.now + delay as i64,
+                until: after_ms(self.now, delay),
             };
             return;
         }

@@ -93,3 +93,18 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 
 /// The most history events one execution may have (as Step Functions).
 pub const MAX_HISTORY: u64 = 25_000;
+
+/// The largest number of seconds a `TimeoutSeconds`, `HeartbeatSeconds` or Wait may give
+/// (99 999 999, about three years, as Step Functions), written or selected by a path.
+pub const MAX_SECONDS: u64 = 99_999_999;
+
+/// The time `ms` milliseconds after `now` (Unix milliseconds), saturating: a far deadline
+/// stays far, and never wraps into the past.
+pub fn after_ms(now: i64, ms: u64) -> i64 {
+    now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// The time `secs` seconds after `now` (Unix milliseconds), saturating (see [`after_ms`]).
+pub fn after_secs(now: i64, secs: u64) -> i64 {
+    after_ms(now, secs.saturating_mul(1000))
+}

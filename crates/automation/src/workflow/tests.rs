@@ -540,3 +540,55 @@ fn a_nested_map_reusing_its_parents_name_is_refused_without_hanging() {
     // execution's history) through the same parse: refused there too, not spun on.
     assert!(within(5, move || super::runner::Loaded::new("nested", v).is_err()));
 }
+
+/// A Wait, a timeout or a heartbeat whose seconds come from the input and are past the limit
+/// fails the state with `States.Runtime` (they overflowed into the past before, and the Wait
+/// ended at once); at the limit, the Wait lasts.
+#[test]
+fn seconds_from_the_input_past_the_limit_fail_and_never_end_at_once() {
+    let d = def(json!({"StartAt": "W", "States": {
+        "W": { "Type": "Wait", "SecondsPath": "$.s", "Next": "T" },
+        "T": { "Type": "Task", "Resource": "portcullis:http", "TimeoutSecondsPath": "$.s", "End": true }
+    }}));
+    for s in [
+        json!(9_223_372_036_854_775u64),
+        json!(i64::MAX),
+        json!(u64::MAX),
+    ] {
+        let r = run(&d, json!({ "s": s }), &mut Answers::new());
+        let e = failed(&r);
+        assert_eq!(e.error, names::RUNTIME, "{s}: {e:?}");
+        assert!(e.cause.contains("over the limit"), "{e:?}");
+        assert!(times(&r, "WaitStateExited").is_empty(), "{s}");
+    }
+    let (mut exec, _) = machine::start(&d, meta(json!({ "s": super::MAX_SECONDS })), T0);
+    let mut rand = || 0.5;
+    machine::step(&d, &mut exec, T0, &mut rand).unwrap();
+    let until = exec.wake_at().unwrap();
+    assert_eq!(
+        until,
+        T0 + super::MAX_SECONDS as i64 * 1000,
+        "the Wait lasts"
+    );
+    assert!(machine::step(&d, &mut exec, T0 + 86_400_000, &mut rand).is_none());
+}
+
+/// Deadlines saturate: a time past the end of `i64` milliseconds stays in the far future.
+#[test]
+fn deadlines_saturate() {
+    assert_eq!(super::after_secs(T0, u64::MAX), i64::MAX);
+    assert_eq!(super::after_ms(T0, u64::MAX), i64::MAX);
+    assert_eq!(super::after_secs(T0, 2), T0 + 2000);
+}
+
+fn meta(input: Value) -> ExecMeta {
+    ExecMeta {
+        id: "e1".into(),
+        name: "n".into(),
+        workflow: "w".into(),
+        input,
+        start_ms: T0,
+        version: String::new(),
+        parent_key: None,
+    }
+}
