@@ -242,6 +242,34 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// An optional string attribute: absent or null is `None`, another JSON type an error.
+impl Event {
+    /// Refuses a control character (U+0000 to U+001F, U+007F to U+009F) in a String
+    /// attribute (`id`, `source`, `type`, `subject`, `causedby`), as CloudEvents 1.0 does: a
+    /// newline or a NUL there would reach logs, headers and receivers as it is.
+    pub fn check_text(&self) -> Result<(), ParseError> {
+        let attributes = [
+            ("id", Some(&self.id)),
+            ("source", Some(&self.source)),
+            ("type", Some(&self.type_)),
+            ("subject", self.subject.as_ref()),
+            ("causedby", self.causedby.as_ref()),
+        ];
+        for (name, value) in attributes {
+            let Some(c) = value.and_then(|v| v.chars().find(|c| c.is_control())) else {
+                continue;
+            };
+            return Err(ParseError::Attribute {
+                attribute: name.into(),
+                reason: format!(
+                    "holds the control character U+{:04X}, which CloudEvents forbids",
+                    u32::from(c)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn take_string(map: &mut Map<String, Value>, name: &str) -> Result<Option<String>, ParseError> {
     match map.remove(name) {
         None | Some(Value::Null) => Ok(None),

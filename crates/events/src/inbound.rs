@@ -9,6 +9,10 @@
 //! * a `ce-specversion` header: one binary-mode event, data in a JSON body;
 //! * `Content-Type: application/json` without `ce-*` headers: a Prometheus Alertmanager
 //!   webhook payload (version 4), one event per alert.
+//!
+//! In every mode, a control character (U+0000 to U+001F, U+007F to U+009F) in a String
+//! attribute (`id`, `source`, `type`, `subject`, `causedby`) refuses the request (400), as
+//! CloudEvents 1.0 forbids them.
 
 use crate::error::ParseError;
 use crate::event::{is_json_media_type, Event, BATCH_CONTENT_TYPE};
@@ -31,14 +35,19 @@ pub fn parse(headers: &HeaderMap, body: &[u8], max_bytes: usize) -> Result<Vec<E
     if media == BATCH_CONTENT_TYPE {
         return parse_batch(body);
     }
+    let checked = |e: Event| e.check_text().map(|()| vec![e]);
     if http::is_structured(headers) {
-        return http::from_structured(headers, body, max_bytes).map(|e| vec![e]);
+        return http::from_structured(headers, body, max_bytes).and_then(checked);
     }
     if http::is_binary(headers) {
-        return http::from_binary(headers, body, max_bytes).map(|e| vec![e]);
+        return http::from_binary(headers, body, max_bytes).and_then(checked);
     }
     if is_json_media_type(&media) {
-        return crate::alertmanager::parse(body);
+        let events = crate::alertmanager::parse(body)?;
+        for e in &events {
+            e.check_text()?;
+        }
+        return Ok(events);
     }
     Err(ParseError::ContentType {
         found: if media.is_empty() {
@@ -68,7 +77,8 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Event>, ParseError> {
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            Event::from_json_value(item).map_err(|e| ParseError::InBatch {
+            let event = Event::from_json_value(item).and_then(|e| e.check_text().map(|()| e));
+            event.map_err(|e| ParseError::InBatch {
                 index,
                 error: Box::new(e),
             })

@@ -145,7 +145,7 @@ pub fn accept(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, (StatusCod
             e.type_.as_str(),
             portcullis_events::types::ALERT_FIRING | portcullis_events::types::ALERT_RESOLVED
         );
-        if e.type_.starts_with(RESERVED_TYPES) && !(from_alertmanager && alert) {
+        if reserved(&e.type_, RESERVED_TYPES) && !(from_alertmanager && alert) {
             return Err((
                 StatusCode::FORBIDDEN,
                 format!(
@@ -157,7 +157,7 @@ pub fn accept(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, (StatusCod
                 ),
             ));
         }
-        if e.source.starts_with(RESERVED_SOURCE) {
+        if reserved(&e.source, RESERVED_SOURCE) {
             return Err((
                 StatusCode::FORBIDDEN,
                 format!(
@@ -170,6 +170,16 @@ pub fn accept(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, (StatusCod
         }
     }
     Ok(events)
+}
+
+/// Whether `value` is in the reserved namespace `prefix`: compared without regard to ASCII
+/// case (a URI's scheme is case-insensitive, RFC 3986 §3.1, and `DEV.portcullis.*` would read
+/// as the proxy's own to many a receiver), and after leading whitespace.
+pub fn reserved(value: &str, prefix: &str) -> bool {
+    value
+        .trim_start()
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
 }
 
 /// The types of the events an inbound body carries, read exactly as the endpoint will read
@@ -319,6 +329,52 @@ mod tests {
             .to_string()
     }
 
+    /// CloudEvents forbids control characters in String attributes: a NUL or a newline in
+    /// `type`, `subject` or a `ce-*` header is a 400 naming the attribute, in every mode.
+    #[test]
+    fn control_characters_in_attributes_are_refused() {
+        let h = headers(&[("content-type", STRUCTURED)]);
+        let base = json!({"specversion": "1.0", "id": "e1", "source": "https://x", "type": "com.example.t"});
+        for (attr, value) in [
+            ("type", "com.example.t\u{0}\n"),
+            ("id", "e\r1"),
+            ("source", "https://x\u{1b}[2J"),
+            ("subject", "a\u{85}b"),
+            ("causedby", "x\u{7f}"),
+        ] {
+            let mut ev = base.clone();
+            ev[attr] = json!(value);
+            let (status, msg) = accept(&h, ev.to_string().as_bytes()).unwrap_err();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{attr}: {msg}");
+            assert!(
+                msg.contains(attr) && msg.contains("control character"),
+                "{msg}"
+            );
+        }
+        let batch =
+            json!([base, {"specversion": "1.0", "id": "e2", "source": "https://x", "type": "t\n"}]);
+        let bh = headers(&[("content-type", "application/cloudevents-batch+json")]);
+        let (status, msg) = accept(&bh, batch.to_string().as_bytes()).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{msg}");
+        assert!(
+            msg.contains('1') && msg.contains("control character"),
+            "{msg}"
+        );
+        let binary = headers(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b1"),
+            ("ce-source", "https://x"),
+            ("ce-type", "com.example.t%0A"),
+            ("content-type", "application/json"),
+        ]);
+        let (status, msg) = accept(&binary, b"{}").unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{msg}");
+        // Printable text outside ASCII is fine.
+        let mut ok = base.clone();
+        ok["subject"] = json!("café/ü");
+        assert!(accept(&h, ok.to_string().as_bytes()).is_ok());
+    }
+
     #[test]
     fn outside_types_are_taken() {
         let h = headers(&[("content-type", STRUCTURED)]);
@@ -338,6 +394,11 @@ mod tests {
             ("dev.portcullis.alert.firing", "https://x"),
             ("dev.portcullis.nope", "https://x"),
             ("com.example.x", "portcullis://edge-1"),
+            ("com.example.x", "PORTCULLIS://edge-1"),
+            ("com.example.x", "Portcullis://edge-1"),
+            ("com.example.x", " portcullis://edge-1"),
+            ("DEV.portcullis.server.down", "https://x"),
+            ("Dev.Portcullis.config.reloaded", "https://x"),
         ] {
             let (status, msg) = accept(&h, event(type_, source).as_bytes()).unwrap_err();
             assert_eq!(status, StatusCode::FORBIDDEN, "{type_} {source}: {msg}");

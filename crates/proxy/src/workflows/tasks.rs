@@ -302,7 +302,7 @@ fn callback(rt: &Runtime, call: &TaskCall) {
 fn emit(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
     let o = obj(call, "type, subject, data")?;
     let ty = text(o, "type")?;
-    if ty.starts_with(crate::admin_events::RESERVED_TYPES) {
+    if crate::admin_events::reserved(&ty, crate::admin_events::RESERVED_TYPES) {
         return Err(StatesError::new(
             names::TASK_FAILED,
             format!("`{ty}`: the `dev.portcullis.` types are the proxy's own; use your own prefix"),
