@@ -39,9 +39,12 @@
 //!   `max_actions_per_minute`, or all enforcing triggers together over
 //!   [`EngineOptions::max_actions_per_minute`], in the last 60 seconds, does not happen
 //!   (all of its actions or none). Dry-run firings count only against their own trigger's cap.
-//! * **Exactly once.** [`Firing::idempotency_key`] is `trigger|group|window_start` (in Unix
-//!   milliseconds). The caller claims it in a [`FiringStore`](crate::FiringStore) before running
-//!   the actions; the same events seen again after a restart, or by a replica reading the same
+//! * **Exactly once.** [`Firing::idempotency_key`] is `trigger|group|origin`, where `origin`
+//!   names the event that opened the window (reactive: the oldest counted; proactive: the one
+//!   that started the wait) by a digest of its `(source, id)`, never by its time: an event
+//!   without `time` is stamped when it is received, so a redelivery would get a new time. The
+//!   caller claims the key in a [`FiringStore`](crate::FiringStore) before running the
+//!   actions; the same events seen again after a restart, or by a replica reading the same
 //!   event stream, give the same key.
 
 use crate::config::{Action, Posture, TriggerCfg};
@@ -101,7 +104,7 @@ pub struct Firing {
     pub window_start: Timestamp,
     /// When the engine decided (`now`).
     pub at: Timestamp,
-    /// `trigger|group|window_start`: claim it before acting.
+    /// `trigger|group|origin` (see the module docs): claim it before acting.
     pub idempotency_key: String,
     /// The event that made the trigger fire (proactive: the one that started the wait).
     pub cause_event_id: String,
@@ -166,6 +169,8 @@ pub struct EngineStats {
 #[derive(Clone, Debug)]
 struct Pending {
     start: Timestamp,
+    /// [`origin`] of the event that started the wait.
+    origin: String,
     deadline: Timestamp,
     cause: String,
     hop: u32,
@@ -175,7 +180,8 @@ struct Pending {
 #[derive(Clone, Debug, Default)]
 struct GroupState {
     touch: u64,
-    window: VecDeque<Timestamp>,
+    /// The counted events' times, oldest first, with their [`origin`]s.
+    window: VecDeque<(Timestamp, String)>,
     pending: Option<Pending>,
     last_fired: Option<Timestamp>,
     muted_until: Option<Timestamp>,
@@ -386,7 +392,8 @@ impl Engine {
                     continue;
                 };
                 if self.gate(i, &group, now) {
-                    out.push(self.commit(i, &group, now, p.start, p.cause, p.hop, p.actions));
+                    let opened = (p.start, p.origin);
+                    out.push(self.commit(i, &group, now, opened, p.cause, p.hop, p.actions));
                 }
             }
         }
@@ -467,11 +474,11 @@ impl Engine {
         let threshold = c.cfg.threshold.max(1) as usize;
         let within = c.within;
         let g = self.states[i].group(group, &mut self.seq, self.opts.max_groups_per_trigger);
-        let pos = g.window.partition_point(|t| *t <= at);
-        g.window.insert(pos, at);
-        if let (Some(w), Some(newest)) = (within, g.window.back().copied()) {
+        let pos = g.window.partition_point(|(t, _)| *t <= at);
+        g.window.insert(pos, (at, origin(ev)));
+        if let (Some(w), Some((newest, _))) = (within, g.window.back()) {
             let oldest_ok = newest.minus(w);
-            while g.window.front().is_some_and(|t| *t < oldest_ok) {
+            while g.window.front().is_some_and(|(t, _)| *t < oldest_ok) {
                 g.window.pop_front();
             }
         }
@@ -481,7 +488,7 @@ impl Engine {
         if g.window.len() < threshold {
             return None;
         }
-        let start = g.window.front().copied().unwrap_or(at);
+        let (start, first) = g.window.front().cloned()?;
         if !self.gate(i, group, now) {
             return None;
         }
@@ -489,7 +496,8 @@ impl Engine {
             g.window.clear();
         }
         let actions = self.render(i, group, ev);
-        Some(self.commit(i, group, now, start, ev.id.to_string(), hop, actions))
+        let cause = (start, first);
+        Some(self.commit(i, group, now, cause, ev.id.to_string(), hop, actions))
     }
 
     /// Starts a proactive wait for the group, unless one is running.
@@ -509,6 +517,7 @@ impl Engine {
         let g = st.group(group, &mut self.seq, self.opts.max_groups_per_trigger);
         g.pending = Some(Pending {
             start: at,
+            origin: origin(ev),
             deadline,
             cause: ev.id.to_string(),
             hop,
@@ -578,7 +587,7 @@ impl Engine {
         i: usize,
         group: &str,
         now: Timestamp,
-        window_start: Timestamp,
+        (window_start, origin): (Timestamp, String),
         cause: String,
         hop: u32,
         actions: Result<Vec<Action>, String>,
@@ -617,7 +626,7 @@ impl Engine {
             group: group.to_string(),
             window_start,
             at: now,
-            idempotency_key: format!("{name}|{group}|{}", window_start.as_millis()),
+            idempotency_key: format!("{name}|{group}|{origin}"),
             cause_event_id: cause,
             actions,
             error,
@@ -626,6 +635,20 @@ impl Engine {
             max_unavailable: c.cfg.max_unavailable.unwrap_or(self.opts.max_unavailable),
         }
     }
+}
+
+/// What names an event in an idempotency key: the first 16 bytes of the SHA-256 of its
+/// `source` and `id` (unique together, by CloudEvents), in hex.
+fn origin(ev: &EventView<'_>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(ev.source.as_bytes());
+    h.update([0]);
+    h.update(ev.id.as_bytes());
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The event's group for trigger `c`: the `for_each` value, or `""` without one.
