@@ -613,15 +613,66 @@ async fn an_approval_resumes_on_its_callback_and_a_missed_heartbeat_fails_it() {
         (Some("FAILED"), Some("States.HeartbeatTimeout")),
         "{d}"
     );
-    // A token used once answers nothing more.
-    let (s, _) = admin(
+    // A token used once answers nothing more, and says why.
+    let (s, v) = admin(
         &p,
         Method::POST,
         "/api/v1/callbacks/success",
         Some(json!({ "token": token })),
     )
     .await;
-    assert_eq!(s, 404);
+    assert_eq!(s, 409, "{v}");
+}
+
+/// Five answers to one callback token at once: one is taken (200), the other four are told
+/// 409 and audited as refused; they were all told 200 before, and four were dropped unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_answers_to_one_token_take_one() {
+    let origin = Origin::named("o").await;
+    let extra = "    ask:\n      StartAt: Ask\n      States:\n        Ask:\n          Type: Task\n          Resource: \"portcullis:wait_for_callback\"\n          Parameters: { \"token.$\": \"$$.Task.Token\" }\n          End: true\n";
+    let p = Proxy::start(&config(&origin.address(), extra)).await;
+    let (_, a) = start(&p, "ask", json!({})).await;
+    let a = a["executionId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let token = loop {
+        let h = history(&p, &a).await;
+        if let Some(t) = h
+            .iter()
+            .find(|e| e["type"] == "TaskScheduled")
+            .and_then(|e| e["details"]["parameters"]["token"].as_str())
+        {
+            break t.to_string();
+        }
+        assert!(Instant::now() < deadline, "no task scheduled: {h:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let answers = (1..=5).map(|n| {
+        let (p, token) = (&p, token.clone());
+        async move {
+            let body = json!({ "token": token, "output": { "approver": n } });
+            let (s, v) = admin(p, Method::POST, "/api/v1/callbacks/success", Some(body)).await;
+            (n, s, v)
+        }
+    });
+    let answers = futures_util::future::join_all(answers).await;
+    let taken: Vec<_> = answers.iter().filter(|(_, s, _)| *s == 200).collect();
+    assert_eq!(taken.len(), 1, "{answers:?}");
+    for (_, s, v) in answers.iter().filter(|(_, s, _)| *s != 200) {
+        assert_eq!(*s, 409, "{v}");
+        assert!(v.to_string().contains("answered before"), "{v}");
+    }
+    let d = closed(&p, &a, Duration::from_secs(5)).await;
+    assert_eq!(d["status"], "SUCCEEDED", "{d}");
+    assert_eq!(
+        d["output"],
+        json!({ "approver": taken[0].0 }),
+        "the one taken"
+    );
+    let refused = audit_records(p.dir.path())
+        .into_iter()
+        .filter(|r| r["detail"]["action"] == "workflow.callback.success.refused")
+        .count();
+    assert_eq!(refused, 4);
 }
 
 /// Kills the proxy with SIGKILL and starts it again on the same directory (store, audit).

@@ -11,7 +11,9 @@
 //!   "cause"?}`: answers the execution's one waiting `portcullis:wait_for_callback` task
 //!   without its token (the console's approval buttons; 409 when several wait, 404 when none).
 //! * `POST /api/v1/callbacks/{success|failure|heartbeat}` `{"token", …}`: answers a
-//!   `portcullis:wait_for_callback` task (404 when the token matches no waiting task).
+//!   `portcullis:wait_for_callback` task (404 when the token matches no waiting task). A token
+//!   takes one answer (success or failure, here or by approve/reject): of concurrent answers
+//!   one is taken (200), the others get 409 and are audited as refused.
 //!
 //! Starts, stops and callbacks are audited with the caller. Bodies are at most 1 MiB.
 
@@ -27,7 +29,7 @@ use bytes::Bytes;
 use portcullis_automation::workflow::machine::{format_timestamp, Exec};
 use portcullis_automation::workflow::runner::{StartError, Starter};
 use portcullis_automation::workflow::store::{
-    ExecutionRow, ListFilter, SignalKind, StartOutcome, Status,
+    Answered, ExecutionRow, ListFilter, SignalKind, StartOutcome, Status,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -358,12 +360,26 @@ async fn signal(
     }
     let store = svc.runner.store().clone();
     let shown = id.clone();
-    match blocking(move || store.signal(&id, kind, now_ms())).await {
-        Ok(Ok(true)) => {
+    let queued = blocking(move || {
+        if kind.answers().is_some() {
+            store.answer(&id, kind, now_ms())
+        } else {
+            let ok = store.signal(&id, kind, now_ms())?;
+            Ok(if ok {
+                Answered::Queued
+            } else {
+                Answered::NotRunning
+            })
+        }
+    })
+    .await;
+    match queued {
+        Ok(Ok(Answered::Queued)) => {
             svc.wake();
             Json(json!({ "ok": true, "execution": shown })).into_response()
         }
-        Ok(Ok(false)) => err(
+        Ok(Ok(Answered::Before)) => answered_before(rt, by, action, &shown).await,
+        Ok(Ok(Answered::NotRunning)) => err(
             StatusCode::NOT_FOUND,
             format!("no running execution `{shown}`"),
         ),
@@ -506,6 +522,20 @@ async fn answer(rt: Arc<Runtime>, by: Principal, id: String, body: Bytes, ok: bo
     signal(&rt, &svc, &by, id, kind, "workflow.callback", audit).await
 }
 
+/// A callback answer refused because its token took another answer: audited, and 409.
+async fn answered_before(rt: &Runtime, by: &Principal, action: &str, id: &str) -> Response {
+    let rec = crate::audit::admin(
+        &by.who,
+        &format!("{action}.refused"),
+        json!({ "execution": id, "reason": "the callback was answered before" }),
+    );
+    crate::audit::write(&rt.shared, rec).await;
+    err(
+        StatusCode::CONFLICT,
+        "the callback was answered before (by an earlier or a concurrent answer); this answer is not taken",
+    )
+}
+
 /// Whether two secrets are equal, in constant time (of their length).
 fn eq_ct(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -560,7 +590,19 @@ async fn callback(
     };
     let id = match waiting(&svc, &token).await {
         Ok(id) => id,
-        Err(r) => return r.into_response(),
+        Err(r) => {
+            // Not waiting because an answer was applied: say so, as to a concurrent answer.
+            let store = svc.runner.store().clone();
+            let t = token.clone();
+            let before = outcome != "heartbeat"
+                && matches!(blocking(move || store.answered(&t)).await, Ok(Ok(true)));
+            if !before {
+                return r.into_response();
+            }
+            let shown = token.split('.').next().unwrap_or_default().to_string();
+            return answered_before(&rt, &by, &format!("workflow.callback.{outcome}"), &shown)
+                .await;
+        }
     };
     let kind = match outcome.as_str() {
         "success" => {

@@ -178,6 +178,21 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         ) WITHOUT ROWID;
     ",
     },
+    Migration {
+        version: 7,
+        name: "workflow callback answers",
+        sql: "
+        -- Callback tokens answered (send-success, send-failure), so that a token takes one
+        -- answer: the row is inserted in the transaction that queues the answer, and the
+        -- token's later answers are refused. Deleted with the execution when it is pruned.
+        CREATE TABLE workflow_answers (
+            token        TEXT    PRIMARY KEY,
+            execution_id TEXT    NOT NULL,
+            at           INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX workflow_answers_execution ON workflow_answers (execution_id);
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's number.

@@ -1,8 +1,9 @@
 //! Durable workflow executions: [`WorkflowStore`] for [`Store`], in the tables
-//! `workflow_executions`, `workflow_history` and `workflow_signals` (schema version 4).
+//! `workflow_executions`, `workflow_history` and `workflow_signals` (schema version 4), and
+//! `workflow_answers` (version 7).
 //!
 //! Every method is one transaction. Those that read before they write (`start`, `lease`,
-//! `commit`, `signal`, `prune`) take the write lock first (`BEGIN IMMEDIATE`), so two
+//! `commit`, `signal`, `answer`, `prune`) take the write lock first (`BEGIN IMMEDIATE`), so two
 //! processes on the same file never both start one name, nor lease one execution, nor commit
 //! on a lease the other took. [`WorkflowStore::commit`] writes a whole batch of transitions in
 //! one transaction, with one `fsync`: that is the runner's group commit.
@@ -14,8 +15,8 @@
 
 use crate::Store;
 use portcullis_automation::workflow::store::{
-    Commit, ExecutionRow, HistoryRow, Leased, ListFilter, NewExecution, Signal, SignalKind,
-    StartOutcome, Status, StoreError as WorkflowError, WorkflowStore,
+    Answered, Commit, ExecutionRow, HistoryRow, Leased, ListFilter, NewExecution, Signal,
+    SignalKind, StartOutcome, Status, StoreError as WorkflowError, WorkflowStore,
 };
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -280,8 +281,48 @@ fn signal(conn: &mut Connection, id: &str, kind: &str, now: i64) -> rusqlite::Re
     Ok(true)
 }
 
+fn answer(
+    conn: &mut Connection,
+    id: &str,
+    token: &str,
+    kind: &str,
+    now: i64,
+) -> rusqlite::Result<Answered> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let before: Option<i64> = tx
+        .prepare_cached("SELECT 1 FROM workflow_answers WHERE token = ?1")?
+        .query_row(params![token], |r| r.get(0))
+        .optional()?;
+    if before.is_some() {
+        return Ok(Answered::Before);
+    }
+    let n = tx
+        .prepare_cached(
+            "UPDATE workflow_executions
+                SET wake_at = CASE WHEN wake_at <= ?2 THEN wake_at ELSE ?2 END
+              WHERE id = ?1 AND status = 'RUNNING'",
+        )?
+        .execute(params![id, now])?;
+    if n == 0 {
+        return Ok(Answered::NotRunning);
+    }
+    tx.prepare_cached(
+        "INSERT INTO workflow_answers (token, execution_id, at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![token, id, now])?;
+    tx.prepare_cached("INSERT INTO workflow_signals (execution_id, at, kind) VALUES (?1, ?2, ?3)")?
+        .execute(params![id, now, kind])?;
+    tx.commit()?;
+    Ok(Answered::Queued)
+}
+
 fn prune(conn: &mut Connection, before: i64) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "DELETE FROM workflow_answers WHERE execution_id IN
+            (SELECT id FROM workflow_executions WHERE status <> 'RUNNING' AND stopped_at < ?1)",
+        params![before],
+    )?;
     tx.execute(
         "DELETE FROM workflow_history WHERE execution_id IN
             (SELECT id FROM workflow_executions WHERE status <> 'RUNNING' AND stopped_at < ?1)",
@@ -355,6 +396,28 @@ impl WorkflowStore for Store {
         })?;
         signal(&mut self.conn(), id, &kind, now)
             .map_err(|e| self.workflow_error("queueing a signal for a workflow execution", e))
+    }
+
+    fn answer(&self, id: &str, kind: SignalKind, now: i64) -> Result<Answered, WorkflowError> {
+        let Some(token) = kind.answers().map(str::to_owned) else {
+            return Ok(Answered::NotRunning);
+        };
+        let kind = serde_json::to_string(&kind).map_err(|e| {
+            WorkflowError(format!(
+                "the database {}: queueing a callback's answer: {e}",
+                self.path().display()
+            ))
+        })?;
+        answer(&mut self.conn(), id, &token, &kind, now)
+            .map_err(|e| self.workflow_error("queueing a callback's answer", e))
+    }
+
+    fn answered(&self, token: &str) -> Result<bool, WorkflowError> {
+        self.conn()
+            .prepare_cached("SELECT 1 FROM workflow_answers WHERE token = ?1")
+            .and_then(|mut s| s.query_row(params![token], |_| Ok(())).optional())
+            .map(|r| r.is_some())
+            .map_err(|e| self.workflow_error("reading a callback's answer", e))
     }
 
     fn get(&self, id: &str) -> Result<Option<ExecutionRow>, WorkflowError> {

@@ -9,8 +9,8 @@
 //! both.
 
 use super::store::{
-    Commit, ExecutionRow, HistoryRow, Leased, ListFilter, NewExecution, Signal, SignalKind,
-    StartOutcome, Status, StoreError, WorkflowStore,
+    Answered, Commit, ExecutionRow, HistoryRow, Leased, ListFilter, NewExecution, Signal,
+    SignalKind, StartOutcome, Status, StoreError, WorkflowStore,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -33,6 +33,8 @@ struct Inner {
     names: HashMap<(String, String), String>,
     /// The last signal's `seq`: the next is one more, even after that one is consumed.
     last_seq: i64,
+    /// Callback tokens answered, with their executions.
+    answered: HashMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -265,6 +267,35 @@ impl WorkflowStore for MemoryWorkflowStore {
         }
     }
 
+    fn answer(&self, id: &str, kind: SignalKind, now: i64) -> Result<Answered, StoreError> {
+        let Some(token) = kind.answers().map(str::to_owned) else {
+            return Ok(Answered::NotRunning);
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.answered.contains_key(&token) {
+            return Ok(Answered::Before);
+        }
+        match inner.executions.get_mut(id) {
+            Some(e) if e.row.status == Status::Running => {
+                inner.last_seq += 1;
+                e.signals.push(Signal {
+                    seq: inner.last_seq,
+                    at: now,
+                    kind,
+                });
+                e.row.wake_at = Some(e.row.wake_at.map_or(now, |w| w.min(now)));
+                inner.answered.insert(token, id.to_owned());
+                Ok(Answered::Queued)
+            }
+            _ => Ok(Answered::NotRunning),
+        }
+    }
+
+    fn answered(&self, token: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().answered.contains_key(token))
+    }
+
     fn get(&self, id: &str) -> Result<Option<ExecutionRow>, StoreError> {
         Ok(self.lock().executions.get(id).map(|e| e.row.clone()))
     }
@@ -326,6 +357,7 @@ impl WorkflowStore for MemoryWorkflowStore {
                 inner.names.remove(&(e.row.workflow, e.row.name));
             }
         }
+        inner.answered.retain(|_, e| !gone.contains(e));
         Ok(gone.len())
     }
 }
@@ -348,6 +380,7 @@ pub mod conformance {
         ("start outcomes", start_outcomes),
         ("leases", leases),
         ("signals", signals),
+        ("one answer per token", answers),
         ("commits", commits),
         ("a failing batch changes nothing", failing_batch),
         ("list", list),
@@ -559,6 +592,41 @@ pub mod conformance {
 
     /// Signals: queued for running executions only, wake them, come with the lease in
     /// order, and are consumed by commits.
+    pub fn answers(s: &dyn WorkflowStore) {
+        use super::super::store::Answered;
+        started(s, execution("x", "wf", "x", "{}", 1, None));
+        let ok = |t: &str| SignalKind::Success {
+            token: t.into(),
+            output: "{}".into(),
+        };
+        let no = SignalKind::Failure {
+            token: "t1".into(),
+            error: "Rejected".into(),
+            cause: "by bob".into(),
+        };
+        assert_eq!(s.answer("x", ok("t1"), 100).unwrap(), Answered::Queued);
+        assert_eq!(s.answer("x", no, 101).unwrap(), Answered::Before);
+        assert_eq!(s.answer("x", ok("t1"), 102).unwrap(), Answered::Before);
+        assert_eq!(s.answer("x", ok("t2"), 103).unwrap(), Answered::Queued);
+        assert_eq!(
+            s.answer("nope", ok("t3"), 104).unwrap(),
+            Answered::NotRunning
+        );
+        let beat = SignalKind::Heartbeat { token: "t4".into() };
+        assert_eq!(s.answer("x", beat, 105).unwrap(), Answered::NotRunning);
+        assert_eq!(s.get("x").unwrap().unwrap().wake_at, Some(100));
+        let leased = s.lease("r", 200, 1000, 10).unwrap();
+        let kinds: Vec<_> = leased[0].signals.iter().map(|g| &g.kind).collect();
+        assert_eq!(kinds, [&ok("t1"), &ok("t2")], "the losers are not queued");
+        // Consumed, the token stays answered.
+        let mut c = step("x", "r", "{}", None, vec![], 1_200);
+        c.consumed_signals = Some(leased[0].signals[1].seq);
+        assert_eq!(s.commit(&[c]).unwrap(), [true]);
+        assert_eq!(s.answer("x", ok("t1"), 300).unwrap(), Answered::Before);
+        assert!(s.answered("t1").unwrap() && s.answered("t2").unwrap());
+        assert!(!s.answered("t3").unwrap() && !s.answered("t4").unwrap());
+    }
+
     pub fn signals(s: &dyn WorkflowStore) {
         started(s, execution("x", "wf", "x", "{}", 1, None));
         started(s, execution("y", "wf", "y", "{}", 2, Some(5_000)));

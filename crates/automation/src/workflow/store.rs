@@ -8,7 +8,9 @@
 //! here), and `wake_at`, when it next has something to do (a Wait ends, a retry is due, a
 //! timeout fires). Its history is an append-only list of rows. Signals (a callback's
 //! answer, a heartbeat, a stop) are queued beside it and wake it; the runner consumes them
-//! in the same transaction that commits what they caused.
+//! in the same transaction that commits what they caused. A callback token takes one answer:
+//! [`WorkflowStore::answer`] records the token as answered in the transaction that queues the
+//! answer, so of concurrent answers exactly one is queued.
 //!
 //! Times are Unix milliseconds, given by the caller.
 
@@ -142,6 +144,27 @@ pub enum SignalKind {
     Wake,
 }
 
+impl SignalKind {
+    /// The callback token a `Success` or `Failure` answers.
+    pub fn answers(&self) -> Option<&str> {
+        match self {
+            SignalKind::Success { token, .. } | SignalKind::Failure { token, .. } => Some(token),
+            _ => None,
+        }
+    }
+}
+
+/// What [`WorkflowStore::answer`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The answer is queued: the first for its token.
+    Queued,
+    /// The token was answered before: this answer is dropped.
+    Before,
+    /// There is no such running execution (or the signal answers no token).
+    NotRunning,
+}
+
 /// A queued signal, in arrival order (`seq` grows).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Signal {
@@ -221,6 +244,15 @@ pub trait WorkflowStore: Send + Sync {
     /// Queues a signal for a running execution and makes it due now. `false` if there is no
     /// such running execution.
     fn signal(&self, id: &str, kind: SignalKind, now: i64) -> Result<bool, StoreError>;
+
+    /// Queues a callback's answer (`kind` is a `Success` or `Failure`) for a running
+    /// execution, and records its token as answered, in one transaction: a token answered
+    /// before takes no other answer ([`Answered::Before`]). The token stays answered until
+    /// its execution is pruned.
+    fn answer(&self, id: &str, kind: SignalKind, now: i64) -> Result<Answered, StoreError>;
+
+    /// Whether the callback `token` was answered (see [`WorkflowStore::answer`]).
+    fn answered(&self, token: &str) -> Result<bool, StoreError>;
 
     fn get(&self, id: &str) -> Result<Option<ExecutionRow>, StoreError>;
 
