@@ -868,6 +868,35 @@ async fn a_trigger_does_not_loop_through_the_workflow_it_starts() {
     assert_eq!(runs().await, 1, "{}", p.log_text());
 }
 
+/// A trigger that opts into automation's events (`max_hops: 2`) and starts a workflow that
+/// emits the event it matches goes round twice, not more: what the execution emits has the
+/// hop of the firing that started it. Each round counted as hop 1 before, so the loop ran
+/// until the global cap of 120 actions a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_hops_stops_a_loop_through_a_workflow() {
+    let origin = Origin::named("o").await;
+    let extra = "    pinger:\n      StartAt: Ping\n      States:\n        Ping:\n          Type: Task\n          Resource: \"portcullis:emit\"\n          Parameters: { type: com.example.ping }\n          End: true\ntriggers:\n  - name: loop\n    match: { type: com.example.ping }\n    automation_events: { allow: true, max_hops: 2 }\n    actions: [{ start_workflow: { name: pinger } }]\n";
+    let p = Proxy::start(&config(&origin.address(), extra)).await;
+    let ev = json!({ "specversion": "1.0", "id": "ping-1", "source": "/ops", "type": "com.example.ping" });
+    post_event(&p, &ev).await;
+    let runs = || async {
+        let (_, v) = admin(&p, Method::GET, "/api/v1/executions?workflow=pinger", None).await;
+        v["executions"].as_array().map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs().await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second round\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a third round to show: each round is a firing, an execution and an event.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(runs().await, 2, "{}", p.log_text());
+}
+
 /// An execution a trigger started is held to the triggers' guard rail (`max_unavailable`,
 /// 50% by default) when it takes a server out: it may not drain `pool`'s only server (it
 /// drained every server before, whatever the trigger's own limit), and fails with

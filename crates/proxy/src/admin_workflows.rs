@@ -149,6 +149,7 @@ async fn start(
         principal: by.who.clone(),
         parent: None,
         parent_key: None,
+        hops: 0,
     };
     match svc.start(&rt, &workflow, name, input, starter).await {
         Ok((outcome, id)) => {

@@ -26,10 +26,13 @@
 //! * **Audit and events.** Every firing gets one audit record (`kind: admin`, action
 //!   `firing`: trigger, group, cause event, principal, each action's outcome) and one
 //!   `dev.portcullis.automation.action` event per action, with `causedby` = the cause event.
-//! * **Hops.** CloudEvents here carry no `hops` attribute, so the task remembers, for the
-//!   recent events automation caused, how many firings lie behind them: an event it emitted
-//!   has its firing's hop, and an event whose `causedby` names a remembered event has one
-//!   more. An event from elsewhere with `causedby` set counts as 1 hop.
+//! * **Hops.** CloudEvents here carry no `hops` attribute, so the runtime remembers
+//!   ([`Automation::hops`]), for the recent events automation caused, how many firings lie
+//!   behind them: an event a firing emitted has its firing's hop, an event a workflow
+//!   execution emitted (or its end) has the hop of the firing that started the execution
+//!   (kept in the execution's state, so it survives restarts; a child has its parent's), and
+//!   an event whose `causedby` names a remembered event has one more. An event from
+//!   elsewhere with `causedby` set counts as 1 hop.
 //! * **Dry run.** A trigger with `enforce: false` is claimed and audited with `would_act`
 //!   outcomes, and changes nothing.
 
@@ -63,6 +66,8 @@ const MIN_RETENTION: Duration = Duration::from_secs(24 * 3600);
 #[derive(Default)]
 pub struct Automation {
     pub routes: routes::RouteSwitches,
+    /// The hops behind recent events automation caused: the triggers' and the workflows'.
+    pub hops: Arc<Mutex<Hops>>,
     running: Mutex<Option<Running>>,
 }
 
@@ -86,7 +91,7 @@ impl Automation {
             rt: Arc::downgrade(rt),
             engine,
             store,
-            hops: Arc::default(),
+            hops: rt.automation.hops.clone(),
             follow_ups: BTreeMap::new(),
             next_prune: tokio::time::Instant::now(),
         };

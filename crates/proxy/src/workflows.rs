@@ -11,7 +11,9 @@
 //!   commands go through [`crate::control::apply`] as `Portcullis::Workflow::"<name>"`, which
 //!   audits them and checks them against `admin.policies`.
 //! * **Events.** An execution's end is `dev.portcullis.workflow.<status>`, a callback task
-//!   waiting for its answer is `dev.portcullis.workflow.callback` (with the token).
+//!   waiting for its answer is `dev.portcullis.workflow.callback` (with the token). What an
+//!   execution that automation started causes carries `causedby` and the hop of the firing
+//!   behind it (see `crate::automate`), so a trigger cannot loop through a workflow.
 //! * **Reloads** change the definitions new executions start with; running executions keep
 //!   the definition they started with.
 
@@ -20,7 +22,7 @@ pub mod tasks;
 
 use crate::Runtime;
 use portcullis_automation::workflow::runner::{Loaded, Runner, StartError, Starter};
-use portcullis_automation::workflow::store::{StartOutcome, Status, WorkflowStore};
+use portcullis_automation::workflow::store::{ExecutionRow, StartOutcome, Status, WorkflowStore};
 use portcullis_events::Event;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
@@ -211,10 +213,20 @@ async fn closed(rt: &Runtime, svc: &Service, id: &str, status: Status) {
         ev.subject = Some(format!("{workflow}/{id}"));
         if automated {
             ev.causedby = Some(cause_of(id));
+            let hops = row.as_ref().map_or(0, hops_of);
+            rt.automation.hops.lock().note(ev.id.clone(), hops);
         }
         events.emit(ev);
     }
     tracing::info!(%workflow, execution = %id, status = status.as_str(), "workflows: execution closed");
+}
+
+/// The automation hops behind an execution (`ExecMeta::hops`, in its state).
+fn hops_of(row: &ExecutionRow) -> u32 {
+    serde_json::from_str::<Value>(&row.state)
+        .ok()
+        .and_then(|s| s["meta"]["hops"].as_u64())
+        .map_or(0, |h| u32::try_from(h).unwrap_or(u32::MAX))
 }
 
 /// The `causedby` of the events an execution makes: the execution, named so that no event id

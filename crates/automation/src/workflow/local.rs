@@ -112,6 +112,7 @@ pub fn run(
         start_ms,
         version: String::new(),
         parent_key: None,
+        hops: 0,
     };
     let (mut exec, mut history) = machine::start(def, meta, start_ms);
     let mut calls = Vec::new();

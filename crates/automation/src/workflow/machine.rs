@@ -38,6 +38,10 @@ pub struct ExecMeta {
     /// For a child execution that its parent waits for: the parent's task key.
     #[serde(default)]
     pub parent_key: Option<String>,
+    /// The automation firings behind it, for the triggers' loop guard: the hop of the firing
+    /// that started it (a child has its parent's), 0 when a person started it.
+    #[serde(default)]
+    pub hops: u32,
 }
 
 /// An execution's whole state.
@@ -143,6 +147,9 @@ pub struct TaskCall {
     pub token: Option<String>,
     pub attempt: u32,
     pub timeout_ms: Option<u64>,
+    /// The execution's [`ExecMeta::hops`]: what the task causes has as many firings behind it.
+    #[serde(default)]
+    pub hops: u32,
 }
 
 /// What one step did: history to commit, then task calls to run.
@@ -887,6 +894,7 @@ impl<'a, 'r> Cx<'a, 'r> {
             token,
             attempt: t.retry_count,
             timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
+            hops: self.exec.meta.hops,
         };
         let pending = Pending {
             call: call.clone(),

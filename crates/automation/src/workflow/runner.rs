@@ -105,6 +105,8 @@ pub struct Starter {
     pub parent: Option<String>,
     /// The parent's task key, when the parent waits for this child to end.
     pub parent_key: Option<String>,
+    /// The automation firings behind the start (see [`machine::ExecMeta::hops`]).
+    pub hops: u32,
 }
 
 /// The runner of one process.
@@ -201,6 +203,7 @@ impl Runner {
             start_ms: now,
             version: loaded.version.clone(),
             parent_key: by.parent_key.clone(),
+            hops: by.hops,
         };
         let (exec, mut history) = machine::start(&loaded.def, meta, now);
         if let Some(first) = history.first_mut() {

@@ -378,6 +378,7 @@ fn callbacks_answer_by_token_and_heartbeats_keep_them_alive() {
         start_ms: T0,
         version: String::new(),
         parent_key: None,
+        hops: 0,
     };
     let (mut exec, _) = machine::start(&d, meta, T0);
     let mut rand = || 0.0;
@@ -451,6 +452,7 @@ fn a_stop_aborts_and_a_closed_execution_takes_no_signal() {
         start_ms: T0,
         version: String::new(),
         parent_key: None,
+        hops: 0,
     };
     let (mut exec, _) = machine::start(&d, meta, T0);
     let p = machine::signal(
@@ -590,5 +592,6 @@ fn meta(input: Value) -> ExecMeta {
         start_ms: T0,
         version: String::new(),
         parent_key: None,
+        hops: 0,
     }
 }

@@ -186,6 +186,7 @@ impl ProxyControl {
             principal: format!("Portcullis::Trigger::\"{}\"", firing.trigger),
             parent: None,
             parent_key: None,
+            hops: firing.hop,
         };
         let started = self
             .handle

@@ -295,6 +295,11 @@ fn callback(rt: &Runtime, call: &TaskCall) {
         data,
     );
     ev.subject = Some(format!("{}/{}", call.workflow, call.execution));
+    if call.hops > 0 {
+        // A trigger started the execution: its callback is automation's doing too.
+        ev.causedby = Some(crate::workflows::cause_of(&call.execution));
+        rt.automation.hops.lock().note(ev.id.clone(), call.hops);
+    }
     events.emit(ev);
     tracing::info!(workflow = %call.workflow, execution = %call.execution, state = %call.state, "workflows: waiting for a callback");
 }
@@ -319,6 +324,7 @@ fn emit(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
     // (`automation_events`), so a trigger that starts this workflow cannot loop through it.
     ev.causedby = Some(crate::workflows::cause_of(&call.execution));
     let id = ev.id.clone();
+    rt.automation.hops.lock().note(id.clone(), call.hops);
     events.emit(ev);
     Ok(json!({ "id": id }))
 }
@@ -348,6 +354,7 @@ async fn start_child(
         principal: format!("{}#{}", call.workflow, call.execution),
         parent: Some(call.execution.clone()),
         parent_key: wait.then(|| call.key.clone()),
+        hops: call.hops,
     };
     let id = match svc
         .start(rt, &workflow, Some(name.clone()), input, by)
