@@ -320,6 +320,7 @@ fn emit(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
         o.get("data").cloned().unwrap_or(Value::Null),
     );
     ev.subject = o.get("subject").and_then(Value::as_str).map(str::to_string);
+    ev.id = emit_id(&call.key);
     // Automation's doing, as a trigger's `emit` is: triggers ignore it unless they opt in
     // (`automation_events`), so a trigger that starts this workflow cannot loop through it.
     ev.causedby = Some(crate::workflows::cause_of(&call.execution));
@@ -327,6 +328,16 @@ fn emit(rt: &Runtime, call: &TaskCall) -> Result<Value, StatesError> {
     rt.automation.hops.lock().note(id.clone(), call.hops);
     events.emit(ev);
     Ok(json!({ "id": id }))
+}
+
+/// The id of the event a `portcullis:emit` task publishes, from the task's idempotency key:
+/// a task sent again after a crash publishes the same event again, which receivers
+/// deduplicate by id, not a second one. A UUID in form (its bytes from SHA-256).
+fn emit_id(key: &str) -> String {
+    let d = Sha256::digest(format!("emit|{key}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
 }
 
 /// Starts the child; `None` when the task ends with the child (wait), else its result.
@@ -391,6 +402,18 @@ async fn start_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emitted_events_id_is_its_tasks_not_a_new_one_each_time() {
+        let a = emit_id("e1#Ping#5");
+        assert_eq!(
+            a,
+            emit_id("e1#Ping#5"),
+            "sent again after a crash: the same event"
+        );
+        assert_ne!(a, emit_id("e1#Ping#9"));
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+    }
 
     #[test]
     fn commands_take_the_shape_of_trigger_actions() {
