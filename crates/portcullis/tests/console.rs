@@ -411,6 +411,17 @@ async fn the_console_signs_in_with_a_token_and_guards_every_change() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "signing out needs the CSRF token too");
+    // ... and its refusal is on the record, as other refused calls are.
+    let recorded = std::fs::read_dir(p.dir.path().join("audit"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        recorded
+            .lines()
+            .any(|l| l.contains("\"/logout\"") && l.contains("CSRF")),
+        "a refused sign-out was not audited"
+    );
     let r = no_redirects()
         .post(p.admin_url("/logout"))
         .header("cookie", format!("portcullis_admin={cookie}"))

@@ -471,7 +471,12 @@ async fn named_executions_start_once() {
     // Closed: even the same input is refused.
     let id = first["executionId"].as_str().unwrap();
     // A stop whose texts are not strings is refused, not read as the defaults.
-    for body in [json!({ "error": 7 }), json!({ "cause": { "x": 1 } })] {
+    for body in [
+        json!({ "error": 7 }),
+        json!({ "cause": { "x": 1 } }),
+        json!("x"),
+        json!([]),
+    ] {
         let (s, v) = admin(
             &p,
             Method::POST,

@@ -84,6 +84,14 @@ fn body_json(body: &Bytes) -> Result<Value, Fail> {
             format!("the body is not JSON: {e}"),
         )
     })?;
+    // Every body here is an object of named fields: anything else (`"x"`, `[]`) would be
+    // read as no field at all, and its call taken with the defaults.
+    if !v.is_object() {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object".to_string(),
+        ));
+    }
     // The texts a stop, a rejection or a failed callback records: a string or nothing, never
     // silently replaced by a default.
     for k in ["error", "cause"] {

@@ -548,7 +548,11 @@ async fn login_callback(
 }
 
 /// `POST /logout` (with the CSRF token): forgets the cookie (and ends the session).
-async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response {
+async fn logout(
+    State(rt): State<Arc<Runtime>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     let snap = rt.shared.snapshot.load_full();
     let engine = &snap.identity;
     let sealer = grant::sealer(engine);
@@ -560,6 +564,14 @@ async fn logout(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response 
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     if !same_origin(&headers) || !grant::csrf_ok(sealer, value, token) {
+        // Recorded, as every other refused console or admin call is.
+        let rec = crate::audit::admin_auth_failure(
+            peer,
+            "POST",
+            "/logout",
+            "missing or invalid CSRF token",
+        );
+        crate::audit::write(&rt.shared, rec).await;
         return (StatusCode::FORBIDDEN, "missing or invalid CSRF token\n").into_response();
     }
     if let (Some(s), Some(es)) = (value.strip_prefix("s."), &engine.sealer) {
