@@ -611,10 +611,10 @@ async fn executions_are_listed_their_history_shown_and_their_tasks_approved_or_r
     assert_eq!(s, 200);
     let d: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(d["output"]["answer"], json!({ "approved": true }), "{d}");
-    // A token answers once.
+    // A token answers once: a second answer is refused as taken already.
     let (code, _, err) = ctl_as(&p, &Cred::Env, &["approve", &token]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("(404)"), "{err}");
+    assert!(err.contains("(409)"), "{err}");
     let (code, _, err) = ctl_as(&p, &Cred::Env, &["approve", &token, "--output", "yes"]);
     assert_eq!(code, 2, "{err}");
 

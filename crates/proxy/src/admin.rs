@@ -69,6 +69,9 @@ pub fn router(rt: Arc<Runtime>) -> Router {
         .with_state(rt)
 }
 
+/// The largest JSON body an endpoint takes (axum's default limit of its `Json` extractor).
+const MAX_JSON_BODY: u64 = 2 << 20;
+
 /// The API's request bodies are JSON, sent as JSON: a body of another type (a form's, or
 /// text, the types a page on another site can send without asking) gets 400 before a handler
 /// reads it. Inbound events (`/api/v1/events`) have media types of their own, checked there.
@@ -80,6 +83,16 @@ async fn json_bodies(req: Request, next: Next) -> Response {
             .is_some_and(|v| v.as_bytes() != b"0");
     if !has_body || req.uri().path() == "/api/v1/events" {
         return next.run(req).await;
+    }
+    // Larger than any handler takes (axum's 2 MiB for JSON bodies): refused from its length,
+    // before it is read (a client still writing it would only see the connection close).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_JSON_BODY) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large\n").into_response();
     }
     let json = req
         .headers()
