@@ -264,6 +264,24 @@ impl AdminPolicies {
     /// May `principal`, a person or an agent as route policies name them
     /// (`("User", "alice")`, `("Agent", "deploy-bot")`), in `groups`, make the admin call
     /// `action` on `resource`? Denied when no policy is configured.
+    /// May the person or agent `id` do `action` on `resource`? An API key's or a client
+    /// certificate's identity is a `Portcullis::Agent`, any other a `Portcullis::User`, in
+    /// its groups.
+    pub fn authorize_identity(
+        &self,
+        id: &portcullis_identity::Identity,
+        action: &str,
+        resource: &AdminResource,
+    ) -> AdminDecision {
+        let ty = match id.method {
+            portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => {
+                "Agent"
+            }
+            _ => "User",
+        };
+        self.decide((ty, id.user.as_str()), &id.groups, action, resource)
+    }
+
     pub fn authorize_user(
         &self,
         principal: (&str, &str),

@@ -219,6 +219,20 @@ async fn auth(
             }
         };
     }
+    with_identity(&rt, &snap, peer, providers, bearer, req, next).await
+}
+
+/// A call with a credential for a provider of `admin.auth` (a bearer JWT, an API key, a
+/// client certificate): authenticated, then decided by `admin.policies` ([`as_person`]).
+async fn with_identity(
+    rt: &Runtime,
+    snap: &crate::snapshot::Snapshot,
+    peer: SocketAddr,
+    providers: &[String],
+    bearer: Option<String>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let api_key = req
         .headers()
         .get("x-api-key")
@@ -236,11 +250,11 @@ async fn auth(
         let key = crate::console::cert_key(&c.0);
         if !safe
             && crate::console::from_a_browser(req.headers())
-            && !crate::console::csrf_passes(&snap, req.headers(), &key)
+            && !crate::console::csrf_passes(snap, req.headers(), &key)
         {
             tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
             return refused(
-                &rt,
+                rt,
                 failure(peer, &req, "missing or invalid CSRF token"),
                 csrf_refusal(),
             )
@@ -268,7 +282,7 @@ async fn auth(
             tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
             let reason = format!("invalid credentials: {e}");
             return refused(
-                &rt,
+                rt,
                 failure(peer, &req, &reason),
                 unauthorized("invalid credentials\n"),
             )
@@ -278,10 +292,10 @@ async fn auth(
             let r = unauthorized(
                 "missing credentials: a bearer token, an API key or a client certificate\n",
             );
-            return refused(&rt, failure(peer, &req, "missing credentials"), r).await;
+            return refused(rt, failure(peer, &req, "missing credentials"), r).await;
         }
     };
-    as_person(&rt, &snap, peer, identity, req, next).await
+    as_person(rt, snap, peer, identity, req, next).await
 }
 
 /// A call made with the console's cookie: a state change must carry the cookie's CSRF token
@@ -561,18 +575,6 @@ async fn run(rt: &Runtime, by: &Principal, cmd: Command) -> Response {
     }
 }
 
-/// A body the JSON extractor refused: 413 when it was too large (as the other endpoints
-/// answer), else 400 with `usage`.
-pub(crate) fn body_refused(
-    e: &axum::extract::rejection::JsonRejection,
-    usage: &'static str,
-) -> Response {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large\n").into_response();
-    }
-    (StatusCode::BAD_REQUEST, usage).into_response()
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateBody {
@@ -588,7 +590,7 @@ async fn set_state(
     let Json(StateBody { state }) = match body {
         Ok(b) => b,
         Err(e) => {
-            return body_refused(
+            return crate::admin_body::refused(
                 &e,
                 "body must be {\"state\": \"ready\" | \"drain\" | \"maint\"}\n",
             )
@@ -616,7 +618,7 @@ async fn set_weight(
 ) -> Response {
     let Json(WeightBody { weight }) = match body {
         Ok(b) => b,
-        Err(e) => return body_refused(&e, "body must be {\"weight\": 1..1000}\n"),
+        Err(e) => return crate::admin_body::refused(&e, "body must be {\"weight\": 1..1000}\n"),
     };
     let cmd = Command::SetServerWeight {
         backend,
@@ -649,7 +651,9 @@ async fn switch_route(
 ) -> Response {
     let Json(SwitchBody { backend }) = match body {
         Ok(b) => b,
-        Err(e) => return body_refused(&e, "body must be {\"backend\": \"app/name\"}\n"),
+        Err(e) => {
+            return crate::admin_body::refused(&e, "body must be {\"backend\": \"app/name\"}\n")
+        }
     };
     run(&rt, &by, Command::SwitchRoute { route, backend }).await
 }

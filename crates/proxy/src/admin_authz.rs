@@ -55,18 +55,13 @@ pub fn decide(
     resource: &portcullis_policy::admin::AdminResource,
     types: &[String],
 ) -> portcullis_policy::admin::AdminDecision {
-    let ty = match identity.method {
-        portcullis_identity::AuthMethod::ApiKey | portcullis_identity::AuthMethod::Mtls => "Agent",
-        _ => "User",
-    };
-    let user = (ty, identity.user.as_str());
     let p = &snap.admin_policies;
     if types.is_empty() {
-        return p.authorize_user(user, &identity.groups, action, resource);
+        return p.authorize_identity(identity, action, resource);
     }
     for t in types {
         let r = portcullis_policy::admin::AdminResource::EventType(t.clone());
-        let d = p.authorize_user(user, &identity.groups, action, &r);
+        let d = p.authorize_identity(identity, action, &r);
         if !d.allowed {
             return d;
         }

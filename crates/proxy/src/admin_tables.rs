@@ -307,7 +307,7 @@ async fn set_entry(
     let b = match body {
         Ok(Json(b)) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return crate::admin::body_refused(&e, ENTRY_BODY)
+            return crate::admin_body::refused(&e, ENTRY_BODY)
         }
         Err(_) => return bad_request(ENTRY_BODY.trim_end().to_string()),
     };

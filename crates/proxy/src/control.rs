@@ -744,7 +744,7 @@ async fn authorize_person(
     };
     let (action, _) = admin_target(command);
     let to = AdminResource::Backend(backend.clone());
-    let d = crate::admin_authz::decide(snap, id, action, &to, &[]);
+    let d = snap.admin_policies.authorize_identity(id, action, &to);
     if d.allowed {
         return Ok(());
     }

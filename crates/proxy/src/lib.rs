@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod admin_authz;
+mod admin_body;
 pub mod admin_events;
 pub mod admin_tables;
 pub mod admin_tls;

@@ -251,29 +251,13 @@ impl Snapshot {
                 limits: route_limits,
             });
         }
-        let mut strip_headers: Vec<http::HeaderName> = config
-            .routes
-            .iter()
-            .flat_map(|r| r.spec.headers.upstream.keys())
-            .filter_map(|k| http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok())
-            .collect();
-        strip_headers.push(ASSERTION_HEADER.clone());
-        strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        strip_headers.dedup();
-        let mut unforgeable = strip_headers.clone();
-        unforgeable.extend(
-            authorizers
-                .iter()
-                .flat_map(|a| a.upstream_headers().iter().cloned()),
-        );
-        unforgeable.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        unforgeable.dedup();
+        let (strip_headers, unforgeable) = header_lists(&config, &authorizers);
         Ok(Snapshot {
             identity,
             policy,
             authorizers,
-            strip_headers: strip_headers.into(),
-            unforgeable: unforgeable.into(),
+            strip_headers,
+            unforgeable,
             // Set by the caller, which validates them (`automate::check::triggers`).
             triggers: Arc::default(),
             admin_policies: Arc::new(admin_policies(&config)?),
@@ -541,4 +525,31 @@ fn backend(
         ejection_counter: metrics.ejections.get_or_create(&label).clone(),
         connect_hist: metrics.connect.get_or_create(&label).clone(),
     }))
+}
+
+/// The identity headers portcullis sets (every route's `headers.upstream`, and the
+/// assertion header), and what no client may send: those and the headers authorizers set
+/// (`upstream_headers`). Sorted, without repeats.
+fn header_lists(
+    config: &portcullis_config::Config,
+    authorizers: &portcullis_authorizer::Authorizers,
+) -> (Arc<[http::HeaderName]>, Arc<[http::HeaderName]>) {
+    let mut strip: Vec<http::HeaderName> = config
+        .routes
+        .iter()
+        .flat_map(|r| r.spec.headers.upstream.keys())
+        .filter_map(|k| http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok())
+        .collect();
+    strip.push(ASSERTION_HEADER.clone());
+    let mut unforgeable = strip.clone();
+    unforgeable.extend(
+        authorizers
+            .iter()
+            .flat_map(|a| a.upstream_headers().iter().cloned()),
+    );
+    for list in [&mut strip, &mut unforgeable] {
+        list.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        list.dedup();
+    }
+    (strip.into(), unforgeable.into())
 }
