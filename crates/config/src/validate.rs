@@ -389,25 +389,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
             }
         }
         for (j, h) in a.upstream_headers.iter().enumerate() {
-            let why = if http_header_name_invalid(h) {
-                Some("it is not a valid header name")
-            } else if h.contains('_') {
-                Some("a name with `_` is read as its `-` spelling by CGI-style origins: spell it with `-`")
-            } else if unsendable(h).is_some()
-                || matches!(
-                    h.to_ascii_lowercase().as_str(),
-                    "host"
-                        | "content-length"
-                        | "transfer-encoding"
-                        | "connection"
-                        | "te"
-                        | "upgrade"
-                )
-            {
-                Some("portcullis sets or removes it itself")
-            } else {
-                None
-            };
+            let why = unsettable(h);
             if let Some(why) = why {
                 diags.push(root_src.diag(
                     &format!("{at}.upstream_headers[{j}]"),
@@ -1870,6 +1852,23 @@ pub const MAX_WORKERS: usize = 1024;
 /// (portcullis verifies them; the authorizer decides on the identity), and where the request
 /// came from as the client says it (which portcullis believes only from trusted proxies and
 /// rewrites for the origin: an authorizer would decide on a forged address).
+/// Why an authorizer may not declare `name` in `upstream_headers`, or None.
+fn unsettable(name: &str) -> Option<&'static str> {
+    let own = matches!(
+        name.to_ascii_lowercase().as_str(),
+        "host" | "content-length" | "transfer-encoding" | "connection" | "te" | "upgrade"
+    );
+    if http_header_name_invalid(name) {
+        Some("it is not a valid header name")
+    } else if name.contains('_') {
+        Some("a name with `_` is read as its `-` spelling by CGI-style origins: spell it with `-`")
+    } else if own || unsendable(name).is_some() {
+        Some("portcullis sets or removes it itself")
+    } else {
+        None
+    }
+}
+
 fn unsendable(name: &str) -> Option<&'static str> {
     let n = name.to_ascii_lowercase().replace('_', "-");
     if matches!(

@@ -216,17 +216,21 @@ fn init_logging(format: &str) {
     }
 }
 
+/// A command's output piped into `head` or `true`: stop quietly when the reader goes away,
+/// as other command-line tools do, instead of panicking in `println!`. (The proxy itself
+/// keeps Rust's default, SIGPIPE ignored: a client that hangs up is an error on that socket
+/// alone.)
+fn end_on_closed_pipe() {
+    // SAFETY: resetting a signal's action to its default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
-        // A command's output piped into `head` or `true`: stop quietly when the reader goes
-        // away, as other command-line tools do, instead of panicking in `println!`. (The
-        // proxy itself keeps Rust's default, SIGPIPE ignored: a client that hangs up is an
-        // error on that socket alone.)
-        // SAFETY: resetting a signal's action to its default before any thread is started.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        end_on_closed_pipe();
     }
     match cli.command {
         Command::Version => {
