@@ -596,22 +596,7 @@ async fn an_open_event_stream_ends_when_its_reader_is_revoked() {
         .await
         .unwrap();
     assert_eq!(stream.status(), 200);
-    let publish = |id: &'static str| {
-        let p = &p;
-        async move {
-            let ev =
-                json!({ "specversion": "1.0", "id": id, "source": "/ci", "type": "com.example.x" });
-            let r = reqwest::Client::new()
-                .post(p.admin_url("/api/v1/events"))
-                .bearer_auth(ADMIN_TOKEN)
-                .header("content-type", "application/cloudevents+json")
-                .body(ev.to_string())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-        }
-    };
+    let publish = |id: &'static str| publish_event(&p, id.to_string());
     // Reads until `id` arrives (true) or the stream ends or stalls (false).
     async fn until(stream: &mut reqwest::Response, id: &str) -> bool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -676,18 +661,7 @@ async fn open_streams_end_when_their_token_is_removed() {
     };
     let mut events = open("/api/v1/events/stream").await;
     let mut looks = open("/api/v1/dashboard/stream").await;
-    let publish = || async {
-        let ev = json!({ "specversion": "1.0", "id": uuid_like(), "source": "/ci", "type": "com.example.x" });
-        let r = reqwest::Client::new()
-            .post(p.admin_url("/api/v1/events"))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("content-type", "application/cloudevents+json")
-            .body(ev.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    };
+    let publish = || publish_event(&p, uuid_like());
     // Both deliver while the token is in the config.
     publish().await;
     let first = tokio::time::timeout(std::time::Duration::from_secs(5), events.chunk()).await;
@@ -717,6 +691,20 @@ async fn open_streams_end_when_their_token_is_removed() {
         }
         assert!(ended, "the {what} stream of a removed token went on");
     }
+}
+
+/// Publishes a `com.example.x` event with `id` through the admin API (with the token).
+async fn publish_event(p: &Proxy, id: String) {
+    let ev = json!({ "specversion": "1.0", "id": id, "source": "/ci", "type": "com.example.x" });
+    let r = reqwest::Client::new()
+        .post(p.admin_url("/api/v1/events"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/cloudevents+json")
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
 }
 
 fn uuid_like() -> String {

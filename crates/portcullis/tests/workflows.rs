@@ -103,6 +103,24 @@ async fn post_event(p: &Proxy, ev: &Value) {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
 }
 
+/// The callback token of execution `id`'s first task, from its parameters (`$$.Task.Token`)
+/// in the history, waiting up to 3 s for the task to be scheduled.
+async fn task_token(p: &Proxy, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let h = history(p, id).await;
+        if let Some(t) = h
+            .iter()
+            .find(|e| e["type"] == "TaskScheduled")
+            .and_then(|e| e["details"]["parameters"]["token"].as_str())
+        {
+            return t.to_string();
+        }
+        assert!(Instant::now() < deadline, "no task scheduled: {h:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn describe(p: &Proxy, id: &str) -> Value {
     let (s, v) = admin(p, Method::GET, &format!("/api/v1/executions/{id}"), None).await;
     assert_eq!(s, 200, "{v}");
@@ -555,19 +573,7 @@ async fn an_approval_resumes_on_its_callback_and_a_missed_heartbeat_fails_it() {
     let a = a["executionId"].as_str().unwrap().to_string();
     let b = b["executionId"].as_str().unwrap().to_string();
     // The token is in the task's parameters ($$.Task.Token), in the history.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let token = loop {
-        let h = history(&p, &a).await;
-        if let Some(t) = h
-            .iter()
-            .find(|e| e["type"] == "TaskScheduled")
-            .and_then(|e| e["details"]["parameters"]["token"].as_str())
-        {
-            break t.to_string();
-        }
-        assert!(Instant::now() < deadline, "no task scheduled: {h:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let token = task_token(&p, &a).await;
     // A heartbeat keeps it alive past its 2 s; a forged token matches nothing.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (s, _) = admin(
@@ -638,19 +644,7 @@ async fn concurrent_answers_to_one_token_take_one() {
     let p = Proxy::start(&config(&origin.address(), extra)).await;
     let (_, a) = start(&p, "ask", json!({})).await;
     let a = a["executionId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let token = loop {
-        let h = history(&p, &a).await;
-        if let Some(t) = h
-            .iter()
-            .find(|e| e["type"] == "TaskScheduled")
-            .and_then(|e| e["details"]["parameters"]["token"].as_str())
-        {
-            break t.to_string();
-        }
-        assert!(Instant::now() < deadline, "no task scheduled: {h:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let token = task_token(&p, &a).await;
     let answers = (1..=5).map(|n| {
         let (p, token) = (&p, token.clone());
         async move {

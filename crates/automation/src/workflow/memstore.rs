@@ -106,6 +106,23 @@ impl MemoryWorkflowStore {
     }
 }
 
+/// Queues `kind` for execution `id` and wakes it, when it is running; whether it was.
+fn queue(inner: &mut Inner, id: &str, kind: SignalKind, now: i64) -> bool {
+    match inner.executions.get_mut(id) {
+        Some(e) if e.row.status == Status::Running => {
+            inner.last_seq += 1;
+            e.signals.push(Signal {
+                seq: inner.last_seq,
+                at: now,
+                kind,
+            });
+            e.row.wake_at = Some(e.row.wake_at.map_or(now, |w| w.min(now)));
+            true
+        }
+        _ => false,
+    }
+}
+
 impl WorkflowStore for MemoryWorkflowStore {
     fn start(&self, new: NewExecution) -> Result<StartOutcome, StoreError> {
         let mut inner = self.lock();
@@ -250,21 +267,7 @@ impl WorkflowStore for MemoryWorkflowStore {
     }
 
     fn signal(&self, id: &str, kind: SignalKind, now: i64) -> Result<bool, StoreError> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        match inner.executions.get_mut(id) {
-            Some(e) if e.row.status == Status::Running => {
-                inner.last_seq += 1;
-                e.signals.push(Signal {
-                    seq: inner.last_seq,
-                    at: now,
-                    kind,
-                });
-                e.row.wake_at = Some(e.row.wake_at.map_or(now, |w| w.min(now)));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(queue(&mut self.lock(), id, kind, now))
     }
 
     fn answer(&self, id: &str, kind: SignalKind, now: i64) -> Result<Answered, StoreError> {
@@ -276,20 +279,11 @@ impl WorkflowStore for MemoryWorkflowStore {
         if inner.answered.contains_key(&token) {
             return Ok(Answered::Before);
         }
-        match inner.executions.get_mut(id) {
-            Some(e) if e.row.status == Status::Running => {
-                inner.last_seq += 1;
-                e.signals.push(Signal {
-                    seq: inner.last_seq,
-                    at: now,
-                    kind,
-                });
-                e.row.wake_at = Some(e.row.wake_at.map_or(now, |w| w.min(now)));
-                inner.answered.insert(token, id.to_owned());
-                Ok(Answered::Queued)
-            }
-            _ => Ok(Answered::NotRunning),
+        if !queue(inner, id, kind, now) {
+            return Ok(Answered::NotRunning);
         }
+        inner.answered.insert(token, id.to_owned());
+        Ok(Answered::Queued)
     }
 
     fn answered(&self, token: &str) -> Result<bool, StoreError> {
