@@ -547,14 +547,15 @@ pub struct Listener {
     /// Upgrade protocols forwarded (`Upgrade:`); `h2c` never is. Routes may override it.
     #[serde(default = "websocket_only")]
     pub upgrades: Vec<String>,
-    /// What a request header whose name has an underscore (`X_User`, `Transfer_Encoding`)
-    /// gets.
+    /// What a request header whose name has an underscore, or another byte than a letter, a
+    /// digit or `-` (`X_User`, `Transfer_Encoding`, `X.User`), gets.
     #[serde(default)]
     pub underscores_in_headers: UnderscoresInHeaders,
 }
 
-/// What a request header whose name has an underscore gets. Origin frameworks that follow
-/// CGI (WSGI, Rack, PHP) read `X_User` as `X-User`, and some servers read `Transfer_Encoding`
+/// What a request header whose name has an underscore (or another byte than a letter, a digit
+/// or `-`) gets. Origin frameworks that follow CGI (WSGI, Rack, PHP) read `X_User` as
+/// `X-User`, lighttpd's CGI gateways `X.User` too, and some servers read `Transfer_Encoding`
 /// as `Transfer-Encoding`, so such a name can carry a header that portcullis removes or sets
 /// itself past it. nginx and Envoy drop them by default too.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]

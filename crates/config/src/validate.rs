@@ -1221,12 +1221,14 @@ fn path_warnings(routes: &[RouteDef]) -> Vec<String> {
     out
 }
 
-/// A route that matches on a header whose name has an underscore never sees it on a listener
-/// that drops or refuses such headers (`underscores_in_headers`).
+/// A route that matches on a header whose name has an underscore (or another byte than a
+/// letter, a digit or `-`) never sees it on a listener that drops or refuses such headers
+/// (`underscores_in_headers`).
 fn underscore_warnings(listeners: &[Listener], routes: &[RouteDef]) -> Vec<String> {
     let mut out = Vec::new();
     for r in routes {
-        for n in r.spec.matcher.headers.keys().filter(|n| n.contains('_')) {
+        let unusual = |n: &&String| !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        for n in r.spec.matcher.headers.keys().filter(unusual) {
             for l in listeners {
                 let on = r
                     .spec
@@ -1235,7 +1237,7 @@ fn underscore_warnings(listeners: &[Listener], routes: &[RouteDef]) -> Vec<Strin
                     .is_none_or(|ls| ls.contains(&l.name));
                 if on && l.underscores_in_headers != UnderscoresInHeaders::Allow {
                     out.push(format!(
-                        "route `{}` matches on header `{n}`, whose name has an underscore: listener `{}` {} such headers (`underscores_in_headers`), so the route never matches it there; spell it with `-`, or set `underscores_in_headers: allow` on the listener",
+                        "route `{}` matches on header `{n}`, whose name has a character other than letters, digits and `-`: listener `{}` {} such headers (`underscores_in_headers`), so the route never matches it there; spell it with `-`, or set `underscores_in_headers: allow` on the listener",
                         r.id,
                         l.name,
                         match l.underscores_in_headers {

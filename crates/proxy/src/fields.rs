@@ -3,10 +3,11 @@
 //! names must reach the origin only as portcullis left it, so it is also refused where a
 //! client could slip it past under another spelling or in another place:
 //!
-//! - under `underscores_in_headers: allow`, a name with `_` that reads as one of these once
-//!   `_` is `-` (CGI-style frameworks, WSGI, Rack and PHP, read `X_Forwarded_For` as
-//!   `X-Forwarded-For`) is removed (by the check phase's rule for such names, and when the
-//!   upstream head is built);
+//! - under `underscores_in_headers: allow`, a name with a byte other than a letter, a digit
+//!   or `-` that reads as one of these once every such byte is `-` is removed (by the check
+//!   phase's rule for such names, and when the upstream head is built): CGI-style servers and
+//!   frameworks read `X_Forwarded_For` as `X-Forwarded-For` (WSGI, Rack, PHP), and lighttpd's
+//!   CGI, FastCGI and SCGI gateways read `X.Forwarded.For` and `X~Forwarded~For` so too;
 //! - a request trailer of one of these names is dropped (an origin that merges trailers into
 //!   the head would read it as the field).
 //!
@@ -15,7 +16,7 @@
 
 /// Names (lower case, with `-`) of the fields portcullis owns, besides any `x-forwarded-*` and
 /// `x-portcullis-*` name and the [`portcullis_config::FORWARDED_FIELDS`].
-const OWNED: [&str; 24] = [
+const OWNED: [&str; 25] = [
     // Framing and the connection (RFC 9110 §7.6.1, §6.5.1).
     "connection",
     "content-encoding",
@@ -37,6 +38,7 @@ const OWNED: [&str; 24] = [
     // Credentials portcullis checks, and the method it authorized.
     "authorization",
     "cookie",
+    "x-api-key",
     "proxy-authenticate",
     "proxy-authorization",
     "x-http-method",
@@ -55,9 +57,29 @@ pub fn is_owned(name: &str) -> bool {
         || portcullis_config::FORWARDED_FIELDS.contains(&name)
 }
 
-/// `name` as a CGI-style framework reads it (`_` as `-`), when it holds a `_`.
+/// Whether `name` holds a byte other than a letter, a digit or `-`. Such bytes (`_`, `.`,
+/// `~`, `!`, `*`, ...) are legal in a field name (RFC 9110 §5.1), and CGI-style servers make
+/// every one of them `_` in the variable they name the field by (`HTTP_X_USER`), so such a
+/// name is read as another one. nginx ignores such names by default
+/// (`ignore_invalid_headers`), and so does portcullis (`underscores_in_headers: drop`).
+pub fn is_unusual(name: &str) -> bool {
+    !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `name` as a CGI-style server reads it (every byte other than a letter or a digit as `-`),
+/// when it differs from `name`.
 pub fn cgi_reading(name: &str) -> Option<String> {
-    name.contains('_').then(|| name.replace('_', "-"))
+    is_unusual(name).then(|| {
+        name.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    b as char
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -93,5 +115,11 @@ mod tests {
             Some("x-forwarded-for")
         );
         assert_eq!(cgi_reading("x-user"), None);
+        for n in [
+            "x.user", "x~user", "x!user", "x*user", "x'user", "x|user", "x^user", "x`user",
+        ] {
+            assert_eq!(cgi_reading(n).as_deref(), Some("x-user"), "{n}");
+        }
+        assert!(is_owned("x-api-key"));
     }
 }

@@ -71,7 +71,9 @@ impl Refusal {
             Refusal::InvalidHost => "invalid Host header\n",
             Refusal::MethodOverride => "method override headers are not accepted\n",
             Refusal::InvalidMethodOverride => "invalid or conflicting method override headers\n",
-            Refusal::UnderscoreHeader => "header names with an underscore are not accepted\n",
+            Refusal::UnderscoreHeader => {
+                "header names with an underscore or other punctuation are not accepted\n"
+            }
             Refusal::MethodCase => "method names are case-sensitive: send them in upper case\n",
             Refusal::StreamName => "NTFS stream name in the request path\n",
         }
@@ -679,18 +681,117 @@ pub fn method_override(
     }
 }
 
-/// Applies a listener's rule for request header names with an underscore (`X_User`,
-/// `Transfer_Encoding`): `drop` removes them, `reject` refuses the request, `allow` keeps
-/// them, less those that read as a field portcullis owns ([`crate::fields`]). CGI-style
-/// origin frameworks read `_` as `-`, so such a name would carry, past portcullis, a header
-/// that it frames the request by, removes or sets itself (docs/security.md). Under `allow`,
-/// the upstream head drops too a name that reads as a field it carries (when it is built).
+/// Applies a method-override rule to the request's override headers and to its `_method`
+/// query parameters ([`method_param`]): what [`method_override`] does to the headers, done
+/// to the parameters too (`strip` removes them from the target the origin is sent). Under
+/// `honor`, all must name the same method.
+pub fn overrides(
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    mode: MethodOverride,
+) -> Result<Option<Method>, Refusal> {
+    let by_header = method_override(headers, mode)?;
+    let by_param = method_param(uri, mode)?;
+    match (by_header, by_param) {
+        (Some(h), Some(p)) if h != p => Err(Refusal::InvalidMethodOverride),
+        (h, p) => Ok(h.or(p)),
+    }
+}
+
+/// Applies a method-override rule to the `_method` parameters of the query: Express's
+/// `method-override` (`methodOverride('_method')`), Laravel and Symfony, and Spring's
+/// `HiddenHttpMethodFilter` run the method such a parameter names, as the override headers
+/// do. A parameter is one when its name, decoded as those frameworks decode it
+/// ([`is_method_param`]), is `_method`. `strip` removes such parameters from the target
+/// (the others are kept byte for byte), `reject` refuses the request, and `honor` returns
+/// the method they name (all must name the same valid method).
+pub fn method_param(uri: &mut Uri, mode: MethodOverride) -> Result<Option<Method>, Refusal> {
+    let Some(q) = uri.query() else {
+        return Ok(None);
+    };
+    // Most queries name no method at all, escaped or not: one scan.
+    let b = q.as_bytes();
+    if !b.contains(&b'%') && !b.windows(6).any(|w| w.eq_ignore_ascii_case(b"method")) {
+        return Ok(None);
+    }
+    let params: Vec<&str> = q.split('&').collect();
+    let is_override = |p: &&str| is_method_param(p.split_once('=').map_or(*p, |(k, _)| k));
+    if !params.iter().any(is_override) {
+        return Ok(None);
+    }
+    match mode {
+        MethodOverride::Reject => Err(Refusal::MethodOverride),
+        MethodOverride::Honor => {
+            let mut found: Option<Method> = None;
+            for p in params.iter().filter(|p| is_override(p)) {
+                let v = p.split_once('=').map_or("", |(_, v)| v);
+                let v = form_decode(v.as_bytes());
+                let m = Method::from_bytes(&v.trim_ascii().to_ascii_uppercase())
+                    .map_err(|_| Refusal::InvalidMethodOverride)?;
+                if found.as_ref().is_some_and(|f| *f != m) {
+                    return Err(Refusal::InvalidMethodOverride);
+                }
+                found = Some(m);
+            }
+            Ok(found)
+        }
+        MethodOverride::Strip => {
+            let kept: Vec<&str> = params.into_iter().filter(|p| !is_override(p)).collect();
+            let pq = match (uri.path(), kept.is_empty()) {
+                ("", true) => "/".to_string(),
+                (path, true) => path.to_string(),
+                (path, false) => format!("{path}?{}", kept.join("&")),
+            };
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(pq.parse().map_err(|_| Refusal::InvalidEscape)?);
+            *uri = Uri::from_parts(parts).map_err(|_| Refusal::InvalidEscape)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Whether a query parameter's name (as sent) reads as `_method` to an origin framework:
+/// percent-escapes and `+` decoded (Express's `qs`, PHP, servlet containers), then PHP's
+/// reading of leading spaces (dropped) and of `.` and ` ` (as `_`), in any case, with an
+/// array suffix (`_method[]`) read as the name before it.
+fn is_method_param(name: &str) -> bool {
+    let decoded = form_decode(name.as_bytes());
+    let n = decoded.trim_ascii_start();
+    let n = n.split(|&b| b == b'[').next().unwrap_or(n);
+    n.len() == 7
+        && n.iter()
+            .map(|&b| match b {
+                b'.' | b' ' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .eq(b"_method".iter().copied())
+}
+
+/// A query component decoded as HTML forms encode it: `+` is a space, then percent-escapes.
+fn form_decode(raw: &[u8]) -> Cow<'_, [u8]> {
+    if !raw.contains(&b'%') && !raw.contains(&b'+') {
+        return Cow::Borrowed(raw);
+    }
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    Cow::Owned(percent_encoding::percent_decode(&spaced).collect())
+}
+
+/// Applies a listener's rule for request header names with a byte other than a letter, a
+/// digit or `-` (`X_User`, `Transfer_Encoding`, `X.User`): `drop` removes them, `reject`
+/// refuses the request, `allow` keeps them, less those that read as a field portcullis owns
+/// ([`crate::fields`]). CGI-style origin servers read each such byte as `-`, so such a name
+/// would carry, past portcullis, a header that it frames the request by, removes or sets
+/// itself (docs/security.md). Under `allow`, the upstream head drops too a name that reads
+/// as a field it carries (when it is built).
 pub fn underscore_headers(
     headers: &mut HeaderMap,
     mode: UnderscoresInHeaders,
 ) -> Result<(), Refusal> {
     // One pass over the names, no allocation: most requests have none.
-    let has = |k: &HeaderName| k.as_str().as_bytes().contains(&b'_');
+    let has = |k: &HeaderName| crate::fields::is_unusual(k.as_str());
     if !headers.keys().any(has) {
         return Ok(());
     }
@@ -1008,6 +1109,84 @@ mod tests {
         assert_eq!(
             target(&uri, &none, &rules).unwrap_err(),
             Refusal::InvalidEscape
+        );
+    }
+
+    #[test]
+    fn method_parameters_follow_the_rule_however_they_are_spelled() {
+        let target = |u: &str, mode| {
+            let mut uri: Uri = u.parse().unwrap();
+            let r = method_param(&mut uri, mode);
+            (r, uri.to_string())
+        };
+        // Spellings Express (qs), PHP and servlet containers read as `_method`.
+        for q in [
+            "_method=DELETE",
+            "_METHOD=DELETE",
+            "%5Fmethod=DELETE",
+            "_%6Dethod=DELETE",
+            ".method=DELETE",
+            "+_method=DELETE",
+            "_method[]=DELETE",
+            "_method[0]=DELETE",
+        ] {
+            let u = format!("/api/items/1?a=1&{q}&b=%41");
+            assert_eq!(
+                target(&u, MethodOverride::Strip),
+                (Ok(None), "/api/items/1?a=1&b=%41".to_string()),
+                "{q}"
+            );
+            assert_eq!(
+                target(&u, MethodOverride::Reject).0,
+                Err(Refusal::MethodOverride),
+                "{q}"
+            );
+            assert_eq!(
+                target(&u, MethodOverride::Honor),
+                (Ok(Some(Method::DELETE)), u.clone()),
+                "{q}"
+            );
+        }
+        // The only parameter: the query goes, the path stays as sent.
+        assert_eq!(
+            target("/a/%2e?_method=PUT", MethodOverride::Strip).1,
+            "/a/%2e"
+        );
+        assert_eq!(
+            target("http://app.test/x?_method=PUT&y", MethodOverride::Strip).1,
+            "http://app.test/x?y"
+        );
+        // Not the parameter.
+        for u in [
+            "/x?method=DELETE",
+            "/x?_methods=DELETE",
+            "/x?x_method=DELETE",
+            "/x?a=_method",
+            "/x?%41=1",
+            "/x",
+        ] {
+            assert_eq!(target(u, MethodOverride::Reject), (Ok(None), u.to_string()));
+        }
+        assert_eq!(
+            target("/x?_method=PUT&_method=DELETE", MethodOverride::Honor).0,
+            Err(Refusal::InvalidMethodOverride)
+        );
+        assert_eq!(
+            target("/x?_method=DE%20LETE", MethodOverride::Honor).0,
+            Err(Refusal::InvalidMethodOverride)
+        );
+        // A header and a parameter that disagree.
+        let mut h = HeaderMap::new();
+        h.insert("x-http-method-override", "PUT".parse().unwrap());
+        let mut uri: Uri = "/x?_method=DELETE".parse().unwrap();
+        assert_eq!(
+            overrides(&mut h, &mut uri, MethodOverride::Honor),
+            Err(Refusal::InvalidMethodOverride)
+        );
+        let mut uri: Uri = "/x?_method=put".parse().unwrap();
+        assert_eq!(
+            overrides(&mut h, &mut uri, MethodOverride::Honor),
+            Ok(Some(Method::PUT))
         );
     }
 

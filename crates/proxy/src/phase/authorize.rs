@@ -50,10 +50,11 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     for (k, v) in out.add_headers {
         // An authorizer may add context, never overwrite identity, credentials, framing,
         // the method or where the request came from (the fields portcullis owns), nor add
-        // a name with `_`, which CGI-style origins read as the `-` name (`x_user`).
+        // a name with `_` (or `.`, ...), which CGI-style origins read as the `-` name
+        // (`x_user`).
         if x.snap.strip_headers.contains(&k)
             || crate::fields::is_owned(k.as_str())
-            || k.as_str().contains('_')
+            || crate::fields::is_unusual(k.as_str())
         {
             continue;
         }

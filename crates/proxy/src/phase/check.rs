@@ -98,7 +98,8 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
 
 /// Removes identity headers (and the headers authorizers set, `upstream_headers`) a client
 /// might try to set, on every route. Names spelled with
-/// `_` for `-` go too: CGI-style origin frameworks (WSGI, Rack, PHP) read `X_User` as `X-User`.
+/// `_`, `.` or another byte for `-` go too: CGI-style origin servers and frameworks (WSGI,
+/// Rack, PHP, lighttpd's gateways) read `X_User` and `X.User` as `X-User`.
 pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
     // One pass over the request's own header names (a handful) instead of one hash lookup per
     // identity header; most requests carry none of them, so nothing is removed.
@@ -109,10 +110,9 @@ pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
             if s.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n == *k) {
                 return true;
             }
-            if !s.contains('_') {
+            let Some(name) = crate::fields::cgi_reading(s) else {
                 return false;
-            }
-            let name = s.replace('_', "-");
+            };
             name.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n.as_str() == name)
         })
         .cloned()
@@ -341,7 +341,8 @@ routes:
 
     /// `Transfer_Encoding`, `Content_Length` and an identity header lookalike: what CGI-style
     /// origins would read as `Transfer-Encoding`, `Content-Length` and `X-Portcullis-User`;
-    /// and `X_Custom`, which reads as no field portcullis owns.
+    /// the same with other punctuation, which lighttpd's CGI gateways read as `_` too; and
+    /// `X_Custom` and `X.Custom`, which read as no field portcullis owns.
     fn with_underscores() -> http::request::Builder {
         Request::post("/")
             .header("host", "example.com")
@@ -349,6 +350,9 @@ routes:
             .header("Content_Length", "5")
             .header("X_Portcullis_User", "admin")
             .header("X_Custom", "1")
+            .header("X.Portcullis.User", "admin")
+            .header("X~Forwarded~For", "6.6.6.6")
+            .header("X.Custom", "1")
             .header("x-kept", "1")
     }
 
@@ -376,7 +380,7 @@ routes:
             refusal(run(&mut x)),
             (
                 StatusCode::BAD_REQUEST,
-                "header names with an underscore are not accepted\n"
+                "header names with an underscore or other punctuation are not accepted\n"
             )
         );
         assert_eq!(kit.refused("underscore_header"), 1.0, "{}", kit.metrics());
@@ -386,7 +390,7 @@ routes:
         // Kept, less what reads as a field portcullis owns.
         let mut names: Vec<&str> = x.parts.headers.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["host", "x-kept", "x_custom"]);
+        assert_eq!(names, ["host", "x-kept", "x.custom", "x_custom"]);
     }
 
     #[tokio::test]

@@ -215,7 +215,8 @@ routes:
             .routed(
                 get("/status")
                     .header("x-user", "mallory")
-                    .header("X_User", "mallory"),
+                    .header("X_User", "mallory")
+                    .header("X.User", "mallory"),
             )
             .await;
         assert_eq!(x.route.map(|r| &*r.id), Some("default/status"));
@@ -224,5 +225,6 @@ routes:
         assert!(x.identity.is_none());
         assert!(!x.parts.headers.contains_key("x-user"));
         assert!(!x.parts.headers.contains_key("x_user"));
+        assert!(!x.parts.headers.contains_key("x.user"));
     }
 }

@@ -74,7 +74,7 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
     let mode = route
         .method_override
         .unwrap_or(x.conn.rules.method_override);
-    match canon::method_override(&mut x.parts.headers, mode) {
+    match canon::overrides(&mut x.parts.headers, &mut x.parts.uri, mode) {
         Ok(m) => x.method = m,
         Err(r) => return refuse(x, r),
     }
@@ -277,6 +277,20 @@ routes:
         assert_eq!(x.parts.method, Method::POST);
         assert_eq!(x.record.method, "DELETE");
         assert_eq!(x.parts.headers["x-http-method-override"], "DELETE");
+
+        // The `_method` parameter is an override too: stripped from what the origin is sent,
+        // refused, or believed.
+        let param = |path: &str| Request::post(path).header("host", "www.example.com");
+        let mut x = checked(&kit, param("/things/1?a=1&_method=DELETE"));
+        assert!(is_next(&run(&mut x).await));
+        assert_eq!(x.method(), Method::POST);
+        assert_eq!(x.origin_target(), "/things/1?a=1");
+        let mut x = checked(&kit, param("/strict/things/1?%5Fmethod=DELETE"));
+        assert_eq!(refusal(run(&mut x).await).0, StatusCode::BAD_REQUEST);
+        let mut x = checked(&kit, param("/legacy/things/1?_method=delete"));
+        assert!(is_next(&run(&mut x).await));
+        assert_eq!(x.method(), Method::DELETE);
+        assert_eq!(x.origin_target(), "/legacy/things/1?_method=delete");
     }
 
     #[tokio::test]

@@ -74,7 +74,10 @@ impl Trailers {
         let doomed: Vec<HeaderName> = t
             .keys()
             .filter(|k| {
-                let name = k.as_str().replace('_', "-");
+                let name = crate::fields::cgi_reading(k.as_str()).map_or(
+                    std::borrow::Cow::Borrowed(k.as_str()),
+                    std::borrow::Cow::Owned,
+                );
                 crate::fields::is_owned(&name)
                     || kept.protected.iter().any(|p| p.as_str() == name)
                     || kept.head.iter().any(|p| p.as_str() == name)
@@ -506,6 +509,9 @@ mod tests {
             "content-length",
             "x-user",
             "x_user",
+            "x.user",
+            "x-api-key",
+            "x.api.key",
             "x-portcullis-assertion",
             "x-tenant",
             "x_tenant",

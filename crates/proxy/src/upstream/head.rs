@@ -299,13 +299,17 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
     }
 }
 
-/// Under `underscores_in_headers: allow`: removes a field whose name holds `_` and reads, as
-/// CGI-style frameworks read it (`_` as `-`), as a field the head carries: one portcullis set
+/// Under `underscores_in_headers: allow`: removes a field whose name holds `_` (or another
+/// byte than a letter, a digit or `-`) and reads, as CGI-style servers read it (each such
+/// byte as `-`), as a field the head carries: one portcullis set
 /// (an identity header, an authorizer's context, a limit's mark, the forwarded headers) or
 /// the client's own, which the origin could not tell apart from it either. (Names of fields
 /// portcullis owns went before routing, in `edge::canon::underscore_headers`.)
 fn drop_lookalikes(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| k.as_str().contains('_')) {
+    if !headers
+        .keys()
+        .any(|k| crate::fields::is_unusual(k.as_str()))
+    {
         return;
     }
     let doomed: Vec<HeaderName> = headers
