@@ -619,6 +619,21 @@ pub enum MethodOverride {
     Honor,
 }
 
+/// What a `GET`, `HEAD` or `TRACE` request with a body gets. Such a body has no defined
+/// meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.8), and many origins answer the request without
+/// reading it, then read it as the next request on the connection: a request portcullis never
+/// routed nor authorized, with whatever identity headers it spells.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum GetBody {
+    /// 400, before anything reaches the origin.
+    #[default]
+    Reject,
+    /// Sent to the origin (for APIs that search with a `GET` body), on a connection that is
+    /// closed after the answer.
+    Forward,
+}
+
 /// A route's canonicalization overrides.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -1096,6 +1111,9 @@ pub struct Route {
     /// named like identity headers are dropped either way.
     #[serde(default)]
     pub request_trailers: bool,
+    /// What a `GET`, `HEAD` or `TRACE` request with a body gets.
+    #[serde(default)]
+    pub get_body: GetBody,
     /// Counting and limiting (stick tables, rules, a usage plan).
     #[serde(default)]
     pub limits: RouteLimits,

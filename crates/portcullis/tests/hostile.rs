@@ -664,3 +664,92 @@ async fn a_trickling_body_is_the_clients_delay_not_the_servers() {
     .await;
     assert_eq!(status_of(&resp), 200, "{resp}");
 }
+
+/// With an HTTP/2 backend, the request body is sent by the origin connection's own task, and
+/// the attempt sees only the stream reset a failed body causes. A body that grows past
+/// `max_body_size`, one that stalls past `timeouts.client_body`, and one its client cuts
+/// short are still the client's doing: 413 and 408 as with an HTTP/1.1 backend, and the
+/// server is not blamed. Before, each was a 502 counted against the server, and three got a
+/// healthy server ejected (`outlier: { consecutive_5xx: 2 }`): every client then got 503.
+#[tokio::test]
+async fn an_h2_backend_is_not_blamed_for_a_body_its_client_spoiled() {
+    let origin = Origin::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes().len())
+            .unwrap_or(0);
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(n.to_string())))
+    })
+    .await;
+    let p = Proxy::start(&format!(
+        "listeners:\n  - {{ name: web, bind: \"127.0.0.1:{{port}}\", timeouts: {{ client_body: 1s }} }}\n\
+         backends:\n  - name: b\n    protocol: http2\n    outlier: {{ consecutive_5xx: 2, eject_for: 60s }}\n    retries: {{ attempts: 0 }}\n    servers: [{{ name: s1, address: \"{}\" }}]\n\
+         routes:\n  - {{ name: r, match: {{ path_prefix: /up }}, backend: b, max_body_size: 1KiB, public: true }}\n",
+        origin.address()
+    ))
+    .await;
+    // Over the limit only once streamed: the origin has the first chunk by then.
+    let too_large = || async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        let mut req =
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n200\r\n"
+                .to_vec();
+        req.extend(vec![b'a'; 0x200]);
+        req.extend(b"\r\n");
+        s.write_all(&req).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut more = b"400\r\n".to_vec();
+        more.extend(vec![b'b'; 0x400]);
+        more.extend(b"\r\n0\r\n\r\n");
+        let _ = s.write_all(&more).await;
+        let (resp, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+        status_of(&resp)
+    };
+    // Ten bytes of a hundred, then nothing.
+    let stalled = || async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let (resp, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+        status_of(&resp)
+    };
+    // Ten bytes of a hundred, then the client goes.
+    let cut = || async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for _ in 0..3 {
+        assert_eq!(too_large().await, 413, "{}", p.log_text());
+    }
+    for _ in 0..2 {
+        assert_eq!(stalled().await, 408, "{}", p.log_text());
+    }
+    for _ in 0..3 {
+        cut().await;
+    }
+    let log = p.log_text();
+    assert!(!log.contains("ejected"), "{log}");
+    // The server still serves, on the connection it had.
+    let resp = raw(
+        p.port,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}\n{}", p.log_text());
+    assert!(resp.ends_with("\r\n\r\n2"), "{resp}");
+}

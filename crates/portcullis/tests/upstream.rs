@@ -154,6 +154,9 @@ fn framings(path: &str, body: &[u8]) -> Reply {
              X-Hop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
         ),
         "/no-content" => reply("HTTP/1.1 204 No Content\r\n\r\n"),
+        "/no-content-with-body" => {
+            reply("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nstray")
+        }
         "/echo-body" => Reply {
             bytes: [
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
@@ -571,6 +574,82 @@ async fn connections_are_reused_and_closed_ones_are_not() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(origin.conns.load(Ordering::SeqCst), 3);
+}
+
+/// A GET, HEAD or TRACE with a body gets 400 and reaches no origin: many origins answer such
+/// a request without reading its body, then read the body as the next request on the
+/// connection (a request portcullis never routed, spelling any identity headers it likes).
+/// A route with `get_body: forward` sends it, on a connection that is not reused; so is one
+/// after a DELETE with a body, and after a 204 that framed a body nobody reads.
+#[tokio::test]
+async fn bodies_on_get_are_refused_or_never_share_a_connection() {
+    let origin = RawOrigin::start(framings).await;
+    let p = proxy_to(&origin).await;
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: x\r\nX-User: admin\r\n\r\n";
+    for method in ["GET", "HEAD", "TRACE"] {
+        let declared = format!(
+            "{method} /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        let chunked = format!(
+            "{method} /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        );
+        for req in [declared, chunked] {
+            let r = raw(p.port, req.as_bytes()).await;
+            assert!(r.starts_with("HTTP/1.1 400"), "{method}: {r}");
+        }
+    }
+    assert_eq!(
+        origin.conns.load(Ordering::SeqCst),
+        0,
+        "nothing reached the origin"
+    );
+    // No body, said either way: served.
+    for req in [
+        "GET /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    ] {
+        let r = raw(p.port, req.as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{req}: {r}");
+    }
+    let c = client();
+    let conns = || origin.conns.load(Ordering::SeqCst);
+    let plain = || async { c.get(p.url("/plain")).send().await.unwrap().status() };
+    assert_eq!(plain().await, 200);
+    let before = conns();
+    assert_eq!(plain().await, 200);
+    assert_eq!(conns(), before, "a plain GET reuses the pooled connection");
+    // A DELETE with a body, and a 204 with a body: their connections are not reused.
+    let r = c
+        .delete(p.url("/echo-body"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "x");
+    assert_eq!(plain().await, 200);
+    assert_eq!(conns(), before + 1, "not reused after a DELETE with a body");
+    let r = c.get(p.url("/no-content-with-body")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(plain().await, 200);
+    assert_eq!(
+        conns(),
+        before + 2,
+        "not reused after a 204 that framed a body"
+    );
+
+    let p = proxy_with_route_keys(&origin.addr, "    get_body: forward\n").await;
+    let r = c
+        .get(p.url("/echo-body"))
+        .body("query")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "query");
+    let before = conns();
+    assert_eq!(c.get(p.url("/plain")).send().await.unwrap().status(), 200);
+    assert_eq!(conns(), before + 1, "not reused after a GET with a body");
 }
 
 #[tokio::test]

@@ -105,6 +105,8 @@ pub struct RouteRt {
     pub upgrades: Option<Vec<String>>,
     /// The client's trailers go to the origin (`request_trailers: true`).
     pub request_trailers: bool,
+    /// What a `GET`, `HEAD` or `TRACE` request with a body gets (`get_body`).
+    pub get_body: portcullis_config::GetBody,
     /// The route matches paths case-sensitively (`match.case_sensitive`); else policies get
     /// `context.route_path` in lower case.
     pub case_sensitive: bool,
@@ -241,6 +243,7 @@ impl Snapshot {
                 method_override: spec.method_override,
                 upgrades: spec.upgrades.as_deref().map(crate::edge::canon::lower_all),
                 request_trailers: spec.request_trailers,
+                get_body: spec.get_body,
                 case_sensitive: spec.matcher.case_sensitive,
                 by_class,
                 decisions,

@@ -10,8 +10,8 @@ use crate::record::{status_class, AccessRecord};
 use crate::snapshot::{BackendRt, RouteRt};
 use crate::state::ServerState;
 use crate::upstream::body::{
-    empty, BodyWait, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody, SlowBody, TooLarge,
-    Tracked,
+    empty, BodyFailure, BodyWait, ClientBody, Limited, OnDone, Prepend, ReqBody, RespBody,
+    SlowBody, TooLarge, Tracked,
 };
 use crate::upstream::head::{strip_hop_by_hop, Head};
 use crate::upstream::pool::{ConnectError, Sender};
@@ -153,6 +153,12 @@ async fn request_body(
     let Some(seen) = seen else {
         return Ok(empty_req_body());
     };
+    // A body on a GET, HEAD or TRACE, which the route does not forward (`get_body`).
+    let bodiless = route.get_body == portcullis_config::GetBody::Reject
+        && matches!(x.parts.method, Method::GET | Method::HEAD | Method::TRACE);
+    if bodiless && body.size_hint().exact().is_some_and(|n| n > 0) {
+        return Err((StatusCode::BAD_REQUEST, NO_GET_BODY));
+    }
     let chunked = x.parts.version != Version::HTTP_2 && body.size_hint().exact().is_none();
     let trailers = if route.request_trailers || is_grpc(headers) {
         crate::upstream::body::Trailers::Keep(Box::new(crate::upstream::body::Kept {
@@ -166,6 +172,9 @@ async fn request_body(
         .with_idle_timeout(x.conn.body_timeout)
         .with_wait(wait.clone().unwrap_or_default())
         .boxed_unsync();
+    if bodiless {
+        return no_body(b).await;
+    }
     if !chunked {
         return Ok(b);
     }
@@ -181,6 +190,28 @@ async fn request_body(
         Some(Err(e)) => {
             tracing::debug!(error = %e, "invalid request body");
             Err((StatusCode::BAD_REQUEST, "invalid request body\n"))
+        }
+    }
+}
+
+const NO_GET_BODY: &str = "a GET, HEAD or TRACE request may not have a body\n";
+
+/// The body of a GET, HEAD or TRACE whose length was not declared (chunked, or HTTP/2 DATA
+/// frames): refused (400) if it holds a byte, else none is sent.
+async fn no_body(mut b: ReqBody) -> Result<ReqBody, Refused> {
+    loop {
+        match b.frame().await {
+            None => return Ok(empty_req_body()),
+            Some(Ok(f)) => match f.data_ref() {
+                Some(d) if !d.is_empty() => return Err((StatusCode::BAD_REQUEST, NO_GET_BODY)),
+                Some(_) => continue,
+                // Trailers end the body; a bodiless request sends none.
+                None => return Ok(empty_req_body()),
+            },
+            Some(Err(e)) if e.is::<SlowBody>() => {
+                return Err((StatusCode::REQUEST_TIMEOUT, "request body timed out\n"))
+            }
+            Some(Err(_)) => return Err((StatusCode::BAD_REQUEST, "invalid request body\n")),
         }
     }
 }
@@ -315,10 +346,12 @@ async fn once(
             *req.headers_mut() = trip.head.headers.clone();
             *req.version_mut() = Version::HTTP_2;
             let f = s.try_send_request(req);
-            tokio::time::timeout(try_timeout, f)
-                .await
-                .map_err(|_| late(trip))
-                .map(|r| r.map(Up::H2).map_err(|e| Failed::from_h2(e, state)))
+            let r = tokio::time::timeout(try_timeout, f).await;
+            let closed = s.is_closed();
+            r.map_err(|_| late(trip)).map(|r| {
+                r.map(Up::H2)
+                    .map_err(|e| Failed::from_h2(e, state, trip.body_wait.as_ref(), closed))
+            })
         }
     };
     match result {
@@ -558,15 +591,30 @@ impl Failed {
         }
     }
 
+    /// A failed HTTP/2 exchange. The connection sends the request body from a task of its
+    /// own, so a body that failed by its client's doing shows here only as the stream reset
+    /// it caused: `wait` says so, and the server is then not blamed, nor its connection
+    /// (still good for the other streams) dropped, unless it is `closed`.
     fn from_h2(
         mut e: hyper::client::conn::TrySendError<Request<ReqBody>>,
         state: &ServerState,
+        wait: Option<&BodyWait>,
+        closed: bool,
     ) -> Self {
-        state.pool.drop_h2();
+        let by_client = wait.and_then(BodyWait::failed);
+        if closed || by_client.is_none() {
+            state.pool.drop_h2();
+        }
         if let Some(r) = e.take_message() {
             return Failed::NotSent(r.into_body());
         }
         let err = e.into_error();
+        match by_client {
+            Some(BodyFailure::TooLarge) => return Failed::TooLarge,
+            Some(BodyFailure::Slow) => return Failed::SlowBody,
+            Some(BodyFailure::Client) => return Failed::ClientBody(err.to_string()),
+            None => {}
+        }
         if is_too_large(&err) {
             Failed::TooLarge
         } else if caused_by::<SlowBody>(&err) {

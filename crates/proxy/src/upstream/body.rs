@@ -100,6 +100,21 @@ pub struct BodyWait(Arc<std::sync::atomic::AtomicU8>);
 const FLOWING: u8 = 0;
 const ON_CLIENT: u8 = 1;
 const ENDED: u8 = 2;
+// The body failed, by the client's doing: the last state it is in.
+const TOO_LARGE: u8 = 3;
+const SLOW: u8 = 4;
+const CLIENT_FAILED: u8 = 5;
+
+/// How a request body failed by its client's doing (see [`BodyWait::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// Over the route's `max_body_size` ([`TooLarge`]).
+    TooLarge,
+    /// Nothing for `timeouts.client_body` ([`SlowBody`]).
+    Slow,
+    /// The client's stream failed or ended early ([`ClientBody`]).
+    Client,
+}
 
 impl BodyWait {
     /// True while the body's last read found nothing from the client yet.
@@ -107,8 +122,21 @@ impl BodyWait {
         self.0.load(Ordering::Relaxed) == ON_CLIENT
     }
 
+    /// How the body failed, if it did by its client's doing. An HTTP/2 origin connection
+    /// sends the body from a task of its own, and the attempt sees only the stream it reset
+    /// then: this says whose fault that was, so that a client cannot get a healthy server
+    /// blamed (and ejected) with a body that is too large, too slow or cut short.
+    pub fn failed(&self) -> Option<BodyFailure> {
+        match self.0.load(Ordering::Acquire) {
+            TOO_LARGE => Some(BodyFailure::TooLarge),
+            SLOW => Some(BodyFailure::Slow),
+            CLIENT_FAILED => Some(BodyFailure::Client),
+            _ => None,
+        }
+    }
+
     fn set(&self, state: u8) {
-        self.0.store(state, Ordering::Relaxed);
+        self.0.store(state, Ordering::Release);
     }
 }
 
@@ -205,15 +233,20 @@ where
                     let n = this.seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
                     if let Some(l) = this.limit {
                         if n > l {
+                            this.note(TOO_LARGE);
                             return Poll::Ready(Some(Err(Box::new(TooLarge(l)))));
                         }
                     }
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBody(e.into()))))),
+            Poll::Ready(Some(Err(e))) => {
+                this.note(CLIENT_FAILED);
+                Poll::Ready(Some(Err(Box::new(ClientBody(e.into())))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending if this.waited_too_long(cx) => {
+                this.note(SLOW);
                 let d = this.idle.as_ref().map(|(d, _)| *d).unwrap_or_default();
                 Poll::Ready(Some(Err(Box::new(SlowBody(d)))))
             }

@@ -265,6 +265,10 @@ impl Conn {
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
             }
+            // A 204 may not have a body (RFC 9110 §15.3.5); one whose head frames a body will
+            // send bytes nobody reads, perhaps after the connection has gone back to the pool.
+            let stray_body = status == StatusCode::NO_CONTENT
+                && matches!(framing, Framing::Chunked | Framing::Length(1..));
             let kind = if status == StatusCode::SWITCHING_PROTOCOLS {
                 Kind::Upgraded
             } else if method == Method::HEAD
@@ -285,9 +289,15 @@ impl Conn {
             // that body asked for. Not knowing whether it read the body, portcullis closes
             // the connection.
             let refused_body = had_body && status.as_u16() >= 400;
+            // A body on a method that gives it no meaning (RFC 9110 §9.3): many origins
+            // never read it, and then read it as the next request on the connection, which
+            // would carry a request portcullis never routed, or swallow another client's.
+            let unread_body = had_body && body_unread_by_some(method);
             let reusable = keep_alive
                 && sent_all
                 && !refused_body
+                && !unread_body
+                && !stray_body
                 && !matches!(kind, Kind::Close | Kind::Upgraded);
             let mut resp = Response::new(UpBody {
                 conn: Some(self),
@@ -302,6 +312,15 @@ impl Conn {
             return Ok(resp);
         }
     }
+}
+
+/// Methods whose request body has no defined meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.5,
+/// §9.3.7, §9.3.8): an origin may answer them without reading a body.
+fn body_unread_by_some(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
 }
 
 /// Where a connection goes back once its exchange has ended cleanly: the server's pool. A
