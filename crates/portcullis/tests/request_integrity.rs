@@ -1257,6 +1257,13 @@ async fn client_address_claims_from_untrusted_peers_are_removed() {
         "CF-Connecting-IP",
         "Fastly-Client-IP",
         "Forwarded",
+        // Claims of how the client came in (Rack, Werkzeug, IIS read them).
+        "X-Forwarded-Ssl",
+        "X-Forwarded-Scheme",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "Front-End-Https",
+        "X-Url-Scheme",
     ];
     let headers: Vec<(&str, &str)> = claims.iter().map(|h| (*h, "10.9.8.7")).collect();
     assert_eq!(status_of(p.port, "GET", "/pub/claims", &headers).await, 200);
@@ -1272,6 +1279,7 @@ async fn client_address_claims_from_untrusted_peers_are_removed() {
         vec![b"127.0.0.1".to_vec()],
         "{seen}"
     );
+    assert_eq!(seen.fields("x-forwarded-proto"), vec![b"http".to_vec()]);
 }
 
 /// Under `method_override: reject` (on the listener, or on the route) a request carrying any

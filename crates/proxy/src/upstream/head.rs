@@ -31,6 +31,11 @@ static CLIENT_IP_CLAIMS: [HeaderName; 6] = [
     HeaderName::from_static("cf-connecting-ip"),
     HeaderName::from_static("fastly-client-ip"),
 ];
+/// Other headers by which origins (Rails, IIS, Werkzeug) believe a request came over TLS.
+static SCHEME_CLAIMS: [HeaderName; 2] = [
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-url-scheme"),
+];
 /// Headers with which some origins (IIS URL Rewrite, Symfony, Zend) serve another path than the
 /// request line's: `GET /` with `X-Original-URL: /admin` would be routed and authorized as `/`
 /// and served as `/admin`. No client may send them through portcullis.
@@ -234,6 +239,22 @@ pub fn build(x: &mut Exchange<'_>, backend: &BackendRt, pq: &str) -> Result<Head
         headers.remove(header::FORWARDED);
         if headers.keys().any(|k| CLIENT_IP_CLAIMS.contains(k)) {
             for n in &CLIENT_IP_CLAIMS {
+                headers.remove(n);
+            }
+        }
+        // And every other `X-Forwarded-*` (and kin) a client could say how it came in with:
+        // Rack reads `X-Forwarded-Ssl` and `X-Forwarded-Scheme` before `X-Forwarded-Proto`,
+        // and Rack and Werkzeug build URLs from `X-Forwarded-Port` and `-Prefix`. The three
+        // portcullis sets are set below.
+        let claims_scheme =
+            |k: &HeaderName| k.as_str().starts_with("x-forwarded-") || SCHEME_CLAIMS.contains(k);
+        if headers.keys().any(claims_scheme) {
+            let doomed: Vec<HeaderName> = headers
+                .keys()
+                .filter(|k| claims_scheme(k))
+                .cloned()
+                .collect();
+            for n in doomed {
                 headers.remove(n);
             }
         }
