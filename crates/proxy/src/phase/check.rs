@@ -23,6 +23,12 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
             "conflicting Content-Length and Transfer-Encoding\n",
         );
     }
+    // hyper frames a body by its last coding being `chunked` and drops the others: the
+    // origin would get `gzip` bytes with nothing saying they are coded. RFC 9112 §6.1: a
+    // coding the server does not understand is 501.
+    if let Some(refused) = transfer_codings(&parts.headers) {
+        return Flow::Refuse(refused.0, refused.1);
+    }
     if parts.version != Version::HTTP_2
         && canon::head_size(&parts.method, &parts.uri, &parts.headers)
             > x.conn.rules.max_header_size
@@ -94,6 +100,32 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
         x.record.path = x.path().to_string();
     }
     Flow::Next
+}
+
+/// A request's `Transfer-Encoding` other than one `chunked`: 501 for a coding portcullis
+/// does not decode (`gzip, chunked`), 400 for `chunked` more than once.
+fn transfer_codings(h: &http::HeaderMap) -> Option<(StatusCode, &'static str)> {
+    let mut codings = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    let first = codings.next()?;
+    let mut chunked = 0;
+    for c in std::iter::once(first).chain(codings) {
+        if !c.eq_ignore_ascii_case(b"chunked") {
+            return Some((
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported\n",
+            ));
+        }
+        chunked += 1;
+    }
+    (chunked > 1).then_some((
+        StatusCode::BAD_REQUEST,
+        "chunked transfer coding applied more than once\n",
+    ))
 }
 
 /// Removes identity headers (and the headers authorizers set, `upstream_headers`) a client
@@ -337,6 +369,38 @@ routes:
                 "conflicting Content-Length and Transfer-Encoding\n"
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_transfer_coding_other_than_one_chunked_is_refused() {
+        let kit = Kit::new(CONFIG).await;
+        let with_te = |values: &[&str]| {
+            let mut r = Request::post("/").header("host", "example.com");
+            for v in values {
+                r = r.header("transfer-encoding", *v);
+            }
+            kit.exchange(r)
+        };
+        for ok in [&["chunked"][..], &["Chunked"], &[" chunked ,"]] {
+            let mut x = with_te(ok);
+            assert!(is_next(&run(&mut x)), "{ok:?}");
+        }
+        for unknown in [
+            &["gzip, chunked"][..],
+            &["identity, chunked"],
+            &["gzip", "chunked"],
+        ] {
+            let mut x = with_te(unknown);
+            assert_eq!(
+                refusal(run(&mut x)).0,
+                StatusCode::NOT_IMPLEMENTED,
+                "{unknown:?}"
+            );
+        }
+        for twice in [&["chunked, chunked"][..], &["chunked", "chunked"]] {
+            let mut x = with_te(twice);
+            assert_eq!(refusal(run(&mut x)).0, StatusCode::BAD_REQUEST, "{twice:?}");
+        }
     }
 
     /// `Transfer_Encoding`, `Content_Length` and an identity header lookalike: what CGI-style
