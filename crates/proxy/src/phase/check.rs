@@ -9,14 +9,15 @@ use crate::exchange::{Exchange, Flow, Host};
 use crate::snapshot::Snapshot;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Version};
+use portcullis_config::UnderscoresInHeaders;
 
 pub fn run(x: &mut Exchange<'_>) -> Flow {
     // Request smuggling guard: hyper accepts both headers (dropping Content-Length and
     // using chunked); we refuse. See `smuggle` for how the dropped header is noticed.
     let parts = &x.parts;
+    let te = parts.headers.contains_key(header::TRANSFER_ENCODING);
     if x.conn.smuggle.next_request_conflicts()
-        || (parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.contains_key(header::CONTENT_LENGTH))
+        || (te && parts.headers.contains_key(header::CONTENT_LENGTH))
     {
         return Flow::Refuse(
             StatusCode::BAD_REQUEST,
@@ -26,7 +27,7 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
     // hyper frames a body by its last coding being `chunked` and drops the others: the
     // origin would get `gzip` bytes with nothing saying they are coded. RFC 9112 §6.1: a
     // coding the server does not understand is 501.
-    if let Some(refused) = transfer_codings(&parts.headers) {
+    if let Some(refused) = te.then(|| transfer_codings(&parts.headers)).flatten() {
         return Flow::Refuse(refused.0, refused.1);
     }
     if parts.version != Version::HTTP_2
@@ -75,7 +76,11 @@ pub fn run(x: &mut Exchange<'_>) -> Flow {
     // Before routing too: a route must not be chosen by a header the client may not set
     // (`match.headers: { x-user: alice }` would send anyone who claims to be alice to her
     // backend, which then hears who the caller really is).
-    strip_identity_headers(x.snap, &mut x.parts.headers);
+    strip_identity_headers(
+        x.snap,
+        &mut x.parts.headers,
+        mode == UnderscoresInHeaders::Allow,
+    );
     let raw_host = match request_host(&x.parts) {
         Ok(h) => h,
         Err(msg) => return Flow::Refuse(StatusCode::BAD_REQUEST, msg),
@@ -131,8 +136,9 @@ fn transfer_codings(h: &http::HeaderMap) -> Option<(StatusCode, &'static str)> {
 /// Removes identity headers (and the headers authorizers set, `upstream_headers`) a client
 /// might try to set, on every route. Names spelled with
 /// `_`, `.` or another byte for `-` go too: CGI-style origin servers and frameworks (WSGI,
-/// Rack, PHP, lighttpd's gateways) read `X_User` and `X.User` as `X-User`.
-pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
+/// Rack, PHP, lighttpd's gateways) read `X_User` and `X.User` as `X-User`: looked for when
+/// `spelled` (only a listener with `underscores_in_headers: allow` leaves such names).
+pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap, spelled: bool) {
     // One pass over the request's own header names (a handful) instead of one hash lookup per
     // identity header; most requests carry none of them, so nothing is removed.
     let doomed: Vec<http::HeaderName> = h
@@ -142,7 +148,7 @@ pub fn strip_identity_headers(snap: &Snapshot, h: &mut http::HeaderMap) {
             if s.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n == *k) {
                 return true;
             }
-            let Some(name) = crate::fields::cgi_reading(s) else {
+            let Some(name) = spelled.then(|| crate::fields::cgi_reading(s)).flatten() else {
                 return false;
             };
             name.starts_with("x-portcullis-") || snap.unforgeable.iter().any(|n| n.as_str() == name)
