@@ -162,7 +162,7 @@ mod tests {
         let plain = |n: &[u8]| !n.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-');
         for b in 0..=255u8 {
             for at in 0..20 {
-                let mut n = vec![b'x'; 20];
+                let mut n = [b'x'; 20];
                 n[at] = b;
                 for len in [at + 1, 20] {
                     let name = &n[..len];
