@@ -494,9 +494,21 @@ async fn run(cfg: portcullis_config::Config) -> ExitCode {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    runtime.shutdown().await;
+    // A second signal during the drain stops at once, as a crash would (what is
+    // acknowledged is already durable; quota counts since the last sync are lost).
+    tokio::select! {
+        _ = runtime.shutdown() => {}
+        _ = term.recv() => return stopped_now(),
+        _ = int.recv() => return stopped_now(),
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+fn stopped_now() -> ExitCode {
+    tracing::warn!("a second signal during the drain: stopping now");
+    eprintln!("portcullis: a second signal during the drain: stopping now");
+    ExitCode::from(130)
 }
 
 #[cfg(test)]

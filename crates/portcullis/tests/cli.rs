@@ -427,6 +427,57 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
 }
 
+/// During the drain a reload is refused (it would bind the closed listeners again and serve
+/// connections the shutdown never waits for), and a second SIGTERM stops at once, with 130.
+#[tokio::test]
+async fn the_drain_refuses_reloads_and_a_second_signal_stops_it() {
+    let slow = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow done")))
+    })
+    .await;
+    let mut p = public_proxy("60s", &slow).await;
+    let url = p.url("/slow");
+    let _in_flight = tokio::spawn(async move { client().get(url).send().await });
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let h = slow.hits();
+            async move { h == 1 }
+        })
+        .await,
+        "the request never reached the origin"
+    );
+    p.signal(libc::SIGTERM);
+    let port = p.port;
+    let closed = || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    };
+    assert!(eventually(Duration::from_secs(3), closed).await);
+    let (status, body) = p.admin(reqwest::Method::POST, "/api/v1/reload", None).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("shutting down"), "{status}: {body}");
+    assert!(
+        closed().await,
+        "a reload during the drain opened the listener again"
+    );
+    let sent = Instant::now();
+    p.signal(libc::SIGTERM);
+    let code = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "a second SIGTERM did not stop the drain:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code.code(), Some(130), "{}", p.log_text());
+}
+
 /// A command whose reader has gone (output piped into `head` or `true`) stops quietly, by
 /// SIGPIPE as other tools do, instead of panicking with a backtrace.
 #[test]

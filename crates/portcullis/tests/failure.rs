@@ -747,6 +747,63 @@ async fn max_connections_queues_then_times_out() {
     );
 }
 
+/// A request whose route deadline passes while it waits in the queue gets 504 without being
+/// sent, and neither it nor the route's deadline is held against the server: before, it was
+/// sent with no time left, timed out, and got a healthy server ejected. A client that gives up
+/// while queued leaves the queue count.
+#[tokio::test]
+async fn a_deadline_spent_in_the_queue_is_not_the_servers_fault() {
+    let o = slow("slow", 1000).await;
+    let p = Proxy::start(&format!(
+        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\" }}]\nbackends:\n  - name: b\n    queue_timeout: 5s\n    outlier: {{ consecutive_5xx: 1, eject_for: 60s }}\n    servers: [{{ name: s, address: \"{}\", max_connections: 1 }}]\nroutes:\n  - {{ name: quick, match: {{ path_prefix: /quick }}, backend: b, public: true, timeout: 300ms }}\n  - {{ name: r, match: {{ path_prefix: / }}, backend: b, public: true }}\n",
+        o.address()
+    ))
+    .await;
+    let c = client();
+    let url = p.url("/");
+    // The first holds the only slot for a second; the second's 300 ms run out in the queue.
+    let (r1, r2) = tokio::join!(get(&c, &url), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get(&c, &p.url("/quick")).await
+    });
+    assert_eq!(r1, (200, "slow".to_string()));
+    assert_eq!(r2, (504, "upstream timeout\n".to_string()));
+    assert_eq!(o.hits(), 1, "the expired request was sent");
+    // Not ejected: the next request is served.
+    assert_eq!(
+        get(&c, &url).await,
+        (200, "slow".to_string()),
+        "{}",
+        p.log_text()
+    );
+
+    // Clients that give up while queued.
+    let busy = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let quick = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        assert!(quick.get(&url).send().await.is_err());
+    }
+    assert_eq!(busy.await.unwrap().0, 200);
+    let queued = eventually(Duration::from_secs(3), || async {
+        let (_, b) = p
+            .admin(reqwest::Method::GET, "/api/v1/backends", None)
+            .await;
+        b.contains("\"queued\":0")
+    })
+    .await;
+    let (_, b) = p
+        .admin(reqwest::Method::GET, "/api/v1/backends", None)
+        .await;
+    assert!(queued, "{b}");
+}
+
 #[tokio::test]
 async fn a_full_server_is_skipped_while_another_has_room() {
     // Two servers with one slot each. While the slow one is busy, new requests go to the fast

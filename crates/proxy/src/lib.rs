@@ -123,6 +123,8 @@ pub struct Runtime {
     listeners: listen::Listeners,
     health: health::HealthChecks,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Set when shutdown begins: no reload binds a listener again after that.
+    stopping: AtomicBool,
     pub status: parking_lot::RwLock<ReloadStatus>,
     pub ready: AtomicBool,
     /// The admin address actually bound (useful when configured with port 0).
@@ -398,6 +400,7 @@ impl Runtime {
             listeners,
             health: health::HealthChecks::default(),
             reload_lock: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
             status: parking_lot::RwLock::new(ReloadStatus {
                 version: config.version.clone(),
                 loaded_at: SystemTime::now(),
@@ -436,6 +439,12 @@ impl Runtime {
     /// keeps serving and the error is returned, logged and recorded for the admin API.
     pub async fn reload(&self, trigger: &str) -> Result<String, String> {
         let _g = self.reload_lock.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            // The listeners are closed and draining: a reload would bind them again and
+            // serve connections the shutdown never waits for.
+            tracing::warn!(trigger, "reload refused: portcullis is shutting down");
+            return Err("portcullis is shutting down; the reload was not applied".into());
+        }
         let path = self.config_path.clone();
         let result = self.try_reload(&path).await;
         match &result {
@@ -690,6 +699,11 @@ impl Runtime {
     pub async fn shutdown(&self) {
         self.ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        // A reload already under way finishes first (the next one is refused), so that the
+        // listeners closed below are the last ones bound.
+        drop(self.reload_lock.lock().await);
         let grace = self.shared.snapshot.load().config.shutdown_grace;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,

@@ -96,14 +96,16 @@ pub async fn pick(
         Some(sem) => match sem.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                state.queued.fetch_add(1, Ordering::Relaxed);
+                // Counted while waiting, however the wait ends: a client that goes away
+                // drops this future mid-wait.
+                let _queued = Queued::enter(&state.queued);
                 // Boxed: a rare wait, whose future inline would size every request's.
                 let r = Box::pin(tokio::time::timeout(
                     backend.queue_timeout,
                     sem.acquire_owned(),
                 ))
                 .await;
-                state.queued.fetch_sub(1, Ordering::Relaxed);
+                drop(_queued);
                 match r {
                     Ok(Ok(p)) => Some(p),
                     _ => return Err((StatusCode::SERVICE_UNAVAILABLE, "queue timeout\n")),
@@ -120,6 +122,22 @@ pub async fn pick(
             permit,
         },
     ))
+}
+
+/// A request waiting for a slot, in its server's `queued` count until dropped.
+struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn hash_key(on: &portcullis_config::HashOn, headers: &HeaderMap, conn: &ConnInfo, pq: &str) -> u64 {

@@ -295,6 +295,14 @@ async fn once(
     let remaining = trip
         .deadline
         .map(|d| d.saturating_duration_since(Instant::now()));
+    // The route's time ran out before anything was sent (in the queue for a slot, or in
+    // earlier attempts): 504 without sending it, and nothing held against the server.
+    if remaining.is_some_and(|r| r.is_zero()) {
+        return Attempt::Done(Flow::Refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream timeout\n",
+        ));
+    }
     let checkout = match state
         .pool
         .checkout(&server.address, &backend.connector)
@@ -364,7 +372,11 @@ async fn once(
         )),
         Err(Late::Server) => {
             drop(active);
-            note_outcome(backend, si, true, false);
+            // Held against the server only when its own time ran out (`timeouts.response`,
+            // `per_try_timeout`), not what was left of the route's `timeout`.
+            if remaining.is_none_or(|r| r >= trip.per_try) {
+                note_outcome(backend, si, true, false);
+            }
             if trip.replayable && backend.retry_status.contains(&504) && retry(trip, tries).await {
                 return Attempt::Retry;
             }
