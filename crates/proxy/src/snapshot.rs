@@ -473,7 +473,7 @@ fn backend(
     for (s, name) in spec.servers.iter().zip(&b.server_names) {
         let key = format!("{}/{}", b.id, name);
         let state = registry.server(&key, &s.address);
-        state.gate_for(s.max_connections);
+        state.gate.set_limit(s.max_connections);
         servers.push(ServerRt {
             name: name.clone(),
             address: s.address.clone(),

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 /// The operator's intent for a server, with HAProxy's meanings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,8 +111,8 @@ pub struct ServerState {
     watch: WatchSlot,
     /// This state itself, for the timer that announces the end of an ejection.
     me: Weak<ServerState>,
-    /// Max-connections gate; `None` means unlimited.
-    pub gate: Mutex<Option<(usize, Arc<Semaphore>)>>,
+    /// The `max_connections` gate, for the server's whole life.
+    pub gate: Arc<Gate>,
     pub pool: Arc<Pool>,
 }
 
@@ -145,7 +144,7 @@ impl ServerState {
             restore_due: AtomicU64::new(0),
             watch,
             me,
-            gate: Mutex::new(None),
+            gate: Arc::new(Gate::default()),
             pool: Arc::new(Pool::default()),
         }
     }
@@ -316,22 +315,89 @@ impl ServerState {
             w(self, change, reason);
         }
     }
+}
 
-    /// Returns the semaphore for `max` concurrent requests, creating or resizing it.
-    pub fn gate_for(&self, max: Option<usize>) -> Option<Arc<Semaphore>> {
-        let mut g = self.gate.lock();
-        match (max, g.as_ref()) {
-            (None, _) => {
-                *g = None;
-                None
+/// A server's `max_connections` (HAProxy's `maxconn`): at most `limit` requests in progress
+/// on it; the others wait, first come first served. One gate per server for its whole life,
+/// whose limit each config sets when it is loaded: a new limit applies at once to every
+/// request that waits or comes after (those in progress finish), whichever config they were
+/// routed by. A semaphore made per limit would let a lowered limit admit new requests beside
+/// those still holding the old one's permits, and split one server into two queues.
+pub struct Gate {
+    /// `usize::MAX`: no limit.
+    limit: AtomicUsize,
+    in_use: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            limit: AtomicUsize::new(usize::MAX),
+            in_use: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Gate {
+    /// Sets the limit (`None`: none). Waiters look again.
+    pub fn set_limit(&self, max: Option<usize>) {
+        self.limit
+            .store(max.unwrap_or(usize::MAX), Ordering::Release);
+        self.freed.notify_waiters();
+    }
+
+    pub fn limited(&self) -> bool {
+        self.limit.load(Ordering::Acquire) != usize::MAX
+    }
+
+    /// True when a new request would have to wait.
+    pub fn full(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) >= self.limit.load(Ordering::Acquire)
+    }
+
+    /// A slot now, if one is free.
+    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let mut cur = self.in_use.load(Ordering::Acquire);
+        loop {
+            if cur >= self.limit.load(Ordering::Acquire) {
+                return None;
             }
-            (Some(m), Some((cur, s))) if *cur == m => Some(s.clone()),
-            (Some(m), _) => {
-                let s = Arc::new(Semaphore::new(m));
-                *g = Some((m, s.clone()));
-                Some(s)
+            match self.in_use.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(Slot(self.clone())),
+                Err(now) => cur = now,
             }
         }
+    }
+
+    /// A slot, once one is free (cancel-safe: a dropped wait hands its wake-up on).
+    pub async fn take(self: &Arc<Self>) -> Slot {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so that a slot freed in between wakes it.
+            freed.as_mut().enable();
+            if let Some(s) = self.try_take() {
+                return s;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A request's place under its server's `max_connections`, given back when dropped.
+pub struct Slot(Arc<Gate>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
     }
 }
 
@@ -375,6 +441,38 @@ impl StateRegistry {
 
 #[cfg(test)]
 mod tests {
+    /// A limit changed by a reload holds for everything in progress on the server: lowered,
+    /// no new request goes in until enough have ended; raised, waiters go in at once.
+    #[tokio::test]
+    async fn a_gate_keeps_its_count_across_limit_changes() {
+        let g = Arc::new(Gate::default());
+        assert!(!g.limited());
+        g.set_limit(Some(4));
+        let mut held: Vec<Slot> = (0..4).map(|_| g.try_take().unwrap()).collect();
+        assert!(g.full() && g.try_take().is_none());
+        g.set_limit(Some(1));
+        held.truncate(2);
+        assert!(g.try_take().is_none(), "2 in progress over a limit of 1");
+        held.truncate(0);
+        let one = g.try_take().expect("room once all ended");
+        assert!(g.try_take().is_none());
+        // A waiter goes in when the limit is raised, and another when a slot is freed.
+        let (a, b) = (g.clone(), g.clone());
+        let first = tokio::spawn(async move { a.take().await });
+        let second = tokio::spawn(async move { b.take().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        g.set_limit(Some(2));
+        let s1 = tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::select! { s = first => s.unwrap(), s = second => s.unwrap() }
+        })
+        .await
+        .expect("a waiter went in when the limit was raised");
+        assert!(g.full());
+        drop(one);
+        drop(s1);
+        assert!(!g.full());
+    }
+
     use super::*;
 
     #[test]

@@ -14,7 +14,6 @@ use http::header::HeaderMap;
 use http::StatusCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// What one request's attempts pick by: its hash key and its sticky server.
 pub struct Plan {
@@ -40,7 +39,7 @@ pub fn plan(conn: &ConnInfo, backend: &BackendRt, headers: &HeaderMap, pq: &str)
 pub struct ActiveGuard {
     state: Arc<ServerState>,
     #[allow(dead_code)]
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<crate::state::Slot>,
 }
 
 impl Drop for ActiveGuard {
@@ -65,13 +64,8 @@ pub async fn pick(
             // queue is for when every server is full.
             let full: Vec<usize> = (0..backend.servers.len())
                 .filter(|&i| {
-                    backend.servers[i].max_connections.is_some()
-                        && backend.slots[i]
-                            .state
-                            .gate
-                            .lock()
-                            .as_ref()
-                            .is_some_and(|(_, sem)| sem.available_permits() == 0)
+                    let gate = &backend.slots[i].state.gate;
+                    gate.limited() && gate.full()
                 })
                 .collect();
             if full.is_empty() {
@@ -91,24 +85,21 @@ pub async fn pick(
         x.record.server = server.name.clone();
     }
     // HAProxy's maxconn: wait in the queue for a slot, up to queue_timeout.
-    let permit = match state.gate_for(server.max_connections) {
-        None => None,
-        Some(sem) => match sem.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
+    let gate = &state.gate;
+    let permit = match gate.limited() {
+        false => None,
+        true => match gate.try_take() {
+            Some(p) => Some(p),
+            None => {
                 // Counted while waiting, however the wait ends: a client that goes away
                 // drops this future mid-wait.
                 let _queued = Queued::enter(&state.queued);
                 // Boxed: a rare wait, whose future inline would size every request's.
-                let r = Box::pin(tokio::time::timeout(
-                    backend.queue_timeout,
-                    sem.acquire_owned(),
-                ))
-                .await;
+                let r = Box::pin(tokio::time::timeout(backend.queue_timeout, gate.take())).await;
                 drop(_queued);
                 match r {
-                    Ok(Ok(p)) => Some(p),
-                    _ => return Err((StatusCode::SERVICE_UNAVAILABLE, "queue timeout\n")),
+                    Ok(p) => Some(p),
+                    Err(_) => return Err((StatusCode::SERVICE_UNAVAILABLE, "queue timeout\n")),
                 }
             }
         },
