@@ -373,14 +373,22 @@ async fn sigterm_closes_idle_connections_at_once() {
     exits_zero_by(&mut p, sent + Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
-    let slow = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+/// A proxy with `grace`, and one request in flight to an origin that answers `slow done`
+/// after `secs` seconds: returned once the origin has it.
+async fn one_in_flight(
+    secs: u64,
+    grace: &str,
+) -> (
+    Origin,
+    Proxy,
+    tokio::task::JoinHandle<Result<(u16, String), reqwest::Error>>,
+) {
+    let slow = Origin::start(move |_req| async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow done")))
     })
     .await;
-    let mut p = public_proxy("5s", &slow).await;
+    let p = public_proxy(grace, &slow).await;
     let url = p.url("/slow");
     let in_flight = tokio::spawn(async move {
         let r = client().get(url).send().await?;
@@ -395,6 +403,12 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         .await,
         "the request never reached the origin"
     );
+    (slow, p, in_flight)
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let (_slow, mut p, in_flight) = one_in_flight(1, "5s").await;
     let sent = Instant::now();
     p.signal(libc::SIGTERM);
 
@@ -431,22 +445,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 /// connections the shutdown never waits for), and a second SIGTERM stops at once, with 130.
 #[tokio::test]
 async fn the_drain_refuses_reloads_and_a_second_signal_stops_it() {
-    let slow = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow done")))
-    })
-    .await;
-    let mut p = public_proxy("60s", &slow).await;
-    let url = p.url("/slow");
-    let _in_flight = tokio::spawn(async move { client().get(url).send().await });
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let h = slow.hits();
-            async move { h == 1 }
-        })
-        .await,
-        "the request never reached the origin"
-    );
+    let (_slow, mut p, _in_flight) = one_in_flight(20, "60s").await;
     p.signal(libc::SIGTERM);
     let port = p.port;
     let closed = || async move {
