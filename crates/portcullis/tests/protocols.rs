@@ -846,3 +846,117 @@ async fn headers_from_a_trusted_proxy() {
     assert_eq!(seen(&v, "x-forwarded-proto").as_deref(), Some("http"));
     assert!(seen(&v, "x-request-id").is_some_and(|r| !r.is_empty()));
 }
+
+/// A WebSocket echo origin on a loopback port.
+async fn ws_echo_origin() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Whether `ws` still echoes a message (false once the tunnel is closed).
+async fn echoes(ws: &mut Ws) -> bool {
+    if ws.send(Message::text("ping")).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), ws.next()).await,
+        Ok(Some(Ok(m))) if m == Message::text("ping")
+    )
+}
+
+/// Tunnels get the listener's grace period, and no more: on SIGTERM an open WebSocket keeps
+/// working through the drain (it was cut at once before) and is closed when `shutdown_grace`
+/// ends; on a reload that removes its listener, the tunnel and a request still in flight on
+/// that listener are closed when the grace ends (they went on, under the old config, for as
+/// long as they lasted).
+#[tokio::test]
+async fn tunnels_and_connections_last_their_listeners_grace_and_no_longer() {
+    let (ws_addr, _ws) = ws_echo_origin().await;
+    let slow = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        Response::new(Full::new(Bytes::from("late")))
+    })
+    .await;
+    let extra = free_port();
+    let yaml = |listeners: &str| {
+        format!(
+            "shutdown_grace: 1500ms\nlisteners:\n{listeners}backends:\n  - {{ name: ws, servers: [{{ address: \"{ws_addr}\" }}] }}\n  - {{ name: slow, servers: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: ws, match: {{ path_prefix: /ws }}, backend: ws, public: true }}\n  - {{ name: slow, match: {{ path_prefix: /slow }}, backend: slow, public: true }}\n",
+            slow.address()
+        )
+    };
+    let both = format!(
+        "  - {{ name: web, bind: \"127.0.0.1:{{port}}\" }}\n  - {{ name: extra, bind: \"127.0.0.1:{extra}\" }}\n"
+    );
+    let mut p = Proxy::start(&yaml(&both)).await;
+    let web = p.port;
+    let connect = |port: u16| async move {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws/x"))
+            .await
+            .expect("websocket through the proxy");
+        ws
+    };
+
+    // A reload removes `extra`: its tunnel and its slow request end with its grace.
+    let mut on_extra = connect(extra).await;
+    assert!(echoes(&mut on_extra).await);
+    let url = format!("http://127.0.0.1:{extra}/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await });
+    assert!(eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await);
+    p.write_config(&yaml("  - { name: web, bind: \"127.0.0.1:{port}\" }\n"));
+    let (status, body) = p.admin(reqwest::Method::POST, "/api/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let removed = Instant::now();
+    assert!(echoes(&mut on_extra).await, "cut before the grace ended");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(
+        !echoes(&mut on_extra).await,
+        "the removed listener's tunnel outlived its grace"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(3), in_flight)
+        .await
+        .expect("the removed listener's request outlived its grace")
+        .unwrap();
+    assert!(r.is_err(), "{r:?}");
+    assert!(removed.elapsed() < Duration::from_secs(6));
+
+    // SIGTERM: the tunnel on `web` works through the drain, then ends with the grace.
+    let mut on_web = connect(web).await;
+    assert!(echoes(&mut on_web).await);
+    let sent = Instant::now();
+    p.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        echoes(&mut on_web).await,
+        "the tunnel was cut at once on SIGTERM"
+    );
+    let code = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(6), "{}", p.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(code.code(), Some(0), "{}", p.log_text());
+}

@@ -31,6 +31,19 @@ pub struct ConnInfo {
     pub body_timeout: std::time::Duration,
     /// The responses in flight, which the idle timer watches (see `edge::sending`).
     pub sending: Arc<crate::edge::sending::Sending>,
+    /// The listener's: its tunnels, and the end of its grace period.
+    pub life: Arc<Life>,
+}
+
+/// What a listener's connections and tunnels last as long as. When the listener stops
+/// (shutdown, or a reload that removes or moves it), its connections are asked to finish and
+/// its tunnels (WebSocket and other upgrades, which outlive their connection's task) are
+/// waited for, up to `shutdown_grace`; then `end` is cancelled and everything still open is
+/// closed.
+#[derive(Default)]
+pub struct Life {
+    pub tunnels: tokio_util::task::TaskTracker,
+    pub end: tokio_util::sync::CancellationToken,
 }
 
 impl ConnInfo {
@@ -76,6 +89,7 @@ impl ConnInfo {
             caller_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
             sending: Arc::default(),
+            life: Arc::default(),
         }
     }
 }

@@ -239,6 +239,7 @@ async fn accept_loop(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let life = Arc::new(crate::edge::conn::Life::default());
     let name: Arc<str> = Arc::from(name.as_str());
     let gauge = shared
         .metrics
@@ -268,22 +269,34 @@ async fn accept_loop(
             stop: stop.clone(),
         };
         let gauge = gauge.clone();
+        let life = life.clone();
         tokio::spawn(async move {
             gauge.inc();
             let _g = GaugeGuard(gauge);
             if !paced(&shared, peer.ip()).await {
                 return;
             }
-            serve(tcp, peer, name, s, shared, watch).await;
+            let end = life.end.clone();
+            // Dropped when the grace period is over, which closes the connection.
+            tokio::select! {
+                _ = serve(tcp, peer, name, s, shared, watch, life) => {}
+                _ = end.cancelled() => {}
+            }
         });
     }
     drop(listener);
+    life.tunnels.close();
+    let drained = async {
+        graceful.shutdown().await;
+        life.tunnels.wait().await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = drained => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(listener = %name, "grace period over; closing remaining connections");
         }
     }
+    life.end.cancel();
 }
 
 /// Whether a new connection from `ip` may be served, after waiting its turn if its address
@@ -319,12 +332,14 @@ async fn serve(
     s: Arc<Settings>,
     shared: Arc<Shared>,
     watch: Watch,
+    life: Arc<crate::edge::conn::Life>,
 ) {
     let first_head_by = tokio::time::Instant::now() + s.cfg.timeouts.client_header.0;
     let accepted = Accepted {
         peer,
         listener,
         first_head_by,
+        life,
     };
     match &s.tls {
         None => serve_plain(tcp, accepted, &s, shared, watch).await,
@@ -342,6 +357,7 @@ struct Accepted {
     listener: Arc<str>,
     /// The first request's head is due by then, TLS handshake included.
     first_head_by: tokio::time::Instant,
+    life: Arc<crate::edge::conn::Life>,
 }
 
 impl Accepted {
@@ -364,6 +380,7 @@ impl Accepted {
             smuggle.clone(),
         );
         conn.body_timeout = cfg.timeouts.client_body.0;
+        conn.life = self.life;
         let mut idle = IdleIo::new(io, cfg.timeouts.idle.0);
         idle.sending = Some(conn.sending.clone());
         let io = crate::edge::smuggle::Guard::new(idle, smuggle, cfg.timeouts.client_header.0)
@@ -849,11 +866,13 @@ mod tests {
     /// boxed and freed while the connection is parked (`park`). It was 8.7 KiB before.
     #[test]
     fn a_connection_task_stays_small() {
-        fn size<A, B, C, D, E, G, F: Future>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+        fn size<A, B, C, D, E, G, H, F: Future>(_: fn(A, B, C, D, E, G, H) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         type Tcp = tokio::net::TcpStream;
-        let n = size::<Tcp, SocketAddr, Arc<str>, Arc<Settings>, Arc<Shared>, Watch, _>(serve);
+        type Life = Arc<crate::edge::conn::Life>;
+        let n =
+            size::<Tcp, SocketAddr, Arc<str>, Arc<Settings>, Arc<Shared>, Watch, Life, _>(serve);
         assert!(n <= 3 * 1024, "{n} bytes");
     }
 

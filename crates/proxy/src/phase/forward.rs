@@ -836,7 +836,10 @@ fn tunnel(
     let record = std::mem::take(&mut x.record);
     let shared2 = x.shared.clone();
     let start = x.start;
-    tokio::spawn(async move {
+    // Tracked by the listener, whose stop waits for it up to the grace period and then
+    // ends it (`edge::conn::Life`).
+    let life = x.conn.life.clone();
+    life.tunnels.clone().spawn(async move {
         let _active = active;
         let c = match client.await {
             Ok(c) => c,
@@ -848,7 +851,10 @@ fn tunnel(
         let mut c = hyper_util::rt::TokioIo::new(c);
         // Bytes the origin sent right behind its 101 go first.
         let res = match c.write_all(&early).await {
-            Ok(()) => tokio::io::copy_bidirectional(&mut c, &mut origin).await,
+            Ok(()) => tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut origin) => r,
+                _ = life.end.cancelled() => Err(std::io::Error::other("the listener's grace period ended")),
+            },
             Err(e) => Err(e),
         };
         let bytes = res.as_ref().map(|(_, down)| *down).unwrap_or(0) + early.len() as u64;
