@@ -185,6 +185,17 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut listener_names = HashSet::new();
     for (i, l) in listeners.iter_mut().enumerate() {
         let at = format!("listeners[{i}]");
+        let t = &l.timeouts;
+        zero_timeouts(
+            &root_src,
+            &at,
+            &[
+                ("timeouts.client_header", Some(t.client_header), "10s"),
+                ("timeouts.idle", Some(t.idle), "60s"),
+                ("timeouts.client_body", Some(t.client_body), "30s"),
+            ],
+            &mut diags,
+        );
         if !valid_name(&l.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
         }
@@ -519,6 +530,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
                     ));
                 }
             }
+            zero_timeouts(&app.src, &at, &[("timeout", r.timeout, "30s")], &mut diags);
             let id = format!("{}/{}", app.name, r.name);
             if !valid_name(&r.name) {
                 diags.push(
@@ -1355,6 +1367,24 @@ fn resolve_file(
     *value = full.to_string_lossy().into_owned();
 }
 
+/// A timeout of zero ends what it times before it can start (a response, a request head),
+/// or, for some, by luck: refused, with a typical value to use instead.
+fn zero_timeouts(
+    src: &Source,
+    at: &str,
+    timeouts: &[(&str, Option<crate::units::Dur>, &str)],
+    diags: &mut Vec<Diagnostic>,
+) {
+    for (name, d, typical) in timeouts {
+        if d.is_some_and(|d| d.0.is_zero()) {
+            diags.push(src.diag(
+                &format!("{at}.{name}"),
+                format!("`{name}` is 0, which would end every request before it could be answered: set a duration above zero, such as `{typical}`"),
+            ));
+        }
+    }
+}
+
 fn check_backend(
     src: &Source,
     at: &str,
@@ -1371,6 +1401,16 @@ fn check_backend(
             ),
         ));
     }
+    zero_timeouts(
+        src,
+        at,
+        &[
+            ("timeouts.connect", Some(b.timeouts.connect), "1s"),
+            ("timeouts.response", Some(b.timeouts.response), "30s"),
+            ("retries.per_try_timeout", b.retries.per_try_timeout, "5s"),
+        ],
+        diags,
+    );
     let mut names = Vec::new();
     let mut seen = HashSet::new();
     for (j, s) in b.servers.iter_mut().enumerate() {
@@ -2252,6 +2292,37 @@ routes:
         assert!(s.contains("listener `ghost`"), "{s}");
         assert!(lines.contains(&"9:14".to_string()), "{lines:?}");
         assert!(lines.contains(&"3:13".to_string()), "{lines:?}");
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused_where_they_are_written() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\", timeouts: { idle: 0s } }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+    timeouts: { response: 0ms }
+    retries: { per_try_timeout: 0s }
+    queue_timeout: 0s
+routes:
+  - { name: all, backend: echo, timeout: 0s, public: true }
+";
+        let root = write(d.path(), "p.yaml", text);
+        let e = crate::load(&root).unwrap_err();
+        let s = e.to_string();
+        for (name, at) in [
+            ("timeouts.idle", "p.yaml:2:"),
+            ("timeouts.response", "p.yaml:6:"),
+            ("retries.per_try_timeout", "p.yaml:7:"),
+            ("timeout", "p.yaml:10:"),
+        ] {
+            assert!(s.contains(&format!("`{name}` is 0")), "{name}: {s}");
+            assert!(s.contains(at), "{at}: {s}");
+        }
+        // No queue at all is a choice: a full server answers 503 at once.
+        assert!(!s.contains("queue_timeout"), "{s}");
     }
 
     #[test]
