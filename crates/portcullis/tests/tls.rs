@@ -263,6 +263,43 @@ async fn certificate_files_are_reread_when_they_change() {
         hs.leaf == a2.der,
         "a broken certificate file must not replace the working one"
     );
+
+    // A rotation that keeps the files' modification times (`cp -p`, `rsync -t`, build
+    // outputs with fixed times) is noticed too.
+    let mtime = |f: &str| {
+        std::fs::metadata(p.dir.path().join(f))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let (cert_t, key_t) = (mtime("a.pem"), mtime("a.key"));
+    let a3 = ca.server(&["a.test"]);
+    let (cert, key) = a3.write(p.dir.path(), "a");
+    for (f, t) in [(cert, cert_t), (key, key_t)] {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    assert_eq!((mtime("a.pem"), mtime("a.key")), (cert_t, key_t));
+    let switched = eventually(Duration::from_secs(10), || {
+        let cfg = cfg.clone();
+        let a3 = a3.der.clone();
+        async move {
+            match handshake(p.port, "a.test", cfg).await {
+                Ok(hs) => hs.leaf == a3,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        switched,
+        "a rotation with the old mtime was missed\n{}",
+        p.log_text()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

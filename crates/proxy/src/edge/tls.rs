@@ -12,7 +12,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -71,9 +70,12 @@ fn certified_key(
 pub struct SniResolver {
     keys: ArcSwap<Vec<Arc<CertifiedKey>>>,
     files: Vec<(PathBuf, PathBuf)>,
-    stamps: parking_lot::Mutex<Vec<Option<SystemTime>>>,
+    stamps: parking_lot::Mutex<Vec<Option<Stamp>>>,
     provider: Arc<CryptoProvider>,
 }
+
+/// See [`SniResolver::stamps`].
+type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
 
 impl SniResolver {
     fn load_all(
@@ -86,11 +88,26 @@ impl SniResolver {
             .collect()
     }
 
-    fn stamps(files: &[(PathBuf, PathBuf)]) -> Vec<Option<SystemTime>> {
+    /// What says a file changed: which file (device, inode), its size, and both its
+    /// modification time and its status change time. The last one catches a rotation that
+    /// keeps the old modification time (`cp -p`, `rsync -t`, archives, build outputs with
+    /// fixed times), which no tool can set back.
+    fn stamps(files: &[(PathBuf, PathBuf)]) -> Vec<Option<Stamp>> {
+        use std::os::unix::fs::MetadataExt;
         files
             .iter()
             .flat_map(|(c, k)| [c, k])
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| {
+                std::fs::metadata(p).ok().map(|m| {
+                    (
+                        m.dev(),
+                        m.ino(),
+                        m.size(),
+                        (m.mtime(), m.mtime_nsec()),
+                        (m.ctime(), m.ctime_nsec()),
+                    )
+                })
+            })
             .collect()
     }
 
