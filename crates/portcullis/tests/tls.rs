@@ -302,6 +302,32 @@ async fn certificate_files_are_reread_when_they_change() {
     );
 }
 
+/// A reload whose listener certificate and key do not match is refused with the place in
+/// the config, as `portcullis check` says it, and the running certificates keep serving.
+#[tokio::test]
+async fn a_reload_with_a_mismatched_key_is_refused_where_it_is_written() {
+    let ca = Ca::new("listener CA");
+    let (a, b) = (ca.server(&["a.test"]), ca.server(&["b.test"]));
+    let origin = Origin::named("ok").await;
+    let p = sni_proxy(&a, &b, &origin).await;
+    let dir = p.dir.path();
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    // a.test's certificate with b.test's key.
+    let broken = text.replacen(
+        &yaml_path(&dir.join("a.key")),
+        &yaml_path(&dir.join("b.key")),
+        1,
+    );
+    assert_ne!(broken, text);
+    std::fs::write(&p.config, broken).unwrap();
+    let (status, body) = p.admin(reqwest::Method::POST, "/api/v1/reload", None).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("portcullis.yaml:"), "{body}");
+    assert!(body.contains("do not match"), "{body}");
+    let cfg = client_config(&ca, &[b"http/1.1"], None);
+    assert!(handshake(p.port, "a.test", cfg).await.unwrap().leaf == a.der);
+}
+
 // ---------------------------------------------------------------------------------------
 // Listener: client certificates
 // ---------------------------------------------------------------------------------------

@@ -506,6 +506,18 @@ impl Runtime {
             self.listeners.refresh_certs();
             return Ok(None);
         }
+        // What `portcullis check` would refuse (a listener's certificate and key that do not
+        // match, …) is refused here with the same file:line:col, before anything of the new
+        // config is applied.
+        let (config, refused) = tokio::task::spawn_blocking(move || {
+            let d = check(&config);
+            (config, d)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if !refused.is_empty() {
+            return Err(portcullis_config::Error(refused).to_string());
+        }
         if config.workers != current.config.workers {
             tracing::warn!("`workers` changed; it takes effect at the next restart");
         }
