@@ -416,6 +416,43 @@ impl<B: Body, D: OnDone> Tracked<B, D> {
     }
 }
 
+/// Response trailer names that may not come after the body (RFC 9110 §6.5.1): framing,
+/// the connection's own fields, cookies, authentication challenges and redirections, and
+/// the request id portcullis sets in the head. An origin's `Set-Cookie` or `Location` in
+/// trailers would reach HTTP/2 clients beside the head portcullis checked.
+const NOT_IN_RESPONSE_TRAILERS: [&str; 17] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "content-range",
+    "content-type",
+    "set-cookie",
+    "www-authenticate",
+    "proxy-authenticate",
+    "location",
+    "host",
+    "x-request-id",
+];
+
+/// Removes from an origin's response trailers what may not be there.
+fn strip_response_trailers(t: &mut HeaderMap) {
+    // A few trailers (gRPC's two), looked up in the list rather than the list in them.
+    let doomed: Vec<HeaderName> = t
+        .keys()
+        .filter(|k| NOT_IN_RESPONSE_TRAILERS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for n in doomed {
+        t.remove(n);
+    }
+}
+
 /// One frame of `inner`'s body, counted, and `on_done` called when it ends.
 fn poll_inner<B, D>(
     inner: &mut Inner<B, D>,
@@ -431,6 +468,13 @@ where
             if let Some(d) = f.data_ref() {
                 inner.bytes += d.len() as u64;
             }
+            let f = match f.into_trailers() {
+                Ok(mut t) => {
+                    strip_response_trailers(&mut t);
+                    Frame::trailers(t)
+                }
+                Err(f) => f,
+            };
             if inner.body.is_end_stream() {
                 inner.finish(true);
             }
@@ -521,6 +565,26 @@ impl<B, D: OnDone> Drop for Tracked<B, D> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn response_trailers_lose_what_may_not_follow_a_body() {
+        let mut t = HeaderMap::new();
+        for k in [
+            "grpc-status",
+            "grpc-message",
+            "set-cookie",
+            "content-length",
+            "location",
+            "x-request-id",
+            "x-checksum",
+        ] {
+            t.insert(HeaderName::from_static(k), "v".parse().unwrap());
+        }
+        strip_response_trailers(&mut t);
+        let mut names: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-message", "grpc-status", "x-checksum"]);
+    }
+
     use super::*;
 
     /// A kept trailer may not be named as a field portcullis owns, an identity header or a
