@@ -34,6 +34,11 @@ pub async fn run(x: &mut Exchange<'_>) -> Flow {
         }
     }
     let Some(idx) = find(x, x.path()) else {
+        // A path with an encoded slash that no route takes as it is: refused as the
+        // listener's rule refuses one (the decoded path might be some route's), not 404.
+        if x.escaped_slash && x.conn.rules.escaped_slashes == EscapedSlashes::Reject {
+            return refuse(x, Refusal::EscapedSlash);
+        }
         return Flow::Refuse(StatusCode::NOT_FOUND, "no route\n");
     };
     // An encoded slash was kept opaque for routing; the route decides what it gets.
@@ -242,6 +247,12 @@ routes:
         assert_eq!(x.path(), "/raw/a/b");
         assert_eq!(x.record.path, "/raw/a/b");
         assert_eq!(kit.refused("escaped_slash"), 2.0);
+
+        // No route takes the path as it is: 400 as the listener refuses encoded slashes,
+        // not 404.
+        let mut x = checked(&kit, get("nowhere.example.com", "/%2Fadmin/x"));
+        assert_eq!(refusal(run(&mut x).await).0, StatusCode::BAD_REQUEST);
+        assert_eq!(kit.refused("escaped_slash"), 3.0);
     }
 
     #[tokio::test]
