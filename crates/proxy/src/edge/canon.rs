@@ -35,6 +35,8 @@ pub enum Refusal {
     /// An NTFS stream name in a segment (`admin::$INDEX_ALLOCATION`), which IIS serves as
     /// the name before it.
     StreamName,
+    /// An absolute-form target (or h2 `:scheme`) other than `http` or `https`.
+    Scheme,
 }
 
 impl Refusal {
@@ -54,6 +56,7 @@ impl Refusal {
             Refusal::UnderscoreHeader => "underscore_header",
             Refusal::MethodCase => "method_case",
             Refusal::StreamName => "stream_name",
+            Refusal::Scheme => "scheme",
         }
     }
 
@@ -76,6 +79,7 @@ impl Refusal {
             }
             Refusal::MethodCase => "method names are case-sensitive: send them in upper case\n",
             Refusal::StreamName => "NTFS stream name in the request path\n",
+            Refusal::Scheme => "the request target's scheme must be http or https\n",
         }
     }
 }
@@ -603,6 +607,13 @@ pub fn target<'a>(
     raw_host: &'a HeaderValue,
     rules: &Rules,
 ) -> Result<Target<'a>, Refusal> {
+    // `ftp://host/x` is no request for this proxy (nor for any origin behind it).
+    if uri
+        .scheme_str()
+        .is_some_and(|sc| !sc.eq_ignore_ascii_case("http") && !sc.eq_ignore_ascii_case("https"))
+    {
+        return Err(Refusal::Scheme);
+    }
     let host = if raw_host.is_empty() {
         None
     } else {
@@ -1110,6 +1121,20 @@ mod tests {
             target(&uri, &none, &rules).unwrap_err(),
             Refusal::InvalidEscape
         );
+        for other in [
+            "ftp://b.example/x",
+            "ws://b.example/x",
+            "file://b.example/etc",
+        ] {
+            let uri: Uri = other.parse().unwrap();
+            let host = HeaderValue::from_static("b.example");
+            assert_eq!(target(&uri, &host, &rules).unwrap_err(), Refusal::Scheme);
+        }
+        for ok in ["HTTPS://b.example/x", "http://b.example/x"] {
+            let uri: Uri = ok.parse().unwrap();
+            let host = HeaderValue::from_static("b.example");
+            assert!(target(&uri, &host, &rules).is_ok(), "{ok}");
+        }
     }
 
     #[test]
