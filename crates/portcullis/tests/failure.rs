@@ -804,6 +804,43 @@ async fn a_deadline_spent_in_the_queue_is_not_the_servers_fault() {
     assert!(queued, "{b}");
 }
 
+/// A reload that fails after the new config was built (here: a new listener on a port
+/// already taken) leaves `max_connections` as it was: the limit is applied when a config is
+/// installed, not when it is built.
+#[tokio::test]
+async fn a_failed_reload_leaves_max_connections_as_it_was() {
+    let o = slow("slow", 800).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = |max: u32, extra: &str| {
+        format!(
+            "listeners:\n  - {{ name: web, bind: \"127.0.0.1:{{port}}\" }}\n{extra}backends:\n  - name: b\n    queue_timeout: 200ms\n    servers: [{{ name: s, address: \"{}\", max_connections: {max} }}]\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, backend: b, public: true }}\n",
+            o.address()
+        )
+    };
+    let p = Proxy::start(&cfg(1, "")).await;
+    p.write_config(&cfg(
+        5,
+        &format!(
+            "  - {{ name: more, bind: \"{}\" }}\n",
+            taken.local_addr().unwrap()
+        ),
+    ));
+    let (status, body) = p.admin(reqwest::Method::POST, "/api/v1/reload", None).await;
+    assert_ne!(status, 200, "{body}");
+    let c = client();
+    let url = p.url("/");
+    let (r1, r2) = tokio::join!(get(&c, &url), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        get(&c, &url).await
+    });
+    assert_eq!(r1.0, 200);
+    assert_eq!(
+        r2,
+        (503, "queue timeout\n".to_string()),
+        "the failed reload's limit applied"
+    );
+}
+
 #[tokio::test]
 async fn a_full_server_is_skipped_while_another_has_room() {
     // Two servers with one slot each. While the slow one is busy, new requests go to the fast

@@ -385,6 +385,7 @@ impl Runtime {
                     .unwrap_or_else(|_| format!("portcullis-{}", std::process::id())),
             )?),
         };
+        snap.apply_limits();
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             registry,
@@ -584,6 +585,7 @@ impl Runtime {
             .collect();
         // Route switches outlive the snapshot: pushed into it before and after it is installed.
         self.automation.routes.apply(&snap);
+        snap.apply_limits();
         self.shared.snapshot.store(Arc::new(snap));
         self.automation.routes.apply(&self.shared.snapshot.load());
         self.automation

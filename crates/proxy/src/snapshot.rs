@@ -166,6 +166,17 @@ fn admin_policies(config: &Config) -> Result<portcullis_policy::admin::AdminPoli
 }
 
 impl Snapshot {
+    /// Gives each server's `max_connections` gate this config's limit: when the snapshot is
+    /// installed, not when it is built, so that a reload that fails after the build leaves
+    /// the running limits as they were.
+    pub fn apply_limits(&self) {
+        for b in &self.backends {
+            for (server, slot) in b.servers.iter().zip(&b.slots) {
+                slot.state.gate.set_limit(server.max_connections);
+            }
+        }
+    }
+
     pub fn build(
         config: Arc<Config>,
         registry: &StateRegistry,
@@ -473,7 +484,6 @@ fn backend(
     for (s, name) in spec.servers.iter().zip(&b.server_names) {
         let key = format!("{}/{}", b.id, name);
         let state = registry.server(&key, &s.address);
-        state.gate.set_limit(s.max_connections);
         servers.push(ServerRt {
             name: name.clone(),
             address: s.address.clone(),

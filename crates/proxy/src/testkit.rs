@@ -117,7 +117,10 @@ impl Kit {
             ),
         };
         let shared = Arc::new(Shared {
-            snapshot: arc_swap::ArcSwap::from_pointee(snap),
+            snapshot: arc_swap::ArcSwap::from_pointee({
+                snap.apply_limits();
+                snap
+            }),
             registry,
             limits,
             metrics,
