@@ -220,6 +220,25 @@ async fn sni_selects_the_certificate_and_alpn_negotiates_h2() {
     );
 }
 
+/// Whether new handshakes for `name` get the certificate `der` within ten seconds.
+async fn comes_to_serve(
+    port: u16,
+    name: &'static str,
+    cfg: &Arc<rustls::ClientConfig>,
+    der: &rustls::pki_types::CertificateDer<'static>,
+) -> bool {
+    eventually(Duration::from_secs(10), || {
+        let (cfg, der) = (cfg.clone(), der.clone());
+        async move {
+            match handshake(port, name, cfg).await {
+                Ok(hs) => hs.leaf == der,
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
 /// Replacing a listener's certificate files on disk takes effect for new handshakes within a
 /// few seconds, without a reload; the other certificate is unaffected.
 #[tokio::test]
@@ -235,17 +254,7 @@ async fn certificate_files_are_reread_when_they_change() {
     let a2 = ca.server(&["a.test"]);
     assert!(a2.der != a.der);
     a2.write(p.dir.path(), "a");
-    let switched = eventually(Duration::from_secs(10), || {
-        let cfg = cfg.clone();
-        let a2 = a2.der.clone();
-        async move {
-            match handshake(p.port, "a.test", cfg).await {
-                Ok(hs) => hs.leaf == a2,
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
+    let switched = comes_to_serve(p.port, "a.test", &cfg, &a2.der).await;
     assert!(
         switched,
         "new handshakes did not get the new certificate\n{}",
@@ -284,17 +293,7 @@ async fn certificate_files_are_reread_when_they_change() {
             .unwrap();
     }
     assert_eq!((mtime("a.pem"), mtime("a.key")), (cert_t, key_t));
-    let switched = eventually(Duration::from_secs(10), || {
-        let cfg = cfg.clone();
-        let a3 = a3.der.clone();
-        async move {
-            match handshake(p.port, "a.test", cfg).await {
-                Ok(hs) => hs.leaf == a3,
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
+    let switched = comes_to_serve(p.port, "a.test", &cfg, &a3.der).await;
     assert!(
         switched,
         "a rotation with the old mtime was missed\n{}",
