@@ -14,10 +14,9 @@
 //! Identity headers (a route's `headers.upstream` names, `x-portcullis-*`) are handled with
 //! the snapshot's list, as they depend on the config.
 
-/// Names (lower case, with `-`) of the fields portcullis owns, besides any `x-forwarded-*` and
-/// `x-portcullis-*` name and the [`portcullis_config::FORWARDED_FIELDS`].
-const OWNED: [&str; 25] = [
-    // Framing and the connection (RFC 9110 §7.6.1, §6.5.1).
+/// The fields that frame a message and belong to its connection (RFC 9110 §7.6.1, §6.5.1):
+/// owned by portcullis in a request, and never taken from an origin's response trailers.
+pub const FRAMING: [&str; 12] = [
     "connection",
     "content-encoding",
     "content-length",
@@ -30,6 +29,12 @@ const OWNED: [&str; 25] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+];
+
+/// Names (lower case, with `-`) of the other fields portcullis owns, besides the
+/// [`FRAMING`] ones, any `x-forwarded-*` and `x-portcullis-*` name and the
+/// [`portcullis_config::FORWARDED_FIELDS`].
+const OWNED: [&str; 13] = [
     // Routing: the host and the path some origins serve instead of the request line's.
     "host",
     "x-original-url",
@@ -52,6 +57,7 @@ pub fn is_owned(name: &str) -> bool {
     name.starts_with("x-forwarded-")
         || name.starts_with("x-portcullis-")
         || OWNED.contains(&name)
+        || FRAMING.contains(&name)
         // Where the request came from, which portcullis sets or believes only from trusted
         // proxies.
         || portcullis_config::FORWARDED_FIELDS.contains(&name)
@@ -127,6 +133,7 @@ mod tests {
     fn owned_names_are_lower_case_with_dashes_and_listed_once() {
         let all: Vec<&str> = OWNED
             .iter()
+            .chain(&FRAMING)
             .chain(&portcullis_config::FORWARDED_FIELDS)
             .copied()
             .collect();

@@ -416,22 +416,11 @@ impl<B: Body, D: OnDone> Tracked<B, D> {
     }
 }
 
-/// Response trailer names that may not come after the body (RFC 9110 §6.5.1): framing,
-/// the connection's own fields, cookies, authentication challenges and redirections, and
+/// Response trailer names that may not come after the body (RFC 9110 §6.5.1), besides the
+/// [`crate::fields::FRAMING`] ones: cookies, authentication challenges and redirections, and
 /// the request id portcullis sets in the head. An origin's `Set-Cookie` or `Location` in
 /// trailers would reach HTTP/2 clients beside the head portcullis checked.
-const NOT_IN_RESPONSE_TRAILERS: [&str; 17] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "content-encoding",
-    "content-range",
-    "content-type",
+const NOT_IN_RESPONSE_TRAILERS: [&str; 6] = [
     "set-cookie",
     "www-authenticate",
     "proxy-authenticate",
@@ -445,7 +434,10 @@ fn strip_response_trailers(t: &mut HeaderMap) {
     // A few trailers (gRPC's two), looked up in the list rather than the list in them.
     let doomed: Vec<HeaderName> = t
         .keys()
-        .filter(|k| NOT_IN_RESPONSE_TRAILERS.contains(&k.as_str()))
+        .filter(|k| {
+            let k = k.as_str();
+            crate::fields::FRAMING.contains(&k) || NOT_IN_RESPONSE_TRAILERS.contains(&k)
+        })
         .cloned()
         .collect();
     for n in doomed {
