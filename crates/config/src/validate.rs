@@ -185,17 +185,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut listener_names = HashSet::new();
     for (i, l) in listeners.iter_mut().enumerate() {
         let at = format!("listeners[{i}]");
-        let t = &l.timeouts;
-        zero_timeouts(
-            &root_src,
-            &at,
-            &[
-                ("timeouts.client_header", Some(t.client_header), "10s"),
-                ("timeouts.idle", Some(t.idle), "60s"),
-                ("timeouts.client_body", Some(t.client_body), "30s"),
-            ],
-            &mut diags,
-        );
+        listener_timeouts(&root_src, &at, &l.timeouts, &mut diags);
         if !valid_name(&l.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
         }
@@ -1367,6 +1357,31 @@ fn resolve_file(
     *value = full.to_string_lossy().into_owned();
 }
 
+/// A listener's zero timeouts (see [`zero_timeouts`]).
+fn listener_timeouts(
+    src: &Source,
+    at: &str,
+    t: &crate::ListenerTimeouts,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let timeouts = [
+        ("timeouts.client_header", Some(t.client_header), "10s"),
+        ("timeouts.idle", Some(t.idle), "60s"),
+        ("timeouts.client_body", Some(t.client_body), "30s"),
+    ];
+    zero_timeouts(src, at, &timeouts, diags);
+}
+
+/// A backend's zero timeouts (see [`zero_timeouts`]).
+fn backend_timeouts(src: &Source, at: &str, b: &Backend, diags: &mut Vec<Diagnostic>) {
+    let timeouts = [
+        ("timeouts.connect", Some(b.timeouts.connect), "1s"),
+        ("timeouts.response", Some(b.timeouts.response), "30s"),
+        ("retries.per_try_timeout", b.retries.per_try_timeout, "5s"),
+    ];
+    zero_timeouts(src, at, &timeouts, diags);
+}
+
 /// A timeout of zero ends what it times before it can start (a response, a request head),
 /// or, for some, by luck: refused, with a typical value to use instead.
 fn zero_timeouts(
@@ -1401,16 +1416,7 @@ fn check_backend(
             ),
         ));
     }
-    zero_timeouts(
-        src,
-        at,
-        &[
-            ("timeouts.connect", Some(b.timeouts.connect), "1s"),
-            ("timeouts.response", Some(b.timeouts.response), "30s"),
-            ("retries.per_try_timeout", b.retries.per_try_timeout, "5s"),
-        ],
-        diags,
-    );
+    backend_timeouts(src, at, b, diags);
     let mut names = Vec::new();
     let mut seen = HashSet::new();
     for (j, s) in b.servers.iter_mut().enumerate() {
