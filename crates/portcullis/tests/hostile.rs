@@ -413,6 +413,55 @@ async fn oversized_heads_get_431_and_bodies_413() {
     still_healthy(&p, &o).await;
 }
 
+/// Writes `head` and then `body_len` bytes of body in full, and only then reads: what a client
+/// without `Expect: 100-continue` does (Python's http.client, many SDKs). Returns whether the
+/// whole body could be written, and what was read.
+async fn write_all_then_read(port: u16, head: &str, body_len: usize) -> (bool, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut req = head.as_bytes().to_vec();
+    req.extend(std::iter::repeat_n(b'u', body_len));
+    let wrote = s.write_all(&req).await.is_ok();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    (wrote, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn an_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
+    let (o, p) = setup().await;
+    // 8 MiB: far more than the socket buffers hold, so the client is still writing when the
+    // proxy answers. Closing with its bytes unread would reset the connection, and the
+    // answer with it; the proxy shuts its side and reads on (a lingering close).
+    const BIG: usize = 8 << 20;
+    for (name, head, status) in [
+        (
+            "over max_body_size",
+            format!("POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n"),
+            413,
+        ),
+        (
+            "no route",
+            format!("PUT /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n"),
+            404,
+        ),
+        (
+            "a chunked body on no route",
+            "POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800000\r\n"
+                .to_string(),
+            404,
+        ),
+    ] {
+        let before = o.hits();
+        let (wrote, resp) = write_all_then_read(p.port, &head, BIG).await;
+        assert!(wrote, "{name}: the client's body was reset");
+        assert_eq!(status_of(&resp), status, "{name}: got\n{resp}");
+        assert_eq!(o.hits(), before, "{name}: the origin was reached");
+    }
+    still_healthy(&p, &o).await;
+}
+
 #[tokio::test]
 async fn unrouted_paths_get_a_short_404() {
     let (o, p) = setup().await;

@@ -6,6 +6,7 @@ pub mod abuse;
 pub mod canon;
 pub mod conn;
 pub mod frame_budget;
+pub mod linger;
 pub mod listen;
 pub mod park;
 pub mod passthrough;

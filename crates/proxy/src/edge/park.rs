@@ -23,6 +23,7 @@
 //!
 //! Written by hand because no crate does this for hyper's server connections.
 
+use crate::edge::linger::{Linger, LINGER};
 use crate::edge::passthrough::delegate_async_write;
 use crate::edge::ready::ReadReady;
 use crate::edge::smuggle::Flags;
@@ -125,10 +126,14 @@ impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Noted<S> {
     }
 }
 
-/// The IO as hyper holds it: its shutdown parks the connection while the driver parks it.
+/// The IO as hyper holds it: its shutdown parks the connection while the driver parks it,
+/// and is a lingering close when the client is in the middle of a message
+/// ([`crate::edge::linger`]).
 struct Parkable<T> {
     inner: T,
     rest: Arc<Rest>,
+    flags: Arc<Flags>,
+    linger: Option<Linger>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
@@ -141,14 +146,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
     delegate_async_write!(inner: poll_write, poll_write_vectored, is_write_vectored, poll_flush);
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.rest.parking.load(Relaxed) {
             self.rest.parked.store(true, Relaxed);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            if this.flags.between_messages() {
+                return Pin::new(&mut this.inner).poll_shutdown(cx);
+            }
+            this.linger = Some(Linger::new(LINGER));
+        }
+        match &mut this.linger {
+            Some(l) => l.poll_close(&mut this.inner, cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -160,7 +175,7 @@ pub async fn serve<T, S>(
     io: T,
     mut builder: http1::Builder,
     service: S,
-    flags: &Flags,
+    flags: &Arc<Flags>,
     stop: &mut watch::Receiver<bool>,
 ) -> hyper::Result<()>
 where
@@ -181,6 +196,8 @@ where
     let mut io = Parkable {
         inner: io,
         rest: rest.clone(),
+        flags: flags.clone(),
+        linger: None,
     };
     let mut service = Noted {
         inner: service,
