@@ -541,7 +541,7 @@ async fn answered_before(rt: &Runtime, by: &Principal, action: &str, id: &str) -
     crate::audit::write(&rt.shared, rec).await;
     err(
         StatusCode::CONFLICT,
-        "the callback was answered before (by an earlier or a concurrent answer); this answer is not taken",
+        "the callback was answered before (by an earlier or a concurrent answer), or its task ended without it (a timeout, a stop); this answer is not taken",
     )
 }
 

@@ -233,7 +233,20 @@ fn commit(conn: &mut Connection, commits: &[Commit]) -> rusqlite::Result<Vec<boo
         )?;
         let mut consume = tx
             .prepare_cached("DELETE FROM workflow_signals WHERE execution_id = ?1 AND seq <= ?2")?;
+        let mut answered = tx.prepare_cached("SELECT 1 FROM workflow_answers WHERE token = ?1")?;
+        let mut close = tx.prepare_cached(
+            "INSERT INTO workflow_answers (token, execution_id, at) VALUES (?1, ?2, ?3)",
+        )?;
         for c in commits {
+            // A token this commit ends that was answered meanwhile: the answer wins.
+            let mut raced = false;
+            for t in &c.closes {
+                raced |= answered.exists(params![t])?;
+            }
+            if raced {
+                applied.push(false);
+                continue;
+            }
             let open = !c.status.is_closed();
             let n = update.execute(params![
                 c.id,
@@ -254,6 +267,9 @@ fn commit(conn: &mut Connection, commits: &[Commit]) -> rusqlite::Result<Vec<boo
                 continue;
             }
             insert_history(&tx, &c.id, &c.history)?;
+            for t in &c.closes {
+                close.execute(params![t, c.id, c.at])?;
+            }
             if let Some(upto) = c.consumed_signals {
                 consume.execute(params![c.id, upto])?;
             }

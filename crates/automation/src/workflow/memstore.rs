@@ -211,7 +211,9 @@ impl WorkflowStore for MemoryWorkflowStore {
                     e.row.status == Status::Running,
                     e.lease.as_ref().map(|(o, _)| o.as_str()),
                 ));
-                let applied = running && holder == Some(c.owner.as_str());
+                let applied = running
+                    && holder == Some(c.owner.as_str())
+                    && !c.closes.iter().any(|t| inner.answered.contains_key(t));
                 applies.push(applied);
                 if !applied {
                     continue;
@@ -233,6 +235,9 @@ impl WorkflowStore for MemoryWorkflowStore {
             }
         }
         for (c, _) in commits.iter().zip(&applies).filter(|(_, a)| **a) {
+            for t in &c.closes {
+                inner.answered.insert(t.clone(), c.id.clone());
+            }
             let Some(e) = inner.executions.get_mut(&c.id) else {
                 continue;
             };
@@ -375,6 +380,10 @@ pub mod conformance {
         ("leases", leases),
         ("signals", signals),
         ("one answer per token", answers),
+        (
+            "an answer and a timeout race for a token",
+            answer_races_timeout,
+        ),
         ("commits", commits),
         ("a failing batch changes nothing", failing_batch),
         ("list", list),
@@ -447,6 +456,8 @@ pub mod conformance {
             history,
             consumed_signals: None,
             lease_until,
+            closes: Vec::new(),
+            at: lease_until,
         }
     }
 
@@ -474,6 +485,8 @@ pub mod conformance {
             history,
             consumed_signals: None,
             lease_until: stopped_at + 60_000,
+            closes: Vec::new(),
+            at: stopped_at,
         }
     }
 
@@ -619,6 +632,65 @@ pub mod conformance {
         assert_eq!(s.answer("x", ok("t1"), 300).unwrap(), Answered::Before);
         assert!(s.answered("t1").unwrap() && s.answered("t2").unwrap());
         assert!(!s.answered("t3").unwrap() && !s.answered("t4").unwrap());
+    }
+
+    /// A commit that ends a task without its answer (a timeout) and an answer to that task
+    /// race: whichever the store records first wins, and the other is refused. An answer told
+    /// it was taken is never dropped.
+    pub fn answer_races_timeout(s: &dyn WorkflowStore) {
+        use super::super::store::Answered;
+        started(s, execution("x", "wf", "x", "{}", 1, Some(50)));
+        let ok = |t: &str| SignalKind::Success {
+            token: t.into(),
+            output: "{}".into(),
+        };
+        let before = s.get("x").unwrap().unwrap();
+        assert_eq!(ids(&s.lease("r", 100, 1_000, 10).unwrap()), ["x"]);
+        // The answer lands while the runner holds the lease and times the task out.
+        assert_eq!(s.answer("x", ok("t1"), 150).unwrap(), Answered::Queued);
+        let mut timeout = step(
+            "x",
+            "r",
+            "timed out",
+            None,
+            vec![event(before.history_len + 1, 160, "TaskTimedOut")],
+            1_200,
+        );
+        timeout.closes = vec!["t1".into()];
+        assert_eq!(
+            s.commit(&[timeout]).unwrap(),
+            [false],
+            "the answer came first"
+        );
+        let row = s.get("x").unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.history_len),
+            (before.state, before.history_len),
+            "nothing of it applied"
+        );
+        s.release("r").unwrap();
+        // The runner then takes the answer.
+        let leased = s.lease("r", 200, 1_000, 10).unwrap();
+        assert_eq!(leased[0].signals.len(), 1);
+
+        // The other way: the timeout is committed first, and the answer is refused.
+        let mut timeout = step(
+            "x",
+            "r",
+            "timed out",
+            None,
+            vec![event(before.history_len + 1, 210, "TaskTimedOut")],
+            1_200,
+        );
+        timeout.closes = vec!["t2".into()];
+        timeout.consumed_signals = Some(leased[0].signals[0].seq);
+        assert_eq!(s.commit(&[timeout]).unwrap(), [true]);
+        assert!(s.answered("t2").unwrap());
+        assert_eq!(s.answer("x", ok("t2"), 220).unwrap(), Answered::Before);
+        assert!(
+            s.lease("r", 300, 1_000, 10).unwrap().is_empty(),
+            "no answer queued"
+        );
     }
 
     pub fn signals(s: &dyn WorkflowStore) {

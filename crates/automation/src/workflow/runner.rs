@@ -131,6 +131,10 @@ struct Held {
     /// Parallel state spawning its branches writes none).
     dirty: bool,
     live: bool,
+    /// The callback tokens its tasks waited for at the last commit (or when leased).
+    tokens: Vec<String>,
+    /// Tokens answered by the signals consumed since the last commit.
+    answered: Vec<String>,
 }
 
 impl Runner {
@@ -301,6 +305,9 @@ impl Runner {
                     Err(why) => tick.refused.push((h.row.id.clone(), why)),
                 }
                 h.consumed = Some(s.seq);
+                if let Some(t) = s.kind.answers() {
+                    h.answered.push(t.to_owned());
+                }
                 if matches!(s.kind, SignalKind::Wake) {
                     self.resend(&h.exec, &mut h.calls);
                 }
@@ -357,6 +364,8 @@ impl Runner {
                     continue;
                 }
                 tick.transitions += 1;
+                h.tokens = tokens_of(&h.exec);
+                h.answered.clear();
                 h.dirty = false;
                 h.row.history_len = h.exec.last_event;
                 h.consumed = None;
@@ -396,6 +405,7 @@ impl Runner {
         let _ = now;
         Some(Held {
             row,
+            tokens: tokens_of(&exec),
             exec,
             def,
             history: Vec::new(),
@@ -403,6 +413,7 @@ impl Runner {
             consumed: None,
             dirty: false,
             live: true,
+            answered: Vec::new(),
         })
     }
 
@@ -465,6 +476,8 @@ impl Runner {
             history: h.history.clone(),
             consumed_signals: h.consumed,
             lease_until: now + LEASE_MS,
+            closes: closes(h),
+            at: now,
         }
     }
 
@@ -523,6 +536,28 @@ fn rand01() -> impl FnMut() -> f64 {
     move || r.random::<f64>()
 }
 
+/// The callback tokens `exec`'s tasks wait for.
+fn tokens_of(exec: &Exec) -> Vec<String> {
+    exec.pending_calls()
+        .into_iter()
+        .filter_map(|c| c.token)
+        .collect()
+}
+
+/// The tokens the commit of `h` ends without their answer: waited for at the last commit,
+/// waited for no more, and not answered by a signal since.
+fn closes(h: &Held) -> Vec<String> {
+    if h.tokens.is_empty() {
+        return Vec::new();
+    }
+    let now = tokens_of(&h.exec);
+    h.tokens
+        .iter()
+        .filter(|t| !now.contains(t) && !h.answered.contains(t))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,5 +602,41 @@ mod tests {
         let row = run_to_end(&r, &id);
         assert_eq!(row.status, Status::Succeeded, "{row:?}");
         assert_eq!(row.output.as_deref(), Some("[1,2]"));
+    }
+
+    /// A callback task that times out records its token as answered in the same commit: an
+    /// answer that comes after is refused, not told it was taken and then dropped. (The
+    /// store's half, an answer that lands before that commit, is in the conformance checks.)
+    #[test]
+    fn a_timed_out_callback_takes_no_answer() {
+        let r = runner(
+            "ask",
+            json!({"StartAt": "Ask", "States": {
+                "Ask": {"Type": "Task", "Resource": "portcullis:wait_for_callback",
+                        "TimeoutSeconds": 1, "End": true,
+                        "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Hold"}]},
+                "Hold": {"Type": "Wait", "Seconds": 3600, "End": true}}}),
+        );
+        let (_, id) = r
+            .start("ask", None, json!({}), &Starter::default(), T0)
+            .unwrap();
+        let tick = r.tick(T0, 16).unwrap();
+        let token = tick.calls[0].token.clone().expect("a callback token");
+        assert!(!r.store().answered(&token).unwrap());
+        // Past the timeout: caught, the execution waits on (so an answer could be queued).
+        for n in 0..5 {
+            r.tick(T0 + 2_000 + n, 16).unwrap();
+        }
+        let row = r.store().get(&id).unwrap().unwrap();
+        assert_eq!(row.status, Status::Running, "{row:?}");
+        assert!(r.store().answered(&token).unwrap());
+        let late = SignalKind::Success {
+            token,
+            output: "{}".into(),
+        };
+        assert_eq!(
+            r.store().answer(&id, late, T0 + 2_100).unwrap(),
+            crate::workflow::store::Answered::Before
+        );
     }
 }

@@ -200,6 +200,14 @@ pub struct Commit {
     pub consumed_signals: Option<i64>,
     /// The lease is held until then (ignored once closed).
     pub lease_until: i64,
+    /// Callback tokens this commit ends without their answer (a timeout, a stop, a failure
+    /// elsewhere in the execution). They are recorded as answered with it, so that a later
+    /// answer is refused ([`Answered::Before`]); and if one of them was answered meanwhile,
+    /// the commit is refused, so that the runner takes that answer on its next tick. An
+    /// answer told it was taken is never dropped by a timeout that raced it.
+    pub closes: Vec<String>,
+    /// When the runner made the commit (the time recorded with `closes`).
+    pub at: i64,
 }
 
 /// Which executions to list.
