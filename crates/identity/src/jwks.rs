@@ -52,7 +52,9 @@ pub struct Key {
 
 #[derive(Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, Arc<Key>>,
+    /// Keys by `kid`, in the document's order: usually one each, but an issuer may publish
+    /// keys of different types under one `kid` (an RSA and an EC key for RS256 and ES256).
+    by_kid: HashMap<String, Vec<Arc<Key>>>,
     no_kid: Vec<Arc<Key>>,
 }
 
@@ -139,9 +141,7 @@ impl KeySet {
                 fingerprint: Sha256::digest(&params).into(),
             });
             match &key.kid {
-                Some(k) => {
-                    set.by_kid.insert(k.clone(), key);
-                }
+                Some(k) => set.by_kid.entry(k.clone()).or_default().push(key),
                 None => set.no_kid.push(key),
             }
         }
@@ -157,13 +157,21 @@ impl KeySet {
 
     fn pick(&self, kid: Option<&str>, alg: Algorithm) -> Option<&Arc<Key>> {
         match kid {
-            Some(k) => self.by_kid.get(k),
+            // Of the keys under the `kid`, the last that fits the algorithm (the last one
+            // when none does, for the verifier to refuse with its reason).
+            Some(k) => {
+                let keys = self.by_kid.get(k)?;
+                keys.iter()
+                    .rev()
+                    .find(|key| key.kty.fits(alg) && key.alg.is_none_or(|a| a == alg))
+                    .or_else(|| keys.last())
+            }
             // Without a kid, only an unambiguous key of the right type is used.
             None => {
                 let mut fitting = self
                     .no_kid
                     .iter()
-                    .chain(self.by_kid.values())
+                    .chain(self.by_kid.values().flatten())
                     .filter(|k| k.kty.fits(alg));
                 match (fitting.next(), fitting.next()) {
                     (Some(k), None) => Some(k),
@@ -182,7 +190,7 @@ impl KeySet {
     }
 
     pub fn len(&self) -> usize {
-        self.by_kid.len() + self.no_kid.len()
+        self.by_kid.values().map(Vec::len).sum::<usize>() + self.no_kid.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -624,6 +632,28 @@ mod tests {
             );
             let e = keys.refresh().await.unwrap_err();
             assert!(e.contains("larger than 1024 KiB"), "{path}: {e}");
+        }
+    }
+
+    /// Keys of different types under one `kid`: each algorithm gets the key that fits it,
+    /// whichever comes last in the document.
+    #[test]
+    fn one_kid_for_keys_of_different_types() {
+        let mut ec = crate::dev::generate().unwrap().1.jwk;
+        ec["kid"] = "k".into();
+        // RFC 8037, appendix A.2.
+        let ed = serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "kid": "k",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" });
+        for doc in [[ec.clone(), ed.clone()], [ed, ec]] {
+            let set = KeySet::from_values(&doc).unwrap();
+            assert_eq!(set.len(), 2);
+            assert_eq!(set.kids(), (vec!["k".to_string()], 0));
+            let kty = |alg| set.get(Some("k"), alg).map(|k| k.kty);
+            assert_eq!(kty(Algorithm::ES256), Some(KeyType::P256));
+            assert_eq!(kty(Algorithm::EdDSA), Some(KeyType::Ed25519));
+            // No key fits: one is still handed over, for the verifier to refuse.
+            assert!(kty(Algorithm::RS256).is_some());
+            assert!(set.get(Some("other"), Algorithm::ES256).is_none());
         }
     }
 
