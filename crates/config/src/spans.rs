@@ -18,6 +18,7 @@ pub struct Pos {
 #[derive(Debug, Default, Clone)]
 pub struct SpanIndex {
     map: HashMap<String, Pos>,
+    duplicates: Vec<(String, Pos)>,
 }
 
 impl SpanIndex {
@@ -26,7 +27,22 @@ impl SpanIndex {
         let mut parser = Parser::new_from_str(text);
         // A syntax error is reported by serde with its own location; the index is best effort.
         let _ = parser.load(&mut b, false);
-        SpanIndex { map: b.map }
+        SpanIndex {
+            map: b.map,
+            duplicates: b.duplicates,
+        }
+    }
+
+    /// Keys given a second time in one mapping, by path, where the second one is. A JSON
+    /// parser keeps the last silently (serde_json does), so whoever reads a JSON file that a
+    /// person wrote refuses these.
+    pub fn duplicates(&self) -> &[(String, Pos)] {
+        &self.duplicates
+    }
+
+    /// What to say of a key at `path` given twice.
+    pub fn duplicate_message(path: &str) -> String {
+        format!("`{path}` is given twice: a key may appear once in an object (a JSON parser would keep only the last); remove or rename one")
     }
 
     /// The position of `path`, or of its nearest ancestor that has one.
@@ -50,6 +66,8 @@ enum Frame {
         key: Option<String>,
         /// No key seen yet.
         first: bool,
+        /// The keys seen so far.
+        seen: std::collections::HashSet<String>,
     },
     Seq {
         path: String,
@@ -60,6 +78,7 @@ enum Frame {
 #[derive(Default)]
 struct Builder {
     map: HashMap<String, Pos>,
+    duplicates: Vec<(String, Pos)>,
     stack: Vec<Frame>,
 }
 
@@ -107,8 +126,10 @@ impl MarkedEventReceiver for Builder {
                     path,
                     key: k @ None,
                     first,
+                    seen,
                 }) = self.stack.last_mut()
                 {
+                    let again = !seen.insert(v.clone());
                     *k = Some(v);
                     // A block mapping's start event is marked where its first key ends (at
                     // the `:`); the mapping starts at that key.
@@ -120,6 +141,13 @@ impl MarkedEventReceiver for Builder {
                         }
                     }
                     let p = self.child_path();
+                    if again {
+                        let at = Pos {
+                            line: mark.line(),
+                            col: mark.col() + 1,
+                        };
+                        self.duplicates.push((p.clone(), at));
+                    }
                     self.record(p, mark);
                 } else {
                     let p = self.child_path();
@@ -139,6 +167,7 @@ impl MarkedEventReceiver for Builder {
                     path: p,
                     key: None,
                     first: true,
+                    seen: Default::default(),
                 });
             }
             Event::SequenceStart(..) => {
@@ -168,6 +197,19 @@ mod tests {
         assert_eq!(idx.pos("routes[1].backend").line, 5);
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(idx.pos("routes[0].missing.deep").line, 3);
+    }
+
+    #[test]
+    fn keys_given_twice_in_one_mapping_are_found() {
+        let j = "{\"States\": {\"A\": {\"Type\": \"Pass\"},\n  \"A\": {\"Type\": \"Fail\"}},\n \"x\": [{\"k\": 1}, {\"k\": 2}]}";
+        let idx = SpanIndex::build(j);
+        assert_eq!(
+            idx.duplicates(),
+            [("States.A".to_string(), Pos { line: 2, col: 3 })]
+        );
+        assert!(SpanIndex::build("a: 1\nb: {a: 2}\n")
+            .duplicates()
+            .is_empty());
     }
 
     #[test]

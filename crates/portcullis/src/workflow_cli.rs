@@ -290,12 +290,21 @@ fn parse_text(path: &Path, text: &str) -> Result<Value, Located> {
             }
         })
     } else {
-        serde_json::from_str::<Value>(text).map_err(|e| Located {
+        let v = serde_json::from_str::<Value>(text).map_err(|e| Located {
             line: e.line().max(1),
             col: e.column().max(1),
             path: String::new(),
             message: format!("not valid JSON: {}", strip_position(&e.to_string())),
-        })
+        })?;
+        match SpanIndex::build(text).duplicates().first() {
+            None => Ok(v),
+            Some((p, at)) => Err(Located {
+                line: at.line,
+                col: at.col,
+                path: p.clone(),
+                message: SpanIndex::duplicate_message(p),
+            }),
+        }
     }
 }
 
@@ -1101,6 +1110,10 @@ mod tests {
             p[0].text(Path::new("d.asl.yaml")),
             format!("d.asl.yaml:5:11: States.A.Next: {}", p[0].message)
         );
+        // A state named twice (serde_json would keep the last).
+        let twice = "{\"StartAt\": \"A\", \"States\": {\n  \"A\": {\"Type\": \"Succeed\"},\n  \"A\": {\"Type\": \"Fail\"}}}";
+        let p = definition_of(Path::new("t.asl.json"), twice).unwrap_err();
+        assert_eq!((p[0].line, p[0].path.as_str()), (3, "States.A"), "{p:?}");
     }
 
     #[test]

@@ -147,14 +147,22 @@ pub fn file(f: &Path, name: &str) -> Result<Loaded, Vec<Diagnostic>> {
 pub fn parse_text(f: &Path, text: &str) -> Result<serde_json::Value, Vec<Diagnostic>> {
     let is_json = f.extension().is_some_and(|e| e == "json");
     if is_json {
-        serde_json::from_str(text).map_err(|e| {
+        let v = serde_json::from_str(text).map_err(|e| {
             vec![diag(
                 f,
                 e.line().max(1),
                 e.column().max(1),
                 format!("not valid JSON: {e}"),
             )]
-        })
+        })?;
+        let spans = SpanIndex::build(text);
+        match spans.duplicates() {
+            [] => Ok(v),
+            dups => Err(dups
+                .iter()
+                .map(|(p, at)| diag(f, at.line, at.col, SpanIndex::duplicate_message(p)))
+                .collect()),
+        }
     } else {
         let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| {
             let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
@@ -191,5 +199,25 @@ mod tests {
         let y = dir.path().join("ok.asl.yaml");
         std::fs::write(&y, "StartAt: A\nStates:\n  A: { Type: Succeed }\n").unwrap();
         assert_eq!(file(&y, "ok").unwrap().name, "ok");
+    }
+
+    /// A state named twice is refused where the second one is, in JSON (whose parser keeps
+    /// the last) as in YAML (whose parser refuses it).
+    #[test]
+    fn a_state_named_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("twice.asl.json");
+        std::fs::write(&f, "{\n  \"StartAt\": \"A\",\n  \"States\": {\n    \"A\": { \"Type\": \"Succeed\" },\n    \"A\": { \"Type\": \"Fail\" }\n  }\n}\n").unwrap();
+        let e = file(&f, "twice").unwrap_err();
+        assert_eq!((e[0].line, e[0].col), (5, 5), "{e:?}");
+        assert!(e[0].message.contains("`States.A` is given twice"), "{e:?}");
+        let y = dir.path().join("twice.asl.yaml");
+        std::fs::write(
+            &y,
+            "StartAt: A\nStates:\n  A: { Type: Succeed }\n  A: { Type: Fail }\n",
+        )
+        .unwrap();
+        let e = file(&y, "twice").unwrap_err();
+        assert!(e[0].message.contains("duplicate entry"), "{e:?}");
     }
 }
