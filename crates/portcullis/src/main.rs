@@ -204,15 +204,46 @@ fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"))
 }
 
-fn init_logging(format: &str) {
+/// Lines the process log holds for a slow reader of stderr before it drops new ones.
+const LOG_BACKLOG: usize = 16_384;
+
+/// The process log, written to stderr by a thread of its own: a reader of stderr that is slow
+/// (a blocking container log driver, a busy journald, `| tee` to a slow disk) must never
+/// hold up the threads that serve requests. Lines beyond [`LOG_BACKLOG`] are dropped, and
+/// the count is reported at shutdown. The guard returned flushes what is held when dropped.
+fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = log_filter(std::env::var("PORTCULLIS_LOG").ok().as_deref());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BACKLOG)
+        .lossy(true)
+        .thread_name("portcullis-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    DROPPED_LOG_LINES.get_or_init(|| dropped);
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
         b.json().flatten_event(true).init();
     } else {
         b.init();
+    }
+    guard
+}
+
+/// How many process log lines were dropped because stderr was read too slowly.
+static DROPPED_LOG_LINES: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Says on stderr (directly, as the log's thread may be behind) how many log lines a slow
+/// reader of stderr cost, if any.
+fn report_dropped_log_lines() {
+    if let Some(n) = DROPPED_LOG_LINES
+        .get()
+        .map(|c| c.dropped_lines())
+        .filter(|n| *n > 0)
+    {
+        eprintln!("portcullis: {n} process log line(s) dropped: stderr was read too slowly");
     }
 }
 
@@ -365,7 +396,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            init_logging(&cli.log_format);
+            let log_guard = init_logging(&cli.log_format);
             let cfg = match portcullis_config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -390,7 +421,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(run(cfg))
+            let code = rt.block_on(run(cfg));
+            drop(rt);
+            drop(log_guard);
+            report_dropped_log_lines();
+            code
         }
     }
 }

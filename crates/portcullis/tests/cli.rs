@@ -499,3 +499,55 @@ fn a_command_whose_reader_went_away_stops_quietly() {
         out.status
     );
 }
+
+/// A reader of stderr that takes nothing (a stuck log driver) does not hold up requests: the
+/// process log is written by a thread of its own, and lines it cannot write are dropped and
+/// counted, not waited for.
+#[tokio::test]
+async fn a_stderr_nobody_reads_does_not_stall_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let yaml = format!(
+        "{}admin:\n  bind: \"127.0.0.1:{admin}\"\n  tokens: [\"{ADMIN_TOKEN}\"]\naudit: {{ sink: \"off\" }}\n",
+        VALID.replace("127.0.0.1:18080", &format!("127.0.0.1:{port}"))
+    );
+    let config = write(dir.path(), "p.yaml", &yaml);
+    // Each call with a bad token logs a warning of about 2 KiB (its path): the pipe's buffer
+    // (64 KiB) is full after a few dozen, and then every write to it blocks.
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PORTCULLIS_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/x");
+    let until = Instant::now() + Duration::from_secs(20);
+    while client.get(&url).send().await.is_err() {
+        assert!(Instant::now() < until, "the proxy did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = format!("http://127.0.0.1:{admin}/api/v1/tables/{}", "p".repeat(2_000));
+    let served = tokio::time::timeout(Duration::from_secs(30), async {
+        for _ in 0..500 {
+            let r = client
+                .get(&refused)
+                .bearer_auth("wrong")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401);
+            let r = client.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    })
+    .await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    drop(reader);
+    assert!(served.is_ok(), "requests stalled behind an unread stderr");
+}

@@ -164,7 +164,7 @@ async fn auth(
         (a.tokens.as_slice(), a.auth.as_slice())
     });
     if tokens.is_empty() && providers.is_empty() {
-        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: no admin.tokens or admin.auth configured");
+        tracing::warn!(%peer, path = %crate::record::format::bounded(req.uri().path()), "admin call refused: no admin.tokens or admin.auth configured");
         return (
             StatusCode::FORBIDDEN,
             "admin API disabled: configure admin.tokens or admin.auth\n",
@@ -209,7 +209,7 @@ async fn auth(
                 refused(&rt, failure(peer, &req, "missing bearer token"), r).await
             }
             Some(_) => {
-                tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: invalid token");
+                tracing::warn!(%peer, path = %crate::record::format::bounded(req.uri().path()), "admin call refused: invalid token");
                 refused(
                     &rt,
                     failure(peer, &req, "invalid token"),
@@ -252,7 +252,7 @@ async fn with_identity(
             && crate::console::from_a_browser(req.headers())
             && !crate::console::csrf_passes(snap, req.headers(), &key)
         {
-            tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
+            tracing::warn!(%peer, path = %crate::record::format::bounded(req.uri().path()), "admin call refused: missing or invalid CSRF token");
             return refused(
                 rt,
                 failure(peer, &req, "missing or invalid CSRF token"),
@@ -279,7 +279,7 @@ async fn with_identity(
             identity
         }
         portcullis_identity::engine::Outcome::Rejected(e) => {
-            tracing::warn!(%peer, path = %req.uri().path(), error = %e, "admin call refused: credentials rejected");
+            tracing::warn!(%peer, path = %crate::record::format::bounded(req.uri().path()), error = %e, "admin call refused: credentials rejected");
             let reason = format!("invalid credentials: {e}");
             return refused(
                 rt,
@@ -310,7 +310,7 @@ async fn with_cookie(
 ) -> Response {
     let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     if !safe && !crate::console::csrf_passes(snap, req.headers(), value) {
-        tracing::warn!(%peer, path = %req.uri().path(), "admin call refused: missing or invalid CSRF token");
+        tracing::warn!(%peer, path = %crate::record::format::bounded(req.uri().path()), "admin call refused: missing or invalid CSRF token");
         return refused(
             rt,
             failure(peer, &req, "missing or invalid CSRF token"),

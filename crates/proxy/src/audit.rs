@@ -7,15 +7,27 @@
 //! the writer's state is exported at each scrape ([`sync_metrics`]).
 
 use crate::exchange::{Facts, Outcome};
+use crate::record::format::bounded;
 use portcullis_audit::{AuthorizerNote, Decision, Kind, Principal, Record};
 use portcullis_identity::Identity;
 
+/// The most query keys a record lists; the rest are counted in one last entry.
+const MAX_QUERY_KEYS: usize = 32;
+
+/// The names of the query's parameters (never their values), each bounded as paths are, at
+/// most [`MAX_QUERY_KEYS`] of them and then `…[+N keys]`.
 fn query_keys(q: Option<&str>) -> Vec<String> {
-    q.unwrap_or("")
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| kv.split('=').next().unwrap_or("").to_string())
-        .collect()
+    let mut keys = q.unwrap_or("").split('&').filter(|kv| !kv.is_empty());
+    let mut out: Vec<String> = keys
+        .by_ref()
+        .take(MAX_QUERY_KEYS)
+        .map(|kv| bounded(kv.split('=').next().unwrap_or("")).into_owned())
+        .collect();
+    let more = keys.count();
+    if more > 0 {
+        out.push(format!("…[+{more} keys]"));
+    }
+    out
 }
 
 fn base(f: &Facts<'_>, kind: Kind) -> Record {
@@ -35,7 +47,7 @@ fn base(f: &Facts<'_>, kind: Kind) -> Record {
         client_ip: Some(f.conn.peer.ip().to_string()),
         method: Some(f.method.to_string()),
         host: Some(f.host.to_string()),
-        path: Some(f.path.to_string()),
+        path: Some(bounded(f.path).into_owned()),
         query_keys: query_keys(f.query),
         ..Default::default()
     }
@@ -70,7 +82,7 @@ pub fn admin_auth_failure(
         kind: Kind::AuthFailure,
         client_ip: Some(peer.ip().to_string()),
         method: Some(method.to_string()),
-        path: Some(path.to_string()),
+        path: Some(bounded(path).into_owned()),
         decision: Some(Decision::Deny),
         reasons: vec![format!("authentication: {reason}")],
         detail: Some(serde_json::json!({ "listener": "admin" })),
@@ -162,5 +174,25 @@ pub fn sync_metrics(shared: &crate::Shared) {
     let cur = m.audit_disk_waits.get();
     if st.disk_waits > cur {
         m.audit_disk_waits.inc_by(st.disk_waits - cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keys_are_named_bounded_and_counted() {
+        assert_eq!(query_keys(Some("a=1&b&=x&&c=2")), ["a", "b", "", "c"]);
+        assert!(query_keys(None).is_empty());
+        let many: Vec<String> = (0..9000).map(|i| format!("k{i}=v")).collect();
+        let keys = query_keys(Some(&many.join("&")));
+        assert_eq!(keys.len(), MAX_QUERY_KEYS + 1);
+        assert_eq!(
+            keys[MAX_QUERY_KEYS],
+            format!("…[+{} keys]", 9000 - MAX_QUERY_KEYS)
+        );
+        let long = query_keys(Some(&format!("{}=1", "k".repeat(10_000))));
+        assert!(long[0].len() < 2 * crate::record::format::MAX_LOGGED);
     }
 }

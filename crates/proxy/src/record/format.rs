@@ -10,8 +10,52 @@
 
 use super::AccessRecord;
 use portcullis_config::AccessLogFormat;
+use std::borrow::Cow;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
+
+/// The most bytes of a client's text (a path, a `User-Agent`, a `Referer`) an access log
+/// line, an audit record or a log line keeps. Anyone may send a 60 KiB path with a
+/// request that is refused at once; written whole, each such request would cost the disk
+/// twice its size (audit and access log), and one connection could fill it at tens of
+/// megabytes a second. HAProxy keeps 1 KiB of a logged URI (`tune.http.logurilen`).
+pub const MAX_LOGGED: usize = 2048;
+
+/// `text`, or when it is longer than [`MAX_LOGGED`], its first bytes (up to a character
+/// boundary) followed by `…[+N bytes, sha256:<16 hex digits of the whole>]`: what was cut
+/// is counted, and two long values can still be told apart.
+pub fn bounded(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_LOGGED {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_LOGGED;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!(
+        "{}{}",
+        &text[..end],
+        cut_note(text.as_bytes(), end)
+    ))
+}
+
+/// `bytes`, bounded as [`bounded`] bounds a string (for header values, which may not be
+/// UTF-8).
+fn bounded_bytes(bytes: &[u8]) -> Cow<'_, [u8]> {
+    if bytes.len() <= MAX_LOGGED {
+        return Cow::Borrowed(bytes);
+    }
+    let mut v = bytes[..MAX_LOGGED].to_vec();
+    v.extend_from_slice(cut_note(bytes, MAX_LOGGED).as_bytes());
+    Cow::Owned(v)
+}
+
+fn cut_note(whole: &[u8], kept: usize) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(whole);
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("…[+{} bytes, sha256:{hex}]", whole.len() - kept)
+}
 
 /// Writes lines of one format.
 pub struct Formatter {
@@ -61,7 +105,7 @@ impl Formatter {
         out.extend_from_slice(b",\"host\":");
         json_str(out, &r.host);
         out.extend_from_slice(b",\"path\":");
-        json_str(out, &r.path);
+        json_str(out, &bounded(&r.path));
         out.extend_from_slice(b",\"protocol\":");
         json_str(out, r.protocol);
         out.extend_from_slice(b",\"status\":");
@@ -124,7 +168,9 @@ impl Formatter {
         for h in [&r.referer, &r.user_agent] {
             out.extend_from_slice(b" \"");
             match h {
-                Some(v) if !v.is_empty() => escape(out, v.as_bytes(), Style::Clf, false),
+                Some(v) if !v.is_empty() => {
+                    escape(out, &bounded_bytes(v.as_bytes()), Style::Clf, false)
+                }
                 _ => out.push(b'-'),
             }
             out.push(b'"');
@@ -310,7 +356,7 @@ fn token(out: &mut Vec<u8>, s: &[u8], style: Style) {
 fn request(out: &mut Vec<u8>, r: &AccessRecord, style: Style) {
     escape(out, r.method.as_str().as_bytes(), style, true);
     out.push(b' ');
-    escape(out, r.path.as_bytes(), style, true);
+    escape(out, bounded(&r.path).as_bytes(), style, true);
     out.push(b' ');
     out.extend_from_slice(match r.protocol {
         "HTTP/2" => b"HTTP/2.0",
@@ -404,6 +450,47 @@ mod tests {
                 "\n"
             )
         );
+    }
+
+    /// A client's long path, `User-Agent` or `Referer` is kept to MAX_LOGGED bytes, with the
+    /// length cut and a digest of the whole, in every format.
+    #[test]
+    fn long_client_text_is_bounded() {
+        let long = format!("/{}é{}", "a".repeat(MAX_LOGGED - 2), "b".repeat(60_000));
+        let cut = bounded(&long);
+        // `é` straddles the limit: cut before it, never inside a character.
+        assert!(cut.starts_with(&long[..MAX_LOGGED - 1]), "{}", &cut[..40]);
+        let note = &cut[MAX_LOGGED - 1..];
+        assert!(
+            note.starts_with(&format!(
+                "…[+{} bytes, sha256:",
+                long.len() - MAX_LOGGED + 1
+            )),
+            "{note}"
+        );
+        assert_eq!(
+            note.len(),
+            "…[+60003 bytes, sha256:0123456789abcdef]".len(),
+            "{note}"
+        );
+        assert_ne!(
+            bounded(&long.replace('b', "c")),
+            cut,
+            "another value, another digest"
+        );
+        assert_eq!(bounded("/short"), "/short");
+        let mut r = record();
+        r.path = long.clone();
+        r.user_agent = Some(http::HeaderValue::from_str(&"u".repeat(50_000)).unwrap());
+        for f in [
+            AccessLogFormat::Json,
+            AccessLogFormat::Clf,
+            AccessLogFormat::Haproxy,
+        ] {
+            let l = line(f, &r);
+            assert!(l.len() < 3 * MAX_LOGGED + 500, "{f:?}: {} bytes", l.len());
+            assert!(l.contains("sha256:"), "{f:?}");
+        }
     }
 
     #[test]
