@@ -186,6 +186,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     for (i, l) in listeners.iter_mut().enumerate() {
         let at = format!("listeners[{i}]");
         listener_timeouts(&root_src, &at, &l.timeouts, &mut diags);
+        header_size(&root_src, &at, l.max_header_size, &mut diags);
         if !valid_name(&l.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
         }
@@ -1372,6 +1373,20 @@ fn listener_timeouts(
     zero_timeouts(src, at, &timeouts, diags);
 }
 
+/// The largest `max_header_size` a listener takes. The proxy follows HTTP/1.1 heads up to
+/// this size to enforce `timeouts.client_header` (and to guard against request smuggling);
+/// a larger head would be read with no header timeout at all.
+pub const MAX_HEADER_SIZE: u64 = 256 * 1024;
+
+fn header_size(src: &Source, at: &str, size: crate::units::Size, diags: &mut Vec<Diagnostic>) {
+    if size.0 > MAX_HEADER_SIZE {
+        diags.push(src.diag(
+            &format!("{at}.max_header_size"),
+            format!("`max_header_size` is {} bytes, more than the 256KiB a request head may have (larger heads would escape `timeouts.client_header`): set 256KiB or less; 64KiB is the default", size.0),
+        ));
+    }
+}
+
 /// A backend's zero timeouts (see [`zero_timeouts`]).
 fn backend_timeouts(src: &Source, at: &str, b: &Backend, diags: &mut Vec<Diagnostic>) {
     let timeouts = [
@@ -2329,6 +2344,27 @@ routes:
         }
         // No queue at all is a choice: a full server answers 503 at once.
         assert!(!s.contains("queue_timeout"), "{s}");
+    }
+
+    #[test]
+    fn a_header_size_past_what_the_header_timeout_covers_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "\
+listeners:
+  - { name: web, bind: \"127.0.0.1:18080\", max_header_size: 1MiB }
+  - { name: ok, bind: \"127.0.0.1:18081\", max_header_size: 256KiB }
+backends:
+  - name: echo
+    servers: [{ address: builtin:echo }]
+routes:
+  - { name: all, backend: echo, public: true }
+";
+        let root = write(d.path(), "p.yaml", text);
+        let e = crate::load(&root).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        let s = e.to_string();
+        assert!(s.contains("p.yaml:2:"), "{s}");
+        assert!(s.contains("`max_header_size` is 1048576 bytes"), "{s}");
     }
 
     #[test]

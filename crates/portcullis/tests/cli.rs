@@ -530,7 +530,10 @@ async fn a_stderr_nobody_reads_does_not_stall_requests() {
         assert!(Instant::now() < until, "the proxy did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let refused = format!("http://127.0.0.1:{admin}/api/v1/tables/{}", "p".repeat(2_000));
+    let refused = format!(
+        "http://127.0.0.1:{admin}/api/v1/tables/{}",
+        "p".repeat(2_000)
+    );
     let served = tokio::time::timeout(Duration::from_secs(30), async {
         for _ in 0..500 {
             let r = client
