@@ -178,6 +178,15 @@ impl<T> Guard<T> {
                     }
                     let before = self.head.len();
                     self.head.extend_from_slice(data);
+                    // A head ends at an empty line. Until one may have arrived, a parse can
+                    // only say "incomplete": parsing all of it again on each read would cost
+                    // a head sent a byte at a time the square of its length.
+                    if !may_end_a_head(&self.head[before.saturating_sub(2)..]) {
+                        if self.head.len() > MAX_HEAD {
+                            self.stop();
+                        }
+                        return;
+                    }
                     let head = std::mem::take(&mut self.head);
                     let parsed = self.parse_head(&head);
                     self.head = head;
@@ -262,6 +271,8 @@ impl<T> Guard<T> {
 
     /// Some(Some(len)) = complete head of `len` bytes; Some(None) = need more; None = stop.
     fn parse_head(&mut self, buf: &[u8]) -> Option<Option<usize>> {
+        #[cfg(test)]
+        tests::PARSES.with(|p| p.set(p.get() + 1));
         // Most heads frame no body and upgrade nothing: for them, a look at the line starts
         // is enough, and hyper does the real parse.
         if let Some(len) = unframed_head_len(buf) {
@@ -361,6 +372,15 @@ pub fn unframed_head_len(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether `bytes` hold an empty line's end: `\n\n` or `\n\r\n`.
+fn may_end_a_head(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', bytes).any(|i| match bytes.get(i + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => bytes.get(i + 2) == Some(&b'\n'),
+        _ => false,
+    })
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -429,6 +449,29 @@ mod tests {
             g.feed(c);
         }
         flags.conflict_at.load(Ordering::Relaxed)
+    }
+
+    thread_local! {
+        /// Parses of a head, counted in tests.
+        pub static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_trickled_head_is_parsed_once_it_can_be_complete() {
+        assert!(may_end_a_head(b"x\n\n"));
+        assert!(may_end_a_head(b"\n\r\n"));
+        assert!(!may_end_a_head(b"a\r\nb\r\n\r"));
+        assert!(!may_end_a_head(b"\n\r"));
+        // A 60 KiB head a byte at a time: parsed when it can be complete, not once a byte
+        // (the whole head again each time, seconds of CPU per megabyte).
+        let mut head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 60_000));
+        head.extend_from_slice(b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        PARSES.with(|p| p.set(0));
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(run(&bytes), 1, "the conflicting head is still found");
+        // The first byte (on its own), then the end of the head.
+        assert_eq!(PARSES.with(|p| p.get()), 2);
     }
 
     #[test]
