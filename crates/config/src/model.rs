@@ -533,6 +533,10 @@ pub struct Listener {
     /// Most request headers; more gets 431.
     #[serde(default = "count::<100>")]
     pub max_headers: usize,
+    /// Most client connections open at once; more wait in the kernel's accept queue until
+    /// one closes (HAProxy's `maxconn`). None: no limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     #[serde(default)]
     pub timeouts: ListenerTimeouts,
     /// Protocols offered: `http1`, `http2`. Default both.

@@ -187,6 +187,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         let at = format!("listeners[{i}]");
         listener_timeouts(&root_src, &at, &l.timeouts, &mut diags);
         header_size(&root_src, &at, l.max_header_size, &mut diags);
+        if l.max_connections == Some(0) {
+            diags.push(root_src.diag(
+                &format!("{at}.max_connections"),
+                "`max_connections` is 0, which would accept no connection: set 1 or more, or leave it out for no limit".to_string(),
+            ));
+        }
         if !valid_name(&l.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
         }

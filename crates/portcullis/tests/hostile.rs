@@ -802,3 +802,59 @@ async fn an_h2_backend_is_not_blamed_for_a_body_its_client_spoiled() {
     assert_eq!(status_of(&resp), 200, "{resp}\n{}", p.log_text());
     assert!(resp.ends_with("\r\n\r\n2"), "{resp}");
 }
+
+/// A listener's `max_connections`: at the limit, a new client waits in the kernel's accept
+/// queue (it is not refused, and not served) until a connection closes, as with HAProxy's
+/// `maxconn`; then it is served.
+#[tokio::test]
+async fn a_listener_at_max_connections_accepts_the_next_client_when_one_closes() {
+    let o = Origin::start(|_req: hyper::Request<hyper::body::Incoming>| async move {
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("origin")))
+    })
+    .await;
+    let yaml = CONFIG
+        .replace("ADDR", &o.address())
+        .replace("CLIENT_HEADER", "5s")
+        .replace("IDLE", "30s")
+        .replace(
+            "    max_headers: 30\n",
+            "    max_headers: 30\n    max_connections: 2\n",
+        );
+    let p = Proxy::start(&yaml).await;
+    let ask = b"GET /app HTTP/1.1\r\nHost: x\r\n\r\n";
+    async fn answer(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .unwrap();
+        s.write_all(ask).await.unwrap();
+        let got = answer(&mut s, Duration::from_secs(5))
+            .await
+            .expect("served");
+        assert_eq!(status_of(&got), 200, "{got}");
+        held.push(s);
+    }
+    // The third connects (the kernel queues it) but gets no answer while two are open.
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    third.write_all(ask).await.unwrap();
+    assert!(
+        answer(&mut third, Duration::from_millis(700))
+            .await
+            .is_none(),
+        "a third connection was served past max_connections: 2"
+    );
+    drop(held.pop());
+    let got = answer(&mut third, Duration::from_secs(5))
+        .await
+        .expect("served once a connection closed");
+    assert_eq!(status_of(&got), 200, "{got}");
+}

@@ -246,7 +246,11 @@ async fn accept_loop(
         .active_connections
         .get_or_create(&vec![("listener", name.to_string())])
         .clone();
+    let open = Arc::new(Open::default());
     loop {
+        if !open.room(&settings, &mut stop).await {
+            break;
+        }
         let accepted = tokio::select! {
             _ = stop.changed() => break,
             r = listener.accept() => r,
@@ -270,9 +274,11 @@ async fn accept_loop(
         };
         let gauge = gauge.clone();
         let life = life.clone();
+        let counted = Counted::new(&open);
         tokio::spawn(async move {
             gauge.inc();
             let _g = GaugeGuard(gauge);
+            let _counted = counted;
             if !paced(&shared, peer.ip()).await {
                 return;
             }
@@ -297,6 +303,55 @@ async fn accept_loop(
         }
     }
     life.end.cancel();
+}
+
+/// The client connections a listener has open, for its `max_connections`.
+#[derive(Default)]
+struct Open {
+    count: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+impl Open {
+    /// Waits until the listener may accept one more connection: at once without a limit or
+    /// under it; at the limit, until a connection closes (new clients wait in the kernel's
+    /// accept queue meanwhile, as with HAProxy's `maxconn`). The limit is read again each
+    /// second, so a reload that raises it applies to a listener waiting at the old one.
+    /// False when the listener stops.
+    async fn room(&self, settings: &ArcSwap<Settings>, stop: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            let Some(max) = settings.load().cfg.max_connections else {
+                return true;
+            };
+            if self.count.load(std::sync::atomic::Ordering::Acquire) < max {
+                return true;
+            }
+            tokio::select! {
+                _ = stop.changed() => return false,
+                _ = self.closed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// One accepted connection, counted in its listener's [`Open`] until it is dropped.
+struct Counted(Arc<Open>);
+
+impl Counted {
+    fn new(open: &Arc<Open>) -> Counted {
+        open.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Counted(open.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.closed.notify_one();
+    }
 }
 
 /// Whether a new connection from `ip` may be served, after waiting its turn if its address
