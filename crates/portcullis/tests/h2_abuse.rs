@@ -2,7 +2,9 @@
 //! client sends: rapid reset (CVE-2023-44487) and resets forced on the proxy, CONTINUATION
 //! floods, HPACK bombs and table size abuse, SETTINGS, PING and empty DATA floods, a reader
 //! that never opens its window, more streams than the listener allows, and h2 requests that
-//! would be ambiguous once downgraded to HTTP/1.1 for an origin.
+//! would be ambiguous once downgraded to HTTP/1.1 for an origin. And the listener's timeouts
+//! as h2 sees them: a header block left open (`timeouts.client_header`), a connection kept
+//! only by PINGs, and a request on a slow origin (`timeouts.idle`).
 //!
 //! Each flood runs while a normal h2 client keeps making requests through the same listener.
 //! The test asserts that every normal request succeeds, that the normal client keeps a share
@@ -1813,6 +1815,181 @@ async fn downgrade<D: Dial>() {
         }
     }
     eprintln!("downgrade cases ({}):\n  {}", D::KIND, report.join("\n  "));
+}
+
+// ---------------------------------------------------------------------------------------
+// Timeouts: a header block left open, an idle connection kept by PINGs, a slow origin
+// ---------------------------------------------------------------------------------------
+
+/// The proxy with a plain listener whose `timeouts` are `timeouts` (a YAML mapping).
+async fn timed_proxy(origin: &str, timeouts: &str) -> (Proxy, Plain) {
+    let listener = format!("{{ name: web, bind: \"127.0.0.1:{{port}}\", timeouts: {timeouts} }}");
+    let p = Proxy::start(&config(&listener, origin)).await;
+    let port = p.port;
+    (p, Plain(port))
+}
+
+/// How a connection ended: the GOAWAY (last stream, error code) the proxy sent, if any, and
+/// when the proxy closed it (`None`: still open when the test stopped waiting).
+type Ending = (Option<(u32, u32)>, Option<Instant>);
+
+/// Reads what the proxy sends on `rd` (after `buf`, already read) until it closes the
+/// connection or `until`. With `ping`, the client sends a PING of its own on `wr` that
+/// often, and answers the proxy's.
+async fn ending(
+    mut rd: impl AsyncRead + Unpin,
+    mut wr: impl AsyncWrite + Unpin,
+    mut buf: Vec<u8>,
+    until: Instant,
+    ping: Option<Duration>,
+) -> Ending {
+    let (mut goaway, mut chunk) = (None, vec![0u8; 64 * 1024]);
+    let mut next_ping = ping.map(|p| Instant::now() + p);
+    loop {
+        while let Some(f) = take_frame(&mut buf) {
+            match f.ty {
+                GOAWAY => {
+                    let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                    goaway = Some((last & 0x7fff_ffff, f.code()));
+                }
+                PING if f.flags & ACK == 0 => {
+                    let mut pong = Vec::new();
+                    frame(&mut pong, PING, ACK, 0, &f.payload);
+                    let _ = wr.write_all(&pong).await;
+                }
+                _ => {}
+            }
+        }
+        let wake = next_ping.map_or(until, |p| p.min(until));
+        match tokio::time::timeout_at(wake, rd.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => return (goaway, Some(Instant::now())),
+            Err(_) if Instant::now() >= until => return (goaway, None),
+            Err(_) => {
+                let mut out = Vec::new();
+                frame(&mut out, PING, 0, 0, b"client!!");
+                let _ = wr.write_all(&out).await;
+                next_ping = ping.map(|p| Instant::now() + p);
+            }
+        }
+    }
+}
+
+/// An h2 slowloris: a request's header block (HEADERS, then a CONTINUATION) whose last
+/// bytes come one every 300 ms, never ending, while `timeouts.idle` is 10 s. The proxy
+/// closes the connection about `client_header` (1 s) after the block began, with GOAWAY
+/// NO_ERROR naming stream 0 (no request was taken), and serves a normal h2 client on another
+/// connection meanwhile. Before, every byte reset the idle timer and the block stayed open
+/// for as long as the client liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_header_block_is_closed_after_client_header() {
+    let _turn = TURN.lock().await;
+    let origin = origin().await;
+    let (_p, d) = timed_proxy(&origin.address(), "{ client_header: 1s, idle: 10s }").await;
+    let raw = Raw::open(&d, &[]).await;
+    let pad = "x".repeat(12_000);
+    let block = request_block("http", "GET", "/ok", &[("x-pad", &pad)]);
+    let (first, rest) = block.split_at(8_000);
+    let mut out = Vec::new();
+    frame(&mut out, HEADERS, END_STREAM, 1, first);
+    frame(&mut out, CONTINUATION, END_HEADERS, 1, rest);
+    let held_back = out.split_off(out.len() - 100);
+    let (rd, mut wr) = tokio::io::split(raw.io);
+    let began = Instant::now();
+    wr.write_all(&out).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        // Every byte but the last: the block never ends.
+        for b in &held_back[..held_back.len() - 1] {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if wr.write_all(std::slice::from_ref(b)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let normal = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut send = normal_client(&d).await;
+        normal_requests(&mut send, &d, Duration::from_millis(200)).await
+    };
+    let until = began + Duration::from_secs(8);
+    let ((goaway, closed), (served, failed)) =
+        tokio::join!(ending(rd, tokio::io::sink(), raw.buf, until, None), normal);
+    trickle.abort();
+    let after = closed.map(|t| t - began);
+    eprintln!(
+        "h2 header block trickled: closed after {after:?}, GOAWAY {goaway:?}; normal client: \
+         {served} served, failed {failed:?}"
+    );
+    let after = after.expect("closed");
+    assert!(after >= Duration::from_millis(950), "{after:?}");
+    assert!(after < Duration::from_secs(3), "{after:?}");
+    assert_eq!(goaway, Some((0, 0)));
+    assert!(served > 0 && failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        origin.hits(),
+        served,
+        "the trickled request never reached the origin"
+    );
+}
+
+/// An h2 connection with no request open, whose client sends a PING every 300 ms and
+/// answers the proxy's, is closed `timeouts.idle` (2 s) after its last request was answered,
+/// with GOAWAY NO_ERROR naming that request's stream. Before, any byte (a PING, its answer)
+/// reset the idle timer, so the proxy's own keep-alive PING every 20 s and its answer kept
+/// such a connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_is_closed_though_it_answers_pings() {
+    let _turn = TURN.lock().await;
+    let origin = origin().await;
+    let (_p, d) = timed_proxy(&origin.address(), "{ idle: 2s }").await;
+    let mut raw = Raw::open(&d, &[]).await;
+    let mut out = Vec::new();
+    get(&mut out, "http", 1, "/ok");
+    raw.send(&out).await.unwrap();
+    assert_eq!(raw.outcome(1).await, Outcome::Status(200));
+    let answered = Instant::now();
+    let (rd, wr) = tokio::io::split(raw.io);
+    let until = answered + Duration::from_secs(8);
+    let ping = Some(Duration::from_millis(300));
+    let (goaway, closed) = ending(rd, wr, raw.buf, until, ping).await;
+    let after = closed.map(|t| t - answered);
+    eprintln!("idle h2 connection answering PINGs: closed after {after:?}, GOAWAY {goaway:?}");
+    let after = after.expect("closed");
+    assert!(after >= Duration::from_millis(1900), "{after:?}");
+    assert!(after < Duration::from_millis(3500), "{after:?}");
+    assert_eq!(goaway, Some((1, 0)));
+}
+
+/// An h2 request whose origin answers after 3 s, a second more than `timeouts.idle` (2 s),
+/// with nothing moving on the connection meanwhile, gets its 200: the idle timeout counts
+/// time without a request in flight, and a slow origin is the backend timeouts' to judge.
+/// Before, the connection was closed at the idle timeout (the proxy's keep-alive PING comes
+/// every 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_request_waiting_on_a_slow_origin_outlives_the_idle_timeout() {
+    let _turn = TURN.lock().await;
+    let origin = origin().await;
+    let (_p, d) = timed_proxy(&origin.address(), "{ idle: 2s }").await;
+    let mut raw = Raw::open(&d, &[]).await;
+    let mut out = Vec::new();
+    get(&mut out, "http", 1, "/slow");
+    let start = Instant::now();
+    raw.send(&out).await.unwrap();
+    let outcome = raw.outcome(1).await;
+    eprintln!(
+        "h2 request on a slow origin: {outcome:?} after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(outcome, Outcome::Status(200));
+    let body = loop {
+        match raw.next(Duration::from_secs(5)).await {
+            Ok(f) if f.ty == DATA && f.stream == 1 => break f,
+            Ok(_) => {}
+            Err(e) => panic!("no body: {e:?}"),
+        }
+    };
+    assert_eq!(body.payload, b"ok");
+    assert!(start.elapsed() >= Duration::from_secs(3));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -26,14 +26,36 @@
 //! does not open with the h2 preface. It is hand-written because it only watches: h2's own
 //! codec is private, and a second full decoder would cost more than the frames it guards
 //! against. The clock is read only when the budget runs out.
+//!
+//! Since it already sees every frame header, it also keeps the two timeouts that h2 has no
+//! bytes-level view of:
+//!
+//! - `timeouts.client_header` for each client header block: from the read in which a client
+//!   HEADERS frame begins to the end of the payload of the frame carrying END_HEADERS. The
+//!   HTTP/1 guard (`smuggle`) stops at the h2 preface, and every trickled byte resets the
+//!   idle timer, so without this a client could hold a ~62 KB header block open for hours
+//!   at a byte a minute. A block that arrives within one read (the usual case) arms nothing;
+//!   one that does not is given a deadline, and its timer is polled only while the block is
+//!   open. When it passes, the connection is closed (GOAWAY `NO_ERROR`, naming the last
+//!   request before the block, when it can go between two frames). nginx applies
+//!   `client_header_timeout` to h2 header reading the same way.
+//! - what `timeouts.idle` counts on an h2 connection ([`Streams`], read by the connection's
+//!   idle timer in `listen`): the requests in flight (a client HEADERS on a new stream, until
+//!   the proxy's END_STREAM on it or a RST_STREAM either way), and whether a HEADERS, DATA or
+//!   RST_STREAM frame passed. PING, SETTINGS, WINDOW_UPDATE and PRIORITY are not activity:
+//!   the proxy's own keep-alive PING every 20 s, and a client's answer, kept a connection
+//!   without a stream open for ever. Like Envoy's `idle_timeout`, which counts time with no
+//!   active stream.
 
 use crate::edge::passthrough::delegate_async_write;
+use crate::edge::sending::Sending;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Control frames a connection may send at once.
@@ -47,11 +69,22 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 /// RFC 9113's error code for a peer that is generating excessive load.
 const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// RFC 9113's error code for a close that is no error: a timeout.
+const NO_ERROR: u32 = 0x0;
+/// The flag that ends a stream (DATA, HEADERS) and the one that ends a header block
+/// (HEADERS, CONTINUATION).
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+/// Requests in flight followed on one connection, at most: twice the listener's
+/// `max_concurrent_streams`, since h2 refuses the streams over it with a RST_STREAM the
+/// client may leave unread. Streams past it are not counted as in flight.
+const MAX_FOLLOWED: usize = 512;
 const WINDOW_UPDATE: u8 = 0x8;
 /// The last frame type RFC 9113 defines; types past it are extensions, ignored by h2.
 const CONTINUATION: u8 = 0x9;
@@ -82,9 +115,9 @@ impl Frames {
     }
 
     /// Follows the frames in `bytes`, the next bytes of the stream, calling `frame` with the
-    /// type and stream id of each frame as its header completes: false as soon as `frame`
-    /// returns false (and the reader is off from then on).
-    fn follow(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8, u32) -> bool) -> bool {
+    /// type, flags and stream id of each frame as its header completes: false as soon as
+    /// `frame` returns false (and the reader is off from then on).
+    fn follow(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8, u8, u32) -> bool) -> bool {
         while !bytes.is_empty() {
             match self.scan {
                 Scan::Off => return true,
@@ -113,7 +146,7 @@ impl Frames {
                     }
                     let h = &self.head;
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                    if !frame(h[3], stream) {
+                    if !frame(h[3], h[4], stream) {
                         self.scan = Scan::Off;
                         return false;
                     }
@@ -135,6 +168,126 @@ impl Frames {
             self.scan = Scan::Head(0);
         }
         true
+    }
+
+    /// Whether the frame being read is a part of a header block whose payload has not all
+    /// arrived.
+    fn in_header_payload(&self) -> bool {
+        matches!(self.scan, Scan::Payload(_)) && matches!(self.head[3], HEADERS | CONTINUATION)
+    }
+}
+
+/// What the connection's idle timer learns of an h2 connection from its frames (see the
+/// module doc). Shared through the connection's [`Sending`], which the timer already holds.
+#[derive(Debug, Default)]
+pub struct Streams {
+    /// Set once the client's preface has passed: the idle timer goes by frames from then on.
+    h2: AtomicBool,
+    /// A HEADERS, DATA or RST_STREAM frame passed, either way, since the timer last looked.
+    moved: AtomicBool,
+    /// Requests in flight.
+    in_flight: AtomicU32,
+}
+
+/// What the idle timer finds at one of its ticks on an h2 connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// A HEADERS, DATA or RST_STREAM frame passed since the last tick.
+    pub moved: bool,
+    /// A request is in flight.
+    pub in_flight: bool,
+}
+
+impl Streams {
+    /// One tick of the idle timer: `None` until the connection is known to be h2 (bytes are
+    /// what counts then), else what its frames did since the last tick.
+    pub fn tick(&self) -> Option<Tick> {
+        if !self.h2.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(Tick {
+            moved: self.moved.swap(false, Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
+        })
+    }
+
+    fn moved(&self) {
+        self.moved.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The client's requests as its frames tell them, for the connection's timeouts.
+#[derive(Debug, Default)]
+struct Requests {
+    /// The streams of the requests in flight (a few; at most [`MAX_FOLLOWED`]).
+    open: Vec<u32>,
+    /// The highest stream a request (HEADERS) from the client opened.
+    last: u32,
+    /// The highest stream before the open header block's: nothing past it was asked.
+    before_block: u32,
+    /// Between a HEADERS frame without END_HEADERS and the CONTINUATION that ends the block.
+    in_block: bool,
+    /// A HEADERS frame began in the bytes being followed.
+    block_began: bool,
+}
+
+impl Requests {
+    /// A frame from the client has begun.
+    fn received(&mut self, ty: u8, flags: u8, stream: u32, streams: &Streams) {
+        match ty {
+            HEADERS => {
+                streams.moved();
+                self.block_began = true;
+                self.in_block = flags & END_HEADERS == 0;
+                self.before_block = self.last;
+                // Stream ids only grow, so a higher one is a new request (a lower one is
+                // trailers, or an error h2 closes the connection for).
+                if stream > self.last {
+                    self.last = stream;
+                    if self.open.len() < MAX_FOLLOWED {
+                        self.open.push(stream);
+                        streams
+                            .in_flight
+                            .store(self.open.len() as u32, Ordering::Relaxed);
+                    }
+                }
+            }
+            CONTINUATION if flags & END_HEADERS != 0 => self.in_block = false,
+            DATA => streams.moved(),
+            RST_STREAM => {
+                streams.moved();
+                self.ended(stream, streams);
+            }
+            _ => {}
+        }
+    }
+
+    /// A frame to the client has begun: a response's end, or a reset, ends its request.
+    fn sent(&mut self, ty: u8, flags: u8, stream: u32, streams: &Streams) {
+        match ty {
+            HEADERS | DATA => {
+                streams.moved();
+                if flags & END_STREAM != 0 {
+                    self.ended(stream, streams);
+                }
+            }
+            RST_STREAM => {
+                streams.moved();
+                self.ended(stream, streams);
+            }
+            _ => {}
+        }
+    }
+
+    /// The request on `stream` is over (if it was still counted: a stream may be ended, then
+    /// reset).
+    fn ended(&mut self, stream: u32, streams: &Streams) {
+        if let Some(i) = self.open.iter().position(|s| *s == stream) {
+            self.open.swap_remove(i);
+            streams
+                .in_flight
+                .store(self.open.len() as u32, Ordering::Relaxed);
+        }
     }
 }
 
@@ -206,57 +359,103 @@ impl Budget {
     }
 }
 
-/// The client connection with its control-frame budget. `flooded` is set when the budget
-/// ran out and the connection was closed for it.
+/// The client connection with its control-frame budget and its h2 timeouts. `flooded` is set
+/// when the budget ran out and the connection was closed for it.
 pub struct FrameBudget<T> {
     inner: T,
     from_client: Frames,
     to_client: Frames,
     budget: Budget,
     flooded: Arc<AtomicBool>,
-    /// The highest stream a request (HEADERS) from the client opened: the GOAWAY's last
-    /// stream.
-    last_stream: u32,
+    requests: Requests,
+    /// The connection's responses in flight, and the [`Streams`] its idle timer reads.
+    watch: Arc<Sending>,
     /// Whether h2 has sent a whole frame (its SETTINGS come first; a GOAWAY may not).
     sent_frame: bool,
-    /// The GOAWAY to write when the budget has run out, if it can go between two frames.
-    goaway: Option<[u8; 17]>,
+    /// `timeouts.client_header`: how long a header block may stay open.
+    client_header: Duration,
+    /// When the open header block must have ended; `None` when no block is open.
+    block_by: Option<tokio::time::Instant>,
+    /// Made for the first header block that outlives its read, and kept for later ones.
+    header_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> FrameBudget<T> {
-    pub fn new(inner: T, flooded: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        inner: T,
+        flooded: Arc<AtomicBool>,
+        watch: Arc<Sending>,
+        client_header: Duration,
+    ) -> Self {
         FrameBudget {
             inner,
             from_client: Frames::new(Scan::Preface(0)),
             to_client: Frames::new(Scan::Head(0)),
             budget: Budget::new(Instant::now()),
             flooded,
-            last_stream: 0,
+            requests: Requests::default(),
+            watch,
             sent_frame: false,
-            goaway: None,
+            client_header,
+            block_by: None,
+            header_timer: None,
         }
     }
 
     /// Follows the frames in `bytes`, the next bytes the client sent: false when a control
     /// frame among them is over the budget.
     fn follow(&mut self, bytes: &[u8]) -> bool {
-        let (budget, last) = (&mut self.budget, &mut self.last_stream);
-        let ok = self.from_client.follow(bytes, |ty, stream| {
-            if ty == HEADERS {
-                *last = (*last).max(stream);
-            }
+        let was_preface = matches!(self.from_client.scan, Scan::Preface(_));
+        let (budget, requests, streams) =
+            (&mut self.budget, &mut self.requests, &self.watch.streams);
+        requests.block_began = false;
+        let ok = self.from_client.follow(bytes, |ty, flags, stream| {
+            requests.received(ty, flags, stream, streams);
             budget.received(ty)
         });
-        // Over budget: a GOAWAY can go to the client only between two of h2's frames, and
-        // after its SETTINGS. (Mid-frame, the connection is closed without one.)
-        if !ok && self.sent_frame && self.to_client.scan == Scan::Head(0) {
-            self.goaway = Some(goaway(self.last_stream, ENHANCE_YOUR_CALM));
+        match self.from_client.scan {
+            // Not h2: the other direction need not be read. (Over budget, it is still
+            // followed, to tell whether a GOAWAY can go between two frames.)
+            Scan::Off if ok => self.to_client.scan = Scan::Off,
+            Scan::Off => {}
+            Scan::Preface(_) => {}
+            _ if was_preface => streams.h2.store(true, Ordering::Relaxed),
+            _ => {}
         }
-        if self.from_client.scan == Scan::Off {
-            // Not h2 (or closed for its frames): the other direction need not be read.
-            self.to_client.scan = Scan::Off;
-        }
+        self.time_header_block();
         ok
+    }
+
+    /// Gives a header block still open after the read that began it its deadline, and
+    /// forgets the deadline of one that has ended. Reads the clock only for a block that
+    /// outlived its first read.
+    fn time_header_block(&mut self) {
+        let open = self.requests.in_block || self.from_client.in_header_payload();
+        if !open {
+            self.block_by = None;
+        } else if self.block_by.is_none() || self.requests.block_began {
+            self.block_by = Some(tokio::time::Instant::now() + self.client_header);
+        }
+    }
+
+    /// Whether the open header block (if any) is past its deadline. Its timer is armed here,
+    /// so that the task is woken when the deadline passes even if no byte comes.
+    fn header_late(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(by) = self.block_by else {
+            return false;
+        };
+        let timer = match &mut self.header_timer {
+            Some(t) => {
+                if t.deadline() != by {
+                    t.as_mut().reset(by);
+                }
+                t
+            }
+            None => self
+                .header_timer
+                .insert(Box::pin(tokio::time::sleep_until(by))),
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 
     /// Follows the frames in the first `n` bytes of `bufs`, written to the client.
@@ -270,8 +469,10 @@ impl<T> FrameBudget<T> {
             }
             let take = n.min(b.len());
             let (budget, sent) = (&mut self.budget, &mut self.sent_frame);
-            self.to_client.follow(&b[..take], |ty, _| {
+            let (requests, streams) = (&mut self.requests, &self.watch.streams);
+            self.to_client.follow(&b[..take], |ty, flags, stream| {
                 *sent = true;
+                requests.sent(ty, flags, stream, streams);
                 budget.sent(ty)
             });
             n -= take;
@@ -285,10 +486,30 @@ impl<T> FrameBudget<T> {
             "HTTP/2 control frames over the connection's budget",
         )
     }
+
+    /// The GOAWAY that tells the client why the connection closes, if it can go between two
+    /// of h2's frames, and after its SETTINGS; else (mid-frame) the connection is closed
+    /// without one.
+    fn goaway_between_frames(&self, last_stream: u32, code: u32) -> Option<[u8; 17]> {
+        (self.sent_frame && self.to_client.scan == Scan::Head(0)).then(|| goaway(last_stream, code))
+    }
 }
 
-// Reading needs the writer too: the GOAWAY of a connection over its budget is written from
-// the read that finds it over.
+impl<T: AsyncWrite + Unpin> FrameBudget<T> {
+    /// Writes `frame` once, without waiting: a connection that cannot take 17 bytes now is
+    /// closed without them. (A part written ends the stream mid-frame, which the client reads
+    /// as the connection's end all the same.)
+    fn say(&mut self, cx: &mut Context<'_>, frame: Option<[u8; 17]>) {
+        if let Some(frame) = frame {
+            if let Poll::Ready(Ok(_)) = Pin::new(&mut self.inner).poll_write(cx, &frame) {
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+            }
+        }
+    }
+}
+
+// Reading needs the writer too: the GOAWAY of a connection closed for its frames or a
+// timeout is written from the read that finds it so.
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameBudget<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -297,19 +518,35 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameBudget<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            if self.from_client.scan != Scan::Off && !self.follow(&buf.filled()[before..]) {
-                if let Some(frame) = self.goaway.take() {
-                    // Once, without waiting: a connection that cannot take 17 bytes now is
-                    // closed without them. (A part written ends the stream mid-frame, which
-                    // the client reads as the connection's end all the same.)
-                    let inner = Pin::new(&mut self.inner);
-                    if let Poll::Ready(Ok(_)) = inner.poll_write(cx, &frame) {
-                        let _ = Pin::new(&mut self.inner).poll_flush(cx);
-                    }
+        if self.from_client.scan == Scan::Off {
+            return r;
+        }
+        match r {
+            Poll::Ready(Ok(())) => {
+                if !self.follow(&buf.filled()[before..]) {
+                    let frame = self.goaway_between_frames(self.requests.last, ENHANCE_YOUR_CALM);
+                    self.say(cx, frame);
+                    return Poll::Ready(Err(self.over_budget()));
                 }
-                return Poll::Ready(Err(self.over_budget()));
             }
+            // The idle timeout (`listen::IdleIo`) closes the connection: said with GOAWAY.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                let frame = self.goaway_between_frames(self.requests.last, NO_ERROR);
+                self.say(cx, frame);
+                return Poll::Ready(Err(e));
+            }
+            Poll::Ready(Err(_)) => return r,
+            Poll::Pending => {}
+        }
+        // Checked after reads that bring bytes too: a client that keeps sending (a block of
+        // many CONTINUATION frames) may never leave the read waiting.
+        if self.header_late(cx) {
+            let frame = self.goaway_between_frames(self.requests.before_block, NO_ERROR);
+            self.say(cx, frame);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP/2 client header timeout",
+            )));
         }
         r
     }
@@ -355,6 +592,14 @@ mod tests {
         out.extend_from_slice(payload);
     }
 
+    /// A frame with `flags`, on `stream`.
+    fn frame_on(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        frame(out, ty, payload);
+        let at = out.len() - payload.len() - 5;
+        out[at] = flags;
+        out[at + 1..at + 5].copy_from_slice(&stream.to_be_bytes());
+    }
+
     fn pings(n: usize) -> Vec<u8> {
         let mut out = Vec::new();
         for i in 0..n as u64 {
@@ -365,7 +610,7 @@ mod tests {
 
     /// A layer whose budget time does not refill while the test runs, however slowly.
     fn layer() -> FrameBudget<()> {
-        let mut l = FrameBudget::new((), Arc::default());
+        let mut l = FrameBudget::new((), Arc::default(), Arc::default(), Duration::from_secs(10));
         l.budget.refilled += Duration::from_secs(3600);
         l
     }
@@ -398,7 +643,6 @@ mod tests {
             assert!(feed(&mut l, &bytes, step), "step {step}");
             assert!(!feed(&mut l, &pings(1), step), "step {step}");
             assert_eq!(l.from_client.scan, Scan::Off);
-            assert_eq!(l.to_client.scan, Scan::Off);
         }
     }
 
@@ -414,7 +658,12 @@ mod tests {
         ] {
             let (client, proxy) = tokio::io::duplex(1 << 20);
             let (mut client_rd, mut client_wr) = tokio::io::split(client);
-            let mut l = FrameBudget::new(proxy, Arc::default());
+            let mut l = FrameBudget::new(
+                proxy,
+                Arc::default(),
+                Arc::default(),
+                Duration::from_secs(10),
+            );
             l.budget.refilled += Duration::from_secs(3600);
             // What h2 has sent: its SETTINGS (whole, or part of it), or nothing.
             let mut settings = Vec::new();
@@ -616,7 +865,12 @@ mod tests {
     async fn over_budget_the_read_fails_and_says_so() {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let flooded = Arc::new(AtomicBool::new(false));
-        let mut l = FrameBudget::new(server, flooded.clone());
+        let mut l = FrameBudget::new(
+            server,
+            flooded.clone(),
+            Arc::default(),
+            Duration::from_secs(10),
+        );
         l.budget.refilled += Duration::from_secs(3600);
         let mut bytes = opened();
         bytes.extend(pings(BURST as usize));
@@ -643,5 +897,175 @@ mod tests {
         let mut got = [0u8; 3];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"bye");
+    }
+
+    /// What the idle timer would find now: (a stream frame moved, a request in flight).
+    fn tick(l: &FrameBudget<()>) -> (bool, bool) {
+        let t = l.watch.streams.tick().expect("an h2 connection");
+        (t.moved, t.in_flight)
+    }
+
+    #[test]
+    fn requests_are_in_flight_from_their_headers_to_their_end_or_reset() {
+        for step in [1, 7, 4096] {
+            let mut l = layer();
+            assert_eq!(l.watch.streams.tick(), None, "not h2 before the preface");
+            assert!(feed(&mut l, &opened(), step));
+            assert_eq!(tick(&l), (false, false), "SETTINGS are not activity");
+            // Two requests, the second with a body and trailers (which open nothing).
+            let mut c = Vec::new();
+            frame_on(&mut c, HEADERS, END_HEADERS | END_STREAM, 1, &[0x82]);
+            frame_on(&mut c, HEADERS, END_HEADERS, 3, &[0x83]);
+            frame_on(&mut c, DATA, 0, 3, b"body");
+            frame_on(&mut c, HEADERS, END_HEADERS | END_STREAM, 3, &[0x40]);
+            assert!(feed(&mut l, &c, step));
+            assert_eq!(l.requests.open, [1, 3], "step {step}");
+            assert_eq!(tick(&l), (true, true));
+            // Control frames either way, while both are in flight: no activity.
+            let mut ctl = pings(3);
+            frame(&mut ctl, WINDOW_UPDATE, &[0, 0, 1, 0]);
+            frame(&mut ctl, PRIORITY, &[0, 0, 0, 0, 16]);
+            assert!(feed(&mut l, &ctl, step));
+            send(&mut l, &ctl, step);
+            assert_eq!(tick(&l), (false, true));
+            // The first answered in two frames, the second reset by the proxy and then by
+            // the client too: none left, and none counted twice.
+            let mut out = Vec::new();
+            frame_on(&mut out, HEADERS, END_HEADERS, 1, &[0x88]);
+            frame_on(&mut out, DATA, END_STREAM, 1, b"ok");
+            frame_on(&mut out, RST_STREAM, 0, 3, &[0, 0, 0, 8]);
+            send(&mut l, &out, step);
+            let mut rst = Vec::new();
+            frame_on(&mut rst, RST_STREAM, 0, 3, &[0, 0, 0, 8]);
+            frame_on(&mut rst, RST_STREAM, 0, 1, &[0, 0, 0, 8]);
+            assert!(feed(&mut l, &rst, step));
+            assert_eq!(tick(&l), (true, false), "step {step}");
+            assert_eq!(l.watch.streams.in_flight.load(Ordering::Relaxed), 0);
+            // A request the client resets itself.
+            let mut c = Vec::new();
+            frame_on(&mut c, HEADERS, END_HEADERS, 5, &[0x82]);
+            assert!(feed(&mut l, &c, step));
+            assert_eq!(tick(&l), (true, true));
+            let mut rst = Vec::new();
+            frame_on(&mut rst, RST_STREAM, 0, 5, &[0, 0, 0, 8]);
+            assert!(feed(&mut l, &rst, step));
+            assert_eq!(tick(&l), (true, false));
+        }
+    }
+
+    #[test]
+    fn a_header_block_is_timed_only_when_it_outlives_its_read() {
+        let mut l = layer();
+        assert!(l.follow(&opened()));
+        // Whole in one read, in one frame or with a CONTINUATION: nothing armed.
+        let mut whole = Vec::new();
+        frame_on(&mut whole, HEADERS, END_HEADERS, 1, &[0x82; 40]);
+        frame_on(&mut whole, HEADERS, 0, 3, &[0x82; 40]);
+        frame_on(&mut whole, CONTINUATION, END_HEADERS, 3, &[0x82; 40]);
+        assert!(l.follow(&whole));
+        assert_eq!((l.block_by, l.requests.last), (None, 3));
+        // Cut inside a HEADERS payload, between HEADERS and CONTINUATION, and inside the
+        // payload of the frame that ends the block: open until that payload has all come.
+        let mut split = Vec::new();
+        frame_on(&mut split, HEADERS, 0, 5, &[0x82; 40]);
+        frame_on(&mut split, CONTINUATION, END_HEADERS, 5, &[0x82; 40]);
+        for cut in [20, 49, 9 + 40 + 9 + 1, split.len() - 1] {
+            let mut l = layer();
+            assert!(l.follow(&opened()));
+            assert!(l.follow(&whole));
+            assert!(l.follow(&split[..cut]));
+            let by = l.block_by.expect("open after the first part");
+            assert_eq!(l.requests.before_block, 3, "cut {cut}");
+            assert!(l.follow(&split[cut..cut + 1]));
+            if cut + 1 < split.len() {
+                assert_eq!(l.block_by, Some(by), "the same block's deadline, cut {cut}");
+                assert!(l.follow(&split[cut + 1..]));
+            }
+            assert_eq!(l.block_by, None, "cut {cut}");
+            assert!(l.header_timer.is_none(), "armed only by a read that waits");
+        }
+        // A PING after the end of a block opens nothing.
+        assert!(l.follow(&pings(1)[..5]));
+        assert_eq!(l.block_by, None);
+    }
+
+    /// A client trickling a header block (a byte every 40 ms) is cut when the block has been
+    /// open for `client_header` (here 300 ms), with GOAWAY NO_ERROR naming the last request
+    /// before the block; one that ends its block in time is served on.
+    #[tokio::test]
+    async fn a_header_block_open_past_client_header_closes_the_connection() {
+        let timeout = Duration::from_millis(300);
+        let (client, proxy) = tokio::io::duplex(1 << 20);
+        let (mut client_rd, mut client_wr) = tokio::io::split(client);
+        let mut l = FrameBudget::new(proxy, Arc::default(), Arc::default(), timeout);
+        let mut settings = Vec::new();
+        frame(&mut settings, SETTINGS, &[0, 4, 0, 1, 0, 0]);
+        l.write_all(&settings).await.unwrap();
+        let mut first = opened();
+        frame_on(&mut first, HEADERS, END_HEADERS | END_STREAM, 1, &[0x82]);
+        let mut slow = Vec::new();
+        frame_on(&mut slow, HEADERS, 0, 3, &[0x82; 10]);
+        frame_on(&mut slow, CONTINUATION, END_HEADERS, 3, &[0x82; 10]);
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            let start = tokio::time::Instant::now();
+            loop {
+                match l.read(&mut sink).await {
+                    Ok(n) => assert!(n > 0, "ended before the timeout"),
+                    Err(e) => return (e, start.elapsed()),
+                }
+            }
+        });
+        client_wr.write_all(&first).await.unwrap();
+        // In time: the block in pieces over 200 ms, then well past the timeout.
+        for piece in slow.chunks(slow.len() / 4 + 1) {
+            client_wr.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(timeout * 2).await;
+        assert!(!reader.is_finished(), "a block ended in time is not cut");
+        // Too slow: a byte every 40 ms, never ending (for 1.6 s at most).
+        let start = tokio::time::Instant::now();
+        let mut trickle = Vec::new();
+        frame_on(&mut trickle, HEADERS, 0, 5, &[0x82; 100]);
+        for b in trickle.chunks(1).take(40) {
+            if reader.is_finished() || client_wr.write_all(b).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let ended = tokio::time::timeout(Duration::from_millis(100), reader).await;
+        let (err, _) = ended.expect("cut").unwrap();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(took >= timeout && took < timeout * 3, "{took:?}");
+        drop(client_wr);
+        let mut got = Vec::new();
+        client_rd.read_to_end(&mut got).await.unwrap();
+        let mut want = settings.clone();
+        want.extend(goaway(3, NO_ERROR));
+        assert_eq!(got, want);
+    }
+
+    /// The timer also runs when no byte comes at all after the block's first read.
+    #[tokio::test]
+    async fn a_silent_open_header_block_is_cut_too() {
+        let timeout = Duration::from_millis(200);
+        let (mut client, proxy) = tokio::io::duplex(1 << 20);
+        let mut l = FrameBudget::new(proxy, Arc::default(), Arc::default(), timeout);
+        let mut bytes = opened();
+        frame_on(&mut bytes, HEADERS, 0, 1, &[0x82; 10]);
+        client.write_all(&bytes).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut sink = vec![0u8; 1 << 16];
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), l.read(&mut sink)).await {
+                Ok(Ok(n)) => assert!(n > 0),
+                Ok(Err(e)) => break e,
+                Err(_) => panic!("not cut"),
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
     }
 }

@@ -552,7 +552,7 @@ async fn run_http<IO>(
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let cfg = &s.cfg;
-    let flags = conn.smuggle.clone();
+    let (flags, sending) = (conn.smuggle.clone(), conn.sending.clone());
     let (ip, edge) = (conn.peer.ip(), shared.clone());
     let svc = service_fn(move |req| {
         let shared = shared.clone();
@@ -596,7 +596,14 @@ async fn run_http<IO>(
             .keep_alive_timeout(Duration::from_secs(20));
         // PING, SETTINGS, PRIORITY and WINDOW_UPDATE floods: a budget per connection
         // (`frame_budget`; it looks at nothing on a connection that turns out HTTP/1).
-        let io = FrameBudget::new(io, flooded.insert(Arc::default()).clone());
+        // It also times h2 header blocks (`timeouts.client_header`) and tells the idle timer
+        // which frames are activity (`timeouts.idle`).
+        let io = FrameBudget::new(
+            io,
+            flooded.insert(Arc::default()).clone(),
+            sending,
+            cfg.timeouts.client_header.0,
+        );
         // Boxed, so that this rarer branch's larger state does not size every connection's
         // task (an idle HTTP/1 connection keeps its task for its whole life).
         if h2 && (!h1 || spoken == Spoken::H2) {
@@ -666,10 +673,16 @@ http1_settings!(auto::Http1Builder<'_, TokioExecutor>);
 /// fires every `idle / QUIET_TICKS` clears it, and the connection is closed after
 /// `QUIET_TICKS` ticks in a row without activity, i.e. between `idle` and `idle × 9/8`
 /// after the last byte.
+///
+/// On an h2 connection bytes are not what counts (see [`IdleIo::busy`]): the proxy's
+/// keep-alive PING and its answer, every 20 s, would keep a connection with nothing to do for
+/// ever, and a request waiting on a slow origin moves no byte at all.
 struct IdleIo<T> {
     inner: T,
     tick: Duration,
     active: bool,
+    /// The last write waited on the client (it reads nothing), and none has moved since.
+    blocked: bool,
     quiet: u32,
     sleep: Pin<Box<tokio::time::Sleep>>,
     /// The connection's responses in flight: one that waits on the client for the idle
@@ -695,6 +708,7 @@ impl<T> IdleIo<T> {
             inner,
             tick,
             active: false,
+            blocked: false,
             quiet: 0,
             sleep: Box::pin(tokio::time::sleep(tick)),
             sending: None,
@@ -717,13 +731,17 @@ impl<T> IdleIo<T> {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     self.touch();
+                    self.blocked = false;
                 }
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => match self.check_idle(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
+            Poll::Pending => {
+                self.blocked = true;
+                match self.check_idle(cx) {
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    _ => Poll::Pending,
+                }
+            }
             r => r,
         }
     }
@@ -736,7 +754,7 @@ impl<T> IdleIo<T> {
             if let Some(s) = &self.sending {
                 s.cut_stalled(QUIET_TICKS);
             }
-            if std::mem::take(&mut self.active) {
+            if self.busy() {
                 self.quiet = 0;
             } else {
                 self.quiet += 1;
@@ -749,6 +767,20 @@ impl<T> IdleIo<T> {
             }
             let next = tokio::time::Instant::now() + self.tick;
             self.sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Whether the connection did something since the last tick. On HTTP/1, any byte moved.
+    /// On h2, a HEADERS, DATA or RST_STREAM frame, either way; or, while a request is in
+    /// flight, anything but a write waiting on the client: a request whose origin is slow
+    /// moves nothing and is the backend timeouts' to end, as Envoy's `idle_timeout` counts
+    /// only time without a stream, while a client that takes nothing is still timed (its
+    /// stalled responses are cut by `cut_stalled` all the same).
+    fn busy(&mut self) -> bool {
+        let bytes = std::mem::take(&mut self.active);
+        match self.sending.as_deref().and_then(|s| s.streams.tick()) {
+            None => bytes,
+            Some(t) => t.moved || (t.in_flight && (bytes || !self.blocked)),
         }
     }
 }
@@ -947,5 +979,61 @@ mod tests {
         // A client that closes without a byte is not served at all.
         drop(c);
         assert_eq!(sniff(&s).await, None);
+    }
+
+    /// On h2 the idle timer (here 300 ms) goes by requests, not bytes: a request whose origin
+    /// is slow (nothing moves for 1 s) keeps the connection, and once it is answered, PINGs
+    /// every 50 ms do not.
+    #[tokio::test]
+    async fn on_h2_pings_do_not_keep_a_connection_and_a_request_in_flight_does() {
+        fn frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+            out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+            out.extend_from_slice(&[ty, flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (_client_rd, mut client_wr) = tokio::io::split(client);
+        let sending = Arc::new(crate::edge::sending::Sending::default());
+        let mut idle = IdleIo::new(server, Duration::from_millis(300));
+        idle.sending = Some(sending.clone());
+        let l = FrameBudget::new(idle, Arc::default(), sending, Duration::from_secs(10));
+        let (mut rd, mut wr) = tokio::io::split(l);
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            loop {
+                match rd.read(&mut sink).await {
+                    Ok(n) => assert!(n > 0, "ended"),
+                    Err(e) => return (e, tokio::time::Instant::now()),
+                }
+            }
+        });
+        let mut hello = H2_PREFACE.to_vec();
+        frame(&mut hello, 0x4, 0, 0, &[]);
+        frame(&mut hello, 0x1, 0x4 | 0x1, 1, &[0x82]);
+        client_wr.write_all(&hello).await.unwrap();
+        let mut ping = Vec::new();
+        frame(&mut ping, 0x6, 0, 0, &[0; 8]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !reader.is_finished(),
+            "cut while its request waited on the origin"
+        );
+        let mut answer = Vec::new();
+        frame(&mut answer, 0x1, 0x4 | 0x1, 1, &[0x88]);
+        wr.write_all(&answer).await.unwrap();
+        let answered = tokio::time::Instant::now();
+        for _ in 0..40 {
+            if reader.is_finished() {
+                break;
+            }
+            let _ = client_wr.write_all(&ping).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (err, at) = reader.await.unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let after = at - answered;
+        assert!(after >= Duration::from_millis(290), "{after:?}");
+        assert!(after < Duration::from_millis(900), "{after:?}");
     }
 }

@@ -12,7 +12,11 @@
 //! A response counts as waiting on the client from when it is handed to the connection, and
 //! from each frame it gives out, until the connection asks it for more. A response that waits
 //! on its origin (asked, with nothing yet) waits on no one's client.
+//!
+//! The same list carries, for an HTTP/2 connection, what `frame_budget` follows of its streams
+//! ([`Streams`]): the idle timer reads it at each tick too.
 
+use crate::edge::frame_budget::Streams;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Weak;
@@ -28,6 +32,8 @@ pub trait Watched: Send + Sync {
 #[derive(Default)]
 pub struct Sending {
     list: Mutex<Vec<Weak<dyn Watched>>>,
+    /// HTTP/2 only: the requests in flight and the frames that moved (see `frame_budget`).
+    pub streams: Streams,
 }
 
 /// One response's progress, shared by its body and the connection's list.
