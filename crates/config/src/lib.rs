@@ -17,9 +17,14 @@ pub use units::{Dur, Rate, Size};
 /// case: portcullis believes them only from trusted proxies and sets or removes them for the
 /// origin, and no authorizer is sent the client's (`send`). The proxy's list of the fields
 /// it owns includes them.
-pub const FORWARDED_FIELDS: [&str; 8] = [
+pub const FORWARDED_FIELDS: [&str; 11] = [
     "forwarded",
     "via",
+    // How it came in: Rails, IIS, Werkzeug, CodeIgniter and Tornado believe a request came
+    // over TLS from these.
+    "front-end-https",
+    "x-url-scheme",
+    "x-scheme",
     "x-real-ip",
     "true-client-ip",
     "x-client-ip",

@@ -1264,6 +1264,8 @@ async fn client_address_claims_from_untrusted_peers_are_removed() {
         "X-Forwarded-Prefix",
         "Front-End-Https",
         "X-Url-Scheme",
+        // Tornado reads it before X-Forwarded-Proto.
+        "X-Scheme",
     ];
     let headers: Vec<(&str, &str)> = claims.iter().map(|h| (*h, "10.9.8.7")).collect();
     assert_eq!(status_of(p.port, "GET", "/pub/claims", &headers).await, 200);

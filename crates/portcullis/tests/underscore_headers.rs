@@ -55,6 +55,8 @@ X_Custom: 1\r\n\
 X.Portcullis.User: admin\r\n\
 X~Forwarded~For: 6.6.6.6\r\n\
 X.API.Key: stolen\r\n\
+Front_End_Https: on\r\n\
+X.Url.Scheme: https\r\n\
 X!Kept: 3\r\n\
 X.Custom.Dot: 1\r\n\
 X-Kept: 1\r\n\
@@ -101,6 +103,8 @@ async fn h2(port: u16) -> (u16, Value) {
         .header("x.portcullis.user", "admin")
         .header("x~forwarded~for", "6.6.6.6")
         .header("x.api.key", "stolen")
+        .header("front_end_https", "on")
+        .header("x.url.scheme", "https")
         .header("x!kept", "3")
         .header("x.custom.dot", "1")
         .header("x-kept", "1")
@@ -186,6 +190,9 @@ async fn reject_answers_400_and_allow_forwards_all_but_lookalikes_of_owned_field
             "x.portcullis.user",
             "x~forwarded~for",
             "x.api.key",
+            // Claims of how the request came in (CodeIgniter reads `HTTP_FRONT_END_HTTPS`).
+            "front_end_https",
+            "x.url.scheme",
             "x!kept",
         ] {
             assert!(!seen.contains(&n), "{proto}: {n} in {seen:?}");

@@ -726,7 +726,10 @@ pub fn method_param(uri: &mut Uri, mode: MethodOverride) -> Result<Option<Method
         return Ok(None);
     }
     let params: Vec<&str> = q.split('&').collect();
-    let is_override = |p: &&str| is_method_param(p.split_once('=').map_or(*p, |(k, _)| k));
+    // A parameter, or a `;`-separated part of one (PHP with `arg_separator.input=";&"`,
+    // Rack 2 split on `;` too), that names the method. A parameter with such a part goes as
+    // a whole under `strip`.
+    let is_override = |p: &&str| method_values(p).next().is_some();
     if !params.iter().any(is_override) {
         return Ok(None);
     }
@@ -734,8 +737,7 @@ pub fn method_param(uri: &mut Uri, mode: MethodOverride) -> Result<Option<Method
         MethodOverride::Reject => Err(Refusal::MethodOverride),
         MethodOverride::Honor => {
             let mut found: Option<Method> = None;
-            for p in params.iter().filter(|p| is_override(p)) {
-                let v = p.split_once('=').map_or("", |(_, v)| v);
+            for v in params.iter().flat_map(|p| method_values(p)) {
                 let v = form_decode(v.as_bytes());
                 let m = Method::from_bytes(&v.trim_ascii().to_ascii_uppercase())
                     .map_err(|_| Refusal::InvalidMethodOverride)?;
@@ -764,10 +766,13 @@ pub fn method_param(uri: &mut Uri, mode: MethodOverride) -> Result<Option<Method
 /// Whether a query parameter's name (as sent) reads as `_method` to an origin framework:
 /// percent-escapes and `+` decoded (Express's `qs`, PHP, servlet containers), then PHP's
 /// reading of leading spaces (dropped) and of `.` and ` ` (as `_`), in any case, with an
-/// array suffix (`_method[]`) read as the name before it.
+/// array suffix (`_method[]`) read as the name before it, and a name cut at a NUL as PHP cuts
+/// it (`_method%00x`).
 fn is_method_param(name: &str) -> bool {
     let decoded = form_decode(name.as_bytes());
-    let n = decoded.trim_ascii_start();
+    // PHP ends a name at a NUL: `_method%00x` is `_method` to it.
+    let n = decoded.split(|&b| b == 0).next().unwrap_or(&decoded);
+    let n = n.trim_ascii_start();
     let n = n.split(|&b| b == b'[').next().unwrap_or(n);
     n.len() == 7
         && n.iter()
@@ -776,6 +781,13 @@ fn is_method_param(name: &str) -> bool {
                 b => b.to_ascii_lowercase(),
             })
             .eq(b"_method".iter().copied())
+}
+
+/// The values of the parts of query parameter `p` (split at `;`) that name the method.
+fn method_values(p: &str) -> impl Iterator<Item = &str> {
+    p.split(';')
+        .filter(|part| is_method_param(part.split_once('=').map_or(*part, |(k, _)| k)))
+        .map(|part| part.split_once('=').map_or("", |(_, v)| v))
 }
 
 /// A query component decoded as HTML forms encode it: `+` is a space, then percent-escapes.
@@ -1154,6 +1166,11 @@ mod tests {
             "+_method=DELETE",
             "_method[]=DELETE",
             "_method[0]=DELETE",
+            // PHP ends a name at a NUL.
+            "_method%00junk=DELETE",
+            // `;` separates parameters for PHP (`arg_separator.input`) and Rack 2: the
+            // parameter holding it goes as a whole.
+            "x=1;_method=DELETE",
         ] {
             let u = format!("/api/items/1?a=1&{q}&b=%41");
             assert_eq!(

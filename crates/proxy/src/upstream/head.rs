@@ -31,10 +31,13 @@ static CLIENT_IP_CLAIMS: [HeaderName; 6] = [
     HeaderName::from_static("cf-connecting-ip"),
     HeaderName::from_static("fastly-client-ip"),
 ];
-/// Other headers by which origins (Rails, IIS, Werkzeug) believe a request came over TLS.
-static SCHEME_CLAIMS: [HeaderName; 2] = [
+/// Other headers by which origins (Rails, IIS, Werkzeug, Tornado) believe a request came over
+/// TLS. (Owned fields as well, `portcullis_config::FORWARDED_FIELDS`, so that their CGI
+/// spellings and trailers go too.)
+static SCHEME_CLAIMS: [HeaderName; 3] = [
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("x-scheme"),
 ];
 /// Headers with which some origins (IIS URL Rewrite, Symfony, Zend) serve another path than the
 /// request line's: `GET /` with `X-Original-URL: /admin` would be routed and authorized as `/`
