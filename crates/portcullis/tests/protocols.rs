@@ -960,3 +960,48 @@ async fn tunnels_and_connections_last_their_listeners_grace_and_no_longer() {
     );
     assert_eq!(code.code(), Some(0), "{}", p.log_text());
 }
+
+/// portcullis's own answers to HEAD (a 404, a 400) carry no content on h2 either: as DATA
+/// frames, clients reset the stream (`PROTOCOL_ERROR`) instead of reading the status. The
+/// `Content-Length` is what GET gets.
+#[tokio::test]
+async fn local_answers_to_head_over_h2_have_no_content() {
+    let p = Proxy::start(
+        "listeners: [{ name: web, bind: \"127.0.0.1:{port}\" }]\n\
+         backends: [{ name: echo, servers: [{ address: builtin:echo }] }]\n\
+         routes: [{ name: app, match: { host: app.test }, backend: echo, public: true }]\n",
+    )
+    .await;
+    let tcp = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (target, status) in [
+        ("http://nowhere.test/x", 404),
+        ("http://app.test/a/%2e%2e%2f", 400),
+    ] {
+        let mut lengths = Vec::new();
+        for method in [hyper::Method::GET, hyper::Method::HEAD] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(target)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let r = send.send_request(req).await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{method} {target}");
+            let len = r.headers().get("content-length").cloned();
+            let body = r.into_body().collect().await;
+            let body = body.unwrap_or_else(|e| panic!("{method} {target}: {e}"));
+            if method == hyper::Method::HEAD {
+                assert!(body.to_bytes().is_empty(), "{target}: content on HEAD");
+            } else {
+                assert!(!body.to_bytes().is_empty(), "{target}");
+            }
+            lengths.push(len);
+        }
+        assert_eq!(lengths[0], lengths[1], "{target}: content-length");
+        assert!(lengths[0].is_some(), "{target}");
+    }
+}

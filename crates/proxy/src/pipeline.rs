@@ -33,6 +33,7 @@ pub async fn handle(
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let h1 = parts.version < http::Version::HTTP_2;
+    let head = parts.method == http::Method::HEAD;
     let mut x = Exchange::new(&shared, &snap, &conn, parts, start);
     let mut r = match run(&mut x, body).await {
         Flow::Respond(r) => r,
@@ -48,7 +49,27 @@ pub async fn handle(
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if head && !h1 {
+        without_content(&mut r);
+    }
     r
+}
+
+/// An answer to HEAD carries no content (RFC 9110 §9.3.2). hyper drops it on HTTP/1.1, but
+/// on h2 it would send portcullis's own answers' bodies (a 401, a 400, a 502) as DATA, and
+/// clients reset the stream (`PROTOCOL_ERROR`) instead of reading the status. The
+/// `Content-Length` stays what a GET would have had.
+fn without_content(r: &mut Response<RespBody>) {
+    use http_body::Body;
+    if r.body().is_end_stream() {
+        return;
+    }
+    if let Some(len) = r.body().size_hint().exact() {
+        r.headers_mut()
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+    }
+    *r.body_mut() = crate::upstream::body::empty();
 }
 
 /// The answer of a phase that refused the request (or of a run no phase answered), recorded.
