@@ -1005,3 +1005,60 @@ async fn local_answers_to_head_over_h2_have_no_content() {
         assert!(lengths[0].is_some(), "{target}");
     }
 }
+
+/// A WebSocket tunnel is still a client connection for its listener's `max_connections`:
+/// with `max_connections: 1` and a tunnel open, the next client waits until it closes.
+#[tokio::test]
+async fn a_tunnel_counts_against_its_listeners_max_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() || ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = Proxy::start(&format!(
+        "listeners: [{{ name: web, bind: \"127.0.0.1:{{port}}\", max_connections: 1 }}]\n\
+         backends:\n  - {{ name: ws, servers: [{{ address: \"{origin_addr}\" }}] }}\n\
+         routes:\n  - {{ name: ws, match: {{ path_prefix: / }}, backend: ws, public: true }}\n"
+    ))
+    .await;
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", p.port)),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake");
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    // The tunnel is open: a second client is not served...
+    let second = tokio::spawn(tokio_tungstenite::connect_async(format!(
+        "ws://127.0.0.1:{}/ws",
+        p.port
+    )));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection was served while the tunnel held the only slot"
+    );
+    // ... until the tunnel closes.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let (mut ws2, _) = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap()
+        .expect("handshake");
+    ws2.send(Message::text("again")).await.unwrap();
+    assert_eq!(ws2.next().await.unwrap().unwrap(), Message::text("again"));
+}

@@ -33,6 +33,10 @@ pub struct ConnInfo {
     pub sending: Arc<crate::edge::sending::Sending>,
     /// The listener's: its tunnels, and the end of its grace period.
     pub life: Arc<Life>,
+    /// What the connection counts for in its listener (`max_connections`, the active
+    /// connections gauge), released when the connection ends; a tunnel the connection
+    /// becomes takes it, and releases it when the tunnel ends.
+    pub held: parking_lot::Mutex<Option<Box<dyn Send>>>,
 }
 
 /// What a listener's connections and tunnels last as long as. When the listener stops
@@ -88,6 +92,7 @@ impl ConnInfo {
             ip_key: std::sync::OnceLock::new(),
             caller_key: std::sync::OnceLock::new(),
             body_timeout: std::time::Duration::from_secs(30),
+            held: parking_lot::Mutex::new(None),
             sending: Arc::default(),
             life: Arc::default(),
         }

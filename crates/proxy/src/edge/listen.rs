@@ -277,15 +277,14 @@ async fn accept_loop(
         let counted = Counted::new(&open);
         tokio::spawn(async move {
             gauge.inc();
-            let _g = GaugeGuard(gauge);
-            let _counted = counted;
+            let held: Box<dyn Send> = Box::new((GaugeGuard(gauge), counted));
             if !paced(&shared, peer.ip()).await {
                 return;
             }
             let end = life.end.clone();
             // Dropped when the grace period is over, which closes the connection.
             tokio::select! {
-                _ = serve(tcp, peer, name, s, shared, watch, life) => {}
+                _ = serve(tcp, peer, name, s, shared, watch, life, held) => {}
                 _ = end.cancelled() => {}
             }
         });
@@ -388,6 +387,7 @@ async fn serve(
     shared: Arc<Shared>,
     watch: Watch,
     life: Arc<crate::edge::conn::Life>,
+    held: Box<dyn Send>,
 ) {
     let first_head_by = tokio::time::Instant::now() + s.cfg.timeouts.client_header.0;
     let accepted = Accepted {
@@ -395,6 +395,7 @@ async fn serve(
         listener,
         first_head_by,
         life,
+        held,
     };
     match &s.tls {
         None => serve_plain(tcp, accepted, &s, shared, watch).await,
@@ -413,6 +414,8 @@ struct Accepted {
     /// The first request's head is due by then, TLS handshake included.
     first_head_by: tokio::time::Instant,
     life: Arc<crate::edge::conn::Life>,
+    /// Its listener's count of it (see `ConnInfo::held`).
+    held: Box<dyn Send>,
 }
 
 impl Accepted {
@@ -436,6 +439,7 @@ impl Accepted {
         );
         conn.body_timeout = cfg.timeouts.client_body.0;
         conn.life = self.life;
+        conn.held = parking_lot::Mutex::new(Some(self.held));
         let mut idle = IdleIo::new(io, cfg.timeouts.idle.0);
         idle.sending = Some(conn.sending.clone());
         let io = crate::edge::smuggle::Guard::new(idle, smuggle, cfg.timeouts.client_header.0)

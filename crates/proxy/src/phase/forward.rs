@@ -839,8 +839,12 @@ fn tunnel(
     // Tracked by the listener, whose stop waits for it up to the grace period and then
     // ends it (`edge::conn::Life`).
     let life = x.conn.life.clone();
+    // The connection's place in its listener's count goes with the tunnel: a tunnel is still
+    // a client connection for `max_connections`.
+    let held = x.conn.held.lock().take();
     life.tunnels.clone().spawn(async move {
         let _active = active;
+        let _held = held;
         let c = match client.await {
             Ok(c) => c,
             Err(e) => {
