@@ -283,8 +283,15 @@ async fn accept_loop(
             }
             let end = life.end.clone();
             // Dropped when the grace period is over, which closes the connection.
+            let accepted = Accepted {
+                peer,
+                listener: name,
+                first_head_by: tokio::time::Instant::now() + s.cfg.timeouts.client_header.0,
+                life,
+                held,
+            };
             tokio::select! {
-                _ = serve(tcp, peer, name, s, shared, watch, life, held) => {}
+                _ = serve(tcp, accepted, s, shared, watch) => {}
                 _ = end.cancelled() => {}
             }
         });
@@ -381,22 +388,11 @@ impl Drop for GaugeGuard {
 
 async fn serve(
     tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    listener: Arc<str>,
+    accepted: Accepted,
     s: Arc<Settings>,
     shared: Arc<Shared>,
     watch: Watch,
-    life: Arc<crate::edge::conn::Life>,
-    held: Box<dyn Send>,
 ) {
-    let first_head_by = tokio::time::Instant::now() + s.cfg.timeouts.client_header.0;
-    let accepted = Accepted {
-        peer,
-        listener,
-        first_head_by,
-        life,
-        held,
-    };
     match &s.tls {
         None => serve_plain(tcp, accepted, &s, shared, watch).await,
         // Boxed: the handshake's and rustls' state would otherwise size every connection's
@@ -957,13 +953,11 @@ mod tests {
     /// boxed and freed while the connection is parked (`park`). It was 8.7 KiB before.
     #[test]
     fn a_connection_task_stays_small() {
-        fn size<A, B, C, D, E, G, H, F: Future>(_: fn(A, B, C, D, E, G, H) -> F) -> usize {
+        fn size<A, B, C, D, E, F: Future>(_: fn(A, B, C, D, E) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         type Tcp = tokio::net::TcpStream;
-        type Life = Arc<crate::edge::conn::Life>;
-        let n =
-            size::<Tcp, SocketAddr, Arc<str>, Arc<Settings>, Arc<Shared>, Watch, Life, _>(serve);
+        let n = size::<Tcp, Accepted, Arc<Settings>, Arc<Shared>, Watch, _>(serve);
         assert!(n <= 3 * 1024, "{n} bytes");
     }
 
