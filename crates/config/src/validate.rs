@@ -364,6 +364,8 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut authorizer_names = HashSet::new();
     for (i, a) in root.authorizers.iter().enumerate() {
         let at = format!("authorizers[{i}]");
+        // With `on_error: allow`, a zero timeout would let every request through unasked.
+        zero_timeouts(&root_src, &at, &[("timeout", Some(a.timeout), "200ms")], &mut diags);
         if !valid_name(&a.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("authorizer", &a.name)));
         }
@@ -1484,6 +1486,12 @@ fn check_backend(
         names.push(name);
     }
     if let Some(h) = &b.health_check {
+        let hc = format!("{at}.health_check");
+        let timeouts = [
+            ("interval", Some(h.interval), "5s"),
+            ("timeout", Some(h.timeout), "2s"),
+        ];
+        zero_timeouts(src, &hc, &timeouts, diags);
         if h.http.is_some() && h.tcp {
             diags.push(src.diag(
                 &format!("{at}.health_check"),
@@ -2333,8 +2341,13 @@ backends:
     timeouts: { response: 0ms }
     retries: { per_try_timeout: 0s }
     queue_timeout: 0s
+  - name: hc
+    servers: [{ address: builtin:echo }]
+    health_check: { tcp: true, interval: 0s, timeout: 0s }
 routes:
   - { name: all, backend: echo, timeout: 0s, public: true }
+authorizers:
+  - { name: az, url: \"http://127.0.0.1:9/\", timeout: 0s, on_error: allow }
 ";
         let root = write(d.path(), "p.yaml", text);
         let e = crate::load(&root).unwrap_err();
@@ -2343,7 +2356,10 @@ routes:
             ("timeouts.idle", "p.yaml:2:"),
             ("timeouts.response", "p.yaml:6:"),
             ("retries.per_try_timeout", "p.yaml:7:"),
-            ("timeout", "p.yaml:10:"),
+            ("interval", "p.yaml:11:"),
+            ("timeout", "p.yaml:11:"),
+            ("timeout", "p.yaml:13:"),
+            ("timeout", "p.yaml:15:"),
         ] {
             assert!(s.contains(&format!("`{name}` is 0")), "{name}: {s}");
             assert!(s.contains(at), "{at}: {s}");
