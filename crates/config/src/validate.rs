@@ -365,7 +365,12 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     for (i, a) in root.authorizers.iter().enumerate() {
         let at = format!("authorizers[{i}]");
         // With `on_error: allow`, a zero timeout would let every request through unasked.
-        zero_timeouts(&root_src, &at, &[("timeout", Some(a.timeout), "200ms")], &mut diags);
+        zero_timeouts(
+            &root_src,
+            &at,
+            &[("timeout", Some(a.timeout), "200ms")],
+            &mut diags,
+        );
         if !valid_name(&a.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("authorizer", &a.name)));
         }
