@@ -185,14 +185,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut listener_names = HashSet::new();
     for (i, l) in listeners.iter_mut().enumerate() {
         let at = format!("listeners[{i}]");
-        listener_timeouts(&root_src, &at, &l.timeouts, &mut diags);
-        header_size(&root_src, &at, l.max_header_size, &mut diags);
-        if l.max_connections == Some(0) {
-            diags.push(root_src.diag(
-                &format!("{at}.max_connections"),
-                "`max_connections` is 0, which would accept no connection: set 1 or more, or leave it out for no limit".to_string(),
-            ));
-        }
+        listener_limits(&root_src, &at, l, &mut diags);
         if !valid_name(&l.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("listener", &l.name)));
         }
@@ -364,13 +357,7 @@ pub(crate) fn load(path: &Path) -> Result<Config, Error> {
     let mut authorizer_names = HashSet::new();
     for (i, a) in root.authorizers.iter().enumerate() {
         let at = format!("authorizers[{i}]");
-        // With `on_error: allow`, a zero timeout would let every request through unasked.
-        zero_timeouts(
-            &root_src,
-            &at,
-            &[("timeout", Some(a.timeout), "200ms")],
-            &mut diags,
-        );
+        authorizer_timeout(&root_src, &at, a, &mut diags);
         if !valid_name(&a.name) {
             diags.push(root_src.diag(&format!("{at}.name"), name_msg("authorizer", &a.name)));
         }
@@ -1391,16 +1378,37 @@ fn listener_timeouts(
 /// a larger head would be read with no header timeout at all.
 pub const MAX_HEADER_SIZE: u64 = 256 * 1024;
 
-fn header_size(src: &Source, at: &str, size: crate::units::Size, diags: &mut Vec<Diagnostic>) {
-    if size.0 > MAX_HEADER_SIZE {
+/// A listener's timeouts (none 0), `max_header_size` (at most [`MAX_HEADER_SIZE`]) and
+/// `max_connections` (not 0).
+fn listener_limits(src: &Source, at: &str, l: &crate::Listener, diags: &mut Vec<Diagnostic>) {
+    listener_timeouts(src, at, &l.timeouts, diags);
+    let size = l.max_header_size.0;
+    if size > MAX_HEADER_SIZE {
         diags.push(src.diag(
             &format!("{at}.max_header_size"),
-            format!("`max_header_size` is {} bytes, more than the 256KiB a request head may have (larger heads would escape `timeouts.client_header`): set 256KiB or less; 64KiB is the default", size.0),
+            format!("`max_header_size` is {size} bytes, more than the 256KiB a request head may have (larger heads would escape `timeouts.client_header`): set 256KiB or less; 64KiB is the default"),
+        ));
+    }
+    if l.max_connections == Some(0) {
+        diags.push(src.diag(
+            &format!("{at}.max_connections"),
+            "`max_connections` is 0, which would accept no connection: set 1 or more, or leave it out for no limit".to_string(),
         ));
     }
 }
 
-/// A backend's zero timeouts (see [`zero_timeouts`]).
+/// An authorizer's zero timeout: with `on_error: allow`, it would let every request through
+/// unasked.
+fn authorizer_timeout(
+    src: &Source,
+    at: &str,
+    a: &crate::AuthorizerCfg,
+    diags: &mut Vec<Diagnostic>,
+) {
+    zero_timeouts(src, at, &[("timeout", Some(a.timeout), "200ms")], diags);
+}
+
+/// A backend's zero timeouts, its health check's included (see [`zero_timeouts`]).
 fn backend_timeouts(src: &Source, at: &str, b: &Backend, diags: &mut Vec<Diagnostic>) {
     let timeouts = [
         ("timeouts.connect", Some(b.timeouts.connect), "1s"),
@@ -1408,6 +1416,13 @@ fn backend_timeouts(src: &Source, at: &str, b: &Backend, diags: &mut Vec<Diagnos
         ("retries.per_try_timeout", b.retries.per_try_timeout, "5s"),
     ];
     zero_timeouts(src, at, &timeouts, diags);
+    if let Some(h) = &b.health_check {
+        let timeouts = [
+            ("interval", Some(h.interval), "5s"),
+            ("timeout", Some(h.timeout), "2s"),
+        ];
+        zero_timeouts(src, &format!("{at}.health_check"), &timeouts, diags);
+    }
 }
 
 /// A timeout of zero ends what it times before it can start (a response, a request head),
@@ -1491,12 +1506,6 @@ fn check_backend(
         names.push(name);
     }
     if let Some(h) = &b.health_check {
-        let hc = format!("{at}.health_check");
-        let timeouts = [
-            ("interval", Some(h.interval), "5s"),
-            ("timeout", Some(h.timeout), "2s"),
-        ];
-        zero_timeouts(src, &hc, &timeouts, diags);
         if h.http.is_some() && h.tcp {
             diags.push(src.diag(
                 &format!("{at}.health_check"),

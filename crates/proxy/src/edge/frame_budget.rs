@@ -48,11 +48,11 @@
 //!   active stream.
 
 use crate::edge::passthrough::delegate_async_write;
-use crate::edge::sending::Sending;
+use crate::edge::sending::{Sending, Streams};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -174,45 +174,6 @@ impl Frames {
     /// arrived.
     fn in_header_payload(&self) -> bool {
         matches!(self.scan, Scan::Payload(_)) && matches!(self.head[3], HEADERS | CONTINUATION)
-    }
-}
-
-/// What the connection's idle timer learns of an h2 connection from its frames (see the
-/// module doc). Shared through the connection's [`Sending`], which the timer already holds.
-#[derive(Debug, Default)]
-pub struct Streams {
-    /// Set once the client's preface has passed: the idle timer goes by frames from then on.
-    h2: AtomicBool,
-    /// A HEADERS, DATA or RST_STREAM frame passed, either way, since the timer last looked.
-    moved: AtomicBool,
-    /// Requests in flight.
-    in_flight: AtomicU32,
-}
-
-/// What the idle timer finds at one of its ticks on an h2 connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tick {
-    /// A HEADERS, DATA or RST_STREAM frame passed since the last tick.
-    pub moved: bool,
-    /// A request is in flight.
-    pub in_flight: bool,
-}
-
-impl Streams {
-    /// One tick of the idle timer: `None` until the connection is known to be h2 (bytes are
-    /// what counts then), else what its frames did since the last tick.
-    pub fn tick(&self) -> Option<Tick> {
-        if !self.h2.load(Ordering::Relaxed) {
-            return None;
-        }
-        Some(Tick {
-            moved: self.moved.swap(false, Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
-        })
-    }
-
-    fn moved(&self) {
-        self.moved.store(true, Ordering::Relaxed);
     }
 }
 

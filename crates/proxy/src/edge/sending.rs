@@ -16,10 +16,50 @@
 //! The same list carries, for an HTTP/2 connection, what `frame_budget` follows of its streams
 //! ([`Streams`]): the idle timer reads it at each tick too.
 
-use crate::edge::frame_budget::Streams;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Weak;
+
+/// What the connection's idle timer learns of an h2 connection from its frames, as
+/// `frame_budget` follows them. Kept in the connection's [`Sending`], which the timer already
+/// holds.
+#[derive(Debug, Default)]
+pub struct Streams {
+    /// Set once the client's preface has passed: the idle timer goes by frames from then on.
+    pub(crate) h2: AtomicBool,
+    /// A HEADERS, DATA or RST_STREAM frame passed, either way, since the timer last looked.
+    moved: AtomicBool,
+    /// Requests in flight.
+    pub(crate) in_flight: AtomicU32,
+}
+
+/// What the idle timer finds at one of its ticks on an h2 connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// A HEADERS, DATA or RST_STREAM frame passed since the last tick.
+    pub moved: bool,
+    /// A request is in flight.
+    pub in_flight: bool,
+}
+
+impl Streams {
+    /// One tick of the idle timer: `None` until the connection is known to be h2 (bytes are
+    /// what counts then), else what its frames did since the last tick.
+    pub fn tick(&self) -> Option<Tick> {
+        if !self.h2.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(Tick {
+            moved: self.moved.swap(false, Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
+        })
+    }
+
+    /// A HEADERS, DATA or RST_STREAM frame passed.
+    pub(crate) fn moved(&self) {
+        self.moved.store(true, Ordering::Relaxed);
+    }
+}
 
 /// A response the connection watches.
 pub trait Watched: Send + Sync {

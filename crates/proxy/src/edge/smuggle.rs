@@ -145,6 +145,40 @@ impl<T> Guard<T> {
         std::future::Future::poll(t.as_mut(), cx).is_ready()
     }
 
+    /// Adds `data` to a head begun in an earlier read: how much of `data` the head took, when
+    /// it is complete now; None when it is not (or the guard stopped watching).
+    fn extend_head(&mut self, data: &[u8]) -> Option<usize> {
+        let before = self.head.len();
+        self.head.extend_from_slice(data);
+        // A head ends at an empty line. Until one may have arrived, a parse can only say
+        // "incomplete": parsing all of it again on each read would cost a head sent a byte
+        // at a time the square of its length.
+        let parsed = if may_end_a_head(&self.head[before.saturating_sub(2)..]) {
+            let head = std::mem::take(&mut self.head);
+            let parsed = self.parse_head(&head);
+            self.head = head;
+            parsed
+        } else {
+            Some(None)
+        };
+        match parsed {
+            Some(Some(used)) => {
+                self.head.clear();
+                Some(used - before)
+            }
+            Some(None) => {
+                if self.head.len() > MAX_HEAD {
+                    self.stop();
+                }
+                None
+            }
+            None => {
+                self.stop();
+                None
+            }
+        }
+    }
+
     fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match &mut self.state {
@@ -176,36 +210,9 @@ impl<T> Guard<T> {
                             }
                         }
                     }
-                    let before = self.head.len();
-                    self.head.extend_from_slice(data);
-                    // A head ends at an empty line. Until one may have arrived, a parse can
-                    // only say "incomplete": parsing all of it again on each read would cost
-                    // a head sent a byte at a time the square of its length.
-                    if !may_end_a_head(&self.head[before.saturating_sub(2)..]) {
-                        if self.head.len() > MAX_HEAD {
-                            self.stop();
-                        }
-                        return;
-                    }
-                    let head = std::mem::take(&mut self.head);
-                    let parsed = self.parse_head(&head);
-                    self.head = head;
-                    match parsed {
-                        Some(Some(used)) => {
-                            let consumed = used - before;
-                            data = &data[consumed..];
-                            self.head.clear();
-                        }
-                        Some(None) => {
-                            if self.head.len() > MAX_HEAD {
-                                self.stop();
-                            }
-                            return;
-                        }
-                        None => {
-                            self.stop();
-                            return;
-                        }
+                    match self.extend_head(data) {
+                        Some(used) => data = &data[used..],
+                        None => return,
                     }
                 }
                 State::Body(n) => {
