@@ -323,9 +323,7 @@ async fn tables_are_read_changed_and_cleared_over_the_admin_api_with_audit_recor
         assert!(who.starts_with("admin-token[0]@127.0.0.1:"), "{r}");
         assert_eq!(r["principal"]["provider"], "admin");
     }
-    assert!(!std::fs::read_to_string(&p.log)
-        .unwrap()
-        .contains(ADMIN_TOKEN));
+    assert!(!p.log_text().contains(ADMIN_TOKEN));
 }
 
 #[tokio::test]

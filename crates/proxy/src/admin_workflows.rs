@@ -349,14 +349,10 @@ async fn signal(
     // Nothing to signal, nothing to record: the trail holds only changes that were asked
     // of something (an execution that ends between this look and the signal is still
     // answered 404 below, after its record).
+    let token = kind.answers().map(str::to_owned);
     match row(svc, id.clone()).await {
         Ok(r) if r.status == Status::Running => {}
-        Ok(_) => {
-            return err(
-                StatusCode::NOT_FOUND,
-                format!("no running execution `{id}`"),
-            )
-        }
+        Ok(_) => return not_running(rt, svc, by, action, &id, token).await,
         Err(r) => return r.into_response(),
     }
     let mut rec = by.record(action, audit);
@@ -388,10 +384,7 @@ async fn signal(
             Json(json!({ "ok": true, "execution": shown })).into_response()
         }
         Ok(Ok(Answered::Before)) => answered_before(rt, by, action, &shown).await,
-        Ok(Ok(Answered::NotRunning)) => err(
-            StatusCode::NOT_FOUND,
-            format!("no running execution `{shown}`"),
-        ),
+        Ok(Ok(Answered::NotRunning)) => not_running(rt, svc, by, action, &shown, token).await,
         Ok(Err(e)) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(r) => r.into_response(),
     }
@@ -529,6 +522,29 @@ async fn answer(rt: Arc<Runtime>, by: Principal, id: String, body: Bytes, ok: bo
     };
     let audit = json!({ "execution": id, "outcome": outcome });
     signal(&rt, &svc, &by, id, kind, "workflow.callback", audit).await
+}
+
+/// The answer to a signal for an execution that is not running (any more): 409 for a
+/// callback answer whose token was answered (the execution closed on a concurrent answer
+/// between the look and the signal), else 404.
+async fn not_running(
+    rt: &Runtime,
+    svc: &Service,
+    by: &Principal,
+    action: &str,
+    id: &str,
+    token: Option<String>,
+) -> Response {
+    if let Some(t) = token {
+        let store = svc.runner.store().clone();
+        if matches!(blocking(move || store.answered(&t)).await, Ok(Ok(true))) {
+            return answered_before(rt, by, action, id).await;
+        }
+    }
+    err(
+        StatusCode::NOT_FOUND,
+        format!("no running execution `{id}`"),
+    )
 }
 
 /// A callback answer refused because its token took another answer: audited, and 409.

@@ -185,7 +185,20 @@ impl Proxy {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }
 
+    /// The process log so far. The proxy writes it from a thread of its own (so that a slow
+    /// reader never holds up requests), a moment after what it records: this waits until
+    /// the file has stopped growing for 20 ms (at most a second) before reading it.
     pub fn log_text(&self) -> String {
+        let len = || std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        let mut last = len();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = len();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
