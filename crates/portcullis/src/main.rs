@@ -395,39 +395,42 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run { config } => {
-            let log_guard = init_logging(&cli.log_format);
-            let cfg = match portcullis_config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    for d in &e.0 {
-                        eprintln!("{d}");
-                    }
-                    return ExitCode::from(1);
-                }
-            };
-            // One worker: a current-thread runtime, which skips the work-stealing machinery.
-            let mut builder = if cfg.workers == 1 {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(cfg.workers);
-                b
-            };
-            let rt = match builder.enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let code = rt.block_on(run(cfg));
-            drop(rt);
-            drop(log_guard);
-            report_dropped_log_lines();
-            code
-        }
+        Command::Run { config } => run_proxy(&config, &cli.log_format),
     }
+}
+
+/// `portcullis run`: the proxy, until it is stopped, with its process log.
+fn run_proxy(config: &std::path::Path, log_format: &str) -> ExitCode {
+    let log_guard = init_logging(log_format);
+    let cfg = match portcullis_config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            for d in &e.0 {
+                eprintln!("{d}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    // One worker: a current-thread runtime, which skips the work-stealing machinery.
+    let mut builder = if cfg.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cfg.workers);
+        b
+    };
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(run(cfg));
+    drop(rt);
+    drop(log_guard);
+    report_dropped_log_lines();
+    code
 }
 
 fn uuid_like() -> String {
