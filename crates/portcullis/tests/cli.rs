@@ -521,6 +521,7 @@ async fn a_stderr_nobody_reads_does_not_stall_requests() {
         .env("PORTCULLIS_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(writer)
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
