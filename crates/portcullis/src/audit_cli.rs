@@ -13,15 +13,7 @@ fn paths(files: Vec<PathBuf>, config: Option<PathBuf>) -> Result<Vec<PathBuf>, E
         eprintln!("error: give audit files or directories, or --config to use its audit.dir");
         return Err(ExitCode::from(2));
     };
-    match portcullis_config::load(&c) {
-        Ok(cfg) => Ok(vec![PathBuf::from(cfg.audit.dir)]),
-        Err(e) => {
-            for d in &e.0 {
-                eprintln!("{d}");
-            }
-            Err(ExitCode::from(1))
-        }
-    }
+    crate::load_config(&c).map(|cfg| vec![PathBuf::from(cfg.audit.dir)])
 }
 
 pub fn verify(files: Vec<PathBuf>, config: Option<PathBuf>) -> ExitCode {

@@ -399,17 +399,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads the config at `path`, or prints each of its errors (file:line:col and the fix) on
+/// stderr and gives exit code 1: what every command that reads the config does first.
+pub(crate) fn load_config(path: &std::path::Path) -> Result<portcullis_config::Config, ExitCode> {
+    portcullis_config::load(path).map_err(|e| {
+        for d in &e.0 {
+            eprintln!("{d}");
+        }
+        ExitCode::from(1)
+    })
+}
+
 /// `portcullis run`: the proxy, until it is stopped, with its process log.
 fn run_proxy(config: &std::path::Path, log_format: &str) -> ExitCode {
     let log_guard = init_logging(log_format);
-    let cfg = match portcullis_config::load(config) {
+    let cfg = match load_config(config) {
         Ok(c) => c,
-        Err(e) => {
-            for d in &e.0 {
-                eprintln!("{d}");
-            }
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     // One worker: a current-thread runtime, which skips the work-stealing machinery.
     let mut builder = if cfg.workers == 1 {
@@ -454,14 +460,9 @@ fn token(
     ttl: &str,
     audience: Option<&str>,
 ) -> ExitCode {
-    let cfg = match portcullis_config::load(config) {
+    let cfg = match load_config(config) {
         Ok(c) => c,
-        Err(e) => {
-            for d in &e.0 {
-                eprintln!("{d}");
-            }
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let Some(p) = cfg.identity.providers.iter().find(|p| p.name == provider) else {
         eprintln!("error: no provider `{provider}` in {}", config.display());

@@ -310,12 +310,7 @@ fn decide(
 }
 
 fn load(config: &Path) -> Result<(portcullis_config::Config, Engine), ExitCode> {
-    let cfg = portcullis_config::load(config).map_err(|e| {
-        for d in &e.0 {
-            eprintln!("{d}");
-        }
-        ExitCode::from(1)
-    })?;
+    let cfg = crate::load_config(config)?;
     let engine = Engine::build(&cfg).map_err(|portcullis_policy::Error::Invalid(e)| {
         for d in &e {
             eprintln!("{d}");

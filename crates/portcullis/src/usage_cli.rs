@@ -35,14 +35,9 @@ pub struct UsageArgs {
 /// Runs `portcullis usage`: 0 with the report (also when nothing has been recorded yet), 1 on
 /// config or store errors or an unknown plan, 2 on a bad day or key.
 pub fn run(a: UsageArgs) -> ExitCode {
-    let cfg = match portcullis_config::load(&a.config) {
+    let cfg = match crate::load_config(&a.config) {
         Ok(c) => c,
-        Err(e) => {
-            for d in &e.0 {
-                eprintln!("{d}");
-            }
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
